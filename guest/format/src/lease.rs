@@ -1,0 +1,262 @@
+//! Open and close without the host: the lease word and the per-peer refcount cells.
+//!
+//! Invariants (the argument is written out in docs/FORMAT.md):
+//! * a peer's cell for slot s counts its handles on the object now in s; count > 0 implies
+//!   the peer's holder bit is set in that object's lease word;
+//! * the cell's lock bit serialises this peer's own threads while they flip the holder bit;
+//! * `LEASE_CLOSED` is set once, by CAS, only when the word has no holders and no KEEP; after
+//!   that nobody can set a holder bit (every setter CASes against a word without CLOSED);
+//! * a new hold is valid only if the slot's generation and state still match *after* the
+//!   holder bit is set (SeqCst on both sides: the host writes generation/state, then frees).
+
+use core::sync::atomic::Ordering;
+
+use crate::layout::{
+    holder_bit, object_state, refcell, Layout, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP,
+    OBJ_LEASE_OFF,
+};
+use crate::object;
+use crate::shm::{Fault, SharedMemory};
+use crate::Status;
+
+/// Spins before a lock holder is presumed stuck. A peer's own threads hold the cell lock for
+/// a handful of atomics, so hitting this means that peer's memory was scribbled.
+const LOCK_SPINS: u32 = 1 << 24;
+
+/// What closing a handle requires of the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Released {
+    /// Other handles remain (this peer's or others').
+    Held,
+    /// This was the object's last hold: it is now closed and the host must be rung so it
+    /// destroys the object and returns the memory.
+    LastHold,
+}
+
+/// Errors from the lease protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseError {
+    /// The object is gone or changed (closed, destroyed, slot reused).
+    Gone,
+    /// This peer holds no handle on that object.
+    NotHeld,
+    /// Handle count would overflow.
+    TooManyHandles,
+    /// A lock bit stayed set: this peer's cell was scribbled.
+    Stuck,
+    /// The access failed.
+    Fault(Fault),
+}
+
+impl From<Fault> for LeaseError {
+    fn from(f: Fault) -> Self {
+        LeaseError::Fault(f)
+    }
+}
+
+impl LeaseError {
+    /// The NTSTATUS a caller reports for this error.
+    pub fn status(self) -> Status {
+        match self {
+            LeaseError::Gone => Status::ObjectNameNotFound,
+            LeaseError::NotHeld | LeaseError::Stuck | LeaseError::Fault(_) => Status::InvalidHandle,
+            LeaseError::TooManyHandles => Status::QuotaExceeded,
+        }
+    }
+}
+
+/// Offsets used by one peer on one slot.
+#[derive(Clone, Copy, Debug)]
+struct Cell {
+    cell: u64,
+    lease: u64,
+    bit: u64,
+}
+
+fn cell(layout: &Layout, peer_slot: u32, slot: u32) -> Result<Cell, Fault> {
+    let cell = layout
+        .refcount_cell(peer_slot, slot)
+        .ok_or(Fault::OutOfBounds {
+            offset: u64::from(slot),
+            len: 4,
+        })?;
+    let entry = layout.object_entry(slot).ok_or(Fault::OutOfBounds {
+        offset: u64::from(slot),
+        len: 8,
+    })?;
+    Ok(Cell {
+        cell,
+        lease: entry + OBJ_LEASE_OFF,
+        bit: holder_bit(peer_slot),
+    })
+}
+
+/// Takes one more handle on object (`slot`, `generation`) for peer slot `peer_slot`.
+///
+/// `allow_unlinked`: duplicating an existing handle may take a deleted (unlinked) object;
+/// opening by name may not.
+pub fn acquire<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: u32,
+    slot: u32,
+    generation: u64,
+    allow_unlinked: bool,
+) -> Result<(), LeaseError> {
+    let c = cell(layout, peer_slot, slot)?;
+    let mut spins = 0u32;
+    loop {
+        let v = mem.load_u32(c.cell, Ordering::Acquire)?;
+        if v & refcell::REF_LOCK != 0 {
+            spins += 1;
+            if spins > LOCK_SPINS {
+                return Err(LeaseError::Stuck);
+            }
+            core::hint::spin_loop();
+            continue;
+        }
+        let n = v & refcell::REF_COUNT;
+        if n > 0 {
+            // Already a holder: our bit is set, the object cannot die under us.
+            if n == refcell::REF_COUNT {
+                return Err(LeaseError::TooManyHandles);
+            }
+            if mem.cas_u32(c.cell, v, v + 1)?.is_err() {
+                continue;
+            }
+            if object::generation(mem, layout, slot)? != generation {
+                // The caller's handle names an older object: undo (we still hold n).
+                release_count(mem, c.cell)?;
+                return Err(LeaseError::Gone);
+            }
+            return Ok(());
+        }
+        if mem.cas_u32(c.cell, v, refcell::REF_LOCK)?.is_err() {
+            continue;
+        }
+        // We own this peer's transition for the slot.
+        let result = take_holder_bit(mem, layout, &c, slot, generation, allow_unlinked);
+        let after = if result.is_ok() { 1 } else { 0 };
+        mem.store_u32(c.cell, after, Ordering::Release)?;
+        return result;
+    }
+}
+
+fn take_holder_bit<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    c: &Cell,
+    slot: u32,
+    generation: u64,
+    allow_unlinked: bool,
+) -> Result<(), LeaseError> {
+    let mut w = mem.load_u64(c.lease, Ordering::SeqCst)?;
+    loop {
+        if w & LEASE_CLOSED != 0 {
+            return Err(LeaseError::Gone);
+        }
+        match mem.cas_u64(c.lease, w, w | c.bit)? {
+            Ok(_) => break,
+            Err(cur) => w = cur,
+        }
+    }
+    // Dekker with the host: the bit is visible before we look at generation/state, and the
+    // host changes generation/state before it frees. One of us sees the other.
+    let gen_now = object::generation(mem, layout, slot)?;
+    let state_now = object::state(mem, layout, slot)?;
+    let state_ok =
+        state_now == object_state::LIVE || (allow_unlinked && state_now == object_state::UNLINKED);
+    if gen_now == generation && state_ok {
+        return Ok(());
+    }
+    // Wrong object: give the bit back, closing whatever it was if we were its last holder.
+    drop_holder_bit(mem, c)?;
+    Err(LeaseError::Gone)
+}
+
+/// Clears this peer's holder bit; closes the object if that left it with no holders and no
+/// KEEP. Returns whether this call closed it.
+fn drop_holder_bit<M: SharedMemory + ?Sized>(mem: &M, c: &Cell) -> Result<bool, Fault> {
+    let prev = mem.fetch_and_u64(c.lease, !c.bit)?;
+    close_if_unheld(mem, c.lease, prev & !c.bit)
+}
+
+/// CASes `LEASE_CLOSED` into a lease word that has no holders and no KEEP. Shared with the
+/// host (delete, reclaim). Returns whether this call closed it.
+pub fn close_if_unheld<M: SharedMemory + ?Sized>(
+    mem: &M,
+    lease_off: u64,
+    mut w: u64,
+) -> Result<bool, Fault> {
+    loop {
+        if w & (LEASE_HOLDERS | LEASE_KEEP | LEASE_CLOSED) != 0 {
+            return Ok(false);
+        }
+        match mem.cas_u64(lease_off, w, w | LEASE_CLOSED)? {
+            Ok(_) => return Ok(true),
+            Err(cur) => w = cur,
+        }
+    }
+}
+
+fn release_count<M: SharedMemory + ?Sized>(mem: &M, cell_off: u64) -> Result<(), Fault> {
+    loop {
+        let v = mem.load_u32(cell_off, Ordering::Acquire)?;
+        if mem.cas_u32(cell_off, v, v.wrapping_sub(1))?.is_ok() {
+            return Ok(());
+        }
+    }
+}
+
+/// Closes one handle of peer slot `peer_slot` on `slot`.
+pub fn release<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: u32,
+    slot: u32,
+) -> Result<Released, LeaseError> {
+    let c = cell(layout, peer_slot, slot)?;
+    let mut spins = 0u32;
+    loop {
+        let v = mem.load_u32(c.cell, Ordering::Acquire)?;
+        if v & refcell::REF_LOCK != 0 {
+            spins += 1;
+            if spins > LOCK_SPINS {
+                return Err(LeaseError::Stuck);
+            }
+            core::hint::spin_loop();
+            continue;
+        }
+        let n = v & refcell::REF_COUNT;
+        if n == 0 {
+            return Err(LeaseError::NotHeld);
+        }
+        if n > 1 {
+            if mem.cas_u32(c.cell, v, v - 1)?.is_ok() {
+                return Ok(Released::Held);
+            }
+            continue;
+        }
+        if mem.cas_u32(c.cell, v, refcell::REF_LOCK)?.is_err() {
+            continue;
+        }
+        let closed = drop_holder_bit(mem, &c);
+        mem.store_u32(c.cell, 0, Ordering::Release)?;
+        return Ok(if closed? {
+            Released::LastHold
+        } else {
+            Released::Held
+        });
+    }
+}
+
+/// This peer's handle count on `slot` (lock bit masked off).
+pub fn handles<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: u32,
+    slot: u32,
+) -> Result<u32, Fault> {
+    let c = cell(layout, peer_slot, slot)?;
+    Ok(mem.load_u32(c.cell, Ordering::Acquire)? & refcell::REF_COUNT)
+}

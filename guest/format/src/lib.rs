@@ -1,0 +1,20 @@
+//! The vshm shared-region format.
+//!
+//! Everything two parties must agree on to share a vshm region lives here, with no
+//! dependency on sockets, PCI or an operating system (`no_std`): the byte-exact layout
+//! ([`layout`]), NTSTATUS codes ([`Status`]), name rules ([`name`]), checked volatile access
+//! ([`shm`]), object-table snapshots ([`object`]), the lock-free open/close protocol
+//! ([`lease`]) and the request mailboxes ([`mailbox`]). docs/FORMAT.md is the prose spec.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![warn(missing_docs)]
+
+pub mod layout;
+pub mod lease;
+pub mod mailbox;
+pub mod name;
+pub mod object;
+pub mod shm;
+mod status;
+
+pub use name::{name_hash, validate_name};
+pub use status::Status;

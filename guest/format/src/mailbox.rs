@@ -1,0 +1,263 @@
+//! Requests to the host through a peer's mailbox, and their responses.
+//!
+//! Peer side: take the peer-local mailbox lock, write the request fields, bump `req_seq`
+//! (release), ring the host, wait until `resp_seq == req_seq`, copy the response out.
+//! Host side: copy the request out in one volatile read, validate every field, act on its
+//! private state, write the response, then `resp_seq` (release), ring the peer.
+
+use core::sync::atomic::Ordering;
+
+use crate::layout::{
+    const_u32, kind, object_flags, op, Layout, Request, Response, MAX_NAME_BYTES, MB_LOCK_OFF,
+    MB_REQ_SEQ_OFF, MB_RESPONSE_OFF, MB_RESP_SEQ_OFF,
+};
+use crate::name::validate_name_bytes;
+use crate::shm::{bytes_of, read_pod, zeroed, Fault, SharedMemory};
+use crate::Status;
+
+/// A request after validation, as the host acts on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// Create-or-open.
+    Create {
+        /// `None` = unnamed.
+        name: Option<&'a str>,
+        /// [`kind`].
+        kind: u32,
+        /// Reserve this much.
+        max_size: u64,
+        /// Expose this much.
+        initial_size: u64,
+        /// Live until deleted.
+        persistent: bool,
+    },
+    /// Delete (unlink) an object.
+    Delete {
+        /// Slot.
+        slot: u32,
+        /// Generation.
+        generation: u64,
+    },
+    /// Grow a section.
+    Grow {
+        /// Slot.
+        slot: u32,
+        /// Generation.
+        generation: u64,
+        /// New size.
+        size: u64,
+    },
+}
+
+/// Decodes and validates a request copied out of shared memory. Every field is checked;
+/// the error is the status to answer with.
+pub fn decode<'a>(req: &'a Request, layout: &Layout) -> Result<Command<'a>, Status> {
+    match req.op {
+        op::CREATE => {
+            if req.flags & !(object_flags::PERSISTENT | object_flags::NAMED) != 0 {
+                return Err(Status::InvalidParameter);
+            }
+            let named = req.flags & object_flags::NAMED != 0;
+            let name = if named {
+                let len = req.name_len as usize;
+                if len == 0 || len > MAX_NAME_BYTES {
+                    return Err(Status::ObjectNameInvalid);
+                }
+                Some(validate_name_bytes(&req.name[..len])?)
+            } else {
+                if req.name_len != 0 {
+                    return Err(Status::InvalidParameter);
+                }
+                None
+            };
+            match req.kind {
+                kind::SECTION => {}
+                kind::EVENT | kind::MUTEX => return Err(Status::NotSupported),
+                _ => return Err(Status::InvalidParameter),
+            }
+            if req.max_size == 0 || req.size > req.max_size || req.max_size > layout.heap_size {
+                return Err(
+                    if req.max_size > layout.heap_size && req.size <= req.max_size {
+                        Status::InsufficientResources
+                    } else {
+                        Status::InvalidParameter
+                    },
+                );
+            }
+            Ok(Command::Create {
+                name,
+                kind: req.kind,
+                max_size: req.max_size,
+                initial_size: req.size,
+                persistent: req.flags & object_flags::PERSISTENT != 0,
+            })
+        }
+        op::DELETE => {
+            if req.slot >= layout.max_objects {
+                return Err(Status::InvalidHandle);
+            }
+            Ok(Command::Delete {
+                slot: req.slot,
+                generation: req.generation,
+            })
+        }
+        op::GROW => {
+            if req.slot >= layout.max_objects {
+                return Err(Status::InvalidHandle);
+            }
+            Ok(Command::Grow {
+                slot: req.slot,
+                generation: req.generation,
+                size: req.size,
+            })
+        }
+        _ => Err(Status::InvalidParameter),
+    }
+}
+
+/// Builds a CREATE request (name already validated by the caller).
+pub fn create_request(
+    name: Option<&str>,
+    kind: u32,
+    max_size: u64,
+    initial_size: u64,
+    persistent: bool,
+) -> Request {
+    let mut r = zeroed::<Request>();
+    r.op = op::CREATE;
+    r.kind = kind;
+    r.max_size = max_size;
+    r.size = initial_size;
+    r.flags = if persistent {
+        object_flags::PERSISTENT
+    } else {
+        0
+    };
+    if let Some(n) = name {
+        let b = n.as_bytes();
+        let len = b.len().min(MAX_NAME_BYTES);
+        r.name[..len].copy_from_slice(&b[..len]);
+        r.name_len = const_u32(len);
+        r.flags |= object_flags::NAMED;
+    }
+    r
+}
+
+/// Builds a DELETE request.
+pub fn delete_request(slot: u32, generation: u64) -> Request {
+    let mut r = zeroed::<Request>();
+    r.op = op::DELETE;
+    r.slot = slot;
+    r.generation = generation;
+    r
+}
+
+/// Builds a GROW request.
+pub fn grow_request(slot: u32, generation: u64, size: u64) -> Request {
+    let mut r = zeroed::<Request>();
+    r.op = op::GROW;
+    r.slot = slot;
+    r.generation = generation;
+    r.size = size;
+    r
+}
+
+fn mailbox_base(layout: &Layout, peer_slot: u32) -> Result<u64, Fault> {
+    layout.mailbox(peer_slot).ok_or(Fault::OutOfBounds {
+        offset: u64::from(peer_slot),
+        len: 0,
+    })
+}
+
+/// Peer: tries to take the peer-local mailbox lock (one outstanding request per peer).
+pub fn try_lock<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: u32,
+) -> Result<bool, Fault> {
+    let base = mailbox_base(layout, peer_slot)?;
+    Ok(mem.cas_u32(base + MB_LOCK_OFF, 0, 1)?.is_ok())
+}
+
+/// Peer: releases the mailbox lock.
+pub fn unlock<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: u32,
+) -> Result<(), Fault> {
+    let base = mailbox_base(layout, peer_slot)?;
+    mem.store_u32(base + MB_LOCK_OFF, 0, Ordering::Release)
+}
+
+/// Peer (holding the lock): writes `req` and posts it; returns the sequence to wait for.
+pub fn post<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: u32,
+    req: &Request,
+) -> Result<u64, Fault> {
+    let base = mailbox_base(layout, peer_slot)?;
+    // Continue from whichever is larger, so a scribbled or stale resp_seq can never make an
+    // old response look like the answer to this request.
+    let prev_req = mem.load_u64(base + MB_REQ_SEQ_OFF, Ordering::Acquire)?;
+    let prev_resp = mem.load_u64(base + MB_RESP_SEQ_OFF, Ordering::Acquire)?;
+    let seq = prev_req.max(prev_resp).wrapping_add(1).max(1);
+    let bytes = bytes_of(req);
+    // Everything after the seq and lock words (op onwards).
+    mem.write_bytes(base + 12, &bytes[12..])?;
+    mem.store_u64(base + MB_REQ_SEQ_OFF, seq, Ordering::Release)?;
+    Ok(seq)
+}
+
+/// Peer: the response if the host has answered `seq`.
+pub fn poll<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: u32,
+    seq: u64,
+) -> Result<Option<Response>, Fault> {
+    let base = mailbox_base(layout, peer_slot)?;
+    if mem.load_u64(base + MB_RESP_SEQ_OFF, Ordering::Acquire)? != seq {
+        return Ok(None);
+    }
+    let resp: Response = read_pod(mem, base + MB_RESPONSE_OFF)?;
+    Ok(Some(resp))
+}
+
+/// Host: the pending request of `peer_slot`, if its `req_seq` differs from `last_seen`.
+/// Returns the sequence and an unvalidated copy.
+pub fn take_request<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: u32,
+    last_seen: u64,
+) -> Result<Option<(u64, Request)>, Fault> {
+    let base = mailbox_base(layout, peer_slot)?;
+    let seq = mem.load_u64(base + MB_REQ_SEQ_OFF, Ordering::Acquire)?;
+    if seq == last_seen {
+        return Ok(None);
+    }
+    let req: Request = read_pod(mem, base)?;
+    Ok(Some((seq, req)))
+}
+
+/// Host: writes the response to `seq`, `resp_seq` last.
+pub fn respond<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: u32,
+    seq: u64,
+    resp: &Response,
+) -> Result<(), Fault> {
+    let base = mailbox_base(layout, peer_slot)?;
+    let bytes = bytes_of(resp);
+    mem.write_bytes(base + MB_RESPONSE_OFF + 8, &bytes[8..])?;
+    mem.store_u64(base + MB_RESP_SEQ_OFF, seq, Ordering::Release)
+}
+
+/// A response with only a status.
+pub fn status_response(status: Status) -> Response {
+    let mut r = zeroed::<Response>();
+    r.status = status.code();
+    r
+}

@@ -1,0 +1,345 @@
+//! Object table entries: seqlock snapshots for readers, seqlock publication for the host,
+//! validation of everything a snapshot claims, and lookup by name.
+
+use core::sync::atomic::{fence, Ordering};
+
+use crate::layout::{
+    const_u32, const_usize, kind, object_flags, object_state, Layout, ObjectEntry, MAX_NAME_BYTES,
+    OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_NAME_OFF, OBJ_SEQ_OFF, OBJ_STATE_OFF,
+    SB_NAMESPACE_SEQ_OFF,
+};
+use crate::name::{name_hash, validate_name_bytes};
+use crate::shm::{bytes_of, bytes_of_mut, zeroed, Fault, SharedMemory};
+
+/// How many times a reader retries a snapshot the host keeps changing under it.
+const SNAPSHOT_TRIES: u32 = 10_000;
+
+/// Why an object entry cannot be believed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryError {
+    /// The access itself failed (slot out of range, region too small).
+    Fault(Fault),
+    /// The host kept the seqlock odd for longer than a reader waits.
+    Busy,
+    /// A state value this version does not define.
+    BadState(u32),
+    /// A kind value this version does not define.
+    BadKind(u32),
+    /// Memory range outside the heap, misaligned, or size > max (offset, size, max).
+    BadRange(u64, u64, u64),
+    /// Name length over 1040 bytes, not UTF-8, or against the name rules.
+    BadName(u32),
+    /// Name flag and length disagree, or unknown flag bits.
+    BadFlags(u32),
+}
+
+impl From<Fault> for EntryError {
+    fn from(f: Fault) -> Self {
+        EntryError::Fault(f)
+    }
+}
+
+impl core::fmt::Display for EntryError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            EntryError::Fault(x) => write!(f, "{x}"),
+            EntryError::Busy => write!(f, "entry kept changing while being read"),
+            EntryError::BadState(s) => write!(f, "unknown object state {s}"),
+            EntryError::BadKind(k) => write!(f, "unknown object kind {k}"),
+            EntryError::BadRange(o, s, m) => {
+                write!(
+                    f,
+                    "object range offset {o:#x} size {s} max {m} is not a valid heap range"
+                )
+            }
+            EntryError::BadName(n) => write!(f, "object name of {n} bytes is invalid"),
+            EntryError::BadFlags(x) => write!(f, "object flags {x:#x} are invalid"),
+        }
+    }
+}
+
+/// A validated copy of one object entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Table slot.
+    pub slot: u32,
+    /// Generation of the object in this slot.
+    pub generation: u64,
+    /// [`object_state`] (LIVE or UNLINKED; FREE entries are not returned as objects).
+    pub state: u32,
+    /// [`kind`].
+    pub kind: u32,
+    /// Region offset of the object's memory.
+    pub offset: u64,
+    /// Current size.
+    pub size: u64,
+    /// Max size.
+    pub max_size: u64,
+    /// [`object_flags`].
+    pub flags: u32,
+    /// Creator's peer id.
+    pub creator: u32,
+    name_len: u32,
+    name: [u8; MAX_NAME_BYTES],
+}
+
+impl ObjectInfo {
+    /// The name, `None` for an unnamed object.
+    pub fn name(&self) -> Option<&str> {
+        if self.flags & object_flags::NAMED == 0 {
+            return None;
+        }
+        // Validated when the snapshot was taken.
+        core::str::from_utf8(&self.name[..self.name_len as usize]).ok()
+    }
+    /// Persistent (lives until deleted).
+    pub fn persistent(&self) -> bool {
+        self.flags & object_flags::PERSISTENT != 0
+    }
+}
+
+/// Reads the namespace sequence number (bumped by the host after each table change).
+pub fn namespace_seq<M: SharedMemory + ?Sized>(mem: &M) -> Result<u64, Fault> {
+    mem.load_u64(SB_NAMESPACE_SEQ_OFF, Ordering::Acquire)
+}
+
+/// Takes a consistent copy of entry `slot` (seqlock read). The copy is not yet validated.
+pub fn snapshot<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: u32,
+    with_name: bool,
+) -> Result<ObjectEntry, EntryError> {
+    let base = layout
+        .object_entry(slot)
+        .ok_or(EntryError::Fault(Fault::OutOfBounds {
+            offset: u64::from(slot),
+            len: 0,
+        }))?;
+    let mut entry = zeroed::<ObjectEntry>();
+    for _ in 0..SNAPSHOT_TRIES {
+        let s1 = mem.load_u64(base + OBJ_SEQ_OFF, Ordering::Acquire)?;
+        if s1 & 1 == 1 {
+            core::hint::spin_loop();
+            continue;
+        }
+        {
+            let bytes = bytes_of_mut(&mut entry);
+            mem.read_bytes(base, &mut bytes[..OBJ_HEAD_LEN])?;
+        }
+        if with_name {
+            let len = (entry.name_len as usize).min(MAX_NAME_BYTES);
+            let name_off = const_usize(OBJ_NAME_OFF);
+            let bytes = bytes_of_mut(&mut entry);
+            mem.read_bytes(base + OBJ_NAME_OFF, &mut bytes[name_off..name_off + len])?;
+        }
+        fence(Ordering::Acquire);
+        let s2 = mem.load_u64(base + OBJ_SEQ_OFF, Ordering::Relaxed)?;
+        if s1 == s2 {
+            entry.seq = s1;
+            return Ok(entry);
+        }
+    }
+    Err(EntryError::Busy)
+}
+
+/// Validates a snapshot (taken with its name). `Ok(None)` for a free slot.
+pub fn validate(
+    layout: &Layout,
+    slot: u32,
+    e: &ObjectEntry,
+) -> Result<Option<ObjectInfo>, EntryError> {
+    match e.state {
+        object_state::FREE => return Ok(None),
+        object_state::LIVE | object_state::UNLINKED => {}
+        other => return Err(EntryError::BadState(other)),
+    }
+    if !matches!(e.kind, kind::SECTION | kind::EVENT | kind::MUTEX) {
+        return Err(EntryError::BadKind(e.kind));
+    }
+    let range_ok = e.max_size > 0
+        && e.size <= e.max_size
+        && e.offset % layout.alignment == 0
+        && layout.heap_contains(e.offset, e.max_size);
+    if !range_ok {
+        return Err(EntryError::BadRange(e.offset, e.size, e.max_size));
+    }
+    if e.flags & !(object_flags::NAMED | object_flags::PERSISTENT) != 0 {
+        return Err(EntryError::BadFlags(e.flags));
+    }
+    let named = e.flags & object_flags::NAMED != 0;
+    if named != (e.name_len != 0) {
+        return Err(EntryError::BadFlags(e.flags));
+    }
+    if e.name_len as usize > MAX_NAME_BYTES {
+        return Err(EntryError::BadName(e.name_len));
+    }
+    if named {
+        let bytes = &e.name[..e.name_len as usize];
+        validate_name_bytes(bytes).map_err(|_| EntryError::BadName(e.name_len))?;
+        if name_hash(bytes) != e.name_hash {
+            return Err(EntryError::BadName(e.name_len));
+        }
+    }
+    Ok(Some(ObjectInfo {
+        slot,
+        generation: e.generation,
+        state: e.state,
+        kind: e.kind,
+        offset: e.offset,
+        size: e.size,
+        max_size: e.max_size,
+        flags: e.flags,
+        creator: e.creator,
+        name_len: e.name_len,
+        name: e.name,
+    }))
+}
+
+/// Snapshot + validate in one step.
+pub fn read_object<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: u32,
+) -> Result<Option<ObjectInfo>, EntryError> {
+    let e = snapshot(mem, layout, slot, true)?;
+    validate(layout, slot, &e)
+}
+
+/// Finds the LIVE object called `name` (any kind). Invalid entries are skipped: a
+/// scribbled entry can hide itself but cannot make a reader misbehave.
+pub fn find_by_name<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    name: &str,
+) -> Result<Option<ObjectInfo>, Fault> {
+    let want = name.as_bytes();
+    let hash = name_hash(want);
+    for slot in 0..layout.max_objects {
+        let Some(base) = layout.object_entry(slot) else {
+            break;
+        };
+        // Cheap pre-filter with two atomic loads; the snapshot below decides.
+        if mem.load_u32(base + OBJ_STATE_OFF, Ordering::Relaxed)? != object_state::LIVE {
+            continue;
+        }
+        let head = match snapshot(mem, layout, slot, false) {
+            Ok(h) => h,
+            Err(EntryError::Fault(f)) => return Err(f),
+            Err(_) => continue,
+        };
+        if head.state != object_state::LIVE
+            || head.name_hash != hash
+            || head.name_len as usize != want.len()
+        {
+            continue;
+        }
+        let Ok(full) = snapshot(mem, layout, slot, true) else {
+            continue;
+        };
+        match validate(layout, slot, &full) {
+            Ok(Some(info)) if info.state == object_state::LIVE && info.name() == Some(name) => {
+                return Ok(Some(info))
+            }
+            _ => continue,
+        }
+    }
+    Ok(None)
+}
+
+/// The host's write of a whole entry (except the lease word): seqlock odd, fields,
+/// seqlock even, then the namespace sequence is bumped.
+pub fn publish<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: u32,
+    entry: &ObjectEntry,
+) -> Result<(), Fault> {
+    let base = layout.object_entry(slot).ok_or(Fault::OutOfBounds {
+        offset: u64::from(slot),
+        len: 0,
+    })?;
+    let seq = mem.load_u64(base + OBJ_SEQ_OFF, Ordering::Relaxed)?;
+    // Next odd value (seq+1 if seq is even; seq+2 if a peer scribbled an odd value).
+    let odd = seq.wrapping_add(1) | 1;
+    mem.store_u64(base + OBJ_SEQ_OFF, odd, Ordering::Relaxed)?;
+    fence(Ordering::Release);
+    let bytes = bytes_of(entry);
+    // Skip seq (8 bytes) and the lease line; write the head and the name.
+    mem.write_bytes(
+        base + OBJ_GENERATION_OFF,
+        &bytes[const_usize(OBJ_GENERATION_OFF)..OBJ_HEAD_LEN],
+    )?;
+    let name_off = const_usize(OBJ_NAME_OFF);
+    mem.write_bytes(
+        base + OBJ_NAME_OFF,
+        &bytes[name_off..name_off + MAX_NAME_BYTES],
+    )?;
+    mem.store_u64(base + OBJ_SEQ_OFF, odd.wrapping_add(1), Ordering::Release)?;
+    bump_namespace_seq(mem)
+}
+
+/// Bumps the superblock's namespace sequence (host only).
+pub fn bump_namespace_seq<M: SharedMemory + ?Sized>(mem: &M) -> Result<(), Fault> {
+    let v = mem.load_u64(SB_NAMESPACE_SEQ_OFF, Ordering::Relaxed)?;
+    mem.store_u64(SB_NAMESPACE_SEQ_OFF, v.wrapping_add(1), Ordering::Release)
+}
+
+/// Reads the generation of `slot` (one atomic load).
+pub fn generation<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: u32,
+) -> Result<u64, Fault> {
+    let base = layout.object_entry(slot).ok_or(Fault::OutOfBounds {
+        offset: u64::from(slot),
+        len: 0,
+    })?;
+    mem.load_u64(base + OBJ_GENERATION_OFF, Ordering::SeqCst)
+}
+
+/// Reads the state of `slot` (one atomic load).
+pub fn state<M: SharedMemory + ?Sized>(mem: &M, layout: &Layout, slot: u32) -> Result<u32, Fault> {
+    let base = layout.object_entry(slot).ok_or(Fault::OutOfBounds {
+        offset: u64::from(slot),
+        len: 0,
+    })?;
+    mem.load_u32(base + OBJ_STATE_OFF, Ordering::SeqCst)
+}
+
+/// Builds an entry for the host to publish. `name` must already be validated.
+#[allow(clippy::too_many_arguments)]
+pub fn make_entry(
+    generation: u64,
+    state: u32,
+    kind: u32,
+    offset: u64,
+    size: u64,
+    max_size: u64,
+    persistent: bool,
+    name: Option<&str>,
+    creator: u32,
+) -> ObjectEntry {
+    let mut e = zeroed::<ObjectEntry>();
+    e.generation = generation;
+    e.state = state;
+    e.kind = kind;
+    e.offset = offset;
+    e.size = size;
+    e.max_size = max_size;
+    e.creator = creator;
+    e.flags = if persistent {
+        object_flags::PERSISTENT
+    } else {
+        0
+    };
+    if let Some(n) = name {
+        let b = n.as_bytes();
+        let len = b.len().min(MAX_NAME_BYTES);
+        e.name[..len].copy_from_slice(&b[..len]);
+        e.name_len = const_u32(len);
+        e.name_hash = name_hash(&b[..len]);
+        e.flags |= object_flags::NAMED;
+    }
+    e
+}

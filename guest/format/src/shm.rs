@@ -1,0 +1,295 @@
+//! Access to memory that another party can write.
+//!
+//! Nothing in this project forms a `&T` or `&[u8]` into the shared region: every read is a
+//! volatile or atomic copy into a local, every write a volatile or atomic store, and every
+//! access is bounds- and alignment-checked against the mapping. [`SharedMemory`] is the seam:
+//! [`RawRegion`] implements it over a raw mapping (guests, host peers, kernel drivers), the
+//! backend implements it over vm-memory.
+
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// An access that would leave the mapping or is misaligned for an atomic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// `[offset, offset+len)` is not inside the mapping.
+    OutOfBounds {
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+    },
+    /// An atomic access at an offset not aligned to its size.
+    Misaligned {
+        /// Requested offset.
+        offset: u64,
+    },
+}
+
+impl core::fmt::Display for Fault {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            Fault::OutOfBounds { offset, len } => {
+                write!(
+                    f,
+                    "access of {len} bytes at {offset:#x} is outside the region"
+                )
+            }
+            Fault::Misaligned { offset } => write!(f, "misaligned atomic access at {offset:#x}"),
+        }
+    }
+}
+
+/// Bounds- and alignment-checked volatile/atomic access to a shared region.
+pub trait SharedMemory {
+    /// Mapped size in bytes.
+    fn size(&self) -> u64;
+    /// Atomic load of a u32.
+    fn load_u32(&self, offset: u64, order: Ordering) -> Result<u32, Fault>;
+    /// Atomic load of a u64.
+    fn load_u64(&self, offset: u64, order: Ordering) -> Result<u64, Fault>;
+    /// Atomic store of a u32.
+    fn store_u32(&self, offset: u64, value: u32, order: Ordering) -> Result<(), Fault>;
+    /// Atomic store of a u64.
+    fn store_u64(&self, offset: u64, value: u64, order: Ordering) -> Result<(), Fault>;
+    /// Sequentially consistent compare-and-exchange of a u32.
+    fn cas_u32(&self, offset: u64, current: u32, new: u32) -> Result<Result<u32, u32>, Fault>;
+    /// Sequentially consistent compare-and-exchange of a u64.
+    fn cas_u64(&self, offset: u64, current: u64, new: u64) -> Result<Result<u64, u64>, Fault>;
+    /// Sequentially consistent fetch-and of a u64, returning the previous value.
+    fn fetch_and_u64(&self, offset: u64, mask: u64) -> Result<u64, Fault>;
+    /// Sequentially consistent fetch-or of a u64, returning the previous value.
+    fn fetch_or_u64(&self, offset: u64, bits: u64) -> Result<u64, Fault>;
+    /// Volatile copy out of the region.
+    fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<(), Fault>;
+    /// Volatile copy into the region.
+    fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<(), Fault>;
+    /// Volatile fill with zeroes.
+    fn zero(&self, offset: u64, len: u64) -> Result<(), Fault> {
+        const ZEROES: [u8; 256] = [0; 256];
+        let mut done = 0u64;
+        while done < len {
+            let chunk = usize::try_from(len - done).map_or(ZEROES.len(), |r| r.min(ZEROES.len()));
+            let at = offset
+                .checked_add(done)
+                .ok_or(Fault::OutOfBounds { offset, len })?;
+            self.write_bytes(at, &ZEROES[..chunk])?;
+            done += chunk as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Checks `[offset, offset+len)` against `size` with checked arithmetic.
+pub fn check_range(size: u64, offset: u64, len: u64) -> Result<(), Fault> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Fault::OutOfBounds { offset, len }),
+    }
+}
+
+/// Plain old data: `#[repr(C)]`, integer and byte-array fields only, no padding, so every
+/// bit pattern is a valid value and the bytes fully describe it.
+///
+/// # Safety
+/// Implement only for types meeting the description above.
+pub unsafe trait Pod: Copy + 'static {}
+
+// SAFETY: each of these is repr(C), made only of integers and u8 arrays, and its size
+// equals the sum of its fields (asserted in layout.rs), so it has no padding.
+unsafe impl Pod for crate::layout::Superblock {}
+// SAFETY: as above.
+unsafe impl Pod for crate::layout::PeerEntry {}
+// SAFETY: as above.
+unsafe impl Pod for crate::layout::ObjectEntry {}
+// SAFETY: as above.
+unsafe impl Pod for crate::layout::Request {}
+// SAFETY: as above.
+unsafe impl Pod for crate::layout::Response {}
+// SAFETY: as above.
+unsafe impl Pod for crate::layout::Mailbox {}
+
+/// A zero-initialised value of a [`Pod`] type.
+pub fn zeroed<T: Pod>() -> T {
+    // SAFETY: T is Pod, so the all-zero bit pattern is a valid value.
+    unsafe { core::mem::zeroed() }
+}
+
+/// The bytes of a [`Pod`] value.
+pub fn bytes_of<T: Pod>(value: &T) -> &[u8] {
+    // SAFETY: T is Pod (no padding, no pointers); the slice covers exactly the value and
+    // borrows it, so it cannot outlive or alias a mutable borrow.
+    unsafe { core::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of_val(value)) }
+}
+
+/// The bytes of a [`Pod`] value, writable: any bytes written form a valid `T`.
+pub fn bytes_of_mut<T: Pod>(value: &mut T) -> &mut [u8] {
+    // SAFETY: T is Pod, so every bit pattern written through the slice is a valid T; the
+    // slice covers exactly the value and holds its unique borrow.
+    unsafe { core::slice::from_raw_parts_mut((value as *mut T).cast::<u8>(), size_of_val(value)) }
+}
+
+/// Copies a `T` out of the region (volatile, bounds-checked). The copy is *unvalidated*.
+pub fn read_pod<T: Pod, M: SharedMemory + ?Sized>(mem: &M, offset: u64) -> Result<T, Fault> {
+    let mut value = zeroed::<T>();
+    mem.read_bytes(offset, bytes_of_mut(&mut value))?;
+    Ok(value)
+}
+
+/// A raw mapping of a shared region: base pointer and length.
+///
+/// This is the one place in the guest side that touches the region through pointers.
+#[derive(Debug, Clone, Copy)]
+pub struct RawRegion {
+    base: NonNull<u8>,
+    len: u64,
+}
+
+// SAFETY: RawRegion is an address range; every access through it is atomic or volatile,
+// and the region is shared memory designed for concurrent access from many parties.
+unsafe impl Send for RawRegion {}
+// SAFETY: as above.
+unsafe impl Sync for RawRegion {}
+
+impl RawRegion {
+    /// Wraps a mapping.
+    ///
+    /// # Safety
+    /// `base` must be valid for reads and writes of `len` bytes, aligned to at least 8, for
+    /// as long as this value (and every copy of it) is used. Other parties may write the
+    /// memory at any time; this type never creates references into it.
+    pub unsafe fn new(base: NonNull<u8>, len: u64) -> RawRegion {
+        RawRegion { base, len }
+    }
+
+    /// The base address, for callers that hand out raw pointers to section data.
+    pub fn base(&self) -> NonNull<u8> {
+        self.base
+    }
+
+    fn ptr(&self, offset: u64, len: u64, align: u64) -> Result<*mut u8, Fault> {
+        check_range(self.len, offset, len)?;
+        if offset % align != 0 {
+            return Err(Fault::Misaligned { offset });
+        }
+        let offset = usize::try_from(offset).map_err(|_| Fault::OutOfBounds { offset, len })?;
+        // SAFETY: offset + len ≤ self.len, so the result stays inside the mapping that
+        // `new`'s caller guaranteed valid.
+        Ok(unsafe { self.base.as_ptr().add(offset) })
+    }
+
+    fn atomic_u32(&self, offset: u64) -> Result<&AtomicU32, Fault> {
+        let p = self.ptr(offset, 4, 4)?;
+        // SAFETY: p is in bounds, 4-aligned and valid for the mapping's lifetime (see `new`);
+        // all concurrent access to shared words is atomic or volatile by protocol.
+        Ok(unsafe { AtomicU32::from_ptr(p.cast()) })
+    }
+
+    fn atomic_u64(&self, offset: u64) -> Result<&AtomicU64, Fault> {
+        let p = self.ptr(offset, 8, 8)?;
+        // SAFETY: as in atomic_u32, with 8-byte alignment checked.
+        Ok(unsafe { AtomicU64::from_ptr(p.cast()) })
+    }
+}
+
+impl SharedMemory for RawRegion {
+    fn size(&self) -> u64 {
+        self.len
+    }
+    fn load_u32(&self, offset: u64, order: Ordering) -> Result<u32, Fault> {
+        Ok(self.atomic_u32(offset)?.load(order))
+    }
+    fn load_u64(&self, offset: u64, order: Ordering) -> Result<u64, Fault> {
+        Ok(self.atomic_u64(offset)?.load(order))
+    }
+    fn store_u32(&self, offset: u64, value: u32, order: Ordering) -> Result<(), Fault> {
+        self.atomic_u32(offset)?.store(value, order);
+        Ok(())
+    }
+    fn store_u64(&self, offset: u64, value: u64, order: Ordering) -> Result<(), Fault> {
+        self.atomic_u64(offset)?.store(value, order);
+        Ok(())
+    }
+    fn cas_u32(&self, offset: u64, current: u32, new: u32) -> Result<Result<u32, u32>, Fault> {
+        Ok(self.atomic_u32(offset)?.compare_exchange(
+            current,
+            new,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ))
+    }
+    fn cas_u64(&self, offset: u64, current: u64, new: u64) -> Result<Result<u64, u64>, Fault> {
+        Ok(self.atomic_u64(offset)?.compare_exchange(
+            current,
+            new,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ))
+    }
+    fn fetch_and_u64(&self, offset: u64, mask: u64) -> Result<u64, Fault> {
+        Ok(self.atomic_u64(offset)?.fetch_and(mask, Ordering::SeqCst))
+    }
+    fn fetch_or_u64(&self, offset: u64, bits: u64) -> Result<u64, Fault> {
+        Ok(self.atomic_u64(offset)?.fetch_or(bits, Ordering::SeqCst))
+    }
+    fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<(), Fault> {
+        let src = self.ptr(offset, buf.len() as u64, 1)?;
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: src + i < src + buf.len(), inside the checked range.
+            *b = unsafe { src.add(i).read_volatile() };
+        }
+        Ok(())
+    }
+    fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<(), Fault> {
+        let dst = self.ptr(offset, data.len() as u64, 1)?;
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: dst + i is inside the checked range.
+            unsafe { dst.add(i).write_volatile(*b) };
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[repr(C, align(8))]
+    struct Buf([u8; 64]);
+
+    #[test]
+    fn accesses_outside_the_mapping_or_misaligned_fault_instead_of_touching_memory() {
+        let mut buf = Buf([0; 64]);
+        let base = NonNull::new(buf.0.as_mut_ptr()).expect("non-null");
+        // SAFETY: buf outlives region and is 8-aligned, 64 bytes long.
+        let region = unsafe { RawRegion::new(base, 64) };
+        assert_eq!(
+            region.load_u64(60, Ordering::SeqCst),
+            Err(Fault::OutOfBounds { offset: 60, len: 8 })
+        );
+        assert_eq!(
+            region.load_u64(4, Ordering::SeqCst),
+            Err(Fault::Misaligned { offset: 4 })
+        );
+        assert_eq!(
+            region.read_bytes(u64::MAX, &mut [0; 2]),
+            Err(Fault::OutOfBounds {
+                offset: u64::MAX,
+                len: 2
+            })
+        );
+        region
+            .store_u64(8, 0x1122, Ordering::SeqCst)
+            .expect("in bounds");
+        assert_eq!(region.fetch_or_u64(8, 1), Ok(0x1122));
+        assert_eq!(region.cas_u64(8, 0x1123, 5), Ok(Ok(0x1123)));
+        assert_eq!(region.cas_u64(8, 0, 6), Ok(Err(5)));
+        region.write_bytes(16, b"hello").expect("in bounds");
+        let mut out = [0u8; 5];
+        region.read_bytes(16, &mut out).expect("in bounds");
+        assert_eq!(&out, b"hello");
+        region.zero(16, 5).expect("in bounds");
+        region.read_bytes(16, &mut out).expect("in bounds");
+        assert_eq!(out, [0; 5]);
+    }
+}
