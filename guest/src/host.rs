@@ -1,0 +1,358 @@
+//! Host-process transport: connect to vshmd's ivshmem socket exactly as QEMU does, receive
+//! the shared-memory fd and the eventfds, map the region, ring the host through the eventfds
+//! it handed us, and wait on our own vector 0 eventfd.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use vshm_format::layout::{Layout, Superblock, HOST_PEER_ID};
+use vshm_format::shm::{read_pod, RawRegion};
+
+use crate::{Transport, TransportError};
+
+/// Failure to connect to vshmd.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The socket could not be reached.
+    #[error("cannot connect to vshmd socket {path}: {source}")]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The server broke the ivshmem protocol.
+    #[error("ivshmem protocol error from {path}: {what}")]
+    Protocol {
+        /// Socket path.
+        path: PathBuf,
+        /// What was wrong.
+        what: String,
+    },
+    /// Reading the socket failed.
+    #[error("reading the vshmd socket failed: {0}")]
+    Io(#[from] io::Error),
+    /// The region could not be mapped.
+    #[error("cannot map the shared memory ({size} bytes): {source}")]
+    Map {
+        /// Size of the memfd.
+        size: u64,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The region's header does not validate.
+    #[error("the shared region is not a valid vshm region: {0}")]
+    Region(vshm_format::layout::LayoutError),
+}
+
+/// One protocol message: a little-endian i64 and at most one fd.
+fn recv_msg(sock: &UnixStream) -> io::Result<Option<(i64, Option<File>)>> {
+    let mut buf = [0u8; 8];
+    let (n, file) = sock.recv_with_fd(&mut buf).map_err(io::Error::from)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    // A message is 8 bytes; a stream may deliver it in pieces (never with a second fd).
+    let mut got = n;
+    while got < 8 {
+        let m = (&*sock).read(&mut buf[got..])?;
+        if m == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "truncated message",
+            ));
+        }
+        got += m;
+    }
+    Ok(Some((i64::from_le_bytes(buf), file)))
+}
+
+struct Mapping {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is a plain address range; access goes through RawRegion.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(file: &File, len: u64) -> io::Result<Mapping> {
+        let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: a fresh shared mapping of a file we own; the kernel picks the address and
+        // we check the result. Nothing else refers to the address range yet.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(p.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(Mapping { base, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; HostTransport drops the mapping last,
+        // after everything that used the RawRegion is gone (it borrows the transport).
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+struct Shared {
+    gone: AtomicBool,
+    /// Other peers' eventfds, per vector (for ringing them directly).
+    peers: Mutex<BTreeMap<u16, Vec<File>>>,
+}
+
+/// A host process attached to vshmd as an ivshmem peer.
+pub struct HostTransport {
+    sock: UnixStream,
+    peer_id: u16,
+    /// Eventfds the host gave us for ringing it, by vector.
+    host_bells: Vec<File>,
+    /// Our own vectors; the host writes vector 0 when a response is ready.
+    own: Vec<File>,
+    shared: Arc<Shared>,
+    reader: Option<JoinHandle<()>>,
+    memfd: File,
+    map: Mapping,
+}
+
+impl std::fmt::Debug for HostTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostTransport")
+            .field("peer_id", &self.peer_id)
+            .field("size", &self.map.len)
+            .finish()
+    }
+}
+
+impl HostTransport {
+    /// Connects to the vshmd socket at `path` and completes the ivshmem handshake.
+    pub fn connect(path: &Path) -> Result<HostTransport, HostError> {
+        let protocol = |what: String| HostError::Protocol {
+            path: path.to_owned(),
+            what,
+        };
+        let sock = UnixStream::connect(path).map_err(|source| HostError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+        let next = || -> Result<(i64, Option<File>), HostError> {
+            recv_msg(&sock)?.ok_or_else(|| HostError::Protocol {
+                path: path.to_owned(),
+                what: "server closed the connection during the handshake".into(),
+            })
+        };
+        match next()? {
+            (0, None) => {}
+            (v, _) => return Err(protocol(format!("unsupported protocol version {v}"))),
+        }
+        let peer_id = match next()? {
+            (id, None) => u16::try_from(id).map_err(|_| protocol(format!("bad peer id {id}")))?,
+            (_, Some(_)) => return Err(protocol("peer id came with an fd".into())),
+        };
+        let memfd = match next()? {
+            (-1, Some(f)) => f,
+            (v, _) => return Err(protocol(format!("expected the shared memory fd, got {v}"))),
+        };
+        let size = memfd.metadata()?.len();
+        let map = Mapping::new(&memfd, size).map_err(|source| HostError::Map { size, source })?;
+        // SAFETY: the mapping is len bytes, page-aligned, and lives as long as the
+        // HostTransport, which outlives every RawRegion copy it hands out by borrow rules of
+        // Namespace (which owns the transport).
+        let region = unsafe { RawRegion::new(map.base, size) };
+        let sb: Superblock = read_pod(&region, 0).map_err(|_| {
+            HostError::Region(vshm_format::layout::LayoutError::TooSmall(256, size))
+        })?;
+        let layout = Layout::from_superblock(&sb, size).map_err(HostError::Region)?;
+        let vectors = layout.vectors as usize;
+
+        let mut host_bells = Vec::new();
+        let mut own = Vec::new();
+        let mut peers: BTreeMap<u16, Vec<File>> = BTreeMap::new();
+        while own.len() < vectors {
+            let (id, fd) = next()?;
+            let id = u16::try_from(id).map_err(|_| protocol(format!("bad peer id {id}")))?;
+            let fd = fd.ok_or_else(|| protocol(format!("peer {id} left during the handshake")))?;
+            if id == peer_id {
+                own.push(fd);
+            } else if id == HOST_PEER_ID {
+                host_bells.push(fd);
+            } else {
+                peers.entry(id).or_default().push(fd);
+            }
+        }
+        if host_bells.len() != vectors {
+            return Err(protocol(format!(
+                "got {} host eventfds, expected {vectors}",
+                host_bells.len()
+            )));
+        }
+        let shared = Arc::new(Shared {
+            gone: AtomicBool::new(false),
+            peers: Mutex::new(peers),
+        });
+        let reader = {
+            let sock = sock.try_clone()?;
+            let shared = Arc::clone(&shared);
+            let wake = own[0].try_clone()?;
+            std::thread::Builder::new()
+                .name("vshm-ivshmem".into())
+                .spawn(move || read_peer_updates(&sock, &shared, &wake))?
+        };
+        Ok(HostTransport {
+            sock,
+            peer_id,
+            host_bells,
+            own,
+            shared,
+            reader: Some(reader),
+            memfd,
+            map,
+        })
+    }
+
+    /// The shared-memory fd (the memfd vshmd owns).
+    pub fn memfd(&self) -> &File {
+        &self.memfd
+    }
+
+    /// Peer ids currently connected besides us and the host, as the server announced them.
+    pub fn other_peers(&self) -> Vec<u16> {
+        self.shared
+            .peers
+            .lock()
+            .map(|p| p.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether vshmd closed our connection.
+    pub fn backend_gone(&self) -> bool {
+        self.shared.gone.load(Ordering::Acquire)
+    }
+}
+
+/// Keeps reading the socket after the handshake: peers joining (id + fd) and leaving (id
+/// alone). Marks the backend gone at EOF and wakes any waiter.
+fn read_peer_updates(sock: &UnixStream, shared: &Shared, wake: &File) {
+    while let Ok(Some((id, fd))) = recv_msg(sock) {
+        let Ok(id) = u16::try_from(id) else { continue };
+        if let Ok(mut peers) = shared.peers.lock() {
+            match fd {
+                Some(f) => peers.entry(id).or_default().push(f),
+                None => {
+                    peers.remove(&id);
+                }
+            }
+        }
+    }
+    shared.gone.store(true, Ordering::Release);
+    let _ = (&*wake).write_all(&1u64.to_ne_bytes());
+}
+
+impl Drop for HostTransport {
+    fn drop(&mut self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+fn ring_file(f: &File) -> Result<(), TransportError> {
+    (&*f)
+        .write_all(&1u64.to_ne_bytes())
+        .map_err(|e| TransportError::Os(e.raw_os_error().unwrap_or(libc::EIO)))
+}
+
+impl Transport for HostTransport {
+    fn region(&self) -> RawRegion {
+        // SAFETY: see connect(); the mapping lives as long as self.
+        unsafe { RawRegion::new(self.map.base, self.map.len as u64) }
+    }
+
+    fn peer_id(&self) -> u16 {
+        self.peer_id
+    }
+
+    fn ring(&self, peer: u16, vector: u16) -> Result<(), TransportError> {
+        if self.backend_gone() {
+            return Err(TransportError::BackendGone);
+        }
+        let v = usize::from(vector);
+        if peer == HOST_PEER_ID {
+            return match self.host_bells.get(v) {
+                Some(f) => ring_file(f),
+                None => Err(TransportError::Os(libc::EINVAL)),
+            };
+        }
+        let peers = self
+            .shared
+            .peers
+            .lock()
+            .map_err(|_| TransportError::Os(libc::EIO))?;
+        match peers.get(&peer).and_then(|fds| fds.get(v)) {
+            Some(f) => ring_file(f),
+            None => Err(TransportError::Os(libc::ENOENT)),
+        }
+    }
+
+    fn wait_until(
+        &self,
+        ready: &mut dyn FnMut() -> bool,
+        timeout: Duration,
+    ) -> Result<bool, TransportError> {
+        let start = Instant::now();
+        let fd = self.own[0].as_raw_fd();
+        loop {
+            if ready() {
+                return Ok(true);
+            }
+            if self.backend_gone() {
+                return Err(TransportError::BackendGone);
+            }
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            // Short slices: several threads may share vector 0, and one may consume the
+            // wakeup meant for another; the condition is re-checked every slice.
+            let slice = left.min(Duration::from_millis(20));
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = libc::c_int::try_from(slice.as_millis())
+                .unwrap_or(20)
+                .max(1);
+            // SAFETY: pfd is a valid pollfd for the duration of the call; nfds = 1.
+            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if rc > 0 && pfd.revents & libc::POLLIN != 0 {
+                let mut buf = [0u8; 8];
+                let _ = (&self.own[0]).read(&mut buf);
+            }
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! vshm: named shared-memory sections between virtual machines.
+//!
+//! A peer (a QEMU guest, or a host process) maps a vshm region through a [`Transport`] and
+//! uses a [`Namespace`] to create, open, grow, delete and close named [`Section`]s. Opening
+//! an existing section and closing a handle touch only shared memory (no host round trip);
+//! create, delete and grow are requests to the host backend, which arbitrates them.
+//!
+//! The crate is `no_std` without its default `std` feature: the namespace logic runs in a
+//! kernel driver or an RTOS given a [`Transport`]. With `std` it adds [`host::HostTransport`]
+//! (a host process speaking the ivshmem client protocol to vshmd).
+#![cfg_attr(not(feature = "std"), no_std)]
+#![warn(missing_docs)]
+
+mod error;
+mod namespace;
+mod transport;
+
+#[cfg(feature = "std")]
+pub mod host;
+
+pub use error::Error;
+pub use namespace::{CreateOptions, Disposition, Namespace, Section};
+pub use transport::{Transport, TransportError};
+pub use vshm_format as format;
+pub use vshm_format::object::ObjectInfo;
+pub use vshm_format::Status;

@@ -1,0 +1,447 @@
+//! Named sections over a mapped region: the client half of the namespace.
+
+use core::sync::atomic::Ordering;
+use core::time::Duration;
+
+use vshm_format::layout::{
+    kind, object_state, peer_slot, Layout, Request, Superblock, HOST_PEER_ID, OBJ_SIZE_OFF,
+    VECTOR_CONTROL,
+};
+use vshm_format::lease::{self, LeaseError, Released};
+use vshm_format::mailbox;
+use vshm_format::object::{self, ObjectInfo};
+use vshm_format::shm::{read_pod, RawRegion, SharedMemory};
+use vshm_format::{validate_name, Status};
+
+use crate::{Error, Transport, TransportError};
+
+/// How often create-or-open retries after losing a race (object destroyed between lookup
+/// and hold). Each retry means another peer completed an operation, so this bounds only
+/// pathological contention.
+const RACE_RETRIES: u32 = 64;
+
+/// Whether create-or-open created the section or opened an existing one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// STATUS_SUCCESS: a new, zero-filled section.
+    Created,
+    /// STATUS_OBJECT_NAME_EXISTS: the name existed; this is a new handle on it.
+    Opened,
+}
+
+impl Disposition {
+    /// The NTSTATUS of this outcome.
+    pub fn status(self) -> Status {
+        match self {
+            Disposition::Created => Status::Success,
+            Disposition::Opened => Status::ObjectNameExists,
+        }
+    }
+}
+
+/// Parameters of create-or-open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Bytes reserved (contiguous, never moves). Must be > 0.
+    pub max_size: u64,
+    /// Bytes exposed at creation (≤ `max_size`); grow up to `max_size` later.
+    pub initial_size: u64,
+    /// Live until deleted rather than until the last handle closes.
+    pub persistent: bool,
+}
+
+impl CreateOptions {
+    /// A non-persistent section exposing all of `max_size`.
+    pub fn new(max_size: u64) -> CreateOptions {
+        CreateOptions {
+            max_size,
+            initial_size: max_size,
+            persistent: false,
+        }
+    }
+}
+
+/// A peer's view of the namespace in one region.
+#[derive(Debug)]
+pub struct Namespace<T: Transport> {
+    transport: T,
+    region: RawRegion,
+    layout: Layout,
+    superblock: Superblock,
+    peer_id: u16,
+    peer_slot: u32,
+    reply_timeout: Duration,
+}
+
+impl<T: Transport> Namespace<T> {
+    /// Validates the region behind `transport` and attaches to it.
+    pub fn attach(transport: T) -> Result<Namespace<T>, Error> {
+        let region = transport.region();
+        let superblock: Superblock = read_pod(&region, 0)?;
+        let layout = Layout::from_superblock(&superblock, region.size()).map_err(Error::Region)?;
+        let peer_id = transport.peer_id();
+        let peer_slot = peer_slot(peer_id, layout.max_peers)
+            .ok_or(Error::Transport(TransportError::BadPeerId(peer_id)))?;
+        Ok(Namespace {
+            transport,
+            region,
+            layout,
+            superblock,
+            peer_id,
+            peer_slot,
+            reply_timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// How long a request waits for the backend before failing with [`Error::Timeout`].
+    pub fn set_reply_timeout(&mut self, timeout: Duration) {
+        self.reply_timeout = timeout;
+    }
+
+    /// The validated layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The superblock as read at attach time.
+    pub fn superblock(&self) -> &Superblock {
+        &self.superblock
+    }
+
+    /// This peer's id.
+    pub fn peer_id(&self) -> u16 {
+        self.peer_id
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    /// Create-or-open (RtkCreateSharedMemory + LSA CreateSharedMemory). `name = None`
+    /// creates an unnamed section that no one can open by name.
+    pub fn create(
+        &self,
+        name: Option<&str>,
+        options: &CreateOptions,
+    ) -> Result<(Section<'_, T>, Disposition), Error> {
+        if let Some(n) = name {
+            validate_name(n)?;
+        }
+        if options.max_size == 0 || options.initial_size > options.max_size {
+            return Err(Status::InvalidParameter.into());
+        }
+        for _ in 0..RACE_RETRIES {
+            if let Some(n) = name {
+                match self.open_existing(n) {
+                    Ok(section) => return Ok((section, Disposition::Opened)),
+                    Err(Error::Status(Status::ObjectNameNotFound)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let req = mailbox::create_request(
+                name,
+                kind::SECTION,
+                options.max_size,
+                options.initial_size,
+                options.persistent,
+            );
+            let resp = self.call(&req)?;
+            let disposition = match Status::from_code(resp.status) {
+                Some(Status::Success) => Disposition::Created,
+                Some(Status::ObjectNameExists) => Disposition::Opened,
+                Some(s) if !s.is_success() => return Err(s.into()),
+                _ => return Err(Error::BadResponse(resp.status, resp.slot)),
+            };
+            match self.hold(resp.slot, resp.generation, false) {
+                Ok(info) if info.kind != kind::SECTION => {
+                    // Only possible for Opened: the name is another kind of object.
+                    let _ = self.release(info.slot);
+                    return Err(Status::InvalidHandle.into());
+                }
+                Ok(info) => return Ok((self.section(&info), disposition)),
+                // Closed or deleted by others before we got our hold: try again.
+                Err(Error::Status(Status::ObjectNameNotFound)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Contended)
+    }
+
+    /// Opens an existing section by name, without a round trip to the backend.
+    pub fn open(&self, name: &str) -> Result<Section<'_, T>, Error> {
+        validate_name(name)?;
+        for _ in 0..RACE_RETRIES {
+            match self.open_existing(name) {
+                Err(Error::Contended) => continue,
+                other => return other,
+            }
+        }
+        Err(Error::Contended)
+    }
+
+    fn open_existing(&self, name: &str) -> Result<Section<'_, T>, Error> {
+        let info = object::find_by_name(&self.region, &self.layout, name)?
+            .ok_or(Error::Status(Status::ObjectNameNotFound))?;
+        if info.kind != kind::SECTION {
+            return Err(Status::InvalidHandle.into());
+        }
+        match self.hold(info.slot, info.generation, false) {
+            Ok(held) => Ok(self.section(&held)),
+            // Destroyed between lookup and hold: the caller decides whether to look again.
+            Err(Error::Status(Status::ObjectNameNotFound)) => Err(Error::Contended),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes a hold on (slot, generation) and returns the validated entry.
+    fn hold(&self, slot: u32, generation: u64, allow_unlinked: bool) -> Result<ObjectInfo, Error> {
+        lease::acquire(
+            &self.region,
+            &self.layout,
+            self.peer_slot,
+            slot,
+            generation,
+            allow_unlinked,
+        )
+        .map_err(|e| match e {
+            LeaseError::Gone => Error::Status(Status::ObjectNameNotFound),
+            other => Error::Status(other.status()),
+        })?;
+        // Our holder bit is set: the entry cannot change identity now. Validate it.
+        match object::read_object(&self.region, &self.layout, slot) {
+            Ok(Some(info)) if info.generation == generation => Ok(info),
+            _ => {
+                let _ = self.release(slot);
+                Err(Error::Status(Status::InvalidHandle))
+            }
+        }
+    }
+
+    /// Drops one hold; rings the host if that destroyed the object.
+    fn release(&self, slot: u32) -> Result<(), Error> {
+        match lease::release(&self.region, &self.layout, self.peer_slot, slot) {
+            Ok(Released::Held) => Ok(()),
+            Ok(Released::LastHold) => {
+                self.transport.ring(HOST_PEER_ID, VECTOR_CONTROL)?;
+                Ok(())
+            }
+            Err(e) => Err(Error::Status(e.status())),
+        }
+    }
+
+    fn section(&self, info: &ObjectInfo) -> Section<'_, T> {
+        Section {
+            ns: self,
+            slot: info.slot,
+            generation: info.generation,
+            offset: info.offset,
+            max_size: info.max_size,
+            open: true,
+        }
+    }
+
+    /// Deletes the LIVE object called `name` (any kind): the name disappears at once, the
+    /// memory is freed when the last handle closes.
+    pub fn delete(&self, name: &str) -> Result<(), Error> {
+        validate_name(name)?;
+        let info = object::find_by_name(&self.region, &self.layout, name)?
+            .ok_or(Error::Status(Status::ObjectNameNotFound))?;
+        self.delete_object(info.slot, info.generation)
+    }
+
+    fn delete_object(&self, slot: u32, generation: u64) -> Result<(), Error> {
+        let resp = self.call(&mailbox::delete_request(slot, generation))?;
+        match Status::from_code(resp.status) {
+            Some(Status::Success) => Ok(()),
+            Some(s) => Err(s.into()),
+            None => Err(Error::BadResponse(resp.status, slot)),
+        }
+    }
+
+    /// Looks a LIVE object up by name.
+    pub fn info(&self, name: &str) -> Result<ObjectInfo, Error> {
+        validate_name(name)?;
+        object::find_by_name(&self.region, &self.layout, name)?
+            .ok_or(Error::Status(Status::ObjectNameNotFound))
+    }
+
+    /// All objects in the table (LIVE and UNLINKED), skipping entries that do not validate.
+    pub fn objects(&self) -> impl Iterator<Item = ObjectInfo> + '_ {
+        (0..self.layout.max_objects)
+            .filter_map(move |slot| object::read_object(&self.region, &self.layout, slot).ok()?)
+    }
+
+    /// This peer's handle count on an object slot.
+    pub fn handles_on(&self, slot: u32) -> u32 {
+        lease::handles(&self.region, &self.layout, self.peer_slot, slot).unwrap_or(0)
+    }
+
+    /// Posts a request and waits for the response.
+    fn call(&self, req: &Request) -> Result<vshm_format::layout::Response, Error> {
+        let mem = &self.region;
+        let (layout, slot) = (&self.layout, self.peer_slot);
+        // One request per peer at a time; the lock is this peer's own word.
+        let mut locked = false;
+        let got = self.transport.wait_until(
+            &mut || {
+                locked = mailbox::try_lock(mem, layout, slot).unwrap_or(false);
+                locked
+            },
+            self.reply_timeout,
+        )?;
+        if !got {
+            return Err(Error::Timeout(duration_ms(self.reply_timeout)));
+        }
+        let result = self.call_locked(req);
+        let _ = mailbox::unlock(mem, layout, slot);
+        result
+    }
+
+    fn call_locked(&self, req: &Request) -> Result<vshm_format::layout::Response, Error> {
+        let (mem, layout, slot) = (&self.region, &self.layout, self.peer_slot);
+        let seq = mailbox::post(mem, layout, slot, req)?;
+        self.transport.ring(HOST_PEER_ID, VECTOR_CONTROL)?;
+        let mut response = None;
+        let answered = self.transport.wait_until(
+            &mut || match mailbox::poll(mem, layout, slot, seq) {
+                Ok(Some(r)) => {
+                    response = Some(r);
+                    true
+                }
+                _ => false,
+            },
+            self.reply_timeout,
+        )?;
+        match response {
+            Some(r) if answered => Ok(r),
+            _ => Err(Error::Timeout(duration_ms(self.reply_timeout))),
+        }
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A handle on a section. Dropping it closes the handle; the section is destroyed when the
+/// last handle of a non-persistent (or deleted) section closes.
+#[derive(Debug)]
+pub struct Section<'ns, T: Transport> {
+    ns: &'ns Namespace<T>,
+    slot: u32,
+    generation: u64,
+    offset: u64,
+    max_size: u64,
+    open: bool,
+}
+
+impl<T: Transport> Section<'_, T> {
+    /// Object table slot.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// Generation of the object (with the slot, its identity).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Region offset of the section's memory.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Reserved size.
+    pub fn max_size(&self) -> u64 {
+        self.max_size
+    }
+
+    /// Current size (read from the shared entry, clamped to the max size fixed at open).
+    pub fn size(&self) -> u64 {
+        let off = self
+            .ns
+            .layout
+            .object_entry(self.slot)
+            .map(|b| b + OBJ_SIZE_OFF);
+        off.and_then(|o| self.ns.region.load_u64(o, Ordering::Acquire).ok())
+            .map_or(0, |s| s.min(self.max_size))
+    }
+
+    /// Whether the section was deleted (its name is gone; it lives until the last close).
+    pub fn is_deleted(&self) -> bool {
+        object::state(&self.ns.region, &self.ns.layout, self.slot)
+            .ok()
+            .is_none_or(|s| s != object_state::LIVE)
+    }
+
+    fn check(&self, at: u64, len: usize) -> Result<u64, Error> {
+        let len = len as u64;
+        match at.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(self.offset + at),
+            _ => Err(Status::InvalidParameter.into()),
+        }
+    }
+
+    /// Copies `buf.len()` bytes at `at` out of the section.
+    pub fn read_at(&self, at: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let off = self.check(at, buf.len())?;
+        Ok(self.ns.region.read_bytes(off, buf)?)
+    }
+
+    /// Copies `data` into the section at `at`.
+    pub fn write_at(&self, at: u64, data: &[u8]) -> Result<(), Error> {
+        let off = self.check(at, data.len())?;
+        Ok(self.ns.region.write_bytes(off, data)?)
+    }
+
+    /// Raw pointer to the section's first byte, for zero-copy use. The memory is shared with
+    /// other VMs: access it only with volatile or atomic operations, within `max_size`, and
+    /// only while this handle is open.
+    pub fn as_ptr(&self) -> *mut u8 {
+        let base = self.ns.region.base().as_ptr();
+        // The offset was validated against the mapping when the handle was opened.
+        base.wrapping_add(usize::try_from(self.offset).unwrap_or(usize::MAX))
+    }
+
+    /// Grows the exposed size to `new_size` (≤ max size). The section never moves.
+    pub fn grow(&self, new_size: u64) -> Result<(), Error> {
+        if new_size > self.max_size {
+            return Err(Status::InvalidParameter.into());
+        }
+        let resp = self
+            .ns
+            .call(&mailbox::grow_request(self.slot, self.generation, new_size))?;
+        match Status::from_code(resp.status) {
+            Some(Status::Success) => Ok(()),
+            Some(s) => Err(s.into()),
+            None => Err(Error::BadResponse(resp.status, self.slot)),
+        }
+    }
+
+    /// Deletes the section (LSA DeleteSharedMemory): its name disappears now, its memory is
+    /// freed when the last handle closes. This handle stays usable until closed.
+    pub fn delete(&self) -> Result<(), Error> {
+        self.ns.delete_object(self.slot, self.generation)
+    }
+
+    /// Another handle on the same section (works on a deleted section too).
+    pub fn duplicate(&self) -> Result<Section<'_, T>, Error> {
+        let info = self.ns.hold(self.slot, self.generation, true)?;
+        Ok(self.ns.section(&info))
+    }
+
+    /// Closes the handle, reporting errors (dropping closes too, silently).
+    pub fn close(mut self) -> Result<(), Error> {
+        self.open = false;
+        self.ns.release(self.slot)
+    }
+}
+
+impl<T: Transport> Drop for Section<'_, T> {
+    fn drop(&mut self) {
+        if self.open {
+            let _ = self.ns.release(self.slot);
+        }
+    }
+}

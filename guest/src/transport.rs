@@ -1,0 +1,48 @@
+//! The transport seam: how a peer maps the region, rings the host and waits.
+//!
+//! Implementations: [`crate::host::HostTransport`] (a host process connected to vshmd's
+//! ivshmem socket). Planned: a Linux guest over the PCI BAR (sysfs), a guest kernel driver
+//! with MSI-X interrupts, vhost-user.
+
+use core::time::Duration;
+
+use vshm_format::shm::RawRegion;
+
+/// Why a transport operation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportError {
+    /// The backend went away (socket closed); the region stays mapped but nobody arbitrates.
+    BackendGone,
+    /// An OS error (errno).
+    Os(i32),
+    /// The peer id handed out is not usable with this region.
+    BadPeerId(u16),
+}
+
+impl core::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            TransportError::BackendGone => write!(f, "the vshm backend is gone"),
+            TransportError::Os(e) => write!(f, "transport OS error {e}"),
+            TransportError::BadPeerId(id) => write!(f, "peer id {id} is not valid for this region"),
+        }
+    }
+}
+
+/// Map + ring + wait.
+pub trait Transport {
+    /// The mapped region (the whole ivshmem shared memory).
+    fn region(&self) -> RawRegion;
+    /// This peer's ivshmem peer id (IVPosition).
+    fn peer_id(&self) -> u16;
+    /// Rings `peer`'s doorbell on `vector`.
+    fn ring(&self, peer: u16, vector: u16) -> Result<(), TransportError>;
+    /// Waits until `ready()` returns true or `timeout` passes; returns whether it became
+    /// ready. Implementations choose how: block on an interrupt/eventfd, or spin briefly then
+    /// back off (a guest without interrupts).
+    fn wait_until(
+        &self,
+        ready: &mut dyn FnMut() -> bool,
+        timeout: Duration,
+    ) -> Result<bool, TransportError>;
+}
