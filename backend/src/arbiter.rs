@@ -1,0 +1,789 @@
+//! The namespace arbiter: the authoritative state of the namespace and the space map, kept in
+//! the backend's private memory, and the mirror of it published into the shared header.
+//!
+//! Nothing read from the region is trusted: requests are copied out once and validated,
+//! lease words and refcount cells are read as hints and cross-checked against the private
+//! records before anything is destroyed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use vshm_format::layout::{
+    holder_bit, object_state, peer_slot, peer_state, refcell, Layout, PeerEntry, Response,
+    LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP, OBJ_LEASE_OFF, PEER_STATE_OFF, SB_VERSION_OFF,
+};
+use vshm_format::lease::close_if_unheld;
+use vshm_format::mailbox::{self, Command};
+use vshm_format::object::{self, bump_namespace_seq};
+use vshm_format::shm::{bytes_of, zeroed, Fault, SharedMemory};
+use vshm_format::{layout::FORMAT_VERSION, Status};
+
+use crate::region::Region;
+
+/// Peer id of a peer slot (slots are < 62, ids are slot + 1).
+fn peer_id_of(slot: u32) -> u16 {
+    u16::try_from(slot + 1).unwrap_or(u16::MAX)
+}
+
+/// Shared memory the arbiter can also give back to the host.
+pub trait Backing: SharedMemory {
+    /// Frees `[offset, offset+len)` so it reads as zeroes and holds no host memory.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+impl Backing for Region {
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        Region::discard(self, offset, len)
+    }
+}
+
+/// An object as the backend knows it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Generation (unique across the region's lifetime).
+    pub generation: u64,
+    /// Kind.
+    pub kind: u32,
+    /// Name, if named.
+    pub name: Option<String>,
+    /// Region offset.
+    pub offset: u64,
+    /// Current size.
+    pub size: u64,
+    /// Max size.
+    pub max_size: u64,
+    /// Bytes reserved in the heap (max size rounded up to the granularity).
+    pub reserved: u64,
+    /// Persistent.
+    pub persistent: bool,
+    /// Deleted (name gone, waiting for the last close).
+    pub unlinked: bool,
+    /// Creator's peer id.
+    pub creator: u16,
+    /// Creation time.
+    pub created: SystemTime,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PeerRecord {
+    connected: bool,
+    incarnation: u64,
+    last_seq: u64,
+    since: Option<SystemTime>,
+}
+
+/// What a peer's departure released.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reclaim {
+    /// Handles the peer still held.
+    pub handles: u64,
+    /// Objects that died with it.
+    pub destroyed: u64,
+}
+
+/// Counters for the monitor.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Counters {
+    /// Requests answered.
+    pub requests: u64,
+    /// Requests answered with a failure status.
+    pub failed_requests: u64,
+    /// Objects created.
+    pub created: u64,
+    /// Objects destroyed.
+    pub destroyed: u64,
+    /// Peers reclaimed after they left.
+    pub reclaims: u64,
+    /// Lease words found inconsistent with refcount rows and repaired.
+    pub repairs: u64,
+}
+
+/// One peer in a status snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// Peer id.
+    pub id: u16,
+    /// Connected now.
+    pub connected: bool,
+    /// Times this id was handed out.
+    pub incarnation: u64,
+    /// Seconds since the Unix epoch when it connected.
+    pub connected_since: Option<u64>,
+    /// Handles held (sum of its refcount cells).
+    pub handles: u64,
+}
+
+/// One object in a status snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct SectionStatus {
+    /// Name (`null` for unnamed).
+    pub name: Option<String>,
+    /// Table slot.
+    pub slot: u32,
+    /// Generation.
+    pub generation: u64,
+    /// "section" (events and mutexes later).
+    pub kind: &'static str,
+    /// Region offset.
+    pub offset: u64,
+    /// Current size.
+    pub size: u64,
+    /// Max size.
+    pub max_size: u64,
+    /// Persistent.
+    pub persistent: bool,
+    /// Deleted, waiting for the last close.
+    pub deleted: bool,
+    /// Total handles.
+    pub refs: u64,
+    /// Handles per peer id (only peers holding some).
+    pub refs_by_peer: Vec<(u16, u64)>,
+    /// Creator's peer id.
+    pub creator: u16,
+}
+
+/// Region summary in a status snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionStatus {
+    /// Region bytes.
+    pub size: u64,
+    /// Heap bytes.
+    pub heap_size: u64,
+    /// Heap bytes free.
+    pub free: u64,
+    /// Heap bytes reserved by objects.
+    pub used: u64,
+    /// Largest free extent.
+    pub largest_free: u64,
+    /// Free extents.
+    pub free_extents: usize,
+    /// Max peers.
+    pub max_peers: u32,
+    /// Max objects.
+    pub max_objects: u32,
+    /// Backend epoch.
+    pub epoch: u64,
+}
+
+/// A full status snapshot (the `vshmctl status --json` document).
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// Region.
+    pub region: RegionStatus,
+    /// Peers that are connected, or were.
+    pub peers: Vec<PeerStatus>,
+    /// Objects (LIVE and deleted-but-open).
+    pub sections: Vec<SectionStatus>,
+    /// Counters.
+    pub counters: Counters,
+}
+
+/// The arbiter.
+#[derive(Debug)]
+pub struct Arbiter<M: Backing> {
+    mem: M,
+    layout: Layout,
+    epoch: u64,
+    objects: Vec<Option<Record>>,
+    free_slots: BTreeSet<u32>,
+    names: HashMap<String, u32>,
+    heap: crate::heap::Heap,
+    peers: Vec<PeerRecord>,
+    next_generation: u64,
+    counters: Counters,
+}
+
+impl<M: Backing> Arbiter<M> {
+    /// Writes a fresh header into `mem` and publishes it (version last).
+    pub fn new(mem: M, layout: Layout, epoch: u64, region_id: [u8; 16]) -> Result<Self, Fault> {
+        // Everything below the heap starts zeroed; free object slots carry a CLOSED lease so
+        // a stale opener can never take a hold on them.
+        mem.zero(0, layout.heap_offset)?;
+        for slot in 0..layout.max_objects {
+            if let Some(base) = layout.object_entry(slot) {
+                mem.store_u64(base + OBJ_LEASE_OFF, LEASE_CLOSED, Ordering::Relaxed)?;
+            }
+        }
+        let sb = layout.superblock(epoch, region_id);
+        mem.write_bytes(0, bytes_of(&sb))?;
+        mem.store_u32(SB_VERSION_OFF, FORMAT_VERSION, Ordering::Release)?;
+        let max_objects = layout.max_objects as usize;
+        Ok(Arbiter {
+            heap: crate::heap::Heap::new(layout.heap_offset, layout.heap_size, layout.alignment),
+            mem,
+            layout,
+            epoch,
+            objects: vec![None; max_objects],
+            free_slots: (0..layout.max_objects).collect(),
+            names: HashMap::new(),
+            peers: vec![PeerRecord::default(); layout.max_peers as usize],
+            next_generation: 1,
+            counters: Counters::default(),
+        })
+    }
+
+    /// The region.
+    pub fn mem(&self) -> &M {
+        &self.mem
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    fn slot_of(&self, peer_id: u16) -> Option<u32> {
+        peer_slot(peer_id, self.layout.max_peers)
+    }
+
+    /// Peer slots with their records, as u32 slot numbers.
+    fn peer_slots(&self) -> impl Iterator<Item = (u32, &PeerRecord)> + '_ {
+        (0..self.layout.max_peers).zip(self.peers.iter())
+    }
+
+    /// A peer id was handed out: clear its refcount row and mailbox, publish it.
+    /// Must run before the peer learns its id.
+    pub fn peer_connected(&mut self, peer_id: u16) -> Result<(), Fault> {
+        let s = self
+            .slot_of(peer_id)
+            .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
+        let slot = s as usize;
+        self.clear_peer_memory(s)?;
+        let rec = &mut self.peers[slot];
+        rec.connected = true;
+        rec.incarnation += 1;
+        rec.last_seq = 0;
+        rec.since = Some(SystemTime::now());
+        let mut e = zeroed::<PeerEntry>();
+        e.peer_id = u32::from(peer_id);
+        e.incarnation = rec.incarnation;
+        let base = self
+            .layout
+            .peer_entry(s)
+            .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
+        self.mem.write_bytes(base, bytes_of(&e))?;
+        self.mem.store_u32(
+            base + PEER_STATE_OFF,
+            peer_state::CONNECTED,
+            Ordering::Release,
+        )?;
+        bump_namespace_seq(&self.mem)
+    }
+
+    fn clear_peer_memory(&self, slot: u32) -> Result<(), Fault> {
+        let row = self
+            .layout
+            .refcount_cell(slot, 0)
+            .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
+        self.mem
+            .zero(row, u64::from(self.layout.refcount_row_size))?;
+        let mb = self
+            .layout
+            .mailbox(slot)
+            .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
+        self.mem.zero(
+            mb,
+            std::mem::size_of::<vshm_format::layout::Mailbox>() as u64,
+        )
+    }
+
+    /// A peer left (socket closed): drop every hold it had, destroy what only it held,
+    /// clear its row and mailbox.
+    pub fn peer_gone(&mut self, peer_id: u16) -> Reclaim {
+        let mut out = Reclaim::default();
+        let Some(s) = self.slot_of(peer_id) else {
+            return out;
+        };
+        let slot = s as usize;
+        if !self.peers[slot].connected {
+            return out;
+        }
+        self.peers[slot].connected = false;
+        self.peers[slot].since = None;
+        if let Some(base) = self.layout.peer_entry(s) {
+            let _ =
+                self.mem
+                    .store_u32(base + PEER_STATE_OFF, peer_state::ABSENT, Ordering::Release);
+        }
+        let bit = holder_bit(s);
+        let live: Vec<u32> = self.live_slots().collect();
+        let mut dead = Vec::new();
+        for obj in live {
+            out.handles += u64::from(self.cell_count(s, obj));
+            let Some(lease) = self.lease_off(obj) else {
+                continue;
+            };
+            let Ok(prev) = self.mem.fetch_and_u64(lease, !bit) else {
+                continue;
+            };
+            if close_if_unheld(&self.mem, lease, prev & !bit).unwrap_or(false)
+                || prev & LEASE_CLOSED != 0
+            {
+                dead.push(obj);
+            }
+        }
+        let _ = self.clear_peer_memory(s);
+        for obj in dead {
+            if self.reap(obj) {
+                out.destroyed += 1;
+            }
+        }
+        let _ = bump_namespace_seq(&self.mem);
+        self.counters.reclaims += 1;
+        out
+    }
+
+    fn live_slots(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.layout.max_objects)
+            .zip(self.objects.iter())
+            .filter(|(_, r)| r.is_some())
+            .map(|(i, _)| i)
+    }
+
+    fn lease_off(&self, slot: u32) -> Option<u64> {
+        self.layout.object_entry(slot).map(|b| b + OBJ_LEASE_OFF)
+    }
+
+    fn cell_count(&self, peer: u32, obj: u32) -> u32 {
+        self.layout
+            .refcount_cell(peer, obj)
+            .and_then(|c| self.mem.load_u32(c, Ordering::Acquire).ok())
+            .map_or(0, |v| v & refcell::REF_COUNT)
+    }
+
+    fn connected_mask(&self) -> u64 {
+        self.peer_slots()
+            .filter(|(_, p)| p.connected)
+            .fold(0, |m, (i, _)| m | holder_bit(i))
+    }
+
+    /// Handles a doorbell from `peer_id`: answers its pending request, if any. Returns
+    /// whether a response was written (the caller then rings the peer).
+    pub fn service(&mut self, peer_id: u16) -> bool {
+        let Some(s) = self.slot_of(peer_id) else {
+            return false;
+        };
+        let slot = s as usize;
+        if !self.peers[slot].connected {
+            return false;
+        }
+        let last = self.peers[slot].last_seq;
+        let Ok(Some((seq, req))) = mailbox::take_request(&self.mem, &self.layout, s, last) else {
+            return false;
+        };
+        self.peers[slot].last_seq = seq;
+        let resp = match mailbox::decode(&req, &self.layout) {
+            Ok(cmd) => self.execute(peer_id, s, cmd),
+            Err(status) => mailbox::status_response(status),
+        };
+        self.counters.requests += 1;
+        let ok = Status::from_code(resp.status).is_some_and(Status::is_success);
+        if !ok {
+            self.counters.failed_requests += 1;
+        }
+        tracing::debug!(peer_id, op = req.op, status = resp.status, "request");
+        mailbox::respond(&self.mem, &self.layout, s, seq, &resp).is_ok()
+    }
+
+    fn execute(&mut self, peer_id: u16, peer: u32, cmd: Command<'_>) -> Response {
+        let result = match cmd {
+            Command::Create {
+                name,
+                kind,
+                max_size,
+                initial_size,
+                persistent,
+            } => self.create(
+                peer_id,
+                peer,
+                name,
+                kind,
+                max_size,
+                initial_size,
+                persistent,
+            ),
+            Command::Delete { slot, generation } => self.delete(slot, generation).map(|()| slot),
+            Command::Grow {
+                slot,
+                generation,
+                size,
+            } => self.grow(peer, slot, generation, size).map(|()| slot),
+        };
+        match result {
+            Ok(slot) => self.response(Status::Success, slot),
+            Err((status, Some(slot))) => self.response(status, slot),
+            Err((status, None)) => mailbox::status_response(status),
+        }
+    }
+
+    fn response(&self, status: Status, slot: u32) -> Response {
+        let mut r = mailbox::status_response(status);
+        if let Some(Some(rec)) = self.objects.get(slot as usize) {
+            r.slot = slot;
+            r.generation = rec.generation;
+            r.offset = rec.offset;
+            r.size = rec.size;
+            r.max_size = rec.max_size;
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        peer_id: u16,
+        peer: u32,
+        name: Option<&str>,
+        kind: u32,
+        max_size: u64,
+        initial_size: u64,
+        persistent: bool,
+    ) -> Result<u32, (Status, Option<u32>)> {
+        if let Some(n) = name {
+            if let Some(&slot) = self.names.get(n) {
+                let existing = self.objects[slot as usize].as_ref().map(|r| r.kind);
+                return Err(if existing == Some(kind) {
+                    (Status::ObjectNameExists, Some(slot))
+                } else {
+                    (Status::InvalidHandle, None)
+                });
+            }
+        }
+        let slot = *self
+            .free_slots
+            .first()
+            .ok_or((Status::InsufficientResources, None))?;
+        let (offset, reserved) = self
+            .heap
+            .allocate(max_size)
+            .ok_or((Status::InsufficientResources, None))?;
+        // The range was punched when it was last freed; punch again so bytes a misbehaving
+        // peer wrote after that cannot reach the new owner.
+        if self.mem.discard(offset, reserved).is_err() {
+            self.heap.release(offset, reserved);
+            return Err((Status::InsufficientResources, None));
+        }
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let lease = holder_bit(peer) | if persistent { LEASE_KEEP } else { 0 };
+        let entry = object::make_entry(
+            generation,
+            object_state::LIVE,
+            kind,
+            offset,
+            initial_size,
+            max_size,
+            persistent,
+            name,
+            u32::from(peer_id),
+        );
+        let published = self
+            .lease_off(slot)
+            .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })
+            .and_then(|l| self.mem.store_u64(l, lease, Ordering::SeqCst))
+            .and_then(|()| object::publish(&self.mem, &self.layout, slot, &entry));
+        if published.is_err() {
+            self.heap.release(offset, reserved);
+            return Err((Status::InsufficientResources, None));
+        }
+        self.free_slots.remove(&slot);
+        if let Some(n) = name {
+            self.names.insert(n.to_owned(), slot);
+        }
+        self.objects[slot as usize] = Some(Record {
+            generation,
+            kind,
+            name: name.map(str::to_owned),
+            offset,
+            size: initial_size,
+            max_size,
+            reserved,
+            persistent,
+            unlinked: false,
+            creator: peer_id,
+            created: SystemTime::now(),
+        });
+        self.counters.created += 1;
+        tracing::info!(
+            slot,
+            generation,
+            name = name.unwrap_or("<unnamed>"),
+            max_size,
+            peer_id,
+            "created"
+        );
+        Ok(slot)
+    }
+
+    fn record(&self, slot: u32, generation: u64) -> Option<&Record> {
+        self.objects
+            .get(slot as usize)?
+            .as_ref()
+            .filter(|r| r.generation == generation)
+    }
+
+    fn publish_record(&self, slot: u32) -> Result<(), Fault> {
+        let Some(Some(r)) = self.objects.get(slot as usize) else {
+            return Ok(());
+        };
+        let state = if r.unlinked {
+            object_state::UNLINKED
+        } else {
+            object_state::LIVE
+        };
+        let entry = object::make_entry(
+            r.generation,
+            state,
+            r.kind,
+            r.offset,
+            r.size,
+            r.max_size,
+            r.persistent,
+            r.name.as_deref(),
+            u32::from(r.creator),
+        );
+        object::publish(&self.mem, &self.layout, slot, &entry)
+    }
+
+    fn delete(&mut self, slot: u32, generation: u64) -> Result<(), (Status, Option<u32>)> {
+        let rec = self
+            .record(slot, generation)
+            .ok_or((Status::ObjectNameNotFound, None))?;
+        if rec.unlinked {
+            return Err((Status::DeletePending, None));
+        }
+        let name = rec.name.clone();
+        if let Some(r) = self.objects[slot as usize].as_mut() {
+            r.unlinked = true;
+        }
+        if let Some(n) = &name {
+            self.names.remove(n);
+        }
+        let _ = self.publish_record(slot);
+        if let Some(lease) = self.lease_off(slot) {
+            if let Ok(prev) = self.mem.fetch_and_u64(lease, !LEASE_KEEP) {
+                let _ = close_if_unheld(&self.mem, lease, prev & !LEASE_KEEP);
+            }
+        }
+        tracing::info!(
+            slot,
+            name = name.as_deref().unwrap_or("<unnamed>"),
+            "deleted"
+        );
+        self.reap(slot);
+        Ok(())
+    }
+
+    /// Deletes a LIVE object by name on the host's own authority (vshmctl delete).
+    pub fn delete_by_name(&mut self, name: &str) -> Result<(), Status> {
+        let slot = *self.names.get(name).ok_or(Status::ObjectNameNotFound)?;
+        let generation = self.objects[slot as usize]
+            .as_ref()
+            .map(|r| r.generation)
+            .ok_or(Status::ObjectNameNotFound)?;
+        self.delete(slot, generation).map_err(|(s, _)| s)?;
+        let _ = bump_namespace_seq(&self.mem);
+        Ok(())
+    }
+
+    fn grow(
+        &mut self,
+        peer: u32,
+        slot: u32,
+        generation: u64,
+        size: u64,
+    ) -> Result<(), (Status, Option<u32>)> {
+        let rec = self
+            .record(slot, generation)
+            .ok_or((Status::InvalidHandle, None))?;
+        let held = self
+            .lease_off(slot)
+            .and_then(|l| self.mem.load_u64(l, Ordering::SeqCst).ok())
+            .is_some_and(|w| w & holder_bit(peer) != 0);
+        if !held {
+            return Err((Status::InvalidHandle, None));
+        }
+        if size < rec.size || size > rec.max_size {
+            return Err((Status::InvalidParameter, Some(slot)));
+        }
+        if let Some(r) = self.objects[slot as usize].as_mut() {
+            r.size = size;
+        }
+        let _ = self.publish_record(slot);
+        Ok(())
+    }
+
+    /// Destroys `slot` if its lease is CLOSED and no connected peer's refcount row disagrees;
+    /// repairs the lease if one does. Returns whether it destroyed.
+    fn reap(&mut self, slot: u32) -> bool {
+        let Some(lease) = self.lease_off(slot) else {
+            return false;
+        };
+        let Ok(w) = self.mem.load_u64(lease, Ordering::SeqCst) else {
+            return false;
+        };
+        if w & LEASE_CLOSED == 0 {
+            return false;
+        }
+        let Some(rec) = self.objects[slot as usize].as_ref() else {
+            return false;
+        };
+        // A legitimately closed object has no holder with a count: the closer CASed CLOSED
+        // only into a word with no holder bits, and count > 0 implies the bit.
+        let mut holders = 0u64;
+        for (i, p) in self.peer_slots() {
+            if p.connected && self.cell_count(i, slot) > 0 {
+                holders |= holder_bit(i);
+            }
+        }
+        if holders != 0 {
+            let keep = if rec.persistent && !rec.unlinked {
+                LEASE_KEEP
+            } else {
+                0
+            };
+            let _ = self.mem.store_u64(lease, holders | keep, Ordering::SeqCst);
+            self.counters.repairs += 1;
+            tracing::warn!(
+                slot,
+                "lease word closed while peers still count handles: repaired"
+            );
+            return false;
+        }
+        self.destroy(slot);
+        true
+    }
+
+    fn destroy(&mut self, slot: u32) {
+        let Some(rec) = self.objects[slot as usize].take() else {
+            return;
+        };
+        if let (Some(n), false) = (&rec.name, rec.unlinked) {
+            self.names.remove(n);
+        }
+        if let Some(base) = self.layout.object_entry(slot) {
+            let _ = object::publish(&self.mem, &self.layout, slot, &zeroed());
+            let _ = self
+                .mem
+                .store_u64(base + OBJ_LEASE_OFF, LEASE_CLOSED, Ordering::SeqCst);
+        }
+        self.heap.release(rec.offset, rec.reserved);
+        if let Err(e) = self.mem.discard(rec.offset, rec.reserved) {
+            tracing::error!(slot, "could not return section memory: {e}");
+        }
+        self.free_slots.insert(slot);
+        self.counters.destroyed += 1;
+        tracing::info!(
+            slot,
+            generation = rec.generation,
+            name = rec.name.as_deref().unwrap_or("<unnamed>"),
+            "destroyed"
+        );
+    }
+
+    /// Destroys every closed object and drops holder bits of peers that are not connected.
+    /// Runs after each doorbell and on a timer. Returns how many objects it destroyed.
+    pub fn sweep(&mut self) -> usize {
+        let connected = self.connected_mask();
+        let live: Vec<u32> = self.live_slots().collect();
+        let mut destroyed = 0;
+        for slot in live {
+            let Some(lease) = self.lease_off(slot) else {
+                continue;
+            };
+            let Ok(w) = self.mem.load_u64(lease, Ordering::SeqCst) else {
+                continue;
+            };
+            let stray = w & LEASE_HOLDERS & !connected;
+            if stray != 0 {
+                tracing::warn!(slot, stray, "holder bits of absent peers cleared");
+                if let Ok(prev) = self.mem.fetch_and_u64(lease, !stray) {
+                    let _ = close_if_unheld(&self.mem, lease, prev & !stray);
+                }
+            }
+            if self.reap(slot) {
+                destroyed += 1;
+            }
+        }
+        destroyed
+    }
+
+    /// A status snapshot.
+    pub fn status(&self) -> StatusReport {
+        let mut handles_by_peer = vec![0u64; self.peers.len()];
+        let mut sections = Vec::new();
+        for slot in self.live_slots() {
+            let Some(rec) = self.objects[slot as usize].as_ref() else {
+                continue;
+            };
+            let mut refs_by_peer = Vec::new();
+            for (i, p) in self.peer_slots() {
+                if !p.connected {
+                    continue;
+                }
+                let n = u64::from(self.cell_count(i, slot));
+                if n > 0 {
+                    refs_by_peer.push((peer_id_of(i), n));
+                    handles_by_peer[i as usize] += n;
+                }
+            }
+            sections.push(SectionStatus {
+                name: rec.name.clone(),
+                slot,
+                generation: rec.generation,
+                kind: "section",
+                offset: rec.offset,
+                size: rec.size,
+                max_size: rec.max_size,
+                persistent: rec.persistent,
+                deleted: rec.unlinked,
+                refs: refs_by_peer.iter().map(|x| x.1).sum(),
+                refs_by_peer,
+                creator: rec.creator,
+            });
+        }
+        let peers = self
+            .peer_slots()
+            .filter(|(_, p)| p.connected || p.incarnation > 0)
+            .map(|(i, p)| PeerStatus {
+                id: peer_id_of(i),
+                connected: p.connected,
+                incarnation: p.incarnation,
+                connected_since: p
+                    .since
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs()),
+                handles: handles_by_peer[i as usize],
+            })
+            .collect();
+        StatusReport {
+            region: RegionStatus {
+                size: self.layout.region_size,
+                heap_size: self.heap.size(),
+                free: self.heap.free_bytes(),
+                used: self.heap.size() - self.heap.free_bytes(),
+                largest_free: self.heap.largest_free(),
+                free_extents: self.heap.free_extents(),
+                max_peers: self.layout.max_peers,
+                max_objects: self.layout.max_objects,
+                epoch: self.epoch,
+            },
+            peers,
+            sections,
+            counters: self.counters,
+        }
+    }
+
+    /// Private record of `slot` (tests and the monitor).
+    pub fn record_at(&self, slot: u32) -> Option<&Record> {
+        self.objects.get(slot as usize)?.as_ref()
+    }
+}

@@ -1,0 +1,150 @@
+//! The heap's space map: first-fit extents with coalescing, in the backend's private memory.
+
+use std::collections::BTreeMap;
+
+/// Free extents of the heap (offset → length), all multiples of the alignment.
+#[derive(Debug, Clone)]
+pub struct Heap {
+    free: BTreeMap<u64, u64>,
+    alignment: u64,
+    size: u64,
+    free_bytes: u64,
+}
+
+impl Heap {
+    /// A heap covering `[offset, offset+size)`, allocating in multiples of `alignment`
+    /// (a power of two; `offset` is aligned to it).
+    pub fn new(offset: u64, size: u64, alignment: u64) -> Heap {
+        let usable = size & !(alignment - 1);
+        let mut free = BTreeMap::new();
+        if usable > 0 {
+            free.insert(offset, usable);
+        }
+        Heap {
+            free,
+            alignment,
+            size: usable,
+            free_bytes: usable,
+        }
+    }
+
+    /// Rounds a request up to the allocation granularity (`None` on overflow).
+    pub fn round(&self, len: u64) -> Option<u64> {
+        len.checked_add(self.alignment - 1)
+            .map(|v| v & !(self.alignment - 1))
+    }
+
+    /// Reserves `len` bytes (rounded up); returns the offset and the rounded length.
+    pub fn allocate(&mut self, len: u64) -> Option<(u64, u64)> {
+        let len = self.round(len)?;
+        if len == 0 {
+            return None;
+        }
+        let (&off, &ext) = self.free.iter().find(|(_, &ext)| ext >= len)?;
+        self.free.remove(&off);
+        if ext > len {
+            self.free.insert(off + len, ext - len);
+        }
+        self.free_bytes -= len;
+        Some((off, len))
+    }
+
+    /// Returns an extent from [`Heap::allocate`] (same offset and rounded length).
+    pub fn release(&mut self, offset: u64, len: u64) {
+        let mut start = offset;
+        let mut end = offset + len;
+        if let Some((&prev, &plen)) = self.free.range(..offset).next_back() {
+            if prev + plen == offset {
+                self.free.remove(&prev);
+                start = prev;
+            }
+        }
+        if let Some(next_len) = self.free.remove(&end) {
+            end += next_len;
+        }
+        self.free.insert(start, end - start);
+        self.free_bytes += len;
+    }
+
+    /// Bytes free.
+    pub fn free_bytes(&self) -> u64 {
+        self.free_bytes
+    }
+
+    /// Usable heap bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Largest free extent.
+    pub fn largest_free(&self) -> u64 {
+        self.free.values().copied().max().unwrap_or(0)
+    }
+
+    /// Number of free extents (1 = unfragmented).
+    pub fn free_extents(&self) -> usize {
+        self.free.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn allocations_are_aligned_and_released_space_coalesces() {
+        let mut h = Heap::new(0x10000, 0x10000, 0x1000);
+        let (a, la) = h.allocate(1).expect("fits");
+        let (b, lb) = h.allocate(0x1001).expect("fits");
+        let (c, lc) = h.allocate(0x1000).expect("fits");
+        assert_eq!((a, la), (0x10000, 0x1000));
+        assert_eq!((b, lb), (0x11000, 0x2000));
+        assert_eq!((c, lc), (0x13000, 0x1000));
+        h.release(b, lb);
+        assert_eq!(h.free_extents(), 2);
+        h.release(a, la);
+        h.release(c, lc);
+        assert_eq!(h.free_extents(), 1);
+        assert_eq!(h.free_bytes(), 0x10000);
+        assert_eq!(h.largest_free(), 0x10000);
+    }
+
+    #[test]
+    fn a_request_larger_than_any_extent_fails_without_changing_the_map() {
+        let mut h = Heap::new(0, 0x4000, 0x1000);
+        assert!(h.allocate(0x5000).is_none());
+        assert!(h.allocate(u64::MAX).is_none());
+        assert!(h.allocate(0).is_none());
+        assert_eq!(h.free_bytes(), 0x4000);
+    }
+
+    proptest! {
+        #[test]
+        fn random_allocate_release_never_overlaps_and_ends_fully_free(
+            ops in proptest::collection::vec((1u64..0x5000, any::<bool>()), 1..200)
+        ) {
+            let mut h = Heap::new(0x1000, 0x40000, 0x1000);
+            let mut live: Vec<(u64, u64)> = Vec::new();
+            for (len, free_one) in ops {
+                if free_one && !live.is_empty() {
+                    let (o, l) = live.remove(0);
+                    h.release(o, l);
+                } else if let Some((o, l)) = h.allocate(len) {
+                    for &(o2, l2) in &live {
+                        prop_assert!(o + l <= o2 || o2 + l2 <= o, "overlap");
+                    }
+                    prop_assert!(o >= 0x1000 && o + l <= 0x41000);
+                    live.push((o, l));
+                }
+                let used: u64 = live.iter().map(|x| x.1).sum();
+                prop_assert_eq!(h.free_bytes() + used, 0x40000);
+            }
+            for (o, l) in live.drain(..) {
+                h.release(o, l);
+            }
+            prop_assert_eq!(h.free_extents(), 1);
+            prop_assert_eq!(h.free_bytes(), 0x40000);
+        }
+    }
+}

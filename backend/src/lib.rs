@@ -1,0 +1,7 @@
+//! vshmd's building blocks: the region (memfd + vm-memory), the heap's space map, the
+//! namespace arbiter, the ivshmem server, the control socket and the event loop.
+#![warn(missing_docs)]
+
+pub mod arbiter;
+pub mod heap;
+pub mod region;
