@@ -3,5 +3,8 @@
 #![warn(missing_docs)]
 
 pub mod arbiter;
+pub mod control;
+pub mod daemon;
 pub mod heap;
 pub mod region;
+pub mod server;

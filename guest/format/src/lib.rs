@@ -15,6 +15,7 @@ pub mod name;
 pub mod object;
 pub mod shm;
 mod status;
+pub mod units;
 
 pub use name::{name_hash, validate_name};
 pub use status::Status;

@@ -1,1 +1,424 @@
-fn main() {}
+//! vshm: the command-line peer. Creates, opens, reads, writes, grows, deletes, lists and
+//! holds named sections in a vshm region.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use vshm::format::layout::{holder_bit, object_state, LEASE_HOLDERS, OBJ_LEASE_OFF};
+use vshm::format::shm::SharedMemory;
+use vshm::format::units::parse_size;
+use vshm::host::HostTransport;
+use vshm::{CreateOptions, Disposition, Error, Namespace, ObjectInfo, Transport};
+
+/// vshm command-line peer.
+#[derive(Debug, Parser)]
+#[command(name = "vshm", version)]
+struct Args {
+    /// vshmd's ivshmem socket (host processes).
+    #[arg(long, global = true, env = "VSHM_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a section, or open it if the name exists (STATUS_OBJECT_NAME_EXISTS).
+    Create {
+        /// Section name (≤ 260 characters, no backslash, case-sensitive).
+        name: String,
+        /// Bytes to reserve (K/M/G suffixes).
+        #[arg(long, value_parser = size_arg)]
+        max: u64,
+        /// Bytes exposed now [default: --max].
+        #[arg(long, value_parser = size_arg)]
+        initial: Option<u64>,
+        /// Keep it until deleted, not until the last handle closes.
+        #[arg(long)]
+        persistent: bool,
+        /// Keep the handle open until stdin closes or a signal arrives.
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Open a section (checks that it exists; the handle closes on exit).
+    Open {
+        /// Section name.
+        name: String,
+    },
+    /// Write bytes into a section.
+    Write {
+        /// Section name.
+        name: String,
+        /// Byte offset inside the section.
+        #[arg(long, default_value = "0", value_parser = size_arg)]
+        offset: u64,
+        /// The bytes to write.
+        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+        data: Option<String>,
+        /// A file whose contents to write.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Copy bytes out of a section to stdout.
+    Read {
+        /// Section name.
+        name: String,
+        /// Byte offset inside the section.
+        #[arg(long, default_value = "0", value_parser = size_arg)]
+        offset: u64,
+        /// Bytes to read [default: to the end of the section].
+        #[arg(long, value_parser = size_arg)]
+        len: Option<u64>,
+    },
+    /// Grow a section's size (up to its max size; it never moves).
+    Grow {
+        /// Section name.
+        name: String,
+        /// New size.
+        #[arg(value_parser = size_arg)]
+        size: u64,
+    },
+    /// Delete a section: its name goes now, its memory when the last handle closes.
+    Delete {
+        /// Section name.
+        name: String,
+    },
+    /// List the namespace.
+    List {
+        /// One JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe one section.
+    Info {
+        /// Section name.
+        name: String,
+        /// JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open handles on sections and keep them until stdin closes or a signal arrives.
+    Hold {
+        /// Section names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| format!("invalid size {s:?}: {e}"))
+}
+
+/// A failure: message and exit code.
+struct Failure(String);
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+fn kind_name(kind: u32) -> &'static str {
+    match kind {
+        vshm::format::layout::kind::SECTION => "section",
+        vshm::format::layout::kind::EVENT => "event",
+        vshm::format::layout::kind::MUTEX => "mutex",
+        _ => "unknown",
+    }
+}
+
+fn holders<T: Transport>(ns: &Namespace<T>, info: &ObjectInfo) -> Vec<u16> {
+    let region = ns.transport().region();
+    let word = ns
+        .layout()
+        .object_entry(info.slot)
+        .and_then(|b| region.load_u64(b + OBJ_LEASE_OFF, Ordering::Acquire).ok())
+        .unwrap_or(0)
+        & LEASE_HOLDERS;
+    (0..ns.layout().max_peers)
+        .filter(|&s| word & holder_bit(s) != 0)
+        .filter_map(|s| u16::try_from(s + 1).ok())
+        .collect()
+}
+
+fn info_json<T: Transport>(ns: &Namespace<T>, info: &ObjectInfo) -> Value {
+    json!({
+        "name": info.name(),
+        "kind": kind_name(info.kind),
+        "slot": info.slot,
+        "generation": info.generation,
+        "offset": info.offset,
+        "size": info.size,
+        "max_size": info.max_size,
+        "persistent": info.persistent(),
+        "deleted": info.state == object_state::UNLINKED,
+        "creator": info.creator,
+        "holders": holders(ns, info),
+    })
+}
+
+/// Blocks until stdin reaches EOF or SIGINT/SIGTERM/SIGHUP arrives.
+fn wait_for_release() -> Result<(), Failure> {
+    // SAFETY: sigset manipulation on a local; signalfd gets a valid set; results checked.
+    let sfd = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
+    };
+    if sfd < 0 {
+        return Err(Failure(format!(
+            "signalfd: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: sfd is a fresh fd we own.
+    let sfd = unsafe { std::fs::File::from_raw_fd(sfd) };
+    let stdin = std::io::stdin();
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: stdin.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: fds is a valid array of 2 pollfds.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            return Ok(());
+        }
+        if fds[0].revents != 0 {
+            match stdin.lock().read(&mut buf) {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Failure> {
+    let Some(socket) = args.socket else {
+        return Err(Failure(
+            "no --socket given (host processes connect to vshmd's socket; set VSHM_SOCKET or \
+             pass --socket PATH)"
+                .into(),
+        ));
+    };
+    if matches!(
+        args.command,
+        Command::Hold { .. } | Command::Create { hold: true, .. }
+    ) {
+        // Block the signals before any thread exists, so the signalfd sees them.
+        wait_setup();
+    }
+    let transport = HostTransport::connect(&socket).map_err(|e| Failure(e.to_string()))?;
+    let ns = Namespace::attach(transport)?;
+    let out = std::io::stdout();
+    match args.command {
+        Command::Create {
+            name,
+            max,
+            initial,
+            persistent,
+            hold,
+        } => {
+            let opts = CreateOptions {
+                max_size: max,
+                initial_size: initial.unwrap_or(max),
+                persistent,
+            };
+            let (section, disposition) = ns.create(Some(&name), &opts)?;
+            let verb = match disposition {
+                Disposition::Created => "created",
+                Disposition::Opened => "opened existing",
+            };
+            println!(
+                "{}: {verb} {name:?} (slot {}, size {} of max {})",
+                disposition.status().name(),
+                section.slot(),
+                section.size(),
+                section.max_size()
+            );
+            if hold {
+                println!("holding; close stdin or send SIGTERM to release");
+                let _ = out.lock().flush();
+                wait_for_release()?;
+            } else if !persistent && disposition == Disposition::Created {
+                eprintln!(
+                    "note: {name:?} is not persistent and this was its only handle: it is \
+                     destroyed as vshm exits (use --persistent, --hold or `vshm hold`)"
+                );
+            }
+            section.close()?;
+        }
+        Command::Open { name } => {
+            let section = ns.open(&name)?;
+            println!(
+                "{}: opened {name:?} (slot {}, size {} of max {})",
+                vshm::Status::Success.name(),
+                section.slot(),
+                section.size(),
+                section.max_size()
+            );
+            section.close()?;
+        }
+        Command::Write {
+            name,
+            offset,
+            data,
+            file,
+        } => {
+            let bytes = match (data, file) {
+                (Some(d), _) => d.into_bytes(),
+                (None, Some(f)) => std::fs::read(&f)
+                    .map_err(|e| Failure(format!("cannot read {}: {e}", f.display())))?,
+                (None, None) => Vec::new(),
+            };
+            let section = ns.open(&name)?;
+            section.write_at(offset, &bytes).map_err(|e| {
+                Failure(format!(
+                    "{e}: writing {} bytes at offset {offset} into {name:?} of size {}",
+                    bytes.len(),
+                    section.size()
+                ))
+            })?;
+            section.close()?;
+        }
+        Command::Read { name, offset, len } => {
+            let section = ns.open(&name)?;
+            let size = section.size();
+            let len = match len {
+                Some(l) => l,
+                None => size.checked_sub(offset).ok_or_else(|| {
+                    Failure(format!(
+                        "{}: offset {offset} is past the end of {name:?} (size {size})",
+                        vshm::Status::InvalidParameter
+                    ))
+                })?,
+            };
+            let len =
+                usize::try_from(len).map_err(|_| Failure(format!("--len {len} too large")))?;
+            let mut buf = vec![0u8; len];
+            section.read_at(offset, &mut buf).map_err(|e| {
+                Failure(format!(
+                    "{e}: reading {len} bytes at offset {offset} of {name:?} (size {size})"
+                ))
+            })?;
+            out.lock()
+                .write_all(&buf)
+                .map_err(|e| Failure(format!("stdout: {e}")))?;
+            section.close()?;
+        }
+        Command::Grow { name, size } => {
+            let section = ns.open(&name)?;
+            section.grow(size)?;
+            println!(
+                "{}: {name:?} is now {} bytes",
+                vshm::Status::Success.name(),
+                section.size()
+            );
+            section.close()?;
+        }
+        Command::Delete { name } => {
+            ns.delete(&name)?;
+            println!("{}: deleted {name:?}", vshm::Status::Success.name());
+        }
+        Command::List { json } => {
+            let objects: Vec<ObjectInfo> = ns.objects().collect();
+            if json {
+                let arr: Vec<Value> = objects.iter().map(|o| info_json(&ns, o)).collect();
+                println!("{}", Value::Array(arr));
+            } else {
+                println!(
+                    "{:<32} {:>12} {:>12} {:<10} {:<8} HOLDERS",
+                    "NAME", "SIZE", "MAX", "PERSISTENT", "STATE"
+                );
+                for o in &objects {
+                    let h: Vec<String> = holders(&ns, o).iter().map(u16::to_string).collect();
+                    println!(
+                        "{:<32} {:>12} {:>12} {:<10} {:<8} {}",
+                        o.name().unwrap_or("<unnamed>"),
+                        o.size,
+                        o.max_size,
+                        if o.persistent() { "yes" } else { "no" },
+                        if o.state == object_state::UNLINKED {
+                            "deleted"
+                        } else {
+                            "live"
+                        },
+                        h.join(",")
+                    );
+                }
+            }
+        }
+        Command::Info { name, json } => {
+            let info = ns.info(&name)?;
+            let doc = info_json(&ns, &info);
+            if json {
+                println!("{doc}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            }
+        }
+        Command::Hold { names } => {
+            let mut held = Vec::new();
+            for name in &names {
+                held.push(
+                    ns.open(name)
+                        .map_err(|e| Failure(format!("{e}: open {name:?}")))?,
+                );
+            }
+            println!(
+                "holding {} handle(s); close stdin or send SIGTERM to release",
+                held.len()
+            );
+            let _ = out.lock().flush();
+            wait_for_release()?;
+            for h in held {
+                h.close()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn wait_setup() {
+    // SAFETY: blocks three signals for this thread (and threads it creates later).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(msg)) => {
+            eprintln!("vshm: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! vshmd: owns a shared region and serves it to QEMU guests and host processes over the
+//! ivshmem server protocol, arbitrating every change to the namespace.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vshm_backend::daemon::{Config, Daemon};
+use vshm_format::units::parse_size;
+
+/// vshm host backend: shared memory between VMs, with a namespace.
+#[derive(Debug, Parser)]
+#[command(name = "vshmd", version)]
+struct Args {
+    /// ivshmem server socket that QEMU (`-chardev socket,path=...`) and `vshm --socket` connect to.
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Region size: a power of two, with K/M/G suffix.
+    #[arg(long, default_value = "64M", value_parser = size_arg)]
+    size: u64,
+    /// Control socket for vshmctl [default: <socket>.ctl].
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Most peers (VMs and host processes) attached at once, 1..=62.
+    #[arg(long, default_value_t = 16)]
+    max_peers: u32,
+    /// Size of the object table.
+    #[arg(long, default_value_t = 1024)]
+    max_objects: u32,
+    /// Interrupt vectors per peer (the QEMU `vectors=` value).
+    #[arg(long, default_value_t = 2)]
+    vectors: u32,
+    /// Back the region with huge pages (MFD_HUGETLB).
+    #[arg(long)]
+    hugepages: bool,
+    /// mlock the region so it is never swapped.
+    #[arg(long)]
+    lock: bool,
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| format!("invalid size {s:?}: {e}"))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let control = args.control.clone().unwrap_or_else(|| {
+        let mut p = args.socket.clone().into_os_string();
+        p.push(".ctl");
+        PathBuf::from(p)
+    });
+    let config = Config {
+        socket: args.socket,
+        control,
+        size: args.size,
+        max_peers: args.max_peers,
+        max_objects: args.max_objects,
+        vectors: args.vectors,
+        hugepages: args.hugepages,
+        lock: args.lock,
+    };
+    let daemon = match Daemon::new(config.clone()) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("vshmd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "vshmd: serving {} bytes on {} (control: {})",
+        config.size,
+        config.socket.display(),
+        config.control.display()
+    );
+    println!("attach a QEMU VM with:\n  {}", config.qemu_args());
+    println!(
+        "or in libvirt domain XML (<devices>):\n{}",
+        config.libvirt_xml()
+    );
+    match daemon.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vshmd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

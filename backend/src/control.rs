@@ -1,0 +1,134 @@
+//! The control socket: one JSON request line in, one JSON response line out.
+//!
+//! Requests: `{"cmd":"status"}`, `{"cmd":"delete","name":"N"}`. Responses:
+//! `{"ok":true,"result":{...}}` or `{"ok":false,"error":"...","status":"STATUS_..."}`.
+//! The socket is created mode 0600: only its owner may monitor or administer.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum ControlRequest {
+    /// The status document.
+    Status,
+    /// Delete a section by name as the host.
+    Delete {
+        /// Section name.
+        name: String,
+    },
+}
+
+/// A control response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlResponse {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result document (status) or null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// What went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// NTSTATUS name, when the failure is a namespace status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
+impl ControlResponse {
+    /// Success with a result.
+    pub fn ok(result: serde_json::Value) -> Self {
+        ControlResponse {
+            ok: true,
+            result: Some(result),
+            error: None,
+            status: None,
+        }
+    }
+    /// Failure.
+    pub fn err(error: impl Into<String>, status: Option<&str>) -> Self {
+        ControlResponse {
+            ok: false,
+            result: None,
+            error: Some(error.into()),
+            status: status.map(str::to_owned),
+        }
+    }
+}
+
+/// Why a control request failed on the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No vshmd there.
+    #[error("cannot reach vshmd's control socket {path}: {source}")]
+    Connect {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// I/O failed mid-request.
+    #[error("control socket I/O failed: {0}")]
+    Io(#[from] io::Error),
+    /// The answer was not a response.
+    #[error("vshmd sent an unreadable response: {0}")]
+    Decode(#[from] serde_json::Error),
+    /// vshmd refused the request.
+    #[error("{error}{}", status.as_deref().map(|s| format!(" ({s})")).unwrap_or_default())]
+    Refused {
+        /// Its message.
+        error: String,
+        /// NTSTATUS name.
+        status: Option<String>,
+    },
+}
+
+/// Sends one request and returns the result document.
+pub fn request(path: &Path, req: &ControlRequest) -> Result<serde_json::Value, ControlError> {
+    let stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes())?;
+    let mut reader = BufReader::new(&stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer)?;
+    let resp: ControlResponse = serde_json::from_str(&answer)?;
+    if resp.ok {
+        Ok(resp.result.unwrap_or(serde_json::Value::Null))
+    } else {
+        Err(ControlError::Refused {
+            error: resp.error.unwrap_or_else(|| "request refused".into()),
+            status: resp.status,
+        })
+    }
+}
+
+/// Reads one request from an accepted connection (bounded: 64 KiB, 1 s).
+pub fn read_request(stream: &UnixStream) -> Result<ControlRequest, String> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    let mut reader = BufReader::new(io::Read::take(stream, 64 * 1024));
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the request: {e}"))?;
+    serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))
+}
+
+/// Writes one response line.
+pub fn write_response(stream: &UnixStream, resp: &ControlResponse) -> io::Result<()> {
+    stream.set_write_timeout(Some(Duration::from_secs(1)))?;
+    let mut line = serde_json::to_string(resp).map_err(io::Error::other)?;
+    line.push('\n');
+    (&*stream).write_all(line.as_bytes())
+}

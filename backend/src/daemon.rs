@@ -1,0 +1,435 @@
+//! vshmd's event loop: one thread, one epoll (event-manager), everything non-blocking
+//! except short, bounded control-socket exchanges.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::timerfd::TimerFd;
+use vshm_format::layout::{Layout, LayoutError, VECTOR_CONTROL};
+use vshm_format::shm::Fault;
+
+use crate::arbiter::Arbiter;
+use crate::control::{self, ControlRequest, ControlResponse};
+use crate::region::{Region, RegionError};
+use crate::server::{bind_unix, Server, ServerError};
+
+/// vshmd's settings, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// ivshmem socket.
+    pub socket: PathBuf,
+    /// Control socket.
+    pub control: PathBuf,
+    /// Region size (power of two).
+    pub size: u64,
+    /// Client peer slots.
+    pub max_peers: u32,
+    /// Object table slots.
+    pub max_objects: u32,
+    /// Interrupt vectors per peer.
+    pub vectors: u32,
+    /// Back the region with huge pages.
+    pub hugepages: bool,
+    /// mlock the region.
+    pub lock: bool,
+}
+
+/// Why vshmd could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A parameter is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The region.
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    /// A socket.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// Writing the header failed.
+    #[error("cannot initialise the region header: {0}")]
+    Header(Fault),
+    /// The event loop.
+    #[error("event loop failed: {0}")]
+    Events(String),
+    /// Other I/O.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl Config {
+    /// The layout this config produces, or a message naming the bad option.
+    pub fn layout(&self, alignment: u64) -> Result<Layout, DaemonError> {
+        Layout::compute(
+            self.size,
+            self.max_peers,
+            self.max_objects,
+            self.vectors,
+            alignment,
+        )
+        .map_err(|e| {
+            DaemonError::Config(match e {
+                LayoutError::BadRegionSize(s) => format!(
+                    "--size {s}: QEMU needs a power of two of at least 1M (e.g. {})",
+                    s.checked_next_power_of_two()
+                        .unwrap_or(1 << 20)
+                        .max(1 << 20)
+                ),
+                LayoutError::BadMaxPeers(n) => {
+                    format!("--max-peers {n}: must be between 1 and 62")
+                }
+                LayoutError::BadMaxObjects(n) => {
+                    format!("--max-objects {n}: must be between 1 and 65536")
+                }
+                LayoutError::BadVectors(v) => format!("--vectors {v}: must be between 1 and 64"),
+                LayoutError::TooSmall(need, have) => format!(
+                    "--size {have}: the header for these --max-peers/--max-objects needs \
+                         {need} bytes; use a larger size or fewer objects"
+                ),
+                other => other.to_string(),
+            })
+        })
+    }
+
+    /// The QEMU arguments that attach a VM.
+    pub fn qemu_args(&self) -> String {
+        format!(
+            "-chardev socket,path={},id=vshm0 -device ivshmem-doorbell,chardev=vshm0,vectors={}",
+            self.socket.display(),
+            self.vectors
+        )
+    }
+
+    /// A libvirt `<shmem>` element that attaches a VM.
+    pub fn libvirt_xml(&self) -> String {
+        format!(
+            "<shmem name='vshm0'>\n  <model type='ivshmem-doorbell'/>\n  <server path='{}'/>\n  \
+             <msi vectors='{}' ioeventfd='on'/>\n</shmem>",
+            self.socket.display(),
+            self.vectors
+        )
+    }
+}
+
+const TOKEN_LISTENER: u32 = 1;
+const TOKEN_CONTROL: u32 = 2;
+const TOKEN_TIMER: u32 = 3;
+const TOKEN_SIGNAL: u32 = 4;
+const TOKEN_CLIENT: u32 = 1 << 24;
+const TOKEN_BELL: u32 = 2 << 24;
+const TOKEN_KIND: u32 = 0xFF << 24;
+
+fn bell_token(id: u16, vector: usize) -> u32 {
+    // Vectors are < 64 (validated), so the low byte holds them.
+    TOKEN_BELL | u32::from(id) << 8 | u32::from(u8::try_from(vector).unwrap_or(u8::MAX))
+}
+
+/// How often closed objects are swept up even if nobody rang.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The running backend.
+#[derive(Debug)]
+pub struct Daemon {
+    config: Config,
+    arbiter: Arbiter<Region>,
+    server: Server,
+    control: UnixListener,
+    timer: TimerFd,
+    signals: File,
+    /// The region's memfd, handed to every client.
+    memfd: File,
+    stop: bool,
+}
+
+fn random_bytes() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    if File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = (t ^ u128::from(std::process::id())).to_le_bytes();
+    }
+    b
+}
+
+/// Blocks SIGINT/SIGTERM/SIGHUP and returns a signalfd for them. Call before any thread.
+fn signal_fd() -> io::Result<File> {
+    // SAFETY: plain libc signal-set manipulation on a local sigset_t; sigprocmask and
+    // signalfd get valid pointers and we check their results.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(File::from_raw_fd(fd))
+    }
+}
+
+impl Daemon {
+    /// Sets everything up. On error nothing is left behind (sockets are removed by drop).
+    pub fn new(config: Config) -> Result<Daemon, DaemonError> {
+        // Validate the parameters before touching the system.
+        config.layout(4096)?;
+        if config.socket == config.control {
+            return Err(DaemonError::Config(
+                "--control must differ from --socket".to_string(),
+            ));
+        }
+        let signals = signal_fd()?;
+        let region = Region::create(config.size, config.hugepages, config.lock)?;
+        let layout = config.layout(region.page_size())?;
+        let id = random_bytes();
+        let epoch = u64::from_le_bytes(id[..8].try_into().unwrap_or([0; 8]));
+        let arbiter = Arbiter::new(region, layout, epoch, id).map_err(DaemonError::Header)?;
+        let server = Server::bind(&config.socket, config.vectors, config.max_peers)?;
+        let control = bind_unix(&config.control, 0o600)?;
+        let mut timer = TimerFd::new().map_err(io::Error::from)?;
+        timer
+            .reset(SWEEP_INTERVAL, Some(SWEEP_INTERVAL))
+            .map_err(io::Error::from)?;
+        let memfd = arbiter.mem().file().try_clone()?;
+        Ok(Daemon {
+            config,
+            arbiter,
+            server,
+            control,
+            timer,
+            signals,
+            memfd,
+            stop: false,
+        })
+    }
+
+    /// The arbiter (tests, embedding).
+    pub fn arbiter(&self) -> &Arbiter<Region> {
+        &self.arbiter
+    }
+
+    /// Runs until SIGINT/SIGTERM/SIGHUP.
+    pub fn run(self) -> Result<(), DaemonError> {
+        let mut manager: EventManager<Box<Daemon>> =
+            EventManager::new().map_err(|e| DaemonError::Events(format!("{e:?}")))?;
+        let id = manager.add_subscriber(Box::new(self));
+        loop {
+            manager
+                .run()
+                .map_err(|e| DaemonError::Events(format!("{e:?}")))?;
+            let daemon = manager
+                .subscriber_mut(id)
+                .map_err(|e| DaemonError::Events(format!("{e:?}")))?;
+            if daemon.stop {
+                tracing::info!("stopping");
+                return Ok(());
+            }
+        }
+    }
+
+    /// The status document: the arbiter's snapshot plus what only the daemon knows.
+    pub fn status_json(&self) -> serde_json::Value {
+        let mut doc = serde_json::to_value(self.arbiter.status()).unwrap_or_default();
+        if let Some(region) = doc.get_mut("region").and_then(|r| r.as_object_mut()) {
+            region.insert(
+                "resident".into(),
+                self.arbiter.mem().resident_bytes().into(),
+            );
+        }
+        if let Some(peers) = doc.get_mut("peers").and_then(|p| p.as_array_mut()) {
+            for p in peers {
+                let id = p.get("id").and_then(|v| v.as_u64()).unwrap_or(0);
+                let pid = u16::try_from(id)
+                    .ok()
+                    .and_then(|id| self.server.client(id)?.pid);
+                if let Some(obj) = p.as_object_mut() {
+                    obj.insert("pid".into(), pid.into());
+                }
+            }
+        }
+        doc["vshmd"] = serde_json::json!({
+            "pid": std::process::id(),
+            "socket": self.config.socket,
+            "control": self.config.control,
+            "vectors": self.config.vectors,
+            "qemu_args": self.config.qemu_args(),
+        });
+        doc
+    }
+
+    fn accept_client(&mut self, ops: &mut EventOps) {
+        let arbiter = &mut self.arbiter;
+        let accepted = self.server.accept(&self.memfd, |id| {
+            arbiter
+                .peer_connected(id)
+                .map_err(|f| io::Error::other(f.to_string()))
+        });
+        let id = match accepted {
+            Ok(Some(id)) => id,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!("accepting a client failed: {e}");
+                return;
+            }
+        };
+        let Some(client) = self.server.client(id) else {
+            return;
+        };
+        let mut ok = ops
+            .add(Events::with_data(
+                &client.stream,
+                TOKEN_CLIENT | u32::from(id),
+                EventSet::IN,
+            ))
+            .is_ok();
+        for (v, bell) in client.bells.iter().enumerate() {
+            ok &= ops
+                .add(Events::with_data(bell, bell_token(id, v), EventSet::IN))
+                .is_ok();
+        }
+        if !ok {
+            tracing::error!(id, "cannot watch the new peer's fds; dropping it");
+            self.drop_client(id, ops);
+        }
+    }
+
+    fn drop_client(&mut self, id: u16, ops: &mut EventOps) {
+        if let Some(client) = self.server.client(id) {
+            let _ = ops.remove(Events::empty(&client.stream));
+            for bell in &client.bells {
+                let _ = ops.remove(Events::empty(bell));
+            }
+        }
+        let reclaim = self.arbiter.peer_gone(id);
+        self.server.disconnect(id);
+        tracing::info!(
+            id,
+            handles = reclaim.handles,
+            destroyed = reclaim.destroyed,
+            "reclaimed"
+        );
+    }
+
+    fn client_readable(&mut self, id: u16, set: EventSet, ops: &mut EventOps) {
+        let Some(client) = self.server.client(id) else {
+            return;
+        };
+        let mut buf = [0u8; 64];
+        // Clients never send; readable means data to discard or end of stream.
+        // SAFETY: recv into a local buffer of the given length.
+        let n = unsafe {
+            libc::recv(
+                client.stream.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        let would_block = n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock;
+        if n == 0 || (n < 0 && !would_block) || set.contains(EventSet::HANG_UP) {
+            self.drop_client(id, ops);
+        }
+    }
+
+    fn doorbell(&mut self, id: u16, vector: usize) {
+        if let Some(bell) = self.server.client(id).and_then(|c| c.bells.get(vector)) {
+            let _ = bell.read();
+        }
+        if self.arbiter.service(id) {
+            self.server.notify(id, usize::from(VECTOR_CONTROL));
+        }
+        self.arbiter.sweep();
+    }
+
+    fn control_request(&mut self) {
+        let stream = match self.control.accept() {
+            Ok((s, _)) => s,
+            Err(_) => return,
+        };
+        let _ = stream.set_nonblocking(false);
+        let resp = match control::read_request(&stream) {
+            Ok(ControlRequest::Status) => ControlResponse::ok(self.status_json()),
+            Ok(ControlRequest::Delete { name }) => match self.arbiter.delete_by_name(&name) {
+                Ok(()) => ControlResponse::ok(serde_json::json!({ "deleted": name })),
+                Err(s) => {
+                    ControlResponse::err(format!("cannot delete {name:?}: {s}"), Some(s.name()))
+                }
+            },
+            Err(e) => ControlResponse::err(e, None),
+        };
+        if let Err(e) = control::write_response(&stream, &resp) {
+            tracing::debug!("control client went away: {e}");
+        }
+    }
+}
+
+impl MutEventSubscriber for Daemon {
+    fn init(&mut self, ops: &mut EventOps) {
+        let adds = [
+            ops.add(Events::with_data(
+                self.server.listener(),
+                TOKEN_LISTENER,
+                EventSet::IN,
+            )),
+            ops.add(Events::with_data(
+                &self.control,
+                TOKEN_CONTROL,
+                EventSet::IN,
+            )),
+            ops.add(Events::with_data(&self.timer, TOKEN_TIMER, EventSet::IN)),
+            ops.add(Events::with_data(&self.signals, TOKEN_SIGNAL, EventSet::IN)),
+        ];
+        if adds.iter().any(Result::is_err) {
+            tracing::error!("cannot watch the daemon's own fds");
+            self.stop = true;
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let data = events.data();
+        match data & TOKEN_KIND {
+            TOKEN_CLIENT => {
+                let id = u16::try_from(data & 0xFFFF).unwrap_or(0);
+                self.client_readable(id, events.event_set(), ops);
+            }
+            TOKEN_BELL => {
+                let id = u16::try_from((data >> 8) & 0xFFFF).unwrap_or(0);
+                self.doorbell(id, (data & 0xFF) as usize);
+            }
+            _ => match data {
+                TOKEN_LISTENER => self.accept_client(ops),
+                TOKEN_CONTROL => self.control_request(),
+                TOKEN_TIMER => {
+                    let _ = self.timer.wait();
+                    self.arbiter.sweep();
+                }
+                TOKEN_SIGNAL => {
+                    let mut buf = [0u8; 128];
+                    let _ = (&self.signals).read(&mut buf);
+                    self.stop = true;
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config.control);
+    }
+}

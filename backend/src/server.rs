@@ -1,0 +1,264 @@
+//! The ivshmem server: QEMU's protocol (docs/specs/ivshmem-spec.rst), byte-exact.
+//!
+//! Server → client only; each message is one little-endian i64 with at most one fd.
+//! On connect: 0 (version); the client's peer id; -1 + the shared-memory fd; for every
+//! other peer its id once per vector with one eventfd each; the client's own id once per
+//! vector with its eventfds. Later: id + fd = a peer joined; id alone = a peer left.
+//!
+//! The host is peer 0. Each client gets its *own* set of eventfds for peer 0, so the backend
+//! knows which client rang.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use vshm_format::layout::HOST_PEER_ID;
+
+/// A connected client (a QEMU or a host process).
+#[derive(Debug)]
+pub struct Client {
+    /// Its peer id.
+    pub id: u16,
+    /// Its connection.
+    pub stream: UnixStream,
+    /// Its interrupt eventfds (we write vector k to interrupt it).
+    pub own: Vec<EventFd>,
+    /// The eventfds it rings us on (our peer 0, its private copy).
+    pub bells: Vec<EventFd>,
+    /// Process id of the other end (SO_PEERCRED), where known.
+    pub pid: Option<i32>,
+    /// When it connected.
+    pub since: SystemTime,
+}
+
+/// Why the socket could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Another server answers on the path.
+    #[error("{0} is in use by a running server (remove it only if that server is gone)")]
+    InUse(PathBuf),
+    /// Bind failed.
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+}
+
+/// Binds a UNIX socket, replacing a stale socket file but never a live server.
+pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServerError::InUse(path.to_owned()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let bind_err = |source| ServerError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    Ok(listener)
+}
+
+fn peer_pid(stream: &UnixStream) -> Option<i32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(0);
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid)
+}
+
+fn send(stream: &UnixStream, value: i64, fd: Option<RawFd>) -> io::Result<()> {
+    let bytes = value.to_le_bytes();
+    match fd {
+        Some(fd) => {
+            let n = stream
+                .send_with_fd(&bytes[..], fd)
+                .map_err(io::Error::from)?;
+            if n != bytes.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "short ivshmem message",
+                ));
+            }
+            Ok(())
+        }
+        None => (&*stream).write_all(&bytes),
+    }
+}
+
+/// The ivshmem server state.
+#[derive(Debug)]
+pub struct Server {
+    listener: UnixListener,
+    path: PathBuf,
+    vectors: u32,
+    max_peers: u32,
+    clients: BTreeMap<u16, Client>,
+}
+
+impl Server {
+    /// Listens on `path` (mode 0660: QEMU often runs as another user of the same group).
+    pub fn bind(path: &Path, vectors: u32, max_peers: u32) -> Result<Server, ServerError> {
+        let listener = bind_unix(path, 0o660)?;
+        Ok(Server {
+            listener,
+            path: path.to_owned(),
+            vectors,
+            max_peers,
+            clients: BTreeMap::new(),
+        })
+    }
+
+    /// The listening socket.
+    pub fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Connected clients.
+    pub fn clients(&self) -> impl Iterator<Item = &Client> {
+        self.clients.values()
+    }
+
+    /// One client.
+    pub fn client(&self, id: u16) -> Option<&Client> {
+        self.clients.get(&id)
+    }
+
+    /// Accepts one pending connection. `register` runs after the id is chosen and before
+    /// the client learns it (the arbiter prepares the peer's memory there). Returns the new
+    /// peer id, or `None` if nothing was pending or the connection was refused.
+    pub fn accept(
+        &mut self,
+        memfd: &File,
+        register: impl FnOnce(u16) -> io::Result<()>,
+    ) -> io::Result<Option<u16>> {
+        let stream = match self.listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(id) = (1..=self.max_peers)
+            .filter_map(|i| u16::try_from(i).ok())
+            .find(|i| !self.clients.contains_key(i))
+        else {
+            tracing::warn!(
+                max = self.max_peers,
+                "refusing a client: all peer ids are in use"
+            );
+            return Ok(None);
+        };
+        stream.set_nonblocking(false)?;
+        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+        let mk = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC);
+        let own = (0..self.vectors)
+            .map(|_| mk())
+            .collect::<io::Result<Vec<_>>>()?;
+        let bells = (0..self.vectors)
+            .map(|_| mk())
+            .collect::<io::Result<Vec<_>>>()?;
+        let client = Client {
+            id,
+            pid: peer_pid(&stream),
+            stream,
+            own,
+            bells,
+            since: SystemTime::now(),
+        };
+        register(id)?;
+        if let Err(e) = self.handshake(&client, memfd) {
+            tracing::warn!(id, "handshake failed: {e}");
+            return Err(e);
+        }
+        // Tell everyone else about the newcomer; drop anyone who cannot be told.
+        let mut broken = Vec::new();
+        for other in self.clients.values() {
+            for fd in &client.own {
+                if send(&other.stream, i64::from(id), Some(fd.as_raw_fd())).is_err() {
+                    broken.push(other.id);
+                    break;
+                }
+            }
+        }
+        tracing::info!(id, pid = client.pid, "peer connected");
+        self.clients.insert(id, client);
+        for b in broken {
+            tracing::warn!(id = b, "peer stopped reading its socket; disconnecting it");
+            let _ = self
+                .clients
+                .get(&b)
+                .map(|c| c.stream.shutdown(std::net::Shutdown::Both));
+        }
+        Ok(Some(id))
+    }
+
+    fn handshake(&self, c: &Client, memfd: &File) -> io::Result<()> {
+        send(&c.stream, 0, None)?;
+        send(&c.stream, i64::from(c.id), None)?;
+        send(&c.stream, -1, Some(memfd.as_raw_fd()))?;
+        for bell in &c.bells {
+            send(&c.stream, i64::from(HOST_PEER_ID), Some(bell.as_raw_fd()))?;
+        }
+        for other in self.clients.values() {
+            for fd in &other.own {
+                send(&c.stream, i64::from(other.id), Some(fd.as_raw_fd()))?;
+            }
+        }
+        for fd in &c.own {
+            send(&c.stream, i64::from(c.id), Some(fd.as_raw_fd()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a client and tells the others it is gone.
+    pub fn disconnect(&mut self, id: u16) -> Option<Client> {
+        let client = self.clients.remove(&id)?;
+        for other in self.clients.values() {
+            let _ = send(&other.stream, i64::from(id), None);
+        }
+        tracing::info!(id, "peer disconnected");
+        Some(client)
+    }
+
+    /// Interrupts client `id` on `vector`.
+    pub fn notify(&self, id: u16, vector: usize) {
+        if let Some(fd) = self.clients.get(&id).and_then(|c| c.own.get(vector)) {
+            let _ = fd.write(1);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
