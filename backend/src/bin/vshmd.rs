@@ -24,9 +24,10 @@ struct Args {
     /// Most peers (VMs and host processes) attached at once, 1..=62.
     #[arg(long, default_value_t = 16)]
     max_peers: u32,
-    /// Size of the object table.
-    #[arg(long, default_value_t = 1024)]
-    max_objects: u32,
+    /// Size of the object table [default: 1024, fewer for regions under 32M so the header
+    /// stays within a sixteenth of the region].
+    #[arg(long)]
+    max_objects: Option<u32>,
     /// Interrupt vectors per peer (the QEMU `vectors=` value).
     #[arg(long, default_value_t = 2)]
     vectors: u32,
@@ -36,6 +37,13 @@ struct Args {
     /// mlock the region so it is never swapped.
     #[arg(long)]
     lock: bool,
+}
+
+/// 1024 objects for regions of 32 MiB and more; for smaller ones, as many as fit in a
+/// sixteenth of the region (at least 16).
+fn default_max_objects(size: u64) -> u32 {
+    let fit = size / 16 / std::mem::size_of::<vshm_format::layout::ObjectEntry>() as u64;
+    u32::try_from(fit.clamp(16, 1024)).unwrap_or(1024)
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -61,7 +69,9 @@ fn main() -> ExitCode {
         control,
         size: args.size,
         max_peers: args.max_peers,
-        max_objects: args.max_objects,
+        max_objects: args
+            .max_objects
+            .unwrap_or_else(|| default_max_objects(args.size)),
         vectors: args.vectors,
         hugepages: args.hugepages,
         lock: args.lock,

@@ -1,0 +1,281 @@
+//! Harness for vshm's end-to-end tests: a real vshmd in a private temp dir, real `vshm` and
+//! `vshmctl` processes, in-process peers over real sockets, and a watchdog so a hang fails
+//! instead of stalling CI. Every child dies with the test process (PR_SET_PDEATHSIG).
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vshm::host::HostTransport;
+use vshm::Namespace;
+use vshm_backend::control::{request, ControlRequest};
+
+/// Path of a workspace binary (built by `cargo build --bins`, which `cargo xtask test` does).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/<test> → target/debug/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, or run \
+         `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// A command whose process is killed if the test process dies.
+pub fn command(program: &Path) -> Command {
+    let mut c = Command::new(program);
+    // SAFETY: prctl in the forked child before exec; async-signal-safe, touches no memory
+    // of the parent.
+    unsafe {
+        c.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    c
+}
+
+/// Runs `body` on a thread and fails the test if it takes longer than `limit`.
+pub fn watchdog<F: FnOnce() + Send + 'static>(limit: Duration, body: F) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        body();
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(()) => handle.join().expect("test body"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            // The body panicked: re-raise its panic here.
+            if let Err(p) = handle.join() {
+                std::panic::resume_unwind(p);
+            }
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("watchdog: test did not finish within {limit:?}")
+        }
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes; returns whether it held.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A fresh private directory, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates it.
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("vshm-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running vshmd.
+#[derive(Debug)]
+pub struct Backend {
+    child: Child,
+    /// Its ivshmem socket.
+    pub socket: PathBuf,
+    /// Its control socket.
+    pub control: PathBuf,
+    dir: TempDir,
+}
+
+impl Backend {
+    /// Starts vshmd with `extra` arguments and waits until its control socket answers.
+    pub fn start(extra: &[&str]) -> Backend {
+        let dir = TempDir::new("vshmd");
+        let socket = dir.path().join("vshm.sock");
+        let control = dir.path().join("vshm.sock.ctl");
+        let child = command(&bin("vshmd"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn vshmd");
+        let mut b = Backend {
+            child,
+            socket,
+            control,
+            dir,
+        };
+        let mut exited = None;
+        let up = wait_for(Duration::from_secs(10), || {
+            exited = b.child.try_wait().ok().flatten();
+            exited.is_some() || request(&b.control, &ControlRequest::Status).is_ok()
+        });
+        assert!(
+            exited.is_none(),
+            "vshmd {extra:?} exited at start: {exited:?}"
+        );
+        assert!(up, "vshmd did not come up within 10 s");
+        b
+    }
+
+    /// vshmd's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The temp dir the sockets live in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The status document.
+    pub fn status(&self) -> Value {
+        request(&self.control, &ControlRequest::Status).expect("vshmctl status")
+    }
+
+    /// The section called `name` in the status document, if any (live, not deleted).
+    pub fn section(&self, name: &str) -> Option<Value> {
+        self.status()["sections"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name && s["deleted"] == false)
+            .cloned()
+    }
+
+    /// Runs `vshm --socket S args...` to completion.
+    pub fn vshm(&self, args: &[&str]) -> Output {
+        command(&bin("vshm"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vshm")
+    }
+
+    /// Starts `vshm --socket S args...` with stdin piped (for `hold` and `create --hold`)
+    /// and waits until it prints its first line (the handles are held by then).
+    pub fn vshm_holding(&self, args: &[&str]) -> Child {
+        use std::io::BufRead;
+        let mut child = command(&bin("vshm"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn vshm");
+        let out = child.stdout.take().expect("stdout");
+        let mut lines = std::io::BufReader::new(out).lines();
+        loop {
+            let line = lines
+                .next()
+                .expect("vshm exited before holding")
+                .expect("read stdout");
+            if line.contains("holding") {
+                break;
+            }
+        }
+        child
+    }
+
+    /// Runs vshmctl with `args` against this backend.
+    pub fn vshmctl(&self, args: &[&str]) -> Output {
+        command(&bin("vshmctl"))
+            .arg("--control")
+            .arg(&self.control)
+            .args(args)
+            .output()
+            .expect("run vshmctl")
+    }
+
+    /// An in-process peer.
+    pub fn connect(&self) -> Namespace<HostTransport> {
+        let t = HostTransport::connect(&self.socket).expect("connect to vshmd");
+        Namespace::attach(t).expect("attach")
+    }
+
+    /// Bytes of host memory the region's memfd holds (st_blocks × 512), found through
+    /// /proc/<vshmd>/fd the way an operator would.
+    pub fn memfd_resident(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid())).expect("proc fd dir");
+        for fd in fds.flatten() {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            if target.to_string_lossy().starts_with("/memfd:vshm") {
+                let meta = std::fs::metadata(fd.path()).expect("stat memfd");
+                return meta.blocks() * 512;
+            }
+        }
+        panic!("vshmd has no memfd:vshm open");
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait vshmd");
+        status
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGKILLs a child and reaps it.
+pub fn kill9(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Closes a holder's stdin and waits for it to exit successfully.
+pub fn release(mut child: Child) {
+    drop(child.stdin.take());
+    let status = child.wait().expect("wait holder");
+    assert!(status.success(), "holder exited with {status}");
+}
+
+/// stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
