@@ -336,7 +336,7 @@ pub struct Section<'ns, T: Transport> {
     open: bool,
 }
 
-impl<T: Transport> Section<'_, T> {
+impl<'ns, T: Transport> Section<'ns, T> {
     /// Object table slot.
     pub fn slot(&self) -> u32 {
         self.slot
@@ -426,7 +426,7 @@ impl<T: Transport> Section<'_, T> {
     }
 
     /// Another handle on the same section (works on a deleted section too).
-    pub fn duplicate(&self) -> Result<Section<'_, T>, Error> {
+    pub fn duplicate(&self) -> Result<Section<'ns, T>, Error> {
         let info = self.ns.hold(self.slot, self.generation, true)?;
         Ok(self.ns.section(&info))
     }

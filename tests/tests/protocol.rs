@@ -10,9 +10,9 @@ use std::time::Duration;
 use vmm_sys_util_shim::recv_msg;
 use vshm_format::layout::{Layout, Request, Superblock, MB_RESPONSE_OFF};
 use vshm_format::mailbox;
-use vshm_format::shm::{bytes_of, read_pod, RawRegion, SharedMemory};
+use vshm_format::shm::{bytes_of, read_pod, SharedMemory};
 use vshm_format::Status;
-use vshm_tests::{watchdog, Backend};
+use vshm_tests::{watchdog, Backend, Mapping};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -127,47 +127,6 @@ fn the_handshake_is_qemus_ivshmem_protocol() {
     });
 }
 
-/// Maps the memfd from a handshake, like a QEMU BAR.
-struct Bar {
-    base: *mut libc::c_void,
-    len: usize,
-}
-
-impl Bar {
-    fn map(shm: &File) -> Bar {
-        let len = usize::try_from(shm.metadata().expect("stat").len()).expect("size");
-        // SAFETY: fresh shared mapping of a file we hold; result checked.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                shm.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
-        Bar { base, len }
-    }
-    fn region(&self) -> RawRegion {
-        // SAFETY: the mapping is len bytes and outlives every use in the test (Bar drops last).
-        unsafe {
-            RawRegion::new(
-                std::ptr::NonNull::new(self.base.cast()).expect("mapped"),
-                self.len as u64,
-            )
-        }
-    }
-}
-
-impl Drop for Bar {
-    fn drop(&mut self) {
-        // SAFETY: unmaps what map() mapped.
-        unsafe { libc::munmap(self.base, self.len) };
-    }
-}
-
 fn ring(fd: &File) {
     use std::io::Write;
     (&*fd).write_all(&1u64.to_ne_bytes()).expect("ring");
@@ -189,7 +148,7 @@ fn garbage_requests_get_error_replies_and_the_backend_keeps_serving() {
         let b = Backend::start(&["--size", "2M"]);
         let sock = UnixStream::connect(&b.socket).expect("connect");
         let (id, shm, msgs) = handshake(&sock, 2);
-        let bar = Bar::map(&shm);
+        let bar = Mapping::new(&shm);
         let region = bar.region();
         let sb: Superblock = read_pod(&region, 0).expect("superblock");
         let layout = Layout::from_superblock(&sb, region.size()).expect("valid header");

@@ -1,0 +1,139 @@
+//! Concurrency stress: 8 peers with their own connections to a real vshmd hammer
+//! create/open/close/delete on overlapping names for a bounded time; afterwards the table is
+//! consistent and the heap is entirely free.
+
+use std::time::{Duration, Instant};
+
+use vshm::{CreateOptions, Error, Status};
+use vshm_tests::{wait_for, watchdog, Backend};
+
+const PEERS: usize = 8;
+const NAMES: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
+const RUN_FOR: Duration = Duration::from_secs(3);
+const MAX_OPS: u32 = 200_000;
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % n as u64).unwrap_or(0)
+    }
+}
+
+/// Statuses a racing peer may legitimately get.
+fn expected(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Status(
+            Status::ObjectNameNotFound | Status::DeletePending | Status::InsufficientResources
+        ) | Error::Contended
+    )
+}
+
+#[test]
+fn eight_peers_hammering_overlapping_names_leave_a_consistent_table_and_a_free_heap() {
+    watchdog(Duration::from_secs(90), || {
+        let b = Backend::start(&["--size", "16M", "--max-objects", "64"]);
+        let heap = b.status()["region"]["heap_size"].as_u64().expect("heap");
+        let workers: Vec<_> = (0..PEERS)
+            .map(|i| {
+                let ns = b.connect();
+                std::thread::spawn(move || {
+                    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1234_5678));
+                    let mut handles = Vec::new();
+                    let start = Instant::now();
+                    let mut ops = 0u32;
+                    while start.elapsed() < RUN_FOR && ops < MAX_OPS {
+                        ops += 1;
+                        let name = NAMES[rng.below(NAMES.len())];
+                        match rng.below(10) {
+                            0..=2 => {
+                                let persistent = rng.below(5) == 0;
+                                let pages = 1 + rng.below(4) as u64;
+                                let opts = CreateOptions {
+                                    max_size: pages * 4096,
+                                    initial_size: 4096,
+                                    persistent,
+                                };
+                                match ns.create(Some(name), &opts) {
+                                    Ok((s, _)) => {
+                                        s.write_at(0, &[u8::try_from(i).unwrap_or(0xFF); 16])
+                                            .expect("write into a held section");
+                                        handles.push(s);
+                                    }
+                                    Err(e) => assert!(expected(&e), "peer {i} create {name}: {e}"),
+                                }
+                            }
+                            3..=4 => match ns.open(name) {
+                                Ok(s) => {
+                                    let mut buf = [0u8; 16];
+                                    s.read_at(0, &mut buf).expect("read a held section");
+                                    handles.push(s);
+                                }
+                                Err(e) => assert!(expected(&e), "peer {i} open {name}: {e}"),
+                            },
+                            5..=7 => {
+                                if !handles.is_empty() {
+                                    let h = handles.swap_remove(rng.below(handles.len()));
+                                    h.close().expect("close a held handle");
+                                }
+                            }
+                            8 => {
+                                if let Some(h) = handles.get(rng.below(handles.len().max(1))) {
+                                    if let Ok(d) = h.duplicate() {
+                                        handles.push(d);
+                                    }
+                                }
+                            }
+                            _ => {
+                                if let Err(e) = ns.delete(name) {
+                                    assert!(expected(&e), "peer {i} delete {name}: {e}");
+                                }
+                            }
+                        }
+                    }
+                    for h in handles {
+                        h.close().expect("final close");
+                    }
+                    ops
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for w in workers {
+            total += w.join().expect("worker");
+        }
+        assert!(total > 1000, "the peers did real work ({total} ops)");
+        // Persistent leftovers are deleted; everything else died with its last handle.
+        let ns = b.connect();
+        for name in NAMES {
+            while ns.delete(name).is_ok() {}
+        }
+        assert!(
+            wait_for(Duration::from_secs(2), || {
+                let st = b.status();
+                st["sections"].as_array().is_some_and(Vec::is_empty)
+                    && st["region"]["free"].as_u64() == Some(heap)
+                    && st["region"]["free_extents"].as_u64() == Some(1)
+            }),
+            "table empty and heap free: {}",
+            b.status()
+        );
+        assert_eq!(
+            ns.objects().count(),
+            0,
+            "a peer's view of the table is empty too"
+        );
+        assert_eq!(
+            b.status()["counters"]["repairs"],
+            0,
+            "no lease word ever disagreed with the rows"
+        );
+    });
+}
