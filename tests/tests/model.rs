@@ -210,7 +210,7 @@ impl World {
                     self.check_tag(&s, id)?;
                     self.objects.get_mut(&id).expect("obj").holds[peer] += 1;
                     self.handles[peer].push((id, s));
-                } else if self.objects.len() as u32 >= MAX_OBJECTS {
+                } else if self.objects.len() >= MAX_OBJECTS as usize {
                     prop_assert_eq!(
                         got.err(),
                         Some(Error::Status(Status::InsufficientResources))
