@@ -260,3 +260,188 @@ pub fn handles<M: SharedMemory + ?Sized>(
     let c = cell(layout, peer_slot, slot)?;
     Ok(mem.load_u32(c.cell, Ordering::Acquire)? & refcell::REF_COUNT)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{object_state, ObjectEntry, OBJ_GENERATION_OFF, OBJ_STATE_OFF};
+    use crate::object::{make_entry, publish};
+    use crate::shm::{RawRegion, SharedMemory};
+    use core::ptr::NonNull;
+
+    const SIZE: usize = 1 << 20;
+
+    /// A 1 MiB, 8-aligned buffer holding a region with 4 peers and 8 objects.
+    struct Fixture {
+        _buf: Vec<u64>,
+        mem: RawRegion,
+        layout: Layout,
+    }
+
+    fn fixture() -> Fixture {
+        let mut buf = vec![0u64; SIZE / 8];
+        let base = NonNull::new(buf.as_mut_ptr().cast::<u8>()).expect("non-null");
+        // SAFETY: buf lives in the fixture as long as mem; 8-aligned, SIZE bytes.
+        let mem = unsafe { RawRegion::new(base, SIZE as u64) };
+        let layout = Layout::compute(SIZE as u64, 4, 8, 1, 4096).expect("layout");
+        for slot in 0..8 {
+            let lease = layout.object_entry(slot).expect("slot") + OBJ_LEASE_OFF;
+            mem.store_u64(lease, LEASE_CLOSED, Ordering::SeqCst)
+                .expect("free lease");
+        }
+        Fixture {
+            _buf: buf,
+            mem,
+            layout,
+        }
+    }
+
+    impl Fixture {
+        /// What the host does on create: lease first, then the entry.
+        fn create(&self, slot: u32, generation: u64, creator_slot: u32, persistent: bool) {
+            let lease = self.layout.object_entry(slot).expect("slot") + OBJ_LEASE_OFF;
+            let keep = if persistent { LEASE_KEEP } else { 0 };
+            self.mem
+                .store_u64(lease, holder_bit(creator_slot) | keep, Ordering::SeqCst)
+                .expect("lease");
+            let off = self.layout.heap_offset;
+            let e: ObjectEntry = make_entry(
+                generation,
+                object_state::LIVE,
+                1,
+                off,
+                4096,
+                4096,
+                persistent,
+                Some("x"),
+                1,
+            );
+            publish(&self.mem, &self.layout, slot, &e).expect("publish");
+        }
+        fn lease(&self, slot: u32) -> u64 {
+            let lease = self.layout.object_entry(slot).expect("slot") + OBJ_LEASE_OFF;
+            self.mem.load_u64(lease, Ordering::SeqCst).expect("lease")
+        }
+    }
+
+    #[test]
+    fn the_last_close_closes_the_object_and_no_one_can_open_it_after() {
+        let f = fixture();
+        f.create(0, 7, 0, false);
+        acquire(&f.mem, &f.layout, 0, 0, 7, false).expect("creator takes its hold");
+        acquire(&f.mem, &f.layout, 1, 0, 7, false).expect("peer 1 opens");
+        assert_eq!(f.lease(0) & LEASE_HOLDERS, 0b11);
+        assert_eq!(release(&f.mem, &f.layout, 0, 0), Ok(Released::Held));
+        assert_eq!(release(&f.mem, &f.layout, 1, 0), Ok(Released::LastHold));
+        assert_eq!(f.lease(0), LEASE_CLOSED);
+        assert_eq!(
+            acquire(&f.mem, &f.layout, 2, 0, 7, false),
+            Err(LeaseError::Gone)
+        );
+        assert_eq!(
+            handles(&f.mem, &f.layout, 2, 0),
+            Ok(0),
+            "a failed open leaves no count"
+        );
+        assert_eq!(release(&f.mem, &f.layout, 1, 0), Err(LeaseError::NotHeld));
+    }
+
+    #[test]
+    fn a_persistent_object_outlives_its_handles() {
+        let f = fixture();
+        f.create(1, 3, 2, true);
+        acquire(&f.mem, &f.layout, 2, 1, 3, false).expect("hold");
+        assert_eq!(release(&f.mem, &f.layout, 2, 1), Ok(Released::Held));
+        assert_eq!(f.lease(1), LEASE_KEEP);
+        acquire(&f.mem, &f.layout, 3, 1, 3, false).expect("reopen after all closed");
+    }
+
+    #[test]
+    fn a_hold_on_a_stale_generation_is_refused_and_leaves_the_new_object_alone() {
+        let f = fixture();
+        f.create(2, 10, 0, false);
+        // The opener looked up generation 9 (a previous object in this slot).
+        assert_eq!(
+            acquire(&f.mem, &f.layout, 1, 2, 9, false),
+            Err(LeaseError::Gone)
+        );
+        assert_eq!(f.lease(2), holder_bit(0), "the creator's hold is untouched");
+        assert_eq!(handles(&f.mem, &f.layout, 1, 2), Ok(0));
+    }
+
+    #[test]
+    fn unlinked_objects_can_be_duplicated_but_not_opened_by_name() {
+        let f = fixture();
+        f.create(3, 5, 0, false);
+        acquire(&f.mem, &f.layout, 0, 3, 5, false).expect("hold");
+        let base = f.layout.object_entry(3).expect("slot");
+        f.mem
+            .store_u32(
+                base + OBJ_STATE_OFF,
+                object_state::UNLINKED,
+                Ordering::SeqCst,
+            )
+            .expect("unlink");
+        assert_eq!(
+            acquire(&f.mem, &f.layout, 1, 3, 5, false),
+            Err(LeaseError::Gone)
+        );
+        assert_eq!(
+            f.lease(3),
+            holder_bit(0),
+            "the refused opener gave its bit back"
+        );
+        acquire(&f.mem, &f.layout, 1, 3, 5, true).expect("duplicate a deleted section");
+        assert_eq!(f.lease(3), holder_bit(0) | holder_bit(1));
+    }
+
+    #[test]
+    fn a_refused_opener_that_was_the_only_holder_closes_the_object() {
+        let f = fixture();
+        // A non-persistent object whose creator already let go, then the slot's generation
+        // changed under a stale opener: nobody holds it, so the opener closes it.
+        f.create(4, 20, 0, false);
+        let lease = f.layout.object_entry(4).expect("slot") + OBJ_LEASE_OFF;
+        f.mem
+            .store_u64(lease, 0, Ordering::SeqCst)
+            .expect("no holders");
+        let base = f.layout.object_entry(4).expect("slot");
+        f.mem
+            .store_u64(base + OBJ_GENERATION_OFF, 21, Ordering::SeqCst)
+            .expect("new generation");
+        assert_eq!(
+            acquire(&f.mem, &f.layout, 1, 4, 20, false),
+            Err(LeaseError::Gone)
+        );
+        assert_eq!(f.lease(4), LEASE_CLOSED);
+    }
+
+    #[test]
+    fn repeated_opens_by_one_peer_count_handles_without_touching_the_lease() {
+        let f = fixture();
+        f.create(5, 1, 0, false);
+        for _ in 0..5 {
+            acquire(&f.mem, &f.layout, 0, 5, 1, false).expect("hold");
+        }
+        assert_eq!(handles(&f.mem, &f.layout, 0, 5), Ok(5));
+        for _ in 0..4 {
+            assert_eq!(release(&f.mem, &f.layout, 0, 5), Ok(Released::Held));
+        }
+        assert_eq!(f.lease(5), holder_bit(0));
+        assert_eq!(release(&f.mem, &f.layout, 0, 5), Ok(Released::LastHold));
+    }
+
+    #[test]
+    fn a_scribbled_lock_bit_is_reported_not_spun_on_forever() {
+        let f = fixture();
+        f.create(6, 1, 0, false);
+        let cell = f.layout.refcount_cell(0, 6).expect("cell");
+        f.mem
+            .store_u32(cell, refcell::REF_LOCK, Ordering::SeqCst)
+            .expect("scribble");
+        assert_eq!(
+            acquire(&f.mem, &f.layout, 0, 6, 1, false),
+            Err(LeaseError::Stuck)
+        );
+    }
+}

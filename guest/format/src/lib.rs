@@ -5,7 +5,7 @@
 //! ([`layout`]), NTSTATUS codes ([`Status`]), name rules ([`name`]), checked volatile access
 //! ([`shm`]), object-table snapshots ([`object`]), the lock-free open/close protocol
 //! ([`lease`]) and the request mailboxes ([`mailbox`]). docs/FORMAT.md is the prose spec.
-#![cfg_attr(not(feature = "std"), no_std)]
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![warn(missing_docs)]
 
 pub mod layout;

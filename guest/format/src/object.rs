@@ -343,3 +343,115 @@ pub fn make_entry(
     }
     e
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::RawRegion;
+    use core::ptr::NonNull;
+
+    fn region(buf: &mut [u64]) -> (RawRegion, Layout) {
+        let base = NonNull::new(buf.as_mut_ptr().cast::<u8>()).expect("non-null");
+        // SAFETY: buf outlives the region in each test; 8-aligned; len bytes.
+        let mem = unsafe { RawRegion::new(base, (buf.len() * 8) as u64) };
+        (
+            mem,
+            Layout::compute(1 << 20, 2, 4, 1, 4096).expect("layout"),
+        )
+    }
+
+    fn good(layout: &Layout) -> ObjectEntry {
+        make_entry(
+            1,
+            object_state::LIVE,
+            kind::SECTION,
+            layout.heap_offset,
+            10,
+            4096,
+            false,
+            Some("name"),
+            1,
+        )
+    }
+
+    #[test]
+    fn a_published_entry_reads_back_and_is_found_by_name() {
+        let mut buf = vec![0u64; (1 << 20) / 8];
+        let (mem, layout) = region(&mut buf);
+        publish(&mem, &layout, 2, &good(&layout)).expect("publish");
+        let info = read_object(&mem, &layout, 2).expect("valid").expect("live");
+        assert_eq!((info.slot, info.name(), info.size), (2, Some("name"), 10));
+        assert_eq!(
+            find_by_name(&mem, &layout, "name")
+                .expect("scan")
+                .map(|i| i.slot),
+            Some(2)
+        );
+        assert_eq!(find_by_name(&mem, &layout, "Name").expect("scan"), None);
+        assert_eq!(namespace_seq(&mem), Ok(1));
+    }
+
+    #[test]
+    fn corrupt_entries_are_rejected_with_the_field_at_fault() {
+        let mut buf = vec![0u64; (1 << 20) / 8];
+        let (_mem, layout) = region(&mut buf);
+        let g = good(&layout);
+        let check = |e: ObjectEntry| validate(&layout, 0, &e);
+        assert!(check(g).is_ok());
+        let mut e = g;
+        e.state = 9;
+        assert_eq!(check(e), Err(EntryError::BadState(9)));
+        let mut e = g;
+        e.kind = 0;
+        assert_eq!(check(e), Err(EntryError::BadKind(0)));
+        let mut e = g;
+        e.offset = 0; // the header, not the heap
+        assert!(matches!(check(e), Err(EntryError::BadRange(..))));
+        let mut e = g;
+        e.max_size = u64::MAX;
+        assert!(matches!(check(e), Err(EntryError::BadRange(..))));
+        let mut e = g;
+        e.size = e.max_size + 1;
+        assert!(matches!(check(e), Err(EntryError::BadRange(..))));
+        let mut e = g;
+        e.offset += 1;
+        assert!(
+            matches!(check(e), Err(EntryError::BadRange(..))),
+            "misaligned"
+        );
+        let mut e = g;
+        e.name_len = 5000;
+        assert_eq!(check(e), Err(EntryError::BadName(5000)));
+        let mut e = g;
+        e.name[0] = b'\\';
+        assert_eq!(check(e), Err(EntryError::BadName(4)));
+        let mut e = g;
+        e.name_hash ^= 1;
+        assert_eq!(check(e), Err(EntryError::BadName(4)));
+        let mut e = g;
+        e.flags = 0x80;
+        assert_eq!(check(e), Err(EntryError::BadFlags(0x80)));
+        let mut e = g;
+        e.flags = 0; // says unnamed but has a name length
+        assert_eq!(check(e), Err(EntryError::BadFlags(0)));
+    }
+
+    #[test]
+    fn a_reader_gives_up_on_an_entry_held_odd_forever() {
+        let mut buf = vec![0u64; (1 << 20) / 8];
+        let (mem, layout) = region(&mut buf);
+        publish(&mem, &layout, 1, &good(&layout)).expect("publish");
+        let base = layout.object_entry(1).expect("slot");
+        mem.store_u64(base + OBJ_SEQ_OFF, 7, Ordering::SeqCst)
+            .expect("odd seq");
+        assert_eq!(snapshot(&mem, &layout, 1, true), Err(EntryError::Busy));
+        assert_eq!(
+            find_by_name(&mem, &layout, "name").expect("scan"),
+            None,
+            "skipped, not hung"
+        );
+        // The host's next publication recovers from any odd value.
+        publish(&mem, &layout, 1, &good(&layout)).expect("publish");
+        assert!(read_object(&mem, &layout, 1).expect("valid").is_some());
+    }
+}
