@@ -137,3 +137,62 @@ fn eight_peers_hammering_overlapping_names_leave_a_consistent_table_and_a_free_h
         );
     });
 }
+
+#[test]
+fn threads_of_one_peer_open_and_close_the_same_sections_without_losing_a_handle() {
+    watchdog(Duration::from_secs(60), || {
+        let b = Backend::start(&["--size", "4M"]);
+        let ns = b.connect();
+        let (kept, _) = ns
+            .create(Some("kept"), &CreateOptions::new(4096))
+            .expect("create the section the threads share");
+        let stop = Instant::now() + Duration::from_secs(2);
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                let ns = &ns;
+                scope.spawn(move || {
+                    let mut rng = XorShift(t + 7);
+                    while Instant::now() < stop {
+                        let a = ns
+                            .open("kept")
+                            .expect("open while the main thread holds it");
+                        let d = a.duplicate().expect("duplicate");
+                        if rng.below(2) == 0 {
+                            drop(a);
+                            d.close().expect("close");
+                        } else {
+                            d.close().expect("close");
+                            a.close().expect("close");
+                        }
+                        // A section only this thread's churn keeps alive.
+                        let name = format!("t{t}");
+                        let (s, _) = ns
+                            .create(Some(&name), &CreateOptions::new(4096))
+                            .expect("create");
+                        s.close().expect("close destroys it");
+                        assert!(
+                            matches!(
+                                ns.open(&name),
+                                Err(Error::Status(Status::ObjectNameNotFound))
+                            ),
+                            "a closed non-persistent section is gone at once"
+                        );
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            ns.handles_on(kept.slot()),
+            1,
+            "only the main thread's handle remains"
+        );
+        let st = b.status();
+        let sections = st["sections"].as_array().expect("sections");
+        assert_eq!(sections.len(), 1, "only 'kept' is left: {st}");
+        assert_eq!(sections[0]["refs"], 1);
+        kept.close().expect("close");
+        assert!(wait_for(Duration::from_secs(1), || b.status()["sections"]
+            .as_array()
+            .is_some_and(Vec::is_empty)));
+    });
+}

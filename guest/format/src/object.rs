@@ -4,9 +4,9 @@
 use core::sync::atomic::{fence, Ordering};
 
 use crate::layout::{
-    const_u32, const_usize, kind, object_flags, object_state, Layout, ObjectEntry, MAX_NAME_BYTES,
-    OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_NAME_OFF, OBJ_SEQ_OFF, OBJ_STATE_OFF,
-    SB_NAMESPACE_SEQ_OFF,
+    const_u32, const_usize, kind, object_flags, object_state, Layout, ObjectEntry, LEASE_CLOSED,
+    MAX_NAME_BYTES, OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_NAME_OFF, OBJ_SEQ_OFF,
+    OBJ_STATE_OFF, SB_NAMESPACE_SEQ_OFF,
 };
 use crate::name::{name_hash, validate_name_bytes};
 use crate::shm::{bytes_of, bytes_of_mut, zeroed, Fault, SharedMemory};
@@ -206,7 +206,7 @@ pub fn read_object<M: SharedMemory + ?Sized>(
     validate(layout, slot, &e)
 }
 
-/// Finds the LIVE object called `name` (any kind). Invalid entries are skipped: a
+/// Finds the LIVE, not yet closed object called `name` (any kind). Invalid entries are skipped: a
 /// scribbled entry can hide itself but cannot make a reader misbehave.
 pub fn find_by_name<M: SharedMemory + ?Sized>(
     mem: &M,
@@ -232,6 +232,10 @@ pub fn find_by_name<M: SharedMemory + ?Sized>(
             || head.name_hash != hash
             || head.name_len as usize != want.len()
         {
+            continue;
+        }
+        // Closed by its last holder but not yet reaped by the host: already dead.
+        if mem.load_u64(base + OBJ_LEASE_OFF, Ordering::SeqCst)? & LEASE_CLOSED != 0 {
             continue;
         }
         let Ok(full) = snapshot(mem, layout, slot, true) else {
