@@ -117,6 +117,11 @@ fn size_arg(s: &str) -> Result<u64, String> {
 /// A failure: message and exit code.
 struct Failure(String);
 
+/// Adds the operation and the name to an error.
+fn ctx<'a>(what: &'static str, name: &'a str) -> impl Fn(Error) -> Failure + 'a {
+    move |e| Failure(format!("{e}: {what} {name:?}"))
+}
+
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         Failure(e.to_string())
@@ -164,16 +169,9 @@ fn info_json<T: Transport>(ns: &Namespace<T>, info: &ObjectInfo) -> Value {
 
 /// Blocks until stdin reaches EOF or SIGINT/SIGTERM/SIGHUP arrives.
 fn wait_for_release() -> Result<(), Failure> {
-    // SAFETY: sigset manipulation on a local; signalfd gets a valid set; results checked.
-    let sfd = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        libc::signalfd(-1, &set, libc::SFD_CLOEXEC)
-    };
+    let set = block_release_signals();
+    // SAFETY: signalfd gets a valid, initialised set; the result is checked below.
+    let sfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
     if sfd < 0 {
         return Err(Failure(format!(
             "signalfd: {}",
@@ -227,7 +225,7 @@ fn run(args: Args) -> Result<(), Failure> {
         Command::Hold { .. } | Command::Create { hold: true, .. }
     ) {
         // Block the signals before any thread exists, so the signalfd sees them.
-        wait_setup();
+        block_release_signals();
     }
     let transport = HostTransport::connect(&socket).map_err(|e| Failure(e.to_string()))?;
     let ns = Namespace::attach(transport)?;
@@ -245,7 +243,9 @@ fn run(args: Args) -> Result<(), Failure> {
                 initial_size: initial.unwrap_or(max),
                 persistent,
             };
-            let (section, disposition) = ns.create(Some(&name), &opts)?;
+            let (section, disposition) = ns
+                .create(Some(&name), &opts)
+                .map_err(ctx("create", &name))?;
             let verb = match disposition {
                 Disposition::Created => "created",
                 Disposition::Opened => "opened existing",
@@ -270,7 +270,7 @@ fn run(args: Args) -> Result<(), Failure> {
             section.close()?;
         }
         Command::Open { name } => {
-            let section = ns.open(&name)?;
+            let section = ns.open(&name).map_err(ctx("open", &name))?;
             println!(
                 "{}: opened {name:?} (slot {}, size {} of max {})",
                 vshm::Status::Success.name(),
@@ -292,7 +292,7 @@ fn run(args: Args) -> Result<(), Failure> {
                     .map_err(|e| Failure(format!("cannot read {}: {e}", f.display())))?,
                 (None, None) => Vec::new(),
             };
-            let section = ns.open(&name)?;
+            let section = ns.open(&name).map_err(ctx("open", &name))?;
             section.write_at(offset, &bytes).map_err(|e| {
                 Failure(format!(
                     "{e}: writing {} bytes at offset {offset} into {name:?} of size {}",
@@ -303,7 +303,7 @@ fn run(args: Args) -> Result<(), Failure> {
             section.close()?;
         }
         Command::Read { name, offset, len } => {
-            let section = ns.open(&name)?;
+            let section = ns.open(&name).map_err(ctx("open", &name))?;
             let size = section.size();
             let len = match len {
                 Some(l) => l,
@@ -328,8 +328,8 @@ fn run(args: Args) -> Result<(), Failure> {
             section.close()?;
         }
         Command::Grow { name, size } => {
-            let section = ns.open(&name)?;
-            section.grow(size)?;
+            let section = ns.open(&name).map_err(ctx("open", &name))?;
+            section.grow(size).map_err(ctx("grow", &name))?;
             println!(
                 "{}: {name:?} is now {} bytes",
                 vshm::Status::Success.name(),
@@ -338,7 +338,7 @@ fn run(args: Args) -> Result<(), Failure> {
             section.close()?;
         }
         Command::Delete { name } => {
-            ns.delete(&name)?;
+            ns.delete(&name).map_err(ctx("delete", &name))?;
             println!("{}: deleted {name:?}", vshm::Status::Success.name());
         }
         Command::List { json } => {
@@ -370,7 +370,7 @@ fn run(args: Args) -> Result<(), Failure> {
             }
         }
         Command::Info { name, json } => {
-            let info = ns.info(&name)?;
+            let info = ns.info(&name).map_err(ctx("info", &name))?;
             let doc = info_json(&ns, &info);
             if json {
                 println!("{doc}");
@@ -400,8 +400,11 @@ fn run(args: Args) -> Result<(), Failure> {
     Ok(())
 }
 
-fn wait_setup() {
-    // SAFETY: blocks three signals for this thread (and threads it creates later).
+/// Blocks SIGINT/SIGTERM/SIGHUP for this thread and the threads it creates later (so a
+/// signalfd receives them) and returns the set.
+fn block_release_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local that sigemptyset initialises; pthread_sigmask
+    // gets a valid set and a null old-set pointer.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -409,6 +412,7 @@ fn wait_setup() {
             libc::sigaddset(&mut set, s);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
     }
 }
 
