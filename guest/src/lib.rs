@@ -22,5 +22,5 @@ pub use error::Error;
 pub use namespace::{CreateOptions, Disposition, Namespace, Section};
 pub use transport::{Transport, TransportError};
 pub use vshm_format as format;
-pub use vshm_format::object::ObjectInfo;
+pub use vshm_format::object::{ObjectInfo, PeerInfo};
 pub use vshm_format::Status;

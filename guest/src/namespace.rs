@@ -9,7 +9,7 @@ use vshm_format::layout::{
 };
 use vshm_format::lease::{self, LeaseError, Released};
 use vshm_format::mailbox;
-use vshm_format::object::{self, ObjectInfo};
+use vshm_format::object::{self, ObjectInfo, PeerInfo};
 use vshm_format::shm::{read_pod, RawRegion, SharedMemory};
 use vshm_format::{validate_name, Status};
 
@@ -270,6 +270,12 @@ impl<T: Transport> Namespace<T> {
     pub fn objects(&self) -> impl Iterator<Item = ObjectInfo> + '_ {
         (0..self.layout.max_objects)
             .filter_map(move |slot| object::read_object(&self.region, &self.layout, slot).ok()?)
+    }
+
+    /// The peers attached to the region now (as the host publishes them), this one included.
+    pub fn peers(&self) -> impl Iterator<Item = PeerInfo> + '_ {
+        (0..self.layout.max_peers)
+            .filter_map(move |s| object::read_peer(&self.region, &self.layout, s))
     }
 
     /// This peer's handle count on an object slot.

@@ -108,3 +108,77 @@ fn a_peer_learns_when_the_backend_is_gone() {
         );
     });
 }
+
+#[test]
+fn peers_see_each_other_join_and_leave_in_the_peer_table() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "1M"]);
+        let a = b.connect();
+        let ids = |ns: &vshm::Namespace<vshm::host::HostTransport>| -> Vec<u16> {
+            ns.peers().map(|p| p.peer_id).collect()
+        };
+        assert_eq!(ids(&a), vec![a.peer_id()]);
+        let c = b.connect();
+        let c_id = c.peer_id();
+        assert!(ids(&a).contains(&c_id), "a sees c in the table");
+        assert!(
+            vshm_tests::wait_for(Duration::from_secs(1), || a.transport().other_peers()
+                == vec![c_id]),
+            "a was told c joined"
+        );
+        drop(c);
+        assert!(
+            vshm_tests::wait_for(Duration::from_secs(1), || ids(&a) == vec![a.peer_id()]),
+            "c left the table"
+        );
+        assert!(
+            vshm_tests::wait_for(Duration::from_secs(1), || a
+                .transport()
+                .other_peers()
+                .is_empty()),
+            "a was told c is gone"
+        );
+    });
+}
+
+#[test]
+fn lock_pins_the_region_or_says_how_to_allow_it() {
+    watchdog(LIMIT, || {
+        let dir = TempDir::new("lock");
+        let socket = dir.path().join("s");
+        let mut child = command(&bin("vshmd"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--size", "1M", "--lock"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vshmd");
+        let up = vshm_tests::wait_for(Duration::from_secs(5), || {
+            socket.exists() || child.try_wait().ok().flatten().is_some()
+        });
+        assert!(up);
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+                .expect("read");
+            assert!(!status.success() && err.contains("RLIMIT_MEMLOCK"), "{err}");
+        } else {
+            let vm_lck = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.starts_with("VmLck:"))
+                .map(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .unwrap_or("0")
+                        .parse::<u64>()
+                        .unwrap_or(0)
+                })
+                .unwrap_or(0);
+            assert!(vm_lck >= 1024, "1 MiB locked, VmLck = {vm_lck} kB");
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    });
+}

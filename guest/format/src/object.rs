@@ -4,9 +4,9 @@
 use core::sync::atomic::{fence, Ordering};
 
 use crate::layout::{
-    const_u32, const_usize, kind, object_flags, object_state, Layout, ObjectEntry, LEASE_CLOSED,
-    MAX_NAME_BYTES, OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_NAME_OFF, OBJ_SEQ_OFF,
-    OBJ_STATE_OFF, SB_NAMESPACE_SEQ_OFF,
+    const_u32, const_usize, kind, object_flags, object_state, peer_state, Layout, ObjectEntry,
+    PeerEntry, LEASE_CLOSED, MAX_NAME_BYTES, OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_LEASE_OFF,
+    OBJ_NAME_OFF, OBJ_SEQ_OFF, OBJ_STATE_OFF, PEER_STATE_OFF, SB_NAMESPACE_SEQ_OFF,
 };
 use crate::name::{name_hash, validate_name_bytes};
 use crate::shm::{bytes_of, bytes_of_mut, zeroed, Fault, SharedMemory};
@@ -458,4 +458,36 @@ mod tests {
         publish(&mem, &layout, 1, &good(&layout)).expect("publish");
         assert!(read_object(&mem, &layout, 1).expect("valid").is_some());
     }
+}
+
+/// A connected peer, as the host publishes it in the peer table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// ivshmem peer id.
+    pub peer_id: u16,
+    /// Connections so far in this slot.
+    pub incarnation: u64,
+}
+
+/// Reads peer slot `slot`; `None` if absent or if the entry does not validate (state not a
+/// known value, or an id that is not `slot + 1`).
+pub fn read_peer<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: u32,
+) -> Option<PeerInfo> {
+    let base = layout.peer_entry(slot)?;
+    if mem
+        .load_u32(base + PEER_STATE_OFF, Ordering::Acquire)
+        .ok()?
+        != peer_state::CONNECTED
+    {
+        return None;
+    }
+    let e: PeerEntry = crate::shm::read_pod(mem, base).ok()?;
+    let id = u16::try_from(e.peer_id).ok()?;
+    (e.state == peer_state::CONNECTED && u32::from(id) == slot + 1).then_some(PeerInfo {
+        peer_id: id,
+        incarnation: e.incarnation,
+    })
 }
