@@ -1,0 +1,54 @@
+//! `cargo xtask`: the project's automation, in Rust so it runs wherever cargo does.
+//!
+//! - `cargo xtask test`: everything CI runs (`.ci/run` calls exactly this).
+//! - `cargo xtask demo`: starts vshmd and shows two host-process peers sharing a section.
+//!
+//! std only, on purpose: this is the first thing built on a fresh machine.
+
+mod ci;
+mod demo;
+mod tools;
+mod util;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  test    everything CI runs, in order, stopping at the first failure:
+          rustfmt check, clippy (-D warnings), build the binaries, cargo test
+  demo    start vshmd in a temporary directory and let two host-process peers
+          (the vshm CLI) share a section; show vshmctl status; shut down cleanly
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let task = match args.as_slice() {
+        [t] if t == "test" || t == "demo" => t.as_str(),
+        [h] if h == "help" || h == "-h" || h == "--help" => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        [] => {
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+        other => {
+            eprintln!("xtask: unknown task or arguments: {}\n", other.join(" "));
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match task {
+        "test" => ci::run(),
+        _ => demo::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\nxtask {task}: FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
