@@ -77,7 +77,9 @@ fn recv_msg(sock: &UnixStream) -> io::Result<Option<(i64, Option<File>)>> {
     Ok(Some((i64::from_le_bytes(buf), file)))
 }
 
-struct Mapping {
+/// A shared read-write mapping of a whole file (the region's memfd), unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
     base: NonNull<u8>,
     len: usize,
 }
@@ -88,7 +90,8 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    fn new(file: &File, len: u64) -> io::Result<Mapping> {
+    /// Maps the first `len` bytes of `file`, shared and writable.
+    pub fn new(file: &File, len: u64) -> io::Result<Mapping> {
         let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
         // SAFETY: a fresh shared mapping of a file we own; the kernel picks the address and
         // we check the result. Nothing else refers to the address range yet.
@@ -107,6 +110,14 @@ impl Mapping {
         }
         let base = NonNull::new(p.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
         Ok(Mapping { base, len })
+    }
+
+    /// The mapping as a region. Valid only while the mapping lives: keep the `Mapping`
+    /// alive as long as the region (and anything derived from it) is used.
+    pub fn region(&self) -> RawRegion {
+        // SAFETY: the mapping is `len` bytes, page-aligned, valid until drop; the caller
+        // keeps it alive for as long as it uses the region (documented above).
+        unsafe { RawRegion::new(self.base, self.len as u64) }
     }
 }
 
@@ -178,10 +189,7 @@ impl HostTransport {
         };
         let size = memfd.metadata()?.len();
         let map = Mapping::new(&memfd, size).map_err(|source| HostError::Map { size, source })?;
-        // SAFETY: the mapping is len bytes, page-aligned, and lives as long as the
-        // HostTransport, which outlives every RawRegion copy it hands out by borrow rules of
-        // Namespace (which owns the transport).
-        let region = unsafe { RawRegion::new(map.base, size) };
+        let region = map.region();
         let sb: Superblock = read_pod(&region, 0).map_err(|_| {
             HostError::Region(vshm_format::layout::LayoutError::TooSmall(256, size))
         })?;
@@ -288,8 +296,9 @@ fn ring_file(f: &File) -> Result<(), TransportError> {
 
 impl Transport for HostTransport {
     fn region(&self) -> RawRegion {
-        // SAFETY: see connect(); the mapping lives as long as self.
-        unsafe { RawRegion::new(self.map.base, self.map.len as u64) }
+        // The mapping lives as long as self; Namespace owns its transport, so every region
+        // copy it uses is dropped before the mapping.
+        self.map.region()
     }
 
     fn peer_id(&self) -> u16 {

@@ -257,48 +257,9 @@ impl Drop for Backend {
 }
 
 /// A shared mapping of a region's fd, the way a peer (or QEMU's BAR) maps it.
-#[derive(Debug)]
-pub struct Mapping {
-    base: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-impl Mapping {
-    /// Maps all of `file` read-write, shared.
-    pub fn new(file: &std::fs::File) -> Mapping {
-        use std::os::fd::AsRawFd;
-        let len = usize::try_from(file.metadata().expect("stat").len()).expect("size");
-        // SAFETY: a fresh shared mapping of a file we hold; the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap failed");
-        Mapping {
-            base: std::ptr::NonNull::new(p.cast()).expect("non-null mapping"),
-            len,
-        }
-    }
-
-    /// The region over this mapping. Valid while the mapping lives.
-    pub fn region(&self) -> vshm_format::shm::RawRegion {
-        // SAFETY: the mapping is `len` bytes, page-aligned, and callers keep the Mapping
-        // alive for as long as they use the region (tests leak or outlive it).
-        unsafe { vshm_format::shm::RawRegion::new(self.base, self.len as u64) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what new() mapped.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
-    }
+pub fn map(file: &std::fs::File) -> vshm::host::Mapping {
+    let len = file.metadata().expect("stat").len();
+    vshm::host::Mapping::new(file, len).expect("mmap")
 }
 
 /// SIGKILLs a child and reaps it.

@@ -18,7 +18,6 @@ use vshm::{
 };
 use vshm_backend::arbiter::Arbiter;
 use vshm_backend::region::Region;
-use vshm_tests::Mapping;
 
 const PEERS: usize = 3;
 const NAMES: [&str; 4] = ["alpha", "beta", "Alpha", "gamma"];
@@ -137,7 +136,8 @@ struct World {
 impl World {
     fn new() -> World {
         let region = Region::create(1 << 20, false, false).expect("memfd");
-        let mapping: &'static Mapping = Box::leak(Box::new(Mapping::new(region.file())));
+        let mapping: &'static vshm::host::Mapping =
+            Box::leak(Box::new(vshm_tests::map(region.file())));
         let layout = Layout::compute(1 << 20, 4, MAX_OBJECTS, 1, PAGE).expect("layout");
         let arbiter = Rc::new(RefCell::new(
             Arbiter::new(region, layout, 1, [0; 16]).expect("arbiter"),

@@ -12,7 +12,7 @@ use vshm_format::layout::{Layout, Request, Superblock, MB_RESPONSE_OFF};
 use vshm_format::mailbox;
 use vshm_format::shm::{bytes_of, read_pod, SharedMemory};
 use vshm_format::Status;
-use vshm_tests::{watchdog, Backend, Mapping};
+use vshm_tests::{watchdog, Backend};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -148,7 +148,7 @@ fn garbage_requests_get_error_replies_and_the_backend_keeps_serving() {
         let b = Backend::start(&["--size", "2M"]);
         let sock = UnixStream::connect(&b.socket).expect("connect");
         let (id, shm, msgs) = handshake(&sock, 2);
-        let bar = Mapping::new(&shm);
+        let bar = vshm_tests::map(&shm);
         let region = bar.region();
         let sb: Superblock = read_pod(&region, 0).expect("superblock");
         let layout = Layout::from_superblock(&sb, region.size()).expect("valid header");

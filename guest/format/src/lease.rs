@@ -104,17 +104,8 @@ pub fn acquire<M: SharedMemory + ?Sized>(
     allow_unlinked: bool,
 ) -> Result<(), LeaseError> {
     let c = cell(layout, peer_slot, slot)?;
-    let mut spins = 0u32;
     loop {
-        let v = mem.load_u32(c.cell, Ordering::Acquire)?;
-        if v & refcell::REF_LOCK != 0 {
-            spins += 1;
-            if spins > LOCK_SPINS {
-                return Err(LeaseError::Stuck);
-            }
-            core::hint::spin_loop();
-            continue;
-        }
+        let v = load_unlocked(mem, c.cell)?;
         let n = v & refcell::REF_COUNT;
         if n > 0 {
             // Already a holder: our bit is set, the object cannot die under us.
@@ -140,6 +131,18 @@ pub fn acquire<M: SharedMemory + ?Sized>(
         mem.store_u32(c.cell, after, Ordering::Release)?;
         return result;
     }
+}
+
+/// Loads a refcount cell, waiting while another thread of this peer holds its lock.
+fn load_unlocked<M: SharedMemory + ?Sized>(mem: &M, cell: u64) -> Result<u32, LeaseError> {
+    for _ in 0..LOCK_SPINS {
+        let v = mem.load_u32(cell, Ordering::Acquire)?;
+        if v & refcell::REF_LOCK == 0 {
+            return Ok(v);
+        }
+        core::hint::spin_loop();
+    }
+    Err(LeaseError::Stuck)
 }
 
 fn take_holder_bit<M: SharedMemory + ?Sized>(
@@ -216,17 +219,8 @@ pub fn release<M: SharedMemory + ?Sized>(
     slot: u32,
 ) -> Result<Released, LeaseError> {
     let c = cell(layout, peer_slot, slot)?;
-    let mut spins = 0u32;
     loop {
-        let v = mem.load_u32(c.cell, Ordering::Acquire)?;
-        if v & refcell::REF_LOCK != 0 {
-            spins += 1;
-            if spins > LOCK_SPINS {
-                return Err(LeaseError::Stuck);
-            }
-            core::hint::spin_loop();
-            continue;
-        }
+        let v = load_unlocked(mem, c.cell)?;
         let n = v & refcell::REF_COUNT;
         if n == 0 {
             return Err(LeaseError::NotHeld);

@@ -8,8 +8,8 @@
 use core::sync::atomic::Ordering;
 
 use crate::layout::{
-    const_u32, kind, object_flags, op, Layout, Request, Response, MAX_NAME_BYTES, MB_LOCK_OFF,
-    MB_REQ_SEQ_OFF, MB_RESPONSE_OFF, MB_RESP_SEQ_OFF,
+    kind, object_flags, op, Layout, Request, Response, MAX_NAME_BYTES, MB_LOCK_OFF, MB_REQ_SEQ_OFF,
+    MB_RESPONSE_OFF, MB_RESP_SEQ_OFF,
 };
 use crate::name::validate_name_bytes;
 use crate::shm::{bytes_of, read_pod, zeroed, Fault, SharedMemory};
@@ -134,10 +134,7 @@ pub fn create_request(
         0
     };
     if let Some(n) = name {
-        let b = n.as_bytes();
-        let len = b.len().min(MAX_NAME_BYTES);
-        r.name[..len].copy_from_slice(&b[..len]);
-        r.name_len = const_u32(len);
+        (r.name, r.name_len) = crate::name::name_field(n);
         r.flags |= object_flags::NAMED;
     }
     r

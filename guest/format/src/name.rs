@@ -32,6 +32,16 @@ pub fn validate_name_bytes(bytes: &[u8]) -> Result<&str, Status> {
     Ok(name)
 }
 
+/// The fixed-size name field of an entry or request: the bytes (zero-padded) and their length.
+/// `name` must already be validated (≤ 1040 bytes); longer input is truncated.
+pub fn name_field(name: &str) -> ([u8; MAX_NAME_BYTES], u32) {
+    let b = name.as_bytes();
+    let len = b.len().min(MAX_NAME_BYTES);
+    let mut field = [0u8; MAX_NAME_BYTES];
+    field[..len].copy_from_slice(&b[..len]);
+    (field, crate::layout::const_u32(len))
+}
+
 /// FNV-1a (32-bit) of the UTF-8 bytes. Lets a lookup skip most table entries without
 /// comparing names; a match is always confirmed by comparing the bytes.
 pub const fn name_hash(bytes: &[u8]) -> u32 {

@@ -4,9 +4,9 @@
 use core::sync::atomic::{fence, Ordering};
 
 use crate::layout::{
-    const_u32, const_usize, kind, object_flags, object_state, peer_state, Layout, ObjectEntry,
-    PeerEntry, LEASE_CLOSED, MAX_NAME_BYTES, OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_LEASE_OFF,
-    OBJ_NAME_OFF, OBJ_SEQ_OFF, OBJ_STATE_OFF, PEER_STATE_OFF, SB_NAMESPACE_SEQ_OFF,
+    const_usize, kind, object_flags, object_state, peer_state, Layout, ObjectEntry, PeerEntry,
+    LEASE_CLOSED, MAX_NAME_BYTES, OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_NAME_OFF,
+    OBJ_SEQ_OFF, OBJ_STATE_OFF, PEER_STATE_OFF, SB_NAMESPACE_SEQ_OFF,
 };
 use crate::name::{name_hash, validate_name_bytes};
 use crate::shm::{bytes_of, bytes_of_mut, zeroed, Fault, SharedMemory};
@@ -338,11 +338,8 @@ pub fn make_entry(
         0
     };
     if let Some(n) = name {
-        let b = n.as_bytes();
-        let len = b.len().min(MAX_NAME_BYTES);
-        e.name[..len].copy_from_slice(&b[..len]);
-        e.name_len = const_u32(len);
-        e.name_hash = name_hash(&b[..len]);
+        (e.name, e.name_len) = crate::name::name_field(n);
+        e.name_hash = name_hash(&e.name[..e.name_len as usize]);
         e.flags |= object_flags::NAMED;
     }
     e
