@@ -640,25 +640,27 @@ impl<M: Backing> Arbiter<M> {
         let Some(rec) = self.objects[slot as usize].as_ref() else {
             return false;
         };
-        // A legitimately closed object has no holder with a count: the closer CASed CLOSED
-        // only into a word with no holder bits, and count > 0 implies the bit.
+        // A legitimately closed object has no holder with a count (the closer CASed CLOSED
+        // only into a word with no holder bits, and count > 0 implies the bit), and is not
+        // persistent-and-undeleted (such a word carries KEEP, which blocks closing).
+        let keep = rec.persistent && !rec.unlinked;
         let mut holders = 0u64;
         for (i, p) in self.peer_slots() {
             if p.connected && self.cell_count(i, slot) > 0 {
                 holders |= holder_bit(i);
             }
         }
-        if holders != 0 {
-            let keep = if rec.persistent && !rec.unlinked {
-                LEASE_KEEP
-            } else {
-                0
-            };
-            let _ = self.mem.store_u64(lease, holders | keep, Ordering::SeqCst);
+        if holders != 0 || keep {
+            let keep_bit = if keep { LEASE_KEEP } else { 0 };
+            let _ = self
+                .mem
+                .store_u64(lease, holders | keep_bit, Ordering::SeqCst);
             self.counters.repairs += 1;
             tracing::warn!(
                 slot,
-                "lease word closed while peers still count handles: repaired"
+                holders,
+                keep,
+                "lease word closed behind its holders' backs: repaired"
             );
             return false;
         }
@@ -697,21 +699,43 @@ impl<M: Backing> Arbiter<M> {
     /// Runs after each doorbell and on a timer. Returns how many objects it destroyed.
     pub fn sweep(&mut self) -> usize {
         let connected = self.connected_mask();
-        let live: Vec<u32> = self.live_slots().collect();
         let mut destroyed = 0;
-        for slot in live {
+        for slot in 0..self.layout.max_objects {
+            let Some(keep) = self.objects[slot as usize]
+                .as_ref()
+                .map(|r| r.persistent && !r.unlinked)
+            else {
+                continue;
+            };
             let Some(lease) = self.lease_off(slot) else {
                 continue;
             };
             let Ok(w) = self.mem.load_u64(lease, Ordering::SeqCst) else {
                 continue;
             };
+            // Only a peer's scribbling can produce these three; put the word right.
             let stray = w & LEASE_HOLDERS & !connected;
             if stray != 0 {
                 tracing::warn!(slot, stray, "holder bits of absent peers cleared");
-                if let Ok(prev) = self.mem.fetch_and_u64(lease, !stray) {
-                    let _ = close_if_unheld(&self.mem, lease, prev & !stray);
-                }
+                let _ = self.mem.fetch_and_u64(lease, !stray);
+            }
+            if w & LEASE_CLOSED == 0 && keep != (w & LEASE_KEEP != 0) {
+                tracing::warn!(
+                    slot,
+                    keep,
+                    "KEEP bit disagreed with the object's persistence: fixed"
+                );
+                self.counters.repairs += 1;
+                let _ = if keep {
+                    self.mem.fetch_or_u64(lease, LEASE_KEEP)
+                } else {
+                    self.mem.fetch_and_u64(lease, !LEASE_KEEP)
+                };
+            }
+            // A word left with no holders and no KEEP is dead even if its last holder could
+            // not close it (it gave up on a word that kept changing, or died mid-close).
+            if let Ok(now) = self.mem.load_u64(lease, Ordering::SeqCst) {
+                let _ = close_if_unheld(&self.mem, lease, now);
             }
             if self.reap(slot) {
                 destroyed += 1;
@@ -876,6 +900,30 @@ mod tests {
         assert_eq!(a.mem().load_u64(lease, Ordering::SeqCst), Ok(holder_bit(0)));
         assert_eq!(release(a.mem(), &l, 0, r.slot), Ok(Released::LastHold));
         assert_eq!(a.sweep(), 1);
+    }
+
+    #[test]
+    fn a_forged_close_of_a_persistent_section_nobody_holds_is_repaired() {
+        let mut a = arbiter();
+        let r = create(&mut a, 1, "keep-me", true);
+        let l = *a.layout();
+        let lease = l.object_entry(r.slot).expect("slot") + OBJ_LEASE_OFF;
+        // The creator never took its hold; a peer forges CLOSED.
+        a.mem()
+            .store_u64(lease, LEASE_CLOSED, Ordering::SeqCst)
+            .expect("forge");
+        assert_eq!(a.sweep(), 0);
+        assert!(
+            a.record_at(r.slot).is_some(),
+            "persistent sections live until deleted"
+        );
+        assert_eq!(a.mem().load_u64(lease, Ordering::SeqCst), Ok(LEASE_KEEP));
+        // And a KEEP bit stripped by a peer is put back.
+        a.mem()
+            .store_u64(lease, 0, Ordering::SeqCst)
+            .expect("strip");
+        assert_eq!(a.sweep(), 0);
+        assert_eq!(a.mem().load_u64(lease, Ordering::SeqCst), Ok(LEASE_KEEP));
     }
 
     #[test]

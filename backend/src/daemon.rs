@@ -16,7 +16,7 @@ use vshm_format::shm::Fault;
 use crate::arbiter::Arbiter;
 use crate::control::{self, ControlRequest, ControlResponse};
 use crate::region::{Region, RegionError};
-use crate::server::{bind_unix, Server, ServerError};
+use crate::server::{bind_unix, Accepted, Server, ServerError};
 
 /// vshmd's settings, validated.
 #[derive(Debug, Clone)]
@@ -279,8 +279,12 @@ impl Daemon {
                 .map_err(|f| io::Error::other(f.to_string()))
         });
         let id = match accepted {
-            Ok(Some(id)) => id,
-            Ok(None) => return,
+            Ok(Accepted::Connected(id)) => id,
+            Ok(Accepted::Nothing) => return,
+            Ok(Accepted::Failed(id)) => {
+                self.arbiter.peer_gone(id);
+                return;
+            }
             Err(e) => {
                 tracing::warn!("accepting a client failed: {e}");
                 return;

@@ -111,6 +111,17 @@ fn send(stream: &UnixStream, value: i64, fd: Option<RawFd>) -> io::Result<()> {
     }
 }
 
+/// What [`Server::accept`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// Nothing pending, or the connection was refused before it got an id.
+    Nothing,
+    /// A new peer.
+    Connected(u16),
+    /// The peer was registered but the handshake failed: reclaim the id.
+    Failed(u16),
+}
+
 /// The ivshmem server state.
 #[derive(Debug)]
 pub struct Server {
@@ -155,16 +166,15 @@ impl Server {
     }
 
     /// Accepts one pending connection. `register` runs after the id is chosen and before
-    /// the client learns it (the arbiter prepares the peer's memory there). Returns the new
-    /// peer id, or `None` if nothing was pending or the connection was refused.
+    /// the client learns it (the arbiter prepares the peer's memory there).
     pub fn accept(
         &mut self,
         memfd: &File,
         register: impl FnOnce(u16) -> io::Result<()>,
-    ) -> io::Result<Option<u16>> {
+    ) -> io::Result<Accepted> {
         let stream = match self.listener.accept() {
             Ok((s, _)) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Accepted::Nothing),
             Err(e) => return Err(e),
         };
         let Some(id) = (1..=self.max_peers)
@@ -175,7 +185,7 @@ impl Server {
                 max = self.max_peers,
                 "refusing a client: all peer ids are in use"
             );
-            return Ok(None);
+            return Ok(Accepted::Nothing);
         };
         stream.set_nonblocking(false)?;
         stream.set_write_timeout(Some(Duration::from_secs(2)))?;
@@ -196,8 +206,9 @@ impl Server {
         };
         register(id)?;
         if let Err(e) = self.handshake(&client, memfd) {
+            // It may have received the memory before failing: the caller reclaims the id.
             tracing::warn!(id, "handshake failed: {e}");
-            return Err(e);
+            return Ok(Accepted::Failed(id));
         }
         // Tell everyone else about the newcomer; drop anyone who cannot be told.
         let mut broken = Vec::new();
@@ -218,7 +229,7 @@ impl Server {
                 .get(&b)
                 .map(|c| c.stream.shutdown(std::net::Shutdown::Both));
         }
-        Ok(Some(id))
+        Ok(Accepted::Connected(id))
     }
 
     fn handshake(&self, c: &Client, memfd: &File) -> io::Result<()> {

@@ -135,7 +135,8 @@ impl<T: Transport> Namespace<T> {
             if let Some(n) = name {
                 match self.open_existing(n) {
                     Ok(section) => return Ok((section, Disposition::Opened)),
-                    Err(Error::Status(Status::ObjectNameNotFound)) => {}
+                    // Not there, or died as we looked: ask the host, who decides.
+                    Err(Error::Status(Status::ObjectNameNotFound) | Error::Contended) => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -196,18 +197,23 @@ impl<T: Transport> Namespace<T> {
 
     /// Takes a hold on (slot, generation) and returns the validated entry.
     fn hold(&self, slot: u32, generation: u64, allow_unlinked: bool) -> Result<ObjectInfo, Error> {
-        lease::acquire(
-            &self.region,
-            &self.layout,
+        let (mem, layout) = (&self.region, &self.layout);
+        match lease::acquire(
+            mem,
+            layout,
             self.peer_slot,
             slot,
             generation,
             allow_unlinked,
-        )
-        .map_err(|e| match e {
-            LeaseError::Gone => Error::Status(Status::ObjectNameNotFound),
-            other => Error::Status(other.status()),
-        })?;
+        ) {
+            Ok(()) => {}
+            Err(LeaseError::GoneClosed) => {
+                // Our brief hold was the last on whatever now lives in the slot.
+                self.transport.ring(HOST_PEER_ID, VECTOR_CONTROL)?;
+                return Err(Error::Status(Status::ObjectNameNotFound));
+            }
+            Err(e) => return Err(Error::Status(e.status())),
+        }
         // Our holder bit is set: the entry cannot change identity now. Validate it.
         match object::read_object(&self.region, &self.layout, slot) {
             Ok(Some(info)) if info.generation == generation => Ok(info),
@@ -402,8 +408,9 @@ impl<'ns, T: Transport> Section<'ns, T> {
     }
 
     /// Raw pointer to the section's first byte, for zero-copy use. The memory is shared with
-    /// other VMs: access it only with volatile or atomic operations, within `max_size`, and
-    /// only while this handle is open.
+    /// other VMs: access it only with volatile or atomic operations, within [`Self::size`]
+    /// (the reservation extends to `max_size`; grow exposes more of it), and only while
+    /// this handle is open.
     pub fn as_ptr(&self) -> *mut u8 {
         let base = self.ns.region.base().as_ptr();
         // The offset was validated against the mapping when the handle was opened.

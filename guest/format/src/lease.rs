@@ -23,6 +23,10 @@ use crate::Status;
 /// a handful of atomics, so hitting this means that peer's memory was scribbled.
 const LOCK_SPINS: u32 = 1 << 24;
 
+/// CAS attempts on a lease word before giving up: every failure means another party changed
+/// the word, so only a word being rewritten on purpose exhausts this.
+pub const CAS_TRIES: u32 = 1 << 16;
+
 /// What closing a handle requires of the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Released {
@@ -38,6 +42,9 @@ pub enum Released {
 pub enum LeaseError {
     /// The object is gone or changed (closed, destroyed, slot reused).
     Gone,
+    /// As `Gone`, and giving back the hold closed the object this peer briefly held: ring
+    /// the host so it reaps it now rather than at its next sweep.
+    GoneClosed,
     /// This peer holds no handle on that object.
     NotHeld,
     /// Handle count would overflow.
@@ -58,7 +65,7 @@ impl LeaseError {
     /// The NTSTATUS a caller reports for this error.
     pub fn status(self) -> Status {
         match self {
-            LeaseError::Gone => Status::ObjectNameNotFound,
+            LeaseError::Gone | LeaseError::GoneClosed => Status::ObjectNameNotFound,
             LeaseError::NotHeld | LeaseError::Stuck | LeaseError::Fault(_) => Status::InvalidHandle,
             LeaseError::TooManyHandles => Status::QuotaExceeded,
         }
@@ -115,12 +122,16 @@ pub fn acquire<M: SharedMemory + ?Sized>(
             if mem.cas_u32(c.cell, v, v + 1)?.is_err() {
                 continue;
             }
-            if object::generation(mem, layout, slot)? != generation {
-                // The caller's handle names an older object: undo (we still hold n).
-                release_count(mem, c.cell)?;
-                return Err(LeaseError::Gone);
+            if holds_expected(mem, layout, slot, generation, allow_unlinked)? {
+                return Ok(());
             }
-            return Ok(());
+            // The caller named another object than the one we hold in this slot (or a
+            // deleted one, for an open by name): undo through the ordinary close path, which
+            // handles a concurrent close by another of our threads.
+            return Err(match release(mem, layout, peer_slot, slot)? {
+                Released::LastHold => LeaseError::GoneClosed,
+                Released::Held => LeaseError::Gone,
+            });
         }
         if mem.cas_u32(c.cell, v, refcell::REF_LOCK)?.is_err() {
             continue;
@@ -154,6 +165,7 @@ fn take_holder_bit<M: SharedMemory + ?Sized>(
     allow_unlinked: bool,
 ) -> Result<(), LeaseError> {
     let mut w = mem.load_u64(c.lease, Ordering::SeqCst)?;
+    let mut tries = 0u32;
     loop {
         if w & LEASE_CLOSED != 0 {
             return Err(LeaseError::Gone);
@@ -162,19 +174,37 @@ fn take_holder_bit<M: SharedMemory + ?Sized>(
             Ok(_) => break,
             Err(cur) => w = cur,
         }
+        tries += 1;
+        if tries > CAS_TRIES {
+            return Err(LeaseError::Stuck);
+        }
     }
     // Dekker with the host: the bit is visible before we look at generation/state, and the
     // host changes generation/state before it frees. One of us sees the other.
+    if holds_expected(mem, layout, slot, generation, allow_unlinked)? {
+        return Ok(());
+    }
+    // Wrong object: give the bit back, closing whatever it was if we were its last holder.
+    Err(if drop_holder_bit(mem, c)? {
+        LeaseError::GoneClosed
+    } else {
+        LeaseError::Gone
+    })
+}
+
+/// Whether `slot` still holds object `generation` in an acceptable state.
+fn holds_expected<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: u32,
+    generation: u64,
+    allow_unlinked: bool,
+) -> Result<bool, Fault> {
     let gen_now = object::generation(mem, layout, slot)?;
     let state_now = object::state(mem, layout, slot)?;
     let state_ok =
         state_now == object_state::LIVE || (allow_unlinked && state_now == object_state::UNLINKED);
-    if gen_now == generation && state_ok {
-        return Ok(());
-    }
-    // Wrong object: give the bit back, closing whatever it was if we were its last holder.
-    drop_holder_bit(mem, c)?;
-    Err(LeaseError::Gone)
+    Ok(gen_now == generation && state_ok)
 }
 
 /// Clears this peer's holder bit; closes the object if that left it with no holders and no
@@ -185,13 +215,15 @@ fn drop_holder_bit<M: SharedMemory + ?Sized>(mem: &M, c: &Cell) -> Result<bool, 
 }
 
 /// CASes `LEASE_CLOSED` into a lease word that has no holders and no KEEP. Shared with the
-/// host (delete, reclaim). Returns whether this call closed it.
+/// host (delete, reclaim, sweep). Returns whether this call closed it. Bounded: a word that
+/// keeps changing under [`CAS_TRIES`] attempts is left to the host's next sweep, so a peer
+/// rewriting it cannot trap anyone in this loop.
 pub fn close_if_unheld<M: SharedMemory + ?Sized>(
     mem: &M,
     lease_off: u64,
     mut w: u64,
 ) -> Result<bool, Fault> {
-    loop {
+    for _ in 0..CAS_TRIES {
         if w & (LEASE_HOLDERS | LEASE_KEEP | LEASE_CLOSED) != 0 {
             return Ok(false);
         }
@@ -200,15 +232,7 @@ pub fn close_if_unheld<M: SharedMemory + ?Sized>(
             Err(cur) => w = cur,
         }
     }
-}
-
-fn release_count<M: SharedMemory + ?Sized>(mem: &M, cell_off: u64) -> Result<(), Fault> {
-    loop {
-        let v = mem.load_u32(cell_off, Ordering::Acquire)?;
-        if mem.cas_u32(cell_off, v, v.wrapping_sub(1))?.is_ok() {
-            return Ok(());
-        }
-    }
+    Ok(false)
 }
 
 /// Closes one handle of peer slot `peer_slot` on `slot`.
@@ -405,7 +429,7 @@ mod tests {
             .expect("new generation");
         assert_eq!(
             acquire(&f.mem, &f.layout, 1, 4, 20, false),
-            Err(LeaseError::Gone)
+            Err(LeaseError::GoneClosed)
         );
         assert_eq!(f.lease(4), LEASE_CLOSED);
     }
@@ -423,6 +447,51 @@ mod tests {
         }
         assert_eq!(f.lease(5), holder_bit(0));
         assert_eq!(release(&f.mem, &f.layout, 0, 5), Ok(Released::LastHold));
+    }
+
+    #[test]
+    fn a_stale_open_of_a_slot_this_peer_already_holds_leaves_its_hold_intact() {
+        let f = fixture();
+        f.create(7, 31, 0, false);
+        acquire(&f.mem, &f.layout, 0, 7, 31, false).expect("hold the current object");
+        assert_eq!(
+            acquire(&f.mem, &f.layout, 0, 7, 30, false),
+            Err(LeaseError::Gone)
+        );
+        assert_eq!(handles(&f.mem, &f.layout, 0, 7), Ok(1));
+        assert_eq!(f.lease(7), holder_bit(0));
+        // An open by name must not hand out a deleted object, even one we already hold.
+        let base = f.layout.object_entry(7).expect("slot");
+        f.mem
+            .store_u32(
+                base + OBJ_STATE_OFF,
+                object_state::UNLINKED,
+                Ordering::SeqCst,
+            )
+            .expect("unlink");
+        assert_eq!(
+            acquire(&f.mem, &f.layout, 0, 7, 31, false),
+            Err(LeaseError::Gone)
+        );
+        acquire(&f.mem, &f.layout, 0, 7, 31, true).expect("duplicate is fine");
+        assert_eq!(handles(&f.mem, &f.layout, 0, 7), Ok(2));
+    }
+
+    #[test]
+    fn closing_gives_up_on_a_lease_word_that_never_stops_changing() {
+        // A word with a holder is never closed; an unheld one is closed at once.
+        let f = fixture();
+        let lease = f.layout.object_entry(0).expect("slot") + OBJ_LEASE_OFF;
+        f.mem
+            .store_u64(lease, holder_bit(1), Ordering::SeqCst)
+            .expect("held");
+        assert_eq!(
+            close_if_unheld(&f.mem, lease, 0),
+            Ok(false),
+            "stale expectation, real holder"
+        );
+        f.mem.store_u64(lease, 0, Ordering::SeqCst).expect("unheld");
+        assert_eq!(close_if_unheld(&f.mem, lease, 0), Ok(true));
     }
 
     #[test]

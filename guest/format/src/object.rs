@@ -269,11 +269,17 @@ pub fn publish<M: SharedMemory + ?Sized>(
     mem.store_u64(base + OBJ_SEQ_OFF, odd, Ordering::Relaxed)?;
     fence(Ordering::Release);
     let bytes = bytes_of(entry);
-    // Skip seq (8 bytes) and the lease line; write the head and the name.
-    mem.write_bytes(
+    // Generation and state are also read outside the seqlock (the lease protocol's
+    // re-check), so they are written with single atomic stores, never byte copies; the rest
+    // of the head (kind onwards) and the name are copied. The lease line is not touched.
+    mem.store_u64(
         base + OBJ_GENERATION_OFF,
-        &bytes[const_usize(OBJ_GENERATION_OFF)..OBJ_HEAD_LEN],
+        entry.generation,
+        Ordering::SeqCst,
     )?;
+    mem.store_u32(base + OBJ_STATE_OFF, entry.state, Ordering::SeqCst)?;
+    let kind_off = const_usize(OBJ_STATE_OFF) + 4;
+    mem.write_bytes(base + kind_off as u64, &bytes[kind_off..OBJ_HEAD_LEN])?;
     let name_off = const_usize(OBJ_NAME_OFF);
     mem.write_bytes(
         base + OBJ_NAME_OFF,
