@@ -17,6 +17,8 @@ mod transport;
 
 #[cfg(feature = "std")]
 pub mod host;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub mod pci;
 
 pub use error::Error;
 pub use namespace::{CreateOptions, Disposition, Namespace, Section};

@@ -19,9 +19,19 @@ use vshm::{CreateOptions, Disposition, Error, Namespace, ObjectInfo, Transport};
 #[derive(Debug, Parser)]
 #[command(name = "vshm", version)]
 struct Args {
-    /// vshmd's ivshmem socket (host processes).
+    /// vshmd's ivshmem socket (host processes). Without it, vshm uses the ivshmem PCI
+    /// device of the guest it runs in.
     #[arg(long, global = true, env = "VSHM_SOCKET", value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Which ivshmem PCI device to use, e.g. 0000:00:03.0 (guests with several).
+    #[arg(
+        long,
+        global = true,
+        env = "VSHM_PCI",
+        value_name = "BDF",
+        conflicts_with = "socket"
+    )]
+    pci: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -213,13 +223,6 @@ fn wait_for_release() -> Result<(), Failure> {
 }
 
 fn run(args: Args) -> Result<(), Failure> {
-    let Some(socket) = args.socket else {
-        return Err(Failure(
-            "no --socket given (host processes connect to vshmd's socket; set VSHM_SOCKET or \
-             pass --socket PATH)"
-                .into(),
-        ));
-    };
     if matches!(
         args.command,
         Command::Hold { .. } | Command::Create { hold: true, .. }
@@ -227,10 +230,25 @@ fn run(args: Args) -> Result<(), Failure> {
         // Block the signals before any thread exists, so the signalfd sees them.
         block_release_signals();
     }
-    let transport = HostTransport::connect(&socket).map_err(|e| Failure(e.to_string()))?;
-    let ns = Namespace::attach(transport)?;
+    match &args.socket {
+        Some(socket) => {
+            let transport = HostTransport::connect(socket).map_err(|e| Failure(e.to_string()))?;
+            execute(Namespace::attach(transport)?, args.command)
+        }
+        None => {
+            let transport = vshm::pci::PciTransport::open(args.pci.as_deref()).map_err(|e| {
+                Failure(format!(
+                    "{e} (host processes pass --socket or set VSHM_SOCKET)"
+                ))
+            })?;
+            execute(Namespace::attach(transport)?, args.command)
+        }
+    }
+}
+
+fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failure> {
     let out = std::io::stdout();
-    match args.command {
+    match command {
         Command::Create {
             name,
             max,

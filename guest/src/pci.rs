@@ -1,0 +1,281 @@
+//! Linux guest transport: the ivshmem PCI device through sysfs, from userspace.
+//!
+//! BAR0 holds the registers (IVPosition at 8 = our peer id, Doorbell at 12 = ring
+//! `(peer << 16) | vector`), BAR2 the shared region. We map BAR2 through `resource2`, not
+//! `resource2_wc`: the namespace runs CAS and ordered loads/stores on shared words, which
+//! write-combining memory does not order (and on hosts that honour the guest PAT, locked
+//! operations on WC memory are not guaranteed). `resource2` is UC-: correct everywhere, slow
+//! on AMD hosts with KVM (guest PAT honoured), WB in effect on Intel/KVM and under TCG. A
+//! kernel driver (planned) maps the BAR cacheable and delivers MSI-X interrupts; without one
+//! a waiting guest polls: it spins briefly, then sleeps with backoff so it does not burn a
+//! vCPU.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+use vshm_format::layout::{Layout, Superblock};
+use vshm_format::shm::{read_pod, RawRegion};
+
+use crate::host::Mapping;
+use crate::{Transport, TransportError};
+
+/// PCI vendor and device id of QEMU's ivshmem.
+pub const IVSHMEM_VENDOR: &str = "0x1af4";
+/// See [`IVSHMEM_VENDOR`].
+pub const IVSHMEM_DEVICE: &str = "0x1110";
+
+const REG_IVPOSITION: usize = 8;
+const REG_DOORBELL: usize = 12;
+
+/// How long a waiter spins before it starts sleeping.
+const SPIN: Duration = Duration::from_micros(50);
+/// First and longest sleep of the backoff.
+const SLEEP_MIN: Duration = Duration::from_micros(50);
+const SLEEP_MAX: Duration = Duration::from_millis(2);
+
+/// Why the device could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    /// No ivshmem device in this guest.
+    #[error("no ivshmem PCI device (1af4:1110) found under {0}; is the VM started with -device ivshmem-doorbell?")]
+    NoDevice(PathBuf),
+    /// The requested device is not an ivshmem device.
+    #[error("{0} is not an ivshmem device (vendor:device {1})")]
+    NotIvshmem(String, String),
+    /// Several devices carry a vshm region; the caller must choose.
+    #[error("several ivshmem devices hold a vshm region: {0}; choose one with --pci BDF")]
+    Ambiguous(String),
+    /// Devices exist but none holds a valid vshm region.
+    #[error("no ivshmem device holds a valid vshm region: {0}")]
+    NoRegion(String),
+    /// sysfs access failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The sysfs file.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The BAR2 region does not validate.
+    #[error("{0}: not a vshm region: {1}")]
+    Region(String, vshm_format::layout::LayoutError),
+    /// IVPosition is not a usable peer id.
+    #[error("{0}: IVPosition {1} is not a peer id (is the device attached to vshmd's socket?)")]
+    BadPosition(String, u32),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PciError + '_ {
+    move |source| PciError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn read_trim(path: &Path) -> Result<String, PciError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(io_err(path))
+}
+
+/// An ivshmem device in this guest (not yet mapped).
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// PCI address, e.g. `0000:00:03.0`.
+    pub bdf: String,
+    dir: PathBuf,
+}
+
+/// Lists the ivshmem devices under `sysfs_pci` (normally `/sys/bus/pci/devices`).
+pub fn find_devices(sysfs_pci: &Path) -> Result<Vec<Device>, PciError> {
+    let mut found = Vec::new();
+    let entries = std::fs::read_dir(sysfs_pci).map_err(io_err(sysfs_pci))?;
+    for e in entries.flatten() {
+        let dir = e.path();
+        let vendor = read_trim(&dir.join("vendor")).unwrap_or_default();
+        let device = read_trim(&dir.join("device")).unwrap_or_default();
+        if vendor == IVSHMEM_VENDOR && device == IVSHMEM_DEVICE {
+            found.push(Device {
+                bdf: e.file_name().to_string_lossy().into_owned(),
+                dir,
+            });
+        }
+    }
+    found.sort_by(|a, b| a.bdf.cmp(&b.bdf));
+    Ok(found)
+}
+
+fn map_resource(path: &Path) -> Result<Mapping, PciError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    let len = file.metadata().map_err(io_err(path))?.len();
+    // BAR0 is 256 bytes: map the page that holds it.
+    let len = len.max(4096);
+    Mapping::new(&file, len).map_err(io_err(path))
+}
+
+/// A guest peer over an ivshmem PCI device.
+#[derive(Debug)]
+pub struct PciTransport {
+    bdf: String,
+    regs: Mapping,
+    shm: Mapping,
+    peer_id: u16,
+}
+
+impl PciTransport {
+    /// Opens the device at `bdf`, or, with `None`, the one ivshmem device holding a valid
+    /// vshm region (an error names the candidates if there are several).
+    pub fn open(bdf: Option<&str>) -> Result<PciTransport, PciError> {
+        Self::open_in(Path::new("/sys/bus/pci/devices"), bdf)
+    }
+
+    /// As [`PciTransport::open`], with another sysfs root (tests).
+    pub fn open_in(sysfs_pci: &Path, bdf: Option<&str>) -> Result<PciTransport, PciError> {
+        if let Some(bdf) = bdf {
+            let dir = sysfs_pci.join(bdf);
+            let ids = format!(
+                "{}:{}",
+                read_trim(&dir.join("vendor"))?,
+                read_trim(&dir.join("device"))?
+            );
+            if ids != format!("{IVSHMEM_VENDOR}:{IVSHMEM_DEVICE}") {
+                return Err(PciError::NotIvshmem(bdf.to_owned(), ids));
+            }
+            return Self::attach(&Device {
+                bdf: bdf.to_owned(),
+                dir,
+            });
+        }
+        let devices = find_devices(sysfs_pci)?;
+        if devices.is_empty() {
+            return Err(PciError::NoDevice(sysfs_pci.to_owned()));
+        }
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for d in &devices {
+            match Self::attach(d) {
+                Ok(t) => good.push(t),
+                Err(e) => bad.push(format!("{}: {e}", d.bdf)),
+            }
+        }
+        match good.len() {
+            1 => Ok(good.remove(0)),
+            0 => Err(PciError::NoRegion(bad.join("; "))),
+            _ => Err(PciError::Ambiguous(
+                good.iter()
+                    .map(|t| format!("{} (region {})", t.bdf, t.region_id_hex()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )),
+        }
+    }
+
+    fn attach(d: &Device) -> Result<PciTransport, PciError> {
+        let enable = d.dir.join("enable");
+        // Enabling decodes the BARs; already enabled is fine.
+        if read_trim(&enable).map(|v| v != "1").unwrap_or(true) {
+            File::options()
+                .write(true)
+                .open(&enable)
+                .and_then(|mut f| f.write_all(b"1"))
+                .map_err(io_err(&enable))?;
+        }
+        let regs = map_resource(&d.dir.join("resource0"))?;
+        let shm = map_resource(&d.dir.join("resource2"))?;
+        let region = shm.region();
+        let sb: Superblock = read_pod(&region, 0).map_err(|_| {
+            PciError::Region(
+                d.bdf.clone(),
+                vshm_format::layout::LayoutError::TooSmall(256, 0),
+            )
+        })?;
+        Layout::from_superblock(&sb, vshm_format::shm::SharedMemory::size(&region))
+            .map_err(|e| PciError::Region(d.bdf.clone(), e))?;
+        let pos = regs
+            .region()
+            .load_u32(REG_IVPOSITION as u64, std::sync::atomic::Ordering::SeqCst)
+            .unwrap_or(u32::MAX);
+        let peer_id = u16::try_from(pos)
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| PciError::BadPosition(d.bdf.clone(), pos))?;
+        Ok(PciTransport {
+            bdf: d.bdf.clone(),
+            regs,
+            shm,
+            peer_id,
+        })
+    }
+
+    /// The device's PCI address.
+    pub fn bdf(&self) -> &str {
+        &self.bdf
+    }
+
+    fn region_id_hex(&self) -> String {
+        read_pod::<Superblock, _>(&self.shm.region(), 0)
+            .map(|sb| sb.region_id.iter().map(|b| format!("{b:02x}")).collect())
+            .unwrap_or_default()
+    }
+
+    fn doorbell(&self) -> *mut u32 {
+        // REG_DOORBELL lies inside the mapped register page.
+        self.regs
+            .region()
+            .base()
+            .as_ptr()
+            .wrapping_add(REG_DOORBELL)
+            .cast::<u32>()
+    }
+}
+
+use vshm_format::shm::SharedMemory as _;
+
+impl Transport for PciTransport {
+    fn region(&self) -> RawRegion {
+        self.shm.region()
+    }
+
+    fn peer_id(&self) -> u16 {
+        self.peer_id
+    }
+
+    fn ring(&self, peer: u16, vector: u16) -> Result<(), TransportError> {
+        let value = (u32::from(peer) << 16) | u32::from(vector);
+        let reg = NonNull::new(self.doorbell()).ok_or(TransportError::Os(libc::EFAULT))?;
+        // SAFETY: the doorbell register is a 4-byte-aligned MMIO register inside the BAR0
+        // page we mapped; a single volatile 32-bit store is the access the device expects.
+        unsafe { reg.as_ptr().write_volatile(value) };
+        Ok(())
+    }
+
+    fn wait_until(
+        &self,
+        ready: &mut dyn FnMut() -> bool,
+        timeout: Duration,
+    ) -> Result<bool, TransportError> {
+        let start = Instant::now();
+        let mut sleep = SLEEP_MIN;
+        loop {
+            if ready() {
+                return Ok(true);
+            }
+            let elapsed = start.elapsed();
+            if elapsed >= timeout {
+                return Ok(false);
+            }
+            if elapsed < SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            std::thread::sleep(sleep.min(timeout - elapsed));
+            sleep = (sleep * 2).min(SLEEP_MAX);
+        }
+    }
+}
