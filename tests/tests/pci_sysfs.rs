@@ -20,7 +20,7 @@ fn device(root: &Path, bdf: &str, vendor: &str, region_id: Option<u8>, position:
     let mut regs = vec![0u8; 256];
     regs[8..12].copy_from_slice(&position.to_le_bytes());
     std::fs::write(dir.join("resource0"), regs).expect("bar0");
-    let mut shm = vec![0u8; REGION as usize];
+    let mut shm = vec![0u8; 1 << 20];
     if let Some(id) = region_id {
         let layout = Layout::compute(REGION, 4, 16, 2, 4096).expect("layout");
         let mut sb = layout.superblock(1, [id; 16]);
