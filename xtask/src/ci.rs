@@ -19,8 +19,7 @@ fn cargo_step(name: &'static str, args: &[&str]) -> Step {
     Step { name, command }
 }
 
-/// The steps, in order. Later: build the guest images, then boot them under QEMU for the
-/// end-to-end tests (add their tools to `tools::APT_TOOLS` and `.ci/run`).
+/// The steps, in order. The guest image is built before the tests, which boot it under QEMU.
 fn steps() -> Vec<Step> {
     vec![
         cargo_step("fmt", &["fmt", "--all", "--", "--check"]),
@@ -37,6 +36,10 @@ fn steps() -> Vec<Step> {
         ),
         // The integration tests spawn the built vshmd/vshm/vshmctl from target/debug.
         cargo_step("build", &["build", "--workspace", "--bins"]),
+        cargo_step(
+            "images",
+            &["run", "--quiet", "--package", "xtask", "--", "images"],
+        ),
         cargo_step("test", &["test", "--workspace"]),
     ]
 }

@@ -7,6 +7,7 @@
 
 mod ci;
 mod demo;
+mod images;
 mod tools;
 mod util;
 
@@ -20,12 +21,14 @@ tasks:
           rustfmt check, clippy (-D warnings), build the binaries, cargo test
   demo    start vshmd in a temporary directory and let two host-process peers
           (the vshm CLI) share a section; show vshmctl status; shut down cleanly
+  images  build the static guest vshm and the test guest (Debian cloud kernel,
+          busybox, initramfs) into images/out (cached)
 ";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let task = match args.as_slice() {
-        [t] if t == "test" || t == "demo" => t.as_str(),
+        [t] if t == "test" || t == "demo" || t == "images" => t.as_str(),
         [h] if h == "help" || h == "-h" || h == "--help" => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
     };
     let result = match task {
         "test" => ci::run(),
+        "images" => images::run(),
         _ => demo::run(),
     };
     match result {

@@ -54,6 +54,9 @@ enum Command {
         /// Keep the handle open until stdin closes or a signal arrives.
         #[arg(long)]
         hold: bool,
+        /// With --hold: ignore stdin, release only on SIGTERM/SIGINT/SIGHUP.
+        #[arg(long, requires = "hold")]
+        until_signal: bool,
     },
     /// Open a section (checks that it exists; the handle closes on exit).
     Open {
@@ -117,6 +120,15 @@ enum Command {
         /// Section names.
         #[arg(required = true)]
         names: Vec<String>,
+        /// Ignore stdin, release only on SIGTERM/SIGINT/SIGHUP (for background use).
+        #[arg(long)]
+        until_signal: bool,
+    },
+    /// The peers attached to the region (this one is marked).
+    Peers {
+        /// One JSON array.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -177,8 +189,8 @@ fn info_json<T: Transport>(ns: &Namespace<T>, info: &ObjectInfo) -> Value {
     })
 }
 
-/// Blocks until stdin reaches EOF or SIGINT/SIGTERM/SIGHUP arrives.
-fn wait_for_release() -> Result<(), Failure> {
+/// Blocks until SIGINT/SIGTERM/SIGHUP arrives or, unless `until_signal`, stdin reaches EOF.
+fn wait_for_release(until_signal: bool) -> Result<(), Failure> {
     let set = block_release_signals();
     // SAFETY: signalfd gets a valid, initialised set; the result is checked below.
     let sfd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
@@ -193,9 +205,11 @@ fn wait_for_release() -> Result<(), Failure> {
     let stdin = std::io::stdin();
     let mut buf = [0u8; 4096];
     loop {
+        // poll ignores a negative fd: with until_signal only the signals count.
+        let stdin_fd = if until_signal { -1 } else { stdin.as_raw_fd() };
         let mut fds = [
             libc::pollfd {
-                fd: stdin.as_raw_fd(),
+                fd: stdin_fd,
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -255,6 +269,7 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
             initial,
             persistent,
             hold,
+            until_signal,
         } => {
             let opts = CreateOptions {
                 max_size: max,
@@ -278,7 +293,7 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
             if hold {
                 println!("holding; close stdin or send SIGTERM to release");
                 let _ = out.lock().flush();
-                wait_for_release()?;
+                wait_for_release(until_signal)?;
             } else if !persistent && disposition == Disposition::Created {
                 eprintln!(
                     "note: {name:?} is not persistent and this was its only handle: it is \
@@ -396,7 +411,29 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
                 println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             }
         }
-        Command::Hold { names } => {
+        Command::Peers { json } => {
+            let me = ns.peer_id();
+            let peers: Vec<_> = ns.peers().collect();
+            if json {
+                let arr: Vec<Value> = peers
+                    .iter()
+                    .map(|p| json!({ "id": p.peer_id, "incarnation": p.incarnation, "self": p.peer_id == me }))
+                    .collect();
+                println!("{}", Value::Array(arr));
+            } else {
+                for p in peers {
+                    println!(
+                        "{}{}",
+                        p.peer_id,
+                        if p.peer_id == me { " (this peer)" } else { "" }
+                    );
+                }
+            }
+        }
+        Command::Hold {
+            names,
+            until_signal,
+        } => {
             let mut held = Vec::new();
             for name in &names {
                 held.push(
@@ -409,7 +446,7 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
                 held.len()
             );
             let _ = out.lock().flush();
-            wait_for_release()?;
+            wait_for_release(until_signal)?;
             for h in held {
                 h.close()?;
             }

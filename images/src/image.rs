@@ -1,0 +1,245 @@
+//! Builds the test guest: the Debian cloud kernel, busybox-static and a static `vshm` in an
+//! uncompressed initramfs whose init starts a command agent on the second serial port.
+//!
+//! Downloads go through `apt-get download` (Debian's mirrors, the only network here) and
+//! are cached in the output directory, so a second build is instant.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::cpio::Archive;
+
+/// Why the image could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// A tool failed or is missing.
+    #[error("{what} failed: {detail}")]
+    Tool {
+        /// The step.
+        what: String,
+        /// Its error output.
+        detail: String,
+    },
+    /// File I/O.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A built guest.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The kernel (bzImage).
+    pub kernel: PathBuf,
+    /// The initramfs (newc cpio).
+    pub initrd: PathBuf,
+}
+
+impl Image {
+    /// The image in `dir` if it was built there.
+    pub fn existing(dir: &Path) -> Option<Image> {
+        let img = Image {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initramfs.cpio"),
+        };
+        (img.kernel.exists() && img.initrd.exists()).then_some(img)
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result<String, ImageError> {
+    let out = cmd.output().map_err(|e| ImageError::Tool {
+        what: what.into(),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(ImageError::Tool {
+            what: what.into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The concrete kernel package `linux-image-cloud-amd64` currently depends on.
+fn kernel_package() -> Result<String, ImageError> {
+    let query = || {
+        run(
+            "apt-cache depends linux-image-cloud-amd64",
+            Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]),
+        )
+    };
+    let text = match query() {
+        Ok(t) if t.contains("Depends:") => t,
+        // A fresh machine may have no package lists yet.
+        _ => {
+            run(
+                "apt-get update",
+                Command::new("apt-get").args(["update", "-q"]),
+            )?;
+            query()?
+        }
+    };
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+        .map(str::to_owned)
+        .ok_or_else(|| ImageError::Tool {
+            what: "finding the cloud kernel package".into(),
+            detail: text.clone(),
+        })
+}
+
+/// Downloads `package` into `dir` and extracts `member` (a path inside the package, e.g.
+/// `./bin/busybox`) into `dir/root`. Returns the extracted path.
+fn fetch_member(dir: &Path, package: &str, member: &str) -> Result<PathBuf, ImageError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let debs = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                            n.starts_with(&format!("{package}_")) && n.ends_with(".deb")
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    if debs(dir).is_empty() {
+        run(
+            &format!("apt-get download {package}"),
+            Command::new("apt-get")
+                .arg("download")
+                .arg(package)
+                .current_dir(dir),
+        )?;
+    }
+    let deb = debs(dir)
+        .into_iter()
+        .next()
+        .ok_or_else(|| ImageError::Tool {
+            what: format!("apt-get download {package}"),
+            detail: "no .deb appeared".into(),
+        })?;
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    let script = format!(
+        "dpkg-deb --fsys-tarfile '{}' | tar -x -C '{}' '{}'",
+        deb.display(),
+        root.display(),
+        member
+    );
+    run(
+        &format!("extracting {member} from {}", deb.display()),
+        Command::new("sh").args(["-c", &script]),
+    )?;
+    Ok(root.join(member.trim_start_matches("./")))
+}
+
+/// The guest's /init: mounts, installs busybox applets, then serves the agent forever.
+pub const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /tmp /run
+echo "vshm-guest: up, kernel $(uname -r)"
+while true; do
+    stty -F /dev/ttyS1 raw -echo 2>/dev/null
+    sh /agent.sh < /dev/ttyS1 > /dev/ttyS1 2>&1
+    sleep 1
+done
+"#;
+
+/// The command agent: each input line is `ID COMMAND`; it answers with the command's output
+/// (stdout and stderr) followed by `@@END ID EXIT_STATUS`. Until the first command it says
+/// `@@READY` once a second.
+pub const AGENT: &str = r#"# Announce ourselves every second until the host sends its first command: output on
+# the serial port is lost while no one is connected to QEMU's end of it.
+until IFS= read -r -t 1 line; do echo "@@READY"; done
+while true; do
+    id=${line%% *}
+    cmd=${line#* }
+    out=$(sh -c "$cmd" 2>&1 < /dev/null)
+    rc=$?
+    printf '%s\n@@END %s %s\n' "$out" "$id" "$rc"
+    IFS= read -r line || break
+done
+"#;
+
+/// Builds (or reuses) the image in `out`, with the static `vshm` at `vshm`. `progress`
+/// receives one line per step.
+pub fn build(out: &Path, vshm: &Path, progress: &mut dyn FnMut(&str)) -> Result<Image, ImageError> {
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let kernel = out.join("vmlinuz");
+    if !kernel.exists() {
+        let package = kernel_package()?;
+        progress(&format!("downloading the guest kernel ({package})"));
+        let dir = out.join("cache").join(&package);
+        fetch_member(&dir, &package, "./boot/")?;
+        let boot = dir.join("root/boot");
+        let vmlinuz = std::fs::read_dir(&boot)
+            .map_err(io(&boot))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("vmlinuz-"))
+            })
+            .ok_or_else(|| ImageError::Tool {
+                what: format!("finding vmlinuz in {package}"),
+                detail: boot.display().to_string(),
+            })?;
+        std::fs::copy(&vmlinuz, &kernel).map_err(io(&kernel))?;
+    } else {
+        progress("guest kernel: cached");
+    }
+    let busybox = out.join("busybox");
+    if !busybox.exists() {
+        progress("downloading busybox-static");
+        let got = fetch_member(
+            &out.join("cache/busybox"),
+            "busybox-static",
+            "./bin/busybox",
+        )?;
+        std::fs::copy(&got, &busybox).map_err(io(&busybox))?;
+    } else {
+        progress("busybox: cached");
+    }
+    progress("packing the initramfs (busybox, vshm, init, agent)");
+    let read = |p: &Path| std::fs::read(p).map_err(io(p));
+    let mut a = Archive::new();
+    let w = |r: std::io::Result<()>| r.map_err(io(out));
+    for d in [
+        "bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "root", "usr", "usr/bin", "usr/sbin",
+    ] {
+        w(a.dir(d))?;
+    }
+    w(a.char_device("dev/console", 5, 1))?;
+    w(a.char_device("dev/null", 1, 3))?;
+    w(a.file("bin/busybox", 0o755, &read(&busybox)?))?;
+    w(a.symlink("bin/sh", "busybox"))?;
+    w(a.file("bin/vshm", 0o755, &read(vshm)?))?;
+    w(a.file("init", 0o755, INIT.as_bytes()))?;
+    w(a.file("agent.sh", 0o755, AGENT.as_bytes()))?;
+    let bytes = a.finish().map_err(io(out))?;
+    let initrd = out.join("initramfs.cpio");
+    let tmp = out.join("initramfs.cpio.tmp");
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &initrd).map_err(io(&initrd))?;
+    Ok(Image { kernel, initrd })
+}

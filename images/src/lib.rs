@@ -1,0 +1,10 @@
+//! Test guests for vshm: building a bootable image from Debian packages ([`image`]) and
+//! running it under QEMU attached to vshmd, driven through a command agent ([`vm`]).
+#![warn(missing_docs)]
+
+pub mod cpio;
+pub mod image;
+pub mod vm;
+
+pub use image::{build, Image, ImageError};
+pub use vm::{accelerator, Accel, Output, Starting, Vm, VmConfig, VmError};

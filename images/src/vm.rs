@@ -1,0 +1,418 @@
+//! Starts a test guest under QEMU attached to vshmd, and drives it through its command agent
+//! on the second serial port.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::Image;
+
+/// Why a VM operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// QEMU could not be started.
+    #[error("starting {qemu}: {source}")]
+    Spawn {
+        /// The QEMU binary.
+        qemu: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// QEMU exited.
+    #[error("VM {name}: QEMU exited ({status}); console:\n{console}")]
+    Exited {
+        /// VM name.
+        name: String,
+        /// Exit status.
+        status: String,
+        /// Tail of the console log.
+        console: String,
+    },
+    /// Something took too long.
+    #[error("VM {name}: timed out after {secs} s waiting for {what}; console:\n{console}")]
+    Timeout {
+        /// VM name.
+        name: String,
+        /// Seconds waited.
+        secs: u64,
+        /// What for.
+        what: String,
+        /// Tail of the console log.
+        console: String,
+    },
+    /// Agent I/O.
+    #[error("VM {name}: agent connection: {source}")]
+    Agent {
+        /// VM name.
+        name: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Accelerator for the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation.
+    Kvm,
+    /// QEMU's translator (multi-threaded, so guest atomics are host atomics).
+    Tcg,
+}
+
+/// KVM only where hardware virtualisation is present (kvm_intel/kvm_amd loaded, or vmx/svm
+/// in /proc/cpuinfo) and /dev/kvm exists. Elsewhere TCG: a /dev/kvm without them (e.g. PVM)
+/// runs unmodified guests far slower than TCG.
+pub fn accelerator() -> Accel {
+    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+    let hw_module = modules
+        .lines()
+        .any(|l| l.starts_with("kvm_intel ") || l.starts_with("kvm_amd "));
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw_flags = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if (hw_module || hw_flags) && Path::new("/dev/kvm").exists() {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    }
+}
+
+/// How to start a guest.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Name (for messages and file names).
+    pub name: String,
+    /// The image.
+    pub image: Image,
+    /// vshmd's ivshmem socket.
+    pub vshm_socket: PathBuf,
+    /// vshmd's `--vectors`.
+    pub vectors: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Where the console log and the agent socket go.
+    pub work_dir: PathBuf,
+    /// Accelerator.
+    pub accel: Accel,
+}
+
+impl VmConfig {
+    /// Defaults: 256 MiB, 2 vectors, the detected accelerator.
+    pub fn new(name: &str, image: &Image, vshm_socket: &Path, work_dir: &Path) -> VmConfig {
+        VmConfig {
+            name: name.to_owned(),
+            image: image.clone(),
+            vshm_socket: vshm_socket.to_owned(),
+            vectors: 2,
+            memory_mib: 256,
+            work_dir: work_dir.to_owned(),
+            accel: accelerator(),
+        }
+    }
+
+    /// The QEMU command line.
+    pub fn qemu_args(&self) -> Vec<String> {
+        let console = self.work_dir.join(format!("{}.console.log", self.name));
+        let agent = self.work_dir.join(format!("{}.agent.sock", self.name));
+        let mut a: Vec<String> = vec![
+            "-M".into(),
+            "q35".into(),
+            "-m".into(),
+            self.memory_mib.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+        ];
+        match self.accel {
+            Accel::Kvm => a.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]),
+            Accel::Tcg => a.extend(["-accel".into(), "tcg,thread=multi".into()]),
+        }
+        a.extend([
+            "-kernel".into(),
+            self.image.kernel.display().to_string(),
+            "-initrd".into(),
+            self.image.initrd.display().to_string(),
+            "-append".into(),
+            "console=ttyS0 panic=-1 loglevel=4".into(),
+            "-serial".into(),
+            format!("file:{}", console.display()),
+            "-serial".into(),
+            format!("unix:{},server=on,wait=off", agent.display()),
+            "-chardev".into(),
+            format!("socket,path={},id=vshm0", self.vshm_socket.display()),
+            "-device".into(),
+            format!("ivshmem-doorbell,chardev=vshm0,vectors={}", self.vectors),
+        ]);
+        a
+    }
+}
+
+/// Output of a command run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// Exit status.
+    pub status: i32,
+    /// stdout and stderr, interleaved, trailing newlines trimmed.
+    pub text: String,
+}
+
+impl Output {
+    /// Exit status 0.
+    pub fn success(&self) -> bool {
+        self.status == 0
+    }
+}
+
+/// A guest whose QEMU runs but whose agent has not answered yet.
+#[derive(Debug)]
+pub struct Starting {
+    name: String,
+    child: Option<Child>,
+    agent: PathBuf,
+    console: PathBuf,
+    started: Instant,
+}
+
+impl Starting {
+    fn exited(&mut self) -> Option<VmError> {
+        let child = self.child.as_mut()?;
+        let status = child.try_wait().ok().flatten()?;
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        Some(VmError::Exited {
+            name: self.name.clone(),
+            status: format!("{status}: {}", err.trim()),
+            console: tail(&self.console),
+        })
+    }
+
+    fn timeout(&self, what: &str, limit: Duration) -> VmError {
+        VmError::Timeout {
+            name: self.name.clone(),
+            secs: limit.as_secs(),
+            what: what.into(),
+            console: tail(&self.console),
+        }
+    }
+
+    /// Waits until the guest's agent says it is ready (`timeout` counts from the start).
+    pub fn wait_ready(mut self, timeout: Duration) -> Result<Vm, VmError> {
+        let stream = loop {
+            if let Some(e) = self.exited() {
+                return Err(e);
+            }
+            if let Ok(s) = UnixStream::connect(&self.agent) {
+                break s;
+            }
+            if self.started.elapsed() > timeout {
+                return Err(self.timeout("QEMU's agent socket", timeout));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let name = self.name.clone();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .map_err(|source| VmError::Agent {
+                name: name.clone(),
+                source,
+            })?;
+        let child = self
+            .child
+            .take()
+            .ok_or_else(|| self.timeout("QEMU", timeout))?;
+        let mut vm = Vm {
+            name,
+            child,
+            agent: BufReader::new(stream),
+            console: self.console.clone(),
+            next_id: 1,
+        };
+        loop {
+            if let Some(line) = vm.read_line()? {
+                if line.contains("@@READY") {
+                    return Ok(vm);
+                }
+            }
+            if let Ok(Some(status)) = vm.child.try_wait() {
+                return Err(VmError::Exited {
+                    name: vm.name.clone(),
+                    status: status.to_string(),
+                    console: tail(&vm.console),
+                });
+            }
+            if self.started.elapsed() > timeout {
+                return Err(self.timeout("the guest's command agent", timeout));
+            }
+        }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A running guest.
+#[derive(Debug)]
+pub struct Vm {
+    name: String,
+    child: Child,
+    agent: BufReader<UnixStream>,
+    console: PathBuf,
+    next_id: u64,
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+impl Vm {
+    /// Starts QEMU and waits (up to `boot_timeout`) until the guest's agent answers.
+    pub fn boot(cfg: &VmConfig, boot_timeout: Duration) -> Result<Vm, VmError> {
+        Vm::start(cfg)?.wait_ready(boot_timeout)
+    }
+
+    /// Starts QEMU without waiting for the guest. QEMU is killed if the *thread* that
+    /// called this exits (PR_SET_PDEATHSIG), so start VMs from a thread that outlives them.
+    pub fn start(cfg: &VmConfig) -> Result<Starting, VmError> {
+        let qemu = "qemu-system-x86_64";
+        let agent = cfg.work_dir.join(format!("{}.agent.sock", cfg.name));
+        let _ = std::fs::remove_file(&agent);
+        let mut cmd = Command::new(qemu);
+        cmd.args(cfg.qemu_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl in the child between fork and exec; async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| VmError::Spawn {
+            qemu: qemu.into(),
+            source,
+        })?;
+        Ok(Starting {
+            name: cfg.name.clone(),
+            child: Some(child),
+            agent,
+            console: cfg.work_dir.join(format!("{}.console.log", cfg.name)),
+            started: Instant::now(),
+        })
+    }
+
+    /// One line from the agent, or `None` if none arrived within the socket timeout.
+    fn read_line(&mut self) -> Result<Option<String>, VmError> {
+        let mut line = String::new();
+        match self.agent.read_line(&mut line) {
+            Ok(0) => Err(VmError::Exited {
+                name: self.name.clone(),
+                status: "agent closed".into(),
+                console: tail(&self.console),
+            }),
+            Ok(_) => Ok(Some(line.trim_end_matches(['\n', '\r']).to_owned())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                // Keep what was read so far for the next call.
+                if !line.is_empty() {
+                    let mut rest = String::new();
+                    let _ = self.agent.read_line(&mut rest);
+                    line.push_str(&rest);
+                    return Ok(Some(line.trim_end_matches(['\n', '\r']).to_owned()));
+                }
+                Ok(None)
+            }
+            Err(source) => Err(VmError::Agent {
+                name: self.name.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Runs `command` with the guest's `sh` and returns its output and status.
+    pub fn run(&mut self, command: &str, timeout: Duration) -> Result<Output, VmError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = format!("{id} {}\n", command.replace('\n', " "));
+        self.agent
+            .get_mut()
+            .write_all(line.as_bytes())
+            .map_err(|source| VmError::Agent {
+                name: self.name.clone(),
+                source,
+            })?;
+        let start = Instant::now();
+        let end = format!("@@END {id} ");
+        let mut text = Vec::new();
+        loop {
+            if let Some(l) = self.read_line()? {
+                if let Some(rc) = l.strip_prefix(&end) {
+                    let status = rc.trim().parse().unwrap_or(-1);
+                    return Ok(Output {
+                        status,
+                        text: text.join("\n").trim_end().to_owned(),
+                    });
+                }
+                if l != "@@READY" {
+                    text.push(l);
+                }
+            }
+            if start.elapsed() > timeout {
+                return Err(VmError::Timeout {
+                    name: self.name.clone(),
+                    secs: timeout.as_secs(),
+                    what: format!("`{command}`"),
+                    console: tail(&self.console),
+                });
+            }
+        }
+    }
+
+    /// QEMU's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The guest's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The console log so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// SIGKILLs QEMU (a VM dying without warning) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
