@@ -12,8 +12,8 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 use vshm_format::layout::{
-    holder_bit, object_state, peer_slot, peer_state, refcell, Layout, PeerEntry, Response,
-    LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP, OBJ_LEASE_OFF, PEER_STATE_OFF, SB_VERSION_OFF,
+    holder_bit, object_state, peer_state, refcell, Layout, PeerEntry, Response, LEASE_CLOSED,
+    LEASE_HOLDERS, LEASE_KEEP, OBJ_LEASE_OFF, PEER_STATE_OFF, SB_VERSION_OFF,
 };
 use vshm_format::lease::close_if_unheld;
 use vshm_format::mailbox::{self, Command};
@@ -23,9 +23,24 @@ use vshm_format::{layout::FORMAT_VERSION, Status};
 
 use crate::region::Region;
 
-/// Peer id of a peer slot (slots are < 62, ids are slot + 1).
-fn peer_id_of(slot: u32) -> u16 {
-    u16::try_from(slot + 1).unwrap_or(u16::MAX)
+/// Why a peer could not be registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// All slots are taken.
+    #[error("all {0} peer slots are in use")]
+    Full(u32),
+    /// Id 0 (the host) or an id already connected.
+    #[error("peer id {0} is the host's or already connected")]
+    BadId(u16),
+    /// The region could not be written.
+    #[error("cannot write the peer table: {0}")]
+    Fault(Fault),
+}
+
+impl From<Fault> for ConnectError {
+    fn from(f: Fault) -> Self {
+        ConnectError::Fault(f)
+    }
 }
 
 /// Shared memory the arbiter can also give back to the host.
@@ -69,6 +84,8 @@ pub struct Record {
 
 #[derive(Debug, Clone, Default)]
 struct PeerRecord {
+    /// The ivshmem id holding (or last holding) this slot.
+    id: u16,
     connected: bool,
     incarnation: u64,
     last_seq: u64,
@@ -240,8 +257,11 @@ impl<M: Backing> Arbiter<M> {
         self.counters
     }
 
+    /// The slot of connected peer `peer_id`.
     fn slot_of(&self, peer_id: u16) -> Option<u32> {
-        peer_slot(peer_id, self.layout.max_peers)
+        self.peer_slots()
+            .find(|(_, p)| p.connected && p.id == peer_id)
+            .map(|(s, _)| s)
     }
 
     /// Peer slots with their records, as u32 slot numbers.
@@ -249,15 +269,21 @@ impl<M: Backing> Arbiter<M> {
         (0..self.layout.max_peers).zip(self.peers.iter())
     }
 
-    /// A peer id was handed out: clear its refcount row and mailbox, publish it.
-    /// Must run before the peer learns its id.
-    pub fn peer_connected(&mut self, peer_id: u16) -> Result<(), Fault> {
+    /// A peer id was handed out: give it a free slot, clear that slot's refcount row and
+    /// mailbox, publish the peer entry. Must run before the peer learns its id.
+    pub fn peer_connected(&mut self, peer_id: u16) -> Result<u32, ConnectError> {
+        if peer_id == 0 || self.slot_of(peer_id).is_some() {
+            return Err(ConnectError::BadId(peer_id));
+        }
         let s = self
-            .slot_of(peer_id)
-            .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
+            .peer_slots()
+            .find(|(_, p)| !p.connected)
+            .map(|(s, _)| s)
+            .ok_or(ConnectError::Full(self.layout.max_peers))?;
         let slot = s as usize;
         self.clear_peer_memory(s)?;
         let rec = &mut self.peers[slot];
+        rec.id = peer_id;
         rec.connected = true;
         rec.incarnation += 1;
         rec.last_seq = 0;
@@ -275,7 +301,8 @@ impl<M: Backing> Arbiter<M> {
             peer_state::CONNECTED,
             Ordering::Release,
         )?;
-        bump_namespace_seq(&self.mem)
+        bump_namespace_seq(&self.mem)?;
+        Ok(s)
     }
 
     fn clear_peer_memory(&self, slot: u32) -> Result<(), Fault> {
@@ -759,7 +786,7 @@ impl<M: Backing> Arbiter<M> {
                 }
                 let n = u64::from(self.cell_count(i, slot));
                 if n > 0 {
-                    refs_by_peer.push((peer_id_of(i), n));
+                    refs_by_peer.push((p.id, n));
                     handles_by_peer[i as usize] += n;
                 }
             }
@@ -782,7 +809,7 @@ impl<M: Backing> Arbiter<M> {
             .peer_slots()
             .filter(|(_, p)| p.connected || p.incarnation > 0)
             .map(|(i, p)| PeerStatus {
-                id: peer_id_of(i),
+                id: p.id,
                 connected: p.connected,
                 incarnation: p.incarnation,
                 connected_since: p

@@ -276,7 +276,8 @@ impl Daemon {
         let accepted = self.server.accept(&self.memfd, |id| {
             arbiter
                 .peer_connected(id)
-                .map_err(|f| io::Error::other(f.to_string()))
+                .map(|_slot| ())
+                .map_err(|e| io::Error::other(e.to_string()))
         });
         let id = match accepted {
             Ok(Accepted::Connected(id)) => id,

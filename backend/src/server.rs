@@ -130,6 +130,7 @@ pub struct Server {
     vectors: u32,
     max_peers: u32,
     clients: BTreeMap<u16, Client>,
+    next_id: u16,
 }
 
 impl Server {
@@ -142,6 +143,7 @@ impl Server {
             vectors,
             max_peers,
             clients: BTreeMap::new(),
+            next_id: 1,
         })
     }
 
@@ -177,16 +179,21 @@ impl Server {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Accepted::Nothing),
             Err(e) => return Err(e),
         };
-        let Some(id) = (1..=self.max_peers)
-            .filter_map(|i| u16::try_from(i).ok())
-            .find(|i| !self.clients.contains_key(i))
-        else {
+        if self.clients.len() >= self.max_peers as usize {
             tracing::warn!(
                 max = self.max_peers,
-                "refusing a client: all peer ids are in use"
+                "refusing a client: all peer slots are in use"
             );
             return Ok(Accepted::Nothing);
-        };
+        }
+        // Ids count up and are not reused until they wrap: QEMU keeps per-id state after a
+        // peer leaves (and frees part of it), so handing an old id to a new peer corrupts
+        // the other QEMUs. ivshmem-server does the same.
+        let mut id = self.next_id;
+        while id == 0 || self.clients.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
+        self.next_id = id.wrapping_add(1);
         stream.set_nonblocking(false)?;
         stream.set_write_timeout(Some(Duration::from_secs(2)))?;
         let mk = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC);

@@ -4,8 +4,7 @@ use core::sync::atomic::Ordering;
 use core::time::Duration;
 
 use vshm_format::layout::{
-    kind, object_state, peer_slot, Layout, Request, Superblock, HOST_PEER_ID, OBJ_SIZE_OFF,
-    VECTOR_CONTROL,
+    kind, object_state, Layout, Request, Superblock, HOST_PEER_ID, OBJ_SIZE_OFF, VECTOR_CONTROL,
 };
 use vshm_format::lease::{self, LeaseError, Released};
 use vshm_format::mailbox;
@@ -80,7 +79,7 @@ impl<T: Transport> Namespace<T> {
         let superblock: Superblock = read_pod(&region, 0)?;
         let layout = Layout::from_superblock(&superblock, region.size()).map_err(Error::Region)?;
         let peer_id = transport.peer_id();
-        let peer_slot = peer_slot(peer_id, layout.max_peers)
+        let peer_slot = object::find_peer_slot(&region, &layout, peer_id)
             .ok_or(Error::Transport(TransportError::BadPeerId(peer_id)))?;
         Ok(Namespace {
             transport,

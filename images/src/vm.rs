@@ -44,12 +44,14 @@ pub enum VmError {
         console: String,
     },
     /// Agent I/O.
-    #[error("VM {name}: agent connection: {source}")]
+    #[error("VM {name}: agent connection: {source}; console:\n{console}")]
     Agent {
         /// VM name.
         name: String,
         /// Cause.
         source: std::io::Error,
+        /// Tail of the console log.
+        console: String,
     },
 }
 
@@ -184,13 +186,9 @@ impl Starting {
     fn exited(&mut self) -> Option<VmError> {
         let child = self.child.as_mut()?;
         let status = child.try_wait().ok().flatten()?;
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
         Some(VmError::Exited {
             name: self.name.clone(),
-            status: format!("{status}: {}", err.trim()),
+            status: status.to_string(),
             console: tail(&self.console),
         })
     }
@@ -224,6 +222,7 @@ impl Starting {
             .map_err(|source| VmError::Agent {
                 name: name.clone(),
                 source,
+                console: tail(&self.console),
             })?;
         let child = self
             .child
@@ -275,10 +274,23 @@ pub struct Vm {
     next_id: u64,
 }
 
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+/// The last lines of a guest's console log, and QEMU's own messages (its `.qemu.log` beside
+/// the console log), for error reports.
+fn tail(console: &Path) -> String {
+    let last = |p: &Path| {
+        let text = std::fs::read_to_string(p).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    };
+    let qemu_log = console
+        .to_string_lossy()
+        .replace(".console.log", ".qemu.log");
+    let qemu = last(Path::new(&qemu_log));
+    if qemu.is_empty() {
+        last(console)
+    } else {
+        format!("{}\n[qemu] {qemu}", last(console))
+    }
 }
 
 impl Vm {
@@ -294,10 +306,15 @@ impl Vm {
         let agent = cfg.work_dir.join(format!("{}.agent.sock", cfg.name));
         let _ = std::fs::remove_file(&agent);
         let mut cmd = Command::new(qemu);
+        let stderr_log = cfg.work_dir.join(format!("{}.qemu.log", cfg.name));
+        let stderr = std::fs::File::create(&stderr_log).map_err(|source| VmError::Spawn {
+            qemu: qemu.into(),
+            source,
+        })?;
         cmd.args(cfg.qemu_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(stderr);
         // SAFETY: prctl in the child between fork and exec; async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
@@ -346,6 +363,7 @@ impl Vm {
             Err(source) => Err(VmError::Agent {
                 name: self.name.clone(),
                 source,
+                console: tail(&self.console),
             }),
         }
     }
@@ -361,6 +379,7 @@ impl Vm {
             .map_err(|source| VmError::Agent {
                 name: self.name.clone(),
                 source,
+                console: tail(&self.console),
             })?;
         let start = Instant::now();
         let end = format!("@@END {id} ");

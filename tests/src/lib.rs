@@ -99,7 +99,10 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // VSHM_KEEP_TMP=1 keeps logs and sockets for a post-mortem.
+        if std::env::var_os("VSHM_KEEP_TMP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -124,7 +127,10 @@ impl Backend {
             .arg("--socket")
             .arg(&socket)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("VSHM_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -283,4 +289,69 @@ pub fn stdout(o: &Output) -> String {
 /// stderr as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The test guest built by `cargo xtask images` (images/out).
+pub fn guest_image() -> vshm_images::Image {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/out");
+    vshm_images::Image::existing(&dir).unwrap_or_else(|| {
+        panic!(
+            "no guest image in {}: run `cargo xtask images` (cargo xtask test does)",
+            dir.display()
+        )
+    })
+}
+
+/// Runs a shell command in a guest; fails the test with the guest's output if it fails.
+pub fn guest_ok(vm: &mut vshm_images::Vm, cmd: &str) -> String {
+    let out = guest_sh(vm, cmd);
+    assert!(
+        out.success(),
+        "{}: `{cmd}` exited {}:\n{}",
+        vm.name(),
+        out.status,
+        out.text
+    );
+    out.text
+}
+
+/// Runs a shell command in a guest (60 s bound) and returns its output, whatever its status.
+pub fn guest_sh(vm: &mut vshm_images::Vm, cmd: &str) -> vshm_images::Output {
+    vm.run(cmd, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Starts `vshm ARGS --until-signal` in the background in a guest and waits until it holds
+/// its handles. `tag` names it for [`guest_release`].
+pub fn guest_hold(vm: &mut vshm_images::Vm, tag: &str, vshm_args: &str) {
+    guest_ok(
+        vm,
+        &format!(
+            "vshm {vshm_args} --until-signal > /tmp/{tag}.out 2>&1 & echo $! > /tmp/{tag}.pid; \
+             i=0; while ! grep -q holding /tmp/{tag}.out; do \
+             i=$((i+1)); if [ $i -gt 600 ]; then cat /tmp/{tag}.out; exit 1; fi; sleep 0.05; done"
+        ),
+    );
+}
+
+/// Sends SIGTERM to a background holder in a guest and waits until it has exited.
+pub fn guest_release(vm: &mut vshm_images::Vm, tag: &str) {
+    guest_ok(
+        vm,
+        &format!(
+            "p=$(cat /tmp/{tag}.pid); kill $p; \
+             while kill -0 $p 2>/dev/null; do sleep 0.05; done; cat /tmp/{tag}.out"
+        ),
+    );
+}
+
+/// The guest's own peer id, from `vshm peers --json`.
+pub fn guest_peer_id(vm: &mut vshm_images::Vm) -> u64 {
+    let text = guest_ok(vm, "vshm peers --json");
+    let peers: Value = serde_json::from_str(&text).expect("peers json");
+    peers
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["self"] == true))
+        .and_then(|p| p["id"].as_u64())
+        .expect("own peer id")
 }

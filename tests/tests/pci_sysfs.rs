@@ -5,8 +5,8 @@ use std::path::Path;
 
 use vshm::pci::{PciError, PciTransport};
 use vshm::Transport;
-use vshm_format::layout::{Layout, FORMAT_VERSION};
-use vshm_format::shm::bytes_of;
+use vshm_format::layout::{peer_state, Layout, PeerEntry, FORMAT_VERSION};
+use vshm_format::shm::{bytes_of, zeroed};
 use vshm_tests::TempDir;
 
 const REGION: u64 = 1 << 20;
@@ -26,6 +26,12 @@ fn device(root: &Path, bdf: &str, vendor: &str, region_id: Option<u8>, position:
         let mut sb = layout.superblock(1, [id; 16]);
         sb.version = FORMAT_VERSION;
         shm[..256].copy_from_slice(bytes_of(&sb));
+        // The host publishes the peer (in some slot) before the guest learns its id.
+        let mut peer: PeerEntry = zeroed();
+        peer.state = peer_state::CONNECTED;
+        peer.peer_id = position;
+        let at = usize::try_from(layout.peer_entry(2).expect("slot 2")).expect("offset");
+        shm[at..at + 64].copy_from_slice(bytes_of(&peer));
     }
     std::fs::write(dir.join("resource2"), shm).expect("bar2");
 }

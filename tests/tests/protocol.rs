@@ -252,3 +252,23 @@ fn garbage_requests_get_error_replies_and_the_backend_keeps_serving() {
         assert_eq!(&buf, b"fine");
     });
 }
+
+#[test]
+fn peer_ids_are_not_reused_after_a_peer_leaves() {
+    // QEMU frees part of its per-peer state when told a peer left and would write into it
+    // if the same id came back: ids must count up.
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "2M", "--max-peers", "2"]);
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let s = UnixStream::connect(&b.socket).expect("connect");
+            let (id, _, _) = handshake(&s, 2);
+            assert!(!seen.contains(&id), "id {id} handed out twice: {seen:?}");
+            seen.push(id);
+        }
+        assert!(
+            seen.windows(2).all(|w| w[0] < w[1]),
+            "ids count up: {seen:?}"
+        );
+    });
+}

@@ -45,15 +45,6 @@ pub const fn const_usize(n: u64) -> usize {
     n as usize
 }
 
-/// Peer slot index (0-based) for a client peer id (1-based). `None` for the host or junk.
-pub const fn peer_slot(peer_id: u16, max_peers: u32) -> Option<u32> {
-    if peer_id == HOST_PEER_ID || peer_id as u32 > max_peers {
-        None
-    } else {
-        Some(peer_id as u32 - 1)
-    }
-}
-
 /// Superblock at offset 0 of the region, written by the host only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +61,7 @@ pub struct Superblock {
     pub backend_epoch: u64,
     /// Random identity of this region, to pick among several ivshmem devices.
     pub region_id: [u8; 16],
-    /// Client peer slots (peer ids 1..=max_peers).
+    /// Client peer slots (peers attached at once).
     pub max_peers: u32,
     /// Object table entries.
     pub max_objects: u32,
@@ -130,13 +121,15 @@ pub mod peer_state {
     pub const CONNECTED: u32 = 1;
 }
 
-/// One peer table entry, host-written. Index = peer id − 1.
+/// One peer table entry, host-written. The index is the peer's *slot* (its refcount row,
+/// mailbox and holder bit); the ivshmem peer id is in the entry. Ids are never reused while
+/// a QEMU may remember the old one (the server counts up), so slot ≠ id in general.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerEntry {
     /// [`peer_state`]; written last on connect, first on disconnect.
     pub state: u32,
-    /// The ivshmem peer id (index + 1).
+    /// The ivshmem peer id (1..=65535) holding this slot.
     pub peer_id: u32,
     /// Counts connections in this slot; changes every time the id is handed out again.
     pub incarnation: u64,
@@ -773,13 +766,5 @@ mod tests {
         assert!(!l.heap_contains(0, 1));
         assert!(l.heap_contains(l.heap_offset, l.heap_size));
         assert!(!l.heap_contains(l.heap_offset, l.heap_size + 1));
-    }
-
-    #[test]
-    fn peer_ids_map_to_slots_and_the_host_has_none() {
-        assert_eq!(peer_slot(0, 32), None);
-        assert_eq!(peer_slot(1, 32), Some(0));
-        assert_eq!(peer_slot(32, 32), Some(31));
-        assert_eq!(peer_slot(33, 32), None);
     }
 }

@@ -466,6 +466,8 @@ mod tests {
 /// A connected peer, as the host publishes it in the peer table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerInfo {
+    /// Peer table slot.
+    pub slot: u32,
     /// ivshmem peer id.
     pub peer_id: u16,
     /// Connections so far in this slot.
@@ -473,7 +475,7 @@ pub struct PeerInfo {
 }
 
 /// Reads peer slot `slot`; `None` if absent or if the entry does not validate (state not a
-/// known value, or an id that is not `slot + 1`).
+/// known value, or a peer id outside 1..=65535).
 pub fn read_peer<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
@@ -488,9 +490,29 @@ pub fn read_peer<M: SharedMemory + ?Sized>(
         return None;
     }
     let e: PeerEntry = crate::shm::read_pod(mem, base).ok()?;
-    let id = u16::try_from(e.peer_id).ok()?;
-    (e.state == peer_state::CONNECTED && u32::from(id) == slot + 1).then_some(PeerInfo {
+    let id = u16::try_from(e.peer_id).ok().filter(|&id| id != 0)?;
+    (e.state == peer_state::CONNECTED).then_some(PeerInfo {
+        slot,
         peer_id: id,
         incarnation: e.incarnation,
     })
+}
+
+/// The slot of the connected peer `peer_id` (the host publishes it before the peer learns
+/// its id). `None` if absent, or if two entries claim the id (a scribbled table).
+pub fn find_peer_slot<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_id: u16,
+) -> Option<u32> {
+    let mut found = None;
+    for slot in 0..layout.max_peers {
+        if read_peer(mem, layout, slot).is_some_and(|p| p.peer_id == peer_id) {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(slot);
+        }
+    }
+    found
 }
