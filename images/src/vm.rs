@@ -408,6 +408,38 @@ impl Vm {
         }
     }
 
+    /// Starts `vshm ARGS --until-signal` in the background (e.g. `hold NAME` or
+    /// `create NAME --max 1M --hold`) and waits until it holds its handles; `tag` names it
+    /// for [`Vm::release`]. Returns the command's output so far.
+    pub fn hold(
+        &mut self,
+        tag: &str,
+        vshm_args: &str,
+        timeout: Duration,
+    ) -> Result<Output, VmError> {
+        self.run(
+            &format!(
+                "vshm {vshm_args} --until-signal > /tmp/{tag}.out 2>&1 & echo $! > /tmp/{tag}.pid; \
+                 i=0; while ! grep -q holding /tmp/{tag}.out; do \
+                 i=$((i+1)); if [ $i -gt 600 ]; then cat /tmp/{tag}.out; exit 1; fi; sleep 0.05; done; \
+                 cat /tmp/{tag}.out"
+            ),
+            timeout,
+        )
+    }
+
+    /// Stops a background holder started by [`Vm::hold`] with SIGTERM (it closes its
+    /// handles) and waits until it has exited.
+    pub fn release(&mut self, tag: &str, timeout: Duration) -> Result<Output, VmError> {
+        self.run(
+            &format!(
+                "p=$(cat /tmp/{tag}.pid); kill $p; \
+                 while kill -0 $p 2>/dev/null; do sleep 0.05; done; cat /tmp/{tag}.out"
+            ),
+            timeout,
+        )
+    }
+
     /// QEMU's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -324,24 +324,27 @@ pub fn guest_sh(vm: &mut vshm_images::Vm, cmd: &str) -> vshm_images::Output {
 /// Starts `vshm ARGS --until-signal` in the background in a guest and waits until it holds
 /// its handles. `tag` names it for [`guest_release`].
 pub fn guest_hold(vm: &mut vshm_images::Vm, tag: &str, vshm_args: &str) {
-    guest_ok(
-        vm,
-        &format!(
-            "vshm {vshm_args} --until-signal > /tmp/{tag}.out 2>&1 & echo $! > /tmp/{tag}.pid; \
-             i=0; while ! grep -q holding /tmp/{tag}.out; do \
-             i=$((i+1)); if [ $i -gt 600 ]; then cat /tmp/{tag}.out; exit 1; fi; sleep 0.05; done"
-        ),
+    let out = vm
+        .hold(tag, vshm_args, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.success(),
+        "{}: hold {vshm_args} failed:\n{}",
+        vm.name(),
+        out.text
     );
 }
 
-/// Sends SIGTERM to a background holder in a guest and waits until it has exited.
+/// Stops a background holder in a guest and waits until it has exited.
 pub fn guest_release(vm: &mut vshm_images::Vm, tag: &str) {
-    guest_ok(
-        vm,
-        &format!(
-            "p=$(cat /tmp/{tag}.pid); kill $p; \
-             while kill -0 $p 2>/dev/null; do sleep 0.05; done; cat /tmp/{tag}.out"
-        ),
+    let out = vm
+        .release(tag, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.success(),
+        "{}: release {tag} failed:\n{}",
+        vm.name(),
+        out.text
     );
 }
 

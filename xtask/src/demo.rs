@@ -1,4 +1,5 @@
-//! `cargo xtask demo`: vshmd serving a region to two host processes that share a section.
+//! `cargo xtask demo`: vshmd serving a region to two QEMU guests (and a host process) that
+//! share a section.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -8,14 +9,18 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vshm_images::{Image, Vm, VmConfig};
+
 use crate::tools::ensure_tools;
 use crate::util::{
     capture, capture_checked, cargo, indent, run_checked, step, target_dir, wait_timeout,
     KillOnDrop, Result, TempDir,
 };
 
-/// What peer A writes and peer B reads back.
-const MESSAGE: &str = "hello from peer A";
+/// What guest A writes and guest B reads back.
+const MESSAGE: &str = "hello from guest A";
+/// How long a guest may take to boot (TCG on a small machine is the slow case).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const SECTION: &str = "demo";
 /// Time limit for each one-shot command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -49,6 +54,7 @@ impl Setup {
 
 pub fn run() -> Result<()> {
     ensure_tools()?;
+    let image = crate::images::build()?;
     step("building vshmd, vshmctl and vshm (cargo build --bins)");
     run_checked(cargo().args(["build", "--bins"]))?;
     let bin = target_dir().join("debug");
@@ -89,7 +95,7 @@ pub fn run() -> Result<()> {
         .map_err(|e| format!("cannot start vshmd: {e}"))?;
     let mut vshmd = KillOnDrop::new(vshmd);
 
-    let result = session(&setup, &mut vshmd);
+    let result = session(&setup, &mut vshmd, &image, dir.path());
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     match result {
         Ok(()) => {
@@ -105,54 +111,77 @@ pub fn run() -> Result<()> {
     }
 }
 
-/// Everything after vshmd started; any error leaves `vshmd` to the caller's guard.
-fn session(setup: &Setup, vshmd: &mut KillOnDrop) -> Result<()> {
+/// Runs `cmd` in a guest, prints its output, and fails unless it exits 0.
+fn in_guest(vm: &mut Vm, cmd: &str) -> Result<String> {
+    step(format!("{}: {cmd}", vm.name()));
+    let out = vm.run(cmd, COMMAND_TIMEOUT).map_err(|e| e.to_string())?;
+    if !out.text.is_empty() {
+        println!("{}", indent(&out.text).trim_end());
+    }
+    if !out.success() {
+        return Err(format!("`{cmd}` in {} exited {}", vm.name(), out.status));
+    }
+    Ok(out.text)
+}
+
+/// Everything after vshmd started; any error leaves `vshmd` to the caller's guard (and the
+/// guests to theirs).
+fn session(
+    setup: &Setup,
+    vshmd: &mut KillOnDrop,
+    image: &Image,
+    dir: &std::path::Path,
+) -> Result<()> {
     step("waiting for vshmd's control socket (vshmctl status)");
     wait_until_up(setup, vshmd)?;
 
-    step(format!(
-        "peer A: vshm create {SECTION} --max 1M --initial 64K --persistent"
-    ));
-    let out = capture_checked(
-        &mut setup.vshm(&[
-            "create",
-            SECTION,
-            "--max",
-            "1M",
-            "--initial",
-            "64K",
-            "--persistent",
-        ]),
-        COMMAND_TIMEOUT,
-    )?;
-    print!("{}", indent(&out.stdout_text()));
-
-    step(format!("peer A: vshm write {SECTION} --data {MESSAGE:?}"));
-    let out = capture_checked(
-        &mut setup.vshm(&["write", SECTION, "--data", MESSAGE]),
-        COMMAND_TIMEOUT,
-    )?;
-    print!("{}", indent(&out.stdout_text()));
-
-    let len = MESSAGE.len().to_string();
-    step(format!("peer B: vshm read {SECTION} --len {len}"));
-    let out = capture_checked(
-        &mut setup.vshm(&["read", SECTION, "--len", &len]),
-        COMMAND_TIMEOUT,
-    )?;
-    if out.stdout != MESSAGE.as_bytes() {
-        return Err(format!(
-            "peer B read {:?}, expected {MESSAGE:?}",
-            String::from_utf8_lossy(&out.stdout)
-        ));
+    let accel = vshm_images::accelerator();
+    step(format!("booting guests vm-a and vm-b ({accel:?})"));
+    let started = Instant::now();
+    // Both boot at once; QEMU is tied to this thread (PR_SET_PDEATHSIG).
+    let starting = ["vm-a", "vm-b"]
+        .iter()
+        .map(|name| Vm::start(&VmConfig::new(name, image, &setup.socket, dir)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let mut vms = Vec::new();
+    for s in starting {
+        vms.push(s.wait_ready(BOOT_TIMEOUT).map_err(|e| e.to_string())?);
     }
     println!(
-        "    peer B read {:?}: matches what peer A wrote",
-        out.stdout_text()
+        "    both guests up after {:.1}s",
+        started.elapsed().as_secs_f64()
     );
+    let mut b = vms.pop().ok_or("no vm-b")?;
+    let mut a = vms.pop().ok_or("no vm-a")?;
+    in_guest(&mut a, "vshm peers")?;
+
+    in_guest(
+        &mut a,
+        &format!("vshm create {SECTION} --max 1M --initial 64K --persistent"),
+    )?;
+    in_guest(&mut a, &format!("vshm write {SECTION} --data '{MESSAGE}'"))?;
+    let read = in_guest(
+        &mut b,
+        &format!("vshm read {SECTION} --len {}", MESSAGE.len()),
+    )?;
+    if read != MESSAGE {
+        return Err(format!("vm-b read {read:?}, expected {MESSAGE:?}"));
+    }
+    println!("    vm-b read what vm-a wrote, through vshmd's region");
+    in_guest(&mut b, "vshm list")?;
+    step(format!(
+        "vm-b keeps a handle open: vshm hold {SECTION} (in the background)"
+    ));
+    let held = b
+        .hold("demo", &format!("hold {SECTION}"), COMMAND_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    if !held.success() {
+        return Err(format!("vm-b could not hold {SECTION}: {}", held.text));
+    }
 
     step(format!(
-        "holder: vshm hold {SECTION} (until its stdin closes)"
+        "a host process holds it too: vshm hold {SECTION} (until its stdin closes)"
     ));
     let holder = setup
         .vshm(&["hold", SECTION])
@@ -185,9 +214,10 @@ fn session(setup: &Setup, vshmd: &mut KillOnDrop) -> Result<()> {
         return Err(format!("vshm hold failed ({exit})"));
     }
 
-    step(format!("vshm delete {SECTION}"));
-    let out = capture_checked(&mut setup.vshm(&["delete", SECTION]), COMMAND_TIMEOUT)?;
-    print!("{}", indent(&out.stdout_text()));
+    step("vm-b releases its handle (SIGTERM to its vshm hold)");
+    b.release("demo", COMMAND_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    in_guest(&mut b, &format!("vshm delete {SECTION}"))?;
     let out = capture_checked(&mut setup.vshm(&["list", "--json"]), COMMAND_TIMEOUT)?;
     if out
         .stdout_text()
@@ -199,6 +229,10 @@ fn session(setup: &Setup, vshmd: &mut KillOnDrop) -> Result<()> {
         ));
     }
     println!("    {SECTION:?} is gone from the namespace");
+
+    step("stopping the guests");
+    drop(a);
+    drop(b);
 
     step("stopping vshmd (SIGTERM)");
     sigterm(vshmd.id())?;

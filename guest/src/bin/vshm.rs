@@ -124,6 +124,15 @@ enum Command {
         #[arg(long)]
         until_signal: bool,
     },
+    /// Measure this peer's costs on section NAME: a request round trip to vshmd (a grow to
+    /// the current size) and an open+close of an existing section (no host involved).
+    Rtt {
+        /// An existing section.
+        name: String,
+        /// Samples of each.
+        #[arg(long, default_value_t = 200)]
+        count: u32,
+    },
     /// The peers attached to the region (this one is marked).
     Peers {
         /// One JSON array.
@@ -410,6 +419,33 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
             } else {
                 println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             }
+        }
+        Command::Rtt { name, count } => {
+            let section = ns.open(&name).map_err(ctx("open", &name))?;
+            let size = section.size();
+            let mut rtt = Vec::new();
+            let mut local = Vec::new();
+            for _ in 0..count.max(1) {
+                let t = std::time::Instant::now();
+                section.grow(size).map_err(ctx("grow", &name))?;
+                rtt.push(t.elapsed());
+                let t = std::time::Instant::now();
+                ns.open(&name).map_err(ctx("open", &name))?.close()?;
+                local.push(t.elapsed());
+            }
+            for (what, mut v) in [("request round trip", rtt), ("open+close, no host", local)] {
+                v.sort();
+                let at = |q: usize| v[(v.len() - 1) * q / 100].as_secs_f64() * 1e6;
+                println!(
+                    "{what:<22} n={} min={:.1}us median={:.1}us p99={:.1}us max={:.1}us",
+                    v.len(),
+                    at(0),
+                    at(50),
+                    at(99),
+                    at(100)
+                );
+            }
+            section.close()?;
         }
         Command::Peers { json } => {
             let me = ns.peer_id();
