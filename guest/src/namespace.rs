@@ -4,7 +4,8 @@ use core::sync::atomic::Ordering;
 use core::time::Duration;
 
 use vshm_format::layout::{
-    kind, object_state, Layout, Request, Superblock, HOST_PEER_ID, OBJ_SIZE_OFF, VECTOR_CONTROL,
+    holder_bit, kind, object_state, Layout, Request, Superblock, HOST_PEER_ID, LEASE_HOLDERS,
+    OBJ_LEASE_OFF, OBJ_SIZE_OFF, VECTOR_CONTROL,
 };
 use vshm_format::lease::{self, LeaseError, Released};
 use vshm_format::mailbox;
@@ -281,6 +282,22 @@ impl<T: Transport> Namespace<T> {
     pub fn peers(&self) -> impl Iterator<Item = PeerInfo> + '_ {
         (0..self.layout.max_peers)
             .filter_map(move |s| object::read_peer(&self.region, &self.layout, s))
+    }
+
+    /// The attached peers holding object `slot` (its lease word's holder bits). A hint for
+    /// monitoring: the word is shared memory and changes under the reader.
+    pub fn holders(&self, slot: u32) -> impl Iterator<Item = PeerInfo> + '_ {
+        let word = self
+            .layout
+            .object_entry(slot)
+            .and_then(|b| {
+                self.region
+                    .load_u64(b + OBJ_LEASE_OFF, Ordering::Acquire)
+                    .ok()
+            })
+            .unwrap_or(0);
+        self.peers()
+            .filter(move |p| word & LEASE_HOLDERS & holder_bit(p.slot) != 0)
     }
 
     /// This peer's handle count on an object slot.

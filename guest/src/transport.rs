@@ -1,8 +1,9 @@
 //! The transport seam: how a peer maps the region, rings the host and waits.
 //!
 //! Implementations: [`crate::host::HostTransport`] (a host process connected to vshmd's
-//! ivshmem socket). Planned: a Linux guest over the PCI BAR (sysfs), a guest kernel driver
-//! with MSI-X interrupts, vhost-user.
+//! ivshmem socket) and `crate::pci::PciTransport` (a Linux guest process over the ivshmem
+//! PCI BARs, polling). Planned: a guest kernel driver with a cacheable mapping and MSI-X
+//! interrupts, vhost-user.
 
 use core::time::Duration;
 

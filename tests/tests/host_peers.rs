@@ -367,3 +367,38 @@ fn vshmctl_status_json_has_the_documented_fields() {
         );
     });
 }
+
+#[test]
+fn list_names_holders_by_their_peer_ids_not_their_slots() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "4M"]);
+        // Each command is a peer that comes and goes: ids count up while slots are reused.
+        assert!(b
+            .vshm(&["create", "h", "--max", "4K", "--persistent"])
+            .status
+            .success());
+        assert!(b.vshm(&["open", "h"]).status.success());
+        let holder = b.vshm_holding(&["hold", "h"]);
+        let st = b.status();
+        let holder_id = st["peers"]
+            .as_array()
+            .and_then(|p| {
+                p.iter()
+                    .find(|p| p["pid"].as_u64() == Some(u64::from(holder.id())))
+            })
+            .and_then(|p| p["id"].as_u64())
+            .expect("the holder is a peer");
+        assert!(
+            holder_id > 1,
+            "ids were not reused (holder got {holder_id})"
+        );
+        let list: serde_json::Value =
+            serde_json::from_slice(&b.vshm(&["list", "--json"]).stdout).expect("json");
+        assert_eq!(list[0]["holders"], serde_json::json!([holder_id]));
+        assert_eq!(
+            b.section("h").expect("h")["refs_by_peer"],
+            serde_json::json!([[holder_id, 1]])
+        );
+        release(holder);
+    });
+}

@@ -152,7 +152,8 @@ fn garbage_requests_get_error_replies_and_the_backend_keeps_serving() {
         let region = bar.region();
         let sb: Superblock = read_pod(&region, 0).expect("superblock");
         let layout = Layout::from_superblock(&sb, region.size()).expect("valid header");
-        let slot = u32::try_from(id - 1).expect("slot");
+        let id16 = u16::try_from(id).expect("id");
+        let slot = vshm_format::object::find_peer_slot(&region, &layout, id16).expect("our slot");
         let host_bell = &msgs[0].1;
         let own = &msgs.iter().find(|m| m.0 == id).expect("own vector 0").1;
         let mb = layout.mailbox(slot).expect("mailbox");

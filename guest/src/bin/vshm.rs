@@ -5,12 +5,10 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use vshm::format::layout::{holder_bit, object_state, LEASE_HOLDERS, OBJ_LEASE_OFF};
-use vshm::format::shm::SharedMemory;
+use vshm::format::layout::object_state;
 use vshm::format::units::parse_size;
 use vshm::host::HostTransport;
 use vshm::{CreateOptions, Disposition, Error, Namespace, ObjectInfo, Transport};
@@ -169,17 +167,7 @@ fn kind_name(kind: u32) -> &'static str {
 }
 
 fn holders<T: Transport>(ns: &Namespace<T>, info: &ObjectInfo) -> Vec<u16> {
-    let region = ns.transport().region();
-    let word = ns
-        .layout()
-        .object_entry(info.slot)
-        .and_then(|b| region.load_u64(b + OBJ_LEASE_OFF, Ordering::Acquire).ok())
-        .unwrap_or(0)
-        & LEASE_HOLDERS;
-    (0..ns.layout().max_peers)
-        .filter(|&s| word & holder_bit(s) != 0)
-        .filter_map(|s| u16::try_from(s + 1).ok())
-        .collect()
+    ns.holders(info.slot).map(|p| p.peer_id).collect()
 }
 
 fn info_json<T: Transport>(ns: &Namespace<T>, info: &ObjectInfo) -> Value {
