@@ -8,3 +8,5 @@ pub mod daemon;
 pub mod heap;
 pub mod region;
 pub mod server;
+pub mod telemetry;
+pub mod monitor;

@@ -22,6 +22,10 @@ use vshm_format::shm::{bytes_of, zeroed, Fault, SharedMemory};
 use vshm_format::{layout::FORMAT_VERSION, Status};
 
 use crate::region::Region;
+use crate::telemetry::{Event, RequestStats};
+
+mod status;
+pub use status::{PeerStatus, RegionStatus, SectionStatus, StatusReport};
 
 /// Why a peer could not be registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -47,11 +51,16 @@ impl From<Fault> for ConnectError {
 pub trait Backing: SharedMemory {
     /// Frees `[offset, offset+len)` so it reads as zeroes and holds no host memory.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Bytes of host memory backing the region now.
+    fn resident(&self) -> u64;
 }
 
 impl Backing for Region {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         Region::discard(self, offset, len)
+    }
+    fn resident(&self) -> u64 {
+        self.resident_bytes()
     }
 }
 
@@ -90,6 +99,10 @@ struct PeerRecord {
     incarnation: u64,
     last_seq: u64,
     since: Option<SystemTime>,
+    /// Process id of the peer's end of the socket, where known.
+    pid: Option<i32>,
+    /// A name for people: QEMU's -name, else the process name.
+    label: Option<String>,
 }
 
 /// What a peer's departure released.
@@ -116,86 +129,16 @@ pub struct Counters {
     pub reclaims: u64,
     /// Lease words found inconsistent with refcount rows and repaired.
     pub repairs: u64,
-}
-
-/// One peer in a status snapshot.
-#[derive(Debug, Clone, Serialize)]
-pub struct PeerStatus {
-    /// Peer id.
-    pub id: u16,
-    /// Connected now.
-    pub connected: bool,
-    /// Times this id was handed out.
-    pub incarnation: u64,
-    /// Seconds since the Unix epoch when it connected.
-    pub connected_since: Option<u64>,
-    /// Handles held (sum of its refcount cells).
-    pub handles: u64,
-}
-
-/// One object in a status snapshot.
-#[derive(Debug, Clone, Serialize)]
-pub struct SectionStatus {
-    /// Name (`null` for unnamed).
-    pub name: Option<String>,
-    /// Table slot.
-    pub slot: u32,
-    /// Generation.
-    pub generation: u64,
-    /// "section" (events and mutexes later).
-    pub kind: &'static str,
-    /// Region offset.
-    pub offset: u64,
-    /// Current size.
-    pub size: u64,
-    /// Max size.
-    pub max_size: u64,
-    /// Persistent.
-    pub persistent: bool,
-    /// Deleted, waiting for the last close.
-    pub deleted: bool,
-    /// Total handles.
-    pub refs: u64,
-    /// Handles per peer id (only peers holding some).
-    pub refs_by_peer: Vec<(u16, u64)>,
-    /// Creator's peer id.
-    pub creator: u16,
-}
-
-/// Region summary in a status snapshot.
-#[derive(Debug, Clone, Serialize)]
-pub struct RegionStatus {
-    /// Region bytes.
-    pub size: u64,
-    /// Heap bytes.
-    pub heap_size: u64,
-    /// Heap bytes free.
-    pub free: u64,
-    /// Heap bytes reserved by objects.
-    pub used: u64,
-    /// Largest free extent.
-    pub largest_free: u64,
-    /// Free extents.
-    pub free_extents: usize,
-    /// Max peers.
-    pub max_peers: u32,
-    /// Max objects.
-    pub max_objects: u32,
-    /// Backend epoch.
-    pub epoch: u64,
-}
-
-/// A full status snapshot (the `vshmctl status --json` document).
-#[derive(Debug, Clone, Serialize)]
-pub struct StatusReport {
-    /// Region.
-    pub region: RegionStatus,
-    /// Peers that are connected, or were.
-    pub peers: Vec<PeerStatus>,
-    /// Objects (LIVE and deleted-but-open).
-    pub sections: Vec<SectionStatus>,
-    /// Counters.
-    pub counters: Counters,
+    /// Objects deleted (unlinked) by request or by the host.
+    pub deleted: u64,
+    /// Successful grows.
+    pub grown: u64,
+    /// Doorbells rung by peers.
+    pub doorbells: u64,
+    /// Requests refused for lack of rights (ACCESS_DENIED), incl. control-socket admin.
+    pub denials: u64,
+    /// Events emitted.
+    pub events: u64,
 }
 
 /// The arbiter.
@@ -211,6 +154,12 @@ pub struct Arbiter<M: Backing> {
     peers: Vec<PeerRecord>,
     next_generation: u64,
     counters: Counters,
+    /// Outbox of events, drained by the event loop.
+    events: Vec<Event>,
+    requests: RequestStats,
+    /// Last observed handle count per (object slot, peer slot), to report opens and closes
+    /// that never reach the host.
+    seen: Vec<u32>,
 }
 
 impl<M: Backing> Arbiter<M> {
@@ -239,7 +188,45 @@ impl<M: Backing> Arbiter<M> {
             peers: vec![PeerRecord::default(); layout.max_peers as usize],
             next_generation: 1,
             counters: Counters::default(),
+            events: Vec::new(),
+            requests: RequestStats::default(),
+            seen: vec![0; max_objects * layout.max_peers as usize],
         })
+    }
+
+    fn emit(&mut self, e: Event) {
+        self.counters.events += 1;
+        self.events.push(e);
+    }
+
+    /// Takes the events emitted since the last call.
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, Event> {
+        self.events.drain(..)
+    }
+
+    /// Records that a peer rang the host.
+    pub fn count_doorbell(&mut self) {
+        self.counters.doorbells += 1;
+    }
+
+    /// Records an admin request refused on the control socket.
+    pub fn count_denial(&mut self, what: &str) {
+        self.counters.denials += 1;
+        self.emit(Event::now("denied").status(Status::AccessDenied).detail(what));
+    }
+
+    /// Records who a connected peer is (from SO_PEERCRED and /proc), for the monitor.
+    pub fn set_peer_process(&mut self, peer_id: u16, pid: Option<i32>, label: Option<String>) {
+        if let Some(s) = self.slot_of(peer_id) {
+            let rec = &mut self.peers[s as usize];
+            rec.pid = pid;
+            rec.label = label;
+        }
+    }
+
+    /// Request counts and latencies.
+    pub fn request_stats(&self) -> &RequestStats {
+        &self.requests
     }
 
     /// The region.
@@ -365,6 +352,10 @@ impl<M: Backing> Arbiter<M> {
         }
         let _ = bump_namespace_seq(&self.mem);
         self.counters.reclaims += 1;
+        self.emit(Event::now("reclaimed").peer(peer_id).detail(format!(
+            "{} handle(s) dropped, {} object(s) destroyed",
+            out.handles, out.destroyed
+        )));
         out
     }
 
@@ -407,16 +398,25 @@ impl<M: Backing> Arbiter<M> {
             return false;
         };
         self.peers[slot].last_seq = seq;
+        let started = std::time::Instant::now();
         let resp = match mailbox::decode(&req, &self.layout) {
             Ok(cmd) => self.execute(peer_id, s, cmd),
             Err(status) => mailbox::status_response(status),
         };
         self.counters.requests += 1;
-        let ok = Status::from_code(resp.status).is_some_and(Status::is_success);
-        if !ok {
+        let status = Status::from_code(resp.status);
+        if !status.is_some_and(Status::is_success) {
             self.counters.failed_requests += 1;
+            let mut e = Event::now("denied")
+                .peer(peer_id)
+                .detail(crate::telemetry::op_name(req.op));
+            if let Some(st) = status {
+                e = e.status(st);
+            }
+            self.emit(e);
         }
         tracing::debug!(peer_id, op = req.op, status = resp.status, "request");
+        self.requests.record(req.op, resp.status, started.elapsed());
         mailbox::respond(&self.mem, &self.layout, s, seq, &resp).is_ok()
     }
 
@@ -543,6 +543,7 @@ impl<M: Backing> Arbiter<M> {
             created: SystemTime::now(),
         });
         self.counters.created += 1;
+        self.emit(Event::now("created").peer(peer_id).object(slot, name).size(max_size));
         tracing::info!(
             slot,
             generation,
@@ -609,6 +610,8 @@ impl<M: Backing> Arbiter<M> {
             name = name.as_deref().unwrap_or("<unnamed>"),
             "deleted"
         );
+        self.counters.deleted += 1;
+        self.emit(Event::now("deleted").object(slot, name.as_deref()));
         self.reap(slot);
         Ok(())
     }
@@ -645,10 +648,14 @@ impl<M: Backing> Arbiter<M> {
         if size < rec.size || size > rec.max_size {
             return Err((Status::InvalidParameter, Some(slot)));
         }
+        let name = rec.name.clone();
         if let Some(r) = self.objects[slot as usize].as_mut() {
             r.size = size;
         }
         let _ = self.publish_record(slot);
+        self.counters.grown += 1;
+        let peer_id = self.peers[peer as usize].id;
+        self.emit(Event::now("grown").peer(peer_id).object(slot, name.as_deref()).size(size));
         Ok(())
     }
 
@@ -683,6 +690,12 @@ impl<M: Backing> Arbiter<M> {
                 .mem
                 .store_u64(lease, holders | keep_bit, Ordering::SeqCst);
             self.counters.repairs += 1;
+            let name = rec.name.clone();
+            self.emit(
+                Event::now("repaired")
+                    .object(slot, name.as_deref())
+                    .detail("lease word closed while peers held it"),
+            );
             tracing::warn!(
                 slot,
                 holders,
@@ -714,12 +727,54 @@ impl<M: Backing> Arbiter<M> {
         }
         self.free_slots.insert(slot);
         self.counters.destroyed += 1;
+        for p in 0..self.layout.max_peers as usize {
+            if let Some(c) = self.seen.get_mut(slot as usize * self.layout.max_peers as usize + p) {
+                *c = 0;
+            }
+        }
+        self.emit(Event::now("destroyed").object(slot, rec.name.as_deref()).size(rec.reserved));
         tracing::info!(
             slot,
             generation = rec.generation,
             name = rec.name.as_deref().unwrap_or("<unnamed>"),
             "destroyed"
         );
+    }
+
+    /// Compares every connected peer's handle counts with the last look and emits `opened` /
+    /// `closed` events for the differences: opens and closes never reach the host, so this
+    /// is how the monitor sees them (at the timer's pace, coalesced).
+    pub fn observe_handles(&mut self) {
+        let max_peers = self.layout.max_peers as usize;
+        for slot in 0..self.layout.max_objects {
+            let Some(name) = self.objects[slot as usize].as_ref().map(|r| r.name.clone()) else {
+                continue;
+            };
+            for p in 0..self.layout.max_peers {
+                let rec = &self.peers[p as usize];
+                let now = if rec.connected { self.cell_count(p, slot) } else { 0 };
+                let i = slot as usize * max_peers + p as usize;
+                let before = self.seen.get(i).copied().unwrap_or(0);
+                if now == before {
+                    continue;
+                }
+                let id = rec.id;
+                if let Some(c) = self.seen.get_mut(i) {
+                    *c = now;
+                }
+                // A departed peer's counts vanish with it: `reclaimed` already says so.
+                if !self.peers[p as usize].connected {
+                    continue;
+                }
+                let (kind, n) = if now > before { ("opened", now - before) } else { ("closed", before - now) };
+                self.emit(
+                    Event::now(kind)
+                        .peer(id)
+                        .object(slot, name.as_deref())
+                        .detail(format!("{n} handle(s), {now} now")),
+                );
+            }
+        }
     }
 
     /// Destroys every closed object and drops holder bits of peers that are not connected.
@@ -769,72 +824,6 @@ impl<M: Backing> Arbiter<M> {
             }
         }
         destroyed
-    }
-
-    /// A status snapshot.
-    pub fn status(&self) -> StatusReport {
-        let mut handles_by_peer = vec![0u64; self.peers.len()];
-        let mut sections = Vec::new();
-        for slot in self.live_slots() {
-            let Some(rec) = self.objects[slot as usize].as_ref() else {
-                continue;
-            };
-            let mut refs_by_peer = Vec::new();
-            for (i, p) in self.peer_slots() {
-                if !p.connected {
-                    continue;
-                }
-                let n = u64::from(self.cell_count(i, slot));
-                if n > 0 {
-                    refs_by_peer.push((p.id, n));
-                    handles_by_peer[i as usize] += n;
-                }
-            }
-            sections.push(SectionStatus {
-                name: rec.name.clone(),
-                slot,
-                generation: rec.generation,
-                kind: "section",
-                offset: rec.offset,
-                size: rec.size,
-                max_size: rec.max_size,
-                persistent: rec.persistent,
-                deleted: rec.unlinked,
-                refs: refs_by_peer.iter().map(|x| x.1).sum(),
-                refs_by_peer,
-                creator: rec.creator,
-            });
-        }
-        let peers = self
-            .peer_slots()
-            .filter(|(_, p)| p.connected || p.incarnation > 0)
-            .map(|(i, p)| PeerStatus {
-                id: p.id,
-                connected: p.connected,
-                incarnation: p.incarnation,
-                connected_since: p
-                    .since
-                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                    .map(|d| d.as_secs()),
-                handles: handles_by_peer[i as usize],
-            })
-            .collect();
-        StatusReport {
-            region: RegionStatus {
-                size: self.layout.region_size,
-                heap_size: self.heap.size(),
-                free: self.heap.free_bytes(),
-                used: self.heap.size() - self.heap.free_bytes(),
-                largest_free: self.heap.largest_free(),
-                free_extents: self.heap.free_extents(),
-                max_peers: self.layout.max_peers,
-                max_objects: self.layout.max_objects,
-                epoch: self.epoch,
-            },
-            peers,
-            sections,
-            counters: self.counters,
-        }
     }
 
     /// Private record of `slot` (tests and the monitor).

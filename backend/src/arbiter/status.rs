@@ -1,0 +1,189 @@
+//! The status document: a snapshot of the arbiter's state for `vshmctl status`, built on
+//! demand (never on the request path). Field names are documented in docs/MONITOR.md and
+//! only ever added to.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::{Arbiter, Backing, Counters};
+
+/// One peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// Peer id.
+    pub id: u16,
+    /// Peer table slot.
+    pub slot: u32,
+    /// Connected now.
+    pub connected: bool,
+    /// QEMU's -name, else the process name.
+    pub label: Option<String>,
+    /// Process id (SO_PEERCRED).
+    pub pid: Option<i32>,
+    /// Seconds since the Unix epoch when it connected.
+    pub connected_since: Option<u64>,
+    /// Handles held (sum of its refcount cells).
+    pub handles: u64,
+    /// Max sizes of the sections it holds.
+    pub bytes_held: u64,
+    /// Connections so far in its slot.
+    pub incarnation: u64,
+}
+
+/// One object.
+#[derive(Debug, Clone, Serialize)]
+pub struct SectionStatus {
+    /// Name (`null` for unnamed).
+    pub name: Option<String>,
+    /// Table slot.
+    pub slot: u32,
+    /// Generation.
+    pub generation: u64,
+    /// "section" (events and mutexes later).
+    pub kind: &'static str,
+    /// Region offset.
+    pub offset: u64,
+    /// Current size.
+    pub size: u64,
+    /// Max size.
+    pub max_size: u64,
+    /// Persistent.
+    pub persistent: bool,
+    /// Deleted, waiting for the last close.
+    pub deleted: bool,
+    /// Total handles.
+    pub refs: u64,
+    /// Handles per peer id (only peers holding some).
+    pub refs_by_peer: Vec<(u16, u64)>,
+    /// Creator's peer id (0 = the host).
+    pub creator: u16,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    /// Seconds since creation.
+    pub age_secs: u64,
+}
+
+/// The region.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionStatus {
+    /// Region bytes.
+    pub size: u64,
+    /// Heap bytes.
+    pub heap_size: u64,
+    /// Heap bytes reserved by objects.
+    pub used: u64,
+    /// Heap bytes free.
+    pub free: u64,
+    /// Largest free extent.
+    pub largest_free: u64,
+    /// Free extents.
+    pub free_extents: usize,
+    /// 1 − largest_free/free: 0 when all free space is one extent.
+    pub fragmentation: f64,
+    /// Bytes of host memory the region holds now.
+    pub resident: u64,
+    /// Max peers.
+    pub max_peers: u32,
+    /// Max objects.
+    pub max_objects: u32,
+    /// Backend epoch.
+    pub epoch: u64,
+}
+
+/// The whole document (without the daemon's own `vshmd` section).
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    /// Region.
+    pub region: RegionStatus,
+    /// Peers that are connected, or were.
+    pub peers: Vec<PeerStatus>,
+    /// Objects (LIVE and deleted-but-open).
+    pub sections: Vec<SectionStatus>,
+    /// Counters.
+    pub counters: Counters,
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl<M: Backing> Arbiter<M> {
+    /// A status snapshot.
+    pub fn status(&self) -> StatusReport {
+        let now = SystemTime::now();
+        let mut handles_by_peer = vec![0u64; self.peers.len()];
+        let mut bytes_by_peer = vec![0u64; self.peers.len()];
+        let mut sections = Vec::new();
+        for slot in self.live_slots() {
+            let Some(rec) = self.objects[slot as usize].as_ref() else {
+                continue;
+            };
+            let mut refs_by_peer = Vec::new();
+            for (i, p) in self.peer_slots() {
+                if !p.connected {
+                    continue;
+                }
+                let n = u64::from(self.cell_count(i, slot));
+                if n > 0 {
+                    refs_by_peer.push((p.id, n));
+                    handles_by_peer[i as usize] += n;
+                    bytes_by_peer[i as usize] += rec.max_size;
+                }
+            }
+            sections.push(SectionStatus {
+                name: rec.name.clone(),
+                slot,
+                generation: rec.generation,
+                kind: "section",
+                offset: rec.offset,
+                size: rec.size,
+                max_size: rec.max_size,
+                persistent: rec.persistent,
+                deleted: rec.unlinked,
+                refs: refs_by_peer.iter().map(|x| x.1).sum(),
+                refs_by_peer,
+                creator: rec.creator,
+                created: unix_secs(rec.created),
+                age_secs: now.duration_since(rec.created).map_or(0, |d| d.as_secs()),
+            });
+        }
+        let peers = self
+            .peer_slots()
+            .filter(|(_, p)| p.connected || p.incarnation > 0)
+            .map(|(i, p)| PeerStatus {
+                id: p.id,
+                slot: i,
+                connected: p.connected,
+                label: p.label.clone(),
+                pid: p.pid,
+                connected_since: p.since.map(unix_secs),
+                handles: handles_by_peer[i as usize],
+                bytes_held: bytes_by_peer[i as usize],
+                incarnation: p.incarnation,
+            })
+            .collect();
+        let free = self.heap.free_bytes();
+        let largest = self.heap.largest_free();
+        #[allow(clippy::cast_precision_loss)] // a ratio for people
+        let fragmentation = if free == 0 { 0.0 } else { 1.0 - largest as f64 / free as f64 };
+        StatusReport {
+            region: RegionStatus {
+                size: self.layout.region_size,
+                heap_size: self.heap.size(),
+                used: self.heap.size() - free,
+                free,
+                largest_free: largest,
+                free_extents: self.heap.free_extents(),
+                fragmentation,
+                resident: self.mem.resident(),
+                max_peers: self.layout.max_peers,
+                max_objects: self.layout.max_objects,
+                epoch: self.epoch,
+            },
+            peers,
+            sections,
+            counters: self.counters,
+        }
+    }
+}

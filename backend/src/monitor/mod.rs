@@ -1,0 +1,2 @@
+//! vshmctl's views: the live terminal view (`top`) and the offline region decoder
+//! (`inspect`).
