@@ -1,8 +1,11 @@
 //! The control socket: one JSON request line in, one JSON response line out.
 //!
-//! Requests: `{"cmd":"status"}`, `{"cmd":"delete","name":"N"}`. Responses:
-//! `{"ok":true,"result":{...}}` or `{"ok":false,"error":"...","status":"STATUS_..."}`.
-//! The socket is created mode 0600: only its owner may monitor or administer.
+//! Requests: `{"cmd":"status"}`, `{"cmd":"metrics"}`, `{"cmd":"dump"}`,
+//! `{"cmd":"delete","name":"N"}`, `{"cmd":"disconnect","peer":ID}`, `{"cmd":"watch"}`.
+//! Responses: `{"ok":true,"result":...}` or `{"ok":false,"error":"...","status":"STATUS_..."}`;
+//! `watch` answers `{"ok":true}` and then streams one event object per line until the
+//! client goes away. The socket is created mode 0600 (`vshmd --control-mode` widens it);
+//! `delete`, `disconnect` and `dump` also require vshmd's own user or root.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -17,11 +20,29 @@ use serde::{Deserialize, Serialize};
 pub enum ControlRequest {
     /// The status document.
     Status,
-    /// Delete a section by name as the host.
+    /// Prometheus text exposition (the result is a string).
+    Metrics,
+    /// Header and authoritative state, for bug reports (admin).
+    Dump,
+    /// Delete a section by name as the host (admin).
     Delete {
         /// Section name.
         name: String,
     },
+    /// Drop a peer's connection and reclaim what it held (admin).
+    Disconnect {
+        /// Peer id.
+        peer: u16,
+    },
+    /// Stream events.
+    Watch,
+}
+
+impl ControlRequest {
+    /// Whether only vshmd's own user (or root) may send it.
+    pub fn is_admin(&self) -> bool {
+        matches!(self, ControlRequest::Dump | ControlRequest::Delete { .. } | ControlRequest::Disconnect { .. })
+    }
 }
 
 /// A control response.
@@ -109,6 +130,38 @@ pub fn request(path: &Path, req: &ControlRequest) -> Result<serde_json::Value, C
             error: resp.error.unwrap_or_else(|| "request refused".into()),
             status: resp.status,
         })
+    }
+}
+
+/// Subscribes to vshmd's events and calls `on_event` for each until it returns false or
+/// vshmd closes the stream.
+pub fn watch(
+    path: &Path,
+    mut on_event: impl FnMut(serde_json::Value) -> bool,
+) -> Result<(), ControlError> {
+    let stream = UnixStream::connect(path)
+        .map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
+    let mut line = serde_json::to_string(&ControlRequest::Watch)?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes())?;
+    let mut reader = BufReader::new(&stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer)?;
+    let resp: ControlResponse = serde_json::from_str(&answer)?;
+    if !resp.ok {
+        return Err(ControlError::Refused {
+            error: resp.error.unwrap_or_else(|| "watch refused".into()),
+            status: resp.status,
+        });
+    }
+    loop {
+        answer.clear();
+        if reader.read_line(&mut answer)? == 0 {
+            return Ok(());
+        }
+        if !on_event(serde_json::from_str(answer.trim())?) {
+            return Ok(());
+        }
     }
 }
 

@@ -81,6 +81,11 @@ impl Heap {
         self.free.values().copied().max().unwrap_or(0)
     }
 
+    /// The free extents, (offset, length), in address order.
+    pub fn extents(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.free.iter().map(|(&o, &l)| (o, l))
+    }
+
     /// Number of free extents (1 = unfragmented).
     pub fn free_extents(&self) -> usize {
         self.free.len()

@@ -10,3 +10,4 @@ pub mod region;
 pub mod server;
 pub mod telemetry;
 pub mod monitor;
+pub mod metrics;

@@ -194,7 +194,8 @@ impl<M: Backing> Arbiter<M> {
         })
     }
 
-    fn emit(&mut self, e: Event) {
+    /// Adds an event to the outbox (the daemon adds its own: peers connecting, leaving).
+    pub fn emit(&mut self, e: Event) {
         self.counters.events += 1;
         self.events.push(e);
     }
@@ -352,10 +353,12 @@ impl<M: Backing> Arbiter<M> {
         }
         let _ = bump_namespace_seq(&self.mem);
         self.counters.reclaims += 1;
-        self.emit(Event::now("reclaimed").peer(peer_id).detail(format!(
-            "{} handle(s) dropped, {} object(s) destroyed",
-            out.handles, out.destroyed
-        )));
+        if out.handles > 0 || out.destroyed > 0 {
+            self.emit(Event::now("reclaimed").peer(peer_id).detail(format!(
+                "{} handle(s) dropped, {} object(s) destroyed",
+                out.handles, out.destroyed
+            )));
+        }
         out
     }
 

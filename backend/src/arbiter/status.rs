@@ -6,6 +6,10 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use serde_json::{json, Value};
+use vshm_format::layout::{Superblock, OBJ_LEASE_OFF};
+use vshm_format::shm::read_pod;
+
 use super::{Arbiter, Backing, Counters};
 
 /// One peer.
@@ -185,5 +189,97 @@ impl<M: Backing> Arbiter<M> {
             sections,
             counters: self.counters,
         }
+    }
+}
+
+impl<M: Backing> Arbiter<M> {
+    /// Everything the backend knows, for bug reports: the superblock as published, the
+    /// layout, every record with its lease word, peers, the heap's free list, counters.
+    pub fn dump(&self) -> Value {
+        let sb = read_pod::<Superblock, _>(&self.mem, 0).ok().map(|sb| {
+            json!({
+                "magic": format!("{:#018x}", sb.magic),
+                "version": sb.version,
+                "region_size": sb.region_size,
+                "backend_epoch": sb.backend_epoch,
+                "region_id": sb.region_id.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                "max_peers": sb.max_peers,
+                "max_objects": sb.max_objects,
+                "host_peer_id": sb.host_peer_id,
+                "vectors": sb.vectors,
+                "peer_table_offset": sb.peer_table_offset,
+                "object_table_offset": sb.object_table_offset,
+                "refcount_table_offset": sb.refcount_table_offset,
+                "mailbox_table_offset": sb.mailbox_table_offset,
+                "heap_offset": sb.heap_offset,
+                "heap_size": sb.heap_size,
+                "alignment": sb.alignment,
+                "namespace_seq": sb.namespace_seq,
+            })
+        });
+        let objects: Vec<Value> = self
+            .live_slots()
+            .filter_map(|slot| {
+                let r = self.objects[slot as usize].as_ref()?;
+                let lease = self
+                    .layout
+                    .object_entry(slot)
+                    .and_then(|b| self.mem.load_u64(b + OBJ_LEASE_OFF, std::sync::atomic::Ordering::SeqCst).ok());
+                Some(json!({
+                    "slot": slot,
+                    "generation": r.generation,
+                    "kind": r.kind,
+                    "name": r.name,
+                    "offset": r.offset,
+                    "size": r.size,
+                    "max_size": r.max_size,
+                    "reserved": r.reserved,
+                    "persistent": r.persistent,
+                    "deleted": r.unlinked,
+                    "creator": r.creator,
+                    "created": unix_secs(r.created),
+                    "lease": lease.map(|w| format!("{w:#018x}")),
+                }))
+            })
+            .collect();
+        let peers: Vec<Value> = self
+            .peer_slots()
+            .filter(|(_, p)| p.connected || p.incarnation > 0)
+            .map(|(slot, p)| {
+                json!({
+                    "slot": slot, "id": p.id, "connected": p.connected,
+                    "incarnation": p.incarnation, "last_request": p.last_seq,
+                    "pid": p.pid, "label": p.label,
+                })
+            })
+            .collect();
+        let requests: Vec<Value> = self
+            .requests
+            .by_op_status()
+            .map(|(op, status, n)| json!({ "op": op, "status": status, "count": n }))
+            .collect();
+        json!({
+            "superblock": sb,
+            "layout": {
+                "region_size": self.layout.region_size,
+                "peer_table": self.layout.peer_table,
+                "object_table": self.layout.object_table,
+                "refcount_table": self.layout.refcount_table,
+                "refcount_row_size": self.layout.refcount_row_size,
+                "mailbox_table": self.layout.mailbox_table,
+                "heap_offset": self.layout.heap_offset,
+                "heap_size": self.layout.heap_size,
+                "alignment": self.layout.alignment,
+            },
+            "objects": objects,
+            "peers": peers,
+            "heap": {
+                "free": self.heap.free_bytes(),
+                "free_extents": self.heap.extents().collect::<Vec<_>>(),
+            },
+            "next_generation": self.next_generation,
+            "counters": self.counters,
+            "requests": requests,
+        })
     }
 }

@@ -37,6 +37,20 @@ struct Args {
     /// mlock the region so it is never swapped.
     #[arg(long)]
     lock: bool,
+    /// Permission bits of the control socket, octal (600: only vshmd's user; 660: its group
+    /// may monitor too — admin commands stay with vshmd's user and root).
+    #[arg(long, default_value = "600", value_parser = mode_arg)]
+    control_mode: u32,
+    /// Serve Prometheus metrics over HTTP on this loopback address, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+}
+
+fn mode_arg(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| m & !0o777 == 0)
+        .ok_or_else(|| format!("invalid mode {s:?}: octal permission bits such as 600 or 660"))
 }
 
 /// 1024 objects for regions of 32 MiB and more; for smaller ones, as many as fit in a
@@ -76,6 +90,8 @@ fn main() -> ExitCode {
         vectors: args.vectors,
         hugepages: args.hugepages,
         lock: args.lock,
+        control_mode: args.control_mode,
+        metrics: args.metrics,
     };
     let daemon = match Daemon::new(config.clone()) {
         Ok(d) => d,

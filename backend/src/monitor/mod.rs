@@ -1,2 +1,3 @@
 //! vshmctl's views: the live terminal view (`top`) and the offline region decoder
 //! (`inspect`).
+pub mod text;

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -14,9 +15,12 @@ use vshm_format::layout::{Layout, LayoutError, VECTOR_CONTROL};
 use vshm_format::shm::Fault;
 
 use crate::arbiter::Arbiter;
-use crate::control::{self, ControlRequest, ControlResponse};
+use crate::telemetry::Event;
 use crate::region::{Region, RegionError};
 use crate::server::{bind_unix, Accepted, Server, ServerError};
+
+mod monitor;
+pub use monitor::loopback_only;
 
 /// vshmd's settings, validated.
 #[derive(Debug, Clone)]
@@ -37,6 +41,10 @@ pub struct Config {
     pub hugepages: bool,
     /// mlock the region.
     pub lock: bool,
+    /// Permission bits of the control socket (0600: owner only).
+    pub control_mode: u32,
+    /// Serve Prometheus metrics here (loopback only).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Why vshmd could not start or stopped.
@@ -120,6 +128,7 @@ const TOKEN_LISTENER: u32 = 1;
 const TOKEN_CONTROL: u32 = 2;
 const TOKEN_TIMER: u32 = 3;
 const TOKEN_SIGNAL: u32 = 4;
+const TOKEN_METRICS: u32 = 5;
 const TOKEN_CLIENT: u32 = 1 << 24;
 const TOKEN_BELL: u32 = 2 << 24;
 const TOKEN_KIND: u32 = 0xFF << 24;
@@ -143,6 +152,9 @@ pub struct Daemon {
     signals: File,
     /// The region's memfd, handed to every client.
     memfd: File,
+    metrics: Option<TcpListener>,
+    watchers: monitor::Watchers,
+    started: SystemTime,
     stop: bool,
 }
 
@@ -199,7 +211,24 @@ impl Daemon {
         let epoch = u64::from_le_bytes(id[..8].try_into().unwrap_or([0; 8]));
         let arbiter = Arbiter::new(region, layout, epoch, id).map_err(DaemonError::Header)?;
         let server = Server::bind(&config.socket, config.vectors, config.max_peers)?;
-        let control = bind_unix(&config.control, 0o600)?;
+        if config.control_mode & !0o777 != 0 {
+            return Err(DaemonError::Config(format!(
+                "--control-mode {:o}: permission bits only (e.g. 600 or 660)",
+                config.control_mode
+            )));
+        }
+        let metrics = match config.metrics {
+            Some(addr) => {
+                monitor::loopback_only(&addr).map_err(|e| DaemonError::Config(e.to_string()))?;
+                let l = TcpListener::bind(addr).map_err(|e| {
+                    DaemonError::Config(format!("--metrics {addr}: cannot listen: {e}"))
+                })?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let control = bind_unix(&config.control, config.control_mode)?;
         let mut timer = TimerFd::new().map_err(io::Error::from)?;
         timer
             .reset(SWEEP_INTERVAL, Some(SWEEP_INTERVAL))
@@ -213,6 +242,9 @@ impl Daemon {
             timer,
             signals,
             memfd,
+            metrics,
+            watchers: monitor::Watchers::default(),
+            started: SystemTime::now(),
             stop: false,
         })
     }
@@ -244,29 +276,18 @@ impl Daemon {
     /// The status document: the arbiter's snapshot plus what only the daemon knows.
     pub fn status_json(&self) -> serde_json::Value {
         let mut doc = serde_json::to_value(self.arbiter.status()).unwrap_or_default();
-        if let Some(region) = doc.get_mut("region").and_then(|r| r.as_object_mut()) {
-            region.insert(
-                "resident".into(),
-                self.arbiter.mem().resident_bytes().into(),
-            );
-        }
-        if let Some(peers) = doc.get_mut("peers").and_then(|p| p.as_array_mut()) {
-            for p in peers {
-                let id = p.get("id").and_then(|v| v.as_u64()).unwrap_or(0);
-                let pid = u16::try_from(id)
-                    .ok()
-                    .and_then(|id| self.server.client(id)?.pid);
-                if let Some(obj) = p.as_object_mut() {
-                    obj.insert("pid".into(), pid.into());
-                }
-            }
-        }
+        let started = self
+            .started
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         doc["vshmd"] = serde_json::json!({
             "pid": std::process::id(),
             "socket": self.config.socket,
             "control": self.config.control,
             "vectors": self.config.vectors,
             "qemu_args": self.config.qemu_args(),
+            "started": started,
+            "uptime_secs": self.started.elapsed().map_or(0, |d| d.as_secs()),
         });
         doc
     }
@@ -291,6 +312,17 @@ impl Daemon {
                 return;
             }
         };
+        let Some(client) = self.server.client(id) else {
+            return;
+        };
+        let pid = client.pid;
+        let label = pid.and_then(monitor::process_label);
+        let mut e = Event::now("peer_connected").peer(id);
+        if let Some(l) = &label {
+            e = e.detail(format!("{l} (pid {})", pid.unwrap_or(0)));
+        }
+        self.arbiter.emit(e);
+        self.arbiter.set_peer_process(id, pid, label);
         let Some(client) = self.server.client(id) else {
             return;
         };
@@ -319,6 +351,9 @@ impl Daemon {
                 let _ = ops.remove(Events::empty(bell));
             }
         }
+        // Closes it made before leaving are reported as closes, not lost in the reclaim.
+        self.arbiter.observe_handles();
+        self.arbiter.emit(Event::now("peer_gone").peer(id));
         let reclaim = self.arbiter.peer_gone(id);
         self.server.disconnect(id);
         tracing::info!(
@@ -354,31 +389,11 @@ impl Daemon {
         if let Some(bell) = self.server.client(id).and_then(|c| c.bells.get(vector)) {
             let _ = bell.read();
         }
+        self.arbiter.count_doorbell();
         if self.arbiter.service(id) {
             self.server.notify(id, usize::from(VECTOR_CONTROL));
         }
         self.arbiter.sweep();
-    }
-
-    fn control_request(&mut self) {
-        let stream = match self.control.accept() {
-            Ok((s, _)) => s,
-            Err(_) => return,
-        };
-        let _ = stream.set_nonblocking(false);
-        let resp = match control::read_request(&stream) {
-            Ok(ControlRequest::Status) => ControlResponse::ok(self.status_json()),
-            Ok(ControlRequest::Delete { name }) => match self.arbiter.delete_by_name(&name) {
-                Ok(()) => ControlResponse::ok(serde_json::json!({ "deleted": name })),
-                Err(s) => {
-                    ControlResponse::err(format!("cannot delete {name:?}: {s}"), Some(s.name()))
-                }
-            },
-            Err(e) => ControlResponse::err(e, None),
-        };
-        if let Err(e) = control::write_response(&stream, &resp) {
-            tracing::debug!("control client went away: {e}");
-        }
     }
 }
 
@@ -398,6 +413,12 @@ impl MutEventSubscriber for Daemon {
             ops.add(Events::with_data(&self.timer, TOKEN_TIMER, EventSet::IN)),
             ops.add(Events::with_data(&self.signals, TOKEN_SIGNAL, EventSet::IN)),
         ];
+        if let Some(l) = &self.metrics {
+            if ops.add(Events::with_data(l, TOKEN_METRICS, EventSet::IN)).is_err() {
+                tracing::error!("cannot watch the metrics listener");
+                self.stop = true;
+            }
+        }
         if adds.iter().any(Result::is_err) {
             tracing::error!("cannot watch the daemon's own fds");
             self.stop = true;
@@ -417,10 +438,17 @@ impl MutEventSubscriber for Daemon {
             }
             _ => match data {
                 TOKEN_LISTENER => self.accept_client(ops),
-                TOKEN_CONTROL => self.control_request(),
+                TOKEN_CONTROL => self.control_request(ops),
+                TOKEN_METRICS => {
+                    if let Some(l) = self.metrics.take() {
+                        self.metrics_request(&l);
+                        self.metrics = Some(l);
+                    }
+                }
                 TOKEN_TIMER => {
                     let _ = self.timer.wait();
                     self.arbiter.sweep();
+                    self.arbiter.observe_handles();
                 }
                 TOKEN_SIGNAL => {
                     let mut buf = [0u8; 128];
@@ -430,6 +458,9 @@ impl MutEventSubscriber for Daemon {
                 _ => {}
             },
         }
+        // Whatever happened, tell the watchers (and keep it in the ring).
+        let events = self.arbiter.drain_events();
+        self.watchers.publish(events);
     }
 }
 

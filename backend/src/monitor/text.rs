@@ -1,0 +1,214 @@
+//! Plain-text renderings for vshmctl: the status tables and event lines. They read the
+//! JSON documents vshmd sends and print "-" for anything missing, never panic.
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+/// `1536` → `1.5 KiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    #[allow(clippy::cast_precision_loss)] // for people
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `3725` → `1h02m`.
+pub fn human_age(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
+        3600..=86_399 => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
+        _ => format!("{}d{:02}h", secs / 86_400, (secs % 86_400) / 3600),
+    }
+}
+
+/// Milliseconds since the epoch → `2026-11-22T02:50:01.123Z` (UTC).
+pub fn utc(ts_ms: u64) -> String {
+    let secs = ts_ms / 1000;
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Civil from days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        ts_ms % 1000
+    )
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn or_dash(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The status document as tables.
+pub fn status(doc: &Value) -> String {
+    let mut out = String::new();
+    let r = &doc["region"];
+    let d = &doc["vshmd"];
+    let _ = writeln!(
+        out,
+        "vshmd pid {} up {}, socket {}",
+        or_dash(&d["pid"]),
+        human_age(n(&d["uptime_secs"])),
+        or_dash(&d["socket"])
+    );
+    let _ = writeln!(
+        out,
+        "region  {} total, heap {} used / {} free, largest free {} ({} extents, fragmentation {:.0}%), {} resident",
+        human_bytes(n(&r["size"])),
+        human_bytes(n(&r["used"])),
+        human_bytes(n(&r["free"])),
+        human_bytes(n(&r["largest_free"])),
+        n(&r["free_extents"]),
+        r["fragmentation"].as_f64().unwrap_or(0.0) * 100.0,
+        human_bytes(n(&r["resident"])),
+    );
+    let _ = writeln!(out, "\nPEER  LABEL             PID      CONNECTED  SINCE      HANDLES  HELD");
+    for p in doc["peers"].as_array().into_iter().flatten() {
+        let since = p["connected_since"]
+            .as_u64()
+            .map_or_else(|| "-".to_string(), |t| utc(t * 1000)[11..19].to_string());
+        let _ = writeln!(
+            out,
+            "{:<5} {:<17} {:<8} {:<10} {:<10} {:<8} {}",
+            n(&p["id"]),
+            or_dash(&p["label"]),
+            or_dash(&p["pid"]),
+            if p["connected"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+            since,
+            n(&p["handles"]),
+            human_bytes(n(&p["bytes_held"])),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nNAME                             KIND     SIZE        MAX         REFS  PERSIST  CREATOR  AGE     BY PEER"
+    );
+    for s in doc["sections"].as_array().into_iter().flatten() {
+        let mut name = s["name"].as_str().unwrap_or("<unnamed>").to_string();
+        if s["deleted"].as_bool().unwrap_or(false) {
+            name.push_str(" (deleted)");
+        }
+        let by_peer: Vec<String> = s["refs_by_peer"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|pair| format!("{}:{}", n(&pair[0]), n(&pair[1])))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<32} {:<8} {:<11} {:<11} {:<5} {:<8} {:<8} {:<7} {}",
+            name,
+            or_dash(&s["kind"]),
+            human_bytes(n(&s["size"])),
+            human_bytes(n(&s["max_size"])),
+            n(&s["refs"]),
+            if s["persistent"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+            n(&s["creator"]),
+            human_age(n(&s["age_secs"])),
+            by_peer.join(" "),
+        );
+    }
+    out
+}
+
+/// One event as a line: time, kind, then what is known.
+pub fn event(e: &Value) -> String {
+    let mut line = format!("{} {:<14}", utc(n(&e["ts_ms"])), or_dash(&e["kind"]));
+    if let Some(p) = e["peer"].as_u64() {
+        let _ = write!(line, " peer={p}");
+    }
+    if let Some(name) = e["name"].as_str() {
+        let _ = write!(line, " {name:?}");
+    }
+    if let Some(slot) = e["slot"].as_u64() {
+        let _ = write!(line, " slot={slot}");
+    }
+    if let Some(size) = e["size"].as_u64() {
+        let _ = write!(line, " size={}", human_bytes(size));
+    }
+    if let Some(st) = e["status"].as_str() {
+        let _ = write!(line, " {st}");
+    }
+    if let Some(d) = e["detail"].as_str() {
+        let _ = write!(line, " ({d})");
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn times_are_rendered_in_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(1_795_315_801_123), "2026-11-22T02:50:01.123Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn sizes_and_ages_read_naturally() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(64 << 20), "64.0 MiB");
+        assert_eq!(human_age(59), "59s");
+        assert_eq!(human_age(3725), "1h02m");
+    }
+
+    #[test]
+    fn the_status_tables_show_peers_and_sections_and_survive_missing_fields() {
+        let doc = json!({
+            "vshmd": {"pid": 7, "uptime_secs": 61, "socket": "/run/vshm.sock"},
+            "region": {"size": 67108864, "used": 1048576, "free": 1, "largest_free": 1,
+                       "free_extents": 1, "fragmentation": 0.0, "resident": 4096},
+            "peers": [{"id": 3, "label": "guest-a", "pid": 99, "connected": true,
+                       "connected_since": 1795315801u64, "handles": 2, "bytes_held": 1048576}],
+            "sections": [{"name": "frames", "kind": "section", "size": 4096, "max_size": 1048576,
+                          "refs": 2, "persistent": true, "creator": 3, "age_secs": 5,
+                          "refs_by_peer": [[3, 2]], "deleted": false},
+                         {"name": null, "deleted": true}],
+        });
+        let text = status(&doc);
+        assert!(text.contains("guest-a"), "{text}");
+        assert!(text.contains("frames") && text.contains("3:2"), "{text}");
+        assert!(text.contains("<unnamed> (deleted)"), "{text}");
+        assert!(text.contains("64.0 MiB total"), "{text}");
+        assert!(!status(&json!({})).is_empty(), "an empty document still renders");
+    }
+
+    #[test]
+    fn event_lines_carry_what_the_event_knows() {
+        let line = event(&json!({"ts_ms": 0, "kind": "created", "peer": 2, "name": "x", "slot": 1, "size": 4096}));
+        assert_eq!(line, "1970-01-01T00:00:00.000Z created        peer=2 \"x\" slot=1 size=4.0 KiB");
+    }
+}
