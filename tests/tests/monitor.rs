@@ -1,0 +1,353 @@
+//! vshmctl against a real vshmd with several host-process peers: the status document,
+//! the event stream, metrics (HTTP and CLI), and admin commands with their permissions.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use vshm_tests::{bin, command, kill9, release, stderr, stdout, wait_for, watchdog, Backend};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn status_describes_peers_and_sections_with_the_documented_fields() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "16M"]);
+        assert!(b
+            .vshm(&[
+                "create",
+                "one",
+                "--max",
+                "1M",
+                "--initial",
+                "4K",
+                "--persistent"
+            ])
+            .status
+            .success());
+        assert!(b
+            .vshm(&["create", "two", "--max", "64K", "--persistent"])
+            .status
+            .success());
+        let holder = b.vshm_holding(&["hold", "one", "two"]);
+        let out = b.vshmctl(&["status", "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+        for field in [
+            "pid",
+            "socket",
+            "control",
+            "vectors",
+            "qemu_args",
+            "started",
+            "uptime_secs",
+        ] {
+            assert!(!doc["vshmd"][field].is_null(), "vshmd.{field}");
+        }
+        for field in [
+            "size",
+            "heap_size",
+            "used",
+            "free",
+            "largest_free",
+            "free_extents",
+            "fragmentation",
+            "resident",
+            "max_peers",
+            "max_objects",
+            "epoch",
+        ] {
+            assert!(!doc["region"][field].is_null(), "region.{field}");
+        }
+        assert_eq!(doc["region"]["used"], (1 << 20) + (64 << 10));
+        let me = doc["peers"]
+            .as_array()
+            .and_then(|p| {
+                p.iter()
+                    .find(|p| p["pid"].as_u64() == Some(u64::from(holder.id())))
+            })
+            .expect("the holder is listed with its pid");
+        assert_eq!(me["connected"], true);
+        assert_eq!(
+            me["label"], "vshm",
+            "label is the process name when there is no -name"
+        );
+        assert_eq!(me["handles"], 2);
+        assert_eq!(me["bytes_held"], (1 << 20) + (64 << 10));
+        assert!(me["connected_since"].as_u64().is_some() && me["slot"].as_u64().is_some());
+        let one = b.section("one").expect("one");
+        for field in [
+            "name",
+            "slot",
+            "generation",
+            "kind",
+            "offset",
+            "size",
+            "max_size",
+            "persistent",
+            "deleted",
+            "refs",
+            "refs_by_peer",
+            "creator",
+            "created",
+            "age_secs",
+        ] {
+            assert!(!one[field].is_null(), "sections[].{field}");
+        }
+        assert_eq!(one["kind"], "section");
+        assert_eq!(one["size"], 4096);
+        assert_eq!(one["refs_by_peer"], serde_json::json!([[me["id"], 1]]));
+        let human = stdout(&b.vshmctl(&["status"]));
+        assert!(
+            human.contains("one") && human.contains("two") && human.contains("vshm"),
+            "{human}"
+        );
+        release(holder);
+    });
+}
+
+#[test]
+fn watch_streams_what_happens_as_json_lines() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "16M"]);
+        let mut watcher = command(&bin("vshmctl"))
+            .arg("--control")
+            .arg(&b.control)
+            .args(["watch", "--json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("vshmctl watch");
+        let lines = BufReader::new(watcher.stdout.take().expect("stdout")).lines();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        // Give the subscription a moment to register before acting.
+        assert!(wait_for(Duration::from_secs(5), || {
+            b.status()["counters"]["events"].as_u64().is_some()
+        }));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(b
+            .vshm(&["create", "w", "--max", "64K", "--persistent"])
+            .status
+            .success());
+        let mut holder = b.vshm_holding(&["hold", "w"]);
+        std::thread::sleep(Duration::from_millis(400)); // the timer notices the open
+        assert!(b.vshm(&["grow", "w", "64K"]).status.success());
+        kill9(&mut holder);
+        assert!(b.vshm(&["delete", "w"]).status.success());
+        let mut kinds = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !kinds.contains(&"destroyed".to_string()) && std::time::Instant::now() < deadline {
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+                let e: Value = serde_json::from_str(&l).expect("one JSON object per line");
+                assert!(
+                    e["ts_ms"].as_u64().is_some_and(|t| t > 1_700_000_000_000),
+                    "timestamped: {l}"
+                );
+                kinds.push(e["kind"].as_str().unwrap_or("?").to_string());
+            }
+        }
+        for k in [
+            "peer_connected",
+            "created",
+            "opened",
+            "grown",
+            "peer_gone",
+            "reclaimed",
+            "deleted",
+            "destroyed",
+        ] {
+            assert!(kinds.iter().any(|x| x == k), "{k} in {kinds:?}");
+        }
+        kill9(&mut watcher);
+    });
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect metrics");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("response");
+    body
+}
+
+#[test]
+fn metrics_are_served_over_http_on_loopback_and_by_vshmctl() {
+    watchdog(LIMIT, || {
+        let port = 20000 + (std::process::id() % 20000);
+        let addr = format!("127.0.0.1:{port}");
+        let b = Backend::start(&["--size", "16M", "--metrics", &addr]);
+        assert!(b
+            .vshm(&["create", "m", "--max", "64K", "--persistent"])
+            .status
+            .success());
+        assert!(!b.vshm(&["create", "m\\x", "--max", "64K"]).status.success());
+        let http = http_get(&addr, "/metrics");
+        assert!(http.starts_with("HTTP/1.1 200 OK"), "{http}");
+        for needle in [
+            "vshm_region_bytes 16777216",
+            "vshm_heap_used_bytes 65536",
+            "vshm_sections{state=\"live\"} 1",
+            "vshm_requests_total{op=\"create\",status=\"STATUS_SUCCESS\"} 1",
+            "vshm_request_duration_seconds_bucket{le=\"+Inf\"} 1",
+            "vshm_request_duration_seconds_count 1",
+            "# TYPE vshm_request_duration_seconds histogram",
+            "vshm_doorbells_total",
+            "vshm_reclaims_total",
+        ] {
+            assert!(http.contains(needle), "missing {needle:?} in\n{http}");
+        }
+        assert!(http_get(&addr, "/other").starts_with("HTTP/1.1 404"));
+        let cli = b.vshmctl(&["metrics"]);
+        assert!(cli.status.success(), "{}", stderr(&cli));
+        assert!(
+            stdout(&cli).contains("vshm_sections{state=\"live\"} 1"),
+            "{}",
+            stdout(&cli)
+        );
+    });
+}
+
+#[test]
+fn metrics_refuse_a_non_loopback_address() {
+    let out = command(&bin("vshmd"))
+        .args([
+            "--socket",
+            "/tmp/vshm-never.sock",
+            "--metrics",
+            "0.0.0.0:9464",
+        ])
+        .output()
+        .expect("vshmd");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("loopback"), "{}", stderr(&out));
+    assert!(!std::path::Path::new("/tmp/vshm-never.sock").exists());
+}
+
+#[test]
+fn disconnect_drops_a_peer_and_reclaims_what_it_held() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "16M"]);
+        let holder = b.vshm_holding(&["create", "d", "--max", "64K", "--hold"]);
+        let id = b.status()["peers"]
+            .as_array()
+            .and_then(|p| {
+                p.iter()
+                    .find(|p| p["pid"].as_u64() == Some(u64::from(holder.id())))
+            })
+            .and_then(|p| p["id"].as_u64())
+            .expect("holder id");
+        let out = b.vshmctl(&["disconnect", &id.to_string()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            b.section("d").is_none(),
+            "its only handle was reclaimed: destroyed"
+        );
+        let again = b.vshmctl(&["disconnect", &id.to_string()]);
+        assert!(!again.status.success() && stderr(&again).contains("no connected peer"));
+        drop(holder);
+    });
+}
+
+#[test]
+fn dump_has_the_header_and_the_authoritative_state() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "16M"]);
+        assert!(b
+            .vshm(&["create", "x", "--max", "64K", "--persistent"])
+            .status
+            .success());
+        let out = b.vshmctl(&["dump"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let d: Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(
+            d["superblock"]["magic"],
+            format!("{:#018x}", u64::from_le_bytes(*b"VSHMAREA"))
+        );
+        assert_eq!(d["superblock"]["region_size"], 16 << 20);
+        assert_eq!(d["objects"][0]["name"], "x");
+        assert!(
+            d["objects"][0]["lease"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("0x4")),
+            "KEEP set: {}",
+            d["objects"][0]
+        );
+        assert!(d["heap"]["free_extents"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty()));
+        assert!(d["recent_events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["kind"] == "created")));
+    });
+}
+
+#[test]
+fn admin_commands_need_vshmds_own_user_while_status_does_not() {
+    watchdog(LIMIT, || {
+        // SAFETY: getuid has no preconditions.
+        if unsafe { libc::getuid() } != 0 {
+            // Switching users needs root; CI runs as root.
+            return;
+        }
+        let b = Backend::start(&["--size", "16M", "--control-mode", "666"]);
+        assert!(b
+            .vshm(&["create", "keep", "--max", "64K", "--persistent"])
+            .status
+            .success());
+        let as_nobody = |args: &[&str]| {
+            Command::new("setpriv")
+                .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+                .arg(bin("vshmctl"))
+                .arg("--control")
+                .arg(&b.control)
+                .args(args)
+                .output()
+                .expect("setpriv (util-linux)")
+        };
+        let status = as_nobody(&["status", "--json"]);
+        assert!(
+            status.status.success(),
+            "monitoring is allowed: {}",
+            stderr(&status)
+        );
+        let del = as_nobody(&["delete", "keep"]);
+        assert!(!del.status.success());
+        assert!(
+            stderr(&del).contains("STATUS_ACCESS_DENIED"),
+            "{}",
+            stderr(&del)
+        );
+        assert!(b.section("keep").is_some(), "nothing was deleted");
+        assert_eq!(b.status()["counters"]["denials"], 1);
+        for admin in [&["dump"][..], &["disconnect", "1"][..]] {
+            assert!(
+                stderr(&as_nobody(admin)).contains("STATUS_ACCESS_DENIED"),
+                "{admin:?}"
+            );
+        }
+        let ok = b.vshmctl(&["delete", "keep"]);
+        assert!(ok.status.success(), "vshmd's own user may: {}", stderr(&ok));
+    });
+}
+
+#[test]
+fn the_control_socket_is_private_by_default() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = Backend::start(&["--size", "16M"]);
+    let mode = std::fs::metadata(&b.control)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+}
