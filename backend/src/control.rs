@@ -41,7 +41,12 @@ pub enum ControlRequest {
 impl ControlRequest {
     /// Whether only vshmd's own user (or root) may send it.
     pub fn is_admin(&self) -> bool {
-        matches!(self, ControlRequest::Dump | ControlRequest::Delete { .. } | ControlRequest::Disconnect { .. })
+        matches!(
+            self,
+            ControlRequest::Dump
+                | ControlRequest::Delete { .. }
+                | ControlRequest::Disconnect { .. }
+        )
     }
 }
 
@@ -139,8 +144,10 @@ pub fn watch(
     path: &Path,
     mut on_event: impl FnMut(serde_json::Value) -> bool,
 ) -> Result<(), ControlError> {
-    let stream = UnixStream::connect(path)
-        .map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
+    let stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
     let mut line = serde_json::to_string(&ControlRequest::Watch)?;
     line.push('\n');
     (&stream).write_all(line.as_bytes())?;

@@ -25,32 +25,114 @@ fn counter(out: &mut String, name: &str, help: &str, value: u64) {
 pub fn render(status: &StatusReport, requests: &RequestStats) -> String {
     let mut out = String::new();
     let r = &status.region;
-    gauge(&mut out, "vshm_region_bytes", "Size of the shared region.", r.size);
-    gauge(&mut out, "vshm_heap_bytes", "Size of the data heap.", r.heap_size);
-    gauge(&mut out, "vshm_heap_used_bytes", "Heap bytes reserved by objects.", r.used);
+    gauge(
+        &mut out,
+        "vshm_region_bytes",
+        "Size of the shared region.",
+        r.size,
+    );
+    gauge(
+        &mut out,
+        "vshm_heap_bytes",
+        "Size of the data heap.",
+        r.heap_size,
+    );
+    gauge(
+        &mut out,
+        "vshm_heap_used_bytes",
+        "Heap bytes reserved by objects.",
+        r.used,
+    );
     gauge(&mut out, "vshm_heap_free_bytes", "Heap bytes free.", r.free);
-    gauge(&mut out, "vshm_heap_largest_free_bytes", "Largest free heap extent.", r.largest_free);
-    gauge(&mut out, "vshm_resident_bytes", "Host memory the region holds.", r.resident);
-    family(&mut out, "vshm_sections", "gauge", "Objects in the table, by state.");
+    gauge(
+        &mut out,
+        "vshm_heap_largest_free_bytes",
+        "Largest free heap extent.",
+        r.largest_free,
+    );
+    gauge(
+        &mut out,
+        "vshm_resident_bytes",
+        "Host memory the region holds.",
+        r.resident,
+    );
+    family(
+        &mut out,
+        "vshm_sections",
+        "gauge",
+        "Objects in the table, by state.",
+    );
     let deleted = status.sections.iter().filter(|s| s.deleted).count();
-    let _ = writeln!(out, "vshm_sections{{state=\"live\"}} {}", status.sections.len() - deleted);
+    let _ = writeln!(
+        out,
+        "vshm_sections{{state=\"live\"}} {}",
+        status.sections.len() - deleted
+    );
     let _ = writeln!(out, "vshm_sections{{state=\"deleted\"}} {deleted}");
     let connected = status.peers.iter().filter(|p| p.connected).count();
-    gauge(&mut out, "vshm_peers_connected", "Peers attached now.", connected);
+    gauge(
+        &mut out,
+        "vshm_peers_connected",
+        "Peers attached now.",
+        connected,
+    );
     let c = &status.counters;
-    counter(&mut out, "vshm_doorbells_total", "Doorbells rung by peers.", c.doorbells);
-    counter(&mut out, "vshm_reclaims_total", "Peers reclaimed after they left.", c.reclaims);
-    counter(&mut out, "vshm_objects_created_total", "Objects created.", c.created);
-    counter(&mut out, "vshm_objects_destroyed_total", "Objects destroyed.", c.destroyed);
-    counter(&mut out, "vshm_repairs_total", "Lease words repaired.", c.repairs);
-    counter(&mut out, "vshm_denials_total", "Requests refused for lack of rights.", c.denials);
+    counter(
+        &mut out,
+        "vshm_doorbells_total",
+        "Doorbells rung by peers.",
+        c.doorbells,
+    );
+    counter(
+        &mut out,
+        "vshm_reclaims_total",
+        "Peers reclaimed after they left.",
+        c.reclaims,
+    );
+    counter(
+        &mut out,
+        "vshm_objects_created_total",
+        "Objects created.",
+        c.created,
+    );
+    counter(
+        &mut out,
+        "vshm_objects_destroyed_total",
+        "Objects destroyed.",
+        c.destroyed,
+    );
+    counter(
+        &mut out,
+        "vshm_repairs_total",
+        "Lease words repaired.",
+        c.repairs,
+    );
+    counter(
+        &mut out,
+        "vshm_denials_total",
+        "Requests refused for lack of rights.",
+        c.denials,
+    );
     counter(&mut out, "vshm_events_total", "Events emitted.", c.events);
-    family(&mut out, "vshm_requests_total", "counter", "Requests answered, by op and status.");
+    family(
+        &mut out,
+        "vshm_requests_total",
+        "counter",
+        "Requests answered, by op and status.",
+    );
     for (op, st, n) in requests.by_op_status() {
-        let _ = writeln!(out, "vshm_requests_total{{op=\"{op}\",status=\"{st}\"}} {n}");
+        let _ = writeln!(
+            out,
+            "vshm_requests_total{{op=\"{op}\",status=\"{st}\"}} {n}"
+        );
     }
     let name = "vshm_request_duration_seconds";
-    family(&mut out, name, "histogram", "Host time to answer a request.");
+    family(
+        &mut out,
+        name,
+        "histogram",
+        "Host time to answer a request.",
+    );
     let mut cumulative = 0;
     for (i, n) in requests.buckets().iter().enumerate() {
         cumulative += n;

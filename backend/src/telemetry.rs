@@ -44,7 +44,16 @@ impl Event {
         let ts_ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        Event { ts_ms, kind, peer: None, name: None, slot: None, size: None, status: None, detail: None }
+        Event {
+            ts_ms,
+            kind,
+            peer: None,
+            name: None,
+            slot: None,
+            size: None,
+            status: None,
+            detail: None,
+        }
     }
     /// With a peer.
     pub fn peer(mut self, id: u16) -> Event {
@@ -102,7 +111,10 @@ impl RequestStats {
         let status = Status::from_code(status).map_or("UNKNOWN", Status::name);
         *self.by_op_status.entry((op_name(op), status)).or_default() += 1;
         let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let i = LATENCY_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(LATENCY_BUCKETS_US.len());
+        let i = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
         self.buckets[i] += 1;
         self.sum += took;
         self.count += 1;
@@ -141,7 +153,11 @@ mod tests {
         s.record(77, 0xC000_000D, Duration::from_nanos(10));
         assert_eq!(s.buckets()[0], 1, "10 ns ≤ 1 µs");
         assert_eq!(s.buckets()[2], 1, "3 µs ≤ 5 µs");
-        assert_eq!(s.buckets()[LATENCY_BUCKETS_US.len()], 1, "2 ms is past the last bound");
+        assert_eq!(
+            s.buckets()[LATENCY_BUCKETS_US.len()],
+            1,
+            "2 ms is past the last bound"
+        );
         let rows: Vec<_> = s.by_op_status().collect();
         assert!(rows.contains(&("create", "STATUS_SUCCESS", 1)));
         assert!(rows.contains(&("create", "STATUS_OBJECT_NAME_NOT_FOUND", 1)));

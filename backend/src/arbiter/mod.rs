@@ -213,7 +213,11 @@ impl<M: Backing> Arbiter<M> {
     /// Records an admin request refused on the control socket.
     pub fn count_denial(&mut self, what: &str) {
         self.counters.denials += 1;
-        self.emit(Event::now("denied").status(Status::AccessDenied).detail(what));
+        self.emit(
+            Event::now("denied")
+                .status(Status::AccessDenied)
+                .detail(what),
+        );
     }
 
     /// Records who a connected peer is (from SO_PEERCRED and /proc), for the monitor.
@@ -546,7 +550,12 @@ impl<M: Backing> Arbiter<M> {
             created: SystemTime::now(),
         });
         self.counters.created += 1;
-        self.emit(Event::now("created").peer(peer_id).object(slot, name).size(max_size));
+        self.emit(
+            Event::now("created")
+                .peer(peer_id)
+                .object(slot, name)
+                .size(max_size),
+        );
         tracing::info!(
             slot,
             generation,
@@ -658,7 +667,12 @@ impl<M: Backing> Arbiter<M> {
         let _ = self.publish_record(slot);
         self.counters.grown += 1;
         let peer_id = self.peers[peer as usize].id;
-        self.emit(Event::now("grown").peer(peer_id).object(slot, name.as_deref()).size(size));
+        self.emit(
+            Event::now("grown")
+                .peer(peer_id)
+                .object(slot, name.as_deref())
+                .size(size),
+        );
         Ok(())
     }
 
@@ -731,11 +745,18 @@ impl<M: Backing> Arbiter<M> {
         self.free_slots.insert(slot);
         self.counters.destroyed += 1;
         for p in 0..self.layout.max_peers as usize {
-            if let Some(c) = self.seen.get_mut(slot as usize * self.layout.max_peers as usize + p) {
+            if let Some(c) = self
+                .seen
+                .get_mut(slot as usize * self.layout.max_peers as usize + p)
+            {
                 *c = 0;
             }
         }
-        self.emit(Event::now("destroyed").object(slot, rec.name.as_deref()).size(rec.reserved));
+        self.emit(
+            Event::now("destroyed")
+                .object(slot, rec.name.as_deref())
+                .size(rec.reserved),
+        );
         tracing::info!(
             slot,
             generation = rec.generation,
@@ -755,7 +776,11 @@ impl<M: Backing> Arbiter<M> {
             };
             for p in 0..self.layout.max_peers {
                 let rec = &self.peers[p as usize];
-                let now = if rec.connected { self.cell_count(p, slot) } else { 0 };
+                let now = if rec.connected {
+                    self.cell_count(p, slot)
+                } else {
+                    0
+                };
                 let i = slot as usize * max_peers + p as usize;
                 let before = self.seen.get(i).copied().unwrap_or(0);
                 if now == before {
@@ -769,7 +794,11 @@ impl<M: Backing> Arbiter<M> {
                 if !self.peers[p as usize].connected {
                     continue;
                 }
-                let (kind, n) = if now > before { ("opened", now - before) } else { ("closed", before - now) };
+                let (kind, n) = if now > before {
+                    ("opened", now - before)
+                } else {
+                    ("closed", before - now)
+                };
                 self.emit(
                     Event::now(kind)
                         .peer(id)

@@ -109,7 +109,8 @@ pub struct StatusReport {
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl<M: Backing> Arbiter<M> {
@@ -170,7 +171,11 @@ impl<M: Backing> Arbiter<M> {
         let free = self.heap.free_bytes();
         let largest = self.heap.largest_free();
         #[allow(clippy::cast_precision_loss)] // a ratio for people
-        let fragmentation = if free == 0 { 0.0 } else { 1.0 - largest as f64 / free as f64 };
+        let fragmentation = if free == 0 {
+            0.0
+        } else {
+            1.0 - largest as f64 / free as f64
+        };
         StatusReport {
             region: RegionStatus {
                 size: self.layout.region_size,
@@ -221,10 +226,11 @@ impl<M: Backing> Arbiter<M> {
             .live_slots()
             .filter_map(|slot| {
                 let r = self.objects[slot as usize].as_ref()?;
-                let lease = self
-                    .layout
-                    .object_entry(slot)
-                    .and_then(|b| self.mem.load_u64(b + OBJ_LEASE_OFF, std::sync::atomic::Ordering::SeqCst).ok());
+                let lease = self.layout.object_entry(slot).and_then(|b| {
+                    self.mem
+                        .load_u64(b + OBJ_LEASE_OFF, std::sync::atomic::Ordering::SeqCst)
+                        .ok()
+                });
                 Some(json!({
                     "slot": slot,
                     "generation": r.generation,

@@ -13,7 +13,12 @@ use vshm_backend::monitor::text;
 #[command(name = "vshmctl", version)]
 struct Args {
     /// vshmd's control socket (default: $VSHM_CONTROL, else /tmp/vshm.sock.ctl).
-    #[arg(long, value_name = "PATH", env = "VSHM_CONTROL", default_value = "/tmp/vshm.sock.ctl")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "VSHM_CONTROL",
+        default_value = "/tmp/vshm.sock.ctl"
+    )]
     control: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -64,7 +69,11 @@ fn run(args: &Args) -> Result<(), ControlError> {
         }
         Command::Watch { json } => {
             watch(ctl, |event| {
-                let line = if *json { event.to_string() } else { text::event(&event) };
+                let line = if *json {
+                    event.to_string()
+                } else {
+                    text::event(&event)
+                };
                 let mut o = out.lock();
                 // Stop when whoever reads us goes away.
                 writeln!(o, "{line}").and_then(|()| o.flush()).is_ok()

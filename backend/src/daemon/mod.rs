@@ -3,8 +3,8 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -15,9 +15,9 @@ use vshm_format::layout::{Layout, LayoutError, VECTOR_CONTROL};
 use vshm_format::shm::Fault;
 
 use crate::arbiter::Arbiter;
-use crate::telemetry::Event;
 use crate::region::{Region, RegionError};
 use crate::server::{bind_unix, Accepted, Server, ServerError};
+use crate::telemetry::Event;
 
 mod monitor;
 pub use monitor::loopback_only;
@@ -414,7 +414,10 @@ impl MutEventSubscriber for Daemon {
             ops.add(Events::with_data(&self.signals, TOKEN_SIGNAL, EventSet::IN)),
         ];
         if let Some(l) = &self.metrics {
-            if ops.add(Events::with_data(l, TOKEN_METRICS, EventSet::IN)).is_err() {
+            if ops
+                .add(Events::with_data(l, TOKEN_METRICS, EventSet::IN))
+                .is_err()
+            {
                 tracing::error!("cannot watch the metrics listener");
                 self.stop = true;
             }

@@ -64,7 +64,11 @@ impl Watchers {
 
 /// Credentials of the process on the other end of a UNIX socket.
 fn peer_uid(stream: &UnixStream) -> Option<u32> {
-    let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: 0 };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: 0,
+    };
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large.
     let rc = unsafe {
@@ -83,13 +87,16 @@ fn peer_uid(stream: &UnixStream) -> Option<u32> {
 /// else the program name.
 pub(super) fn process_label(pid: i32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<String> =
-        raw.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
     if let Some(i) = args.iter().position(|a| a == "-name") {
         if let Some(v) = args.get(i + 1) {
-            let name = v.split(',').find_map(|kv| kv.strip_prefix("guest=")).unwrap_or_else(|| {
-                v.split(',').next().unwrap_or(v)
-            });
+            let name = v
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("guest="))
+                .unwrap_or_else(|| v.split(',').next().unwrap_or(v));
             return Some(name.to_owned());
         }
     }
@@ -100,7 +107,9 @@ pub(super) fn process_label(pid: i32) -> Option<String> {
 impl Daemon {
     /// Serves one control connection.
     pub(super) fn control_request(&mut self, ops: &mut EventOps) {
-        let Ok((stream, _)) = self.control.accept() else { return };
+        let Ok((stream, _)) = self.control.accept() else {
+            return;
+        };
         let _ = stream.set_nonblocking(false);
         let request = match control::read_request(&stream) {
             Ok(r) => r,
@@ -114,7 +123,8 @@ impl Daemon {
             let me = unsafe { libc::geteuid() };
             let caller = peer_uid(&stream);
             if caller != Some(me) && caller != Some(0) {
-                self.arbiter.count_denial(&format!("{request:?} from uid {caller:?}"));
+                self.arbiter
+                    .count_denial(&format!("{request:?} from uid {caller:?}"));
                 let resp = ControlResponse::err(
                     format!("{request:?} needs vshmd's own user or root (caller uid {caller:?})"),
                     Some(vshm_format::Status::AccessDenied.name()),
@@ -128,14 +138,17 @@ impl Daemon {
             ControlRequest::Metrics => ControlResponse::ok(self.metrics_text().into()),
             ControlRequest::Dump => {
                 let mut dump = self.arbiter.dump();
-                dump["recent_events"] = serde_json::to_value(self.watchers.recent().collect::<Vec<_>>())
-                    .unwrap_or_default();
+                dump["recent_events"] =
+                    serde_json::to_value(self.watchers.recent().collect::<Vec<_>>())
+                        .unwrap_or_default();
                 dump["status"] = self.status_json();
                 ControlResponse::ok(dump)
             }
             ControlRequest::Delete { name } => match self.arbiter.delete_by_name(&name) {
                 Ok(()) => ControlResponse::ok(serde_json::json!({ "deleted": name })),
-                Err(s) => ControlResponse::err(format!("cannot delete {name:?}: {s}"), Some(s.name())),
+                Err(s) => {
+                    ControlResponse::err(format!("cannot delete {name:?}: {s}"), Some(s.name()))
+                }
             },
             ControlRequest::Disconnect { peer } => {
                 if self.server.client(peer).is_some() {
@@ -167,7 +180,9 @@ impl Daemon {
 
     /// Serves one HTTP request on the metrics listener (GET /metrics), bounded to 1 s.
     pub(super) fn metrics_request(&mut self, listener: &TcpListener) {
-        let Ok((mut stream, _)) = listener.accept() else { return };
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
         let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
@@ -187,7 +202,10 @@ impl Daemon {
         let (code, body) = if head.starts_with("GET ") && (path == "/metrics" || path == "/") {
             ("200 OK", self.metrics_text())
         } else {
-            ("404 Not Found", "only GET /metrics is served here\n".to_string())
+            (
+                "404 Not Found",
+                "only GET /metrics is served here\n".to_string(),
+            )
         };
         let reply = format!(
             "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -91,7 +91,10 @@ pub fn status(doc: &Value) -> String {
         r["fragmentation"].as_f64().unwrap_or(0.0) * 100.0,
         human_bytes(n(&r["resident"])),
     );
-    let _ = writeln!(out, "\nPEER  LABEL             PID      CONNECTED  SINCE      HANDLES  HELD");
+    let _ = writeln!(
+        out,
+        "\nPEER  LABEL             PID      CONNECTED  SINCE      HANDLES  HELD"
+    );
     for p in doc["peers"].as_array().into_iter().flatten() {
         let since = p["connected_since"]
             .as_u64()
@@ -102,7 +105,11 @@ pub fn status(doc: &Value) -> String {
             n(&p["id"]),
             or_dash(&p["label"]),
             or_dash(&p["pid"]),
-            if p["connected"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+            if p["connected"].as_bool().unwrap_or(false) {
+                "yes"
+            } else {
+                "no"
+            },
             since,
             n(&p["handles"]),
             human_bytes(n(&p["bytes_held"])),
@@ -131,7 +138,11 @@ pub fn status(doc: &Value) -> String {
             human_bytes(n(&s["size"])),
             human_bytes(n(&s["max_size"])),
             n(&s["refs"]),
-            if s["persistent"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+            if s["persistent"].as_bool().unwrap_or(false) {
+                "yes"
+            } else {
+                "no"
+            },
             n(&s["creator"]),
             human_age(n(&s["age_secs"])),
             by_peer.join(" "),
@@ -203,12 +214,20 @@ mod tests {
         assert!(text.contains("frames") && text.contains("3:2"), "{text}");
         assert!(text.contains("<unnamed> (deleted)"), "{text}");
         assert!(text.contains("64.0 MiB total"), "{text}");
-        assert!(!status(&json!({})).is_empty(), "an empty document still renders");
+        assert!(
+            !status(&json!({})).is_empty(),
+            "an empty document still renders"
+        );
     }
 
     #[test]
     fn event_lines_carry_what_the_event_knows() {
-        let line = event(&json!({"ts_ms": 0, "kind": "created", "peer": 2, "name": "x", "slot": 1, "size": 4096}));
-        assert_eq!(line, "1970-01-01T00:00:00.000Z created        peer=2 \"x\" slot=1 size=4.0 KiB");
+        let line = event(
+            &json!({"ts_ms": 0, "kind": "created", "peer": 2, "name": "x", "slot": 1, "size": 4096}),
+        );
+        assert_eq!(
+            line,
+            "1970-01-01T00:00:00.000Z created        peer=2 \"x\" slot=1 size=4.0 KiB"
+        );
     }
 }
