@@ -26,9 +26,12 @@ const APT_TOOLS: &[Tool] = &[
         package: "qemu-system-x86",
         why: "a stock QEMU attaches to vshmd in the tests",
     },
-    // Add the guest-image requirements here when those steps land:
-    // Tool { program: "cpio", probe: &["--version"], package: "cpio", why: "packs guest initramfs images" },
-    // Tool { program: "busybox", probe: &["true"], package: "busybox-static", why: "guest userland" },
+    Tool {
+        program: "tmux",
+        probe: &["-V"],
+        package: "tmux",
+        why: "`vshmctl top` is tested in a real terminal",
+    },
     // (and keep PACKAGES in .ci/run in step)
 ];
 
