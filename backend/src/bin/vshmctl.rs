@@ -53,6 +53,12 @@ enum Command {
     },
     /// Header and authoritative state as JSON, for bug reports.
     Dump,
+    /// Live view: region, rates, peers and sections (s/r sort by size/refs, q quits).
+    Top {
+        /// Refresh interval in milliseconds.
+        #[arg(long, default_value_t = 250)]
+        interval_ms: u64,
+    },
 }
 
 fn run(args: &Args) -> Result<(), ControlError> {
@@ -90,6 +96,11 @@ fn run(args: &Args) -> Result<(), ControlError> {
         Command::Disconnect { peer } => {
             request(ctl, &ControlRequest::Disconnect { peer: *peer })?;
             println!("disconnected peer {peer}");
+        }
+        Command::Top { interval_ms } => {
+            let interval = std::time::Duration::from_millis(*interval_ms);
+            vshm_backend::monitor::top::run(ctl, interval)
+                .map_err(|error| ControlError::Refused { error, status: None })?;
         }
         Command::Dump => {
             let doc = request(ctl, &ControlRequest::Dump)?;

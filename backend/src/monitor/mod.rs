@@ -1,3 +1,4 @@
 //! vshmctl's views: the live terminal view (`top`) and the offline region decoder
 //! (`inspect`).
 pub mod text;
+pub mod top;
