@@ -496,6 +496,10 @@ fn block_release_signals() -> libc::sigset_t {
 }
 
 fn main() -> ExitCode {
+    // Die quietly when stdout goes away (`| head`), like other command-line tools, instead
+    // of panicking on EPIPE. (A vshm that dies this way has its handles reclaimed by vshmd.)
+    // SAFETY: resetting a signal disposition to its default before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
