@@ -122,6 +122,9 @@ impl VmConfig {
         let console = self.work_dir.join(format!("{}.console.log", self.name));
         let agent = self.work_dir.join(format!("{}.agent.sock", self.name));
         let mut a: Vec<String> = vec![
+            // vshmd labels the peer with this (vshmctl status / top).
+            "-name".into(),
+            self.name.clone(),
             "-M".into(),
             "q35".into(),
             "-m".into(),

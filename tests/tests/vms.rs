@@ -74,6 +74,15 @@ fn three_guests_share_sections_through_vshmd() {
                 vm.pid()
             );
         }
+        let labels: Vec<&str> = st["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .filter_map(|p| p["label"].as_str())
+            .collect();
+        for name in ["a", "b", "c"] {
+            assert!(labels.contains(&name), "peers are labelled with QEMU's -name: {labels:?}");
+        }
 
         // 1. A creates and writes; B reads the same bytes; C lists it; the host sees refs.
         guest_ok(
