@@ -81,7 +81,10 @@ fn three_guests_share_sections_through_vshmd() {
             .filter_map(|p| p["label"].as_str())
             .collect();
         for name in ["a", "b", "c"] {
-            assert!(labels.contains(&name), "peers are labelled with QEMU's -name: {labels:?}");
+            assert!(
+                labels.contains(&name),
+                "peers are labelled with QEMU's -name: {labels:?}"
+            );
         }
 
         // 1. A creates and writes; B reads the same bytes; C lists it; the host sees refs.

@@ -53,6 +53,17 @@ enum Command {
     },
     /// Header and authoritative state as JSON, for bug reports.
     Dump,
+    /// Decode and check the region straight from its memory, read-only (works when vshmd
+    /// is wedged): exit 0 if consistent, 1 if errors were found, 2 if the file is unreadable.
+    Inspect {
+        /// The region: vshmd's memfd (/proc/PID/fd/N, the link reads "/memfd:vshm"), an
+        /// ivshmem-plain backing file, or a copy.
+        #[arg(long, value_name = "PATH")]
+        memfd: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Live view: region, rates, peers and sections (s/r sort by size/refs, q quits).
     Top {
         /// Refresh interval in milliseconds.
@@ -99,9 +110,15 @@ fn run(args: &Args) -> Result<(), ControlError> {
         }
         Command::Top { interval_ms } => {
             let interval = std::time::Duration::from_millis(*interval_ms);
-            vshm_backend::monitor::top::run(ctl, interval)
-                .map_err(|error| ControlError::Refused { error, status: None })?;
+            vshm_backend::monitor::top::run(ctl, interval).map_err(|error| {
+                ControlError::Refused {
+                    error,
+                    status: None,
+                }
+            })?;
         }
+        // Needs no vshmd: handled in main, which owns the exit code.
+        Command::Inspect { .. } => {}
         Command::Dump => {
             let doc = request(ctl, &ControlRequest::Dump)?;
             println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
@@ -116,6 +133,15 @@ fn main() -> ExitCode {
     // SAFETY: resetting a signal disposition to its default before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = Args::parse();
+    if let Command::Inspect { memfd, json } = &args.command {
+        let code = vshm_backend::monitor::inspect::run(
+            memfd,
+            *json,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        );
+        return ExitCode::from(code);
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
