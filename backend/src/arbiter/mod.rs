@@ -741,6 +741,13 @@ impl<M: Backing> Arbiter<M> {
         self.heap.release(rec.offset, rec.reserved);
         if let Err(e) = self.mem.discard(rec.offset, rec.reserved) {
             tracing::error!(slot, "could not return section memory: {e}");
+            self.emit(
+                Event::now("error")
+                    .object(slot, rec.name.as_deref())
+                    .detail(format!(
+                        "could not return the section's memory to the host: {e}"
+                    )),
+            );
         }
         self.free_slots.insert(slot);
         self.counters.destroyed += 1;

@@ -304,11 +304,18 @@ impl Daemon {
             Ok(Accepted::Connected(id)) => id,
             Ok(Accepted::Nothing) => return,
             Ok(Accepted::Failed(id)) => {
+                self.arbiter.emit(
+                    Event::now("error")
+                        .peer(id)
+                        .detail("ivshmem handshake failed"),
+                );
                 self.arbiter.peer_gone(id);
                 return;
             }
             Err(e) => {
                 tracing::warn!("accepting a client failed: {e}");
+                self.arbiter
+                    .emit(Event::now("error").detail(format!("accepting a client: {e}")));
                 return;
             }
         };
