@@ -114,8 +114,11 @@ pub enum ControlError {
     },
 }
 
-/// Sends one request and returns the result document.
-pub fn request(path: &Path, req: &ControlRequest) -> Result<serde_json::Value, ControlError> {
+/// Connects, sends `req` and reads the first response line.
+fn exchange(
+    path: &Path,
+    req: &ControlRequest,
+) -> Result<(BufReader<UnixStream>, ControlResponse), ControlError> {
     let stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
         path: path.to_owned(),
         source,
@@ -124,18 +127,23 @@ pub fn request(path: &Path, req: &ControlRequest) -> Result<serde_json::Value, C
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     (&stream).write_all(line.as_bytes())?;
-    let mut reader = BufReader::new(&stream);
+    let mut reader = BufReader::new(stream);
     let mut answer = String::new();
     reader.read_line(&mut answer)?;
     let resp: ControlResponse = serde_json::from_str(&answer)?;
-    if resp.ok {
-        Ok(resp.result.unwrap_or(serde_json::Value::Null))
-    } else {
-        Err(ControlError::Refused {
+    if !resp.ok {
+        return Err(ControlError::Refused {
             error: resp.error.unwrap_or_else(|| "request refused".into()),
             status: resp.status,
-        })
+        });
     }
+    Ok((reader, resp))
+}
+
+/// Sends one request and returns the result document.
+pub fn request(path: &Path, req: &ControlRequest) -> Result<serde_json::Value, ControlError> {
+    let (_, resp) = exchange(path, req)?;
+    Ok(resp.result.unwrap_or(serde_json::Value::Null))
 }
 
 /// Subscribes to vshmd's events and calls `on_event` for each until it returns false or
@@ -144,29 +152,16 @@ pub fn watch(
     path: &Path,
     mut on_event: impl FnMut(serde_json::Value) -> bool,
 ) -> Result<(), ControlError> {
-    let stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut line = serde_json::to_string(&ControlRequest::Watch)?;
-    line.push('\n');
-    (&stream).write_all(line.as_bytes())?;
-    let mut reader = BufReader::new(&stream);
-    let mut answer = String::new();
-    reader.read_line(&mut answer)?;
-    let resp: ControlResponse = serde_json::from_str(&answer)?;
-    if !resp.ok {
-        return Err(ControlError::Refused {
-            error: resp.error.unwrap_or_else(|| "watch refused".into()),
-            status: resp.status,
-        });
-    }
+    let (mut reader, _) = exchange(path, &ControlRequest::Watch)?;
+    // Events come when they come: no read timeout on the stream.
+    reader.get_ref().set_read_timeout(None)?;
+    let mut line = String::new();
     loop {
-        answer.clear();
-        if reader.read_line(&mut answer)? == 0 {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
             return Ok(());
         }
-        if !on_event(serde_json::from_str(answer.trim())?) {
+        if !on_event(serde_json::from_str(line.trim())?) {
             return Ok(());
         }
     }

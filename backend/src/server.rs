@@ -72,13 +72,14 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
-fn peer_pid(stream: &UnixStream) -> Option<i32> {
+/// Credentials (pid, uid, gid) of the process at the other end of a UNIX socket.
+pub fn peer_credentials(stream: &UnixStream) -> Option<libc::ucred> {
     let mut cred = libc::ucred {
         pid: 0,
-        uid: 0,
-        gid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
     };
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(0);
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large.
     let rc = unsafe {
         libc::getsockopt(
@@ -89,7 +90,13 @@ fn peer_pid(stream: &UnixStream) -> Option<i32> {
             &mut len,
         )
     };
-    (rc == 0 && cred.pid > 0).then_some(cred.pid)
+    (rc == 0).then_some(cred)
+}
+
+fn peer_pid(stream: &UnixStream) -> Option<i32> {
+    peer_credentials(stream)
+        .map(|c| c.pid)
+        .filter(|&pid| pid > 0)
 }
 
 fn send(stream: &UnixStream, value: i64, fd: Option<RawFd>) -> io::Result<()> {

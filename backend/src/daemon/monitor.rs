@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -62,27 +61,6 @@ impl Watchers {
     }
 }
 
-/// Credentials of the process on the other end of a UNIX socket.
-fn peer_uid(stream: &UnixStream) -> Option<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: u32::MAX,
-        gid: 0,
-    };
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(cred.uid)
-}
-
 /// A readable label for a peer process: QEMU's `-name` (`-name guest=X,...` or `-name X`),
 /// else the program name.
 pub(super) fn process_label(pid: i32) -> Option<String> {
@@ -121,7 +99,7 @@ impl Daemon {
         if request.is_admin() {
             // SAFETY: geteuid has no preconditions.
             let me = unsafe { libc::geteuid() };
-            let caller = peer_uid(&stream);
+            let caller = crate::server::peer_credentials(&stream).map(|c| c.uid);
             if caller != Some(me) && caller != Some(0) {
                 self.arbiter
                     .count_denial(&format!("{request:?} from uid {caller:?}"));

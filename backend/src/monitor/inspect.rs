@@ -16,6 +16,7 @@
 //! Exit codes for the command: [`EXIT_OK`] (no errors), [`EXIT_ERRORS`] (errors found),
 //! [`EXIT_UNREADABLE`] (the file could not be opened or mapped).
 
+use crate::monitor::text::human_bytes;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
@@ -1327,23 +1328,6 @@ fn heap_usage(layout: &Layout, objs: &[Obj]) -> HeapUsage {
     }
 }
 
-/// `1536` → `1.5 KiB`.
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    #[allow(clippy::cast_precision_loss)] // for people
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 /// A name cell for the text table: control characters escaped, cut to `width` characters.
 fn name_cell(name: Option<&str>, width: usize) -> String {
     let Some(name) = name else {
@@ -1387,7 +1371,7 @@ pub fn print_human(report: &Report, out: &mut impl Write) -> io::Result<()> {
         out,
         "{}: {} ({} bytes)",
         printable(&report.path),
-        human(report.file_size),
+        human_bytes(report.file_size),
         report.file_size
     )?;
     if let Some(sb) = &report.superblock {
@@ -1397,7 +1381,7 @@ pub fn print_human(report: &Report, out: &mut impl Write) -> io::Result<()> {
             sb.magic,
             if sb.magic_ok { "ok" } else { "BAD" },
             sb.version,
-            human(sb.region_size),
+            human_bytes(sb.region_size),
             sb.region_size,
             sb.epoch
         )?;
@@ -1411,7 +1395,7 @@ pub fn print_human(report: &Report, out: &mut impl Write) -> io::Result<()> {
             out,
             "            heap at {:#x}, {}{}",
             sb.heap_offset,
-            human(sb.heap_size),
+            human_bytes(sb.heap_size),
             if sb.valid {
                 ""
             } else {
@@ -1430,9 +1414,9 @@ pub fn print_human(report: &Report, out: &mut impl Write) -> io::Result<()> {
             out,
             "heap        {} object(s) reserve {} of {} ({pct:.1}%), {} free",
             h.objects,
-            human(h.reserved),
-            human(h.size),
-            human(h.free)
+            human_bytes(h.reserved),
+            human_bytes(h.size),
+            human_bytes(h.free)
         )?;
     }
     if report.superblock.as_ref().is_some_and(|s| s.valid) {
@@ -1479,8 +1463,8 @@ pub fn print_human(report: &Report, out: &mut impl Write) -> io::Result<()> {
                 state,
                 o.generation,
                 format!("{:#x}", o.offset),
-                human(o.size),
-                human(o.max_size),
+                human_bytes(o.size),
+                human_bytes(o.max_size),
                 if o.persistent { "yes" } else { "no" },
                 o.lease,
                 if handles.is_empty() {

@@ -9,6 +9,7 @@
 //! The status document comes from vshmd (docs/MONITOR.md names its fields); nothing in it is
 //! trusted to be there or well-typed: a missing or odd field renders as `-`.
 
+use crate::monitor::text::human_bytes;
 use std::io::{self, IsTerminal, Stdout};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -191,23 +192,6 @@ impl App {
 
 // ---- formatting: every field may be missing ----
 
-/// Bytes for people: `512 B`, `1.5 MiB`.
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    #[allow(clippy::cast_precision_loss)] // for people
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 /// A duration for people: `42s`, `3m 07s`, `2h 05m`, `4d 03h`.
 fn span_of(secs: u64) -> String {
     match secs {
@@ -231,7 +215,7 @@ fn int(v: &Value) -> String {
 }
 
 fn bytes(v: &Value) -> String {
-    v.as_u64().map_or_else(|| NONE.to_owned(), human)
+    v.as_u64().map_or_else(|| NONE.to_owned(), human_bytes)
 }
 
 fn yes_no(v: &Value) -> &'static str {
@@ -824,9 +808,9 @@ mod tests {
 
     #[test]
     fn sizes_and_durations_read_well() {
-        assert_eq!(human(512), "512 B");
-        assert_eq!(human(1536), "1.5 KiB");
-        assert_eq!(human(16 << 20), "16.0 MiB");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(16 << 20), "16.0 MiB");
         assert_eq!(span_of(42), "42s");
         assert_eq!(span_of(187), "3m 07s");
         assert_eq!(span_of(7500), "2h 05m");
