@@ -19,8 +19,10 @@ use crate::util::{
 
 /// What guest A writes and guest B reads back.
 const MESSAGE: &str = "hello from guest A";
-/// How long a guest may take to boot (TCG on a small machine is the slow case).
+/// How long a guest may take to boot (TCG on a small, busy machine is the slow case).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Time limit for one command inside a guest (TCG is slow when the host is busy).
+const GUEST_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 const SECTION: &str = "demo";
 /// Time limit for each one-shot command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -114,7 +116,9 @@ pub fn run() -> Result<()> {
 /// Runs `cmd` in a guest, prints its output, and fails unless it exits 0.
 fn in_guest(vm: &mut Vm, cmd: &str) -> Result<String> {
     step(format!("{}: {cmd}", vm.name()));
-    let out = vm.run(cmd, COMMAND_TIMEOUT).map_err(|e| e.to_string())?;
+    let out = vm
+        .run(cmd, GUEST_COMMAND_TIMEOUT)
+        .map_err(|e| e.to_string())?;
     if !out.text.is_empty() {
         println!("{}", indent(&out.text).trim_end());
     }
@@ -215,7 +219,7 @@ fn session(
     }
 
     step("vm-b releases its handle (SIGTERM to its vshm hold)");
-    b.release("demo", COMMAND_TIMEOUT)
+    b.release("demo", GUEST_COMMAND_TIMEOUT)
         .map_err(|e| e.to_string())?;
     in_guest(&mut b, &format!("vshm delete {SECTION}"))?;
     let out = capture_checked(&mut setup.vshm(&["list", "--json"]), COMMAND_TIMEOUT)?;
@@ -307,12 +311,13 @@ fn first_line(child: &mut KillOnDrop, timeout: Duration) -> Result<String> {
 }
 
 /// The human status table must show the holder as a connected peer with a handle open:
-/// a `PEER CONNECTED PID HANDLES` row `<id> yes <pid> <n>` with n ≥ 1.
+/// a `PEER LABEL PID CONNECTED SINCE HANDLES HELD` row `<id> <label> <pid> yes <t> <n> ...`
+/// with n ≥ 1.
 fn check_holder_listed(status: &str, pid: u32) -> Result<()> {
     let pid = pid.to_string();
     let listed = status.lines().any(|line| {
         let cols: Vec<&str> = line.split_whitespace().collect();
-        matches!(cols.as_slice(), [_, "yes", p, handles]
+        matches!(cols.as_slice(), [_, _, p, "yes", _, handles, ..]
             if *p == pid && handles.parse::<u64>().is_ok_and(|h| h >= 1))
     });
     if listed {
