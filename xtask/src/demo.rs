@@ -178,7 +178,7 @@ fn session(
         "vm-b keeps a handle open: vshm hold {SECTION} (in the background)"
     ));
     let held = b
-        .hold("demo", &format!("hold {SECTION}"), COMMAND_TIMEOUT)
+        .hold("demo", &format!("hold {SECTION}"), GUEST_COMMAND_TIMEOUT)
         .map_err(|e| e.to_string())?;
     if !held.success() {
         return Err(format!("vm-b could not hold {SECTION}: {}", held.text));
