@@ -112,19 +112,25 @@ impl Mapping {
         Ok(Mapping { base, len })
     }
 
-    /// The mapping as a region. Valid only while the mapping lives: keep the `Mapping`
-    /// alive as long as the region (and anything derived from it) is used.
-    pub fn region(&self) -> RawRegion {
-        // SAFETY: the mapping is `len` bytes, page-aligned, valid until drop; the caller
-        // keeps it alive for as long as it uses the region (documented above).
+    /// The mapping as a region, borrowing the mapping: it cannot outlive it.
+    ///
+    /// ```compile_fail
+    /// # fn f(file: &std::fs::File) {
+    /// let region = vshm::host::Mapping::new(file, 4096).expect("map").region();
+    /// let _ = vshm::format::shm::SharedMemory::size(&region); // the mapping is gone
+    /// # }
+    /// ```
+    pub fn region(&self) -> RawRegion<'_> {
+        // SAFETY: the mapping is `len` bytes, page-aligned, and valid until drop; the
+        // region borrows `self`, so it cannot outlive the mapping.
         unsafe { RawRegion::new(self.base, self.len as u64) }
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `new` mapped; HostTransport drops the mapping last,
-        // after everything that used the RawRegion is gone (it borrows the transport).
+        // SAFETY: unmaps exactly what `new` mapped; every RawRegion over it borrowed `self`,
+        // so none is left.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }
@@ -295,9 +301,7 @@ fn ring_file(f: &File) -> Result<(), TransportError> {
 }
 
 impl Transport for HostTransport {
-    fn region(&self) -> RawRegion {
-        // The mapping lives as long as self; Namespace owns its transport, so every region
-        // copy it uses is dropped before the mapping.
+    fn region(&self) -> RawRegion<'_> {
         self.map.region()
     }
 

@@ -65,7 +65,6 @@ impl CreateOptions {
 #[derive(Debug)]
 pub struct Namespace<T: Transport> {
     transport: T,
-    region: RawRegion,
     layout: Layout,
     superblock: Superblock,
     peer_id: u16,
@@ -84,7 +83,6 @@ impl<T: Transport> Namespace<T> {
             .ok_or(Error::Transport(TransportError::BadPeerId(peer_id)))?;
         Ok(Namespace {
             transport,
-            region,
             layout,
             superblock,
             peer_id,
@@ -96,6 +94,11 @@ impl<T: Transport> Namespace<T> {
     /// How long a request waits for the backend before failing with [`Error::Timeout`].
     pub fn set_reply_timeout(&mut self, timeout: Duration) {
         self.reply_timeout = timeout;
+    }
+
+    /// The mapped region, borrowed from the transport.
+    fn mem(&self) -> RawRegion<'_> {
+        self.transport.region()
     }
 
     /// The validated layout.
@@ -182,7 +185,7 @@ impl<T: Transport> Namespace<T> {
     }
 
     fn open_existing(&self, name: &str) -> Result<Section<'_, T>, Error> {
-        let info = object::find_by_name(&self.region, &self.layout, name)?
+        let info = object::find_by_name(&self.mem(), &self.layout, name)?
             .ok_or(Error::Status(Status::ObjectNameNotFound))?;
         if info.kind != kind::SECTION {
             return Err(Status::InvalidHandle.into());
@@ -197,7 +200,7 @@ impl<T: Transport> Namespace<T> {
 
     /// Takes a hold on (slot, generation) and returns the validated entry.
     fn hold(&self, slot: u32, generation: u64, allow_unlinked: bool) -> Result<ObjectInfo, Error> {
-        let (mem, layout) = (&self.region, &self.layout);
+        let (mem, layout) = (&self.mem(), &self.layout);
         match lease::acquire(
             mem,
             layout,
@@ -215,7 +218,7 @@ impl<T: Transport> Namespace<T> {
             Err(e) => return Err(Error::Status(e.status())),
         }
         // Our holder bit is set: the entry cannot change identity now. Validate it.
-        match object::read_object(&self.region, &self.layout, slot) {
+        match object::read_object(&self.mem(), &self.layout, slot) {
             Ok(Some(info)) if info.generation == generation => Ok(info),
             _ => {
                 let _ = self.release(slot);
@@ -226,7 +229,7 @@ impl<T: Transport> Namespace<T> {
 
     /// Drops one hold; rings the host if that destroyed the object.
     fn release(&self, slot: u32) -> Result<(), Error> {
-        match lease::release(&self.region, &self.layout, self.peer_slot, slot) {
+        match lease::release(&self.mem(), &self.layout, self.peer_slot, slot) {
             Ok(Released::Held) => Ok(()),
             Ok(Released::LastHold) => {
                 self.transport.ring(HOST_PEER_ID, VECTOR_CONTROL)?;
@@ -251,7 +254,7 @@ impl<T: Transport> Namespace<T> {
     /// memory is freed when the last handle closes.
     pub fn delete(&self, name: &str) -> Result<(), Error> {
         validate_name(name)?;
-        let info = object::find_by_name(&self.region, &self.layout, name)?
+        let info = object::find_by_name(&self.mem(), &self.layout, name)?
             .ok_or(Error::Status(Status::ObjectNameNotFound))?;
         self.delete_object(info.slot, info.generation)
     }
@@ -268,20 +271,20 @@ impl<T: Transport> Namespace<T> {
     /// Looks a LIVE object up by name.
     pub fn info(&self, name: &str) -> Result<ObjectInfo, Error> {
         validate_name(name)?;
-        object::find_by_name(&self.region, &self.layout, name)?
+        object::find_by_name(&self.mem(), &self.layout, name)?
             .ok_or(Error::Status(Status::ObjectNameNotFound))
     }
 
     /// All objects in the table (LIVE and UNLINKED), skipping entries that do not validate.
     pub fn objects(&self) -> impl Iterator<Item = ObjectInfo> + '_ {
         (0..self.layout.max_objects)
-            .filter_map(move |slot| object::read_object(&self.region, &self.layout, slot).ok()?)
+            .filter_map(move |slot| object::read_object(&self.mem(), &self.layout, slot).ok()?)
     }
 
     /// The peers attached to the region now (as the host publishes them), this one included.
     pub fn peers(&self) -> impl Iterator<Item = PeerInfo> + '_ {
         (0..self.layout.max_peers)
-            .filter_map(move |s| object::read_peer(&self.region, &self.layout, s))
+            .filter_map(move |s| object::read_peer(&self.mem(), &self.layout, s))
     }
 
     /// The attached peers holding object `slot` (its lease word's holder bits). A hint for
@@ -291,7 +294,7 @@ impl<T: Transport> Namespace<T> {
             .layout
             .object_entry(slot)
             .and_then(|b| {
-                self.region
+                self.mem()
                     .load_u64(b + OBJ_LEASE_OFF, Ordering::Acquire)
                     .ok()
             })
@@ -302,12 +305,12 @@ impl<T: Transport> Namespace<T> {
 
     /// This peer's handle count on an object slot.
     pub fn handles_on(&self, slot: u32) -> u32 {
-        lease::handles(&self.region, &self.layout, self.peer_slot, slot).unwrap_or(0)
+        lease::handles(&self.mem(), &self.layout, self.peer_slot, slot).unwrap_or(0)
     }
 
     /// Posts a request and waits for the response.
     fn call(&self, req: &Request) -> Result<vshm_format::layout::Response, Error> {
-        let mem = &self.region;
+        let mem = &self.mem();
         let (layout, slot) = (&self.layout, self.peer_slot);
         // One request per peer at a time; the lock is this peer's own word.
         let mut locked = false;
@@ -327,7 +330,7 @@ impl<T: Transport> Namespace<T> {
     }
 
     fn call_locked(&self, req: &Request) -> Result<vshm_format::layout::Response, Error> {
-        let (mem, layout, slot) = (&self.region, &self.layout, self.peer_slot);
+        let (mem, layout, slot) = (&self.mem(), &self.layout, self.peer_slot);
         let seq = mailbox::post(mem, layout, slot, req)?;
         self.transport.ring(HOST_PEER_ID, VECTOR_CONTROL)?;
         let mut response = None;
@@ -392,13 +395,13 @@ impl<'ns, T: Transport> Section<'ns, T> {
             .layout
             .object_entry(self.slot)
             .map(|b| b + OBJ_SIZE_OFF);
-        off.and_then(|o| self.ns.region.load_u64(o, Ordering::Acquire).ok())
+        off.and_then(|o| self.ns.mem().load_u64(o, Ordering::Acquire).ok())
             .map_or(0, |s| s.min(self.max_size))
     }
 
     /// Whether the section was deleted (its name is gone; it lives until the last close).
     pub fn is_deleted(&self) -> bool {
-        object::state(&self.ns.region, &self.ns.layout, self.slot)
+        object::state(&self.ns.mem(), &self.ns.layout, self.slot)
             .ok()
             .is_none_or(|s| s != object_state::LIVE)
     }
@@ -414,13 +417,13 @@ impl<'ns, T: Transport> Section<'ns, T> {
     /// Copies `buf.len()` bytes at `at` out of the section.
     pub fn read_at(&self, at: u64, buf: &mut [u8]) -> Result<(), Error> {
         let off = self.check(at, buf.len())?;
-        Ok(self.ns.region.read_bytes(off, buf)?)
+        Ok(self.ns.mem().read_bytes(off, buf)?)
     }
 
     /// Copies `data` into the section at `at`.
     pub fn write_at(&self, at: u64, data: &[u8]) -> Result<(), Error> {
         let off = self.check(at, data.len())?;
-        Ok(self.ns.region.write_bytes(off, data)?)
+        Ok(self.ns.mem().write_bytes(off, data)?)
     }
 
     /// Raw pointer to the section's first byte, for zero-copy use. The memory is shared with
@@ -428,7 +431,7 @@ impl<'ns, T: Transport> Section<'ns, T> {
     /// (the reservation extends to `max_size`; grow exposes more of it), and only while
     /// this handle is open.
     pub fn as_ptr(&self) -> *mut u8 {
-        let base = self.ns.region.base().as_ptr();
+        let base = self.ns.mem().base().as_ptr();
         // The offset was validated against the mapping when the handle was opened.
         base.wrapping_add(usize::try_from(self.offset).unwrap_or(usize::MAX))
     }

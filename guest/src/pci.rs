@@ -238,7 +238,7 @@ impl PciTransport {
 use vshm_format::shm::SharedMemory as _;
 
 impl Transport for PciTransport {
-    fn region(&self) -> RawRegion {
+    fn region(&self) -> RawRegion<'_> {
         self.shm.region()
     }
 

@@ -32,8 +32,8 @@ impl core::fmt::Display for TransportError {
 
 /// Map + ring + wait.
 pub trait Transport {
-    /// The mapped region (the whole ivshmem shared memory).
-    fn region(&self) -> RawRegion;
+    /// The mapped region (the whole ivshmem shared memory), valid while `self` is borrowed.
+    fn region(&self) -> RawRegion<'_>;
     /// This peer's ivshmem peer id (IVPosition).
     fn peer_id(&self) -> u16;
     /// Rings `peer`'s doorbell on `vector`.

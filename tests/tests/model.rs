@@ -25,13 +25,13 @@ const MAX_OBJECTS: u32 = 6;
 const PAGE: u64 = 4096;
 
 struct Loopback {
-    region: RawRegion,
+    region: RawRegion<'static>,
     peer_id: u16,
     arbiter: Rc<RefCell<Arbiter<Region>>>,
 }
 
 impl Transport for Loopback {
-    fn region(&self) -> RawRegion {
+    fn region(&self) -> RawRegion<'_> {
         self.region
     }
     fn peer_id(&self) -> u16 {

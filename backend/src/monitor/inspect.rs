@@ -1544,7 +1544,7 @@ mod tests {
     /// superblock, CLOSED leases on free slots), then written to a file for `inspect`.
     struct Region {
         _buf: Vec<u64>,
-        mem: RawRegion,
+        mem: RawRegion<'static>,
         layout: Layout,
     }
 

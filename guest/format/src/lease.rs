@@ -292,7 +292,7 @@ mod tests {
     /// A 1 MiB, 8-aligned buffer holding a region with 4 peers and 8 objects.
     struct Fixture {
         _buf: Vec<u64>,
-        mem: RawRegion,
+        mem: RawRegion<'static>,
         layout: Layout,
     }
 

@@ -357,7 +357,7 @@ mod tests {
     use crate::shm::RawRegion;
     use core::ptr::NonNull;
 
-    fn region(buf: &mut [u64]) -> (RawRegion, Layout) {
+    fn region(buf: &mut [u64]) -> (RawRegion<'_>, Layout) {
         let base = NonNull::new(buf.as_mut_ptr().cast::<u8>()).expect("non-null");
         // SAFETY: buf outlives the region in each test; 8-aligned; len bytes.
         let mem = unsafe { RawRegion::new(base, (buf.len() * 8) as u64) };

@@ -6,6 +6,7 @@
 //! [`RawRegion`] implements it over a raw mapping (guests, host peers, kernel drivers), the
 //! backend implements it over vm-memory.
 
+use core::marker::PhantomData;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -136,30 +137,36 @@ pub fn read_pod<T: Pod, M: SharedMemory + ?Sized>(mem: &M, offset: u64) -> Resul
     Ok(value)
 }
 
-/// A raw mapping of a shared region: base pointer and length.
+/// A raw mapping of a shared region: base pointer and length, borrowed from whatever owns
+/// the mapping (`'a`), so safe code cannot keep using it after an unmap.
 ///
 /// This is the one place in the guest side that touches the region through pointers.
 #[derive(Debug, Clone, Copy)]
-pub struct RawRegion {
+pub struct RawRegion<'a> {
     base: NonNull<u8>,
     len: u64,
+    _mapping: PhantomData<&'a ()>,
 }
 
 // SAFETY: RawRegion is an address range; every access through it is atomic or volatile,
 // and the region is shared memory designed for concurrent access from many parties.
-unsafe impl Send for RawRegion {}
+unsafe impl Send for RawRegion<'_> {}
 // SAFETY: as above.
-unsafe impl Sync for RawRegion {}
+unsafe impl Sync for RawRegion<'_> {}
 
-impl RawRegion {
+impl<'a> RawRegion<'a> {
     /// Wraps a mapping.
     ///
     /// # Safety
     /// `base` must be valid for reads and writes of `len` bytes, aligned to at least 8, for
-    /// as long as this value (and every copy of it) is used. Other parties may write the
-    /// memory at any time; this type never creates references into it.
-    pub unsafe fn new(base: NonNull<u8>, len: u64) -> RawRegion {
-        RawRegion { base, len }
+    /// all of `'a` (the caller picks `'a` no longer than the mapping lives). Other parties may
+    /// write the memory at any time; this type never creates references into it.
+    pub unsafe fn new(base: NonNull<u8>, len: u64) -> RawRegion<'a> {
+        RawRegion {
+            base,
+            len,
+            _mapping: PhantomData,
+        }
     }
 
     /// The base address, for callers that hand out raw pointers to section data.
@@ -192,7 +199,7 @@ impl RawRegion {
     }
 }
 
-impl SharedMemory for RawRegion {
+impl SharedMemory for RawRegion<'_> {
     fn size(&self) -> u64 {
         self.len
     }
