@@ -20,6 +20,11 @@ pub enum Error {
     BadResponse(u32, u32),
     /// Kept losing races with other peers on this operation.
     Contended,
+    /// This peer was disconnected by the backend (its slot is reclaimed or reused); its
+    /// handles are gone and it must not touch the region's tables any more.
+    Detached,
+    /// Another process of this peer holds the request mailbox (its token) and is alive.
+    MailboxBusy(u32),
 }
 
 impl Error {
@@ -30,6 +35,8 @@ impl Error {
             Error::Transport(_) | Error::Timeout(_) => Status::InsufficientResources,
             Error::Region(_) | Error::BadResponse(..) => Status::InvalidHandle,
             Error::Contended => Status::ObjectNameNotFound,
+            Error::Detached => Status::InvalidHandle,
+            Error::MailboxBusy(_) => Status::InsufficientResources,
         }
     }
 }
@@ -43,6 +50,16 @@ impl From<Status> for Error {
 impl From<TransportError> for Error {
     fn from(e: TransportError) -> Self {
         Error::Transport(e)
+    }
+}
+
+impl From<vshm_format::object::EntryError> for Error {
+    fn from(e: vshm_format::object::EntryError) -> Self {
+        match e {
+            // The host kept an entry busy: the caller may look again.
+            vshm_format::object::EntryError::Busy => Error::Contended,
+            _ => Error::Status(Status::InvalidHandle),
+        }
     }
 }
 
@@ -66,6 +83,11 @@ impl core::fmt::Display for Error {
                 )
             }
             Error::Contended => write!(f, "gave up after repeated races with other peers"),
+            Error::Detached => write!(f, "this peer was disconnected by the vshm backend"),
+            Error::MailboxBusy(owner) => write!(
+                f,
+                "another process of this peer (token {owner}) holds the request mailbox"
+            ),
         }
     }
 }

@@ -69,6 +69,8 @@ pub struct Namespace<T: Transport> {
     superblock: Superblock,
     peer_id: u16,
     peer_slot: u32,
+    /// The peer table's incarnation of our slot when we attached.
+    incarnation: u64,
     reply_timeout: Duration,
 }
 
@@ -81,12 +83,16 @@ impl<T: Transport> Namespace<T> {
         let peer_id = transport.peer_id();
         let peer_slot = object::find_peer_slot(&region, &layout, peer_id)
             .ok_or(Error::Transport(TransportError::BadPeerId(peer_id)))?;
+        let incarnation = object::read_peer(&region, &layout, peer_slot)
+            .ok_or(Error::Transport(TransportError::BadPeerId(peer_id)))?
+            .incarnation;
         Ok(Namespace {
             transport,
             layout,
             superblock,
             peer_id,
             peer_slot,
+            incarnation,
             reply_timeout: Duration::from_secs(10),
         })
     }
@@ -94,6 +100,18 @@ impl<T: Transport> Namespace<T> {
     /// How long a request waits for the backend before failing with [`Error::Timeout`].
     pub fn set_reply_timeout(&mut self, timeout: Duration) {
         self.reply_timeout = timeout;
+    }
+
+    /// Fails with [`Error::Detached`] once the backend has reclaimed this peer: its slot
+    /// (refcount row, mailbox, holder bit) may already belong to another peer, which this
+    /// one must never touch. Three atomic loads; checked before every table operation.
+    fn attached(&self) -> Result<(), Error> {
+        let (mem, l) = (&self.mem(), &self.layout);
+        if object::peer_still_attached(mem, l, self.peer_slot, self.peer_id, self.incarnation) {
+            Ok(())
+        } else {
+            Err(Error::Detached)
+        }
     }
 
     /// The mapped region, borrowed from the transport.
@@ -185,6 +203,7 @@ impl<T: Transport> Namespace<T> {
     }
 
     fn open_existing(&self, name: &str) -> Result<Section<'_, T>, Error> {
+        self.attached()?;
         let info = object::find_by_name(&self.mem(), &self.layout, name)?
             .ok_or(Error::Status(Status::ObjectNameNotFound))?;
         if info.kind != kind::SECTION {
@@ -200,6 +219,7 @@ impl<T: Transport> Namespace<T> {
 
     /// Takes a hold on (slot, generation) and returns the validated entry.
     fn hold(&self, slot: u32, generation: u64, allow_unlinked: bool) -> Result<ObjectInfo, Error> {
+        self.attached()?;
         let (mem, layout) = (&self.mem(), &self.layout);
         match lease::acquire(
             mem,
@@ -229,6 +249,8 @@ impl<T: Transport> Namespace<T> {
 
     /// Drops one hold; rings the host if that destroyed the object.
     fn release(&self, slot: u32) -> Result<(), Error> {
+        // A reclaimed peer's holds are gone already; its row may be someone else's now.
+        self.attached()?;
         match lease::release(&self.mem(), &self.layout, self.peer_slot, slot) {
             Ok(Released::Held) => Ok(()),
             Ok(Released::LastHold) => {
@@ -310,19 +332,25 @@ impl<T: Transport> Namespace<T> {
 
     /// Posts a request and waits for the response.
     fn call(&self, req: &Request) -> Result<vshm_format::layout::Response, Error> {
+        self.attached()?;
         let mem = &self.mem();
         let (layout, slot) = (&self.layout, self.peer_slot);
-        // One request per peer at a time; the lock is this peer's own word.
-        let mut locked = false;
+        // One request per peer at a time; the lock is this peer's own word, tagged with the
+        // taker so a process that died holding it (a guest's processes share the peer) does
+        // not wedge the mailbox for the others.
+        let token = self.transport.lock_token();
         let got = self.transport.wait_until(
-            &mut || {
-                locked = mailbox::try_lock(mem, layout, slot).unwrap_or(false);
-                locked
-            },
+            &mut || mailbox::try_lock(mem, layout, slot, token).unwrap_or(false),
             self.reply_timeout,
         )?;
         if !got {
-            return Err(Error::Timeout(duration_ms(self.reply_timeout)));
+            let owner = mailbox::lock_owner(mem, layout, slot)?;
+            if owner == 0
+                || self.transport.token_alive(owner)
+                || !mailbox::steal_lock(mem, layout, slot, owner, token)?
+            {
+                return Err(Error::MailboxBusy(owner));
+            }
         }
         let result = self.call_locked(req);
         let _ = mailbox::unlock(mem, layout, slot);
@@ -407,6 +435,8 @@ impl<'ns, T: Transport> Section<'ns, T> {
     }
 
     fn check(&self, at: u64, len: usize) -> Result<u64, Error> {
+        // After a reclaim the memory may belong to another section: never write it then.
+        self.ns.attached()?;
         let len = len as u64;
         match at.checked_add(len) {
             Some(end) if end <= self.size() => Ok(self.offset + at),

@@ -197,10 +197,7 @@ impl PciTransport {
         })?;
         Layout::from_superblock(&sb, vshm_format::shm::SharedMemory::size(&region))
             .map_err(|e| PciError::Region(d.bdf.clone(), e))?;
-        let pos = regs
-            .region()
-            .load_u32(REG_IVPOSITION as u64, std::sync::atomic::Ordering::SeqCst)
-            .unwrap_or(u32::MAX);
+        let pos = read_register(&regs, REG_IVPOSITION);
         let peer_id = u16::try_from(pos)
             .ok()
             .filter(|&p| p != 0)
@@ -235,7 +232,18 @@ impl PciTransport {
     }
 }
 
-use vshm_format::shm::SharedMemory as _;
+/// Reads a 32-bit BAR0 register with one volatile load (MMIO, not memory: no atomics).
+fn read_register(regs: &Mapping, offset: usize) -> u32 {
+    let p = regs
+        .region()
+        .base()
+        .as_ptr()
+        .wrapping_add(offset)
+        .cast::<u32>();
+    // SAFETY: `offset` is one of the 4-byte-aligned registers inside the BAR0 page `regs`
+    // maps (at least 4096 bytes), and the mapping outlives this call.
+    unsafe { p.read_volatile() }
+}
 
 impl Transport for PciTransport {
     fn region(&self) -> RawRegion<'_> {
@@ -253,6 +261,20 @@ impl Transport for PciTransport {
         // page we mapped; a single volatile 32-bit store is the access the device expects.
         unsafe { reg.as_ptr().write_volatile(value) };
         Ok(())
+    }
+
+    fn lock_token(&self) -> u32 {
+        // All processes of this guest share the peer: the pid tells them apart.
+        std::process::id()
+    }
+
+    fn token_alive(&self, token: u32) -> bool {
+        let Ok(pid) = libc::pid_t::try_from(token) else {
+            return true;
+        };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let rc = unsafe { libc::kill(pid, 0) };
+        rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
     }
 
     fn wait_until(

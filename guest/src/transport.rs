@@ -46,4 +46,17 @@ pub trait Transport {
         ready: &mut dyn FnMut() -> bool,
         timeout: Duration,
     ) -> Result<bool, TransportError>;
+
+    /// A non-zero token naming this user of the peer for the request-mailbox lock. All
+    /// processes of a guest share one peer, so a guest transport returns its pid; a host
+    /// process is a peer of its own and can keep the default.
+    fn lock_token(&self) -> u32 {
+        1
+    }
+
+    /// Whether the holder of `token` can still release the mailbox lock (false only when it
+    /// is known to have died holding it).
+    fn token_alive(&self, _token: u32) -> bool {
+        true
+    }
 }

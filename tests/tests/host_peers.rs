@@ -402,3 +402,28 @@ fn list_names_holders_by_their_peer_ids_not_their_slots() {
         release(holder);
     });
 }
+
+#[test]
+fn a_disconnected_peer_that_keeps_running_cannot_touch_the_peer_that_reuses_its_slot() {
+    watchdog(LIMIT, || {
+        // One slot, so the next peer must reuse the disconnected one's row and holder bit.
+        let b = Backend::start(&["--size", "4M", "--max-peers", "1"]);
+        let mut p = b.vshm_holding(&["create", "a", "--max", "4K", "--hold"]);
+        let id = b.status()["peers"][0]["id"].as_u64().expect("p's id");
+        assert!(b.vshmctl(&["disconnect", &id.to_string()]).status.success());
+        assert!(b.section("a").is_none(), "p's only handle was reclaimed");
+        let q = b.vshm_holding(&["create", "b", "--max", "4K", "--hold"]);
+        // p, still running, now closes what it believes it holds.
+        drop(p.stdin.take());
+        let status = p.wait().expect("p exits");
+        assert!(!status.success(), "p is told it was disconnected");
+        std::thread::sleep(Duration::from_millis(500)); // a sweep or two
+        let s = b.section("b").expect("q's section survives p's close");
+        assert_eq!(s["refs"], 1);
+        release(q);
+        assert!(
+            wait_for(Duration::from_secs(1), || b.section("b").is_none()),
+            "q's close still works"
+        );
+    });
+}

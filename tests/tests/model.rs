@@ -125,6 +125,9 @@ struct MObj {
 
 struct World {
     arbiter: Rc<RefCell<Arbiter<Region>>>,
+    mapping: &'static vshm::host::Mapping,
+    /// Peer ids hand out like vshmd's server: counting up, never reused.
+    next_peer_id: u16,
     peers: Vec<&'static Namespace<Loopback>>,
     handles: Vec<Vec<(u64, Section<'static, Loopback>)>>,
     objects: BTreeMap<u64, MObj>,
@@ -156,6 +159,8 @@ impl World {
         let heap = arbiter.borrow().status().region.heap_size;
         World {
             arbiter,
+            mapping,
+            next_peer_id: u16::try_from(PEERS + 1).expect("id"),
             peers,
             handles: (0..PEERS).map(|_| Vec::new()).collect(),
             objects: BTreeMap::new(),
@@ -342,11 +347,21 @@ impl World {
                     std::mem::forget(s);
                     self.objects.get_mut(&id).expect("obj").holds[peer] -= 1;
                 }
-                let id = u16::try_from(peer + 1).expect("id");
+                let old = self.peers[peer].peer_id();
+                let id = self.next_peer_id;
+                self.next_peer_id += 1;
                 let mut a = self.arbiter.borrow_mut();
-                a.peer_gone(id);
+                a.peer_gone(old);
                 a.peer_connected(id).expect("reconnect");
                 drop(a);
+                // The old attachment is detached for good: it must refuse to touch anything.
+                prop_assert_eq!(self.peers[peer].open("alpha").err(), Some(Error::Detached));
+                let t = Loopback {
+                    region: self.mapping.region(),
+                    peer_id: id,
+                    arbiter: Rc::clone(&self.arbiter),
+                };
+                self.peers[peer] = Box::leak(Box::new(Namespace::attach(t).expect("re-attach")));
                 let ids: Vec<u64> = self.objects.keys().copied().collect();
                 for id in ids {
                     self.maybe_destroy(id);
@@ -404,7 +419,7 @@ impl World {
                 let got = s
                     .refs_by_peer
                     .iter()
-                    .find(|x| usize::from(x.0) == p + 1)
+                    .find(|x| x.0 == self.peers[p].peer_id())
                     .map_or(0, |x| x.1);
                 prop_assert_eq!(got, u64::from(n), "refs of peer {} on {}", p + 1, o.name);
             }

@@ -134,7 +134,15 @@ fn watch_streams_what_happens_as_json_lines() {
         }));
         std::thread::sleep(Duration::from_millis(200));
         assert!(b
-            .vshm(&["create", "w", "--max", "64K", "--persistent"])
+            .vshm(&[
+                "create",
+                "w",
+                "--max",
+                "64K",
+                "--initial",
+                "4K",
+                "--persistent"
+            ])
             .status
             .success());
         let mut holder = b.vshm_holding(&["hold", "w"]);

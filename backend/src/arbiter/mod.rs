@@ -103,6 +103,8 @@ struct PeerRecord {
     pid: Option<i32>,
     /// A name for people: QEMU's -name, else the process name.
     label: Option<String>,
+    /// When the slot was last freed (a departure count; 0 = never used).
+    freed: u64,
 }
 
 /// What a peer's departure released.
@@ -160,6 +162,8 @@ pub struct Arbiter<M: Backing> {
     /// Last observed handle count per (object slot, peer slot), to report opens and closes
     /// that never reach the host.
     seen: Vec<u32>,
+    /// Peers that have left so far (orders slot reuse).
+    departures: u64,
 }
 
 impl<M: Backing> Arbiter<M> {
@@ -191,6 +195,7 @@ impl<M: Backing> Arbiter<M> {
             events: Vec::new(),
             requests: RequestStats::default(),
             seen: vec![0; max_objects * layout.max_peers as usize],
+            departures: 0,
         })
     }
 
@@ -267,9 +272,13 @@ impl<M: Backing> Arbiter<M> {
         if peer_id == 0 || self.slot_of(peer_id).is_some() {
             return Err(ConnectError::BadId(peer_id));
         }
+        // The free slot freed longest ago: a reclaimed peer that has not noticed yet (its
+        // process still running) checks its slot's incarnation before touching it, and
+        // reusing its slot last leaves it the most time to notice.
         let s = self
             .peer_slots()
-            .find(|(_, p)| !p.connected)
+            .filter(|(_, p)| !p.connected)
+            .min_by_key(|(_, p)| p.freed)
             .map(|(s, _)| s)
             .ok_or(ConnectError::Full(self.layout.max_peers))?;
         let slot = s as usize;
@@ -326,6 +335,8 @@ impl<M: Backing> Arbiter<M> {
             return out;
         }
         self.peers[slot].connected = false;
+        self.departures += 1;
+        self.peers[slot].freed = self.departures;
         self.peers[slot].since = None;
         if let Some(base) = self.layout.peer_entry(s) {
             let _ =
@@ -659,6 +670,10 @@ impl<M: Backing> Arbiter<M> {
         }
         if size < rec.size || size > rec.max_size {
             return Err((Status::InvalidParameter, Some(slot)));
+        }
+        if size == rec.size {
+            // Nothing changes: do not make readers retry a republished entry.
+            return Ok(());
         }
         let name = rec.name.clone();
         if let Some(r) = self.objects[slot as usize].as_mut() {

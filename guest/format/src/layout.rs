@@ -139,6 +139,8 @@ pub struct PeerEntry {
 const _: () = assert!(size_of::<PeerEntry>() == 64);
 /// Offset of [`PeerEntry::state`].
 pub const PEER_STATE_OFF: u64 = offset_of!(PeerEntry, state) as u64;
+/// Offset of [`PeerEntry::peer_id`].
+pub const PEER_ID_OFF: u64 = offset_of!(PeerEntry, peer_id) as u64;
 /// Offset of [`PeerEntry::incarnation`].
 pub const PEER_INCARNATION_OFF: u64 = offset_of!(PeerEntry, incarnation) as u64;
 

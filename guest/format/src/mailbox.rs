@@ -166,14 +166,43 @@ fn mailbox_base(layout: &Layout, peer_slot: u32) -> Result<u64, Fault> {
     })
 }
 
-/// Peer: tries to take the peer-local mailbox lock (one outstanding request per peer).
+/// Peer: tries to take the peer-local mailbox lock (one outstanding request per peer) for
+/// `owner`, a non-zero token naming the taker (a guest's processes share one peer, so they
+/// use their pid; a host process's threads can use 1). Loads before it CASes, so waiters do
+/// not hammer uncached memory with locked operations.
 pub fn try_lock<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
     peer_slot: u32,
+    owner: u32,
 ) -> Result<bool, Fault> {
     let base = mailbox_base(layout, peer_slot)?;
-    Ok(mem.cas_u32(base + MB_LOCK_OFF, 0, 1)?.is_ok())
+    if mem.load_u32(base + MB_LOCK_OFF, Ordering::Relaxed)? != 0 {
+        return Ok(false);
+    }
+    Ok(mem.cas_u32(base + MB_LOCK_OFF, 0, owner.max(1))?.is_ok())
+}
+
+/// Peer: who holds the mailbox lock (0 = nobody).
+pub fn lock_owner<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: u32,
+) -> Result<u32, Fault> {
+    let base = mailbox_base(layout, peer_slot)?;
+    mem.load_u32(base + MB_LOCK_OFF, Ordering::Acquire)
+}
+
+/// Peer: takes the lock over from `dead`, an owner known to have died holding it.
+pub fn steal_lock<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: u32,
+    dead: u32,
+    owner: u32,
+) -> Result<bool, Fault> {
+    let base = mailbox_base(layout, peer_slot)?;
+    Ok(mem.cas_u32(base + MB_LOCK_OFF, dead, owner.max(1))?.is_ok())
 }
 
 /// Peer: releases the mailbox lock.
@@ -187,6 +216,9 @@ pub fn unlock<M: SharedMemory + ?Sized>(
 }
 
 /// Peer (holding the lock): writes `req` and posts it; returns the sequence to wait for.
+///
+/// `req_seq` is 0 while the body is being written, so a host still copying an abandoned
+/// earlier request sees the change and drops its copy instead of acting on a torn mix.
 pub fn post<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
@@ -199,6 +231,7 @@ pub fn post<M: SharedMemory + ?Sized>(
     let prev_req = mem.load_u64(base + MB_REQ_SEQ_OFF, Ordering::Acquire)?;
     let prev_resp = mem.load_u64(base + MB_RESP_SEQ_OFF, Ordering::Acquire)?;
     let seq = prev_req.max(prev_resp).wrapping_add(1).max(1);
+    mem.store_u64(base + MB_REQ_SEQ_OFF, 0, Ordering::SeqCst)?;
     let bytes = bytes_of(req);
     // Everything after the seq and lock words (op onwards).
     mem.write_bytes(base + 12, &bytes[12..])?;
@@ -221,8 +254,9 @@ pub fn poll<M: SharedMemory + ?Sized>(
     Ok(Some(resp))
 }
 
-/// Host: the pending request of `peer_slot`, if its `req_seq` differs from `last_seen`.
-/// Returns the sequence and an unvalidated copy.
+/// Host: the pending request of `peer_slot`, if its `req_seq` differs from `last_seen` (and
+/// is not 0, "being written"). Returns the sequence and an unvalidated copy; a copy during
+/// which `req_seq` changed is discarded (the writer rings again when it is done).
 pub fn take_request<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
@@ -231,10 +265,14 @@ pub fn take_request<M: SharedMemory + ?Sized>(
 ) -> Result<Option<(u64, Request)>, Fault> {
     let base = mailbox_base(layout, peer_slot)?;
     let seq = mem.load_u64(base + MB_REQ_SEQ_OFF, Ordering::Acquire)?;
-    if seq == last_seen {
+    if seq == last_seen || seq == 0 {
         return Ok(None);
     }
     let req: Request = read_pod(mem, base)?;
+    core::sync::atomic::fence(Ordering::Acquire);
+    if mem.load_u64(base + MB_REQ_SEQ_OFF, Ordering::Relaxed)? != seq {
+        return Ok(None);
+    }
     Ok(Some((seq, req)))
 }
 

@@ -6,8 +6,9 @@ use core::sync::atomic::{fence, Ordering};
 use crate::layout::{
     const_usize, kind, object_flags, object_state, peer_state, Layout, ObjectEntry, PeerEntry,
     LEASE_CLOSED, MAX_NAME_BYTES, OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_NAME_OFF,
-    OBJ_SEQ_OFF, OBJ_STATE_OFF, PEER_STATE_OFF, SB_NAMESPACE_SEQ_OFF,
+    OBJ_SEQ_OFF, OBJ_SIZE_OFF, OBJ_STATE_OFF, PEER_STATE_OFF, SB_NAMESPACE_SEQ_OFF,
 };
+use crate::layout::{PEER_ID_OFF, PEER_INCARNATION_OFF};
 use crate::name::{name_hash, validate_name_bytes};
 use crate::shm::{bytes_of, bytes_of_mut, zeroed, Fault, SharedMemory};
 
@@ -206,26 +207,33 @@ pub fn read_object<M: SharedMemory + ?Sized>(
     validate(layout, slot, &e)
 }
 
-/// Finds the LIVE, not yet closed object called `name` (any kind). Invalid entries are skipped: a
-/// scribbled entry can hide itself but cannot make a reader misbehave.
+/// Finds the LIVE, not yet closed object called `name` (any kind). Invalid entries are
+/// skipped: a scribbled entry can hide itself but cannot make a reader misbehave. If nothing
+/// matched but an entry was skipped because the host kept it busy, the answer is
+/// `Err(EntryError::Busy)` (look again) rather than "not found".
 pub fn find_by_name<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
     name: &str,
-) -> Result<Option<ObjectInfo>, Fault> {
+) -> Result<Option<ObjectInfo>, EntryError> {
     let want = name.as_bytes();
     let hash = name_hash(want);
+    let mut busy = false;
     for slot in 0..layout.max_objects {
         let Some(base) = layout.object_entry(slot) else {
             break;
         };
-        // Cheap pre-filter with two atomic loads; the snapshot below decides.
+        // Cheap pre-filter with one atomic load; the snapshot below decides.
         if mem.load_u32(base + OBJ_STATE_OFF, Ordering::Relaxed)? != object_state::LIVE {
             continue;
         }
         let head = match snapshot(mem, layout, slot, false) {
             Ok(h) => h,
-            Err(EntryError::Fault(f)) => return Err(f),
+            Err(EntryError::Busy) => {
+                busy = true;
+                continue;
+            }
+            Err(EntryError::Fault(f)) => return Err(EntryError::Fault(f)),
             Err(_) => continue,
         };
         if head.state != object_state::LIVE
@@ -238,8 +246,13 @@ pub fn find_by_name<M: SharedMemory + ?Sized>(
         if mem.load_u64(base + OBJ_LEASE_OFF, Ordering::SeqCst)? & LEASE_CLOSED != 0 {
             continue;
         }
-        let Ok(full) = snapshot(mem, layout, slot, true) else {
-            continue;
+        let full = match snapshot(mem, layout, slot, true) {
+            Ok(f) => f,
+            Err(EntryError::Busy) => {
+                busy = true;
+                continue;
+            }
+            Err(_) => continue,
         };
         match validate(layout, slot, &full) {
             Ok(Some(info)) if info.state == object_state::LIVE && info.name() == Some(name) => {
@@ -248,7 +261,11 @@ pub fn find_by_name<M: SharedMemory + ?Sized>(
             _ => continue,
         }
     }
-    Ok(None)
+    if busy {
+        Err(EntryError::Busy)
+    } else {
+        Ok(None)
+    }
 }
 
 /// The host's write of a whole entry (except the lease word): seqlock odd, fields,
@@ -278,8 +295,12 @@ pub fn publish<M: SharedMemory + ?Sized>(
         Ordering::SeqCst,
     )?;
     mem.store_u32(base + OBJ_STATE_OFF, entry.state, Ordering::SeqCst)?;
+    // `size` is read alone by handles (Section::size), so it gets an atomic store too.
     let kind_off = const_usize(OBJ_STATE_OFF) + 4;
-    mem.write_bytes(base + kind_off as u64, &bytes[kind_off..OBJ_HEAD_LEN])?;
+    let size_off = const_usize(OBJ_SIZE_OFF);
+    mem.write_bytes(base + kind_off as u64, &bytes[kind_off..size_off])?;
+    mem.store_u64(base + OBJ_SIZE_OFF, entry.size, Ordering::Release)?;
+    mem.write_bytes(base + OBJ_SIZE_OFF + 8, &bytes[size_off + 8..OBJ_HEAD_LEN])?;
     let name_off = const_usize(OBJ_NAME_OFF);
     mem.write_bytes(
         base + OBJ_NAME_OFF,
@@ -453,10 +474,11 @@ mod tests {
             .expect("odd seq");
         assert_eq!(snapshot(&mem, &layout, 1, true), Err(EntryError::Busy));
         assert_eq!(
-            find_by_name(&mem, &layout, "name").expect("scan"),
-            None,
-            "skipped, not hung"
+            find_by_name(&mem, &layout, "name"),
+            Err(EntryError::Busy),
+            "skipped, not hung, and reported as busy rather than not found"
         );
+        assert_eq!(find_by_name(&mem, &layout, "other"), Err(EntryError::Busy));
         // The host's next publication recovers from any odd value.
         publish(&mem, &layout, 1, &good(&layout)).expect("publish");
         assert!(read_object(&mem, &layout, 1).expect("valid").is_some());
@@ -496,6 +518,23 @@ pub fn read_peer<M: SharedMemory + ?Sized>(
         peer_id: id,
         incarnation: e.incarnation,
     })
+}
+
+/// Whether peer slot `slot` is still held by `peer_id` in incarnation `incarnation`: three
+/// atomic loads, for a peer to check it has not been reclaimed before it touches its row.
+pub fn peer_still_attached<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: u32,
+    peer_id: u16,
+    incarnation: u64,
+) -> bool {
+    let Some(base) = layout.peer_entry(slot) else {
+        return false;
+    };
+    mem.load_u32(base + PEER_STATE_OFF, Ordering::SeqCst) == Ok(peer_state::CONNECTED)
+        && mem.load_u32(base + PEER_ID_OFF, Ordering::SeqCst) == Ok(u32::from(peer_id))
+        && mem.load_u64(base + PEER_INCARNATION_OFF, Ordering::SeqCst) == Ok(incarnation)
 }
 
 /// The slot of the connected peer `peer_id` (the host publishes it before the peer learns
