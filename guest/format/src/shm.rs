@@ -241,15 +241,48 @@ impl SharedMemory for RawRegion<'_> {
     }
     fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<(), Fault> {
         let src = self.ptr(offset, buf.len() as u64, 1)?;
-        for (i, b) in buf.iter_mut().enumerate() {
-            // SAFETY: src + i < src + buf.len(), inside the checked range.
+        // Byte loads up to an 8-byte boundary, then word loads, then bytes: volatile all
+        // the way (no memcpy the compiler could merge or elide), but not byte by byte.
+        let head = src.align_offset(8).min(buf.len());
+        let words = (buf.len() - head) / 8;
+        for (i, b) in buf[..head].iter_mut().enumerate() {
+            // SAFETY: src + i < src + buf.len(), inside the range `ptr` checked.
+            *b = unsafe { src.add(i).read_volatile() };
+        }
+        for w in 0..words {
+            let at = head + w * 8;
+            // SAFETY: [at, at + 8) lies inside the checked range and src + at is 8-aligned
+            // (head brought it to the boundary).
+            let word = unsafe { src.add(at).cast::<u64>().read_volatile() };
+            buf[at..at + 8].copy_from_slice(&word.to_ne_bytes());
+        }
+        let tail = head + words * 8;
+        for (i, b) in buf.iter_mut().enumerate().skip(tail) {
+            // SAFETY: as for the head bytes.
             *b = unsafe { src.add(i).read_volatile() };
         }
         Ok(())
     }
     fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<(), Fault> {
         let dst = self.ptr(offset, data.len() as u64, 1)?;
-        for (i, b) in data.iter().enumerate() {
+        let head = dst.align_offset(8).min(data.len());
+        let words = (data.len() - head) / 8;
+        for (i, b) in data[..head].iter().enumerate() {
+            // SAFETY: dst + i is inside the checked range.
+            unsafe { dst.add(i).write_volatile(*b) };
+        }
+        for w in 0..words {
+            let at = head + w * 8;
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&data[at..at + 8]);
+            // SAFETY: [at, at + 8) lies inside the checked range and dst + at is 8-aligned.
+            unsafe {
+                dst.add(at)
+                    .cast::<u64>()
+                    .write_volatile(u64::from_ne_bytes(word))
+            };
+        }
+        for (i, b) in data.iter().enumerate().skip(head + words * 8) {
             // SAFETY: dst + i is inside the checked range.
             unsafe { dst.add(i).write_volatile(*b) };
         }
@@ -263,6 +296,32 @@ mod tests {
 
     #[repr(C, align(8))]
     struct Buf([u8; 64]);
+
+    #[test]
+    fn copies_at_every_alignment_and_length_move_exactly_the_bytes_asked_for() {
+        let mut buf = Buf([0; 64]);
+        let base = NonNull::new(buf.0.as_mut_ptr()).expect("non-null");
+        // SAFETY: buf outlives region and is 8-aligned, 64 bytes long.
+        let region = unsafe { RawRegion::new(base, 64) };
+        let pattern: Vec<u8> = (1..=40).collect();
+        for start in 0..8u64 {
+            for len in 0..=24usize {
+                region.zero(0, 64).expect("zero");
+                region
+                    .write_bytes(start + 8, &pattern[..len])
+                    .expect("write");
+                let mut all = [0u8; 64];
+                region.read_bytes(0, &mut all).expect("read");
+                let at = usize::try_from(start).expect("small") + 8;
+                assert!(all[..at].iter().all(|&b| b == 0), "nothing before");
+                assert_eq!(&all[at..at + len], &pattern[..len]);
+                assert!(all[at + len..].iter().all(|&b| b == 0), "nothing after");
+                let mut back = vec![0u8; len];
+                region.read_bytes(start + 8, &mut back).expect("read");
+                assert_eq!(back, &pattern[..len]);
+            }
+        }
+    }
 
     #[test]
     fn accesses_outside_the_mapping_or_misaligned_fault_instead_of_touching_memory() {

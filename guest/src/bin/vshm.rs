@@ -143,6 +143,15 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| format!("invalid size {s:?}: {e}"))
 }
 
+/// `println!` that does not panic when stdout is gone (`| head`): the command goes on to
+/// close its handles instead of dying while holding them.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// A failure: message and exit code.
 struct Failure(String);
 
@@ -234,13 +243,11 @@ fn wait_for_release(until_signal: bool) -> Result<(), Failure> {
 }
 
 fn run(args: Args) -> Result<(), Failure> {
-    if matches!(
-        args.command,
-        Command::Hold { .. } | Command::Create { hold: true, .. }
-    ) {
-        // Block the signals before any thread exists, so the signalfd sees them.
-        block_release_signals();
-    }
+    // Termination signals are held back for every command (before any thread exists, so
+    // all threads inherit the mask): a vshm that dies while it holds handles leaks them in
+    // a guest, where all processes share one peer. `hold` waits for them on a signalfd;
+    // long loops poll `interrupted()`.
+    block_release_signals();
     match &args.socket {
         Some(socket) => {
             let transport = HostTransport::connect(socket).map_err(|e| Failure(e.to_string()))?;
@@ -276,11 +283,18 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
             let (section, disposition) = ns
                 .create(Some(&name), &opts)
                 .map_err(ctx("create", &name))?;
+            if disposition == Disposition::Opened && section.max_size() != max {
+                eprintln!(
+                    "note: {name:?} already exists with max size {}; --max, --initial and \
+                     --persistent apply only when creating",
+                    section.max_size()
+                );
+            }
             let verb = match disposition {
                 Disposition::Created => "created",
                 Disposition::Opened => "opened existing",
             };
-            println!(
+            say!(
                 "{}: {verb} {name:?} (slot {}, size {} of max {})",
                 disposition.status().name(),
                 section.slot(),
@@ -288,7 +302,7 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
                 section.max_size()
             );
             if hold {
-                println!("holding; close stdin or send SIGTERM to release");
+                say!("holding; close stdin or send SIGTERM to release");
                 let _ = out.lock().flush();
                 wait_for_release(until_signal)?;
             } else if !persistent && disposition == Disposition::Created {
@@ -301,7 +315,7 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
         }
         Command::Open { name } => {
             let section = ns.open(&name).map_err(ctx("open", &name))?;
-            println!(
+            say!(
                 "{}: opened {name:?} (slot {}, size {} of max {})",
                 vshm::Status::Success.name(),
                 section.slot(),
@@ -344,23 +358,39 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
                     ))
                 })?,
             };
-            let len =
-                usize::try_from(len).map_err(|_| Failure(format!("--len {len} too large")))?;
-            let mut buf = vec![0u8; len];
-            section.read_at(offset, &mut buf).map_err(|e| {
-                Failure(format!(
-                    "{e}: reading {len} bytes at offset {offset} of {name:?} (size {size})"
-                ))
-            })?;
-            out.lock()
-                .write_all(&buf)
-                .map_err(|e| Failure(format!("stdout: {e}")))?;
+            // Check the range before touching anything, then stream it in chunks: a bad
+            // --len must not allocate, and a big section must not be buffered whole.
+            if offset.checked_add(len).is_none_or(|end| end > size) {
+                return Err(Failure(format!(
+                    "{}: {len} bytes at offset {offset} do not fit in {name:?} (size {size})",
+                    vshm::Status::InvalidParameter
+                )));
+            }
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut done = 0u64;
+            let mut o = out.lock();
+            while done < len {
+                if interrupted() {
+                    return Err(Failure("interrupted".into()));
+                }
+                let n = usize::try_from((len - done).min(buf.len() as u64)).unwrap_or(buf.len());
+                section.read_at(offset + done, &mut buf[..n]).map_err(|e| {
+                    Failure(format!(
+                        "{e}: reading at offset {} of {name:?}",
+                        offset + done
+                    ))
+                })?;
+                o.write_all(&buf[..n])
+                    .map_err(|e| Failure(format!("stdout: {e}")))?;
+                done += n as u64;
+            }
+            drop(o);
             section.close()?;
         }
         Command::Grow { name, size } => {
             let section = ns.open(&name).map_err(ctx("open", &name))?;
             section.grow(size).map_err(ctx("grow", &name))?;
-            println!(
+            say!(
                 "{}: {name:?} is now {} bytes",
                 vshm::Status::Success.name(),
                 section.size()
@@ -369,21 +399,25 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
         }
         Command::Delete { name } => {
             ns.delete(&name).map_err(ctx("delete", &name))?;
-            println!("{}: deleted {name:?}", vshm::Status::Success.name());
+            say!("{}: deleted {name:?}", vshm::Status::Success.name());
         }
         Command::List { json } => {
             let objects: Vec<ObjectInfo> = ns.objects().collect();
             if json {
                 let arr: Vec<Value> = objects.iter().map(|o| info_json(&ns, o)).collect();
-                println!("{}", Value::Array(arr));
+                say!("{}", Value::Array(arr));
             } else {
-                println!(
+                say!(
                     "{:<32} {:>12} {:>12} {:<10} {:<8} HOLDERS",
-                    "NAME", "SIZE", "MAX", "PERSISTENT", "STATE"
+                    "NAME",
+                    "SIZE",
+                    "MAX",
+                    "PERSISTENT",
+                    "STATE"
                 );
                 for o in &objects {
                     let h: Vec<String> = holders(&ns, o).iter().map(u16::to_string).collect();
-                    println!(
+                    say!(
                         "{:<32} {:>12} {:>12} {:<10} {:<8} {}",
                         o.name().unwrap_or("<unnamed>"),
                         o.size,
@@ -403,9 +437,9 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
             let info = ns.info(&name).map_err(ctx("info", &name))?;
             let doc = info_json(&ns, &info);
             if json {
-                println!("{doc}");
+                say!("{doc}");
             } else {
-                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+                say!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             }
         }
         Command::Rtt { name, count } => {
@@ -414,6 +448,9 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
             let mut rtt = Vec::new();
             let mut local = Vec::new();
             for _ in 0..count.max(1) {
+                if interrupted() {
+                    break;
+                }
                 let t = std::time::Instant::now();
                 section.grow(size).map_err(ctx("grow", &name))?;
                 rtt.push(t.elapsed());
@@ -424,7 +461,7 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
             for (what, mut v) in [("request round trip", rtt), ("open+close, no host", local)] {
                 v.sort();
                 let at = |q: usize| v[(v.len() - 1) * q / 100].as_secs_f64() * 1e6;
-                println!(
+                say!(
                     "{what:<22} n={} min={:.1}us median={:.1}us p99={:.1}us max={:.1}us",
                     v.len(),
                     at(0),
@@ -443,10 +480,10 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
                     .iter()
                     .map(|p| json!({ "id": p.peer_id, "incarnation": p.incarnation, "self": p.peer_id == me }))
                     .collect();
-                println!("{}", Value::Array(arr));
+                say!("{}", Value::Array(arr));
             } else {
                 for p in peers {
-                    println!(
+                    say!(
                         "{}{}",
                         p.peer_id,
                         if p.peer_id == me { " (this peer)" } else { "" }
@@ -465,7 +502,7 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
                         .map_err(|e| Failure(format!("{e}: open {name:?}")))?,
                 );
             }
-            println!(
+            say!(
                 "holding {} handle(s); close stdin or send SIGTERM to release",
                 held.len()
             );
@@ -477,6 +514,21 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
         }
     }
     Ok(())
+}
+
+/// Whether a held-back SIGINT/SIGTERM/SIGHUP is pending (a long command should stop).
+fn interrupted() -> bool {
+    // SAFETY: sigpending fills a local set that sigemptyset initialised; sigismember reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigpending(&mut set) != 0 {
+            return false;
+        }
+        [libc::SIGINT, libc::SIGTERM, libc::SIGHUP]
+            .iter()
+            .any(|&sig| libc::sigismember(&set, sig) == 1)
+    }
 }
 
 /// Blocks SIGINT/SIGTERM/SIGHUP for this thread and the threads it creates later (so a
@@ -496,10 +548,9 @@ fn block_release_signals() -> libc::sigset_t {
 }
 
 fn main() -> ExitCode {
-    // Die quietly when stdout goes away (`| head`), like other command-line tools, instead
-    // of panicking on EPIPE. (A vshm that dies this way has its handles reclaimed by vshmd.)
-    // SAFETY: resetting a signal disposition to its default before any thread exists.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // SIGPIPE stays ignored (Rust's default): a closed stdout is an EPIPE error, so vshm
+    // still closes its handles. In a guest all processes share one peer and nothing would
+    // reclaim a dead process's handles.
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
