@@ -36,6 +36,8 @@ pub struct Client {
     pub pid: Option<i32>,
     /// When it connected.
     pub since: SystemTime,
+    /// The server's connect/disconnect clock when it joined.
+    joined: u64,
 }
 
 /// Why the socket could not be served.
@@ -138,6 +140,10 @@ pub struct Server {
     max_peers: u32,
     clients: BTreeMap<u16, Client>,
     next_id: u16,
+    /// Counts connects and disconnects (orders joins against departures).
+    clock: u64,
+    /// When each id last left.
+    departed: std::collections::HashMap<u16, u64>,
 }
 
 impl Server {
@@ -151,6 +157,8 @@ impl Server {
             max_peers,
             clients: BTreeMap::new(),
             next_id: 1,
+            clock: 0,
+            departed: std::collections::HashMap::new(),
         })
     }
 
@@ -193,13 +201,12 @@ impl Server {
             );
             return Ok(Accepted::Nothing);
         }
-        // Ids count up and are not reused until they wrap: QEMU keeps per-id state after a
-        // peer leaves (and frees part of it), so handing an old id to a new peer corrupts
-        // the other QEMUs. ivshmem-server does the same.
-        let mut id = self.next_id;
-        while id == 0 || self.clients.contains_key(&id) {
-            id = id.wrapping_add(1);
-        }
+        let Some(id) = self.next_safe_id() else {
+            tracing::warn!(
+                "refusing a client: every free peer id was seen leaving by a connected peer"
+            );
+            return Ok(Accepted::Nothing);
+        };
         self.next_id = id.wrapping_add(1);
         stream.set_nonblocking(false)?;
         stream.set_write_timeout(Some(Duration::from_secs(2)))?;
@@ -217,6 +224,7 @@ impl Server {
             own,
             bells,
             since: SystemTime::now(),
+            joined: self.clock + 1,
         };
         register(id)?;
         if let Err(e) = self.handshake(&client, memfd) {
@@ -234,6 +242,7 @@ impl Server {
                 }
             }
         }
+        self.clock += 1;
         tracing::info!(id, pid = client.pid, "peer connected");
         self.clients.insert(id, client);
         for b in broken {
@@ -264,9 +273,33 @@ impl Server {
         Ok(())
     }
 
+    /// The next peer id to hand out: ids count up, skipping 0 and ids in use, and an id
+    /// whose departure a connected peer witnessed is never reused — QEMU frees part of its
+    /// per-id state when told a peer left and writes into it if the id comes back
+    /// (ivshmem-server simply counts up; this also survives the wrap at 65535).
+    fn next_safe_id(&self) -> Option<u16> {
+        let oldest = self
+            .clients
+            .values()
+            .map(|c| c.joined)
+            .min()
+            .unwrap_or(u64::MAX);
+        let mut id = self.next_id;
+        for _ in 0..=u16::MAX {
+            let witnessed = self.departed.get(&id).is_some_and(|&left| left >= oldest);
+            if id != 0 && !self.clients.contains_key(&id) && !witnessed {
+                return Some(id);
+            }
+            id = id.wrapping_add(1);
+        }
+        None
+    }
+
     /// Removes a client and tells the others it is gone.
     pub fn disconnect(&mut self, id: u16) -> Option<Client> {
         let client = self.clients.remove(&id)?;
+        self.clock += 1;
+        self.departed.insert(id, self.clock);
         for other in self.clients.values() {
             let _ = send(&other.stream, i64::from(id), None);
         }
@@ -285,5 +318,50 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(server: &mut Server, memfd: &File) -> (UnixStream, u16) {
+        let client = UnixStream::connect(server.path()).expect("connect");
+        for _ in 0..1000 {
+            if let Accepted::Connected(id) = server.accept(memfd, |_| Ok(())).expect("accept") {
+                return (client, id);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("no connection accepted");
+    }
+
+    #[test]
+    fn an_id_whose_departure_a_connected_peer_saw_is_not_handed_out_again() {
+        let dir = std::env::temp_dir().join(format!("vshm-server-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let mut server = Server::bind(&dir.join("s"), 1, 8).expect("bind");
+        let memfd = File::open("/dev/zero").expect("an fd to send");
+        server.next_id = 5;
+        let (_a, a) = connect(&mut server, &memfd);
+        let (_b, b) = connect(&mut server, &memfd);
+        assert_eq!((a, b), (5, 6));
+        server.disconnect(b);
+        // As if the counter had wrapped around to 6: A saw 6 leave, so 6 is skipped.
+        server.next_id = 6;
+        let (_c, c) = connect(&mut server, &memfd);
+        assert_eq!(c, 7);
+        // Once everyone who saw 6 leave is gone, 6 is safe again.
+        server.disconnect(a);
+        server.next_id = 6;
+        let (_d, d) = connect(&mut server, &memfd);
+        assert_eq!(d, 6);
+        // Ids wrap past 65535 to 1, never 0.
+        server.next_id = u16::MAX;
+        let (_e, e) = connect(&mut server, &memfd);
+        let (_f, f) = connect(&mut server, &memfd);
+        assert_eq!((e, f), (u16::MAX, 1));
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
