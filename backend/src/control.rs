@@ -39,6 +39,18 @@ pub enum ControlRequest {
 }
 
 impl ControlRequest {
+    /// A short name for logs and events (never the arguments: they come from the client).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ControlRequest::Status => "status",
+            ControlRequest::Metrics => "metrics",
+            ControlRequest::Dump => "dump",
+            ControlRequest::Delete { .. } => "delete",
+            ControlRequest::Disconnect { .. } => "disconnect",
+            ControlRequest::Watch => "watch",
+        }
+    }
+
     /// Whether only vshmd's own user (or root) may send it.
     pub fn is_admin(&self) -> bool {
         matches!(

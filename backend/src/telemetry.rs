@@ -77,11 +77,25 @@ impl Event {
         self
     }
     /// With free text.
+    /// With free text (cut to [`DETAIL_MAX`] bytes: events are kept in a ring and sent
+    /// to every watcher, so no client may make them big).
     pub fn detail(mut self, detail: impl Into<String>) -> Event {
-        self.detail = Some(detail.into());
+        let mut d: String = detail.into();
+        if d.len() > DETAIL_MAX {
+            let mut cut = DETAIL_MAX;
+            while !d.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            d.truncate(cut);
+            d.push('…');
+        }
+        self.detail = Some(d);
         self
     }
 }
+
+/// Longest event detail, in bytes.
+pub const DETAIL_MAX: usize = 256;
 
 /// Upper bounds (µs) of the request latency histogram buckets; the last is +Inf.
 pub const LATENCY_BUCKETS_US: [u64; 9] = [1, 2, 5, 10, 20, 50, 100, 500, 1000];
@@ -144,6 +158,14 @@ impl RequestStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_details_are_cut_to_a_bounded_size_on_a_character_boundary() {
+        let e = Event::now("denied").detail("é".repeat(10_000));
+        let d = e.detail.expect("detail");
+        assert!(d.len() <= DETAIL_MAX + '…'.len_utf8(), "{}", d.len());
+        assert!(d.ends_with('…'));
+    }
 
     #[test]
     fn requests_land_in_the_right_latency_bucket_and_status_row() {

@@ -89,6 +89,8 @@ pub struct Record {
     pub creator: u16,
     /// Creation time.
     pub created: SystemTime,
+    /// A repair of its lease word was already reported.
+    pub repaired: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -283,15 +285,11 @@ impl<M: Backing> Arbiter<M> {
             .ok_or(ConnectError::Full(self.layout.max_peers))?;
         let slot = s as usize;
         self.clear_peer_memory(s)?;
-        let rec = &mut self.peers[slot];
-        rec.id = peer_id;
-        rec.connected = true;
-        rec.incarnation += 1;
-        rec.last_seq = 0;
-        rec.since = Some(SystemTime::now());
+        self.forget_seen(s);
+        let incarnation = self.peers[slot].incarnation + 1;
         let mut e = zeroed::<PeerEntry>();
         e.peer_id = u32::from(peer_id);
-        e.incarnation = rec.incarnation;
+        e.incarnation = incarnation;
         let base = self
             .layout
             .peer_entry(s)
@@ -302,6 +300,15 @@ impl<M: Backing> Arbiter<M> {
             peer_state::CONNECTED,
             Ordering::Release,
         )?;
+        // Only now, with the entry published, is the slot taken.
+        let rec = &mut self.peers[slot];
+        rec.id = peer_id;
+        rec.connected = true;
+        rec.incarnation = incarnation;
+        rec.last_seq = 0;
+        rec.since = Some(SystemTime::now());
+        rec.pid = None;
+        rec.label = None;
         bump_namespace_seq(&self.mem)?;
         Ok(s)
     }
@@ -335,6 +342,7 @@ impl<M: Backing> Arbiter<M> {
             return out;
         }
         self.peers[slot].connected = false;
+        self.forget_seen(s);
         self.departures += 1;
         self.peers[slot].freed = self.departures;
         self.peers[slot].since = None;
@@ -559,6 +567,7 @@ impl<M: Backing> Arbiter<M> {
             unlinked: false,
             creator: peer_id,
             created: SystemTime::now(),
+            repaired: false,
         });
         self.counters.created += 1;
         self.emit(
@@ -722,18 +731,7 @@ impl<M: Backing> Arbiter<M> {
                 .mem
                 .store_u64(lease, holders | keep_bit, Ordering::SeqCst);
             self.counters.repairs += 1;
-            let name = rec.name.clone();
-            self.emit(
-                Event::now("repaired")
-                    .object(slot, name.as_deref())
-                    .detail("lease word closed while peers held it"),
-            );
-            tracing::warn!(
-                slot,
-                holders,
-                keep,
-                "lease word closed behind its holders' backs: repaired"
-            );
+            self.note_repair(slot, "lease word closed while peers held it");
             return false;
         }
         self.destroy(slot);
@@ -785,6 +783,39 @@ impl<M: Backing> Arbiter<M> {
             name = rec.name.as_deref().unwrap_or("<unnamed>"),
             "destroyed"
         );
+    }
+
+    /// Logs and reports a repair of `slot`'s lease word once per object: a peer that keeps
+    /// scribbling (and ringing) must not flood the log or the event stream; the
+    /// `repairs` counter still counts every one.
+    fn note_repair(&mut self, slot: u32, what: &'static str) {
+        let Some(rec) = self.objects[slot as usize].as_mut() else {
+            return;
+        };
+        if rec.repaired {
+            return;
+        }
+        rec.repaired = true;
+        let name = rec.name.clone();
+        tracing::warn!(
+            slot,
+            "{what}: repaired (further repairs of this object are only counted)"
+        );
+        self.emit(
+            Event::now("repaired")
+                .object(slot, name.as_deref())
+                .detail(what),
+        );
+    }
+
+    /// Forgets what `observe_handles` last saw for peer slot `peer` (it changes hands).
+    fn forget_seen(&mut self, peer: u32) {
+        let max_peers = self.layout.max_peers as usize;
+        for obj in 0..self.layout.max_objects as usize {
+            if let Some(c) = self.seen.get_mut(obj * max_peers + peer as usize) {
+                *c = 0;
+            }
+        }
     }
 
     /// Compares every connected peer's handle counts with the last look and emits `opened` /
@@ -852,15 +883,12 @@ impl<M: Backing> Arbiter<M> {
             // Only a peer's scribbling can produce these three; put the word right.
             let stray = w & LEASE_HOLDERS & !connected;
             if stray != 0 {
-                tracing::warn!(slot, stray, "holder bits of absent peers cleared");
+                self.counters.repairs += 1;
+                self.note_repair(slot, "holder bits of absent peers cleared");
                 let _ = self.mem.fetch_and_u64(lease, !stray);
             }
             if w & LEASE_CLOSED == 0 && keep != (w & LEASE_KEEP != 0) {
-                tracing::warn!(
-                    slot,
-                    keep,
-                    "KEEP bit disagreed with the object's persistence: fixed"
-                );
+                self.note_repair(slot, "KEEP bit disagreed with the object's persistence");
                 self.counters.repairs += 1;
                 let _ = if keep {
                     self.mem.fetch_or_u64(lease, LEASE_KEEP)

@@ -323,7 +323,7 @@ impl Daemon {
             return;
         };
         let pid = client.pid;
-        let label = pid.and_then(monitor::process_label);
+        let label = pid.and_then(monitor::short_label);
         let mut e = Event::now("peer_connected").peer(id);
         if let Some(l) = &label {
             e = e.detail(format!("{l} (pid {})", pid.unwrap_or(0)));

@@ -82,6 +82,11 @@ pub(super) fn process_label(pid: i32) -> Option<String> {
     Some(comm.trim().to_owned())
 }
 
+/// [`process_label`], cut to 64 characters (it comes from another process's argv).
+pub(super) fn short_label(pid: i32) -> Option<String> {
+    process_label(pid).map(|l| l.chars().take(64).collect())
+}
+
 impl Daemon {
     /// Serves one control connection.
     pub(super) fn control_request(&mut self, ops: &mut EventOps) {
@@ -102,9 +107,12 @@ impl Daemon {
             let caller = crate::server::peer_credentials(&stream).map(|c| c.uid);
             if caller != Some(me) && caller != Some(0) {
                 self.arbiter
-                    .count_denial(&format!("{request:?} from uid {caller:?}"));
+                    .count_denial(&format!("{} from uid {caller:?}", request.name()));
                 let resp = ControlResponse::err(
-                    format!("{request:?} needs vshmd's own user or root (caller uid {caller:?})"),
+                    format!(
+                        "{} needs vshmd's own user or root (caller uid {caller:?})",
+                        request.name()
+                    ),
                     Some(vshm_format::Status::AccessDenied.name()),
                 );
                 let _ = control::write_response(&stream, &resp);
