@@ -178,24 +178,3 @@ pub fn watch(
         }
     }
 }
-
-/// Reads one request from an accepted connection (bounded: 64 KiB, 1 s).
-pub fn read_request(stream: &UnixStream) -> Result<ControlRequest, String> {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(1)))
-        .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    let mut reader = BufReader::new(io::Read::take(stream, 64 * 1024));
-    reader
-        .read_line(&mut line)
-        .map_err(|e| format!("reading the request: {e}"))?;
-    serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))
-}
-
-/// Writes one response line.
-pub fn write_response(stream: &UnixStream, resp: &ControlResponse) -> io::Result<()> {
-    stream.set_write_timeout(Some(Duration::from_secs(1)))?;
-    let mut line = serde_json::to_string(resp).map_err(io::Error::other)?;
-    line.push('\n');
-    (&*stream).write_all(line.as_bytes())
-}

@@ -144,6 +144,8 @@ pub struct Server {
     clock: u64,
     /// When each id last left.
     departed: std::collections::HashMap<u16, u64>,
+    /// Peers vshmd disconnected because they stopped reading (their process may live on).
+    cut_off: std::collections::HashSet<u16>,
 }
 
 impl Server {
@@ -159,6 +161,7 @@ impl Server {
             next_id: 1,
             clock: 0,
             departed: std::collections::HashMap::new(),
+            cut_off: std::collections::HashSet::new(),
         })
     }
 
@@ -209,7 +212,9 @@ impl Server {
         };
         self.next_id = id.wrapping_add(1);
         stream.set_nonblocking(false)?;
-        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+        // A peer that does not read costs the loop at most this per message, once: it is
+        // then cut off.
+        stream.set_write_timeout(Some(Duration::from_millis(250)))?;
         let mk = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC);
         let own = (0..self.vectors)
             .map(|_| mk())
@@ -236,8 +241,13 @@ impl Server {
         let mut broken = Vec::new();
         for other in self.clients.values() {
             for fd in &client.own {
-                if send(&other.stream, i64::from(id), Some(fd.as_raw_fd())).is_err() {
-                    broken.push(other.id);
+                if let Err(e) = send(&other.stream, i64::from(id), Some(fd.as_raw_fd())) {
+                    // Timed out: alive but not reading (cut it off). Anything else: it left.
+                    let stuck = matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    );
+                    broken.push((other.id, stuck));
                     break;
                 }
             }
@@ -245,8 +255,11 @@ impl Server {
         self.clock += 1;
         tracing::info!(id, pid = client.pid, "peer connected");
         self.clients.insert(id, client);
-        for b in broken {
-            tracing::warn!(id = b, "peer stopped reading its socket; disconnecting it");
+        for (b, stuck) in broken {
+            if stuck {
+                tracing::warn!(id = b, "peer stopped reading its socket; disconnecting it");
+                self.cut_off.insert(b);
+            }
             let _ = self
                 .clients
                 .get(&b)
@@ -295,13 +308,30 @@ impl Server {
         None
     }
 
+    /// Whether vshmd cut `id` off (rather than it leaving); forgets the mark.
+    pub fn was_cut_off(&mut self, id: u16) -> bool {
+        self.cut_off.remove(&id)
+    }
+
     /// Removes a client and tells the others it is gone.
     pub fn disconnect(&mut self, id: u16) -> Option<Client> {
         let client = self.clients.remove(&id)?;
         self.clock += 1;
         self.departed.insert(id, self.clock);
         for other in self.clients.values() {
-            let _ = send(&other.stream, i64::from(id), None);
+            if let Err(e) = send(&other.stream, i64::from(id), None) {
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) {
+                    tracing::warn!(
+                        id = other.id,
+                        "peer stopped reading its socket; disconnecting it"
+                    );
+                    self.cut_off.insert(other.id);
+                }
+                let _ = other.stream.shutdown(std::net::Shutdown::Both);
+            }
         }
         tracing::info!(id, "peer disconnected");
         Some(client)

@@ -199,7 +199,7 @@ impl Backend {
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn vshm");
         let out = child.stdout.take().expect("stdout");

@@ -359,3 +359,64 @@ fn the_control_socket_is_private_by_default() {
         & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+#[test]
+fn clients_that_trickle_or_stall_on_the_monitor_sockets_never_block_the_request_path() {
+    // Before monitor connections were served without blocking, one metrics client sending
+    // a byte every few hundred ms held vshmd for an hour; the watchdog catches a regression.
+    watchdog(LIMIT, || {
+        let port = 40000 + (std::process::id() % 20000);
+        let addr = format!("127.0.0.1:{port}");
+        let b = Backend::start(&["--size", "16M", "--metrics", &addr]);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tricklers = Vec::new();
+        for i in 0..4 {
+            let stop = std::sync::Arc::clone(&stop);
+            let (addr, ctl) = (addr.clone(), b.control.clone());
+            tricklers.push(std::thread::spawn(move || {
+                let mut tcp = TcpStream::connect(&addr).expect("metrics");
+                let mut unix = std::os::unix::net::UnixStream::connect(&ctl).expect("control");
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 100 {
+                    let _ = tcp.write_all(b"G");
+                    let _ = unix.write_all(if i % 2 == 0 { b"{" } else { b" " });
+                    std::thread::sleep(Duration::from_millis(300));
+                    n += 1;
+                }
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        for round in 0..10 {
+            let name = format!("r{round}");
+            let out = b.vshm(&["create", &name, "--max", "4K", "--persistent"]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            assert!(
+                b.section(&name).is_some(),
+                "status answers while tricklers hang on"
+            );
+        }
+        let http = http_get(&addr, "/metrics");
+        assert!(http.contains("vshm_sections{state=\"live\"} 10"), "{http}");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in tricklers {
+            t.join().expect("trickler");
+        }
+    });
+}
+
+#[test]
+fn a_request_arriving_in_pieces_is_still_answered() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "16M"]);
+        let mut s = std::os::unix::net::UnixStream::connect(&b.control).expect("control");
+        for piece in [&b"{\"cmd\""[..], b":\"sta", b"tus\"}\n"] {
+            s.write_all(piece).expect("write");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).expect("answer");
+        let v: Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["result"]["region"]["size"], 16 << 20);
+    });
+}

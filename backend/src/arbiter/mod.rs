@@ -107,6 +107,8 @@ struct PeerRecord {
     label: Option<String>,
     /// When the slot was last freed (a departure count; 0 = never used).
     freed: u64,
+    /// Dropped by force while its process still ran: not reused until it has exited.
+    fenced: bool,
 }
 
 /// What a peer's departure released.
@@ -166,6 +168,10 @@ pub struct Arbiter<M: Backing> {
     seen: Vec<u32>,
     /// Peers that have left so far (orders slot reuse).
     departures: u64,
+    /// While reclaiming a fenced peer: its slot (destroyed objects' memory is held back).
+    fencing: Option<u32>,
+    /// Heap ranges held back for fenced peer slots: (slot, offset, length).
+    fenced_ranges: Vec<(u32, u64, u64)>,
 }
 
 impl<M: Backing> Arbiter<M> {
@@ -198,6 +204,8 @@ impl<M: Backing> Arbiter<M> {
             requests: RequestStats::default(),
             seen: vec![0; max_objects * layout.max_peers as usize],
             departures: 0,
+            fencing: None,
+            fenced_ranges: Vec::new(),
         })
     }
 
@@ -279,7 +287,7 @@ impl<M: Backing> Arbiter<M> {
         // reusing its slot last leaves it the most time to notice.
         let s = self
             .peer_slots()
-            .filter(|(_, p)| !p.connected)
+            .filter(|(_, p)| !p.connected && !p.fenced)
             .min_by_key(|(_, p)| p.freed)
             .map(|(s, _)| s)
             .ok_or(ConnectError::Full(self.layout.max_peers))?;
@@ -383,6 +391,36 @@ impl<M: Backing> Arbiter<M> {
             )));
         }
         out
+    }
+
+    /// As [`Arbiter::peer_gone`] for a peer dropped by force whose process still runs (and
+    /// still maps the region): its slot and the memory of the objects that die with it are
+    /// held back until [`Arbiter::unfence`]. Returns the slot to unfence.
+    pub fn peer_gone_fenced(&mut self, peer_id: u16) -> (Reclaim, Option<u32>) {
+        let slot = self.slot_of(peer_id);
+        self.fencing = slot;
+        let out = self.peer_gone(peer_id);
+        self.fencing = None;
+        if let Some(s) = slot {
+            self.peers[s as usize].fenced = true;
+        }
+        (out, slot)
+    }
+
+    /// The fenced peer in `slot` has exited: its slot and held-back memory are free.
+    pub fn unfence(&mut self, slot: u32) {
+        if let Some(p) = self.peers.get_mut(slot as usize) {
+            p.fenced = false;
+        }
+        let (mine, rest): (Vec<_>, Vec<_>) = self
+            .fenced_ranges
+            .drain(..)
+            .partition(|&(s, _, _)| s == slot);
+        self.fenced_ranges = rest;
+        for (_, offset, len) in mine {
+            self.heap.release(offset, len);
+            let _ = self.mem.discard(offset, len);
+        }
     }
 
     fn live_slots(&self) -> impl Iterator<Item = u32> + '_ {
@@ -751,7 +789,12 @@ impl<M: Backing> Arbiter<M> {
                 .mem
                 .store_u64(base + OBJ_LEASE_OFF, LEASE_CLOSED, Ordering::SeqCst);
         }
-        self.heap.release(rec.offset, rec.reserved);
+        match self.fencing {
+            // A process that was cut off may still write here: keep the range out of the
+            // heap until it is gone (its pages are punched out all the same).
+            Some(fence) => self.fenced_ranges.push((fence, rec.offset, rec.reserved)),
+            None => self.heap.release(rec.offset, rec.reserved),
+        }
         if let Err(e) = self.mem.discard(rec.offset, rec.reserved) {
             tracing::error!(slot, "could not return section memory: {e}");
             self.emit(

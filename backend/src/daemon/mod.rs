@@ -125,12 +125,14 @@ impl Config {
 }
 
 const TOKEN_LISTENER: u32 = 1;
-const TOKEN_CONTROL: u32 = 2;
+pub(super) const TOKEN_CONTROL: u32 = 2;
 const TOKEN_TIMER: u32 = 3;
 const TOKEN_SIGNAL: u32 = 4;
-const TOKEN_METRICS: u32 = 5;
+pub(super) const TOKEN_METRICS: u32 = 5;
 const TOKEN_CLIENT: u32 = 1 << 24;
 const TOKEN_BELL: u32 = 2 << 24;
+/// A monitor connection (control or metrics); the low bits index it.
+pub(super) const TOKEN_CONN: u32 = 3 << 24;
 const TOKEN_KIND: u32 = 0xFF << 24;
 
 fn bell_token(id: u16, vector: usize) -> u32 {
@@ -153,9 +155,26 @@ pub struct Daemon {
     /// The region's memfd, handed to every client.
     memfd: File,
     metrics: Option<TcpListener>,
-    watchers: monitor::Watchers,
+    monitor: monitor::Monitor,
+    /// The ivshmem listener was taken out of epoll after an accept error (out of fds).
+    listener_paused: bool,
+    /// Peers dropped by force while their process still ran: (pid, peer slot), until it
+    /// exits.
+    fences: Vec<(i32, u32)>,
     started: SystemTime,
     stop: bool,
+}
+
+/// Whether `pid` still runs (a zombie has unmapped its memory already).
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the ")" that ends the command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 fn random_bytes() -> [u8; 16] {
@@ -243,7 +262,9 @@ impl Daemon {
             signals,
             memfd,
             metrics,
-            watchers: monitor::Watchers::default(),
+            monitor: monitor::Monitor::default(),
+            listener_paused: false,
+            fences: Vec::new(),
             started: SystemTime::now(),
             stop: false,
         })
@@ -314,6 +335,13 @@ impl Daemon {
             }
             Err(e) => {
                 tracing::warn!("accepting a client failed: {e}");
+                // Out of fds, typically: a level-triggered listener would spin. Retry on
+                // the next tick.
+                if !self.listener_paused
+                    && ops.remove(Events::empty(self.server.listener())).is_ok()
+                {
+                    self.listener_paused = true;
+                }
                 self.arbiter
                     .emit(Event::now("error").detail(format!("accepting a client: {e}")));
                 return;
@@ -347,11 +375,16 @@ impl Daemon {
         }
         if !ok {
             tracing::error!(id, "cannot watch the new peer's fds; dropping it");
-            self.drop_client(id, ops);
+            self.drop_client(id, false, ops);
         }
     }
 
-    fn drop_client(&mut self, id: u16, ops: &mut EventOps) {
+    /// Disconnects a peer and reclaims what it held. `forced`: vshmd cut it off (vshmctl
+    /// disconnect) rather than it leaving; if its process still runs it still maps the
+    /// region, so its slot and freed memory are fenced until the process exits.
+    fn drop_client(&mut self, id: u16, forced: bool, ops: &mut EventOps) {
+        let pid = self.server.client(id).and_then(|c| c.pid);
+        let forced = forced || self.server.was_cut_off(id);
         if let Some(client) = self.server.client(id) {
             let _ = ops.remove(Events::empty(&client.stream));
             for bell in &client.bells {
@@ -361,14 +394,39 @@ impl Daemon {
         // Closes it made before leaving are reported as closes, not lost in the reclaim.
         self.arbiter.observe_handles();
         self.arbiter.emit(Event::now("peer_gone").peer(id));
-        let reclaim = self.arbiter.peer_gone(id);
+        let fence = pid.filter(|&p| forced && process_alive(p));
+        let reclaim = match fence {
+            Some(p) => {
+                let (reclaim, slot) = self.arbiter.peer_gone_fenced(id);
+                if let Some(slot) = slot {
+                    self.fences.push((p, slot));
+                }
+                reclaim
+            }
+            None => self.arbiter.peer_gone(id),
+        };
         self.server.disconnect(id);
         tracing::info!(
             id,
             handles = reclaim.handles,
             destroyed = reclaim.destroyed,
+            fenced = fence.is_some(),
             "reclaimed"
         );
+    }
+
+    /// Lifts the fences of cut-off peers whose processes have exited. Runs on the timer.
+    fn lift_fences(&mut self) {
+        let mut i = 0;
+        while i < self.fences.len() {
+            let (pid, slot) = self.fences[i];
+            if process_alive(pid) {
+                i += 1;
+            } else {
+                self.arbiter.unfence(slot);
+                self.fences.swap_remove(i);
+            }
+        }
     }
 
     fn client_readable(&mut self, id: u16, set: EventSet, ops: &mut EventOps) {
@@ -388,7 +446,7 @@ impl Daemon {
         };
         let would_block = n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock;
         if n == 0 || (n < 0 && !would_block) || set.contains(EventSet::HANG_UP) {
-            self.drop_client(id, ops);
+            self.drop_client(id, false, ops);
         }
     }
 
@@ -442,23 +500,36 @@ impl MutEventSubscriber for Daemon {
                 let id = u16::try_from(data & 0xFFFF).unwrap_or(0);
                 self.client_readable(id, events.event_set(), ops);
             }
+            TOKEN_CONN => {
+                let index = usize::try_from(data & 0xFF_FFFF).unwrap_or(usize::MAX);
+                self.conn_event(index, events.event_set(), ops);
+            }
             TOKEN_BELL => {
                 let id = u16::try_from((data >> 8) & 0xFFFF).unwrap_or(0);
                 self.doorbell(id, (data & 0xFF) as usize);
             }
             _ => match data {
                 TOKEN_LISTENER => self.accept_client(ops),
-                TOKEN_CONTROL => self.control_request(ops),
-                TOKEN_METRICS => {
-                    if let Some(l) = self.metrics.take() {
-                        self.metrics_request(&l);
-                        self.metrics = Some(l);
-                    }
-                }
+                TOKEN_CONTROL => self.accept_monitor(monitor::Kind::Control, ops),
+                TOKEN_METRICS => self.accept_monitor(monitor::Kind::Metrics, ops),
                 TOKEN_TIMER => {
                     let _ = self.timer.wait();
                     self.arbiter.sweep();
                     self.arbiter.observe_handles();
+                    self.expire_conns(ops);
+                    self.resume_listeners(ops);
+                    if self.listener_paused
+                        && ops
+                            .add(Events::with_data(
+                                self.server.listener(),
+                                TOKEN_LISTENER,
+                                EventSet::IN,
+                            ))
+                            .is_ok()
+                    {
+                        self.listener_paused = false;
+                    }
+                    self.lift_fences();
                 }
                 TOKEN_SIGNAL => {
                     let mut buf = [0u8; 128];
@@ -469,8 +540,7 @@ impl MutEventSubscriber for Daemon {
             },
         }
         // Whatever happened, tell the watchers (and keep it in the ring).
-        let events = self.arbiter.drain_events();
-        self.watchers.publish(events);
+        self.publish_events(ops);
     }
 }
 
