@@ -165,6 +165,19 @@ pub struct Daemon {
     stop: bool,
 }
 
+/// Raises the soft limit on open files to the hard limit: every peer costs 1 + 2 × vectors
+/// fds (up to ~8000 for 62 peers with 64 vectors), beyond the usual soft limit of 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Whether `pid` still runs (a zombie has unmapped its memory already).
 fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -223,6 +236,7 @@ impl Daemon {
                 "--control must differ from --socket".to_string(),
             ));
         }
+        raise_fd_limit();
         let signals = signal_fd()?;
         let region = Region::create(config.size, config.hugepages, config.lock)?;
         let layout = config.layout(region.page_size())?;
