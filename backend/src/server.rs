@@ -46,6 +46,17 @@ pub enum ServerError {
     /// Another server answers on the path.
     #[error("{0} is in use by a running server (remove it only if that server is gone)")]
     InUse(PathBuf),
+    /// Something other than a socket is at the path; it is never replaced.
+    #[error("{0} exists and is not a socket (refusing to replace it; choose another path)")]
+    NotSocket(PathBuf),
+    /// A socket is at the path but whether a server listens on it could not be told.
+    #[error("{path} exists and cannot check whether a server is listening on it: {source}")]
+    Check {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
     /// Bind failed.
     #[error("cannot listen on {path}: {source}")]
     Bind {
@@ -56,22 +67,66 @@ pub enum ServerError {
     },
 }
 
-/// Binds a UNIX socket, replacing a stale socket file but never a live server.
-pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(ServerError::InUse(path.to_owned()));
+/// Identity (device, inode) of a socket file we bound, so that cleanup only removes our own.
+pub type SocketId = (u64, u64);
+
+/// Binds a UNIX socket, replacing a stale socket file but never a live server, nor anything
+/// that is not a socket. The socket is created owner-only and then given `mode`. Returns the
+/// listener (non-blocking) and the socket file's identity for [`remove_if_same`].
+pub fn bind_unix(path: &Path, mode: u32) -> Result<(UnixListener, SocketId), ServerError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let check_err = |source| ServerError::Check {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            if !meta.file_type().is_socket() {
+                return Err(ServerError::NotSocket(path.to_owned()));
+            }
+            match UnixStream::connect(path) {
+                Ok(_) => return Err(ServerError::InUse(path.to_owned())),
+                // Nobody listens: a stale socket left behind by a server that is gone.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    match std::fs::remove_file(path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(check_err(e)),
+                    }
+                }
+                // EACCES and the like: a server may well be running; leave it alone.
+                Err(e) => return Err(check_err(e)),
+            }
         }
-        let _ = std::fs::remove_file(path);
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(check_err(e)),
     }
     let bind_err = |source| ServerError::Bind {
         path: path.to_owned(),
         source,
     };
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    // Create the socket owner-only so nobody can connect before the chmod below.
+    // SAFETY: umask has no memory effects; it is process-wide, and is restored right away.
+    let old = unsafe { libc::umask(0o077) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(bind_err)?;
+    let meta = std::fs::symlink_metadata(path).map_err(bind_err)?;
+    let id = (meta.dev(), meta.ino());
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
     listener.set_nonblocking(true).map_err(bind_err)?;
-    Ok(listener)
+    Ok((listener, id))
+}
+
+/// Removes the socket file at `path` if it is still the one identified by `id` (someone may
+/// have replaced it since). Returns whether it was removed.
+pub fn remove_if_same(path: &Path, id: SocketId) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if (meta.dev(), meta.ino()) == id => std::fs::remove_file(path).is_ok(),
+        _ => false,
+    }
 }
 
 /// Credentials (pid, uid, gid) of the process at the other end of a UNIX socket.
@@ -136,6 +191,8 @@ pub enum Accepted {
 pub struct Server {
     listener: UnixListener,
     path: PathBuf,
+    /// The socket file we bound (removed on drop only if still ours).
+    id: SocketId,
     vectors: u32,
     max_peers: u32,
     clients: BTreeMap<u16, Client>,
@@ -151,10 +208,11 @@ pub struct Server {
 impl Server {
     /// Listens on `path` (mode 0660: QEMU often runs as another user of the same group).
     pub fn bind(path: &Path, vectors: u32, max_peers: u32) -> Result<Server, ServerError> {
-        let listener = bind_unix(path, 0o660)?;
+        let (listener, id) = bind_unix(path, 0o660)?;
         Ok(Server {
             listener,
             path: path.to_owned(),
+            id,
             vectors,
             max_peers,
             clients: BTreeMap::new(),
@@ -347,13 +405,105 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        remove_if_same(&self.path, self.id);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh scratch directory for one test.
+    fn scratch(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vshm-bind-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    #[test]
+    fn a_regular_file_at_the_path_is_neither_replaced_nor_removed() {
+        let dir = scratch("file");
+        let path = dir.join("control");
+        std::fs::write(&path, b"precious").expect("write");
+        let err = bind_unix(&path, 0o600).expect_err("must not bind over a file");
+        assert!(
+            matches!(err, ServerError::NotSocket(ref p) if *p == path),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&*path.to_string_lossy()) && msg.contains("is not a socket"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read(&path).expect("still there"), b"precious");
+        // Nor a directory.
+        let sub = dir.join("sub");
+        std::fs::create_dir(&sub).expect("mkdir");
+        assert!(matches!(
+            bind_unix(&sub, 0o600),
+            Err(ServerError::NotSocket(_))
+        ));
+        assert!(sub.is_dir());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_with_the_requested_mode() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = scratch("stale");
+        let path = dir.join("s");
+        drop(UnixListener::bind(&path).expect("bind"));
+        assert!(path.exists(), "the dropped listener leaves its file behind");
+        let (listener, id) = bind_unix(&path, 0o640).expect("replaces the stale socket");
+        let meta = std::fs::symlink_metadata(&path).expect("stat");
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        UnixStream::connect(&path).expect("the new listener answers");
+        drop(listener);
+        assert!(remove_if_same(&path, id));
+        assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_live_listener_makes_binding_fail_with_in_use() {
+        let dir = scratch("live");
+        let path = dir.join("s");
+        let live = UnixListener::bind(&path).expect("bind");
+        let err = bind_unix(&path, 0o600).expect_err("must not steal a live socket");
+        assert!(
+            matches!(err, ServerError::InUse(ref p) if *p == path),
+            "{err}"
+        );
+        UnixStream::connect(&path).expect("the live listener still answers");
+        drop(live);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn drop_removes_only_the_socket_it_bound() {
+        let dir = scratch("drop");
+        let path = dir.join("s");
+        // Normally the server removes its socket.
+        drop(Server::bind(&path, 1, 8).expect("bind"));
+        assert!(!path.exists());
+        // If the path was replaced meanwhile, the replacement is left alone.
+        let server = Server::bind(&path, 1, 8).expect("bind");
+        std::fs::remove_file(&path).expect("unlink");
+        std::fs::write(&path, b"someone else's").expect("write");
+        drop(server);
+        assert_eq!(std::fs::read(&path).expect("kept"), b"someone else's");
+        // Likewise a socket of another server bound at the same path.
+        std::fs::remove_file(&path).expect("unlink");
+        let server = Server::bind(&path, 1, 8).expect("bind");
+        std::fs::remove_file(&path).expect("unlink");
+        let other = UnixListener::bind(&path).expect("bind");
+        drop(server);
+        UnixStream::connect(&path).expect("the other server's socket is still there");
+        drop(other);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn connect(server: &mut Server, memfd: &File) -> (UnixStream, u16) {
         let client = UnixStream::connect(server.path()).expect("connect");

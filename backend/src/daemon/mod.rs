@@ -16,7 +16,7 @@ use vshm_format::shm::Fault;
 
 use crate::arbiter::Arbiter;
 use crate::region::{Region, RegionError};
-use crate::server::{bind_unix, Accepted, Server, ServerError};
+use crate::server::{bind_unix, remove_if_same, Accepted, Server, ServerError};
 use crate::telemetry::Event;
 
 mod monitor;
@@ -150,6 +150,8 @@ pub struct Daemon {
     arbiter: Arbiter<Region>,
     server: Server,
     control: UnixListener,
+    /// The control socket file we bound (removed on drop only if still ours).
+    control_id: (u64, u64),
     timer: TimerFd,
     signals: File,
     /// The region's memfd, handed to every client.
@@ -168,7 +170,10 @@ pub struct Daemon {
 /// Raises the soft limit on open files to the hard limit: every peer costs 1 + 2 × vectors
 /// fds (up to ~8000 for 62 peers with 64 vectors), beyond the usual soft limit of 1024.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
@@ -261,7 +266,7 @@ impl Daemon {
             }
             None => None,
         };
-        let control = bind_unix(&config.control, config.control_mode)?;
+        let (control, control_id) = bind_unix(&config.control, config.control_mode)?;
         let mut timer = TimerFd::new().map_err(io::Error::from)?;
         timer
             .reset(SWEEP_INTERVAL, Some(SWEEP_INTERVAL))
@@ -272,6 +277,7 @@ impl Daemon {
             arbiter,
             server,
             control,
+            control_id,
             timer,
             signals,
             memfd,
@@ -560,6 +566,6 @@ impl MutEventSubscriber for Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config.control);
+        remove_if_same(&self.config.control, self.control_id);
     }
 }

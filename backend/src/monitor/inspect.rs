@@ -16,7 +16,7 @@
 //! Exit codes for the command: [`EXIT_OK`] (no errors), [`EXIT_ERRORS`] (errors found),
 //! [`EXIT_UNREADABLE`] (the file could not be opened or mapped).
 
-use crate::monitor::text::human_bytes;
+use crate::monitor::text::{human_bytes, printable};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
@@ -1333,16 +1333,7 @@ fn name_cell(name: Option<&str>, width: usize) -> String {
     let Some(name) = name else {
         return "<unnamed>".to_string();
     };
-    let escaped: String = name
-        .chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect();
+    let escaped = printable(name);
     if escaped.chars().count() > width {
         let mut cut: String = escaped.chars().take(width.saturating_sub(1)).collect();
         cut.push('…');
@@ -1350,19 +1341,6 @@ fn name_cell(name: Option<&str>, width: usize) -> String {
     } else {
         escaped
     }
-}
-
-/// Escapes control characters in a finding (names are quoted with `{:?}` already).
-fn printable(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
 }
 
 /// The report as text: region summary, peer and object tables, findings.

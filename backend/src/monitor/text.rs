@@ -56,6 +56,22 @@ pub fn utc(ts_ms: u64) -> String {
     )
 }
 
+/// Text from a peer, a guest or /proc made safe for a terminal: C0 and C1 control characters
+/// and DEL are escaped (`\u{1b}`, `\n`), everything else is kept. Section names may hold
+/// any character but backslash and NUL, so a raw name could set a window title or clear the
+/// screen of whoever reads the output.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn n(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
@@ -63,8 +79,8 @@ fn n(v: &Value) -> u64 {
 fn or_dash(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) => printable(s),
+        other => printable(&other.to_string()),
     }
 }
 
@@ -120,7 +136,9 @@ pub fn status(doc: &Value) -> String {
         "\nNAME                             KIND     SIZE        MAX         REFS  PERSIST  CREATOR  AGE     BY PEER"
     );
     for s in doc["sections"].as_array().into_iter().flatten() {
-        let mut name = s["name"].as_str().unwrap_or("<unnamed>").to_string();
+        let mut name = s["name"]
+            .as_str()
+            .map_or_else(|| "<unnamed>".to_string(), printable);
         if s["deleted"].as_bool().unwrap_or(false) {
             name.push_str(" (deleted)");
         }
@@ -158,6 +176,7 @@ pub fn event(e: &Value) -> String {
         let _ = write!(line, " peer={p}");
     }
     if let Some(name) = e["name"].as_str() {
+        // Debug quoting escapes every control character (and quotes) already.
         let _ = write!(line, " {name:?}");
     }
     if let Some(slot) = e["slot"].as_u64() {
@@ -167,10 +186,10 @@ pub fn event(e: &Value) -> String {
         let _ = write!(line, " size={}", human_bytes(size));
     }
     if let Some(st) = e["status"].as_str() {
-        let _ = write!(line, " {st}");
+        let _ = write!(line, " {}", printable(st));
     }
     if let Some(d) = e["detail"].as_str() {
-        let _ = write!(line, " ({d})");
+        let _ = write!(line, " ({})", printable(d));
     }
     line
 }
@@ -229,5 +248,43 @@ mod tests {
             line,
             "1970-01-01T00:00:00.000Z created        peer=2 \"x\" slot=1 size=4.0 KiB"
         );
+    }
+
+    #[test]
+    fn names_labels_and_details_cannot_drive_the_terminal() {
+        let evil = "\x1b]0;pwned\x07\x1b[2J\nPEER 9 root\u{9b}\x7f";
+        let doc = json!({
+            "vshmd": {"pid": 7, "uptime_secs": 1, "socket": evil},
+            "peers": [{"id": 3, "label": evil, "pid": 99, "connected": true}],
+            "sections": [{"name": evil, "kind": evil, "deleted": true}],
+        });
+        let text = status(&doc);
+        for bad in ['\x1b', '\x07', '\u{9b}', '\x7f'] {
+            assert!(!text.contains(bad), "{bad:?} in {text}");
+        }
+        // No injected line: every line is one the renderer wrote.
+        assert_eq!(text.lines().count(), 8, "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("PEER 9")), "{text}");
+        assert!(
+            text.contains("\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\nPEER 9 root"),
+            "{text}"
+        );
+        assert!(text.contains(" (deleted)"), "{text}");
+
+        let line = event(&json!({"ts_ms": 0, "kind": evil, "peer": 2, "name": evil,
+                                 "status": evil, "detail": evil}));
+        for bad in ['\x1b', '\x07', '\n', '\u{9b}', '\x7f'] {
+            assert!(!line.contains(bad), "{bad:?} in {line}");
+        }
+        assert!(line.contains("pwned"), "{line}");
+    }
+
+    #[test]
+    fn printable_escapes_controls_only() {
+        assert_eq!(
+            printable("a\tb\u{1b}c\u{85}d\u{7f}"),
+            "a\\tb\\u{1b}c\\u{85}d\\u{7f}"
+        );
+        assert_eq!(printable("grüße 🙂 \"x\""), "grüße 🙂 \"x\"");
     }
 }
