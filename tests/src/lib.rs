@@ -178,6 +178,15 @@ impl Backend {
             .cloned()
     }
 
+    /// The status document's entry for the peer whose process is `pid`.
+    pub fn peer_of_pid(&self, pid: u32) -> Option<Value> {
+        self.status()["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["pid"].as_u64() == Some(u64::from(pid)))
+            .cloned()
+    }
+
     /// Runs `vshm --socket S args...` to completion.
     pub fn vshm(&self, args: &[&str]) -> Output {
         command(&bin("vshm"))

@@ -379,13 +379,8 @@ fn list_names_holders_by_their_peer_ids_not_their_slots() {
             .success());
         assert!(b.vshm(&["open", "h"]).status.success());
         let holder = b.vshm_holding(&["hold", "h"]);
-        let st = b.status();
-        let holder_id = st["peers"]
-            .as_array()
-            .and_then(|p| {
-                p.iter()
-                    .find(|p| p["pid"].as_u64() == Some(u64::from(holder.id())))
-            })
+        let holder_id = b
+            .peer_of_pid(holder.id())
             .and_then(|p| p["id"].as_u64())
             .expect("the holder is a peer");
         assert!(

@@ -246,12 +246,8 @@ fn disconnect_drops_a_peer_and_reclaims_what_it_held() {
     watchdog(LIMIT, || {
         let b = Backend::start(&["--size", "16M"]);
         let holder = b.vshm_holding(&["create", "d", "--max", "64K", "--hold"]);
-        let id = b.status()["peers"]
-            .as_array()
-            .and_then(|p| {
-                p.iter()
-                    .find(|p| p["pid"].as_u64() == Some(u64::from(holder.id())))
-            })
+        let id = b
+            .peer_of_pid(holder.id())
             .and_then(|p| p["id"].as_u64())
             .expect("holder id");
         let out = b.vshmctl(&["disconnect", &id.to_string()]);
