@@ -20,6 +20,9 @@ use crate::{Error, Transport, TransportError};
 /// pathological contention.
 const RACE_RETRIES: u32 = 64;
 
+/// How often a close retries (10 ms apart) when the peer's own cell lock stays taken.
+const STUCK_RETRIES: u32 = 10;
+
 /// Whether create-or-open created the section or opened an existing one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Disposition {
@@ -251,7 +254,18 @@ impl<T: Transport> Namespace<T> {
     fn release(&self, slot: u32) -> Result<(), Error> {
         // A reclaimed peer's holds are gone already; its row may be someone else's now.
         self.attached()?;
-        match lease::release(&self.mem(), &self.layout, self.peer_slot, slot) {
+        let mut result = lease::release(&self.mem(), &self.layout, self.peer_slot, slot);
+        // The cell lock is held by another of this peer's threads (or processes, in a
+        // guest) for a few instructions; if it was preempted longer than the spin bound,
+        // wait and try again rather than lose the close.
+        for _ in 0..STUCK_RETRIES {
+            if result != Err(LeaseError::Stuck) {
+                break;
+            }
+            self.transport.wait_until(&mut || false, Duration::from_millis(10))?;
+            result = lease::release(&self.mem(), &self.layout, self.peer_slot, slot);
+        }
+        match result {
             Ok(Released::Held) => Ok(()),
             Ok(Released::LastHold) => {
                 self.transport.ring(HOST_PEER_ID, VECTOR_CONTROL)?;
