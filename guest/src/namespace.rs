@@ -262,7 +262,8 @@ impl<T: Transport> Namespace<T> {
             if result != Err(LeaseError::Stuck) {
                 break;
             }
-            self.transport.wait_until(&mut || false, Duration::from_millis(10))?;
+            self.transport
+                .wait_until(&mut || false, Duration::from_millis(10))?;
             result = lease::release(&self.mem(), &self.layout, self.peer_slot, slot);
         }
         match result {
