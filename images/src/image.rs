@@ -167,16 +167,18 @@ done
 /// The command agent: each input line is `ID COMMAND`; it answers with the command's output
 /// (stdout and stderr) followed by `@@END ID EXIT_STATUS`. Until the first command it says
 /// `@@READY` once a second.
-pub const AGENT: &str = r#"# Announce ourselves every second until the host sends its first command: output on
-# the serial port is lost while no one is connected to QEMU's end of it.
-until IFS= read -r -t 1 line; do echo "@@READY"; done
-while true; do
+pub const AGENT: &str = r#"# Announce ourselves every second until the first command arrives (output on the serial
+# port is lost while no one is connected to QEMU's end). The announcer runs beside the
+# reader: a read with a timeout could cut a command line in half and lose it.
+rm -f /tmp/agent-busy
+( while [ ! -e /tmp/agent-busy ]; do echo "@@READY"; sleep 1; done ) &
+while IFS= read -r line; do
+    touch /tmp/agent-busy
     id=${line%% *}
     cmd=${line#* }
     out=$(sh -c "$cmd" 2>&1 < /dev/null)
     rc=$?
     printf '%s\n@@END %s %s\n' "$out" "$id" "$rc"
-    IFS= read -r line || break
 done
 "#;
 
