@@ -114,6 +114,12 @@ pub fn render(status: &StatusReport, requests: &RequestStats) -> String {
         c.denials,
     );
     counter(&mut out, "vshm_events_total", "Events emitted.", c.events);
+    counter(
+        &mut out,
+        "vshm_refused_connections_total",
+        "Connections refused before they got a peer id.",
+        c.refused,
+    );
     family(
         &mut out,
         "vshm_requests_total",

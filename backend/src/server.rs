@@ -178,8 +178,10 @@ fn send(stream: &UnixStream, value: i64, fd: Option<RawFd>) -> io::Result<()> {
 /// What [`Server::accept`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
-    /// Nothing pending, or the connection was refused before it got an id.
+    /// Nothing pending.
     Nothing,
+    /// The connection was refused before it got an id (why).
+    Refused(&'static str),
     /// A new peer.
     Connected(u16),
     /// The peer was registered but the handshake failed: reclaim the id.
@@ -256,17 +258,12 @@ impl Server {
             Err(e) => return Err(e),
         };
         if self.clients.len() >= self.max_peers as usize {
-            tracing::warn!(
-                max = self.max_peers,
-                "refusing a client: all peer slots are in use"
-            );
-            return Ok(Accepted::Nothing);
+            return Ok(Accepted::Refused("all peer slots are in use"));
         }
         let Some(id) = self.next_safe_id() else {
-            tracing::warn!(
-                "refusing a client: every free peer id was seen leaving by a connected peer"
-            );
-            return Ok(Accepted::Nothing);
+            return Ok(Accepted::Refused(
+                "every free peer id was seen leaving by a connected peer",
+            ));
         };
         self.next_id = id.wrapping_add(1);
         stream.set_nonblocking(false)?;
@@ -289,7 +286,11 @@ impl Server {
             since: SystemTime::now(),
             joined: self.clock + 1,
         };
-        register(id)?;
+        if let Err(e) = register(id) {
+            // The arbiter has no slot for it (e.g. the free ones are fenced): refuse it.
+            tracing::debug!(id, "registering a new peer failed: {e}");
+            return Ok(Accepted::Refused("no peer slot is free"));
+        }
         if let Err(e) = self.handshake(&client, memfd) {
             // It may have received the memory before failing: the caller reclaims the id.
             tracing::warn!(id, "handshake failed: {e}");

@@ -416,3 +416,35 @@ fn a_request_arriving_in_pieces_is_still_answered() {
         assert_eq!(v["result"]["region"]["size"], 16 << 20);
     });
 }
+
+#[test]
+fn refused_connections_are_counted_reported_and_exported() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "16M", "--max-peers", "1"]);
+        let holder = b.vshm_holding(&["create", "only", "--max", "4K", "--hold"]);
+        for _ in 0..3 {
+            assert!(
+                !b.vshm(&["list"]).status.success(),
+                "no slot left for a second peer"
+            );
+        }
+        let st = b.status();
+        assert_eq!(st["counters"]["refused"], 3);
+        let dump: Value = serde_json::from_slice(&b.vshmctl(&["dump"]).stdout).expect("json");
+        let refusals = dump["recent_events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter(|e| {
+                e["kind"] == "error" && e["detail"].as_str().is_some_and(|d| d.contains("refused"))
+            })
+            .count();
+        assert!(
+            refusals >= 1,
+            "reported (at most once a second): {}",
+            dump["recent_events"]
+        );
+        assert!(stdout(&b.vshmctl(&["metrics"])).contains("vshm_refused_connections_total 3"));
+        release(holder);
+    });
+}

@@ -145,6 +145,8 @@ pub struct Counters {
     pub denials: u64,
     /// Events emitted.
     pub events: u64,
+    /// Connections refused before they got a peer id (no slot or no safe id left).
+    pub refused: u64,
 }
 
 /// The arbiter.
@@ -172,6 +174,8 @@ pub struct Arbiter<M: Backing> {
     fencing: Option<u32>,
     /// Heap ranges held back for fenced peer slots: (slot, offset, length).
     fenced_ranges: Vec<(u32, u64, u64)>,
+    /// When a refused connection was last reported.
+    last_refusal_report: Option<std::time::Instant>,
 }
 
 impl<M: Backing> Arbiter<M> {
@@ -206,6 +210,7 @@ impl<M: Backing> Arbiter<M> {
             departures: 0,
             fencing: None,
             fenced_ranges: Vec::new(),
+            last_refusal_report: None,
         })
     }
 
@@ -223,6 +228,22 @@ impl<M: Backing> Arbiter<M> {
     /// Records that a peer rang the host.
     pub fn count_doorbell(&mut self) {
         self.counters.doorbells += 1;
+    }
+
+    /// Records a connection refused before it got a peer id; reported once per second at
+    /// most (a client retrying in a loop must not flood the log or the event stream).
+    pub fn count_refusal(&mut self, why: &'static str) {
+        self.counters.refused += 1;
+        let now = std::time::Instant::now();
+        if self
+            .last_refusal_report
+            .is_some_and(|t| now.duration_since(t).as_secs() < 1)
+        {
+            return;
+        }
+        self.last_refusal_report = Some(now);
+        tracing::warn!("refusing a client: {why}");
+        self.emit(Event::now("error").detail(format!("refused a client: {why}")));
     }
 
     /// Records an admin request refused on the control socket.

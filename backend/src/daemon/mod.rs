@@ -344,6 +344,10 @@ impl Daemon {
         let id = match accepted {
             Ok(Accepted::Connected(id)) => id,
             Ok(Accepted::Nothing) => return,
+            Ok(Accepted::Refused(why)) => {
+                self.arbiter.count_refusal(why);
+                return;
+            }
             Ok(Accepted::Failed(id)) => {
                 self.arbiter.emit(
                     Event::now("error")
