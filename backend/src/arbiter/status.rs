@@ -201,27 +201,9 @@ impl<M: Backing> Arbiter<M> {
     /// Everything the backend knows, for bug reports: the superblock as published, the
     /// layout, every record with its lease word, peers, the heap's free list, counters.
     pub fn dump(&self) -> Value {
-        let sb = read_pod::<Superblock, _>(&self.mem, 0).ok().map(|sb| {
-            json!({
-                "magic": format!("{:#018x}", sb.magic),
-                "version": sb.version,
-                "region_size": sb.region_size,
-                "backend_epoch": sb.backend_epoch,
-                "region_id": sb.region_id.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-                "max_peers": sb.max_peers,
-                "max_objects": sb.max_objects,
-                "host_peer_id": sb.host_peer_id,
-                "vectors": sb.vectors,
-                "peer_table_offset": sb.peer_table_offset,
-                "object_table_offset": sb.object_table_offset,
-                "refcount_table_offset": sb.refcount_table_offset,
-                "mailbox_table_offset": sb.mailbox_table_offset,
-                "heap_offset": sb.heap_offset,
-                "heap_size": sb.heap_size,
-                "alignment": sb.alignment,
-                "namespace_seq": sb.namespace_seq,
-            })
-        });
+        let sb = read_pod::<Superblock, _>(&self.mem, 0)
+            .ok()
+            .map(|sb| crate::monitor::inspect::summarize(&sb));
         let objects: Vec<Value> = self
             .live_slots()
             .filter_map(|slot| {

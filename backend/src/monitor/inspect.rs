@@ -642,7 +642,8 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn summarize(sb: &Superblock) -> SuperblockSummary {
+/// The superblock's fields as found (`valid` is left false: the caller validates).
+pub fn summarize(sb: &Superblock) -> SuperblockSummary {
     SuperblockSummary {
         magic: format!("{:#018x}", sb.magic),
         magic_ok: sb.magic == MAGIC,
