@@ -3,11 +3,9 @@
 #![warn(missing_docs)]
 
 pub mod arbiter;
-pub mod control;
 pub mod daemon;
 pub mod heap;
 pub mod metrics;
-pub mod monitor;
 pub mod region;
 pub mod server;
 pub mod telemetry;

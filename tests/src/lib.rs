@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vshm::host::HostTransport;
 use vshm::Namespace;
-use vshm_backend::control::{request, ControlRequest};
+use vshm_control::{request, ControlRequest};
 
 /// Path of a workspace binary (built by `cargo build --bins`, which `cargo xtask test` does).
 pub fn bin(name: &str) -> PathBuf {

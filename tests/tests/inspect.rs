@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use vshm_backend::monitor::inspect::{inspect, Report, Severity};
 use vshm_format::layout::{
     holder_bit, Layout, ObjectEntry, Superblock, OBJ_LEASE_OFF, OBJ_NAME_OFF,
 };
 use vshm_format::shm::{bytes_of_mut, zeroed};
+use vshm_monitor::inspect::{inspect, Report, Severity};
 use vshm_tests::{bin, command, release, stderr, stdout, watchdog, Backend, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -283,10 +283,7 @@ fn vshmctl_inspect(path: &Path, json: bool) -> std::process::Output {
     c.output().expect("run vshmctl inspect")
 }
 
-/// NEEDS THE `vshmctl inspect` WIRING in backend/src/bin/vshmctl.rs (the lead's part):
-/// `Inspect { #[arg(long)] memfd: PathBuf, #[arg(long)] json: bool }` calling
-/// `vshm_backend::monitor::inspect::run`. Until then vshmctl rejects the subcommand and this
-/// test fails.
+/// The command as an operator runs it: exit codes and both output formats.
 #[test]
 fn vshmctl_inspect_exits_0_on_a_healthy_region_1_on_a_corrupted_copy_and_2_on_a_missing_file() {
     watchdog(LIMIT, || {

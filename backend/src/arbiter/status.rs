@@ -203,7 +203,7 @@ impl<M: Backing> Arbiter<M> {
     pub fn dump(&self) -> Value {
         let sb = read_pod::<Superblock, _>(&self.mem, 0)
             .ok()
-            .map(|sb| crate::monitor::inspect::summarize(&sb));
+            .map(|sb| vshm_control::superblock::summarize(&sb));
         let objects: Vec<Value> = self
             .live_slots()
             .filter_map(|slot| {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use event_manager::{EventOps, EventSet, Events};
 
 use super::{Daemon, TOKEN_CONN};
-use crate::control::{ControlRequest, ControlResponse};
 use crate::telemetry::Event;
+use vshm_control::{ControlRequest, ControlResponse};
 
 /// Events kept for late watchers and dumps.
 const RING: usize = 1024;

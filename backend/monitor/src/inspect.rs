@@ -16,7 +16,6 @@
 //! Exit codes for the command: [`EXIT_OK`] (no errors), [`EXIT_ERRORS`] (errors found),
 //! [`EXIT_UNREADABLE`] (the file could not be opened or mapped).
 
-use crate::monitor::text::{human_bytes, printable};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
@@ -25,10 +24,13 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 
+use crate::text::{human_bytes, printable};
+
 use serde::Serialize;
+use vshm_control::superblock::{summarize, SuperblockSummary};
 use vshm_format::layout::{
     holder_bit, kind, object_flags, object_state, op, peer_state, refcell, Layout, ObjectEntry,
-    PeerEntry, Request, Superblock, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP, MAGIC, MAX_NAME_BYTES,
+    PeerEntry, Request, Superblock, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP, MAX_NAME_BYTES,
     MAX_NAME_CHARS, MB_LOCK_OFF, MB_REQ_SEQ_OFF, MB_RESP_SEQ_OFF, OBJ_LEASE_OFF, OBJ_SEQ_OFF,
 };
 use vshm_format::object::{self, EntryError, ObjectInfo};
@@ -124,51 +126,6 @@ pub struct Finding {
     pub where_: String,
     /// What, in words.
     pub what: String,
-}
-
-/// The superblock as found (raw values, whether or not they validated).
-#[derive(Clone, Debug, Serialize)]
-pub struct SuperblockSummary {
-    /// The magic, hex.
-    pub magic: String,
-    /// Whether the magic is `"VSHMAREA"`.
-    pub magic_ok: bool,
-    /// Format version (0: header not published yet).
-    pub version: u32,
-    /// Superblock flags (reserved, 0).
-    pub flags: u32,
-    /// Region size the superblock claims.
-    pub region_size: u64,
-    /// Backend epoch.
-    pub epoch: u64,
-    /// Region id, hex.
-    pub region_id: String,
-    /// Client peer slots.
-    pub max_peers: u32,
-    /// Object slots.
-    pub max_objects: u32,
-    /// Vectors per peer.
-    pub vectors: u32,
-    /// Heap granularity.
-    pub alignment: u64,
-    /// The host's peer id (0).
-    pub host_peer_id: u32,
-    /// Peer table offset.
-    pub peer_table_offset: u64,
-    /// Object table offset.
-    pub object_table_offset: u64,
-    /// Refcount rows offset.
-    pub refcount_table_offset: u64,
-    /// Mailboxes offset.
-    pub mailbox_table_offset: u64,
-    /// Heap offset.
-    pub heap_offset: u64,
-    /// Heap size.
-    pub heap_size: u64,
-    /// Namespace sequence number.
-    pub namespace_seq: u64,
-    /// Whether the superblock passed [`Layout::from_superblock`] (the tables were walked).
-    pub valid: bool,
 }
 
 /// A connected peer, from the peer table.
@@ -636,36 +593,6 @@ pub fn inspect_region<M: SharedMemory + ?Sized>(mem: &M) -> Report {
     r.heap = Some(heap_usage(&layout, &objs));
     r.objects = objs.into_iter().map(|o| o.row).collect();
     r.finish()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The superblock's fields as found (`valid` is left false: the caller validates).
-pub fn summarize(sb: &Superblock) -> SuperblockSummary {
-    SuperblockSummary {
-        magic: format!("{:#018x}", sb.magic),
-        magic_ok: sb.magic == MAGIC,
-        version: sb.version,
-        flags: sb.flags,
-        region_size: sb.region_size,
-        epoch: sb.backend_epoch,
-        region_id: hex(&sb.region_id),
-        max_peers: sb.max_peers,
-        max_objects: sb.max_objects,
-        vectors: sb.vectors,
-        alignment: sb.alignment,
-        host_peer_id: sb.host_peer_id,
-        peer_table_offset: sb.peer_table_offset,
-        object_table_offset: sb.object_table_offset,
-        refcount_table_offset: sb.refcount_table_offset,
-        mailbox_table_offset: sb.mailbox_table_offset,
-        heap_offset: sb.heap_offset,
-        heap_size: sb.heap_size,
-        namespace_seq: sb.namespace_seq,
-        valid: false,
-    }
 }
 
 fn check_superblock_extras(sb: &Superblock, r: &mut Report) {
@@ -2087,7 +2014,7 @@ mod tests {
         // Random superblocks (with the magic and version kept) are rejected, not trusted.
         for seed in 100..200u64 {
             let mut bytes = random_bytes(seed, 1 << 20);
-            bytes[..8].copy_from_slice(&MAGIC.to_le_bytes());
+            bytes[..8].copy_from_slice(&vshm_format::layout::MAGIC.to_le_bytes());
             bytes[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
             let mem_len = bytes.len() as u64;
             bytes[16..24].copy_from_slice(&mem_len.to_le_bytes());

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vshm_backend::control::{request, watch, ControlError, ControlRequest};
-use vshm_backend::monitor::text;
+use vshm_control::{request, watch, ControlError, ControlRequest};
+use vshm_monitor::text;
 
 /// vshm host monitor.
 #[derive(Debug, Parser)]
@@ -110,11 +110,9 @@ fn run(args: &Args) -> Result<(), ControlError> {
         }
         Command::Top { interval_ms } => {
             let interval = std::time::Duration::from_millis(*interval_ms);
-            vshm_backend::monitor::top::run(ctl, interval).map_err(|error| {
-                ControlError::Refused {
-                    error,
-                    status: None,
-                }
+            vshm_monitor::top::run(ctl, interval).map_err(|error| ControlError::Refused {
+                error,
+                status: None,
             })?;
         }
         // Needs no vshmd: handled in main, which owns the exit code.
@@ -134,7 +132,7 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = Args::parse();
     if let Command::Inspect { memfd, json } = &args.command {
-        let code = vshm_backend::monitor::inspect::run(
+        let code = vshm_monitor::inspect::run(
             memfd,
             *json,
             &mut std::io::stdout().lock(),

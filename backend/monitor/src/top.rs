@@ -9,7 +9,7 @@
 //! The status document comes from vshmd (docs/MONITOR.md names its fields); nothing in it is
 //! trusted to be there or well-typed: a missing or odd field renders as `-`.
 
-use crate::monitor::text::human_bytes;
+use crate::text::human_bytes;
 use std::io::{self, IsTerminal, Stdout};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +29,7 @@ use ratatui::widgets::{Block, Borders, Cell, Gauge, Paragraph, Row, Table};
 use ratatui::{Frame, Terminal};
 use serde_json::Value;
 
-use crate::control::{request, ControlRequest};
+use vshm_control::{request, ControlRequest};
 
 /// How the sections table is ordered (largest first either way).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

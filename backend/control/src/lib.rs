@@ -6,6 +6,13 @@
 //! `watch` answers `{"ok":true}` and then streams one event object per line until the
 //! client goes away. The socket is created mode 0600 (`vshmd --control-mode` widens it);
 //! `delete`, `disconnect` and `dump` also require vshmd's own user or root.
+//!
+//! This crate is the contract between vshmd (the server side lives in vshmd's event loop)
+//! and its clients (vshmctl, tests): the request and response types, the client calls, and
+//! the documents both sides print ([`superblock`]). It knows nothing of either side.
+#![warn(missing_docs)]
+
+pub mod superblock;
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
