@@ -8,6 +8,7 @@
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![warn(missing_docs)]
 
+pub mod ids;
 pub mod layout;
 pub mod lease;
 pub mod mailbox;
@@ -17,5 +18,6 @@ pub mod shm;
 mod status;
 pub mod units;
 
+pub use ids::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
 pub use name::{name_hash, validate_name};
 pub use status::Status;
