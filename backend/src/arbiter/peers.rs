@@ -1,0 +1,123 @@
+//! Peer slots: giving a new peer id a slot (the free, unfenced one freed longest ago) and
+//! publishing its peer entry, finding a connected peer's slot, clearing a slot's refcount
+//! row and mailbox, and the process (pid, label) behind a peer for the monitor.
+
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use vshm_format::layout::{holder_bit, peer_state, PeerEntry, PEER_STATE_OFF};
+use vshm_format::object::bump_namespace_seq;
+use vshm_format::shm::{bytes_of, zeroed, Fault};
+
+use super::{Arbiter, Backing, PeerRecord};
+
+/// Why a peer could not be registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// All slots are taken.
+    #[error("all {0} peer slots are in use")]
+    Full(u32),
+    /// Id 0 (the host) or an id already connected.
+    #[error("peer id {0} is the host's or already connected")]
+    BadId(u16),
+    /// The region could not be written.
+    #[error("cannot write the peer table: {0}")]
+    Fault(Fault),
+}
+
+impl From<Fault> for ConnectError {
+    fn from(f: Fault) -> Self {
+        ConnectError::Fault(f)
+    }
+}
+
+impl<M: Backing> Arbiter<M> {
+    /// Records who a connected peer is (from SO_PEERCRED and /proc), for the monitor.
+    pub fn set_peer_process(&mut self, peer_id: u16, pid: Option<i32>, label: Option<String>) {
+        if let Some(s) = self.slot_of(peer_id) {
+            let rec = &mut self.peers[s as usize];
+            rec.pid = pid;
+            rec.label = label;
+        }
+    }
+
+    /// The slot of connected peer `peer_id`.
+    pub(super) fn slot_of(&self, peer_id: u16) -> Option<u32> {
+        self.peer_slots()
+            .find(|(_, p)| p.connected && p.id == peer_id)
+            .map(|(s, _)| s)
+    }
+
+    /// Peer slots with their records, as u32 slot numbers.
+    pub(super) fn peer_slots(&self) -> impl Iterator<Item = (u32, &PeerRecord)> + '_ {
+        (0..self.layout.max_peers).zip(self.peers.iter())
+    }
+
+    pub(super) fn connected_mask(&self) -> u64 {
+        self.peer_slots()
+            .filter(|(_, p)| p.connected)
+            .fold(0, |m, (i, _)| m | holder_bit(i))
+    }
+
+    /// A peer id was handed out: give it a free slot, clear that slot's refcount row and
+    /// mailbox, publish the peer entry. Must run before the peer learns its id.
+    pub fn peer_connected(&mut self, peer_id: u16) -> Result<u32, ConnectError> {
+        if peer_id == 0 || self.slot_of(peer_id).is_some() {
+            return Err(ConnectError::BadId(peer_id));
+        }
+        // The free slot freed longest ago: a reclaimed peer that has not noticed yet (its
+        // process still running) checks its slot's incarnation before touching it, and
+        // reusing its slot last leaves it the most time to notice.
+        let s = self
+            .peer_slots()
+            .filter(|(_, p)| !p.connected && !p.fenced)
+            .min_by_key(|(_, p)| p.freed)
+            .map(|(s, _)| s)
+            .ok_or(ConnectError::Full(self.layout.max_peers))?;
+        let slot = s as usize;
+        self.clear_peer_memory(s)?;
+        self.forget_seen(s);
+        let incarnation = self.peers[slot].incarnation + 1;
+        let mut e = zeroed::<PeerEntry>();
+        e.peer_id = u32::from(peer_id);
+        e.incarnation = incarnation;
+        let base = self
+            .layout
+            .peer_entry(s)
+            .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
+        self.mem.write_bytes(base, bytes_of(&e))?;
+        self.mem.store_u32(
+            base + PEER_STATE_OFF,
+            peer_state::CONNECTED,
+            Ordering::Release,
+        )?;
+        // Only now, with the entry published, is the slot taken.
+        let rec = &mut self.peers[slot];
+        rec.id = peer_id;
+        rec.connected = true;
+        rec.incarnation = incarnation;
+        rec.last_seq = 0;
+        rec.since = Some(SystemTime::now());
+        rec.pid = None;
+        rec.label = None;
+        bump_namespace_seq(&self.mem)?;
+        Ok(s)
+    }
+
+    pub(super) fn clear_peer_memory(&self, slot: u32) -> Result<(), Fault> {
+        let row = self
+            .layout
+            .refcount_cell(slot, 0)
+            .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
+        self.mem
+            .zero(row, u64::from(self.layout.refcount_row_size))?;
+        let mb = self
+            .layout
+            .mailbox(slot)
+            .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
+        self.mem.zero(
+            mb,
+            std::mem::size_of::<vshm_format::layout::Mailbox>() as u64,
+        )
+    }
+}

@@ -1,0 +1,242 @@
+//! Reclaiming and repair: what a departed peer held (`peer_gone`), reaping closed objects
+//! (cross-checked against the refcount cells and the private record; a lease word closed
+//! behind its holders' backs is repaired instead), destroying them, the periodic `sweep`
+//! that puts scribbled lease words right, and `note_repair`, which reports a repair once
+//! per object.
+
+use std::sync::atomic::Ordering;
+
+use vshm_format::layout::{
+    holder_bit, peer_state, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP, OBJ_LEASE_OFF, PEER_STATE_OFF,
+};
+use vshm_format::lease::close_if_unheld;
+use vshm_format::object::{self, bump_namespace_seq};
+use vshm_format::shm::zeroed;
+
+use super::{Arbiter, Backing};
+use crate::telemetry::Event;
+
+/// What a peer's departure released.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reclaim {
+    /// Handles the peer still held.
+    pub handles: u64,
+    /// Objects that died with it.
+    pub destroyed: u64,
+}
+
+impl<M: Backing> Arbiter<M> {
+    /// A peer left (socket closed): drop every hold it had, destroy what only it held,
+    /// clear its row and mailbox.
+    pub fn peer_gone(&mut self, peer_id: u16) -> Reclaim {
+        let mut out = Reclaim::default();
+        let Some(s) = self.slot_of(peer_id) else {
+            return out;
+        };
+        let slot = s as usize;
+        if !self.peers[slot].connected {
+            return out;
+        }
+        self.peers[slot].connected = false;
+        self.forget_seen(s);
+        self.departures += 1;
+        self.peers[slot].freed = self.departures;
+        self.peers[slot].since = None;
+        if let Some(base) = self.layout.peer_entry(s) {
+            let _ =
+                self.mem
+                    .store_u32(base + PEER_STATE_OFF, peer_state::ABSENT, Ordering::Release);
+        }
+        let bit = holder_bit(s);
+        let live: Vec<u32> = self.live_slots().collect();
+        let mut dead = Vec::new();
+        for obj in live {
+            out.handles += u64::from(self.cell_count(s, obj));
+            let Some(lease) = self.lease_off(obj) else {
+                continue;
+            };
+            let Ok(prev) = self.mem.fetch_and_u64(lease, !bit) else {
+                continue;
+            };
+            if close_if_unheld(&self.mem, lease, prev & !bit).unwrap_or(false)
+                || prev & LEASE_CLOSED != 0
+            {
+                dead.push(obj);
+            }
+        }
+        let _ = self.clear_peer_memory(s);
+        for obj in dead {
+            if self.reap(obj) {
+                out.destroyed += 1;
+            }
+        }
+        let _ = bump_namespace_seq(&self.mem);
+        self.counters.reclaims += 1;
+        if out.handles > 0 || out.destroyed > 0 {
+            self.emit(Event::now("reclaimed").peer(peer_id).detail(format!(
+                "{} handle(s) dropped, {} object(s) destroyed",
+                out.handles, out.destroyed
+            )));
+        }
+        out
+    }
+
+    /// Destroys `slot` if its lease is CLOSED and no connected peer's refcount row disagrees;
+    /// repairs the lease if one does. Returns whether it destroyed.
+    pub(super) fn reap(&mut self, slot: u32) -> bool {
+        let Some(lease) = self.lease_off(slot) else {
+            return false;
+        };
+        let Ok(w) = self.mem.load_u64(lease, Ordering::SeqCst) else {
+            return false;
+        };
+        if w & LEASE_CLOSED == 0 {
+            return false;
+        }
+        let Some(rec) = self.objects[slot as usize].as_ref() else {
+            return false;
+        };
+        // A legitimately closed object has no holder with a count (the closer CASed CLOSED
+        // only into a word with no holder bits, and count > 0 implies the bit), and is not
+        // persistent-and-undeleted (such a word carries KEEP, which blocks closing).
+        let keep = rec.persistent && !rec.unlinked;
+        let mut holders = 0u64;
+        for (i, p) in self.peer_slots() {
+            if p.connected && self.cell_count(i, slot) > 0 {
+                holders |= holder_bit(i);
+            }
+        }
+        if holders != 0 || keep {
+            let keep_bit = if keep { LEASE_KEEP } else { 0 };
+            let _ = self
+                .mem
+                .store_u64(lease, holders | keep_bit, Ordering::SeqCst);
+            self.counters.repairs += 1;
+            self.note_repair(slot, "lease word closed while peers held it");
+            return false;
+        }
+        self.destroy(slot);
+        true
+    }
+
+    fn destroy(&mut self, slot: u32) {
+        let Some(rec) = self.objects[slot as usize].take() else {
+            return;
+        };
+        if let (Some(n), false) = (&rec.name, rec.unlinked) {
+            self.names.remove(n);
+        }
+        if let Some(base) = self.layout.object_entry(slot) {
+            let _ = object::publish(&self.mem, &self.layout, slot, &zeroed());
+            let _ = self
+                .mem
+                .store_u64(base + OBJ_LEASE_OFF, LEASE_CLOSED, Ordering::SeqCst);
+        }
+        match self.fencing {
+            // A process that was cut off may still write here: keep the range out of the
+            // heap until it is gone (its pages are punched out all the same).
+            Some(fence) => self.fenced_ranges.push((fence, rec.offset, rec.reserved)),
+            None => self.heap.release(rec.offset, rec.reserved),
+        }
+        if let Err(e) = self.mem.discard(rec.offset, rec.reserved) {
+            tracing::error!(slot, "could not return section memory: {e}");
+            self.emit(
+                Event::now("error")
+                    .object(slot, rec.name.as_deref())
+                    .detail(format!(
+                        "could not return the section's memory to the host: {e}"
+                    )),
+            );
+        }
+        self.free_slots.insert(slot);
+        self.counters.destroyed += 1;
+        for p in 0..self.layout.max_peers as usize {
+            if let Some(c) = self
+                .seen
+                .get_mut(slot as usize * self.layout.max_peers as usize + p)
+            {
+                *c = 0;
+            }
+        }
+        self.emit(
+            Event::now("destroyed")
+                .object(slot, rec.name.as_deref())
+                .size(rec.reserved),
+        );
+        tracing::info!(
+            slot,
+            generation = rec.generation,
+            name = rec.name.as_deref().unwrap_or("<unnamed>"),
+            "destroyed"
+        );
+    }
+
+    /// Logs and reports a repair of `slot`'s lease word once per object: a peer that keeps
+    /// scribbling (and ringing) must not flood the log or the event stream; the
+    /// `repairs` counter still counts every one.
+    fn note_repair(&mut self, slot: u32, what: &'static str) {
+        let Some(rec) = self.objects[slot as usize].as_mut() else {
+            return;
+        };
+        if rec.repaired {
+            return;
+        }
+        rec.repaired = true;
+        let name = rec.name.clone();
+        tracing::warn!(
+            slot,
+            "{what}: repaired (further repairs of this object are only counted)"
+        );
+        self.emit(
+            Event::now("repaired")
+                .object(slot, name.as_deref())
+                .detail(what),
+        );
+    }
+
+    /// Destroys every closed object and drops holder bits of peers that are not connected.
+    /// Runs after each doorbell and on a timer. Returns how many objects it destroyed.
+    pub fn sweep(&mut self) -> usize {
+        let connected = self.connected_mask();
+        let mut destroyed = 0;
+        for slot in 0..self.layout.max_objects {
+            let Some(keep) = self.objects[slot as usize]
+                .as_ref()
+                .map(|r| r.persistent && !r.unlinked)
+            else {
+                continue;
+            };
+            let Some(lease) = self.lease_off(slot) else {
+                continue;
+            };
+            let Ok(w) = self.mem.load_u64(lease, Ordering::SeqCst) else {
+                continue;
+            };
+            // Only a peer's scribbling can produce these three; put the word right.
+            let stray = w & LEASE_HOLDERS & !connected;
+            if stray != 0 {
+                self.counters.repairs += 1;
+                self.note_repair(slot, "holder bits of absent peers cleared");
+                let _ = self.mem.fetch_and_u64(lease, !stray);
+            }
+            if w & LEASE_CLOSED == 0 && keep != (w & LEASE_KEEP != 0) {
+                self.note_repair(slot, "KEEP bit disagreed with the object's persistence");
+                self.counters.repairs += 1;
+                let _ = if keep {
+                    self.mem.fetch_or_u64(lease, LEASE_KEEP)
+                } else {
+                    self.mem.fetch_and_u64(lease, !LEASE_KEEP)
+                };
+            }
+            // A word left with no holders and no KEEP is dead even if its last holder could
+            // not close it (it gave up on a word that kept changing, or died mid-close).
+            if let Ok(now) = self.mem.load_u64(lease, Ordering::SeqCst) {
+                let _ = close_if_unheld(&self.mem, lease, now);
+            }
+            if self.reap(slot) {
+                destroyed += 1;
+            }
+        }
+        destroyed
+    }
+}

@@ -1,0 +1,309 @@
+//! The request path: `service` answers a peer's mailbox (recording telemetry per request)
+//! and executes CREATE, DELETE and GROW against the private records, publishing the result;
+//! `delete_by_name` is DELETE on the host's own authority (vshmctl delete).
+
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use vshm_format::layout::{holder_bit, object_state, Response, LEASE_KEEP};
+use vshm_format::lease::close_if_unheld;
+use vshm_format::mailbox::{self, Command};
+use vshm_format::object::{self, bump_namespace_seq};
+use vshm_format::shm::Fault;
+use vshm_format::Status;
+
+use super::{Arbiter, Backing, Record};
+use crate::telemetry::Event;
+
+impl<M: Backing> Arbiter<M> {
+    /// Handles a doorbell from `peer_id`: answers its pending request, if any. Returns
+    /// whether a response was written (the caller then rings the peer).
+    pub fn service(&mut self, peer_id: u16) -> bool {
+        let Some(s) = self.slot_of(peer_id) else {
+            return false;
+        };
+        let slot = s as usize;
+        if !self.peers[slot].connected {
+            return false;
+        }
+        let last = self.peers[slot].last_seq;
+        let Ok(Some((seq, req))) = mailbox::take_request(&self.mem, &self.layout, s, last) else {
+            return false;
+        };
+        self.peers[slot].last_seq = seq;
+        let started = std::time::Instant::now();
+        let resp = match mailbox::decode(&req, &self.layout) {
+            Ok(cmd) => self.execute(peer_id, s, cmd),
+            Err(status) => mailbox::status_response(status),
+        };
+        self.counters.requests += 1;
+        let status = Status::from_code(resp.status);
+        if !status.is_some_and(Status::is_success) {
+            self.counters.failed_requests += 1;
+            let mut e = Event::now("denied")
+                .peer(peer_id)
+                .detail(crate::telemetry::op_name(req.op));
+            if let Some(st) = status {
+                e = e.status(st);
+            }
+            self.emit(e);
+        }
+        tracing::debug!(peer_id, op = req.op, status = resp.status, "request");
+        self.requests.record(req.op, resp.status, started.elapsed());
+        mailbox::respond(&self.mem, &self.layout, s, seq, &resp).is_ok()
+    }
+
+    fn execute(&mut self, peer_id: u16, peer: u32, cmd: Command<'_>) -> Response {
+        let result = match cmd {
+            Command::Create {
+                name,
+                kind,
+                max_size,
+                initial_size,
+                persistent,
+            } => self.create(
+                peer_id,
+                peer,
+                name,
+                kind,
+                max_size,
+                initial_size,
+                persistent,
+            ),
+            Command::Delete { slot, generation } => self.delete(slot, generation).map(|()| slot),
+            Command::Grow {
+                slot,
+                generation,
+                size,
+            } => self.grow(peer, slot, generation, size).map(|()| slot),
+        };
+        match result {
+            Ok(slot) => self.response(Status::Success, slot),
+            Err((status, Some(slot))) => self.response(status, slot),
+            Err((status, None)) => mailbox::status_response(status),
+        }
+    }
+
+    fn response(&self, status: Status, slot: u32) -> Response {
+        let mut r = mailbox::status_response(status);
+        if let Some(Some(rec)) = self.objects.get(slot as usize) {
+            r.slot = slot;
+            r.generation = rec.generation;
+            r.offset = rec.offset;
+            r.size = rec.size;
+            r.max_size = rec.max_size;
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        peer_id: u16,
+        peer: u32,
+        name: Option<&str>,
+        kind: u32,
+        max_size: u64,
+        initial_size: u64,
+        persistent: bool,
+    ) -> Result<u32, (Status, Option<u32>)> {
+        if let Some(n) = name {
+            // A name whose object was closed by its last holder but not yet reaped is free.
+            if let Some(&slot) = self.names.get(n) {
+                self.reap(slot);
+            }
+            if let Some(&slot) = self.names.get(n) {
+                let existing = self.objects[slot as usize].as_ref().map(|r| r.kind);
+                return Err(if existing == Some(kind) {
+                    (Status::ObjectNameExists, Some(slot))
+                } else {
+                    (Status::InvalidHandle, None)
+                });
+            }
+        }
+        let slot = *self
+            .free_slots
+            .first()
+            .ok_or((Status::InsufficientResources, None))?;
+        let (offset, reserved) = self
+            .heap
+            .allocate(max_size)
+            .ok_or((Status::InsufficientResources, None))?;
+        // The range was punched when it was last freed; punch again so bytes a misbehaving
+        // peer wrote after that cannot reach the new owner.
+        if self.mem.discard(offset, reserved).is_err() {
+            self.heap.release(offset, reserved);
+            return Err((Status::InsufficientResources, None));
+        }
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let lease = holder_bit(peer) | if persistent { LEASE_KEEP } else { 0 };
+        let entry = object::make_entry(
+            generation,
+            object_state::LIVE,
+            kind,
+            offset,
+            initial_size,
+            max_size,
+            persistent,
+            name,
+            u32::from(peer_id),
+        );
+        let published = self
+            .lease_off(slot)
+            .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })
+            .and_then(|l| self.mem.store_u64(l, lease, Ordering::SeqCst))
+            .and_then(|()| object::publish(&self.mem, &self.layout, slot, &entry));
+        if published.is_err() {
+            self.heap.release(offset, reserved);
+            return Err((Status::InsufficientResources, None));
+        }
+        self.free_slots.remove(&slot);
+        if let Some(n) = name {
+            self.names.insert(n.to_owned(), slot);
+        }
+        self.objects[slot as usize] = Some(Record {
+            generation,
+            kind,
+            name: name.map(str::to_owned),
+            offset,
+            size: initial_size,
+            max_size,
+            reserved,
+            persistent,
+            unlinked: false,
+            creator: peer_id,
+            created: SystemTime::now(),
+            repaired: false,
+        });
+        self.counters.created += 1;
+        self.emit(
+            Event::now("created")
+                .peer(peer_id)
+                .object(slot, name)
+                .size(max_size),
+        );
+        tracing::info!(
+            slot,
+            generation,
+            name = name.unwrap_or("<unnamed>"),
+            max_size,
+            peer_id,
+            "created"
+        );
+        Ok(slot)
+    }
+
+    fn record(&self, slot: u32, generation: u64) -> Option<&Record> {
+        self.objects
+            .get(slot as usize)?
+            .as_ref()
+            .filter(|r| r.generation == generation)
+    }
+
+    fn publish_record(&self, slot: u32) -> Result<(), Fault> {
+        let Some(Some(r)) = self.objects.get(slot as usize) else {
+            return Ok(());
+        };
+        let state = if r.unlinked {
+            object_state::UNLINKED
+        } else {
+            object_state::LIVE
+        };
+        let entry = object::make_entry(
+            r.generation,
+            state,
+            r.kind,
+            r.offset,
+            r.size,
+            r.max_size,
+            r.persistent,
+            r.name.as_deref(),
+            u32::from(r.creator),
+        );
+        object::publish(&self.mem, &self.layout, slot, &entry)
+    }
+
+    fn delete(&mut self, slot: u32, generation: u64) -> Result<(), (Status, Option<u32>)> {
+        let rec = self
+            .record(slot, generation)
+            .ok_or((Status::ObjectNameNotFound, None))?;
+        if rec.unlinked {
+            return Err((Status::DeletePending, None));
+        }
+        let name = rec.name.clone();
+        if let Some(r) = self.objects[slot as usize].as_mut() {
+            r.unlinked = true;
+        }
+        if let Some(n) = &name {
+            self.names.remove(n);
+        }
+        let _ = self.publish_record(slot);
+        if let Some(lease) = self.lease_off(slot) {
+            if let Ok(prev) = self.mem.fetch_and_u64(lease, !LEASE_KEEP) {
+                let _ = close_if_unheld(&self.mem, lease, prev & !LEASE_KEEP);
+            }
+        }
+        tracing::info!(
+            slot,
+            name = name.as_deref().unwrap_or("<unnamed>"),
+            "deleted"
+        );
+        self.counters.deleted += 1;
+        self.emit(Event::now("deleted").object(slot, name.as_deref()));
+        self.reap(slot);
+        Ok(())
+    }
+
+    /// Deletes a LIVE object by name on the host's own authority (vshmctl delete).
+    pub fn delete_by_name(&mut self, name: &str) -> Result<(), Status> {
+        let slot = *self.names.get(name).ok_or(Status::ObjectNameNotFound)?;
+        let generation = self.objects[slot as usize]
+            .as_ref()
+            .map(|r| r.generation)
+            .ok_or(Status::ObjectNameNotFound)?;
+        self.delete(slot, generation).map_err(|(s, _)| s)?;
+        let _ = bump_namespace_seq(&self.mem);
+        Ok(())
+    }
+
+    fn grow(
+        &mut self,
+        peer: u32,
+        slot: u32,
+        generation: u64,
+        size: u64,
+    ) -> Result<(), (Status, Option<u32>)> {
+        let rec = self
+            .record(slot, generation)
+            .ok_or((Status::InvalidHandle, None))?;
+        let held = self
+            .lease_off(slot)
+            .and_then(|l| self.mem.load_u64(l, Ordering::SeqCst).ok())
+            .is_some_and(|w| w & holder_bit(peer) != 0);
+        if !held {
+            return Err((Status::InvalidHandle, None));
+        }
+        if size < rec.size || size > rec.max_size {
+            return Err((Status::InvalidParameter, Some(slot)));
+        }
+        if size == rec.size {
+            // Nothing changes: do not make readers retry a republished entry.
+            return Ok(());
+        }
+        let name = rec.name.clone();
+        if let Some(r) = self.objects[slot as usize].as_mut() {
+            r.size = size;
+        }
+        let _ = self.publish_record(slot);
+        self.counters.grown += 1;
+        let peer_id = self.peers[peer as usize].id;
+        self.emit(
+            Event::now("grown")
+                .peer(peer_id)
+                .object(slot, name.as_deref())
+                .size(size),
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,157 @@
+//! Unit tests of the arbiter on a real memfd region: reclaiming a departed peer, repairing
+//! forged lease words, name reuse before a reap, requests from peers that are not connected.
+
+use std::sync::atomic::Ordering;
+
+use vshm_format::layout::{
+    holder_bit, kind, Layout, Request, Response, LEASE_CLOSED, LEASE_KEEP, MB_RESPONSE_OFF,
+    OBJ_LEASE_OFF,
+};
+use vshm_format::lease::{acquire, release, Released};
+use vshm_format::mailbox;
+use vshm_format::shm::SharedMemory;
+use vshm_format::Status;
+
+use super::{Arbiter, Reclaim};
+use crate::region::Region;
+
+fn arbiter() -> Arbiter<Region> {
+    let region = Region::create(1 << 20, false, false).expect("memfd");
+    let layout = Layout::compute(1 << 20, 4, 8, 1, 4096).expect("layout");
+    let mut a = Arbiter::new(region, layout, 1, [0; 16]).expect("arbiter");
+    for id in 1..=3 {
+        a.peer_connected(id).expect("connect");
+    }
+    a
+}
+
+fn request(a: &mut Arbiter<Region>, peer_id: u16, req: &Request) -> Response {
+    let slot = u32::from(peer_id) - 1;
+    let mem = a.mem();
+    let seq = mailbox::post(mem, a.layout(), slot, req).expect("post");
+    assert!(a.service(peer_id), "answered");
+    let mb = a.layout().mailbox(slot).expect("mailbox");
+    assert_eq!(
+        a.mem().load_u64(mb + MB_RESPONSE_OFF, Ordering::Acquire),
+        Ok(seq)
+    );
+    mailbox::poll(a.mem(), a.layout(), slot, seq)
+        .expect("poll")
+        .expect("response")
+}
+
+fn create(a: &mut Arbiter<Region>, peer_id: u16, name: &str, persistent: bool) -> Response {
+    let r = mailbox::create_request(Some(name), kind::SECTION, 8192, 4096, persistent);
+    request(a, peer_id, &r)
+}
+
+#[test]
+fn a_departed_peers_holds_are_reclaimed_and_what_only_it_held_is_destroyed() {
+    let mut a = arbiter();
+    let only = create(&mut a, 1, "only-1", false);
+    let shared = create(&mut a, 1, "shared", false);
+    let (l, m) = (*a.layout(), a.mem());
+    acquire(m, &l, 0, only.slot, only.generation, false).expect("hold");
+    acquire(m, &l, 0, shared.slot, shared.generation, false).expect("hold");
+    acquire(m, &l, 1, shared.slot, shared.generation, false).expect("peer 2 holds");
+    let out = a.peer_gone(1);
+    assert_eq!(
+        out,
+        Reclaim {
+            handles: 2,
+            destroyed: 1
+        }
+    );
+    assert!(a.record_at(only.slot).is_none(), "destroyed");
+    assert!(a.record_at(shared.slot).is_some(), "peer 2 still holds it");
+    assert_eq!(a.status().region.free, a.status().region.heap_size - 8192);
+    assert_eq!(
+        a.mem().load_u32(
+            l.refcount_cell(0, shared.slot).expect("cell"),
+            Ordering::SeqCst
+        ),
+        Ok(0)
+    );
+}
+
+#[test]
+fn a_lease_closed_behind_the_holders_backs_is_repaired_not_destroyed() {
+    let mut a = arbiter();
+    let r = create(&mut a, 1, "victim", false);
+    let (l, m) = (*a.layout(), a.mem());
+    acquire(m, &l, 0, r.slot, r.generation, false).expect("hold");
+    // A misbehaving peer forges CLOSED into the lease word.
+    let lease = l.object_entry(r.slot).expect("slot") + OBJ_LEASE_OFF;
+    m.store_u64(lease, LEASE_CLOSED, Ordering::SeqCst)
+        .expect("forge");
+    assert_eq!(a.sweep(), 0);
+    assert!(
+        a.record_at(r.slot).is_some(),
+        "the holder's section survives"
+    );
+    assert_eq!(a.counters().repairs, 1);
+    assert_eq!(a.mem().load_u64(lease, Ordering::SeqCst), Ok(holder_bit(0)));
+    assert_eq!(release(a.mem(), &l, 0, r.slot), Ok(Released::LastHold));
+    assert_eq!(a.sweep(), 1);
+}
+
+#[test]
+fn a_forged_close_of_a_persistent_section_nobody_holds_is_repaired() {
+    let mut a = arbiter();
+    let r = create(&mut a, 1, "keep-me", true);
+    let l = *a.layout();
+    let lease = l.object_entry(r.slot).expect("slot") + OBJ_LEASE_OFF;
+    // The creator never took its hold; a peer forges CLOSED.
+    a.mem()
+        .store_u64(lease, LEASE_CLOSED, Ordering::SeqCst)
+        .expect("forge");
+    assert_eq!(a.sweep(), 0);
+    assert!(
+        a.record_at(r.slot).is_some(),
+        "persistent sections live until deleted"
+    );
+    assert_eq!(a.mem().load_u64(lease, Ordering::SeqCst), Ok(LEASE_KEEP));
+    // And a KEEP bit stripped by a peer is put back.
+    a.mem()
+        .store_u64(lease, 0, Ordering::SeqCst)
+        .expect("strip");
+    assert_eq!(a.sweep(), 0);
+    assert_eq!(a.mem().load_u64(lease, Ordering::SeqCst), Ok(LEASE_KEEP));
+}
+
+#[test]
+fn create_reuses_a_name_whose_last_holder_closed_before_the_host_reaped_it() {
+    let mut a = arbiter();
+    let r = create(&mut a, 1, "n", false);
+    let l = *a.layout();
+    acquire(a.mem(), &l, 0, r.slot, r.generation, false).expect("hold");
+    assert_eq!(release(a.mem(), &l, 0, r.slot), Ok(Released::LastHold));
+    // No sweep in between: the CREATE arrives first.
+    let again = create(&mut a, 1, "n", false);
+    assert_eq!(Status::from_code(again.status), Some(Status::Success));
+    assert_ne!(again.generation, r.generation);
+}
+
+#[test]
+fn holder_bits_of_absent_peers_are_dropped_by_the_sweep() {
+    let mut a = arbiter();
+    let r = create(&mut a, 1, "stray", false);
+    let l = *a.layout();
+    let lease = l.object_entry(r.slot).expect("slot") + OBJ_LEASE_OFF;
+    // Peer 4 never connected, yet its bit appears (scribbled); peer 1 never took its hold.
+    a.mem()
+        .store_u64(lease, holder_bit(3), Ordering::SeqCst)
+        .expect("scribble");
+    assert_eq!(a.sweep(), 1, "no real holder left: destroyed");
+    assert_eq!(a.status().region.free, a.status().region.heap_size);
+}
+
+#[test]
+fn requests_of_a_peer_that_is_not_connected_are_ignored() {
+    let mut a = arbiter();
+    assert!(!a.service(4), "peer 4 is not connected");
+    assert!(!a.service(0), "the host is not a client");
+    assert!(!a.service(999), "junk id");
+    a.peer_gone(2);
+    assert!(!a.service(2));
+}
