@@ -1,5 +1,6 @@
 //! Unit tests of the arbiter on a real memfd region: reclaiming a departed peer, repairing
-//! forged lease words, name reuse before a reap, requests from peers that are not connected.
+//! forged lease words, name reuse before a reap, requests from peers that are not connected,
+//! fencing.
 
 use std::sync::atomic::Ordering;
 
@@ -12,7 +13,7 @@ use vshm_format::mailbox;
 use vshm_format::shm::SharedMemory;
 use vshm_format::Status;
 
-use super::{Arbiter, Reclaim};
+use super::{Arbiter, ConnectError, Reclaim};
 use crate::region::Region;
 
 fn arbiter() -> Arbiter<Region> {
@@ -154,4 +155,39 @@ fn requests_of_a_peer_that_is_not_connected_are_ignored() {
     assert!(!a.service(999), "junk id");
     a.peer_gone(2);
     assert!(!a.service(2));
+}
+
+#[test]
+fn a_fenced_peers_slot_and_the_memory_of_what_died_with_it_are_held_back_until_unfenced() {
+    let mut a = arbiter();
+    let r = create(&mut a, 1, "doomed", false);
+    let l = *a.layout();
+    acquire(a.mem(), &l, 0, r.slot, r.generation, false).expect("hold");
+    let heap = a.status().region.heap_size;
+    assert_eq!(
+        a.peer_gone_fenced(9),
+        (Reclaim::default(), None),
+        "not connected"
+    );
+    let (out, slot) = a.peer_gone_fenced(1);
+    assert_eq!(
+        out,
+        Reclaim {
+            handles: 1,
+            destroyed: 1
+        }
+    );
+    assert_eq!(slot, Some(0));
+    assert!(a.record_at(r.slot).is_none(), "destroyed");
+    assert_eq!(
+        a.status().region.free,
+        heap - 8192,
+        "its memory is held back"
+    );
+    // Slot 3 is free and slot 0 fenced: the next peer gets 3, the one after finds none.
+    assert_eq!(a.peer_connected(4), Ok(3));
+    assert_eq!(a.peer_connected(5), Err(ConnectError::Full(4)));
+    a.unfence(0);
+    assert_eq!(a.status().region.free, heap);
+    assert_eq!(a.peer_connected(5), Ok(0));
 }
