@@ -2,7 +2,7 @@
 //! its slot and the memory of the objects that die with it are held back (`fenced_ranges`)
 //! until that process has exited and the daemon calls `unfence`.
 
-use super::reclaim::Reclaim;
+use super::reclaim::{Reclaim, Release};
 use super::{Arbiter, Backing};
 
 impl<M: Backing> Arbiter<M> {
@@ -10,14 +10,12 @@ impl<M: Backing> Arbiter<M> {
     /// still maps the region): its slot and the memory of the objects that die with it are
     /// held back until [`Arbiter::unfence`]. Returns the slot to unfence.
     pub fn peer_gone_fenced(&mut self, peer_id: u16) -> (Reclaim, Option<u32>) {
-        let slot = self.slot_of(peer_id);
-        self.fencing = slot;
-        let out = self.peer_gone(peer_id);
-        self.fencing = None;
-        if let Some(s) = slot {
-            self.peers[s as usize].fenced = true;
-        }
-        (out, slot)
+        let Some(slot) = self.slot_of(peer_id) else {
+            return (Reclaim::default(), None);
+        };
+        let out = self.reclaim_peer(peer_id, slot, Release::HoldFor(slot));
+        self.peers[slot as usize].fenced = true;
+        (out, Some(slot))
     }
 
     /// The fenced peer in `slot` has exited: its slot and held-back memory are free.

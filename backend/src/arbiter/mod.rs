@@ -153,8 +153,6 @@ pub struct Arbiter<M: Backing> {
     seen: Vec<u32>,
     /// Peers that have left so far (orders slot reuse).
     departures: u64,
-    /// While reclaiming a fenced peer: its slot (destroyed objects' memory is held back).
-    fencing: Option<u32>,
     /// Heap ranges held back for fenced peer slots: (slot, offset, length).
     fenced_ranges: Vec<(u32, u64, u64)>,
     /// When a refused connection was last reported.
@@ -191,7 +189,6 @@ impl<M: Backing> Arbiter<M> {
             requests: RequestStats::default(),
             seen: vec![0; max_objects * layout.max_peers as usize],
             departures: 0,
-            fencing: None,
             fenced_ranges: Vec::new(),
             last_refusal_report: None,
         })

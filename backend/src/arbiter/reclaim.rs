@@ -25,14 +25,30 @@ pub struct Reclaim {
     pub destroyed: u64,
 }
 
+/// Where the heap range of an object destroyed during a reclaim goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Release {
+    /// Back to the heap, for reuse.
+    ToHeap,
+    /// Held back for the fenced peer slot given: a process that was cut off may still
+    /// write there, so the range stays out of the heap until `unfence`.
+    HoldFor(u32),
+}
+
 impl<M: Backing> Arbiter<M> {
     /// A peer left (socket closed): drop every hold it had, destroy what only it held,
     /// clear its row and mailbox.
     pub fn peer_gone(&mut self, peer_id: u16) -> Reclaim {
-        let mut out = Reclaim::default();
         let Some(s) = self.slot_of(peer_id) else {
-            return out;
+            return Reclaim::default();
         };
+        self.reclaim_peer(peer_id, s, Release::ToHeap)
+    }
+
+    /// Reclaims peer `peer_id`, connected in slot `s` (see [`Arbiter::peer_gone`]); the
+    /// memory of the objects that die with it goes where `release` says.
+    pub(super) fn reclaim_peer(&mut self, peer_id: u16, s: u32, release: Release) -> Reclaim {
+        let mut out = Reclaim::default();
         let slot = s as usize;
         if !self.peers[slot].connected {
             return out;
@@ -66,7 +82,7 @@ impl<M: Backing> Arbiter<M> {
         }
         let _ = self.clear_peer_memory(s);
         for obj in dead {
-            if self.reap(obj) {
+            if self.reap(obj, release) {
                 out.destroyed += 1;
             }
         }
@@ -82,8 +98,9 @@ impl<M: Backing> Arbiter<M> {
     }
 
     /// Destroys `slot` if its lease is CLOSED and no connected peer's refcount row disagrees;
-    /// repairs the lease if one does. Returns whether it destroyed.
-    pub(super) fn reap(&mut self, slot: u32) -> bool {
+    /// repairs the lease if one does. Returns whether it destroyed; the memory goes where
+    /// `release` says.
+    pub(super) fn reap(&mut self, slot: u32, release: Release) -> bool {
         let Some(lease) = self.lease_off(slot) else {
             return false;
         };
@@ -115,11 +132,11 @@ impl<M: Backing> Arbiter<M> {
             self.note_repair(slot, "lease word closed while peers held it");
             return false;
         }
-        self.destroy(slot);
+        self.destroy(slot, release);
         true
     }
 
-    fn destroy(&mut self, slot: u32) {
+    fn destroy(&mut self, slot: u32, release: Release) {
         let Some(rec) = self.objects[slot as usize].take() else {
             return;
         };
@@ -132,11 +149,11 @@ impl<M: Backing> Arbiter<M> {
                 .mem
                 .store_u64(base + OBJ_LEASE_OFF, LEASE_CLOSED, Ordering::SeqCst);
         }
-        match self.fencing {
+        match release {
+            Release::ToHeap => self.heap.release(rec.offset, rec.reserved),
             // A process that was cut off may still write here: keep the range out of the
             // heap until it is gone (its pages are punched out all the same).
-            Some(fence) => self.fenced_ranges.push((fence, rec.offset, rec.reserved)),
-            None => self.heap.release(rec.offset, rec.reserved),
+            Release::HoldFor(fence) => self.fenced_ranges.push((fence, rec.offset, rec.reserved)),
         }
         if let Err(e) = self.mem.discard(rec.offset, rec.reserved) {
             tracing::error!(slot, "could not return section memory: {e}");
@@ -233,7 +250,7 @@ impl<M: Backing> Arbiter<M> {
             if let Ok(now) = self.mem.load_u64(lease, Ordering::SeqCst) {
                 let _ = close_if_unheld(&self.mem, lease, now);
             }
-            if self.reap(slot) {
+            if self.reap(slot, Release::ToHeap) {
                 destroyed += 1;
             }
         }

@@ -12,6 +12,7 @@ use vshm_format::object::{self, bump_namespace_seq};
 use vshm_format::shm::Fault;
 use vshm_format::Status;
 
+use super::reclaim::Release;
 use super::{Arbiter, Backing, Record};
 use crate::telemetry::Event;
 
@@ -110,7 +111,7 @@ impl<M: Backing> Arbiter<M> {
         if let Some(n) = name {
             // A name whose object was closed by its last holder but not yet reaped is free.
             if let Some(&slot) = self.names.get(n) {
-                self.reap(slot);
+                self.reap(slot, Release::ToHeap);
             }
             if let Some(&slot) = self.names.get(n) {
                 let existing = self.objects[slot as usize].as_ref().map(|r| r.kind);
@@ -251,7 +252,7 @@ impl<M: Backing> Arbiter<M> {
         );
         self.counters.deleted += 1;
         self.emit(Event::now("deleted").object(slot, name.as_deref()));
-        self.reap(slot);
+        self.reap(slot, Release::ToHeap);
         Ok(())
     }
 
