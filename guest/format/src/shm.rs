@@ -10,6 +10,8 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
 /// An access that would leave the mapping or is misaligned for an atomic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -89,45 +91,27 @@ pub fn check_range(size: u64, offset: u64, len: u64) -> Result<(), Fault> {
     }
 }
 
-/// Plain old data: `#[repr(C)]`, integer and byte-array fields only, no padding, so every
-/// bit pattern is a valid value and the bytes fully describe it.
-///
-/// # Safety
-/// Implement only for types meeting the description above.
-pub unsafe trait Pod: Copy + 'static {}
+/// Plain old data: every bit pattern is a valid value and the bytes fully describe it (no
+/// padding, no pointers, no interior mutability). zerocopy checks this when the traits are
+/// derived (see [`crate::layout`]), so there is nothing unsafe to implement by hand: every
+/// type that derives them is `Pod`.
+pub trait Pod: FromBytes + IntoBytes + Immutable + KnownLayout + Copy + 'static {}
 
-// SAFETY: each of these is repr(C), made only of integers and u8 arrays, and its size
-// equals the sum of its fields (asserted in layout.rs), so it has no padding.
-unsafe impl Pod for crate::layout::Superblock {}
-// SAFETY: as above.
-unsafe impl Pod for crate::layout::PeerEntry {}
-// SAFETY: as above.
-unsafe impl Pod for crate::layout::ObjectEntry {}
-// SAFETY: as above.
-unsafe impl Pod for crate::layout::Request {}
-// SAFETY: as above.
-unsafe impl Pod for crate::layout::Response {}
-// SAFETY: as above.
-unsafe impl Pod for crate::layout::Mailbox {}
+impl<T: FromBytes + IntoBytes + Immutable + KnownLayout + Copy + 'static> Pod for T {}
 
 /// A zero-initialised value of a [`Pod`] type.
 pub fn zeroed<T: Pod>() -> T {
-    // SAFETY: T is Pod, so the all-zero bit pattern is a valid value.
-    unsafe { core::mem::zeroed() }
+    T::new_zeroed()
 }
 
 /// The bytes of a [`Pod`] value.
 pub fn bytes_of<T: Pod>(value: &T) -> &[u8] {
-    // SAFETY: T is Pod (no padding, no pointers); the slice covers exactly the value and
-    // borrows it, so it cannot outlive or alias a mutable borrow.
-    unsafe { core::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of_val(value)) }
+    value.as_bytes()
 }
 
 /// The bytes of a [`Pod`] value, writable: any bytes written form a valid `T`.
 pub fn bytes_of_mut<T: Pod>(value: &mut T) -> &mut [u8] {
-    // SAFETY: T is Pod, so every bit pattern written through the slice is a valid T; the
-    // slice covers exactly the value and holds its unique borrow.
-    unsafe { core::slice::from_raw_parts_mut((value as *mut T).cast::<u8>(), size_of_val(value)) }
+    value.as_mut_bytes()
 }
 
 /// Copies a `T` out of the region (volatile, bounds-checked). The copy is *unvalidated*.
