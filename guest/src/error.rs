@@ -1,7 +1,9 @@
-//! The error every namespace operation returns.
+//! The error every namespace operation returns, and how each maps to an NTSTATUS.
 
 use vshm_format::layout::LayoutError;
-use vshm_format::Status;
+use vshm_format::object::EntryError;
+use vshm_format::shm::Fault;
+use vshm_format::{NameError, Status};
 
 use crate::TransportError;
 
@@ -25,6 +27,13 @@ pub enum Error {
     Detached,
     /// Another process of this peer holds the request mailbox (its token) and is alive.
     MailboxBusy(u32),
+    /// An access to the region failed its bounds or alignment check (a table or handle
+    /// pointing outside the mapping): the offset and length asked for.
+    Fault(Fault),
+    /// An object entry failed validation: which field, with the values found (offset,
+    /// sizes, slot state, name rule). Never [`EntryError::Busy`], which is
+    /// [`Error::Contended`].
+    Entry(EntryError),
 }
 
 impl Error {
@@ -37,6 +46,7 @@ impl Error {
             Error::Contended => Status::ObjectNameNotFound,
             Error::Detached => Status::InvalidHandle,
             Error::MailboxBusy(_) => Status::InsufficientResources,
+            Error::Fault(_) | Error::Entry(_) => Status::InvalidHandle,
         }
     }
 }
@@ -53,19 +63,30 @@ impl From<TransportError> for Error {
     }
 }
 
-impl From<vshm_format::object::EntryError> for Error {
-    fn from(e: vshm_format::object::EntryError) -> Self {
+impl From<EntryError> for Error {
+    fn from(e: EntryError) -> Self {
         match e {
             // The host kept an entry busy: the caller may look again.
-            vshm_format::object::EntryError::Busy => Error::Contended,
-            _ => Error::Status(Status::InvalidHandle),
+            EntryError::Busy => Error::Contended,
+            EntryError::Fault(f) => Error::Fault(f),
+            _ => Error::Entry(e),
         }
     }
 }
 
-impl From<vshm_format::shm::Fault> for Error {
-    fn from(_: vshm_format::shm::Fault) -> Self {
-        Error::Status(Status::InvalidHandle)
+impl From<Fault> for Error {
+    fn from(f: Fault) -> Self {
+        Error::Fault(f)
+    }
+}
+
+/// An invalid name is [`Status::ObjectNameInvalid`], exactly as the host answers it: the
+/// caller passed the name and has it to show, and code matching on
+/// `Error::Status(Status::ObjectNameInvalid)` keeps working. [`vshm_format::validate_name`]
+/// gives the rule that was broken when that is wanted.
+impl From<NameError> for Error {
+    fn from(e: NameError) -> Self {
+        Error::Status(e.status())
     }
 }
 
@@ -88,9 +109,69 @@ impl core::fmt::Display for Error {
                 f,
                 "another process of this peer (token {owner}) holds the request mailbox"
             ),
+            // The status first, as for every error that used to print only it; then what
+            // actually happened, for bug reports.
+            Error::Fault(x) => write!(f, "{}: {x}", self.status()),
+            Error::Entry(e) => write!(f, "{}: invalid object entry: {e}", self.status()),
         }
     }
 }
 
 #[cfg(feature = "std")]
 impl std::error::Error for Error {}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+    use vshm_format::object::RangeProblem;
+
+    #[test]
+    fn a_fault_keeps_its_offset_and_length_and_still_reports_invalid_handle() {
+        let e = Error::from(Fault::OutOfBounds {
+            offset: 0x2000,
+            len: 8,
+        });
+        assert_eq!(
+            e,
+            Error::Fault(Fault::OutOfBounds {
+                offset: 0x2000,
+                len: 8
+            })
+        );
+        assert_eq!(e.status(), Status::InvalidHandle);
+        assert_eq!(
+            e.to_string(),
+            "STATUS_INVALID_HANDLE (0xC0000008): access of 8 bytes at 0x2000 is outside the region"
+        );
+    }
+
+    #[test]
+    fn an_invalid_entry_keeps_its_values_and_still_reports_invalid_handle() {
+        let bad = EntryError::BadRange {
+            offset: 0x1000,
+            size: 10,
+            max_size: 4096,
+            problem: RangeProblem::BeforeHeap {
+                heap_offset: 0x8000,
+            },
+        };
+        let e = Error::from(bad);
+        assert_eq!(e, Error::Entry(bad));
+        assert_eq!(e.status(), Status::InvalidHandle);
+        assert_eq!(
+            e.to_string(),
+            "STATUS_INVALID_HANDLE (0xC0000008): invalid object entry: range [0x1000, 0x2000) \
+             starts before the heap at 0x8000"
+        );
+        let f = Fault::Misaligned { offset: 4 };
+        assert_eq!(Error::from(EntryError::Fault(f)), Error::Fault(f));
+        assert_eq!(Error::from(EntryError::Busy), Error::Contended);
+    }
+
+    #[test]
+    fn an_invalid_name_is_still_the_object_name_invalid_status() {
+        let e = Error::from(NameError::Backslash { at: 1 });
+        assert_eq!(e, Error::Status(Status::ObjectNameInvalid));
+        assert_eq!(e.to_string(), "STATUS_OBJECT_NAME_INVALID (0xC0000033)");
+    }
+}

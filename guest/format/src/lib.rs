@@ -3,7 +3,7 @@
 //! Everything two parties must agree on to share a vshm region lives here, with no
 //! dependency on sockets, PCI or an operating system (`no_std`): the byte-exact layout
 //! ([`layout`]), NTSTATUS codes ([`Status`]), name rules ([`name`]), checked volatile access
-//! ([`shm`]), object-table snapshots ([`object`]), the lock-free open/close protocol
+//! ([`shm`]), object-table snapshots ([`object`]), the peer table ([`peer`]), the lock-free open/close protocol
 //! ([`lease`]) and the request mailboxes ([`mailbox`]). docs/FORMAT.md is the prose spec.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![warn(missing_docs)]
@@ -14,10 +14,11 @@ pub mod lease;
 pub mod mailbox;
 pub mod name;
 pub mod object;
+pub mod peer;
 pub mod shm;
 mod status;
 pub mod units;
 
 pub use ids::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
-pub use name::{name_hash, validate_name};
+pub use name::{name_hash, validate_name, NameError};
 pub use status::Status;

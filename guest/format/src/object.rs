@@ -1,63 +1,25 @@
 //! Object table entries: seqlock snapshots for readers, seqlock publication for the host,
-//! validation of everything a snapshot claims, and lookup by name.
+//! validation of everything a snapshot claims ([`EntryError`] says which field is wrong
+//! and carries its value), and lookup by name. Peer-table reads live in [`crate::peer`] and
+//! are re-exported here under their old paths.
 
 use core::sync::atomic::{fence, Ordering};
 
 use crate::layout::{
-    const_usize, kind, object_flags, object_state, peer_state, Layout, ObjectEntry, PeerEntry,
-    LEASE_CLOSED, MAX_NAME_BYTES, OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_NAME_OFF,
-    OBJ_SEQ_OFF, OBJ_SIZE_OFF, OBJ_STATE_OFF, PEER_STATE_OFF, SB_NAMESPACE_SEQ_OFF,
+    const_usize, kind, object_flags, object_state, Layout, ObjectEntry, LEASE_CLOSED,
+    MAX_NAME_BYTES, OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_NAME_OFF, OBJ_SEQ_OFF,
+    OBJ_SIZE_OFF, OBJ_STATE_OFF, SB_NAMESPACE_SEQ_OFF,
 };
-use crate::layout::{PEER_ID_OFF, PEER_INCARNATION_OFF};
-use crate::name::{name_hash, validate_name_bytes};
+use crate::name::{name_hash, validate_name_bytes, NameError};
 use crate::shm::{bytes_of, bytes_of_mut, zeroed, Fault, SharedMemory};
+
+pub use crate::peer::{find_peer_slot, peer_still_attached, read_peer, PeerInfo};
+
+mod error;
+pub use error::{check_heap_range, EntryError, RangeProblem};
 
 /// How many times a reader retries a snapshot the host keeps changing under it.
 const SNAPSHOT_TRIES: u32 = 10_000;
-
-/// Why an object entry cannot be believed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EntryError {
-    /// The access itself failed (slot out of range, region too small).
-    Fault(Fault),
-    /// The host kept the seqlock odd for longer than a reader waits.
-    Busy,
-    /// A state value this version does not define.
-    BadState(u32),
-    /// A kind value this version does not define.
-    BadKind(u32),
-    /// Memory range outside the heap, misaligned, or size > max (offset, size, max).
-    BadRange(u64, u64, u64),
-    /// Name length over 1040 bytes, not UTF-8, or against the name rules.
-    BadName(u32),
-    /// Name flag and length disagree, or unknown flag bits.
-    BadFlags(u32),
-}
-
-impl From<Fault> for EntryError {
-    fn from(f: Fault) -> Self {
-        EntryError::Fault(f)
-    }
-}
-
-impl core::fmt::Display for EntryError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match *self {
-            EntryError::Fault(x) => write!(f, "{x}"),
-            EntryError::Busy => write!(f, "entry kept changing while being read"),
-            EntryError::BadState(s) => write!(f, "unknown object state {s}"),
-            EntryError::BadKind(k) => write!(f, "unknown object kind {k}"),
-            EntryError::BadRange(o, s, m) => {
-                write!(
-                    f,
-                    "object range offset {o:#x} size {s} max {m} is not a valid heap range"
-                )
-            }
-            EntryError::BadName(n) => write!(f, "object name of {n} bytes is invalid"),
-            EntryError::BadFlags(x) => write!(f, "object flags {x:#x} are invalid"),
-        }
-    }
-}
 
 /// A validated copy of one object entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,7 +106,8 @@ pub fn snapshot<M: SharedMemory + ?Sized>(
     Err(EntryError::Busy)
 }
 
-/// Validates a snapshot (taken with its name). `Ok(None)` for a free slot.
+/// Validates a snapshot (taken with its name). `Ok(None)` for a free slot. The checks run
+/// in a fixed order (state, kind, range, flags, name) and the first failure is returned.
 pub fn validate(
     layout: &Layout,
     slot: u32,
@@ -153,33 +116,51 @@ pub fn validate(
     match e.state {
         object_state::FREE => return Ok(None),
         object_state::LIVE | object_state::UNLINKED => {}
-        other => return Err(EntryError::BadState(other)),
+        other => return Err(EntryError::BadState { state: other }),
     }
     if !matches!(e.kind, kind::SECTION | kind::EVENT | kind::MUTEX) {
-        return Err(EntryError::BadKind(e.kind));
+        return Err(EntryError::BadKind { kind: e.kind });
     }
-    let range_ok = e.max_size > 0
-        && e.size <= e.max_size
-        && e.offset % layout.alignment == 0
-        && layout.heap_contains(e.offset, e.max_size);
-    if !range_ok {
-        return Err(EntryError::BadRange(e.offset, e.size, e.max_size));
-    }
-    if e.flags & !(object_flags::NAMED | object_flags::PERSISTENT) != 0 {
-        return Err(EntryError::BadFlags(e.flags));
+    check_heap_range(layout, e.offset, e.size, e.max_size).map_err(|problem| {
+        EntryError::BadRange {
+            offset: e.offset,
+            size: e.size,
+            max_size: e.max_size,
+            problem,
+        }
+    })?;
+    let unknown = e.flags & !(object_flags::NAMED | object_flags::PERSISTENT);
+    if unknown != 0 {
+        return Err(EntryError::UnknownFlags {
+            flags: e.flags,
+            unknown,
+        });
     }
     let named = e.flags & object_flags::NAMED != 0;
     if named != (e.name_len != 0) {
-        return Err(EntryError::BadFlags(e.flags));
+        return Err(EntryError::NamedMismatch {
+            flags: e.flags,
+            name_len: e.name_len,
+        });
     }
-    if e.name_len as usize > MAX_NAME_BYTES {
-        return Err(EntryError::BadName(e.name_len));
-    }
+    let bad_name = |error| EntryError::BadName {
+        name_len: e.name_len,
+        error,
+    };
+    let Some(bytes) = e.name.get(..e.name_len as usize) else {
+        return Err(bad_name(NameError::TooLong {
+            bytes: e.name_len as usize,
+        }));
+    };
     if named {
-        let bytes = &e.name[..e.name_len as usize];
-        validate_name_bytes(bytes).map_err(|_| EntryError::BadName(e.name_len))?;
-        if name_hash(bytes) != e.name_hash {
-            return Err(EntryError::BadName(e.name_len));
+        validate_name_bytes(bytes).map_err(bad_name)?;
+        let computed = name_hash(bytes);
+        if computed != e.name_hash {
+            return Err(EntryError::BadNameHash {
+                name_len: e.name_len,
+                stored: e.name_hash,
+                computed,
+            });
         }
     }
     Ok(Some(ObjectInfo {
@@ -428,40 +409,138 @@ mod tests {
         assert!(check(g).is_ok());
         let mut e = g;
         e.state = 9;
-        assert_eq!(check(e), Err(EntryError::BadState(9)));
+        assert_eq!(check(e), Err(EntryError::BadState { state: 9 }));
         let mut e = g;
         e.kind = 0;
-        assert_eq!(check(e), Err(EntryError::BadKind(0)));
+        assert_eq!(check(e), Err(EntryError::BadKind { kind: 0 }));
+        let range = |e: ObjectEntry, problem| {
+            Err(EntryError::BadRange {
+                offset: e.offset,
+                size: e.size,
+                max_size: e.max_size,
+                problem,
+            })
+        };
         let mut e = g;
         e.offset = 0; // the header, not the heap
-        assert!(matches!(check(e), Err(EntryError::BadRange(..))));
+        assert_eq!(
+            check(e),
+            range(
+                e,
+                RangeProblem::BeforeHeap {
+                    heap_offset: layout.heap_offset
+                }
+            )
+        );
         let mut e = g;
         e.max_size = u64::MAX;
-        assert!(matches!(check(e), Err(EntryError::BadRange(..))));
+        assert_eq!(check(e), range(e, RangeProblem::Overflow));
+        let mut e = g;
+        e.max_size = 1 << 20;
+        assert_eq!(
+            check(e),
+            range(
+                e,
+                RangeProblem::BeyondHeap {
+                    region_end: 1 << 20
+                }
+            )
+        );
         let mut e = g;
         e.size = e.max_size + 1;
-        assert!(matches!(check(e), Err(EntryError::BadRange(..))));
+        assert_eq!(check(e), range(e, RangeProblem::SizeOverMax));
+        let mut e = g;
+        e.max_size = 0;
+        e.size = 0;
+        assert_eq!(check(e), range(e, RangeProblem::ZeroMaxSize));
         let mut e = g;
         e.offset += 1;
-        assert!(
-            matches!(check(e), Err(EntryError::BadRange(..))),
+        assert_eq!(
+            check(e),
+            range(e, RangeProblem::Misaligned { alignment: 4096 }),
             "misaligned"
         );
         let mut e = g;
         e.name_len = 5000;
-        assert_eq!(check(e), Err(EntryError::BadName(5000)));
+        assert_eq!(
+            check(e),
+            Err(EntryError::BadName {
+                name_len: 5000,
+                error: NameError::TooLong { bytes: 5000 }
+            })
+        );
         let mut e = g;
-        e.name[0] = b'\\';
-        assert_eq!(check(e), Err(EntryError::BadName(4)));
+        e.name[1] = b'\\';
+        e.name_hash = name_hash(&e.name[..4]);
+        assert_eq!(
+            check(e),
+            Err(EntryError::BadName {
+                name_len: 4,
+                error: NameError::Backslash { at: 1 }
+            })
+        );
         let mut e = g;
         e.name_hash ^= 1;
-        assert_eq!(check(e), Err(EntryError::BadName(4)));
+        assert_eq!(
+            check(e),
+            Err(EntryError::BadNameHash {
+                name_len: 4,
+                stored: name_hash(b"name") ^ 1,
+                computed: name_hash(b"name"),
+            })
+        );
         let mut e = g;
-        e.flags = 0x80;
-        assert_eq!(check(e), Err(EntryError::BadFlags(0x80)));
+        e.flags = 0x82;
+        assert_eq!(
+            check(e),
+            Err(EntryError::UnknownFlags {
+                flags: 0x82,
+                unknown: 0x80
+            })
+        );
         let mut e = g;
         e.flags = 0; // says unnamed but has a name length
-        assert_eq!(check(e), Err(EntryError::BadFlags(0)));
+        assert_eq!(
+            check(e),
+            Err(EntryError::NamedMismatch {
+                flags: 0,
+                name_len: 4
+            })
+        );
+    }
+
+    #[test]
+    fn entry_errors_describe_the_values_found() {
+        let text = |e: EntryError| e.to_string();
+        assert_eq!(
+            text(EntryError::BadState { state: 9 }),
+            "state 9 is not FREE (0), LIVE (1) or UNLINKED (2)"
+        );
+        assert_eq!(
+            text(EntryError::BadRange {
+                offset: 0x10_0000,
+                size: 0,
+                max_size: 4096,
+                problem: RangeProblem::BeyondHeap {
+                    region_end: 0x10_0000
+                },
+            }),
+            "range [0x100000, 0x101000) ends beyond the heap (region end 0x100000)"
+        );
+        assert_eq!(
+            text(EntryError::NamedMismatch {
+                flags: 2,
+                name_len: 0
+            }),
+            "NAMED is set but name_len is 0"
+        );
+        assert_eq!(
+            text(EntryError::BadName {
+                name_len: 3,
+                error: NameError::Nul { at: 1 }
+            }),
+            "object name of 3 bytes is invalid: the name contains a NUL at byte 1"
+        );
     }
 
     #[test]
@@ -483,75 +562,4 @@ mod tests {
         publish(&mem, &layout, 1, &good(&layout)).expect("publish");
         assert!(read_object(&mem, &layout, 1).expect("valid").is_some());
     }
-}
-
-/// A connected peer, as the host publishes it in the peer table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerInfo {
-    /// Peer table slot.
-    pub slot: u32,
-    /// ivshmem peer id.
-    pub peer_id: u16,
-    /// Connections so far in this slot.
-    pub incarnation: u64,
-}
-
-/// Reads peer slot `slot`; `None` if absent or if the entry does not validate (state not a
-/// known value, or a peer id outside 1..=65535).
-pub fn read_peer<M: SharedMemory + ?Sized>(
-    mem: &M,
-    layout: &Layout,
-    slot: u32,
-) -> Option<PeerInfo> {
-    let base = layout.peer_entry(slot)?;
-    if mem
-        .load_u32(base + PEER_STATE_OFF, Ordering::Acquire)
-        .ok()?
-        != peer_state::CONNECTED
-    {
-        return None;
-    }
-    let e: PeerEntry = crate::shm::read_pod(mem, base).ok()?;
-    let id = u16::try_from(e.peer_id).ok().filter(|&id| id != 0)?;
-    (e.state == peer_state::CONNECTED).then_some(PeerInfo {
-        slot,
-        peer_id: id,
-        incarnation: e.incarnation,
-    })
-}
-
-/// Whether peer slot `slot` is still held by `peer_id` in incarnation `incarnation`: three
-/// atomic loads, for a peer to check it has not been reclaimed before it touches its row.
-pub fn peer_still_attached<M: SharedMemory + ?Sized>(
-    mem: &M,
-    layout: &Layout,
-    slot: u32,
-    peer_id: u16,
-    incarnation: u64,
-) -> bool {
-    let Some(base) = layout.peer_entry(slot) else {
-        return false;
-    };
-    mem.load_u32(base + PEER_STATE_OFF, Ordering::SeqCst) == Ok(peer_state::CONNECTED)
-        && mem.load_u32(base + PEER_ID_OFF, Ordering::SeqCst) == Ok(u32::from(peer_id))
-        && mem.load_u64(base + PEER_INCARNATION_OFF, Ordering::SeqCst) == Ok(incarnation)
-}
-
-/// The slot of the connected peer `peer_id` (the host publishes it before the peer learns
-/// its id). `None` if absent, or if two entries claim the id (a scribbled table).
-pub fn find_peer_slot<M: SharedMemory + ?Sized>(
-    mem: &M,
-    layout: &Layout,
-    peer_id: u16,
-) -> Option<u32> {
-    let mut found = None;
-    for slot in 0..layout.max_peers {
-        if read_peer(mem, layout, slot).is_some_and(|p| p.peer_id == peer_id) {
-            if found.is_some() {
-                return None;
-            }
-            found = Some(slot);
-        }
-    }
-    found
 }

@@ -8,7 +8,7 @@
 
 use core::marker::PhantomData;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -27,6 +27,12 @@ pub enum Fault {
         /// Requested offset.
         offset: u64,
     },
+    /// A store, compare-and-swap or fetch-op through a read-only view
+    /// ([`RawRegion::read_only`]).
+    ReadOnly {
+        /// Requested offset.
+        offset: u64,
+    },
 }
 
 impl core::fmt::Display for Fault {
@@ -39,6 +45,12 @@ impl core::fmt::Display for Fault {
                 )
             }
             Fault::Misaligned { offset } => write!(f, "misaligned atomic access at {offset:#x}"),
+            Fault::ReadOnly { offset } => {
+                write!(
+                    f,
+                    "write at {offset:#x} through a read-only view of the region"
+                )
+            }
         }
     }
 }
@@ -124,11 +136,16 @@ pub fn read_pod<T: Pod, M: SharedMemory + ?Sized>(mem: &M, offset: u64) -> Resul
 /// A raw mapping of a shared region: base pointer and length, borrowed from whatever owns
 /// the mapping (`'a`), so safe code cannot keep using it after an unmap.
 ///
-/// This is the one place in the guest side that touches the region through pointers.
+/// This is the one place in the guest side (and in `vshmctl inspect`) that touches the region
+/// through pointers: all bounds and alignment checking lives here. A view made with
+/// [`RawRegion::read_only`] (inspect's `PROT_READ` file mapping) refuses every store, CAS and
+/// fetch-op with [`Fault::ReadOnly`] and loads only in ways that are defined on read-only
+/// memory, so one checker serves both kinds of mapping.
 #[derive(Debug, Clone, Copy)]
 pub struct RawRegion<'a> {
     base: NonNull<u8>,
     len: u64,
+    writable: bool,
     _mapping: PhantomData<&'a ()>,
 }
 
@@ -149,11 +166,36 @@ impl<'a> RawRegion<'a> {
         RawRegion {
             base,
             len,
+            writable: true,
             _mapping: PhantomData,
         }
     }
 
-    /// The base address, for callers that hand out raw pointers to section data.
+    /// Wraps a mapping that may be read-only (e.g. `PROT_READ`): every store,
+    /// compare-and-swap, fetch-op and byte write fails with [`Fault::ReadOnly`] without
+    /// touching memory, and atomic loads are made `Relaxed` (followed by a fence for the
+    /// ordering asked for), the only atomic loads defined on read-only memory.
+    ///
+    /// # Safety
+    /// `base` must be valid for reads of `len` bytes, aligned to at least 8, for all of `'a`.
+    /// Other parties may write the memory at any time; this type never creates references
+    /// to plain data in it.
+    pub unsafe fn read_only(base: NonNull<u8>, len: u64) -> RawRegion<'a> {
+        RawRegion {
+            base,
+            len,
+            writable: false,
+            _mapping: PhantomData,
+        }
+    }
+
+    /// Whether stores are allowed (made with [`RawRegion::new`]).
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The base address, for callers that hand out raw pointers to section data. Writing
+    /// through it is allowed only if [`RawRegion::is_writable`].
     pub fn base(&self) -> NonNull<u8> {
         self.base
     }
@@ -169,17 +211,65 @@ impl<'a> RawRegion<'a> {
         Ok(unsafe { self.base.as_ptr().add(offset) })
     }
 
+    /// The word at `offset`, for a store or read-modify-write: refused on a read-only view.
     fn atomic_u32(&self, offset: u64) -> Result<&AtomicU32, Fault> {
+        if !self.writable {
+            return Err(Fault::ReadOnly { offset });
+        }
         let p = self.ptr(offset, 4, 4)?;
-        // SAFETY: p is in bounds, 4-aligned and valid for the mapping's lifetime (see `new`);
-        // all concurrent access to shared words is atomic or volatile by protocol.
+        // SAFETY: p is in bounds, 4-aligned and valid for reads and writes for the mapping's
+        // lifetime (see `new`; read-only views returned above); all concurrent access to
+        // shared words is atomic or volatile by protocol.
         Ok(unsafe { AtomicU32::from_ptr(p.cast()) })
     }
 
+    /// As [`Self::atomic_u32`], for a u64.
     fn atomic_u64(&self, offset: u64) -> Result<&AtomicU64, Fault> {
+        if !self.writable {
+            return Err(Fault::ReadOnly { offset });
+        }
         let p = self.ptr(offset, 8, 8)?;
         // SAFETY: as in atomic_u32, with 8-byte alignment checked.
         Ok(unsafe { AtomicU64::from_ptr(p.cast()) })
+    }
+
+    /// A Relaxed load of the u32 at `offset` that is defined even on read-only memory.
+    fn relaxed_load_u32(&self, offset: u64) -> Result<u32, Fault> {
+        let p = self.ptr(offset, 4, 4)?;
+        // SAFETY: p is in bounds and 4-aligned in a mapping readable for `'a`. A shared
+        // reference to an atomic asserts only that the memory is readable, and a Relaxed
+        // atomic load of at most the target's word size is documented to work on read-only
+        // memory (core::sync::atomic, "Atomic accesses to read-only memory").
+        Ok(unsafe { &*p.cast::<AtomicU32>() }.load(Ordering::Relaxed))
+    }
+
+    /// A Relaxed load of the u64 at `offset` that is defined even on read-only memory.
+    #[cfg(target_pointer_width = "64")]
+    fn relaxed_load_u64(&self, offset: u64) -> Result<u64, Fault> {
+        let p = self.ptr(offset, 8, 8)?;
+        // SAFETY: as in relaxed_load_u32, with 8-byte alignment checked; 8 bytes is the
+        // word size here.
+        Ok(unsafe { &*p.cast::<AtomicU64>() }.load(Ordering::Relaxed))
+    }
+
+    /// Where an 8-byte Relaxed load is not guaranteed to work on read-only memory: two
+    /// 4-byte loads (a value being written at the same time may be torn; read-only views
+    /// are for inspection, where that is acceptable).
+    #[cfg(not(target_pointer_width = "64"))]
+    fn relaxed_load_u64(&self, offset: u64) -> Result<u64, Fault> {
+        self.ptr(offset, 8, 8)?;
+        let lo = self.relaxed_load_u32(offset)?;
+        let hi = self.relaxed_load_u32(offset + 4)?;
+        Ok(u64::from(lo) | (u64::from(hi) << 32))
+    }
+}
+
+/// Orders a Relaxed load as the caller asked (acquire or stronger via a fence after it).
+fn order_after_load(order: Ordering) {
+    match order {
+        Ordering::Relaxed => {}
+        Ordering::SeqCst => fence(Ordering::SeqCst),
+        _ => fence(Ordering::Acquire),
     }
 }
 
@@ -188,10 +278,20 @@ impl SharedMemory for RawRegion<'_> {
         self.len
     }
     fn load_u32(&self, offset: u64, order: Ordering) -> Result<u32, Fault> {
-        Ok(self.atomic_u32(offset)?.load(order))
+        if self.writable {
+            return Ok(self.atomic_u32(offset)?.load(order));
+        }
+        let v = self.relaxed_load_u32(offset)?;
+        order_after_load(order);
+        Ok(v)
     }
     fn load_u64(&self, offset: u64, order: Ordering) -> Result<u64, Fault> {
-        Ok(self.atomic_u64(offset)?.load(order))
+        if self.writable {
+            return Ok(self.atomic_u64(offset)?.load(order));
+        }
+        let v = self.relaxed_load_u64(offset)?;
+        order_after_load(order);
+        Ok(v)
     }
     fn store_u32(&self, offset: u64, value: u32, order: Ordering) -> Result<(), Fault> {
         self.atomic_u32(offset)?.store(value, order);
@@ -248,6 +348,9 @@ impl SharedMemory for RawRegion<'_> {
         Ok(())
     }
     fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<(), Fault> {
+        if !self.writable {
+            return Err(Fault::ReadOnly { offset });
+        }
         let dst = self.ptr(offset, data.len() as u64, 1)?;
         let head = dst.align_offset(8).min(data.len());
         let words = (data.len() - head) / 8;
@@ -341,5 +444,45 @@ mod tests {
         region.zero(16, 5).expect("in bounds");
         region.read_bytes(16, &mut out).expect("in bounds");
         assert_eq!(out, [0; 5]);
+    }
+
+    #[test]
+    fn a_read_only_view_reads_like_a_writable_one_and_refuses_every_write() {
+        let mut buf = Buf([0; 64]);
+        buf.0[8..16].copy_from_slice(&0x1122_3344_5566_7788u64.to_ne_bytes());
+        buf.0[16..20].copy_from_slice(&7u32.to_ne_bytes());
+        let base = NonNull::new(buf.0.as_mut_ptr()).expect("non-null");
+        // SAFETY: buf outlives view, is 8-aligned and 64 bytes long.
+        let view = unsafe { RawRegion::read_only(base, 64) };
+        assert!(!view.is_writable());
+        assert_eq!(
+            view.load_u64(8, Ordering::SeqCst),
+            Ok(0x1122_3344_5566_7788)
+        );
+        assert_eq!(view.load_u32(16, Ordering::Acquire), Ok(7));
+        let mut out = [0u8; 4];
+        view.read_bytes(16, &mut out).expect("in bounds");
+        assert_eq!(out, 7u32.to_ne_bytes());
+        let refused = Err(Fault::ReadOnly { offset: 8 });
+        assert_eq!(view.store_u64(8, 1, Ordering::SeqCst), refused);
+        assert_eq!(view.store_u32(8, 1, Ordering::SeqCst), refused);
+        assert_eq!(view.cas_u64(8, 0, 1).map(|_| ()), refused);
+        assert_eq!(view.cas_u32(8, 0, 1).map(|_| ()), refused);
+        assert_eq!(view.fetch_or_u64(8, 1).map(|_| ()), refused);
+        assert_eq!(view.fetch_and_u64(8, 1).map(|_| ()), refused);
+        assert_eq!(view.write_bytes(8, b"x"), refused);
+        assert_eq!(view.zero(8, 1), refused);
+        assert_eq!(
+            view.load_u64(60, Ordering::Relaxed),
+            Err(Fault::OutOfBounds { offset: 60, len: 8 })
+        );
+        assert_eq!(
+            view.load_u32(2, Ordering::Relaxed),
+            Err(Fault::Misaligned { offset: 2 })
+        );
+        assert_eq!(
+            view.load_u64(8, Ordering::Relaxed),
+            Ok(0x1122_3344_5566_7788)
+        );
     }
 }

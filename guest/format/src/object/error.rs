@@ -1,0 +1,197 @@
+//! Why an object entry cannot be believed ([`EntryError`], with the values found) and the
+//! heap-range rule ([`check_heap_range`]) the entry validator applies.
+
+use crate::layout::{object_flags, Layout};
+use crate::name::NameError;
+use crate::shm::Fault;
+
+/// Why an object entry cannot be believed. The variants carry the values found, so a reader
+/// can report the fault without looking at the entry again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryError {
+    /// The access itself failed (slot out of range, region too small).
+    Fault(Fault),
+    /// The host kept the seqlock odd for longer than a reader waits.
+    Busy,
+    /// A state value this version does not define.
+    BadState {
+        /// The state found.
+        state: u32,
+    },
+    /// A kind value this version does not define.
+    BadKind {
+        /// The kind found.
+        kind: u32,
+    },
+    /// The memory range is not an aligned range inside the heap with `size <= max_size`.
+    BadRange {
+        /// Region offset of the object's memory.
+        offset: u64,
+        /// Current size.
+        size: u64,
+        /// Reserved size.
+        max_size: u64,
+        /// Which rule the range breaks.
+        problem: RangeProblem,
+    },
+    /// Flag bits this version does not define.
+    UnknownFlags {
+        /// The flags found.
+        flags: u32,
+        /// The bits that are not NAMED or PERSISTENT.
+        unknown: u32,
+    },
+    /// The NAMED flag and the name length disagree (named with length 0, or unnamed with a
+    /// length).
+    NamedMismatch {
+        /// The flags found.
+        flags: u32,
+        /// The name length found.
+        name_len: u32,
+    },
+    /// The name breaks the name rules (including a length over the 1040-byte field).
+    BadName {
+        /// The name length found.
+        name_len: u32,
+        /// The rule it breaks.
+        error: NameError,
+    },
+    /// The stored hash is not the hash of the name bytes.
+    BadNameHash {
+        /// The name length found.
+        name_len: u32,
+        /// The hash stored in the entry.
+        stored: u32,
+        /// [`crate::name_hash`] of the name bytes.
+        computed: u32,
+    },
+}
+
+/// Which rule an object's memory range breaks (checked in this order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeProblem {
+    /// `max_size` is 0.
+    ZeroMaxSize,
+    /// `size > max_size`.
+    SizeOverMax,
+    /// The offset is not a multiple of the heap alignment.
+    Misaligned {
+        /// The region's allocation granularity.
+        alignment: u64,
+    },
+    /// `offset + max_size` overflows a u64.
+    Overflow,
+    /// The range starts before the heap.
+    BeforeHeap {
+        /// Where the heap starts.
+        heap_offset: u64,
+    },
+    /// The range ends beyond the region.
+    BeyondHeap {
+        /// Where the region (and heap) ends.
+        region_end: u64,
+    },
+}
+
+impl From<Fault> for EntryError {
+    fn from(f: Fault) -> Self {
+        EntryError::Fault(f)
+    }
+}
+
+impl core::fmt::Display for EntryError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            EntryError::Fault(x) => write!(f, "{x}"),
+            EntryError::Busy => write!(f, "entry kept changing while being read"),
+            EntryError::BadState { state } => {
+                write!(f, "state {state} is not FREE (0), LIVE (1) or UNLINKED (2)")
+            }
+            EntryError::BadKind { kind } => {
+                write!(f, "kind {kind} is not SECTION (1), EVENT (2) or MUTEX (3)")
+            }
+            EntryError::BadRange {
+                offset: o,
+                size: s,
+                max_size: m,
+                problem,
+            } => match problem {
+                RangeProblem::ZeroMaxSize => write!(f, "max_size is 0"),
+                RangeProblem::SizeOverMax => write!(f, "size {s} exceeds max_size {m}"),
+                RangeProblem::Misaligned { alignment } => write!(
+                    f,
+                    "offset {o:#x} is not a multiple of the alignment {alignment}"
+                ),
+                RangeProblem::Overflow => write!(f, "offset {o:#x} + max_size {m} overflows"),
+                RangeProblem::BeforeHeap { heap_offset } => write!(
+                    f,
+                    "range [{o:#x}, {:#x}) starts before the heap at {heap_offset:#x}",
+                    o.wrapping_add(m)
+                ),
+                RangeProblem::BeyondHeap { region_end } => write!(
+                    f,
+                    "range [{o:#x}, {:#x}) ends beyond the heap (region end {region_end:#x})",
+                    o.wrapping_add(m)
+                ),
+            },
+            EntryError::UnknownFlags { flags, unknown } => {
+                write!(f, "flags {flags:#x} have unknown bits {unknown:#x}")
+            }
+            EntryError::NamedMismatch { flags, name_len } => write!(
+                f,
+                "NAMED is {} but name_len is {name_len}",
+                if flags & object_flags::NAMED != 0 {
+                    "set"
+                } else {
+                    "clear"
+                }
+            ),
+            EntryError::BadName { name_len, error } => {
+                write!(f, "object name of {name_len} bytes is invalid: {error}")
+            }
+            EntryError::BadNameHash {
+                name_len,
+                stored,
+                computed,
+            } => write!(
+                f,
+                "name_hash {stored:#010x} is not the FNV-1a hash {computed:#010x} of the \
+                 {name_len}-byte name"
+            ),
+        }
+    }
+}
+
+/// Checks an object's memory range against the heap: the first rule it breaks, if any.
+pub fn check_heap_range(
+    layout: &Layout,
+    offset: u64,
+    size: u64,
+    max_size: u64,
+) -> Result<(), RangeProblem> {
+    if max_size == 0 {
+        return Err(RangeProblem::ZeroMaxSize);
+    }
+    if size > max_size {
+        return Err(RangeProblem::SizeOverMax);
+    }
+    if offset % layout.alignment != 0 {
+        return Err(RangeProblem::Misaligned {
+            alignment: layout.alignment,
+        });
+    }
+    let Some(end) = offset.checked_add(max_size) else {
+        return Err(RangeProblem::Overflow);
+    };
+    if offset < layout.heap_offset {
+        return Err(RangeProblem::BeforeHeap {
+            heap_offset: layout.heap_offset,
+        });
+    }
+    if end > layout.region_size {
+        return Err(RangeProblem::BeyondHeap {
+            region_end: layout.region_size,
+        });
+    }
+    Ok(())
+}
