@@ -2,10 +2,12 @@
 
 use std::collections::BTreeMap;
 
+use vshm_format::RegionOffset;
+
 /// Free extents of the heap (offset → length), all multiples of the alignment.
 #[derive(Debug, Clone)]
 pub struct Heap {
-    free: BTreeMap<u64, u64>,
+    free: BTreeMap<RegionOffset, u64>,
     alignment: u64,
     size: u64,
     free_bytes: u64,
@@ -14,7 +16,7 @@ pub struct Heap {
 impl Heap {
     /// A heap covering `[offset, offset+size)`, allocating in multiples of `alignment`
     /// (a power of two; `offset` is aligned to it).
-    pub fn new(offset: u64, size: u64, alignment: u64) -> Heap {
+    pub fn new(offset: RegionOffset, size: u64, alignment: u64) -> Heap {
         let usable = size & !(alignment - 1);
         let mut free = BTreeMap::new();
         if usable > 0 {
@@ -35,7 +37,7 @@ impl Heap {
     }
 
     /// Reserves `len` bytes (rounded up); returns the offset and the rounded length.
-    pub fn allocate(&mut self, len: u64) -> Option<(u64, u64)> {
+    pub fn allocate(&mut self, len: u64) -> Option<(RegionOffset, u64)> {
         let len = self.round(len)?;
         if len == 0 {
             return None;
@@ -43,26 +45,26 @@ impl Heap {
         let (&off, &ext) = self.free.iter().find(|(_, &ext)| ext >= len)?;
         self.free.remove(&off);
         if ext > len {
-            self.free.insert(off + len, ext - len);
+            self.free.insert(RegionOffset(off.0 + len), ext - len);
         }
         self.free_bytes -= len;
         Some((off, len))
     }
 
     /// Returns an extent from [`Heap::allocate`] (same offset and rounded length).
-    pub fn release(&mut self, offset: u64, len: u64) {
+    pub fn release(&mut self, offset: RegionOffset, len: u64) {
         let mut start = offset;
-        let mut end = offset + len;
+        let mut end = RegionOffset(offset.0 + len);
         if let Some((&prev, &plen)) = self.free.range(..offset).next_back() {
-            if prev + plen == offset {
+            if prev.0 + plen == offset.0 {
                 self.free.remove(&prev);
                 start = prev;
             }
         }
         if let Some(next_len) = self.free.remove(&end) {
-            end += next_len;
+            end.0 += next_len;
         }
-        self.free.insert(start, end - start);
+        self.free.insert(start, end.0 - start.0);
         self.free_bytes += len;
     }
 
@@ -82,7 +84,7 @@ impl Heap {
     }
 
     /// The free extents, (offset, length), in address order.
-    pub fn extents(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+    pub fn extents(&self) -> impl Iterator<Item = (RegionOffset, u64)> + '_ {
         self.free.iter().map(|(&o, &l)| (o, l))
     }
 
@@ -99,13 +101,13 @@ mod tests {
 
     #[test]
     fn allocations_are_aligned_and_released_space_coalesces() {
-        let mut h = Heap::new(0x10000, 0x10000, 0x1000);
+        let mut h = Heap::new(RegionOffset(0x10000), 0x10000, 0x1000);
         let (a, la) = h.allocate(1).expect("fits");
         let (b, lb) = h.allocate(0x1001).expect("fits");
         let (c, lc) = h.allocate(0x1000).expect("fits");
-        assert_eq!((a, la), (0x10000, 0x1000));
-        assert_eq!((b, lb), (0x11000, 0x2000));
-        assert_eq!((c, lc), (0x13000, 0x1000));
+        assert_eq!((a, la), (RegionOffset(0x10000), 0x1000));
+        assert_eq!((b, lb), (RegionOffset(0x11000), 0x2000));
+        assert_eq!((c, lc), (RegionOffset(0x13000), 0x1000));
         h.release(b, lb);
         assert_eq!(h.free_extents(), 2);
         h.release(a, la);
@@ -117,7 +119,7 @@ mod tests {
 
     #[test]
     fn a_request_larger_than_any_extent_fails_without_changing_the_map() {
-        let mut h = Heap::new(0, 0x4000, 0x1000);
+        let mut h = Heap::new(RegionOffset(0), 0x4000, 0x1000);
         assert!(h.allocate(0x5000).is_none());
         assert!(h.allocate(u64::MAX).is_none());
         assert!(h.allocate(0).is_none());
@@ -129,17 +131,17 @@ mod tests {
         fn random_allocate_release_never_overlaps_and_ends_fully_free(
             ops in proptest::collection::vec((1u64..0x5000, any::<bool>()), 1..200)
         ) {
-            let mut h = Heap::new(0x1000, 0x40000, 0x1000);
-            let mut live: Vec<(u64, u64)> = Vec::new();
+            let mut h = Heap::new(RegionOffset(0x1000), 0x40000, 0x1000);
+            let mut live: Vec<(RegionOffset, u64)> = Vec::new();
             for (len, free_one) in ops {
                 if free_one && !live.is_empty() {
                     let (o, l) = live.remove(0);
                     h.release(o, l);
                 } else if let Some((o, l)) = h.allocate(len) {
                     for &(o2, l2) in &live {
-                        prop_assert!(o + l <= o2 || o2 + l2 <= o, "overlap");
+                        prop_assert!(o.0 + l <= o2.0 || o2.0 + l2 <= o.0, "overlap");
                     }
-                    prop_assert!(o >= 0x1000 && o + l <= 0x41000);
+                    prop_assert!(o.0 >= 0x1000 && o.0 + l <= 0x41000);
                     live.push((o, l));
                 }
                 let used: u64 = live.iter().map(|x| x.1).sum();

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use vshm_format::layout::op;
-use vshm_format::Status;
+use vshm_format::{ObjectSlot, Status};
 
 /// One thing that happened.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -61,8 +61,8 @@ impl Event {
         self
     }
     /// With an object.
-    pub fn object(mut self, slot: u32, name: Option<&str>) -> Event {
-        self.slot = Some(slot);
+    pub fn object(mut self, slot: ObjectSlot, name: Option<&str>) -> Event {
+        self.slot = Some(slot.raw());
         self.name = name.map(str::to_owned);
         self
     }

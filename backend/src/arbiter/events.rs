@@ -66,8 +66,11 @@ impl<M: Backing> Arbiter<M> {
     /// is how the monitor sees them (at the timer's pace, coalesced).
     pub fn observe_handles(&mut self) {
         let max_peers = self.layout.max_peers as usize;
-        for slot in 0..self.layout.max_objects {
-            let Some(name) = self.objects[slot as usize].as_ref().map(|r| r.name.clone()) else {
+        for slot in self.object_slots() {
+            let Some(name) = self.objects[slot.raw() as usize]
+                .as_ref()
+                .map(|r| r.name.clone())
+            else {
                 continue;
             };
             for p in 0..self.layout.max_peers {
@@ -77,7 +80,7 @@ impl<M: Backing> Arbiter<M> {
                 } else {
                     0
                 };
-                let i = slot as usize * max_peers + p as usize;
+                let i = slot.raw() as usize * max_peers + p as usize;
                 let before = self.seen.get(i).copied().unwrap_or(0);
                 if now == before {
                     continue;

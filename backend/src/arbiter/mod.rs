@@ -22,6 +22,7 @@ use vshm_format::layout::{
     refcell, Layout, FORMAT_VERSION, LEASE_CLOSED, OBJ_LEASE_OFF, SB_VERSION_OFF,
 };
 use vshm_format::shm::{bytes_of, Fault, SharedMemory};
+use vshm_format::{Generation, ObjectSlot, RegionOffset};
 
 use crate::region::Region;
 use crate::telemetry::{Event, RequestStats};
@@ -42,14 +43,14 @@ pub use status::{PeerStatus, RegionStatus, SectionStatus, StatusReport};
 /// Shared memory the arbiter can also give back to the host.
 pub trait Backing: SharedMemory {
     /// Frees `[offset, offset+len)` so it reads as zeroes and holds no host memory.
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    fn discard(&self, offset: RegionOffset, len: u64) -> io::Result<()>;
     /// Bytes of host memory backing the region now.
     fn resident(&self) -> u64;
 }
 
 impl Backing for Region {
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        Region::discard(self, offset, len)
+    fn discard(&self, offset: RegionOffset, len: u64) -> io::Result<()> {
+        Region::discard(self, offset.raw(), len)
     }
     fn resident(&self) -> u64 {
         self.resident_bytes()
@@ -60,13 +61,13 @@ impl Backing for Region {
 #[derive(Debug, Clone)]
 pub struct Record {
     /// Generation (unique across the region's lifetime).
-    pub generation: u64,
+    pub generation: Generation,
     /// Kind.
     pub kind: u32,
     /// Name, if named.
     pub name: Option<String>,
     /// Region offset.
-    pub offset: u64,
+    pub offset: RegionOffset,
     /// Current size.
     pub size: u64,
     /// Max size.
@@ -139,11 +140,11 @@ pub struct Arbiter<M: Backing> {
     layout: Layout,
     epoch: u64,
     objects: Vec<Option<Record>>,
-    free_slots: BTreeSet<u32>,
-    names: HashMap<String, u32>,
+    free_slots: BTreeSet<ObjectSlot>,
+    names: HashMap<String, ObjectSlot>,
     heap: crate::heap::Heap,
     peers: Vec<PeerRecord>,
-    next_generation: u64,
+    next_generation: Generation,
     counters: Counters,
     /// Outbox of events, drained by the event loop.
     events: Vec<Event>,
@@ -154,7 +155,7 @@ pub struct Arbiter<M: Backing> {
     /// Peers that have left so far (orders slot reuse).
     departures: u64,
     /// Heap ranges held back for fenced peer slots: (slot, offset, length).
-    fenced_ranges: Vec<(u32, u64, u64)>,
+    fenced_ranges: Vec<(u32, RegionOffset, u64)>,
     /// When a refused connection was last reported.
     last_refusal_report: Option<std::time::Instant>,
 }
@@ -175,15 +176,19 @@ impl<M: Backing> Arbiter<M> {
         mem.store_u32(SB_VERSION_OFF, FORMAT_VERSION, Ordering::Release)?;
         let max_objects = layout.max_objects as usize;
         Ok(Arbiter {
-            heap: crate::heap::Heap::new(layout.heap_offset, layout.heap_size, layout.alignment),
+            heap: crate::heap::Heap::new(
+                RegionOffset(layout.heap_offset),
+                layout.heap_size,
+                layout.alignment,
+            ),
             mem,
             layout,
             epoch,
             objects: vec![None; max_objects],
-            free_slots: (0..layout.max_objects).collect(),
+            free_slots: (0..layout.max_objects).map(ObjectSlot).collect(),
             names: HashMap::new(),
             peers: vec![PeerRecord::default(); layout.max_peers as usize],
-            next_generation: 1,
+            next_generation: Generation(1),
             counters: Counters::default(),
             events: Vec::new(),
             requests: RequestStats::default(),
@@ -215,24 +220,41 @@ impl<M: Backing> Arbiter<M> {
     }
 
     /// Private record of `slot` (tests and the monitor).
-    pub fn record_at(&self, slot: u32) -> Option<&Record> {
-        self.objects.get(slot as usize)?.as_ref()
+    pub fn record_at(&self, slot: ObjectSlot) -> Option<&Record> {
+        self.objects.get(slot.raw() as usize)?.as_ref()
     }
 
-    fn live_slots(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..self.layout.max_objects)
+    /// Every object slot of the table, in order.
+    fn object_slots(&self) -> impl Iterator<Item = ObjectSlot> {
+        (0..self.layout.max_objects).map(ObjectSlot)
+    }
+
+    fn live_slots(&self) -> impl Iterator<Item = ObjectSlot> + '_ {
+        self.object_slots()
             .zip(self.objects.iter())
             .filter(|(_, r)| r.is_some())
             .map(|(i, _)| i)
     }
 
-    fn lease_off(&self, slot: u32) -> Option<u64> {
-        self.layout.object_entry(slot).map(|b| b + OBJ_LEASE_OFF)
+    // The format crate still takes bare integers: these bridge to it (they go once it takes
+    // the id types).
+
+    /// Offset of `slot`'s object-table entry.
+    fn entry_off(&self, slot: ObjectSlot) -> Option<u64> {
+        self.layout.object_entry(slot.raw())
     }
 
-    fn cell_count(&self, peer: u32, obj: u32) -> u32 {
-        self.layout
-            .refcount_cell(peer, obj)
+    fn lease_off(&self, slot: ObjectSlot) -> Option<u64> {
+        self.entry_off(slot).map(|b| b + OBJ_LEASE_OFF)
+    }
+
+    /// Offset of the refcount cell of peer slot `peer` for object `obj`.
+    fn cell_off(&self, peer: u32, obj: ObjectSlot) -> Option<u64> {
+        self.layout.refcount_cell(peer, obj.raw())
+    }
+
+    fn cell_count(&self, peer: u32, obj: ObjectSlot) -> u32 {
+        self.cell_off(peer, obj)
             .and_then(|c| self.mem.load_u32(c, Ordering::Acquire).ok())
             .map_or(0, |v| v & refcell::REF_COUNT)
     }

@@ -12,6 +12,7 @@ use vshm_format::layout::{
 use vshm_format::lease::close_if_unheld;
 use vshm_format::object::{self, bump_namespace_seq};
 use vshm_format::shm::zeroed;
+use vshm_format::ObjectSlot;
 
 use super::{Arbiter, Backing};
 use crate::telemetry::Event;
@@ -64,7 +65,7 @@ impl<M: Backing> Arbiter<M> {
                     .store_u32(base + PEER_STATE_OFF, peer_state::ABSENT, Ordering::Release);
         }
         let bit = holder_bit(s);
-        let live: Vec<u32> = self.live_slots().collect();
+        let live: Vec<ObjectSlot> = self.live_slots().collect();
         let mut dead = Vec::new();
         for obj in live {
             out.handles += u64::from(self.cell_count(s, obj));
@@ -100,7 +101,7 @@ impl<M: Backing> Arbiter<M> {
     /// Destroys `slot` if its lease is CLOSED and no connected peer's refcount row disagrees;
     /// repairs the lease if one does. Returns whether it destroyed; the memory goes where
     /// `release` says.
-    pub(super) fn reap(&mut self, slot: u32, release: Release) -> bool {
+    pub(super) fn reap(&mut self, slot: ObjectSlot, release: Release) -> bool {
         let Some(lease) = self.lease_off(slot) else {
             return false;
         };
@@ -110,7 +111,7 @@ impl<M: Backing> Arbiter<M> {
         if w & LEASE_CLOSED == 0 {
             return false;
         }
-        let Some(rec) = self.objects[slot as usize].as_ref() else {
+        let Some(rec) = self.objects[slot.raw() as usize].as_ref() else {
             return false;
         };
         // A legitimately closed object has no holder with a count (the closer CASed CLOSED
@@ -136,15 +137,15 @@ impl<M: Backing> Arbiter<M> {
         true
     }
 
-    fn destroy(&mut self, slot: u32, release: Release) {
-        let Some(rec) = self.objects[slot as usize].take() else {
+    fn destroy(&mut self, slot: ObjectSlot, release: Release) {
+        let Some(rec) = self.objects[slot.raw() as usize].take() else {
             return;
         };
         if let (Some(n), false) = (&rec.name, rec.unlinked) {
             self.names.remove(n);
         }
-        if let Some(base) = self.layout.object_entry(slot) {
-            let _ = object::publish(&self.mem, &self.layout, slot, &zeroed());
+        if let Some(base) = self.entry_off(slot) {
+            let _ = object::publish(&self.mem, &self.layout, slot.raw(), &zeroed());
             let _ = self
                 .mem
                 .store_u64(base + OBJ_LEASE_OFF, LEASE_CLOSED, Ordering::SeqCst);
@@ -156,7 +157,7 @@ impl<M: Backing> Arbiter<M> {
             Release::HoldFor(fence) => self.fenced_ranges.push((fence, rec.offset, rec.reserved)),
         }
         if let Err(e) = self.mem.discard(rec.offset, rec.reserved) {
-            tracing::error!(slot, "could not return section memory: {e}");
+            tracing::error!(slot = slot.raw(), "could not return section memory: {e}");
             self.emit(
                 Event::now("error")
                     .object(slot, rec.name.as_deref())
@@ -170,7 +171,7 @@ impl<M: Backing> Arbiter<M> {
         for p in 0..self.layout.max_peers as usize {
             if let Some(c) = self
                 .seen
-                .get_mut(slot as usize * self.layout.max_peers as usize + p)
+                .get_mut(slot.raw() as usize * self.layout.max_peers as usize + p)
             {
                 *c = 0;
             }
@@ -181,8 +182,8 @@ impl<M: Backing> Arbiter<M> {
                 .size(rec.reserved),
         );
         tracing::info!(
-            slot,
-            generation = rec.generation,
+            slot = slot.raw(),
+            generation = rec.generation.raw(),
             name = rec.name.as_deref().unwrap_or("<unnamed>"),
             "destroyed"
         );
@@ -191,8 +192,8 @@ impl<M: Backing> Arbiter<M> {
     /// Logs and reports a repair of `slot`'s lease word once per object: a peer that keeps
     /// scribbling (and ringing) must not flood the log or the event stream; the
     /// `repairs` counter still counts every one.
-    fn note_repair(&mut self, slot: u32, what: &'static str) {
-        let Some(rec) = self.objects[slot as usize].as_mut() else {
+    fn note_repair(&mut self, slot: ObjectSlot, what: &'static str) {
+        let Some(rec) = self.objects[slot.raw() as usize].as_mut() else {
             return;
         };
         if rec.repaired {
@@ -201,7 +202,7 @@ impl<M: Backing> Arbiter<M> {
         rec.repaired = true;
         let name = rec.name.clone();
         tracing::warn!(
-            slot,
+            slot = slot.raw(),
             "{what}: repaired (further repairs of this object are only counted)"
         );
         self.emit(
@@ -216,8 +217,8 @@ impl<M: Backing> Arbiter<M> {
     pub fn sweep(&mut self) -> usize {
         let connected = self.connected_mask();
         let mut destroyed = 0;
-        for slot in 0..self.layout.max_objects {
-            let Some(keep) = self.objects[slot as usize]
+        for slot in self.object_slots() {
+            let Some(keep) = self.objects[slot.raw() as usize]
                 .as_ref()
                 .map(|r| r.persistent && !r.unlinked)
             else {

@@ -10,7 +10,7 @@ use vshm_format::lease::close_if_unheld;
 use vshm_format::mailbox::{self, Command};
 use vshm_format::object::{self, bump_namespace_seq};
 use vshm_format::shm::Fault;
-use vshm_format::Status;
+use vshm_format::{Generation, ObjectSlot, Status};
 
 use super::reclaim::Release;
 use super::{Arbiter, Backing, Record};
@@ -71,12 +71,19 @@ impl<M: Backing> Arbiter<M> {
                 initial_size,
                 persistent,
             ),
-            Command::Delete { slot, generation } => self.delete(slot, generation).map(|()| slot),
+            Command::Delete { slot, generation } => {
+                let slot = ObjectSlot(slot);
+                self.delete(slot, Generation(generation)).map(|()| slot)
+            }
             Command::Grow {
                 slot,
                 generation,
                 size,
-            } => self.grow(peer, slot, generation, size).map(|()| slot),
+            } => {
+                let slot = ObjectSlot(slot);
+                self.grow(peer, slot, Generation(generation), size)
+                    .map(|()| slot)
+            }
         };
         match result {
             Ok(slot) => self.response(Status::Success, slot),
@@ -85,12 +92,12 @@ impl<M: Backing> Arbiter<M> {
         }
     }
 
-    fn response(&self, status: Status, slot: u32) -> Response {
+    fn response(&self, status: Status, slot: ObjectSlot) -> Response {
         let mut r = mailbox::status_response(status);
-        if let Some(Some(rec)) = self.objects.get(slot as usize) {
-            r.slot = slot;
-            r.generation = rec.generation;
-            r.offset = rec.offset;
+        if let Some(rec) = self.record_at(slot) {
+            r.slot = slot.raw();
+            r.generation = rec.generation.raw();
+            r.offset = rec.offset.raw();
             r.size = rec.size;
             r.max_size = rec.max_size;
         }
@@ -107,14 +114,14 @@ impl<M: Backing> Arbiter<M> {
         max_size: u64,
         initial_size: u64,
         persistent: bool,
-    ) -> Result<u32, (Status, Option<u32>)> {
+    ) -> Result<ObjectSlot, (Status, Option<ObjectSlot>)> {
         if let Some(n) = name {
             // A name whose object was closed by its last holder but not yet reaped is free.
             if let Some(&slot) = self.names.get(n) {
                 self.reap(slot, Release::ToHeap);
             }
             if let Some(&slot) = self.names.get(n) {
-                let existing = self.objects[slot as usize].as_ref().map(|r| r.kind);
+                let existing = self.objects[slot.raw() as usize].as_ref().map(|r| r.kind);
                 return Err(if existing == Some(kind) {
                     (Status::ObjectNameExists, Some(slot))
                 } else {
@@ -137,13 +144,13 @@ impl<M: Backing> Arbiter<M> {
             return Err((Status::InsufficientResources, None));
         }
         let generation = self.next_generation;
-        self.next_generation += 1;
+        self.next_generation.0 += 1;
         let lease = holder_bit(peer) | if persistent { LEASE_KEEP } else { 0 };
         let entry = object::make_entry(
-            generation,
+            generation.raw(),
             object_state::LIVE,
             kind,
-            offset,
+            offset.raw(),
             initial_size,
             max_size,
             persistent,
@@ -154,7 +161,7 @@ impl<M: Backing> Arbiter<M> {
             .lease_off(slot)
             .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })
             .and_then(|l| self.mem.store_u64(l, lease, Ordering::SeqCst))
-            .and_then(|()| object::publish(&self.mem, &self.layout, slot, &entry));
+            .and_then(|()| object::publish(&self.mem, &self.layout, slot.raw(), &entry));
         if published.is_err() {
             self.heap.release(offset, reserved);
             return Err((Status::InsufficientResources, None));
@@ -163,7 +170,7 @@ impl<M: Backing> Arbiter<M> {
         if let Some(n) = name {
             self.names.insert(n.to_owned(), slot);
         }
-        self.objects[slot as usize] = Some(Record {
+        self.objects[slot.raw() as usize] = Some(Record {
             generation,
             kind,
             name: name.map(str::to_owned),
@@ -185,8 +192,8 @@ impl<M: Backing> Arbiter<M> {
                 .size(max_size),
         );
         tracing::info!(
-            slot,
-            generation,
+            slot = slot.raw(),
+            generation = generation.raw(),
             name = name.unwrap_or("<unnamed>"),
             max_size,
             peer_id,
@@ -195,15 +202,12 @@ impl<M: Backing> Arbiter<M> {
         Ok(slot)
     }
 
-    fn record(&self, slot: u32, generation: u64) -> Option<&Record> {
-        self.objects
-            .get(slot as usize)?
-            .as_ref()
-            .filter(|r| r.generation == generation)
+    fn record(&self, slot: ObjectSlot, generation: Generation) -> Option<&Record> {
+        self.record_at(slot).filter(|r| r.generation == generation)
     }
 
-    fn publish_record(&self, slot: u32) -> Result<(), Fault> {
-        let Some(Some(r)) = self.objects.get(slot as usize) else {
+    fn publish_record(&self, slot: ObjectSlot) -> Result<(), Fault> {
+        let Some(r) = self.record_at(slot) else {
             return Ok(());
         };
         let state = if r.unlinked {
@@ -212,20 +216,24 @@ impl<M: Backing> Arbiter<M> {
             object_state::LIVE
         };
         let entry = object::make_entry(
-            r.generation,
+            r.generation.raw(),
             state,
             r.kind,
-            r.offset,
+            r.offset.raw(),
             r.size,
             r.max_size,
             r.persistent,
             r.name.as_deref(),
             u32::from(r.creator),
         );
-        object::publish(&self.mem, &self.layout, slot, &entry)
+        object::publish(&self.mem, &self.layout, slot.raw(), &entry)
     }
 
-    fn delete(&mut self, slot: u32, generation: u64) -> Result<(), (Status, Option<u32>)> {
+    fn delete(
+        &mut self,
+        slot: ObjectSlot,
+        generation: Generation,
+    ) -> Result<(), (Status, Option<ObjectSlot>)> {
         let rec = self
             .record(slot, generation)
             .ok_or((Status::ObjectNameNotFound, None))?;
@@ -233,7 +241,7 @@ impl<M: Backing> Arbiter<M> {
             return Err((Status::DeletePending, None));
         }
         let name = rec.name.clone();
-        if let Some(r) = self.objects[slot as usize].as_mut() {
+        if let Some(r) = self.objects[slot.raw() as usize].as_mut() {
             r.unlinked = true;
         }
         if let Some(n) = &name {
@@ -246,7 +254,7 @@ impl<M: Backing> Arbiter<M> {
             }
         }
         tracing::info!(
-            slot,
+            slot = slot.raw(),
             name = name.as_deref().unwrap_or("<unnamed>"),
             "deleted"
         );
@@ -259,7 +267,7 @@ impl<M: Backing> Arbiter<M> {
     /// Deletes a LIVE object by name on the host's own authority (vshmctl delete).
     pub fn delete_by_name(&mut self, name: &str) -> Result<(), Status> {
         let slot = *self.names.get(name).ok_or(Status::ObjectNameNotFound)?;
-        let generation = self.objects[slot as usize]
+        let generation = self.objects[slot.raw() as usize]
             .as_ref()
             .map(|r| r.generation)
             .ok_or(Status::ObjectNameNotFound)?;
@@ -271,10 +279,10 @@ impl<M: Backing> Arbiter<M> {
     fn grow(
         &mut self,
         peer: u32,
-        slot: u32,
-        generation: u64,
+        slot: ObjectSlot,
+        generation: Generation,
         size: u64,
-    ) -> Result<(), (Status, Option<u32>)> {
+    ) -> Result<(), (Status, Option<ObjectSlot>)> {
         let rec = self
             .record(slot, generation)
             .ok_or((Status::InvalidHandle, None))?;
@@ -293,7 +301,7 @@ impl<M: Backing> Arbiter<M> {
             return Ok(());
         }
         let name = rec.name.clone();
-        if let Some(r) = self.objects[slot as usize].as_mut() {
+        if let Some(r) = self.objects[slot.raw() as usize].as_mut() {
             r.size = size;
         }
         let _ = self.publish_record(slot);

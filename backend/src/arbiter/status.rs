@@ -121,7 +121,7 @@ impl<M: Backing> Arbiter<M> {
         let mut bytes_by_peer = vec![0u64; self.peers.len()];
         let mut sections = Vec::new();
         for slot in self.live_slots() {
-            let Some(rec) = self.objects[slot as usize].as_ref() else {
+            let Some(rec) = self.objects[slot.raw() as usize].as_ref() else {
                 continue;
             };
             let mut refs_by_peer = Vec::new();
@@ -138,10 +138,10 @@ impl<M: Backing> Arbiter<M> {
             }
             sections.push(SectionStatus {
                 name: rec.name.clone(),
-                slot,
-                generation: rec.generation,
+                slot: slot.raw(),
+                generation: rec.generation.raw(),
                 kind: "section",
-                offset: rec.offset,
+                offset: rec.offset.raw(),
                 size: rec.size,
                 max_size: rec.max_size,
                 persistent: rec.persistent,
@@ -207,18 +207,18 @@ impl<M: Backing> Arbiter<M> {
         let objects: Vec<Value> = self
             .live_slots()
             .filter_map(|slot| {
-                let r = self.objects[slot as usize].as_ref()?;
-                let lease = self.layout.object_entry(slot).and_then(|b| {
+                let r = self.objects[slot.raw() as usize].as_ref()?;
+                let lease = self.entry_off(slot).and_then(|b| {
                     self.mem
                         .load_u64(b + OBJ_LEASE_OFF, std::sync::atomic::Ordering::SeqCst)
                         .ok()
                 });
                 Some(json!({
-                    "slot": slot,
-                    "generation": r.generation,
+                    "slot": slot.raw(),
+                    "generation": r.generation.raw(),
                     "kind": r.kind,
                     "name": r.name,
-                    "offset": r.offset,
+                    "offset": r.offset.raw(),
                     "size": r.size,
                     "max_size": r.max_size,
                     "reserved": r.reserved,
@@ -263,9 +263,13 @@ impl<M: Backing> Arbiter<M> {
             "peers": peers,
             "heap": {
                 "free": self.heap.free_bytes(),
-                "free_extents": self.heap.extents().collect::<Vec<_>>(),
+                "free_extents": self
+                    .heap
+                    .extents()
+                    .map(|(o, l)| (o.raw(), l))
+                    .collect::<Vec<_>>(),
             },
-            "next_generation": self.next_generation,
+            "next_generation": self.next_generation.raw(),
             "counters": self.counters,
             "requests": requests,
         })

@@ -11,7 +11,7 @@ use vshm_format::layout::{
 use vshm_format::lease::{acquire, release, Released};
 use vshm_format::mailbox;
 use vshm_format::shm::SharedMemory;
-use vshm_format::Status;
+use vshm_format::{ObjectSlot, Status};
 
 use super::{Arbiter, ConnectError, Reclaim};
 use crate::region::Region;
@@ -63,8 +63,11 @@ fn a_departed_peers_holds_are_reclaimed_and_what_only_it_held_is_destroyed() {
             destroyed: 1
         }
     );
-    assert!(a.record_at(only.slot).is_none(), "destroyed");
-    assert!(a.record_at(shared.slot).is_some(), "peer 2 still holds it");
+    assert!(a.record_at(ObjectSlot(only.slot)).is_none(), "destroyed");
+    assert!(
+        a.record_at(ObjectSlot(shared.slot)).is_some(),
+        "peer 2 still holds it"
+    );
     assert_eq!(a.status().region.free, a.status().region.heap_size - 8192);
     assert_eq!(
         a.mem().load_u32(
@@ -87,7 +90,7 @@ fn a_lease_closed_behind_the_holders_backs_is_repaired_not_destroyed() {
         .expect("forge");
     assert_eq!(a.sweep(), 0);
     assert!(
-        a.record_at(r.slot).is_some(),
+        a.record_at(ObjectSlot(r.slot)).is_some(),
         "the holder's section survives"
     );
     assert_eq!(a.counters().repairs, 1);
@@ -108,7 +111,7 @@ fn a_forged_close_of_a_persistent_section_nobody_holds_is_repaired() {
         .expect("forge");
     assert_eq!(a.sweep(), 0);
     assert!(
-        a.record_at(r.slot).is_some(),
+        a.record_at(ObjectSlot(r.slot)).is_some(),
         "persistent sections live until deleted"
     );
     assert_eq!(a.mem().load_u64(lease, Ordering::SeqCst), Ok(LEASE_KEEP));
@@ -178,7 +181,7 @@ fn a_fenced_peers_slot_and_the_memory_of_what_died_with_it_are_held_back_until_u
         }
     );
     assert_eq!(slot, Some(0));
-    assert!(a.record_at(r.slot).is_none(), "destroyed");
+    assert!(a.record_at(ObjectSlot(r.slot)).is_none(), "destroyed");
     assert_eq!(
         a.status().region.free,
         heap - 8192,
