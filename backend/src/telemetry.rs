@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use vshm_format::layout::op;
-use vshm_format::{ObjectSlot, Status};
+use vshm_format::{ObjectSlot, PeerId, Status};
 
 /// One thing that happened.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -56,8 +56,8 @@ impl Event {
         }
     }
     /// With a peer.
-    pub fn peer(mut self, id: u16) -> Event {
-        self.peer = Some(id);
+    pub fn peer(mut self, id: PeerId) -> Event {
+        self.peer = Some(id.raw());
         self
     }
     /// With an object.

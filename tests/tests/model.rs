@@ -13,6 +13,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use vshm::format::layout::{object_state, Layout};
 use vshm::format::shm::RawRegion;
+use vshm::format::PeerId;
 use vshm::{
     CreateOptions, Disposition, Error, Namespace, Section, Status, Transport, TransportError,
 };
@@ -40,7 +41,7 @@ impl Transport for Loopback {
     fn ring(&self, peer: u16, _vector: u16) -> Result<(), TransportError> {
         if peer == 0 {
             let mut a = self.arbiter.borrow_mut();
-            a.service(self.peer_id);
+            a.service(PeerId(self.peer_id));
             a.sweep();
         }
         Ok(())
@@ -148,7 +149,10 @@ impl World {
         let mut peers = Vec::new();
         for i in 0..PEERS {
             let id = u16::try_from(i + 1).expect("id");
-            arbiter.borrow_mut().peer_connected(id).expect("connect");
+            arbiter
+                .borrow_mut()
+                .peer_connected(PeerId(id))
+                .expect("connect");
             let t = Loopback {
                 region: mapping.region(),
                 peer_id: id,
@@ -351,8 +355,8 @@ impl World {
                 let id = self.next_peer_id;
                 self.next_peer_id += 1;
                 let mut a = self.arbiter.borrow_mut();
-                a.peer_gone(old);
-                a.peer_connected(id).expect("reconnect");
+                a.peer_gone(PeerId(old));
+                a.peer_connected(PeerId(id)).expect("reconnect");
                 drop(a);
                 // The old attachment is detached for good: it must refuse to touch anything.
                 prop_assert_eq!(self.peers[peer].open("alpha").err(), Some(Error::Detached));

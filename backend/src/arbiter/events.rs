@@ -3,7 +3,7 @@
 //! `observe_handles`, which turns changes in the refcount cells into `opened`/`closed`
 //! events (opens and closes never reach the host).
 
-use vshm_format::Status;
+use vshm_format::{PeerSlot, Status};
 
 use super::{Arbiter, Backing};
 use crate::telemetry::Event;
@@ -52,10 +52,10 @@ impl<M: Backing> Arbiter<M> {
     }
 
     /// Forgets what `observe_handles` last saw for peer slot `peer` (it changes hands).
-    pub(super) fn forget_seen(&mut self, peer: u32) {
+    pub(super) fn forget_seen(&mut self, peer: PeerSlot) {
         let max_peers = self.layout.max_peers as usize;
         for obj in 0..self.layout.max_objects as usize {
-            if let Some(c) = self.seen.get_mut(obj * max_peers + peer as usize) {
+            if let Some(c) = self.seen.get_mut(obj * max_peers + peer.raw() as usize) {
                 *c = 0;
             }
         }
@@ -73,14 +73,14 @@ impl<M: Backing> Arbiter<M> {
             else {
                 continue;
             };
-            for p in 0..self.layout.max_peers {
-                let rec = &self.peers[p as usize];
+            for p in (0..self.layout.max_peers).map(PeerSlot) {
+                let rec = &self.peers[p.raw() as usize];
                 let now = if rec.connected {
                     self.cell_count(p, slot)
                 } else {
                     0
                 };
-                let i = slot.raw() as usize * max_peers + p as usize;
+                let i = slot.raw() as usize * max_peers + p.raw() as usize;
                 let before = self.seen.get(i).copied().unwrap_or(0);
                 if now == before {
                     continue;
@@ -90,7 +90,7 @@ impl<M: Backing> Arbiter<M> {
                     *c = now;
                 }
                 // A departed peer's counts vanish with it: `reclaimed` already says so.
-                if !self.peers[p as usize].connected {
+                if !self.peers[p.raw() as usize].connected {
                     continue;
                 }
                 let (kind, n) = if now > before {

@@ -19,10 +19,10 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 use vshm_format::layout::{
-    refcell, Layout, FORMAT_VERSION, LEASE_CLOSED, OBJ_LEASE_OFF, SB_VERSION_OFF,
+    holder_bit, refcell, Layout, FORMAT_VERSION, LEASE_CLOSED, OBJ_LEASE_OFF, SB_VERSION_OFF,
 };
 use vshm_format::shm::{bytes_of, Fault, SharedMemory};
-use vshm_format::{Generation, ObjectSlot, RegionOffset};
+use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
 
 use crate::region::Region;
 use crate::telemetry::{Event, RequestStats};
@@ -79,7 +79,7 @@ pub struct Record {
     /// Deleted (name gone, waiting for the last close).
     pub unlinked: bool,
     /// Creator's peer id.
-    pub creator: u16,
+    pub creator: PeerId,
     /// Creation time.
     pub created: SystemTime,
     /// A repair of its lease word was already reported.
@@ -89,7 +89,7 @@ pub struct Record {
 #[derive(Debug, Clone, Default)]
 struct PeerRecord {
     /// The ivshmem id holding (or last holding) this slot.
-    id: u16,
+    id: PeerId,
     connected: bool,
     incarnation: u64,
     last_seq: u64,
@@ -155,7 +155,7 @@ pub struct Arbiter<M: Backing> {
     /// Peers that have left so far (orders slot reuse).
     departures: u64,
     /// Heap ranges held back for fenced peer slots: (slot, offset, length).
-    fenced_ranges: Vec<(u32, RegionOffset, u64)>,
+    fenced_ranges: Vec<(PeerSlot, RegionOffset, u64)>,
     /// When a refused connection was last reported.
     last_refusal_report: Option<std::time::Instant>,
 }
@@ -249,13 +249,29 @@ impl<M: Backing> Arbiter<M> {
     }
 
     /// Offset of the refcount cell of peer slot `peer` for object `obj`.
-    fn cell_off(&self, peer: u32, obj: ObjectSlot) -> Option<u64> {
-        self.layout.refcount_cell(peer, obj.raw())
+    fn cell_off(&self, peer: PeerSlot, obj: ObjectSlot) -> Option<u64> {
+        self.layout.refcount_cell(peer.raw(), obj.raw())
     }
 
-    fn cell_count(&self, peer: u32, obj: ObjectSlot) -> u32 {
+    /// Offset of `peer`'s peer-table entry.
+    fn peer_entry_off(&self, peer: PeerSlot) -> Option<u64> {
+        self.layout.peer_entry(peer.raw())
+    }
+
+    /// Offset of `peer`'s mailbox.
+    fn mailbox_off(&self, peer: PeerSlot) -> Option<u64> {
+        self.layout.mailbox(peer.raw())
+    }
+
+    fn cell_count(&self, peer: PeerSlot, obj: ObjectSlot) -> u32 {
         self.cell_off(peer, obj)
             .and_then(|c| self.mem.load_u32(c, Ordering::Acquire).ok())
             .map_or(0, |v| v & refcell::REF_COUNT)
     }
+}
+
+/// Peer slot `peer`'s holder bit in a lease word (bridges to the format crate's
+/// `holder_bit`, which still takes a bare slot number).
+fn holder(peer: PeerSlot) -> u64 {
+    holder_bit(peer.raw())
 }

@@ -5,11 +5,12 @@
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use vshm_format::layout::{holder_bit, peer_state, PeerEntry, PEER_STATE_OFF};
+use vshm_format::layout::{peer_state, PeerEntry, PEER_STATE_OFF};
 use vshm_format::object::bump_namespace_seq;
 use vshm_format::shm::{bytes_of, zeroed, Fault};
+use vshm_format::{ObjectSlot, PeerId, PeerSlot};
 
-use super::{Arbiter, Backing, PeerRecord};
+use super::{holder, Arbiter, Backing, PeerRecord};
 
 /// Why a peer could not be registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -19,7 +20,7 @@ pub enum ConnectError {
     Full(u32),
     /// Id 0 (the host) or an id already connected.
     #[error("peer id {0} is the host's or already connected")]
-    BadId(u16),
+    BadId(PeerId),
     /// The region could not be written.
     #[error("cannot write the peer table: {0}")]
     Fault(Fault),
@@ -33,36 +34,38 @@ impl From<Fault> for ConnectError {
 
 impl<M: Backing> Arbiter<M> {
     /// Records who a connected peer is (from SO_PEERCRED and /proc), for the monitor.
-    pub fn set_peer_process(&mut self, peer_id: u16, pid: Option<i32>, label: Option<String>) {
+    pub fn set_peer_process(&mut self, peer_id: PeerId, pid: Option<i32>, label: Option<String>) {
         if let Some(s) = self.slot_of(peer_id) {
-            let rec = &mut self.peers[s as usize];
+            let rec = &mut self.peers[s.raw() as usize];
             rec.pid = pid;
             rec.label = label;
         }
     }
 
     /// The slot of connected peer `peer_id`.
-    pub(super) fn slot_of(&self, peer_id: u16) -> Option<u32> {
+    pub(super) fn slot_of(&self, peer_id: PeerId) -> Option<PeerSlot> {
         self.peer_slots()
             .find(|(_, p)| p.connected && p.id == peer_id)
             .map(|(s, _)| s)
     }
 
-    /// Peer slots with their records, as u32 slot numbers.
-    pub(super) fn peer_slots(&self) -> impl Iterator<Item = (u32, &PeerRecord)> + '_ {
-        (0..self.layout.max_peers).zip(self.peers.iter())
+    /// Peer slots with their records.
+    pub(super) fn peer_slots(&self) -> impl Iterator<Item = (PeerSlot, &PeerRecord)> + '_ {
+        (0..self.layout.max_peers)
+            .map(PeerSlot)
+            .zip(self.peers.iter())
     }
 
     pub(super) fn connected_mask(&self) -> u64 {
         self.peer_slots()
             .filter(|(_, p)| p.connected)
-            .fold(0, |m, (i, _)| m | holder_bit(i))
+            .fold(0, |m, (i, _)| m | holder(i))
     }
 
     /// A peer id was handed out: give it a free slot, clear that slot's refcount row and
     /// mailbox, publish the peer entry. Must run before the peer learns its id.
-    pub fn peer_connected(&mut self, peer_id: u16) -> Result<u32, ConnectError> {
-        if peer_id == 0 || self.slot_of(peer_id).is_some() {
+    pub fn peer_connected(&mut self, peer_id: PeerId) -> Result<PeerSlot, ConnectError> {
+        if peer_id == PeerId::HOST || self.slot_of(peer_id).is_some() {
             return Err(ConnectError::BadId(peer_id));
         }
         // The free slot freed longest ago: a reclaimed peer that has not noticed yet (its
@@ -74,16 +77,15 @@ impl<M: Backing> Arbiter<M> {
             .min_by_key(|(_, p)| p.freed)
             .map(|(s, _)| s)
             .ok_or(ConnectError::Full(self.layout.max_peers))?;
-        let slot = s as usize;
+        let slot = s.raw() as usize;
         self.clear_peer_memory(s)?;
         self.forget_seen(s);
         let incarnation = self.peers[slot].incarnation + 1;
         let mut e = zeroed::<PeerEntry>();
-        e.peer_id = u32::from(peer_id);
+        e.peer_id = u32::from(peer_id.raw());
         e.incarnation = incarnation;
         let base = self
-            .layout
-            .peer_entry(s)
+            .peer_entry_off(s)
             .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
         self.mem.write_bytes(base, bytes_of(&e))?;
         self.mem.store_u32(
@@ -104,16 +106,14 @@ impl<M: Backing> Arbiter<M> {
         Ok(s)
     }
 
-    pub(super) fn clear_peer_memory(&self, slot: u32) -> Result<(), Fault> {
+    pub(super) fn clear_peer_memory(&self, slot: PeerSlot) -> Result<(), Fault> {
         let row = self
-            .layout
-            .refcount_cell(slot, 0)
+            .cell_off(slot, ObjectSlot(0))
             .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
         self.mem
             .zero(row, u64::from(self.layout.refcount_row_size))?;
         let mb = self
-            .layout
-            .mailbox(slot)
+            .mailbox_off(slot)
             .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
         self.mem.zero(
             mb,

@@ -7,14 +7,14 @@
 use std::sync::atomic::Ordering;
 
 use vshm_format::layout::{
-    holder_bit, peer_state, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP, OBJ_LEASE_OFF, PEER_STATE_OFF,
+    peer_state, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP, OBJ_LEASE_OFF, PEER_STATE_OFF,
 };
 use vshm_format::lease::close_if_unheld;
 use vshm_format::object::{self, bump_namespace_seq};
 use vshm_format::shm::zeroed;
-use vshm_format::ObjectSlot;
+use vshm_format::{ObjectSlot, PeerId, PeerSlot};
 
-use super::{Arbiter, Backing};
+use super::{holder, Arbiter, Backing};
 use crate::telemetry::Event;
 
 /// What a peer's departure released.
@@ -33,13 +33,13 @@ pub(super) enum Release {
     ToHeap,
     /// Held back for the fenced peer slot given: a process that was cut off may still
     /// write there, so the range stays out of the heap until `unfence`.
-    HoldFor(u32),
+    HoldFor(PeerSlot),
 }
 
 impl<M: Backing> Arbiter<M> {
     /// A peer left (socket closed): drop every hold it had, destroy what only it held,
     /// clear its row and mailbox.
-    pub fn peer_gone(&mut self, peer_id: u16) -> Reclaim {
+    pub fn peer_gone(&mut self, peer_id: PeerId) -> Reclaim {
         let Some(s) = self.slot_of(peer_id) else {
             return Reclaim::default();
         };
@@ -48,9 +48,14 @@ impl<M: Backing> Arbiter<M> {
 
     /// Reclaims peer `peer_id`, connected in slot `s` (see [`Arbiter::peer_gone`]); the
     /// memory of the objects that die with it goes where `release` says.
-    pub(super) fn reclaim_peer(&mut self, peer_id: u16, s: u32, release: Release) -> Reclaim {
+    pub(super) fn reclaim_peer(
+        &mut self,
+        peer_id: PeerId,
+        s: PeerSlot,
+        release: Release,
+    ) -> Reclaim {
         let mut out = Reclaim::default();
-        let slot = s as usize;
+        let slot = s.raw() as usize;
         if !self.peers[slot].connected {
             return out;
         }
@@ -59,12 +64,12 @@ impl<M: Backing> Arbiter<M> {
         self.departures += 1;
         self.peers[slot].freed = self.departures;
         self.peers[slot].since = None;
-        if let Some(base) = self.layout.peer_entry(s) {
+        if let Some(base) = self.peer_entry_off(s) {
             let _ =
                 self.mem
                     .store_u32(base + PEER_STATE_OFF, peer_state::ABSENT, Ordering::Release);
         }
-        let bit = holder_bit(s);
+        let bit = holder(s);
         let live: Vec<ObjectSlot> = self.live_slots().collect();
         let mut dead = Vec::new();
         for obj in live {
@@ -121,7 +126,7 @@ impl<M: Backing> Arbiter<M> {
         let mut holders = 0u64;
         for (i, p) in self.peer_slots() {
             if p.connected && self.cell_count(i, slot) > 0 {
-                holders |= holder_bit(i);
+                holders |= holder(i);
             }
         }
         if holders != 0 || keep {

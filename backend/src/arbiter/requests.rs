@@ -5,30 +5,31 @@
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use vshm_format::layout::{holder_bit, object_state, Response, LEASE_KEEP};
+use vshm_format::layout::{object_state, Response, LEASE_KEEP};
 use vshm_format::lease::close_if_unheld;
 use vshm_format::mailbox::{self, Command};
 use vshm_format::object::{self, bump_namespace_seq};
 use vshm_format::shm::Fault;
-use vshm_format::{Generation, ObjectSlot, Status};
+use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, Status};
 
 use super::reclaim::Release;
-use super::{Arbiter, Backing, Record};
+use super::{holder, Arbiter, Backing, Record};
 use crate::telemetry::Event;
 
 impl<M: Backing> Arbiter<M> {
     /// Handles a doorbell from `peer_id`: answers its pending request, if any. Returns
     /// whether a response was written (the caller then rings the peer).
-    pub fn service(&mut self, peer_id: u16) -> bool {
+    pub fn service(&mut self, peer_id: PeerId) -> bool {
         let Some(s) = self.slot_of(peer_id) else {
             return false;
         };
-        let slot = s as usize;
+        let slot = s.raw() as usize;
         if !self.peers[slot].connected {
             return false;
         }
         let last = self.peers[slot].last_seq;
-        let Ok(Some((seq, req))) = mailbox::take_request(&self.mem, &self.layout, s, last) else {
+        let Ok(Some((seq, req))) = mailbox::take_request(&self.mem, &self.layout, s.raw(), last)
+        else {
             return false;
         };
         self.peers[slot].last_seq = seq;
@@ -49,12 +50,17 @@ impl<M: Backing> Arbiter<M> {
             }
             self.emit(e);
         }
-        tracing::debug!(peer_id, op = req.op, status = resp.status, "request");
+        tracing::debug!(
+            peer_id = peer_id.raw(),
+            op = req.op,
+            status = resp.status,
+            "request"
+        );
         self.requests.record(req.op, resp.status, started.elapsed());
-        mailbox::respond(&self.mem, &self.layout, s, seq, &resp).is_ok()
+        mailbox::respond(&self.mem, &self.layout, s.raw(), seq, &resp).is_ok()
     }
 
-    fn execute(&mut self, peer_id: u16, peer: u32, cmd: Command<'_>) -> Response {
+    fn execute(&mut self, peer_id: PeerId, peer: PeerSlot, cmd: Command<'_>) -> Response {
         let result = match cmd {
             Command::Create {
                 name,
@@ -107,8 +113,8 @@ impl<M: Backing> Arbiter<M> {
     #[allow(clippy::too_many_arguments)]
     fn create(
         &mut self,
-        peer_id: u16,
-        peer: u32,
+        peer_id: PeerId,
+        peer: PeerSlot,
         name: Option<&str>,
         kind: u32,
         max_size: u64,
@@ -145,7 +151,7 @@ impl<M: Backing> Arbiter<M> {
         }
         let generation = self.next_generation;
         self.next_generation.0 += 1;
-        let lease = holder_bit(peer) | if persistent { LEASE_KEEP } else { 0 };
+        let lease = holder(peer) | if persistent { LEASE_KEEP } else { 0 };
         let entry = object::make_entry(
             generation.raw(),
             object_state::LIVE,
@@ -155,7 +161,7 @@ impl<M: Backing> Arbiter<M> {
             max_size,
             persistent,
             name,
-            u32::from(peer_id),
+            u32::from(peer_id.raw()),
         );
         let published = self
             .lease_off(slot)
@@ -196,7 +202,7 @@ impl<M: Backing> Arbiter<M> {
             generation = generation.raw(),
             name = name.unwrap_or("<unnamed>"),
             max_size,
-            peer_id,
+            peer_id = peer_id.raw(),
             "created"
         );
         Ok(slot)
@@ -224,7 +230,7 @@ impl<M: Backing> Arbiter<M> {
             r.max_size,
             r.persistent,
             r.name.as_deref(),
-            u32::from(r.creator),
+            u32::from(r.creator.raw()),
         );
         object::publish(&self.mem, &self.layout, slot.raw(), &entry)
     }
@@ -278,7 +284,7 @@ impl<M: Backing> Arbiter<M> {
 
     fn grow(
         &mut self,
-        peer: u32,
+        peer: PeerSlot,
         slot: ObjectSlot,
         generation: Generation,
         size: u64,
@@ -289,7 +295,7 @@ impl<M: Backing> Arbiter<M> {
         let held = self
             .lease_off(slot)
             .and_then(|l| self.mem.load_u64(l, Ordering::SeqCst).ok())
-            .is_some_and(|w| w & holder_bit(peer) != 0);
+            .is_some_and(|w| w & holder(peer) != 0);
         if !held {
             return Err((Status::InvalidHandle, None));
         }
@@ -306,7 +312,7 @@ impl<M: Backing> Arbiter<M> {
         }
         let _ = self.publish_record(slot);
         self.counters.grown += 1;
-        let peer_id = self.peers[peer as usize].id;
+        let peer_id = self.peers[peer.raw() as usize].id;
         self.emit(
             Event::now("grown")
                 .peer(peer_id)

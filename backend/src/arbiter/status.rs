@@ -131,9 +131,9 @@ impl<M: Backing> Arbiter<M> {
                 }
                 let n = u64::from(self.cell_count(i, slot));
                 if n > 0 {
-                    refs_by_peer.push((p.id, n));
-                    handles_by_peer[i as usize] += n;
-                    bytes_by_peer[i as usize] += rec.max_size;
+                    refs_by_peer.push((p.id.raw(), n));
+                    handles_by_peer[i.raw() as usize] += n;
+                    bytes_by_peer[i.raw() as usize] += rec.max_size;
                 }
             }
             sections.push(SectionStatus {
@@ -148,7 +148,7 @@ impl<M: Backing> Arbiter<M> {
                 deleted: rec.unlinked,
                 refs: refs_by_peer.iter().map(|x| x.1).sum(),
                 refs_by_peer,
-                creator: rec.creator,
+                creator: rec.creator.raw(),
                 created: unix_secs(rec.created),
                 age_secs: now.duration_since(rec.created).map_or(0, |d| d.as_secs()),
             });
@@ -157,14 +157,14 @@ impl<M: Backing> Arbiter<M> {
             .peer_slots()
             .filter(|(_, p)| p.connected || p.incarnation > 0)
             .map(|(i, p)| PeerStatus {
-                id: p.id,
-                slot: i,
+                id: p.id.raw(),
+                slot: i.raw(),
                 connected: p.connected,
                 label: p.label.clone(),
                 pid: p.pid,
                 connected_since: p.since.map(unix_secs),
-                handles: handles_by_peer[i as usize],
-                bytes_held: bytes_by_peer[i as usize],
+                handles: handles_by_peer[i.raw() as usize],
+                bytes_held: bytes_by_peer[i.raw() as usize],
                 incarnation: p.incarnation,
             })
             .collect();
@@ -224,7 +224,7 @@ impl<M: Backing> Arbiter<M> {
                     "reserved": r.reserved,
                     "persistent": r.persistent,
                     "deleted": r.unlinked,
-                    "creator": r.creator,
+                    "creator": r.creator.raw(),
                     "created": unix_secs(r.created),
                     "lease": lease.map(|w| format!("{w:#018x}")),
                 }))
@@ -235,7 +235,7 @@ impl<M: Backing> Arbiter<M> {
             .filter(|(_, p)| p.connected || p.incarnation > 0)
             .map(|(slot, p)| {
                 json!({
-                    "slot": slot, "id": p.id, "connected": p.connected,
+                    "slot": slot.raw(), "id": p.id.raw(), "connected": p.connected,
                     "incarnation": p.incarnation, "last_request": p.last_seq,
                     "pid": p.pid, "label": p.label,
                 })

@@ -11,7 +11,7 @@ use vshm_format::layout::{
 use vshm_format::lease::{acquire, release, Released};
 use vshm_format::mailbox;
 use vshm_format::shm::SharedMemory;
-use vshm_format::{ObjectSlot, Status};
+use vshm_format::{ObjectSlot, PeerId, PeerSlot, Status};
 
 use super::{Arbiter, ConnectError, Reclaim};
 use crate::region::Region;
@@ -21,13 +21,13 @@ fn arbiter() -> Arbiter<Region> {
     let layout = Layout::compute(1 << 20, 4, 8, 1, 4096).expect("layout");
     let mut a = Arbiter::new(region, layout, 1, [0; 16]).expect("arbiter");
     for id in 1..=3 {
-        a.peer_connected(id).expect("connect");
+        a.peer_connected(PeerId(id)).expect("connect");
     }
     a
 }
 
-fn request(a: &mut Arbiter<Region>, peer_id: u16, req: &Request) -> Response {
-    let slot = u32::from(peer_id) - 1;
+fn request(a: &mut Arbiter<Region>, peer_id: PeerId, req: &Request) -> Response {
+    let slot = u32::from(peer_id.raw()) - 1;
     let mem = a.mem();
     let seq = mailbox::post(mem, a.layout(), slot, req).expect("post");
     assert!(a.service(peer_id), "answered");
@@ -41,7 +41,7 @@ fn request(a: &mut Arbiter<Region>, peer_id: u16, req: &Request) -> Response {
         .expect("response")
 }
 
-fn create(a: &mut Arbiter<Region>, peer_id: u16, name: &str, persistent: bool) -> Response {
+fn create(a: &mut Arbiter<Region>, peer_id: PeerId, name: &str, persistent: bool) -> Response {
     let r = mailbox::create_request(Some(name), kind::SECTION, 8192, 4096, persistent);
     request(a, peer_id, &r)
 }
@@ -49,13 +49,13 @@ fn create(a: &mut Arbiter<Region>, peer_id: u16, name: &str, persistent: bool) -
 #[test]
 fn a_departed_peers_holds_are_reclaimed_and_what_only_it_held_is_destroyed() {
     let mut a = arbiter();
-    let only = create(&mut a, 1, "only-1", false);
-    let shared = create(&mut a, 1, "shared", false);
+    let only = create(&mut a, PeerId(1), "only-1", false);
+    let shared = create(&mut a, PeerId(1), "shared", false);
     let (l, m) = (*a.layout(), a.mem());
     acquire(m, &l, 0, only.slot, only.generation, false).expect("hold");
     acquire(m, &l, 0, shared.slot, shared.generation, false).expect("hold");
     acquire(m, &l, 1, shared.slot, shared.generation, false).expect("peer 2 holds");
-    let out = a.peer_gone(1);
+    let out = a.peer_gone(PeerId(1));
     assert_eq!(
         out,
         Reclaim {
@@ -81,7 +81,7 @@ fn a_departed_peers_holds_are_reclaimed_and_what_only_it_held_is_destroyed() {
 #[test]
 fn a_lease_closed_behind_the_holders_backs_is_repaired_not_destroyed() {
     let mut a = arbiter();
-    let r = create(&mut a, 1, "victim", false);
+    let r = create(&mut a, PeerId(1), "victim", false);
     let (l, m) = (*a.layout(), a.mem());
     acquire(m, &l, 0, r.slot, r.generation, false).expect("hold");
     // A misbehaving peer forges CLOSED into the lease word.
@@ -102,7 +102,7 @@ fn a_lease_closed_behind_the_holders_backs_is_repaired_not_destroyed() {
 #[test]
 fn a_forged_close_of_a_persistent_section_nobody_holds_is_repaired() {
     let mut a = arbiter();
-    let r = create(&mut a, 1, "keep-me", true);
+    let r = create(&mut a, PeerId(1), "keep-me", true);
     let l = *a.layout();
     let lease = l.object_entry(r.slot).expect("slot") + OBJ_LEASE_OFF;
     // The creator never took its hold; a peer forges CLOSED.
@@ -126,12 +126,12 @@ fn a_forged_close_of_a_persistent_section_nobody_holds_is_repaired() {
 #[test]
 fn create_reuses_a_name_whose_last_holder_closed_before_the_host_reaped_it() {
     let mut a = arbiter();
-    let r = create(&mut a, 1, "n", false);
+    let r = create(&mut a, PeerId(1), "n", false);
     let l = *a.layout();
     acquire(a.mem(), &l, 0, r.slot, r.generation, false).expect("hold");
     assert_eq!(release(a.mem(), &l, 0, r.slot), Ok(Released::LastHold));
     // No sweep in between: the CREATE arrives first.
-    let again = create(&mut a, 1, "n", false);
+    let again = create(&mut a, PeerId(1), "n", false);
     assert_eq!(Status::from_code(again.status), Some(Status::Success));
     assert_ne!(again.generation, r.generation);
 }
@@ -139,7 +139,7 @@ fn create_reuses_a_name_whose_last_holder_closed_before_the_host_reaped_it() {
 #[test]
 fn holder_bits_of_absent_peers_are_dropped_by_the_sweep() {
     let mut a = arbiter();
-    let r = create(&mut a, 1, "stray", false);
+    let r = create(&mut a, PeerId(1), "stray", false);
     let l = *a.layout();
     let lease = l.object_entry(r.slot).expect("slot") + OBJ_LEASE_OFF;
     // Peer 4 never connected, yet its bit appears (scribbled); peer 1 never took its hold.
@@ -153,26 +153,26 @@ fn holder_bits_of_absent_peers_are_dropped_by_the_sweep() {
 #[test]
 fn requests_of_a_peer_that_is_not_connected_are_ignored() {
     let mut a = arbiter();
-    assert!(!a.service(4), "peer 4 is not connected");
-    assert!(!a.service(0), "the host is not a client");
-    assert!(!a.service(999), "junk id");
-    a.peer_gone(2);
-    assert!(!a.service(2));
+    assert!(!a.service(PeerId(4)), "peer 4 is not connected");
+    assert!(!a.service(PeerId(0)), "the host is not a client");
+    assert!(!a.service(PeerId(999)), "junk id");
+    a.peer_gone(PeerId(2));
+    assert!(!a.service(PeerId(2)));
 }
 
 #[test]
 fn a_fenced_peers_slot_and_the_memory_of_what_died_with_it_are_held_back_until_unfenced() {
     let mut a = arbiter();
-    let r = create(&mut a, 1, "doomed", false);
+    let r = create(&mut a, PeerId(1), "doomed", false);
     let l = *a.layout();
     acquire(a.mem(), &l, 0, r.slot, r.generation, false).expect("hold");
     let heap = a.status().region.heap_size;
     assert_eq!(
-        a.peer_gone_fenced(9),
+        a.peer_gone_fenced(PeerId(9)),
         (Reclaim::default(), None),
         "not connected"
     );
-    let (out, slot) = a.peer_gone_fenced(1);
+    let (out, slot) = a.peer_gone_fenced(PeerId(1));
     assert_eq!(
         out,
         Reclaim {
@@ -180,7 +180,7 @@ fn a_fenced_peers_slot_and_the_memory_of_what_died_with_it_are_held_back_until_u
             destroyed: 1
         }
     );
-    assert_eq!(slot, Some(0));
+    assert_eq!(slot, Some(PeerSlot(0)));
     assert!(a.record_at(ObjectSlot(r.slot)).is_none(), "destroyed");
     assert_eq!(
         a.status().region.free,
@@ -188,9 +188,9 @@ fn a_fenced_peers_slot_and_the_memory_of_what_died_with_it_are_held_back_until_u
         "its memory is held back"
     );
     // Slot 3 is free and slot 0 fenced: the next peer gets 3, the one after finds none.
-    assert_eq!(a.peer_connected(4), Ok(3));
-    assert_eq!(a.peer_connected(5), Err(ConnectError::Full(4)));
-    a.unfence(0);
+    assert_eq!(a.peer_connected(PeerId(4)), Ok(PeerSlot(3)));
+    assert_eq!(a.peer_connected(PeerId(5)), Err(ConnectError::Full(4)));
+    a.unfence(PeerSlot(0));
     assert_eq!(a.status().region.free, heap);
-    assert_eq!(a.peer_connected(5), Ok(0));
+    assert_eq!(a.peer_connected(PeerId(5)), Ok(PeerSlot(0)));
 }

@@ -13,6 +13,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vmm_sys_util::timerfd::TimerFd;
 use vshm_format::layout::{Layout, LayoutError, VECTOR_CONTROL};
 use vshm_format::shm::Fault;
+use vshm_format::{PeerId, PeerSlot};
 
 use crate::arbiter::Arbiter;
 use crate::region::{Region, RegionError};
@@ -162,7 +163,7 @@ pub struct Daemon {
     listener_paused: bool,
     /// Peers dropped by force while their process still ran: (pid, peer slot), until it
     /// exits.
-    fences: Vec<(i32, u32)>,
+    fences: Vec<(i32, PeerSlot)>,
     started: SystemTime,
     stop: bool,
 }
@@ -337,7 +338,7 @@ impl Daemon {
         let arbiter = &mut self.arbiter;
         let accepted = self.server.accept(&self.memfd, |id| {
             arbiter
-                .peer_connected(id)
+                .peer_connected(PeerId(id))
                 .map(|_slot| ())
                 .map_err(|e| io::Error::other(e.to_string()))
         });
@@ -351,10 +352,10 @@ impl Daemon {
             Ok(Accepted::Failed(id)) => {
                 self.arbiter.emit(
                     Event::now("error")
-                        .peer(id)
+                        .peer(PeerId(id))
                         .detail("ivshmem handshake failed"),
                 );
-                self.arbiter.peer_gone(id);
+                self.arbiter.peer_gone(PeerId(id));
                 return;
             }
             Err(e) => {
@@ -376,12 +377,12 @@ impl Daemon {
         };
         let pid = client.pid;
         let label = pid.and_then(monitor::short_label);
-        let mut e = Event::now("peer_connected").peer(id);
+        let mut e = Event::now("peer_connected").peer(PeerId(id));
         if let Some(l) = &label {
             e = e.detail(format!("{l} (pid {})", pid.unwrap_or(0)));
         }
         self.arbiter.emit(e);
-        self.arbiter.set_peer_process(id, pid, label);
+        self.arbiter.set_peer_process(PeerId(id), pid, label);
         let Some(client) = self.server.client(id) else {
             return;
         };
@@ -417,17 +418,17 @@ impl Daemon {
         }
         // Closes it made before leaving are reported as closes, not lost in the reclaim.
         self.arbiter.observe_handles();
-        self.arbiter.emit(Event::now("peer_gone").peer(id));
+        self.arbiter.emit(Event::now("peer_gone").peer(PeerId(id)));
         let fence = pid.filter(|&p| forced && process_alive(p));
         let reclaim = match fence {
             Some(p) => {
-                let (reclaim, slot) = self.arbiter.peer_gone_fenced(id);
+                let (reclaim, slot) = self.arbiter.peer_gone_fenced(PeerId(id));
                 if let Some(slot) = slot {
                     self.fences.push((p, slot));
                 }
                 reclaim
             }
-            None => self.arbiter.peer_gone(id),
+            None => self.arbiter.peer_gone(PeerId(id)),
         };
         self.server.disconnect(id);
         tracing::info!(
@@ -479,7 +480,7 @@ impl Daemon {
             let _ = bell.read();
         }
         self.arbiter.count_doorbell();
-        if self.arbiter.service(id) {
+        if self.arbiter.service(PeerId(id)) {
             self.server.notify(id, usize::from(VECTOR_CONTROL));
         }
         self.arbiter.sweep();
