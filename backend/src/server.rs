@@ -20,12 +20,13 @@ use std::time::{Duration, SystemTime};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vshm_format::layout::HOST_PEER_ID;
+use vshm_format::PeerId;
 
 /// A connected client (a QEMU or a host process).
 #[derive(Debug)]
 pub struct Client {
     /// Its peer id.
-    pub id: u16,
+    pub id: PeerId,
     /// Its connection.
     pub stream: UnixStream,
     /// Its interrupt eventfds (we write vector k to interrupt it).
@@ -183,9 +184,9 @@ pub enum Accepted {
     /// The connection was refused before it got an id (why).
     Refused(&'static str),
     /// A new peer.
-    Connected(u16),
+    Connected(PeerId),
     /// The peer was registered but the handshake failed: reclaim the id.
-    Failed(u16),
+    Failed(PeerId),
 }
 
 /// The ivshmem server state.
@@ -197,14 +198,14 @@ pub struct Server {
     id: SocketId,
     vectors: u32,
     max_peers: u32,
-    clients: BTreeMap<u16, Client>,
-    next_id: u16,
+    clients: BTreeMap<PeerId, Client>,
+    next_id: PeerId,
     /// Counts connects and disconnects (orders joins against departures).
     clock: u64,
     /// When each id last left.
-    departed: std::collections::HashMap<u16, u64>,
+    departed: std::collections::HashMap<PeerId, u64>,
     /// Peers vshmd disconnected because they stopped reading (their process may live on).
-    cut_off: std::collections::HashSet<u16>,
+    cut_off: std::collections::HashSet<PeerId>,
 }
 
 impl Server {
@@ -218,7 +219,7 @@ impl Server {
             vectors,
             max_peers,
             clients: BTreeMap::new(),
-            next_id: 1,
+            next_id: PeerId(1),
             clock: 0,
             departed: std::collections::HashMap::new(),
             cut_off: std::collections::HashSet::new(),
@@ -241,7 +242,7 @@ impl Server {
     }
 
     /// One client.
-    pub fn client(&self, id: u16) -> Option<&Client> {
+    pub fn client(&self, id: PeerId) -> Option<&Client> {
         self.clients.get(&id)
     }
 
@@ -250,7 +251,7 @@ impl Server {
     pub fn accept(
         &mut self,
         memfd: &File,
-        register: impl FnOnce(u16) -> io::Result<()>,
+        register: impl FnOnce(PeerId) -> io::Result<()>,
     ) -> io::Result<Accepted> {
         let stream = match self.listener.accept() {
             Ok((s, _)) => s,
@@ -265,7 +266,7 @@ impl Server {
                 "every free peer id was seen leaving by a connected peer",
             ));
         };
-        self.next_id = id.wrapping_add(1);
+        self.next_id = PeerId(id.raw().wrapping_add(1));
         stream.set_nonblocking(false)?;
         // A peer that does not read costs the loop at most this per message, once: it is
         // then cut off.
@@ -288,19 +289,19 @@ impl Server {
         };
         if let Err(e) = register(id) {
             // The arbiter has no slot for it (e.g. the free ones are fenced): refuse it.
-            tracing::debug!(id, "registering a new peer failed: {e}");
+            tracing::debug!(id = id.raw(), "registering a new peer failed: {e}");
             return Ok(Accepted::Refused("no peer slot is free"));
         }
         if let Err(e) = self.handshake(&client, memfd) {
             // It may have received the memory before failing: the caller reclaims the id.
-            tracing::warn!(id, "handshake failed: {e}");
+            tracing::warn!(id = id.raw(), "handshake failed: {e}");
             return Ok(Accepted::Failed(id));
         }
         // Tell everyone else about the newcomer; drop anyone who cannot be told.
         let mut broken = Vec::new();
         for other in self.clients.values() {
             for fd in &client.own {
-                if let Err(e) = send(&other.stream, i64::from(id), Some(fd.as_raw_fd())) {
+                if let Err(e) = send(&other.stream, i64::from(id.raw()), Some(fd.as_raw_fd())) {
                     // Timed out: alive but not reading (cut it off). Anything else: it left.
                     let stuck = matches!(
                         e.kind(),
@@ -312,11 +313,14 @@ impl Server {
             }
         }
         self.clock += 1;
-        tracing::info!(id, pid = client.pid, "peer connected");
+        tracing::info!(id = id.raw(), pid = client.pid, "peer connected");
         self.clients.insert(id, client);
         for (b, stuck) in broken {
             if stuck {
-                tracing::warn!(id = b, "peer stopped reading its socket; disconnecting it");
+                tracing::warn!(
+                    id = b.raw(),
+                    "peer stopped reading its socket; disconnecting it"
+                );
                 self.cut_off.insert(b);
             }
             let _ = self
@@ -329,18 +333,18 @@ impl Server {
 
     fn handshake(&self, c: &Client, memfd: &File) -> io::Result<()> {
         send(&c.stream, 0, None)?;
-        send(&c.stream, i64::from(c.id), None)?;
+        send(&c.stream, i64::from(c.id.raw()), None)?;
         send(&c.stream, -1, Some(memfd.as_raw_fd()))?;
         for bell in &c.bells {
             send(&c.stream, i64::from(HOST_PEER_ID), Some(bell.as_raw_fd()))?;
         }
         for other in self.clients.values() {
             for fd in &other.own {
-                send(&c.stream, i64::from(other.id), Some(fd.as_raw_fd()))?;
+                send(&c.stream, i64::from(other.id.raw()), Some(fd.as_raw_fd()))?;
             }
         }
         for fd in &c.own {
-            send(&c.stream, i64::from(c.id), Some(fd.as_raw_fd()))?;
+            send(&c.stream, i64::from(c.id.raw()), Some(fd.as_raw_fd()))?;
         }
         Ok(())
     }
@@ -349,7 +353,7 @@ impl Server {
     /// whose departure a connected peer witnessed is never reused — QEMU frees part of its
     /// per-id state when told a peer left and writes into it if the id comes back
     /// (ivshmem-server simply counts up; this also survives the wrap at 65535).
-    fn next_safe_id(&self) -> Option<u16> {
+    fn next_safe_id(&self) -> Option<PeerId> {
         let oldest = self
             .clients
             .values()
@@ -359,32 +363,32 @@ impl Server {
         let mut id = self.next_id;
         for _ in 0..=u16::MAX {
             let witnessed = self.departed.get(&id).is_some_and(|&left| left >= oldest);
-            if id != 0 && !self.clients.contains_key(&id) && !witnessed {
+            if id != PeerId::HOST && !self.clients.contains_key(&id) && !witnessed {
                 return Some(id);
             }
-            id = id.wrapping_add(1);
+            id = PeerId(id.raw().wrapping_add(1));
         }
         None
     }
 
     /// Whether vshmd cut `id` off (rather than it leaving); forgets the mark.
-    pub fn was_cut_off(&mut self, id: u16) -> bool {
+    pub fn was_cut_off(&mut self, id: PeerId) -> bool {
         self.cut_off.remove(&id)
     }
 
     /// Removes a client and tells the others it is gone.
-    pub fn disconnect(&mut self, id: u16) -> Option<Client> {
+    pub fn disconnect(&mut self, id: PeerId) -> Option<Client> {
         let client = self.clients.remove(&id)?;
         self.clock += 1;
         self.departed.insert(id, self.clock);
         for other in self.clients.values() {
-            if let Err(e) = send(&other.stream, i64::from(id), None) {
+            if let Err(e) = send(&other.stream, i64::from(id.raw()), None) {
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) {
                     tracing::warn!(
-                        id = other.id,
+                        id = other.id.raw(),
                         "peer stopped reading its socket; disconnecting it"
                     );
                     self.cut_off.insert(other.id);
@@ -392,12 +396,12 @@ impl Server {
                 let _ = other.stream.shutdown(std::net::Shutdown::Both);
             }
         }
-        tracing::info!(id, "peer disconnected");
+        tracing::info!(id = id.raw(), "peer disconnected");
         Some(client)
     }
 
     /// Interrupts client `id` on `vector`.
-    pub fn notify(&self, id: u16, vector: usize) {
+    pub fn notify(&self, id: PeerId, vector: usize) {
         if let Some(fd) = self.clients.get(&id).and_then(|c| c.own.get(vector)) {
             let _ = fd.write(1);
         }
@@ -506,7 +510,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    fn connect(server: &mut Server, memfd: &File) -> (UnixStream, u16) {
+    fn connect(server: &mut Server, memfd: &File) -> (UnixStream, PeerId) {
         let client = UnixStream::connect(server.path()).expect("connect");
         for _ in 0..1000 {
             if let Accepted::Connected(id) = server.accept(memfd, |_| Ok(())).expect("accept") {
@@ -523,25 +527,25 @@ mod tests {
         let _ = std::fs::create_dir_all(&dir);
         let mut server = Server::bind(&dir.join("s"), 1, 8).expect("bind");
         let memfd = File::open("/dev/zero").expect("an fd to send");
-        server.next_id = 5;
+        server.next_id = PeerId(5);
         let (_a, a) = connect(&mut server, &memfd);
         let (_b, b) = connect(&mut server, &memfd);
-        assert_eq!((a, b), (5, 6));
+        assert_eq!((a, b), (PeerId(5), PeerId(6)));
         server.disconnect(b);
         // As if the counter had wrapped around to 6: A saw 6 leave, so 6 is skipped.
-        server.next_id = 6;
+        server.next_id = PeerId(6);
         let (_c, c) = connect(&mut server, &memfd);
-        assert_eq!(c, 7);
+        assert_eq!(c, PeerId(7));
         // Once everyone who saw 6 leave is gone, 6 is safe again.
         server.disconnect(a);
-        server.next_id = 6;
+        server.next_id = PeerId(6);
         let (_d, d) = connect(&mut server, &memfd);
-        assert_eq!(d, 6);
+        assert_eq!(d, PeerId(6));
         // Ids wrap past 65535 to 1, never 0.
-        server.next_id = u16::MAX;
+        server.next_id = PeerId(u16::MAX);
         let (_e, e) = connect(&mut server, &memfd);
         let (_f, f) = connect(&mut server, &memfd);
-        assert_eq!((e, f), (u16::MAX, 1));
+        assert_eq!((e, f), (PeerId(u16::MAX), PeerId(1)));
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
     }

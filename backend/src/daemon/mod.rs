@@ -136,9 +136,9 @@ const TOKEN_BELL: u32 = 2 << 24;
 pub(super) const TOKEN_CONN: u32 = 3 << 24;
 const TOKEN_KIND: u32 = 0xFF << 24;
 
-fn bell_token(id: u16, vector: usize) -> u32 {
+fn bell_token(id: PeerId, vector: usize) -> u32 {
     // Vectors are < 64 (validated), so the low byte holds them.
-    TOKEN_BELL | u32::from(id) << 8 | u32::from(u8::try_from(vector).unwrap_or(u8::MAX))
+    TOKEN_BELL | u32::from(id.raw()) << 8 | u32::from(u8::try_from(vector).unwrap_or(u8::MAX))
 }
 
 /// How often closed objects are swept up even if nobody rang.
@@ -338,7 +338,7 @@ impl Daemon {
         let arbiter = &mut self.arbiter;
         let accepted = self.server.accept(&self.memfd, |id| {
             arbiter
-                .peer_connected(PeerId(id))
+                .peer_connected(id)
                 .map(|_slot| ())
                 .map_err(|e| io::Error::other(e.to_string()))
         });
@@ -352,10 +352,10 @@ impl Daemon {
             Ok(Accepted::Failed(id)) => {
                 self.arbiter.emit(
                     Event::now("error")
-                        .peer(PeerId(id))
+                        .peer(id)
                         .detail("ivshmem handshake failed"),
                 );
-                self.arbiter.peer_gone(PeerId(id));
+                self.arbiter.peer_gone(id);
                 return;
             }
             Err(e) => {
@@ -377,19 +377,19 @@ impl Daemon {
         };
         let pid = client.pid;
         let label = pid.and_then(monitor::short_label);
-        let mut e = Event::now("peer_connected").peer(PeerId(id));
+        let mut e = Event::now("peer_connected").peer(id);
         if let Some(l) = &label {
             e = e.detail(format!("{l} (pid {})", pid.unwrap_or(0)));
         }
         self.arbiter.emit(e);
-        self.arbiter.set_peer_process(PeerId(id), pid, label);
+        self.arbiter.set_peer_process(id, pid, label);
         let Some(client) = self.server.client(id) else {
             return;
         };
         let mut ok = ops
             .add(Events::with_data(
                 &client.stream,
-                TOKEN_CLIENT | u32::from(id),
+                TOKEN_CLIENT | u32::from(id.raw()),
                 EventSet::IN,
             ))
             .is_ok();
@@ -399,7 +399,10 @@ impl Daemon {
                 .is_ok();
         }
         if !ok {
-            tracing::error!(id, "cannot watch the new peer's fds; dropping it");
+            tracing::error!(
+                id = id.raw(),
+                "cannot watch the new peer's fds; dropping it"
+            );
             self.drop_client(id, false, ops);
         }
     }
@@ -407,7 +410,7 @@ impl Daemon {
     /// Disconnects a peer and reclaims what it held. `forced`: vshmd cut it off (vshmctl
     /// disconnect) rather than it leaving; if its process still runs it still maps the
     /// region, so its slot and freed memory are fenced until the process exits.
-    fn drop_client(&mut self, id: u16, forced: bool, ops: &mut EventOps) {
+    fn drop_client(&mut self, id: PeerId, forced: bool, ops: &mut EventOps) {
         let pid = self.server.client(id).and_then(|c| c.pid);
         let forced = forced || self.server.was_cut_off(id);
         if let Some(client) = self.server.client(id) {
@@ -418,21 +421,21 @@ impl Daemon {
         }
         // Closes it made before leaving are reported as closes, not lost in the reclaim.
         self.arbiter.observe_handles();
-        self.arbiter.emit(Event::now("peer_gone").peer(PeerId(id)));
+        self.arbiter.emit(Event::now("peer_gone").peer(id));
         let fence = pid.filter(|&p| forced && process_alive(p));
         let reclaim = match fence {
             Some(p) => {
-                let (reclaim, slot) = self.arbiter.peer_gone_fenced(PeerId(id));
+                let (reclaim, slot) = self.arbiter.peer_gone_fenced(id);
                 if let Some(slot) = slot {
                     self.fences.push((p, slot));
                 }
                 reclaim
             }
-            None => self.arbiter.peer_gone(PeerId(id)),
+            None => self.arbiter.peer_gone(id),
         };
         self.server.disconnect(id);
         tracing::info!(
-            id,
+            id = id.raw(),
             handles = reclaim.handles,
             destroyed = reclaim.destroyed,
             fenced = fence.is_some(),
@@ -454,7 +457,7 @@ impl Daemon {
         }
     }
 
-    fn client_readable(&mut self, id: u16, set: EventSet, ops: &mut EventOps) {
+    fn client_readable(&mut self, id: PeerId, set: EventSet, ops: &mut EventOps) {
         let Some(client) = self.server.client(id) else {
             return;
         };
@@ -475,12 +478,12 @@ impl Daemon {
         }
     }
 
-    fn doorbell(&mut self, id: u16, vector: usize) {
+    fn doorbell(&mut self, id: PeerId, vector: usize) {
         if let Some(bell) = self.server.client(id).and_then(|c| c.bells.get(vector)) {
             let _ = bell.read();
         }
         self.arbiter.count_doorbell();
-        if self.arbiter.service(PeerId(id)) {
+        if self.arbiter.service(id) {
             self.server.notify(id, usize::from(VECTOR_CONTROL));
         }
         self.arbiter.sweep();
@@ -522,7 +525,7 @@ impl MutEventSubscriber for Daemon {
         let data = events.data();
         match data & TOKEN_KIND {
             TOKEN_CLIENT => {
-                let id = u16::try_from(data & 0xFFFF).unwrap_or(0);
+                let id = PeerId(u16::try_from(data & 0xFFFF).unwrap_or(0));
                 self.client_readable(id, events.event_set(), ops);
             }
             TOKEN_CONN => {
@@ -530,7 +533,7 @@ impl MutEventSubscriber for Daemon {
                 self.conn_event(index, events.event_set(), ops);
             }
             TOKEN_BELL => {
-                let id = u16::try_from((data >> 8) & 0xFFFF).unwrap_or(0);
+                let id = PeerId(u16::try_from((data >> 8) & 0xFFFF).unwrap_or(0));
                 self.doorbell(id, (data & 0xFF) as usize);
             }
             _ => match data {

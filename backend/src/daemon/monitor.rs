@@ -16,6 +16,7 @@ use event_manager::{EventOps, EventSet, Events};
 use super::{Daemon, TOKEN_CONN};
 use crate::telemetry::Event;
 use vshm_control::{ControlRequest, ControlResponse};
+use vshm_format::PeerId;
 
 /// Events kept for late watchers and dumps.
 const RING: usize = 1024;
@@ -338,8 +339,10 @@ impl Daemon {
                 }
             },
             ControlRequest::Disconnect { peer } => {
-                if self.server.client(peer).is_some() {
-                    self.drop_client(peer, true, ops);
+                // The control protocol carries the bare id.
+                let id = PeerId(peer);
+                if self.server.client(id).is_some() {
+                    self.drop_client(id, true, ops);
                     ControlResponse::ok(serde_json::json!({ "disconnected": peer }))
                 } else {
                     let s = vshm_format::Status::InvalidHandle;
