@@ -3,7 +3,7 @@
 use vshm_format::layout::LayoutError;
 use vshm_format::object::EntryError;
 use vshm_format::shm::Fault;
-use vshm_format::{NameError, Status};
+use vshm_format::{NameError, ObjectSlot, Status};
 
 use crate::TransportError;
 
@@ -19,7 +19,7 @@ pub enum Error {
     /// The backend did not answer a request within the reply timeout (ms).
     Timeout(u64),
     /// The backend answered with something that does not validate (raw status, slot).
-    BadResponse(u32, u32),
+    BadResponse(u32, ObjectSlot),
     /// Kept losing races with other peers on this operation.
     Contended,
     /// This peer was disconnected by the backend (its slot is reclaimed or reused); its

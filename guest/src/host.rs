@@ -15,8 +15,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-use vshm_format::layout::{Layout, Superblock, HOST_PEER_ID};
+use vshm_format::layout::{Layout, Superblock};
 use vshm_format::shm::{read_pod, RawRegion};
+use vshm_format::PeerId;
 
 use crate::{Transport, TransportError};
 
@@ -138,13 +139,13 @@ impl Drop for Mapping {
 struct Shared {
     gone: AtomicBool,
     /// Other peers' eventfds, per vector (for ringing them directly).
-    peers: Mutex<BTreeMap<u16, Vec<File>>>,
+    peers: Mutex<BTreeMap<PeerId, Vec<File>>>,
 }
 
 /// A host process attached to vshmd as an ivshmem peer.
 pub struct HostTransport {
     sock: UnixStream,
-    peer_id: u16,
+    peer_id: PeerId,
     /// Eventfds the host gave us for ringing it, by vector.
     host_bells: Vec<File>,
     /// Our own vectors; the host writes vector 0 when a response is ready.
@@ -186,7 +187,9 @@ impl HostTransport {
             (v, _) => return Err(protocol(format!("unsupported protocol version {v}"))),
         }
         let peer_id = match next()? {
-            (id, None) => u16::try_from(id).map_err(|_| protocol(format!("bad peer id {id}")))?,
+            (id, None) => u16::try_from(id)
+                .map(PeerId)
+                .map_err(|_| protocol(format!("bad peer id {id}")))?,
             (_, Some(_)) => return Err(protocol("peer id came with an fd".into())),
         };
         let memfd = match next()? {
@@ -204,14 +207,16 @@ impl HostTransport {
 
         let mut host_bells = Vec::new();
         let mut own = Vec::new();
-        let mut peers: BTreeMap<u16, Vec<File>> = BTreeMap::new();
+        let mut peers: BTreeMap<PeerId, Vec<File>> = BTreeMap::new();
         while own.len() < vectors {
             let (id, fd) = next()?;
-            let id = u16::try_from(id).map_err(|_| protocol(format!("bad peer id {id}")))?;
+            let id = u16::try_from(id)
+                .map(PeerId)
+                .map_err(|_| protocol(format!("bad peer id {id}")))?;
             let fd = fd.ok_or_else(|| protocol(format!("peer {id} left during the handshake")))?;
             if id == peer_id {
                 own.push(fd);
-            } else if id == HOST_PEER_ID {
+            } else if id == PeerId::HOST {
                 host_bells.push(fd);
             } else {
                 peers.entry(id).or_default().push(fd);
@@ -253,7 +258,7 @@ impl HostTransport {
     }
 
     /// Peer ids currently connected besides us and the host, as the server announced them.
-    pub fn other_peers(&self) -> Vec<u16> {
+    pub fn other_peers(&self) -> Vec<PeerId> {
         self.shared
             .peers
             .lock()
@@ -271,7 +276,9 @@ impl HostTransport {
 /// alone). Marks the backend gone at EOF and wakes any waiter.
 fn read_peer_updates(sock: &UnixStream, shared: &Shared, wake: &File) {
     while let Ok(Some((id, fd))) = recv_msg(sock) {
-        let Ok(id) = u16::try_from(id) else { continue };
+        let Ok(id) = u16::try_from(id).map(PeerId) else {
+            continue;
+        };
         if let Ok(mut peers) = shared.peers.lock() {
             match fd {
                 Some(f) => peers.entry(id).or_default().push(f),
@@ -305,16 +312,16 @@ impl Transport for HostTransport {
         self.map.region()
     }
 
-    fn peer_id(&self) -> u16 {
+    fn peer_id(&self) -> PeerId {
         self.peer_id
     }
 
-    fn ring(&self, peer: u16, vector: u16) -> Result<(), TransportError> {
+    fn ring(&self, peer: PeerId, vector: u16) -> Result<(), TransportError> {
         if self.backend_gone() {
             return Err(TransportError::BackendGone);
         }
         let v = usize::from(vector);
-        if peer == HOST_PEER_ID {
+        if peer == PeerId::HOST {
             return match self.host_bells.get(v) {
                 Some(f) => ring_file(f),
                 None => Err(TransportError::Os(libc::EINVAL)),

@@ -4,14 +4,14 @@ use core::sync::atomic::Ordering;
 use core::time::Duration;
 
 use vshm_format::layout::{
-    holder_bit, kind, object_state, Layout, Request, Superblock, HOST_PEER_ID, LEASE_HOLDERS,
-    OBJ_LEASE_OFF, OBJ_SIZE_OFF, VECTOR_CONTROL,
+    holder_bit, kind, object_state, Layout, Request, Superblock, LEASE_HOLDERS, OBJ_LEASE_OFF,
+    OBJ_SIZE_OFF, VECTOR_CONTROL,
 };
 use vshm_format::lease::{self, LeaseError, Released};
 use vshm_format::mailbox;
 use vshm_format::object::{self, ObjectInfo, PeerInfo};
 use vshm_format::shm::{read_pod, RawRegion, SharedMemory};
-use vshm_format::{validate_name, Status};
+use vshm_format::{validate_name, Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset, Status};
 
 use crate::{Error, Transport, TransportError};
 
@@ -70,8 +70,8 @@ pub struct Namespace<T: Transport> {
     transport: T,
     layout: Layout,
     superblock: Superblock,
-    peer_id: u16,
-    peer_slot: u32,
+    peer_id: PeerId,
+    peer_slot: PeerSlot,
     /// The peer table's incarnation of our slot when we attached.
     incarnation: u64,
     reply_timeout: Duration,
@@ -133,7 +133,7 @@ impl<T: Transport> Namespace<T> {
     }
 
     /// This peer's id.
-    pub fn peer_id(&self) -> u16 {
+    pub fn peer_id(&self) -> PeerId {
         self.peer_id
     }
 
@@ -176,9 +176,9 @@ impl<T: Transport> Namespace<T> {
                 Some(Status::Success) => Disposition::Created,
                 Some(Status::ObjectNameExists) => Disposition::Opened,
                 Some(s) if !s.is_success() => return Err(s.into()),
-                _ => return Err(Error::BadResponse(resp.status, resp.slot)),
+                _ => return Err(Error::BadResponse(resp.status, ObjectSlot(resp.slot))),
             };
-            match self.hold(resp.slot, resp.generation, false) {
+            match self.hold(ObjectSlot(resp.slot), Generation(resp.generation), false) {
                 Ok(info) if info.kind != kind::SECTION => {
                     // Only possible for Opened: the name is another kind of object.
                     let _ = self.release(info.slot);
@@ -221,7 +221,12 @@ impl<T: Transport> Namespace<T> {
     }
 
     /// Takes a hold on (slot, generation) and returns the validated entry.
-    fn hold(&self, slot: u32, generation: u64, allow_unlinked: bool) -> Result<ObjectInfo, Error> {
+    fn hold(
+        &self,
+        slot: ObjectSlot,
+        generation: Generation,
+        allow_unlinked: bool,
+    ) -> Result<ObjectInfo, Error> {
         self.attached()?;
         let (mem, layout) = (&self.mem(), &self.layout);
         match lease::acquire(
@@ -235,7 +240,7 @@ impl<T: Transport> Namespace<T> {
             Ok(()) => {}
             Err(LeaseError::GoneClosed) => {
                 // Our brief hold was the last on whatever now lives in the slot.
-                self.transport.ring(HOST_PEER_ID, VECTOR_CONTROL)?;
+                self.transport.ring(PeerId::HOST, VECTOR_CONTROL)?;
                 return Err(Error::Status(Status::ObjectNameNotFound));
             }
             Err(e) => return Err(Error::Status(e.status())),
@@ -251,7 +256,7 @@ impl<T: Transport> Namespace<T> {
     }
 
     /// Drops one hold; rings the host if that destroyed the object.
-    fn release(&self, slot: u32) -> Result<(), Error> {
+    fn release(&self, slot: ObjectSlot) -> Result<(), Error> {
         // A reclaimed peer's holds are gone already; its row may be someone else's now.
         self.attached()?;
         let mut result = lease::release(&self.mem(), &self.layout, self.peer_slot, slot);
@@ -269,7 +274,7 @@ impl<T: Transport> Namespace<T> {
         match result {
             Ok(Released::Held) => Ok(()),
             Ok(Released::LastHold) => {
-                self.transport.ring(HOST_PEER_ID, VECTOR_CONTROL)?;
+                self.transport.ring(PeerId::HOST, VECTOR_CONTROL)?;
                 Ok(())
             }
             Err(e) => Err(Error::Status(e.status())),
@@ -296,7 +301,7 @@ impl<T: Transport> Namespace<T> {
         self.delete_object(info.slot, info.generation)
     }
 
-    fn delete_object(&self, slot: u32, generation: u64) -> Result<(), Error> {
+    fn delete_object(&self, slot: ObjectSlot, generation: Generation) -> Result<(), Error> {
         let resp = self.call(&mailbox::delete_request(slot, generation))?;
         match Status::from_code(resp.status) {
             Some(Status::Success) => Ok(()),
@@ -315,18 +320,20 @@ impl<T: Transport> Namespace<T> {
     /// All objects in the table (LIVE and UNLINKED), skipping entries that do not validate.
     pub fn objects(&self) -> impl Iterator<Item = ObjectInfo> + '_ {
         (0..self.layout.max_objects)
+            .map(ObjectSlot)
             .filter_map(move |slot| object::read_object(&self.mem(), &self.layout, slot).ok()?)
     }
 
     /// The peers attached to the region now (as the host publishes them), this one included.
     pub fn peers(&self) -> impl Iterator<Item = PeerInfo> + '_ {
         (0..self.layout.max_peers)
+            .map(PeerSlot)
             .filter_map(move |s| object::read_peer(&self.mem(), &self.layout, s))
     }
 
     /// The attached peers holding object `slot` (its lease word's holder bits). A hint for
     /// monitoring: the word is shared memory and changes under the reader.
-    pub fn holders(&self, slot: u32) -> impl Iterator<Item = PeerInfo> + '_ {
+    pub fn holders(&self, slot: ObjectSlot) -> impl Iterator<Item = PeerInfo> + '_ {
         let word = self
             .layout
             .object_entry(slot)
@@ -341,7 +348,7 @@ impl<T: Transport> Namespace<T> {
     }
 
     /// This peer's handle count on an object slot.
-    pub fn handles_on(&self, slot: u32) -> u32 {
+    pub fn handles_on(&self, slot: ObjectSlot) -> u32 {
         lease::handles(&self.mem(), &self.layout, self.peer_slot, slot).unwrap_or(0)
     }
 
@@ -375,7 +382,7 @@ impl<T: Transport> Namespace<T> {
     fn call_locked(&self, req: &Request) -> Result<vshm_format::layout::Response, Error> {
         let (mem, layout, slot) = (&self.mem(), &self.layout, self.peer_slot);
         let seq = mailbox::post(mem, layout, slot, req)?;
-        self.transport.ring(HOST_PEER_ID, VECTOR_CONTROL)?;
+        self.transport.ring(PeerId::HOST, VECTOR_CONTROL)?;
         let mut response = None;
         let answered = self.transport.wait_until(
             &mut || match mailbox::poll(mem, layout, slot, seq) {
@@ -403,26 +410,26 @@ fn duration_ms(d: Duration) -> u64 {
 #[derive(Debug)]
 pub struct Section<'ns, T: Transport> {
     ns: &'ns Namespace<T>,
-    slot: u32,
-    generation: u64,
-    offset: u64,
+    slot: ObjectSlot,
+    generation: Generation,
+    offset: RegionOffset,
     max_size: u64,
     open: bool,
 }
 
 impl<'ns, T: Transport> Section<'ns, T> {
     /// Object table slot.
-    pub fn slot(&self) -> u32 {
+    pub fn slot(&self) -> ObjectSlot {
         self.slot
     }
 
     /// Generation of the object (with the slot, its identity).
-    pub fn generation(&self) -> u64 {
+    pub fn generation(&self) -> Generation {
         self.generation
     }
 
     /// Region offset of the section's memory.
-    pub fn offset(&self) -> u64 {
+    pub fn offset(&self) -> RegionOffset {
         self.offset
     }
 
@@ -454,7 +461,7 @@ impl<'ns, T: Transport> Section<'ns, T> {
         self.ns.attached()?;
         let len = len as u64;
         match at.checked_add(len) {
-            Some(end) if end <= self.size() => Ok(self.offset + at),
+            Some(end) if end <= self.size() => Ok(self.offset.0 + at),
             _ => Err(Status::InvalidParameter.into()),
         }
     }
@@ -478,7 +485,7 @@ impl<'ns, T: Transport> Section<'ns, T> {
     pub fn as_ptr(&self) -> *mut u8 {
         let base = self.ns.mem().base().as_ptr();
         // The offset was validated against the mapping when the handle was opened.
-        base.wrapping_add(usize::try_from(self.offset).unwrap_or(usize::MAX))
+        base.wrapping_add(usize::try_from(self.offset.0).unwrap_or(usize::MAX))
     }
 
     /// Grows the exposed size to `new_size` (≤ max size). The section never moves.

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use vshm_format::layout::{Layout, Superblock};
 use vshm_format::shm::{read_pod, RawRegion};
+use vshm_format::PeerId;
 
 use crate::host::Mapping;
 use crate::{Transport, TransportError};
@@ -125,7 +126,7 @@ pub struct PciTransport {
     bdf: String,
     regs: Mapping,
     shm: Mapping,
-    peer_id: u16,
+    peer_id: PeerId,
 }
 
 impl PciTransport {
@@ -201,6 +202,7 @@ impl PciTransport {
         let peer_id = u16::try_from(pos)
             .ok()
             .filter(|&p| p != 0)
+            .map(PeerId)
             .ok_or_else(|| PciError::BadPosition(d.bdf.clone(), pos))?;
         Ok(PciTransport {
             bdf: d.bdf.clone(),
@@ -250,12 +252,12 @@ impl Transport for PciTransport {
         self.shm.region()
     }
 
-    fn peer_id(&self) -> u16 {
+    fn peer_id(&self) -> PeerId {
         self.peer_id
     }
 
-    fn ring(&self, peer: u16, vector: u16) -> Result<(), TransportError> {
-        let value = (u32::from(peer) << 16) | u32::from(vector);
+    fn ring(&self, peer: PeerId, vector: u16) -> Result<(), TransportError> {
+        let value = (u32::from(peer.raw()) << 16) | u32::from(vector);
         let reg = NonNull::new(self.doorbell()).ok_or(TransportError::Os(libc::EFAULT))?;
         // SAFETY: the doorbell register is a 4-byte-aligned MMIO register inside the BAR0
         // page we mapped; a single volatile 32-bit store is the access the device expects.

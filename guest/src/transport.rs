@@ -8,6 +8,7 @@
 use core::time::Duration;
 
 use vshm_format::shm::RawRegion;
+use vshm_format::PeerId;
 
 /// Why a transport operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,7 +18,7 @@ pub enum TransportError {
     /// An OS error (errno).
     Os(i32),
     /// The peer id handed out is not usable with this region.
-    BadPeerId(u16),
+    BadPeerId(PeerId),
 }
 
 impl core::fmt::Display for TransportError {
@@ -35,9 +36,9 @@ pub trait Transport {
     /// The mapped region (the whole ivshmem shared memory), valid while `self` is borrowed.
     fn region(&self) -> RawRegion<'_>;
     /// This peer's ivshmem peer id (IVPosition).
-    fn peer_id(&self) -> u16;
+    fn peer_id(&self) -> PeerId;
     /// Rings `peer`'s doorbell on `vector`.
-    fn ring(&self, peer: u16, vector: u16) -> Result<(), TransportError>;
+    fn ring(&self, peer: PeerId, vector: u16) -> Result<(), TransportError>;
     /// Waits until `ready()` returns true or `timeout` passes; returns whether it became
     /// ready. Implementations choose how: block on an interrupt/eventfd, or spin briefly then
     /// back off (a guest without interrupts).

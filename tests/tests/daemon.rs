@@ -114,7 +114,7 @@ fn peers_see_each_other_join_and_leave_in_the_peer_table() {
     watchdog(LIMIT, || {
         let b = Backend::start(&["--size", "1M"]);
         let a = b.connect();
-        let ids = |ns: &vshm::Namespace<vshm::host::HostTransport>| -> Vec<u16> {
+        let ids = |ns: &vshm::Namespace<vshm::host::HostTransport>| -> Vec<vshm_format::PeerId> {
             ns.peers().map(|p| p.peer_id).collect()
         };
         assert_eq!(ids(&a), vec![a.peer_id()]);

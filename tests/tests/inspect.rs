@@ -201,7 +201,11 @@ fn corrupted_copies_of_a_live_region_report_each_corruption_at_its_slot() {
             .rev()
             .find(|s| !connected.contains(&u64::from(*s)))
             .expect("a free peer slot");
-        let entry = |slot: u32| layout.object_entry(slot).expect("object slot");
+        let entry = |slot: u32| {
+            layout
+                .object_entry(vshm_format::ObjectSlot(slot))
+                .expect("object slot")
+        };
 
         let mut bytes = original.clone();
         // alpha's memory "moves" past the end of the heap.
@@ -216,7 +220,11 @@ fn corrupted_copies_of_a_live_region_report_each_corruption_at_its_slot() {
         // gamma's lease word claims a holder in a slot nobody is connected to.
         let lease_at = entry(gamma) + OBJ_LEASE_OFF;
         let w = get_u64(&bytes, lease_at);
-        put_u64(&mut bytes, lease_at, w | holder_bit(absent));
+        put_u64(
+            &mut bytes,
+            lease_at,
+            w | holder_bit(vshm_format::PeerSlot(absent)),
+        );
 
         let dir = TempDir::new("inspect");
         let corrupt = dir.path().join("corrupt.region");
@@ -316,7 +324,10 @@ fn vshmctl_inspect_exits_0_on_a_healthy_region_1_on_a_corrupted_copy_and_2_on_a_
         let mut bytes = std::fs::read(&memfd).expect("copy the memfd");
         let layout = layout_of(&bytes);
         let slot = slot_of(&b.status(), "beta");
-        let at = layout.object_entry(slot).expect("slot") + OBJ_NAME_OFF;
+        let at = layout
+            .object_entry(vshm_format::ObjectSlot(slot))
+            .expect("slot")
+            + OBJ_NAME_OFF;
         bytes[usize::try_from(at).expect("offset")] = b'\\';
         let corrupt = dir.path().join("corrupt.region");
         std::fs::write(&corrupt, &bytes).expect("write copy");

@@ -27,7 +27,7 @@ const PAGE: u64 = 4096;
 
 struct Loopback {
     region: RawRegion<'static>,
-    peer_id: u16,
+    peer_id: PeerId,
     arbiter: Rc<RefCell<Arbiter<Region>>>,
 }
 
@@ -35,13 +35,13 @@ impl Transport for Loopback {
     fn region(&self) -> RawRegion<'_> {
         self.region
     }
-    fn peer_id(&self) -> u16 {
+    fn peer_id(&self) -> PeerId {
         self.peer_id
     }
-    fn ring(&self, peer: u16, _vector: u16) -> Result<(), TransportError> {
-        if peer == 0 {
+    fn ring(&self, peer: PeerId, _vector: u16) -> Result<(), TransportError> {
+        if peer == PeerId::HOST {
             let mut a = self.arbiter.borrow_mut();
-            a.service(PeerId(self.peer_id));
+            a.service(self.peer_id);
             a.sweep();
         }
         Ok(())
@@ -155,7 +155,7 @@ impl World {
                 .expect("connect");
             let t = Loopback {
                 region: mapping.region(),
-                peer_id: id,
+                peer_id: PeerId(id),
                 arbiter: Rc::clone(&arbiter),
             };
             peers.push(&*Box::leak(Box::new(Namespace::attach(t).expect("attach"))));
@@ -241,7 +241,7 @@ impl World {
                     }
                     let mut holds = [0; PEERS];
                     holds[peer] = 1;
-                    let generation = s.generation();
+                    let generation = s.generation().raw();
                     self.objects.insert(
                         id,
                         MObj {
@@ -355,14 +355,14 @@ impl World {
                 let id = self.next_peer_id;
                 self.next_peer_id += 1;
                 let mut a = self.arbiter.borrow_mut();
-                a.peer_gone(PeerId(old));
+                a.peer_gone(old);
                 a.peer_connected(PeerId(id)).expect("reconnect");
                 drop(a);
                 // The old attachment is detached for good: it must refuse to touch anything.
                 prop_assert_eq!(self.peers[peer].open("alpha").err(), Some(Error::Detached));
                 let t = Loopback {
                     region: self.mapping.region(),
-                    peer_id: id,
+                    peer_id: PeerId(id),
                     arbiter: Rc::clone(&self.arbiter),
                 };
                 self.peers[peer] = Box::leak(Box::new(Namespace::attach(t).expect("re-attach")));
@@ -423,7 +423,7 @@ impl World {
                 let got = s
                     .refs_by_peer
                     .iter()
-                    .find(|x| x.0 == self.peers[p].peer_id())
+                    .find(|x| x.0 == self.peers[p].peer_id().raw())
                     .map_or(0, |x| x.1);
                 prop_assert_eq!(got, u64::from(n), "refs of peer {} on {}", p + 1, o.name);
             }

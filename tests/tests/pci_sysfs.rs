@@ -30,7 +30,8 @@ fn device(root: &Path, bdf: &str, vendor: &str, region_id: Option<u8>, position:
         let mut peer: PeerEntry = zeroed();
         peer.state = peer_state::CONNECTED;
         peer.peer_id = position;
-        let at = usize::try_from(layout.peer_entry(2).expect("slot 2")).expect("offset");
+        let at = usize::try_from(layout.peer_entry(vshm_format::PeerSlot(2)).expect("slot 2"))
+            .expect("offset");
         shm[at..at + 64].copy_from_slice(bytes_of(&peer));
     }
     std::fs::write(dir.join("resource2"), shm).expect("bar2");
@@ -44,10 +45,15 @@ fn the_one_device_holding_a_vshm_region_is_found_enabled_and_rung() {
     device(root.path(), "0000:00:04.0", "0x1af4", Some(7), 3);
     let t = PciTransport::open_in(root.path(), None).expect("found");
     assert_eq!(t.bdf(), "0000:00:04.0");
-    assert_eq!(t.peer_id(), 3, "IVPosition is our peer id");
+    assert_eq!(
+        t.peer_id(),
+        vshm_format::PeerId(3),
+        "IVPosition is our peer id"
+    );
     let enable = std::fs::read_to_string(root.path().join("0000:00:04.0/enable")).expect("enable");
     assert_eq!(enable.trim(), "1", "the device was enabled");
-    t.ring(0, 1).expect("ring the host on vector 1");
+    t.ring(vshm_format::PeerId::HOST, 1)
+        .expect("ring the host on vector 1");
     let regs = std::fs::read(root.path().join("0000:00:04.0/resource0")).expect("bar0");
     assert_eq!(
         &regs[12..16],

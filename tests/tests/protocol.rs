@@ -11,7 +11,7 @@ use vmm_sys_util_shim::recv_msg;
 use vshm_format::layout::{Layout, Request, Superblock, MB_RESPONSE_OFF};
 use vshm_format::mailbox;
 use vshm_format::shm::{bytes_of, read_pod, SharedMemory};
-use vshm_format::Status;
+use vshm_format::{Generation, ObjectSlot, Status};
 use vshm_tests::{watchdog, Backend};
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -152,7 +152,7 @@ fn garbage_requests_get_error_replies_and_the_backend_keeps_serving() {
         let region = bar.region();
         let sb: Superblock = read_pod(&region, 0).expect("superblock");
         let layout = Layout::from_superblock(&sb, region.size()).expect("valid header");
-        let id16 = u16::try_from(id).expect("id");
+        let id16 = vshm_format::PeerId(u16::try_from(id).expect("id"));
         let slot = vshm_format::object::find_peer_slot(&region, &layout, id16).expect("our slot");
         let host_bell = &msgs[0].1;
         let own = &msgs.iter().find(|m| m.0 == id).expect("own vector 0").1;
@@ -194,12 +194,18 @@ fn garbage_requests_get_error_replies_and_the_backend_keeps_serving() {
         let mut r = mailbox::create_request(Some("ok"), 1, 4096, 4096, false);
         r.flags |= 0x100;
         cases.push((r, Status::InvalidParameter));
-        cases.push((mailbox::delete_request(u32::MAX, 1), Status::InvalidHandle));
         cases.push((
-            mailbox::delete_request(3, 12345),
+            mailbox::delete_request(ObjectSlot(u32::MAX), Generation(1)),
+            Status::InvalidHandle,
+        ));
+        cases.push((
+            mailbox::delete_request(ObjectSlot(3), Generation(12345)),
             Status::ObjectNameNotFound,
         ));
-        cases.push((mailbox::grow_request(0, 1, 4096), Status::InvalidHandle));
+        cases.push((
+            mailbox::grow_request(ObjectSlot(0), Generation(1), 4096),
+            Status::InvalidHandle,
+        ));
 
         for (seq, (req, want)) in (1u64..).zip(cases) {
             // Write the request the way a peer does, then a sequence number.

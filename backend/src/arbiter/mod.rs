@@ -19,7 +19,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 use vshm_format::layout::{
-    holder_bit, refcell, Layout, FORMAT_VERSION, LEASE_CLOSED, OBJ_LEASE_OFF, SB_VERSION_OFF,
+    refcell, Layout, FORMAT_VERSION, LEASE_CLOSED, OBJ_LEASE_OFF, SB_VERSION_OFF,
 };
 use vshm_format::shm::{bytes_of, Fault, SharedMemory};
 use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
@@ -166,7 +166,7 @@ impl<M: Backing> Arbiter<M> {
         // Everything below the heap starts zeroed; free object slots carry a CLOSED lease so
         // a stale opener can never take a hold on them.
         mem.zero(0, layout.heap_offset)?;
-        for slot in 0..layout.max_objects {
+        for slot in (0..layout.max_objects).map(ObjectSlot) {
             if let Some(base) = layout.object_entry(slot) {
                 mem.store_u64(base + OBJ_LEASE_OFF, LEASE_CLOSED, Ordering::Relaxed)?;
             }
@@ -236,42 +236,14 @@ impl<M: Backing> Arbiter<M> {
             .map(|(i, _)| i)
     }
 
-    // The format crate still takes bare integers: these bridge to it (they go once it takes
-    // the id types).
-
-    /// Offset of `slot`'s object-table entry.
-    fn entry_off(&self, slot: ObjectSlot) -> Option<u64> {
-        self.layout.object_entry(slot.raw())
-    }
-
     fn lease_off(&self, slot: ObjectSlot) -> Option<u64> {
-        self.entry_off(slot).map(|b| b + OBJ_LEASE_OFF)
-    }
-
-    /// Offset of the refcount cell of peer slot `peer` for object `obj`.
-    fn cell_off(&self, peer: PeerSlot, obj: ObjectSlot) -> Option<u64> {
-        self.layout.refcount_cell(peer.raw(), obj.raw())
-    }
-
-    /// Offset of `peer`'s peer-table entry.
-    fn peer_entry_off(&self, peer: PeerSlot) -> Option<u64> {
-        self.layout.peer_entry(peer.raw())
-    }
-
-    /// Offset of `peer`'s mailbox.
-    fn mailbox_off(&self, peer: PeerSlot) -> Option<u64> {
-        self.layout.mailbox(peer.raw())
+        self.layout.object_entry(slot).map(|b| b + OBJ_LEASE_OFF)
     }
 
     fn cell_count(&self, peer: PeerSlot, obj: ObjectSlot) -> u32 {
-        self.cell_off(peer, obj)
+        self.layout
+            .refcount_cell(peer, obj)
             .and_then(|c| self.mem.load_u32(c, Ordering::Acquire).ok())
             .map_or(0, |v| v & refcell::REF_COUNT)
     }
-}
-
-/// Peer slot `peer`'s holder bit in a lease word (bridges to the format crate's
-/// `holder_bit`, which still takes a bare slot number).
-fn holder(peer: PeerSlot) -> u64 {
-    holder_bit(peer.raw())
 }

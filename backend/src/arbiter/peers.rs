@@ -5,12 +5,13 @@
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
+use vshm_format::layout::holder_bit;
 use vshm_format::layout::{peer_state, PeerEntry, PEER_STATE_OFF};
 use vshm_format::object::bump_namespace_seq;
 use vshm_format::shm::{bytes_of, zeroed, Fault};
 use vshm_format::{ObjectSlot, PeerId, PeerSlot};
 
-use super::{holder, Arbiter, Backing, PeerRecord};
+use super::{Arbiter, Backing, PeerRecord};
 
 /// Why a peer could not be registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -59,7 +60,7 @@ impl<M: Backing> Arbiter<M> {
     pub(super) fn connected_mask(&self) -> u64 {
         self.peer_slots()
             .filter(|(_, p)| p.connected)
-            .fold(0, |m, (i, _)| m | holder(i))
+            .fold(0, |m, (i, _)| m | holder_bit(i))
     }
 
     /// A peer id was handed out: give it a free slot, clear that slot's refcount row and
@@ -85,7 +86,8 @@ impl<M: Backing> Arbiter<M> {
         e.peer_id = u32::from(peer_id.raw());
         e.incarnation = incarnation;
         let base = self
-            .peer_entry_off(s)
+            .layout
+            .peer_entry(s)
             .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
         self.mem.write_bytes(base, bytes_of(&e))?;
         self.mem.store_u32(
@@ -108,12 +110,14 @@ impl<M: Backing> Arbiter<M> {
 
     pub(super) fn clear_peer_memory(&self, slot: PeerSlot) -> Result<(), Fault> {
         let row = self
-            .cell_off(slot, ObjectSlot(0))
+            .layout
+            .refcount_cell(slot, ObjectSlot(0))
             .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
         self.mem
             .zero(row, u64::from(self.layout.refcount_row_size))?;
         let mb = self
-            .mailbox_off(slot)
+            .layout
+            .mailbox(slot)
             .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })?;
         self.mem.zero(
             mb,

@@ -6,6 +6,7 @@
 
 use std::sync::atomic::Ordering;
 
+use vshm_format::layout::holder_bit;
 use vshm_format::layout::{
     peer_state, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP, OBJ_LEASE_OFF, PEER_STATE_OFF,
 };
@@ -14,7 +15,7 @@ use vshm_format::object::{self, bump_namespace_seq};
 use vshm_format::shm::zeroed;
 use vshm_format::{ObjectSlot, PeerId, PeerSlot};
 
-use super::{holder, Arbiter, Backing};
+use super::{Arbiter, Backing};
 use crate::telemetry::Event;
 
 /// What a peer's departure released.
@@ -64,12 +65,12 @@ impl<M: Backing> Arbiter<M> {
         self.departures += 1;
         self.peers[slot].freed = self.departures;
         self.peers[slot].since = None;
-        if let Some(base) = self.peer_entry_off(s) {
+        if let Some(base) = self.layout.peer_entry(s) {
             let _ =
                 self.mem
                     .store_u32(base + PEER_STATE_OFF, peer_state::ABSENT, Ordering::Release);
         }
-        let bit = holder(s);
+        let bit = holder_bit(s);
         let live: Vec<ObjectSlot> = self.live_slots().collect();
         let mut dead = Vec::new();
         for obj in live {
@@ -126,7 +127,7 @@ impl<M: Backing> Arbiter<M> {
         let mut holders = 0u64;
         for (i, p) in self.peer_slots() {
             if p.connected && self.cell_count(i, slot) > 0 {
-                holders |= holder(i);
+                holders |= holder_bit(i);
             }
         }
         if holders != 0 || keep {
@@ -149,8 +150,8 @@ impl<M: Backing> Arbiter<M> {
         if let (Some(n), false) = (&rec.name, rec.unlinked) {
             self.names.remove(n);
         }
-        if let Some(base) = self.entry_off(slot) {
-            let _ = object::publish(&self.mem, &self.layout, slot.raw(), &zeroed());
+        if let Some(base) = self.layout.object_entry(slot) {
+            let _ = object::publish(&self.mem, &self.layout, slot, &zeroed());
             let _ = self
                 .mem
                 .store_u64(base + OBJ_LEASE_OFF, LEASE_CLOSED, Ordering::SeqCst);

@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
+use vshm_format::layout::holder_bit;
 use vshm_format::layout::{object_state, Response, LEASE_KEEP};
 use vshm_format::lease::close_if_unheld;
 use vshm_format::mailbox::{self, Command};
@@ -13,7 +14,7 @@ use vshm_format::shm::Fault;
 use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, Status};
 
 use super::reclaim::Release;
-use super::{holder, Arbiter, Backing, Record};
+use super::{Arbiter, Backing, Record};
 use crate::telemetry::Event;
 
 impl<M: Backing> Arbiter<M> {
@@ -28,8 +29,7 @@ impl<M: Backing> Arbiter<M> {
             return false;
         }
         let last = self.peers[slot].last_seq;
-        let Ok(Some((seq, req))) = mailbox::take_request(&self.mem, &self.layout, s.raw(), last)
-        else {
+        let Ok(Some((seq, req))) = mailbox::take_request(&self.mem, &self.layout, s, last) else {
             return false;
         };
         self.peers[slot].last_seq = seq;
@@ -57,7 +57,7 @@ impl<M: Backing> Arbiter<M> {
             "request"
         );
         self.requests.record(req.op, resp.status, started.elapsed());
-        mailbox::respond(&self.mem, &self.layout, s.raw(), seq, &resp).is_ok()
+        mailbox::respond(&self.mem, &self.layout, s, seq, &resp).is_ok()
     }
 
     fn execute(&mut self, peer_id: PeerId, peer: PeerSlot, cmd: Command<'_>) -> Response {
@@ -77,19 +77,12 @@ impl<M: Backing> Arbiter<M> {
                 initial_size,
                 persistent,
             ),
-            Command::Delete { slot, generation } => {
-                let slot = ObjectSlot(slot);
-                self.delete(slot, Generation(generation)).map(|()| slot)
-            }
+            Command::Delete { slot, generation } => self.delete(slot, generation).map(|()| slot),
             Command::Grow {
                 slot,
                 generation,
                 size,
-            } => {
-                let slot = ObjectSlot(slot);
-                self.grow(peer, slot, Generation(generation), size)
-                    .map(|()| slot)
-            }
+            } => self.grow(peer, slot, generation, size).map(|()| slot),
         };
         match result {
             Ok(slot) => self.response(Status::Success, slot),
@@ -151,23 +144,23 @@ impl<M: Backing> Arbiter<M> {
         }
         let generation = self.next_generation;
         self.next_generation.0 += 1;
-        let lease = holder(peer) | if persistent { LEASE_KEEP } else { 0 };
+        let lease = holder_bit(peer) | if persistent { LEASE_KEEP } else { 0 };
         let entry = object::make_entry(
-            generation.raw(),
+            generation,
             object_state::LIVE,
             kind,
-            offset.raw(),
+            offset,
             initial_size,
             max_size,
             persistent,
             name,
-            u32::from(peer_id.raw()),
+            peer_id,
         );
         let published = self
             .lease_off(slot)
             .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })
             .and_then(|l| self.mem.store_u64(l, lease, Ordering::SeqCst))
-            .and_then(|()| object::publish(&self.mem, &self.layout, slot.raw(), &entry));
+            .and_then(|()| object::publish(&self.mem, &self.layout, slot, &entry));
         if published.is_err() {
             self.heap.release(offset, reserved);
             return Err((Status::InsufficientResources, None));
@@ -222,17 +215,17 @@ impl<M: Backing> Arbiter<M> {
             object_state::LIVE
         };
         let entry = object::make_entry(
-            r.generation.raw(),
+            r.generation,
             state,
             r.kind,
-            r.offset.raw(),
+            r.offset,
             r.size,
             r.max_size,
             r.persistent,
             r.name.as_deref(),
-            u32::from(r.creator.raw()),
+            r.creator,
         );
-        object::publish(&self.mem, &self.layout, slot.raw(), &entry)
+        object::publish(&self.mem, &self.layout, slot, &entry)
     }
 
     fn delete(
@@ -295,7 +288,7 @@ impl<M: Backing> Arbiter<M> {
         let held = self
             .lease_off(slot)
             .and_then(|l| self.mem.load_u64(l, Ordering::SeqCst).ok())
-            .is_some_and(|w| w & holder(peer) != 0);
+            .is_some_and(|w| w & holder_bit(peer) != 0);
         if !held {
             return Err((Status::InvalidHandle, None));
         }

@@ -208,7 +208,7 @@ impl<M: Backing> Arbiter<M> {
             .live_slots()
             .filter_map(|slot| {
                 let r = self.objects[slot.raw() as usize].as_ref()?;
-                let lease = self.entry_off(slot).and_then(|b| {
+                let lease = self.layout.object_entry(slot).and_then(|b| {
                     self.mem
                         .load_u64(b + OBJ_LEASE_OFF, std::sync::atomic::Ordering::SeqCst)
                         .ok()

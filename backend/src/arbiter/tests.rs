@@ -11,7 +11,7 @@ use vshm_format::layout::{
 use vshm_format::lease::{acquire, release, Released};
 use vshm_format::mailbox;
 use vshm_format::shm::SharedMemory;
-use vshm_format::{ObjectSlot, PeerId, PeerSlot, Status};
+use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, Status};
 
 use super::{Arbiter, ConnectError, Reclaim};
 use crate::region::Region;
@@ -27,7 +27,7 @@ fn arbiter() -> Arbiter<Region> {
 }
 
 fn request(a: &mut Arbiter<Region>, peer_id: PeerId, req: &Request) -> Response {
-    let slot = u32::from(peer_id.raw()) - 1;
+    let slot = PeerSlot(u32::from(peer_id.raw()) - 1);
     let mem = a.mem();
     let seq = mailbox::post(mem, a.layout(), slot, req).expect("post");
     assert!(a.service(peer_id), "answered");
@@ -52,9 +52,33 @@ fn a_departed_peers_holds_are_reclaimed_and_what_only_it_held_is_destroyed() {
     let only = create(&mut a, PeerId(1), "only-1", false);
     let shared = create(&mut a, PeerId(1), "shared", false);
     let (l, m) = (*a.layout(), a.mem());
-    acquire(m, &l, 0, only.slot, only.generation, false).expect("hold");
-    acquire(m, &l, 0, shared.slot, shared.generation, false).expect("hold");
-    acquire(m, &l, 1, shared.slot, shared.generation, false).expect("peer 2 holds");
+    acquire(
+        m,
+        &l,
+        PeerSlot(0),
+        ObjectSlot(only.slot),
+        Generation(only.generation),
+        false,
+    )
+    .expect("hold");
+    acquire(
+        m,
+        &l,
+        PeerSlot(0),
+        ObjectSlot(shared.slot),
+        Generation(shared.generation),
+        false,
+    )
+    .expect("hold");
+    acquire(
+        m,
+        &l,
+        PeerSlot(1),
+        ObjectSlot(shared.slot),
+        Generation(shared.generation),
+        false,
+    )
+    .expect("peer 2 holds");
     let out = a.peer_gone(PeerId(1));
     assert_eq!(
         out,
@@ -71,7 +95,8 @@ fn a_departed_peers_holds_are_reclaimed_and_what_only_it_held_is_destroyed() {
     assert_eq!(a.status().region.free, a.status().region.heap_size - 8192);
     assert_eq!(
         a.mem().load_u32(
-            l.refcount_cell(0, shared.slot).expect("cell"),
+            l.refcount_cell(PeerSlot(0), ObjectSlot(shared.slot))
+                .expect("cell"),
             Ordering::SeqCst
         ),
         Ok(0)
@@ -83,9 +108,17 @@ fn a_lease_closed_behind_the_holders_backs_is_repaired_not_destroyed() {
     let mut a = arbiter();
     let r = create(&mut a, PeerId(1), "victim", false);
     let (l, m) = (*a.layout(), a.mem());
-    acquire(m, &l, 0, r.slot, r.generation, false).expect("hold");
+    acquire(
+        m,
+        &l,
+        PeerSlot(0),
+        ObjectSlot(r.slot),
+        Generation(r.generation),
+        false,
+    )
+    .expect("hold");
     // A misbehaving peer forges CLOSED into the lease word.
-    let lease = l.object_entry(r.slot).expect("slot") + OBJ_LEASE_OFF;
+    let lease = l.object_entry(ObjectSlot(r.slot)).expect("slot") + OBJ_LEASE_OFF;
     m.store_u64(lease, LEASE_CLOSED, Ordering::SeqCst)
         .expect("forge");
     assert_eq!(a.sweep(), 0);
@@ -94,8 +127,14 @@ fn a_lease_closed_behind_the_holders_backs_is_repaired_not_destroyed() {
         "the holder's section survives"
     );
     assert_eq!(a.counters().repairs, 1);
-    assert_eq!(a.mem().load_u64(lease, Ordering::SeqCst), Ok(holder_bit(0)));
-    assert_eq!(release(a.mem(), &l, 0, r.slot), Ok(Released::LastHold));
+    assert_eq!(
+        a.mem().load_u64(lease, Ordering::SeqCst),
+        Ok(holder_bit(PeerSlot(0)))
+    );
+    assert_eq!(
+        release(a.mem(), &l, PeerSlot(0), ObjectSlot(r.slot)),
+        Ok(Released::LastHold)
+    );
     assert_eq!(a.sweep(), 1);
 }
 
@@ -104,7 +143,7 @@ fn a_forged_close_of_a_persistent_section_nobody_holds_is_repaired() {
     let mut a = arbiter();
     let r = create(&mut a, PeerId(1), "keep-me", true);
     let l = *a.layout();
-    let lease = l.object_entry(r.slot).expect("slot") + OBJ_LEASE_OFF;
+    let lease = l.object_entry(ObjectSlot(r.slot)).expect("slot") + OBJ_LEASE_OFF;
     // The creator never took its hold; a peer forges CLOSED.
     a.mem()
         .store_u64(lease, LEASE_CLOSED, Ordering::SeqCst)
@@ -128,8 +167,19 @@ fn create_reuses_a_name_whose_last_holder_closed_before_the_host_reaped_it() {
     let mut a = arbiter();
     let r = create(&mut a, PeerId(1), "n", false);
     let l = *a.layout();
-    acquire(a.mem(), &l, 0, r.slot, r.generation, false).expect("hold");
-    assert_eq!(release(a.mem(), &l, 0, r.slot), Ok(Released::LastHold));
+    acquire(
+        a.mem(),
+        &l,
+        PeerSlot(0),
+        ObjectSlot(r.slot),
+        Generation(r.generation),
+        false,
+    )
+    .expect("hold");
+    assert_eq!(
+        release(a.mem(), &l, PeerSlot(0), ObjectSlot(r.slot)),
+        Ok(Released::LastHold)
+    );
     // No sweep in between: the CREATE arrives first.
     let again = create(&mut a, PeerId(1), "n", false);
     assert_eq!(Status::from_code(again.status), Some(Status::Success));
@@ -141,10 +191,10 @@ fn holder_bits_of_absent_peers_are_dropped_by_the_sweep() {
     let mut a = arbiter();
     let r = create(&mut a, PeerId(1), "stray", false);
     let l = *a.layout();
-    let lease = l.object_entry(r.slot).expect("slot") + OBJ_LEASE_OFF;
+    let lease = l.object_entry(ObjectSlot(r.slot)).expect("slot") + OBJ_LEASE_OFF;
     // Peer 4 never connected, yet its bit appears (scribbled); peer 1 never took its hold.
     a.mem()
-        .store_u64(lease, holder_bit(3), Ordering::SeqCst)
+        .store_u64(lease, holder_bit(PeerSlot(3)), Ordering::SeqCst)
         .expect("scribble");
     assert_eq!(a.sweep(), 1, "no real holder left: destroyed");
     assert_eq!(a.status().region.free, a.status().region.heap_size);
@@ -165,7 +215,15 @@ fn a_fenced_peers_slot_and_the_memory_of_what_died_with_it_are_held_back_until_u
     let mut a = arbiter();
     let r = create(&mut a, PeerId(1), "doomed", false);
     let l = *a.layout();
-    acquire(a.mem(), &l, 0, r.slot, r.generation, false).expect("hold");
+    acquire(
+        a.mem(),
+        &l,
+        PeerSlot(0),
+        ObjectSlot(r.slot),
+        Generation(r.generation),
+        false,
+    )
+    .expect("hold");
     let heap = a.status().region.heap_size;
     assert_eq!(
         a.peer_gone_fenced(PeerId(9)),

@@ -195,9 +195,11 @@ pub mod lease {
     /// Holder bits.
     pub const LEASE_HOLDERS: u64 = LEASE_KEEP - 1;
 
+    use crate::ids::PeerSlot;
+
     /// The holder bit of a peer slot (slot < 62).
-    pub const fn holder_bit(slot: u32) -> u64 {
-        1u64 << slot
+    pub const fn holder_bit(slot: PeerSlot) -> u64 {
+        1u64 << slot.0
     }
 }
 pub use lease::{holder_bit, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP};

@@ -11,6 +11,7 @@
 
 use core::sync::atomic::Ordering;
 
+use crate::ids::{Generation, ObjectSlot, PeerSlot};
 use crate::layout::{
     holder_bit, object_state, refcell, Layout, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP,
     OBJ_LEASE_OFF,
@@ -80,15 +81,15 @@ struct Cell {
     bit: u64,
 }
 
-fn cell(layout: &Layout, peer_slot: u32, slot: u32) -> Result<Cell, Fault> {
+fn cell(layout: &Layout, peer_slot: PeerSlot, slot: ObjectSlot) -> Result<Cell, Fault> {
     let cell = layout
         .refcount_cell(peer_slot, slot)
         .ok_or(Fault::OutOfBounds {
-            offset: u64::from(slot),
+            offset: u64::from(slot.0),
             len: 4,
         })?;
     let entry = layout.object_entry(slot).ok_or(Fault::OutOfBounds {
-        offset: u64::from(slot),
+        offset: u64::from(slot.0),
         len: 8,
     })?;
     Ok(Cell {
@@ -105,9 +106,9 @@ fn cell(layout: &Layout, peer_slot: u32, slot: u32) -> Result<Cell, Fault> {
 pub fn acquire<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    peer_slot: u32,
-    slot: u32,
-    generation: u64,
+    peer_slot: PeerSlot,
+    slot: ObjectSlot,
+    generation: Generation,
     allow_unlinked: bool,
 ) -> Result<(), LeaseError> {
     let c = cell(layout, peer_slot, slot)?;
@@ -160,8 +161,8 @@ fn take_holder_bit<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
     c: &Cell,
-    slot: u32,
-    generation: u64,
+    slot: ObjectSlot,
+    generation: Generation,
     allow_unlinked: bool,
 ) -> Result<(), LeaseError> {
     let mut w = mem.load_u64(c.lease, Ordering::SeqCst)?;
@@ -196,8 +197,8 @@ fn take_holder_bit<M: SharedMemory + ?Sized>(
 fn holds_expected<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    slot: u32,
-    generation: u64,
+    slot: ObjectSlot,
+    generation: Generation,
     allow_unlinked: bool,
 ) -> Result<bool, Fault> {
     let gen_now = object::generation(mem, layout, slot)?;
@@ -239,8 +240,8 @@ pub fn close_if_unheld<M: SharedMemory + ?Sized>(
 pub fn release<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    peer_slot: u32,
-    slot: u32,
+    peer_slot: PeerSlot,
+    slot: ObjectSlot,
 ) -> Result<Released, LeaseError> {
     let c = cell(layout, peer_slot, slot)?;
     loop {
@@ -272,8 +273,8 @@ pub fn release<M: SharedMemory + ?Sized>(
 pub fn handles<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    peer_slot: u32,
-    slot: u32,
+    peer_slot: PeerSlot,
+    slot: ObjectSlot,
 ) -> Result<u32, Fault> {
     let c = cell(layout, peer_slot, slot)?;
     Ok(mem.load_u32(c.cell, Ordering::Acquire)? & refcell::REF_COUNT)
@@ -282,6 +283,7 @@ pub fn handles<M: SharedMemory + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
     use crate::layout::{object_state, ObjectEntry, OBJ_GENERATION_OFF, OBJ_STATE_OFF};
     use crate::object::{make_entry, publish};
     use crate::shm::{RawRegion, SharedMemory};
@@ -303,7 +305,7 @@ mod tests {
         let mem = unsafe { RawRegion::new(base, SIZE as u64) };
         let layout = Layout::compute(SIZE as u64, 4, 8, 1, 4096).expect("layout");
         for slot in 0..8 {
-            let lease = layout.object_entry(slot).expect("slot") + OBJ_LEASE_OFF;
+            let lease = layout.object_entry(ObjectSlot(slot)).expect("slot") + OBJ_LEASE_OFF;
             mem.store_u64(lease, LEASE_CLOSED, Ordering::SeqCst)
                 .expect("free lease");
         }
@@ -316,7 +318,13 @@ mod tests {
 
     impl Fixture {
         /// What the host does on create: lease first, then the entry.
-        fn create(&self, slot: u32, generation: u64, creator_slot: u32, persistent: bool) {
+        fn create(
+            &self,
+            slot: ObjectSlot,
+            generation: Generation,
+            creator_slot: PeerSlot,
+            persistent: bool,
+        ) {
             let lease = self.layout.object_entry(slot).expect("slot") + OBJ_LEASE_OFF;
             let keep = if persistent { LEASE_KEEP } else { 0 };
             self.mem
@@ -327,16 +335,16 @@ mod tests {
                 generation,
                 object_state::LIVE,
                 1,
-                off,
+                RegionOffset(off),
                 4096,
                 4096,
                 persistent,
                 Some("x"),
-                1,
+                PeerId(1),
             );
             publish(&self.mem, &self.layout, slot, &e).expect("publish");
         }
-        fn lease(&self, slot: u32) -> u64 {
+        fn lease(&self, slot: ObjectSlot) -> u64 {
             let lease = self.layout.object_entry(slot).expect("slot") + OBJ_LEASE_OFF;
             self.mem.load_u64(lease, Ordering::SeqCst).expect("lease")
         }
@@ -345,54 +353,127 @@ mod tests {
     #[test]
     fn the_last_close_closes_the_object_and_no_one_can_open_it_after() {
         let f = fixture();
-        f.create(0, 7, 0, false);
-        acquire(&f.mem, &f.layout, 0, 0, 7, false).expect("creator takes its hold");
-        acquire(&f.mem, &f.layout, 1, 0, 7, false).expect("peer 1 opens");
-        assert_eq!(f.lease(0) & LEASE_HOLDERS, 0b11);
-        assert_eq!(release(&f.mem, &f.layout, 0, 0), Ok(Released::Held));
-        assert_eq!(release(&f.mem, &f.layout, 1, 0), Ok(Released::LastHold));
-        assert_eq!(f.lease(0), LEASE_CLOSED);
+        f.create(ObjectSlot(0), Generation(7), PeerSlot(0), false);
+        acquire(
+            &f.mem,
+            &f.layout,
+            PeerSlot(0),
+            ObjectSlot(0),
+            Generation(7),
+            false,
+        )
+        .expect("creator takes its hold");
+        acquire(
+            &f.mem,
+            &f.layout,
+            PeerSlot(1),
+            ObjectSlot(0),
+            Generation(7),
+            false,
+        )
+        .expect("peer 1 opens");
+        assert_eq!(f.lease(ObjectSlot(0)) & LEASE_HOLDERS, 0b11);
         assert_eq!(
-            acquire(&f.mem, &f.layout, 2, 0, 7, false),
+            release(&f.mem, &f.layout, PeerSlot(0), ObjectSlot(0)),
+            Ok(Released::Held)
+        );
+        assert_eq!(
+            release(&f.mem, &f.layout, PeerSlot(1), ObjectSlot(0)),
+            Ok(Released::LastHold)
+        );
+        assert_eq!(f.lease(ObjectSlot(0)), LEASE_CLOSED);
+        assert_eq!(
+            acquire(
+                &f.mem,
+                &f.layout,
+                PeerSlot(2),
+                ObjectSlot(0),
+                Generation(7),
+                false
+            ),
             Err(LeaseError::Gone)
         );
         assert_eq!(
-            handles(&f.mem, &f.layout, 2, 0),
+            handles(&f.mem, &f.layout, PeerSlot(2), ObjectSlot(0)),
             Ok(0),
             "a failed open leaves no count"
         );
-        assert_eq!(release(&f.mem, &f.layout, 1, 0), Err(LeaseError::NotHeld));
+        assert_eq!(
+            release(&f.mem, &f.layout, PeerSlot(1), ObjectSlot(0)),
+            Err(LeaseError::NotHeld)
+        );
     }
 
     #[test]
     fn a_persistent_object_outlives_its_handles() {
         let f = fixture();
-        f.create(1, 3, 2, true);
-        acquire(&f.mem, &f.layout, 2, 1, 3, false).expect("hold");
-        assert_eq!(release(&f.mem, &f.layout, 2, 1), Ok(Released::Held));
-        assert_eq!(f.lease(1), LEASE_KEEP);
-        acquire(&f.mem, &f.layout, 3, 1, 3, false).expect("reopen after all closed");
+        f.create(ObjectSlot(1), Generation(3), PeerSlot(2), true);
+        acquire(
+            &f.mem,
+            &f.layout,
+            PeerSlot(2),
+            ObjectSlot(1),
+            Generation(3),
+            false,
+        )
+        .expect("hold");
+        assert_eq!(
+            release(&f.mem, &f.layout, PeerSlot(2), ObjectSlot(1)),
+            Ok(Released::Held)
+        );
+        assert_eq!(f.lease(ObjectSlot(1)), LEASE_KEEP);
+        acquire(
+            &f.mem,
+            &f.layout,
+            PeerSlot(3),
+            ObjectSlot(1),
+            Generation(3),
+            false,
+        )
+        .expect("reopen after all closed");
     }
 
     #[test]
     fn a_hold_on_a_stale_generation_is_refused_and_leaves_the_new_object_alone() {
         let f = fixture();
-        f.create(2, 10, 0, false);
+        f.create(ObjectSlot(2), Generation(10), PeerSlot(0), false);
         // The opener looked up generation 9 (a previous object in this slot).
         assert_eq!(
-            acquire(&f.mem, &f.layout, 1, 2, 9, false),
+            acquire(
+                &f.mem,
+                &f.layout,
+                PeerSlot(1),
+                ObjectSlot(2),
+                Generation(9),
+                false
+            ),
             Err(LeaseError::Gone)
         );
-        assert_eq!(f.lease(2), holder_bit(0), "the creator's hold is untouched");
-        assert_eq!(handles(&f.mem, &f.layout, 1, 2), Ok(0));
+        assert_eq!(
+            f.lease(ObjectSlot(2)),
+            holder_bit(PeerSlot(0)),
+            "the creator's hold is untouched"
+        );
+        assert_eq!(
+            handles(&f.mem, &f.layout, PeerSlot(1), ObjectSlot(2)),
+            Ok(0)
+        );
     }
 
     #[test]
     fn unlinked_objects_can_be_duplicated_but_not_opened_by_name() {
         let f = fixture();
-        f.create(3, 5, 0, false);
-        acquire(&f.mem, &f.layout, 0, 3, 5, false).expect("hold");
-        let base = f.layout.object_entry(3).expect("slot");
+        f.create(ObjectSlot(3), Generation(5), PeerSlot(0), false);
+        acquire(
+            &f.mem,
+            &f.layout,
+            PeerSlot(0),
+            ObjectSlot(3),
+            Generation(5),
+            false,
+        )
+        .expect("hold");
+        let base = f.layout.object_entry(ObjectSlot(3)).expect("slot");
         f.mem
             .store_u32(
                 base + OBJ_STATE_OFF,
@@ -401,16 +482,34 @@ mod tests {
             )
             .expect("unlink");
         assert_eq!(
-            acquire(&f.mem, &f.layout, 1, 3, 5, false),
+            acquire(
+                &f.mem,
+                &f.layout,
+                PeerSlot(1),
+                ObjectSlot(3),
+                Generation(5),
+                false
+            ),
             Err(LeaseError::Gone)
         );
         assert_eq!(
-            f.lease(3),
-            holder_bit(0),
+            f.lease(ObjectSlot(3)),
+            holder_bit(PeerSlot(0)),
             "the refused opener gave its bit back"
         );
-        acquire(&f.mem, &f.layout, 1, 3, 5, true).expect("duplicate a deleted section");
-        assert_eq!(f.lease(3), holder_bit(0) | holder_bit(1));
+        acquire(
+            &f.mem,
+            &f.layout,
+            PeerSlot(1),
+            ObjectSlot(3),
+            Generation(5),
+            true,
+        )
+        .expect("duplicate a deleted section");
+        assert_eq!(
+            f.lease(ObjectSlot(3)),
+            holder_bit(PeerSlot(0)) | holder_bit(PeerSlot(1))
+        );
     }
 
     #[test]
@@ -418,50 +517,92 @@ mod tests {
         let f = fixture();
         // A non-persistent object whose creator already let go, then the slot's generation
         // changed under a stale opener: nobody holds it, so the opener closes it.
-        f.create(4, 20, 0, false);
-        let lease = f.layout.object_entry(4).expect("slot") + OBJ_LEASE_OFF;
+        f.create(ObjectSlot(4), Generation(20), PeerSlot(0), false);
+        let lease = f.layout.object_entry(ObjectSlot(4)).expect("slot") + OBJ_LEASE_OFF;
         f.mem
             .store_u64(lease, 0, Ordering::SeqCst)
             .expect("no holders");
-        let base = f.layout.object_entry(4).expect("slot");
+        let base = f.layout.object_entry(ObjectSlot(4)).expect("slot");
         f.mem
             .store_u64(base + OBJ_GENERATION_OFF, 21, Ordering::SeqCst)
             .expect("new generation");
         assert_eq!(
-            acquire(&f.mem, &f.layout, 1, 4, 20, false),
+            acquire(
+                &f.mem,
+                &f.layout,
+                PeerSlot(1),
+                ObjectSlot(4),
+                Generation(20),
+                false
+            ),
             Err(LeaseError::GoneClosed)
         );
-        assert_eq!(f.lease(4), LEASE_CLOSED);
+        assert_eq!(f.lease(ObjectSlot(4)), LEASE_CLOSED);
     }
 
     #[test]
     fn repeated_opens_by_one_peer_count_handles_without_touching_the_lease() {
         let f = fixture();
-        f.create(5, 1, 0, false);
+        f.create(ObjectSlot(5), Generation(1), PeerSlot(0), false);
         for _ in 0..5 {
-            acquire(&f.mem, &f.layout, 0, 5, 1, false).expect("hold");
+            acquire(
+                &f.mem,
+                &f.layout,
+                PeerSlot(0),
+                ObjectSlot(5),
+                Generation(1),
+                false,
+            )
+            .expect("hold");
         }
-        assert_eq!(handles(&f.mem, &f.layout, 0, 5), Ok(5));
+        assert_eq!(
+            handles(&f.mem, &f.layout, PeerSlot(0), ObjectSlot(5)),
+            Ok(5)
+        );
         for _ in 0..4 {
-            assert_eq!(release(&f.mem, &f.layout, 0, 5), Ok(Released::Held));
+            assert_eq!(
+                release(&f.mem, &f.layout, PeerSlot(0), ObjectSlot(5)),
+                Ok(Released::Held)
+            );
         }
-        assert_eq!(f.lease(5), holder_bit(0));
-        assert_eq!(release(&f.mem, &f.layout, 0, 5), Ok(Released::LastHold));
+        assert_eq!(f.lease(ObjectSlot(5)), holder_bit(PeerSlot(0)));
+        assert_eq!(
+            release(&f.mem, &f.layout, PeerSlot(0), ObjectSlot(5)),
+            Ok(Released::LastHold)
+        );
     }
 
     #[test]
     fn a_stale_open_of_a_slot_this_peer_already_holds_leaves_its_hold_intact() {
         let f = fixture();
-        f.create(7, 31, 0, false);
-        acquire(&f.mem, &f.layout, 0, 7, 31, false).expect("hold the current object");
+        f.create(ObjectSlot(7), Generation(31), PeerSlot(0), false);
+        acquire(
+            &f.mem,
+            &f.layout,
+            PeerSlot(0),
+            ObjectSlot(7),
+            Generation(31),
+            false,
+        )
+        .expect("hold the current object");
         assert_eq!(
-            acquire(&f.mem, &f.layout, 0, 7, 30, false),
+            acquire(
+                &f.mem,
+                &f.layout,
+                PeerSlot(0),
+                ObjectSlot(7),
+                Generation(30),
+                false
+            ),
             Err(LeaseError::Gone)
         );
-        assert_eq!(handles(&f.mem, &f.layout, 0, 7), Ok(1));
-        assert_eq!(f.lease(7), holder_bit(0));
+        assert_eq!(
+            handles(&f.mem, &f.layout, PeerSlot(0), ObjectSlot(7)),
+            Ok(1)
+        );
+        assert_eq!(f.lease(ObjectSlot(7)), holder_bit(PeerSlot(0)));
         // An open by name must not hand out a deleted object, even one we already hold.
-        let base = f.layout.object_entry(7).expect("slot");
+        let base = f.layout.object_entry(ObjectSlot(7)).expect("slot");
         f.mem
             .store_u32(
                 base + OBJ_STATE_OFF,
@@ -470,20 +611,38 @@ mod tests {
             )
             .expect("unlink");
         assert_eq!(
-            acquire(&f.mem, &f.layout, 0, 7, 31, false),
+            acquire(
+                &f.mem,
+                &f.layout,
+                PeerSlot(0),
+                ObjectSlot(7),
+                Generation(31),
+                false
+            ),
             Err(LeaseError::Gone)
         );
-        acquire(&f.mem, &f.layout, 0, 7, 31, true).expect("duplicate is fine");
-        assert_eq!(handles(&f.mem, &f.layout, 0, 7), Ok(2));
+        acquire(
+            &f.mem,
+            &f.layout,
+            PeerSlot(0),
+            ObjectSlot(7),
+            Generation(31),
+            true,
+        )
+        .expect("duplicate is fine");
+        assert_eq!(
+            handles(&f.mem, &f.layout, PeerSlot(0), ObjectSlot(7)),
+            Ok(2)
+        );
     }
 
     #[test]
     fn closing_gives_up_on_a_lease_word_that_never_stops_changing() {
         // A word with a holder is never closed; an unheld one is closed at once.
         let f = fixture();
-        let lease = f.layout.object_entry(0).expect("slot") + OBJ_LEASE_OFF;
+        let lease = f.layout.object_entry(ObjectSlot(0)).expect("slot") + OBJ_LEASE_OFF;
         f.mem
-            .store_u64(lease, holder_bit(1), Ordering::SeqCst)
+            .store_u64(lease, holder_bit(PeerSlot(1)), Ordering::SeqCst)
             .expect("held");
         assert_eq!(
             close_if_unheld(&f.mem, lease, 0),
@@ -497,13 +656,23 @@ mod tests {
     #[test]
     fn a_scribbled_lock_bit_is_reported_not_spun_on_forever() {
         let f = fixture();
-        f.create(6, 1, 0, false);
-        let cell = f.layout.refcount_cell(0, 6).expect("cell");
+        f.create(ObjectSlot(6), Generation(1), PeerSlot(0), false);
+        let cell = f
+            .layout
+            .refcount_cell(PeerSlot(0), ObjectSlot(6))
+            .expect("cell");
         f.mem
             .store_u32(cell, refcell::REF_LOCK, Ordering::SeqCst)
             .expect("scribble");
         assert_eq!(
-            acquire(&f.mem, &f.layout, 0, 6, 1, false),
+            acquire(
+                &f.mem,
+                &f.layout,
+                PeerSlot(0),
+                ObjectSlot(6),
+                Generation(1),
+                false
+            ),
             Err(LeaseError::Stuck)
         );
     }

@@ -7,6 +7,7 @@
 
 use core::sync::atomic::Ordering;
 
+use crate::ids::{Generation, ObjectSlot, PeerSlot};
 use crate::layout::{
     kind, object_flags, op, Layout, Request, Response, MAX_NAME_BYTES, MB_LOCK_OFF, MB_REQ_SEQ_OFF,
     MB_RESPONSE_OFF, MB_RESP_SEQ_OFF,
@@ -34,16 +35,16 @@ pub enum Command<'a> {
     /// Delete (unlink) an object.
     Delete {
         /// Slot.
-        slot: u32,
+        slot: ObjectSlot,
         /// Generation.
-        generation: u64,
+        generation: Generation,
     },
     /// Grow a section.
     Grow {
         /// Slot.
-        slot: u32,
+        slot: ObjectSlot,
         /// Generation.
-        generation: u64,
+        generation: Generation,
         /// New size.
         size: u64,
     },
@@ -97,8 +98,8 @@ pub fn decode<'a>(req: &'a Request, layout: &Layout) -> Result<Command<'a>, Stat
                 return Err(Status::InvalidHandle);
             }
             Ok(Command::Delete {
-                slot: req.slot,
-                generation: req.generation,
+                slot: ObjectSlot(req.slot),
+                generation: Generation(req.generation),
             })
         }
         op::GROW => {
@@ -106,8 +107,8 @@ pub fn decode<'a>(req: &'a Request, layout: &Layout) -> Result<Command<'a>, Stat
                 return Err(Status::InvalidHandle);
             }
             Ok(Command::Grow {
-                slot: req.slot,
-                generation: req.generation,
+                slot: ObjectSlot(req.slot),
+                generation: Generation(req.generation),
                 size: req.size,
             })
         }
@@ -141,27 +142,27 @@ pub fn create_request(
 }
 
 /// Builds a DELETE request.
-pub fn delete_request(slot: u32, generation: u64) -> Request {
+pub fn delete_request(slot: ObjectSlot, generation: Generation) -> Request {
     let mut r = zeroed::<Request>();
     r.op = op::DELETE;
-    r.slot = slot;
-    r.generation = generation;
+    r.slot = slot.0;
+    r.generation = generation.0;
     r
 }
 
 /// Builds a GROW request.
-pub fn grow_request(slot: u32, generation: u64, size: u64) -> Request {
+pub fn grow_request(slot: ObjectSlot, generation: Generation, size: u64) -> Request {
     let mut r = zeroed::<Request>();
     r.op = op::GROW;
-    r.slot = slot;
-    r.generation = generation;
+    r.slot = slot.0;
+    r.generation = generation.0;
     r.size = size;
     r
 }
 
-fn mailbox_base(layout: &Layout, peer_slot: u32) -> Result<u64, Fault> {
+fn mailbox_base(layout: &Layout, peer_slot: PeerSlot) -> Result<u64, Fault> {
     layout.mailbox(peer_slot).ok_or(Fault::OutOfBounds {
-        offset: u64::from(peer_slot),
+        offset: u64::from(peer_slot.0),
         len: 0,
     })
 }
@@ -173,7 +174,7 @@ fn mailbox_base(layout: &Layout, peer_slot: u32) -> Result<u64, Fault> {
 pub fn try_lock<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    peer_slot: u32,
+    peer_slot: PeerSlot,
     owner: u32,
 ) -> Result<bool, Fault> {
     let base = mailbox_base(layout, peer_slot)?;
@@ -187,7 +188,7 @@ pub fn try_lock<M: SharedMemory + ?Sized>(
 pub fn lock_owner<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    peer_slot: u32,
+    peer_slot: PeerSlot,
 ) -> Result<u32, Fault> {
     let base = mailbox_base(layout, peer_slot)?;
     mem.load_u32(base + MB_LOCK_OFF, Ordering::Acquire)
@@ -197,7 +198,7 @@ pub fn lock_owner<M: SharedMemory + ?Sized>(
 pub fn steal_lock<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    peer_slot: u32,
+    peer_slot: PeerSlot,
     dead: u32,
     owner: u32,
 ) -> Result<bool, Fault> {
@@ -209,7 +210,7 @@ pub fn steal_lock<M: SharedMemory + ?Sized>(
 pub fn unlock<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    peer_slot: u32,
+    peer_slot: PeerSlot,
 ) -> Result<(), Fault> {
     let base = mailbox_base(layout, peer_slot)?;
     mem.store_u32(base + MB_LOCK_OFF, 0, Ordering::Release)
@@ -222,7 +223,7 @@ pub fn unlock<M: SharedMemory + ?Sized>(
 pub fn post<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    peer_slot: u32,
+    peer_slot: PeerSlot,
     req: &Request,
 ) -> Result<u64, Fault> {
     let base = mailbox_base(layout, peer_slot)?;
@@ -243,7 +244,7 @@ pub fn post<M: SharedMemory + ?Sized>(
 pub fn poll<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    peer_slot: u32,
+    peer_slot: PeerSlot,
     seq: u64,
 ) -> Result<Option<Response>, Fault> {
     let base = mailbox_base(layout, peer_slot)?;
@@ -260,7 +261,7 @@ pub fn poll<M: SharedMemory + ?Sized>(
 pub fn take_request<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    peer_slot: u32,
+    peer_slot: PeerSlot,
     last_seen: u64,
 ) -> Result<Option<(u64, Request)>, Fault> {
     let base = mailbox_base(layout, peer_slot)?;
@@ -280,7 +281,7 @@ pub fn take_request<M: SharedMemory + ?Sized>(
 pub fn respond<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    peer_slot: u32,
+    peer_slot: PeerSlot,
     seq: u64,
     resp: &Response,
 ) -> Result<(), Fault> {

@@ -5,6 +5,7 @@
 
 use core::sync::atomic::{fence, Ordering};
 
+use crate::ids::{Generation, ObjectSlot, PeerId, RegionOffset};
 use crate::layout::{
     const_usize, kind, object_flags, object_state, Layout, ObjectEntry, LEASE_CLOSED,
     MAX_NAME_BYTES, OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_NAME_OFF, OBJ_SEQ_OFF,
@@ -25,15 +26,15 @@ const SNAPSHOT_TRIES: u32 = 10_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ObjectInfo {
     /// Table slot.
-    pub slot: u32,
+    pub slot: ObjectSlot,
     /// Generation of the object in this slot.
-    pub generation: u64,
+    pub generation: Generation,
     /// [`object_state`] (LIVE or UNLINKED; FREE entries are not returned as objects).
     pub state: u32,
     /// [`kind`].
     pub kind: u32,
     /// Region offset of the object's memory.
-    pub offset: u64,
+    pub offset: RegionOffset,
     /// Current size.
     pub size: u64,
     /// Max size.
@@ -70,13 +71,13 @@ pub fn namespace_seq<M: SharedMemory + ?Sized>(mem: &M) -> Result<u64, Fault> {
 pub fn snapshot<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    slot: u32,
+    slot: ObjectSlot,
     with_name: bool,
 ) -> Result<ObjectEntry, EntryError> {
     let base = layout
         .object_entry(slot)
         .ok_or(EntryError::Fault(Fault::OutOfBounds {
-            offset: u64::from(slot),
+            offset: u64::from(slot.0),
             len: 0,
         }))?;
     let mut entry = zeroed::<ObjectEntry>();
@@ -110,7 +111,7 @@ pub fn snapshot<M: SharedMemory + ?Sized>(
 /// in a fixed order (state, kind, range, flags, name) and the first failure is returned.
 pub fn validate(
     layout: &Layout,
-    slot: u32,
+    slot: ObjectSlot,
     e: &ObjectEntry,
 ) -> Result<Option<ObjectInfo>, EntryError> {
     match e.state {
@@ -165,10 +166,10 @@ pub fn validate(
     }
     Ok(Some(ObjectInfo {
         slot,
-        generation: e.generation,
+        generation: Generation(e.generation),
         state: e.state,
         kind: e.kind,
-        offset: e.offset,
+        offset: RegionOffset(e.offset),
         size: e.size,
         max_size: e.max_size,
         flags: e.flags,
@@ -182,7 +183,7 @@ pub fn validate(
 pub fn read_object<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    slot: u32,
+    slot: ObjectSlot,
 ) -> Result<Option<ObjectInfo>, EntryError> {
     let e = snapshot(mem, layout, slot, true)?;
     validate(layout, slot, &e)
@@ -200,7 +201,7 @@ pub fn find_by_name<M: SharedMemory + ?Sized>(
     let want = name.as_bytes();
     let hash = name_hash(want);
     let mut busy = false;
-    for slot in 0..layout.max_objects {
+    for slot in (0..layout.max_objects).map(ObjectSlot) {
         let Some(base) = layout.object_entry(slot) else {
             break;
         };
@@ -254,11 +255,11 @@ pub fn find_by_name<M: SharedMemory + ?Sized>(
 pub fn publish<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    slot: u32,
+    slot: ObjectSlot,
     entry: &ObjectEntry,
 ) -> Result<(), Fault> {
     let base = layout.object_entry(slot).ok_or(Fault::OutOfBounds {
-        offset: u64::from(slot),
+        offset: u64::from(slot.0),
         len: 0,
     })?;
     let seq = mem.load_u64(base + OBJ_SEQ_OFF, Ordering::Relaxed)?;
@@ -301,19 +302,24 @@ pub fn bump_namespace_seq<M: SharedMemory + ?Sized>(mem: &M) -> Result<(), Fault
 pub fn generation<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    slot: u32,
-) -> Result<u64, Fault> {
+    slot: ObjectSlot,
+) -> Result<Generation, Fault> {
     let base = layout.object_entry(slot).ok_or(Fault::OutOfBounds {
-        offset: u64::from(slot),
+        offset: u64::from(slot.0),
         len: 0,
     })?;
     mem.load_u64(base + OBJ_GENERATION_OFF, Ordering::SeqCst)
+        .map(Generation)
 }
 
 /// Reads the state of `slot` (one atomic load).
-pub fn state<M: SharedMemory + ?Sized>(mem: &M, layout: &Layout, slot: u32) -> Result<u32, Fault> {
+pub fn state<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: ObjectSlot,
+) -> Result<u32, Fault> {
     let base = layout.object_entry(slot).ok_or(Fault::OutOfBounds {
-        offset: u64::from(slot),
+        offset: u64::from(slot.0),
         len: 0,
     })?;
     mem.load_u32(base + OBJ_STATE_OFF, Ordering::SeqCst)
@@ -322,24 +328,24 @@ pub fn state<M: SharedMemory + ?Sized>(mem: &M, layout: &Layout, slot: u32) -> R
 /// Builds an entry for the host to publish. `name` must already be validated.
 #[allow(clippy::too_many_arguments)]
 pub fn make_entry(
-    generation: u64,
+    generation: Generation,
     state: u32,
     kind: u32,
-    offset: u64,
+    offset: RegionOffset,
     size: u64,
     max_size: u64,
     persistent: bool,
     name: Option<&str>,
-    creator: u32,
+    creator: PeerId,
 ) -> ObjectEntry {
     let mut e = zeroed::<ObjectEntry>();
-    e.generation = generation;
+    e.generation = generation.0;
     e.state = state;
     e.kind = kind;
-    e.offset = offset;
+    e.offset = offset.0;
     e.size = size;
     e.max_size = max_size;
-    e.creator = creator;
+    e.creator = u32::from(creator.0);
     e.flags = if persistent {
         object_flags::PERSISTENT
     } else {
@@ -356,6 +362,7 @@ pub fn make_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::{Generation, ObjectSlot, PeerId, RegionOffset};
     use crate::shm::RawRegion;
     use core::ptr::NonNull;
 
@@ -371,15 +378,15 @@ mod tests {
 
     fn good(layout: &Layout) -> ObjectEntry {
         make_entry(
-            1,
+            Generation(1),
             object_state::LIVE,
             kind::SECTION,
-            layout.heap_offset,
+            RegionOffset(layout.heap_offset),
             10,
             4096,
             false,
             Some("name"),
-            1,
+            PeerId(1),
         )
     }
 
@@ -387,14 +394,19 @@ mod tests {
     fn a_published_entry_reads_back_and_is_found_by_name() {
         let mut buf = vec![0u64; (1 << 20) / 8];
         let (mem, layout) = region(&mut buf);
-        publish(&mem, &layout, 2, &good(&layout)).expect("publish");
-        let info = read_object(&mem, &layout, 2).expect("valid").expect("live");
-        assert_eq!((info.slot, info.name(), info.size), (2, Some("name"), 10));
+        publish(&mem, &layout, ObjectSlot(2), &good(&layout)).expect("publish");
+        let info = read_object(&mem, &layout, ObjectSlot(2))
+            .expect("valid")
+            .expect("live");
+        assert_eq!(
+            (info.slot, info.name(), info.size),
+            (ObjectSlot(2), Some("name"), 10)
+        );
         assert_eq!(
             find_by_name(&mem, &layout, "name")
                 .expect("scan")
                 .map(|i| i.slot),
-            Some(2)
+            Some(ObjectSlot(2))
         );
         assert_eq!(find_by_name(&mem, &layout, "Name").expect("scan"), None);
         assert_eq!(namespace_seq(&mem), Ok(1));
@@ -405,7 +417,7 @@ mod tests {
         let mut buf = vec![0u64; (1 << 20) / 8];
         let (_mem, layout) = region(&mut buf);
         let g = good(&layout);
-        let check = |e: ObjectEntry| validate(&layout, 0, &e);
+        let check = |e: ObjectEntry| validate(&layout, ObjectSlot(0), &e);
         assert!(check(g).is_ok());
         let mut e = g;
         e.state = 9;
@@ -547,11 +559,14 @@ mod tests {
     fn a_reader_gives_up_on_an_entry_held_odd_forever() {
         let mut buf = vec![0u64; (1 << 20) / 8];
         let (mem, layout) = region(&mut buf);
-        publish(&mem, &layout, 1, &good(&layout)).expect("publish");
-        let base = layout.object_entry(1).expect("slot");
+        publish(&mem, &layout, ObjectSlot(1), &good(&layout)).expect("publish");
+        let base = layout.object_entry(ObjectSlot(1)).expect("slot");
         mem.store_u64(base + OBJ_SEQ_OFF, 7, Ordering::SeqCst)
             .expect("odd seq");
-        assert_eq!(snapshot(&mem, &layout, 1, true), Err(EntryError::Busy));
+        assert_eq!(
+            snapshot(&mem, &layout, ObjectSlot(1), true),
+            Err(EntryError::Busy)
+        );
         assert_eq!(
             find_by_name(&mem, &layout, "name"),
             Err(EntryError::Busy),
@@ -559,7 +574,9 @@ mod tests {
         );
         assert_eq!(find_by_name(&mem, &layout, "other"), Err(EntryError::Busy));
         // The host's next publication recovers from any odd value.
-        publish(&mem, &layout, 1, &good(&layout)).expect("publish");
-        assert!(read_object(&mem, &layout, 1).expect("valid").is_some());
+        publish(&mem, &layout, ObjectSlot(1), &good(&layout)).expect("publish");
+        assert!(read_object(&mem, &layout, ObjectSlot(1))
+            .expect("valid")
+            .is_some());
     }
 }

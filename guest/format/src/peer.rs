@@ -3,6 +3,7 @@
 
 use core::sync::atomic::Ordering;
 
+use crate::ids::{PeerId, PeerSlot};
 use crate::layout::{
     peer_state, Layout, PeerEntry, PEER_ID_OFF, PEER_INCARNATION_OFF, PEER_STATE_OFF,
 };
@@ -49,22 +50,22 @@ impl core::fmt::Display for PeerError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerInfo {
     /// Peer table slot.
-    pub slot: u32,
+    pub slot: PeerSlot,
     /// ivshmem peer id.
-    pub peer_id: u16,
+    pub peer_id: PeerId,
     /// Connections so far in this slot.
     pub incarnation: u64,
 }
 
 /// Validates a copy of peer entry `slot`: `Ok(None)` if ABSENT, the peer if CONNECTED with
 /// a valid id.
-pub fn validate_peer(slot: u32, e: &PeerEntry) -> Result<Option<PeerInfo>, PeerError> {
+pub fn validate_peer(slot: PeerSlot, e: &PeerEntry) -> Result<Option<PeerInfo>, PeerError> {
     match e.state {
         peer_state::ABSENT => Ok(None),
         peer_state::CONNECTED => match u16::try_from(e.peer_id) {
             Ok(id) if id != 0 => Ok(Some(PeerInfo {
                 slot,
-                peer_id: id,
+                peer_id: PeerId(id),
                 incarnation: e.incarnation,
             })),
             _ => Err(PeerError::BadPeerId { peer_id: e.peer_id }),
@@ -78,10 +79,10 @@ pub fn validate_peer(slot: u32, e: &PeerEntry) -> Result<Option<PeerInfo>, PeerE
 pub fn read_peer_entry<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    slot: u32,
+    slot: PeerSlot,
 ) -> Result<Option<PeerInfo>, PeerError> {
     let base = layout.peer_entry(slot).ok_or(Fault::OutOfBounds {
-        offset: u64::from(slot),
+        offset: u64::from(slot.0),
         len: 0,
     })?;
     let e: PeerEntry = crate::shm::read_pod(mem, base)?;
@@ -93,7 +94,7 @@ pub fn read_peer_entry<M: SharedMemory + ?Sized>(
 pub fn read_peer<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    slot: u32,
+    slot: PeerSlot,
 ) -> Option<PeerInfo> {
     let base = layout.peer_entry(slot)?;
     // One acquire load first: a cheap filter, and it orders the copy below after the host's
@@ -113,15 +114,15 @@ pub fn read_peer<M: SharedMemory + ?Sized>(
 pub fn peer_still_attached<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    slot: u32,
-    peer_id: u16,
+    slot: PeerSlot,
+    peer_id: PeerId,
     incarnation: u64,
 ) -> bool {
     let Some(base) = layout.peer_entry(slot) else {
         return false;
     };
     mem.load_u32(base + PEER_STATE_OFF, Ordering::SeqCst) == Ok(peer_state::CONNECTED)
-        && mem.load_u32(base + PEER_ID_OFF, Ordering::SeqCst) == Ok(u32::from(peer_id))
+        && mem.load_u32(base + PEER_ID_OFF, Ordering::SeqCst) == Ok(u32::from(peer_id.0))
         && mem.load_u64(base + PEER_INCARNATION_OFF, Ordering::SeqCst) == Ok(incarnation)
 }
 
@@ -130,10 +131,10 @@ pub fn peer_still_attached<M: SharedMemory + ?Sized>(
 pub fn find_peer_slot<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
-    peer_id: u16,
-) -> Option<u32> {
+    peer_id: PeerId,
+) -> Option<PeerSlot> {
     let mut found = None;
-    for slot in 0..layout.max_peers {
+    for slot in (0..layout.max_peers).map(PeerSlot) {
         if read_peer(mem, layout, slot).is_some_and(|p| p.peer_id == peer_id) {
             if found.is_some() {
                 return None;
@@ -147,35 +148,39 @@ pub fn find_peer_slot<M: SharedMemory + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::{PeerId, PeerSlot};
     use crate::shm::zeroed;
 
     #[test]
     fn a_peer_entry_validates_to_its_peer_or_says_which_field_is_wrong() {
         let mut e = zeroed::<PeerEntry>();
-        assert_eq!(validate_peer(3, &e), Ok(None));
+        assert_eq!(validate_peer(PeerSlot(3), &e), Ok(None));
         e.state = peer_state::CONNECTED;
         e.peer_id = 9;
         e.incarnation = 2;
         assert_eq!(
-            validate_peer(3, &e),
+            validate_peer(PeerSlot(3), &e),
             Ok(Some(PeerInfo {
-                slot: 3,
-                peer_id: 9,
+                slot: PeerSlot(3),
+                peer_id: PeerId(9),
                 incarnation: 2
             }))
         );
         e.peer_id = 0;
         assert_eq!(
-            validate_peer(3, &e),
+            validate_peer(PeerSlot(3), &e),
             Err(PeerError::BadPeerId { peer_id: 0 })
         );
         e.peer_id = 70_000;
         assert_eq!(
-            validate_peer(3, &e),
+            validate_peer(PeerSlot(3), &e),
             Err(PeerError::BadPeerId { peer_id: 70_000 })
         );
         e.state = 5;
-        assert_eq!(validate_peer(3, &e), Err(PeerError::BadState { state: 5 }));
+        assert_eq!(
+            validate_peer(PeerSlot(3), &e),
+            Err(PeerError::BadState { state: 5 })
+        );
         assert_eq!(
             PeerError::BadState { state: 5 }.to_string(),
             "unknown state 5 (0 = ABSENT, 1 = CONNECTED)"

@@ -176,16 +176,16 @@ fn kind_name(kind: u32) -> &'static str {
 }
 
 fn holders<T: Transport>(ns: &Namespace<T>, info: &ObjectInfo) -> Vec<u16> {
-    ns.holders(info.slot).map(|p| p.peer_id).collect()
+    ns.holders(info.slot).map(|p| p.peer_id.raw()).collect()
 }
 
 fn info_json<T: Transport>(ns: &Namespace<T>, info: &ObjectInfo) -> Value {
     json!({
         "name": info.name(),
         "kind": kind_name(info.kind),
-        "slot": info.slot,
-        "generation": info.generation,
-        "offset": info.offset,
+        "slot": info.slot.raw(),
+        "generation": info.generation.raw(),
+        "offset": info.offset.raw(),
         "size": info.size,
         "max_size": info.max_size,
         "persistent": info.persistent(),
@@ -478,7 +478,7 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
             if json {
                 let arr: Vec<Value> = peers
                     .iter()
-                    .map(|p| json!({ "id": p.peer_id, "incarnation": p.incarnation, "self": p.peer_id == me }))
+                    .map(|p| json!({ "id": p.peer_id.raw(), "incarnation": p.incarnation, "self": p.peer_id == me }))
                     .collect();
                 say!("{}", Value::Array(arr));
             } else {

@@ -11,6 +11,7 @@ use vshm_format::layout::{
 };
 use vshm_format::object::{make_entry, publish};
 use vshm_format::shm::{bytes_of, zeroed, Fault, RawRegion, SharedMemory};
+use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
 
 const MIB: u64 = 1 << 20;
 
@@ -57,7 +58,7 @@ impl Region {
         sb.version = FORMAT_VERSION;
         mem.write_bytes(0, bytes_of(&sb)).expect("superblock");
         for s in 0..max_objects {
-            let lease = layout.object_entry(s).expect("slot") + OBJ_LEASE_OFF;
+            let lease = layout.object_entry(ObjectSlot(s)).expect("slot") + OBJ_LEASE_OFF;
             mem.store_u64(lease, LEASE_CLOSED, Ordering::SeqCst)
                 .expect("lease");
         }
@@ -73,7 +74,7 @@ impl Region {
         e.state = peer_state::CONNECTED;
         e.peer_id = id;
         e.incarnation = 1;
-        let at = self.layout.peer_entry(slot).expect("peer slot");
+        let at = self.layout.peer_entry(PeerSlot(slot)).expect("peer slot");
         self.mem.write_bytes(at, bytes_of(&e)).expect("peer entry");
     }
 
@@ -96,15 +97,15 @@ impl Region {
         counts: &[(u32, u32)],
     ) {
         let e = make_entry(
-            generation,
+            Generation(generation),
             object_state::LIVE,
             kind::SECTION,
-            offset,
+            RegionOffset(offset),
             max_size / 2,
             max_size,
             persistent,
             name,
-            1,
+            PeerId(1),
         );
         self.publish(slot, &e);
         self.lease(slot, lease);
@@ -114,16 +115,19 @@ impl Region {
     }
 
     fn publish(&self, slot: u32, e: &ObjectEntry) {
-        publish(&self.mem, &self.layout, slot, e).expect("publish");
+        publish(&self.mem, &self.layout, ObjectSlot(slot), e).expect("publish");
     }
 
     fn lease(&self, slot: u32, w: u64) {
-        let at = self.layout.object_entry(slot).expect("slot") + OBJ_LEASE_OFF;
+        let at = self.layout.object_entry(ObjectSlot(slot)).expect("slot") + OBJ_LEASE_OFF;
         self.mem.store_u64(at, w, Ordering::SeqCst).expect("lease");
     }
 
     fn cell(&self, peer: u32, slot: u32, v: u32) {
-        let at = self.layout.refcount_cell(peer, slot).expect("cell");
+        let at = self
+            .layout
+            .refcount_cell(PeerSlot(peer), ObjectSlot(slot))
+            .expect("cell");
         self.mem.store_u32(at, v, Ordering::SeqCst).expect("cell");
     }
 
@@ -162,7 +166,7 @@ fn healthy() -> Region {
         r.heap(1),
         8192,
         false,
-        holder_bit(1),
+        holder_bit(PeerSlot(1)),
         &[(1, 2)],
     );
     r.object(
@@ -172,7 +176,7 @@ fn healthy() -> Region {
         r.heap(2),
         4096,
         true,
-        LEASE_KEEP | holder_bit(0),
+        LEASE_KEEP | holder_bit(PeerSlot(0)),
         &[(0, 1)],
     );
     r
@@ -341,34 +345,34 @@ fn each_table_inconsistency_is_an_error_naming_its_slot() {
         r.heap(1),
         8192,
         false,
-        holder_bit(1),
+        holder_bit(PeerSlot(1)),
         &[(1, 1), (0, 1)],
     );
     // Offset beyond the heap.
     let mut e = make_entry(
-        3,
+        Generation(3),
         object_state::LIVE,
         kind::SECTION,
-        MIB,
+        RegionOffset(MIB),
         0,
         4096,
         false,
         Some("far"),
-        1,
+        PeerId(1),
     );
     r.publish(4, &e);
-    r.lease(4, holder_bit(0));
+    r.lease(4, holder_bit(PeerSlot(0)));
     // A backslash in a name (hash updated, so only the rule is broken).
     e = make_entry(
-        4,
+        Generation(4),
         object_state::LIVE,
         kind::SECTION,
-        r.heap(3),
+        RegionOffset(r.heap(3)),
         0,
         4096,
         false,
         Some("a\\b"),
-        1,
+        PeerId(1),
     );
     r.publish(5, &e);
     // Holder bits of absent peer slot 3.
@@ -379,7 +383,7 @@ fn each_table_inconsistency_is_an_error_naming_its_slot() {
         r.heap(4),
         4096,
         false,
-        holder_bit(1) | holder_bit(3),
+        holder_bit(PeerSlot(1)) | holder_bit(PeerSlot(3)),
         &[(1, 1)],
     );
     // KEEP on a non-persistent object.
@@ -390,7 +394,7 @@ fn each_table_inconsistency_is_an_error_naming_its_slot() {
         r.heap(5),
         4096,
         false,
-        LEASE_KEEP | holder_bit(1),
+        LEASE_KEEP | holder_bit(PeerSlot(1)),
         &[(1, 1)],
     );
     // Persistent and LIVE without KEEP.
@@ -401,7 +405,7 @@ fn each_table_inconsistency_is_an_error_naming_its_slot() {
         r.heap(6),
         4096,
         true,
-        holder_bit(1),
+        holder_bit(PeerSlot(1)),
         &[(1, 1)],
     );
     // A free slot whose lease is not CLOSED.
@@ -438,7 +442,7 @@ fn each_table_inconsistency_is_an_error_naming_its_slot() {
         r.heap(8),
         4096,
         false,
-        LEASE_CLOSED | holder_bit(1),
+        LEASE_CLOSED | holder_bit(PeerSlot(1)),
         &[(1, 1)],
     );
     let report = inspect_region_file(&r, &dir);
@@ -505,7 +509,7 @@ fn transient_protocol_states_are_notes_that_keep_the_region_ok() {
     // Peer 5 is flipping its bit on "pair".
     r.cell(0, 2, refcell::REF_LOCK);
     // Peer 7 has posted request 3 (CREATE), answered up to 2.
-    let mb = r.layout.mailbox(1).expect("mailbox");
+    let mb = r.layout.mailbox(PeerSlot(1)).expect("mailbox");
     r.mem
         .store_u32(mb + MB_OP_OFF, op::CREATE, Ordering::SeqCst)
         .expect("op");
@@ -523,7 +527,7 @@ fn transient_protocol_states_are_notes_that_keep_the_region_ok() {
         r.heap(6),
         4096,
         false,
-        holder_bit(0),
+        holder_bit(PeerSlot(0)),
         &[],
     );
     let report = inspect_region_file(&r, &dir);
@@ -547,7 +551,7 @@ fn transient_protocol_states_are_notes_that_keep_the_region_ok() {
 fn an_entry_whose_seqlock_stays_odd_is_reported_with_its_unsynchronised_copy() {
     let dir = Dir::new("odd");
     let r = healthy();
-    let base = r.layout.object_entry(2).expect("slot");
+    let base = r.layout.object_entry(ObjectSlot(2)).expect("slot");
     r.mem
         .store_u64(base + OBJ_SEQ_OFF, 7, Ordering::SeqCst)
         .expect("seq");
@@ -637,7 +641,7 @@ fn inspect_never_writes_the_file_and_its_view_refuses_writes() {
     let file = File::open(&path).expect("open");
     let map = Mapping::read_only(&file, before.len()).expect("map");
     let view = map.region();
-    let lease = r.layout.object_entry(9).expect("slot") + OBJ_LEASE_OFF;
+    let lease = r.layout.object_entry(ObjectSlot(9)).expect("slot") + OBJ_LEASE_OFF;
     assert_eq!(view.load_u64(lease, Ordering::SeqCst), Ok(0));
     assert!(view
         .store_u64(lease, LEASE_CLOSED, Ordering::SeqCst)
@@ -742,39 +746,39 @@ fn invalid_entries_are_described_from_the_values_the_format_errors_carry() {
     r.connect(0, 5);
     r.connect(1, 70_000);
     let far = make_entry(
-        3,
+        Generation(3),
         object_state::LIVE,
         kind::SECTION,
-        MIB,
+        RegionOffset(MIB),
         0,
         4096,
         false,
         Some("far"),
-        1,
+        PeerId(1),
     );
     r.publish(4, &far);
     let slash = make_entry(
-        4,
+        Generation(4),
         object_state::LIVE,
         kind::SECTION,
-        r.heap(3),
+        RegionOffset(r.heap(3)),
         0,
         4096,
         false,
         Some("a\\b"),
-        1,
+        PeerId(1),
     );
     r.publish(5, &slash);
     let mut hash = make_entry(
-        5,
+        Generation(5),
         object_state::LIVE,
         kind::SECTION,
-        r.heap(4),
+        RegionOffset(r.heap(4)),
         0,
         4096,
         false,
         Some("h"),
-        1,
+        PeerId(1),
     );
     hash.name_hash = 7;
     r.publish(6, &hash);

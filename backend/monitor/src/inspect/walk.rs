@@ -17,6 +17,7 @@ use vshm_format::object::{self, EntryError, ObjectInfo};
 use vshm_format::peer::{self, PeerError};
 use vshm_format::shm::{read_pod, Fault, SharedMemory};
 use vshm_format::NameError;
+use vshm_format::{ObjectSlot, PeerSlot};
 
 use super::check::{check_free, check_identities, check_lease, check_overlaps, heap_usage};
 use super::{ObjectRow, PeerRow, Report, MB_OP_OFF, SEQ_WAIT_TRIES};
@@ -71,7 +72,7 @@ pub fn inspect_region<M: SharedMemory + ?Sized>(mem: &M) -> Report {
     let connected: u64 = peers
         .iter()
         .flatten()
-        .fold(0, |m, p| m | holder_bit(p.slot));
+        .fold(0, |m, p| m | holder_bit(PeerSlot(p.slot)));
     for o in &objs {
         check_lease(o, connected, &mut r);
     }
@@ -80,7 +81,7 @@ pub fn inspect_region<M: SharedMemory + ?Sized>(mem: &M) -> Report {
     check_identities(&objs, &mut r);
     for o in &mut objs {
         o.row.holders = (0..layout.max_peers)
-            .filter(|&i| o.lease & LEASE_HOLDERS & holder_bit(i) != 0)
+            .filter(|&i| o.lease & LEASE_HOLDERS & holder_bit(PeerSlot(i)) != 0)
             .filter_map(|i| peers.get(i as usize).and_then(Option::as_ref).map(|p| p.id))
             .collect();
         o.row.refs = o.row.refs_by_peer.iter().map(|x| u64::from(x.1)).sum();
@@ -128,10 +129,10 @@ fn walk_peers<M: SharedMemory + ?Sized>(
     let mut by_id: HashMap<u16, u32> = HashMap::new();
     for slot in 0..layout.max_peers {
         let at = format!("peer slot {slot}");
-        let row = match peer::read_peer_entry(mem, layout, slot) {
+        let row = match peer::read_peer_entry(mem, layout, PeerSlot(slot)) {
             Ok(p) => p.map(|p| PeerRow {
                 slot,
-                id: p.peer_id,
+                id: p.peer_id.raw(),
                 incarnation: p.incarnation,
                 handles: 0,
                 req_seq: 0,
@@ -178,7 +179,7 @@ fn walk_objects<M: SharedMemory + ?Sized>(
     let mut objs = Vec::new();
     for slot in 0..layout.max_objects {
         let view = match read_slot(mem, layout, slot, r) {
-            Some((entry, lease)) => match object::validate(layout, slot, &entry) {
+            Some((entry, lease)) => match object::validate(layout, ObjectSlot(slot), &entry) {
                 Ok(None) => {
                     check_free(&entry, lease, slot, r);
                     SlotView::Free
@@ -214,7 +215,7 @@ fn read_slot<M: SharedMemory + ?Sized>(
     r: &mut Report,
 ) -> Option<(ObjectEntry, u64)> {
     let at = format!("object slot {slot}");
-    let Some(base) = layout.object_entry(slot) else {
+    let Some(base) = layout.object_entry(ObjectSlot(slot)) else {
         r.error(at, "outside the object table");
         return None;
     };
@@ -245,7 +246,7 @@ fn read_slot<M: SharedMemory + ?Sized>(
     }
     if !settled {
         let copy = match read_pod::<ObjectEntry, M>(mem, base) {
-            Ok(e) => match object::validate(layout, slot, &e) {
+            Ok(e) => match object::validate(layout, ObjectSlot(slot), &e) {
                 Ok(None) => "FREE".to_string(),
                 Ok(Some(info)) => format!(
                     "{} {} generation {}",
@@ -266,7 +267,7 @@ fn read_slot<M: SharedMemory + ?Sized>(
         );
         return None;
     }
-    match object::snapshot(mem, layout, slot, true) {
+    match object::snapshot(mem, layout, ObjectSlot(slot), true) {
         Ok(e) => Some((e, lease)),
         Err(EntryError::Busy) => {
             r.warning(
@@ -317,12 +318,12 @@ fn object_row(info: &ObjectInfo, lease: u64, r: &mut Report) -> Obj {
     }
     Obj {
         row: ObjectRow {
-            slot: info.slot,
+            slot: info.slot.raw(),
             name: info.name().map(str::to_string),
             state: state_name(info.state),
             kind: kind_name(info.kind),
-            generation: info.generation,
-            offset: info.offset,
+            generation: info.generation.raw(),
+            offset: info.offset.raw(),
             size: info.size,
             max_size: info.max_size,
             persistent: info.persistent(),
@@ -411,7 +412,7 @@ fn walk_refcounts<M: SharedMemory + ?Sized>(
         let mut absent_nonzero = 0u32;
         let mut first_nonzero = None;
         for (s, view) in (0..layout.max_objects).zip(slots) {
-            let Some(off) = layout.refcount_cell(p, s) else {
+            let Some(off) = layout.refcount_cell(PeerSlot(p), ObjectSlot(s)) else {
                 continue;
             };
             let v = match mem.load_u32(off, Ordering::Acquire) {
@@ -458,7 +459,7 @@ fn walk_refcounts<M: SharedMemory + ?Sized>(
                     let Some(o) = objs.get_mut(i) else {
                         continue;
                     };
-                    let bit = o.lease & holder_bit(p) != 0;
+                    let bit = o.lease & holder_bit(PeerSlot(p)) != 0;
                     if n > 0 {
                         o.row.refs_by_peer.push((peer.id, n));
                         if let Some(h) = handles.get_mut(p as usize) {
@@ -510,7 +511,7 @@ fn walk_mailboxes<M: SharedMemory + ?Sized>(
 ) {
     for p in rows {
         let at = format!("peer slot {}", p.slot);
-        let Some(base) = layout.mailbox(p.slot) else {
+        let Some(base) = layout.mailbox(PeerSlot(p.slot)) else {
             continue;
         };
         let read = (|| {

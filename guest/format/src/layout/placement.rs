@@ -4,6 +4,8 @@
 
 use core::mem::size_of;
 
+use crate::ids::{ObjectSlot, PeerSlot};
+
 use super::{
     const_u32, Mailbox, ObjectEntry, PeerEntry, Superblock, FORMAT_VERSION, HOST_PEER_ID, MAGIC,
     MAX_OBJECTS_LIMIT, MAX_PEERS_LIMIT, MIN_ALIGNMENT, MIN_REGION_SIZE,
@@ -261,19 +263,22 @@ impl Layout {
     }
 
     /// Offset of peer entry `slot`, or `None` if out of range.
-    pub fn peer_entry(&self, slot: u32) -> Option<u64> {
+    pub fn peer_entry(&self, slot: PeerSlot) -> Option<u64> {
+        let slot = slot.0;
         (slot < self.max_peers)
             .then(|| self.peer_table + u64::from(slot) * size_of::<PeerEntry>() as u64)
     }
 
     /// Offset of object entry `slot`, or `None` if out of range.
-    pub fn object_entry(&self, slot: u32) -> Option<u64> {
+    pub fn object_entry(&self, slot: ObjectSlot) -> Option<u64> {
+        let slot = slot.0;
         (slot < self.max_objects)
             .then(|| self.object_table + u64::from(slot) * size_of::<ObjectEntry>() as u64)
     }
 
     /// Offset of the refcount cell of peer slot `peer` for object `slot`.
-    pub fn refcount_cell(&self, peer: u32, slot: u32) -> Option<u64> {
+    pub fn refcount_cell(&self, peer: PeerSlot, slot: ObjectSlot) -> Option<u64> {
+        let (peer, slot) = (peer.0, slot.0);
         (peer < self.max_peers && slot < self.max_objects).then(|| {
             self.refcount_table
                 + u64::from(peer) * u64::from(self.refcount_row_size)
@@ -282,7 +287,8 @@ impl Layout {
     }
 
     /// Offset of peer slot `peer`'s mailbox.
-    pub fn mailbox(&self, peer: u32) -> Option<u64> {
+    pub fn mailbox(&self, peer: PeerSlot) -> Option<u64> {
+        let peer = peer.0;
         (peer < self.max_peers)
             .then(|| self.mailbox_table + u64::from(peer) * size_of::<Mailbox>() as u64)
     }
@@ -299,6 +305,7 @@ impl Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::{ObjectSlot, PeerSlot};
 
     fn default_layout() -> Layout {
         Layout::compute(64 << 20, 32, 1024, 2, 4096).expect("valid parameters")
@@ -409,11 +416,11 @@ mod tests {
     #[test]
     fn table_accessors_refuse_out_of_range_indices() {
         let l = default_layout();
-        assert!(l.object_entry(1023).is_some());
-        assert_eq!(l.object_entry(1024), None);
-        assert_eq!(l.peer_entry(32), None);
-        assert_eq!(l.refcount_cell(0, 1024), None);
-        assert_eq!(l.mailbox(32), None);
+        assert!(l.object_entry(ObjectSlot(1023)).is_some());
+        assert_eq!(l.object_entry(ObjectSlot(1024)), None);
+        assert_eq!(l.peer_entry(PeerSlot(32)), None);
+        assert_eq!(l.refcount_cell(PeerSlot(0), ObjectSlot(1024)), None);
+        assert_eq!(l.mailbox(PeerSlot(32)), None);
         assert!(!l.heap_contains(u64::MAX, 2));
         assert!(!l.heap_contains(0, 1));
         assert!(l.heap_contains(l.heap_offset, l.heap_size));
