@@ -187,9 +187,26 @@ fn garbage_requests_get_error_replies_and_the_backend_keeps_serving() {
             mailbox::create_request(Some("ok"), 77, 4096, 4096, false),
             Status::InvalidParameter,
         ));
+        // Events and mutexes have no memory: asking for some is a bad parameter.
         cases.push((
             mailbox::create_request(Some("ev"), 2, 4096, 4096, false),
-            Status::NotSupported,
+            Status::InvalidParameter,
+        ));
+        let mut r = mailbox::create_request(Some("mx"), 3, 0, 0, false);
+        r.flags |= vshm_format::layout::object_flags::MANUAL_RESET;
+        cases.push((r, Status::InvalidParameter));
+        cases.push((
+            mailbox::wake_request(ObjectSlot(u32::MAX), Generation(1)),
+            Status::InvalidHandle,
+        ));
+        cases.push((
+            mailbox::mutex_request(
+                vshm_format::layout::op::LOCK,
+                ObjectSlot(0),
+                Generation(1),
+                0,
+            ),
+            Status::InvalidParameter,
         ));
         let mut r = mailbox::create_request(Some("ok"), 1, 4096, 4096, false);
         r.flags |= 0x100;

@@ -20,7 +20,7 @@ pub use placement::{Layout, LayoutError};
 /// `b"VSHMAREA"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"VSHMAREA");
 /// The format version this crate reads and writes. Written last by the backend.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Longest name, in Unicode scalar values (Rtk: 260 characters).
 pub const MAX_NAME_CHARS: usize = 260;
@@ -40,6 +40,10 @@ pub const MIN_REGION_SIZE: u64 = 1 << 20;
 /// Doorbell vector a client rings to make the host look at its mailbox (and sweep closed
 /// objects). Also the vector the host rings on a client when a response is ready.
 pub const VECTOR_CONTROL: u16 = 0;
+/// Vector the host rings on a client to say "an object you asked to be woken for changed"
+/// (an event was signalled, a mutex handed over, a section notified). Regions served with a
+/// single vector use [`VECTOR_CONTROL`] for this too.
+pub const VECTOR_WAKE: u16 = 1;
 
 /// `usize` → `u32` for compile-time sizes and offsets; fails the build instead of truncating.
 #[allow(clippy::cast_possible_truncation)] // checked by the assert
@@ -164,14 +168,13 @@ pub mod object_state {
     pub const UNLINKED: u32 = 2;
 }
 
-/// Object kinds sharing one namespace. Only sections exist in format version 1; the others
-/// are reserved so that a name can never be two kinds of object.
+/// Object kinds sharing one namespace: a name is never two kinds of object.
 pub mod kind {
-    /// A shared-memory section.
+    /// A shared-memory section (memory in the heap).
     pub const SECTION: u32 = 1;
-    /// An event (reserved).
+    /// An event (no memory: its state is the entry's sync words).
     pub const EVENT: u32 = 2;
-    /// A robust mutex (reserved).
+    /// A robust mutex (no memory: its state is the entry's sync words).
     pub const MUTEX: u32 = 3;
 }
 
@@ -181,6 +184,43 @@ pub mod object_flags {
     pub const PERSISTENT: u32 = 1;
     /// Has a name (unnamed objects cannot be found by lookup).
     pub const NAMED: u32 = 2;
+    /// EVENT only: stays signalled until reset (else a wait consumes the signal).
+    pub const MANUAL_RESET: u32 = 4;
+    /// Every flag this version defines.
+    pub const ALL: u32 = PERSISTENT | NAMED | MANUAL_RESET;
+}
+
+/// The mutex owner word ([`ObjectEntry::sync`] of a MUTEX): 0 = free; else the owner's peer
+/// slot + 1 in bits 0..8 and its token (a thread id) in bits 8..40, with [`HANDOFF`] set
+/// while the host holds a queue of waiters (then only the host changes the owner).
+pub mod mutex_word {
+    use crate::ids::PeerSlot;
+
+    /// Set by the host while waiters are queued: an unlock must go through the host.
+    pub const HANDOFF: u64 = 1 << 63;
+    /// Bits naming the owner (slot + 1, token).
+    pub const OWNER: u64 = (1 << 40) - 1;
+
+    /// The owner word for `token` (non-zero) of peer slot `slot`.
+    pub const fn owner(slot: PeerSlot, token: u32) -> u64 {
+        (slot.0 as u64 + 1) | ((token as u64) << 8)
+    }
+
+    /// The peer slot named by an owner word, `None` if free or malformed.
+    pub const fn slot(word: u64) -> Option<PeerSlot> {
+        let s = word & 0xFF;
+        if s == 0 || s > 62 {
+            None
+        } else {
+            Some(PeerSlot(s as u32 - 1))
+        }
+    }
+
+    /// The token named by an owner word.
+    #[allow(clippy::cast_possible_truncation)] // masked to 32 bits
+    pub const fn token(word: u64) -> u32 {
+        ((word >> 8) & 0xFFFF_FFFF) as u32
+    }
 }
 
 /// The lease word: the only object-table field peers write. Bit i = peer slot i holds at
@@ -236,8 +276,18 @@ pub struct ObjectEntry {
     pub creator: u32,
     /// The lease word ([`lease`]), peer-written with atomics.
     pub lease: u64,
+    /// Sync word: bumped (fetch-add) by every signal, notify and unlock. Peer-written.
+    pub signal_seq: u64,
+    /// Sync word: bit i = peer slot i asked to be rung on the next change (set by the
+    /// waiter before it re-checks; cleared by the host when it rings).
+    pub waiters: u64,
+    /// Sync word: EVENT 0/1 signalled; MUTEX the owner word ([`mutex_word`]); SECTION 0.
+    pub sync: u64,
+    /// Sync word: MUTEX 1 = its last owner died holding it (the next owner swaps it to 0
+    /// and is told STATUS_ABANDONED).
+    pub abandoned: u64,
     /// Reserved, 0.
-    pub reserved1: [u8; 56],
+    pub reserved1: [u8; 24],
     /// UTF-8 name, `name_len` bytes used, the rest zero.
     pub name: [u8; MAX_NAME_BYTES],
     /// Reserved, 0.
@@ -250,6 +300,10 @@ const _: () = assert!(offset_of!(ObjectEntry, offset) == 24);
 const _: () = assert!(offset_of!(ObjectEntry, flags) == 48);
 const _: () = assert!(offset_of!(ObjectEntry, creator) == 60);
 const _: () = assert!(offset_of!(ObjectEntry, lease) == 64);
+const _: () = assert!(offset_of!(ObjectEntry, signal_seq) == 72);
+const _: () = assert!(offset_of!(ObjectEntry, waiters) == 80);
+const _: () = assert!(offset_of!(ObjectEntry, sync) == 88);
+const _: () = assert!(offset_of!(ObjectEntry, abandoned) == 96);
 const _: () = assert!(offset_of!(ObjectEntry, name) == 128);
 /// Offset of [`ObjectEntry::seq`].
 pub const OBJ_SEQ_OFF: u64 = offset_of!(ObjectEntry, seq) as u64;
@@ -261,6 +315,14 @@ pub const OBJ_STATE_OFF: u64 = offset_of!(ObjectEntry, state) as u64;
 pub const OBJ_SIZE_OFF: u64 = offset_of!(ObjectEntry, size) as u64;
 /// Offset of [`ObjectEntry::lease`].
 pub const OBJ_LEASE_OFF: u64 = offset_of!(ObjectEntry, lease) as u64;
+/// Offset of [`ObjectEntry::signal_seq`].
+pub const OBJ_SIGNAL_SEQ_OFF: u64 = offset_of!(ObjectEntry, signal_seq) as u64;
+/// Offset of [`ObjectEntry::waiters`].
+pub const OBJ_WAITERS_OFF: u64 = offset_of!(ObjectEntry, waiters) as u64;
+/// Offset of [`ObjectEntry::sync`].
+pub const OBJ_SYNC_OFF: u64 = offset_of!(ObjectEntry, sync) as u64;
+/// Offset of [`ObjectEntry::abandoned`].
+pub const OBJ_ABANDONED_OFF: u64 = offset_of!(ObjectEntry, abandoned) as u64;
 /// Offset of [`ObjectEntry::name`].
 pub const OBJ_NAME_OFF: u64 = offset_of!(ObjectEntry, name) as u64;
 /// Bytes of the host-written part a seqlock snapshot copies (everything before the lease).
@@ -284,6 +346,17 @@ pub mod op {
     pub const DELETE: u32 = 2;
     /// Grow a section's size up to its max size.
     pub const GROW: u32 = 3;
+    /// Ring the peers in an object's `waiters` word that hold it (after a signal, notify
+    /// or unlock that found waiters).
+    pub const WAKE: u32 = 4;
+    /// Take a mutex through the host: granted at once (SUCCESS) or queued (PENDING).
+    /// `size` carries the caller's token.
+    pub const LOCK: u32 = 5;
+    /// Release a mutex whose owner word has HANDOFF set: the host hands it to the next
+    /// queued waiter. `size` carries the caller's token.
+    pub const UNLOCK: u32 = 6;
+    /// Leave a mutex's queue after a timeout. `size` carries the caller's token.
+    pub const CANCEL: u32 = 7;
 }
 
 /// A request a peer writes into its own mailbox. `req_seq` is written last (release); the

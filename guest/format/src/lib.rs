@@ -17,6 +17,7 @@ pub mod object;
 pub mod peer;
 pub mod shm;
 mod status;
+pub mod sync;
 pub mod units;
 
 pub use ids::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};

@@ -31,6 +31,8 @@ pub enum Command<'a> {
         initial_size: u64,
         /// Live until deleted.
         persistent: bool,
+        /// EVENT: stays signalled until reset.
+        manual_reset: bool,
     },
     /// Delete (unlink) an object.
     Delete {
@@ -48,6 +50,40 @@ pub enum Command<'a> {
         /// New size.
         size: u64,
     },
+    /// Ring the waiters of an object that hold it.
+    Wake {
+        /// Slot.
+        slot: ObjectSlot,
+        /// Generation.
+        generation: Generation,
+    },
+    /// Take a mutex through the host (granted now or queued).
+    Lock {
+        /// Slot.
+        slot: ObjectSlot,
+        /// Generation.
+        generation: Generation,
+        /// The caller's non-zero token (its thread id).
+        token: u32,
+    },
+    /// Release a mutex with queued waiters (the host hands it over).
+    Unlock {
+        /// Slot.
+        slot: ObjectSlot,
+        /// Generation.
+        generation: Generation,
+        /// The caller's token.
+        token: u32,
+    },
+    /// Leave a mutex's queue.
+    Cancel {
+        /// Slot.
+        slot: ObjectSlot,
+        /// Generation.
+        generation: Generation,
+        /// The caller's token.
+        token: u32,
+    },
 }
 
 /// Decodes and validates a request copied out of shared memory. Every field is checked;
@@ -55,7 +91,10 @@ pub enum Command<'a> {
 pub fn decode<'a>(req: &'a Request, layout: &Layout) -> Result<Command<'a>, Status> {
     match req.op {
         op::CREATE => {
-            if req.flags & !(object_flags::PERSISTENT | object_flags::NAMED) != 0 {
+            if req.flags & !object_flags::ALL != 0 {
+                return Err(Status::InvalidParameter);
+            }
+            if req.flags & object_flags::MANUAL_RESET != 0 && req.kind != kind::EVENT {
                 return Err(Status::InvalidParameter);
             }
             let named = req.flags & object_flags::NAMED != 0;
@@ -73,7 +112,20 @@ pub fn decode<'a>(req: &'a Request, layout: &Layout) -> Result<Command<'a>, Stat
             };
             match req.kind {
                 kind::SECTION => {}
-                kind::EVENT | kind::MUTEX => return Err(Status::NotSupported),
+                kind::EVENT | kind::MUTEX => {
+                    // No memory: the state lives in the entry's sync words.
+                    if req.max_size != 0 || req.size != 0 {
+                        return Err(Status::InvalidParameter);
+                    }
+                    return Ok(Command::Create {
+                        name,
+                        kind: req.kind,
+                        max_size: 0,
+                        initial_size: 0,
+                        persistent: req.flags & object_flags::PERSISTENT != 0,
+                        manual_reset: req.flags & object_flags::MANUAL_RESET != 0,
+                    });
+                }
                 _ => return Err(Status::InvalidParameter),
             }
             if req.max_size == 0 || req.size > req.max_size || req.max_size > layout.heap_size {
@@ -91,6 +143,7 @@ pub fn decode<'a>(req: &'a Request, layout: &Layout) -> Result<Command<'a>, Stat
                 max_size: req.max_size,
                 initial_size: req.size,
                 persistent: req.flags & object_flags::PERSISTENT != 0,
+                manual_reset: false,
             })
         }
         op::DELETE => {
@@ -112,8 +165,45 @@ pub fn decode<'a>(req: &'a Request, layout: &Layout) -> Result<Command<'a>, Stat
                 size: req.size,
             })
         }
+        op::WAKE => {
+            let (slot, generation) = target(req, layout)?;
+            Ok(Command::Wake { slot, generation })
+        }
+        op::LOCK | op::UNLOCK | op::CANCEL => {
+            let (slot, generation) = target(req, layout)?;
+            let token = u32::try_from(req.size)
+                .ok()
+                .filter(|&t| t != 0)
+                .ok_or(Status::InvalidParameter)?;
+            Ok(match req.op {
+                op::LOCK => Command::Lock {
+                    slot,
+                    generation,
+                    token,
+                },
+                op::UNLOCK => Command::Unlock {
+                    slot,
+                    generation,
+                    token,
+                },
+                _ => Command::Cancel {
+                    slot,
+                    generation,
+                    token,
+                },
+            })
+        }
         _ => Err(Status::InvalidParameter),
     }
+}
+
+/// The (slot, generation) an object request names; a slot outside the table is
+/// STATUS_INVALID_HANDLE.
+fn target(req: &Request, layout: &Layout) -> Result<(ObjectSlot, Generation), Status> {
+    if req.slot >= layout.max_objects {
+        return Err(Status::InvalidHandle);
+    }
+    Ok((ObjectSlot(req.slot), Generation(req.generation)))
 }
 
 /// Builds a CREATE request (name already validated by the caller).
@@ -138,6 +228,39 @@ pub fn create_request(
         (r.name, r.name_len) = crate::name::name_field(n);
         r.flags |= object_flags::NAMED;
     }
+    r
+}
+
+/// Builds a CREATE request for an event (`manual_reset`) or a mutex: no memory.
+pub fn create_sync_request(
+    name: Option<&str>,
+    kind: u32,
+    persistent: bool,
+    manual_reset: bool,
+) -> Request {
+    let mut r = create_request(name, kind, 0, 0, persistent);
+    if manual_reset {
+        r.flags |= object_flags::MANUAL_RESET;
+    }
+    r
+}
+
+/// Builds a WAKE request.
+pub fn wake_request(slot: ObjectSlot, generation: Generation) -> Request {
+    let mut r = zeroed::<Request>();
+    r.op = op::WAKE;
+    r.slot = slot.0;
+    r.generation = generation.0;
+    r
+}
+
+/// Builds a LOCK, UNLOCK or CANCEL request (`op`) for a mutex, carrying the caller's token.
+pub fn mutex_request(op: u32, slot: ObjectSlot, generation: Generation, token: u32) -> Request {
+    let mut r = zeroed::<Request>();
+    r.op = op;
+    r.slot = slot.0;
+    r.generation = generation.0;
+    r.size = u64::from(token);
     r
 }
 

@@ -17,7 +17,7 @@ use crate::shm::{bytes_of, bytes_of_mut, zeroed, Fault, SharedMemory};
 pub use crate::peer::{find_peer_slot, peer_still_attached, read_peer, PeerInfo};
 
 mod error;
-pub use error::{check_heap_range, EntryError, RangeProblem};
+pub use error::{check_heap_range, check_object_range, EntryError, RangeProblem};
 
 /// How many times a reader retries a snapshot the host keeps changing under it.
 const SNAPSHOT_TRIES: u32 = 10_000;
@@ -122,7 +122,7 @@ pub fn validate(
     if !matches!(e.kind, kind::SECTION | kind::EVENT | kind::MUTEX) {
         return Err(EntryError::BadKind { kind: e.kind });
     }
-    check_heap_range(layout, e.offset, e.size, e.max_size).map_err(|problem| {
+    check_object_range(layout, e.kind, e.offset, e.size, e.max_size).map_err(|problem| {
         EntryError::BadRange {
             offset: e.offset,
             size: e.size,
@@ -130,7 +130,12 @@ pub fn validate(
             problem,
         }
     })?;
-    let unknown = e.flags & !(object_flags::NAMED | object_flags::PERSISTENT);
+    let allowed = if e.kind == kind::EVENT {
+        object_flags::ALL
+    } else {
+        object_flags::NAMED | object_flags::PERSISTENT
+    };
+    let unknown = e.flags & !allowed;
     if unknown != 0 {
         return Err(EntryError::UnknownFlags {
             flags: e.flags,

@@ -14,12 +14,22 @@ use core::fmt;
 pub enum Status {
     /// STATUS_SUCCESS.
     Success = 0x0000_0000,
+    /// STATUS_ABANDONED (success): the mutex is now held by the caller, but its previous
+    /// owner died holding it, so what it protects may be inconsistent (EOWNERDEAD).
+    Abandoned = 0x0000_0080,
+    /// STATUS_TIMEOUT (success code): a wait ended because its timeout passed.
+    Timeout = 0x0000_0102,
+    /// STATUS_PENDING (success code): a LOCK request was queued; the host hands the mutex
+    /// over later.
+    Pending = 0x0000_0103,
     /// STATUS_OBJECT_NAME_EXISTS (informational): create-or-open opened an existing object.
     ObjectNameExists = 0x4000_0000,
     /// STATUS_INVALID_HANDLE: not a live handle, or the name belongs to another kind of object.
     InvalidHandle = 0xC000_0008,
     /// STATUS_INVALID_PARAMETER: a size, offset or flag is out of range.
     InvalidParameter = 0xC000_000D,
+    /// STATUS_NO_MEMORY: a block does not fit in the section, even grown to its max size.
+    NoMemory = 0xC000_0017,
     /// STATUS_ACCESS_DENIED.
     AccessDenied = 0xC000_0022,
     /// STATUS_OBJECT_NAME_INVALID: empty, longer than 260 characters, or contains `\` or NUL.
@@ -28,28 +38,39 @@ pub enum Status {
     ObjectNameNotFound = 0xC000_0034,
     /// STATUS_QUOTA_EXCEEDED.
     QuotaExceeded = 0xC000_0044,
+    /// STATUS_MUTANT_NOT_OWNED: unlock of a mutex the caller does not hold.
+    MutantNotOwned = 0xC000_0046,
     /// STATUS_DELETE_PENDING: the object was deleted and lives only until its last handle closes.
     DeletePending = 0xC000_0056,
     /// STATUS_INSUFFICIENT_RESOURCES: the object table or the heap is full.
     InsufficientResources = 0xC000_009A,
-    /// STATUS_NOT_SUPPORTED: a request this backend does not implement (e.g. a reserved kind).
+    /// STATUS_NOT_SUPPORTED: a request this backend does not implement.
     NotSupported = 0xC000_00BB,
+    /// STATUS_POSSIBLE_DEADLOCK: lock of a mutex the caller already holds (mutexes are not
+    /// recursive).
+    PossibleDeadlock = 0xC000_0194,
 }
 
 impl Status {
     /// All known codes, for lookups and tests.
-    pub const ALL: [Status; 11] = [
+    pub const ALL: [Status; 17] = [
         Status::Success,
+        Status::Abandoned,
+        Status::Timeout,
+        Status::Pending,
         Status::ObjectNameExists,
         Status::InvalidHandle,
         Status::InvalidParameter,
+        Status::NoMemory,
         Status::AccessDenied,
         Status::ObjectNameInvalid,
         Status::ObjectNameNotFound,
         Status::QuotaExceeded,
+        Status::MutantNotOwned,
         Status::DeletePending,
         Status::InsufficientResources,
         Status::NotSupported,
+        Status::PossibleDeadlock,
     ];
 
     /// The raw NTSTATUS value.
@@ -71,6 +92,12 @@ impl Status {
     pub const fn name(self) -> &'static str {
         match self {
             Status::Success => "STATUS_SUCCESS",
+            Status::Abandoned => "STATUS_ABANDONED",
+            Status::Timeout => "STATUS_TIMEOUT",
+            Status::Pending => "STATUS_PENDING",
+            Status::NoMemory => "STATUS_NO_MEMORY",
+            Status::MutantNotOwned => "STATUS_MUTANT_NOT_OWNED",
+            Status::PossibleDeadlock => "STATUS_POSSIBLE_DEADLOCK",
             Status::ObjectNameExists => "STATUS_OBJECT_NAME_EXISTS",
             Status::InvalidHandle => "STATUS_INVALID_HANDLE",
             Status::InvalidParameter => "STATUS_INVALID_PARAMETER",

@@ -215,7 +215,7 @@ fn a_well_formed_region_inspects_clean_with_its_objects_holders_and_heap_use() {
     assert!(sb.valid && sb.magic_ok);
     assert_eq!(
         (sb.version, sb.region_size, sb.max_peers, sb.max_objects),
-        (1, MIB, 4, 16)
+        (FORMAT_VERSION, MIB, 4, 16)
     );
     assert_eq!(sb.epoch, 0x0123_4567_89ab_cdef);
     assert_eq!(sb.region_id, "ab".repeat(16));

@@ -185,7 +185,7 @@ fn walk_objects<M: SharedMemory + ?Sized>(
                     SlotView::Free
                 }
                 Ok(Some(info)) => {
-                    objs.push(object_row(&info, lease, r));
+                    objs.push(object_row(&info, lease));
                     SlotView::Object(objs.len() - 1)
                 }
                 Err(err) => {
@@ -306,16 +306,7 @@ fn shown_name(name: Option<&str>) -> String {
     name.map_or_else(|| "<unnamed>".to_string(), |n| format!("{n:?}"))
 }
 
-fn object_row(info: &ObjectInfo, lease: u64, r: &mut Report) -> Obj {
-    if info.kind != kind::SECTION {
-        r.warning(
-            format!("object slot {}", info.slot),
-            format!(
-                "kind {} is reserved in format version 1; the host never creates it",
-                kind_name(info.kind)
-            ),
-        );
-    }
+fn object_row(info: &ObjectInfo, lease: u64) -> Obj {
     Obj {
         row: ObjectRow {
             slot: info.slot.raw(),

@@ -38,7 +38,7 @@ pub enum EntryError {
     UnknownFlags {
         /// The flags found.
         flags: u32,
-        /// The bits that are not NAMED or PERSISTENT.
+        /// The bits this version does not define for this kind.
         unknown: u32,
     },
     /// The NAMED flag and the name length disagree (named with length 0, or unnamed with a
@@ -91,6 +91,8 @@ pub enum RangeProblem {
         /// Where the region (and heap) ends.
         region_end: u64,
     },
+    /// An event or mutex claims memory (they have none: offset, size and max size are 0).
+    NotMemoryless,
 }
 
 impl From<Fault> for EntryError {
@@ -132,6 +134,10 @@ impl core::fmt::Display for EntryError {
                     f,
                     "range [{o:#x}, {:#x}) ends beyond the heap (region end {region_end:#x})",
                     o.wrapping_add(m)
+                ),
+                RangeProblem::NotMemoryless => write!(
+                    f,
+                    "an event or mutex has no memory, but offset is {o:#x}, size {s}, max_size {m}"
                 ),
             },
             EntryError::UnknownFlags { flags, unknown } => {
@@ -194,4 +200,22 @@ pub fn check_heap_range(
         });
     }
     Ok(())
+}
+
+/// The range rule of an object of `kind`: a section's memory is a heap range
+/// ([`check_heap_range`]); an event or mutex has none (offset, size and max size all 0).
+pub fn check_object_range(
+    layout: &Layout,
+    kind: u32,
+    offset: u64,
+    size: u64,
+    max_size: u64,
+) -> Result<(), RangeProblem> {
+    if kind == crate::layout::kind::SECTION {
+        check_heap_range(layout, offset, size, max_size)
+    } else if offset == 0 && size == 0 && max_size == 0 {
+        Ok(())
+    } else {
+        Err(RangeProblem::NotMemoryless)
+    }
 }
