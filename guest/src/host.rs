@@ -1,6 +1,11 @@
 //! Host-process transport: connect to vshmd's ivshmem socket exactly as QEMU does, receive
 //! the shared-memory fd and the eventfds, map the region, ring the host through the eventfds
-//! it handed us, and wait on our own vector 0 eventfd.
+//! it handed us, and wait for our own eventfds (every vector).
+//!
+//! Waiting: one background thread (`vshm-bells`) drains every eventfd the host rings us on
+//! and counts the rings; threads that wait sleep on a condition variable until the count
+//! moves, then re-check their own condition. So any number of threads can wait on different
+//! things at once and no thread can swallow a wake-up meant for another.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -10,10 +15,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vshm_format::layout::{Layout, Superblock};
 use vshm_format::shm::{read_pod, RawRegion};
@@ -140,7 +146,28 @@ struct Shared {
     gone: AtomicBool,
     /// Other peers' eventfds, per vector (for ringing them directly).
     peers: Mutex<BTreeMap<PeerId, Vec<File>>>,
+    /// Rings received so far (any vector) and backend departures; waiters sleep until it
+    /// moves.
+    rings: Mutex<u64>,
+    rung: Condvar,
 }
+
+impl Shared {
+    /// Counts a ring and wakes every waiting thread (each re-checks its own condition).
+    fn bump(&self) {
+        if let Ok(mut n) = self.rings.lock() {
+            *n = n.wrapping_add(1);
+        }
+        self.rung.notify_all();
+    }
+}
+
+/// The longest a waiter sleeps without re-checking its condition: a safety net for a ring
+/// that never comes (a peer may scribble the `waiters` word that asks for it).
+const RECHECK: Duration = Duration::from_millis(50);
+
+/// A lock poisoned by a panicking thread: report it as an I/O error.
+const POISONED: TransportError = TransportError::Os(libc::EIO);
 
 /// A host process attached to vshmd as an ivshmem peer.
 pub struct HostTransport {
@@ -148,10 +175,11 @@ pub struct HostTransport {
     peer_id: PeerId,
     /// Eventfds the host gave us for ringing it, by vector.
     host_bells: Vec<File>,
-    /// Our own vectors; the host writes vector 0 when a response is ready.
-    own: Vec<File>,
     shared: Arc<Shared>,
     reader: Option<JoinHandle<()>>,
+    /// Drains our own vectors' eventfds (see the module doc); stopped through `stop`.
+    bells: Option<JoinHandle<()>>,
+    stop: EventFd,
     memfd: File,
     map: Mapping,
 }
@@ -231,22 +259,32 @@ impl HostTransport {
         let shared = Arc::new(Shared {
             gone: AtomicBool::new(false),
             peers: Mutex::new(peers),
+            rings: Mutex::new(0),
+            rung: Condvar::new(),
         });
         let reader = {
             let sock = sock.try_clone()?;
             let shared = Arc::clone(&shared);
-            let wake = own[0].try_clone()?;
             std::thread::Builder::new()
                 .name("vshm-ivshmem".into())
-                .spawn(move || read_peer_updates(&sock, &shared, &wake))?
+                .spawn(move || read_peer_updates(&sock, &shared))?
+        };
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let bells = {
+            let stop = stop.try_clone()?;
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("vshm-bells".into())
+                .spawn(move || drain_bells(&own, &stop, &shared))?
         };
         Ok(HostTransport {
             sock,
             peer_id,
             host_bells,
-            own,
             shared,
             reader: Some(reader),
+            bells: Some(bells),
+            stop,
             memfd,
             map,
         })
@@ -274,7 +312,7 @@ impl HostTransport {
 
 /// Keeps reading the socket after the handshake: peers joining (id + fd) and leaving (id
 /// alone). Marks the backend gone at EOF and wakes any waiter.
-fn read_peer_updates(sock: &UnixStream, shared: &Shared, wake: &File) {
+fn read_peer_updates(sock: &UnixStream, shared: &Shared) {
     while let Ok(Some((id, fd))) = recv_msg(sock) {
         let Ok(id) = u16::try_from(id).map(PeerId) else {
             continue;
@@ -289,16 +327,82 @@ fn read_peer_updates(sock: &UnixStream, shared: &Shared, wake: &File) {
         }
     }
     shared.gone.store(true, Ordering::Release);
-    let _ = (&*wake).write_all(&1u64.to_ne_bytes());
+    shared.bump();
+}
+
+/// Drains our eventfds (one per vector) as the host rings them and wakes the waiters,
+/// until `stop` is written.
+fn drain_bells(own: &[File], stop: &EventFd, shared: &Shared) {
+    let mut fds: Vec<libc::pollfd> = own
+        .iter()
+        .map(|f| f.as_raw_fd())
+        .chain(std::iter::once(stop.as_raw_fd()))
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let Ok(nfds) = libc::nfds_t::try_from(fds.len()) else {
+        return;
+    };
+    loop {
+        // SAFETY: `fds` is a valid array of `nfds` pollfds for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
+        if rc < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds.last().is_some_and(|p| p.revents != 0) {
+            return;
+        }
+        let mut rang = false;
+        for (pfd, file) in fds.iter().zip(own) {
+            if pfd.revents & libc::POLLIN != 0 {
+                let mut buf = [0u8; 8];
+                let _ = (&*file).read(&mut buf);
+                rang = true;
+            } else if pfd.revents != 0 {
+                // POLLERR/POLLHUP on an eventfd: nothing more will come from it.
+                return;
+            }
+        }
+        if rang {
+            shared.bump();
+        }
+    }
 }
 
 impl Drop for HostTransport {
     fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(b) = self.bells.take() {
+            let _ = b.join();
+        }
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
     }
+}
+
+/// Whether the process or thread `id` still exists (`kill(id, 0)`; dead only on ESRCH).
+pub(crate) fn process_alive(id: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(id) else {
+        return true;
+    };
+    // SAFETY: kill with signal 0 only checks whether the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The calling thread's id, as a non-zero token (mutex ownership).
+pub(crate) fn current_tid() -> u32 {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    u32::try_from(tid).ok().filter(|&t| t != 0).unwrap_or(1)
 }
 
 fn ring_file(f: &File) -> Result<(), TransportError> {
@@ -338,14 +442,28 @@ impl Transport for HostTransport {
         }
     }
 
+    fn thread_token(&self) -> u32 {
+        current_tid()
+    }
+
+    fn notify_local(&self) {
+        self.shared.bump();
+    }
+
+    fn token_alive(&self, token: u32) -> bool {
+        crate::host::process_alive(token)
+    }
+
     fn wait_until(
         &self,
         ready: &mut dyn FnMut() -> bool,
         timeout: Duration,
     ) -> Result<bool, TransportError> {
         let start = Instant::now();
-        let fd = self.own[0].as_raw_fd();
         loop {
+            // Read the ring count before the condition: a ring after the check moves it, so
+            // the wait below cannot miss it.
+            let seen = *self.shared.rings.lock().map_err(|_| POISONED)?;
             if ready() {
                 return Ok(true);
             }
@@ -356,23 +474,12 @@ impl Transport for HostTransport {
             if left.is_zero() {
                 return Ok(false);
             }
-            // Short slices: several threads may share vector 0, and one may consume the
-            // wakeup meant for another; the condition is re-checked every slice.
-            let slice = left.min(Duration::from_millis(20));
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = libc::c_int::try_from(slice.as_millis())
-                .unwrap_or(20)
-                .max(1);
-            // SAFETY: pfd is a valid pollfd for the duration of the call; nfds = 1.
-            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if rc > 0 && pfd.revents & libc::POLLIN != 0 {
-                let mut buf = [0u8; 8];
-                let _ = (&self.own[0]).read(&mut buf);
-            }
+            let rings = self.shared.rings.lock().map_err(|_| POISONED)?;
+            let _ = self
+                .shared
+                .rung
+                .wait_timeout_while(rings, left.min(RECHECK), |n| *n == seen)
+                .map_err(|_| POISONED)?;
         }
     }
 }

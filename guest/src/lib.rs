@@ -1,9 +1,10 @@
 //! vshm: named shared-memory sections between virtual machines.
 //!
 //! A peer (a QEMU guest, or a host process) maps a vshm region through a [`Transport`] and
-//! uses a [`Namespace`] to create, open, grow, delete and close named [`Section`]s. Opening
-//! an existing section and closing a handle touch only shared memory (no host round trip);
-//! create, delete and grow are requests to the host backend, which arbitrates them.
+//! uses a [`Namespace`] to create, open, grow, delete and close named [`Section`]s, and the
+//! other kinds of object that share the namespace: [`Event`]s and robust [`Mutex`]es.
+//! Opening an existing object and closing a handle touch only shared memory (no host round
+//! trip); create, delete and grow are requests to the host backend, which arbitrates them.
 //!
 //! The crate is `no_std` without its default `std` feature: the namespace logic runs in a
 //! kernel driver or an RTOS given a [`Transport`]. With `std` it adds [`host::HostTransport`]
@@ -12,6 +13,9 @@
 #![warn(missing_docs)]
 
 mod error;
+mod event;
+mod handle;
+mod mutex;
 mod namespace;
 mod transport;
 
@@ -21,6 +25,8 @@ pub mod host;
 pub mod pci;
 
 pub use error::Error;
+pub use event::{Event, EventOptions};
+pub use mutex::{Acquired, Mutex};
 pub use namespace::{CreateOptions, Disposition, Namespace, Section};
 pub use transport::{Transport, TransportError};
 pub use vshm_format as format;

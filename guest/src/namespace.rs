@@ -1,6 +1,6 @@
 //! Named sections over a mapped region: the client half of the namespace.
 
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU64, Ordering};
 use core::time::Duration;
 
 use vshm_format::layout::{
@@ -11,7 +11,9 @@ use vshm_format::lease::{self, LeaseError, Released};
 use vshm_format::mailbox;
 use vshm_format::object::{self, ObjectInfo, PeerInfo};
 use vshm_format::shm::{read_pod, RawRegion, SharedMemory};
-use vshm_format::{validate_name, Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset, Status};
+use vshm_format::{
+    sync, validate_name, Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset, Status,
+};
 
 use crate::{Error, Transport, TransportError};
 
@@ -71,7 +73,7 @@ pub struct Namespace<T: Transport> {
     layout: Layout,
     superblock: Superblock,
     peer_id: PeerId,
-    peer_slot: PeerSlot,
+    pub(crate) peer_slot: PeerSlot,
     /// The peer table's incarnation of our slot when we attached.
     incarnation: u64,
     reply_timeout: Duration,
@@ -108,7 +110,7 @@ impl<T: Transport> Namespace<T> {
     /// Fails with [`Error::Detached`] once the backend has reclaimed this peer: its slot
     /// (refcount row, mailbox, holder bit) may already belong to another peer, which this
     /// one must never touch. Three atomic loads; checked before every table operation.
-    fn attached(&self) -> Result<(), Error> {
+    pub(crate) fn attached(&self) -> Result<(), Error> {
         let (mem, l) = (&self.mem(), &self.layout);
         if object::peer_still_attached(mem, l, self.peer_slot, self.peer_id, self.incarnation) {
             Ok(())
@@ -118,7 +120,7 @@ impl<T: Transport> Namespace<T> {
     }
 
     /// The mapped region, borrowed from the transport.
-    fn mem(&self) -> RawRegion<'_> {
+    pub(crate) fn mem(&self) -> RawRegion<'_> {
         self.transport.region()
     }
 
@@ -149,29 +151,48 @@ impl<T: Transport> Namespace<T> {
         name: Option<&str>,
         options: &CreateOptions,
     ) -> Result<(Section<'_, T>, Disposition), Error> {
-        if let Some(n) = name {
-            validate_name(n)?;
-        }
         if options.max_size == 0 || options.initial_size > options.max_size {
             return Err(Status::InvalidParameter.into());
         }
+        let req = mailbox::create_request(
+            name,
+            kind::SECTION,
+            options.max_size,
+            options.initial_size,
+            options.persistent,
+        );
+        let (info, disposition) = self.create_object(name, kind::SECTION, &req)?;
+        Ok((self.section(&info), disposition))
+    }
+
+    /// Opens an existing section by name, without a round trip to the backend.
+    pub fn open(&self, name: &str) -> Result<Section<'_, T>, Error> {
+        let info = self.open_object(name, kind::SECTION)?;
+        Ok(self.section(&info))
+    }
+
+    /// Create-or-open of an object of `kind` with the CREATE request `req`: a local lookup
+    /// and hold first (no round trip), else CREATE, and the host decides. A name that
+    /// belongs to another kind of object is STATUS_INVALID_HANDLE.
+    pub(crate) fn create_object(
+        &self,
+        name: Option<&str>,
+        kind: u32,
+        req: &Request,
+    ) -> Result<(ObjectInfo, Disposition), Error> {
+        if let Some(n) = name {
+            validate_name(n)?;
+        }
         for _ in 0..RACE_RETRIES {
             if let Some(n) = name {
-                match self.open_existing(n) {
-                    Ok(section) => return Ok((section, Disposition::Opened)),
+                match self.open_existing(n, kind) {
+                    Ok(info) => return Ok((info, Disposition::Opened)),
                     // Not there, or died as we looked: ask the host, who decides.
                     Err(Error::Status(Status::ObjectNameNotFound) | Error::Contended) => {}
                     Err(e) => return Err(e),
                 }
             }
-            let req = mailbox::create_request(
-                name,
-                kind::SECTION,
-                options.max_size,
-                options.initial_size,
-                options.persistent,
-            );
-            let resp = self.call(&req)?;
+            let resp = self.call(req)?;
             let disposition = match Status::from_code(resp.status) {
                 Some(Status::Success) => Disposition::Created,
                 Some(Status::ObjectNameExists) => Disposition::Opened,
@@ -179,12 +200,12 @@ impl<T: Transport> Namespace<T> {
                 _ => return Err(Error::BadResponse(resp.status, ObjectSlot(resp.slot))),
             };
             match self.hold(ObjectSlot(resp.slot), Generation(resp.generation), false) {
-                Ok(info) if info.kind != kind::SECTION => {
+                Ok(info) if info.kind != kind => {
                     // Only possible for Opened: the name is another kind of object.
                     let _ = self.release(info.slot);
                     return Err(Status::InvalidHandle.into());
                 }
-                Ok(info) => return Ok((self.section(&info), disposition)),
+                Ok(info) => return Ok((info, disposition)),
                 // Closed or deleted by others before we got our hold: try again.
                 Err(Error::Status(Status::ObjectNameNotFound)) => continue,
                 Err(e) => return Err(e),
@@ -193,11 +214,11 @@ impl<T: Transport> Namespace<T> {
         Err(Error::Contended)
     }
 
-    /// Opens an existing section by name, without a round trip to the backend.
-    pub fn open(&self, name: &str) -> Result<Section<'_, T>, Error> {
+    /// Opens an existing object of `kind` by name (a hold, no round trip).
+    pub(crate) fn open_object(&self, name: &str, kind: u32) -> Result<ObjectInfo, Error> {
         validate_name(name)?;
         for _ in 0..RACE_RETRIES {
-            match self.open_existing(name) {
+            match self.open_existing(name, kind) {
                 Err(Error::Contended) => continue,
                 other => return other,
             }
@@ -205,15 +226,15 @@ impl<T: Transport> Namespace<T> {
         Err(Error::Contended)
     }
 
-    fn open_existing(&self, name: &str) -> Result<Section<'_, T>, Error> {
+    fn open_existing(&self, name: &str, kind: u32) -> Result<ObjectInfo, Error> {
         self.attached()?;
         let info = object::find_by_name(&self.mem(), &self.layout, name)?
             .ok_or(Error::Status(Status::ObjectNameNotFound))?;
-        if info.kind != kind::SECTION {
+        if info.kind != kind {
             return Err(Status::InvalidHandle.into());
         }
         match self.hold(info.slot, info.generation, false) {
-            Ok(held) => Ok(self.section(&held)),
+            Ok(held) => Ok(held),
             // Destroyed between lookup and hold: the caller decides whether to look again.
             Err(Error::Status(Status::ObjectNameNotFound)) => Err(Error::Contended),
             Err(e) => Err(e),
@@ -221,7 +242,7 @@ impl<T: Transport> Namespace<T> {
     }
 
     /// Takes a hold on (slot, generation) and returns the validated entry.
-    fn hold(
+    pub(crate) fn hold(
         &self,
         slot: ObjectSlot,
         generation: Generation,
@@ -256,7 +277,7 @@ impl<T: Transport> Namespace<T> {
     }
 
     /// Drops one hold; rings the host if that destroyed the object.
-    fn release(&self, slot: ObjectSlot) -> Result<(), Error> {
+    pub(crate) fn release(&self, slot: ObjectSlot) -> Result<(), Error> {
         // A reclaimed peer's holds are gone already; its row may be someone else's now.
         self.attached()?;
         let mut result = lease::release(&self.mem(), &self.layout, self.peer_slot, slot);
@@ -282,12 +303,15 @@ impl<T: Transport> Namespace<T> {
     }
 
     fn section(&self, info: &ObjectInfo) -> Section<'_, T> {
+        // A change counted before the handle existed is not news to it.
+        let seen = sync::signal_seq(&self.mem(), &self.layout, info.slot).unwrap_or(0);
         Section {
             ns: self,
             slot: info.slot,
             generation: info.generation,
             offset: info.offset,
             max_size: info.max_size,
+            seen: AtomicU64::new(seen),
             open: true,
         }
     }
@@ -299,6 +323,21 @@ impl<T: Transport> Namespace<T> {
         let info = object::find_by_name(&self.mem(), &self.layout, name)?
             .ok_or(Error::Status(Status::ObjectNameNotFound))?;
         self.delete_object(info.slot, info.generation)
+    }
+
+    /// Asks the host to ring the peers waiting on (slot, generation) (after a change that
+    /// found waiters, docs/FORMAT.md §6a).
+    pub(crate) fn wake_object(
+        &self,
+        slot: ObjectSlot,
+        generation: Generation,
+    ) -> Result<(), Error> {
+        let resp = self.call(&mailbox::wake_request(slot, generation))?;
+        match Status::from_code(resp.status) {
+            Some(Status::Success) => Ok(()),
+            Some(s) => Err(s.into()),
+            None => Err(Error::BadResponse(resp.status, slot)),
+        }
     }
 
     fn delete_object(&self, slot: ObjectSlot, generation: Generation) -> Result<(), Error> {
@@ -353,7 +392,7 @@ impl<T: Transport> Namespace<T> {
     }
 
     /// Posts a request and waits for the response.
-    fn call(&self, req: &Request) -> Result<vshm_format::layout::Response, Error> {
+    pub(crate) fn call(&self, req: &Request) -> Result<vshm_format::layout::Response, Error> {
         self.attached()?;
         let mem = &self.mem();
         let (layout, slot) = (&self.layout, self.peer_slot);
@@ -376,6 +415,8 @@ impl<T: Transport> Namespace<T> {
         }
         let result = self.call_locked(req);
         let _ = mailbox::unlock(mem, layout, slot);
+        // Other threads of this process may be waiting for the mailbox lock.
+        self.transport.notify_local();
         result
     }
 
@@ -414,10 +455,42 @@ pub struct Section<'ns, T: Transport> {
     generation: Generation,
     offset: RegionOffset,
     max_size: u64,
+    /// The section's change count (`signal_seq`) as this handle last saw it.
+    seen: AtomicU64,
     open: bool,
 }
 
 impl<'ns, T: Transport> Section<'ns, T> {
+    /// Tells the readers of this section that it changed ("I wrote a frame"): counts the
+    /// change and, if anyone waits for one, asks the host to ring the waiting holders.
+    pub fn notify(&self) -> Result<(), Error> {
+        self.ns.attached()?;
+        if sync::notify(&self.ns.mem(), &self.ns.layout, self.slot)? {
+            self.ns.wake_object(self.slot, self.generation)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the section changed (anyone's [`Section::notify`]) since this handle last
+    /// looked (when it was opened, or its last `wait_change`), or until `timeout` passes
+    /// (`None`: no limit) → `Error::Status(Status::Timeout)`. Changes made while nobody
+    /// waited are coalesced: returns the number of changes counted so far.
+    pub fn wait_change(&self, timeout: Option<Duration>) -> Result<u64, Error> {
+        let seen = self.seen.load(Ordering::Acquire);
+        let ns = self.ns;
+        let slot = self.slot;
+        let mut now = seen;
+        let changed = crate::handle::wait_on(ns, slot, timeout, &mut || {
+            now = sync::signal_seq(&ns.mem(), &ns.layout, slot)?;
+            Ok(now != seen)
+        })?;
+        if !changed {
+            return Err(Status::Timeout.into());
+        }
+        self.seen.store(now, Ordering::Release);
+        Ok(now)
+    }
+
     /// Object table slot.
     pub fn slot(&self) -> ObjectSlot {
         self.slot

@@ -271,12 +271,11 @@ impl Transport for PciTransport {
     }
 
     fn token_alive(&self, token: u32) -> bool {
-        let Ok(pid) = libc::pid_t::try_from(token) else {
-            return true;
-        };
-        // SAFETY: kill with signal 0 only checks whether the process exists.
-        let rc = unsafe { libc::kill(pid, 0) };
-        rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+        crate::host::process_alive(token)
+    }
+
+    fn thread_token(&self) -> u32 {
+        crate::host::current_tid()
     }
 
     fn wait_until(

@@ -40,8 +40,11 @@ pub trait Transport {
     /// Rings `peer`'s doorbell on `vector`.
     fn ring(&self, peer: PeerId, vector: u16) -> Result<(), TransportError>;
     /// Waits until `ready()` returns true or `timeout` passes; returns whether it became
-    /// ready. Implementations choose how: block on an interrupt/eventfd, or spin briefly then
-    /// back off (a guest without interrupts).
+    /// ready. `ready` is called again after every ring on any of this peer's vectors (it
+    /// may do work, e.g. ask to be rung again), and may be called at any other time.
+    /// Implementations choose how: block on an interrupt/eventfd, or spin briefly then back
+    /// off (a guest without interrupts). Several threads may wait at once: a ring must not
+    /// be consumed by one of them without the others re-checking.
     fn wait_until(
         &self,
         ready: &mut dyn FnMut() -> bool,
@@ -60,4 +63,17 @@ pub trait Transport {
     fn token_alive(&self, _token: u32) -> bool {
         true
     }
+
+    /// A non-zero token naming the calling thread: a mutex's owner word carries it
+    /// (docs/FORMAT.md §6a), so a mutex is held by a thread, and a thread of the same peer
+    /// can tell, through [`Transport::token_alive`], that the owner died. An OS transport
+    /// returns the thread id; the default (a single-threaded RTOS) is [`Transport::lock_token`].
+    fn thread_token(&self) -> u32 {
+        self.lock_token()
+    }
+
+    /// Wakes this peer's own waiting threads so they re-check their conditions (after a
+    /// change they wait for that no ring announces, e.g. the mailbox lock released). A
+    /// polling transport re-checks anyway and can keep the default, which does nothing.
+    fn notify_local(&self) {}
 }

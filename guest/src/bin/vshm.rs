@@ -137,6 +137,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Named events: create, signal, reset, wait.
+    Event {
+        #[command(subcommand)]
+        command: sync::EventCommand,
+    },
+    /// Robust named mutexes: create, lock (held until stdin closes or a signal).
+    Mutex {
+        #[command(subcommand)]
+        command: sync::MutexCommand,
+    },
+    /// Tell the readers of a section that it changed (wakes `wait-change`).
+    Notify {
+        /// Section name.
+        name: String,
+    },
+    /// Wait until a section is notified (STATUS_TIMEOUT after --timeout).
+    WaitChange {
+        /// Section name.
+        name: String,
+        /// Give up after this many milliseconds [default: wait].
+        #[arg(long, value_name = "MS")]
+        timeout: Option<u64>,
+    },
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -151,6 +174,11 @@ macro_rules! say {
         let _ = writeln!(std::io::stdout(), $($arg)*);
     }};
 }
+
+// The crate root is this file, so a child module would sit beside it in src/bin/, where
+// cargo would take it for another binary: it lives in src/bin/vshm/ instead.
+#[path = "vshm/sync.rs"]
+mod sync;
 
 /// A failure: message and exit code.
 struct Failure(String);
@@ -491,6 +519,10 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
                 }
             }
         }
+        Command::Event { command } => sync::event(&ns, command)?,
+        Command::Mutex { command } => sync::mutex(&ns, command)?,
+        Command::Notify { name } => sync::notify(&ns, &name)?,
+        Command::WaitChange { name, timeout } => sync::wait_change(&ns, &name, timeout)?,
         Command::Hold {
             names,
             until_signal,
