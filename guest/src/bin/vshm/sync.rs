@@ -49,6 +49,24 @@ pub(crate) enum EventCommand {
         #[arg(long, value_name = "MS")]
         timeout: Option<u64>,
     },
+    /// Measure wake-up latency: signal NAME.ping, wait for NAME.pong, COUNT times (run
+    /// `vshm event echo NAME` in the other peer first). Half a round trip is one wake-up.
+    Ping {
+        /// Prefix of the two events.
+        name: String,
+        /// Round trips.
+        #[arg(long, default_value_t = 200)]
+        count: u32,
+    },
+    /// The other end of `ping`: wait for NAME.ping, signal NAME.pong, until interrupted or
+    /// COUNT round trips.
+    Echo {
+        /// Prefix of the two events.
+        name: String,
+        /// Round trips, then exit [default: until a signal].
+        #[arg(long)]
+        count: Option<u32>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,6 +152,8 @@ pub(crate) fn event<T: Transport>(ns: &Namespace<T>, cmd: EventCommand) -> Resul
             say!("{}: reset {name:?}", Status::Success.name());
             event.close()?;
         }
+        EventCommand::Ping { name, count } => ping(ns, &name, count)?,
+        EventCommand::Echo { name, count } => echo(ns, &name, count)?,
         EventCommand::Wait { name, timeout } => {
             let event = ns.open_event(&name).map_err(ctx("open event", &name))?;
             sliced(timeout, |slice| event.wait(Some(slice))).map_err(ctx("wait", &name))?;
@@ -196,6 +216,64 @@ pub(crate) fn mutex<T: Transport>(ns: &Namespace<T>, cmd: MutexCommand) -> Resul
             wait_for_release(until_signal)?;
             mutex.unlock().map_err(ctx("unlock", &name))?;
             mutex.close()?;
+        }
+    }
+    Ok(())
+}
+
+/// The two auto-reset events of a ping-pong pair, created if missing.
+fn pair<'ns, T: Transport>(
+    ns: &'ns Namespace<T>,
+    name: &str,
+) -> Result<(vshm::Event<'ns, T>, vshm::Event<'ns, T>), Failure> {
+    let open = |suffix: &str| {
+        let full = format!("{name}.{suffix}");
+        ns.create_event(Some(&full), &EventOptions::default())
+            .map(|(e, _)| e)
+            .map_err(|e| ctx("create event", &full)(e))
+    };
+    Ok((open("ping")?, open("pong")?))
+}
+
+fn ping<T: Transport>(ns: &Namespace<T>, name: &str, count: u32) -> Result<(), Failure> {
+    let (ping, pong) = pair(ns, name)?;
+    let mut rtt = Vec::new();
+    for _ in 0..count.max(1) {
+        if interrupted() {
+            break;
+        }
+        let t = std::time::Instant::now();
+        ping.signal().map_err(ctx("signal", name))?;
+        pong.wait(Some(Duration::from_secs(5)))
+            .map_err(ctx("wait for the echo of", name))?;
+        rtt.push(t.elapsed());
+    }
+    rtt.sort();
+    let at = |q: usize| rtt[(rtt.len() - 1) * q / 100].as_secs_f64() * 1e6;
+    say!(
+        "event round trip n={} min={:.1}us median={:.1}us p99={:.1}us max={:.1}us",
+        rtt.len(),
+        at(0),
+        at(50),
+        at(99),
+        at(100)
+    );
+    Ok(())
+}
+
+fn echo<T: Transport>(ns: &Namespace<T>, name: &str, count: Option<u32>) -> Result<(), Failure> {
+    let (ping, pong) = pair(ns, name)?;
+    say!("holding; echoing {name}.ping to {name}.pong");
+    flush();
+    let mut done = 0u32;
+    while count.is_none_or(|c| done < c) && !interrupted() {
+        match ping.wait(Some(SLICE)) {
+            Ok(()) => {
+                pong.signal().map_err(ctx("signal", name))?;
+                done += 1;
+            }
+            Err(vshm::Error::Status(Status::Timeout)) => {}
+            Err(e) => return Err(ctx("wait", name)(e)),
         }
     }
     Ok(())
