@@ -16,7 +16,7 @@ pub struct Event {
     /// Milliseconds since the Unix epoch.
     pub ts_ms: u64,
     /// What: peer_connected, peer_gone, created, opened, closed, grown, deleted, destroyed,
-    /// reclaimed, denied, repaired, error.
+    /// reclaimed, denied, repaired, abandoned, error.
     pub kind: &'static str,
     /// The peer involved.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -115,6 +115,10 @@ pub fn op_name(code: u32) -> &'static str {
         op::CREATE => "create",
         op::DELETE => "delete",
         op::GROW => "grow",
+        op::WAKE => "wake",
+        op::LOCK => "lock",
+        op::UNLOCK => "unlock",
+        op::CANCEL => "cancel",
         _ => "invalid",
     }
 }

@@ -12,7 +12,7 @@
 //! repairs in `reclaim.rs`, fencing in `fence.rs`, the event outbox and handle watching
 //! in `events.rs`, the status document and dump in `status.rs`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
@@ -33,8 +33,11 @@ mod peers;
 mod reclaim;
 mod requests;
 mod status;
+mod sync;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_sync;
 
 pub use peers::ConnectError;
 pub use reclaim::Reclaim;
@@ -84,6 +87,15 @@ pub struct Record {
     pub created: SystemTime,
     /// A repair of its lease word was already reported.
     pub repaired: bool,
+    /// EVENT: stays signalled until reset (published as `MANUAL_RESET`).
+    pub manual_reset: bool,
+    /// WAKE requests served for it.
+    pub wakes: u64,
+    /// MUTEX: times its owner died (or vanished) holding it.
+    pub abandoned: u64,
+    /// MUTEX: peers waiting for it, in arrival order: (peer slot, token). Private: nothing
+    /// in the region can add to or reorder it.
+    pub queue: VecDeque<(PeerSlot, u32)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -131,6 +143,17 @@ pub struct Counters {
     pub events: u64,
     /// Connections refused before they got a peer id (no slot or no safe id left).
     pub refused: u64,
+    /// WAKE requests served.
+    pub wakes: u64,
+    /// Wake-ups rung to peers (for WAKE and for mutex handoffs).
+    pub rings: u64,
+    /// Mutexes handed from one owner to a queued waiter by the host.
+    pub handoffs: u64,
+    /// Mutexes released because their owner died (or vanished) holding them.
+    pub abandoned: u64,
+    /// Signals counted by events that have since been destroyed (so a total over
+    /// live and past events never goes down).
+    pub retired_signals: u64,
 }
 
 /// The arbiter.
@@ -148,6 +171,9 @@ pub struct Arbiter<M: Backing> {
     counters: Counters,
     /// Outbox of events, drained by the event loop.
     events: Vec<Event>,
+    /// Outbox of doorbells to ring (peer id, vector), drained by the event loop: the
+    /// arbiter has no sockets.
+    rings: Vec<(PeerId, u16)>,
     requests: RequestStats,
     /// Last observed handle count per (object slot, peer slot), to report opens and closes
     /// that never reach the host.
@@ -191,6 +217,7 @@ impl<M: Backing> Arbiter<M> {
             next_generation: Generation(1),
             counters: Counters::default(),
             events: Vec::new(),
+            rings: Vec::new(),
             requests: RequestStats::default(),
             seen: vec![0; max_objects * layout.max_peers as usize],
             departures: 0,

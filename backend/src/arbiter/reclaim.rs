@@ -7,12 +7,14 @@
 use std::sync::atomic::Ordering;
 
 use vshm_format::layout::holder_bit;
+use vshm_format::layout::kind;
 use vshm_format::layout::{
     peer_state, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP, OBJ_LEASE_OFF, PEER_STATE_OFF,
 };
 use vshm_format::lease::close_if_unheld;
 use vshm_format::object::{self, bump_namespace_seq};
 use vshm_format::shm::zeroed;
+use vshm_format::sync;
 use vshm_format::{ObjectSlot, PeerId, PeerSlot};
 
 use super::{Arbiter, Backing};
@@ -70,6 +72,9 @@ impl<M: Backing> Arbiter<M> {
                 self.mem
                     .store_u32(base + PEER_STATE_OFF, peer_state::ABSENT, Ordering::Release);
         }
+        // Its place in mutex queues goes, and what it owned is released as abandoned,
+        // before the objects it held can die with it.
+        self.release_mutexes_of(s, peer_id);
         let bit = holder_bit(s);
         let live: Vec<ObjectSlot> = self.live_slots().collect();
         let mut dead = Vec::new();
@@ -156,13 +161,22 @@ impl<M: Backing> Arbiter<M> {
                 .mem
                 .store_u64(base + OBJ_LEASE_OFF, LEASE_CLOSED, Ordering::SeqCst);
         }
+        if let Ok(n) = sync::signal_seq(&self.mem, &self.layout, slot) {
+            if rec.kind == kind::EVENT {
+                self.counters.retired_signals = self.counters.retired_signals.wrapping_add(n);
+            }
+        }
+        // Events and mutexes reserve nothing: there is no range to give back.
         match release {
+            _ if rec.reserved == 0 => {}
             Release::ToHeap => self.heap.release(rec.offset, rec.reserved),
             // A process that was cut off may still write here: keep the range out of the
             // heap until it is gone (its pages are punched out all the same).
             Release::HoldFor(fence) => self.fenced_ranges.push((fence, rec.offset, rec.reserved)),
         }
-        if let Err(e) = self.mem.discard(rec.offset, rec.reserved) {
+        if rec.reserved == 0 {
+            // Nothing to punch.
+        } else if let Err(e) = self.mem.discard(rec.offset, rec.reserved) {
             tracing::error!(slot = slot.raw(), "could not return section memory: {e}");
             self.emit(
                 Event::now("error")
@@ -221,6 +235,7 @@ impl<M: Backing> Arbiter<M> {
     /// Destroys every closed object and drops holder bits of peers that are not connected.
     /// Runs after each doorbell and on a timer. Returns how many objects it destroyed.
     pub fn sweep(&mut self) -> usize {
+        self.sweep_mutexes();
         let connected = self.connected_mask();
         let mut destroyed = 0;
         for slot in self.object_slots() {

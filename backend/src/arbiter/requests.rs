@@ -1,21 +1,33 @@
 //! The request path: `service` answers a peer's mailbox (recording telemetry per request)
-//! and executes CREATE, DELETE and GROW against the private records, publishing the result;
+//! and executes CREATE, DELETE and GROW (WAKE, LOCK, UNLOCK, CANCEL: `sync.rs`) against the private records, publishing the result;
 //! `delete_by_name` is DELETE on the host's own authority (vshmctl delete).
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use vshm_format::layout::holder_bit;
-use vshm_format::layout::{object_state, Response, LEASE_KEEP};
+use vshm_format::layout::{kind, object_flags, object_state, Response, LEASE_KEEP};
 use vshm_format::lease::close_if_unheld;
 use vshm_format::mailbox::{self, Command};
 use vshm_format::object::{self, bump_namespace_seq};
 use vshm_format::shm::Fault;
-use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, Status};
+use vshm_format::sync;
+use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset, Status};
 
 use super::reclaim::Release;
 use super::{Arbiter, Backing, Record};
 use crate::telemetry::Event;
+
+/// What a CREATE asks for, decoded.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    kind: u32,
+    max_size: u64,
+    initial_size: u64,
+    persistent: bool,
+    manual_reset: bool,
+}
 
 impl<M: Backing> Arbiter<M> {
     /// Handles a doorbell from `peer_id`: answers its pending request, if any. Returns
@@ -68,15 +80,18 @@ impl<M: Backing> Arbiter<M> {
                 max_size,
                 initial_size,
                 persistent,
-                manual_reset: false,
+                manual_reset,
             } => self.create(
                 peer_id,
                 peer,
                 name,
-                kind,
-                max_size,
-                initial_size,
-                persistent,
+                Shape {
+                    kind,
+                    max_size,
+                    initial_size,
+                    persistent,
+                    manual_reset,
+                },
             ),
             Command::Delete { slot, generation } => self.delete(slot, generation).map(|()| slot),
             Command::Grow {
@@ -84,12 +99,22 @@ impl<M: Backing> Arbiter<M> {
                 generation,
                 size,
             } => self.grow(peer, slot, generation, size).map(|()| slot),
-            // Events and mutexes: not served yet (the sync-objects issue).
-            Command::Create { .. }
-            | Command::Wake { .. }
-            | Command::Lock { .. }
-            | Command::Unlock { .. }
-            | Command::Cancel { .. } => Err((Status::NotSupported, None)),
+            Command::Wake { slot, generation } => self.wake(peer, slot, generation).map(|()| slot),
+            Command::Lock {
+                slot,
+                generation,
+                token,
+            } => self.lock(peer, slot, generation, token),
+            Command::Unlock {
+                slot,
+                generation,
+                token,
+            } => self.unlock(peer, slot, generation, token).map(|()| slot),
+            Command::Cancel {
+                slot,
+                generation,
+                token,
+            } => self.cancel(peer, slot, generation, token).map(|()| slot),
         };
         match result {
             Ok(slot) => self.response(Status::Success, slot),
@@ -110,17 +135,20 @@ impl<M: Backing> Arbiter<M> {
         r
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn create(
         &mut self,
         peer_id: PeerId,
         peer: PeerSlot,
         name: Option<&str>,
-        kind: u32,
-        max_size: u64,
-        initial_size: u64,
-        persistent: bool,
+        shape: Shape,
     ) -> Result<ObjectSlot, (Status, Option<ObjectSlot>)> {
+        let Shape {
+            kind,
+            max_size,
+            initial_size,
+            persistent,
+            manual_reset,
+        } = shape;
         if let Some(n) = name {
             // A name whose object was closed by its last holder but not yet reaped is free.
             if let Some(&slot) = self.names.get(n) {
@@ -139,20 +167,24 @@ impl<M: Backing> Arbiter<M> {
             .free_slots
             .first()
             .ok_or((Status::InsufficientResources, None))?;
-        let (offset, reserved) = self
-            .heap
-            .allocate(max_size)
-            .ok_or((Status::InsufficientResources, None))?;
+        // Events and mutexes have no memory: their state is the entry's sync words.
+        let (offset, reserved) = if kind == kind::SECTION {
+            self.heap
+                .allocate(max_size)
+                .ok_or((Status::InsufficientResources, None))?
+        } else {
+            (RegionOffset(0), 0)
+        };
         // The range was punched when it was last freed; punch again so bytes a misbehaving
         // peer wrote after that cannot reach the new owner.
-        if self.mem.discard(offset, reserved).is_err() {
+        if reserved > 0 && self.mem.discard(offset, reserved).is_err() {
             self.heap.release(offset, reserved);
             return Err((Status::InsufficientResources, None));
         }
         let generation = self.next_generation;
         self.next_generation.0 += 1;
         let lease = holder_bit(peer) | if persistent { LEASE_KEEP } else { 0 };
-        let entry = object::make_entry(
+        let mut entry = object::make_entry(
             generation,
             object_state::LIVE,
             kind,
@@ -163,13 +195,23 @@ impl<M: Backing> Arbiter<M> {
             name,
             peer_id,
         );
+        if manual_reset {
+            entry.flags |= object_flags::MANUAL_RESET;
+        }
+        // The slot may have held an event or a mutex: its sync words start from zero,
+        // stored before the entry is published (like the lease word).
         let published = self
             .lease_off(slot)
             .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })
-            .and_then(|l| self.mem.store_u64(l, lease, Ordering::SeqCst))
+            .and_then(|l| {
+                sync::reset_words(&self.mem, &self.layout, slot)?;
+                self.mem.store_u64(l, lease, Ordering::SeqCst)
+            })
             .and_then(|()| object::publish(&self.mem, &self.layout, slot, &entry));
         if published.is_err() {
-            self.heap.release(offset, reserved);
+            if reserved > 0 {
+                self.heap.release(offset, reserved);
+            }
             return Err((Status::InsufficientResources, None));
         }
         self.free_slots.remove(&slot);
@@ -189,14 +231,20 @@ impl<M: Backing> Arbiter<M> {
             creator: peer_id,
             created: SystemTime::now(),
             repaired: false,
+            manual_reset,
+            wakes: 0,
+            abandoned: 0,
+            queue: VecDeque::new(),
         });
         self.counters.created += 1;
-        self.emit(
-            Event::now("created")
-                .peer(peer_id)
-                .object(slot, name)
-                .size(max_size),
-        );
+        let mut created = Event::now("created")
+            .peer(peer_id)
+            .object(slot, name)
+            .size(max_size);
+        if kind != kind::SECTION {
+            created = created.detail(super::status::kind_name(kind));
+        }
+        self.emit(created);
         tracing::info!(
             slot = slot.raw(),
             generation = generation.raw(),
@@ -208,7 +256,7 @@ impl<M: Backing> Arbiter<M> {
         Ok(slot)
     }
 
-    fn record(&self, slot: ObjectSlot, generation: Generation) -> Option<&Record> {
+    pub(super) fn record(&self, slot: ObjectSlot, generation: Generation) -> Option<&Record> {
         self.record_at(slot).filter(|r| r.generation == generation)
     }
 
@@ -221,7 +269,7 @@ impl<M: Backing> Arbiter<M> {
         } else {
             object_state::LIVE
         };
-        let entry = object::make_entry(
+        let mut entry = object::make_entry(
             r.generation,
             state,
             r.kind,
@@ -232,6 +280,9 @@ impl<M: Backing> Arbiter<M> {
             r.name.as_deref(),
             r.creator,
         );
+        if r.manual_reset {
+            entry.flags |= object_flags::MANUAL_RESET;
+        }
         object::publish(&self.mem, &self.layout, slot, &entry)
     }
 
@@ -291,6 +342,7 @@ impl<M: Backing> Arbiter<M> {
     ) -> Result<(), (Status, Option<ObjectSlot>)> {
         let rec = self
             .record(slot, generation)
+            .filter(|r| r.kind == kind::SECTION)
             .ok_or((Status::InvalidHandle, None))?;
         let held = self
             .lease_off(slot)

@@ -7,8 +7,9 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use serde_json::{json, Value};
-use vshm_format::layout::{Superblock, OBJ_LEASE_OFF};
+use vshm_format::layout::{holder_bit, kind, mutex_word, Superblock, OBJ_LEASE_OFF};
 use vshm_format::shm::read_pod;
+use vshm_format::sync;
 
 use super::{Arbiter, Backing, Counters};
 
@@ -44,7 +45,7 @@ pub struct SectionStatus {
     pub slot: u32,
     /// Generation.
     pub generation: u64,
-    /// "section" (events and mutexes later).
+    /// "section", "event" or "mutex".
     pub kind: &'static str,
     /// Region offset.
     pub offset: u64,
@@ -66,6 +67,40 @@ pub struct SectionStatus {
     pub created: u64,
     /// Seconds since creation.
     pub age_secs: u64,
+    /// WAKE requests served for it (any kind: section notifications wake too).
+    pub wakes: u64,
+    /// EVENT: manual reset (stays signalled until reset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manual_reset: Option<bool>,
+    /// EVENT: signalled now (`sync` = 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signaled: Option<bool>,
+    /// EVENT: signals counted so far (`signal_seq`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signals: Option<u64>,
+    /// EVENT: peer ids of the connected holders whose waiter bit is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiters: Option<Vec<u16>>,
+    /// MUTEX: the owner's peer id (`null` when free, or when the owner word names no
+    /// connected peer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Option<u16>>,
+    /// MUTEX: peers queued for it at the host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queued: Option<u64>,
+    /// MUTEX: times an owner died (or vanished) holding it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abandoned: Option<u64>,
+}
+
+/// The status document's name of an object kind.
+pub(super) fn kind_name(kind: u32) -> &'static str {
+    match kind {
+        kind::SECTION => "section",
+        kind::EVENT => "event",
+        kind::MUTEX => "mutex",
+        _ => "unknown",
+    }
 }
 
 /// The region.
@@ -136,11 +171,25 @@ impl<M: Backing> Arbiter<M> {
                     bytes_by_peer[i.raw() as usize] += rec.max_size;
                 }
             }
+            let is = |k: u32| (rec.kind == k).then_some(());
+            let signals = sync::signal_seq(&self.mem, &self.layout, slot).unwrap_or(0);
+            let word = sync::sync_word(&self.mem, &self.layout, slot).unwrap_or(0);
+            let waiting = sync::waiters(&self.mem, &self.layout, slot).unwrap_or(0);
+            let waiting = self.waiting_holders(slot, waiting);
+            let waiters: Vec<u16> = self
+                .peer_slots()
+                .filter(|(i, _)| waiting & holder_bit(*i) != 0)
+                .map(|(_, p)| p.id.raw())
+                .collect();
+            let owner = mutex_word::slot(word)
+                .and_then(|s| self.peers.get(s.raw() as usize))
+                .filter(|p| p.connected)
+                .map(|p| p.id.raw());
             sections.push(SectionStatus {
                 name: rec.name.clone(),
                 slot: slot.raw(),
                 generation: rec.generation.raw(),
-                kind: "section",
+                kind: kind_name(rec.kind),
                 offset: rec.offset.raw(),
                 size: rec.size,
                 max_size: rec.max_size,
@@ -151,6 +200,14 @@ impl<M: Backing> Arbiter<M> {
                 creator: rec.creator.raw(),
                 created: unix_secs(rec.created),
                 age_secs: now.duration_since(rec.created).map_or(0, |d| d.as_secs()),
+                wakes: rec.wakes,
+                manual_reset: is(kind::EVENT).map(|()| rec.manual_reset),
+                signaled: is(kind::EVENT).map(|()| word != 0),
+                signals: is(kind::EVENT).map(|()| signals),
+                waiters: is(kind::EVENT).map(|()| waiters),
+                owner: is(kind::MUTEX).map(|()| owner),
+                queued: is(kind::MUTEX).map(|()| rec.queue.len() as u64),
+                abandoned: is(kind::MUTEX).map(|()| rec.abandoned),
             });
         }
         let peers = self
@@ -227,6 +284,19 @@ impl<M: Backing> Arbiter<M> {
                     "creator": r.creator.raw(),
                     "created": unix_secs(r.created),
                     "lease": lease.map(|w| format!("{w:#018x}")),
+                    "manual_reset": r.manual_reset,
+                    "wakes": r.wakes,
+                    "abandoned": r.abandoned,
+                    "queue": r.queue.iter().map(|(p, t)| (p.raw(), *t)).collect::<Vec<_>>(),
+                    "sync_words": {
+                        "signal_seq": sync::signal_seq(&self.mem, &self.layout, slot).ok(),
+                        "waiters": sync::waiters(&self.mem, &self.layout, slot)
+                            .ok()
+                            .map(|w| format!("{w:#018x}")),
+                        "sync": sync::sync_word(&self.mem, &self.layout, slot)
+                            .ok()
+                            .map(|w| format!("{w:#018x}")),
+                    },
                 }))
             })
             .collect();

@@ -478,6 +478,13 @@ impl Daemon {
         }
     }
 
+    /// Rings what the arbiter queued: it has no sockets, the server does.
+    fn ring_peers(&mut self) {
+        for (id, vector) in self.arbiter.drain_rings() {
+            self.server.notify(id, usize::from(vector));
+        }
+    }
+
     fn doorbell(&mut self, id: PeerId, vector: usize) {
         if let Some(bell) = self.server.client(id).and_then(|c| c.bells.get(vector)) {
             let _ = bell.read();
@@ -567,6 +574,8 @@ impl MutEventSubscriber for Daemon {
                 _ => {}
             },
         }
+        // Wake-ups the arbiter decided on (WAKE, mutex handoffs, reclaims, sweeps).
+        self.ring_peers();
         // Whatever happened, tell the watchers (and keep it in the ring).
         self.publish_events(ops);
     }
