@@ -135,7 +135,9 @@ pub fn status(doc: &Value) -> String {
         out,
         "\nNAME                             KIND     SIZE        MAX         REFS  PERSIST  CREATOR  AGE     BY PEER"
     );
-    for s in doc["sections"].as_array().into_iter().flatten() {
+    let rows = doc["sections"].as_array().into_iter().flatten();
+    let (sync, sections): (Vec<&Value>, Vec<&Value>) = rows.partition(|s| is_sync(s));
+    for s in sections {
         let mut name = s["name"]
             .as_str()
             .map_or_else(|| "<unnamed>".to_string(), printable);
@@ -166,7 +168,91 @@ pub fn status(doc: &Value) -> String {
             by_peer.join(" "),
         );
     }
+    if !sync.is_empty() {
+        sync_table(&mut out, &sync);
+    }
     out
+}
+
+/// An event or a mutex row of the status document (they share the `sections` array with a
+/// `kind`); anything else, including a row without a kind, is shown as a section.
+fn is_sync(s: &Value) -> bool {
+    matches!(s["kind"].as_str(), Some("event" | "mutex"))
+}
+
+fn name_of(s: &Value) -> String {
+    let mut name = s["name"]
+        .as_str()
+        .map_or_else(|| "<unnamed>".to_string(), printable);
+    if s["deleted"].as_bool().unwrap_or(false) {
+        name.push_str(" (deleted)");
+    }
+    name
+}
+
+/// Events and mutexes: their state instead of sizes.
+fn sync_table(out: &mut String, rows: &[&Value]) {
+    let _ = writeln!(
+        out,
+        "\nNAME                             KIND     STATE        WAITING      SIGNALS  WAKES    ABANDONED  REFS  BY PEER"
+    );
+    let ids = |v: &Value| {
+        let ids: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|id| n(id).to_string())
+            .collect();
+        if ids.is_empty() {
+            "-".to_string()
+        } else {
+            ids.join(",")
+        }
+    };
+    for s in rows {
+        let by_peer: Vec<String> = s["refs_by_peer"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|pair| format!("{}:{}", n(&pair[0]), n(&pair[1])))
+            .collect();
+        let (state, waiting) = if s["kind"] == "event" {
+            let state = match s["signaled"].as_bool() {
+                Some(true) => "signaled",
+                Some(false) => "clear",
+                None => "-",
+            };
+            let manual = if s["manual_reset"].as_bool() == Some(true) {
+                " (manual)"
+            } else {
+                ""
+            };
+            (format!("{state}{manual}"), ids(&s["waiters"]))
+        } else {
+            let state = match s["owner"].as_u64() {
+                Some(id) => format!("owner {id}"),
+                None => "free".to_string(),
+            };
+            (state, format!("{} queued", n(&s["queued"])))
+        };
+        let _ = writeln!(
+            out,
+            "{:<32} {:<8} {:<12} {:<12} {:<8} {:<8} {:<10} {:<5} {}",
+            name_of(s),
+            or_dash(&s["kind"]),
+            state,
+            waiting,
+            s["signals"]
+                .as_u64()
+                .map_or_else(|| "-".to_string(), |v| v.to_string()),
+            n(&s["wakes"]),
+            s["abandoned"]
+                .as_u64()
+                .map_or_else(|| "-".to_string(), |v| v.to_string()),
+            n(&s["refs"]),
+            by_peer.join(" "),
+        );
+    }
 }
 
 /// One event as a line: time, kind, then what is known.
@@ -236,6 +322,60 @@ mod tests {
         assert!(
             !status(&json!({})).is_empty(),
             "an empty document still renders"
+        );
+    }
+
+    #[test]
+    fn events_and_mutexes_get_their_own_table_and_sections_render_as_before() {
+        let section = json!({"name": "frames", "kind": "section", "size": 4096,
+            "max_size": 1048576, "refs": 2, "persistent": true, "creator": 3, "age_secs": 5,
+            "refs_by_peer": [[3, 2]], "deleted": false});
+        let only_sections = json!({"sections": [section.clone()]});
+        let before = status(&only_sections);
+        assert!(
+            !before.contains("STATE"),
+            "no sync table without sync objects"
+        );
+        let doc = json!({"sections": [
+            section,
+            {"name": "ready", "kind": "event", "refs": 2, "refs_by_peer": [[3, 1], [4, 1]],
+             "wakes": 3, "signaled": true, "manual_reset": true, "signals": 7,
+             "waiters": [4], "deleted": false},
+            {"name": "lock", "kind": "mutex", "refs": 1, "refs_by_peer": [[3, 1]],
+             "wakes": 0, "owner": 3, "queued": 2, "abandoned": 1, "deleted": false},
+            {"name": "idle", "kind": "mutex", "owner": null, "queued": 0, "abandoned": 0}
+        ]});
+        let text = status(&doc);
+        assert!(
+            text.starts_with(&before),
+            "the sections table is unchanged:\n{text}"
+        );
+        let line = |needle: &str| {
+            text.lines()
+                .find(|l| l.starts_with(needle))
+                .unwrap_or_else(|| panic!("{needle} in {text}"))
+                .to_string()
+        };
+        assert!(line("ready").contains("signaled (manual)"), "{text}");
+        assert!(line("ready").contains(" 4 "), "{text}");
+        assert!(line("lock").contains("owner 3") && line("lock").contains("2 queued"));
+        assert!(line("idle").contains("free"), "{text}");
+        assert_eq!(
+            text.matches("ready").count(),
+            1,
+            "not in the sections table"
+        );
+    }
+
+    #[test]
+    fn an_abandoned_event_line_names_the_mutex_and_the_peer() {
+        let line = event(
+            &json!({"ts_ms": 0, "kind": "abandoned", "peer": 3, "name": "lock",
+                                 "slot": 2, "detail": "its owner left; handed to peer 4"}),
+        );
+        assert_eq!(
+            line,
+            "1970-01-01T00:00:00.000Z abandoned      peer=3 \"lock\" slot=2 (its owner left; handed to peer 4)"
         );
     }
 

@@ -158,6 +158,21 @@ impl App {
     }
 
     /// The sections of the last document, in display order.
+    /// The events and mutexes of the status document, by name.
+    fn sync_objects(&self) -> Vec<&Value> {
+        let mut objects: Vec<&Value> = self
+            .doc
+            .as_ref()
+            .and_then(|d| d["sections"].as_array())
+            .into_iter()
+            .flatten()
+            .filter(|s| is_sync(s))
+            .collect();
+        let name = |s: &Value| s["name"].as_str().unwrap_or("").to_owned();
+        objects.sort_by_key(|s| name(s));
+        objects
+    }
+
     fn sections(&self) -> Vec<&Value> {
         let mut sections: Vec<&Value> = self
             .doc
@@ -165,6 +180,7 @@ impl App {
             .and_then(|d| d["sections"].as_array())
             .into_iter()
             .flatten()
+            .filter(|s| !is_sync(s))
             .collect();
         let size = |s: &Value| s["size"].as_u64().unwrap_or(0);
         let refs = |s: &Value| s["refs"].as_u64().unwrap_or(0);
@@ -185,3 +201,9 @@ impl App {
 }
 
 // ---- formatting: every field may be missing ----
+
+/// An event or a mutex row of the status document (they share the `sections` array with a
+/// `kind`); anything else, including a row without a kind, is shown as a section.
+fn is_sync(s: &Value) -> bool {
+    matches!(s["kind"].as_str(), Some("event" | "mutex"))
+}

@@ -91,16 +91,27 @@ pub fn render(frame: &mut Frame, app: &App) {
     let area = frame.area();
     // Peers get up to a third of the screen, sections the rest.
     let peers_height = rows_height(peers).min(area.height / 3).max(3);
-    let [header, peers_area, sections_area, footer] = Layout::vertical([
+    // Events and mutexes get a table of their own, only when there are some.
+    let sync = app.sync_objects();
+    let sync_height = if sync.is_empty() {
+        0
+    } else {
+        rows_height(sync.len()).min(area.height / 4).max(3)
+    };
+    let [header, peers_area, sections_area, sync_area, footer] = Layout::vertical([
         Constraint::Length(5),
         Constraint::Length(peers_height),
         Constraint::Min(3),
+        Constraint::Length(sync_height),
         Constraint::Length(2),
     ])
     .areas(area);
     render_header(frame, header, app, doc);
     render_peers(frame, peers_area, doc);
     render_sections(frame, sections_area, app);
+    if !sync.is_empty() {
+        render_sync(frame, sync_area, &sync);
+    }
     render_footer(frame, footer, app);
 }
 
@@ -284,6 +295,83 @@ fn render_sections(frame: &mut Frame, area: Rect, app: &App) {
             SortBy::Refs => "refs",
         }
     )));
+    frame.render_widget(table, area);
+}
+
+/// The peer id list of a JSON array, or `-`.
+fn ids(v: &Value) -> String {
+    let ids: Vec<String> = v.as_array().into_iter().flatten().map(num).collect();
+    if ids.is_empty() {
+        NONE.to_owned()
+    } else {
+        ids.join(" ")
+    }
+}
+
+fn render_sync(frame: &mut Frame, area: Rect, objects: &[&Value]) {
+    let rows = objects.iter().map(|s| {
+        let style = if s["deleted"].as_bool() == Some(true) {
+            Style::new().fg(Color::DarkGray)
+        } else {
+            Style::new()
+        };
+        let (state, waiting) = match s["kind"].as_str() {
+            Some("event") => (
+                match s["signaled"].as_bool() {
+                    Some(true) => "signaled".to_owned(),
+                    Some(false) => "clear".to_owned(),
+                    None => NONE.to_owned(),
+                },
+                ids(&s["waiters"]),
+            ),
+            _ => (
+                match &s["owner"] {
+                    Value::Null => "free".to_owned(),
+                    v => format!("owner {}", num(v)),
+                },
+                num(&s["queued"]),
+            ),
+        };
+        Row::new([
+            section_name(s),
+            s["kind"].as_str().unwrap_or(NONE).to_owned(),
+            state,
+            waiting,
+            num(&s["signals"]),
+            num(&s["wakes"]),
+            num(&s["abandoned"]),
+            refs_by_peer(s),
+        ])
+        .style(style)
+    });
+    let table = Table::new(
+        rows,
+        [
+            Constraint::Min(24),
+            Constraint::Length(6),
+            Constraint::Length(10),
+            Constraint::Length(16),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(10),
+            Constraint::Length(24),
+        ],
+    )
+    .header(header_row([
+        "NAME",
+        "KIND",
+        "STATE",
+        "WAITING/QUEUED",
+        "SIGNALS",
+        "WAKES",
+        "ABANDONED",
+        "REFS BY PEER",
+    ]))
+    .block(
+        Block::default()
+            .borders(Borders::ALL)
+            .title(format!(" events & mutexes ({}) ", objects.len())),
+    );
     frame.render_widget(table, area);
 }
 

@@ -238,3 +238,37 @@ fn sizes_and_durations_read_well() {
     assert_eq!(span_of(7500), "2h 05m");
     assert_eq!(span_of(4 * 86400 + 3 * 3600), "4d 03h");
 }
+
+#[test]
+fn events_and_mutexes_get_their_own_table_and_stay_out_of_the_sections_table() {
+    let mut d = doc(1, 0);
+    let rows = d["sections"].as_array_mut().expect("rows");
+    rows.push(
+        json!({ "name": "frame-ready", "slot": 3, "generation": 4, "kind": "event",
+        "offset": 0, "size": 0, "max_size": 0, "persistent": false, "deleted": false,
+        "refs": 2, "refs_by_peer": [[1, 1], [3, 1]], "creator": 1, "created": 1,
+        "age_secs": 1, "wakes": 4, "signaled": true, "signals": 9, "waiters": [3] }),
+    );
+    rows.push(
+        json!({ "name": "table-lock", "slot": 4, "generation": 5, "kind": "mutex",
+        "offset": 0, "size": 0, "max_size": 0, "persistent": false, "deleted": false,
+        "refs": 2, "refs_by_peer": [[1, 1], [3, 1]], "creator": 1, "created": 1,
+        "age_secs": 1, "wakes": 0, "owner": 3, "queued": 1, "abandoned": 2 }),
+    );
+    let app = app_with(d);
+    assert_eq!(app.sections().len(), 3, "sections only");
+    let s = lines(&draw(&app));
+    let title = row_of(&s, "events & mutexes (2)");
+    let ev = row_of(&s, "frame-ready");
+    let mx = row_of(&s, "table-lock");
+    assert!(ev > title && mx > title, "{}", s.join("\n"));
+    assert!(
+        s[ev].contains("signaled") && s[ev].contains('9'),
+        "{}",
+        s[ev]
+    );
+    assert!(s[mx].contains("owner 3"), "{}", s[mx]);
+    // Without any, no such table.
+    let plain = screen(&app_with(doc(1, 0)));
+    assert!(!plain.contains("events & mutexes"), "{plain}");
+}
