@@ -120,6 +120,41 @@ pub fn render(status: &StatusReport, requests: &RequestStats) -> String {
         "Connections refused before they got a peer id.",
         c.refused,
     );
+    counter(
+        &mut out,
+        "vshm_wakes_total",
+        "WAKE requests served.",
+        c.wakes,
+    );
+    counter(
+        &mut out,
+        "vshm_wake_rings_total",
+        "Wake-ups rung to peers (WAKE and mutex handoffs).",
+        c.rings,
+    );
+    counter(
+        &mut out,
+        "vshm_mutex_handoffs_total",
+        "Mutexes handed to a queued waiter by vshmd.",
+        c.handoffs,
+    );
+    counter(
+        &mut out,
+        "vshm_mutex_abandoned_total",
+        "Mutexes released because their owner died holding them.",
+        c.abandoned,
+    );
+    let live_signals: u64 = status
+        .sections
+        .iter()
+        .filter_map(|s| s.signals)
+        .fold(0, u64::wrapping_add);
+    counter(
+        &mut out,
+        "vshm_event_signals_total",
+        "Event signals counted (live and destroyed events).",
+        c.retired_signals.wrapping_add(live_signals),
+    );
     family(
         &mut out,
         "vshm_requests_total",

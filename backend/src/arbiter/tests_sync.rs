@@ -222,6 +222,9 @@ fn wake_rings_exactly_the_waiting_holders_on_the_wake_vector() {
     assert_eq!(sync::waiters(a.mem(), a.layout(), s), Ok(0), "bits taken");
     assert_eq!(a.record_at(s).map(|r| r.wakes), Some(1));
     assert_eq!(a.counters().wakes, 1);
+    let metrics = crate::metrics::render(&a.status(), a.request_stats());
+    assert!(metrics.contains("vshm_wakes_total 1"), "{metrics}");
+    assert!(metrics.contains("vshm_event_signals_total 1"), "{metrics}");
     // A peer that does not hold the object cannot make the host ring anyone.
     sync::register_waiter(a.mem(), a.layout(), s, slot_of(2)).expect("wait");
     let w = request(
@@ -387,6 +390,12 @@ fn a_reclaimed_owner_abandons_the_mutex_to_the_next_queued_waiter() {
         (row.owner, row.queued, row.abandoned),
         (Some(Some(2)), Some(1), Some(1))
     );
+    let metrics = crate::metrics::render(&st, a.request_stats());
+    assert!(
+        metrics.contains("vshm_mutex_abandoned_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vshm_mutex_handoffs_total 1"), "{metrics}");
 }
 
 #[test]
