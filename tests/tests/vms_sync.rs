@@ -1,0 +1,116 @@
+//! Events and robust mutexes with real VMs: vshmd, two QEMU guests (TCG here, KVM where the
+//! host has hardware virtualisation) driven through their command agents, and a host
+//! process. An event signalled in one guest wakes a host process and the other guest; a
+//! guest killed while it holds a mutex leaves it to the next locker as STATUS_ABANDONED.
+
+use std::time::Duration;
+
+use vshm::{Acquired, EventOptions};
+use vshm_images::{Vm, VmConfig};
+use vshm_tests::{guest_hold, guest_image, guest_ok, guest_sh, wait_for, watchdog, Backend};
+
+const BOOT: Duration = Duration::from_secs(180);
+
+/// Starts `vshm ARGS` in the background in a guest; [`finish`] waits for it.
+fn background(vm: &mut Vm, tag: &str, args: &str) {
+    guest_ok(
+        vm,
+        &format!("vshm {args} > /tmp/{tag}.out 2>&1 & echo $! > /tmp/{tag}.pid"),
+    );
+}
+
+/// Waits (up to 60 s, the agent's bound) for a background command and returns its output
+/// and exit status.
+fn finish(vm: &mut Vm, tag: &str) -> String {
+    guest_ok(
+        vm,
+        &format!(
+            "p=$(cat /tmp/{tag}.pid); while kill -0 $p 2>/dev/null; do sleep 0.05; done; \
+             cat /tmp/{tag}.out"
+        ),
+    )
+}
+
+#[test]
+fn guests_wake_each_other_and_a_host_process_and_a_killed_guests_mutex_is_abandoned() {
+    watchdog(Duration::from_secs(600), || {
+        let b = Backend::start(&["--size", "16M"]);
+        let image = guest_image();
+        let starting: Vec<_> = ["sa", "sb"]
+            .iter()
+            .map(|n| {
+                let cfg = VmConfig::new(n, &image, &b.socket, b.dir());
+                Vm::start(&cfg).unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect();
+        let mut vms: Vec<Vm> = starting
+            .into_iter()
+            .map(|s| s.wait_ready(BOOT).unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        let mut gb = vms.pop().expect("sb");
+        let mut ga = vms.pop().expect("sa");
+
+        // 1. A manual-reset event: a host thread and guest B wait; guest A signals.
+        let host = b.connect();
+        let (tick, _) = host
+            .create_event(
+                Some("tick"),
+                &EventOptions {
+                    manual_reset: true,
+                    persistent: true,
+                },
+            )
+            .expect("event");
+        background(&mut gb, "w", "event wait tick --timeout 50000");
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| tick.wait(Some(Duration::from_secs(50))));
+            // Guest B is waiting once its peer is among the event's waiters or holders.
+            assert!(
+                wait_for(Duration::from_secs(30), || b
+                    .section("tick")
+                    .is_some_and(|t| t["refs"].as_u64() >= Some(2))),
+                "guest B opened the event: {:?}",
+                b.section("tick")
+            );
+            assert!(guest_ok(&mut ga, "vshm event signal tick").starts_with("STATUS_SUCCESS"));
+            assert!(waiter.join().expect("join").is_ok(), "the host thread woke");
+        });
+        let out = finish(&mut gb, "w");
+        assert!(out.contains("was signalled"), "guest B woke: {out}");
+
+        // 2. Guest A holds a mutex and its VM dies; guest B, queued, is told ABANDONED.
+        let (robust, _) = host.create_mutex(Some("robust"), true).expect("mutex");
+        guest_hold(&mut ga, "m", "mutex lock robust");
+        assert!(robust.owner().expect("owner").is_some(), "guest A holds it");
+        background(
+            &mut gb,
+            "l",
+            "mutex lock robust --timeout 50000 < /dev/null",
+        );
+        assert!(
+            wait_for(Duration::from_secs(30), || b
+                .section("robust")
+                .is_some_and(|m| m["queued"] == 1)),
+            "guest B queued: {:?}",
+            b.section("robust")
+        );
+        ga.kill();
+        let out = finish(&mut gb, "l");
+        assert!(
+            out.contains("STATUS_ABANDONED"),
+            "guest B after A died: {out}"
+        );
+        // B released it when its stdin (/dev/null) closed; the next locker gets it clean.
+        assert_eq!(
+            robust.lock(Some(Duration::from_secs(10))).expect("lock"),
+            Acquired::Clean
+        );
+        robust.unlock().expect("unlock");
+        let gone = guest_sh(&mut gb, "vshm mutex create tick");
+        assert!(
+            gone.text.contains("STATUS_INVALID_HANDLE"),
+            "kind clash in a guest: {}",
+            gone.text
+        );
+    });
+}
