@@ -7,6 +7,9 @@ use vshm_format::layout::{
     object_state, Layout, ObjectEntry, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP,
 };
 
+use vshm_format::layout::holder_bit;
+use vshm_format::PeerSlot;
+
 use super::walk::Obj;
 use super::{HeapUsage, Report, MAX_OVERLAPS};
 
@@ -46,6 +49,33 @@ fn slot_list(bits: u64) -> String {
         .map(|i| i.to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A mutex held by a peer slot that is not connected: vshmd releases it as abandoned at its
+/// next sweep (or it is a scribble); a word with HANDOFF but no owner is malformed.
+pub(super) fn check_mutex_owner(o: &Obj, connected: u64, r: &mut Report) {
+    let Some(sync) = &o.row.sync else {
+        return;
+    };
+    let at = format!("object slot {}", o.row.slot);
+    match sync.owner_slot {
+        Some(slot) if connected & holder_bit(PeerSlot(slot)) == 0 => r.warning(
+            &at,
+            format!(
+                "mutex owner word {:#018x} names peer slot {slot}, which is not connected: \
+                 vshmd releases it as abandoned at its next sweep",
+                o.owner_word
+            ),
+        ),
+        None if o.owner_word != 0 => r.warning(
+            &at,
+            format!(
+                "mutex owner word {:#018x} names no peer slot: vshmd frees it at its next sweep",
+                o.owner_word
+            ),
+        ),
+        _ => {}
+    }
 }
 
 /// The lease word of a valid object against its entry and the peer table.

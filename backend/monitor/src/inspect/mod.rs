@@ -189,6 +189,31 @@ pub struct ObjectRow {
     pub refs: u64,
     /// (peer id, handles) for each connected peer counting some, as in `vshmctl status`.
     pub refs_by_peer: Vec<(u16, u32)>,
+    /// An event's or mutex's sync words (docs/FORMAT.md §6a); absent for sections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncRow>,
+}
+
+/// The sync words of an event or mutex, as found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SyncRow {
+    /// Changes counted (signals, unlocks).
+    pub signals: u64,
+    /// Peer slots whose waiter bit is set.
+    pub waiter_slots: Vec<u32>,
+    /// Event: whether it is signalled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signaled: Option<bool>,
+    /// Mutex: the owner's peer slot, if held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_slot: Option<u32>,
+    /// Mutex: the owner's thread token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_token: Option<u32>,
+    /// Mutex: HANDOFF set (vshmd holds a queue of lockers).
+    pub handoff: bool,
+    /// Mutex: its last owner died holding it (the next owner is told so).
+    pub abandoned: bool,
 }
 
 /// Heap use by the valid objects.

@@ -132,6 +132,7 @@ pub fn print_human(report: &Report, out: &mut impl Write) -> io::Result<()> {
         if report.objects.iter().any(|o| o.closed) {
             writeln!(out, "(* closed, awaiting reap)")?;
         }
+        print_sync(report, out)?;
     }
     writeln!(
         out,
@@ -159,4 +160,51 @@ pub fn print_human(report: &Report, out: &mut impl Write) -> io::Result<()> {
             "ERRORS: the region is inconsistent with the format"
         }
     )
+}
+
+/// Events and mutexes: their sync words (printed only when the region has some, so a
+/// region of sections prints as it always did).
+fn print_sync(report: &Report, out: &mut impl Write) -> io::Result<()> {
+    let rows: Vec<_> = report
+        .objects
+        .iter()
+        .filter_map(|o| o.sync.as_ref().map(|s| (o, s)))
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "\nEVENTS AND MUTEXES ({})", rows.len())?;
+    writeln!(
+        out,
+        "SLOT  NAME                             KIND    SIGNALS   WAITER SLOTS  STATE"
+    )?;
+    for (o, s) in rows {
+        let state = match (s.signaled, s.owner_slot) {
+            (Some(true), _) => "signalled".to_string(),
+            (Some(false), _) => "not signalled".to_string(),
+            (None, Some(slot)) => format!(
+                "held by peer slot {slot} (token {}){}{}",
+                s.owner_token.unwrap_or(0),
+                if s.handoff { ", lockers queued" } else { "" },
+                if s.abandoned { ", abandoned" } else { "" }
+            ),
+            (None, None) => format!("free{}", if s.abandoned { ", abandoned" } else { "" }),
+        };
+        let waiters: Vec<String> = s.waiter_slots.iter().map(u32::to_string).collect();
+        writeln!(
+            out,
+            "{:<5} {:<32} {:<7} {:<9} {:<13} {}",
+            o.slot,
+            name_cell(o.name.as_deref(), 32),
+            o.kind,
+            s.signals,
+            if waiters.is_empty() {
+                "-".to_string()
+            } else {
+                waiters.join(",")
+            },
+            state
+        )?;
+    }
+    Ok(())
 }

@@ -816,3 +816,74 @@ fn invalid_entries_are_described_from_the_values_the_format_errors_carry() {
         ["connected with peer id 70000, outside 1..=65535; treated as absent"]
     );
 }
+
+#[test]
+fn events_and_mutexes_show_their_sync_words_and_a_mutex_held_by_a_gone_peer_is_flagged() {
+    use vshm_format::layout::{mutex_word, object_flags};
+    use vshm_format::sync;
+    let dir = Dir::new("sync");
+    let r = healthy();
+    let sync_object = |slot: u32, generation: u64, name: &str, k: u32, flags: u32| {
+        let mut e = make_entry(
+            Generation(generation),
+            object_state::LIVE,
+            k,
+            RegionOffset(0),
+            0,
+            0,
+            true,
+            Some(name),
+            PeerId(5),
+        );
+        e.max_size = 0;
+        e.flags |= flags;
+        r.publish(slot, &e);
+        r.lease(slot, LEASE_KEEP);
+    };
+    sync_object(5, 4, "tick", kind::EVENT, object_flags::MANUAL_RESET);
+    sync_object(6, 5, "lock", kind::MUTEX, 0);
+    sync::event_set(&r.mem, &r.layout, ObjectSlot(5)).expect("signal");
+    sync::register_waiter(&r.mem, &r.layout, ObjectSlot(5), PeerSlot(1)).expect("wait");
+    // Held by peer slot 3, which is not connected.
+    let owner = mutex_word::owner(PeerSlot(3), 4242);
+    assert!(sync::mutex_try_lock(&r.mem, &r.layout, ObjectSlot(6), owner).expect("lock"));
+
+    let report = inspect_region_file(&r, &dir);
+    let event = report
+        .objects
+        .iter()
+        .find(|o| o.name.as_deref() == Some("tick"))
+        .expect("event row");
+    let es = event.sync.as_ref().expect("event sync words");
+    assert_eq!(
+        (es.signals, es.signaled, es.waiter_slots.clone()),
+        (1, Some(true), vec![1])
+    );
+    let mutex = report
+        .objects
+        .iter()
+        .find(|o| o.name.as_deref() == Some("lock"))
+        .expect("mutex row");
+    let ms = mutex.sync.as_ref().expect("mutex sync words");
+    assert_eq!((ms.owner_slot, ms.owner_token), (Some(3), Some(4242)));
+    assert_has(
+        &report,
+        Severity::Warning,
+        "object slot 6",
+        "names peer slot 3, which is not connected",
+    );
+    assert!(
+        report
+            .objects
+            .iter()
+            .filter(|o| o.kind == "section")
+            .all(|o| o.sync.is_none()),
+        "sections carry no sync row"
+    );
+    let mut text = Vec::new();
+    print_human(&report, &mut text).expect("render");
+    let text = String::from_utf8(text).expect("utf8");
+    assert!(text.contains("EVENTS AND MUTEXES (2)"), "{text}");
+    assert!(text.contains("held by peer slot 3 (token 4242)"), "{text}");
+    assert!(text.contains("signalled"), "{text}");
+}

@@ -13,14 +13,19 @@ use vshm_format::layout::{
     LEASE_HOLDERS, LEASE_KEEP, MAX_NAME_BYTES, MAX_NAME_CHARS, MB_LOCK_OFF, MB_REQ_SEQ_OFF,
     MB_RESP_SEQ_OFF, OBJ_LEASE_OFF, OBJ_SEQ_OFF,
 };
+use vshm_format::layout::{
+    mutex_word, OBJ_ABANDONED_OFF, OBJ_SIGNAL_SEQ_OFF, OBJ_SYNC_OFF, OBJ_WAITERS_OFF,
+};
 use vshm_format::object::{self, EntryError, ObjectInfo};
 use vshm_format::peer::{self, PeerError};
 use vshm_format::shm::{read_pod, Fault, SharedMemory};
 use vshm_format::NameError;
 use vshm_format::{ObjectSlot, PeerSlot};
 
-use super::check::{check_free, check_identities, check_lease, check_overlaps, heap_usage};
-use super::{ObjectRow, PeerRow, Report, MB_OP_OFF, SEQ_WAIT_TRIES};
+use super::check::{
+    check_free, check_identities, check_lease, check_mutex_owner, check_overlaps, heap_usage,
+};
+use super::{ObjectRow, PeerRow, Report, SyncRow, MB_OP_OFF, SEQ_WAIT_TRIES};
 
 /// What an object slot turned out to hold.
 #[derive(Clone, Copy)]
@@ -38,6 +43,8 @@ pub(super) struct Obj {
     pub(super) row: ObjectRow,
     pub(super) state: u32,
     pub(super) lease: u64,
+    /// The raw mutex owner word (0 for other kinds).
+    pub(super) owner_word: u64,
 }
 
 /// Decodes and checks a region held in any [`SharedMemory`] (the mapped file, or a buffer).
@@ -75,6 +82,7 @@ pub fn inspect_region<M: SharedMemory + ?Sized>(mem: &M) -> Report {
         .fold(0, |m, p| m | holder_bit(PeerSlot(p.slot)));
     for o in &objs {
         check_lease(o, connected, &mut r);
+        check_mutex_owner(o, connected, &mut r);
     }
     let handles = walk_refcounts(mem, &layout, &peers, &slots, &mut objs, &mut r);
     check_overlaps(&objs, &mut r);
@@ -185,7 +193,9 @@ fn walk_objects<M: SharedMemory + ?Sized>(
                     SlotView::Free
                 }
                 Ok(Some(info)) => {
-                    objs.push(object_row(&info, lease));
+                    let mut obj = object_row(&info, lease);
+                    read_sync(mem, layout, &info, &mut obj);
+                    objs.push(obj);
                     SlotView::Object(objs.len() - 1)
                 }
                 Err(err) => {
@@ -325,10 +335,45 @@ fn object_row(info: &ObjectInfo, lease: u64) -> Obj {
             holders: Vec::new(),
             refs: 0,
             refs_by_peer: Vec::new(),
+            sync: None,
         },
         state: info.state,
         lease,
+        owner_word: 0,
     }
+}
+
+/// Reads an event's or mutex's sync words (single atomic loads, like any peer would).
+fn read_sync<M: SharedMemory + ?Sized>(mem: &M, layout: &Layout, info: &ObjectInfo, obj: &mut Obj) {
+    if info.kind == kind::SECTION {
+        return;
+    }
+    let slot = info.slot;
+    let load = |off: u64| {
+        layout
+            .object_entry(slot)
+            .and_then(|b| mem.load_u64(b + off, Ordering::SeqCst).ok())
+            .unwrap_or(0)
+    };
+    let waiters = load(OBJ_WAITERS_OFF);
+    let word = load(OBJ_SYNC_OFF);
+    let mut row = SyncRow {
+        signals: load(OBJ_SIGNAL_SEQ_OFF),
+        waiter_slots: (0..layout.max_peers)
+            .filter(|&i| waiters & holder_bit(PeerSlot(i)) != 0)
+            .collect(),
+        ..SyncRow::default()
+    };
+    if info.kind == kind::EVENT {
+        row.signaled = Some(word != 0);
+    } else {
+        row.owner_slot = mutex_word::slot(word).map(PeerSlot::raw);
+        row.owner_token = row.owner_slot.map(|_| mutex_word::token(word));
+        row.handoff = word & mutex_word::HANDOFF != 0;
+        row.abandoned = load(OBJ_ABANDONED_OFF) != 0;
+        obj.owner_word = word;
+    }
+    obj.row.sync = Some(row);
 }
 
 /// Explains an [`EntryError`] in the words inspect has always used. The error carries the
