@@ -4,10 +4,12 @@
 //! dependency on sockets, PCI or an operating system (`no_std`): the byte-exact layout
 //! ([`layout`]), NTSTATUS codes ([`Status`]), name rules ([`name`]), checked volatile access
 //! ([`shm`]), object-table snapshots ([`object`]), the peer table ([`peer`]), the lock-free open/close protocol
-//! ([`lease`]) and the request mailboxes ([`mailbox`]). docs/FORMAT.md is the prose spec.
+//! ([`lease`]), the request mailboxes ([`mailbox`]) and the block allocator inside a section
+//! ([`blocks`]). docs/FORMAT.md is the prose spec.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![warn(missing_docs)]
 
+pub mod blocks;
 pub mod ids;
 pub mod layout;
 pub mod lease;
