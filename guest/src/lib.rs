@@ -12,6 +12,7 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
+pub mod blocks;
 mod error;
 mod event;
 mod handle;

@@ -602,3 +602,20 @@ impl<T: Transport> Drop for Section<'_, T> {
         }
     }
 }
+
+/// For the block allocator (`blocks.rs`): the region, this peer's slot and incarnation, the
+/// namespace, and the attach check every shared-memory write makes first.
+impl<'ns, T: Transport> Section<'ns, T> {
+    pub(crate) fn region(&self) -> RawRegion<'ns> {
+        self.ns.mem()
+    }
+    pub(crate) fn peer(&self) -> (PeerSlot, u64) {
+        (self.ns.peer_slot, self.ns.incarnation)
+    }
+    pub(crate) fn namespace(&self) -> &'ns Namespace<T> {
+        self.ns
+    }
+    pub(crate) fn ensure_attached(&self) -> Result<(), Error> {
+        self.ns.attached()
+    }
+}

@@ -1,0 +1,181 @@
+//! Blocks inside a section (LSA AllocateSharedMemory / FreeSharedMemory): the guest side of
+//! `vshm_format::blocks`, which holds the protocol and says why it is a buddy allocator.
+//!
+//! The allocator lives in the section itself, so every peer holding a handle can allocate
+//! and free in it at once; a section becomes an allocator on its first allocation (it must
+//! still be zero then). An allocation that does not fit grows the section (a GROW request
+//! to the host, in place, at least doubling, never past its max size) and tries again; only
+//! when the max size cannot hold it does it fail with STATUS_NO_MEMORY.
+
+use core::time::Duration;
+
+use vshm_format::blocks::{BlockError, Guard, Heap, Me, PeerTable};
+use vshm_format::shm::RawRegion;
+use vshm_format::Status;
+
+pub use vshm_format::blocks::BlockStats;
+
+use crate::{Error, Section, Transport};
+
+/// How long an operation waits for the allocator lock held by a live peer.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lock attempts before waiting through the transport.
+const SPINS: u32 = 200;
+/// Grow-and-retry rounds before an allocation gives up (each round at least doubles the
+/// section or reaches what the allocator asked for).
+const GROW_ROUNDS: u32 = 64;
+
+/// A block inside a section: its data is `size` bytes at section offset `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Block {
+    /// Section offset of the data (aligned as asked).
+    pub offset: u64,
+    /// Usable bytes (at least the size asked for: the block is a power of two).
+    pub size: u64,
+    /// The allocator's heap id: a block freed in another section is refused.
+    pub heap: u64,
+}
+
+/// Options of [`Section::allocate_with`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocOptions {
+    /// Tag the block with this peer: it is freed once the peer is gone (vshmd reclaimed it),
+    /// by the next peer that allocates or frees in the section. Untagged blocks are
+    /// persistent data: they stay until someone frees them.
+    pub owned: bool,
+}
+
+fn block_error(e: BlockError) -> Error {
+    match e {
+        BlockError::Fault(f) => Error::Fault(f),
+        e => Error::Status(e.status()),
+    }
+}
+
+impl<T: Transport> Section<'_, T> {
+    /// Allocates a persistent block of at least `size` bytes aligned to `align` (a power of
+    /// two; from the section's start). Grows the section as needed.
+    pub fn allocate(&self, size: u64, align: u64) -> Result<Block, Error> {
+        self.allocate_with(size, align, AllocOptions::default())
+    }
+
+    /// [`Section::allocate`] with options.
+    pub fn allocate_with(
+        &self,
+        size: u64,
+        align: u64,
+        options: AllocOptions,
+    ) -> Result<Block, Error> {
+        let owner = options.owned.then(|| self.peer());
+        for _ in 0..GROW_ROUNDS {
+            match self.with_heap(|g| g.allocate(size, align, owner))? {
+                Ok(((offset, size), heap)) => return Ok(Block { offset, size, heap }),
+                Err(BlockError::NeedGrow { min_size }) => {
+                    let now = self.size();
+                    let target = min_size.max(now.saturating_mul(2)).min(self.max_size());
+                    match self.grow(target) {
+                        Ok(()) => {}
+                        // Another peer grew it past our target meanwhile.
+                        Err(Error::Status(Status::InvalidParameter)) if self.size() >= target => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(block_error(e)),
+            }
+        }
+        Err(Status::NoMemory.into())
+    }
+
+    /// Frees a block allocated in this section (LSA FreeSharedMemory). A block of another
+    /// section, a forged offset, a wrong size or a double free is refused with
+    /// STATUS_INVALID_HANDLE or STATUS_INVALID_PARAMETER and changes nothing.
+    pub fn free(&self, block: Block) -> Result<(), Error> {
+        let r = self.with_heap(|g| {
+            if g.heap_id() != block.heap {
+                return Err(BlockError::WrongHeap);
+            }
+            g.free(block.offset, Some(block.size))
+        })?;
+        r.map(|_| ()).map_err(block_error)
+    }
+
+    /// Frees the block whose data is at section offset `offset` (for callers that kept only
+    /// the offset); returns its usable size.
+    pub fn free_at(&self, offset: u64) -> Result<u64, Error> {
+        let r = self.with_heap(|g| g.free(offset, None))?;
+        r.map(|(size, _)| size).map_err(block_error)
+    }
+
+    /// The allocator's counters; `None` if no block was ever allocated in the section.
+    pub fn block_stats(&self) -> Result<Option<BlockStats>, Error> {
+        self.ensure_attached()?;
+        vshm_format::blocks::stats(&self.region(), self.offset(), self.size()).map_err(block_error)
+    }
+
+    /// Takes the allocator lock (waiting for a live holder, breaking a dead one's), runs
+    /// `op`, and returns its result with the heap id. The outer error is the transport's.
+    fn with_heap<R>(
+        &self,
+        mut op: impl FnMut(&mut Guard<'_, '_, RawRegion<'_>>) -> Result<R, BlockError>,
+    ) -> Result<Result<(R, u64), BlockError>, Error> {
+        self.ensure_attached()?;
+        let mem = self.region();
+        let ns = self.namespace();
+        let transport = ns.transport();
+        let token_alive = |token: u32| transport.token_alive(token);
+        let peers = PeerTable {
+            mem: &mem,
+            layout: ns.layout(),
+            token_alive: &token_alive,
+        };
+        let (slot, incarnation) = self.peer();
+        let me = Me {
+            slot,
+            incarnation,
+            token: transport.lock_token(),
+        };
+        let mut out = None;
+        let mut attempt = || {
+            let heap = match Heap::new(
+                &mem,
+                self.offset(),
+                self.size(),
+                self.max_size(),
+                self.generation().raw(),
+            ) {
+                Ok(h) => h,
+                Err(e) => {
+                    out = Some(Err(e));
+                    return true;
+                }
+            };
+            let done = match heap.lock(me, &peers) {
+                Err(BlockError::Busy { .. } | BlockError::Stale) => false,
+                Err(e) => {
+                    out = Some(Err(e));
+                    true
+                }
+                Ok(mut g) => {
+                    let id = g.heap_id();
+                    out = Some(op(&mut g).map(|r| (r, id)));
+                    true
+                }
+            };
+            done
+        };
+        let mut done = (0..SPINS).any(|_| {
+            let d = attempt();
+            core::hint::spin_loop();
+            d
+        });
+        if !done {
+            done = transport.wait_until(&mut attempt, LOCK_TIMEOUT)?;
+        }
+        match out {
+            Some(r) if done => Ok(r),
+            _ => Err(Error::Timeout(
+                u64::try_from(LOCK_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+            )),
+        }
+    }
+}
