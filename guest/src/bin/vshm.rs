@@ -160,6 +160,31 @@ enum Command {
         #[arg(long, value_name = "MS")]
         timeout: Option<u64>,
     },
+    /// Allocate a block inside a section (grows it as needed); prints the block's offset and size.
+    Alloc {
+        /// Section name.
+        name: String,
+        /// Bytes.
+        #[arg(value_parser = size_arg)]
+        size: u64,
+        /// Alignment of the data (a power of two) from the section's start.
+        #[arg(long, default_value = "16", value_parser = size_arg)]
+        align: u64,
+        /// Tag the block with this peer: it is freed once this peer is gone.
+        #[arg(long)]
+        owned: bool,
+        /// Keep this peer attached until stdin closes or a signal arrives.
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Free the block whose data is at OFFSET in a section.
+    Free {
+        /// Section name.
+        name: String,
+        /// The offset `vshm alloc` printed.
+        #[arg(value_parser = size_arg)]
+        offset: u64,
+    },
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -543,6 +568,30 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
             for h in held {
                 h.close()?;
             }
+        }
+        Command::Alloc {
+            name,
+            size,
+            align,
+            owned,
+            hold,
+        } => {
+            let section = ns.open(&name).map_err(ctx("open", &name))?;
+            let opts = vshm::blocks::AllocOptions { owned };
+            let b = section
+                .allocate_with(size, align, opts)
+                .map_err(ctx("alloc in", &name))?;
+            say!("{} {}", b.offset, b.size);
+            if hold {
+                let _ = out.lock().flush();
+                wait_for_release(false)?;
+            }
+            section.close()?;
+        }
+        Command::Free { name, offset } => {
+            let section = ns.open(&name).map_err(ctx("open", &name))?;
+            section.free_at(offset).map_err(ctx("free in", &name))?;
+            section.close()?;
         }
     }
     Ok(())
