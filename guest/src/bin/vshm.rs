@@ -583,6 +583,7 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
                 .map_err(ctx("alloc in", &name))?;
             say!("{} {}", b.offset, b.size);
             if hold {
+                say!("holding; close stdin or send SIGTERM to release");
                 let _ = out.lock().flush();
                 wait_for_release(false)?;
             }
