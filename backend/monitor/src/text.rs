@@ -171,6 +171,7 @@ pub fn status(doc: &Value) -> String {
     if !sync.is_empty() {
         sync_table(&mut out, &sync);
     }
+    blocks_table(doc, &mut out);
     out
 }
 
@@ -251,6 +252,40 @@ fn sync_table(out: &mut String, rows: &[&Value]) {
                 .map_or_else(|| "-".to_string(), |v| v.to_string()),
             n(&s["refs"]),
             by_peer.join(" "),
+        );
+    }
+}
+
+/// The sections with a block allocator, as one more table; nothing at all if none has one
+/// (so the output of regions without allocators is unchanged).
+fn blocks_table(doc: &Value, out: &mut String) {
+    let with: Vec<&Value> = doc["sections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["blocks"].is_object())
+        .collect();
+    if with.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nBLOCKS IN                        IN USE      BLOCKS    FREE        LARGEST     FRAG"
+    );
+    for s in with {
+        let b = &s["blocks"];
+        let name = s["name"]
+            .as_str()
+            .map_or_else(|| "<unnamed>".to_string(), printable);
+        let _ = writeln!(
+            out,
+            "{:<32} {:<11} {:<9} {:<11} {:<11} {:.0}%",
+            name,
+            human_bytes(n(&b["in_use"])),
+            n(&b["count"]),
+            human_bytes(n(&b["free"])),
+            human_bytes(n(&b["largest_free"])),
+            b["fragmentation"].as_f64().unwrap_or(0.0) * 100.0,
         );
     }
 }

@@ -91,6 +91,9 @@ pub struct SectionStatus {
     /// MUTEX: times an owner died (or vanished) holding it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub abandoned: Option<u64>,
+    /// The block allocator inside the section, if it has one (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<BlockStatus>,
 }
 
 /// The status document's name of an object kind.
@@ -101,6 +104,37 @@ pub(super) fn kind_name(kind: u32) -> &'static str {
         kind::MUTEX => "mutex",
         _ => "unknown",
     }
+}
+
+/// A section's block allocator (its header's counters, read unlocked).
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockStatus {
+    /// Bytes of used blocks.
+    pub in_use: u64,
+    /// Used blocks.
+    pub count: u64,
+    /// Bytes of free blocks.
+    pub free: u64,
+    /// Largest free block.
+    pub largest_free: u64,
+    /// 1 − largest_free/free.
+    pub fragmentation: f64,
+}
+
+/// The allocator counters of the section at `offset` of `size` bytes, if it has a valid one.
+fn block_status<M: vshm_format::shm::SharedMemory>(
+    mem: &M,
+    offset: vshm_format::RegionOffset,
+    size: u64,
+) -> Option<BlockStatus> {
+    let s = vshm_format::blocks::stats(mem, offset, size).ok()??;
+    Some(BlockStatus {
+        in_use: s.in_use,
+        count: s.count,
+        free: s.free,
+        largest_free: s.largest_free,
+        fragmentation: s.fragmentation,
+    })
 }
 
 /// The region.
@@ -208,6 +242,7 @@ impl<M: Backing> Arbiter<M> {
                 owner: is(kind::MUTEX).map(|()| owner),
                 queued: is(kind::MUTEX).map(|()| rec.queue.len() as u64),
                 abandoned: is(kind::MUTEX).map(|()| rec.abandoned),
+                blocks: block_status(&self.mem, rec.offset, rec.size),
             });
         }
         let peers = self

@@ -212,3 +212,47 @@ pub(super) fn heap_usage(layout: &Layout, objs: &[Obj]) -> HeapUsage {
         free: layout.heap_size.saturating_sub(reserved),
     }
 }
+
+/// A section with a block allocator (docs/FORMAT.md, "Blocks inside a section"): its
+/// counters as a note, and whatever `blocks::verify` finds (header, block headers, free
+/// lists, counters) as an error — a note while the allocator's lock is held, since a live
+/// peer may be midway through an operation.
+pub(super) fn check_blocks<M: vshm_format::shm::SharedMemory + ?Sized>(
+    mem: &M,
+    o: &Obj,
+    r: &mut Report,
+) {
+    use vshm_format::blocks;
+    if o.row.kind != "section" {
+        return;
+    }
+    let at = format!("object slot {}", o.row.slot);
+    let offset = vshm_format::RegionOffset(o.row.offset);
+    match blocks::verify(mem, offset, o.row.size) {
+        Ok(None) => {}
+        Ok(Some(s)) => r.note(
+            at,
+            format!(
+                "block allocator: {} bytes in use in {} blocks, {} free, largest free {}, fragmentation {:.0}%",
+                s.in_use,
+                s.count,
+                s.free,
+                s.largest_free,
+                s.fragmentation * 100.0
+            ),
+        ),
+        Err(e) => {
+            let locked = o
+                .row
+                .offset
+                .checked_add(blocks::hdr::LOCK)
+                .and_then(|l| mem.load_u64(l, std::sync::atomic::Ordering::SeqCst).ok())
+                .is_some_and(|w| w != 0);
+            if locked {
+                r.note(at, format!("block allocator (locked, may be mid-operation): {e}"));
+            } else {
+                r.error(at, format!("block allocator: {e}"));
+            }
+        }
+    }
+}

@@ -23,7 +23,8 @@ use vshm_format::NameError;
 use vshm_format::{ObjectSlot, PeerSlot};
 
 use super::check::{
-    check_free, check_identities, check_lease, check_mutex_owner, check_overlaps, heap_usage,
+    check_blocks, check_free, check_identities, check_lease, check_mutex_owner, check_overlaps,
+    heap_usage,
 };
 use super::{ObjectRow, PeerRow, Report, SyncRow, MB_OP_OFF, SEQ_WAIT_TRIES};
 
@@ -83,6 +84,7 @@ pub fn inspect_region<M: SharedMemory + ?Sized>(mem: &M) -> Report {
     for o in &objs {
         check_lease(o, connected, &mut r);
         check_mutex_owner(o, connected, &mut r);
+        check_blocks(mem, o, &mut r);
     }
     let handles = walk_refcounts(mem, &layout, &peers, &slots, &mut objs, &mut r);
     check_overlaps(&objs, &mut r);
