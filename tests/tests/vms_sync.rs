@@ -78,7 +78,26 @@ fn guests_wake_each_other_and_a_host_process_and_a_killed_guests_mutex_is_abando
         let out = finish(&mut gb, "w");
         assert!(out.contains("was signalled"), "guest B woke: {out}");
 
-        // 2. Guest A holds a mutex and its VM dies; guest B, queued, is told ABANDONED.
+        // 2. Hundreds of signals each way between a guest and a host process: none is lost.
+        //    (A guest's atomics on the region must be real atomics: under TCG that takes
+        //    parallel vCPUs, see images/src/vm.rs.)
+        let mut echo = b.vshm_holding(&["event", "echo", "pp", "--count", "1000"]);
+        let out = guest_ok(&mut ga, "vshm event ping pp --count 1000");
+        assert!(
+            out.contains("n=1000"),
+            "guest -> host -> guest, 1000 rounds: {out}"
+        );
+        assert!(echo.wait().expect("echo").success(), "the host echoed 1000");
+        background(&mut gb, "e", "event echo qq --count 1000");
+        let ping = b.vshm(&["event", "ping", "qq", "--count", "1000"]);
+        assert!(
+            ping.status.success(),
+            "host -> guest -> host, 1000 rounds: {}",
+            vshm_tests::stderr(&ping)
+        );
+        finish(&mut gb, "e");
+
+        // 3. Guest A holds a mutex and its VM dies; guest B, queued, is told ABANDONED.
         let (robust, _) = host.create_mutex(Some("robust"), true).expect("mutex");
         guest_hold(&mut ga, "m", "mutex lock robust");
         assert!(robust.owner().expect("owner").is_some(), "guest A holds it");

@@ -244,8 +244,22 @@ fn ping<T: Transport>(ns: &Namespace<T>, name: &str, count: u32) -> Result<(), F
         }
         let t = std::time::Instant::now();
         ping.signal().map_err(ctx("signal", name))?;
-        pong.wait(Some(Duration::from_secs(5)))
-            .map_err(ctx("wait for the echo of", name))?;
+        if let Err(e) = pong.wait(Some(Duration::from_secs(5))) {
+            // Say what the two events looked like: a lost signal and a missing echo differ.
+            let state = |ev: &vshm::Event<'_, T>| {
+                format!(
+                    "signalled {:?}, {:?} signals",
+                    ev.is_signaled().ok(),
+                    ev.signal_count().ok()
+                )
+            };
+            return Err(Failure(format!(
+                "{e}: no echo of {name:?} after round trip {} (ping {}; pong {})",
+                rtt.len(),
+                state(&ping),
+                state(&pong)
+            )));
+        }
         rtt.push(t.elapsed());
     }
     rtt.sort();
