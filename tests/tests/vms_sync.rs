@@ -1,7 +1,9 @@
 //! Events and robust mutexes with real VMs: vshmd, two QEMU guests (TCG here, KVM where the
 //! host has hardware virtualisation) driven through their command agents, and a host
-//! process. An event signalled in one guest wakes a host process and the other guest; a
-//! guest killed while it holds a mutex leaves it to the next locker as STATUS_ABANDONED.
+//! process. An event signalled in one guest wakes a host process and the other guest;
+//! signals are never lost between a guest and a host process; two guests allocating blocks
+//! in one section at once never overlap; a guest killed while it holds a mutex leaves it to
+//! the next locker as STATUS_ABANDONED.
 
 use std::time::Duration;
 
@@ -97,7 +99,49 @@ fn guests_wake_each_other_and_a_host_process_and_a_killed_guests_mutex_is_abando
         );
         finish(&mut gb, "e");
 
-        // 3. Guest A holds a mutex and its VM dies; guest B, queued, is told ABANDONED.
+        // 3. Both guests allocate blocks in one section at the same time: no two overlap.
+        b.connect()
+            .create(
+                Some("pool"),
+                &vshm::CreateOptions {
+                    max_size: 1 << 20,
+                    initial_size: 64 << 10,
+                    persistent: true,
+                },
+            )
+            .expect("pool");
+        let script = "for i in $(seq 25); do vshm alloc pool 1000 || exit 1; done";
+        for (vm, tag) in [(&mut ga, "pa"), (&mut gb, "pb")] {
+            guest_ok(
+                vm,
+                &format!("sh -c '{script}' > /tmp/{tag}.out 2>&1 & echo $! > /tmp/{tag}.pid"),
+            );
+        }
+        let mut blocks: Vec<(u64, u64)> = Vec::new();
+        for (vm, tag) in [(&mut ga, "pa"), (&mut gb, "pb")] {
+            let out = finish(vm, tag);
+            for line in out.lines() {
+                let mut f = line.split_whitespace().map(str::parse::<u64>);
+                match (f.next(), f.next()) {
+                    (Some(Ok(offset)), Some(Ok(size))) => blocks.push((offset, size)),
+                    _ => panic!("{tag}: unexpected line {line:?} in {out}"),
+                }
+            }
+        }
+        assert_eq!(blocks.len(), 50, "25 blocks from each guest");
+        blocks.sort_unstable();
+        for w in blocks.windows(2) {
+            assert!(
+                w[0].0 + w[0].1 <= w[1].0,
+                "overlap: {:?} and {:?}",
+                w[0],
+                w[1]
+            );
+        }
+        let pool = b.section("pool").expect("pool in status");
+        assert_eq!(pool["blocks"]["count"], 50, "{pool}");
+
+        // 4. Guest A holds a mutex and its VM dies; guest B, queued, is told ABANDONED.
         let (robust, _) = host.create_mutex(Some("robust"), true).expect("mutex");
         guest_hold(&mut ga, "m", "mutex lock robust");
         assert!(robust.owner().expect("owner").is_some(), "guest A holds it");
