@@ -300,6 +300,49 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Boots one guest per name, attached to `b`, concurrently (all started from the calling
+/// thread: QEMU dies with the thread that started it), and waits until each agent answers.
+pub fn boot_guests(b: &Backend, names: &[&str]) -> Vec<vshm_images::Vm> {
+    const BOOT: Duration = Duration::from_secs(180);
+    let image = guest_image();
+    let starting: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let cfg = vshm_images::VmConfig::new(n, &image, &b.socket, b.dir());
+            vshm_images::Vm::start(&cfg).unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    starting
+        .into_iter()
+        .map(|s| s.wait_ready(BOOT).unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
+/// A small deterministic generator for stress tests (xorshift64): the same seed gives the
+/// same run.
+#[derive(Debug, Clone)]
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value in `0..n` (`n` = 0 is taken as 1).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// An index in `0..n` (`n` = 0 is taken as 1).
+    pub fn index(&mut self, n: usize) -> usize {
+        usize::try_from(self.below(n as u64)).unwrap_or(0)
+    }
+}
+
 /// The test guest built by `cargo xtask images` (images/out).
 pub fn guest_image() -> vshm_images::Image {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/out");

@@ -5,26 +5,12 @@
 use std::time::{Duration, Instant};
 
 use vshm::{CreateOptions, Error, Status};
-use vshm_tests::{wait_for, watchdog, Backend};
+use vshm_tests::{wait_for, watchdog, Backend, XorShift};
 
 const PEERS: usize = 8;
 const NAMES: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
 const RUN_FOR: Duration = Duration::from_secs(3);
 const MAX_OPS: u32 = 200_000;
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next() % n as u64).unwrap_or(0)
-    }
-}
 
 /// Statuses a racing peer may legitimately get.
 fn expected(e: &Error) -> bool {
@@ -51,11 +37,11 @@ fn eight_peers_hammering_overlapping_names_leave_a_consistent_table_and_a_free_h
                     let mut ops = 0u32;
                     while start.elapsed() < RUN_FOR && ops < MAX_OPS {
                         ops += 1;
-                        let name = NAMES[rng.below(NAMES.len())];
-                        match rng.below(10) {
+                        let name = NAMES[rng.index(NAMES.len())];
+                        match rng.index(10) {
                             0..=2 => {
-                                let persistent = rng.below(5) == 0;
-                                let pages = 1 + rng.below(4) as u64;
+                                let persistent = rng.index(5) == 0;
+                                let pages = 1 + rng.index(4) as u64;
                                 let opts = CreateOptions {
                                     max_size: pages * 4096,
                                     initial_size: 4096,
@@ -80,12 +66,12 @@ fn eight_peers_hammering_overlapping_names_leave_a_consistent_table_and_a_free_h
                             },
                             5..=7 => {
                                 if !handles.is_empty() {
-                                    let h = handles.swap_remove(rng.below(handles.len()));
+                                    let h = handles.swap_remove(rng.index(handles.len()));
                                     h.close().expect("close a held handle");
                                 }
                             }
                             8 => {
-                                if let Some(h) = handles.get(rng.below(handles.len().max(1))) {
+                                if let Some(h) = handles.get(rng.index(handles.len().max(1))) {
                                     if let Ok(d) = h.duplicate() {
                                         handles.push(d);
                                     }
@@ -157,7 +143,7 @@ fn threads_of_one_peer_open_and_close_the_same_sections_without_losing_a_handle(
                             .open("kept")
                             .expect("open while the main thread holds it");
                         let d = a.duplicate().expect("duplicate");
-                        if rng.below(2) == 0 {
+                        if rng.index(2) == 0 {
                             drop(a);
                             d.close().expect("close");
                         } else {

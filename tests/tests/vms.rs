@@ -6,13 +6,9 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use vshm_images::{Vm, VmConfig};
 use vshm_tests::{
-    guest_hold, guest_image, guest_ok, guest_peer_id, guest_release, guest_sh, wait_for, watchdog,
-    Backend,
+    guest_hold, guest_ok, guest_peer_id, guest_release, guest_sh, wait_for, watchdog, Backend,
 };
-
-const BOOT: Duration = Duration::from_secs(180);
 
 fn refs_of(b: &Backend, name: &str) -> Option<(u64, Vec<(u64, u64)>)> {
     let s = b.section(name)?;
@@ -34,20 +30,7 @@ fn peer_connected(b: &Backend, id: u64) -> bool {
 fn three_guests_share_sections_through_vshmd() {
     watchdog(Duration::from_secs(600), || {
         let b = Backend::start(&["--size", "64M"]);
-        let image = guest_image();
-        // Start all three from this thread (QEMU dies with the thread that started it),
-        // then wait for them: they boot concurrently.
-        let starting: Vec<_> = ["a", "b", "c"]
-            .iter()
-            .map(|n| {
-                let cfg = VmConfig::new(n, &image, &b.socket, b.dir());
-                Vm::start(&cfg).unwrap_or_else(|e| panic!("{e}"))
-            })
-            .collect();
-        let mut vms: Vec<Vm> = starting
-            .into_iter()
-            .map(|s| s.wait_ready(BOOT).unwrap_or_else(|e| panic!("{e}")))
-            .collect();
+        let mut vms = vshm_tests::boot_guests(&b, &["a", "b", "c"]);
         let mut c = vms.pop().expect("c");
         let mut bb = vms.pop().expect("b");
         let mut a = vms.pop().expect("a");

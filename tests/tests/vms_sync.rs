@@ -8,10 +8,8 @@
 use std::time::Duration;
 
 use vshm::{Acquired, EventOptions};
-use vshm_images::{Vm, VmConfig};
-use vshm_tests::{guest_hold, guest_image, guest_ok, guest_sh, wait_for, watchdog, Backend};
-
-const BOOT: Duration = Duration::from_secs(180);
+use vshm_images::Vm;
+use vshm_tests::{guest_hold, guest_ok, guest_sh, wait_for, watchdog, Backend};
 
 /// Starts `vshm ARGS` in the background in a guest; [`finish`] waits for it.
 fn background(vm: &mut Vm, tag: &str, args: &str) {
@@ -37,18 +35,7 @@ fn finish(vm: &mut Vm, tag: &str) -> String {
 fn guests_wake_each_other_and_a_host_process_and_a_killed_guests_mutex_is_abandoned() {
     watchdog(Duration::from_secs(600), || {
         let b = Backend::start(&["--size", "16M"]);
-        let image = guest_image();
-        let starting: Vec<_> = ["sa", "sb"]
-            .iter()
-            .map(|n| {
-                let cfg = VmConfig::new(n, &image, &b.socket, b.dir());
-                Vm::start(&cfg).unwrap_or_else(|e| panic!("{e}"))
-            })
-            .collect();
-        let mut vms: Vec<Vm> = starting
-            .into_iter()
-            .map(|s| s.wait_ready(BOOT).unwrap_or_else(|e| panic!("{e}")))
-            .collect();
+        let mut vms = vshm_tests::boot_guests(&b, &["sa", "sb"]);
         let mut gb = vms.pop().expect("sb");
         let mut ga = vms.pop().expect("sa");
 

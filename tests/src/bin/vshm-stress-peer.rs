@@ -15,20 +15,7 @@ use std::time::{Duration, Instant};
 use vshm::blocks::{AllocOptions, Block};
 use vshm::host::HostTransport;
 use vshm::{Acquired, Error, Namespace, Status};
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+use vshm_tests::XorShift;
 
 /// Statuses a racing peer may legitimately see: a full pool, a lock or wait that timed out.
 fn tolerated(e: &Error) -> bool {
