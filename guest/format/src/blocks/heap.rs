@@ -303,7 +303,7 @@ impl<M: SharedMemory + ?Sized> Guard<'_, '_, M> {
             self.covered = p + (1 << k);
             self.heap.store(hdr::COVERED, self.covered)?;
             self.add(hdr::FREE, 1 << k, 0)?;
-            self.retry(|g| g.insert_free(p, k).map(|_| ()))?;
+            self.insert_or_rebuild(p, k)?;
         }
         Ok(())
     }
@@ -326,6 +326,22 @@ impl<M: SharedMemory + ?Sized> Guard<'_, '_, M> {
                         at: 0,
                     }),
                 }
+            }
+        }
+    }
+
+    /// Lists free block `o` of `order`, whose FREE header is already committed, merging it
+    /// with its free buddies. `None` if the lists turned out inconsistent: then they were
+    /// rebuilt from the headers, which listed this block (merged) already. Re-running the
+    /// insert after the rebuild would list it a second time: its header may by then be a
+    /// stale one inside a merged free block, and two allocations would overlap.
+    fn insert_or_rebuild(&mut self, o: u64, order: u32) -> Result<Option<(u64, u32)>, BlockError> {
+        match self.insert_free(o, order) {
+            Ok(r) => Ok(Some(r)),
+            Err(Lists::Error(e)) => Err(e),
+            Err(Lists::Corrupt) => {
+                self.rebuild()?;
+                Ok(None)
             }
         }
     }
@@ -540,8 +556,9 @@ impl<M: SharedMemory + ?Sized> Guard<'_, '_, M> {
         Ok(t.size() - (1u64 << t.lead))
     }
 
-    /// Marks used block `o` free (the commit), counts it, merges and lists it.
-    fn release(&mut self, o: u64, t: Tag) -> Result<(u64, u32), BlockError> {
+    /// Marks used block `o` free (the commit), counts it, merges and lists it. Returns the
+    /// free block it ended up in, `None` if the lists were rebuilt meanwhile.
+    fn release(&mut self, o: u64, t: Tag) -> Result<Option<(u64, u32)>, BlockError> {
         let order = u32::from(t.order);
         self.heap
             .store(o, encode(self.heap_id, o, tag(state::FREE, order, 0, 0)))?;
@@ -551,7 +568,7 @@ impl<M: SharedMemory + ?Sized> Guard<'_, '_, M> {
         if t.owner != 0 {
             self.add(hdr::OWNED, 0, 1)?;
         }
-        self.retry(|g| g.insert_free(o, order))
+        self.insert_or_rebuild(o, order)
     }
 
     /// Frees the owned blocks whose owner is gone. A walk: only when the peer table changed
@@ -566,9 +583,11 @@ impl<M: SharedMemory + ?Sized> Guard<'_, '_, M> {
                 let inc = self.heap.load(p + 8)?;
                 let owner = PeerSlot(u32::from(t.owner) - 1);
                 if self.peers.incarnation(owner) != Some(inc) {
-                    let (lo, k) = self.release(p, t)?;
+                    let merged = self.release(p, t)?;
                     self.add(hdr::RECLAIMED, 1, 0)?;
-                    p = lo + (1u64 << k);
+                    // After a rebuild the merges are unknown: walk again from the start
+                    // (the block just freed is FREE now, so this ends).
+                    p = merged.map_or(HEADER_SIZE, |(lo, k)| lo + (1u64 << k));
                     continue;
                 }
             }

@@ -42,6 +42,8 @@
 mod heap;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_attacks;
 
 use core::sync::atomic::Ordering;
 
