@@ -38,6 +38,8 @@ mod sync;
 mod tests;
 #[cfg(test)]
 mod tests_sync;
+#[cfg(test)]
+mod tests_sync_attacks;
 
 pub use peers::ConnectError;
 pub use reclaim::Reclaim;

@@ -267,13 +267,14 @@ impl<M: Backing> Arbiter<M> {
                 return None;
             }
             // Entries of peers that are gone are never granted (reclaim drops them; this
-            // is the second line).
-            let connected: Vec<bool> = (0..self.layout.max_peers)
-                .map(|p| self.connected(PeerSlot(p)))
+            // is the second line), nor of peers that no longer hold the mutex (they left
+            // the queue without CANCEL: they could never unlock it).
+            let eligible: Vec<bool> = (0..self.layout.max_peers)
+                .map(|p| self.connected(PeerSlot(p)) && self.holds(PeerSlot(p), slot))
                 .collect();
             let next = self.objects[slot.raw() as usize].as_mut().and_then(|r| {
                 r.queue
-                    .retain(|(p, _)| connected.get(p.raw() as usize).copied().unwrap_or(false));
+                    .retain(|(p, _)| eligible.get(p.raw() as usize).copied().unwrap_or(false));
                 r.queue.front().copied().map(|e| (e, r.queue.len() > 1))
             });
             let new = match next {

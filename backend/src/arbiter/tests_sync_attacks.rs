@@ -1,0 +1,76 @@
+//! Attacks on the host's side of mutexes: queue entries that outlive the waiter's hold, and
+//! a peer that floods a mutex's queue with tokens.
+
+use vshm_format::layout::{kind, mutex_word, op, Layout, Request, Response};
+use vshm_format::lease::{acquire, release, Released};
+use vshm_format::{mailbox, sync};
+use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, Status};
+
+use super::Arbiter;
+use crate::region::Region;
+
+fn arbiter() -> Arbiter<Region> {
+    let region = Region::create(1 << 20, false, false).expect("memfd");
+    let layout = Layout::compute(1 << 20, 4, 8, 2, 4096).expect("layout");
+    let mut a = Arbiter::new(region, layout, 1, [0; 16]).expect("arbiter");
+    for id in 1..=4 {
+        a.peer_connected(PeerId(id)).expect("connect");
+    }
+    a
+}
+
+fn slot_of(id: u16) -> PeerSlot {
+    PeerSlot(u32::from(id) - 1)
+}
+
+fn request(a: &mut Arbiter<Region>, id: u16, req: &Request) -> Response {
+    let slot = slot_of(id);
+    let seq = mailbox::post(a.mem(), a.layout(), slot, req).expect("post");
+    assert!(a.service(PeerId(id)), "answered");
+    mailbox::poll(a.mem(), a.layout(), slot, seq)
+        .expect("poll")
+        .expect("response")
+}
+
+fn target(r: &Response) -> (ObjectSlot, Generation) {
+    (ObjectSlot(r.slot), Generation(r.generation))
+}
+
+fn mutex_op(a: &mut Arbiter<Region>, id: u16, code: u32, r: &Response, token: u32) -> Status {
+    let (s, g) = target(r);
+    let resp = request(a, id, &mailbox::mutex_request(code, s, g, token));
+    Status::from_code(resp.status).expect("a known status")
+}
+
+/// A mutex created by peer 1 and held by peers 1..=4.
+fn held_mutex(a: &mut Arbiter<Region>) -> Response {
+    let req = mailbox::create_sync_request(Some("mx"), kind::MUTEX, false, false);
+    let m = request(a, 1, &req);
+    assert_eq!(Status::from_code(m.status), Some(Status::Success));
+    let (s, g) = target(&m);
+    for id in 1..=4 {
+        acquire(a.mem(), a.layout(), slot_of(id), s, g, false).expect("hold");
+    }
+    m
+}
+
+#[test]
+fn a_queued_peer_that_closed_its_handle_is_never_handed_the_mutex() {
+    let mut a = arbiter();
+    let m = held_mutex(&mut a);
+    assert_eq!(mutex_op(&mut a, 1, op::LOCK, &m, 11), Status::Success);
+    assert_eq!(mutex_op(&mut a, 2, op::LOCK, &m, 22), Status::Pending);
+    assert_eq!(mutex_op(&mut a, 3, op::LOCK, &m, 33), Status::Pending);
+    // Peer 2 leaves without CANCEL (an error path, or a guest process that died queued):
+    // it holds the mutex no more, so it can never unlock it.
+    let released = release(a.mem(), a.layout(), slot_of(2), ObjectSlot(m.slot));
+    assert_eq!(released, Ok(Released::Held));
+    a.sweep();
+    assert_eq!(mutex_op(&mut a, 1, op::UNLOCK, &m, 11), Status::Success);
+    let w = sync::sync_word(a.mem(), a.layout(), ObjectSlot(m.slot)).expect("word");
+    assert_eq!(
+        w & mutex_word::OWNER,
+        mutex_word::owner(slot_of(3), 33),
+        "handed to the next waiter that still holds the mutex, not to peer 2"
+    );
+}
