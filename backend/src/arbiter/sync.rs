@@ -23,6 +23,12 @@ use crate::telemetry::Event;
 /// spin).
 const CAS_TRIES: u32 = 1024;
 
+/// Entries one peer may have in one mutex's queue (one per waiting thread or guest
+/// process); a LOCK past it is STATUS_QUOTA_EXCEEDED. Without a bound, a peer posting LOCK
+/// with ever new tokens would grow vshmd's memory, and every LOCK's scan of the queue,
+/// without limit.
+pub(super) const MAX_QUEUED_PER_PEER: usize = 1024;
+
 type Answer<T> = Result<T, (Status, Option<ObjectSlot>)>;
 
 impl<M: Backing> Arbiter<M> {
@@ -177,6 +183,10 @@ impl<M: Backing> Arbiter<M> {
                 Ok(_) => {
                     if let Some(r) = self.objects[slot.raw() as usize].as_mut() {
                         if !r.queue.contains(&(peer, token)) {
+                            let mine = r.queue.iter().filter(|(p, _)| *p == peer).count();
+                            if mine >= MAX_QUEUED_PER_PEER {
+                                return Err((Status::QuotaExceeded, Some(slot)));
+                            }
                             r.queue.push_back((peer, token));
                         }
                     }

@@ -74,3 +74,24 @@ fn a_queued_peer_that_closed_its_handle_is_never_handed_the_mutex() {
         "handed to the next waiter that still holds the mutex, not to peer 2"
     );
 }
+
+#[test]
+fn a_peer_cannot_grow_a_mutex_queue_without_bound() {
+    let mut a = arbiter();
+    let m = held_mutex(&mut a);
+    assert_eq!(mutex_op(&mut a, 1, op::LOCK, &m, 1), Status::Success);
+    let mut refused = 0;
+    for token in 1..=3000 {
+        if mutex_op(&mut a, 2, op::LOCK, &m, token) != Status::Pending {
+            refused += 1;
+        }
+    }
+    let queued = a.record_at(ObjectSlot(m.slot)).expect("record").queue.len();
+    assert!(
+        queued <= super::sync::MAX_QUEUED_PER_PEER,
+        "{queued} entries queued by one peer"
+    );
+    assert!(refused > 0);
+    // Other peers still queue.
+    assert_eq!(mutex_op(&mut a, 3, op::LOCK, &m, 7), Status::Pending);
+}
