@@ -20,6 +20,8 @@ pub mod peer;
 pub mod shm;
 mod status;
 pub mod sync;
+#[cfg(test)]
+mod sync_attacks;
 pub mod units;
 
 pub use ids::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};

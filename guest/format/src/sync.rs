@@ -95,25 +95,27 @@ pub fn take_waiters<M: SharedMemory + ?Sized>(
     layout: &Layout,
     slot: ObjectSlot,
 ) -> Result<u64, Fault> {
-    let off = word(layout, slot, OBJ_WAITERS_OFF)?;
-    let mut w = mem.load_u64(off, Ordering::SeqCst)?;
-    loop {
-        match mem.cas_u64(off, w, 0)? {
-            Ok(_) => return Ok(w),
-            Err(now) => w = now,
-        }
-    }
+    // One fetch-and, not a CAS loop: a peer rewriting the word cannot keep the host here.
+    mem.fetch_and_u64(word(layout, slot, OBJ_WAITERS_OFF)?, 0)
 }
 
-/// Adds 1 to the u64 at `off` (a CAS loop: the `SharedMemory` seam has no fetch-add).
+/// CAS attempts [`increment`] makes before it gives up.
+const INCREMENT_TRIES: u32 = 1024;
+
+/// Adds 1 to the u64 at `off` (a CAS loop: the `SharedMemory` seam has no fetch-add). The
+/// loop is bounded: a CAS fails only when the counter changed, and a counter that keeps
+/// changing under us has changed anyway (waiters look for a different value), so after
+/// [`INCREMENT_TRIES`] failures it stops, rather than let a peer that rewrites the word
+/// keep the caller (the host serving every peer) spinning.
 fn increment<M: SharedMemory + ?Sized>(mem: &M, off: u64) -> Result<(), Fault> {
     let mut v = mem.load_u64(off, Ordering::SeqCst)?;
-    loop {
+    for _ in 0..INCREMENT_TRIES {
         match mem.cas_u64(off, v, v.wrapping_add(1))? {
             Ok(_) => return Ok(()),
             Err(now) => v = now,
         }
     }
+    Ok(())
 }
 
 /// Counts one change (signal, notify, unlock) and says whether anyone waits for it, i.e.

@@ -9,6 +9,7 @@ use crate::shm::RawRegion;
 
 const OFF: u64 = 4096;
 const SIZE: u64 = 4096;
+const SIZE_USIZE: usize = 4096;
 
 struct Nobody;
 
@@ -38,7 +39,7 @@ fn with_heap<R>(mem: &RawRegion<'_>, f: impl FnOnce(&mut Guard<'_, '_, RawRegion
 
 #[test]
 fn a_free_that_meets_a_scribbled_list_head_never_lists_a_block_twice() {
-    let mut buf: Vec<u64> = vec![0; 4 * SIZE as usize / 8];
+    let mut buf: Vec<u64> = vec![0; 4 * SIZE_USIZE / 8];
     let base = NonNull::new(buf.as_mut_ptr().cast::<u8>()).expect("non-null");
     // SAFETY: buf outlives the region; 8-aligned; its whole length.
     let mem = unsafe { RawRegion::new(base, 4 * SIZE) };
