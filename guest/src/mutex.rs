@@ -151,6 +151,39 @@ impl<'ns, T: Transport> Mutex<'ns, T> {
             Status::Pending => {}
             s => return Err(s.into()),
         }
+        match self.wait_handed(me, token, timeout, keep_waiting) {
+            Ok(true) => self.acquired(),
+            // Timed out or told to stop: leave the queue, then look once more (the host
+            // may have handed it over just before it saw the cancel).
+            Ok(false) => {
+                self.request(op::CANCEL, token)?;
+                if self.held_by(me)? {
+                    return self.acquired();
+                }
+                Err(Status::Timeout.into())
+            }
+            // Never leave an entry behind in the queue, nor a mutex that nobody will
+            // unlock: cancel, and give back what the host may have handed over meanwhile.
+            Err(e) => {
+                let _ = self.request(op::CANCEL, token);
+                if self.held_by(me).unwrap_or(false) {
+                    let _ = self.unlock();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Queued: waits until the host hands the mutex to `me` (`Ok(true)`), the timeout
+    /// passes or `keep_waiting` says stop (`Ok(false)`), releasing a dead owner of this
+    /// same peer on the way.
+    fn wait_handed(
+        &self,
+        me: u64,
+        token: u32,
+        timeout: Option<Duration>,
+        keep_waiting: &mut dyn FnMut() -> bool,
+    ) -> Result<bool, Error> {
         let ns = self.handle.ns;
         let slot = self.handle.slot;
         let mut left = timeout;
@@ -160,26 +193,19 @@ impl<'ns, T: Transport> Mutex<'ns, T> {
                 Ok(sync::mutex_held_by(&ns.mem(), ns.layout(), slot, me)?)
             })?;
             if handed {
-                return self.acquired();
+                return Ok(true);
             }
             self.release_dead_local_owner(token)?;
             if !keep_waiting() {
-                break;
+                return Ok(false);
             }
             if let Some(l) = left.as_mut() {
                 *l = l.saturating_sub(this);
                 if l.is_zero() {
-                    break;
+                    return Ok(false);
                 }
             }
         }
-        // Leave the queue, then look once more: the host may have handed it over just
-        // before it saw the cancel.
-        self.request(op::CANCEL, token)?;
-        if self.held_by(me)? {
-            return self.acquired();
-        }
-        Err(Status::Timeout.into())
     }
 
     /// If the owner is a process of this same peer that has died (possible only in a

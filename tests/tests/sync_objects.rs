@@ -375,3 +375,33 @@ fn the_cli_signals_and_waits_for_events_and_locks_mutexes() {
         );
     });
 }
+
+#[test]
+fn a_locker_whose_peer_is_cut_off_while_it_waits_fails_instead_of_hanging() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "4M"]);
+        let owner = b.connect();
+        let (m, _) = owner.create_mutex(Some("m"), true).expect("mutex");
+        m.lock(LONG).expect("lock");
+        let waiter = b.connect();
+        let wm = waiter.open_mutex("m").expect("open");
+        let id = waiter.peer_id();
+        let got = std::thread::scope(|s| {
+            let w = s.spawn(|| wm.lock(Some(Duration::from_secs(20))));
+            assert!(
+                wait_for(Duration::from_secs(5), || b
+                    .section("m")
+                    .is_some_and(|s| s["queued"] == 1)),
+                "queued"
+            );
+            let out = b.vshmctl(&["disconnect", &id.to_string()]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            w.join().expect("join")
+        });
+        assert_eq!(got.err(), Some(Error::Detached));
+        m.unlock().expect("unlock");
+        let s = b.section("m").expect("status");
+        assert_eq!(s["queued"], 0, "no entry left behind: {s}");
+        assert!(s["owner"].is_null(), "{s}");
+    });
+}
