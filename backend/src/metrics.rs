@@ -109,6 +109,12 @@ pub fn render(status: &StatusReport, requests: &RequestStats) -> String {
     );
     counter(
         &mut out,
+        "vshm_heals_total",
+        "Host-written header parts (superblock, peer or object entries) rewritten after a peer scribbled on them.",
+        c.heals,
+    );
+    counter(
+        &mut out,
         "vshm_denials_total",
         "Requests refused for lack of rights.",
         c.denials,

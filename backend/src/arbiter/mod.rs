@@ -10,7 +10,8 @@
 //! of the region every part shares. What acts on it lives next door: peer slots in
 //! `peers.rs`, CREATE/DELETE/GROW in `requests.rs`, reclaiming, reaping, sweeping and
 //! repairs in `reclaim.rs`, fencing in `fence.rs`, the event outbox and handle watching
-//! in `events.rs`, the status document and dump in `status.rs`.
+//! in `events.rs`, the status document and dump in `status.rs`, and `heal.rs`, which puts
+//! back what a peer scribbled over the host-written parts of the header.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
@@ -29,6 +30,7 @@ use crate::telemetry::{Event, RequestStats};
 
 mod events;
 mod fence;
+mod heal;
 mod peers;
 mod reclaim;
 mod requests;
@@ -37,10 +39,13 @@ mod sync;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_heal;
+#[cfg(test)]
 mod tests_sync;
 #[cfg(test)]
 mod tests_sync_attacks;
 
+pub use heal::HealReport;
 pub use peers::ConnectError;
 pub use reclaim::Reclaim;
 pub use status::{PeerStatus, RegionStatus, SectionStatus, StatusReport};
@@ -133,6 +138,9 @@ pub struct Counters {
     pub reclaims: u64,
     /// Lease words found inconsistent with refcount rows and repaired.
     pub repairs: u64,
+    /// Host-written header parts (superblock, namespace sequence, peer entries, object
+    /// entries) found different from the host's records and rewritten by `heal`.
+    pub heals: u64,
     /// Objects deleted (unlinked) by request or by the host.
     pub deleted: u64,
     /// Successful grows.
@@ -164,6 +172,7 @@ pub struct Arbiter<M: Backing> {
     mem: M,
     layout: Layout,
     epoch: u64,
+    region_id: [u8; 16],
     objects: Vec<Option<Record>>,
     free_slots: BTreeSet<ObjectSlot>,
     names: HashMap<String, ObjectSlot>,
@@ -186,6 +195,8 @@ pub struct Arbiter<M: Backing> {
     fenced_ranges: Vec<(PeerSlot, RegionOffset, u64)>,
     /// When a refused connection was last reported.
     last_refusal_report: Option<std::time::Instant>,
+    /// What `heal` remembers between runs (namespace sequence, report rate limits).
+    heal: heal::HealState,
 }
 
 impl<M: Backing> Arbiter<M> {
@@ -212,6 +223,7 @@ impl<M: Backing> Arbiter<M> {
             mem,
             layout,
             epoch,
+            region_id,
             objects: vec![None; max_objects],
             free_slots: (0..layout.max_objects).map(ObjectSlot).collect(),
             names: HashMap::new(),
@@ -225,6 +237,7 @@ impl<M: Backing> Arbiter<M> {
             departures: 0,
             fenced_ranges: Vec::new(),
             last_refusal_report: None,
+            heal: heal::HealState::default(),
         })
     }
 

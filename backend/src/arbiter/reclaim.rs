@@ -166,6 +166,9 @@ impl<M: Backing> Arbiter<M> {
                 self.counters.retired_signals = self.counters.retired_signals.wrapping_add(n);
             }
         }
+        // A FREE slot is all zero but `seq` and the CLOSED lease (§5): its sync words go
+        // too, so that `heal` finds the canonical FREE image here.
+        let _ = sync::reset_words(&self.mem, &self.layout, slot);
         // Events and mutexes reserve nothing: there is no range to give back.
         match release {
             _ if rec.reserved == 0 => {}

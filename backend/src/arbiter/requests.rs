@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use vshm_format::layout::holder_bit;
-use vshm_format::layout::{kind, object_flags, object_state, Response, LEASE_KEEP};
+use vshm_format::layout::{kind, object_flags, object_state, ObjectEntry, Response, LEASE_KEEP};
 use vshm_format::lease::close_if_unheld;
 use vshm_format::mailbox::{self, Command};
 use vshm_format::object::{self, bump_namespace_seq};
@@ -261,9 +261,16 @@ impl<M: Backing> Arbiter<M> {
     }
 
     fn publish_record(&self, slot: ObjectSlot) -> Result<(), Fault> {
-        let Some(r) = self.record_at(slot) else {
+        let Some(entry) = self.record_entry(slot) else {
             return Ok(());
         };
+        object::publish(&self.mem, &self.layout, slot, &entry)
+    }
+
+    /// The entry the host publishes for `slot` from its private record (lease line zero;
+    /// `seq` is the seqlock's business); `None` if the slot has no record (FREE).
+    pub(super) fn record_entry(&self, slot: ObjectSlot) -> Option<ObjectEntry> {
+        let r = self.record_at(slot)?;
         let state = if r.unlinked {
             object_state::UNLINKED
         } else {
@@ -283,7 +290,7 @@ impl<M: Backing> Arbiter<M> {
         if r.manual_reset {
             entry.flags |= object_flags::MANUAL_RESET;
         }
-        object::publish(&self.mem, &self.layout, slot, &entry)
+        Some(entry)
     }
 
     fn delete(

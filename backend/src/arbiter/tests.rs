@@ -16,7 +16,7 @@ use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, Status};
 use super::{Arbiter, ConnectError, Reclaim};
 use crate::region::Region;
 
-fn arbiter() -> Arbiter<Region> {
+pub(super) fn arbiter() -> Arbiter<Region> {
     let region = Region::create(1 << 20, false, false).expect("memfd");
     let layout = Layout::compute(1 << 20, 4, 8, 1, 4096).expect("layout");
     let mut a = Arbiter::new(region, layout, 1, [0; 16]).expect("arbiter");
@@ -26,7 +26,7 @@ fn arbiter() -> Arbiter<Region> {
     a
 }
 
-fn request(a: &mut Arbiter<Region>, peer_id: PeerId, req: &Request) -> Response {
+pub(super) fn request(a: &mut Arbiter<Region>, peer_id: PeerId, req: &Request) -> Response {
     let slot = PeerSlot(u32::from(peer_id.raw()) - 1);
     let mem = a.mem();
     let seq = mailbox::post(mem, a.layout(), slot, req).expect("post");
@@ -41,7 +41,12 @@ fn request(a: &mut Arbiter<Region>, peer_id: PeerId, req: &Request) -> Response 
         .expect("response")
 }
 
-fn create(a: &mut Arbiter<Region>, peer_id: PeerId, name: &str, persistent: bool) -> Response {
+pub(super) fn create(
+    a: &mut Arbiter<Region>,
+    peer_id: PeerId,
+    name: &str,
+    persistent: bool,
+) -> Response {
     let r = mailbox::create_request(Some(name), kind::SECTION, 8192, 4096, persistent);
     request(a, peer_id, &r)
 }
