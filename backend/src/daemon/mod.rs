@@ -493,6 +493,7 @@ impl Daemon {
         if self.arbiter.service(id) {
             self.server.notify(id, usize::from(VECTOR_CONTROL));
         }
+        self.arbiter.heal_soon();
         self.arbiter.sweep();
     }
 }
@@ -549,6 +550,7 @@ impl MutEventSubscriber for Daemon {
                 TOKEN_METRICS => self.accept_monitor(monitor::Kind::Metrics, ops),
                 TOKEN_TIMER => {
                     let _ = self.timer.wait();
+                    self.arbiter.heal();
                     self.arbiter.sweep();
                     self.arbiter.observe_handles();
                     self.expire_conns(ops);
