@@ -1,6 +1,6 @@
 //! Named sections over a mapped region: the client half of the namespace.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use core::time::Duration;
 
 use vshm_format::layout::{
@@ -24,6 +24,16 @@ const RACE_RETRIES: u32 = 64;
 
 /// How often a close retries (10 ms apart) when the peer's own cell lock stays taken.
 const STUCK_RETRIES: u32 = 10;
+
+/// How long `attach` keeps re-reading a superblock or peer table that does not validate
+/// before it gives up: vshmd heals what a peer scribbled over its header every 200 ms, so
+/// an attach during or just after such a scribble succeeds a moment later.
+const ATTACH_RETRY: Duration = Duration::from_millis(1000);
+
+/// How long a peer whose own peer entry no longer says it is attached keeps re-reading it
+/// before it concludes it was detached: two of vshmd's 200 ms heal periods and a margin, so
+/// a scribbled peer table does not make an honest, connected peer give up.
+const DETACH_GRACE: Duration = Duration::from_millis(450);
 
 /// Whether create-or-open created the section or opened an existing one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,21 +86,27 @@ pub struct Namespace<T: Transport> {
     pub(crate) peer_slot: PeerSlot,
     /// The peer table's incarnation of our slot when we attached.
     incarnation: u64,
+    /// Concluded for good that the backend reclaimed this peer.
+    detached: AtomicBool,
     reply_timeout: Duration,
 }
 
 impl<T: Transport> Namespace<T> {
     /// Validates the region behind `transport` and attaches to it.
     pub fn attach(transport: T) -> Result<Namespace<T>, Error> {
-        let region = transport.region();
-        let superblock: Superblock = read_pod(&region, 0)?;
-        let layout = Layout::from_superblock(&superblock, region.size()).map_err(Error::Region)?;
         let peer_id = transport.peer_id();
-        let peer_slot = object::find_peer_slot(&region, &layout, peer_id)
-            .ok_or(Error::Transport(TransportError::BadPeerId(peer_id)))?;
-        let incarnation = object::read_peer(&region, &layout, peer_slot)
-            .ok_or(Error::Transport(TransportError::BadPeerId(peer_id)))?
-            .incarnation;
+        // A superblock or peer table that does not validate may have been scribbled on by
+        // a peer a moment ago: vshmd rewrites both within 200 ms, so look again for a
+        // bounded time before failing with what the last look found.
+        let mut last = Err(Error::Transport(TransportError::BadPeerId(peer_id)));
+        let mut look = || {
+            last = Self::look(&transport.region(), peer_id);
+            last.is_ok()
+        };
+        if !look() {
+            transport.wait_until(&mut look, ATTACH_RETRY)?;
+        }
+        let (superblock, layout, peer_slot, incarnation) = last?;
         Ok(Namespace {
             transport,
             layout,
@@ -98,8 +114,23 @@ impl<T: Transport> Namespace<T> {
             peer_id,
             peer_slot,
             incarnation,
+            detached: AtomicBool::new(false),
             reply_timeout: Duration::from_secs(10),
         })
+    }
+
+    /// One look at the region for `attach`: the validated superblock and layout, this
+    /// peer's slot and the slot's incarnation.
+    fn look(
+        region: &RawRegion<'_>,
+        peer_id: PeerId,
+    ) -> Result<(Superblock, Layout, PeerSlot, u64), Error> {
+        let superblock: Superblock = read_pod(region, 0)?;
+        let layout = Layout::from_superblock(&superblock, region.size()).map_err(Error::Region)?;
+        let bad_id = Error::Transport(TransportError::BadPeerId(peer_id));
+        let slot = object::find_peer_slot(region, &layout, peer_id).ok_or(bad_id)?;
+        let info = object::read_peer(region, &layout, slot).ok_or(bad_id)?;
+        Ok((superblock, layout, slot, info.incarnation))
     }
 
     /// How long a request waits for the backend before failing with [`Error::Timeout`].
@@ -110,13 +141,27 @@ impl<T: Transport> Namespace<T> {
     /// Fails with [`Error::Detached`] once the backend has reclaimed this peer: its slot
     /// (refcount row, mailbox, holder bit) may already belong to another peer, which this
     /// one must never touch. Three atomic loads; checked before every table operation.
+    ///
+    /// One failed check is not enough: a peer may have scribbled over the peer table,
+    /// which vshmd rewrites from its records within one 200 ms heal period. So the entry is
+    /// re-read for up to [`DETACH_GRACE`] (touching nothing meanwhile) before the peer
+    /// concludes, once and for all, that it was detached. This is still safe: the wait only
+    /// delays the answer, and the entry that ends it is vshmd's own — a reclaimed slot
+    /// stays ABSENT, and is not handed to another peer at once either (vshmd takes the free
+    /// slot freed longest ago), and if it was, its incarnation differs.
     pub(crate) fn attached(&self) -> Result<(), Error> {
-        let (mem, l) = (&self.mem(), &self.layout);
-        if object::peer_still_attached(mem, l, self.peer_slot, self.peer_id, self.incarnation) {
-            Ok(())
-        } else {
-            Err(Error::Detached)
+        if self.detached.load(Ordering::Relaxed) {
+            return Err(Error::Detached);
         }
+        let mut check = || {
+            let (mem, l) = (&self.mem(), &self.layout);
+            object::peer_still_attached(mem, l, self.peer_slot, self.peer_id, self.incarnation)
+        };
+        if check() || self.transport.wait_until(&mut check, DETACH_GRACE) == Ok(true) {
+            return Ok(());
+        }
+        self.detached.store(true, Ordering::Relaxed);
+        Err(Error::Detached)
     }
 
     /// The mapped region, borrowed from the transport.
