@@ -227,10 +227,14 @@ impl HostTransport {
         let size = memfd.metadata()?.len();
         let map = Mapping::new(&memfd, size).map_err(|source| HostError::Map { size, source })?;
         let region = map.region();
-        let sb: Superblock = read_pod(&region, 0).map_err(|_| {
-            HostError::Region(vshm_format::layout::LayoutError::TooSmall(256, size))
-        })?;
-        let layout = Layout::from_superblock(&sb, size).map_err(HostError::Region)?;
+        // A superblock that does not validate may have been scribbled by a peer: vshmd
+        // rewrites it within one heal period, so look again briefly before giving up.
+        let layout = retry_scribbled(|| {
+            let sb: Superblock = read_pod(&region, 0)
+                .map_err(|_| vshm_format::layout::LayoutError::TooSmall(256, size))?;
+            Layout::from_superblock(&sb, size)
+        })
+        .map_err(HostError::Region)?;
         let vectors = layout.vectors as usize;
 
         let mut host_bells = Vec::new();
@@ -384,6 +388,24 @@ impl Drop for HostTransport {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
         if let Some(r) = self.reader.take() {
             let _ = r.join();
+        }
+    }
+}
+
+/// How long a reader keeps looking at a header that does not validate before it believes
+/// it: vshmd rewrites a scribbled superblock within one 200 ms heal period (FORMAT.md §11).
+const SCRIBBLE_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs `attempt` until it succeeds or [`SCRIBBLE_GRACE`] has passed (20 ms apart), and
+/// returns its last result.
+pub(crate) fn retry_scribbled<T, E>(mut attempt: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let start = Instant::now();
+    loop {
+        match attempt() {
+            Err(_) if start.elapsed() < SCRIBBLE_GRACE => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
         }
     }
 }

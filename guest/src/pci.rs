@@ -148,23 +148,34 @@ impl PciTransport {
             if ids != format!("{IVSHMEM_VENDOR}:{IVSHMEM_DEVICE}") {
                 return Err(PciError::NotIvshmem(bdf.to_owned(), ids));
             }
-            return Self::attach(&Device {
+            let d = Device {
                 bdf: bdf.to_owned(),
                 dir,
-            });
+            };
+            return crate::host::retry_scribbled(|| Self::attach(&d));
         }
         let devices = find_devices(sysfs_pci)?;
         if devices.is_empty() {
             return Err(PciError::NoDevice(sysfs_pci.to_owned()));
         }
-        let mut good = Vec::new();
-        let mut bad = Vec::new();
-        for d in &devices {
-            match Self::attach(d) {
-                Ok(t) => good.push(t),
-                Err(e) => bad.push(format!("{}: {e}", d.bdf)),
+        // If no device holds a valid region, one may be a vshm region whose header a peer
+        // scribbled: vshmd rewrites it within one heal period, so look again briefly.
+        let (mut good, bad) = crate::host::retry_scribbled(|| {
+            let mut good = Vec::new();
+            let mut bad = Vec::new();
+            for d in &devices {
+                match Self::attach(d) {
+                    Ok(t) => good.push(t),
+                    Err(e) => bad.push(format!("{}: {e}", d.bdf)),
+                }
             }
-        }
+            if good.is_empty() {
+                Err(bad)
+            } else {
+                Ok((good, bad))
+            }
+        })
+        .map_err(|bad| PciError::NoRegion(bad.join("; ")))?;
         match good.len() {
             1 => Ok(good.remove(0)),
             0 => Err(PciError::NoRegion(bad.join("; "))),
