@@ -8,37 +8,204 @@
 //! The host is peer 0. Each client gets its *own* set of eventfds for peer 0, so the backend
 //! knows which client rang.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
-use std::io::{self, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vshm_format::layout::HOST_PEER_ID;
 use vshm_format::PeerId;
 
+/// Time a client has to take its whole handshake (version, id, memory, eventfds) off its
+/// socket; past it, it is cut off.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// An fd attached to a queued message, kept open until the message is sent.
+type Attached = Arc<dyn AsRawFd + Send + Sync>;
+
+/// One queued ivshmem message: an i64 and at most one fd.
+struct Message {
+    value: i64,
+    fd: Option<Attached>,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("value", &self.value)
+            .field("fd", &self.fd.as_ref().map(|fd| fd.as_raw_fd()))
+            .finish()
+    }
+}
+
+/// A client's outgoing messages, in order (QEMU reads fds in the order they arrive), sent
+/// as fast as its socket takes them and never waited for.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    queue: VecDeque<Message>,
+    /// Bytes of the head message already written (a stream socket may take part of one).
+    partial: usize,
+    /// Messages written so far.
+    sent: u64,
+}
+
+/// What writing a client's queue came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    /// Everything is out.
+    Empty,
+    /// The socket is full; the rest waits for writability.
+    Pending,
+    /// The socket failed (the client left).
+    Broken,
+}
+
+impl Outbox {
+    fn push(&mut self, value: i64, fd: Option<Attached>) {
+        self.queue.push_back(Message { value, fd });
+    }
+
+    /// Messages waiting.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Nothing waiting.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Messages written so far.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Writes as much as `out` takes without blocking.
+    fn flush(&mut self, out: &mut impl MessageSink) -> Flushed {
+        while let Some(m) = self.queue.front() {
+            let bytes = m.value.to_le_bytes();
+            let rest = &bytes[self.partial..];
+            // The fd goes with the message's first byte.
+            let fd = if self.partial == 0 {
+                m.fd.as_ref().map(|f| f.as_raw_fd())
+            } else {
+                None
+            };
+            match out.send(rest, fd) {
+                Ok(0) => return Flushed::Broken,
+                Ok(n) if n < rest.len() => self.partial += n,
+                Ok(_) => {
+                    self.partial = 0;
+                    self.sent += 1;
+                    self.queue.pop_front();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flushed::Pending,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Flushed::Broken,
+            }
+        }
+        Flushed::Empty
+    }
+
+    /// Drops everything queued (closing the fds it kept).
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.partial = 0;
+    }
+}
+
+/// Where an [`Outbox`] writes (a socket; a fake in tests).
+trait MessageSink {
+    fn send(&mut self, bytes: &[u8], fd: Option<RawFd>) -> io::Result<usize>;
+}
+
+impl MessageSink for &UnixStream {
+    fn send(&mut self, bytes: &[u8], fd: Option<RawFd>) -> io::Result<usize> {
+        match fd {
+            Some(fd) => self.send_with_fd(bytes, fd).map_err(io::Error::from),
+            None => io::Write::write(self, bytes),
+        }
+    }
+}
+
 /// A connected client (a QEMU or a host process).
 #[derive(Debug)]
 pub struct Client {
     /// Its peer id.
     pub id: PeerId,
-    /// Its connection.
+    /// Its connection (non-blocking).
     pub stream: UnixStream,
     /// Its interrupt eventfds (we write vector k to interrupt it).
-    pub own: Vec<EventFd>,
+    pub own: Vec<Arc<EventFd>>,
     /// The eventfds it rings us on (our peer 0, its private copy).
-    pub bells: Vec<EventFd>,
+    pub bells: Vec<Arc<EventFd>>,
     /// Process id of the other end (SO_PEERCRED), where known.
     pub pid: Option<i32>,
+    /// A pidfd for that process, opened at connect (no PID reuse can fool it), where the
+    /// kernel has pidfd_open.
+    pub pidfd: Option<OwnedFd>,
     /// When it connected.
     pub since: SystemTime,
+    /// What it has yet to be sent.
+    pub outbox: Outbox,
+    /// The daemon watches its socket for writability (output pending).
+    pub watching_out: bool,
+    /// Until the handshake is out: the deadline for it.
+    handshake_until: Option<Instant>,
+    /// Messages in the handshake (it is out once that many were written).
+    handshake_len: u64,
     /// The server's connect/disconnect clock when it joined.
     joined: u64,
+}
+
+impl Client {
+    /// Whether its handshake has not all been written yet.
+    pub fn handshaking(&self) -> bool {
+        self.handshake_until.is_some()
+    }
+
+    /// Whether it may hold the shared memory without having completed its handshake (the
+    /// memfd, message 3, was written but not all of the rest).
+    pub fn half_handshaken(&self) -> bool {
+        self.handshaking() && self.outbox.sent() >= 3
+    }
+
+    /// Whether it has output waiting.
+    pub fn wants_out(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+}
+
+/// Opens a pidfd for `pid` (Linux 5.3+).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; nothing is
+    // borrowed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this fd to us and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process behind a pidfd has exited (the pidfd is readable then).
+pub fn pidfd_exited(pidfd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd, without waiting.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    rc > 0 && p.revents & libc::POLLIN != 0
 }
 
 /// Why the socket could not be served.
@@ -157,25 +324,6 @@ fn peer_pid(stream: &UnixStream) -> Option<i32> {
         .filter(|&pid| pid > 0)
 }
 
-fn send(stream: &UnixStream, value: i64, fd: Option<RawFd>) -> io::Result<()> {
-    let bytes = value.to_le_bytes();
-    match fd {
-        Some(fd) => {
-            let n = stream
-                .send_with_fd(&bytes[..], fd)
-                .map_err(io::Error::from)?;
-            if n != bytes.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "short ivshmem message",
-                ));
-            }
-            Ok(())
-        }
-        None => (&*stream).write_all(&bytes),
-    }
-}
-
 /// What [`Server::accept`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
@@ -183,10 +331,8 @@ pub enum Accepted {
     Nothing,
     /// The connection was refused before it got an id (why).
     Refused(&'static str),
-    /// A new peer.
+    /// A new peer (its handshake is queued and goes out as its socket takes it).
     Connected(PeerId),
-    /// The peer was registered but the handshake failed: reclaim the id.
-    Failed(PeerId),
 }
 
 /// The ivshmem server state.
@@ -206,6 +352,17 @@ pub struct Server {
     departed: std::collections::HashMap<PeerId, u64>,
     /// Peers vshmd disconnected because they stopped reading (their process may live on).
     cut_off: std::collections::HashSet<PeerId>,
+    /// Most messages one client may have waiting (twice the largest handshake).
+    queue_limit: usize,
+}
+
+/// Most messages a client may have waiting: twice the largest handshake (version, id,
+/// memory, then `vectors` eventfds for the host, each other peer and itself), so a client
+/// that takes its handshake slowly still gets the joins that happen meanwhile, and one that
+/// stops reading costs at most this many queued messages (their fds are shared, not dup'd).
+pub fn queue_limit(vectors: u32, max_peers: u32) -> usize {
+    let handshake = 3 + u64::from(vectors) * (u64::from(max_peers) + 1);
+    usize::try_from(2 * handshake).unwrap_or(usize::MAX)
 }
 
 impl Server {
@@ -223,6 +380,7 @@ impl Server {
             clock: 0,
             departed: std::collections::HashMap::new(),
             cut_off: std::collections::HashSet::new(),
+            queue_limit: queue_limit(vectors, max_peers),
         })
     }
 
@@ -247,7 +405,9 @@ impl Server {
     }
 
     /// Accepts one pending connection. `register` runs after the id is chosen and before
-    /// the client learns it (the arbiter prepares the peer's memory there).
+    /// the client learns it (the arbiter prepares the peer's memory there). The handshake
+    /// and the join messages to the others are queued and written as far as each socket
+    /// takes them: nothing here waits for any client.
     pub fn accept(
         &mut self,
         memfd: &File,
@@ -267,86 +427,121 @@ impl Server {
             ));
         };
         self.next_id = PeerId(id.raw().wrapping_add(1));
-        stream.set_nonblocking(false)?;
-        // A peer that does not read costs the loop at most this per message, once: it is
-        // then cut off.
-        stream.set_write_timeout(Some(Duration::from_millis(250)))?;
-        let mk = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC);
+        stream.set_nonblocking(true)?;
+        let pid = peer_pid(&stream);
+        let pidfd = pid.and_then(|p| match pidfd_open(p) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::debug!(pid = p, "pidfd_open failed: {e}");
+                None
+            }
+        });
+        let mk = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map(Arc::new);
         let own = (0..self.vectors)
             .map(|_| mk())
             .collect::<io::Result<Vec<_>>>()?;
         let bells = (0..self.vectors)
             .map(|_| mk())
             .collect::<io::Result<Vec<_>>>()?;
-        let client = Client {
-            id,
-            pid: peer_pid(&stream),
-            stream,
-            own,
-            bells,
-            since: SystemTime::now(),
-            joined: self.clock + 1,
-        };
+        let memfd: Attached = Arc::new(memfd.try_clone()?);
         if let Err(e) = register(id) {
             // The arbiter has no slot for it (e.g. the free ones are fenced): refuse it.
             tracing::debug!(id = id.raw(), "registering a new peer failed: {e}");
             return Ok(Accepted::Refused("no peer slot is free"));
         }
-        if let Err(e) = self.handshake(&client, memfd) {
-            // It may have received the memory before failing: the caller reclaims the id.
-            tracing::warn!(id = id.raw(), "handshake failed: {e}");
-            return Ok(Accepted::Failed(id));
+        let mut client = Client {
+            id,
+            pid,
+            pidfd,
+            stream,
+            own,
+            bells,
+            since: SystemTime::now(),
+            outbox: Outbox::default(),
+            watching_out: false,
+            handshake_until: Some(Instant::now() + HANDSHAKE_DEADLINE),
+            handshake_len: 0,
+            joined: self.clock + 1,
+        };
+        let raw = |p: PeerId| i64::from(p.raw());
+        let shared = |fd: &Arc<EventFd>| -> Option<Attached> { Some(fd.clone()) };
+        client.outbox.push(0, None);
+        client.outbox.push(raw(id), None);
+        client.outbox.push(-1, Some(memfd));
+        for bell in &client.bells {
+            client.outbox.push(i64::from(HOST_PEER_ID), shared(bell));
         }
-        // Tell everyone else about the newcomer; drop anyone who cannot be told.
-        let mut broken = Vec::new();
         for other in self.clients.values() {
+            for fd in &other.own {
+                client.outbox.push(raw(other.id), shared(fd));
+            }
+        }
+        for fd in &client.own {
+            client.outbox.push(raw(id), shared(fd));
+        }
+        client.handshake_len = u64::try_from(client.outbox.len()).unwrap_or(u64::MAX);
+        // Tell everyone else about the newcomer (queued: none of them is waited for).
+        let mut over = Vec::new();
+        for other in self.clients.values_mut() {
             for fd in &client.own {
-                if let Err(e) = send(&other.stream, i64::from(id.raw()), Some(fd.as_raw_fd())) {
-                    // Timed out: alive but not reading (cut it off). Anything else: it left.
-                    let stuck = matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    );
-                    broken.push((other.id, stuck));
-                    break;
-                }
+                other.outbox.push(raw(id), shared(fd));
+            }
+            if other.outbox.len() > self.queue_limit {
+                over.push(other.id);
             }
         }
         self.clock += 1;
         tracing::info!(id = id.raw(), pid = client.pid, "peer connected");
         self.clients.insert(id, client);
-        for (b, stuck) in broken {
-            if stuck {
-                tracing::warn!(
-                    id = b.raw(),
-                    "peer stopped reading its socket; disconnecting it"
-                );
-                self.cut_off.insert(b);
-            }
-            let _ = self
-                .clients
-                .get(&b)
-                .map(|c| c.stream.shutdown(std::net::Shutdown::Both));
+        for other in over {
+            self.cut(other, "its queue of unread messages is full");
+        }
+        let ids: Vec<PeerId> = self.clients.keys().copied().collect();
+        for other in ids {
+            self.flush(other);
         }
         Ok(Accepted::Connected(id))
     }
 
-    fn handshake(&self, c: &Client, memfd: &File) -> io::Result<()> {
-        send(&c.stream, 0, None)?;
-        send(&c.stream, i64::from(c.id.raw()), None)?;
-        send(&c.stream, -1, Some(memfd.as_raw_fd()))?;
-        for bell in &c.bells {
-            send(&c.stream, i64::from(HOST_PEER_ID), Some(bell.as_raw_fd()))?;
+    /// Writes as much of client `id`'s queue as its socket takes. A broken socket is shut
+    /// down so the event loop sees the end of stream and drops the client.
+    pub fn flush(&mut self, id: PeerId) -> Option<Flushed> {
+        let c = self.clients.get_mut(&id)?;
+        let done = c.outbox.flush(&mut &c.stream);
+        if c.handshake_until.is_some() && c.outbox.sent() >= c.handshake_len {
+            c.handshake_until = None;
         }
-        for other in self.clients.values() {
-            for fd in &other.own {
-                send(&c.stream, i64::from(other.id.raw()), Some(fd.as_raw_fd()))?;
-            }
+        if done == Flushed::Broken {
+            c.outbox.clear();
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
         }
-        for fd in &c.own {
-            send(&c.stream, i64::from(c.id.raw()), Some(fd.as_raw_fd()))?;
+        Some(done)
+    }
+
+    /// Cuts client `id` off: it is alive but not taking its messages. Its socket is shut
+    /// down (the event loop then drops it) and [`Server::was_cut_off`] says so.
+    fn cut(&mut self, id: PeerId, why: &str) {
+        let Some(c) = self.clients.get_mut(&id) else {
+            return;
+        };
+        tracing::warn!(id = id.raw(), pid = c.pid, "cutting off a peer: {why}");
+        c.outbox.clear();
+        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+        self.cut_off.insert(id);
+    }
+
+    /// Cuts off every client whose handshake is not out by its deadline. Runs on the timer.
+    pub fn expire_handshakes(&mut self, now: Instant) {
+        let late: Vec<PeerId> = self
+            .clients
+            .values()
+            .filter(|c| c.handshake_until.is_some_and(|d| now > d))
+            .filter(|c| !self.cut_off.contains(&c.id))
+            .map(|c| c.id)
+            .collect();
+        for id in late {
+            self.cut(id, "it did not take its handshake in time");
         }
-        Ok(())
     }
 
     /// The next peer id to hand out: ids count up, skipping 0 and ids in use, and an id
@@ -371,30 +566,43 @@ impl Server {
         None
     }
 
+    /// Clients whose need to be watched for writability changed since the last call:
+    /// (id, socket fd, watch for writability). The caller updates its epoll interest.
+    pub fn interest_changes(&mut self) -> Vec<(PeerId, RawFd, bool)> {
+        let mut out = Vec::new();
+        for c in self.clients.values_mut() {
+            let want = c.wants_out();
+            if want != c.watching_out {
+                c.watching_out = want;
+                out.push((c.id, c.stream.as_raw_fd(), want));
+            }
+        }
+        out
+    }
+
     /// Whether vshmd cut `id` off (rather than it leaving); forgets the mark.
     pub fn was_cut_off(&mut self, id: PeerId) -> bool {
         self.cut_off.remove(&id)
     }
 
-    /// Removes a client and tells the others it is gone.
+    /// Removes a client and tells the others it is gone (queued, like the joins).
     pub fn disconnect(&mut self, id: PeerId) -> Option<Client> {
         let client = self.clients.remove(&id)?;
         self.clock += 1;
         self.departed.insert(id, self.clock);
-        for other in self.clients.values() {
-            if let Err(e) = send(&other.stream, i64::from(id.raw()), None) {
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) {
-                    tracing::warn!(
-                        id = other.id.raw(),
-                        "peer stopped reading its socket; disconnecting it"
-                    );
-                    self.cut_off.insert(other.id);
-                }
-                let _ = other.stream.shutdown(std::net::Shutdown::Both);
+        let mut over = Vec::new();
+        for other in self.clients.values_mut() {
+            other.outbox.push(i64::from(id.raw()), None);
+            if other.outbox.len() > self.queue_limit {
+                over.push(other.id);
             }
+        }
+        for other in over {
+            self.cut(other, "its queue of unread messages is full");
+        }
+        let ids: Vec<PeerId> = self.clients.keys().copied().collect();
+        for other in ids {
+            self.flush(other);
         }
         tracing::info!(id = id.raw(), "peer disconnected");
         Some(client)
@@ -546,6 +754,137 @@ mod tests {
         let (_e, e) = connect(&mut server, &memfd);
         let (_f, f) = connect(&mut server, &memfd);
         assert_eq!((e, f), (PeerId(u16::MAX), PeerId(1)));
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A sink that takes at most `budget` bytes per call and a limited number of calls
+    /// before it is full, recording what it got.
+    struct Sink {
+        got: Vec<(Vec<u8>, Option<RawFd>)>,
+        budget: usize,
+        calls_left: usize,
+        broken: bool,
+    }
+
+    impl MessageSink for Sink {
+        fn send(&mut self, bytes: &[u8], fd: Option<RawFd>) -> io::Result<usize> {
+            if self.broken {
+                return Err(io::Error::from_raw_os_error(libc::EPIPE));
+            }
+            if self.calls_left == 0 {
+                return Err(io::Error::from(io::ErrorKind::WouldBlock));
+            }
+            self.calls_left -= 1;
+            let n = bytes.len().min(self.budget);
+            self.got.push((bytes[..n].to_vec(), fd));
+            Ok(n)
+        }
+    }
+
+    fn fd_of(f: &File) -> Option<Attached> {
+        Some(Arc::new(f.try_clone().expect("dup")))
+    }
+
+    #[test]
+    fn an_outbox_sends_in_order_resumes_a_split_message_and_sends_its_fd_once() {
+        let f = File::open("/dev/null").expect("an fd");
+        let mut out = Outbox::default();
+        out.push(0, None);
+        out.push(7, fd_of(&f));
+        out.push(9, None);
+        // A socket that takes 5 bytes at a time, then is full after 3 writes.
+        let mut sink = Sink {
+            got: Vec::new(),
+            budget: 5,
+            calls_left: 3,
+            broken: false,
+        };
+        assert_eq!(out.flush(&mut sink), Flushed::Pending);
+        assert_eq!((out.sent(), out.len()), (1, 2));
+        sink.calls_left = 10;
+        assert_eq!(out.flush(&mut sink), Flushed::Empty);
+        assert_eq!(out.sent(), 3);
+        let bytes: Vec<u8> = sink.got.iter().flat_map(|(b, _)| b.clone()).collect();
+        let expect: Vec<u8> = [0i64, 7, 9].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(bytes, expect, "the byte stream is the messages in order");
+        let fds: Vec<usize> = sink
+            .got
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, fd))| fd.is_some())
+            .map(|(i, _)| i)
+            .collect();
+        // Writes: [0..5) [5..8) of 0, then [0..5) of 7 with the fd, [5..8) of 7 without.
+        assert_eq!(
+            fds,
+            vec![2],
+            "the fd goes once, with its message's first byte"
+        );
+        // A broken socket says so.
+        out.push(1, None);
+        sink.broken = true;
+        assert_eq!(out.flush(&mut sink), Flushed::Broken);
+    }
+
+    #[test]
+    fn the_queue_limit_covers_twice_the_largest_handshake() {
+        assert_eq!(queue_limit(1, 1), 2 * (3 + 2));
+        assert_eq!(queue_limit(64, 62), 2 * (3 + 64 * 63));
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_is_never_waited_for_and_is_cut_off_past_its_queue_limit() {
+        let dir = scratch("limit");
+        let mut server = Server::bind(&dir.join("s"), 64, 8).expect("bind");
+        let memfd = File::open("/dev/zero").expect("an fd to send");
+        let (_silent, silent) = connect(&mut server, &memfd);
+        // Others come and go; each join queues 64 messages for the silent client.
+        let started = Instant::now();
+        let mut cycles = 0;
+        while !server.cut_off.contains(&silent) && cycles < 200 {
+            let (c, id) = connect(&mut server, &memfd);
+            drop(c);
+            server.disconnect(id);
+            cycles += 1;
+        }
+        assert!(server.was_cut_off(silent), "cut off after {cycles} joins");
+        // 2 × (3 + 64 × 9) messages, 65 per join and leave: about 18 cycles.
+        assert!(cycles > 10, "not before its queue is full ({cycles} joins)");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "nothing waited for the silent client ({:?})",
+            started.elapsed()
+        );
+        let c = server
+            .client(silent)
+            .expect("still listed until the loop drops it");
+        assert!(c.outbox.is_empty(), "its queue was dropped");
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_client_that_does_not_take_its_handshake_in_time_is_cut_off() {
+        let dir = scratch("deadline");
+        let mut server = Server::bind(&dir.join("s"), 64, 8).expect("bind");
+        let memfd = File::open("/dev/zero").expect("an fd to send");
+        let mut keep = Vec::new();
+        // Enough peers that a handshake (3 + 64 × (peers + 1) messages with fds) cannot fit
+        // in a socket buffer.
+        for _ in 0..6 {
+            keep.push(connect(&mut server, &memfd));
+        }
+        let (_silent, silent) = connect(&mut server, &memfd);
+        let c = server.client(silent).expect("connected");
+        assert!(
+            c.handshaking() && c.half_handshaken(),
+            "it has the memory, not the rest"
+        );
+        server.expire_handshakes(Instant::now());
+        assert!(!server.was_cut_off(silent), "not before its deadline");
+        server.expire_handshakes(Instant::now() + HANDSHAKE_DEADLINE + Duration::from_secs(1));
+        assert!(server.was_cut_off(silent));
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -4,10 +4,10 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::timerfd::TimerFd;
@@ -17,7 +17,7 @@ use vshm_format::{PeerId, PeerSlot};
 
 use crate::arbiter::Arbiter;
 use crate::region::{Region, RegionError};
-use crate::server::{bind_unix, remove_if_same, Accepted, Server, ServerError};
+use crate::server::{bind_unix, pidfd_exited, remove_if_same, Accepted, Server, ServerError};
 use crate::telemetry::Event;
 
 mod monitor;
@@ -134,6 +134,8 @@ const TOKEN_CLIENT: u32 = 1 << 24;
 const TOKEN_BELL: u32 = 2 << 24;
 /// A monitor connection (control or metrics); the low bits index it.
 pub(super) const TOKEN_CONN: u32 = 3 << 24;
+/// A fenced peer's pidfd; the low bits are its slot.
+const TOKEN_FENCE: u32 = 4 << 24;
 const TOKEN_KIND: u32 = 0xFF << 24;
 
 fn bell_token(id: PeerId, vector: usize) -> u32 {
@@ -161,11 +163,20 @@ pub struct Daemon {
     monitor: monitor::Monitor,
     /// The ivshmem listener was taken out of epoll after an accept error (out of fds).
     listener_paused: bool,
-    /// Peers dropped by force while their process still ran: (pid, peer slot), until it
-    /// exits.
-    fences: Vec<(i32, PeerSlot)>,
+    /// Peers dropped by force while their process still ran, until it exits.
+    fences: Vec<Fence>,
     started: SystemTime,
     stop: bool,
+}
+
+/// A slot fenced while the process of the peer cut off from it runs.
+#[derive(Debug)]
+struct Fence {
+    pid: i32,
+    slot: PeerSlot,
+    /// Readable once the process exits (watched in epoll). None where pidfd_open failed
+    /// (old kernel): then /proc is polled on the timer.
+    pidfd: Option<OwnedFd>,
 }
 
 /// Raises the soft limit on open files to the hard limit: every peer costs 1 + 2 × vectors
@@ -184,7 +195,8 @@ fn raise_fd_limit() {
     }
 }
 
-/// Whether `pid` still runs (a zombie has unmapped its memory already).
+/// Whether `pid` still runs (a zombie has unmapped its memory already). Only where no
+/// pidfd could be opened: a PID can be reused.
 fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state is the first field after the ")" that ends the command name.
@@ -349,15 +361,6 @@ impl Daemon {
                 self.arbiter.count_refusal(why);
                 return;
             }
-            Ok(Accepted::Failed(id)) => {
-                self.arbiter.emit(
-                    Event::now("error")
-                        .peer(id)
-                        .detail("ivshmem handshake failed"),
-                );
-                self.arbiter.peer_gone(id);
-                return;
-            }
             Err(e) => {
                 tracing::warn!("accepting a client failed: {e}");
                 // Out of fds, typically: a level-triggered listener would spin. Retry on
@@ -409,51 +412,117 @@ impl Daemon {
 
     /// Disconnects a peer and reclaims what it held. `forced`: vshmd cut it off (vshmctl
     /// disconnect) rather than it leaving; if its process still runs it still maps the
-    /// region, so its slot and freed memory are fenced until the process exits.
+    /// region, so its slot and freed memory are fenced until the process exits. A client
+    /// dropped after it was sent the memory but before its handshake was out is fenced
+    /// likewise: it may map the region without ever having been a well-behaved peer.
     fn drop_client(&mut self, id: PeerId, forced: bool, ops: &mut EventOps) {
-        let pid = self.server.client(id).and_then(|c| c.pid);
-        let forced = forced || self.server.was_cut_off(id);
-        if let Some(client) = self.server.client(id) {
-            let _ = ops.remove(Events::empty(&client.stream));
-            for bell in &client.bells {
-                let _ = ops.remove(Events::empty(bell));
-            }
+        let Some(client) = self.server.client(id) else {
+            return;
+        };
+        let pid = client.pid;
+        let half = client.half_handshaken();
+        let client_handshaking = client.handshaking();
+        let alive = match (&client.pidfd, pid) {
+            (Some(pidfd), _) => !pidfd_exited(pidfd),
+            (None, Some(p)) => process_alive(p),
+            (None, None) => false,
+        };
+        let _ = ops.remove(Events::empty(&client.stream));
+        for bell in &client.bells {
+            let _ = ops.remove(Events::empty(&**bell));
+        }
+        let forced = self.server.was_cut_off(id) || forced || half;
+        if client_handshaking {
+            self.arbiter.emit(
+                Event::now("error")
+                    .peer(id)
+                    .detail("ivshmem handshake failed (not taken in time, or the client left)"),
+            );
         }
         // Closes it made before leaving are reported as closes, not lost in the reclaim.
         self.arbiter.observe_handles();
         self.arbiter.emit(Event::now("peer_gone").peer(id));
-        let fence = pid.filter(|&p| forced && process_alive(p));
-        let reclaim = match fence {
-            Some(p) => {
-                let (reclaim, slot) = self.arbiter.peer_gone_fenced(id);
-                if let Some(slot) = slot {
-                    self.fences.push((p, slot));
-                }
-                reclaim
-            }
-            None => self.arbiter.peer_gone(id),
+        let fence = forced && alive;
+        let (reclaim, slot) = if fence {
+            self.arbiter.peer_gone_fenced(id)
+        } else {
+            (self.arbiter.peer_gone(id), None)
         };
-        self.server.disconnect(id);
+        let gone = self.server.disconnect(id);
+        if let (Some(slot), Some(pid)) = (slot, pid) {
+            let pidfd = gone.and_then(|c| c.pidfd);
+            self.add_fence(Fence { pid, slot, pidfd }, ops);
+        }
         tracing::info!(
             id = id.raw(),
             handles = reclaim.handles,
             destroyed = reclaim.destroyed,
-            fenced = fence.is_some(),
+            fenced = fence,
             "reclaimed"
         );
     }
 
-    /// Lifts the fences of cut-off peers whose processes have exited. Runs on the timer.
+    /// Keeps `fence` until its process exits: watches its pidfd, or polls /proc without one.
+    fn add_fence(&mut self, mut fence: Fence, ops: &mut EventOps) {
+        if let Some(fd) = &fence.pidfd {
+            let token = TOKEN_FENCE | (fence.slot.raw() & 0xFF_FFFF);
+            if ops
+                .add(Events::with_data_raw(fd.as_raw_fd(), token, EventSet::IN))
+                .is_err()
+            {
+                tracing::warn!(pid = fence.pid, "cannot watch a pidfd; polling /proc");
+                fence.pidfd = None;
+            }
+        } else {
+            tracing::info!(
+                pid = fence.pid,
+                "no pidfd for a fenced peer's process (pidfd_open failed); polling /proc"
+            );
+        }
+        self.fences.push(fence);
+    }
+
+    /// The process of the peer fenced in `slot` exited (its pidfd is readable).
+    fn fence_exited(&mut self, slot: u32, ops: &mut EventOps) {
+        let Some(i) = self
+            .fences
+            .iter()
+            .position(|f| f.slot.raw() == slot && f.pidfd.is_some())
+        else {
+            return;
+        };
+        let fence = self.fences.swap_remove(i);
+        if let Some(fd) = &fence.pidfd {
+            let _ = ops.remove(Events::empty_raw(fd.as_raw_fd()));
+        }
+        tracing::info!(pid = fence.pid, "a fenced peer's process exited; unfencing");
+        self.arbiter.unfence(fence.slot);
+    }
+
+    /// Lifts the fences without a pidfd whose processes have exited. Runs on the timer.
     fn lift_fences(&mut self) {
         let mut i = 0;
         while i < self.fences.len() {
-            let (pid, slot) = self.fences[i];
-            if process_alive(pid) {
+            let f = &self.fences[i];
+            if f.pidfd.is_some() || process_alive(f.pid) {
                 i += 1;
             } else {
-                self.arbiter.unfence(slot);
+                self.arbiter.unfence(f.slot);
                 self.fences.swap_remove(i);
             }
+        }
+    }
+
+    /// Updates which clients' sockets are watched for writability (output queued).
+    fn watch_client_output(&mut self, ops: &mut EventOps) {
+        for (id, fd, out) in self.server.interest_changes() {
+            let set = if out {
+                EventSet::IN | EventSet::OUT
+            } else {
+                EventSet::IN
+            };
+            let token = TOKEN_CLIENT | u32::from(id.raw());
+            let _ = ops.modify(Events::with_data_raw(fd, token, set));
         }
     }
 
@@ -534,8 +603,15 @@ impl MutEventSubscriber for Daemon {
         match data & TOKEN_KIND {
             TOKEN_CLIENT => {
                 let id = PeerId(u16::try_from(data & 0xFFFF).unwrap_or(0));
-                self.client_readable(id, events.event_set(), ops);
+                let set = events.event_set();
+                if set.contains(EventSet::OUT) {
+                    self.server.flush(id);
+                }
+                if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                    self.client_readable(id, set, ops);
+                }
             }
+            TOKEN_FENCE => self.fence_exited(data & 0xFF_FFFF, ops),
             TOKEN_CONN => {
                 let index = usize::try_from(data & 0xFF_FFFF).unwrap_or(usize::MAX);
                 self.conn_event(index, events.event_set(), ops);
@@ -567,6 +643,7 @@ impl MutEventSubscriber for Daemon {
                         self.listener_paused = false;
                     }
                     self.lift_fences();
+                    self.server.expire_handshakes(Instant::now());
                 }
                 TOKEN_SIGNAL => {
                     let mut buf = [0u8; 128];
@@ -578,6 +655,8 @@ impl MutEventSubscriber for Daemon {
         }
         // Wake-ups the arbiter decided on (WAKE, mutex handoffs, reclaims, sweeps).
         self.ring_peers();
+        // Clients with messages queued are watched for writability, the others not.
+        self.watch_client_output(ops);
         // Whatever happened, tell the watchers (and keep it in the ring).
         self.publish_events(ops);
     }
