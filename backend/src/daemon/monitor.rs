@@ -20,8 +20,15 @@ use vshm_format::PeerId;
 
 /// Events kept for late watchers and dumps.
 const RING: usize = 1024;
-/// Monitor connections open at once (watchers included).
-pub(super) const MAX_CONNS: usize = 32;
+/// Event watchers at once; a further `watch` is refused (the connection still got a slot).
+pub(super) const MAX_WATCHERS: usize = 16;
+/// One-shot connections (status, metrics, dump, admin, and any connection that has not
+/// said what it wants yet) at once. When all are taken, a new connection takes the slot
+/// of the oldest one (the soonest to time out anyway): a status or admin request always
+/// gets served, however many idle connections are open.
+pub(super) const MAX_ONESHOTS: usize = 32;
+/// Monitor connections open at once.
+pub(super) const MAX_CONNS: usize = MAX_WATCHERS + MAX_ONESHOTS;
 /// Time a client has to send its request and take the answer.
 const DEADLINE: Duration = Duration::from_secs(2);
 /// Largest control request line.
@@ -167,6 +174,23 @@ impl Daemon {
             Stream::Unix(s) => s.set_nonblocking(true),
             Stream::Tcp(s) => s.set_nonblocking(true),
         };
+        let oneshots = self.monitor.conns.iter().flatten().filter(|c| !c.watcher);
+        if oneshots.count() >= MAX_ONESHOTS {
+            let slots = self.monitor.conns.iter().enumerate().map(|(i, c)| {
+                (
+                    i,
+                    c.as_ref()
+                        .and_then(|c| (!c.watcher).then_some(c.deadline))
+                        .flatten(),
+                )
+            });
+            if let Some(oldest) = oldest_oneshot(slots) {
+                tracing::info!(
+                    "{MAX_ONESHOTS} monitor requests are open: closing the oldest for a new one"
+                );
+                self.close_conn(oldest, ops);
+            }
+        }
         let index = match self.monitor.conns.iter().position(Option::is_none) {
             Some(i) => i,
             None if self.monitor.conns.len() < MAX_CONNS => {
@@ -350,11 +374,23 @@ impl Daemon {
                 }
             }
             ControlRequest::Watch => {
-                if let Some(c) = self.monitor.conns.get_mut(index).and_then(Option::as_mut) {
-                    c.watcher = true;
-                    c.deadline = None;
+                let watchers = self.monitor.conns.iter().flatten().filter(|c| c.watcher);
+                if watchers.count() >= MAX_WATCHERS {
+                    // Answered like a one-shot: the connection closes after the error.
+                    ControlResponse::err(
+                        format!(
+                            "watcher slots full: {MAX_WATCHERS} watchers are connected \
+                             (status and admin requests are still served)"
+                        ),
+                        Some(vshm_format::Status::QuotaExceeded.name()),
+                    )
+                } else {
+                    if let Some(c) = self.monitor.conns.get_mut(index).and_then(Option::as_mut) {
+                        c.watcher = true;
+                        c.deadline = None;
+                    }
+                    ControlResponse::ok(serde_json::Value::Null)
                 }
-                ControlResponse::ok(serde_json::Value::Null)
             }
         };
         response_line(&resp)
@@ -486,6 +522,15 @@ impl Daemon {
     }
 }
 
+/// Of monitor slots given as (index, deadline of a one-shot connection or None for a free
+/// slot or a watcher), the one-shot connection that times out first.
+fn oldest_oneshot(slots: impl Iterator<Item = (usize, Option<Instant>)>) -> Option<usize> {
+    slots
+        .filter_map(|(i, d)| d.map(|d| (d, i)))
+        .min()
+        .map(|(_, i)| i)
+}
+
 /// Checks that a metrics address is on loopback (metrics are for this host's collector).
 pub fn loopback_only(addr: &std::net::SocketAddr) -> io::Result<()> {
     if addr.ip().is_loopback() {
@@ -495,5 +540,22 @@ pub fn loopback_only(addr: &std::net::SocketAddr) -> io::Result<()> {
             io::ErrorKind::InvalidInput,
             format!("--metrics {addr}: serve metrics on loopback only (127.0.0.1 or [::1])"),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_request_takes_the_slot_of_the_one_shot_that_times_out_first_never_a_watcher() {
+        let t = Instant::now();
+        let s = |secs| Some(t + Duration::from_secs(secs));
+        // Slot 1 is a watcher (or free), 0 and 2 are one-shots; 2 is older.
+        assert_eq!(
+            oldest_oneshot([(0, s(5)), (1, None), (2, s(3))].into_iter()),
+            Some(2)
+        );
+        assert_eq!(oldest_oneshot([(0, None), (1, None)].into_iter()), None);
     }
 }
