@@ -1,0 +1,269 @@
+//! No client can stall vshmd's single event loop: ivshmem clients that read their socket
+//! slowly, clients that stop reading mid-handshake, and idle monitor connections, each
+//! next to an honest peer whose operations must go through. Latencies are measured and
+//! printed (run with `--nocapture`); the assertions only use a generous bound.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vshm::host::HostTransport;
+use vshm_control::ControlRequest;
+use vshm_tests::{kill9, stderr, wait_for, watchdog, Backend};
+
+const LIMIT: Duration = Duration::from_secs(90);
+/// What an honest peer's operation may take, however the others behave (generous: the
+/// measured figures are printed, not asserted).
+const BOUND: Duration = Duration::from_secs(2);
+
+/// Reads one ivshmem message (i64 + at most one fd) like QEMU does; None at end of stream.
+fn recv_msg(sock: &UnixStream) -> Option<(i64, Option<OwnedFd>)> {
+    let mut buf = [0u8; 8];
+    let mut space = [0u8; 64];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: 8,
+    };
+    // SAFETY: a zeroed msghdr is valid; we point it at live local buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = space.as_mut_ptr().cast();
+    msg.msg_controllen = space.len();
+    // SAFETY: recvmsg writes into the buffers described by msg, all alive and sized.
+    let n = unsafe { libc::recvmsg(std::os::fd::AsRawFd::as_raw_fd(sock), &mut msg, 0) };
+    if n <= 0 {
+        return None;
+    }
+    let mut got = usize::try_from(n).ok()?;
+    while got < 8 {
+        let m = (&*sock).read(&mut buf[got..]).ok()?;
+        if m == 0 {
+            return None;
+        }
+        got += m;
+    }
+    let mut fd = None;
+    // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by controllen; the
+    // fd it carries is new and ours.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if !cmsg.is_null()
+            && (*cmsg).cmsg_level == libc::SOL_SOCKET
+            && (*cmsg).cmsg_type == libc::SCM_RIGHTS
+        {
+            let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
+            fd = Some(OwnedFd::from_raw_fd(raw));
+        }
+    }
+    Some((i64::from_le_bytes(buf), fd))
+}
+
+/// Runs `op` and returns how long it took, failing if it took longer than [`BOUND`].
+fn timed<T>(what: &str, log: &mut Vec<(String, Duration)>, op: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let out = op();
+    let took = t.elapsed();
+    println!("{what}: {took:?}");
+    assert!(
+        took < BOUND,
+        "{what} took {took:?} (bound {BOUND:?}); so far: {log:?}"
+    );
+    log.push((what.to_owned(), took));
+    out
+}
+
+#[test]
+fn clients_that_read_one_message_every_40_ms_do_not_slow_an_honest_peer() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "16M", "--vectors", "64", "--max-peers", "16"]);
+        let mut log = Vec::new();
+        // Six slow peers, as in the report: each reads one message every 40 ms; every
+        // handshake is 3 + 64 × (peers + 1) messages with an fd each.
+        let stop = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(AtomicUsize::new(0));
+        let mut slow = Vec::new();
+        for _ in 0..6 {
+            let sock = UnixStream::connect(&b.socket).expect("connect a slow client");
+            let (stop, ended) = (stop.clone(), ended.clone());
+            slow.push(std::thread::spawn(move || {
+                let mut read = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    if recv_msg(&sock).is_none() {
+                        ended.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    read += 1;
+                    std::thread::sleep(Duration::from_millis(40));
+                }
+                read
+            }));
+        }
+        // The honest peer meanwhile, over the slow clients' handshakes and past their
+        // deadline (2 s), when they are cut off and fenced.
+        let start = Instant::now();
+        let mut round = 0;
+        while start.elapsed() < Duration::from_millis(4500) {
+            round += 1;
+            timed(&format!("round {round}: vshmctl status"), &mut log, || {
+                assert!(b.vshmctl(&["status"]).status.success());
+            });
+            let name = format!("s{round}");
+            timed(&format!("round {round}: vshm create"), &mut log, || {
+                let out = b.vshm(&["create", &name, "--max", "64K", "--persistent"]);
+                assert!(out.status.success(), "{}", stderr(&out));
+            });
+            timed(&format!("round {round}: vshm write+read"), &mut log, || {
+                let w = b.vshm(&["write", &name, "--offset", "0", "--data", "hello"]);
+                assert!(w.status.success(), "{}", stderr(&w));
+                let r = b.vshm(&["read", &name, "--offset", "0", "--len", "5"]);
+                assert!(r.status.success(), "{}", stderr(&r));
+            });
+            timed(
+                &format!("round {round}: in-process attach"),
+                &mut log,
+                || {
+                    let ns = b.connect();
+                    drop(ns.open(&name).expect("open"));
+                },
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let connected = b.status()["peers"]
+            .as_array()
+            .map_or(0, |p| p.iter().filter(|p| p["connected"] == true).count());
+        stop.store(true, Ordering::Relaxed);
+        let reads: Vec<usize> = slow.into_iter().map(|t| t.join().expect("join")).collect();
+        let worst = log.iter().map(|(_, d)| *d).max().unwrap_or_default();
+        println!(
+            "slow clients read {reads:?} messages; {} of 6 connected at the end ({} had \
+             read to the end of their stream); {round} rounds; worst honest operation \
+             {worst:?}",
+            connected,
+            ended.load(Ordering::Relaxed)
+        );
+    });
+}
+
+#[test]
+fn a_client_that_stops_reading_after_the_memory_is_cut_off_and_its_slot_fenced() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "16M", "--vectors", "64", "--max-peers", "8"]);
+        // Six honest peers, so the handshake (3 + 64 × 8 messages with fds) is more than a
+        // socket buffer holds.
+        let peers: Vec<_> = (0..6).map(|_| b.connect()).collect();
+        let stuck = UnixStream::connect(&b.socket).expect("connect");
+        for _ in 0..3 {
+            recv_msg(&stuck).expect("version, id, memory");
+        }
+        // It holds the memory and reads nothing more: within about 2 s it is cut off.
+        let t = Instant::now();
+        stuck
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let mut drained = 0usize;
+        let cut = wait_for(Duration::from_secs(10), || {
+            std::thread::sleep(Duration::from_millis(100));
+            b.status()["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().filter(|p| p["connected"] == true).count() == 6)
+        });
+        println!("cut off after {:?}", t.elapsed());
+        assert!(cut, "the stuck client is dropped");
+        // Its socket was closed after what it had queued was dropped.
+        while let Some((_, _)) = recv_msg(&stuck) {
+            drained += 1;
+        }
+        println!("it could still read {drained} messages the kernel held");
+        // Its process (this one) still runs, so its slot is fenced: 6 connected + 1 fenced
+        // leaves one slot of 8.
+        let seventh = b.connect();
+        let eighth = HostTransport::connect(&b.socket);
+        assert!(
+            eighth.is_err(),
+            "the stuck client's slot is fenced while its process runs"
+        );
+        drop((seventh, peers));
+    });
+}
+
+#[test]
+fn forty_watchers_leave_status_and_admin_requests_a_slot() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "4M"]);
+        let mut line = serde_json::to_vec(&ControlRequest::Watch).expect("json");
+        line.push(b'\n');
+        let mut watchers = Vec::new();
+        for _ in 0..40 {
+            let mut s = UnixStream::connect(&b.control).expect("connect");
+            s.write_all(&line).expect("watch");
+            watchers.push(s);
+        }
+        let mut ok = 0;
+        let mut full = 0;
+        for s in &watchers {
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut answer = String::new();
+            BufReader::new(s).read_line(&mut answer).expect("answer");
+            if answer.contains("watcher slots full") {
+                full += 1;
+            } else {
+                ok += 1;
+            }
+        }
+        println!("{ok} watchers accepted, {full} told the watcher slots are full");
+        assert_eq!((ok, full), (16, 24), "16 watchers, the rest told why not");
+        // And 40 connections that never say anything.
+        let idle: Vec<UnixStream> = (0..40)
+            .map(|_| UnixStream::connect(&b.control).expect("connect"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut log = Vec::new();
+        timed(
+            "vshmctl status with 16 watchers and 40 idle",
+            &mut log,
+            || {
+                let out = b.vshmctl(&["status"]);
+                assert!(out.status.success(), "{}", stderr(&out));
+            },
+        );
+        timed(
+            "vshmctl dump with 16 watchers and 40 idle",
+            &mut log,
+            || {
+                let out = b.vshmctl(&["dump"]);
+                assert!(out.status.success(), "{}", stderr(&out));
+            },
+        );
+        drop((idle, watchers));
+    });
+}
+
+#[test]
+fn a_cut_off_peer_is_fenced_until_its_process_exits_and_unfenced_right_after() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "4M", "--max-peers", "1"]);
+        let heap = b.status()["region"]["heap_size"].as_u64().expect("heap");
+        let free = || b.status()["region"]["free"].as_u64();
+        let mut p = b.vshm_holding(&["create", "a", "--max", "64K", "--hold"]);
+        let id = b.status()["peers"][0]["id"].as_u64().expect("p's id");
+        assert!(b.vshmctl(&["disconnect", &id.to_string()]).status.success());
+        // Fenced while p runs, however long that is.
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(free(), Some(heap - (64 << 10)), "a's memory is held back");
+        assert!(!b.vshm(&["list"]).status.success(), "p's slot is fenced");
+        kill9(&mut p);
+        let exited = Instant::now();
+        assert!(
+            wait_for(BOUND, || free() == Some(heap)),
+            "the fence lifts once p has exited"
+        );
+        println!("unfenced {:?} after p exited", exited.elapsed());
+        let out = b.vshm(&["list"]);
+        assert!(out.status.success(), "the slot is free: {}", stderr(&out));
+    });
+}
