@@ -37,6 +37,13 @@ pub enum RegionError {
         /// Cause.
         source: io::Error,
     },
+    /// Sealing the memfd's size failed: peers could shrink it under everyone (SIGBUS).
+    #[error(
+        "cannot seal the shared memory's size (F_ADD_SEALS: {0}); vshmd refuses to hand out \
+         a memfd a peer could shrink (a kernel with memfd sealing is needed, and for \
+         --hugepages Linux 4.16 or later)"
+    )]
+    Seal(io::Error),
     /// mmap failed.
     #[error("cannot map the shared memory: {0}")]
     Map(vm_memory::mmap::MmapRegionError),
@@ -61,6 +68,28 @@ fn hugepage_info() -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("HugePages_Free:"), field("Hugepagesize:"))
+}
+
+/// Forbids resizing `file` for good (shrink, grow, and further seal changes), and checks
+/// the seals are in place.
+fn seal_size(file: &File) -> io::Result<()> {
+    let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on an fd we own with integer arguments.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, want) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let have = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if have < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if have & want != want {
+        return Err(io::Error::other(format!(
+            "seals {have:#x} lack {:#x}",
+            want & !have
+        )));
+    }
+    Ok(())
 }
 
 /// The backend's region.
@@ -96,20 +125,7 @@ impl Region {
         file.set_len(size)
             .map_err(|source| RegionError::Size { size, source })?;
         // Peers get this fd: forbid resizing it (a shrink would SIGBUS everyone).
-        // SAFETY: fcntl on an fd we own with integer arguments.
-        let sealed = unsafe {
-            libc::fcntl(
-                file.as_raw_fd(),
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
-            )
-        };
-        if sealed < 0 {
-            tracing::warn!(
-                "could not seal the region's size: {}",
-                io::Error::last_os_error()
-            );
-        }
+        seal_size(&file).map_err(RegionError::Seal)?;
         let len = usize::try_from(size).map_err(|_| RegionError::Size {
             size,
             source: io::Error::from_raw_os_error(libc::EFBIG),
@@ -261,6 +277,21 @@ impl SharedMemory for Region {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_memfd_that_cannot_be_sealed_is_an_error_not_a_warning() {
+        // SAFETY: the name is a NUL-terminated literal; we check the result.
+        let fd = unsafe { libc::memfd_create(c"unsealable".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd was just returned by memfd_create and nothing else owns it.
+        let plain = unsafe { File::from_raw_fd(fd) };
+        let err = seal_size(&plain).expect_err("a memfd without MFD_ALLOW_SEALING");
+        let msg = RegionError::Seal(err).to_string();
+        assert!(
+            msg.contains("cannot seal") && msg.contains("refuses"),
+            "{msg}"
+        );
+    }
 
     #[test]
     fn discarded_ranges_read_zero_and_give_their_pages_back() {
