@@ -354,6 +354,8 @@ pub struct Server {
     cut_off: std::collections::HashSet<PeerId>,
     /// Most messages one client may have waiting (twice the largest handshake).
     queue_limit: usize,
+    /// Some client's queue changed since [`Server::interest_changes`] last looked.
+    queues_changed: bool,
 }
 
 /// Most messages a client may have waiting: twice the largest handshake (version, id,
@@ -381,6 +383,7 @@ impl Server {
             departed: std::collections::HashMap::new(),
             cut_off: std::collections::HashSet::new(),
             queue_limit: queue_limit(vectors, max_peers),
+            queues_changed: false,
         })
     }
 
@@ -507,6 +510,7 @@ impl Server {
     /// down so the event loop sees the end of stream and drops the client.
     pub fn flush(&mut self, id: PeerId) -> Option<Flushed> {
         let c = self.clients.get_mut(&id)?;
+        self.queues_changed = true;
         let done = c.outbox.flush(&mut &c.stream);
         if c.handshake_until.is_some() && c.outbox.sent() >= c.handshake_len {
             c.handshake_until = None;
@@ -525,6 +529,7 @@ impl Server {
             return;
         };
         tracing::warn!(id = id.raw(), pid = c.pid, "cutting off a peer: {why}");
+        self.queues_changed = true;
         c.outbox.clear();
         let _ = c.stream.shutdown(std::net::Shutdown::Both);
         self.cut_off.insert(id);
@@ -570,6 +575,9 @@ impl Server {
     /// (id, socket fd, watch for writability). The caller updates its epoll interest.
     pub fn interest_changes(&mut self) -> Vec<(PeerId, RawFd, bool)> {
         let mut out = Vec::new();
+        if !std::mem::take(&mut self.queues_changed) {
+            return out; // the doorbell path: nothing was queued or written
+        }
         for c in self.clients.values_mut() {
             let want = c.wants_out();
             if want != c.watching_out {

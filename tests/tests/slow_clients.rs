@@ -149,6 +149,48 @@ fn clients_that_read_one_message_every_40_ms_do_not_slow_an_honest_peer() {
 }
 
 #[test]
+fn a_handshake_larger_than_the_socket_buffer_arrives_whole_and_in_order() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "16M", "--vectors", "64", "--max-peers", "8"]);
+        let peers: Vec<_> = (0..6).map(|_| b.connect()).collect();
+        let late = UnixStream::connect(&b.socket).expect("connect");
+        // It starts reading late: what did not fit in the socket waits in vshmd's queue.
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        let mut msgs = Vec::new();
+        let (v, _) = recv_msg(&late).expect("version");
+        let (id, _) = recv_msg(&late).expect("id");
+        let (m, shm) = recv_msg(&late).expect("memory");
+        assert_eq!((v, m, shm.is_some()), (0, -1, true));
+        while msgs.iter().filter(|(p, _)| *p == id).count() < 64 {
+            let (p, fd) = recv_msg(&late).expect("an eventfd message");
+            msgs.push((p, fd.is_some()));
+        }
+        println!(
+            "read the remaining {} handshake messages in {:?}",
+            msgs.len(),
+            t.elapsed()
+        );
+        assert_eq!(msgs.len(), 64 * 8, "host, six peers and itself, 64 each");
+        assert!(msgs.iter().all(|(_, fd)| *fd), "each with its eventfd");
+        let order: Vec<i64> = msgs.chunks(64).map(|c| c[0].0).collect();
+        assert!(
+            msgs.chunks(64).all(|c| c.iter().all(|m| m.0 == c[0].0)),
+            "in runs of 64 per peer"
+        );
+        assert_eq!(order.first(), Some(&0), "the host first");
+        assert_eq!(order.last(), Some(&id), "itself last");
+        // It stays connected: it took its handshake within the deadline.
+        std::thread::sleep(Duration::from_millis(2500));
+        let connected = b.status()["peers"]
+            .as_array()
+            .map_or(0, |p| p.iter().filter(|p| p["connected"] == true).count());
+        assert_eq!(connected, 7);
+        drop(peers);
+    });
+}
+
+#[test]
 fn a_client_that_stops_reading_after_the_memory_is_cut_off_and_its_slot_fenced() {
     watchdog(LIMIT, || {
         let b = Backend::start(&["--size", "16M", "--vectors", "64", "--max-peers", "8"]);
