@@ -784,7 +784,7 @@ fn d_reclaim_of_a_departed_peer_races_an_open() {
 /// (e) Two threads of one peer: one closes the peer's last handle while the other opens
 /// the object again by name (generation from an earlier lookup), and the host sweeps. The cell lock serialises them (invariant A).
 #[test]
-fn e_two_threads_of_one_peer_close_and_duplicate() {
+fn e_two_threads_of_one_peer_close_and_reopen() {
     check("e", || {
         let mem = Arc::new(ModelMem::new());
         let mut host = Host::new();
