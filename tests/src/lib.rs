@@ -410,3 +410,49 @@ pub fn guest_peer_id(vm: &mut vshm_images::Vm) -> u64 {
         .and_then(|p| p["id"].as_u64())
         .expect("own peer id")
 }
+
+/// Reads one ivshmem server message (an i64 and at most one fd) the way QEMU does; `None`
+/// at the end of the stream. For tests that speak the protocol by hand.
+pub fn recv_msg(sock: &std::os::unix::net::UnixStream) -> Option<(i64, Option<std::fs::File>)> {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut buf = [0u8; 8];
+    let mut space = [0u8; 64];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: 8,
+    };
+    // SAFETY: a zeroed msghdr is valid; we point it at live local buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = space.as_mut_ptr().cast();
+    msg.msg_controllen = space.len();
+    // SAFETY: recvmsg writes into the buffers described by msg, all alive and sized.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
+    if n <= 0 {
+        return None;
+    }
+    let mut got = usize::try_from(n).ok()?;
+    while got < 8 {
+        let m = (&*sock).read(&mut buf[got..]).ok()?;
+        if m == 0 {
+            return None;
+        }
+        got += m;
+    }
+    let mut file = None;
+    // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by controllen; the
+    // fd it carries is new and ours.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if !cmsg.is_null()
+            && (*cmsg).cmsg_level == libc::SOL_SOCKET
+            && (*cmsg).cmsg_type == libc::SCM_RIGHTS
+        {
+            let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
+            file = Some(std::fs::File::from_raw_fd(fd));
+        }
+    }
+    Some((i64::from_le_bytes(buf), file))
+}

@@ -7,63 +7,13 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use vmm_sys_util_shim::recv_msg;
 use vshm_format::layout::{Layout, Request, Superblock, MB_RESPONSE_OFF};
 use vshm_format::mailbox;
 use vshm_format::shm::{bytes_of, read_pod, SharedMemory};
 use vshm_format::{Generation, ObjectSlot, Status};
-use vshm_tests::{watchdog, Backend};
+use vshm_tests::{recv_msg, watchdog, Backend};
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// Minimal raw client: reads one message (i64 + optional fd) like QEMU does.
-mod vmm_sys_util_shim {
-    use std::fs::File;
-    use std::io::Read;
-    use std::os::fd::FromRawFd;
-    use std::os::unix::net::UnixStream;
-
-    pub fn recv_msg(sock: &UnixStream) -> Option<(i64, Option<File>)> {
-        let mut buf = [0u8; 8];
-        let mut space = [0u8; 64];
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: 8,
-        };
-        // SAFETY: a zeroed msghdr is valid; we point it at live local buffers.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = space.as_mut_ptr().cast();
-        msg.msg_controllen = space.len();
-        // SAFETY: recvmsg writes into the buffers described by msg, all alive and sized.
-        let n = unsafe { libc::recvmsg(std::os::fd::AsRawFd::as_raw_fd(sock), &mut msg, 0) };
-        if n <= 0 {
-            return None;
-        }
-        let mut got = usize::try_from(n).ok()?;
-        while got < 8 {
-            let m = (&*sock).read(&mut buf[got..]).ok()?;
-            if m == 0 {
-                return None;
-            }
-            got += m;
-        }
-        let mut file = None;
-        // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by controllen.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            if !cmsg.is_null()
-                && (*cmsg).cmsg_level == libc::SOL_SOCKET
-                && (*cmsg).cmsg_type == libc::SCM_RIGHTS
-            {
-                let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
-                file = Some(File::from_raw_fd(fd));
-            }
-        }
-        Some((i64::from_le_bytes(buf), file))
-    }
-}
 
 fn handshake(sock: &UnixStream, vectors: usize) -> (i64, File, Vec<(i64, File)>) {
     let (v, fd) = recv_msg(sock).expect("version");

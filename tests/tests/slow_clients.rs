@@ -3,8 +3,7 @@
 //! next to an honest peer whose operations must go through. Latencies are measured and
 //! printed (run with `--nocapture`); the assertions only use a generous bound.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,55 +11,12 @@ use std::time::{Duration, Instant};
 
 use vshm::host::HostTransport;
 use vshm_control::ControlRequest;
-use vshm_tests::{kill9, stderr, wait_for, watchdog, Backend};
+use vshm_tests::{kill9, recv_msg, stderr, wait_for, watchdog, Backend};
 
 const LIMIT: Duration = Duration::from_secs(90);
 /// What an honest peer's operation may take, however the others behave (generous: the
 /// measured figures are printed, not asserted).
 const BOUND: Duration = Duration::from_secs(2);
-
-/// Reads one ivshmem message (i64 + at most one fd) like QEMU does; None at end of stream.
-fn recv_msg(sock: &UnixStream) -> Option<(i64, Option<OwnedFd>)> {
-    let mut buf = [0u8; 8];
-    let mut space = [0u8; 64];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: 8,
-    };
-    // SAFETY: a zeroed msghdr is valid; we point it at live local buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = space.as_mut_ptr().cast();
-    msg.msg_controllen = space.len();
-    // SAFETY: recvmsg writes into the buffers described by msg, all alive and sized.
-    let n = unsafe { libc::recvmsg(std::os::fd::AsRawFd::as_raw_fd(sock), &mut msg, 0) };
-    if n <= 0 {
-        return None;
-    }
-    let mut got = usize::try_from(n).ok()?;
-    while got < 8 {
-        let m = (&*sock).read(&mut buf[got..]).ok()?;
-        if m == 0 {
-            return None;
-        }
-        got += m;
-    }
-    let mut fd = None;
-    // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by controllen; the
-    // fd it carries is new and ours.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if !cmsg.is_null()
-            && (*cmsg).cmsg_level == libc::SOL_SOCKET
-            && (*cmsg).cmsg_type == libc::SCM_RIGHTS
-        {
-            let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
-            fd = Some(OwnedFd::from_raw_fd(raw));
-        }
-    }
-    Some((i64::from_le_bytes(buf), fd))
-}
 
 /// Runs `op` and returns how long it took, failing if it took longer than [`BOUND`].
 fn timed<T>(what: &str, log: &mut Vec<(String, Duration)>, op: impl FnOnce() -> T) -> T {

@@ -3,7 +3,7 @@
 //! a waiting holder on vector 1 and nobody else; a mutex handoff rings the new owner.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -11,43 +11,9 @@ use vshm_format::layout::{kind, mutex_word, op, Layout, Request, Response, Super
 use vshm_format::shm::{read_pod, SharedMemory};
 use vshm_format::{lease, mailbox, sync};
 use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, Status};
-use vshm_tests::{watchdog, Backend};
+use vshm_tests::{recv_msg, watchdog, Backend};
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// Reads one ivshmem server message (i64 + optional fd).
-fn recv_msg(sock: &UnixStream) -> Option<(i64, Option<File>)> {
-    let mut buf = [0u8; 8];
-    let mut space = [0u8; 64];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: 8,
-    };
-    // SAFETY: a zeroed msghdr is valid; we point it at live local buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = space.as_mut_ptr().cast();
-    msg.msg_controllen = space.len();
-    // SAFETY: recvmsg writes into the buffers described by msg, all alive and sized.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_WAITALL) };
-    if n != 8 {
-        return None;
-    }
-    let mut file = None;
-    // SAFETY: CMSG_* walk the control buffer the kernel filled, bounded by controllen.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if !cmsg.is_null()
-            && (*cmsg).cmsg_level == libc::SOL_SOCKET
-            && (*cmsg).cmsg_type == libc::SCM_RIGHTS
-        {
-            let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
-            file = Some(File::from_raw_fd(fd));
-        }
-    }
-    Some((i64::from_le_bytes(buf), file))
-}
 
 /// A peer speaking the protocols by hand.
 struct RawPeer {
