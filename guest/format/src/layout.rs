@@ -418,12 +418,59 @@ pub struct Response {
     pub size: u64,
     /// Max size.
     pub max_size: u64,
+    /// Which limit refused the request ([`refusal`]); 0 unless `status` is
+    /// STATUS_INSUFFICIENT_RESOURCES (readers ignore it with any other status).
+    pub reason: u32,
+    /// [`refusal::PREPARE_FAILED`]: the OS error number (errno), else 0.
+    pub os_error: u32,
+    /// The limit that was hit: the object table's size ([`refusal::OBJECT_TABLE_FULL`]),
+    /// the largest free heap extent ([`refusal::NO_FREE_EXTENT`]), the heap's size
+    /// ([`refusal::LARGER_THAN_HEAP`]); else 0.
+    pub limit: u64,
+    /// The bytes the request needed (`max_size` rounded up to the alignment; for
+    /// [`refusal::LARGER_THAN_HEAP`] the requested `max_size`); 0 if it needed none.
+    pub wanted: u64,
     /// Reserved, 0.
-    pub reserved: [u8; 720],
+    pub reserved: [u8; 696],
 }
 const _: () = assert!(size_of::<Response>() == 768);
 const _: () = assert!(offset_of!(Response, generation) == 16);
 const _: () = assert!(offset_of!(Response, max_size) == 40);
+const _: () = assert!(offset_of!(Response, reason) == 48);
+const _: () = assert!(offset_of!(Response, os_error) == 52);
+const _: () = assert!(offset_of!(Response, limit) == 56);
+const _: () = assert!(offset_of!(Response, wanted) == 64);
+
+/// `Response::reason`: which limit refused a CREATE (always with
+/// STATUS_INSUFFICIENT_RESOURCES). Codes a reader does not know are shown as a number.
+pub mod refusal {
+    /// No reason given.
+    pub const NONE: u32 = 0;
+    /// Every object slot is taken; `limit` = the table's size.
+    pub const OBJECT_TABLE_FULL: u32 = 1;
+    /// No free heap extent is as large as `wanted`; `limit` = the largest free extent.
+    pub const NO_FREE_EXTENT: u32 = 2;
+    /// `wanted` (the requested `max_size`) is larger than the whole heap; `limit` = its size.
+    pub const LARGER_THAN_HEAP: u32 = 3;
+    /// The range could not be prepared (punched out of the memfd); `os_error` = errno.
+    pub const PREPARE_FAILED: u32 = 4;
+    /// The object entry could not be published.
+    pub const PUBLISH_FAILED: u32 = 5;
+}
+
+/// Why vshmd refused an ivshmem client (FORMAT.md §15): sent instead of the protocol
+/// version as `-code`, followed by one message carrying a detail number, then the server
+/// closes the connection. QEMU reports `server sent version -N` and gives up.
+pub mod connect_refusal {
+    /// `max_peers` clients are connected; detail = `max_peers`.
+    pub const PEER_SLOTS_FULL: i64 = 1;
+    /// No peer id is safe to hand out (every free id was seen leaving by a connected
+    /// client); detail = 0.
+    pub const NO_SAFE_ID: i64 = 2;
+    /// No free peer slot could be given out (the free ones are fenced while their old
+    /// processes run, or could not be cleared); detail = `max_peers`.
+    pub const NO_READY_SLOT: i64 = 3;
+}
 
 /// One peer's mailbox: request (peer-written) then response (host-written).
 #[repr(C)]

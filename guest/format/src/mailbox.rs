@@ -9,8 +9,8 @@ use core::sync::atomic::Ordering;
 
 use crate::ids::{Generation, ObjectSlot, PeerSlot};
 use crate::layout::{
-    kind, object_flags, op, Layout, Request, Response, MAX_NAME_BYTES, MB_LOCK_OFF, MB_REQ_SEQ_OFF,
-    MB_RESPONSE_OFF, MB_RESP_SEQ_OFF,
+    connect_refusal, kind, object_flags, op, refusal, Layout, Request, Response, MAX_NAME_BYTES,
+    MB_LOCK_OFF, MB_REQ_SEQ_OFF, MB_RESPONSE_OFF, MB_RESP_SEQ_OFF,
 };
 use crate::name::validate_name_bytes;
 use crate::shm::{bytes_of, read_pod, zeroed, Fault, SharedMemory};
@@ -419,4 +419,367 @@ pub fn status_response(status: Status) -> Response {
     let mut r = zeroed::<Response>();
     r.status = status.code();
     r
+}
+
+/// Answers a request that failed to decode: the status, with the reason when it is a CREATE
+/// larger than the whole heap (the only INSUFFICIENT_RESOURCES [`decode`] gives).
+pub fn decode_failure(req: &Request, layout: &Layout, status: Status) -> Response {
+    let mut r = status_response(status);
+    if status == Status::InsufficientResources && req.op == op::CREATE {
+        Refusal::LargerThanHeap {
+            wanted: req.max_size,
+            heap_size: layout.heap_size,
+        }
+        .write(&mut r);
+    }
+    r
+}
+
+/// Which limit refused a CREATE (`Response::reason` and the fields it uses, see
+/// [`refusal`]). Only ever sent with STATUS_INSUFFICIENT_RESOURCES.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Every object slot is taken.
+    ObjectTableFull {
+        /// The table's size (`max_objects`).
+        max_objects: u64,
+    },
+    /// No free heap extent is large enough.
+    NoFreeExtent {
+        /// Bytes needed (`max_size` rounded up to the alignment).
+        wanted: u64,
+        /// The largest free extent now.
+        largest: u64,
+    },
+    /// `max_size` is larger than the whole heap.
+    LargerThanHeap {
+        /// The requested `max_size`.
+        wanted: u64,
+        /// The heap's size.
+        heap_size: u64,
+    },
+    /// The range could not be punched out of the memfd.
+    PrepareFailed {
+        /// Bytes of the range.
+        wanted: u64,
+        /// The OS error number (0 if unknown).
+        os_error: u32,
+    },
+    /// The object entry could not be published.
+    PublishFailed,
+    /// A reason code this reader does not know.
+    Other(u32),
+}
+
+impl Refusal {
+    /// The reason a response carries, if any (`None` for reason 0 or a status other than
+    /// STATUS_INSUFFICIENT_RESOURCES, with which the reason is meaningless).
+    pub fn from_response(r: &Response) -> Option<Refusal> {
+        if r.status != Status::InsufficientResources.code() {
+            return None;
+        }
+        Some(match r.reason {
+            refusal::NONE => return None,
+            refusal::OBJECT_TABLE_FULL => Refusal::ObjectTableFull {
+                max_objects: r.limit,
+            },
+            refusal::NO_FREE_EXTENT => Refusal::NoFreeExtent {
+                wanted: r.wanted,
+                largest: r.limit,
+            },
+            refusal::LARGER_THAN_HEAP => Refusal::LargerThanHeap {
+                wanted: r.wanted,
+                heap_size: r.limit,
+            },
+            refusal::PREPARE_FAILED => Refusal::PrepareFailed {
+                wanted: r.wanted,
+                os_error: r.os_error,
+            },
+            refusal::PUBLISH_FAILED => Refusal::PublishFailed,
+            other => Refusal::Other(other),
+        })
+    }
+
+    /// Fills `reason`, `os_error`, `limit` and `wanted` of `r`.
+    pub fn write(&self, r: &mut Response) {
+        let (reason, os_error, limit, wanted) = match *self {
+            Refusal::ObjectTableFull { max_objects } => {
+                (refusal::OBJECT_TABLE_FULL, 0, max_objects, 0)
+            }
+            Refusal::NoFreeExtent { wanted, largest } => {
+                (refusal::NO_FREE_EXTENT, 0, largest, wanted)
+            }
+            Refusal::LargerThanHeap { wanted, heap_size } => {
+                (refusal::LARGER_THAN_HEAP, 0, heap_size, wanted)
+            }
+            Refusal::PrepareFailed { wanted, os_error } => {
+                (refusal::PREPARE_FAILED, os_error, 0, wanted)
+            }
+            Refusal::PublishFailed => (refusal::PUBLISH_FAILED, 0, 0, 0),
+            Refusal::Other(code) => (code, 0, 0, 0),
+        };
+        r.reason = reason;
+        r.os_error = os_error;
+        r.limit = limit;
+        r.wanted = wanted;
+    }
+}
+
+/// Bytes for people: `4096` → `4.0 KiB`, below 1 KiB exact (`512 B`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bytes(pub u64);
+
+impl core::fmt::Display for Bytes {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+        if self.0 < 1024 {
+            return write!(f, "{} B", self.0);
+        }
+        #[allow(clippy::cast_precision_loss)] // for people
+        let mut v = self.0 as f64;
+        let mut u = 0;
+        while v >= 1024.0 && u < UNITS.len() - 1 {
+            v /= 1024.0;
+            u += 1;
+        }
+        write!(f, "{v:.1} {}", UNITS[u])
+    }
+}
+
+impl core::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            Refusal::ObjectTableFull { max_objects } => {
+                write!(f, "the object table is full ({max_objects} objects)")
+            }
+            Refusal::NoFreeExtent { wanted, largest } => write!(
+                f,
+                "no free heap extent of {} (largest {})",
+                Bytes(wanted),
+                Bytes(largest)
+            ),
+            Refusal::LargerThanHeap { wanted, heap_size } => write!(
+                f,
+                "{} is larger than the whole heap ({})",
+                Bytes(wanted),
+                Bytes(heap_size)
+            ),
+            Refusal::PrepareFailed { wanted, os_error } => {
+                write!(
+                    f,
+                    "the heap range of {} could not be prepared",
+                    Bytes(wanted)
+                )?;
+                if os_error != 0 {
+                    write!(f, " (OS error {os_error})")?;
+                }
+                Ok(())
+            }
+            Refusal::PublishFailed => write!(f, "the object entry could not be published"),
+            Refusal::Other(code) => write!(f, "refusal reason {code}"),
+        }
+    }
+}
+
+/// Why vshmd refused an ivshmem client ([`connect_refusal`]): sent as `-code` in place of
+/// the protocol version, then a detail number, then the connection is closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectRefusal {
+    /// All peer slots are in use.
+    PeerSlotsFull {
+        /// `max_peers`.
+        max_peers: u64,
+    },
+    /// No peer id is safe to hand out.
+    NoSafeId,
+    /// No free peer slot could be given out (fenced or not cleared).
+    NoReadySlot,
+    /// A refusal code this reader does not know.
+    Other(i64),
+}
+
+impl ConnectRefusal {
+    /// The two messages that say it: `-code` (where the version goes) and the detail.
+    pub fn to_wire(&self) -> (i64, i64) {
+        let detail = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let (code, d) = match *self {
+            ConnectRefusal::PeerSlotsFull { max_peers } => {
+                (connect_refusal::PEER_SLOTS_FULL, detail(max_peers))
+            }
+            ConnectRefusal::NoSafeId => (connect_refusal::NO_SAFE_ID, 0),
+            ConnectRefusal::NoReadySlot => (connect_refusal::NO_READY_SLOT, 0),
+            ConnectRefusal::Other(code) => (code, 0),
+        };
+        (code.saturating_neg(), d)
+    }
+
+    /// Decodes a negative first message (`version`) and the detail after it (0 if the
+    /// server closed before sending one). `None` if `version` is not negative.
+    pub fn from_wire(version: i64, detail: i64) -> Option<ConnectRefusal> {
+        if version >= 0 {
+            return None;
+        }
+        let n = u64::try_from(detail).unwrap_or(0);
+        Some(match version.saturating_neg() {
+            connect_refusal::PEER_SLOTS_FULL => ConnectRefusal::PeerSlotsFull { max_peers: n },
+            connect_refusal::NO_SAFE_ID => ConnectRefusal::NoSafeId,
+            connect_refusal::NO_READY_SLOT => ConnectRefusal::NoReadySlot,
+            code => ConnectRefusal::Other(code),
+        })
+    }
+}
+
+impl ConnectRefusal {
+    /// The words without the numbers (for a log line that cannot format).
+    pub fn what(&self) -> &'static str {
+        match self {
+            ConnectRefusal::PeerSlotsFull { .. } => "all peer slots are in use",
+            ConnectRefusal::NoSafeId => {
+                "no peer id is safe to hand out (every free id was seen leaving by a connected peer)"
+            }
+            ConnectRefusal::NoReadySlot => {
+                "no free peer slot is ready (the free ones are fenced while their previous \
+                 processes run, or could not be cleared)"
+            }
+            ConnectRefusal::Other(_) => "refused",
+        }
+    }
+}
+
+impl core::fmt::Display for ConnectRefusal {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            ConnectRefusal::PeerSlotsFull { max_peers } => {
+                write!(f, "all {max_peers} peer slots are in use")
+            }
+            ConnectRefusal::Other(code) => write!(f, "refusal code {code}"),
+            _ => f.write_str(self.what()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::bytes_of;
+
+    fn refused(r: Refusal) -> Response {
+        let mut resp = status_response(Status::InsufficientResources);
+        r.write(&mut resp);
+        resp
+    }
+
+    #[test]
+    fn a_refusal_sits_in_bytes_48_to_72_of_the_response_and_round_trips() {
+        let r = Refusal::NoFreeExtent {
+            wanted: 16 << 20,
+            largest: 4 << 20,
+        };
+        let resp = refused(r);
+        let b = bytes_of(&resp);
+        assert_eq!(b[48..52], 2u32.to_le_bytes());
+        assert_eq!(b[52..56], [0; 4]);
+        assert_eq!(b[56..64], (4u64 << 20).to_le_bytes());
+        assert_eq!(b[64..72], (16u64 << 20).to_le_bytes());
+        assert!(b[72..].iter().all(|&x| x == 0));
+        assert_eq!(Refusal::from_response(&resp), Some(r));
+        for r in [
+            Refusal::ObjectTableFull { max_objects: 1024 },
+            Refusal::LargerThanHeap {
+                wanted: 1 << 40,
+                heap_size: 1 << 30,
+            },
+            Refusal::PrepareFailed {
+                wanted: 4096,
+                os_error: 12,
+            },
+            Refusal::PublishFailed,
+            Refusal::Other(99),
+        ] {
+            assert_eq!(Refusal::from_response(&refused(r)), Some(r));
+        }
+    }
+
+    #[test]
+    fn no_reason_or_another_status_means_no_refusal() {
+        assert_eq!(
+            Refusal::from_response(&status_response(Status::InsufficientResources)),
+            None
+        );
+        let mut resp = refused(Refusal::ObjectTableFull { max_objects: 8 });
+        resp.status = Status::InvalidParameter.code();
+        assert_eq!(Refusal::from_response(&resp), None);
+    }
+
+    #[test]
+    fn refusals_name_the_limit() {
+        assert_eq!(
+            Refusal::ObjectTableFull { max_objects: 1024 }.to_string(),
+            "the object table is full (1024 objects)"
+        );
+        assert_eq!(
+            Refusal::NoFreeExtent {
+                wanted: 16 << 20,
+                largest: 4 << 20
+            }
+            .to_string(),
+            "no free heap extent of 16.0 MiB (largest 4.0 MiB)"
+        );
+        assert_eq!(
+            Refusal::LargerThanHeap {
+                wanted: 2 << 30,
+                heap_size: 1 << 30
+            }
+            .to_string(),
+            "2.0 GiB is larger than the whole heap (1.0 GiB)"
+        );
+        assert_eq!(
+            Refusal::PrepareFailed {
+                wanted: 512,
+                os_error: 5
+            }
+            .to_string(),
+            "the heap range of 512 B could not be prepared (OS error 5)"
+        );
+    }
+
+    #[test]
+    fn a_create_larger_than_the_heap_says_so_on_decode_failure() {
+        let layout = Layout::compute(4 << 20, 4, 16, 1, 4096).expect("layout");
+        let req = create_request(Some("big"), kind::SECTION, u64::MAX, 1, false);
+        assert_eq!(decode(&req, &layout), Err(Status::InsufficientResources));
+        let resp = decode_failure(&req, &layout, Status::InsufficientResources);
+        assert_eq!(
+            Refusal::from_response(&resp),
+            Some(Refusal::LargerThanHeap {
+                wanted: u64::MAX,
+                heap_size: layout.heap_size
+            })
+        );
+        let resp = decode_failure(&req, &layout, Status::InvalidParameter);
+        assert_eq!(resp.reason, refusal::NONE);
+    }
+
+    #[test]
+    fn connect_refusals_are_a_negative_version_and_a_detail() {
+        for r in [
+            ConnectRefusal::PeerSlotsFull { max_peers: 16 },
+            ConnectRefusal::NoSafeId,
+            ConnectRefusal::NoReadySlot,
+            ConnectRefusal::Other(42),
+        ] {
+            let (v, d) = r.to_wire();
+            assert!(v < 0);
+            assert_eq!(ConnectRefusal::from_wire(v, d), Some(r));
+        }
+        assert_eq!(
+            ConnectRefusal::PeerSlotsFull { max_peers: 16 }.to_wire(),
+            (-1, 16)
+        );
+        assert_eq!(ConnectRefusal::from_wire(0, 5), None);
+        assert_eq!(
+            ConnectRefusal::PeerSlotsFull { max_peers: 16 }.to_string(),
+            "all 16 peer slots are in use"
+        );
+    }
 }
