@@ -4,6 +4,9 @@
 //! On connect: 0 (version); the client's peer id; -1 + the shared-memory fd; for every
 //! other peer its id once per vector with one eventfd each; the client's own id once per
 //! vector with its eventfds. Later: id + fd = a peer joined; id alone = a peer left.
+//! A refused client gets `-code` instead of the version, then a detail number, then the
+//! connection is closed (vshm's own refusal codes, [`ConnectRefusal`]; QEMU gives up on
+//! any version but 0).
 //!
 //! The host is peer 0. Each client gets its *own* set of eventfds for peer 0, so the backend
 //! knows which client rang.
@@ -21,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vshm_format::layout::HOST_PEER_ID;
+use vshm_format::mailbox::ConnectRefusal;
 use vshm_format::PeerId;
 
 /// Time a client has to take its whole handshake (version, id, memory, eventfds) off its
@@ -335,6 +339,20 @@ pub enum Accepted {
     Connected(PeerId),
 }
 
+/// Tells a client why it is refused (FORMAT.md §15): `-code` where the protocol version
+/// goes, then a detail number; the caller then drops (closes) the connection. Best effort:
+/// a fresh socket has room for 16 bytes, and a client that is gone loses nothing.
+fn refuse(stream: &UnixStream, why: ConnectRefusal) -> Accepted {
+    let (code, detail) = why.to_wire();
+    let mut msg = [0u8; 16];
+    msg[..8].copy_from_slice(&code.to_le_bytes());
+    msg[8..].copy_from_slice(&detail.to_le_bytes());
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = io::Write::write(&mut &*stream, &msg);
+    }
+    Accepted::Refused(why.what())
+}
+
 /// The ivshmem server state.
 #[derive(Debug)]
 pub struct Server {
@@ -422,12 +440,15 @@ impl Server {
             Err(e) => return Err(e),
         };
         if self.clients.len() >= self.max_peers as usize {
-            return Ok(Accepted::Refused("all peer slots are in use"));
+            return Ok(refuse(
+                &stream,
+                ConnectRefusal::PeerSlotsFull {
+                    max_peers: u64::from(self.max_peers),
+                },
+            ));
         }
         let Some(id) = self.next_safe_id() else {
-            return Ok(Accepted::Refused(
-                "every free peer id was seen leaving by a connected peer",
-            ));
+            return Ok(refuse(&stream, ConnectRefusal::NoSafeId));
         };
         self.next_id = PeerId(id.raw().wrapping_add(1));
         stream.set_nonblocking(true)?;
@@ -450,7 +471,7 @@ impl Server {
         if let Err(e) = register(id) {
             // The arbiter has no slot for it (e.g. the free ones are fenced): refuse it.
             tracing::debug!(id = id.raw(), "registering a new peer failed: {e}");
-            return Ok(Accepted::Refused("no peer slot is free"));
+            return Ok(refuse(&stream, ConnectRefusal::NoReadySlot));
         }
         let mut client = Client {
             id,
@@ -762,6 +783,62 @@ mod tests {
         let (_e, e) = connect(&mut server, &memfd);
         let (_f, f) = connect(&mut server, &memfd);
         assert_eq!((e, f), (PeerId(u16::MAX), PeerId(1)));
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Accepts the pending connection, expecting a refusal.
+    fn refused(server: &mut Server, memfd: &File, ok: bool) -> (UnixStream, &'static str) {
+        let client = UnixStream::connect(server.path()).expect("connect");
+        for _ in 0..1000 {
+            match server
+                .accept(memfd, |_| {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(io::Error::other("fenced"))
+                    }
+                })
+                .expect("accept")
+            {
+                Accepted::Refused(why) => return (client, why),
+                Accepted::Connected(id) => panic!("{id} connected"),
+                Accepted::Nothing => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        panic!("no connection accepted");
+    }
+
+    /// Everything the server sent before closing.
+    fn read_to_end(mut s: &UnixStream) -> Vec<i64> {
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut s, &mut bytes).expect("read");
+        bytes
+            .chunks(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect()
+    }
+
+    #[test]
+    fn a_refused_client_is_told_why_with_a_negative_version_and_then_closed() {
+        let dir = std::env::temp_dir().join(format!("vshm-refuse-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let mut server = Server::bind(&dir.join("s"), 1, 1).expect("bind");
+        let memfd = File::open("/dev/zero").expect("an fd to send");
+        let (_a, a) = connect(&mut server, &memfd);
+        let (b, why) = refused(&mut server, &memfd, true);
+        assert_eq!(why, "all peer slots are in use");
+        assert_eq!(read_to_end(&b), [-1, 1]);
+        assert_eq!(
+            vshm_format::mailbox::ConnectRefusal::from_wire(-1, 1)
+                .expect("refusal")
+                .to_string(),
+            "all 1 peer slots are in use"
+        );
+        server.disconnect(a);
+        let (c, why) = refused(&mut server, &memfd, false);
+        assert!(why.starts_with("no free peer slot is ready"), "{why}");
+        assert_eq!(read_to_end(&c), [-3, 0]);
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
     }

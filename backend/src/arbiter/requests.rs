@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use vshm_format::layout::holder_bit;
 use vshm_format::layout::{kind, object_flags, object_state, ObjectEntry, Response, LEASE_KEEP};
 use vshm_format::lease::close_if_unheld;
-use vshm_format::mailbox::{self, Command};
+use vshm_format::mailbox::{self, Command, Refusal};
 use vshm_format::object::{self, bump_namespace_seq};
 use vshm_format::shm::Fault;
 use vshm_format::sync;
@@ -18,6 +18,14 @@ use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset, Status
 use super::reclaim::Release;
 use super::{Arbiter, Backing, Record};
 use crate::telemetry::Event;
+
+/// Why a CREATE failed: a status (with the object it concerns), or a limit that was hit
+/// (always STATUS_INSUFFICIENT_RESOURCES, with the reason in the response).
+#[derive(Debug, Clone, Copy)]
+enum Denied {
+    Status(Status, Option<ObjectSlot>),
+    Limit(Refusal),
+}
 
 /// What a CREATE asks for, decoded.
 #[derive(Debug, Clone, Copy)]
@@ -48,19 +56,29 @@ impl<M: Backing> Arbiter<M> {
         let started = std::time::Instant::now();
         let resp = match mailbox::decode(&req, &self.layout) {
             Ok(cmd) => self.execute(peer_id, s, cmd),
-            Err(status) => mailbox::status_response(status),
+            Err(status) => mailbox::decode_failure(&req, &self.layout, status),
         };
         self.counters.requests += 1;
+        let refusal = Refusal::from_response(&resp);
         let status = Status::from_code(resp.status);
         if !status.is_some_and(Status::is_success) {
             self.counters.failed_requests += 1;
-            let mut e = Event::now("denied")
-                .peer(peer_id)
-                .detail(crate::telemetry::op_name(req.op));
+            let op = crate::telemetry::op_name(req.op);
+            let mut e = Event::now("denied").peer(peer_id).detail(match refusal {
+                Some(r) => format!("{op}: {r}"),
+                None => op.to_string(),
+            });
             if let Some(st) = status {
                 e = e.status(st);
             }
             self.emit(e);
+        }
+        if let Some(r) = refusal {
+            tracing::info!(
+                peer_id = peer_id.raw(),
+                op = crate::telemetry::op_name(req.op),
+                "denied: STATUS_INSUFFICIENT_RESOURCES: {r}"
+            );
         }
         tracing::debug!(
             peer_id = peer_id.raw(),
@@ -81,7 +99,7 @@ impl<M: Backing> Arbiter<M> {
                 initial_size,
                 persistent,
                 manual_reset,
-            } => self.create(
+            } => match self.create(
                 peer_id,
                 peer,
                 name,
@@ -92,7 +110,15 @@ impl<M: Backing> Arbiter<M> {
                     persistent,
                     manual_reset,
                 },
-            ),
+            ) {
+                Err(Denied::Limit(refusal)) => {
+                    let mut r = mailbox::status_response(Status::InsufficientResources);
+                    refusal.write(&mut r);
+                    return r;
+                }
+                Err(Denied::Status(status, slot)) => Err((status, slot)),
+                Ok(slot) => Ok(slot),
+            },
             Command::Delete { slot, generation } => self.delete(slot, generation).map(|()| slot),
             Command::Grow {
                 slot,
@@ -141,7 +167,7 @@ impl<M: Backing> Arbiter<M> {
         peer: PeerSlot,
         name: Option<&str>,
         shape: Shape,
-    ) -> Result<ObjectSlot, (Status, Option<ObjectSlot>)> {
+    ) -> Result<ObjectSlot, Denied> {
         let Shape {
             kind,
             max_size,
@@ -157,29 +183,42 @@ impl<M: Backing> Arbiter<M> {
             if let Some(&slot) = self.names.get(n) {
                 let existing = self.objects[slot.raw() as usize].as_ref().map(|r| r.kind);
                 return Err(if existing == Some(kind) {
-                    (Status::ObjectNameExists, Some(slot))
+                    Denied::Status(Status::ObjectNameExists, Some(slot))
                 } else {
-                    (Status::InvalidHandle, None)
+                    Denied::Status(Status::InvalidHandle, None)
                 });
             }
         }
         let slot = *self
             .free_slots
             .first()
-            .ok_or((Status::InsufficientResources, None))?;
+            .ok_or(Denied::Limit(Refusal::ObjectTableFull {
+                max_objects: u64::from(self.layout.max_objects),
+            }))?;
         // Events and mutexes have no memory: their state is the entry's sync words.
         let (offset, reserved) = if kind == kind::SECTION {
-            self.heap
-                .allocate(max_size)
-                .ok_or((Status::InsufficientResources, None))?
+            self.heap.allocate(max_size).ok_or_else(|| {
+                Denied::Limit(Refusal::NoFreeExtent {
+                    wanted: self.heap.round(max_size).unwrap_or(max_size),
+                    largest: self.heap.largest_free(),
+                })
+            })?
         } else {
             (RegionOffset(0), 0)
         };
         // The range was punched when it was last freed; punch again so bytes a misbehaving
         // peer wrote after that cannot reach the new owner.
-        if reserved > 0 && self.mem.discard(offset, reserved).is_err() {
-            self.heap.release(offset, reserved);
-            return Err((Status::InsufficientResources, None));
+        if reserved > 0 {
+            if let Err(e) = self.mem.discard(offset, reserved) {
+                self.heap.release(offset, reserved);
+                return Err(Denied::Limit(Refusal::PrepareFailed {
+                    wanted: reserved,
+                    os_error: e
+                        .raw_os_error()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .unwrap_or(0),
+                }));
+            }
         }
         let generation = self.next_generation;
         self.next_generation.0 += 1;
@@ -212,7 +251,7 @@ impl<M: Backing> Arbiter<M> {
             if reserved > 0 {
                 self.heap.release(offset, reserved);
             }
-            return Err((Status::InsufficientResources, None));
+            return Err(Denied::Limit(Refusal::PublishFailed));
         }
         self.free_slots.remove(&slot);
         if let Some(n) = name {
@@ -379,5 +418,72 @@ impl<M: Backing> Arbiter<M> {
                 .size(size),
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vshm_format::layout::{kind, refusal};
+    use vshm_format::mailbox::{self, Refusal};
+    use vshm_format::{PeerId, Status};
+
+    use super::super::tests::{arbiter, create, request};
+
+    #[test]
+    fn a_full_object_table_and_a_full_heap_are_told_apart_in_the_response() {
+        let mut a = arbiter();
+        let heap = a.layout().heap_size;
+        let max_objects = a.layout().max_objects;
+        // The heap: a request that fits the heap but no free extent. Fill most of it first.
+        let big = mailbox::create_request(Some("big"), kind::SECTION, heap - 8192, 0, false);
+        assert_eq!(
+            request(&mut a, PeerId(1), &big).status,
+            Status::Success.code()
+        );
+        let r = mailbox::create_request(Some("more"), kind::SECTION, 16384, 0, false);
+        let resp = request(&mut a, PeerId(1), &r);
+        assert_eq!(resp.status, Status::InsufficientResources.code());
+        assert_eq!(resp.reason, refusal::NO_FREE_EXTENT);
+        assert_eq!(
+            Refusal::from_response(&resp),
+            Some(Refusal::NoFreeExtent {
+                wanted: 16384,
+                largest: 8192
+            })
+        );
+        // Larger than the whole heap: answered at decode.
+        let r = mailbox::create_request(Some("huge"), kind::SECTION, heap + 1, 0, false);
+        let resp = request(&mut a, PeerId(1), &r);
+        assert_eq!(
+            Refusal::from_response(&resp),
+            Some(Refusal::LargerThanHeap {
+                wanted: heap + 1,
+                heap_size: heap
+            })
+        );
+        // The table: events need no heap.
+        for i in 1..max_objects {
+            let r = mailbox::create_sync_request(Some(&format!("e{i}")), kind::EVENT, false, false);
+            assert_eq!(
+                request(&mut a, PeerId(1), &r).status,
+                Status::Success.code()
+            );
+        }
+        let resp = create(&mut a, PeerId(2), "last", false);
+        assert_eq!(resp.status, Status::InsufficientResources.code());
+        assert_eq!(
+            Refusal::from_response(&resp),
+            Some(Refusal::ObjectTableFull {
+                max_objects: u64::from(max_objects)
+            })
+        );
+        // Other failures carry no reason.
+        let resp = request(
+            &mut a,
+            PeerId(1),
+            &mailbox::create_request(Some("x"), kind::SECTION, 0, 0, false),
+        );
+        assert_eq!(resp.status, Status::InvalidParameter.code());
+        assert_eq!(resp.reason, refusal::NONE);
     }
 }
