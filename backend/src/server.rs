@@ -833,7 +833,7 @@ mod tests {
             vshm_format::mailbox::ConnectRefusal::from_wire(-1, 1)
                 .expect("refusal")
                 .to_string(),
-            "all 1 peer slots are in use"
+            "the only peer slot is in use (max_peers 1)"
         );
         server.disconnect(a);
         let (c, why) = refused(&mut server, &memfd, false);

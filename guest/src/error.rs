@@ -1,6 +1,7 @@
 //! The error every namespace operation returns, and how each maps to an NTSTATUS.
 
 use vshm_format::layout::LayoutError;
+use vshm_format::mailbox::Refusal;
 use vshm_format::object::EntryError;
 use vshm_format::shm::Fault;
 use vshm_format::{NameError, ObjectSlot, Status};
@@ -12,6 +13,15 @@ use crate::TransportError;
 pub enum Error {
     /// The namespace said no, with an NTSTATUS (e.g. [`Status::ObjectNameNotFound`]).
     Status(Status),
+    /// The backend said no because a limit was hit, and said which (FORMAT.md §9): the
+    /// status is [`Status::InsufficientResources`]. Match on [`Error::status`] to treat it
+    /// like [`Error::Status`].
+    Refused {
+        /// The NTSTATUS of the answer.
+        status: Status,
+        /// Which limit (object table, heap extent, …), with its numbers.
+        reason: Refusal,
+    },
     /// The transport failed.
     Transport(TransportError),
     /// The region's header does not validate.
@@ -40,7 +50,7 @@ impl Error {
     /// The NTSTATUS closest to this error, for C callers and the CLI.
     pub fn status(&self) -> Status {
         match *self {
-            Error::Status(s) => s,
+            Error::Status(s) | Error::Refused { status: s, .. } => s,
             Error::Transport(_) | Error::Timeout(_) => Status::InsufficientResources,
             Error::Region(_) | Error::BadResponse(..) => Status::InvalidHandle,
             Error::Contended => Status::ObjectNameNotFound,
@@ -94,6 +104,7 @@ impl core::fmt::Display for Error {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Error::Status(s) => write!(f, "{s}"),
+            Error::Refused { status, reason } => write!(f, "{status}: {reason}"),
             Error::Transport(e) => write!(f, "{e}"),
             Error::Region(e) => write!(f, "invalid vshm region: {e}"),
             Error::Timeout(ms) => write!(f, "the vshm backend did not answer within {ms} ms"),
@@ -166,6 +177,31 @@ mod tests {
         let f = Fault::Misaligned { offset: 4 };
         assert_eq!(Error::from(EntryError::Fault(f)), Error::Fault(f));
         assert_eq!(Error::from(EntryError::Busy), Error::Contended);
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_status_and_says_which_limit() {
+        let e = Error::Refused {
+            status: Status::InsufficientResources,
+            reason: Refusal::ObjectTableFull { max_objects: 1024 },
+        };
+        assert_eq!(e.status(), Status::InsufficientResources);
+        assert_eq!(
+            e.to_string(),
+            "STATUS_INSUFFICIENT_RESOURCES (0xC000009A): the object table is full (1024 objects)"
+        );
+        let e = Error::Refused {
+            status: Status::InsufficientResources,
+            reason: Refusal::NoFreeExtent {
+                wanted: 16 << 20,
+                largest: 4 << 20,
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "STATUS_INSUFFICIENT_RESOURCES (0xC000009A): no free heap extent of 16.0 MiB \
+             (largest 4.0 MiB)"
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vshm_format::layout::{Layout, Superblock};
+use vshm_format::mailbox::ConnectRefusal;
 use vshm_format::shm::{read_pod, RawRegion};
 use vshm_format::PeerId;
 
@@ -60,6 +61,14 @@ pub enum HostError {
     /// The region's header does not validate.
     #[error("the shared region is not a valid vshm region: {0}")]
     Region(vshm_format::layout::LayoutError),
+    /// vshmd refused the connection and said why (e.g. every peer slot is in use).
+    #[error("vshmd at {path} refused the connection: {reason}")]
+    Refused {
+        /// Socket path.
+        path: PathBuf,
+        /// Why (FORMAT.md §15).
+        reason: ConnectRefusal,
+    },
 }
 
 /// One protocol message: a little-endian i64 and at most one fd.
@@ -212,6 +221,19 @@ impl HostTransport {
         };
         match next()? {
             (0, None) => {}
+            // A refusal (vshm's own): -code, then a detail, then the server closes.
+            (v, None) if v < 0 => {
+                let detail = match recv_msg(&sock) {
+                    Ok(Some((d, None))) => d,
+                    _ => 0,
+                };
+                let reason =
+                    ConnectRefusal::from_wire(v, detail).unwrap_or(ConnectRefusal::Other(v));
+                return Err(HostError::Refused {
+                    path: path.to_owned(),
+                    reason,
+                });
+            }
             (v, _) => return Err(protocol(format!("unsupported protocol version {v}"))),
         }
         let peer_id = match next()? {

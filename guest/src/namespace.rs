@@ -8,7 +8,7 @@ use vshm_format::layout::{
     OBJ_SIZE_OFF, VECTOR_CONTROL,
 };
 use vshm_format::lease::{self, LeaseError, Released};
-use vshm_format::mailbox;
+use vshm_format::mailbox::{self, Refusal};
 use vshm_format::object::{self, ObjectInfo, PeerInfo};
 use vshm_format::shm::{read_pod, RawRegion, SharedMemory};
 use vshm_format::{
@@ -241,7 +241,12 @@ impl<T: Transport> Namespace<T> {
             let disposition = match Status::from_code(resp.status) {
                 Some(Status::Success) => Disposition::Created,
                 Some(Status::ObjectNameExists) => Disposition::Opened,
-                Some(s) if !s.is_success() => return Err(s.into()),
+                Some(s) if !s.is_success() => {
+                    return Err(match Refusal::from_response(&resp) {
+                        Some(reason) => Error::Refused { status: s, reason },
+                        None => s.into(),
+                    })
+                }
                 _ => return Err(Error::BadResponse(resp.status, ObjectSlot(resp.slot))),
             };
             match self.hold(ObjectSlot(resp.slot), Generation(resp.generation), false) {

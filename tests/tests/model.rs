@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use vshm::format::layout::{object_state, Layout};
+use vshm::format::mailbox::Refusal;
 use vshm::format::shm::RawRegion;
 use vshm::format::PeerId;
 use vshm::{
@@ -222,7 +223,12 @@ impl World {
                 } else if self.objects.len() >= MAX_OBJECTS as usize {
                     prop_assert_eq!(
                         got.err(),
-                        Some(Error::Status(Status::InsufficientResources))
+                        Some(Error::Refused {
+                            status: Status::InsufficientResources,
+                            reason: Refusal::ObjectTableFull {
+                                max_objects: u64::from(MAX_OBJECTS)
+                            }
+                        })
                     );
                 } else {
                     let (s, d) =

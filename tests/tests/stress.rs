@@ -18,7 +18,10 @@ fn expected(e: &Error) -> bool {
         e,
         Error::Status(
             Status::ObjectNameNotFound | Status::DeletePending | Status::InsufficientResources
-        ) | Error::Contended
+        ) | Error::Refused {
+            status: Status::InsufficientResources,
+            ..
+        } | Error::Contended
     )
 }
 

@@ -649,6 +649,9 @@ impl ConnectRefusal {
 impl core::fmt::Display for ConnectRefusal {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match *self {
+            ConnectRefusal::PeerSlotsFull { max_peers: 1 } => {
+                write!(f, "the only peer slot is in use (max_peers 1)")
+            }
             ConnectRefusal::PeerSlotsFull { max_peers } => {
                 write!(f, "all {max_peers} peer slots are in use")
             }

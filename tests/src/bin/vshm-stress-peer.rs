@@ -22,6 +22,10 @@ fn tolerated(e: &Error) -> bool {
     matches!(
         e,
         Error::Status(Status::NoMemory | Status::Timeout | Status::InsufficientResources)
+            | Error::Refused {
+                status: Status::InsufficientResources,
+                ..
+            }
     )
 }
 
