@@ -1,0 +1,135 @@
+//! Any bytes as an object entry: `object::validate` never panics; an entry it accepts has a
+//! defined state and kind, a range that is inside the heap (a section: aligned, non-empty,
+//! size within max size) or empty (an event or mutex), known flags, and a valid name whose
+//! hash matches. The same entry placed in a region and read with the seqlock snapshot
+//! (`object::read_object`) gets the same verdict. The first 64 bytes are also checked as a
+//! peer-table entry (`peer::validate_peer`).
+//!
+//! Input: 1280 entry bytes; an optional 1281st byte picks the layout and the slot.
+#![no_main]
+
+use std::mem::size_of;
+use std::sync::atomic::Ordering;
+
+use libfuzzer_sys::fuzz_target;
+use vshm_format::layout::{
+    kind, object_flags, object_state, peer_state, ObjectEntry, PeerEntry, OBJ_SEQ_OFF,
+};
+use vshm_format::object::{self, EntryError, ObjectInfo};
+use vshm_format::peer::validate_peer;
+use vshm_format::shm::{bytes_of, SharedMemory};
+use vshm_format::{name_hash, validate_name, ObjectSlot, PeerSlot};
+use vshm_fuzz::{layout, pod_from, Buf};
+
+fuzz_target!(|data: &[u8]| {
+    let selector = data.get(size_of::<ObjectEntry>()).copied().unwrap_or(0);
+    let l = layout(selector);
+    let e: ObjectEntry = pod_from(data);
+    let slot = ObjectSlot(u32::from(selector) % l.max_objects.min(8));
+    let verdict = object::validate(&l, slot, &e);
+    match &verdict {
+        Ok(None) => assert_eq!(e.state, object_state::FREE),
+        Ok(Some(info)) => check_accepted(&l, slot, &e, info),
+        Err(err) => {
+            let _ = err.to_string();
+        }
+    }
+
+    // The same bytes through the region and the seqlock reader.
+    let end = l.object_entry(slot).expect("slot in range") + size_of::<ObjectEntry>() as u64;
+    let mut buf = Buf::new(usize::try_from(end).expect("small"));
+    let mem = buf.region();
+    let base = l.object_entry(slot).expect("slot in range");
+    mem.write_bytes(base, bytes_of(&e)).expect("in bounds");
+    if e.seq & 1 == 1 {
+        // A writer in progress: the reader gives up after its retries (10 000 spins, so
+        // only checked for one selector in 16, to keep the target fast) ...
+        if selector >> 4 == 0xF {
+            assert_eq!(object::read_object(&mem, &l, slot), Err(EntryError::Busy));
+        }
+        // ... and once the writer is done (seq even), agrees with validate.
+        mem.store_u64(base + OBJ_SEQ_OFF, e.seq.wrapping_add(1), Ordering::Relaxed)
+            .expect("in bounds");
+    }
+    let read = object::read_object(&mem, &l, slot);
+    assert_eq!(
+        read.map(|o| o.map(summary)),
+        verdict.map(|o| o.map(summary))
+    );
+
+    // The first 64 bytes as a peer-table entry.
+    let p: PeerEntry = pod_from(data);
+    match validate_peer(PeerSlot(0), &p) {
+        Ok(None) => assert_eq!(p.state, peer_state::ABSENT),
+        Ok(Some(info)) => {
+            assert_eq!(p.state, peer_state::CONNECTED);
+            assert_ne!(info.peer_id.raw(), 0);
+            assert_eq!(u32::from(info.peer_id.raw()), p.peer_id);
+            assert_eq!(info.incarnation, p.incarnation);
+        }
+        Err(err) => {
+            let _ = err.to_string();
+        }
+    }
+});
+
+/// What a reader learns from an accepted entry (the name array beyond the name's length
+/// is not part of it: the snapshot does not copy it).
+fn summary(i: ObjectInfo) -> (u32, u64, u32, u32, u64, u64, u64, u32, u32, Option<String>) {
+    (
+        i.slot.0,
+        i.generation.0,
+        i.state,
+        i.kind,
+        i.offset.0,
+        i.size,
+        i.max_size,
+        i.flags,
+        i.creator,
+        i.name().map(str::to_owned),
+    )
+}
+
+fn check_accepted(
+    l: &vshm_format::layout::Layout,
+    slot: ObjectSlot,
+    e: &ObjectEntry,
+    info: &ObjectInfo,
+) {
+    assert_eq!(info.slot, slot);
+    assert!(matches!(
+        info.state,
+        object_state::LIVE | object_state::UNLINKED
+    ));
+    match info.kind {
+        kind::SECTION => {
+            assert!(info.max_size > 0);
+            assert!(info.size <= info.max_size);
+            assert_eq!(info.offset.0 % l.alignment, 0);
+            assert!(l.heap_contains(info.offset.0, info.max_size));
+            assert!(info.offset.0 >= l.heap_offset);
+            assert!(info.offset.0 + info.max_size <= l.region_size);
+            assert!(info.flags & object_flags::MANUAL_RESET == 0);
+        }
+        kind::EVENT | kind::MUTEX => {
+            assert_eq!((info.offset.0, info.size, info.max_size), (0, 0, 0));
+            if info.kind == kind::MUTEX {
+                assert!(info.flags & object_flags::MANUAL_RESET == 0);
+            }
+        }
+        other => panic!("accepted kind {other}"),
+    }
+    assert_eq!(info.flags & !object_flags::ALL, 0);
+    match info.name() {
+        Some(name) => {
+            assert!(info.flags & object_flags::NAMED != 0);
+            assert_eq!(name.len(), e.name_len as usize);
+            assert_eq!(validate_name(name), Ok(()));
+            assert_eq!(name_hash(name.as_bytes()), e.name_hash);
+        }
+        None => {
+            assert!(info.flags & object_flags::NAMED == 0);
+            assert_eq!(e.name_len, 0);
+        }
+    }
+}
