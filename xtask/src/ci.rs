@@ -1,4 +1,5 @@
-//! `cargo xtask test`: everything CI runs, in order, stopping at the first failure.
+//! `cargo xtask test`: everything CI runs, in order, stopping at the first failure; and
+//! `cargo xtask fuzz`, its `fuzz` step alone.
 
 use std::process::Command;
 use std::time::Instant;
@@ -42,7 +43,53 @@ fn steps() -> Vec<Step> {
         ),
         cargo_step("test", &["test", "--workspace"]),
         loom_step(),
+        fuzz_step(),
     ]
+}
+
+/// Seconds each fuzz target runs in the `fuzz` step (FUZZ_SECONDS overrides).
+const FUZZ_SECONDS: &str = "10";
+/// The cargo-fuzz targets (fuzz/Cargo.toml), run in this order.
+const FUZZ_TARGETS: &[&str] = &["superblock", "entry", "request", "blocks", "arbiter"];
+
+/// Every fuzz target for a short fixed time, from its committed seeds, with the nightly
+/// toolchain and debug assertions (overflow checks). One shell command so the step shows
+/// as one; it installs cargo-fuzz first if `cargo fuzz` does not work. New inputs go to a
+/// scratch corpus under the target directory, so the committed seeds stay as they are.
+fn fuzz_step() -> Step {
+    let seconds = std::env::var("FUZZ_SECONDS").unwrap_or_else(|_| FUZZ_SECONDS.to_owned());
+    let scratch = target_dir().join("fuzz-corpus");
+    let mut script = String::from(
+        "set -eu\n\
+         if ! cargo +nightly --version >/dev/null 2>&1; then\n\
+         echo 'error: the fuzz step needs the nightly toolchain (rustup toolchain install nightly)' >&2; exit 1\n\
+         fi\n\
+         if ! cargo fuzz --version >/dev/null 2>&1; then\n\
+         echo '==> installing cargo-fuzz (cargo install cargo-fuzz --locked)'\n\
+         cargo install cargo-fuzz --locked\n\
+         fi\n",
+    );
+    for t in FUZZ_TARGETS {
+        let dir = scratch.join(t);
+        script.push_str(&format!(
+            "mkdir -p '{dir}'\n\
+             cargo +nightly fuzz run --debug-assertions {t} '{dir}' fuzz/corpus/{t} -- \
+             -max_total_time={seconds} -rss_limit_mb=2048\n",
+            dir = dir.display()
+        ));
+    }
+    let mut command = Command::new("bash");
+    command
+        .args(["-c", &script])
+        .current_dir(crate::util::workspace_root())
+        // The cargo running xtask sets these for its own toolchain; rustup must pick nightly.
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO");
+    Step {
+        name: "fuzz",
+        command,
+    }
 }
 
 /// Preemptions loom explores per execution in the `loom` step: 3 runs the five scenarios
@@ -72,6 +119,16 @@ fn loom_step() -> Step {
         step.command.env("LOOM_MAX_PREEMPTIONS", LOOM_PREEMPTIONS);
     }
     step
+}
+
+/// `cargo xtask fuzz`: the `fuzz` step alone.
+pub fn fuzz() -> Result<()> {
+    let mut step = fuzz_step();
+    println!("==> fuzz: {}", describe(&step.command));
+    let t = Instant::now();
+    run_checked(&mut step.command)?;
+    println!("==> fuzz ok ({:.1}s)", t.elapsed().as_secs_f64());
+    Ok(())
 }
 
 pub fn run() -> Result<()> {

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's automation, in Rust so it runs wherever cargo does.
 //!
 //! - `cargo xtask test`: everything CI runs (`.ci/run` calls exactly this).
+//! - `cargo xtask fuzz`: only the `fuzz` step of `test` (FUZZ_SECONDS per target).
 //! - `cargo xtask demo`: starts vshmd and shows two host-process peers sharing a section.
 //!
 //! std only, on purpose: this is the first thing built on a fresh machine.
@@ -18,7 +19,10 @@ usage: cargo xtask <task>
 
 tasks:
   test    everything CI runs, in order, stopping at the first failure:
-          rustfmt check, clippy (-D warnings), build the binaries, cargo test
+          rustfmt check, clippy (-D warnings), build the binaries, the guest
+          images, cargo test, the loom model, then each fuzz target for 10 s
+  fuzz    only the fuzz step: each cargo-fuzz target (nightly; installs
+          cargo-fuzz if missing) for FUZZ_SECONDS (default 10) seconds
   demo    start vshmd in a temporary directory and let two host-process peers
           (the vshm CLI) share a section; show vshmctl status; shut down cleanly
   images  build the static guest vshm and the test guest (Debian cloud kernel,
@@ -28,7 +32,7 @@ tasks:
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let task = match args.as_slice() {
-        [t] if t == "test" || t == "demo" || t == "images" => t.as_str(),
+        [t] if ["test", "demo", "images", "fuzz"].contains(&t.as_str()) => t.as_str(),
         [h] if h == "help" || h == "-h" || h == "--help" => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
     let result = match task {
         "test" => ci::run(),
         "images" => images::run(),
+        "fuzz" => ci::fuzz(),
         _ => demo::run(),
     };
     match result {
