@@ -173,6 +173,24 @@ fn session(
         return Err(format!("vm-b read {read:?}, expected {MESSAGE:?}"));
     }
     println!("    vm-b read what vm-a wrote, through vshmd's region");
+
+    // Events share the namespace: vm-b waits (in the background), vm-a signals.
+    in_guest(&mut a, "vshm event create frame-ready --persistent")?;
+    in_guest(
+        &mut b,
+        "vshm event wait frame-ready --timeout 30000 > /tmp/wait.out 2>&1 & echo $! > /tmp/wait.pid",
+    )?;
+    in_guest(&mut a, "vshm event signal frame-ready")?;
+    let woke = in_guest(
+        &mut b,
+        "p=$(cat /tmp/wait.pid); while kill -0 $p 2>/dev/null; do sleep 0.05; done; cat /tmp/wait.out",
+    )?;
+    if !woke.contains("was signalled") {
+        return Err(format!(
+            "vm-b's wait said {woke:?}, expected \"... was signalled\""
+        ));
+    }
+    println!("    vm-b woke on vm-a's event, through vshmd");
     in_guest(&mut b, "vshm list")?;
     step(format!(
         "vm-b keeps a handle open: vshm hold {SECTION} (in the background)"
