@@ -100,6 +100,9 @@ pub struct Record {
     pub wakes: u64,
     /// MUTEX: times its owner died (or vanished) holding it.
     pub abandoned: u64,
+    /// MUTEX: when an abandonment was last logged and reported, and how many since then
+    /// were counted but not reported (a peer forging owner words must not flood the log).
+    pub abandon_report: Option<(std::time::Instant, u64)>,
     /// MUTEX: peers waiting for it, in arrival order: (peer slot, token). Private: nothing
     /// in the region can add to or reorder it.
     pub queue: VecDeque<(PeerSlot, u32)>,

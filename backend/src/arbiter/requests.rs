@@ -273,6 +273,7 @@ impl<M: Backing> Arbiter<M> {
             manual_reset,
             wakes: 0,
             abandoned: 0,
+            abandon_report: None,
             queue: VecDeque::new(),
         });
         self.counters.created += 1;

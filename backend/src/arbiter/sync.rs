@@ -31,6 +31,8 @@ pub(super) const MAX_QUEUED_PER_PEER: usize = 1024;
 
 type Answer<T> = Result<T, (Status, Option<ObjectSlot>)>;
 
+/// At most one `abandoned` log line and event per mutex per this interval.
+const ABANDON_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 impl<M: Backing> Arbiter<M> {
     /// Takes the doorbells to ring (peer id, vector) since the last call.
     pub fn drain_rings(&mut self) -> std::vec::Drain<'_, (PeerId, u16)> {
@@ -331,22 +333,40 @@ impl<M: Backing> Arbiter<M> {
             // A HANDOFF bit alone: nothing was held, nothing to report.
             return true;
         }
-        let name = match self.objects[slot.raw() as usize].as_mut() {
+        self.counters.abandoned += 1;
+        // Counted every time; logged and reported at most once a second per mutex, with
+        // the number left unreported since (a peer forging owner words that name gone
+        // slots would otherwise make every sweep log and emit).
+        let now = std::time::Instant::now();
+        let (name, unreported) = match self.objects[slot.raw() as usize].as_mut() {
             Some(r) => {
                 r.abandoned += 1;
-                r.name.clone()
+                match r.abandon_report {
+                    Some((at, n)) if now.duration_since(at) < ABANDON_REPORT_INTERVAL => {
+                        r.abandon_report = Some((at, n + 1));
+                        return true;
+                    }
+                    previous => {
+                        r.abandon_report = Some((now, 0));
+                        (r.name.clone(), previous.map_or(0, |(_, n)| n))
+                    }
+                }
             }
-            None => None,
+            None => (None, 0),
         };
-        self.counters.abandoned += 1;
         let to = match next.and_then(|p| self.peers.get(p.raw() as usize)) {
             Some(p) => format!("handed to peer {}", p.id.raw()),
             None => "freed".to_string(),
         };
-        tracing::warn!(slot = slot.raw(), "mutex abandoned: {why}; {to}");
+        let more = if unreported > 0 {
+            format!(" (+{unreported} more since the last report)")
+        } else {
+            String::new()
+        };
+        tracing::warn!(slot = slot.raw(), "mutex abandoned: {why}; {to}{more}");
         let mut e = Event::now("abandoned")
             .object(slot, name.as_deref())
-            .detail(format!("{why}; {to}"));
+            .detail(format!("{why}; {to}{more}"));
         if let Some(id) = peer {
             e = e.peer(id);
         }

@@ -95,3 +95,27 @@ fn a_peer_cannot_grow_a_mutex_queue_without_bound() {
     // Other peers still queue.
     assert_eq!(mutex_op(&mut a, 3, op::LOCK, &m, 7), Status::Pending);
 }
+
+#[test]
+fn a_peer_forging_dead_owners_is_counted_every_time_but_reported_once_a_second() {
+    let mut a = arbiter();
+    let m = held_mutex(&mut a);
+    let (s, _) = target(&m);
+    let _ = a.drain_events().count();
+    // Peer 4 (slot 3) leaves; a peer then keeps forging owner words that name its slot.
+    a.peer_gone(PeerId(4));
+    let _ = a.drain_events().count();
+    let forged = mutex_word::owner(PeerSlot(3), 99);
+    for _ in 0..50 {
+        let _ = sync::mutex_swap_word(a.mem(), a.layout(), s, 0, forged);
+        a.sweep();
+    }
+    assert_eq!(a.counters().abandoned, 50, "every release is counted");
+    let reported = a.drain_events().filter(|e| e.kind == "abandoned").count();
+    assert_eq!(reported, 1, "but reported at most once a second");
+    assert_eq!(
+        sync::sync_word(a.mem(), a.layout(), s),
+        Ok(0),
+        "and the mutex is free"
+    );
+}
