@@ -28,15 +28,15 @@ fn arbiter_with(peers: u16, vectors: u32) -> Arbiter<Region> {
     a
 }
 
-fn arbiter() -> Arbiter<Region> {
+pub(super) fn arbiter() -> Arbiter<Region> {
     arbiter_with(4, 2)
 }
 
-fn slot_of(id: u16) -> PeerSlot {
+pub(super) fn slot_of(id: u16) -> PeerSlot {
     PeerSlot(u32::from(id) - 1)
 }
 
-fn request(a: &mut Arbiter<Region>, id: u16, req: &Request) -> Response {
+pub(super) fn request(a: &mut Arbiter<Region>, id: u16, req: &Request) -> Response {
     let slot = slot_of(id);
     let seq = mailbox::post(a.mem(), a.layout(), slot, req).expect("post");
     assert!(a.service(PeerId(id)), "answered");
@@ -45,7 +45,7 @@ fn request(a: &mut Arbiter<Region>, id: u16, req: &Request) -> Response {
         .expect("response")
 }
 
-fn status(r: &Response) -> Option<Status> {
+pub(super) fn status(r: &Response) -> Option<Status> {
     Status::from_code(r.status)
 }
 
@@ -58,7 +58,7 @@ fn create(a: &mut Arbiter<Region>, id: u16, name: &str, k: u32) -> Response {
     request(a, id, &req)
 }
 
-fn target(r: &Response) -> (ObjectSlot, Generation) {
+pub(super) fn target(r: &Response) -> (ObjectSlot, Generation) {
     (ObjectSlot(r.slot), Generation(r.generation))
 }
 
@@ -75,7 +75,13 @@ fn close(a: &mut Arbiter<Region>, id: u16, r: &Response) {
     a.sweep();
 }
 
-fn mutex_op(a: &mut Arbiter<Region>, id: u16, code: u32, r: &Response, token: u32) -> Status {
+pub(super) fn mutex_op(
+    a: &mut Arbiter<Region>,
+    id: u16,
+    code: u32,
+    r: &Response,
+    token: u32,
+) -> Status {
     let (s, g) = target(r);
     let resp = request(a, id, &mailbox::mutex_request(code, s, g, token));
     status(&resp).expect("a known status")

@@ -1,46 +1,14 @@
 //! Attacks on the host's side of mutexes: queue entries that outlive the waiter's hold, and
 //! a peer that floods a mutex's queue with tokens.
 
-use vshm_format::layout::{kind, mutex_word, op, Layout, Request, Response};
+use vshm_format::layout::{kind, mutex_word, op, Response};
 use vshm_format::lease::{acquire, release, Released};
 use vshm_format::{mailbox, sync};
-use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, Status};
+use vshm_format::{ObjectSlot, PeerId, PeerSlot, Status};
 
+use super::tests_sync::{arbiter, mutex_op, request, slot_of, target};
 use super::Arbiter;
 use crate::region::Region;
-
-fn arbiter() -> Arbiter<Region> {
-    let region = Region::create(1 << 20, false, false).expect("memfd");
-    let layout = Layout::compute(1 << 20, 4, 8, 2, 4096).expect("layout");
-    let mut a = Arbiter::new(region, layout, 1, [0; 16]).expect("arbiter");
-    for id in 1..=4 {
-        a.peer_connected(PeerId(id)).expect("connect");
-    }
-    a
-}
-
-fn slot_of(id: u16) -> PeerSlot {
-    PeerSlot(u32::from(id) - 1)
-}
-
-fn request(a: &mut Arbiter<Region>, id: u16, req: &Request) -> Response {
-    let slot = slot_of(id);
-    let seq = mailbox::post(a.mem(), a.layout(), slot, req).expect("post");
-    assert!(a.service(PeerId(id)), "answered");
-    mailbox::poll(a.mem(), a.layout(), slot, seq)
-        .expect("poll")
-        .expect("response")
-}
-
-fn target(r: &Response) -> (ObjectSlot, Generation) {
-    (ObjectSlot(r.slot), Generation(r.generation))
-}
-
-fn mutex_op(a: &mut Arbiter<Region>, id: u16, code: u32, r: &Response, token: u32) -> Status {
-    let (s, g) = target(r);
-    let resp = request(a, id, &mailbox::mutex_request(code, s, g, token));
-    Status::from_code(resp.status).expect("a known status")
-}
 
 /// A mutex created by peer 1 and held by peers 1..=4.
 fn held_mutex(a: &mut Arbiter<Region>) -> Response {
