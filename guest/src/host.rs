@@ -251,7 +251,7 @@ impl HostTransport {
         let region = map.region();
         // A superblock that does not validate may have been scribbled by a peer: vshmd
         // rewrites it within one heal period, so look again briefly before giving up.
-        let layout = retry_scribbled(|| {
+        let layout = crate::os::retry_scribbled(|| {
             let sb: Superblock = read_pod(&region, 0)
                 .map_err(|_| vshm_format::layout::LayoutError::TooSmall(256, size))?;
             Layout::from_superblock(&sb, size)
@@ -414,41 +414,6 @@ impl Drop for HostTransport {
     }
 }
 
-/// How long a reader keeps looking at a header that does not validate before it believes
-/// it: vshmd rewrites a scribbled superblock within one 200 ms heal period (FORMAT.md §11).
-const SCRIBBLE_GRACE: Duration = Duration::from_secs(1);
-
-/// Runs `attempt` until it succeeds or [`SCRIBBLE_GRACE`] has passed (20 ms apart), and
-/// returns its last result.
-pub(crate) fn retry_scribbled<T, E>(mut attempt: impl FnMut() -> Result<T, E>) -> Result<T, E> {
-    let start = Instant::now();
-    loop {
-        match attempt() {
-            Err(_) if start.elapsed() < SCRIBBLE_GRACE => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Whether the process or thread `id` still exists (`kill(id, 0)`; dead only on ESRCH).
-pub(crate) fn process_alive(id: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(id) else {
-        return true;
-    };
-    // SAFETY: kill with signal 0 only checks whether the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-}
-
-/// The calling thread's id, as a non-zero token (mutex ownership).
-pub(crate) fn current_tid() -> u32 {
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::gettid() };
-    u32::try_from(tid).ok().filter(|&t| t != 0).unwrap_or(1)
-}
-
 fn ring_file(f: &File) -> Result<(), TransportError> {
     (&*f)
         .write_all(&1u64.to_ne_bytes())
@@ -487,7 +452,7 @@ impl Transport for HostTransport {
     }
 
     fn thread_token(&self) -> u32 {
-        current_tid()
+        crate::os::current_tid()
     }
 
     fn notify_local(&self) {
@@ -495,7 +460,7 @@ impl Transport for HostTransport {
     }
 
     fn token_alive(&self, token: u32) -> bool {
-        crate::host::process_alive(token)
+        crate::os::process_alive(token)
     }
 
     fn wait_until(

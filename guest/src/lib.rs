@@ -22,6 +22,8 @@ mod transport;
 
 #[cfg(feature = "std")]
 pub mod host;
+#[cfg(feature = "std")]
+mod os;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod pci;
 

@@ -152,7 +152,7 @@ impl PciTransport {
                 bdf: bdf.to_owned(),
                 dir,
             };
-            return crate::host::retry_scribbled(|| Self::attach(&d));
+            return crate::os::retry_scribbled(|| Self::attach(&d));
         }
         let devices = find_devices(sysfs_pci)?;
         if devices.is_empty() {
@@ -160,7 +160,7 @@ impl PciTransport {
         }
         // If no device holds a valid region, one may be a vshm region whose header a peer
         // scribbled: vshmd rewrites it within one heal period, so look again briefly.
-        let (mut good, bad) = crate::host::retry_scribbled(|| {
+        let (mut good, bad) = crate::os::retry_scribbled(|| {
             let mut good = Vec::new();
             let mut bad = Vec::new();
             for d in &devices {
@@ -282,11 +282,11 @@ impl Transport for PciTransport {
     }
 
     fn token_alive(&self, token: u32) -> bool {
-        crate::host::process_alive(token)
+        crate::os::process_alive(token)
     }
 
     fn thread_token(&self) -> u32 {
-        crate::host::current_tid()
+        crate::os::current_tid()
     }
 
     fn wait_until(
