@@ -6,6 +6,7 @@ pub mod arbiter;
 pub mod daemon;
 pub mod heap;
 pub mod metrics;
+pub mod policy;
 pub mod region;
 pub mod server;
 pub mod telemetry;
