@@ -21,6 +21,13 @@ fn counter(out: &mut String, name: &str, help: &str, value: u64) {
     let _ = writeln!(out, "{name} {value}");
 }
 
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// Renders the metrics.
 pub fn render(status: &StatusReport, requests: &RequestStats) -> String {
     let mut out = String::new();
@@ -119,6 +126,37 @@ pub fn render(status: &StatusReport, requests: &RequestStats) -> String {
         "Requests refused for lack of rights.",
         c.denials,
     );
+    family(
+        &mut out,
+        "vshm_policy_denials_total",
+        "counter",
+        "Peer requests refused by their policy, by status.",
+    );
+    let _ = writeln!(
+        out,
+        "vshm_policy_denials_total{{status=\"STATUS_ACCESS_DENIED\"}} {}",
+        c.access_denied
+    );
+    let _ = writeln!(
+        out,
+        "vshm_policy_denials_total{{status=\"STATUS_QUOTA_EXCEEDED\"}} {}",
+        c.quota_exceeded
+    );
+    family(
+        &mut out,
+        "vshm_peer_policy_denials",
+        "gauge",
+        "Requests of each connected peer refused by its policy, with the policy it got.",
+    );
+    for p in status.peers.iter().filter(|p| p.connected) {
+        let _ = writeln!(
+            out,
+            "vshm_peer_policy_denials{{peer=\"{}\",policy=\"{}\"}} {}",
+            p.id,
+            label_value(p.policy.as_deref().unwrap_or("")),
+            p.denials
+        );
+    }
     counter(&mut out, "vshm_events_total", "Events emitted.", c.events);
     counter(
         &mut out,

@@ -16,7 +16,7 @@ pub struct Event {
     /// Milliseconds since the Unix epoch.
     pub ts_ms: u64,
     /// What: peer_connected, peer_gone, created, opened, closed, grown, deleted, destroyed,
-    /// reclaimed, denied, repaired, abandoned, error.
+    /// reclaimed, denied, advisory, repaired, abandoned, error.
     pub kind: &'static str,
     /// The peer involved.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -109,15 +109,19 @@ pub fn status(doc: &Value) -> String {
     );
     let _ = writeln!(
         out,
-        "\nPEER  LABEL             PID      CONNECTED  SINCE      HANDLES  HELD"
+        "\nPEER  LABEL             PID      CONNECTED  SINCE      HANDLES  HELD        POLICY        DENIED"
     );
+    let mut advisories = Vec::new();
     for p in doc["peers"].as_array().into_iter().flatten() {
         let since = p["connected_since"]
             .as_u64()
             .map_or_else(|| "-".to_string(), |t| utc(t * 1000)[11..19].to_string());
+        for a in p["advisories"].as_array().into_iter().flatten() {
+            advisories.push(format!("peer {}: {}", n(&p["id"]), or_dash(a)));
+        }
         let _ = writeln!(
             out,
-            "{:<5} {:<17} {:<8} {:<10} {:<10} {:<8} {}",
+            "{:<5} {:<17} {:<8} {:<10} {:<10} {:<8} {:<11} {:<13} {}",
             n(&p["id"]),
             or_dash(&p["label"]),
             or_dash(&p["pid"]),
@@ -129,7 +133,21 @@ pub fn status(doc: &Value) -> String {
             since,
             n(&p["handles"]),
             human_bytes(n(&p["bytes_held"])),
+            // No policy given: everything allowed (vshmd without --config).
+            p["policy"]
+                .as_str()
+                .map_or_else(|| "-".to_string(), printable),
+            n(&p["denials"]),
         );
+    }
+    if !advisories.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nAgainst their policy (advisory: opens are not enforced in an ivshmem region):"
+        );
+        for a in advisories {
+            let _ = writeln!(out, "  {a}");
+        }
     }
     let _ = writeln!(
         out,
@@ -343,7 +361,9 @@ mod tests {
             "region": {"size": 67108864, "used": 1048576, "free": 1, "largest_free": 1,
                        "free_extents": 1, "fragmentation": 0.0, "resident": 4096},
             "peers": [{"id": 3, "label": "guest-a", "pid": 99, "connected": true,
-                       "connected_since": 1795315801u64, "handles": 2, "bytes_held": 1048576}],
+                       "connected_since": 1795315801u64, "handles": 2, "bytes_held": 1048576,
+                       "policy": "web", "denials": 4,
+                       "advisories": ["holds 9 handles; policy \"web\" max_handles 8"]}],
             "sections": [{"name": "frames", "kind": "section", "size": 4096, "max_size": 1048576,
                           "refs": 2, "persistent": true, "creator": 3, "age_secs": 5,
                           "refs_by_peer": [[3, 2]], "deleted": false},
@@ -351,6 +371,8 @@ mod tests {
         });
         let text = status(&doc);
         assert!(text.contains("guest-a"), "{text}");
+        assert!(text.contains(" web ") && text.contains(" 4\n"), "{text}");
+        assert!(text.contains("peer 3: holds 9 handles"), "{text}");
         assert!(text.contains("frames") && text.contains("3:2"), "{text}");
         assert!(text.contains("<unnamed> (deleted)"), "{text}");
         assert!(text.contains("64.0 MiB total"), "{text}");

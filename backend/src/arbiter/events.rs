@@ -1,7 +1,8 @@
 //! The arbiter's telemetry: the event outbox the event loop drains, the counts the daemon
 //! reports from outside (doorbells, refused connections, denied admin requests), and
 //! `observe_handles`, which turns changes in the refcount cells into `opened`/`closed`
-//! events (opens and closes never reach the host).
+//! events (opens and closes never reach the host), and `advisory` events for opens a
+//! peer's policy does not allow.
 
 use vshm_format::{PeerSlot, Status};
 
@@ -104,6 +105,17 @@ impl<M: Backing> Arbiter<M> {
                         .object(slot, name.as_deref())
                         .detail(format!("{n} handle(s), {now} now")),
                 );
+                // Opens never reach vshmd: a policy's `open` patterns can only be reported.
+                if now > before {
+                    if let Err(d) = self.may_open(p, name.as_deref()) {
+                        self.emit(
+                            Event::now("advisory")
+                                .peer(id)
+                                .object(slot, name.as_deref())
+                                .detail(format!("opened against its policy: {d}")),
+                        );
+                    }
+                }
             }
         }
     }

@@ -10,12 +10,14 @@
 //! of the region every part shares. What acts on it lives next door: peer slots in
 //! `peers.rs`, CREATE/DELETE/GROW in `requests.rs`, reclaiming, reaping, sweeping and
 //! repairs in `reclaim.rs`, fencing in `fence.rs`, the event outbox and handle watching
-//! in `events.rs`, the status document and dump in `status.rs`, and `heal.rs`, which puts
-//! back what a peer scribbled over the host-written parts of the header.
+//! in `events.rs`, the status document and dump in `status.rs`, `heal.rs`, which puts
+//! back what a peer scribbled over the host-written parts of the header, and `access.rs`,
+//! which asks each peer's policy (`crate::policy`) before a request acts.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -25,9 +27,11 @@ use vshm_format::layout::{
 use vshm_format::shm::{bytes_of, Fault, SharedMemory};
 use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
 
+use crate::policy::{Grant, Identity, RateLimiter};
 use crate::region::Region;
 use crate::telemetry::{Event, RequestStats};
 
+mod access;
 mod events;
 mod fence;
 mod heal;
@@ -38,6 +42,8 @@ mod status;
 mod sync;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_access;
 #[cfg(test)]
 mod tests_heal;
 #[cfg(test)]
@@ -90,6 +96,8 @@ pub struct Record {
     pub unlinked: bool,
     /// Creator's peer id.
     pub creator: PeerId,
+    /// The VM account its reservation counts against (the creator's, see `policy`).
+    pub owner: Option<Arc<Identity>>,
     /// Creation time.
     pub created: SystemTime,
     /// A repair of its lease word was already reported.
@@ -124,6 +132,12 @@ struct PeerRecord {
     freed: u64,
     /// Dropped by force while its process still ran: not reused until it has exited.
     fenced: bool,
+    /// Its policy and account; `None` (no policy given, e.g. unit tests): unrestricted.
+    grant: Option<Grant>,
+    /// Requests of its refused by its policy.
+    denials: u64,
+    /// When a denial of its was last logged, and how many since went unlogged.
+    denial_log: Option<(std::time::Instant, u64)>,
 }
 
 /// Counters for the monitor.
@@ -150,8 +164,14 @@ pub struct Counters {
     pub grown: u64,
     /// Doorbells rung by peers.
     pub doorbells: u64,
-    /// Requests refused for lack of rights (ACCESS_DENIED), incl. control-socket admin.
+    /// Requests refused for lack of rights (ACCESS_DENIED) or by a quota
+    /// (QUOTA_EXCEEDED), incl. control-socket admin requests.
     pub denials: u64,
+    /// Of `denials`: peer requests a policy refused with ACCESS_DENIED.
+    pub access_denied: u64,
+    /// Of `denials`: peer requests a policy refused with QUOTA_EXCEEDED (bytes, objects,
+    /// request rate).
+    pub quota_exceeded: u64,
     /// Events emitted.
     pub events: u64,
     /// Connections refused before they got a peer id (no slot or no safe id left).
@@ -200,6 +220,10 @@ pub struct Arbiter<M: Backing> {
     last_refusal_report: Option<std::time::Instant>,
     /// What `heal` remembers between runs (namespace sequence, report rate limits).
     heal: heal::HealState,
+    /// Request rate buckets per VM account.
+    rates: RateLimiter,
+    /// Why the request being served was refused by a policy (for its `denied` event).
+    denial: Option<String>,
 }
 
 impl<M: Backing> Arbiter<M> {
@@ -241,6 +265,8 @@ impl<M: Backing> Arbiter<M> {
             fenced_ranges: Vec::new(),
             last_refusal_report: None,
             heal: heal::HealState::default(),
+            rates: RateLimiter::default(),
+            denial: None,
         })
     }
 

@@ -104,6 +104,9 @@ impl<M: Backing> Arbiter<M> {
         rec.since = Some(SystemTime::now());
         rec.pid = None;
         rec.label = None;
+        rec.grant = None;
+        rec.denials = 0;
+        rec.denial_log = None;
         bump_namespace_seq(&self.mem)?;
         Ok(s)
     }

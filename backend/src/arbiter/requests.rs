@@ -19,12 +19,15 @@ use super::reclaim::Release;
 use super::{Arbiter, Backing, Record};
 use crate::telemetry::Event;
 
-/// Why a CREATE failed: a status (with the object it concerns), or a limit that was hit
-/// (always STATUS_INSUFFICIENT_RESOURCES, with the reason in the response).
-#[derive(Debug, Clone, Copy)]
+/// Why a CREATE failed: a status (with the object it concerns), a limit that was hit
+/// (always STATUS_INSUFFICIENT_RESOURCES, with the reason in the response), or the
+/// requester's policy.
+#[derive(Debug, Clone)]
 enum Denied {
     Status(Status, Option<ObjectSlot>),
     Limit(Refusal),
+    /// The requester's policy (ACCESS_DENIED or QUOTA_EXCEEDED).
+    Policy(crate::policy::Denial),
 }
 
 /// What a CREATE asks for, decoded.
@@ -55,19 +58,30 @@ impl<M: Backing> Arbiter<M> {
         self.peers[slot].last_seq = seq;
         let started = std::time::Instant::now();
         let resp = match mailbox::decode(&req, &self.layout) {
-            Ok(cmd) => self.execute(peer_id, s, cmd),
+            Ok(cmd) => match self.admit(s, req.op) {
+                Ok(()) => self.execute(peer_id, s, cmd),
+                Err(d) => {
+                    let status = self.refuse(s, crate::telemetry::op_name(req.op), &d);
+                    mailbox::status_response(status)
+                }
+            },
             Err(status) => mailbox::decode_failure(&req, &self.layout, status),
         };
         self.counters.requests += 1;
         let refusal = Refusal::from_response(&resp);
         let status = Status::from_code(resp.status);
+        // A policy's reason (access.rs), taken even on success so it never outlives its request.
+        let policy_reason = self.denial.take();
         if !status.is_some_and(Status::is_success) {
             self.counters.failed_requests += 1;
             let op = crate::telemetry::op_name(req.op);
-            let mut e = Event::now("denied").peer(peer_id).detail(match refusal {
-                Some(r) => format!("{op}: {r}"),
-                None => op.to_string(),
-            });
+            let mut e = Event::now("denied")
+                .peer(peer_id)
+                .detail(match (refusal, policy_reason) {
+                    (Some(r), _) => format!("{op}: {r}"),
+                    (None, Some(why)) => format!("{op}: {why}"),
+                    (None, None) => op.to_string(),
+                });
             if let Some(st) = status {
                 e = e.status(st);
             }
@@ -117,9 +131,17 @@ impl<M: Backing> Arbiter<M> {
                     return r;
                 }
                 Err(Denied::Status(status, slot)) => Err((status, slot)),
+                Err(Denied::Policy(d)) => Err((self.refuse(peer, "create", &d), None)),
                 Ok(slot) => Ok(slot),
             },
-            Command::Delete { slot, generation } => self.delete(slot, generation).map(|()| slot),
+            Command::Delete { slot, generation } => match self.may_delete(peer, slot) {
+                // An unknown or already deleted object is answered as before (NOT_FOUND,
+                // DELETE_PENDING), whatever the policy: the table shows that to anyone.
+                Err(d) if self.record(slot, generation).is_some_and(|r| !r.unlinked) => {
+                    Err((self.refuse(peer, "delete", &d), None))
+                }
+                _ => self.delete(slot, generation).map(|()| slot),
+            },
             Command::Grow {
                 slot,
                 generation,
@@ -182,13 +204,27 @@ impl<M: Backing> Arbiter<M> {
             }
             if let Some(&slot) = self.names.get(n) {
                 let existing = self.objects[slot.raw() as usize].as_ref().map(|r| r.kind);
-                return Err(if existing == Some(kind) {
-                    Denied::Status(Status::ObjectNameExists, Some(slot))
-                } else {
+                return Err(if existing != Some(kind) {
                     Denied::Status(Status::InvalidHandle, None)
+                } else if let Err(d) = self.may_open(peer, name) {
+                    // Create-or-open of an existing name is an open: not worth a handle to
+                    // a peer whose policy says it may not open it (advisory elsewhere, but
+                    // vshmd need not help).
+                    Denied::Policy(d)
+                } else {
+                    Denied::Status(Status::ObjectNameExists, Some(slot))
                 });
             }
         }
+        // Rights and quotas before anything is taken.
+        let wanted = if kind == kind::SECTION {
+            self.heap.round(max_size).unwrap_or(max_size)
+        } else {
+            0
+        };
+        let owner = self
+            .may_create(peer, name, wanted)
+            .map_err(Denied::Policy)?;
         let slot = *self
             .free_slots
             .first()
@@ -268,6 +304,7 @@ impl<M: Backing> Arbiter<M> {
             persistent,
             unlinked: false,
             creator: peer_id,
+            owner,
             created: SystemTime::now(),
             repaired: false,
             manual_reset,

@@ -34,6 +34,15 @@ pub struct PeerStatus {
     pub bytes_held: u64,
     /// Connections so far in its slot.
     pub incarnation: u64,
+    /// The policy it got (`null`: none given, everything allowed).
+    pub policy: Option<String>,
+    /// Its requests its policy refused (ACCESS_DENIED, QUOTA_EXCEEDED).
+    pub denials: u64,
+    /// What it does against its policy that vshmd cannot refuse in an ivshmem region
+    /// (handles on names outside its `open` patterns, more than `max_handles`); omitted
+    /// when nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub advisories: Vec<String>,
 }
 
 /// One object.
@@ -188,6 +197,7 @@ impl<M: Backing> Arbiter<M> {
         let now = SystemTime::now();
         let mut handles_by_peer = vec![0u64; self.peers.len()];
         let mut bytes_by_peer = vec![0u64; self.peers.len()];
+        let mut held_by_peer = vec![Vec::new(); self.peers.len()];
         let mut sections = Vec::new();
         for slot in self.live_slots() {
             let Some(rec) = self.objects[slot.raw() as usize].as_ref() else {
@@ -203,6 +213,7 @@ impl<M: Backing> Arbiter<M> {
                     refs_by_peer.push((p.id.raw(), n));
                     handles_by_peer[i.raw() as usize] += n;
                     bytes_by_peer[i.raw() as usize] += rec.max_size;
+                    held_by_peer[i.raw() as usize].push((slot, n));
                 }
             }
             let is = |k: u32| (rec.kind == k).then_some(());
@@ -258,6 +269,13 @@ impl<M: Backing> Arbiter<M> {
                 handles: handles_by_peer[i.raw() as usize],
                 bytes_held: bytes_by_peer[i.raw() as usize],
                 incarnation: p.incarnation,
+                policy: p.grant.as_ref().map(|g| g.policy.name.clone()),
+                denials: p.denials,
+                advisories: if p.connected {
+                    self.advisories(i, &held_by_peer[i.raw() as usize])
+                } else {
+                    Vec::new()
+                },
             })
             .collect();
         let free = self.heap.free_bytes();
