@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod arbiter;
+pub mod config;
 pub mod daemon;
 pub mod heap;
 pub mod metrics;

@@ -152,6 +152,11 @@ pub struct Client {
     pub bells: Vec<Arc<EventFd>>,
     /// Process id of the other end (SO_PEERCRED), where known.
     pub pid: Option<i32>,
+    /// User and group ids of the other end (SO_PEERCRED), where known: with the socket it
+    /// came through and its process label, what its policy is chosen by (`policy`).
+    pub uid: Option<u32>,
+    /// See `uid`.
+    pub gid: Option<u32>,
     /// A pidfd for that process, opened at connect (no PID reuse can fool it), where the
     /// kernel has pidfd_open.
     pub pidfd: Option<OwnedFd>,
@@ -246,6 +251,16 @@ pub type SocketId = (u64, u64);
 /// that is not a socket. The socket is created owner-only and then given `mode`. Returns the
 /// listener (non-blocking) and the socket file's identity for [`remove_if_same`].
 pub fn bind_unix(path: &Path, mode: u32) -> Result<(UnixListener, SocketId), ServerError> {
+    bind_unix_as(path, mode, None)
+}
+
+/// [`bind_unix`], and the socket file is given group `group` (while still owner-only, so
+/// nobody outside that group can connect in between) before it gets `mode`.
+pub fn bind_unix_as(
+    path: &Path,
+    mode: u32,
+    group: Option<u32>,
+) -> Result<(UnixListener, SocketId), ServerError> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let check_err = |source| ServerError::Check {
         path: path.to_owned(),
@@ -286,6 +301,12 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<(UnixListener, SocketId), Ser
     let listener = bound.map_err(bind_err)?;
     let meta = std::fs::symlink_metadata(path).map_err(bind_err)?;
     let id = (meta.dev(), meta.ino());
+    if let Some(gid) = group {
+        if let Err(e) = std::os::unix::fs::chown(path, None, Some(gid)) {
+            remove_if_same(path, id);
+            return Err(bind_err(e));
+        }
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
     listener.set_nonblocking(true).map_err(bind_err)?;
     Ok((listener, id))
@@ -320,12 +341,6 @@ pub fn peer_credentials(stream: &UnixStream) -> Option<libc::ucred> {
         )
     };
     (rc == 0).then_some(cred)
-}
-
-fn peer_pid(stream: &UnixStream) -> Option<i32> {
-    peer_credentials(stream)
-        .map(|c| c.pid)
-        .filter(|&pid| pid > 0)
 }
 
 /// What [`Server::accept`] did.
@@ -388,7 +403,18 @@ pub fn queue_limit(vectors: u32, max_peers: u32) -> usize {
 impl Server {
     /// Listens on `path` (mode 0660: QEMU often runs as another user of the same group).
     pub fn bind(path: &Path, vectors: u32, max_peers: u32) -> Result<Server, ServerError> {
-        let (listener, id) = bind_unix(path, 0o660)?;
+        Server::bind_as(path, vectors, max_peers, 0o660, None)
+    }
+
+    /// [`Server::bind`] with the socket file's mode and group.
+    pub fn bind_as(
+        path: &Path,
+        vectors: u32,
+        max_peers: u32,
+        mode: u32,
+        group: Option<u32>,
+    ) -> Result<Server, ServerError> {
+        let (listener, id) = bind_unix_as(path, mode, group)?;
         Ok(Server {
             listener,
             path: path.to_owned(),
@@ -439,6 +465,17 @@ impl Server {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Accepted::Nothing),
             Err(e) => return Err(e),
         };
+        self.admit(stream, memfd, register)
+    }
+
+    /// [`Server::accept`] for a connection accepted elsewhere: the further listening
+    /// sockets of a region (`vshmd --config`, `[[region.listen]]`) all feed this server.
+    pub fn admit(
+        &mut self,
+        stream: UnixStream,
+        memfd: &File,
+        register: impl FnOnce(PeerId) -> io::Result<()>,
+    ) -> io::Result<Accepted> {
         if self.clients.len() >= self.max_peers as usize {
             return Ok(refuse(
                 &stream,
@@ -452,7 +489,8 @@ impl Server {
         };
         self.next_id = PeerId(id.raw().wrapping_add(1));
         stream.set_nonblocking(true)?;
-        let pid = peer_pid(&stream);
+        let cred = peer_credentials(&stream);
+        let pid = cred.map(|c| c.pid).filter(|&pid| pid > 0);
         let pidfd = pid.and_then(|p| match pidfd_open(p) {
             Ok(fd) => Some(fd),
             Err(e) => {
@@ -476,6 +514,8 @@ impl Server {
         let mut client = Client {
             id,
             pid,
+            uid: cred.map(|c| c.uid),
+            gid: cred.map(|c| c.gid),
             pidfd,
             stream,
             own,

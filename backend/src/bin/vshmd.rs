@@ -5,32 +5,40 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vshm_backend::daemon::{Config, Daemon};
+use vshm_backend::config::{self, Options};
+use vshm_backend::daemon::Daemon;
 use vshm_format::units::parse_size;
 
 /// vshm host backend: shared memory between VMs, with a namespace.
+///
+/// Settings come from the options, from a configuration file (`--config`, docs/CONFIG.md),
+/// or both: an option overrides the same key of the file's `[region]`.
 #[derive(Debug, Parser)]
 #[command(name = "vshmd", version)]
 struct Args {
-    /// ivshmem server socket that QEMU (`-chardev socket,path=...`) and `vshm --socket` connect to.
-    #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
-    /// Region size: a power of two, with K/M/G suffix.
-    #[arg(long, default_value = "64M", value_parser = size_arg)]
-    size: u64,
+    /// Configuration file (TOML): the region, further sockets, per-VM policies.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// ivshmem server socket that QEMU (`-chardev socket,path=...`) and `vshm --socket` connect to
+    /// [required unless --config gives region.socket].
+    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    socket: Option<PathBuf>,
+    /// Region size: a power of two, with K/M/G suffix [default: 64M].
+    #[arg(long, value_parser = size_arg)]
+    size: Option<u64>,
     /// Control socket for vshmctl [default: <socket>.ctl].
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
-    /// Most peers (VMs and host processes) attached at once, 1..=62.
-    #[arg(long, default_value_t = 16)]
-    max_peers: u32,
+    /// Most peers (VMs and host processes) attached at once, 1..=62 [default: 16].
+    #[arg(long)]
+    max_peers: Option<u32>,
     /// Size of the object table [default: 1024, fewer for regions under 32M so the header
     /// stays within a sixteenth of the region].
     #[arg(long)]
     max_objects: Option<u32>,
-    /// Interrupt vectors per peer (the QEMU `vectors=` value).
-    #[arg(long, default_value_t = 2)]
-    vectors: u32,
+    /// Interrupt vectors per peer (the QEMU `vectors=` value) [default: 2].
+    #[arg(long)]
+    vectors: Option<u32>,
     /// Back the region with huge pages (MFD_HUGETLB).
     #[arg(long)]
     hugepages: bool,
@@ -38,9 +46,9 @@ struct Args {
     #[arg(long)]
     lock: bool,
     /// Permission bits of the control socket, octal (600: only vshmd's user; 660: its group
-    /// may monitor too — admin commands stay with vshmd's user and root).
-    #[arg(long, default_value = "600", value_parser = mode_arg)]
-    control_mode: u32,
+    /// may monitor too — admin commands stay with vshmd's user and root) [default: 600].
+    #[arg(long, value_parser = mode_arg)]
+    control_mode: Option<u32>,
     /// Serve Prometheus metrics over HTTP on this loopback address, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
@@ -51,13 +59,6 @@ fn mode_arg(s: &str) -> Result<u32, String> {
         .ok()
         .filter(|m| m & !0o777 == 0)
         .ok_or_else(|| format!("invalid mode {s:?}: octal permission bits such as 600 or 660"))
-}
-
-/// 1024 objects for regions of 32 MiB and more; for smaller ones, as many as fit in a
-/// sixteenth of the region (at least 16).
-fn default_max_objects(size: u64) -> u32 {
-    let fit = size / 16 / std::mem::size_of::<vshm_format::layout::ObjectEntry>() as u64;
-    u32::try_from(fit.clamp(16, 1024)).unwrap_or(1024)
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -74,24 +75,26 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let control = args.control.clone().unwrap_or_else(|| {
-        let mut p = args.socket.clone().into_os_string();
-        p.push(".ctl");
-        PathBuf::from(p)
-    });
-    let config = Config {
+    let options = Options {
+        config: args.config,
         socket: args.socket,
-        control,
         size: args.size,
+        control: args.control,
         max_peers: args.max_peers,
-        max_objects: args
-            .max_objects
-            .unwrap_or_else(|| default_max_objects(args.size)),
+        max_objects: args.max_objects,
         vectors: args.vectors,
         hugepages: args.hugepages,
         lock: args.lock,
         control_mode: args.control_mode,
         metrics: args.metrics,
+    };
+    // Everything is checked before anything is created.
+    let config = match config::resolve(&options) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vshmd: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     let daemon = match Daemon::new(config.clone()) {
         Ok(d) => d,
@@ -106,6 +109,14 @@ fn main() -> ExitCode {
         config.socket.display(),
         config.control.display()
     );
+    for l in &config.listen {
+        println!(
+            "  also listening on {} (socket {}, policy {})",
+            l.path.display(),
+            l.name,
+            l.policy
+        );
+    }
     println!("attach a QEMU VM with:\n  {}", config.qemu_args());
     println!(
         "or in libvirt domain XML (<devices>):\n{}",

@@ -16,8 +16,11 @@ use vshm_format::shm::Fault;
 use vshm_format::{PeerId, PeerSlot};
 
 use crate::arbiter::Arbiter;
+use crate::policy::{Identity, Rules, MAIN_SOCKET};
 use crate::region::{Region, RegionError};
-use crate::server::{bind_unix, pidfd_exited, remove_if_same, Accepted, Server, ServerError};
+use crate::server::{
+    bind_unix, bind_unix_as, pidfd_exited, remove_if_same, Accepted, Server, ServerError, SocketId,
+};
 use crate::telemetry::Event;
 
 mod monitor;
@@ -46,6 +49,55 @@ pub struct Config {
     pub control_mode: u32,
     /// Serve Prometheus metrics here (loopback only).
     pub metrics: Option<SocketAddr>,
+    /// Permission bits of the ivshmem socket (0660 by default).
+    pub socket_mode: u32,
+    /// Group of the ivshmem socket file (`None`: vshmd's own).
+    pub socket_group: Option<u32>,
+    /// Further listening sockets of the region (`[[region.listen]]`).
+    pub listen: Vec<ListenConfig>,
+    /// Which policy each peer gets (unrestricted without `--config`).
+    pub policy: Rules,
+    /// The configuration file it came from, if any (shown in the status document).
+    pub config_file: Option<PathBuf>,
+}
+
+/// A further listening socket: peers connecting through it are told apart by its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenConfig {
+    /// Its name (rules refer to it).
+    pub name: String,
+    /// Its path.
+    pub path: PathBuf,
+    /// Permission bits.
+    pub mode: u32,
+    /// Group of the socket file.
+    pub group: Option<u32>,
+    /// The policy of its peers that no rule matches (for the status document).
+    pub policy: String,
+}
+
+impl Config {
+    /// A configuration with vshmd's defaults for everything but the socket paths (tests,
+    /// embedding): what `vshmd --socket SOCKET --control CONTROL` gets.
+    pub fn with_defaults(socket: PathBuf, control: PathBuf) -> Config {
+        Config {
+            socket,
+            control,
+            size: crate::config::DEFAULT_SIZE,
+            max_peers: crate::config::DEFAULT_MAX_PEERS,
+            max_objects: crate::config::default_max_objects(crate::config::DEFAULT_SIZE),
+            vectors: crate::config::DEFAULT_VECTORS,
+            hugepages: false,
+            lock: false,
+            control_mode: crate::config::DEFAULT_CONTROL_MODE,
+            metrics: None,
+            socket_mode: crate::config::DEFAULT_SOCKET_MODE,
+            socket_group: None,
+            listen: Vec::new(),
+            policy: Rules::unrestricted(),
+            config_file: None,
+        }
+    }
 }
 
 /// Why vshmd could not start or stopped.
@@ -136,6 +188,8 @@ const TOKEN_BELL: u32 = 2 << 24;
 pub(super) const TOKEN_CONN: u32 = 3 << 24;
 /// A fenced peer's pidfd; the low bits are its slot.
 const TOKEN_FENCE: u32 = 4 << 24;
+/// A further ivshmem listener (`[[region.listen]]`); the low bits index it.
+const TOKEN_LISTEN: u32 = 5 << 24;
 const TOKEN_KIND: u32 = 0xFF << 24;
 
 fn bell_token(id: PeerId, vector: usize) -> u32 {
@@ -163,10 +217,29 @@ pub struct Daemon {
     monitor: monitor::Monitor,
     /// The ivshmem listener was taken out of epoll after an accept error (out of fds).
     listener_paused: bool,
+    /// The further listening sockets, in `config.listen` order.
+    listeners: Vec<Listener>,
     /// Peers dropped by force while their process still ran, until it exits.
     fences: Vec<Fence>,
     started: SystemTime,
     stop: bool,
+}
+
+/// A further ivshmem listening socket (removed on drop if still ours).
+#[derive(Debug)]
+struct Listener {
+    name: String,
+    path: PathBuf,
+    listener: UnixListener,
+    id: SocketId,
+    /// Taken out of epoll after an accept error (out of fds), until the next tick.
+    paused: bool,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        remove_if_same(&self.path, self.id);
+    }
 }
 
 /// A slot fenced while the process of the peer cut off from it runs.
@@ -261,7 +334,25 @@ impl Daemon {
         let id = random_bytes();
         let epoch = u64::from_le_bytes(id[..8].try_into().unwrap_or([0; 8]));
         let arbiter = Arbiter::new(region, layout, epoch, id).map_err(DaemonError::Header)?;
-        let server = Server::bind(&config.socket, config.vectors, config.max_peers)?;
+        let server = Server::bind_as(
+            &config.socket,
+            config.vectors,
+            config.max_peers,
+            config.socket_mode,
+            config.socket_group,
+        )?;
+        // Dropped (and their files removed) if anything below fails.
+        let mut listeners = Vec::new();
+        for l in &config.listen {
+            let (listener, id) = bind_unix_as(&l.path, l.mode, l.group)?;
+            listeners.push(Listener {
+                name: l.name.clone(),
+                path: l.path.clone(),
+                listener,
+                id,
+                paused: false,
+            });
+        }
         if config.control_mode & !0o777 != 0 {
             return Err(DaemonError::Config(format!(
                 "--control-mode {:o}: permission bits only (e.g. 600 or 660)",
@@ -297,6 +388,7 @@ impl Daemon {
             metrics,
             monitor: monitor::Monitor::default(),
             listener_paused: false,
+            listeners,
             fences: Vec::new(),
             started: SystemTime::now(),
             stop: false,
@@ -334,9 +426,17 @@ impl Daemon {
             .started
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        let listen: Vec<serde_json::Value> = self
+            .config
+            .listen
+            .iter()
+            .map(|l| serde_json::json!({"name": l.name, "path": l.path, "policy": l.policy}))
+            .collect();
         doc["vshmd"] = serde_json::json!({
             "pid": std::process::id(),
             "socket": self.config.socket,
+            "listen": listen,
+            "config": self.config.config_file,
             "control": self.config.control,
             "vectors": self.config.vectors,
             "qemu_args": self.config.qemu_args(),
@@ -346,14 +446,34 @@ impl Daemon {
         doc
     }
 
-    fn accept_client(&mut self, ops: &mut EventOps) {
+    /// Accepts a connection on the main socket (`which` None) or on further listener
+    /// `which`, and gives the new peer its policy.
+    fn accept_client(&mut self, which: Option<usize>, ops: &mut EventOps) {
         let arbiter = &mut self.arbiter;
-        let accepted = self.server.accept(&self.memfd, |id| {
+        let register = |id| {
             arbiter
                 .peer_connected(id)
                 .map(|_slot| ())
                 .map_err(|e| io::Error::other(e.to_string()))
-        });
+        };
+        let accepted = match which {
+            None => self.server.accept(&self.memfd, register),
+            Some(i) => match self.listeners.get(i).map(|l| l.listener.accept()) {
+                None => return,
+                Some(Ok((stream, _))) => self.server.admit(stream, &self.memfd, register),
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Some(Err(e)) => {
+                    tracing::warn!("accepting a client failed: {e}");
+                    // Out of fds, typically: retry on the next tick (as for the main one).
+                    if let Some(l) = self.listeners.get_mut(i) {
+                        if !l.paused && ops.remove(Events::empty(&l.listener)).is_ok() {
+                            l.paused = true;
+                        }
+                    }
+                    return;
+                }
+            },
+        };
         let id = match accepted {
             Ok(Accepted::Connected(id)) => id,
             Ok(Accepted::Nothing) => return,
@@ -380,12 +500,44 @@ impl Daemon {
         };
         let pid = client.pid;
         let label = pid.and_then(monitor::short_label);
+        // Who it is decides its policy: given now, before its first request can be read
+        // (this loop reads doorbells only after this returns).
+        let socket = match which {
+            None => MAIN_SOCKET.to_string(),
+            Some(i) => self
+                .listeners
+                .get(i)
+                .map_or_else(String::new, |l| l.name.clone()),
+        };
+        let identity = Identity {
+            socket,
+            uid: client.uid,
+            gid: client.gid,
+            label: label.clone(),
+        };
+        let grant = self.config.policy.resolve(&identity);
+        tracing::info!(
+            id = id.raw(),
+            policy = grant.policy.name.as_str(),
+            "peer identified: {identity}"
+        );
         let mut e = Event::now("peer_connected").peer(id);
-        if let Some(l) = &label {
-            e = e.detail(format!("{l} (pid {})", pid.unwrap_or(0)));
+        let mut detail: Vec<String> = label
+            .iter()
+            .map(|l| format!("{l} (pid {})", pid.unwrap_or(0)))
+            .collect();
+        if self.config.config_file.is_some() {
+            detail.push(format!(
+                "policy {} via socket {}",
+                grant.policy.name, identity.socket
+            ));
+        }
+        if !detail.is_empty() {
+            e = e.detail(detail.join(", "));
         }
         self.arbiter.emit(e);
         self.arbiter.set_peer_process(id, pid, label);
+        self.arbiter.set_peer_grant(id, grant);
         let Some(client) = self.server.client(id) else {
             return;
         };
@@ -513,6 +665,20 @@ impl Daemon {
         }
     }
 
+    /// Watches the further listeners paused after an accept error again. Runs on the timer.
+    fn resume_further_listeners(&mut self, ops: &mut EventOps) {
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            let token = TOKEN_LISTEN | u32::try_from(i).unwrap_or(0);
+            if l.paused
+                && ops
+                    .add(Events::with_data(&l.listener, token, EventSet::IN))
+                    .is_ok()
+            {
+                l.paused = false;
+            }
+        }
+    }
+
     /// Updates which clients' sockets are watched for writability (output queued).
     fn watch_client_output(&mut self, ops: &mut EventOps) {
         for (id, fd, out) in self.server.interest_changes() {
@@ -583,6 +749,16 @@ impl MutEventSubscriber for Daemon {
             ops.add(Events::with_data(&self.timer, TOKEN_TIMER, EventSet::IN)),
             ops.add(Events::with_data(&self.signals, TOKEN_SIGNAL, EventSet::IN)),
         ];
+        for (i, l) in self.listeners.iter().enumerate() {
+            let token = TOKEN_LISTEN | u32::try_from(i).unwrap_or(0);
+            if ops
+                .add(Events::with_data(&l.listener, token, EventSet::IN))
+                .is_err()
+            {
+                tracing::error!("cannot watch listening socket {}", l.path.display());
+                self.stop = true;
+            }
+        }
         if let Some(l) = &self.metrics {
             if ops
                 .add(Events::with_data(l, TOKEN_METRICS, EventSet::IN))
@@ -620,8 +796,12 @@ impl MutEventSubscriber for Daemon {
                 let id = PeerId(u16::try_from((data >> 8) & 0xFFFF).unwrap_or(0));
                 self.doorbell(id, (data & 0xFF) as usize);
             }
+            TOKEN_LISTEN => {
+                let index = usize::try_from(data & 0xFF_FFFF).unwrap_or(usize::MAX);
+                self.accept_client(Some(index), ops);
+            }
             _ => match data {
-                TOKEN_LISTENER => self.accept_client(ops),
+                TOKEN_LISTENER => self.accept_client(None, ops),
                 TOKEN_CONTROL => self.accept_monitor(monitor::Kind::Control, ops),
                 TOKEN_METRICS => self.accept_monitor(monitor::Kind::Metrics, ops),
                 TOKEN_TIMER => {
@@ -642,6 +822,7 @@ impl MutEventSubscriber for Daemon {
                     {
                         self.listener_paused = false;
                     }
+                    self.resume_further_listeners(ops);
                     self.lift_fences();
                     self.server.expire_handshakes(Instant::now());
                 }

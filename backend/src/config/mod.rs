@@ -1,0 +1,588 @@
+//! `vshmd --config FILE`: reads the TOML file (`file.rs`), checks it, and combines it with
+//! the command-line options into the daemon's [`Config`] and the policy [`Rules`].
+//!
+//! Precedence (docs/CONFIG.md): a command-line option overrides the same key of the file's
+//! `[region]`; a flag (`--hugepages`, `--lock`) can only turn its key on; anything neither
+//! gives takes vshmd's default. Two sockets (or a socket and the control socket) on one
+//! path are an error naming both, wherever each came from. Everything is checked here,
+//! before vshmd creates anything.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use toml::Spanned;
+
+use crate::daemon::{Config, DaemonError, ListenConfig};
+use crate::policy::{Patterns, Policy, Rate, Rule, Rules, MAIN_SOCKET, UNRESTRICTED};
+
+mod file;
+mod ids;
+#[cfg(test)]
+mod tests;
+
+use file::{FileDoc, Owner, PolicyFile, RegionFile};
+
+/// Defaults of the options (also in `vshmd --help` and docs/CONFIG.md).
+pub const DEFAULT_SIZE: u64 = 64 << 20;
+/// See [`DEFAULT_SIZE`].
+pub const DEFAULT_MAX_PEERS: u32 = 16;
+/// See [`DEFAULT_SIZE`].
+pub const DEFAULT_VECTORS: u32 = 2;
+/// See [`DEFAULT_SIZE`].
+pub const DEFAULT_CONTROL_MODE: u32 = 0o600;
+/// See [`DEFAULT_SIZE`].
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+
+/// The command-line options: `None` (or `false`) = not given.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--socket`.
+    pub socket: Option<PathBuf>,
+    /// `--size`.
+    pub size: Option<u64>,
+    /// `--control`.
+    pub control: Option<PathBuf>,
+    /// `--max-peers`.
+    pub max_peers: Option<u32>,
+    /// `--max-objects`.
+    pub max_objects: Option<u32>,
+    /// `--vectors`.
+    pub vectors: Option<u32>,
+    /// `--hugepages`.
+    pub hugepages: bool,
+    /// `--lock`.
+    pub lock: bool,
+    /// `--control-mode`.
+    pub control_mode: Option<u32>,
+    /// `--metrics`.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Why the configuration is unusable. Each names the file, and the key and line where
+/// there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{}: cannot read the configuration: {source}", file.display())]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not TOML, an unknown key, or a value of the wrong type (toml's message: line,
+    /// column, the line itself and the problem).
+    #[error("{}: {message}", file.display())]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// toml's message.
+        message: String,
+    },
+    /// A value toml accepted but vshmd cannot use.
+    #[error("{where_}: {key}: {problem}")]
+    Invalid {
+        /// `FILE:LINE`, or `FILE`.
+        where_: String,
+        /// The key, dotted (`region.listen[1].policy`).
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Two settings that cannot both hold (each named with where it came from).
+    #[error("{first} conflicts with {second}: {problem}")]
+    Conflict {
+        /// One setting.
+        first: String,
+        /// The other.
+        second: String,
+        /// Why.
+        problem: String,
+    },
+    /// A command-line option is unusable, or something required is missing.
+    #[error("{0}")]
+    Option(String),
+}
+
+/// Where a setting came from, for messages.
+#[derive(Debug, Clone)]
+enum Origin {
+    Default,
+    Flag(&'static str),
+    Key { key: String, at: String },
+}
+
+impl Origin {
+    fn describe(&self, value: &str) -> String {
+        match self {
+            Origin::Default => format!("the default {value}"),
+            Origin::Flag(f) => format!("{f} {value}"),
+            Origin::Key { key, at } => format!("{key} = {value} ({at})"),
+        }
+    }
+}
+
+/// Line (1-based) of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.get(..at)
+        .map_or(0, |t| t.bytes().filter(|&b| b == b'\n').count())
+        + 1
+}
+
+/// The file being read, for messages with lines.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn at<T>(&self, s: &Spanned<T>) -> String {
+        format!(
+            "{}:{}",
+            self.path.display(),
+            line_of(self.text, s.span().start)
+        )
+    }
+
+    fn invalid<T>(
+        &self,
+        s: &Spanned<T>,
+        key: impl Into<String>,
+        problem: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            where_: self.at(s),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn origin<T>(&self, s: &Spanned<T>, key: &str) -> Origin {
+        Origin::Key {
+            key: key.to_string(),
+            at: self.at(s),
+        }
+    }
+}
+
+/// 1024 objects for regions of 32 MiB and more; for smaller ones, as many as fit in a
+/// sixteenth of the region (at least 16).
+pub fn default_max_objects(size: u64) -> u32 {
+    let fit = size / 16 / std::mem::size_of::<vshm_format::layout::ObjectEntry>() as u64;
+    u32::try_from(fit.clamp(16, 1024)).unwrap_or(1024)
+}
+
+/// Reads `opts.config` (if given) and combines it with the other options.
+pub fn resolve(opts: &Options) -> Result<Config, ConfigError> {
+    match &opts.config {
+        None => combine(opts, None),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                file: path.clone(),
+                source,
+            })?;
+            resolve_text(opts, path, &text)
+        }
+    }
+}
+
+/// [`resolve`] with the file's text already read (tests).
+pub fn resolve_text(opts: &Options, path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let parse_err = |e: toml::de::Error| ConfigError::Parse {
+        file: path.to_owned(),
+        message: e.to_string().trim_end().to_string(),
+    };
+    // `[[region]]` would parse as a list: say plainly that one region is served.
+    let table: toml::Table = toml::from_str(text).map_err(parse_err)?;
+    if let Some(toml::Value::Array(list)) = table.get("region") {
+        return Err(ConfigError::Invalid {
+            where_: path.display().to_string(),
+            key: "region".into(),
+            problem: format!(
+                "{} [[region]] tables: this vshmd serves exactly one region per process; \
+                 write one [region] table and run one vshmd per region",
+                list.len()
+            ),
+        });
+    }
+    let doc: FileDoc = toml::from_str(text).map_err(parse_err)?;
+    combine(opts, Some((Source { path, text }, doc)))
+}
+
+fn combine(opts: &Options, file: Option<(Source<'_>, FileDoc)>) -> Result<Config, ConfigError> {
+    let (src, doc) = match file {
+        Some((src, doc)) => (Some(src), Some(doc)),
+        None => (None, None),
+    };
+    let region: Option<&RegionFile> = doc
+        .as_ref()
+        .and_then(|d| d.region.as_ref())
+        .map(|r| r.get_ref());
+    if let (Some(src), None) = (&src, region) {
+        if opts.socket.is_none() {
+            return Err(ConfigError::Invalid {
+                where_: src.path.display().to_string(),
+                key: "region".into(),
+                problem: "no [region] table (and no --socket)".into(),
+            });
+        }
+    }
+    // One setting: the option, else the file's key, else the default; with its origin.
+    macro_rules! pick {
+        ($opt:expr, $flag:literal, $key:ident, $default:expr) => {{
+            let from_file = region.and_then(|r| r.$key.as_ref());
+            match ($opt, from_file, &src) {
+                (Some(v), _, _) => (v, Origin::Flag($flag)),
+                (None, Some(s), Some(src)) => (
+                    s.get_ref().clone(),
+                    src.origin(s, concat!("region.", stringify!($key))),
+                ),
+                _ => ($default, Origin::Default),
+            }
+        }};
+    }
+    let (socket, socket_origin) =
+        match pick!(opts.socket.clone(), "--socket", socket, PathBuf::new()) {
+            (_, Origin::Default) => {
+                return Err(ConfigError::Option(match &src {
+                    Some(src) => format!(
+                        "{}: no socket: give region.socket, or --socket",
+                        src.path.display()
+                    ),
+                    None => "--socket is required (or --config with region.socket)".into(),
+                }))
+            }
+            found => found,
+        };
+    let (size, size_origin) = pick!(
+        opts.size.map(file::Size),
+        "--size",
+        size,
+        file::Size(DEFAULT_SIZE)
+    );
+    let size = size.0;
+    let (max_peers, peers_origin) =
+        pick!(opts.max_peers, "--max-peers", max_peers, DEFAULT_MAX_PEERS);
+    let (max_objects, objects_origin) = pick!(
+        opts.max_objects,
+        "--max-objects",
+        max_objects,
+        default_max_objects(size)
+    );
+    let (vectors, vectors_origin) = pick!(opts.vectors, "--vectors", vectors, DEFAULT_VECTORS);
+    let (control_mode, _) = pick!(
+        opts.control_mode.map(file::Mode),
+        "--control-mode",
+        control_mode,
+        file::Mode(DEFAULT_CONTROL_MODE)
+    );
+    let (control, control_origin) = pick!(opts.control.clone(), "--control", control, {
+        let mut p = socket.clone().into_os_string();
+        p.push(".ctl");
+        PathBuf::from(p)
+    });
+    let metrics = match (opts.metrics, region.and_then(|r| r.metrics.as_ref()), &src) {
+        (Some(a), _, _) => Some(a),
+        (None, Some(s), Some(src)) => Some(s.get_ref().parse::<SocketAddr>().map_err(|e| {
+            src.invalid(
+                s,
+                "region.metrics",
+                format!("{:?}: {e} (e.g. \"127.0.0.1:9464\")", s.get_ref()),
+            )
+        })?),
+        _ => None,
+    };
+    if let Some(addr) = &metrics {
+        if let Err(e) = crate::daemon::loopback_only(addr) {
+            return Err(
+                match (opts.metrics, region.and_then(|r| r.metrics.as_ref()), &src) {
+                    (None, Some(s), Some(src)) => src.invalid(s, "region.metrics", e.to_string()),
+                    _ => ConfigError::Option(e.to_string()),
+                },
+            );
+        }
+    }
+    let hugepages = opts.hugepages || region.and_then(|r| r.hugepages).unwrap_or(false);
+    let lock = opts.lock || region.and_then(|r| r.lock).unwrap_or(false);
+
+    let (socket_mode, socket_group, listen, rules) = match (&src, region, &doc) {
+        (Some(src), Some(region), Some(doc)) => sockets_and_rules(src, region, doc)?,
+        _ => (DEFAULT_SOCKET_MODE, None, Vec::new(), Rules::unrestricted()),
+    };
+
+    // Every path is a different socket.
+    let mut paths: Vec<(PathBuf, String)> = vec![
+        (
+            socket.clone(),
+            socket_origin.describe(&socket.display().to_string()),
+        ),
+        (
+            control.clone(),
+            control_origin.describe(&control.display().to_string()),
+        ),
+    ];
+    if let (Some(src), Some(region)) = (&src, region) {
+        for (i, l) in region.listen.iter().enumerate() {
+            let p = l.get_ref().path.get_ref();
+            paths.push((
+                p.clone(),
+                src.origin(&l.get_ref().path, &format!("region.listen[{i}].path"))
+                    .describe(&p.display().to_string()),
+            ));
+        }
+    }
+    for (i, (a, first)) in paths.iter().enumerate() {
+        if let Some((_, second)) = paths[i + 1..].iter().find(|(b, _)| b == a) {
+            return Err(ConfigError::Conflict {
+                first: first.clone(),
+                second: second.clone(),
+                problem: "two sockets cannot share a path".into(),
+            });
+        }
+    }
+
+    let config = Config {
+        socket,
+        control,
+        size,
+        max_peers,
+        max_objects,
+        vectors,
+        hugepages,
+        lock,
+        control_mode: control_mode.0,
+        metrics,
+        socket_mode,
+        socket_group,
+        listen,
+        policy: rules,
+        config_file: src.as_ref().map(|s| s.path.to_owned()),
+    };
+    // The layout's own checks (power-of-two size, peer and object counts), named after
+    // the key they came from when that was the file.
+    if let Err(DaemonError::Config(msg)) = config.layout(4096) {
+        let origins = [
+            ("--size", &size_origin),
+            ("--max-peers", &peers_origin),
+            ("--max-objects", &objects_origin),
+            ("--vectors", &vectors_origin),
+        ];
+        for (flag, origin) in origins {
+            if let (Some(rest), Origin::Key { key, at }) = (msg.strip_prefix(flag), origin) {
+                return Err(ConfigError::Invalid {
+                    where_: at.clone(),
+                    key: key.clone(),
+                    problem: format!("{}{rest}", key.trim_start_matches("region.")),
+                });
+            }
+        }
+        return Err(ConfigError::Option(msg));
+    }
+    Ok(config)
+}
+
+type Sockets = (u32, Option<u32>, Vec<ListenConfig>, Rules);
+
+/// The file's sockets, policies and rules, every reference checked.
+fn sockets_and_rules(
+    src: &Source<'_>,
+    region: &RegionFile,
+    doc: &FileDoc,
+) -> Result<Sockets, ConfigError> {
+    let mut policies: Vec<(String, Arc<Policy>)> = Vec::new();
+    for (name, p) in &doc.policy {
+        let key = format!("policy.{}", name.get_ref());
+        if name.get_ref() == UNRESTRICTED {
+            return Err(src.invalid(name, key, format!("{UNRESTRICTED:?} is the built-in policy that allows everything; choose another name")));
+        }
+        policies.push((
+            name.get_ref().clone(),
+            Arc::new(build_policy(src, name.get_ref(), &key, p)?),
+        ));
+    }
+    let lookup = |s: &Spanned<String>, key: &str| -> Result<Arc<Policy>, ConfigError> {
+        if s.get_ref() == UNRESTRICTED {
+            return Ok(Arc::new(Policy::unrestricted()));
+        }
+        policies
+            .iter()
+            .find(|(n, _)| n == s.get_ref())
+            .map(|(_, p)| p.clone())
+            .ok_or_else(|| {
+                let known: Vec<&str> = policies.iter().map(|(n, _)| n.as_str()).collect();
+                src.invalid(
+                    s,
+                    key,
+                    format!(
+                        "no policy {:?} (defined: {}; built in: {UNRESTRICTED})",
+                        s.get_ref(),
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                )
+            })
+    };
+    let default_policy = match &region.policy {
+        Some(p) => lookup(p, "region.policy")?,
+        None => Arc::new(Policy::unrestricted()),
+    };
+    let socket_mode = region
+        .socket_mode
+        .as_ref()
+        .map_or(DEFAULT_SOCKET_MODE, |m| m.get_ref().0);
+    let socket_group = match &region.socket_group {
+        Some(g) => Some(group_id(src, g, "region.socket_group")?),
+        None => None,
+    };
+    let mut sockets = vec![(MAIN_SOCKET.to_string(), default_policy.clone())];
+    let mut listen = Vec::new();
+    let mut names: HashSet<String> = HashSet::from([MAIN_SOCKET.to_string()]);
+    for (i, l) in region.listen.iter().enumerate() {
+        let l = l.get_ref();
+        let key = format!("region.listen[{i}]");
+        let name = l.name.get_ref();
+        if name.is_empty() || !names.insert(name.clone()) {
+            return Err(src.invalid(
+                &l.name,
+                format!("{key}.name"),
+                format!("{name:?}: each socket needs its own non-empty name ({MAIN_SOCKET:?} is region.socket)"),
+            ));
+        }
+        let policy = match &l.policy {
+            Some(p) => lookup(p, &format!("{key}.policy"))?,
+            None => default_policy.clone(),
+        };
+        let group = match &l.group {
+            Some(g) => Some(group_id(src, g, &format!("{key}.group"))?),
+            None => None,
+        };
+        sockets.push((name.clone(), policy.clone()));
+        listen.push(ListenConfig {
+            name: name.clone(),
+            path: l.path.get_ref().clone(),
+            mode: l
+                .mode
+                .as_ref()
+                .map_or(DEFAULT_SOCKET_MODE, |m| m.get_ref().0),
+            group,
+            policy: policy.name.clone(),
+        });
+    }
+    let mut rules = Vec::new();
+    for (i, r) in region.rule.iter().enumerate() {
+        let r = r.get_ref();
+        let key = format!("region.rule[{i}]");
+        if let Some(s) = &r.socket {
+            if !names.contains(s.get_ref()) {
+                return Err(src.invalid(
+                    s,
+                    format!("{key}.socket"),
+                    format!(
+                        "no socket named {:?} ({MAIN_SOCKET:?} or a region.listen name)",
+                        s.get_ref()
+                    ),
+                ));
+            }
+        }
+        rules.push(Rule {
+            socket: r.socket.as_ref().map(|s| s.get_ref().clone()),
+            uid: match &r.user {
+                Some(u) => Some(user_id(src, u, &format!("{key}.user"))?),
+                None => None,
+            },
+            gid: match &r.group {
+                Some(g) => Some(group_id(src, g, &format!("{key}.group"))?),
+                None => None,
+            },
+            name: r.name.as_ref().map(|p| p.0.clone()),
+            policy: lookup(&r.policy, &format!("{key}.policy"))?,
+        });
+    }
+    Ok((
+        socket_mode,
+        socket_group,
+        listen,
+        Rules::new(rules, sockets),
+    ))
+}
+
+fn build_policy(
+    src: &Source<'_>,
+    name: &str,
+    key: &str,
+    p: &Spanned<PolicyFile>,
+) -> Result<Policy, ConfigError> {
+    let f = p.get_ref();
+    let patterns = |list: &Option<Vec<file::Pattern>>, absent: Patterns| {
+        list.as_ref().map_or(absent, |l| {
+            Patterns::new(l.iter().map(|p| p.0.clone()).collect())
+        })
+    };
+    let positive = |v: &Spanned<f64>, k: &str, min: f64| -> Result<f64, ConfigError> {
+        let x = *v.get_ref();
+        if x.is_finite() && x >= min && x > 0.0 {
+            Ok(x)
+        } else {
+            Err(src.invalid(
+                v,
+                format!("{key}.{k}"),
+                format!("{x}: must be a number of at least {min} and above 0"),
+            ))
+        }
+    };
+    let rate = match (&f.max_request_rate, &f.request_burst) {
+        (None, None) => None,
+        (None, Some(b)) => {
+            return Err(src.invalid(b, format!("{key}.request_burst"), "needs max_request_rate"))
+        }
+        (Some(r), burst) => {
+            let per_sec = positive(r, "max_request_rate", 0.0)?;
+            let burst = match burst {
+                Some(b) => positive(b, "request_burst", 1.0)?,
+                None => per_sec.max(1.0),
+            };
+            Some(Rate { per_sec, burst })
+        }
+    };
+    Ok(Policy {
+        name: name.to_string(),
+        create: patterns(&f.create, Patterns::any()),
+        open: patterns(&f.open, Patterns::any()),
+        delete: patterns(&f.delete, Patterns::any()),
+        // Deleting what another VM created is a right given explicitly (SECURITY.md).
+        delete_others: patterns(&f.delete_others, Patterns::none()),
+        max_bytes: f.max_bytes.map(|s| s.0),
+        max_objects: f.max_objects,
+        max_handles: f.max_handles,
+        rate,
+    })
+}
+
+fn user_id(src: &Source<'_>, o: &Spanned<Owner>, key: &str) -> Result<u32, ConfigError> {
+    match o.get_ref() {
+        Owner::Id(n) => Ok(*n),
+        Owner::Name(n) => match ids::user(n) {
+            Ok(Some(uid)) => Ok(uid),
+            Ok(None) => Err(src.invalid(o, key, format!("no user {n:?} on this system"))),
+            Err(e) => Err(src.invalid(o, key, format!("cannot look up user {n:?}: {e}"))),
+        },
+    }
+}
+
+fn group_id(src: &Source<'_>, o: &Spanned<Owner>, key: &str) -> Result<u32, ConfigError> {
+    match o.get_ref() {
+        Owner::Id(n) => Ok(*n),
+        Owner::Name(n) => match ids::group(n) {
+            Ok(Some(gid)) => Ok(gid),
+            Ok(None) => Err(src.invalid(o, key, format!("no group {n:?} on this system"))),
+            Err(e) => Err(src.invalid(o, key, format!("cannot look up group {n:?}: {e}"))),
+        },
+    }
+}
