@@ -122,11 +122,28 @@ impl Backend {
     pub fn start(extra: &[&str]) -> Backend {
         let dir = TempDir::new("vshmd");
         let socket = dir.path().join("vshm.sock");
+        let mut args: Vec<std::ffi::OsString> = vec!["--socket".into(), socket.clone().into()];
+        args.extend(extra.iter().map(Into::into));
+        Backend::spawn(dir, socket, &args)
+    }
+
+    /// Starts vshmd with `--config FILE` (then `extra`), FILE holding `toml` with every
+    /// `{dir}` replaced by the backend's temp dir. The file's sockets must live there and
+    /// its main socket be `{dir}/vshm.sock` (with the default control socket), unless
+    /// `extra` overrides them.
+    pub fn start_with_config(toml: &str, extra: &[&str]) -> Backend {
+        let dir = TempDir::new("vshmd");
+        let file = write_config(&dir, toml);
+        let socket = dir.path().join("vshm.sock");
+        let mut args: Vec<std::ffi::OsString> = vec!["--config".into(), file.into()];
+        args.extend(extra.iter().map(Into::into));
+        Backend::spawn(dir, socket, &args)
+    }
+
+    fn spawn(dir: TempDir, socket: PathBuf, args: &[std::ffi::OsString]) -> Backend {
         let control = dir.path().join("vshm.sock.ctl");
         let child = command(&bin("vshmd"))
-            .arg("--socket")
-            .arg(&socket)
-            .args(extra)
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("VSHM_LOG").unwrap_or_else(|_| "warn".into()),
@@ -148,10 +165,16 @@ impl Backend {
         });
         assert!(
             exited.is_none(),
-            "vshmd {extra:?} exited at start: {exited:?}"
+            "vshmd {args:?} exited at start: {exited:?}"
         );
         assert!(up, "vshmd did not come up within 10 s");
         b
+    }
+
+    /// An in-process peer connected through another of the region's sockets.
+    pub fn connect_to(&self, socket: &Path) -> Namespace<HostTransport> {
+        let t = HostTransport::connect(socket).expect("connect to vshmd");
+        Namespace::attach(t).expect("attach")
     }
 
     /// vshmd's pid.
@@ -269,6 +292,24 @@ impl Drop for Backend {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Writes `toml` (every `{dir}` replaced by `dir`) to `dir/vshm.toml`; returns its path.
+pub fn write_config(dir: &TempDir, toml: &str) -> PathBuf {
+    let file = dir.path().join("vshm.toml");
+    let text = toml.replace("{dir}", &dir.path().display().to_string());
+    std::fs::write(&file, text).expect("write the config file");
+    file
+}
+
+/// Runs vshmd with `args` to completion (for configurations it must refuse: it exits
+/// before serving anything).
+pub fn vshmd_output(args: &[&std::ffi::OsStr]) -> Output {
+    command(&bin("vshmd"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vshmd")
 }
 
 /// A shared mapping of a region's fd, the way a peer (or QEMU's BAR) maps it.

@@ -127,7 +127,7 @@ impl<M: Backing> Arbiter<M> {
                 Some(unlogged) => tracing::warn!(
                     peer_id = rec.id.raw(),
                     label = rec.label.as_deref().unwrap_or("?"),
-                    "denied: {}: {op_name} {d} ({} earlier denials of this peer not logged)",
+                    "denied: {}: {op_name}: {d} ({} earlier denials of this peer not logged)",
                     status.name(),
                     unlogged
                 ),
@@ -160,7 +160,7 @@ impl<M: Backing> Arbiter<M> {
         for (slot, _) in held {
             let name = self.record_at(*slot).and_then(|r| r.name.as_deref());
             if let Err(d) = grant.policy.check_open(name) {
-                out.push(format!("holds {d}"));
+                out.push(format!("holds a handle: {d}"));
             }
         }
         out

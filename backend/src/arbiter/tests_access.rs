@@ -66,7 +66,8 @@ fn a_create_outside_the_patterns_is_access_denied_and_other_peers_are_unaffected
     assert_eq!(denied[0].status, Some("STATUS_ACCESS_DENIED"));
     let detail = denied[0].detail.as_deref().unwrap_or("");
     assert!(
-        detail.starts_with("create: create \"db/x\"") && detail.contains("web/*"),
+        detail.starts_with("create: \"db/x\" is outside policy \"web\"'s create patterns")
+            && detail.contains("web/*"),
         "{detail}"
     );
 }

@@ -237,7 +237,7 @@ pub enum Quota {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Denial {
     /// The name matches none of the patterns of the right needed (ACCESS_DENIED).
-    #[error("{} {}: policy {policy:?} allows {} only for {patterns}", right.key(), show(name.as_deref()), right.key())]
+    #[error("{} is outside policy {policy:?}'s {} patterns ({patterns})", show(name.as_deref()), right.key())]
     NotAllowed {
         /// The policy.
         policy: String,
