@@ -35,6 +35,8 @@ policy = "narrow"
 [[region.listen]]
 name = "wide"
 path = "{dir}/wide.sock"
+mode = "600"
+group = {gid}
 policy = "unrestricted"
 
 [policy.narrow]
@@ -44,7 +46,16 @@ create = ["ok/*"]
 #[test]
 fn a_peer_denied_create_by_pattern_gets_access_denied_and_a_peer_on_another_socket_is_unaffected() {
     watchdog(LIMIT, || {
-        let b = Backend::start_with_config(TWO_SOCKETS, &[]);
+        // SAFETY: getgid cannot fail and touches no memory.
+        let gid = unsafe { libc::getgid() };
+        let toml = TWO_SOCKETS.replace("{gid}", &gid.to_string());
+        let b = Backend::start_with_config(&toml, &[]);
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(b.dir().join("wide.sock")).expect("the second socket");
+        assert_eq!(
+            (meta.permissions().mode() & 0o777, meta.gid()),
+            (0o600, gid)
+        );
         let narrow = b.connect();
         let wide = b.connect_to(&b.dir().join("wide.sock"));
         let opts = CreateOptions::new(4096);
