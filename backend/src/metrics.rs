@@ -120,6 +120,40 @@ pub fn render(status: &StatusReport, requests: &RequestStats) -> String {
         "Host-written header parts (superblock, peer or object entries) rewritten after a peer scribbled on them.",
         c.heals,
     );
+    gauge(
+        &mut out,
+        "vshm_quarantined_bytes",
+        "Heap bytes of destroyed sections waiting for peers to acknowledge (FORMAT.md §11a).",
+        status.region.quarantined,
+    );
+    family(
+        &mut out,
+        "vshm_quarantine_released_total",
+        "counter",
+        "Quarantined ranges released, by why: every peer acknowledged, or the time was up.",
+    );
+    let _ = writeln!(
+        out,
+        "vshm_quarantine_released_total{{why=\"acknowledged\"}} {}",
+        c.quarantine_acked
+    );
+    let _ = writeln!(
+        out,
+        "vshm_quarantine_released_total{{why=\"expired\"}} {}",
+        c.quarantine_expired
+    );
+    counter(
+        &mut out,
+        "vshm_revoked_handles_total",
+        "Handles peers found revoked: objects they held were destroyed behind their backs.",
+        c.revoked_handles,
+    );
+    counter(
+        &mut out,
+        "vshm_unclaimed_expired_total",
+        "Creator holds dropped because the creator never took them.",
+        c.unclaimed_expired,
+    );
     counter(
         &mut out,
         "vshm_denials_total",

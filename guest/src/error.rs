@@ -44,6 +44,15 @@ pub enum Error {
     /// sizes, slot state, name rule). Never [`EntryError::Busy`], which is
     /// [`Error::Contended`].
     Entry(EntryError),
+    /// The object this handle held was destroyed behind this process's back (someone
+    /// cleared its hold, docs/FORMAT.md §11a): its memory is fenced off from this process
+    /// and the handle is dead; close it. STATUS_INVALID_HANDLE.
+    Revoked {
+        /// The object's slot.
+        slot: ObjectSlot,
+        /// The object's generation.
+        generation: vshm_format::Generation,
+    },
 }
 
 impl Error {
@@ -54,7 +63,7 @@ impl Error {
             Error::Transport(_) | Error::Timeout(_) => Status::InsufficientResources,
             Error::Region(_) | Error::BadResponse(..) => Status::InvalidHandle,
             Error::Contended => Status::ObjectNameNotFound,
-            Error::Detached => Status::InvalidHandle,
+            Error::Detached | Error::Revoked { .. } => Status::InvalidHandle,
             Error::MailboxBusy(_) => Status::InsufficientResources,
             Error::Fault(_) | Error::Entry(_) => Status::InvalidHandle,
         }
@@ -124,6 +133,12 @@ impl core::fmt::Display for Error {
             // actually happened, for bug reports.
             Error::Fault(x) => write!(f, "{}: {x}", self.status()),
             Error::Entry(e) => write!(f, "{}: invalid object entry: {e}", self.status()),
+            Error::Revoked { slot, generation } => write!(
+                f,
+                "{}: the object this handle held (slot {slot}, generation {generation}) was \
+                 destroyed behind this process's back",
+                self.status()
+            ),
         }
     }
 }

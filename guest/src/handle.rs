@@ -53,7 +53,7 @@ impl<'ns, T: Transport> ObjectHandle<'ns, T> {
             return Ok(());
         }
         self.open = false;
-        self.ns.release(self.slot)
+        self.ns.release(self.slot, self.generation)
     }
 
     /// Whether the hold is still there.
@@ -110,7 +110,7 @@ pub(crate) fn wait_on<T: Transport>(
 impl<T: Transport> Drop for ObjectHandle<'_, T> {
     fn drop(&mut self) {
         if self.open {
-            let _ = self.ns.release(self.slot);
+            let _ = self.ns.release(self.slot, self.generation);
         }
     }
 }

@@ -24,7 +24,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vshm_format::layout::{Layout, Superblock};
 use vshm_format::mailbox::ConnectRefusal;
 use vshm_format::shm::{read_pod, RawRegion};
-use vshm_format::PeerId;
+use vshm_format::{PeerId, RegionOffset};
 
 use crate::{Transport, TransportError};
 
@@ -141,6 +141,71 @@ impl Mapping {
         // region borrows `self`, so it cannot outlive the mapping.
         unsafe { RawRegion::new(self.base, self.len as u64) }
     }
+
+    /// The address of `[offset, offset+len)` inside the mapping, if that range lies inside
+    /// it and starts and ends on page boundaries.
+    fn subrange(&self, offset: u64, len: u64) -> io::Result<(*mut libc::c_void, usize)> {
+        // SAFETY: sysconf has no preconditions.
+        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let inside = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.len as u64);
+        if !inside || len == 0 || offset % page != 0 || len % page != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let start =
+            usize::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok((self.base.as_ptr().wrapping_add(start).cast(), len))
+    }
+
+    /// Replaces `[offset, offset+len)` of the mapping with private zero pages: this
+    /// process's accesses there stop reaching the shared file (a revoked section,
+    /// docs/FORMAT.md §11a). Accesses racing with it see either the file or zeroes.
+    pub fn fence(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (addr, len) = self.subrange(offset, len)?;
+        // SAFETY: `addr..addr+len` lies inside our own mapping (checked above), so
+        // MAP_FIXED replaces only pages we own; the mapping stays valid (now private) for
+        // every RawRegion over it.
+        let p = unsafe {
+            libc::mmap(
+                addr,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Maps `[offset, offset+len)` of `file` at its place in the mapping again, shared
+    /// (undoes [`Mapping::fence`]).
+    pub fn unfence(&self, file: &File, offset: u64, len: u64) -> io::Result<()> {
+        let (addr, len) = self.subrange(offset, len)?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: as in `fence`: only pages inside our own mapping are replaced, by the
+        // same file's pages at the same offset, as `new` mapped them.
+        let p = unsafe {
+            libc::mmap(
+                addr,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_FIXED | libc::MAP_SHARED,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Mapping {
@@ -159,6 +224,8 @@ struct Shared {
     /// moves.
     rings: Mutex<u64>,
     rung: Condvar,
+    /// Run by the bells thread after each burst of rings (the namespace's audit, §11a).
+    hook: Mutex<Option<crate::RingHook>>,
 }
 
 impl Shared {
@@ -190,7 +257,8 @@ pub struct HostTransport {
     bells: Option<JoinHandle<()>>,
     stop: EventFd,
     memfd: File,
-    map: Mapping,
+    /// Shared with the bells thread, which runs the ring hook over it.
+    map: Arc<Mapping>,
 }
 
 impl std::fmt::Debug for HostTransport {
@@ -247,7 +315,8 @@ impl HostTransport {
             (v, _) => return Err(protocol(format!("expected the shared memory fd, got {v}"))),
         };
         let size = memfd.metadata()?.len();
-        let map = Mapping::new(&memfd, size).map_err(|source| HostError::Map { size, source })?;
+        let map =
+            Arc::new(Mapping::new(&memfd, size).map_err(|source| HostError::Map { size, source })?);
         let region = map.region();
         // A superblock that does not validate may have been scribbled by a peer: vshmd
         // rewrites it within one heal period, so look again briefly before giving up.
@@ -287,6 +356,7 @@ impl HostTransport {
             peers: Mutex::new(peers),
             rings: Mutex::new(0),
             rung: Condvar::new(),
+            hook: Mutex::new(None),
         });
         let reader = {
             let sock = sock.try_clone()?;
@@ -299,9 +369,10 @@ impl HostTransport {
         let bells = {
             let stop = stop.try_clone()?;
             let shared = Arc::clone(&shared);
+            let map = Arc::clone(&map);
             std::thread::Builder::new()
                 .name("vshm-bells".into())
-                .spawn(move || drain_bells(&own, &stop, &shared))?
+                .spawn(move || drain_bells(&own, &stop, &shared, &map))?
         };
         Ok(HostTransport {
             sock,
@@ -356,9 +427,9 @@ fn read_peer_updates(sock: &UnixStream, shared: &Shared) {
     shared.bump();
 }
 
-/// Drains our eventfds (one per vector) as the host rings them and wakes the waiters,
-/// until `stop` is written.
-fn drain_bells(own: &[File], stop: &EventFd, shared: &Shared) {
+/// Drains our eventfds (one per vector) as the host rings them, runs the ring hook and wakes
+/// the waiters, until `stop` is written.
+fn drain_bells(own: &[File], stop: &EventFd, shared: &Shared, map: &Mapping) {
     let mut fds: Vec<libc::pollfd> = own
         .iter()
         .map(|f| f.as_raw_fd())
@@ -396,6 +467,13 @@ fn drain_bells(own: &[File], stop: &EventFd, shared: &Shared) {
             }
         }
         if rang {
+            if let Ok(hook) = shared.hook.lock() {
+                if let Some(hook) = hook.as_ref() {
+                    hook(&map.region(), &|offset, len| {
+                        map.fence(offset.raw(), len).is_ok()
+                    });
+                }
+            }
             shared.bump();
         }
     }
@@ -461,6 +539,27 @@ impl Transport for HostTransport {
 
     fn token_alive(&self, token: u32) -> bool {
         crate::os::process_alive(token)
+    }
+
+    fn revoke(&self, offset: RegionOffset, len: u64) -> bool {
+        self.map.fence(offset.raw(), len).is_ok()
+    }
+
+    fn restore(&self, offset: RegionOffset, len: u64) -> Result<(), TransportError> {
+        self.map
+            .unfence(&self.memfd, offset.raw(), len)
+            .map_err(|e| TransportError::Os(e.raw_os_error().unwrap_or(libc::EIO)))
+    }
+
+    /// A host process is a peer of its own.
+    fn acknowledges_for_peer(&self) -> bool {
+        true
+    }
+
+    fn set_ring_hook(&self, hook: Option<crate::RingHook>) {
+        if let Ok(mut h) = self.shared.hook.lock() {
+            *h = hook;
+        }
     }
 
     fn wait_until(

@@ -12,6 +12,7 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 
+mod audit;
 pub mod blocks;
 mod error;
 mod event;
@@ -31,6 +32,8 @@ pub use error::Error;
 pub use event::{Event, EventOptions};
 pub use mutex::{Acquired, Mutex};
 pub use namespace::{CreateOptions, Disposition, Namespace, Section};
+#[cfg(feature = "std")]
+pub use transport::RingHook;
 pub use transport::{Transport, TransportError};
 pub use vshm_format as format;
 pub use vshm_format::object::{ObjectInfo, PeerInfo};

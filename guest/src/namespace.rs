@@ -12,10 +12,15 @@ use vshm_format::mailbox::{self, Refusal};
 use vshm_format::object::{self, ObjectInfo, PeerInfo};
 use vshm_format::shm::{read_pod, RawRegion, SharedMemory};
 use vshm_format::{
-    sync, validate_name, Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset, Status,
+    revoke, sync, validate_name, Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset, Status,
 };
 
+use crate::audit::{self, Audit};
 use crate::{Error, Transport, TransportError};
+
+/// How long past the region's `quarantine_ms` a CREATE refused because memory is still in
+/// quarantine keeps being retried (the host releases quarantine on its 200 ms sweep).
+const QUARANTINE_SLACK: Duration = Duration::from_millis(500);
 
 /// How often create-or-open retries after losing a race (object destroyed between lookup
 /// and hold). Each retry means another peer completed an operation, so this bounds only
@@ -89,6 +94,8 @@ pub struct Namespace<T: Transport> {
     /// Concluded for good that the backend reclaimed this peer.
     detached: AtomicBool,
     reply_timeout: Duration,
+    /// The holds this process took, checked when vshmd announces a destroy (§11a).
+    audit: audit::Shared,
 }
 
 impl<T: Transport> Namespace<T> {
@@ -107,7 +114,20 @@ impl<T: Transport> Namespace<T> {
             transport.wait_until(&mut look, ATTACH_RETRY)?;
         }
         let (superblock, layout, peer_slot, incarnation) = last?;
-        Ok(Namespace {
+        let audit = audit::Shared::from(Audit::new(
+            layout,
+            peer_slot,
+            transport.acknowledges_for_peer(),
+        ));
+        #[cfg(feature = "std")]
+        {
+            // An idle process must still answer vshmd's revocations (§11a) at once.
+            let on_ring = std::sync::Arc::clone(&audit);
+            transport.set_ring_hook(Some(std::boxed::Box::new(move |mem, revoke| {
+                on_ring.run(mem, revoke);
+            })));
+        }
+        let ns = Namespace {
             transport,
             layout,
             superblock,
@@ -116,7 +136,34 @@ impl<T: Transport> Namespace<T> {
             incarnation,
             detached: AtomicBool::new(false),
             reply_timeout: Duration::from_secs(10),
-        })
+            audit,
+        };
+        // Destroys announced before we attached concern holds we never had.
+        ns.audit.run(&ns.mem(), &|_, _| false);
+        Ok(ns)
+    }
+
+    /// Handles this process found revoked so far: their objects were destroyed behind its
+    /// back (someone cleared its holds, docs/FORMAT.md §11a).
+    pub fn revoked_handles(&self) -> u64 {
+        self.audit.revoked_count()
+    }
+
+    /// Checks this process's holds now if vshmd announced a destroy since the last check
+    /// (the library also does so before every operation and, with a transport that has a
+    /// background thread, whenever it is rung).
+    pub fn audit(&self) {
+        self.audit.run(&self.mem(), &|offset, len| {
+            self.transport.revoke(offset, len)
+        });
+    }
+
+    /// Whether the hold on (slot, generation) was revoked: found so by an audit, or its
+    /// object visibly gone now.
+    pub(crate) fn revoked(&self, slot: ObjectSlot, generation: Generation) -> bool {
+        self.audit.is_revoked(slot, generation)
+            || revoke::check_hold(&self.mem(), &self.layout, self.peer_slot, slot, generation)
+                == Ok(revoke::Hold::Revoked)
     }
 
     /// One look at the region for `attach`: the validated superblock and layout, this
@@ -158,6 +205,7 @@ impl<T: Transport> Namespace<T> {
             object::peer_still_attached(mem, l, self.peer_slot, self.peer_id, self.incarnation)
         };
         if check() || self.transport.wait_until(&mut check, DETACH_GRACE) == Ok(true) {
+            self.audit();
             return Ok(());
         }
         self.detached.store(true, Ordering::Relaxed);
@@ -237,7 +285,7 @@ impl<T: Transport> Namespace<T> {
                     Err(e) => return Err(e),
                 }
             }
-            let resp = self.call(req)?;
+            let resp = self.call_waiting_out_quarantine(req)?;
             let disposition = match Status::from_code(resp.status) {
                 Some(Status::Success) => Disposition::Created,
                 Some(Status::ObjectNameExists) => Disposition::Opened,
@@ -252,7 +300,7 @@ impl<T: Transport> Namespace<T> {
             match self.hold(ObjectSlot(resp.slot), Generation(resp.generation), false) {
                 Ok(info) if info.kind != kind => {
                     // Only possible for Opened: the name is another kind of object.
-                    let _ = self.release(info.slot);
+                    let _ = self.release(info.slot, info.generation);
                     return Err(Status::InvalidHandle.into());
                 }
                 Ok(info) => return Ok((info, disposition)),
@@ -262,6 +310,30 @@ impl<T: Transport> Namespace<T> {
             }
         }
         Err(Error::Contended)
+    }
+
+    /// `call` for a CREATE, retried while the host refuses it only because the memory it
+    /// needs is still in quarantine (§11a): that ends within the region's `quarantine_ms`.
+    fn call_waiting_out_quarantine(
+        &self,
+        req: &Request,
+    ) -> Result<vshm_format::layout::Response, Error> {
+        let patience =
+            Duration::from_millis(u64::from(self.superblock.quarantine_ms)) + QUARANTINE_SLACK;
+        let mut waited = Duration::ZERO;
+        loop {
+            let resp = self.call(req)?;
+            let in_quarantine = matches!(
+                Refusal::from_response(&resp),
+                Some(Refusal::InQuarantine { .. })
+            );
+            if !in_quarantine || waited >= patience {
+                return Ok(resp);
+            }
+            let step = Duration::from_millis(20);
+            self.transport.wait_until(&mut || false, step)?;
+            waited += step;
+        }
     }
 
     /// Opens an existing object of `kind` by name (a hold, no round trip).
@@ -317,19 +389,33 @@ impl<T: Transport> Namespace<T> {
             Err(e) => return Err(Error::Status(e.status())),
         }
         // Our holder bit is set: the entry cannot change identity now. Validate it.
-        match object::read_object(&self.mem(), &self.layout, slot) {
-            Ok(Some(info)) if info.generation == generation => Ok(info),
+        let info = match object::read_object(&self.mem(), &self.layout, slot) {
+            Ok(Some(info)) if info.generation == generation => info,
             _ => {
-                let _ = self.release(slot);
-                Err(Error::Status(Status::InvalidHandle))
+                let _ = self.release(slot, generation);
+                return Err(Error::Status(Status::InvalidHandle));
+            }
+        };
+        // Memory this process fenced off after a revocation and now holds anew: map it to
+        // the region again before anyone uses it.
+        for (offset, len) in self.audit.held(&info) {
+            if let Err(e) = self.transport.restore(offset, len) {
+                let _ = self.release(slot, generation);
+                return Err(e.into());
             }
         }
+        Ok(info)
     }
 
-    /// Drops one hold; rings the host if that destroyed the object.
-    pub(crate) fn release(&self, slot: ObjectSlot) -> Result<(), Error> {
+    /// Drops one hold on (slot, generation); rings the host if that destroyed the object.
+    pub(crate) fn release(&self, slot: ObjectSlot, generation: Generation) -> Result<(), Error> {
         // A reclaimed peer's holds are gone already; its row may be someone else's now.
         self.attached()?;
+        // A revoked hold is no longer counted in our cell (which may count a new object in
+        // that slot now): closing it touches nothing shared.
+        if !self.audit.releasing(slot, generation) || self.revoked(slot, generation) {
+            return Ok(());
+        }
         let mut result = lease::release(&self.mem(), &self.layout, self.peer_slot, slot);
         // The cell lock is held by another of this peer's threads (or processes, in a
         // guest) for a few instructions; if it was preempted longer than the spin bound,
@@ -496,6 +582,15 @@ fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Without this the transport's thread would keep running the audit of a namespace that
+/// is gone.
+#[cfg(feature = "std")]
+impl<T: Transport> Drop for Namespace<T> {
+    fn drop(&mut self) {
+        self.transport.set_ring_hook(None);
+    }
+}
+
 /// A handle on a section. Dropping it closes the handle; the section is destroyed when the
 /// last handle of a non-persistent (or deleted) section closes.
 #[derive(Debug)]
@@ -582,6 +677,12 @@ impl<'ns, T: Transport> Section<'ns, T> {
     fn check(&self, at: u64, len: usize) -> Result<u64, Error> {
         // After a reclaim the memory may belong to another section: never write it then.
         self.ns.attached()?;
+        if self.is_revoked() {
+            return Err(Error::Revoked {
+                slot: self.slot,
+                generation: self.generation,
+            });
+        }
         let len = len as u64;
         match at.checked_add(len) {
             Some(end) if end <= self.size() => Ok(self.offset.0 + at),
@@ -641,14 +742,21 @@ impl<'ns, T: Transport> Section<'ns, T> {
     /// Closes the handle, reporting errors (dropping closes too, silently).
     pub fn close(mut self) -> Result<(), Error> {
         self.open = false;
-        self.ns.release(self.slot)
+        self.ns.release(self.slot, self.generation)
+    }
+
+    /// Whether the section was destroyed behind this process's back (someone cleared its
+    /// hold, docs/FORMAT.md §11a): reads and writes then fail with [`Error::Revoked`] and
+    /// the memory at [`Section::as_ptr`] is no longer the region's.
+    pub fn is_revoked(&self) -> bool {
+        self.ns.revoked(self.slot, self.generation)
     }
 }
 
 impl<T: Transport> Drop for Section<'_, T> {
     fn drop(&mut self) {
         if self.open {
-            let _ = self.ns.release(self.slot);
+            let _ = self.ns.release(self.slot, self.generation);
         }
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use vshm_format::layout::{Layout, Superblock};
 use vshm_format::shm::{read_pod, RawRegion};
-use vshm_format::PeerId;
+use vshm_format::{PeerId, RegionOffset};
 
 use crate::host::Mapping;
 use crate::{Transport, TransportError};
@@ -108,7 +108,9 @@ pub fn find_devices(sysfs_pci: &Path) -> Result<Vec<Device>, PciError> {
     Ok(found)
 }
 
-fn map_resource(path: &Path) -> Result<Mapping, PciError> {
+/// Maps a BAR's sysfs resource file; returns the file too (a revoked range is mapped from
+/// it again, §11a).
+fn map_resource(path: &Path) -> Result<(Mapping, File), PciError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -117,7 +119,8 @@ fn map_resource(path: &Path) -> Result<Mapping, PciError> {
     let len = file.metadata().map_err(io_err(path))?.len();
     // BAR0 is 256 bytes: map the page that holds it.
     let len = len.max(4096);
-    Mapping::new(&file, len).map_err(io_err(path))
+    let map = Mapping::new(&file, len).map_err(io_err(path))?;
+    Ok((map, file))
 }
 
 /// A guest peer over an ivshmem PCI device.
@@ -126,6 +129,8 @@ pub struct PciTransport {
     bdf: String,
     regs: Mapping,
     shm: Mapping,
+    /// BAR2's resource file, to map a fenced range again.
+    shm_file: File,
     peer_id: PeerId,
 }
 
@@ -198,8 +203,8 @@ impl PciTransport {
                 .and_then(|mut f| f.write_all(b"1"))
                 .map_err(io_err(&enable))?;
         }
-        let regs = map_resource(&d.dir.join("resource0"))?;
-        let shm = map_resource(&d.dir.join("resource2"))?;
+        let (regs, _) = map_resource(&d.dir.join("resource0"))?;
+        let (shm, shm_file) = map_resource(&d.dir.join("resource2"))?;
         let region = shm.region();
         let sb: Superblock = read_pod(&region, 0).map_err(|_| {
             PciError::Region(
@@ -219,6 +224,7 @@ impl PciTransport {
             bdf: d.bdf.clone(),
             regs,
             shm,
+            shm_file,
             peer_id,
         })
     }
@@ -287,6 +293,16 @@ impl Transport for PciTransport {
 
     fn thread_token(&self) -> u32 {
         crate::os::current_tid()
+    }
+
+    fn revoke(&self, offset: RegionOffset, len: u64) -> bool {
+        self.shm.fence(offset.raw(), len).is_ok()
+    }
+
+    fn restore(&self, offset: RegionOffset, len: u64) -> Result<(), TransportError> {
+        self.shm
+            .unfence(&self.shm_file, offset.raw(), len)
+            .map_err(|e| TransportError::Os(e.raw_os_error().unwrap_or(libc::EIO)))
     }
 
     fn wait_until(

@@ -8,7 +8,14 @@
 use core::time::Duration;
 
 use vshm_format::shm::RawRegion;
-use vshm_format::PeerId;
+use vshm_format::{PeerId, RegionOffset};
+
+/// Work a transport's own background thread runs after rings arrive (see
+/// [`Transport::set_ring_hook`]): given the region and a way to fence a range off from
+/// this process.
+#[cfg(feature = "std")]
+pub type RingHook =
+    std::boxed::Box<dyn Fn(&RawRegion<'_>, &dyn Fn(RegionOffset, u64) -> bool) + Send + Sync>;
 
 /// Why a transport operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,4 +83,31 @@ pub trait Transport {
     /// change they wait for that no ring announces, e.g. the mailbox lock released). A
     /// polling transport re-checks anyway and can keep the default, which does nothing.
     fn notify_local(&self) {}
+
+    /// Fences `[offset, offset+len)` off from this process: from now on its accesses there
+    /// reach private memory, not the region (docs/FORMAT.md §11a: a section this process
+    /// held was destroyed behind its back and the range may soon be someone else's).
+    /// Returns whether it could; the default cannot.
+    fn revoke(&self, _offset: RegionOffset, _len: u64) -> bool {
+        false
+    }
+
+    /// Maps a range fenced off by [`Transport::revoke`] to the region again (the host has
+    /// handed it to this process anew).
+    fn restore(&self, _offset: RegionOffset, _len: u64) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    /// Whether this user is the peer's only one and may therefore acknowledge revocations
+    /// for the whole peer (a host process: yes; one of a guest's processes: no).
+    fn acknowledges_for_peer(&self) -> bool {
+        false
+    }
+
+    /// Asks the transport to run `hook` from its own background thread after rings arrive
+    /// (so a process that is idle still answers vshmd's revocations at once). `None`
+    /// removes it. The default has no thread and ignores it; the library then checks when
+    /// it is called.
+    #[cfg(feature = "std")]
+    fn set_ring_hook(&self, _hook: Option<RingHook>) {}
 }

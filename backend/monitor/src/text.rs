@@ -107,6 +107,14 @@ pub fn status(doc: &Value) -> String {
         r["fragmentation"].as_f64().unwrap_or(0.0) * 100.0,
         human_bytes(n(&r["resident"])),
     );
+    if n(&r["quarantined"]) > 0 {
+        let _ = writeln!(
+            out,
+            "quarantine  {} in {} range(s): destroyed, waiting for peers to acknowledge",
+            human_bytes(n(&r["quarantined"])),
+            n(&r["quarantined_ranges"]),
+        );
+    }
     let _ = writeln!(
         out,
         "\nPEER  LABEL             PID      CONNECTED  SINCE      HANDLES  HELD        POLICY        DENIED"

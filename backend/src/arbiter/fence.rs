@@ -25,6 +25,7 @@ impl<M: Backing> Arbiter<M> {
         if let Some(p) = self.peers.get_mut(slot.raw() as usize) {
             p.fenced = false;
         }
+        self.quarantine_forget(slot);
         let (mine, rest): (Vec<_>, Vec<_>) = self
             .fenced_ranges
             .drain(..)

@@ -168,7 +168,7 @@ impl<M: Backing> Arbiter<M> {
         let Ok(cur) = read_pod::<Superblock, _>(&self.mem, 0) else {
             return;
         };
-        let mut want = self.layout.superblock(self.epoch, self.region_id);
+        let mut want = self.expected_superblock();
         want.version = FORMAT_VERSION;
         want.namespace_seq = cur.namespace_seq;
         if bytes_of(&cur) != bytes_of(&want) {

@@ -22,7 +22,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 use vshm_format::layout::{
-    refcell, Layout, FORMAT_VERSION, LEASE_CLOSED, OBJ_LEASE_OFF, SB_VERSION_OFF,
+    refcell, Layout, Superblock, FORMAT_VERSION, LEASE_CLOSED, OBJ_LEASE_OFF, SB_VERSION_OFF,
 };
 use vshm_format::shm::{bytes_of, Fault, SharedMemory};
 use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
@@ -36,6 +36,7 @@ mod events;
 mod fence;
 mod heal;
 mod peers;
+mod quarantine;
 mod reclaim;
 mod requests;
 mod status;
@@ -47,12 +48,15 @@ mod tests_access;
 #[cfg(test)]
 mod tests_heal;
 #[cfg(test)]
+mod tests_quarantine;
+#[cfg(test)]
 mod tests_sync;
 #[cfg(test)]
 mod tests_sync_attacks;
 
 pub use heal::HealReport;
 pub use peers::ConnectError;
+pub use quarantine::{DEFAULT_CLAIM_TIMEOUT, DEFAULT_QUARANTINE};
 pub use reclaim::Reclaim;
 pub use status::{PeerStatus, RegionStatus, SectionStatus, StatusReport};
 
@@ -114,6 +118,9 @@ pub struct Record {
     /// MUTEX: peers waiting for it, in arrival order: (peer slot, token). Private: nothing
     /// in the region can add to or reorder it.
     pub queue: VecDeque<(PeerSlot, u32)>,
+    /// The creator's slot and when the host set its holder bit, until the creator takes
+    /// its hold (see `quarantine::expire_unclaimed`).
+    pub unclaimed: Option<(PeerSlot, std::time::Instant)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -187,6 +194,16 @@ pub struct Counters {
     /// Signals counted by events that have since been destroyed (so a total over
     /// live and past events never goes down).
     pub retired_signals: u64,
+    /// Destroyed ranges put in quarantine (FORMAT.md §11a).
+    pub quarantined: u64,
+    /// Quarantined ranges released because every peer acknowledged.
+    pub quarantine_acked: u64,
+    /// Quarantined ranges released because the quarantine time passed first.
+    pub quarantine_expired: u64,
+    /// Handles peers reported revoked (destroyed behind their backs).
+    pub revoked_handles: u64,
+    /// Creator holds the host dropped because the creator never took them.
+    pub unclaimed_expired: u64,
 }
 
 /// The arbiter.
@@ -224,6 +241,8 @@ pub struct Arbiter<M: Backing> {
     rates: RateLimiter,
     /// Why the request being served was refused by a policy (for its `denied` event).
     denial: Option<String>,
+    /// Destroyed memory waiting for acknowledgements, and the revocation counter.
+    quarantine: quarantine::QuarantineState,
 }
 
 impl<M: Backing> Arbiter<M> {
@@ -237,7 +256,8 @@ impl<M: Backing> Arbiter<M> {
                 mem.store_u64(base + OBJ_LEASE_OFF, LEASE_CLOSED, Ordering::Relaxed)?;
             }
         }
-        let sb = layout.superblock(epoch, region_id);
+        let quarantine = quarantine::QuarantineState::new(layout.max_peers);
+        let sb = expected_superblock(&layout, epoch, region_id, &quarantine);
         mem.write_bytes(0, bytes_of(&sb))?;
         mem.store_u32(SB_VERSION_OFF, FORMAT_VERSION, Ordering::Release)?;
         let max_objects = layout.max_objects as usize;
@@ -267,6 +287,7 @@ impl<M: Backing> Arbiter<M> {
             heal: heal::HealState::default(),
             rates: RateLimiter::default(),
             denial: None,
+            quarantine,
         })
     }
 
@@ -311,10 +332,41 @@ impl<M: Backing> Arbiter<M> {
         self.layout.object_entry(slot).map(|b| b + OBJ_LEASE_OFF)
     }
 
+    /// The superblock as the host publishes it now (`namespace_seq` 0: it moves on its own).
+    fn expected_superblock(&self) -> Superblock {
+        expected_superblock(&self.layout, self.epoch, self.region_id, &self.quarantine)
+    }
+
+    /// Rewrites the superblock's host-set words that change after startup
+    /// (`revoke_seq`, `quarantine_ms`).
+    fn publish_superblock_extras(&self) {
+        let sb = self.expected_superblock();
+        let _ = vshm_format::revoke::publish_revoke_seq(&self.mem, sb.revoke_seq);
+        let _ = self.mem.store_u32(
+            std::mem::offset_of!(Superblock, quarantine_ms) as u64,
+            sb.quarantine_ms,
+            Ordering::Release,
+        );
+    }
+
     fn cell_count(&self, peer: PeerSlot, obj: ObjectSlot) -> u32 {
         self.layout
             .refcount_cell(peer, obj)
             .and_then(|c| self.mem.load_u32(c, Ordering::Acquire).ok())
             .map_or(0, |v| v & refcell::REF_COUNT)
     }
+}
+
+/// The superblock a host with this layout and quarantine state publishes (version set,
+/// `namespace_seq` 0).
+fn expected_superblock(
+    layout: &Layout,
+    epoch: u64,
+    region_id: [u8; 16],
+    quarantine: &quarantine::QuarantineState,
+) -> Superblock {
+    let mut sb = layout.superblock(epoch, region_id);
+    sb.revoke_seq = quarantine.seq;
+    sb.quarantine_ms = u32::try_from(quarantine.timeout.as_millis()).unwrap_or(u32::MAX);
+    sb
 }

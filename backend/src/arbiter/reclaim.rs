@@ -93,6 +93,10 @@ impl<M: Backing> Arbiter<M> {
             }
         }
         let _ = self.clear_peer_memory(s);
+        if release == Release::ToHeap {
+            // Its process is gone: nothing to wait for from it.
+            self.quarantine_forget(s);
+        }
         for obj in dead {
             if self.reap(obj, release) {
                 out.destroyed += 1;
@@ -172,7 +176,8 @@ impl<M: Backing> Arbiter<M> {
         // Events and mutexes reserve nothing: there is no range to give back.
         match release {
             _ if rec.reserved == 0 => {}
-            Release::ToHeap => self.heap.release(rec.offset, rec.reserved),
+            // Someone may still hold it without the host knowing (§11a): quarantine.
+            Release::ToHeap => self.quarantine_range(rec.offset, rec.reserved),
             // A process that was cut off may still write here: keep the range out of the
             // heap until it is gone (its pages are punched out all the same).
             Release::HoldFor(fence) => self.fenced_ranges.push((fence, rec.offset, rec.reserved)),
@@ -279,6 +284,8 @@ impl<M: Backing> Arbiter<M> {
                 destroyed += 1;
             }
         }
+        self.expire_unclaimed();
+        self.release_quarantine();
         destroyed
     }
 }

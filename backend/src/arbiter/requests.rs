@@ -183,6 +183,35 @@ impl<M: Backing> Arbiter<M> {
         r
     }
 
+    /// Heap space for a section: from the free heap, else after releasing what the
+    /// quarantine may release now; refused as IN_QUARANTINE when the rest of the quarantine
+    /// would make it fit (a retry soon succeeds), else as NO_FREE_EXTENT.
+    fn allocate_section(&mut self, max_size: u64) -> Result<(RegionOffset, u64), Denied> {
+        if let Some(got) = self.heap.allocate(max_size) {
+            return Ok(got);
+        }
+        if self.release_quarantine() > 0 {
+            if let Some(got) = self.heap.allocate(max_size) {
+                return Ok(got);
+            }
+        }
+        let wanted = self.heap.round(max_size).unwrap_or(max_size);
+        let (quarantined, _) = self.quarantined();
+        Err(Denied::Limit(
+            if quarantined > 0 && self.fits_after_quarantine(max_size) {
+                Refusal::InQuarantine {
+                    wanted,
+                    quarantined,
+                }
+            } else {
+                Refusal::NoFreeExtent {
+                    wanted,
+                    largest: self.heap.largest_free(),
+                }
+            },
+        ))
+    }
+
     fn create(
         &mut self,
         peer_id: PeerId,
@@ -233,12 +262,7 @@ impl<M: Backing> Arbiter<M> {
             }))?;
         // Events and mutexes have no memory: their state is the entry's sync words.
         let (offset, reserved) = if kind == kind::SECTION {
-            self.heap.allocate(max_size).ok_or_else(|| {
-                Denied::Limit(Refusal::NoFreeExtent {
-                    wanted: self.heap.round(max_size).unwrap_or(max_size),
-                    largest: self.heap.largest_free(),
-                })
-            })?
+            self.allocate_section(max_size)?
         } else {
             (RegionOffset(0), 0)
         };
@@ -312,6 +336,7 @@ impl<M: Backing> Arbiter<M> {
             abandoned: 0,
             abandon_report: None,
             queue: VecDeque::new(),
+            unclaimed: Some((peer, std::time::Instant::now())),
         });
         self.counters.created += 1;
         let mut created = Event::now("created")

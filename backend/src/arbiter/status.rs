@@ -157,6 +157,11 @@ pub struct RegionStatus {
     pub used: u64,
     /// Heap bytes free.
     pub free: u64,
+    /// Heap bytes of destroyed sections in quarantine (FORMAT.md §11a): neither used nor
+    /// free until every peer acknowledged or the quarantine time passed.
+    pub quarantined: u64,
+    /// Ranges in quarantine.
+    pub quarantined_ranges: usize,
     /// Largest free extent.
     pub largest_free: u64,
     /// Free extents.
@@ -280,6 +285,7 @@ impl<M: Backing> Arbiter<M> {
             .collect();
         let free = self.heap.free_bytes();
         let largest = self.heap.largest_free();
+        let (quarantined, quarantined_ranges) = self.quarantined();
         #[allow(clippy::cast_precision_loss)] // a ratio for people
         let fragmentation = if free == 0 {
             0.0
@@ -290,8 +296,10 @@ impl<M: Backing> Arbiter<M> {
             region: RegionStatus {
                 size: self.layout.region_size,
                 heap_size: self.heap.size(),
-                used: self.heap.size() - free,
+                used: self.heap.size() - free - quarantined,
                 free,
+                quarantined,
+                quarantined_ranges,
                 largest_free: largest,
                 free_extents: self.heap.free_extents(),
                 fragmentation,

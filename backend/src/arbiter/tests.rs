@@ -97,6 +97,20 @@ fn a_departed_peers_holds_are_reclaimed_and_what_only_it_held_is_destroyed() {
         a.record_at(ObjectSlot(shared.slot)).is_some(),
         "peer 2 still holds it"
     );
+    // Peers 2 and 3 were connected when `only` died: its memory waits for their word
+    // (§11a); one acknowledgement is not enough.
+    assert_eq!(a.status().region.quarantined, 8192);
+    assert_eq!(
+        a.status().region.free,
+        a.status().region.heap_size - 2 * 8192
+    );
+    let seq = vshm_format::revoke::revoke_seq(a.mem()).expect("seq");
+    vshm_format::revoke::acknowledge(a.mem(), &l, PeerSlot(1), seq, 0).expect("ack");
+    a.sweep();
+    assert_eq!(a.status().region.quarantined, 8192);
+    vshm_format::revoke::acknowledge(a.mem(), &l, PeerSlot(2), seq, 0).expect("ack");
+    a.sweep();
+    assert_eq!(a.status().region.quarantined, 0);
     assert_eq!(a.status().region.free, a.status().region.heap_size - 8192);
     assert_eq!(
         a.mem().load_u32(
@@ -202,7 +216,8 @@ fn holder_bits_of_absent_peers_are_dropped_by_the_sweep() {
         .store_u64(lease, holder_bit(PeerSlot(3)), Ordering::SeqCst)
         .expect("scribble");
     assert_eq!(a.sweep(), 1, "no real holder left: destroyed");
-    assert_eq!(a.status().region.free, a.status().region.heap_size);
+    let region = a.status().region;
+    assert_eq!(region.free + region.quarantined, region.heap_size);
 }
 
 #[test]

@@ -52,6 +52,11 @@ struct Args {
     /// Serve Prometheus metrics over HTTP on this loopback address, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Longest time (ms) the memory of a destroyed section waits in quarantine for peers
+    /// that do not acknowledge its destruction (docs/FORMAT.md §11a), at most 600000; 0
+    /// turns the quarantine off [default: 2000].
+    #[arg(long, value_name = "MS")]
+    quarantine_ms: Option<u32>,
 }
 
 fn mode_arg(s: &str) -> Result<u32, String> {
@@ -87,6 +92,7 @@ fn main() -> ExitCode {
         lock: args.lock,
         control_mode: args.control_mode,
         metrics: args.metrics,
+        quarantine_ms: args.quarantine_ms,
     };
     // Everything is checked before anything is created.
     let config = match config::resolve(&options) {

@@ -30,6 +30,10 @@ pub const DEFAULT_SIZE: u64 = 64 << 20;
 pub const DEFAULT_MAX_PEERS: u32 = 16;
 /// See [`DEFAULT_SIZE`].
 pub const DEFAULT_VECTORS: u32 = 2;
+/// `--quarantine-ms` when not given (FORMAT.md §11a).
+pub const DEFAULT_QUARANTINE_MS: u32 = 2000;
+/// The longest quarantine accepted (10 minutes): longer only hides memory from everyone.
+pub const MAX_QUARANTINE_MS: u32 = 600_000;
 /// See [`DEFAULT_SIZE`].
 pub const DEFAULT_CONTROL_MODE: u32 = 0o600;
 /// See [`DEFAULT_SIZE`].
@@ -60,6 +64,8 @@ pub struct Options {
     pub control_mode: Option<u32>,
     /// `--metrics`.
     pub metrics: Option<SocketAddr>,
+    /// `--quarantine-ms`.
+    pub quarantine_ms: Option<u32>,
 }
 
 /// Why the configuration is unusable. Each names the file, and the key and line where
@@ -274,6 +280,25 @@ fn combine(opts: &Options, file: Option<(Source<'_>, FileDoc)>) -> Result<Config
         default_max_objects(size)
     );
     let (vectors, vectors_origin) = pick!(opts.vectors, "--vectors", vectors, DEFAULT_VECTORS);
+    let (quarantine_ms, quarantine_origin) = pick!(
+        opts.quarantine_ms,
+        "--quarantine-ms",
+        quarantine_ms,
+        DEFAULT_QUARANTINE_MS
+    );
+    if quarantine_ms > MAX_QUARANTINE_MS {
+        let problem = format!(
+            "{quarantine_ms} ms is more than the limit of {MAX_QUARANTINE_MS} ms (10 minutes)"
+        );
+        return Err(match quarantine_origin {
+            Origin::Key { key, at } => ConfigError::Invalid {
+                where_: at,
+                key,
+                problem,
+            },
+            other => ConfigError::Option(other.describe(&format!("{quarantine_ms}: {problem}"))),
+        });
+    }
     let (control_mode, _) = pick!(
         opts.control_mode.map(file::Mode),
         "--control-mode",
@@ -361,6 +386,7 @@ fn combine(opts: &Options, file: Option<(Source<'_>, FileDoc)>) -> Result<Config
         listen,
         policy: rules,
         config_file: src.as_ref().map(|s| s.path.to_owned()),
+        quarantine: std::time::Duration::from_millis(u64::from(quarantine_ms)),
     };
     // The layout's own checks (power-of-two size, peer and object counts), named after
     // the key they came from when that was the file.

@@ -67,6 +67,7 @@ fn without_a_file_the_options_and_defaults_are_what_vshmd_always_used() {
         (64 << 20, 16, 1024, 2)
     );
     assert_eq!((c.control_mode, c.socket_mode), (0o600, 0o660));
+    assert_eq!(c.quarantine, std::time::Duration::from_secs(2));
     assert!(c.listen.is_empty());
     assert_eq!(
         c.policy.resolve(&who("main", 1, "x")).policy.name,
@@ -121,6 +122,10 @@ fn bad_values_are_refused_with_their_key_and_line() {
         (
             "[region]\nsocket = \"/s\"\nmetrics = \"0.0.0.0:1\"\n",
             "t.toml:3: region.metrics",
+        ),
+        (
+            "[region]\nsocket = \"/s\"\nquarantine_ms = 600001\n",
+            "t.toml:3: region.quarantine_ms",
         ),
         (
             "[region]\nsocket = \"/s\"\npolicy = \"nope\"\n",

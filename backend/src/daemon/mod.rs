@@ -59,6 +59,8 @@ pub struct Config {
     pub policy: Rules,
     /// The configuration file it came from, if any (shown in the status document).
     pub config_file: Option<PathBuf>,
+    /// Longest time destroyed memory waits in quarantine (FORMAT.md §11a).
+    pub quarantine: Duration,
 }
 
 /// A further listening socket: peers connecting through it are told apart by its name.
@@ -96,6 +98,9 @@ impl Config {
             listen: Vec::new(),
             policy: Rules::unrestricted(),
             config_file: None,
+            quarantine: std::time::Duration::from_millis(u64::from(
+                crate::config::DEFAULT_QUARANTINE_MS,
+            )),
         }
     }
 }
@@ -333,7 +338,8 @@ impl Daemon {
         let layout = config.layout(region.page_size())?;
         let id = random_bytes();
         let epoch = u64::from_le_bytes(id[..8].try_into().unwrap_or([0; 8]));
-        let arbiter = Arbiter::new(region, layout, epoch, id).map_err(DaemonError::Header)?;
+        let mut arbiter = Arbiter::new(region, layout, epoch, id).map_err(DaemonError::Header)?;
+        arbiter.set_quarantine(config.quarantine);
         let server = Server::bind_as(
             &config.socket,
             config.vectors,

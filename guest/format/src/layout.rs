@@ -107,14 +107,26 @@ pub struct Superblock {
     pub mailbox_size: u32,
     /// Bumped by the host after every change to the peer or object table.
     pub namespace_seq: u64,
+    /// Bumped by the host each time it destroys an object whose memory it then holds in
+    /// quarantine (§11a): a peer that sees it move checks the handles it holds and
+    /// acknowledges in its mailbox (`Request::audited_seq`).
+    pub revoke_seq: u64,
+    /// How long (ms) the host keeps destroyed memory in quarantine at most when a peer
+    /// does not acknowledge; a CREATE refused with `refusal::IN_QUARANTINE` may be retried
+    /// for this long.
+    pub quarantine_ms: u32,
     /// Reserved, 0.
-    pub reserved: [u8; 112],
+    pub reserved0: u32,
+    /// Reserved, 0.
+    pub reserved: [u8; 96],
 }
 
 /// Offset of [`Superblock::version`].
 pub const SB_VERSION_OFF: u64 = offset_of!(Superblock, version) as u64;
 /// Offset of [`Superblock::namespace_seq`].
 pub const SB_NAMESPACE_SEQ_OFF: u64 = offset_of!(Superblock, namespace_seq) as u64;
+/// Offset of [`Superblock::revoke_seq`].
+pub const SB_REVOKE_SEQ_OFF: u64 = offset_of!(Superblock, revoke_seq) as u64;
 
 const _: () = assert!(size_of::<Superblock>() == 256);
 const _: () = assert!(offset_of!(Superblock, version) == 8);
@@ -126,6 +138,8 @@ const _: () = assert!(offset_of!(Superblock, heap_offset) == 96);
 const _: () = assert!(offset_of!(Superblock, alignment) == 112);
 const _: () = assert!(offset_of!(Superblock, peer_entry_size) == 120);
 const _: () = assert!(offset_of!(Superblock, namespace_seq) == 136);
+const _: () = assert!(offset_of!(Superblock, revoke_seq) == 144);
+const _: () = assert!(offset_of!(Superblock, quarantine_ms) == 152);
 
 /// Peer table entry states.
 pub mod peer_state {
@@ -388,10 +402,22 @@ pub struct Request {
     pub reserved1: [u8; 72],
     /// Name bytes for CREATE.
     pub name: [u8; MAX_NAME_BYTES],
+    /// Not part of a request: the highest `Superblock::revoke_seq` for which this peer
+    /// has checked every handle it holds (§11a). Written by the peer whenever it likes,
+    /// never by `post`; the host reads it to release quarantined memory.
+    pub audited_seq: u64,
+    /// Not part of a request: handles this peer found revoked (their object destroyed
+    /// while it held them) so far, a running count the host reports (§11a).
+    pub revoked_handles: u64,
     /// Reserved, 0.
-    pub reserved2: [u8; 112],
+    pub reserved2: [u8; 96],
 }
 const _: () = assert!(size_of::<Request>() == 1280);
+const _: () = assert!(offset_of!(Request, audited_seq) == 1168);
+/// Offset of the peer's audit word (`Request::audited_seq`) in its mailbox.
+pub const MB_AUDITED_SEQ_OFF: u64 = offset_of!(Request, audited_seq) as u64;
+/// Offset of the peer's revoked-handle count (`Request::revoked_handles`) in its mailbox.
+pub const MB_REVOKED_OFF: u64 = offset_of!(Request, revoked_handles) as u64;
 const _: () = assert!(offset_of!(Request, lock) == 8);
 const _: () = assert!(offset_of!(Request, op) == 12);
 const _: () = assert!(offset_of!(Request, slot) == 24);
@@ -456,6 +482,10 @@ pub mod refusal {
     pub const PREPARE_FAILED: u32 = 4;
     /// The object entry could not be published.
     pub const PUBLISH_FAILED: u32 = 5;
+    /// Enough memory is free but part of it is still in quarantine (§11a) until peers
+    /// acknowledge or `Superblock::quarantine_ms` passes; `limit` = bytes in quarantine.
+    /// Retrying later succeeds.
+    pub const IN_QUARANTINE: u32 = 6;
 }
 
 /// Why vshmd refused an ivshmem client (FORMAT.md §15): sent instead of the protocol

@@ -4,7 +4,7 @@
 //! dependency on sockets, PCI or an operating system (`no_std`): the byte-exact layout
 //! ([`layout`]), NTSTATUS codes ([`Status`]), name rules ([`name`]), checked volatile access
 //! ([`shm`]), object-table snapshots ([`object`]), the peer table ([`peer`]), the lock-free open/close protocol
-//! ([`lease`]), the request mailboxes ([`mailbox`]) and the block allocator inside a section
+//! ([`lease`]), the request mailboxes ([`mailbox`]), revocation and quarantine ([`revoke`]) and the block allocator inside a section
 //! ([`blocks`]). docs/FORMAT.md is the prose spec.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![warn(missing_docs)]
@@ -17,6 +17,7 @@ pub mod mailbox;
 pub mod name;
 pub mod object;
 pub mod peer;
+pub mod revoke;
 pub mod shm;
 mod status;
 pub mod sync;

@@ -357,8 +357,10 @@ pub fn post<M: SharedMemory + ?Sized>(
     let seq = prev_req.max(prev_resp).wrapping_add(1).max(1);
     mem.store_u64(base + MB_REQ_SEQ_OFF, 0, Ordering::SeqCst)?;
     let bytes = bytes_of(req);
-    // Everything after the seq and lock words (op onwards).
-    mem.write_bytes(base + 12, &bytes[12..])?;
+    // Everything after the seq and lock words (op onwards) up to the end of the name; the
+    // peer's audit words after it are not part of a request (§11a).
+    let end = crate::layout::const_usize(crate::layout::MB_AUDITED_SEQ_OFF);
+    mem.write_bytes(base + 12, &bytes[12..end])?;
     mem.store_u64(base + MB_REQ_SEQ_OFF, seq, Ordering::Release)?;
     Ok(seq)
 }
@@ -467,6 +469,13 @@ pub enum Refusal {
     },
     /// The object entry could not be published.
     PublishFailed,
+    /// Enough memory would be free but part of it is in quarantine (§11a): retry later.
+    InQuarantine {
+        /// Bytes needed.
+        wanted: u64,
+        /// Bytes in quarantine now.
+        quarantined: u64,
+    },
     /// A reason code this reader does not know.
     Other(u32),
 }
@@ -496,6 +505,10 @@ impl Refusal {
                 os_error: r.os_error,
             },
             refusal::PUBLISH_FAILED => Refusal::PublishFailed,
+            refusal::IN_QUARANTINE => Refusal::InQuarantine {
+                wanted: r.wanted,
+                quarantined: r.limit,
+            },
             other => Refusal::Other(other),
         })
     }
@@ -516,6 +529,10 @@ impl Refusal {
                 (refusal::PREPARE_FAILED, os_error, 0, wanted)
             }
             Refusal::PublishFailed => (refusal::PUBLISH_FAILED, 0, 0, 0),
+            Refusal::InQuarantine {
+                wanted,
+                quarantined,
+            } => (refusal::IN_QUARANTINE, 0, quarantined, wanted),
             Refusal::Other(code) => (code, 0, 0, 0),
         };
         r.reason = reason;
@@ -576,6 +593,16 @@ impl core::fmt::Display for Refusal {
                 Ok(())
             }
             Refusal::PublishFailed => write!(f, "the object entry could not be published"),
+            Refusal::InQuarantine {
+                wanted,
+                quarantined,
+            } => write!(
+                f,
+                "{} would fit, but {} of the heap is in quarantine until peers acknowledge \
+                 its destruction; retry shortly",
+                Bytes(wanted),
+                Bytes(quarantined)
+            ),
             Refusal::Other(code) => write!(f, "refusal reason {code}"),
         }
     }

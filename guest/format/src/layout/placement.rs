@@ -258,7 +258,10 @@ impl Layout {
             refcount_row_size: self.refcount_row_size,
             mailbox_size: const_u32(size_of::<Mailbox>()),
             namespace_seq: 0,
-            reserved: [0; 112],
+            revoke_seq: 0,
+            quarantine_ms: 0,
+            reserved0: 0,
+            reserved: [0; 96],
         }
     }
 

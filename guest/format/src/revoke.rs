@@ -1,0 +1,138 @@
+//! Revocation and quarantine (docs/FORMAT.md §11a): the words that let vshmd hold destroyed
+//! memory back until every peer has checked it no longer uses it.
+//!
+//! Any peer can write any byte of the region, so one can make an object *look* closed while
+//! an honest peer still holds it (zero the holder's refcount cell, store CLOSED, ring).
+//! vshmd cannot tell that from an honest last close. So it never hands destroyed memory to
+//! anyone at once: it bumps `Superblock::revoke_seq`, rings every peer, and keeps the range
+//! out of the heap until each peer connected at the destroy has written an
+//! `audited_seq` at least that high into its mailbox (or left, or
+//! `Superblock::quarantine_ms` passed). A peer audits by checking every handle it knows it
+//! holds ([`check_hold`]); one whose object is gone was revoked behind its back: the peer
+//! stops using that memory, counts it in `revoked_handles`, then acknowledges.
+
+use core::sync::atomic::Ordering;
+
+use crate::ids::{Generation, ObjectSlot, PeerSlot};
+use crate::layout::{
+    holder_bit, object_state, refcell, Layout, LEASE_CLOSED, MB_AUDITED_SEQ_OFF, MB_REVOKED_OFF,
+    OBJ_LEASE_OFF, SB_REVOKE_SEQ_OFF,
+};
+use crate::object;
+use crate::shm::{Fault, SharedMemory};
+
+/// What a peer finds when it checks one of its holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// The object is there and the peer's holder bit and refcount cell say it holds it.
+    Intact,
+    /// The object is there but the peer's holder bit or refcount cell was cleared by
+    /// someone else: tampering, not yet a revocation.
+    Tampered,
+    /// The object this hold was on is gone (its slot is free or holds another generation):
+    /// its memory may be handed to someone else once the peer acknowledges.
+    Revoked,
+}
+
+fn no_slot(slot: ObjectSlot) -> Fault {
+    Fault::OutOfBounds {
+        offset: u64::from(slot.0),
+        len: 0,
+    }
+}
+
+/// The host's revocation counter (`Superblock::revoke_seq`).
+pub fn revoke_seq<M: SharedMemory + ?Sized>(mem: &M) -> Result<u64, Fault> {
+    mem.load_u64(SB_REVOKE_SEQ_OFF, Ordering::SeqCst)
+}
+
+/// Host: publishes a new revocation counter.
+pub fn publish_revoke_seq<M: SharedMemory + ?Sized>(mem: &M, seq: u64) -> Result<(), Fault> {
+    mem.store_u64(SB_REVOKE_SEQ_OFF, seq, Ordering::SeqCst)
+}
+
+/// Peer: checks its hold on (`slot`, `generation`) as peer slot `peer_slot`.
+pub fn check_hold<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: PeerSlot,
+    slot: ObjectSlot,
+    generation: Generation,
+) -> Result<Hold, Fault> {
+    let entry = layout.object_entry(slot).ok_or(no_slot(slot))?;
+    let cell = layout.refcount_cell(peer_slot, slot).ok_or(no_slot(slot))?;
+    let gen_now = object::generation(mem, layout, slot)?;
+    let state = object::state(mem, layout, slot)?;
+    if gen_now != generation || !(state == object_state::LIVE || state == object_state::UNLINKED) {
+        return Ok(Hold::Revoked);
+    }
+    let lease = mem.load_u64(entry + OBJ_LEASE_OFF, Ordering::SeqCst)?;
+    let count = mem.load_u32(cell, Ordering::Acquire)?;
+    // A locked cell is mid-transition by another of this peer's threads: not evidence.
+    let counted = count & refcell::REF_LOCK != 0 || count & refcell::REF_COUNT > 0;
+    if lease & LEASE_CLOSED != 0 || lease & holder_bit(peer_slot) == 0 || !counted {
+        return Ok(Hold::Tampered);
+    }
+    Ok(Hold::Intact)
+}
+
+fn mailbox(layout: &Layout, peer_slot: PeerSlot) -> Result<u64, Fault> {
+    layout.mailbox(peer_slot).ok_or(Fault::OutOfBounds {
+        offset: u64::from(peer_slot.0),
+        len: 0,
+    })
+}
+
+/// Peer: records that it has checked its holds up to `seq` and found `newly_revoked` more
+/// revoked handles. `audited_seq` only moves forward (several threads may audit at once).
+pub fn acknowledge<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: PeerSlot,
+    seq: u64,
+    newly_revoked: u64,
+) -> Result<(), Fault> {
+    let base = mailbox(layout, peer_slot)?;
+    if newly_revoked > 0 {
+        update(mem, base + MB_REVOKED_OFF, |n| {
+            Some(n.wrapping_add(newly_revoked))
+        })?;
+    }
+    update(mem, base + MB_AUDITED_SEQ_OFF, |cur| {
+        (cur < seq).then_some(seq)
+    })
+}
+
+/// CASes `f(current)` into the word at `off` until it sticks or `f` declines. Bounded: each
+/// failure means another thread of this peer (or a scribbler) moved the word.
+fn update<M: SharedMemory + ?Sized>(
+    mem: &M,
+    off: u64,
+    f: impl Fn(u64) -> Option<u64>,
+) -> Result<(), Fault> {
+    let mut cur = mem.load_u64(off, Ordering::Acquire)?;
+    for _ in 0..64 {
+        let Some(new) = f(cur) else {
+            return Ok(());
+        };
+        match mem.cas_u64(off, cur, new)? {
+            Ok(_) => return Ok(()),
+            Err(now) => cur = now,
+        }
+    }
+    Ok(())
+}
+
+/// Host: a peer's acknowledgement words, (`audited_seq`, `revoked_handles`). Peer-written:
+/// a hint the host uses only to release quarantine early and to report.
+pub fn acknowledgement<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: PeerSlot,
+) -> Result<(u64, u64), Fault> {
+    let base = mailbox(layout, peer_slot)?;
+    Ok((
+        mem.load_u64(base + MB_AUDITED_SEQ_OFF, Ordering::Acquire)?,
+        mem.load_u64(base + MB_REVOKED_OFF, Ordering::Acquire)?,
+    ))
+}

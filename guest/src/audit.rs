@@ -1,0 +1,222 @@
+//! The library's side of quarantine (docs/FORMAT.md §11a): a record of the holds this
+//! process took, checked whenever vshmd announces a destroy (`Superblock::revoke_seq`), so a
+//! hold whose object was destroyed behind this process's back is found, its memory fenced
+//! off from this process, and vshmd told it may hand the memory on.
+//!
+//! With `std` the record is a map under a mutex; without it (a driver or RTOS) there is
+//! no record, each handle still checks its own object on every access, and the peer never
+//! acknowledges (vshmd then waits `quarantine_ms`).
+
+use vshm_format::object::ObjectInfo;
+use vshm_format::shm::RawRegion;
+use vshm_format::{Generation, ObjectSlot, RegionOffset};
+
+/// What the auditor needs from the transport while it checks: fence a range off from this
+/// process (returns whether it could).
+pub type Revoke<'a> = &'a dyn Fn(RegionOffset, u64) -> bool;
+
+/// The heap range a section's hold covers (its reservation: `max_size` rounded up to the
+/// region's alignment); nothing for events and mutexes.
+fn range(info: &ObjectInfo, alignment: u64) -> (RegionOffset, u64) {
+    let len = info
+        .max_size
+        .checked_next_multiple_of(alignment.max(1))
+        .unwrap_or(info.max_size);
+    (info.offset, len)
+}
+
+#[cfg(feature = "std")]
+pub(crate) use imp::Audit;
+
+#[cfg(feature = "std")]
+mod imp {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+
+    use vshm_format::layout::Layout;
+    use vshm_format::revoke::{self, Hold};
+    use vshm_format::PeerSlot;
+
+    use super::{range, ObjectInfo, RawRegion, Revoke};
+    use super::{Generation, ObjectSlot, RegionOffset};
+
+    #[derive(Debug)]
+    struct Held {
+        handles: u32,
+        offset: RegionOffset,
+        len: u64,
+        revoked: bool,
+    }
+
+    #[derive(Debug, Default)]
+    struct Record {
+        held: BTreeMap<(ObjectSlot, Generation), Held>,
+        /// Ranges fenced off from this process, to map again if it is handed them anew.
+        fenced: Vec<(RegionOffset, u64)>,
+    }
+
+    /// This process's holds and how far it has checked them.
+    #[derive(Debug)]
+    pub(crate) struct Audit {
+        layout: Layout,
+        peer_slot: PeerSlot,
+        /// A host process is a peer of its own and may acknowledge for it; a guest process
+        /// shares its peer with the VM's other processes and may not.
+        acknowledges: bool,
+        record: Mutex<Record>,
+        /// The `revoke_seq` this process last checked its holds for.
+        audited: AtomicU64,
+        /// Holds found revoked so far.
+        revoked: AtomicU64,
+    }
+
+    impl Audit {
+        pub(crate) fn new(layout: Layout, peer_slot: PeerSlot, acknowledges: bool) -> Audit {
+            Audit {
+                layout,
+                peer_slot,
+                acknowledges,
+                record: Mutex::new(Record::default()),
+                audited: AtomicU64::new(0),
+                revoked: AtomicU64::new(0),
+            }
+        }
+
+        /// A hold was taken. Returns the fenced ranges it overlaps, which the caller must
+        /// map again before using the memory (this process fenced them off after an earlier
+        /// revocation and the host has now handed them out anew).
+        pub(crate) fn held(&self, info: &ObjectInfo) -> Vec<(RegionOffset, u64)> {
+            let (offset, len) = range(info, self.layout.alignment);
+            let Ok(mut rec) = self.record.lock() else {
+                return Vec::new();
+            };
+            rec.held
+                .entry((info.slot, info.generation))
+                .or_insert(Held {
+                    handles: 0,
+                    offset,
+                    len,
+                    revoked: false,
+                })
+                .handles += 1;
+            if len == 0 {
+                return Vec::new();
+            }
+            let end = offset.0.saturating_add(len);
+            let (hit, keep): (Vec<_>, Vec<_>) = rec
+                .fenced
+                .iter()
+                .partition(|&&(o, l)| o.0 < end && offset.0 < o.0.saturating_add(l));
+            rec.fenced = keep;
+            hit
+        }
+
+        /// A handle is being closed. Returns false if its hold was revoked: the close must
+        /// not touch the refcount cell, which no longer counts this object.
+        pub(crate) fn releasing(&self, slot: ObjectSlot, generation: Generation) -> bool {
+            let Ok(mut rec) = self.record.lock() else {
+                return true;
+            };
+            let Some(h) = rec.held.get_mut(&(slot, generation)) else {
+                return true;
+            };
+            let live = !h.revoked;
+            h.handles = h.handles.saturating_sub(1);
+            if h.handles == 0 {
+                rec.held.remove(&(slot, generation));
+            }
+            live
+        }
+
+        /// Whether the hold on (slot, generation) was found revoked.
+        pub(crate) fn is_revoked(&self, slot: ObjectSlot, generation: Generation) -> bool {
+            self.record
+                .lock()
+                .ok()
+                .and_then(|r| r.held.get(&(slot, generation)).map(|h| h.revoked))
+                .unwrap_or(false)
+        }
+
+        /// Holds found revoked so far.
+        pub(crate) fn revoked_count(&self) -> u64 {
+            self.revoked.load(Ordering::Relaxed)
+        }
+
+        /// Checks every hold if vshmd announced a destroy since the last check: fences off
+        /// the memory of each revoked one, then acknowledges (§11a). One atomic load when
+        /// nothing was announced.
+        pub(crate) fn run(&self, mem: &RawRegion<'_>, revoke_range: Revoke<'_>) {
+            let Ok(seq) = revoke::revoke_seq(mem) else {
+                return;
+            };
+            if seq == self.audited.load(Ordering::Acquire) {
+                return;
+            }
+            let Ok(mut rec) = self.record.lock() else {
+                return;
+            };
+            let mut found = 0u64;
+            let mut fenced = Vec::new();
+            for (&(slot, generation), h) in &mut rec.held {
+                if h.revoked {
+                    continue;
+                }
+                let hold = revoke::check_hold(mem, &self.layout, self.peer_slot, slot, generation);
+                if hold != Ok(Hold::Revoked) {
+                    continue;
+                }
+                h.revoked = true;
+                found += 1;
+                if h.len > 0 && revoke_range(h.offset, h.len) {
+                    fenced.push((h.offset, h.len));
+                }
+            }
+            rec.fenced.extend(fenced);
+            self.revoked.fetch_add(found, Ordering::Relaxed);
+            // Only after the fences are up: from here vshmd may give the memory away.
+            if self.acknowledges {
+                let _ = revoke::acknowledge(mem, &self.layout, self.peer_slot, seq, found);
+            }
+            self.audited.store(seq, Ordering::Release);
+        }
+    }
+}
+
+/// Without `std`: no record; the peer never acknowledges and vshmd waits its quarantine
+/// time. Each handle still checks its own object on access.
+#[cfg(not(feature = "std"))]
+#[derive(Debug)]
+pub(crate) struct Audit;
+
+#[cfg(not(feature = "std"))]
+impl Audit {
+    pub(crate) fn new(
+        _layout: vshm_format::layout::Layout,
+        _peer_slot: vshm_format::PeerSlot,
+        _acknowledges: bool,
+    ) -> Audit {
+        Audit
+    }
+    pub(crate) fn held(&self, info: &ObjectInfo) -> [(RegionOffset, u64); 0] {
+        let _ = range(info, 1);
+        []
+    }
+    pub(crate) fn releasing(&self, _slot: ObjectSlot, _generation: Generation) -> bool {
+        true
+    }
+    pub(crate) fn is_revoked(&self, _slot: ObjectSlot, _generation: Generation) -> bool {
+        false
+    }
+    pub(crate) fn revoked_count(&self) -> u64 {
+        0
+    }
+    pub(crate) fn run(&self, _mem: &RawRegion<'_>, _revoke: Revoke<'_>) {}
+}
+
+/// How the namespace keeps its audit: shared with the transport's ring hook under `std`.
+#[cfg(feature = "std")]
+pub(crate) type Shared = std::sync::Arc<Audit>;
+/// How the namespace keeps its audit: by value without `std` (there is no ring hook).
+#[cfg(not(feature = "std"))]
+pub(crate) type Shared = Audit;
