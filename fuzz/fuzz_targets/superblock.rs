@@ -49,6 +49,10 @@ fn check(sb: &Superblock, l: &Layout, mapped: u64) {
     want.flags = sb.flags;
     want.host_peer_id = sb.host_peer_id;
     want.namespace_seq = sb.namespace_seq;
+    // Host-written words a reader does not validate (FORMAT.md §3, §11a).
+    want.revoke_seq = sb.revoke_seq;
+    want.quarantine_ms = sb.quarantine_ms;
+    want.reserved0 = sb.reserved0;
     want.reserved = sb.reserved;
     assert_eq!(&want, sb);
 
