@@ -591,3 +591,64 @@ impl Transport for HostTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Seek, SeekFrom, Write};
+
+    use vshm_format::shm::SharedMemory;
+
+    use super::Mapping;
+
+    /// A 64 KiB shared file (a memfd, as vshmd's region) and a mapping of it.
+    fn shared_file() -> (std::fs::File, Mapping) {
+        // SAFETY: memfd_create with a valid NUL-terminated name; the fd is checked.
+        let fd = unsafe { libc::memfd_create(c"vshm-fence-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: a fresh fd we own.
+        let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(64 * 1024).expect("size");
+        file.seek(SeekFrom::Start(0)).expect("seek");
+        file.write_all(&[7u8; 64 * 1024]).expect("fill");
+        let map = Mapping::new(&file, 64 * 1024).expect("map");
+        (file, map)
+    }
+
+    #[test]
+    fn a_fenced_range_reads_zeroes_and_its_writes_never_reach_the_file_until_unfenced() {
+        let (file, map) = shared_file();
+        let other = Mapping::new(&file, 64 * 1024).expect("second mapping");
+        map.fence(16 * 1024, 8 * 1024).expect("fence");
+        let r = map.region();
+        let mut buf = [0u8; 4];
+        r.read_bytes(16 * 1024, &mut buf).expect("read");
+        assert_eq!(buf, [0; 4], "private zero pages");
+        r.write_bytes(16 * 1024, &[9; 4]).expect("write");
+        other
+            .region()
+            .read_bytes(16 * 1024, &mut buf)
+            .expect("read");
+        assert_eq!(buf, [7; 4], "the write stayed private");
+        r.read_bytes(24 * 1024, &mut buf).expect("read");
+        assert_eq!(buf, [7; 4], "outside the range the file is still mapped");
+        map.unfence(&file, 16 * 1024, 8 * 1024).expect("unfence");
+        r.read_bytes(16 * 1024, &mut buf).expect("read");
+        assert_eq!(buf, [7; 4], "shared again");
+        r.write_bytes(16 * 1024, &[5; 4]).expect("write");
+        other
+            .region()
+            .read_bytes(16 * 1024, &mut buf)
+            .expect("read");
+        assert_eq!(buf, [5; 4], "and its writes reach the file");
+    }
+
+    #[test]
+    fn a_range_outside_the_mapping_or_off_page_boundaries_is_refused() {
+        let (_file, map) = shared_file();
+        assert!(map.fence(60 * 1024, 8 * 1024).is_err(), "past the end");
+        assert!(map.fence(100, 4096).is_err(), "unaligned offset");
+        assert!(map.fence(4096, 100).is_err(), "unaligned length");
+        assert!(map.fence(4096, 0).is_err(), "empty");
+        assert!(map.fence(u64::MAX - 4095, 4096).is_err(), "overflow");
+    }
+}
