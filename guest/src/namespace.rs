@@ -27,6 +27,19 @@ const QUARANTINE_SLACK: Duration = Duration::from_millis(500);
 /// pathological contention.
 const RACE_RETRIES: u32 = 64;
 
+/// Test only: the pause an open takes inside its cell lock when `VSHM_TEST_PAUSE_IN_CELL_LOCK`
+/// is set (see `os::pause_forever`), so a test can kill a process there.
+#[cfg(feature = "std")]
+fn pause_in_cell_lock() -> Option<&'static dyn Fn()> {
+    std::env::var_os("VSHM_TEST_PAUSE_IN_CELL_LOCK")
+        .map(|_| &crate::os::pause_forever as &dyn Fn())
+}
+
+#[cfg(not(feature = "std"))]
+fn pause_in_cell_lock() -> Option<&'static dyn Fn()> {
+    None
+}
+
 /// How often a close retries (10 ms apart) when the peer's own cell lock stays taken.
 const STUCK_RETRIES: u32 = 10;
 
@@ -372,13 +385,22 @@ impl<T: Transport> Namespace<T> {
     ) -> Result<ObjectInfo, Error> {
         self.attached()?;
         let (mem, layout) = (&self.mem(), &self.layout);
-        match lease::acquire(
+        // The cell lock is tagged with this process, so another process of a guest can take
+        // it over if this one dies holding it (FORMAT.md §7).
+        let alive = |token| self.transport.token_alive(token);
+        let owner = lease::LockOwner {
+            token: self.transport.lock_token(),
+            alive: &alive,
+            in_lock: pause_in_cell_lock(),
+        };
+        match lease::acquire_as(
             mem,
             layout,
             self.peer_slot,
             slot,
             generation,
             allow_unlinked,
+            &owner,
         ) {
             Ok(()) => {}
             Err(LeaseError::GoneClosed) => {
@@ -416,7 +438,13 @@ impl<T: Transport> Namespace<T> {
         if !self.audit.releasing(slot, generation) || self.revoked(slot, generation) {
             return Ok(());
         }
-        let mut result = lease::release(&self.mem(), &self.layout, self.peer_slot, slot);
+        let alive = |token| self.transport.token_alive(token);
+        let owner = lease::LockOwner {
+            token: self.transport.lock_token(),
+            alive: &alive,
+            in_lock: None,
+        };
+        let mut result = lease::release_as(&self.mem(), &self.layout, self.peer_slot, slot, &owner);
         // The cell lock is held by another of this peer's threads (or processes, in a
         // guest) for a few instructions; if it was preempted longer than the spin bound,
         // wait and try again rather than lose the close.
@@ -426,7 +454,7 @@ impl<T: Transport> Namespace<T> {
             }
             self.transport
                 .wait_until(&mut || false, Duration::from_millis(10))?;
-            result = lease::release(&self.mem(), &self.layout, self.peer_slot, slot);
+            result = lease::release_as(&self.mem(), &self.layout, self.peer_slot, slot, &owner);
         }
         match result {
             Ok(Released::Held) => Ok(()),

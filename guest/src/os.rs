@@ -1,5 +1,6 @@
 //! Small OS helpers the std transports share: whether a process or thread still exists,
-//! the calling thread's id, and a short retry for a header a peer may have scribbled.
+//! the calling thread's id, a short retry for a header a peer may have scribbled, and the
+//! test-only pause inside a cell lock.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -37,4 +38,16 @@ pub(crate) fn current_tid() -> u32 {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     u32::try_from(tid).ok().filter(|&t| t != 0).unwrap_or(1)
+}
+
+/// Test only (`VSHM_TEST_PAUSE_IN_CELL_LOCK`): says so on stderr and never returns, so a
+/// test can SIGKILL a process that holds its refcount cell lock (tests/tests/vms_cell_lock.rs).
+pub(crate) fn pause_forever() {
+    eprintln!(
+        "vshm: test hook: paused in the cell lock (pid {})",
+        std::process::id()
+    );
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }

@@ -349,11 +349,29 @@ impl<M: Backing> Arbiter<M> {
         );
     }
 
+    /// A peer's handle count on `obj`, as a hint. A locked cell reads 0: its low bits name
+    /// the lock owner (FORMAT.md §6), and the owner's handle exists only once it unlocks at 1.
+    /// Use [`Arbiter::cell_lock_owner`] to tell a locked cell from an unheld one.
     fn cell_count(&self, peer: PeerSlot, obj: ObjectSlot) -> u32 {
+        self.cell_word(peer, obj)
+            .and_then(refcell::count)
+            .unwrap_or(0)
+    }
+
+    /// The raw refcount cell of `peer` for `obj` (None if the access failed).
+    fn cell_word(&self, peer: PeerSlot, obj: ObjectSlot) -> Option<u32> {
         self.layout
             .refcount_cell(peer, obj)
             .and_then(|c| self.mem.load_u32(c, Ordering::Acquire).ok())
-            .map_or(0, |v| v & refcell::REF_COUNT)
+    }
+
+    /// The token of the user of `peer` that holds the cell lock for `obj` (0: an untagged
+    /// lock), or None if the cell is not locked. A locked cell means that peer is between
+    /// 0 and 1 handles on `obj`: it may end holding (only on a word without CLOSED, which
+    /// its holder-bit CAS requires) or not.
+    #[allow(dead_code)] // for reap's locked-cell rule (issue 9); nothing reads it yet
+    fn cell_lock_owner(&self, peer: PeerSlot, obj: ObjectSlot) -> Option<u32> {
+        self.cell_word(peer, obj).and_then(refcell::lock_owner)
     }
 }
 

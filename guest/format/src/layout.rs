@@ -342,14 +342,43 @@ pub const OBJ_NAME_OFF: u64 = offset_of!(ObjectEntry, name) as u64;
 /// Bytes of the host-written part a seqlock snapshot copies (everything before the lease).
 pub const OBJ_HEAD_LEN: usize = offset_of!(ObjectEntry, lease);
 
-/// Refcount cell (u32, one per object per peer, written only by its peer): bits 0..30 count
-/// this peer's handles; bit 31 is the peer's own transition lock, held while it changes its
-/// holder bit (0 ↔ 1 handles).
+/// Refcount cell (u32, one per object per peer, written only by its peer). Unlocked (bit 31
+/// clear), bits 0..30 count this peer's handles. Locked (bit 31 set), the peer is changing its
+/// holder bit (0 ↔ 1 handles) and bits 0..30 are the lock owner's token, not a count: the
+/// count is taken only at 0 and left at 0 or 1 by the unlock, so it needs no bits meanwhile.
 pub mod refcell {
     /// The peer-local transition lock.
     pub const REF_LOCK: u32 = 1 << 31;
-    /// The handle count.
+    /// The handle count (unlocked), or the lock owner's token (locked).
     pub const REF_COUNT: u32 = REF_LOCK - 1;
+
+    /// The handle count an unlocked cell value says; `None` while it is locked (the low bits
+    /// are then a token). A reader that wants a number counts a locked cell as 0, as an
+    /// untagged lock always read: the owner's handle exists only once it unlocks at 1.
+    pub const fn count(v: u32) -> Option<u32> {
+        if v & REF_LOCK == 0 {
+            Some(v & REF_COUNT)
+        } else {
+            None
+        }
+    }
+
+    /// The token of the lock owner a locked cell value names (0: an untagged lock, whose
+    /// owner is unknown); `None` if it is unlocked.
+    pub const fn lock_owner(v: u32) -> Option<u32> {
+        if v & REF_LOCK == 0 {
+            None
+        } else {
+            Some(v & REF_COUNT)
+        }
+    }
+
+    /// The locked cell value naming `token` (reduced to 31 bits; a token that reduces to 0
+    /// names owner 1, which is never presumed dead by a sane liveness check).
+    pub const fn locked_by(token: u32) -> u32 {
+        let t = token & REF_COUNT;
+        REF_LOCK | if t == 0 { 1 } else { t }
+    }
 }
 
 /// Mailbox operations.

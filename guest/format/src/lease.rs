@@ -3,7 +3,14 @@
 //! Invariants (the argument is written out in docs/FORMAT.md):
 //! * a peer's cell for slot s counts its handles on the object now in s; count > 0 implies
 //!   the peer's holder bit is set in that object's lease word;
-//! * the cell's lock bit serialises this peer's own threads while they flip the holder bit;
+//! * the cell's lock bit serialises this peer's own threads (in a guest, its processes)
+//!   while they flip the holder bit; while locked, the cell's low bits name the owner
+//!   ([`LockOwner`]), since the lock is taken only at count 0 or 1 and the unlock stores the
+//!   count (0 or 1) again;
+//! * a lock whose owner is known dead is stolen by CAS on the exact tagged value (so one
+//!   stealer wins) and repaired: the owner was moving the peer between 0 and 1 handles and
+//!   its handle died with it, so the count is 0 and the holder bit goes, closing the object
+//!   if that left it unheld. A live owner is waited for; an untagged lock is never stolen;
 //! * `LEASE_CLOSED` is set once, by CAS, only when the word has no holders and no KEEP; after
 //!   that nobody can set a holder bit (every setter CASes against a word without CLOSED);
 //! * a new hold is valid only if the slot's generation and state still match *after* the
@@ -21,8 +28,50 @@ use crate::shm::{Fault, SharedMemory};
 use crate::Status;
 
 /// Spins before a lock holder is presumed stuck. A peer's own threads hold the cell lock for
-/// a handful of atomics, so hitting this means that peer's memory was scribbled.
+/// a handful of atomics, so hitting this means a live owner was preempted for long or that
+/// peer's memory was scribbled.
 const LOCK_SPINS: u32 = 1 << 24;
+
+/// Who takes a refcount cell lock, and how to tell whether another owner still lives.
+///
+/// The format knows no processes: the caller names itself with a token (a guest's processes
+/// share one peer, so they use their pid; a host process is a peer of its own and uses
+/// [`LockOwner::SOLE`]) and says whether a token's owner can still unlock. `alive` must
+/// answer false only for an owner that can never touch the region again (a process that
+/// exited); a false "dead" would let two users of the peer flip its holder bit at once.
+#[derive(Clone, Copy)]
+pub struct LockOwner<'a> {
+    /// This user's token (bits 0..30 are stored; see [`refcell::locked_by`]).
+    pub token: u32,
+    /// Whether the owner named by a token found in a locked cell can still unlock it.
+    pub alive: &'a dyn Fn(u32) -> bool,
+    /// Test seam: called while this user holds a cell lock for an open, its holder bit set,
+    /// just before it unlocks, so a test can kill it there. `None` outside tests.
+    pub in_lock: Option<&'a dyn Fn()>,
+}
+
+impl core::fmt::Debug for LockOwner<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("LockOwner")
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+fn always_alive(_token: u32) -> bool {
+    true
+}
+
+impl LockOwner<'static> {
+    /// The only user of its peer (a host process, a single-process guest, a test): its
+    /// token is 1 and no owner is ever presumed dead, so a stuck lock stays stuck, which
+    /// is all a peer of one process can see (its death reclaims the whole row).
+    pub const SOLE: LockOwner<'static> = LockOwner {
+        token: 1,
+        alive: &always_alive,
+        in_lock: None,
+    };
+}
 
 /// CAS attempts on a lease word before giving up: every failure means another party changed
 /// the word, so only a word being rewritten on purpose exhausts this.
@@ -99,10 +148,8 @@ fn cell(layout: &Layout, peer_slot: PeerSlot, slot: ObjectSlot) -> Result<Cell, 
     })
 }
 
-/// Takes one more handle on object (`slot`, `generation`) for peer slot `peer_slot`.
-///
-/// `allow_unlinked`: duplicating an existing handle may take a deleted (unlinked) object;
-/// opening by name may not.
+/// Takes one more handle on object (`slot`, `generation`) for peer slot `peer_slot`, as the
+/// peer's only user ([`LockOwner::SOLE`]); see [`acquire_as`].
 pub fn acquire<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
@@ -111,9 +158,63 @@ pub fn acquire<M: SharedMemory + ?Sized>(
     generation: Generation,
     allow_unlinked: bool,
 ) -> Result<(), LeaseError> {
+    acquire_as(
+        mem,
+        layout,
+        peer_slot,
+        slot,
+        generation,
+        allow_unlinked,
+        &LockOwner::SOLE,
+    )
+}
+
+/// Takes one more handle on object (`slot`, `generation`) for peer slot `peer_slot`, taking
+/// the cell lock (if needed) as `owner`.
+///
+/// `allow_unlinked`: duplicating an existing handle may take a deleted (unlinked) object;
+/// opening by name may not. If a dead owner's lock had to be repaired and that closed the
+/// object, a failed open says so with [`LeaseError::GoneClosed`] (ring the host).
+pub fn acquire_as<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: PeerSlot,
+    slot: ObjectSlot,
+    generation: Generation,
+    allow_unlinked: bool,
+    owner: &LockOwner<'_>,
+) -> Result<(), LeaseError> {
     let c = cell(layout, peer_slot, slot)?;
+    let mut repaired_closed = false;
+    let result = acquire_cell(
+        mem,
+        layout,
+        &c,
+        slot,
+        generation,
+        allow_unlinked,
+        owner,
+        &mut repaired_closed,
+    );
+    match result {
+        Err(LeaseError::Gone) if repaired_closed => Err(LeaseError::GoneClosed),
+        other => other,
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the lease coordinates plus the repair report
+fn acquire_cell<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    c: &Cell,
+    slot: ObjectSlot,
+    generation: Generation,
+    allow_unlinked: bool,
+    owner: &LockOwner<'_>,
+    repaired_closed: &mut bool,
+) -> Result<(), LeaseError> {
     loop {
-        let v = load_unlocked(mem, c.cell)?;
+        let v = load_unlocked(mem, c, owner, repaired_closed)?;
         let n = v & refcell::REF_COUNT;
         if n > 0 {
             // Already a holder: our bit is set, the object cannot die under us.
@@ -129,32 +230,82 @@ pub fn acquire<M: SharedMemory + ?Sized>(
             // The caller named another object than the one we hold in this slot (or a
             // deleted one, for an open by name): undo through the ordinary close path, which
             // handles a concurrent close by another of our threads.
-            return Err(match release(mem, layout, peer_slot, slot)? {
+            return Err(match release_cell(mem, c, owner, repaired_closed)? {
                 Released::LastHold => LeaseError::GoneClosed,
                 Released::Held => LeaseError::Gone,
             });
         }
-        if mem.cas_u32(c.cell, v, refcell::REF_LOCK)?.is_err() {
+        if mem
+            .cas_u32(c.cell, v, refcell::locked_by(owner.token))?
+            .is_err()
+        {
             continue;
         }
         // We own this peer's transition for the slot.
-        let result = take_holder_bit(mem, layout, &c, slot, generation, allow_unlinked);
+        let result = take_holder_bit(mem, layout, c, slot, generation, allow_unlinked);
+        if let (Ok(()), Some(hook)) = (&result, owner.in_lock) {
+            hook();
+        }
         let after = if result.is_ok() { 1 } else { 0 };
         mem.store_u32(c.cell, after, Ordering::Release)?;
         return result;
     }
 }
 
-/// Loads a refcount cell, waiting while another thread of this peer holds its lock.
-fn load_unlocked<M: SharedMemory + ?Sized>(mem: &M, cell: u64) -> Result<u32, LeaseError> {
-    for _ in 0..LOCK_SPINS {
-        let v = mem.load_u32(cell, Ordering::Acquire)?;
-        if v & refcell::REF_LOCK == 0 {
+/// Loads a refcount cell, waiting while another user of this peer holds its lock and
+/// taking the lock over from one that died holding it ([`steal`]). Asks about the owner's
+/// life at the first sight of the lock and then after 2, 4, 8, … spins, so a dead owner is
+/// noticed at once and a live one costs a few liveness checks, not one per spin.
+fn load_unlocked<M: SharedMemory + ?Sized>(
+    mem: &M,
+    c: &Cell,
+    owner: &LockOwner<'_>,
+    repaired_closed: &mut bool,
+) -> Result<u32, LeaseError> {
+    let mut spins = 0u32;
+    while spins < LOCK_SPINS {
+        let v = mem.load_u32(c.cell, Ordering::Acquire)?;
+        let Some(tag) = refcell::lock_owner(v) else {
             return Ok(v);
+        };
+        if (spins == 0 || spins.is_power_of_two()) && tag != 0 && !(owner.alive)(tag) {
+            if steal(mem, c, v, owner)? {
+                *repaired_closed = true;
+            }
+            // Whether we stole it or another stealer did, look again from the start.
+            spins = 0;
+            continue;
         }
         core::hint::spin_loop();
+        spins += 1;
     }
     Err(LeaseError::Stuck)
+}
+
+/// Takes over the cell lock `locked` (a value naming an owner found dead) and finishes that
+/// owner's transition. Returns whether the repair closed the object (ring the host).
+///
+/// The owner took the lock at count 0 (to open) or 1 (to close its peer's last handle), and
+/// nobody else of this peer could change the count meanwhile; its handle died with it. So
+/// the peer holds nothing here: count 0, holder bit cleared, and the object closed if that
+/// left it unheld — exactly what the owner's close would have done, and what an open that
+/// backs out does. Done under the lock (re-tagged to us) so that no other user of the peer
+/// flips the bit meanwhile; a second stealer's CAS on the dead owner's value fails.
+fn steal<M: SharedMemory + ?Sized>(
+    mem: &M,
+    c: &Cell,
+    locked: u32,
+    owner: &LockOwner<'_>,
+) -> Result<bool, Fault> {
+    if mem
+        .cas_u32(c.cell, locked, refcell::locked_by(owner.token))?
+        .is_err()
+    {
+        return Ok(false);
+    }
+    let closed = drop_holder_bit(mem, c);
+    mem.store_u32(c.cell, 0, Ordering::Release)?;
+    closed
 }
 
 fn take_holder_bit<M: SharedMemory + ?Sized>(
@@ -236,16 +387,44 @@ pub fn close_if_unheld<M: SharedMemory + ?Sized>(
     Ok(false)
 }
 
-/// Closes one handle of peer slot `peer_slot` on `slot`.
+/// Closes one handle of peer slot `peer_slot` on `slot`, as the peer's only user
+/// ([`LockOwner::SOLE`]); see [`release_as`].
 pub fn release<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
     peer_slot: PeerSlot,
     slot: ObjectSlot,
 ) -> Result<Released, LeaseError> {
+    release_as(mem, layout, peer_slot, slot, &LockOwner::SOLE)
+}
+
+/// Closes one handle of peer slot `peer_slot` on `slot`, taking the cell lock (if needed) as
+/// `owner`.
+///
+/// A caller that really holds a handle never finds a dead owner's lock (that owner's
+/// transition was at the peer's count 0 or at its last handle); if one is found anyway,
+/// it is repaired, and the close that follows reports what the count then says
+/// (`NotHeld`); an object that repair closed is reaped by the host's next sweep.
+pub fn release_as<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: PeerSlot,
+    slot: ObjectSlot,
+    owner: &LockOwner<'_>,
+) -> Result<Released, LeaseError> {
     let c = cell(layout, peer_slot, slot)?;
+    let mut repaired_closed = false;
+    release_cell(mem, &c, owner, &mut repaired_closed)
+}
+
+fn release_cell<M: SharedMemory + ?Sized>(
+    mem: &M,
+    c: &Cell,
+    owner: &LockOwner<'_>,
+    repaired_closed: &mut bool,
+) -> Result<Released, LeaseError> {
     loop {
-        let v = load_unlocked(mem, c.cell)?;
+        let v = load_unlocked(mem, c, owner, repaired_closed)?;
         let n = v & refcell::REF_COUNT;
         if n == 0 {
             return Err(LeaseError::NotHeld);
@@ -256,10 +435,13 @@ pub fn release<M: SharedMemory + ?Sized>(
             }
             continue;
         }
-        if mem.cas_u32(c.cell, v, refcell::REF_LOCK)?.is_err() {
+        if mem
+            .cas_u32(c.cell, v, refcell::locked_by(owner.token))?
+            .is_err()
+        {
             continue;
         }
-        let closed = drop_holder_bit(mem, &c);
+        let closed = drop_holder_bit(mem, c);
         mem.store_u32(c.cell, 0, Ordering::Release)?;
         return Ok(if closed? {
             Released::LastHold
@@ -269,7 +451,7 @@ pub fn release<M: SharedMemory + ?Sized>(
     }
 }
 
-/// This peer's handle count on `slot` (lock bit masked off).
+/// This peer's handle count on `slot` (0 while the cell is locked: its bits are a token).
 pub fn handles<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
@@ -277,7 +459,7 @@ pub fn handles<M: SharedMemory + ?Sized>(
     slot: ObjectSlot,
 ) -> Result<u32, Fault> {
     let c = cell(layout, peer_slot, slot)?;
-    Ok(mem.load_u32(c.cell, Ordering::Acquire)? & refcell::REF_COUNT)
+    Ok(refcell::count(mem.load_u32(c.cell, Ordering::Acquire)?).unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -675,5 +857,258 @@ mod tests {
             ),
             Err(LeaseError::Stuck)
         );
+    }
+
+    /// Runs `f` on its own thread and fails the test if it takes longer than `secs`: a lock
+    /// that is never given up must fail the test, not hang it.
+    fn with_watchdog<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(secs))
+            .expect("the test finished before its watchdog")
+    }
+
+    /// A token the tests' liveness checks call dead.
+    const DEAD: u32 = 77;
+
+    fn dead_is_dead(token: u32) -> bool {
+        token != DEAD
+    }
+
+    impl Fixture {
+        fn cell(&self, peer: PeerSlot, slot: ObjectSlot) -> u64 {
+            self.layout.refcount_cell(peer, slot).expect("cell")
+        }
+        fn cell_value(&self, peer: PeerSlot, slot: ObjectSlot) -> u32 {
+            self.mem
+                .load_u32(self.cell(peer, slot), Ordering::SeqCst)
+                .expect("cell")
+        }
+        /// A user of `peer` died holding its cell lock for `slot` with its holder bit set.
+        fn die_holding_the_lock(&self, peer: PeerSlot, slot: ObjectSlot) {
+            self.mem
+                .store_u32(
+                    self.cell(peer, slot),
+                    refcell::locked_by(DEAD),
+                    Ordering::SeqCst,
+                )
+                .expect("lock");
+            let lease = self.layout.object_entry(slot).expect("slot") + OBJ_LEASE_OFF;
+            self.mem.fetch_or_u64(lease, holder_bit(peer)).expect("bit");
+        }
+    }
+
+    #[test]
+    fn a_dead_owners_lock_is_stolen_and_its_holder_bit_dropped_when_others_still_hold() {
+        with_watchdog(30, || {
+            let f = fixture();
+            f.create(ObjectSlot(0), Generation(4), PeerSlot(0), false);
+            acquire(
+                &f.mem,
+                &f.layout,
+                PeerSlot(0),
+                ObjectSlot(0),
+                Generation(4),
+                false,
+            )
+            .expect("the creator holds");
+            // A process of peer 1 died in the middle of its first open.
+            f.die_holding_the_lock(PeerSlot(1), ObjectSlot(0));
+            let me = LockOwner {
+                token: 8,
+                alive: &dead_is_dead,
+                in_lock: None,
+            };
+            acquire_as(
+                &f.mem,
+                &f.layout,
+                PeerSlot(1),
+                ObjectSlot(0),
+                Generation(4),
+                false,
+                &me,
+            )
+            .expect("another process of peer 1 opens");
+            assert_eq!(
+                f.cell_value(PeerSlot(1), ObjectSlot(0)),
+                1,
+                "only our handle counts"
+            );
+            assert_eq!(
+                release_as(&f.mem, &f.layout, PeerSlot(1), ObjectSlot(0), &me),
+                Ok(Released::Held)
+            );
+            assert_eq!(
+                f.lease(ObjectSlot(0)),
+                holder_bit(PeerSlot(0)),
+                "the dead owner's bit went with our close"
+            );
+        });
+    }
+
+    #[test]
+    fn a_dead_owners_lock_on_the_last_hold_is_stolen_and_the_object_closed_and_reported() {
+        with_watchdog(30, || {
+            let f = fixture();
+            f.create(ObjectSlot(1), Generation(6), PeerSlot(1), false);
+            // The only holder's process died while closing the peer's last handle.
+            f.die_holding_the_lock(PeerSlot(1), ObjectSlot(1));
+            let me = LockOwner {
+                token: 8,
+                alive: &dead_is_dead,
+                in_lock: None,
+            };
+            assert_eq!(
+                acquire_as(
+                    &f.mem,
+                    &f.layout,
+                    PeerSlot(1),
+                    ObjectSlot(1),
+                    Generation(6),
+                    false,
+                    &me
+                ),
+                Err(LeaseError::GoneClosed),
+                "the repair closed it: the caller must ring the host"
+            );
+            assert_eq!(f.lease(ObjectSlot(1)), LEASE_CLOSED);
+            assert_eq!(f.cell_value(PeerSlot(1), ObjectSlot(1)), 0);
+        });
+    }
+
+    #[test]
+    fn a_live_owners_lock_is_waited_for_and_never_stolen() {
+        with_watchdog(120, || {
+            let f = fixture();
+            f.create(ObjectSlot(2), Generation(2), PeerSlot(1), false);
+            f.die_holding_the_lock(PeerSlot(1), ObjectSlot(2));
+            let asked = core::cell::Cell::new(0u32);
+            let alive = |_: u32| {
+                asked.set(asked.get() + 1);
+                true
+            };
+            let me = LockOwner {
+                token: 8,
+                alive: &alive,
+                in_lock: None,
+            };
+            assert_eq!(
+                release_as(&f.mem, &f.layout, PeerSlot(1), ObjectSlot(2), &me),
+                Err(LeaseError::Stuck)
+            );
+            assert_eq!(
+                f.cell_value(PeerSlot(1), ObjectSlot(2)),
+                refcell::locked_by(DEAD),
+                "the owner still has its lock"
+            );
+            assert_eq!(f.lease(ObjectSlot(2)), holder_bit(PeerSlot(1)));
+            assert!(
+                asked.get() <= 26,
+                "liveness is asked at powers of two, not per spin: {}",
+                asked.get()
+            );
+        });
+    }
+
+    #[test]
+    fn an_untagged_lock_is_never_stolen() {
+        with_watchdog(120, || {
+            let f = fixture();
+            f.create(ObjectSlot(3), Generation(2), PeerSlot(1), false);
+            let cell = f.cell(PeerSlot(1), ObjectSlot(3));
+            f.mem
+                .store_u32(cell, refcell::REF_LOCK, Ordering::SeqCst)
+                .expect("scribble");
+            let me = LockOwner {
+                token: 8,
+                alive: &|_| false,
+                in_lock: None,
+            };
+            assert_eq!(
+                release_as(&f.mem, &f.layout, PeerSlot(1), ObjectSlot(3), &me),
+                Err(LeaseError::Stuck)
+            );
+            assert_eq!(f.cell_value(PeerSlot(1), ObjectSlot(3)), refcell::REF_LOCK);
+        });
+    }
+
+    #[test]
+    fn of_two_stealers_of_one_dead_lock_exactly_one_repairs() {
+        with_watchdog(30, || {
+            let f = fixture();
+            f.create(ObjectSlot(4), Generation(9), PeerSlot(2), false);
+            f.die_holding_the_lock(PeerSlot(2), ObjectSlot(4));
+            let c = cell(&f.layout, PeerSlot(2), ObjectSlot(4)).expect("cell");
+            let dead = refcell::locked_by(DEAD);
+            let a = LockOwner {
+                token: 8,
+                alive: &dead_is_dead,
+                in_lock: None,
+            };
+            let b = LockOwner {
+                token: 9,
+                alive: &dead_is_dead,
+                in_lock: None,
+            };
+            // Both saw the dead owner's value; the first CAS wins and repairs.
+            assert_eq!(
+                steal(&f.mem, &c, dead, &a),
+                Ok(true),
+                "a repaired and closed"
+            );
+            assert_eq!(steal(&f.mem, &c, dead, &b), Ok(false), "b's CAS lost");
+            assert_eq!(f.cell_value(PeerSlot(2), ObjectSlot(4)), 0);
+            assert_eq!(f.lease(ObjectSlot(4)), LEASE_CLOSED);
+        });
+    }
+
+    #[test]
+    fn two_users_of_one_peer_racing_to_steal_one_dead_lock_report_its_close_once() {
+        with_watchdog(60, || {
+            for round in 0..200u64 {
+                let f = std::sync::Arc::new(fixture());
+                let generation = Generation(round + 1);
+                f.create(ObjectSlot(5), generation, PeerSlot(3), false);
+                f.die_holding_the_lock(PeerSlot(3), ObjectSlot(5));
+                let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+                let racers: Vec<_> = [8u32, 9]
+                    .into_iter()
+                    .map(|token| {
+                        let (f, barrier) = (f.clone(), barrier.clone());
+                        std::thread::spawn(move || {
+                            let me = LockOwner {
+                                token,
+                                alive: &dead_is_dead,
+                                in_lock: None,
+                            };
+                            barrier.wait();
+                            acquire_as(
+                                &f.mem,
+                                &f.layout,
+                                PeerSlot(3),
+                                ObjectSlot(5),
+                                generation,
+                                false,
+                                &me,
+                            )
+                        })
+                    })
+                    .collect();
+                let mut results: Vec<_> = racers
+                    .into_iter()
+                    .map(|r| r.join().expect("racer"))
+                    .collect();
+                results.sort_by_key(|r| format!("{r:?}"));
+                assert_eq!(
+                    results,
+                    [Err(LeaseError::Gone), Err(LeaseError::GoneClosed)],
+                    "round {round}"
+                );
+                assert_eq!(f.lease(ObjectSlot(5)), LEASE_CLOSED);
+                assert_eq!(f.cell_value(PeerSlot(3), ObjectSlot(5)), 0);
+            }
+        });
     }
 }

@@ -28,6 +28,10 @@
 //!   "memory" is the ghost state below.
 //! * A thread that reads its cell locked (another thread of the same peer is flipping its
 //!   holder bit) yields to loom, so the bounded spin is explored as a wait, not unrolled.
+//! * A process that dies is a thread whose memory operations, from a chosen one on, fail
+//!   without effect ([`Dying`]): it stops between two operations, as a killed process does,
+//!   and its liveness flag (a loom atomic, set as it stops) is what the other users' liveness
+//!   check reads.
 //!
 //! The checks (ghost state, outside loom, updated right after the real operation returns):
 //! * an `acquire` that succeeds never does so on a generation the host already destroyed,
@@ -39,11 +43,12 @@
 //!   object exactly once, leaving the slot FREE with a CLOSED lease word.
 #![cfg(loom)]
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering as StdOrdering};
 use std::sync::Mutex;
 
 use core::sync::atomic::Ordering;
-use loom::sync::atomic::{AtomicU32, AtomicU64};
+use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use loom::sync::Arc;
 use loom::thread;
 
@@ -51,7 +56,9 @@ use vshm_format::layout::{
     holder_bit, kind, object_state, refcell, Layout, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP,
     OBJ_GENERATION_OFF, OBJ_LEASE_OFF, OBJ_SEQ_OFF, OBJ_STATE_OFF,
 };
-use vshm_format::lease::{acquire, close_if_unheld, release, LeaseError, Released};
+use vshm_format::lease::{
+    acquire_as, close_if_unheld, release_as, LeaseError, LockOwner, Released,
+};
 use vshm_format::object::{make_entry, publish};
 use vshm_format::shm::{check_range, zeroed, Fault, SharedMemory};
 use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
@@ -388,6 +395,106 @@ impl SharedMemory for ModelMem {
     }
 }
 
+/// A user of a peer that dies: its `die_at`-th memory operation after it takes a refcount
+/// cell lock (counted afresh at each lock it takes), and every one after, fails without
+/// effect, and `dead` is set as it stops.
+struct Dying<'a> {
+    mem: &'a ModelMem,
+    dead: &'a AtomicBool,
+    die_at: u32,
+    /// Operations since it last took a cell lock (None: not holding one yet).
+    since_lock: Cell<Option<u32>>,
+}
+
+impl Dying<'_> {
+    /// Whether this operation happens; false from the moment of death on.
+    fn lives(&self) -> bool {
+        if self.dead.load(Ordering::SeqCst) {
+            return false;
+        }
+        if let Some(n) = self.since_lock.get() {
+            if n >= self.die_at {
+                self.dead.store(true, Ordering::SeqCst);
+                return false;
+            }
+            self.since_lock.set(Some(n + 1));
+        }
+        true
+    }
+}
+
+const DIED: Fault = Fault::OutOfBounds { offset: 0, len: 0 };
+
+impl SharedMemory for Dying<'_> {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+    fn load_u32(&self, offset: u64, order: Ordering) -> Result<u32, Fault> {
+        if !self.lives() {
+            return Err(DIED);
+        }
+        self.mem.load_u32(offset, order)
+    }
+    fn load_u64(&self, offset: u64, order: Ordering) -> Result<u64, Fault> {
+        if !self.lives() {
+            return Err(DIED);
+        }
+        self.mem.load_u64(offset, order)
+    }
+    fn store_u32(&self, offset: u64, value: u32, order: Ordering) -> Result<(), Fault> {
+        if !self.lives() {
+            return Err(DIED);
+        }
+        self.mem.store_u32(offset, value, order)
+    }
+    fn store_u64(&self, offset: u64, value: u64, order: Ordering) -> Result<(), Fault> {
+        if !self.lives() {
+            return Err(DIED);
+        }
+        self.mem.store_u64(offset, value, order)
+    }
+    fn cas_u32(&self, offset: u64, current: u32, new: u32) -> Result<Result<u32, u32>, Fault> {
+        if !self.lives() {
+            return Err(DIED);
+        }
+        let r = self.mem.cas_u32(offset, current, new)?;
+        if r.is_ok() && self.mem.is_cell(offset) && refcell::lock_owner(new).is_some() {
+            self.since_lock.set(Some(0));
+        }
+        Ok(r)
+    }
+    fn cas_u64(&self, offset: u64, current: u64, new: u64) -> Result<Result<u64, u64>, Fault> {
+        if !self.lives() {
+            return Err(DIED);
+        }
+        self.mem.cas_u64(offset, current, new)
+    }
+    fn fetch_and_u64(&self, offset: u64, mask: u64) -> Result<u64, Fault> {
+        if !self.lives() {
+            return Err(DIED);
+        }
+        self.mem.fetch_and_u64(offset, mask)
+    }
+    fn fetch_or_u64(&self, offset: u64, bits: u64) -> Result<u64, Fault> {
+        if !self.lives() {
+            return Err(DIED);
+        }
+        self.mem.fetch_or_u64(offset, bits)
+    }
+    fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<(), Fault> {
+        if !self.lives() {
+            return Err(DIED);
+        }
+        self.mem.read_bytes(offset, buf)
+    }
+    fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<(), Fault> {
+        if !self.lives() {
+            return Err(DIED);
+        }
+        self.mem.write_bytes(offset, data)
+    }
+}
+
 /// The host's private record of the object in [`SLOT`] (backend `ObjectRecord`).
 #[derive(Debug, Clone, Copy)]
 struct Record {
@@ -478,7 +585,8 @@ impl Host {
             .layout
             .refcount_cell(PeerSlot(peer), SLOT)
             .expect("cell");
-        mem.load_u32(cell, Ordering::Acquire).expect("cell") & refcell::REF_COUNT
+        // A locked cell's low bits are its owner's token: it counts no handle (yet).
+        refcell::count(mem.load_u32(cell, Ordering::Acquire).expect("cell")).unwrap_or(0)
     }
 
     /// Reap (§11): destroy a CLOSED word unless a connected peer counts handles or the
@@ -566,13 +674,25 @@ impl Host {
 /// A peer's open of (SLOT, `generation`): the real `acquire`, then the ghost's check.
 /// Returns whether it now holds a handle.
 fn open(mem: &ModelMem, peer: u32, generation: u64, allow_unlinked: bool) -> bool {
-    match acquire(
+    open_as(mem, peer, generation, allow_unlinked, &LockOwner::SOLE)
+}
+
+/// [`open`] by the user `owner` of the peer.
+fn open_as(
+    mem: &ModelMem,
+    peer: u32,
+    generation: u64,
+    allow_unlinked: bool,
+    owner: &LockOwner<'_>,
+) -> bool {
+    match acquire_as(
         mem,
         &mem.layout,
         PeerSlot(peer),
         SLOT,
         Generation(generation),
         allow_unlinked,
+        owner,
     ) {
         Ok(()) => {
             mem.ghost().peer_holds(peer, generation);
@@ -585,8 +705,13 @@ fn open(mem: &ModelMem, peer: u32, generation: u64, allow_unlinked: bool) -> boo
 
 /// A peer's close of one handle on (SLOT, `generation`).
 fn close(mem: &ModelMem, peer: u32, generation: u64) -> Released {
+    close_as(mem, peer, generation, &LockOwner::SOLE)
+}
+
+/// [`close`] by the user `owner` of the peer.
+fn close_as(mem: &ModelMem, peer: u32, generation: u64, owner: &LockOwner<'_>) -> Released {
     mem.ghost().peer_drops(peer, generation);
-    release(mem, &mem.layout, PeerSlot(peer), SLOT)
+    release_as(mem, &mem.layout, PeerSlot(peer), SLOT, owner)
         .unwrap_or_else(|e| panic!("peer {peer}: release failed: {e:?}"))
 }
 
@@ -623,12 +748,22 @@ fn check<F>(name: &str, f: F)
 where
     F: Fn() + Sync + Send + 'static,
 {
+    check_at_most(name, usize::MAX, f);
+}
+
+/// [`check`] with the preemption bound capped at `cap` (a scenario whose state space at the
+/// CI bound takes minutes).
+fn check_at_most<F>(name: &str, cap: usize, f: F)
+where
+    F: Fn() + Sync + Send + 'static,
+{
     let runs = std::sync::Arc::new(AtomicUsize::new(0));
     let counted = std::sync::Arc::clone(&runs);
     let mut builder = loom::model::Builder::new();
     if builder.preemption_bound.is_none() {
         builder.preemption_bound = Some(2);
     }
+    builder.preemption_bound = builder.preemption_bound.map(|b| b.min(cap));
     let bound = builder.preemption_bound;
     let started = std::time::Instant::now();
     builder.check(move || {
@@ -808,4 +943,89 @@ fn e_two_threads_of_one_peer_close_and_reopen() {
         let mut host = h.join().expect("host");
         settle(&mem, &mut host);
     });
+}
+
+/// The preemption bound scenario (f) is explored with at most.
+const F_CAP: usize = 2;
+
+/// (f) Two processes of one peer (a guest's, sharing peer slot 0): process 7 opens and
+/// closes the object and is killed at each point of its transitions in turn (the `k`-th
+/// operation after it takes the cell lock), while process 8 opens and closes it, the only
+/// other holder (peer 1) closes its handle and the host sweeps. Whoever finds the dead
+/// owner's lock steals and repairs it; afterwards a third process of the peer opens and
+/// closes (stealing if nobody did). No hold on a destroyed generation, nothing destroyed
+/// twice or while held, and at the end the peer counts nothing. Explored with at most 2
+/// preemptions: at 3 each death point takes about a minute (run by hand with
+/// `LOOM_MAX_PREEMPTIONS=3` and [`F_CAP`] raised; it passed for the first two points).
+#[test]
+fn f_a_process_dies_holding_the_cell_lock_and_another_steals_it() {
+    for k in 0..5u32 {
+        check_at_most(&format!("f (dies at {k})"), F_CAP, move || {
+            let mem = Arc::new(ModelMem::new());
+            let dead = Arc::new(AtomicBool::new(false));
+            let mut host = Host::new();
+            host.create(&mem, 1, PeerSlot(1), false);
+            assert!(open(&mem, 1, 1, false), "peer 1 holds");
+            let (md, dd) = (Arc::clone(&mem), Arc::clone(&dead));
+            let d = thread::spawn(move || {
+                let dying = Dying {
+                    mem: &md,
+                    dead: &dd,
+                    die_at: k,
+                    since_lock: Cell::new(None),
+                };
+                let me = LockOwner {
+                    token: 7,
+                    alive: &|_| true,
+                    in_lock: None,
+                };
+                let held = acquire_as(
+                    &dying,
+                    &md.layout,
+                    PeerSlot(0),
+                    SLOT,
+                    Generation(1),
+                    false,
+                    &me,
+                );
+                if held.is_ok() {
+                    md.ghost().peer_holds(0, 1);
+                    // Whether it closes or dies first, its handle ends here.
+                    md.ghost().peer_drops(0, 1);
+                    let _ = release_as(&dying, &md.layout, PeerSlot(0), SLOT, &me);
+                }
+            });
+            let (ms, ds) = (Arc::clone(&mem), Arc::clone(&dead));
+            let st = thread::spawn(move || {
+                let alive = |t: u32| t != 7 || !ds.load(Ordering::SeqCst);
+                let me = LockOwner {
+                    token: 8,
+                    alive: &alive,
+                    in_lock: None,
+                };
+                if open_as(&ms, 0, 1, false, &me) {
+                    close_as(&ms, 0, 1, &me);
+                }
+            });
+            let mh = Arc::clone(&mem);
+            let h = thread::spawn(move || {
+                close(&mh, 1, 1);
+                host.sweep(&mh);
+                host
+            });
+            d.join().expect("process 7");
+            st.join().expect("process 8");
+            let mut host = h.join().expect("host");
+            let alive = |t: u32| t != 7 || !dead.load(Ordering::SeqCst);
+            let me = LockOwner {
+                token: 9,
+                alive: &alive,
+                in_lock: None,
+            };
+            if open_as(&mem, 0, 1, false, &me) {
+                close_as(&mem, 0, 1, &me);
+            }
+            settle(&mem, &mut host);
+        });
+    }
 }

@@ -506,8 +506,8 @@ fn transient_protocol_states_are_notes_that_keep_the_region_ok() {
         LEASE_CLOSED,
         &[],
     );
-    // Peer 5 is flipping its bit on "pair".
-    r.cell(0, 2, refcell::REF_LOCK);
+    // Peer 5 is flipping its bit on "pair" (its process 4242 holds the cell lock).
+    r.cell(0, 2, refcell::locked_by(4242));
     // Peer 7 has posted request 3 (CREATE), answered up to 2.
     let mb = r.layout.mailbox(PeerSlot(1)).expect("mailbox");
     r.mem
@@ -536,6 +536,7 @@ fn transient_protocol_states_are_notes_that_keep_the_region_ok() {
     let n = Severity::Note;
     assert_has(&report, n, "object slot 5", "awaiting reap");
     assert_has(&report, n, "object slot 2", "transition in progress");
+    assert_has(&report, n, "object slot 2", "owner token 4242");
     assert_has(
         &report,
         n,

@@ -471,18 +471,25 @@ fn walk_refcounts<M: SharedMemory + ?Sized>(
                 continue;
             };
             let at = || format!("object slot {s}");
-            let n = v & refcell::REF_COUNT;
-            let locked = v & refcell::REF_LOCK != 0;
-            if locked {
+            // A locked cell's low bits name the lock owner, not a count (FORMAT.md §6).
+            let n = refcell::count(v).unwrap_or(0);
+            let locked = refcell::lock_owner(v);
+            if let Some(token) = locked {
+                let by = match token {
+                    0 => "an untagged owner".to_string(),
+                    t => format!("owner token {t}"),
+                };
                 r.note(
                     at(),
                     format!(
-                        "peer {} (slot {p}) holds its refcount lock: a transition in progress \
-                         (stuck if it stays)",
+                        "peer {} (slot {p}) holds its refcount lock ({by}): a transition in \
+                         progress (taken over by the peer's next open or close if that owner \
+                         died)",
                         peer.id
                     ),
                 );
             }
+            let locked = locked.is_some();
             match *view {
                 SlotView::Free if n > 0 => {
                     r.error(
