@@ -3,7 +3,10 @@
 //! Server → client only; each message is one little-endian i64 with at most one fd.
 //! On connect: 0 (version); the client's peer id; -1 + the shared-memory fd; for every
 //! other peer its id once per vector with one eventfd each; the client's own id once per
-//! vector with its eventfds. Later: id + fd = a peer joined; id alone = a peer left.
+//! vector with its eventfds. Later: id + fd = a peer joined. vshmd never sends "id alone"
+//! (a peer left): QEMU frees that id's eventfd array on it and writes into the freed array
+//! if the id joins again. A departed id is *parked* with its eventfds instead and handed,
+//! with those same eventfds, to a later newcomer (FORMAT.md §15).
 //! A refused client gets `-code` instead of the version, then a detail number, then the
 //! connection is closed (vshm's own refusal codes, [`ConnectRefusal`]; QEMU gives up on
 //! any version but 0).
@@ -11,7 +14,7 @@
 //! The host is peer 0. Each client gets its *own* set of eventfds for peer 0, so the backend
 //! knows which client rang.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -170,8 +173,9 @@ pub struct Client {
     handshake_until: Option<Instant>,
     /// Messages in the handshake (it is out once that many were written).
     handshake_len: u64,
-    /// The server's connect/disconnect clock when it joined.
-    joined: u64,
+    /// Every peer id whose eventfds it was sent (never forgotten: departures are not
+    /// announced, so what it holds for an id stays valid for that id's next occupant).
+    known: BTreeSet<PeerId>,
 }
 
 impl Client {
@@ -378,11 +382,15 @@ pub struct Server {
     vectors: u32,
     max_peers: u32,
     clients: BTreeMap<PeerId, Client>,
-    next_id: PeerId,
-    /// Counts connects and disconnects (orders joins against departures).
-    clock: u64,
-    /// When each id last left.
-    departed: std::collections::HashMap<PeerId, u64>,
+    /// The lowest id never handed out (above 65535 once all were).
+    next_id: u32,
+    /// The highest id handed out (65535; lower only for tests, [`MAX_PEER_ID_ENV`]).
+    max_id: PeerId,
+    /// Ids whose occupant left, with the eventfds every client that knows the id holds.
+    parked: BTreeMap<PeerId, Vec<Arc<EventFd>>>,
+    /// Parked ids whose last occupant was cut off and may still run: not handed out until
+    /// its process exited ([`Server::unfence_id`]).
+    fenced_ids: BTreeSet<PeerId>,
     /// Peers vshmd disconnected because they stopped reading (their process may live on).
     cut_off: std::collections::HashSet<PeerId>,
     /// Most messages one client may have waiting (twice the largest handshake).
@@ -398,6 +406,19 @@ pub struct Server {
 pub fn queue_limit(vectors: u32, max_peers: u32) -> usize {
     let handshake = 3 + u64::from(vectors) * (u64::from(max_peers) + 1);
     usize::try_from(2 * handshake).unwrap_or(usize::MAX)
+}
+
+/// Test knob: the highest peer id vshmd hands out (default and maximum 65535), so a test
+/// can cycle through the whole id space quickly. Not for production use.
+pub const MAX_PEER_ID_ENV: &str = "VSHMD_TEST_MAX_PEER_ID";
+
+/// The highest peer id to hand out: [`MAX_PEER_ID_ENV`] if set to 1..=65535, else 65535.
+fn max_peer_id() -> PeerId {
+    std::env::var(MAX_PEER_ID_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u16>().ok())
+        .filter(|&v| v >= 1)
+        .map_or(PeerId(u16::MAX), PeerId)
 }
 
 impl Server {
@@ -422,9 +443,10 @@ impl Server {
             vectors,
             max_peers,
             clients: BTreeMap::new(),
-            next_id: PeerId(1),
-            clock: 0,
-            departed: std::collections::HashMap::new(),
+            next_id: 1,
+            max_id: max_peer_id(),
+            parked: BTreeMap::new(),
+            fenced_ids: BTreeSet::new(),
             cut_off: std::collections::HashSet::new(),
             queue_limit: queue_limit(vectors, max_peers),
             queues_changed: false,
@@ -487,7 +509,6 @@ impl Server {
         let Some(id) = self.next_safe_id() else {
             return Ok(refuse(&stream, ConnectRefusal::NoSafeId));
         };
-        self.next_id = PeerId(id.raw().wrapping_add(1));
         stream.set_nonblocking(true)?;
         let cred = peer_credentials(&stream);
         let pid = cred.map(|c| c.pid).filter(|&pid| pid > 0);
@@ -499,9 +520,14 @@ impl Server {
             }
         });
         let mk = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map(Arc::new);
-        let own = (0..self.vectors)
-            .map(|_| mk())
-            .collect::<io::Result<Vec<_>>>()?;
+        // A parked id comes with the eventfds its earlier occupants had, which every client
+        // that knows the id still holds for it: their rings now reach the newcomer.
+        let own = match self.parked.get(&id) {
+            Some(fds) => fds.clone(),
+            None => (0..self.vectors)
+                .map(|_| mk())
+                .collect::<io::Result<Vec<_>>>()?,
+        };
         let bells = (0..self.vectors)
             .map(|_| mk())
             .collect::<io::Result<Vec<_>>>()?;
@@ -525,8 +551,12 @@ impl Server {
             watching_out: false,
             handshake_until: Some(Instant::now() + HANDSHAKE_DEADLINE),
             handshake_len: 0,
-            joined: self.clock + 1,
+            known: self.clients.keys().copied().chain([id]).collect(),
         };
+        // Handed out: a parked id is no longer parked, a fresh one moves the counter on.
+        if self.parked.remove(&id).is_none() {
+            self.next_id = u32::from(id.raw()) + 1;
+        }
         let raw = |p: PeerId| i64::from(p.raw());
         let shared = |fd: &Arc<EventFd>| -> Option<Attached> { Some(fd.clone()) };
         client.outbox.push(0, None);
@@ -544,9 +574,14 @@ impl Server {
             client.outbox.push(raw(id), shared(fd));
         }
         client.handshake_len = u64::try_from(client.outbox.len()).unwrap_or(u64::MAX);
-        // Tell everyone else about the newcomer (queued: none of them is waited for).
+        // Tell everyone else about the newcomer (queued: none of them is waited for). A
+        // client that knows the id already holds these very eventfds for it: telling it
+        // again would overfill QEMU's per-id array, so it is told nothing.
         let mut over = Vec::new();
         for other in self.clients.values_mut() {
+            if !other.known.insert(id) {
+                continue;
+            }
             for fd in &client.own {
                 other.outbox.push(raw(id), shared(fd));
             }
@@ -554,7 +589,6 @@ impl Server {
                 over.push(other.id);
             }
         }
-        self.clock += 1;
         tracing::info!(id = id.raw(), pid = client.pid, "peer connected");
         self.clients.insert(id, client);
         for other in over {
@@ -610,26 +644,38 @@ impl Server {
         }
     }
 
-    /// The next peer id to hand out: ids count up, skipping 0 and ids in use, and an id
-    /// whose departure a connected peer witnessed is never reused — QEMU frees part of its
-    /// per-id state when told a peer left and writes into it if the id comes back
-    /// (ivshmem-server simply counts up; this also survives the wrap at 65535).
+    /// The next peer id to hand out: the lowest parked id that is not fenced, else the
+    /// lowest never handed out (up to [`Server::max_id`]). Departures are never announced
+    /// and a reused id keeps its eventfds, so no client ever sees an id leave and come back
+    /// (QEMU's use-after-free, FORMAT.md §15), and ids run out only if more than the id
+    /// space are connected or fenced at once. `None` then.
     fn next_safe_id(&self) -> Option<PeerId> {
-        let oldest = self
-            .clients
-            .values()
-            .map(|c| c.joined)
-            .min()
-            .unwrap_or(u64::MAX);
-        let mut id = self.next_id;
-        for _ in 0..=u16::MAX {
-            let witnessed = self.departed.get(&id).is_some_and(|&left| left >= oldest);
-            if id != PeerId::HOST && !self.clients.contains_key(&id) && !witnessed {
-                return Some(id);
-            }
-            id = PeerId(id.raw().wrapping_add(1));
-        }
-        None
+        let parked = self
+            .parked
+            .keys()
+            .copied()
+            .find(|id| !self.fenced_ids.contains(id) && !self.clients.contains_key(id));
+        parked.or_else(|| {
+            let id = u16::try_from(self.next_id).ok().map(PeerId)?;
+            (id != PeerId::HOST && id <= self.max_id && !self.clients.contains_key(&id))
+                .then_some(id)
+        })
+    }
+
+    /// Keeps `id` (parked, its last occupant cut off while its process runs) from being
+    /// handed out: that process may still look its slot up by id or read its eventfds.
+    pub fn fence_id(&mut self, id: PeerId) {
+        self.fenced_ids.insert(id);
+    }
+
+    /// The process behind fenced `id` exited: the id may be handed out again.
+    pub fn unfence_id(&mut self, id: PeerId) {
+        self.fenced_ids.remove(&id);
+    }
+
+    /// The highest peer id handed out.
+    pub fn max_id(&self) -> PeerId {
+        self.max_id
     }
 
     /// Clients whose need to be watched for writability changed since the last call:
@@ -654,26 +700,14 @@ impl Server {
         self.cut_off.remove(&id)
     }
 
-    /// Removes a client and tells the others it is gone (queued, like the joins).
+    /// Removes a client and parks its id with its eventfds. The others are told nothing:
+    /// QEMU would free the id's eventfd array and write into it when the id is reused, and
+    /// what they hold for the id stays valid for its next occupant (rings meant for the one
+    /// who left land on an eventfd vshmd keeps open, and wake the next one spuriously).
     pub fn disconnect(&mut self, id: PeerId) -> Option<Client> {
         let client = self.clients.remove(&id)?;
-        self.clock += 1;
-        self.departed.insert(id, self.clock);
-        let mut over = Vec::new();
-        for other in self.clients.values_mut() {
-            other.outbox.push(i64::from(id.raw()), None);
-            if other.outbox.len() > self.queue_limit {
-                over.push(other.id);
-            }
-        }
-        for other in over {
-            self.cut(other, "its queue of unread messages is full");
-        }
-        let ids: Vec<PeerId> = self.clients.keys().copied().collect();
-        for other in ids {
-            self.flush(other);
-        }
-        tracing::info!(id = id.raw(), "peer disconnected");
+        self.parked.insert(id, client.own.clone());
+        tracing::info!(id = id.raw(), "peer disconnected; its id is parked");
         Some(client)
     }
 
@@ -798,31 +832,98 @@ mod tests {
         panic!("no connection accepted");
     }
 
+    /// Reads one message (i64 + optional fd) a client was sent, if one is waiting.
+    fn next_msg(client: &UnixStream) -> Option<(i64, Option<File>)> {
+        let mut buf = [0u8; 8];
+        let (n, fd) = client.recv_with_fd(&mut buf).ok()?;
+        (n == 8).then(|| (i64::from_le_bytes(buf), fd))
+    }
+
+    /// Every message waiting for `client` (after the server flushed).
+    fn drain(client: &UnixStream) -> Vec<(i64, bool)> {
+        client.set_nonblocking(true).expect("nonblocking");
+        std::iter::from_fn(|| next_msg(client))
+            .map(|(v, fd)| (v, fd.is_some()))
+            .collect()
+    }
+
     #[test]
-    fn an_id_whose_departure_a_connected_peer_saw_is_not_handed_out_again() {
-        let dir = std::env::temp_dir().join(format!("vshm-server-{}", std::process::id()));
+    fn a_departed_id_is_parked_never_announced_and_handed_on_with_the_same_eventfds() {
+        let dir = std::env::temp_dir().join(format!("vshm-server-park-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let mut server = Server::bind(&dir.join("s"), 2, 8).expect("bind");
+        let memfd = File::open("/dev/zero").expect("an fd to send");
+        let (a_sock, a) = connect(&mut server, &memfd);
+        let (_b_sock, b) = connect(&mut server, &memfd);
+        assert_eq!((a, b), (PeerId(1), PeerId(2)));
+        let b_fds = server.client(b).expect("b").own.clone();
+        let _ = drain(&a_sock);
+        server.disconnect(b);
+        assert!(drain(&a_sock).is_empty(), "A is not told that 2 left");
+        // The next newcomer gets 2 back, with the eventfds A already holds for 2, and A is
+        // told nothing (its QEMU would count them as a second set).
+        let (c_sock, c) = connect(&mut server, &memfd);
+        assert_eq!(c, PeerId(2));
+        let c_fds = &server.client(c).expect("c").own;
+        assert!(
+            c_fds.iter().zip(&b_fds).all(|(x, y)| Arc::ptr_eq(x, y)),
+            "the same eventfds"
+        );
+        assert!(drain(&a_sock).is_empty(), "A already knows 2");
+        // C's handshake: version, id, memory, 2 host bells, A's 2 eventfds, its own 2.
+        let hs = drain(&c_sock);
+        assert_eq!(hs.len(), 3 + 2 + 2 + 2, "{hs:?}");
+        assert_eq!(&hs[..2], &[(0, false), (2, false)]);
+        // C knew 1 (A) when it joined: when 1 is reused it is told nothing.
+        server.disconnect(a);
+        let (_d_sock, d) = connect(&mut server, &memfd);
+        assert_eq!(d, PeerId(1), "1 is parked and reused");
+        assert!(drain(&c_sock).is_empty(), "C already holds 1's eventfds");
+        // A client that joined while 3 was parked (fenced) never knew 3: it is told when 3
+        // is handed out.
+        let (_e_sock, e) = connect(&mut server, &memfd);
+        assert_eq!(e, PeerId(3));
+        server.disconnect(e);
+        server.fence_id(e);
+        let (f_sock, f) = connect(&mut server, &memfd);
+        assert_eq!(f, PeerId(4), "3 is fenced");
+        let _ = drain(&f_sock);
+        server.unfence_id(e);
+        let (_g_sock, g) = connect(&mut server, &memfd);
+        assert_eq!(g, PeerId(3));
+        assert_eq!(
+            drain(&f_sock),
+            [(3, true), (3, true)],
+            "F never knew 3: it learns its eventfds"
+        );
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn ids_never_run_out_while_one_peer_lives_through_many_times_the_id_space() {
+        let dir = std::env::temp_dir().join(format!("vshm-server-ids-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let mut server = Server::bind(&dir.join("s"), 1, 8).expect("bind");
+        server.max_id = PeerId(4);
         let memfd = File::open("/dev/zero").expect("an fd to send");
-        server.next_id = PeerId(5);
-        let (_a, a) = connect(&mut server, &memfd);
-        let (_b, b) = connect(&mut server, &memfd);
-        assert_eq!((a, b), (PeerId(5), PeerId(6)));
-        server.disconnect(b);
-        // As if the counter had wrapped around to 6: A saw 6 leave, so 6 is skipped.
-        server.next_id = PeerId(6);
-        let (_c, c) = connect(&mut server, &memfd);
-        assert_eq!(c, PeerId(7));
-        // Once everyone who saw 6 leave is gone, 6 is safe again.
-        server.disconnect(a);
-        server.next_id = PeerId(6);
-        let (_d, d) = connect(&mut server, &memfd);
-        assert_eq!(d, PeerId(6));
-        // Ids wrap past 65535 to 1, never 0.
-        server.next_id = PeerId(u16::MAX);
-        let (_e, e) = connect(&mut server, &memfd);
-        let (_f, f) = connect(&mut server, &memfd);
-        assert_eq!((e, f), (PeerId(u16::MAX), PeerId(1)));
+        let (long_sock, long) = connect(&mut server, &memfd);
+        for _ in 0..5 * 4 {
+            let (_sock, id) = connect(&mut server, &memfd);
+            assert!(id != long && id <= PeerId(4), "{id:?}");
+            server.disconnect(id);
+            let _ = drain(&long_sock);
+        }
+        // A fenced id is not handed out until its process is gone.
+        let (_x, x) = connect(&mut server, &memfd);
+        server.disconnect(x);
+        server.fence_id(x);
+        let (_y, y) = connect(&mut server, &memfd);
+        assert_ne!(y, x, "a fenced id waits");
+        server.disconnect(y);
+        server.unfence_id(x);
+        let (_z, z) = connect(&mut server, &memfd);
+        assert_eq!(z, x.min(y), "the lowest parked id, once unfenced");
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -964,17 +1065,20 @@ mod tests {
         let mut server = Server::bind(&dir.join("s"), 64, 8).expect("bind");
         let memfd = File::open("/dev/zero").expect("an fd to send");
         let (_silent, silent) = connect(&mut server, &memfd);
-        // Others come and go; each join queues 64 messages for the silent client.
+        // Others come and go; each join queues 64 messages for the silent client. (Each id is
+        // fenced as it leaves, so every newcomer gets a fresh id the silent client must be
+        // told about: a reused id it knows costs it nothing.)
         let started = Instant::now();
         let mut cycles = 0;
         while !server.cut_off.contains(&silent) && cycles < 200 {
             let (c, id) = connect(&mut server, &memfd);
             drop(c);
             server.disconnect(id);
+            server.fence_id(id);
             cycles += 1;
         }
         assert!(server.was_cut_off(silent), "cut off after {cycles} joins");
-        // 2 × (3 + 64 × 9) messages, 65 per join and leave: about 18 cycles.
+        // 2 × (3 + 64 × 9) messages, 64 per join: about 18 cycles.
         assert!(cycles > 10, "not before its queue is full ({cycles} joins)");
         assert!(
             started.elapsed() < Duration::from_secs(2),

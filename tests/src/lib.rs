@@ -120,11 +120,17 @@ pub struct Backend {
 impl Backend {
     /// Starts vshmd with `extra` arguments and waits until its control socket answers.
     pub fn start(extra: &[&str]) -> Backend {
+        Backend::start_with_env(extra, &[])
+    }
+
+    /// [`Backend::start`] with extra environment variables for vshmd (test knobs such as
+    /// `VSHMD_TEST_MAX_PEER_ID`).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Backend {
         let dir = TempDir::new("vshmd");
         let socket = dir.path().join("vshm.sock");
         let mut args: Vec<std::ffi::OsString> = vec!["--socket".into(), socket.clone().into()];
         args.extend(extra.iter().map(Into::into));
-        Backend::spawn(dir, socket, &args)
+        Backend::spawn(dir, socket, &args, env)
     }
 
     /// Starts vshmd with `--config FILE` (then `extra`), FILE holding `toml` with every
@@ -137,13 +143,19 @@ impl Backend {
         let socket = dir.path().join("vshm.sock");
         let mut args: Vec<std::ffi::OsString> = vec!["--config".into(), file.into()];
         args.extend(extra.iter().map(Into::into));
-        Backend::spawn(dir, socket, &args)
+        Backend::spawn(dir, socket, &args, &[])
     }
 
-    fn spawn(dir: TempDir, socket: PathBuf, args: &[std::ffi::OsString]) -> Backend {
+    fn spawn(
+        dir: TempDir,
+        socket: PathBuf,
+        args: &[std::ffi::OsString],
+        env: &[(&str, &str)],
+    ) -> Backend {
         let control = dir.path().join("vshm.sock.ctl");
         let child = command(&bin("vshmd"))
             .args(args)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("VSHM_LOG").unwrap_or_else(|_| "warn".into()),

@@ -376,20 +376,22 @@ fn vshmctl_status_json_has_the_documented_fields() {
 fn list_names_holders_by_their_peer_ids_not_their_slots() {
     watchdog(LIMIT, || {
         let b = Backend::start(&["--size", "4M"]);
-        // Each command is a peer that comes and goes: ids count up while slots are reused.
+        // Each command is a peer that comes and goes: the id is handed on (parked, FORMAT.md
+        // §15) while the slot moves on (the free slot freed longest ago), so they differ.
         assert!(b
             .vshm(&["create", "h", "--max", "4K", "--persistent"])
             .status
             .success());
         assert!(b.vshm(&["open", "h"]).status.success());
         let holder = b.vshm_holding(&["hold", "h"]);
-        let holder_id = b
-            .peer_of_pid(holder.id())
-            .and_then(|p| p["id"].as_u64())
-            .expect("the holder is a peer");
+        let peer = b.peer_of_pid(holder.id()).expect("the holder is a peer");
+        let (holder_id, holder_slot) = (
+            peer["id"].as_u64().expect("id"),
+            peer["slot"].as_u64().expect("slot"),
+        );
         assert!(
-            holder_id > 1,
-            "ids were not reused (holder got {holder_id})"
+            holder_id != holder_slot && holder_id != holder_slot + 1,
+            "id {holder_id} and slot {holder_slot} must be told apart"
         );
         let list: serde_json::Value =
             serde_json::from_slice(&b.vshm(&["list", "--json"]).stdout).expect("json");

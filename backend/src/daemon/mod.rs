@@ -252,6 +252,8 @@ impl Drop for Listener {
 struct Fence {
     pid: i32,
     slot: PeerSlot,
+    /// The peer id it had: not handed out again while the process may still use it.
+    id: PeerId,
     /// Readable once the process exits (watched in epoll). None where pidfd_open failed
     /// (old kernel): then /proc is polled on the timer.
     pidfd: Option<OwnedFd>,
@@ -609,7 +611,16 @@ impl Daemon {
         let gone = self.server.disconnect(id);
         if let (Some(slot), Some(pid)) = (slot, pid) {
             let pidfd = gone.and_then(|c| c.pidfd);
-            self.add_fence(Fence { pid, slot, pidfd }, ops);
+            self.server.fence_id(id);
+            self.add_fence(
+                Fence {
+                    pid,
+                    slot,
+                    id,
+                    pidfd,
+                },
+                ops,
+            );
         }
         tracing::info!(
             id = id.raw(),
@@ -655,6 +666,7 @@ impl Daemon {
         }
         tracing::info!(pid = fence.pid, "a fenced peer's process exited; unfencing");
         self.arbiter.unfence(fence.slot);
+        self.server.unfence_id(fence.id);
     }
 
     /// Lifts the fences without a pidfd whose processes have exited. Runs on the timer.
@@ -666,6 +678,7 @@ impl Daemon {
                 i += 1;
             } else {
                 self.arbiter.unfence(f.slot);
+                self.server.unfence_id(f.id);
                 self.fences.swap_remove(i);
             }
         }

@@ -523,8 +523,7 @@ pub mod refusal {
 pub mod connect_refusal {
     /// `max_peers` clients are connected; detail = `max_peers`.
     pub const PEER_SLOTS_FULL: i64 = 1;
-    /// No peer id is safe to hand out (every free id was seen leaving by a connected
-    /// client); detail = 0.
+    /// No peer id is safe to hand out (every id is connected or fenced); detail = 0.
     pub const NO_SAFE_ID: i64 = 2;
     /// No free peer slot could be given out (the free ones are fenced while their old
     /// processes run, or could not be cleared); detail = `max_peers`.

@@ -662,7 +662,7 @@ impl ConnectRefusal {
         match self {
             ConnectRefusal::PeerSlotsFull { .. } => "all peer slots are in use",
             ConnectRefusal::NoSafeId => {
-                "no peer id is safe to hand out (every free id was seen leaving by a connected peer)"
+                "no peer id is safe to hand out (every id is connected or fenced)"
             }
             ConnectRefusal::NoReadySlot => {
                 "no free peer slot is ready (the free ones are fenced while their previous \
