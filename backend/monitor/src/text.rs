@@ -89,9 +89,14 @@ pub fn status(doc: &Value) -> String {
     let mut out = String::new();
     let r = &doc["region"];
     let d = &doc["vshmd"];
+    // The region's name, when the document has one (vshmd serving several says which).
+    let name = match &r["name"] {
+        Value::String(s) => format!("region {}, ", printable(s)),
+        _ => String::new(),
+    };
     let _ = writeln!(
         out,
-        "vshmd pid {} up {}, socket {}",
+        "vshmd pid {} up {}, {name}socket {}",
         or_dash(&d["pid"]),
         human_age(n(&d["uptime_secs"])),
         or_dash(&d["socket"])

@@ -1,18 +1,21 @@
-//! vshmd: owns a shared region and serves it to QEMU guests and host processes over the
-//! ivshmem server protocol, arbitrating every change to the namespace.
+//! vshmd: owns shared regions (one, or several from a config file, each on its own thread)
+//! and serves them to QEMU guests and host processes over the ivshmem server protocol,
+//! arbitrating every change to each namespace.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use vshm_backend::config::{self, Options};
-use vshm_backend::daemon::Daemon;
+use vshm_backend::daemon::{regions, Config};
 use vshm_format::units::parse_size;
 
 /// vshm host backend: shared memory between VMs, with a namespace.
 ///
 /// Settings come from the options, from a configuration file (`--config`, docs/CONFIG.md),
-/// or both: an option overrides the same key of the file's `[region]`.
+/// or both: an option overrides the same key of the file's `[region]`. A file may describe
+/// several regions (`[[region]]`), each served on its own thread; options that set a
+/// region's key are then refused.
 #[derive(Debug, Parser)]
 #[command(name = "vshmd", version)]
 struct Args {
@@ -95,22 +98,53 @@ fn main() -> ExitCode {
         quarantine_ms: args.quarantine_ms,
     };
     // Everything is checked before anything is created.
-    let config = match config::resolve(&options) {
+    let configs = match config::resolve(&options) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vshmd: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let daemon = match Daemon::new(config.clone()) {
+    // Before any socket exists (a signal during startup then stops vshmd cleanly) and
+    // before any thread (they inherit the mask: only the main thread sees signals).
+    let signals = match regions::block_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vshmd: cannot set up signal handling: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // All or nothing: a region that cannot start takes the ones before it down again.
+    let daemons = match regions::start(configs.clone()) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("vshmd: {e}");
             return ExitCode::FAILURE;
         }
     };
+    for config in &configs {
+        banner(config, configs.len() > 1);
+    }
+    match regions::run(daemons, &signals) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failures) => {
+            for e in failures {
+                eprintln!("vshmd: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// How to attach a VM to one region (with its name when vshmd serves several).
+fn banner(config: &Config, named: bool) {
+    let region = if named {
+        format!("region {}: ", config.name)
+    } else {
+        String::new()
+    };
     println!(
-        "vshmd: serving {} bytes on {} (control: {})",
+        "vshmd: {region}serving {} bytes on {} (control: {})",
         config.size,
         config.socket.display(),
         config.control.display()
@@ -128,11 +162,4 @@ fn main() -> ExitCode {
         "or in libvirt domain XML (<devices>):\n{}",
         config.libvirt_xml()
     );
-    match daemon.run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vshmd: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }

@@ -1,5 +1,6 @@
 //! The configuration file's schema as serde types (docs/CONFIG.md is the reference): one
-//! `[region]` with its listening sockets and rules, and named `[policy.NAME]` tables.
+//! `[region]` table or several `[[region]]` tables, each with its listening sockets and
+//! rules, and named `[policy.NAME]` tables shared by every region.
 //! Unknown keys are errors; values that can be checked on their own (sizes, modes,
 //! patterns) are checked while parsing, so toml reports them with their line.
 
@@ -17,15 +18,45 @@ use crate::policy::Glob;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileDoc {
-    pub region: Option<Spanned<RegionFile>>,
+    pub region: Option<Spanned<Regions>>,
     #[serde(default)]
     pub policy: BTreeMap<Spanned<String>, Spanned<PolicyFile>>,
+}
+
+/// `[region]` (one table, the original form) or `[[region]]` (a list of tables).
+#[derive(Debug)]
+pub(super) enum Regions {
+    One(Box<RegionFile>),
+    Many(Vec<Spanned<RegionFile>>),
+}
+
+impl<'de> Deserialize<'de> for Regions {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Regions, D::Error> {
+        // Not `#[serde(untagged)]`: that would swallow toml's message (line, unknown key)
+        // into "did not match any variant". Each form is handed its own deserializer.
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Regions;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a [region] table or [[region]] tables")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Regions, A::Error> {
+                RegionFile::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|r| Regions::One(Box::new(r)))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Regions, A::Error> {
+                Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Regions::Many)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `[region]`: every command-line option of vshmd, plus sockets and rules.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RegionFile {
+    pub name: Option<Spanned<String>>,
     pub socket: Option<Spanned<PathBuf>>,
     pub size: Option<Spanned<Size>>,
     pub control: Option<Spanned<PathBuf>>,

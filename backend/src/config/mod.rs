@@ -1,11 +1,14 @@
 //! `vshmd --config FILE`: reads the TOML file (`file.rs`), checks it, and combines it with
-//! the command-line options into the daemon's [`Config`] and the policy [`Rules`].
+//! the command-line options into one daemon [`Config`] (with its policy [`Rules`]) per
+//! region.
 //!
 //! Precedence (docs/CONFIG.md): a command-line option overrides the same key of the file's
-//! `[region]`; a flag (`--hugepages`, `--lock`) can only turn its key on; anything neither
-//! gives takes vshmd's default. Two sockets (or a socket and the control socket) on one
-//! path are an error naming both, wherever each came from. Everything is checked here,
-//! before vshmd creates anything.
+//! only region (options are refused with a file of several regions); a flag
+//! (`--hugepages`, `--lock`) can only turn its key on; anything neither gives takes
+//! vshmd's default. Two sockets (or a socket and a control socket) on one path, two
+//! regions of one name or two metrics listeners on one address are an error naming both,
+//! wherever each came from (`across.rs`). Everything is checked here, before vshmd creates
+//! anything.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -17,12 +20,13 @@ use toml::Spanned;
 use crate::daemon::{Config, DaemonError, ListenConfig};
 use crate::policy::{Patterns, Policy, Rate, Rule, Rules, MAIN_SOCKET, UNRESTRICTED};
 
+mod across;
 mod file;
 mod ids;
 #[cfg(test)]
 mod tests;
 
-use file::{FileDoc, Owner, PolicyFile, RegionFile};
+use file::{FileDoc, Owner, PolicyFile, RegionFile, Regions};
 
 /// Defaults of the options (also in `vshmd --help` and docs/CONFIG.md).
 pub const DEFAULT_SIZE: u64 = 64 << 20;
@@ -66,6 +70,27 @@ pub struct Options {
     pub metrics: Option<SocketAddr>,
     /// `--quarantine-ms`.
     pub quarantine_ms: Option<u32>,
+}
+
+impl Options {
+    /// The first option given that sets a key of the region (all but `--config`), if any.
+    fn region_option(&self) -> Option<&'static str> {
+        [
+            (self.socket.is_some(), "--socket"),
+            (self.size.is_some(), "--size"),
+            (self.control.is_some(), "--control"),
+            (self.max_peers.is_some(), "--max-peers"),
+            (self.max_objects.is_some(), "--max-objects"),
+            (self.vectors.is_some(), "--vectors"),
+            (self.hugepages, "--hugepages"),
+            (self.lock, "--lock"),
+            (self.control_mode.is_some(), "--control-mode"),
+            (self.metrics.is_some(), "--metrics"),
+            (self.quarantine_ms.is_some(), "--quarantine-ms"),
+        ]
+        .into_iter()
+        .find_map(|(given, option)| given.then_some(option))
+    }
 }
 
 /// Why the configuration is unusable. Each names the file, and the key and line where
@@ -112,20 +137,38 @@ pub enum ConfigError {
     /// A command-line option is unusable, or something required is missing.
     #[error("{0}")]
     Option(String),
+    /// An option that sets a region's key, with a file of several regions.
+    #[error(
+        "{option} sets a key of one region, but {} has {regions} regions: set the key in \
+         each [[region]] table instead",
+        file.display()
+    )]
+    OptionWithRegions {
+        /// The option (`--size`).
+        option: &'static str,
+        /// The file.
+        file: PathBuf,
+        /// How many regions it has.
+        regions: usize,
+    },
 }
 
 /// Where a setting came from, for messages.
 #[derive(Debug, Clone)]
 enum Origin {
-    Default,
+    /// Neither the options nor the file gave it: the key it would have had.
+    Default(String),
     Flag(&'static str),
-    Key { key: String, at: String },
+    Key {
+        key: String,
+        at: String,
+    },
 }
 
 impl Origin {
     fn describe(&self, value: &str) -> String {
         match self {
-            Origin::Default => format!("the default {value}"),
+            Origin::Default(key) => format!("the default {key} {value}"),
             Origin::Flag(f) => format!("{f} {value}"),
             Origin::Key { key, at } => format!("{key} = {value} ({at})"),
         }
@@ -182,10 +225,15 @@ pub fn default_max_objects(size: u64) -> u32 {
     u32::try_from(fit.clamp(16, 1024)).unwrap_or(1024)
 }
 
-/// Reads `opts.config` (if given) and combines it with the other options.
-pub fn resolve(opts: &Options) -> Result<Config, ConfigError> {
+/// Reads `opts.config` (if given) and combines it with the other options: one [`Config`]
+/// per region, in the file's order (exactly one without a file).
+pub fn resolve(opts: &Options) -> Result<Vec<Config>, ConfigError> {
     match &opts.config {
-        None => combine(opts, None),
+        None => {
+            let one = combine(opts, None, None, &Policies::default())?;
+            across::check(std::slice::from_ref(&one))?;
+            Ok(vec![one.config])
+        }
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 file: path.clone(),
@@ -197,70 +245,185 @@ pub fn resolve(opts: &Options) -> Result<Config, ConfigError> {
 }
 
 /// [`resolve`] with the file's text already read (tests).
-pub fn resolve_text(opts: &Options, path: &Path, text: &str) -> Result<Config, ConfigError> {
+pub fn resolve_text(opts: &Options, path: &Path, text: &str) -> Result<Vec<Config>, ConfigError> {
     let parse_err = |e: toml::de::Error| ConfigError::Parse {
         file: path.to_owned(),
         message: e.to_string().trim_end().to_string(),
     };
-    // `[[region]]` would parse as a list: say plainly that one region is served.
-    let table: toml::Table = toml::from_str(text).map_err(parse_err)?;
-    if let Some(toml::Value::Array(list)) = table.get("region") {
-        return Err(ConfigError::Invalid {
-            where_: path.display().to_string(),
-            key: "region".into(),
-            problem: format!(
-                "{} [[region]] tables: this vshmd serves exactly one region per process; \
-                 write one [region] table and run one vshmd per region",
-                list.len()
-            ),
-        });
-    }
     let doc: FileDoc = toml::from_str(text).map_err(parse_err)?;
-    combine(opts, Some((Source { path, text }, doc)))
-}
-
-fn combine(opts: &Options, file: Option<(Source<'_>, FileDoc)>) -> Result<Config, ConfigError> {
-    let (src, doc) = match file {
-        Some((src, doc)) => (Some(src), Some(doc)),
-        None => (None, None),
+    let src = Source { path, text };
+    let regions: Vec<RegionIn<'_>> = match &doc.region {
+        None => Vec::new(),
+        Some(r) => match r.get_ref() {
+            Regions::One(file) => vec![RegionIn {
+                key: "region".into(),
+                at: src.at(r),
+                file,
+                count: 1,
+            }],
+            Regions::Many(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, f)| RegionIn {
+                    key: format!("region[{i}]"),
+                    at: src.at(f),
+                    file: f.get_ref(),
+                    count: list.len(),
+                })
+                .collect(),
+        },
     };
-    let region: Option<&RegionFile> = doc
-        .as_ref()
-        .and_then(|d| d.region.as_ref())
-        .map(|r| r.get_ref());
-    if let (Some(src), None) = (&src, region) {
+    // An option sets a key of "the" region: with several, it would be ambiguous which.
+    if regions.len() > 1 {
+        if let Some(option) = opts.region_option() {
+            return Err(ConfigError::OptionWithRegions {
+                option,
+                file: path.to_owned(),
+                regions: regions.len(),
+            });
+        }
+    }
+    let policies = policies(&src, &doc)?;
+    let resolved = if regions.is_empty() {
         if opts.socket.is_none() {
             return Err(ConfigError::Invalid {
-                where_: src.path.display().to_string(),
+                where_: path.display().to_string(),
                 key: "region".into(),
                 problem: "no [region] table (and no --socket)".into(),
             });
         }
+        vec![combine(opts, Some(&src), None, &policies)?]
+    } else {
+        regions
+            .iter()
+            .map(|r| combine(opts, Some(&src), Some(r), &policies))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    // Names, paths and addresses that regions would share: each checked alone is fine.
+    across::check(&resolved)?;
+    Ok(resolved.into_iter().map(|r| r.config).collect())
+}
+
+/// One region of the file, with where it is (for messages).
+struct RegionIn<'a> {
+    /// `region` (the `[region]` form) or `region[I]` (the `[[region]]` form).
+    key: String,
+    /// `FILE:LINE` of its table.
+    at: String,
+    file: &'a RegionFile,
+    /// How many regions the file has.
+    count: usize,
+}
+
+/// One region combined with the options, and what [`across`] compares between regions:
+/// each setting with a description of where it came from.
+#[derive(Debug, Clone)]
+struct Resolved {
+    config: Config,
+    /// Its name.
+    name: String,
+    /// Where its name came from.
+    name_origin: String,
+    /// Every socket path of the region.
+    paths: Vec<(PathBuf, String)>,
+    /// Its metrics address, if any.
+    metrics: Option<(SocketAddr, String)>,
+}
+
+/// The file's policies by name (not counting the built-in `unrestricted`).
+#[derive(Default)]
+struct Policies(Vec<(String, Arc<Policy>)>);
+
+/// The default name of a file's only region (or of the region the options describe).
+pub const DEFAULT_REGION_NAME: &str = "default";
+
+/// The longest region name (it becomes part of the thread's name and of log lines).
+pub const MAX_REGION_NAME: usize = 32;
+
+/// Checks a region's name: letters, digits, `-`, `_` and `.`, at most
+/// [`MAX_REGION_NAME`] bytes.
+fn region_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() || name.len() > MAX_REGION_NAME {
+        return Some(format!(
+            "{name:?}: a region's name has 1 to {MAX_REGION_NAME} characters"
+        ));
     }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Some(format!(
+            "{name:?}: a region's name may hold letters, digits, '-', '_' and '.'"
+        ));
+    }
+    None
+}
+
+fn combine(
+    opts: &Options,
+    src: Option<&Source<'_>>,
+    region_in: Option<&RegionIn<'_>>,
+    policies: &Policies,
+) -> Result<Resolved, ConfigError> {
+    let region: Option<&RegionFile> = region_in.map(|r| r.file);
+    let prefix = region_in.map_or("region", |r| r.key.as_str());
+    let (name, name_origin) = match (region_in, src) {
+        (Some(r), Some(src)) => match &r.file.name {
+            Some(n) => {
+                let key = format!("{prefix}.name");
+                if let Some(problem) = region_name_problem(n.get_ref()) {
+                    return Err(src.invalid(n, key, problem));
+                }
+                let origin = src.origin(n, &key).describe(&format!("{:?}", n.get_ref()));
+                (n.get_ref().clone(), origin)
+            }
+            None if r.count > 1 => {
+                return Err(ConfigError::Invalid {
+                    where_: r.at.clone(),
+                    key: format!("{prefix}.name"),
+                    problem: format!(
+                        "missing: each of the file's {} regions needs a name (logs, status \
+                         and its thread are named after it)",
+                        r.count
+                    ),
+                })
+            }
+            None => (
+                DEFAULT_REGION_NAME.to_string(),
+                format!("{prefix} ({})", r.at),
+            ),
+        },
+        _ => (DEFAULT_REGION_NAME.to_string(), "the region".to_string()),
+    };
     // One setting: the option, else the file's key, else the default; with its origin.
     macro_rules! pick {
         ($opt:expr, $flag:literal, $key:ident, $default:expr) => {{
             let from_file = region.and_then(|r| r.$key.as_ref());
-            match ($opt, from_file, &src) {
+            let key = format!("{prefix}.{}", stringify!($key));
+            match ($opt, from_file, src) {
                 (Some(v), _, _) => (v, Origin::Flag($flag)),
-                (None, Some(s), Some(src)) => (
-                    s.get_ref().clone(),
-                    src.origin(s, concat!("region.", stringify!($key))),
-                ),
-                _ => ($default, Origin::Default),
+                (None, Some(s), Some(src)) => (s.get_ref().clone(), src.origin(s, &key)),
+                _ => ($default, Origin::Default(key)),
             }
         }};
     }
     let (socket, socket_origin) =
         match pick!(opts.socket.clone(), "--socket", socket, PathBuf::new()) {
-            (_, Origin::Default) => {
-                return Err(ConfigError::Option(match &src {
-                    Some(src) => format!(
+            (_, Origin::Default(_)) => {
+                return Err(match (src, region_in) {
+                    (Some(_), Some(r)) if r.count > 1 => ConfigError::Invalid {
+                        where_: r.at.clone(),
+                        key: format!("{prefix}.socket"),
+                        problem: "missing: every region needs its socket".into(),
+                    },
+                    (Some(src), _) => ConfigError::Option(format!(
                         "{}: no socket: give region.socket, or --socket",
                         src.path.display()
+                    )),
+                    (None, _) => ConfigError::Option(
+                        "--socket is required (or --config with region.socket)".into(),
                     ),
-                    None => "--socket is required (or --config with region.socket)".into(),
-                }))
+                })
             }
             found => found,
         };
@@ -310,12 +473,13 @@ fn combine(opts: &Options, file: Option<(Source<'_>, FileDoc)>) -> Result<Config
         p.push(".ctl");
         PathBuf::from(p)
     });
-    let metrics = match (opts.metrics, region.and_then(|r| r.metrics.as_ref()), &src) {
+    let metrics_key = format!("{prefix}.metrics");
+    let metrics = match (opts.metrics, region.and_then(|r| r.metrics.as_ref()), src) {
         (Some(a), _, _) => Some(a),
         (None, Some(s), Some(src)) => Some(s.get_ref().parse::<SocketAddr>().map_err(|e| {
             src.invalid(
                 s,
-                "region.metrics",
+                &metrics_key,
                 format!("{:?}: {e} (e.g. \"127.0.0.1:9464\")", s.get_ref()),
             )
         })?),
@@ -324,8 +488,8 @@ fn combine(opts: &Options, file: Option<(Source<'_>, FileDoc)>) -> Result<Config
     if let Some(addr) = &metrics {
         if let Err(e) = crate::daemon::loopback_only(addr) {
             return Err(
-                match (opts.metrics, region.and_then(|r| r.metrics.as_ref()), &src) {
-                    (None, Some(s), Some(src)) => src.invalid(s, "region.metrics", e.to_string()),
+                match (opts.metrics, region.and_then(|r| r.metrics.as_ref()), src) {
+                    (None, Some(s), Some(src)) => src.invalid(s, &metrics_key, e.to_string()),
                     _ => ConfigError::Option(e.to_string()),
                 },
             );
@@ -334,12 +498,12 @@ fn combine(opts: &Options, file: Option<(Source<'_>, FileDoc)>) -> Result<Config
     let hugepages = opts.hugepages || region.and_then(|r| r.hugepages).unwrap_or(false);
     let lock = opts.lock || region.and_then(|r| r.lock).unwrap_or(false);
 
-    let (socket_mode, socket_group, listen, rules) = match (&src, region, &doc) {
-        (Some(src), Some(region), Some(doc)) => sockets_and_rules(src, region, doc)?,
+    let (socket_mode, socket_group, listen, rules) = match (src, region) {
+        (Some(src), Some(region)) => sockets_and_rules(src, region, prefix, policies)?,
         _ => (DEFAULT_SOCKET_MODE, None, Vec::new(), Rules::unrestricted()),
     };
 
-    // Every path is a different socket.
+    // Every path is a different socket (checked with the other regions' in `across`).
     let mut paths: Vec<(PathBuf, String)> = vec![
         (
             socket.clone(),
@@ -350,27 +514,24 @@ fn combine(opts: &Options, file: Option<(Source<'_>, FileDoc)>) -> Result<Config
             control_origin.describe(&control.display().to_string()),
         ),
     ];
-    if let (Some(src), Some(region)) = (&src, region) {
+    if let (Some(src), Some(region)) = (src, region) {
         for (i, l) in region.listen.iter().enumerate() {
             let p = l.get_ref().path.get_ref();
             paths.push((
                 p.clone(),
-                src.origin(&l.get_ref().path, &format!("region.listen[{i}].path"))
+                src.origin(&l.get_ref().path, &format!("{prefix}.listen[{i}].path"))
                     .describe(&p.display().to_string()),
             ));
         }
     }
-    for (i, (a, first)) in paths.iter().enumerate() {
-        if let Some((_, second)) = paths[i + 1..].iter().find(|(b, _)| b == a) {
-            return Err(ConfigError::Conflict {
-                first: first.clone(),
-                second: second.clone(),
-                problem: "two sockets cannot share a path".into(),
-            });
-        }
-    }
+    let metrics_origin = match (opts.metrics, region.and_then(|r| r.metrics.as_ref()), src) {
+        (Some(_), _, _) => Origin::Flag("--metrics"),
+        (None, Some(s), Some(src)) => src.origin(s, &metrics_key),
+        _ => Origin::Default(metrics_key.clone()),
+    };
 
     let config = Config {
+        name: name.clone(),
         socket,
         control,
         size,
@@ -385,7 +546,7 @@ fn combine(opts: &Options, file: Option<(Source<'_>, FileDoc)>) -> Result<Config
         socket_group,
         listen,
         policy: rules,
-        config_file: src.as_ref().map(|s| s.path.to_owned()),
+        config_file: src.map(|s| s.path.to_owned()),
         quarantine: std::time::Duration::from_millis(u64::from(quarantine_ms)),
     };
     // The layout's own checks (power-of-two size, peer and object counts), named after
@@ -402,23 +563,27 @@ fn combine(opts: &Options, file: Option<(Source<'_>, FileDoc)>) -> Result<Config
                 return Err(ConfigError::Invalid {
                     where_: at.clone(),
                     key: key.clone(),
-                    problem: format!("{}{rest}", key.trim_start_matches("region.")),
+                    problem: format!("{}{rest}", key.rsplit('.').next().unwrap_or(key)),
                 });
             }
         }
         return Err(ConfigError::Option(msg));
     }
-    Ok(config)
+    Ok(Resolved {
+        metrics: config
+            .metrics
+            .map(|a| (a, metrics_origin.describe(&a.to_string()))),
+        config,
+        name,
+        name_origin,
+        paths,
+    })
 }
 
 type Sockets = (u32, Option<u32>, Vec<ListenConfig>, Rules);
 
-/// The file's sockets, policies and rules, every reference checked.
-fn sockets_and_rules(
-    src: &Source<'_>,
-    region: &RegionFile,
-    doc: &FileDoc,
-) -> Result<Sockets, ConfigError> {
+/// The file's `[policy.NAME]` tables, built once and shared by every region.
+fn policies(src: &Source<'_>, doc: &FileDoc) -> Result<Policies, ConfigError> {
     let mut policies: Vec<(String, Arc<Policy>)> = Vec::new();
     for (name, p) in &doc.policy {
         let key = format!("policy.{}", name.get_ref());
@@ -430,6 +595,17 @@ fn sockets_and_rules(
             Arc::new(build_policy(src, name.get_ref(), &key, p)?),
         ));
     }
+    Ok(Policies(policies))
+}
+
+/// A region's sockets and rules, every reference checked.
+fn sockets_and_rules(
+    src: &Source<'_>,
+    region: &RegionFile,
+    prefix: &str,
+    policies: &Policies,
+) -> Result<Sockets, ConfigError> {
+    let policies = &policies.0;
     let lookup = |s: &Spanned<String>, key: &str| -> Result<Arc<Policy>, ConfigError> {
         if s.get_ref() == UNRESTRICTED {
             return Ok(Arc::new(Policy::unrestricted()));
@@ -456,7 +632,7 @@ fn sockets_and_rules(
             })
     };
     let default_policy = match &region.policy {
-        Some(p) => lookup(p, "region.policy")?,
+        Some(p) => lookup(p, &format!("{prefix}.policy"))?,
         None => Arc::new(Policy::unrestricted()),
     };
     let socket_mode = region
@@ -464,7 +640,7 @@ fn sockets_and_rules(
         .as_ref()
         .map_or(DEFAULT_SOCKET_MODE, |m| m.get_ref().0);
     let socket_group = match &region.socket_group {
-        Some(g) => Some(group_id(src, g, "region.socket_group")?),
+        Some(g) => Some(group_id(src, g, &format!("{prefix}.socket_group"))?),
         None => None,
     };
     let mut sockets = vec![(MAIN_SOCKET.to_string(), default_policy.clone())];
@@ -472,13 +648,13 @@ fn sockets_and_rules(
     let mut names: HashSet<String> = HashSet::from([MAIN_SOCKET.to_string()]);
     for (i, l) in region.listen.iter().enumerate() {
         let l = l.get_ref();
-        let key = format!("region.listen[{i}]");
+        let key = format!("{prefix}.listen[{i}]");
         let name = l.name.get_ref();
         if name.is_empty() || !names.insert(name.clone()) {
             return Err(src.invalid(
                 &l.name,
                 format!("{key}.name"),
-                format!("{name:?}: each socket needs its own non-empty name ({MAIN_SOCKET:?} is region.socket)"),
+                format!("{name:?}: each socket needs its own non-empty name ({MAIN_SOCKET:?} is {prefix}.socket)"),
             ));
         }
         let policy = match &l.policy {
@@ -504,14 +680,14 @@ fn sockets_and_rules(
     let mut rules = Vec::new();
     for (i, r) in region.rule.iter().enumerate() {
         let r = r.get_ref();
-        let key = format!("region.rule[{i}]");
+        let key = format!("{prefix}.rule[{i}]");
         if let Some(s) = &r.socket {
             if !names.contains(s.get_ref()) {
                 return Err(src.invalid(
                     s,
                     format!("{key}.socket"),
                     format!(
-                        "no socket named {:?} ({MAIN_SOCKET:?} or a region.listen name)",
+                        "no socket named {:?} ({MAIN_SOCKET:?} or a {prefix}.listen name)",
                         s.get_ref()
                     ),
                 ));

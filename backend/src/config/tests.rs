@@ -1,13 +1,19 @@
-//! Configuration tests: the example parses, options override keys, and every kind of bad
-//! file is refused with the file, key and line.
+//! Configuration tests: the example parses, options override keys, several regions share
+//! the file's policies, and every kind of bad file is refused with the file, key and line.
 
 use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::policy::Identity;
 
-fn parse(text: &str) -> Result<Config, ConfigError> {
+fn parse(text: &str) -> Result<Vec<Config>, ConfigError> {
     resolve_text(&Options::default(), Path::new("t.toml"), text)
+}
+
+/// The only region of a resolved configuration.
+fn one(regions: Vec<Config>) -> Config {
+    assert_eq!(regions.len(), 1, "one region expected");
+    regions.into_iter().next().expect("one region")
 }
 
 fn err(text: &str) -> String {
@@ -27,7 +33,7 @@ fn who(socket: &str, uid: u32, label: &str) -> Identity {
 fn the_example_configuration_parses_and_gives_each_vm_its_sockets_policy() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/vshm.example.toml");
     let text = std::fs::read_to_string(&path).expect("docs/vshm.example.toml");
-    let c = resolve_text(&Options::default(), &path, &text).expect("the example is valid");
+    let c = one(resolve_text(&Options::default(), &path, &text).expect("the example is valid"));
     assert_eq!(c.socket, PathBuf::from("/run/vshm/vshm.sock"));
     assert_eq!(c.control, PathBuf::from("/run/vshm/vshm.sock.ctl"));
     assert_eq!(c.size, 256 << 20);
@@ -60,7 +66,8 @@ fn without_a_file_the_options_and_defaults_are_what_vshmd_always_used() {
         socket: Some("/tmp/s".into()),
         ..Options::default()
     };
-    let c = resolve(&opts).expect("valid");
+    let c = one(resolve(&opts).expect("valid"));
+    assert_eq!(c.name, DEFAULT_REGION_NAME);
     assert_eq!(c.control, PathBuf::from("/tmp/s.ctl"));
     assert_eq!(
         (c.size, c.max_peers, c.max_objects, c.vectors),
@@ -91,7 +98,7 @@ fn command_line_options_override_the_regions_keys_and_flags_only_turn_on() {
         size: Some(8 << 20),
         ..Options::default()
     };
-    let c = resolve_text(&opts, Path::new("t.toml"), text).expect("valid");
+    let c = one(resolve_text(&opts, Path::new("t.toml"), text).expect("valid"));
     assert_eq!(c.socket, PathBuf::from("/tmp/cli.sock"));
     // The control socket follows the socket actually used.
     assert_eq!(c.control, PathBuf::from("/tmp/cli.sock.ctl"));
@@ -161,7 +168,6 @@ fn bad_values_are_refused_with_their_key_and_line() {
         ),
         ("[policy.p]\n", "t.toml: region: no [region] table"),
         ("[region]\nsize = \"4M\"\n", "t.toml: no socket"),
-        ("[[region]]\nsocket = \"/s\"\n", "exactly one region"),
         ("[region\n", "t.toml: TOML parse error"),
     ];
     for (text, want) in cases {
@@ -190,4 +196,249 @@ fn two_sockets_on_one_path_are_a_conflict_naming_both() {
         e.contains("region.socket = /tmp/s (t.toml:2)") && e.contains("region.control"),
         "{e}"
     );
+}
+
+const TWO_REGIONS: &str = r#"
+[[region]]
+name = "web"
+socket = "/tmp/web.sock"
+size = "4M"
+policy = "narrow"
+[[region.listen]]
+name = "vm-1"
+path = "/tmp/web-vm1.sock"
+policy = "unrestricted"
+
+[[region]]
+name = "db"
+socket = "/tmp/db.sock"
+size = "8M"
+max_peers = 4
+metrics = "127.0.0.1:9464"
+[[region.rule]]
+name = "vshm"
+policy = "narrow"
+
+[policy.narrow]
+create = ["ok/*"]
+max_objects = 3
+"#;
+
+#[test]
+fn two_regions_parse_each_with_its_own_sockets_settings_and_rules() {
+    let regions = parse(TWO_REGIONS).expect("valid");
+    let got: Vec<_> = regions
+        .iter()
+        .map(|c| (c.name.as_str(), c.socket.clone(), c.control.clone(), c.size))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "web",
+                PathBuf::from("/tmp/web.sock"),
+                PathBuf::from("/tmp/web.sock.ctl"),
+                4 << 20
+            ),
+            (
+                "db",
+                PathBuf::from("/tmp/db.sock"),
+                PathBuf::from("/tmp/db.sock.ctl"),
+                8 << 20
+            ),
+        ]
+    );
+    let (web, db) = (&regions[0], &regions[1]);
+    assert_eq!((web.max_peers, db.max_peers), (DEFAULT_MAX_PEERS, 4));
+    assert_eq!(
+        (web.metrics, db.metrics.map(|a| a.port())),
+        (None, Some(9464))
+    );
+    assert_eq!(web.listen.len(), 1);
+    assert!(
+        db.listen.is_empty(),
+        "a region's listen sockets are its own"
+    );
+    // Each region's default policy and rules are its own.
+    assert_eq!(
+        web.policy.resolve(&who("main", 1, "x")).policy.name,
+        "narrow"
+    );
+    assert_eq!(
+        web.policy.resolve(&who("vm-1", 1, "x")).policy.name,
+        UNRESTRICTED
+    );
+    assert_eq!(
+        db.policy.resolve(&who("main", 1, "x")).policy.name,
+        UNRESTRICTED
+    );
+    assert_eq!(
+        db.policy.resolve(&who("main", 1, "vshm")).policy.name,
+        "narrow"
+    );
+}
+
+#[test]
+fn policies_are_defined_once_and_shared_by_every_region() {
+    let regions = parse(TWO_REGIONS).expect("valid");
+    let web = regions[0].policy.resolve(&who("main", 1, "x")).policy;
+    let db = regions[1].policy.resolve(&who("main", 1, "vshm")).policy;
+    assert!(
+        Arc::ptr_eq(&web, &db),
+        "one [policy.narrow] for both regions"
+    );
+    assert_eq!(web.max_objects, Some(3));
+    // A policy one region names that the file does not define is refused with its place.
+    let e = err(&TWO_REGIONS.replace(
+        "policy = \"narrow\"\n[[region.listen]]",
+        "policy = \"nope\"\n[[region.listen]]",
+    ));
+    assert!(
+        e.contains("t.toml:6: region[0].policy: no policy \"nope\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_single_region_table_or_list_is_named_default_and_options_still_override_it() {
+    let c = one(parse("[region]\nsocket = \"/tmp/s\"\n").expect("valid"));
+    assert_eq!(c.name, DEFAULT_REGION_NAME);
+    let opts = Options {
+        size: Some(8 << 20),
+        ..Options::default()
+    };
+    let c = one(resolve_text(
+        &opts,
+        Path::new("t.toml"),
+        "[[region]]\nsocket = \"/tmp/s\"\n",
+    )
+    .expect("one [[region]] takes options like [region]"));
+    assert_eq!((c.name.as_str(), c.size), (DEFAULT_REGION_NAME, 8 << 20));
+}
+
+#[test]
+fn options_that_set_a_regions_key_are_refused_with_several_regions() {
+    for (opts, flag) in [
+        (
+            Options {
+                size: Some(8 << 20),
+                ..Options::default()
+            },
+            "--size",
+        ),
+        (
+            Options {
+                socket: Some("/tmp/x".into()),
+                ..Options::default()
+            },
+            "--socket",
+        ),
+        (
+            Options {
+                lock: true,
+                ..Options::default()
+            },
+            "--lock",
+        ),
+    ] {
+        let e = resolve_text(&opts, Path::new("t.toml"), TWO_REGIONS)
+            .expect_err("ambiguous")
+            .to_string();
+        assert!(
+            e.starts_with(flag) && e.contains("t.toml has 2 regions"),
+            "{flag}: {e}"
+        );
+    }
+}
+
+#[test]
+fn several_regions_need_a_valid_name_each_and_a_socket_each() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "[[region]]\nname = \"a\"\nsocket = \"/a\"\n[[region]]\nsocket = \"/b\"\n",
+            "t.toml:4: region[1].name: missing",
+        ),
+        (
+            "[[region]]\nname = \"a\"\nsocket = \"/a\"\n[[region]]\nname = \"b\"\n",
+            "t.toml:4: region[1].socket: missing",
+        ),
+        (
+            "[[region]]\nname = \"a b\"\nsocket = \"/a\"\n",
+            "t.toml:2: region[0].name: \"a b\"",
+        ),
+        (
+            "[[region]]\nname = \"a\"\nsocket = \"/a\"\n[[region]]\nname = \"b\"\nsocket = \"/b\"\nsizee = 1\n",
+            "line 7",
+        ),
+        (
+            "[[region]]\nname = \"a\"\nsocket = \"/a\"\n[[region]]\nname = \"b\"\nsocket = \"/b\"\nsize = \"3M\"\n",
+            "t.toml:7: region[1].size: size 3145728",
+        ),
+        (
+            "[[region]]\nname = \"a\"\nsocket = \"/a\"\n[[region]]\nname = \"b\"\nsocket = \"/b\"\n[[region.rule]]\nsocket = \"x\"\npolicy = \"unrestricted\"\n",
+            "t.toml:8: region[1].rule[0].socket: no socket named \"x\"",
+        ),
+        // The two forms cannot be mixed: TOML itself refuses the second `region`.
+        (
+            "[region]\nsocket = \"/a\"\n[[region]]\nname = \"b\"\nsocket = \"/b\"\n",
+            "t.toml: TOML parse error",
+        ),
+        ("region = []\n", "t.toml: region: no [region] table"),
+    ];
+    for (text, want) in cases {
+        let e = err(text);
+        assert!(e.contains(want), "{text:?}\n  gave: {e}\n  want: {want}");
+    }
+}
+
+#[test]
+fn names_sockets_control_sockets_and_metrics_shared_between_regions_are_conflicts_naming_both() {
+    let two = |a: &str, b: &str| {
+        format!("[[region]]\nname = \"a\"\nsocket = \"/tmp/a\"\n{a}\n[[region]]\nname = \"b\"\nsocket = \"/tmp/b\"\n{b}\n")
+    };
+    let cases: &[(String, &[&str])] = &[
+        (
+            "[[region]]\nname = \"a\"\nsocket = \"/tmp/a\"\n[[region]]\nname = \"a\"\nsocket = \"/tmp/b\"\n"
+                .into(),
+            &[
+                "region[0].name = \"a\" (t.toml:2) conflicts with region[1].name = \"a\" (t.toml:5)",
+                "two regions cannot share a name",
+            ],
+        ),
+        (
+            "[[region]]\nname = \"a\"\nsocket = \"/tmp/x\"\n[[region]]\nname = \"b\"\nsocket = \"/tmp/x\"\n"
+                .into(),
+            &[
+                "region[0].socket = /tmp/x (t.toml:3) conflicts with region[1].socket = /tmp/x (t.toml:6)",
+                "two sockets cannot share a path",
+            ],
+        ),
+        (
+            two("", "control = \"/tmp/a.ctl\""),
+            &["the default region[0].control /tmp/a.ctl conflicts with region[1].control = /tmp/a.ctl (t.toml:8)"],
+        ),
+        (
+            two("", "[[region.listen]]\nname = \"l\"\npath = \"/tmp/a\""),
+            &["region[0].socket = /tmp/a (t.toml:3) conflicts with region[1].listen[0].path = /tmp/a (t.toml:10)"],
+        ),
+        (
+            two("metrics = \"127.0.0.1:9464\"", "metrics = \"127.0.0.1:9464\""),
+            &[
+                "region[0].metrics = 127.0.0.1:9464 (t.toml:4) conflicts with region[1].metrics = 127.0.0.1:9464 (t.toml:8)",
+                "two metrics listeners cannot share an address",
+            ],
+        ),
+    ];
+    for (text, wants) in cases {
+        let e = err(text);
+        for want in *wants {
+            assert!(e.contains(want), "{text}\n  gave: {e}\n  want: {want}");
+        }
+    }
+    // Port 0 (any free port) twice is no conflict.
+    parse(&two(
+        "metrics = \"127.0.0.1:0\"",
+        "metrics = \"127.0.0.1:0\"",
+    ))
+    .expect("port 0 twice");
 }

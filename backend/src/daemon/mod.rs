@@ -1,15 +1,17 @@
-//! vshmd's event loop: one thread, one epoll (event-manager), everything non-blocking
-//! except short, bounded control-socket exchanges.
+//! vshmd's event loop for one region: one thread, one epoll (event-manager), everything
+//! non-blocking except short, bounded control-socket exchanges. Several regions run one
+//! `Daemon` each on their own thread (`regions.rs`), which also handles the signals.
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 use vshm_format::layout::{Layout, LayoutError, VECTOR_CONTROL};
 use vshm_format::shm::Fault;
@@ -24,11 +26,14 @@ use crate::server::{
 use crate::telemetry::Event;
 
 mod monitor;
+pub mod regions;
 pub use monitor::loopback_only;
 
-/// vshmd's settings, validated.
+/// vshmd's settings for one region, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The region's name (logs, status, its thread's name).
+    pub name: String,
     /// ivshmem socket.
     pub socket: PathBuf,
     /// Control socket.
@@ -83,6 +88,7 @@ impl Config {
     /// embedding): what `vshmd --socket SOCKET --control CONTROL` gets.
     pub fn with_defaults(socket: PathBuf, control: PathBuf) -> Config {
         Config {
+            name: crate::config::DEFAULT_REGION_NAME.to_string(),
             socket,
             control,
             size: crate::config::DEFAULT_SIZE,
@@ -185,7 +191,7 @@ impl Config {
 const TOKEN_LISTENER: u32 = 1;
 pub(super) const TOKEN_CONTROL: u32 = 2;
 const TOKEN_TIMER: u32 = 3;
-const TOKEN_SIGNAL: u32 = 4;
+const TOKEN_STOP: u32 = 4;
 pub(super) const TOKEN_METRICS: u32 = 5;
 const TOKEN_CLIENT: u32 = 1 << 24;
 const TOKEN_BELL: u32 = 2 << 24;
@@ -215,7 +221,8 @@ pub struct Daemon {
     /// The control socket file we bound (removed on drop only if still ours).
     control_id: (u64, u64),
     timer: TimerFd,
-    signals: File,
+    /// Readable once someone asked this loop to stop ([`Stopper`]).
+    stop_bell: EventFd,
     /// The region's memfd, handed to every client.
     memfd: File,
     metrics: Option<TcpListener>,
@@ -303,24 +310,17 @@ fn random_bytes() -> [u8; 16] {
     b
 }
 
-/// Blocks SIGINT/SIGTERM/SIGHUP and returns a signalfd for them. Call before any thread.
-fn signal_fd() -> io::Result<File> {
-    // SAFETY: plain libc signal-set manipulation on a local sigset_t; sigprocmask and
-    // signalfd get valid pointers and we check their results.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(io::Error::last_os_error());
+/// Asks one [`Daemon`]'s loop to stop, from any thread: it removes its sockets and
+/// returns from [`Daemon::run`].
+#[derive(Debug)]
+pub struct Stopper(EventFd);
+
+impl Stopper {
+    /// Rings the loop's stop bell (harmless once it has stopped).
+    pub fn stop(&self) {
+        if let Err(e) = self.0.write(1) {
+            tracing::error!("cannot ask an event loop to stop: {e}");
         }
-        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(File::from_raw_fd(fd))
     }
 }
 
@@ -335,7 +335,7 @@ impl Daemon {
             ));
         }
         raise_fd_limit();
-        let signals = signal_fd()?;
+        let stop_bell = EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK)?;
         let region = Region::create(config.size, config.hugepages, config.lock)?;
         let layout = config.layout(region.page_size())?;
         let id = random_bytes();
@@ -391,7 +391,7 @@ impl Daemon {
             control,
             control_id,
             timer,
-            signals,
+            stop_bell,
             memfd,
             metrics,
             monitor: monitor::Monitor::default(),
@@ -408,7 +408,17 @@ impl Daemon {
         &self.arbiter
     }
 
-    /// Runs until SIGINT/SIGTERM/SIGHUP.
+    /// A handle that stops [`Daemon::run`] from another thread.
+    pub fn stopper(&self) -> io::Result<Stopper> {
+        self.stop_bell.try_clone().map(Stopper)
+    }
+
+    /// The region's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Runs until a [`Stopper`] rings (or it cannot watch its own fds; see the log).
     pub fn run(self) -> Result<(), DaemonError> {
         let mut manager: EventManager<Box<Daemon>> =
             EventManager::new().map_err(|e| DaemonError::Events(format!("{e:?}")))?;
@@ -430,6 +440,9 @@ impl Daemon {
     /// The status document: the arbiter's snapshot plus what only the daemon knows.
     pub fn status_json(&self) -> serde_json::Value {
         let mut doc = serde_json::to_value(self.arbiter.status()).unwrap_or_default();
+        if let Some(region) = doc.get_mut("region").and_then(|r| r.as_object_mut()) {
+            region.insert("name".into(), self.config.name.clone().into());
+        }
         let started = self
             .started
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -766,7 +779,7 @@ impl MutEventSubscriber for Daemon {
                 EventSet::IN,
             )),
             ops.add(Events::with_data(&self.timer, TOKEN_TIMER, EventSet::IN)),
-            ops.add(Events::with_data(&self.signals, TOKEN_SIGNAL, EventSet::IN)),
+            ops.add(Events::with_data(&self.stop_bell, TOKEN_STOP, EventSet::IN)),
         ];
         for (i, l) in self.listeners.iter().enumerate() {
             let token = TOKEN_LISTEN | u32::try_from(i).unwrap_or(0);
@@ -845,9 +858,8 @@ impl MutEventSubscriber for Daemon {
                     self.lift_fences();
                     self.server.expire_handshakes(Instant::now());
                 }
-                TOKEN_SIGNAL => {
-                    let mut buf = [0u8; 128];
-                    let _ = (&self.signals).read(&mut buf);
+                TOKEN_STOP => {
+                    let _ = self.stop_bell.read();
                     self.stop = true;
                 }
                 _ => {}

@@ -1,0 +1,258 @@
+//! Several regions in one vshmd: every region is a [`Daemon`] of its own (memfd, arbiter,
+//! ivshmem server, control socket, event loop) running on its own thread `vshmd-<name>`,
+//! so a slow client or a scribbler in one region never reaches another.
+//!
+//! Signals are handled once, here: the main thread blocks SIGINT/SIGTERM/SIGHUP before any
+//! thread exists (threads inherit the mask) and waits on one signalfd; on a signal it rings
+//! each loop's stop bell. A loop that ends without being asked (an error, a panic) stops
+//! all the others too: vshmd never keeps serving some regions while one has silently died.
+//! Each loop removes its own sockets as it ends; vshmd exits when every loop has ended.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+
+use super::{Config, Daemon, DaemonError, Stopper};
+
+/// Why a region could not start, or why vshmd stopped with a failure.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionsError {
+    /// Creating a region failed (everything created before it is gone again).
+    #[error("region {region}: {source}")]
+    Start {
+        /// The region's name.
+        region: String,
+        /// Cause.
+        source: DaemonError,
+    },
+    /// Its thread could not be started.
+    #[error("region {region}: cannot start its thread: {source}")]
+    Spawn {
+        /// The region's name.
+        region: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// Its event loop failed.
+    #[error("region {region}: {source}")]
+    Failed {
+        /// The region's name.
+        region: String,
+        /// Cause.
+        source: DaemonError,
+    },
+    /// Its thread panicked.
+    #[error("region {region}: its event loop panicked")]
+    Panicked {
+        /// The region's name.
+        region: String,
+    },
+    /// Its event loop returned although nobody asked it to stop.
+    #[error("region {region}: its event loop stopped on its own (see the log above)")]
+    Ended {
+        /// The region's name.
+        region: String,
+    },
+    /// Waiting for signals failed.
+    #[error("cannot wait for signals: {0}")]
+    Signals(io::Error),
+}
+
+/// SIGINT, SIGTERM and SIGHUP, blocked in this thread and readable from one fd.
+#[derive(Debug)]
+pub struct Signals(File);
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in the calling thread and returns a signalfd for them.
+/// Call before any thread is started: threads inherit the mask, so only the signalfd sees
+/// them.
+pub fn block_signals() -> io::Result<Signals> {
+    // SAFETY: plain libc signal-set manipulation on a local sigset_t; sigprocmask and
+    // signalfd get valid pointers and we check their results; the new fd is ours.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Signals(File::from_raw_fd(fd)))
+    }
+}
+
+/// Creates every region, in order, or none: if one fails, the ones created before it are
+/// dropped (their sockets removed, their memory freed) and the error names the region.
+pub fn start(configs: Vec<Config>) -> Result<Vec<Daemon>, RegionsError> {
+    let mut daemons = Vec::with_capacity(configs.len());
+    for config in configs {
+        let region = config.name.clone();
+        match Daemon::new(config) {
+            Ok(d) => daemons.push(d),
+            Err(source) => {
+                // Newest first, the reverse of creation.
+                while let Some(d) = daemons.pop() {
+                    drop(d);
+                }
+                return Err(RegionsError::Start { region, source });
+            }
+        }
+    }
+    Ok(daemons)
+}
+
+/// One running region, as the main thread sees it.
+struct Running {
+    name: String,
+    stopper: Stopper,
+    /// Set by its thread as it ends, before it rings `ended`.
+    done: Arc<AtomicBool>,
+    thread: JoinHandle<Result<(), DaemonError>>,
+}
+
+/// Rings `ended` when its thread ends, however it ends (return or panic).
+struct EndGuard {
+    done: Arc<AtomicBool>,
+    ended: Arc<EventFd>,
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Release);
+        let _ = self.ended.write(1);
+    }
+}
+
+/// Runs every region on its own thread until a signal arrives or one loop ends; then stops
+/// them all and waits for each. Returns every failure (none: a clean stop on a signal).
+pub fn run(daemons: Vec<Daemon>, signals: &Signals) -> Result<(), Vec<RegionsError>> {
+    let mut failures = Vec::new();
+    let ended = match EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK) {
+        Ok(e) => Arc::new(e),
+        Err(e) => return Err(vec![RegionsError::Signals(e)]),
+    };
+    let mut running: Vec<Running> = Vec::with_capacity(daemons.len());
+    for daemon in daemons {
+        let name = daemon.name().to_string();
+        let stopper = match daemon.stopper() {
+            Ok(s) => s,
+            Err(e) => {
+                failures.push(RegionsError::Spawn {
+                    region: name,
+                    source: e,
+                });
+                break;
+            }
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        let guard = EndGuard {
+            done: done.clone(),
+            ended: ended.clone(),
+        };
+        let span_name = name.clone();
+        let spawned = std::thread::Builder::new()
+            // Linux keeps 15 bytes of a thread's name: enough to tell regions apart in top.
+            .name(format!("vshmd-{name}"))
+            .spawn(move || {
+                let _guard = guard;
+                let _span = tracing::info_span!("region", name = %span_name).entered();
+                daemon.run()
+            });
+        match spawned {
+            Ok(thread) => running.push(Running {
+                name,
+                stopper,
+                done,
+                thread,
+            }),
+            Err(e) => {
+                failures.push(RegionsError::Spawn {
+                    region: name,
+                    source: e,
+                });
+                break;
+            }
+        }
+    }
+    if failures.is_empty() {
+        if let Err(e) = wait(signals, &ended, running.len()) {
+            failures.push(RegionsError::Signals(e));
+        }
+    }
+    // Those that ended before anyone asked them to stop did so on their own.
+    let unasked: Vec<bool> = running
+        .iter()
+        .map(|r| r.done.load(Ordering::Acquire))
+        .collect();
+    for r in &running {
+        r.stopper.stop();
+    }
+    for (r, unasked) in running.into_iter().zip(unasked) {
+        match r.thread.join() {
+            Ok(Ok(())) if unasked => failures.push(RegionsError::Ended { region: r.name }),
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => failures.push(RegionsError::Failed {
+                region: r.name,
+                source,
+            }),
+            Err(_) => failures.push(RegionsError::Panicked { region: r.name }),
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures)
+    }
+}
+
+/// Waits until a signal arrives or a region's thread ends.
+fn wait(signals: &Signals, ended: &EventFd, regions: usize) -> io::Result<()> {
+    let mut fds = [
+        libc::pollfd {
+            fd: signals.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: ended.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: poll on a local array of two initialised pollfds, its length given.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[0].revents != 0 {
+            // A signalfd_siginfo: its first field is the signal's number.
+            let mut info = [0u8; 128];
+            let signo = match (&signals.0).read(&mut info) {
+                Ok(n) if n >= 4 => u32::from_ne_bytes([info[0], info[1], info[2], info[3]]),
+                Ok(_) => 0,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            tracing::info!("signal {signo}: stopping {regions} region(s)");
+            return Ok(());
+        }
+        if fds[1].revents != 0 {
+            tracing::error!("a region's event loop ended; stopping every region");
+            return Ok(());
+        }
+    }
+}
