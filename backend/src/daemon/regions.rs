@@ -256,3 +256,77 @@ fn wait(signals: &Signals, ended: &EventFd, regions: usize) -> io::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A fresh scratch directory for one test.
+    fn scratch(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vshm-regions-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    fn region(dir: &std::path::Path, name: &str) -> Config {
+        let mut c = Config::with_defaults(
+            dir.join(format!("{name}.sock")),
+            dir.join(format!("{name}.ctl")),
+        );
+        c.name = name.into();
+        c.size = 4 << 20;
+        c.max_objects = crate::config::default_max_objects(c.size);
+        c
+    }
+
+    /// Signals that never come (a pipe nobody writes), so the test sees only `ended`.
+    fn no_signals() -> (Signals, std::io::PipeWriter) {
+        let (r, w) = std::io::pipe().expect("pipe");
+        (Signals(File::from(OwnedFd::from(r))), w)
+    }
+
+    #[test]
+    fn a_region_whose_loop_ends_on_its_own_stops_the_others_and_is_reported() {
+        let dir = scratch("ended");
+        let daemons = start(vec![region(&dir, "a"), region(&dir, "b")]).expect("start");
+        // Region b's loop ends without the supervisor asking (as a failing loop would).
+        daemons[1].stopper().expect("stopper").stop();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (signals, _w) = no_signals();
+            let _ = tx.send(run(daemons, &signals));
+        });
+        let result = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("watchdog: run did not return within 30 s");
+        let failures = result.expect_err("one region ended on its own");
+        let names: Vec<String> = failures.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            names,
+            ["region b: its event loop stopped on its own (see the log above)"]
+        );
+        // Region a was stopped too, and removed its sockets as it ended.
+        for f in ["a.sock", "a.ctl", "b.sock", "b.ctl"] {
+            assert!(!dir.join(f).exists(), "{f} left behind");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_region_that_cannot_start_takes_the_ones_before_it_down_again() {
+        let dir = scratch("start");
+        std::fs::create_dir(dir.join("b.sock")).expect("in the way");
+        let e = start(vec![region(&dir, "a"), region(&dir, "b")]).expect_err("b cannot bind");
+        assert!(
+            matches!(&e, RegionsError::Start { region, .. } if region == "b"),
+            "{e}"
+        );
+        assert!(!dir.join("a.sock").exists() && !dir.join("a.ctl").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
