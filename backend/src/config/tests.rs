@@ -442,3 +442,27 @@ fn names_sockets_control_sockets_and_metrics_shared_between_regions_are_conflict
     ))
     .expect("port 0 twice");
 }
+
+#[test]
+fn the_examples_commented_second_region_parses_once_uncommented() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/vshm.example.toml");
+    let text = std::fs::read_to_string(&path).expect("docs/vshm.example.toml");
+    // What its comments tell the operator to do.
+    let (first, second) = text
+        .split_once("# [[region]]\n")
+        .expect("a commented [[region]]");
+    let first = first.replacen("[region]\n", "[[region]]\nname = \"vms\"\n", 1);
+    let second: Vec<&str> = std::iter::once("[[region]]")
+        .chain(second.lines().map(|l| l.strip_prefix("# ").unwrap_or(l)))
+        .collect();
+    let text = format!("{first}\n{}\n", second.join("\n"));
+    let regions = resolve_text(&Options::default(), &path, &text).expect("valid");
+    let names: Vec<&str> = regions.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["vms", "batch"]);
+    assert_eq!(regions[1].listen.len(), 1);
+    assert_eq!(
+        regions[0].listen.len(),
+        2,
+        "the first region keeps its sockets"
+    );
+}
