@@ -13,6 +13,8 @@ use vshm::host::HostTransport;
 use vshm::Namespace;
 use vshm_control::{request, ControlRequest};
 
+pub mod chaos;
+
 /// Path of a workspace binary (built by `cargo build --bins`, which `cargo xtask test` does).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -289,6 +291,24 @@ impl Backend {
             }
         }
         panic!("vshmd has no memfd:vshm open");
+    }
+
+    /// The path of the region's memfd through /proc (`/proc/PID/fd/N`), for `vshmctl
+    /// inspect --memfd`.
+    pub fn memfd_path(&self) -> String {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid())).expect("proc fd dir");
+        for fd in fds.flatten() {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            if target.to_string_lossy().starts_with("/memfd:vshm") {
+                return fd.path().display().to_string();
+            }
+        }
+        panic!("vshmd has no memfd:vshm open");
+    }
+
+    /// vshmd's exit status if it has exited (crashed: tests never stop it this way).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Sends SIGTERM and waits for the exit status.
