@@ -602,7 +602,9 @@ impl Scribbler {
 }
 
 /// One scenario's figures for the summary: printed, and appended as a Markdown table row
-/// to the file `VSHM_CHAOS_SUMMARY` names (`cargo xtask chaos` prints it).
+/// to the file `VSHM_CHAOS_SUMMARY` names (`cargo xtask chaos` prints it under a header
+/// with the same columns: scenario, length, time, kills, peer runs, ops, ops/s, failures by
+/// status, notes).
 #[derive(Debug, Default)]
 pub struct Row {
     /// Scenario name.
@@ -622,9 +624,6 @@ pub struct Row {
     /// Anything else worth a column (scribbles, heals, repairs...).
     pub notes: String,
 }
-
-/// The header of the summary table.
-pub const SUMMARY_HEADER: &str = "| scenario | length | time | kills | peer runs | ops | ops/s | failures by status | notes |\n|---|---|---|---|---|---|---|---|---|\n";
 
 impl Row {
     /// Prints the row and appends it to `VSHM_CHAOS_SUMMARY`, if set.

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: everything CI runs, in order, stopping at the first failure; and
-//! `cargo xtask fuzz`, its `fuzz` step alone.
+//! `cargo xtask fuzz`, its `fuzz` step alone; and `cargo xtask chaos [--long]`, its `chaos`
+//! step alone (or the long runs docs/RELIABILITY.md reports).
 
 use std::process::Command;
 use std::time::Instant;
@@ -42,6 +43,12 @@ fn steps() -> Vec<Step> {
             &["run", "--quiet", "--package", "xtask", "--", "images"],
         ),
         cargo_step("test", &["test", "--workspace"]),
+        // The chaos and load scenarios (tests/tests/chaos.rs, ignored in plain `cargo test`),
+        // short, one at a time, with their summary table.
+        cargo_step(
+            "chaos",
+            &["run", "--quiet", "--package", "xtask", "--", "chaos"],
+        ),
         loom_step(),
         fuzz_step(),
     ]
@@ -124,6 +131,42 @@ fn loom_step() -> Step {
         step.command.env("LOOM_MAX_PREEMPTIONS", LOOM_PREEMPTIONS);
     }
     step
+}
+
+/// `cargo xtask chaos [--long]`: builds what the scenarios run (the binaries, the guest
+/// image; cached), runs tests/tests/chaos.rs one test at a time with `VSHM_CHAOS` set
+/// (`short` for CI, `long` for the runs docs/RELIABILITY.md reports) and prints the rows
+/// the scenarios wrote (`VSHM_CHAOS_SUMMARY`) as one table.
+pub fn chaos(long: bool) -> Result<()> {
+    let length = if long { "long" } else { "short" };
+    let started = Instant::now();
+    run_checked(cargo().args(["build", "--workspace", "--bins"]))?;
+    crate::images::build()?;
+    let summary = target_dir().join(format!("chaos-{length}.md"));
+    let _ = std::fs::remove_file(&summary);
+    let mut test = cargo();
+    test.args([
+        "test",
+        "--package",
+        "vshm-tests",
+        "--test",
+        "chaos",
+        "--",
+        "--ignored",
+        "--test-threads=1",
+    ])
+    .env("VSHM_CHAOS", length)
+    .env("VSHM_CHAOS_SUMMARY", &summary);
+    println!("==> chaos ({length}): {}", describe(&test));
+    let result = run_checked(&mut test);
+    let rows = std::fs::read_to_string(&summary).unwrap_or_default();
+    println!(
+        "\n==> chaos ({length}) summary, {:.1}s in all:\n\n\
+         | scenario | length | time | kills | peer runs | ops | ops/s | failures by status | notes |\n\
+         |---|---|---|---|---|---|---|---|---|\n{rows}",
+        started.elapsed().as_secs_f64()
+    );
+    result
 }
 
 /// `cargo xtask fuzz`: the `fuzz` step alone.

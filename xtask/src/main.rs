@@ -2,6 +2,7 @@
 //!
 //! - `cargo xtask test`: everything CI runs (`.ci/run` calls exactly this).
 //! - `cargo xtask fuzz`: only the `fuzz` step of `test` (FUZZ_SECONDS per target).
+//! - `cargo xtask chaos [--long]`: only the `chaos` step of `test`, or its long runs.
 //! - `cargo xtask demo`: starts vshmd and shows two host-process peers sharing a section.
 //!
 //! std only, on purpose: this is the first thing built on a fresh machine.
@@ -20,7 +21,12 @@ usage: cargo xtask <task>
 tasks:
   test    everything CI runs, in order, stopping at the first failure:
           rustfmt check, clippy (-D warnings), build the binaries, the guest
-          images, cargo test, the loom model, then each fuzz target for 10 s
+          images, cargo test, the chaos and load scenarios (short), the loom
+          model, then each fuzz target for 10 s
+  chaos   only the chaos step: host peers and QEMU guests killed with SIGKILL
+          mid-operation, 62 peers at once, a header scribbler beside honest
+          peers; each ends with a leak check; prints a summary table.
+          --long: the long runs (1000 + 50 kills, 62 x 60 s, 60 s scribbling)
   fuzz    only the fuzz step: each cargo-fuzz target (nightly; installs
           cargo-fuzz if missing) for FUZZ_SECONDS (default 10) seconds
   demo    start vshmd in a temporary directory and let two host-process peers
@@ -32,7 +38,8 @@ tasks:
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let task = match args.as_slice() {
-        [t] if ["test", "demo", "images", "fuzz"].contains(&t.as_str()) => t.as_str(),
+        [t] if ["test", "demo", "images", "fuzz", "chaos"].contains(&t.as_str()) => t.as_str(),
+        [t, l] if t == "chaos" && l == "--long" => "chaos --long",
         [h] if h == "help" || h == "-h" || h == "--help" => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -51,6 +58,8 @@ fn main() -> ExitCode {
         "test" => ci::run(),
         "images" => images::run(),
         "fuzz" => ci::fuzz(),
+        "chaos" => ci::chaos(false),
+        "chaos --long" => ci::chaos(true),
         _ => demo::run(),
     };
     match result {
