@@ -233,6 +233,32 @@ fn guest_progress(vm: &mut Vm) -> u64 {
         .unwrap_or(0)
 }
 
+/// Boots guest `name` again. Under TCG on a loaded host the guest kernel now and then
+/// panics at boot ("IO-APIC + timer doesn't work": its timer check ran too slowly) — the
+/// guest's problem, not vshm's — so a boot whose QEMU exits is retried (3 tries) and
+/// reported; its QEMU was a peer for a moment and is reclaimed like a killed one.
+fn reboot(b: &Backend, name: &str, failed: &mut Vec<String>) -> Vm {
+    let image = vshm_tests::guest_image();
+    let cfg = vshm_images::VmConfig::new(name, &image, &b.socket, b.dir());
+    for _ in 0..3 {
+        let booted =
+            vshm_images::Vm::start(&cfg).and_then(|s| s.wait_ready(Duration::from_secs(180)));
+        match booted {
+            Ok(vm) => return vm,
+            Err(e) => {
+                let e = e.to_string();
+                let panic = e.lines().find(|l| l.contains("Kernel panic")).unwrap_or("");
+                failed.push(format!("{name}: {panic}"));
+                assert!(
+                    e.contains("Kernel panic"),
+                    "{name} failed to boot for another reason: {e}"
+                );
+            }
+        }
+    }
+    panic!("{name} failed to boot 3 times: {failed:?}");
+}
+
 #[test]
 #[ignore = "chaos: `cargo xtask chaos` (a step of `cargo xtask test`) runs it"]
 fn guests_killed_mid_operation_are_reclaimed_and_leak_nothing() {
@@ -254,6 +280,7 @@ fn guests_killed_mid_operation_are_reclaimed_and_leak_nothing() {
             }
             let mut rng = XorShift(0x9E57_C4A0);
             let (mut killed, mut iterations, mut boot_secs) = (0u64, 0u64, 0f64);
+            let mut failed_boots: Vec<String> = Vec::new();
             while killed < kills {
                 let i = usize::try_from(killed % 2).unwrap_or(0);
                 // Let the loop get going, check it, then kill at a random moment.
@@ -278,9 +305,8 @@ fn guests_killed_mid_operation_are_reclaimed_and_leak_nothing() {
                     b.status()
                 );
                 let t = Instant::now();
-                let mut fresh = vshm_tests::boot_guests(&b, &[names[i]]);
+                vms[i] = reboot(&b, names[i], &mut failed_boots);
                 boot_secs += secs_since(t);
-                vms[i] = fresh.pop().expect("rebooted guest");
                 guest_loop(&mut vms[i], &format!("{}{killed}", names[i]));
             }
             for vm in &mut vms {
@@ -296,19 +322,21 @@ fn guests_killed_mid_operation_are_reclaimed_and_leak_nothing() {
             #[allow(clippy::cast_precision_loss)] // a mean for people
             let mean_boot = boot_secs / kills as f64;
             Row {
-            scenario: "kill -9 QEMU guests (2 running) + 4 host peers".into(),
-            length: length.name(),
-            secs,
-            kills: killed,
-            runs: tally.runs,
-            ops: tally.ops,
-            failures: tally.errors_text(),
-            notes: format!(
-                "guest loop iterations {iterations} (wrong reads 0); mean reboot {mean_boot:.1} s; {}",
+                scenario: "kill -9 QEMU guests (2 running) + 4 host peers".into(),
+                length: length.name(),
+                secs,
+                kills: killed,
+                runs: tally.runs,
+                ops: tally.ops,
+                failures: tally.errors_text(),
+                notes: format!(
+                "guest loop iterations {iterations} (wrong reads 0); mean reboot {mean_boot:.1} s; \
+                 guest kernels that failed to boot (retried): {}; {}",
+                failed_boots.len(),
                 counter_notes(&leaks)
             ),
-        }
-        .report();
+            }
+            .report();
         },
     );
 }
