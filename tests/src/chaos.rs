@@ -71,6 +71,8 @@ pub struct Tally {
     pub lost: Vec<String>,
     /// Runs that failed otherwise (could not start, crashed, bad output).
     pub broken: Vec<String>,
+    /// The first failure of each kind a run reported (`first KEY in OP: ERROR`), by kind.
+    pub firsts: BTreeMap<String, String>,
 }
 
 impl Tally {
@@ -78,6 +80,13 @@ impl Tally {
     fn add_output(&mut self, out: &std::process::Output) {
         let text = String::from_utf8_lossy(&out.stdout);
         let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        for line in err.lines() {
+            if let Some((k, _)) = line.strip_prefix("first ").and_then(|r| r.split_once(' ')) {
+                self.firsts
+                    .entry(k.to_owned())
+                    .or_insert_with(|| line.to_owned());
+            }
+        }
         match out.status.code() {
             Some(0) | Some(3) | Some(4) => {}
             _ => {
@@ -148,9 +157,13 @@ impl Tally {
             self.broken
         );
         let unexpected = self.unexpected(expected);
+        let first: Vec<&String> = unexpected
+            .iter()
+            .filter_map(|(k, _)| self.firsts.get(k))
+            .collect();
         assert!(
             unexpected.is_empty(),
-            "failures outside {expected:?}: {unexpected:?} (all: {:?})",
+            "failures outside {expected:?}: {unexpected:?} (first: {first:?}; all: {:?})",
             self.errors
         );
     }

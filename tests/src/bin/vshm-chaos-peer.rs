@@ -12,7 +12,8 @@
 //!
 //! Usage: `vshm-chaos-peer SOCKET SEED MILLIS [no-blocks]` (`no-blocks`: block operations
 //! become shared-name operations; see tests/tests/scribbled_blocks.rs for why). Prints one line last:
-//! `done ops=N secs=S errors=KEY:n,...` where KEY is the failure's status name (or the
+//! `done ops=N secs=S errors=KEY:n,...` (and on stderr, the first failure of each kind:
+//! `first KEY in OPERATION: ERROR`) where KEY is the failure's status name (or the
 //! library error's kind for errors without a status of their own). Exit 0 when the run
 //! ended; 3 if any of its own bytes read back wrong (another party wrote them: the test
 //! fails); 4 if it lost its connection or was detached (it printed its line first); 1 if it
@@ -122,7 +123,33 @@ struct Peer<'ns> {
     blocks: Vec<(Block, u64)>,
     use_blocks: bool,
     errors: BTreeMap<String, u64>,
+    /// The operation running (for the first failure of each kind).
+    op: &'static str,
 }
+
+/// The operation each value of `step`'s draw stands for.
+const OPS: [&str; 20] = [
+    "create own",
+    "create own",
+    "create own",
+    "grow own",
+    "verify own",
+    "verify own",
+    "close own",
+    "create shared",
+    "open shared",
+    "close shared",
+    "delete shared",
+    "duplicate shared",
+    "signal",
+    "wait",
+    "lock",
+    "lock",
+    "allocate",
+    "allocate",
+    "free",
+    "free",
+];
 
 impl<'ns> Peer<'ns> {
     /// One random operation. `Ok(Err(stop))` ends the run.
@@ -137,6 +164,7 @@ impl<'ns> Peer<'ns> {
         if op >= 16 && !self.use_blocks {
             op -= 9; // 7..=10: the shared-name operations
         }
+        self.op = OPS[usize::try_from(op).unwrap_or(0)];
         match op {
             0..=2 => self.create_own(),
             3 => self.grow_own(),
@@ -335,7 +363,12 @@ impl<'ns> Peer<'ns> {
         match op(self) {
             Ok(r) => r,
             Err(e) => {
-                *self.errors.entry(key(&e)).or_default() += 1;
+                let n = self.errors.entry(key(&e)).or_default();
+                if *n == 0 {
+                    // The first of each kind, with the operation, for the test's report.
+                    eprintln!("first {} in {}: {e}", key(&e), self.op);
+                }
+                *n += 1;
                 if lost(&e) {
                     Err(Stop::Lost(e))
                 } else {
@@ -370,6 +403,7 @@ fn run(socket: &Path, seed: u64, millis: u64, use_blocks: bool) -> Result<ExitCo
         blocks: Vec::new(),
         use_blocks,
         errors: BTreeMap::new(),
+        op: "attach",
     };
     let end = started + Duration::from_millis(millis);
     let mut ops = 0u64;
@@ -379,6 +413,7 @@ fn run(socket: &Path, seed: u64, millis: u64, use_blocks: bool) -> Result<ExitCo
         outcome = p.count(|p| p.step(&pool, &counter, &tick, &lock));
     }
     if outcome.is_ok() {
+        p.op = "final release";
         outcome = p.finish(&pool);
     }
     let errors: Vec<String> = p.errors.iter().map(|(k, n)| format!("{k}:{n}")).collect();
