@@ -38,6 +38,10 @@ pub const DEFAULT_CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 /// (a host process's token; pid 1, init, in a guest), so nobody steals it.
 const HOST_CELL_LOCK: u32 = refcell::REF_LOCK | 1;
 
+/// At most one `revoked` log line and event per peer per this interval: the count is a
+/// peer-written word, and any peer can bump another's and ring in a loop.
+const REVOKED_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// One destroyed range waiting.
 #[derive(Debug, Clone)]
 pub(super) struct Quarantined {
@@ -60,6 +64,8 @@ pub(super) struct QuarantineState {
     pub claim_timeout: Duration,
     /// Per peer slot: the `revoked_handles` count already reported.
     pub reported: Vec<u64>,
+    /// Per peer slot: when it was last logged, and the handles counted since then.
+    pub last_report: Vec<Option<(Instant, u64)>>,
 }
 
 impl QuarantineState {
@@ -70,6 +76,7 @@ impl QuarantineState {
             timeout: DEFAULT_QUARANTINE,
             claim_timeout: DEFAULT_CLAIM_TIMEOUT,
             reported: vec![0; max_peers as usize],
+            last_report: vec![None; max_peers as usize],
         }
     }
 
@@ -133,6 +140,9 @@ impl<M: Backing> Arbiter<M> {
         }
         if let Some(r) = self.quarantine.reported.get_mut(slot.raw() as usize) {
             *r = 0;
+        }
+        if let Some(r) = self.quarantine.last_report.get_mut(slot.raw() as usize) {
+            *r = None;
         }
     }
 
@@ -204,9 +214,24 @@ impl<M: Backing> Arbiter<M> {
                 found.push((slot, p.id, n, n - before));
             }
         }
+        let now = Instant::now();
         for (slot, id, total, new) in found {
-            self.quarantine.reported[slot.raw() as usize] = total;
-            self.counters.revoked_handles += new;
+            let i = slot.raw() as usize;
+            self.quarantine.reported[i] = total;
+            // Peer-written: saturate rather than overflow (a forged u64::MAX).
+            self.counters.revoked_handles = self.counters.revoked_handles.saturating_add(new);
+            // Counted every time; logged and reported at most once a second per peer, with
+            // what went unreported since.
+            let new = match self.quarantine.last_report[i] {
+                Some((at, n)) if now.duration_since(at) < REVOKED_REPORT_INTERVAL => {
+                    self.quarantine.last_report[i] = Some((at, n.saturating_add(new)));
+                    continue;
+                }
+                previous => {
+                    self.quarantine.last_report[i] = Some((now, 0));
+                    new.saturating_add(previous.map_or(0, |(_, n)| n))
+                }
+            };
             tracing::warn!(
                 peer = id.raw(),
                 handles = new,

@@ -216,3 +216,24 @@ fn a_scribbled_revocation_counter_is_put_back() {
     assert!(report.superblock);
     assert_eq!(revoke::revoke_seq(a.mem()), Ok(seq));
 }
+
+#[test]
+fn forged_revoked_handle_counts_neither_overflow_the_counter_nor_flood_the_events() {
+    let mut a = arbiter();
+    // `revoked_handles` is a peer-written word: one peer claims u64::MAX, another 1.
+    revoke::acknowledge(a.mem(), a.layout(), PeerSlot(0), 0, u64::MAX).expect("forged");
+    revoke::acknowledge(a.mem(), a.layout(), PeerSlot(1), 0, 1).expect("forged");
+    a.sweep();
+    assert_eq!(a.counters().revoked_handles, u64::MAX, "saturates");
+    // A peer that adds one and rings, over and over, is reported at most once a second.
+    for _ in 0..50 {
+        revoke::acknowledge(a.mem(), a.layout(), PeerSlot(2), 0, 1).expect("forged");
+        a.sweep();
+    }
+    let events: Vec<_> = a.drain_events().filter(|e| e.kind == "revoked").collect();
+    assert!(
+        events.len() <= 3,
+        "{} revoked events: {events:?}",
+        events.len()
+    );
+}
