@@ -84,7 +84,10 @@ fn mailbox(layout: &Layout, peer_slot: PeerSlot) -> Result<u64, Fault> {
 }
 
 /// Peer: records that it has checked its holds up to `seq` and found `newly_revoked` more
-/// revoked handles. `audited_seq` only moves forward (several threads may audit at once).
+/// revoked handles. `audited_seq` only moves forward (several threads may audit at once),
+/// except from a value above the current `revoke_seq`: a scribble, or this peer's own
+/// acknowledgement of a scribbled `revoke_seq`, which vshmd counts as nothing and which
+/// would otherwise refuse every honest acknowledgement after it.
 pub fn acknowledge<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
@@ -98,8 +101,9 @@ pub fn acknowledge<M: SharedMemory + ?Sized>(
             Some(n.wrapping_add(newly_revoked))
         })?;
     }
+    let published = revoke_seq(mem)?;
     update(mem, base + MB_AUDITED_SEQ_OFF, |cur| {
-        (cur < seq).then_some(seq)
+        (cur < seq || (cur > published && cur != seq)).then_some(seq)
     })
 }
 
@@ -135,4 +139,47 @@ pub fn acknowledgement<M: SharedMemory + ?Sized>(
         mem.load_u64(base + MB_AUDITED_SEQ_OFF, Ordering::Acquire)?,
         mem.load_u64(base + MB_REVOKED_OFF, Ordering::Acquire)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::RawRegion;
+    use core::ptr::NonNull;
+
+    const SIZE: usize = 1 << 20;
+
+    fn with_region(f: impl FnOnce(&RawRegion<'_>, &Layout)) {
+        let mut buf = vec![0u64; SIZE / 8];
+        let base = NonNull::new(buf.as_mut_ptr().cast::<u8>()).expect("non-null");
+        // SAFETY: buf outlives the region (dropped after f returns); 8-aligned; SIZE bytes.
+        let mem = unsafe { RawRegion::new(base, SIZE as u64) };
+        let layout = Layout::compute(SIZE as u64, 4, 8, 2, 4096).expect("layout");
+        f(&mem, &layout);
+    }
+
+    #[test]
+    fn an_acknowledgement_of_a_scribbled_counter_does_not_block_the_honest_ones_after_it() {
+        with_region(|m, l| {
+            let p = PeerSlot(1);
+            // A peer scribbled revoke_seq far ahead; this peer audited and acknowledged it.
+            publish_revoke_seq(m, 1 << 40).expect("scribble");
+            acknowledge(m, l, p, 1 << 40, 0).expect("ack");
+            // vshmd heals the counter back and announces a real destroy.
+            publish_revoke_seq(m, 3).expect("heal");
+            acknowledge(m, l, p, 3, 0).expect("ack");
+            assert_eq!(acknowledgement(m, l, p), Ok((3, 0)), "vshmd must see 3");
+        });
+    }
+
+    #[test]
+    fn an_older_audit_finishing_late_never_lowers_the_acknowledgement() {
+        with_region(|m, l| {
+            let p = PeerSlot(0);
+            publish_revoke_seq(m, 6).expect("publish");
+            acknowledge(m, l, p, 6, 0).expect("newer");
+            acknowledge(m, l, p, 5, 0).expect("older");
+            assert_eq!(acknowledgement(m, l, p), Ok((6, 0)));
+        });
+    }
 }
