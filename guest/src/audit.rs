@@ -56,6 +56,37 @@ mod imp {
         fenced: Vec<(RegionOffset, u64)>,
     }
 
+    /// Takes the fenced ranges that overlap `[offset, offset + len)` out of `fenced`,
+    /// returning what must be mapped again.
+    pub(super) fn take_overlaps(
+        fenced: &mut Vec<(RegionOffset, u64)>,
+        offset: RegionOffset,
+        len: u64,
+    ) -> Vec<(RegionOffset, u64)> {
+        let (start, end) = (offset.0, offset.0.saturating_add(len));
+        let mut back = Vec::new();
+        let mut keep = Vec::with_capacity(fenced.len());
+        for &(o, l) in fenced.iter() {
+            let (f_start, f_end) = (o.0, o.0.saturating_add(l));
+            if f_end <= start || end <= f_start {
+                keep.push((o, l));
+                continue;
+            }
+            // Only the intersection is the new hold's; what sticks out on either side may
+            // be anyone's memory now and stays fenced.
+            let (i_start, i_end) = (f_start.max(start), f_end.min(end));
+            back.push((RegionOffset(i_start), i_end - i_start));
+            if f_start < i_start {
+                keep.push((o, i_start - f_start));
+            }
+            if i_end < f_end {
+                keep.push((RegionOffset(i_end), f_end - i_end));
+            }
+        }
+        *fenced = keep;
+        back
+    }
+
     /// This process's holds and how far it has checked them.
     #[derive(Debug)]
     pub(crate) struct Audit {
@@ -83,9 +114,10 @@ mod imp {
             }
         }
 
-        /// A hold was taken. Returns the fenced ranges it overlaps, which the caller must
-        /// map again before using the memory (this process fenced them off after an earlier
-        /// revocation and the host has now handed them out anew).
+        /// A hold was taken. Returns the parts of fenced ranges inside its range, which the
+        /// caller must map again before using the memory (this process fenced them off after
+        /// an earlier revocation and the host has now handed them out anew); the parts
+        /// outside stay fenced.
         pub(crate) fn held(&self, info: &ObjectInfo) -> Vec<(RegionOffset, u64)> {
             let (offset, len) = range(info, self.layout.alignment);
             let Ok(mut rec) = self.record.lock() else {
@@ -103,13 +135,7 @@ mod imp {
             if len == 0 {
                 return Vec::new();
             }
-            let end = offset.0.saturating_add(len);
-            let (hit, keep): (Vec<_>, Vec<_>) = rec
-                .fenced
-                .iter()
-                .partition(|&&(o, l)| o.0 < end && offset.0 < o.0.saturating_add(l));
-            rec.fenced = keep;
-            hit
+            take_overlaps(&mut rec.fenced, offset, len)
         }
 
         /// A handle is being closed. Returns false if its hold was revoked: the close must
@@ -180,6 +206,42 @@ mod imp {
             }
             self.audited.store(seq, Ordering::Release);
         }
+    }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::imp::take_overlaps;
+    use vshm_format::RegionOffset;
+
+    fn r(o: u64, l: u64) -> (RegionOffset, u64) {
+        (RegionOffset(o), l)
+    }
+
+    #[test]
+    fn a_new_hold_maps_back_only_its_own_part_of_fenced_ranges_that_overlap_it_partially() {
+        // Two revoked sections fenced side by side; the host hands out a section that
+        // straddles their border. Only the new section's pages may reach the region again:
+        // the rest may be anyone's memory now, and a revoked handle's raw pointer still
+        // points there.
+        let mut fenced = vec![r(0x10000, 0x4000), r(0x14000, 0x4000), r(0x40000, 0x1000)];
+        let mut back = take_overlaps(&mut fenced, RegionOffset(0x12000), 0x4000);
+        back.sort();
+        fenced.sort();
+        assert_eq!(back, vec![r(0x12000, 0x2000), r(0x14000, 0x2000)]);
+        assert_eq!(
+            fenced,
+            vec![r(0x10000, 0x2000), r(0x16000, 0x2000), r(0x40000, 0x1000)]
+        );
+    }
+
+    #[test]
+    fn a_new_hold_inside_a_fenced_range_leaves_both_ends_fenced() {
+        let mut fenced = vec![r(0x10000, 0x10000)];
+        let back = take_overlaps(&mut fenced, RegionOffset(0x14000), 0x1000);
+        assert_eq!(back, vec![r(0x14000, 0x1000)]);
+        fenced.sort();
+        assert_eq!(fenced, vec![r(0x10000, 0x4000), r(0x15000, 0xB000)]);
     }
 }
 
