@@ -155,6 +155,32 @@ mod imp {
             live
         }
 
+        /// The hold on (slot, generation), just recorded, was found revoked by its taker
+        /// (destroyed before the record, so an audit may have missed it): fence it off now,
+        /// as an audit would have (whatever of its range a new hold mapped back included).
+        /// Not counted in `revoked_handles`: the open fails, no caller ever had the handle.
+        pub(crate) fn revoke_now(
+            &self,
+            slot: ObjectSlot,
+            generation: Generation,
+            revoke_range: Revoke<'_>,
+        ) {
+            let Ok(mut rec) = self.record.lock() else {
+                return;
+            };
+            let Some(h) = rec.held.get_mut(&(slot, generation)) else {
+                return;
+            };
+            if h.revoked {
+                return;
+            }
+            h.revoked = true;
+            let (offset, len) = (h.offset, h.len);
+            if len > 0 && revoke_range(offset, len) {
+                rec.fenced.push((offset, len));
+            }
+        }
+
         /// Whether the hold on (slot, generation) was found revoked.
         pub(crate) fn is_revoked(&self, slot: ObjectSlot, generation: Generation) -> bool {
             self.record
@@ -270,6 +296,7 @@ impl Audit {
     pub(crate) fn is_revoked(&self, _slot: ObjectSlot, _generation: Generation) -> bool {
         false
     }
+    pub(crate) fn revoke_now(&self, _slot: ObjectSlot, _generation: Generation, _r: Revoke<'_>) {}
     pub(crate) fn revoked_count(&self) -> u64 {
         0
     }

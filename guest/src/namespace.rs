@@ -426,6 +426,19 @@ impl<T: Transport> Namespace<T> {
                 return Err(e.into());
             }
         }
+        // The holder bit does not stop a peer that forges our last close: if the object was
+        // destroyed after the validation above and an audit ran before the record, that
+        // audit could not see this hold, fenced nothing and may have acknowledged. Any audit
+        // from here on sees the record, so one look now closes the window.
+        let revoked =
+            revoke::check_hold(&self.mem(), &self.layout, self.peer_slot, slot, generation);
+        if revoked == Ok(revoke::Hold::Revoked) {
+            self.audit
+                .revoke_now(slot, generation, &|o, l| self.transport.revoke(o, l));
+            // Touches nothing shared: the hold is marked revoked.
+            let _ = self.release(slot, generation);
+            return Err(Error::Status(Status::ObjectNameNotFound));
+        }
         Ok(info)
     }
 
