@@ -237,3 +237,31 @@ fn forged_revoked_handle_counts_neither_overflow_the_counter_nor_flood_the_event
         events.len()
     );
 }
+
+/// Design limit, not fixed: `audited_seq` is a word in the victim's mailbox, which every
+/// peer can write. An intruder that writes the next `revoke_seq` into its victim's mailbox
+/// (or scribbles `revoke_seq` ahead, so the victim's own library acknowledges a destroy
+/// that has not happened yet and skips the audit when it does) has vshmd release the
+/// victim's range before the victim checked its holds. Closing it needs an acknowledgement
+/// vshmd can attribute: e.g. rings on the acknowledging peer's own host eventfd, counted by
+/// vshmd itself, with the library auditing for real (not only when `revoke_seq` moved).
+#[test]
+#[ignore = "bug: audited_seq is peer-writable: an intruder acknowledges for its victim and vshmd hands the victim's range on at once"]
+fn an_intruder_cannot_acknowledge_a_destroy_for_its_victim() {
+    let mut a = arbiter();
+    let victim = create(&mut a, PeerId(1), "victim", false);
+    hold(&a, PeerSlot(0), victim.slot, victim.generation);
+    // The intruder (peer 2, slot 1) predicts the destroy's sequence and acknowledges it in
+    // every mailbox, the victim's included, before forging the victim's last close.
+    let next = revoke::revoke_seq(a.mem()).expect("seq") + 1;
+    for s in 0..3 {
+        revoke::acknowledge(a.mem(), a.layout(), PeerSlot(s), next, 0).expect("forged");
+    }
+    forge_last_close(&mut a, PeerSlot(0), victim.slot);
+    let intruder = create(&mut a, PeerId(2), "intruder", false);
+    assert_eq!(Status::from_code(intruder.status), Some(Status::Success));
+    assert_ne!(
+        intruder.offset, victim.offset,
+        "the victim's range was handed on before the victim checked its holds"
+    );
+}
