@@ -9,9 +9,12 @@
 
 use core::time::Duration;
 
-use vshm_format::blocks::{BlockError, Guard, Heap, Me, PeerTable};
+use core::cell::RefCell;
+
+use vshm_format::blocks::{BlockError, Guard, Heap, Me, PeerTable, Peers};
+use vshm_format::layout::MAX_PEERS_LIMIT;
 use vshm_format::shm::RawRegion;
-use vshm_format::Status;
+use vshm_format::{PeerSlot, Status};
 
 pub use vshm_format::blocks::BlockStats;
 
@@ -21,6 +24,10 @@ use crate::{Error, Section, Transport};
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lock attempts before waiting through the transport.
 const SPINS: u32 = 200;
+/// How long a peer that the peer table shows gone is looked for again before the allocator
+/// believes it (frees its owned blocks, breaks its lock): two of vshmd's 200 ms heal
+/// periods and a margin, as for a peer's own entry (`Namespace::attached`).
+const GONE_GRACE: Duration = Duration::from_millis(450);
 /// Grow-and-retry rounds before an allocation gives up (each round at least doubles the
 /// section or reaches what the allocator asked for).
 const GROW_ROUNDS: u32 = 64;
@@ -123,10 +130,14 @@ impl<T: Transport> Section<'_, T> {
         let ns = self.namespace();
         let transport = ns.transport();
         let token_alive = |token: u32| transport.token_alive(token);
-        let peers = PeerTable {
-            mem: &mem,
-            layout: ns.layout(),
-            token_alive: &token_alive,
+        let peers = SettledPeers {
+            table: PeerTable {
+                mem: &mem,
+                layout: ns.layout(),
+                token_alive: &token_alive,
+            },
+            transport,
+            gone: RefCell::new([None; MAX_PEERS_LIMIT as usize]),
         };
         let (slot, incarnation) = self.peer();
         let me = Me {
@@ -177,5 +188,51 @@ impl<T: Transport> Section<'_, T> {
                 u64::try_from(LOCK_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
             )),
         }
+    }
+}
+
+/// The peer table as the allocator must read it before it acts on a departure: one look
+/// may see an entry a peer scribbled over a moment ago (vshmd rewrites it within 200 ms),
+/// and believing it would free a live peer's blocks or break its lock. So a peer that looks
+/// gone is looked for again for [`GONE_GRACE`]; only if it stays gone is it believed. The
+/// verdict is kept for the rest of the operation, so each departed owner costs one grace.
+struct SettledPeers<'a, T: Transport> {
+    table: PeerTable<'a, RawRegion<'a>>,
+    transport: &'a T,
+    /// Per slot: the (incarnation, mask) found gone during this operation.
+    gone: RefCell<[Option<(u64, u64)>; MAX_PEERS_LIMIT as usize]>,
+}
+
+impl<T: Transport> Peers for SettledPeers<'_, T> {
+    fn incarnation(&self, slot: PeerSlot) -> Option<u64> {
+        self.table.incarnation(slot)
+    }
+    fn token_alive(&self, token: u32) -> bool {
+        self.table.token_alive(token)
+    }
+    fn fingerprint(&self) -> u64 {
+        // Only decides whether to look at owners again: a scribbled value costs a walk.
+        self.table.fingerprint()
+    }
+    fn attached(&self, slot: PeerSlot, incarnation: u64, mask: u64) -> bool {
+        let now = |t: &PeerTable<'_, RawRegion<'_>>| t.attached(slot, incarnation, mask);
+        if now(&self.table) {
+            return true;
+        }
+        let index = slot.raw() as usize;
+        let known = self.gone.borrow().get(index).copied().flatten();
+        if known == Some((incarnation, mask)) {
+            return false;
+        }
+        let back = self
+            .transport
+            .wait_until(&mut || now(&self.table), GONE_GRACE)
+            .unwrap_or(false);
+        if !back {
+            if let Some(g) = self.gone.borrow_mut().get_mut(index) {
+                *g = Some((incarnation, mask));
+            }
+        }
+        back
     }
 }

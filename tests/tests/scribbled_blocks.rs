@@ -4,7 +4,8 @@
 //! that does not validate). A peer that scribbles over a live peer's table entry — which
 //! vshmd heals, but only up to 200 ms later — makes the next allocator operation of any
 //! other peer free the live peer's owned blocks and hand them out again: two honest peers
-//! then share bytes, and the heal cannot undo it.
+//! then share bytes, and the heal cannot undo it. Fixed: the library looks at a peer that
+//! seems gone again for two heal periods before the allocator believes it.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -17,7 +18,6 @@ use vshm_format::shm::SharedMemory;
 use vshm_tests::{watchdog, Backend};
 
 #[test]
-#[ignore = "bug: the block allocator takes a scribbled peer-table entry for a departed owner and hands a live peer's owned blocks to another peer"]
 fn a_scribbled_peer_entry_does_not_hand_a_live_owners_blocks_to_another_peer() {
     watchdog(Duration::from_secs(60), || {
         let b = Backend::start(&["--size", "4M"]);

@@ -149,16 +149,13 @@ impl<'m, M: SharedMemory + ?Sized> Heap<'m, M> {
         #[allow(clippy::cast_possible_truncation)] // masked to 8 and 32 bits
         let (slot, token) = (PeerSlot(slot_plus_1 as u32 - 1), (owner >> 32) as u32);
         let inc = (owner >> 8) & INCARNATION_MASK;
-        match peers.incarnation(slot) {
-            None => true,
-            Some(now) if now & INCARNATION_MASK != inc => true,
-            Some(_) => {
-                slot == me.slot
-                    && inc == me.incarnation & INCARNATION_MASK
-                    && token != me.token
-                    && !peers.token_alive(token)
-            }
+        if !peers.attached(slot, inc, INCARNATION_MASK) {
+            return true;
         }
+        slot == me.slot
+            && inc == me.incarnation & INCARNATION_MASK
+            && token != me.token
+            && !peers.token_alive(token)
     }
 
     /// `NeedGrow` to `min`, or `NoMemory` past the max size.
@@ -582,7 +579,7 @@ impl<M: SharedMemory + ?Sized> Guard<'_, '_, M> {
             if t.state == state::USED && t.owner != 0 {
                 let inc = self.heap.load(p + 8)?;
                 let owner = PeerSlot(u32::from(t.owner) - 1);
-                if self.peers.incarnation(owner) != Some(inc) {
+                if !self.peers.attached(owner, inc, u64::MAX) {
                     let merged = self.release(p, t)?;
                     self.add(hdr::RECLAIMED, 1, 0)?;
                     // After a rebuild the merges are unknown: walk again from the start

@@ -215,6 +215,16 @@ pub trait Peers {
     /// A value that changes whenever a peer attaches or detaches (owned blocks are swept
     /// when it changes).
     fn fingerprint(&self) -> u64;
+    /// Whether the peer that attached in `slot` with `incarnation` (compared in the bits of
+    /// `mask`) is still attached. Deciding "no" frees that peer's owned blocks or breaks
+    /// its lock, so an implementation that can wait should not believe one look at a
+    /// table any peer can scribble on (vshmd heals it within 200 ms): the guest library
+    /// looks again for two heal periods before it answers "no". The default believes the
+    /// table at once.
+    fn attached(&self, slot: PeerSlot, incarnation: u64, mask: u64) -> bool {
+        self.incarnation(slot)
+            .is_some_and(|now| now & mask == incarnation & mask)
+    }
 }
 
 /// [`Peers`] from the region's peer table.
