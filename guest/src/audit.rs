@@ -3,17 +3,38 @@
 //! hold whose object was destroyed behind this process's back is found, its memory fenced
 //! off from this process, and vshmd told it may hand the memory on.
 //!
+//! One look at the object table is not proof: any peer can scribble an entry for the
+//! 200 ms until vshmd heals it. So a hold whose object looks gone is only *suspect*; it is
+//! looked at again after two heal periods ([`CONFIRM_AFTER`]) and only then revoked, and
+//! the process acknowledges a `revoke_seq` only when no hold is suspect. The
+//! acknowledgement goes through the transport's attributable channel
+//! ([`Transport::acknowledge`]), never through shared memory, which any peer could forge.
+//!
 //! With `std` the record is a map under a mutex; without it (a driver or RTOS) there is
-//! no record, each handle still checks its own object on every access, and the peer never
+//! no record, each handle checks its own object on every access, and the peer never
 //! acknowledges (vshmd then waits `quarantine_ms`).
 
+use core::time::Duration;
+
 use vshm_format::object::ObjectInfo;
-use vshm_format::shm::RawRegion;
 use vshm_format::{Generation, ObjectSlot, RegionOffset};
 
-/// What the auditor needs from the transport while it checks: fence a range off from this
-/// process (returns whether it could).
-pub type Revoke<'a> = &'a dyn Fn(RegionOffset, u64) -> bool;
+pub use crate::transport::HookContext;
+#[allow(unused_imports)] // the doc links
+use crate::Transport;
+
+/// How long a hold whose object looks gone stays suspect before it is revoked: two of
+/// vshmd's 200 ms heal periods and a margin (as a peer's own entry, `Namespace::attached`).
+/// Well under vshmd's default `quarantine_ms` (2 s), which a host peer's confirmation must
+/// beat.
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
+pub const CONFIRM_AFTER: Duration = Duration::from_millis(450);
+
+/// How often the holds are checked even when `revoke_seq` did not move (on a ring, or an
+/// operation): a peer may have scribbled `revoke_seq` to the value the next destroy will
+/// publish, so that the audit of the real destroy looks already done.
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
+pub const RECHECK_EVERY: Duration = Duration::from_millis(200);
 
 /// The heap range a section's hold covers (its reservation: `max_size` rounded up to the
 /// region's alignment); nothing for events and mutexes.
@@ -33,12 +54,13 @@ mod imp {
     use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;
+    use std::time::{Duration, Instant};
 
     use vshm_format::layout::Layout;
     use vshm_format::revoke::{self, Hold};
     use vshm_format::PeerSlot;
 
-    use super::{range, ObjectInfo, RawRegion, Revoke};
+    use super::{range, HookContext, ObjectInfo, CONFIRM_AFTER, RECHECK_EVERY};
     use super::{Generation, ObjectSlot, RegionOffset};
 
     #[derive(Debug)]
@@ -47,6 +69,8 @@ mod imp {
         offset: RegionOffset,
         len: u64,
         revoked: bool,
+        /// When its object was first seen gone (not yet believed).
+        suspect: Option<Instant>,
     }
 
     #[derive(Debug, Default)]
@@ -92,25 +116,24 @@ mod imp {
     pub(crate) struct Audit {
         layout: Layout,
         peer_slot: PeerSlot,
-        /// A host process is a peer of its own and may acknowledge for it; a guest process
-        /// shares its peer with the VM's other processes and may not.
-        acknowledges: bool,
         record: Mutex<Record>,
         /// The `revoke_seq` this process last checked its holds for.
         audited: AtomicU64,
         /// Holds found revoked so far.
         revoked: AtomicU64,
+        /// When every hold was last checked.
+        checked: Mutex<Option<Instant>>,
     }
 
     impl Audit {
-        pub(crate) fn new(layout: Layout, peer_slot: PeerSlot, acknowledges: bool) -> Audit {
+        pub(crate) fn new(layout: Layout, peer_slot: PeerSlot) -> Audit {
             Audit {
                 layout,
                 peer_slot,
-                acknowledges,
                 record: Mutex::new(Record::default()),
                 audited: AtomicU64::new(0),
                 revoked: AtomicU64::new(0),
+                checked: Mutex::new(None),
             }
         }
 
@@ -130,6 +153,7 @@ mod imp {
                     offset,
                     len,
                     revoked: false,
+                    suspect: None,
                 })
                 .handles += 1;
             if len == 0 {
@@ -155,32 +179,6 @@ mod imp {
             live
         }
 
-        /// The hold on (slot, generation), just recorded, was found revoked by its taker
-        /// (destroyed before the record, so an audit may have missed it): fence it off now,
-        /// as an audit would have (whatever of its range a new hold mapped back included).
-        /// Not counted in `revoked_handles`: the open fails, no caller ever had the handle.
-        pub(crate) fn revoke_now(
-            &self,
-            slot: ObjectSlot,
-            generation: Generation,
-            revoke_range: Revoke<'_>,
-        ) {
-            let Ok(mut rec) = self.record.lock() else {
-                return;
-            };
-            let Some(h) = rec.held.get_mut(&(slot, generation)) else {
-                return;
-            };
-            if h.revoked {
-                return;
-            }
-            h.revoked = true;
-            let (offset, len) = (h.offset, h.len);
-            if len > 0 && revoke_range(offset, len) {
-                rec.fenced.push((offset, len));
-            }
-        }
-
         /// Whether the hold on (slot, generation) was found revoked.
         pub(crate) fn is_revoked(&self, slot: ObjectSlot, generation: Generation) -> bool {
             self.record
@@ -195,42 +193,78 @@ mod imp {
             self.revoked.load(Ordering::Relaxed)
         }
 
-        /// Checks every hold if vshmd announced a destroy since the last check: fences off
-        /// the memory of each revoked one, then acknowledges (§11a). One atomic load when
-        /// nothing was announced.
-        pub(crate) fn run(&self, mem: &RawRegion<'_>, revoke_range: Revoke<'_>) {
-            let Ok(seq) = revoke::revoke_seq(mem) else {
-                return;
+        /// Checks every hold if vshmd announced a destroy since the last check, or if one
+        /// is suspect: a hold whose object looks gone becomes suspect; one still gone
+        /// [`CONFIRM_AFTER`] later is revoked (its range fenced off this process). With no
+        /// suspect left, acknowledges the `revoke_seq` checked (§11a). Returns when to look
+        /// again (a suspect is waiting), if at all. One atomic load when nothing changed.
+        pub(crate) fn run(&self, ctx: &dyn HookContext) -> Option<Duration> {
+            let mem = ctx.region();
+            let Ok(seq) = revoke::revoke_seq(&mem) else {
+                return None;
             };
+            let now = Instant::now();
             if seq == self.audited.load(Ordering::Acquire) {
-                return;
+                let since = self
+                    .checked
+                    .lock()
+                    .ok()
+                    .and_then(|c| *c)
+                    .map(|t| now.duration_since(t));
+                if let Some(since) = since.filter(|&d| d < RECHECK_EVERY) {
+                    // Checked a moment ago: look once more when the period is up (the ring
+                    // that brought us here may announce a destroy whose number was
+                    // scribbled in early).
+                    return Some(RECHECK_EVERY - since);
+                }
             }
             let Ok(mut rec) = self.record.lock() else {
-                return;
+                return None;
             };
-            let mut found = 0u64;
+            if let Ok(mut c) = self.checked.lock() {
+                *c = Some(now);
+            }
+            let (mut found, mut wait) = (0u64, None::<Duration>);
             let mut fenced = Vec::new();
             for (&(slot, generation), h) in &mut rec.held {
                 if h.revoked {
                     continue;
                 }
-                let hold = revoke::check_hold(mem, &self.layout, self.peer_slot, slot, generation);
+                let hold = revoke::check_hold(&mem, &self.layout, self.peer_slot, slot, generation);
                 if hold != Ok(Hold::Revoked) {
+                    h.suspect = None;
+                    continue;
+                }
+                let since = *h.suspect.get_or_insert(now);
+                let left = CONFIRM_AFTER.saturating_sub(now.duration_since(since));
+                if !left.is_zero() {
+                    wait = Some(wait.map_or(left, |w| w.min(left)));
                     continue;
                 }
                 h.revoked = true;
                 found += 1;
-                if h.len > 0 && revoke_range(h.offset, h.len) {
+                if h.len > 0 && ctx.revoke(h.offset, h.len) {
                     fenced.push((h.offset, h.len));
                 }
             }
             rec.fenced.extend(fenced);
             self.revoked.fetch_add(found, Ordering::Relaxed);
-            // Only after the fences are up: from here vshmd may give the memory away.
-            if self.acknowledges {
-                let _ = revoke::acknowledge(mem, &self.layout, self.peer_slot, seq, found);
+            if found > 0 {
+                // A report for the operator; vshmd counts it, trusting it for nothing else.
+                let _ = revoke::acknowledge(&mem, &self.layout, self.peer_slot, seq, found);
+            }
+            if wait.is_some() {
+                // Not done with this seq: no acknowledgement until every suspect is settled.
+                return wait;
+            }
+            // Only after the fences are up: from here vshmd may give the memory away. Sent
+            // again after a revocation found late (the seq may have been acknowledged when
+            // a scribbled revoke_seq made the real destroy's audit look done).
+            if seq != self.audited.load(Ordering::Acquire) || found > 0 {
+                ctx.acknowledge(seq);
             }
             self.audited.store(seq, Ordering::Release);
+            None
         }
     }
 }
@@ -282,7 +316,6 @@ impl Audit {
     pub(crate) fn new(
         _layout: vshm_format::layout::Layout,
         _peer_slot: vshm_format::PeerSlot,
-        _acknowledges: bool,
     ) -> Audit {
         Audit
     }
@@ -293,14 +326,12 @@ impl Audit {
     pub(crate) fn releasing(&self, _slot: ObjectSlot, _generation: Generation) -> bool {
         true
     }
-    pub(crate) fn is_revoked(&self, _slot: ObjectSlot, _generation: Generation) -> bool {
-        false
-    }
-    pub(crate) fn revoke_now(&self, _slot: ObjectSlot, _generation: Generation, _r: Revoke<'_>) {}
     pub(crate) fn revoked_count(&self) -> u64 {
         0
     }
-    pub(crate) fn run(&self, _mem: &RawRegion<'_>, _revoke: Revoke<'_>) {}
+    pub(crate) fn run(&self, _ctx: &dyn HookContext) -> Option<Duration> {
+        None
+    }
 }
 
 /// How the namespace keeps its audit: shared with the transport's ring hook under `std`.

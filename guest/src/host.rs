@@ -228,6 +228,40 @@ struct Shared {
     hook: Mutex<Option<crate::RingHook>>,
 }
 
+/// This peer's attributable acknowledgement (FORMAT.md §11a): its own copy of the host's
+/// vector-1 eventfd, which no other peer holds.
+struct Acker {
+    bell: Option<File>,
+}
+
+impl Acker {
+    fn acknowledge(&self, seq: u64) -> bool {
+        let Some(bell) = &self.bell else {
+            return false;
+        };
+        let value = vshm_format::revoke::ack_ring_value(seq);
+        (&*bell).write_all(&value.to_ne_bytes()).is_ok()
+    }
+}
+
+/// What the bells thread gives the ring hook.
+struct BellsContext<'a> {
+    map: &'a Mapping,
+    acker: &'a Acker,
+}
+
+impl crate::transport::HookContext for BellsContext<'_> {
+    fn region(&self) -> RawRegion<'_> {
+        self.map.region()
+    }
+    fn revoke(&self, offset: RegionOffset, len: u64) -> bool {
+        self.map.fence(offset.raw(), len).is_ok()
+    }
+    fn acknowledge(&self, seq: u64) -> bool {
+        self.acker.acknowledge(seq)
+    }
+}
+
 impl Shared {
     /// Counts a ring and wakes every waiting thread (each re-checks its own condition).
     fn bump(&self) {
@@ -259,6 +293,8 @@ pub struct HostTransport {
     memfd: File,
     /// Shared with the bells thread, which runs the ring hook over it.
     map: Arc<Mapping>,
+    /// Shared with the bells thread too.
+    acker: Arc<Acker>,
 }
 
 impl std::fmt::Debug for HostTransport {
@@ -366,13 +402,26 @@ impl HostTransport {
                 .spawn(move || read_peer_updates(&sock, &shared))?
         };
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let acker = Arc::new(Acker {
+            bell: match host_bells.get(usize::from(vshm_format::layout::VECTOR_WAKE)) {
+                Some(f) => Some(f.try_clone()?),
+                None => None,
+            },
+        });
         let bells = {
             let stop = stop.try_clone()?;
             let shared = Arc::clone(&shared);
             let map = Arc::clone(&map);
+            let acker = Arc::clone(&acker);
             std::thread::Builder::new()
                 .name("vshm-bells".into())
-                .spawn(move || drain_bells(&own, &stop, &shared, &map))?
+                .spawn(move || {
+                    let ctx = BellsContext {
+                        map: &map,
+                        acker: &acker,
+                    };
+                    drain_bells(&own, &stop, &shared, &ctx);
+                })?
         };
         Ok(HostTransport {
             sock,
@@ -384,6 +433,7 @@ impl HostTransport {
             stop,
             memfd,
             map,
+            acker,
         })
     }
 
@@ -427,9 +477,9 @@ fn read_peer_updates(sock: &UnixStream, shared: &Shared) {
     shared.bump();
 }
 
-/// Drains our eventfds (one per vector) as the host rings them, runs the ring hook and wakes
-/// the waiters, until `stop` is written.
-fn drain_bells(own: &[File], stop: &EventFd, shared: &Shared, map: &Mapping) {
+/// Drains our eventfds (one per vector) as the host rings them, runs the ring hook (after
+/// rings, and when it asked to run again) and wakes the waiters, until `stop` is written.
+fn drain_bells(own: &[File], stop: &EventFd, shared: &Shared, ctx: &BellsContext<'_>) {
     let mut fds: Vec<libc::pollfd> = own
         .iter()
         .map(|f| f.as_raw_fd())
@@ -443,9 +493,14 @@ fn drain_bells(own: &[File], stop: &EventFd, shared: &Shared, map: &Mapping) {
     let Ok(nfds) = libc::nfds_t::try_from(fds.len()) else {
         return;
     };
+    let mut again: Option<Instant> = None;
     loop {
+        let timeout = again.map_or(-1, |at| {
+            let ms = at.saturating_duration_since(Instant::now()).as_millis();
+            libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+        });
         // SAFETY: `fds` is a valid array of `nfds` pollfds for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout) };
         if rc < 0 {
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -466,14 +521,16 @@ fn drain_bells(own: &[File], stop: &EventFd, shared: &Shared, map: &Mapping) {
                 return;
             }
         }
-        if rang {
+        let due = again.is_some_and(|at| Instant::now() >= at);
+        if rang || due {
+            again = None;
             if let Ok(hook) = shared.hook.lock() {
                 if let Some(hook) = hook.as_ref() {
-                    hook(&map.region(), &|offset, len| {
-                        map.fence(offset.raw(), len).is_ok()
-                    });
+                    again = hook(ctx).map(|d| Instant::now() + d);
                 }
             }
+        }
+        if rang {
             shared.bump();
         }
     }
@@ -551,9 +608,10 @@ impl Transport for HostTransport {
             .map_err(|e| TransportError::Os(e.raw_os_error().unwrap_or(libc::EIO)))
     }
 
-    /// A host process is a peer of its own.
-    fn acknowledges_for_peer(&self) -> bool {
-        true
+    /// A host process is a peer of its own: it acknowledges through its own copy of the
+    /// host's vector-1 eventfd.
+    fn acknowledge(&self, seq: u64) -> bool {
+        self.acker.acknowledge(seq)
     }
 
     fn set_ring_hook(&self, hook: Option<crate::RingHook>) {

@@ -127,18 +127,12 @@ impl<T: Transport> Namespace<T> {
             transport.wait_until(&mut look, ATTACH_RETRY)?;
         }
         let (superblock, layout, peer_slot, incarnation) = last?;
-        let audit = audit::Shared::from(Audit::new(
-            layout,
-            peer_slot,
-            transport.acknowledges_for_peer(),
-        ));
+        let audit = audit::Shared::from(Audit::new(layout, peer_slot));
         #[cfg(feature = "std")]
         {
             // An idle process must still answer vshmd's revocations (§11a) at once.
             let on_ring = std::sync::Arc::clone(&audit);
-            transport.set_ring_hook(Some(std::boxed::Box::new(move |mem, revoke| {
-                on_ring.run(mem, revoke);
-            })));
+            transport.set_ring_hook(Some(std::boxed::Box::new(move |ctx| on_ring.run(ctx))));
         }
         let ns = Namespace {
             transport,
@@ -152,7 +146,7 @@ impl<T: Transport> Namespace<T> {
             audit,
         };
         // Destroys announced before we attached concern holds we never had.
-        ns.audit.run(&ns.mem(), &|_, _| false);
+        ns.audit();
         Ok(ns)
     }
 
@@ -166,17 +160,22 @@ impl<T: Transport> Namespace<T> {
     /// (the library also does so before every operation and, with a transport that has a
     /// background thread, whenever it is rung).
     pub fn audit(&self) {
-        self.audit.run(&self.mem(), &|offset, len| {
-            self.transport.revoke(offset, len)
-        });
+        let _ = self.audit.run(&self.transport);
     }
 
-    /// Whether the hold on (slot, generation) was revoked: found so by an audit, or its
-    /// object visibly gone now.
+    /// Whether the hold on (slot, generation) was revoked, as the audit concluded (one look
+    /// at a table a peer may have scribbled is not enough, audit.rs). Without `std` there
+    /// is no audit: one look it is.
     pub(crate) fn revoked(&self, slot: ObjectSlot, generation: Generation) -> bool {
-        self.audit.is_revoked(slot, generation)
-            || revoke::check_hold(&self.mem(), &self.layout, self.peer_slot, slot, generation)
+        #[cfg(feature = "std")]
+        {
+            self.audit.is_revoked(slot, generation)
+        }
+        #[cfg(not(feature = "std"))]
+        {
+            revoke::check_hold(&self.mem(), &self.layout, self.peer_slot, slot, generation)
                 == Ok(revoke::Hold::Revoked)
+        }
     }
 
     /// One look at the region for `attach`: the validated superblock and layout, this
@@ -428,14 +427,13 @@ impl<T: Transport> Namespace<T> {
         }
         // The holder bit does not stop a peer that forges our last close: if the object was
         // destroyed after the validation above and an audit ran before the record, that
-        // audit could not see this hold, fenced nothing and may have acknowledged. Any audit
-        // from here on sees the record, so one look now closes the window.
+        // audit could not see this hold and may have acknowledged. Any audit from here on
+        // sees the record, so one look now closes the window. No fence is needed: nobody
+        // has the handle yet. A scribbled entry can make this look fail too; the caller
+        // then looks again, as after any lost race.
         let revoked =
             revoke::check_hold(&self.mem(), &self.layout, self.peer_slot, slot, generation);
         if revoked == Ok(revoke::Hold::Revoked) {
-            self.audit
-                .revoke_now(slot, generation, &|o, l| self.transport.revoke(o, l));
-            // Touches nothing shared: the hold is marked revoked.
             let _ = self.release(slot, generation);
             return Err(Error::Status(Status::ObjectNameNotFound));
         }
@@ -448,7 +446,7 @@ impl<T: Transport> Namespace<T> {
         self.attached()?;
         // A revoked hold is no longer counted in our cell (which may count a new object in
         // that slot now): closing it touches nothing shared.
-        if !self.audit.releasing(slot, generation) || self.revoked(slot, generation) {
+        if !self.audit.releasing(slot, generation) {
             return Ok(());
         }
         let alive = |token| self.transport.token_alive(token);

@@ -10,12 +10,36 @@ use core::time::Duration;
 use vshm_format::shm::RawRegion;
 use vshm_format::{PeerId, RegionOffset};
 
+/// What the library's audit of its holds (docs/FORMAT.md §11a) needs from the transport,
+/// whichever thread runs it: the region, fencing a range off this process, and the
+/// attributable acknowledgement.
+pub trait HookContext {
+    /// The mapped region.
+    fn region(&self) -> RawRegion<'_>;
+    /// As [`Transport::revoke`].
+    fn revoke(&self, offset: RegionOffset, len: u64) -> bool;
+    /// As [`Transport::acknowledge`].
+    fn acknowledge(&self, seq: u64) -> bool;
+}
+
+/// Any transport is a [`HookContext`] for the threads that hold it.
+impl<T: Transport + ?Sized> HookContext for T {
+    fn region(&self) -> RawRegion<'_> {
+        Transport::region(self)
+    }
+    fn revoke(&self, offset: RegionOffset, len: u64) -> bool {
+        Transport::revoke(self, offset, len)
+    }
+    fn acknowledge(&self, seq: u64) -> bool {
+        Transport::acknowledge(self, seq)
+    }
+}
+
 /// Work a transport's own background thread runs after rings arrive (see
-/// [`Transport::set_ring_hook`]): given the region and a way to fence a range off from
-/// this process.
+/// [`Transport::set_ring_hook`]); it returns when it wants to run again without a ring
+/// (a suspect hold to look at again), if at all.
 #[cfg(feature = "std")]
-pub type RingHook =
-    std::boxed::Box<dyn Fn(&RawRegion<'_>, &dyn Fn(RegionOffset, u64) -> bool) + Send + Sync>;
+pub type RingHook = std::boxed::Box<dyn Fn(&dyn HookContext) -> Option<Duration> + Send + Sync>;
 
 /// Why a transport operation failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,16 +122,19 @@ pub trait Transport {
         Ok(())
     }
 
-    /// Whether this user is the peer's only one and may therefore acknowledge revocations
-    /// for the whole peer (a host process: yes; one of a guest's processes: no).
-    fn acknowledges_for_peer(&self) -> bool {
+    /// Tells vshmd, through a channel only this peer can use (never shared memory, which
+    /// any peer could forge), that every hold this peer has was checked for `revoke_seq`
+    /// values up to `seq` (docs/FORMAT.md §11a). Only a transport that is the peer's one
+    /// user may (a host process: yes; one of a guest's processes, which share one peer:
+    /// no). Returns whether it did; the default cannot.
+    fn acknowledge(&self, _seq: u64) -> bool {
         false
     }
 
-    /// Asks the transport to run `hook` from its own background thread after rings arrive
-    /// (so a process that is idle still answers vshmd's revocations at once). `None`
-    /// removes it. The default has no thread and ignores it; the library then checks when
-    /// it is called.
+    /// Asks the transport to run `hook` from its own background thread after rings arrive,
+    /// and again when the hook asks to (so a process that is idle still answers vshmd's
+    /// revocations at once). `None` removes it. The default has no thread and ignores it;
+    /// the library then checks when it is called.
     #[cfg(feature = "std")]
     fn set_ring_hook(&self, _hook: Option<RingHook>) {}
 }

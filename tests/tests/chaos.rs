@@ -139,9 +139,9 @@ fn a_header_scribbler_beside_honest_peers_is_healed_and_their_data_stays_intact(
             let heals_before = b.status()["counters"]["heals"].as_u64().unwrap_or(0);
             let mut scribbler = Scribbler::attach(&b, 0x5C81_BB1E, Targets::HEALED);
             let stop = Arc::new(AtomicBool::new(false));
-            // Without blocks until the allocator stops trusting a scribbled peer table
-            // (tests/tests/scribbled_blocks.rs): with them, honest peers' blocks overlap.
-            let crew = Crew::new(&b, 0x0E57).without_blocks();
+            // With blocks: the allocator no longer believes a scribbled peer table at once
+            // (tests/tests/scribbled_blocks.rs).
+            let crew = Crew::new(&b, 0x0E57);
             let honest = background_crew(crew, 6, Arc::clone(&stop));
             let started = Instant::now();
             while started.elapsed() < run {

@@ -158,3 +158,37 @@ fn memory_freed_by_an_honest_close_is_reused_once_every_peer_has_acknowledged() 
         assert_eq!(a.revoked_handles(), 0, "an honest close revokes nothing");
     });
 }
+
+#[test]
+fn a_revoke_seq_scribbled_to_the_next_value_does_not_hide_the_revocation_from_the_victim() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "4M"]);
+        let victim = b.connect();
+        let (precious, _) = victim
+            .create(Some("precious"), &CreateOptions::new(SIZE))
+            .expect("create");
+        let intruder = Intruder::new(&b, *victim.layout());
+        // The intruder publishes the value the next destroy will have, and lets the victim
+        // audit it (nothing is revoked yet), so the real destroy's audit looks done.
+        let mem = intruder.map.region();
+        let next = vshm_format::revoke::revoke_seq(&mem).expect("seq") + 1;
+        vshm_format::revoke::publish_revoke_seq(&mem, next).expect("scribble");
+        victim.audit();
+        intruder.forge_last_close(victim_slot(&victim), precious.slot());
+        assert!(
+            wait_for(Duration::from_secs(5), || b.section("precious").is_none()),
+            "destroyed"
+        );
+        // Created at once: the victim has not confirmed yet, the range is still held.
+        let other = b.connect();
+        let (loot, _) = other
+            .create(Some("loot"), &CreateOptions::new(SIZE))
+            .expect("create");
+        assert_ne!(loot.offset(), precious.offset());
+        assert!(
+            wait_for(Duration::from_secs(5), || precious.is_revoked()),
+            "the victim's periodic check found the revocation"
+        );
+        assert_eq!(victim.revoked_handles(), 1);
+    });
+}

@@ -139,6 +139,8 @@ struct PeerRecord {
     freed: u64,
     /// Dropped by force while its process still ran: not reused until it has exited.
     fenced: bool,
+    /// The highest `revoke_seq` it has acknowledged through its own doorbell (§11a).
+    acked: u64,
     /// Its policy and account; `None` (no policy given, e.g. unit tests): unrestricted.
     grant: Option<Grant>,
     /// Requests of its refused by its policy.

@@ -101,6 +101,7 @@ impl<M: Backing> Arbiter<M> {
         rec.connected = true;
         rec.incarnation = incarnation;
         rec.last_seq = 0;
+        rec.acked = 0;
         rec.since = Some(SystemTime::now());
         rec.pid = None;
         rec.label = None;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use vshm_format::layout::{holder_bit, refcell, VECTOR_CONTROL};
 use vshm_format::lease::close_if_unheld;
 use vshm_format::revoke;
-use vshm_format::{ObjectSlot, PeerSlot, RegionOffset};
+use vshm_format::{ObjectSlot, PeerId, PeerSlot, RegionOffset};
 
 use super::reclaim::Release;
 use super::{Arbiter, Backing};
@@ -154,17 +154,12 @@ impl<M: Backing> Arbiter<M> {
         if self.quarantine.entries.is_empty() {
             return 0;
         }
-        // Each connected peer's acknowledgement, once (a peer cannot acknowledge what was
-        // not published yet: a larger value is a scribble and counts for nothing).
-        let published = self.quarantine.seq;
+        // Each connected peer's acknowledgement, as its own doorbell carried it
+        // (`acknowledged`); never the mailbox word, which any peer can write.
         let acks: Vec<(u64, u64)> = self
             .peer_slots()
             .filter(|(_, p)| p.connected)
-            .map(|(slot, _)| {
-                let seq = revoke::acknowledgement(&self.mem, &self.layout, slot)
-                    .map_or(0, |(seq, _)| seq);
-                (holder_bit(slot), if seq <= published { seq } else { 0 })
-            })
+            .map(|(slot, p)| (holder_bit(slot), p.acked))
             .collect();
         let timeout = self.quarantine.timeout;
         let mut released = 0;
@@ -188,6 +183,25 @@ impl<M: Backing> Arbiter<M> {
         }
         self.quarantine.entries = keep;
         released
+    }
+
+    /// Peer `id` rang the host's vector 1 with `value` on its own eventfd: an
+    /// acknowledgement of `revoke_seq` values up to what the value vouches for (FORMAT.md
+    /// §11a). Never above what was published: a peer that acknowledges ahead (a scribbled
+    /// `revoke_seq`) is credited with no more than is real. Releases what that completes.
+    pub fn acknowledged(&mut self, id: PeerId, value: u64) {
+        let seq = revoke::acked_by_ring_value(value).min(self.quarantine.seq);
+        let Some(slot) = self.slot_of(id) else {
+            return;
+        };
+        let Some(p) = self.peers.get_mut(slot.raw() as usize) else {
+            return;
+        };
+        if seq <= p.acked {
+            return;
+        }
+        p.acked = seq;
+        self.release_quarantine();
     }
 
     /// Whether `wanted` bytes would fit if the quarantine were empty.

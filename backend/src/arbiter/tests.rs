@@ -105,10 +105,10 @@ fn a_departed_peers_holds_are_reclaimed_and_what_only_it_held_is_destroyed() {
         a.status().region.heap_size - 2 * 8192
     );
     let seq = vshm_format::revoke::revoke_seq(a.mem()).expect("seq");
-    vshm_format::revoke::acknowledge(a.mem(), &l, PeerSlot(1), seq, 0).expect("ack");
+    a.acknowledged(PeerId(2), vshm_format::revoke::ack_ring_value(seq));
     a.sweep();
     assert_eq!(a.status().region.quarantined, 8192);
-    vshm_format::revoke::acknowledge(a.mem(), &l, PeerSlot(2), seq, 0).expect("ack");
+    a.acknowledged(PeerId(3), vshm_format::revoke::ack_ring_value(seq));
     a.sweep();
     assert_eq!(a.status().region.quarantined, 0);
     assert_eq!(a.status().region.free, a.status().region.heap_size - 8192);

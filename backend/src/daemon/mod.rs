@@ -753,8 +753,16 @@ impl Daemon {
     }
 
     fn doorbell(&mut self, id: PeerId, vector: usize) {
-        if let Some(bell) = self.server.client(id).and_then(|c| c.bells.get(vector)) {
-            let _ = bell.read();
+        let value = self
+            .server
+            .client(id)
+            .and_then(|c| c.bells.get(vector))
+            .and_then(|bell| bell.read().ok())
+            .unwrap_or(0);
+        // Vector 1 towards the host carries this peer's acknowledgements of revocations
+        // (FORMAT.md §11a): only it holds that eventfd, so the value is its own word.
+        if vector == usize::from(vshm_format::layout::VECTOR_WAKE) {
+            self.arbiter.acknowledged(id, value);
         }
         self.arbiter.count_doorbell();
         if self.arbiter.service(id) {

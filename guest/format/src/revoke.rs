@@ -5,11 +5,13 @@
 //! an honest peer still holds it (zero the holder's refcount cell, store CLOSED, ring).
 //! vshmd cannot tell that from an honest last close. So it never hands destroyed memory to
 //! anyone at once: it bumps `Superblock::revoke_seq`, rings every peer, and keeps the range
-//! out of the heap until each peer connected at the destroy has written an
-//! `audited_seq` at least that high into its mailbox (or left, or
-//! `Superblock::quarantine_ms` passed). A peer audits by checking every handle it knows it
-//! holds ([`check_hold`]); one whose object is gone was revoked behind its back: the peer
-//! stops using that memory, counts it in `revoked_handles`, then acknowledges.
+//! out of the heap until each peer connected at the destroy has acknowledged (or left, or
+//! `Superblock::quarantine_ms` passed). A peer checks every hold it knows it has
+//! ([`check_hold`]); one whose object is gone was revoked behind its back: the peer stops
+//! using that memory, then acknowledges — by a ring on its own copy of the host's vector-1
+//! eventfd carrying [`ack_ring_value`], which no other peer can make for it. The mailbox
+//! words ([`acknowledge`], [`acknowledgement`]) are reports for people; vshmd trusts them
+//! for nothing.
 
 use core::sync::atomic::Ordering;
 
@@ -20,6 +22,31 @@ use crate::layout::{
 };
 use crate::object;
 use crate::shm::{Fault, SharedMemory};
+
+/// Bits of an acknowledgement ring's value below the sequence number (FORMAT.md §11a).
+const ACK_COUNT_BITS: u32 = 16;
+
+/// The value a peer adds to its own host doorbell eventfd for vector
+/// [`crate::layout::VECTOR_WAKE`] to acknowledge `revoke_seq` values up to `seq`: the
+/// sequence number above a count of 1. Only this peer holds that eventfd (vshmd gives each
+/// peer its own copy of the host's), so vshmd knows whose acknowledgement it is, which
+/// a word in shared memory could never tell it.
+pub const fn ack_ring_value(seq: u64) -> u64 {
+    (seq << ACK_COUNT_BITS) | 1
+}
+
+/// Host: the `revoke_seq` a value read from a peer's acknowledgement eventfd vouches for.
+/// The eventfd adds up what was written since the last read, so several acknowledgements
+/// (or plain rings, which add 1) may arrive as one sum; the average sequence number of the
+/// acknowledgements in it is at most the largest, so it never credits more than was
+/// acknowledged. 0 when it holds none.
+pub const fn acked_by_ring_value(value: u64) -> u64 {
+    let count = value & ((1 << ACK_COUNT_BITS) - 1);
+    if count == 0 {
+        return 0;
+    }
+    (value >> ACK_COUNT_BITS) / count
+}
 
 /// What a peer finds when it checks one of its holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,5 +208,18 @@ mod tests {
             acknowledge(m, l, p, 5, 0).expect("older");
             assert_eq!(acknowledgement(m, l, p), Ok((6, 0)));
         });
+    }
+
+    #[test]
+    fn an_acknowledgement_ring_vouches_for_its_sequence_and_a_sum_of_rings_for_no_more_than_the_largest(
+    ) {
+        assert_eq!(acked_by_ring_value(ack_ring_value(41)), 41);
+        assert_eq!(acked_by_ring_value(0), 0);
+        // Plain rings (QEMU's doorbell writes add 1) vouch for nothing.
+        assert_eq!(acked_by_ring_value(3), 0);
+        // Two acknowledgements read as one sum, and a plain ring with them.
+        let sum = ack_ring_value(10) + ack_ring_value(14);
+        assert_eq!(acked_by_ring_value(sum), 12);
+        assert!(acked_by_ring_value(sum + 1) <= 14);
     }
 }
