@@ -9,10 +9,9 @@
 
 use core::time::Duration;
 
-use core::cell::RefCell;
+use core::cell::Cell;
 
 use vshm_format::blocks::{BlockError, Guard, Heap, Me, PeerTable, Peers};
-use vshm_format::layout::MAX_PEERS_LIMIT;
 use vshm_format::shm::RawRegion;
 use vshm_format::{PeerSlot, Status};
 
@@ -24,10 +23,14 @@ use crate::{Error, Section, Transport};
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lock attempts before waiting through the transport.
 const SPINS: u32 = 200;
-/// How long a peer that the peer table shows gone is looked for again before the allocator
-/// believes it (frees its owned blocks, breaks its lock): two of vshmd's 200 ms heal
-/// periods and a margin, as for a peer's own entry (`Namespace::attached`).
+/// How long a peer that the peer table shows gone must keep looking gone before the
+/// allocator believes it (frees its owned blocks, breaks its lock): two of vshmd's 200 ms
+/// heal periods and a margin, as for a peer's own entry (`Namespace::attached`).
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
 const GONE_GRACE: Duration = Duration::from_millis(450);
+/// Sightings of gone owners kept before old ones are dropped.
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
+const GONE_REMEMBERED: usize = 256;
 /// Grow-and-retry rounds before an allocation gives up (each round at least doubles the
 /// section or reaches what the allocator asked for).
 const GROW_ROUNDS: u32 = 64;
@@ -136,8 +139,8 @@ impl<T: Transport> Section<'_, T> {
                 layout: ns.layout(),
                 token_alive: &token_alive,
             },
-            transport,
-            gone: RefCell::new([None; MAX_PEERS_LIMIT as usize]),
+            gone: &ns.gone_since,
+            provisional: Cell::new(false),
         };
         let (slot, incarnation) = self.peer();
         let me = Me {
@@ -194,16 +197,17 @@ impl<T: Transport> Section<'_, T> {
 /// The peer table as the allocator must read it before it acts on a departure: one look
 /// may see an entry a peer scribbled over a moment ago (vshmd rewrites it within 200 ms),
 /// and believing it would free a live peer's blocks or break its lock. So a peer that looks
-/// gone is looked for again for [`GONE_GRACE`]; only if it stays gone is it believed. The
-/// verdict is kept for the rest of the operation, so each departed owner costs one grace.
-struct SettledPeers<'a, T: Transport> {
+/// gone is taken for attached until it has looked gone for [`GONE_GRACE`] (remembered by
+/// the namespace across operations); meanwhile the operation goes on without waiting and
+/// a later one looks again.
+struct SettledPeers<'a> {
     table: PeerTable<'a, RawRegion<'a>>,
-    transport: &'a T,
-    /// Per slot: the (incarnation, mask) found gone during this operation.
-    gone: RefCell<[Option<(u64, u64)>; MAX_PEERS_LIMIT as usize]>,
+    gone: &'a GoneSince,
+    /// An answer was "attached for now".
+    provisional: Cell<bool>,
 }
 
-impl<T: Transport> Peers for SettledPeers<'_, T> {
+impl Peers for SettledPeers<'_> {
     fn incarnation(&self, slot: PeerSlot) -> Option<u64> {
         self.table.incarnation(slot)
     }
@@ -215,24 +219,62 @@ impl<T: Transport> Peers for SettledPeers<'_, T> {
         self.table.fingerprint()
     }
     fn attached(&self, slot: PeerSlot, incarnation: u64, mask: u64) -> bool {
-        let now = |t: &PeerTable<'_, RawRegion<'_>>| t.attached(slot, incarnation, mask);
-        if now(&self.table) {
+        if self.table.attached(slot, incarnation, mask) {
+            self.gone.clear(slot, incarnation & mask);
             return true;
         }
-        let index = slot.raw() as usize;
-        let known = self.gone.borrow().get(index).copied().flatten();
-        if known == Some((incarnation, mask)) {
+        if self.gone.believed(slot, incarnation & mask) {
             return false;
         }
-        let back = self
-            .transport
-            .wait_until(&mut || now(&self.table), GONE_GRACE)
-            .unwrap_or(false);
-        if !back {
-            if let Some(g) = self.gone.borrow_mut().get_mut(index) {
-                *g = Some((incarnation, mask));
+        self.provisional.set(true);
+        true
+    }
+    fn settled(&self) -> bool {
+        !self.provisional.get()
+    }
+}
+
+/// The owners — (peer slot, masked incarnation) — this process saw gone and since when;
+/// kept by the namespace so that the grace spans operations. Keyed by both: a slot reused by
+/// several peers that died may own blocks under several incarnations at once.
+#[derive(Debug, Default)]
+pub(crate) struct GoneSince {
+    #[cfg(feature = "std")]
+    seen: std::sync::Mutex<std::collections::BTreeMap<(u32, u64), std::time::Instant>>,
+}
+
+impl GoneSince {
+    /// Whether the departure of (`slot`, `incarnation`) is to be believed: it was seen
+    /// gone [`GONE_GRACE`] ago or more (and now again). Records the first sighting. Without
+    /// `std` there is no clock: believed at once.
+    fn believed(&self, slot: PeerSlot, incarnation: u64) -> bool {
+        #[cfg(feature = "std")]
+        {
+            let Ok(mut seen) = self.seen.lock() else {
+                return false;
+            };
+            let now = std::time::Instant::now();
+            if seen.len() >= GONE_REMEMBERED {
+                // Sightings that old were acted on long ago (their blocks freed).
+                seen.retain(|_, t| now.duration_since(*t) < GONE_GRACE * 8);
             }
+            let since = *seen.entry((slot.raw(), incarnation)).or_insert(now);
+            now.duration_since(since) >= GONE_GRACE
         }
-        back
+        #[cfg(not(feature = "std"))]
+        {
+            let _ = (slot, incarnation);
+            true
+        }
+    }
+
+    /// (`slot`, `incarnation`) was seen attached: forget a sighting of it gone.
+    fn clear(&self, slot: PeerSlot, incarnation: u64) {
+        #[cfg(feature = "std")]
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.remove(&(slot.raw(), incarnation));
+        }
+        #[cfg(not(feature = "std"))]
+        let _ = (slot, incarnation);
     }
 }

@@ -109,6 +109,8 @@ pub struct Namespace<T: Transport> {
     reply_timeout: Duration,
     /// The holds this process took, checked when vshmd announces a destroy (§11a).
     audit: audit::Shared,
+    /// Peers this process saw gone in the peer table, and since when (blocks.rs).
+    pub(crate) gone_since: crate::blocks::GoneSince,
 }
 
 impl<T: Transport> Namespace<T> {
@@ -144,6 +146,7 @@ impl<T: Transport> Namespace<T> {
             detached: AtomicBool::new(false),
             reply_timeout: Duration::from_secs(10),
             audit,
+            gone_since: crate::blocks::GoneSince::default(),
         };
         // Destroys announced before we attached concern holds we never had.
         ns.audit();

@@ -351,11 +351,18 @@ pub fn assert_no_leaks(b: &mut Backend) -> Leaks {
     assert!(lock["owner"].is_null(), "mutex still owned: {lock}");
     assert_eq!(lock["queued"], 0, "peers still queued on the mutex: {lock}");
     let pool = ns.open("pool").expect("open pool");
-    // The next allocator operation reclaims blocks tagged by dead peers.
-    let blk = pool
-        .allocate_with(64, 16, vshm::blocks::AllocOptions { owned: true })
-        .expect("allocate after the run");
-    pool.free(blk).expect("free");
+    // An allocator operation reclaims blocks tagged by dead peers once they have looked
+    // gone for two heal periods (a scribbled peer table must not free a live peer's).
+    let reclaimed = || {
+        let blk = pool
+            .allocate_with(64, 16, vshm::blocks::AllocOptions { owned: true })
+            .expect("allocate after the run");
+        pool.free(blk).expect("free");
+        pool.block_stats()
+            .expect("block stats")
+            .is_some_and(|st| (st.in_use, st.count) == (0, 0))
+    };
+    let _ = crate::wait_for(Duration::from_secs(5), reclaimed);
     let stats = pool
         .block_stats()
         .expect("block stats")

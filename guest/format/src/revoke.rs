@@ -171,19 +171,7 @@ pub fn acknowledgement<M: SharedMemory + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shm::RawRegion;
-    use core::ptr::NonNull;
-
-    const SIZE: usize = 1 << 20;
-
-    fn with_region(f: impl FnOnce(&RawRegion<'_>, &Layout)) {
-        let mut buf = vec![0u64; SIZE / 8];
-        let base = NonNull::new(buf.as_mut_ptr().cast::<u8>()).expect("non-null");
-        // SAFETY: buf outlives the region (dropped after f returns); 8-aligned; SIZE bytes.
-        let mem = unsafe { RawRegion::new(base, SIZE as u64) };
-        let layout = Layout::compute(SIZE as u64, 4, 8, 2, 4096).expect("layout");
-        f(&mem, &layout);
-    }
+    use crate::sync::tests::with_region;
 
     #[test]
     fn an_acknowledgement_of_a_scribbled_counter_does_not_block_the_honest_ones_after_it() {

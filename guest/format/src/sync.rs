@@ -279,7 +279,7 @@ pub fn host_count_change<M: SharedMemory + ?Sized>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::layout::mutex_word::{owner, HANDOFF};
     use crate::shm::RawRegion;
@@ -287,7 +287,8 @@ mod tests {
 
     const SIZE: usize = 1 << 20;
 
-    fn with_region(f: impl FnOnce(&RawRegion<'_>, &Layout)) {
+    /// Runs `f` over a 1 MiB zeroed region laid out for 4 peers and 8 objects.
+    pub(crate) fn with_region(f: impl FnOnce(&RawRegion<'_>, &Layout)) {
         let mut buf = vec![0u64; SIZE / 8];
         let base = NonNull::new(buf.as_mut_ptr().cast::<u8>()).expect("non-null");
         // SAFETY: buf outlives the region (dropped after f returns); 8-aligned; SIZE bytes.

@@ -229,7 +229,10 @@ impl<M: SharedMemory + ?Sized> Guard<'_, '_, M> {
             let fp = self.peers.fingerprint();
             if fp != h.load(hdr::PEER_FP)? {
                 self.sweep()?;
-                h.store(hdr::PEER_FP, fp)?;
+                // A departure not believed yet: a later operation looks again.
+                if self.peers.settled() {
+                    h.store(hdr::PEER_FP, fp)?;
+                }
             }
         }
         Ok(())

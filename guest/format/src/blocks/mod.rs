@@ -217,13 +217,20 @@ pub trait Peers {
     fn fingerprint(&self) -> u64;
     /// Whether the peer that attached in `slot` with `incarnation` (compared in the bits of
     /// `mask`) is still attached. Deciding "no" frees that peer's owned blocks or breaks
-    /// its lock, so an implementation that can wait should not believe one look at a
-    /// table any peer can scribble on (vshmd heals it within 200 ms): the guest library
-    /// looks again for two heal periods before it answers "no". The default believes the
-    /// table at once.
+    /// its lock, so an implementation should not believe one look at a table any peer can
+    /// scribble on (vshmd heals it within 200 ms): the guest library answers "attached"
+    /// until the peer has looked gone for two heal periods (see [`Peers::settled`]). The
+    /// default believes the table at once.
     fn attached(&self, slot: PeerSlot, incarnation: u64, mask: u64) -> bool {
         self.incarnation(slot)
             .is_some_and(|now| now & mask == incarnation & mask)
+    }
+    /// Whether every [`Peers::attached`] answer so far was final. An implementation may
+    /// answer "attached" for now while it waits to believe a departure; then the owners'
+    /// blocks are looked at again by a later operation (the sweep does not record the
+    /// peer table as seen).
+    fn settled(&self) -> bool {
+        true
     }
 }
 
