@@ -234,19 +234,23 @@ impl Peers for SettledPeers<'_> {
     }
 }
 
-/// The owners — (peer slot, masked incarnation) — this process saw gone and since when;
-/// kept by the namespace so that the grace spans operations. Keyed by both: a slot reused by
-/// several peers that died may own blocks under several incarnations at once.
+/// The owners — (peer slot, masked incarnation) — this process saw gone: since when, and when
+/// last; kept by the namespace so that the grace spans operations. Keyed by both: a slot
+/// reused by several peers that died may own blocks under several incarnations at once.
+/// Only an unbroken run of sightings counts: one older than half the grace with no look
+/// since may have been healed in between, so it starts over.
 #[derive(Debug, Default)]
 pub(crate) struct GoneSince {
     #[cfg(feature = "std")]
-    seen: std::sync::Mutex<std::collections::BTreeMap<(u32, u64), std::time::Instant>>,
+    seen: std::sync::Mutex<
+        std::collections::BTreeMap<(u32, u64), (std::time::Instant, std::time::Instant)>,
+    >,
 }
 
 impl GoneSince {
-    /// Whether the departure of (`slot`, `incarnation`) is to be believed: it was seen
-    /// gone [`GONE_GRACE`] ago or more (and now again). Records the first sighting. Without
-    /// `std` there is no clock: believed at once.
+    /// Whether the departure of (`slot`, `incarnation`) is to be believed: it has been seen
+    /// gone, look after look, for [`GONE_GRACE`] or more (and now again). Records the
+    /// sighting. Without `std` there is no clock: believed at once.
     fn believed(&self, slot: PeerSlot, incarnation: u64) -> bool {
         #[cfg(feature = "std")]
         {
@@ -256,10 +260,14 @@ impl GoneSince {
             let now = std::time::Instant::now();
             if seen.len() >= GONE_REMEMBERED {
                 // Sightings that old were acted on long ago (their blocks freed).
-                seen.retain(|_, t| now.duration_since(*t) < GONE_GRACE * 8);
+                seen.retain(|_, (_, last)| now.duration_since(*last) < GONE_GRACE * 8);
             }
-            let since = *seen.entry((slot.raw(), incarnation)).or_insert(now);
-            now.duration_since(since) >= GONE_GRACE
+            let entry = seen.entry((slot.raw(), incarnation)).or_insert((now, now));
+            if now.duration_since(entry.1) > GONE_GRACE / 2 {
+                *entry = (now, now);
+            }
+            entry.1 = now;
+            now.duration_since(entry.0) >= GONE_GRACE
         }
         #[cfg(not(feature = "std"))]
         {

@@ -379,20 +379,29 @@ impl<'ns> Peer<'ns> {
     }
 }
 
+/// `open` until it succeeds or 1 s has passed (four heal periods); the last result.
+fn settled<T>(mut open: impl FnMut() -> Result<T, vshm::Error>) -> Result<T, vshm::Error> {
+    let start = Instant::now();
+    loop {
+        match open() {
+            Err(_) if start.elapsed() < Duration::from_secs(1) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn run(socket: &Path, seed: u64, millis: u64, use_blocks: bool) -> Result<ExitCode, String> {
     let started = Instant::now();
     let t = HostTransport::connect(socket).map_err(|e| format!("connect: {e}"))?;
     let ns = Namespace::attach(t).map_err(|e| format!("attach: {e}"))?;
-    let pool = ns.open("pool").map_err(|e| format!("open pool: {e}"))?;
-    let counter = ns
-        .open("counter")
-        .map_err(|e| format!("open counter: {e}"))?;
-    let tick = ns
-        .open_event("tick")
-        .map_err(|e| format!("open tick: {e}"))?;
-    let lock = ns
-        .open_mutex("lock")
-        .map_err(|e| format!("open lock: {e}"))?;
+    // The shared objects exist for the whole run, but a scribbler may have spoiled one's
+    // entry for the moment (vshmd heals it within 200 ms): look again for a while.
+    let pool = settled(|| ns.open("pool")).map_err(|e| format!("open pool: {e}"))?;
+    let counter = settled(|| ns.open("counter")).map_err(|e| format!("open counter: {e}"))?;
+    let tick = settled(|| ns.open_event("tick")).map_err(|e| format!("open tick: {e}"))?;
+    let lock = settled(|| ns.open_mutex("lock")).map_err(|e| format!("open lock: {e}"))?;
     let mut p = Peer {
         ns: &ns,
         rng: XorShift(seed | 1),
