@@ -30,6 +30,20 @@ impl Heap {
         }
     }
 
+    /// A heap over the same range whose free extents are `free` (another process's space
+    /// map, checked by the caller to lie in the heap without overlaps).
+    pub fn with_free(
+        offset: RegionOffset,
+        size: u64,
+        alignment: u64,
+        free: impl IntoIterator<Item = (RegionOffset, u64)>,
+    ) -> Heap {
+        let mut heap = Heap::new(offset, size, alignment);
+        heap.free = free.into_iter().filter(|&(_, l)| l > 0).collect();
+        heap.free_bytes = heap.free.values().sum();
+        heap
+    }
+
     /// Rounds a request up to the allocation granularity (`None` on overflow).
     pub fn round(&self, len: u64) -> Option<u64> {
         len.checked_add(self.alignment - 1)

@@ -5,6 +5,7 @@
 pub mod arbiter;
 pub mod config;
 pub mod daemon;
+pub mod handoff;
 pub mod heap;
 pub mod metrics;
 pub mod policy;

@@ -47,6 +47,14 @@ pub enum RegionError {
     /// mmap failed.
     #[error("cannot map the shared memory: {0}")]
     Map(vm_memory::mmap::MmapRegionError),
+    /// The handed-over memfd is not the size this configuration asks for.
+    #[error("the running vshmd's region is {have} bytes, this configuration asks for {want}")]
+    Adopted {
+        /// Its size.
+        have: u64,
+        /// The configured size.
+        want: u64,
+    },
     /// mlock failed.
     #[error("--lock: cannot mlock {size} bytes ({source}); raise RLIMIT_MEMLOCK (ulimit -l)")]
     Lock {
@@ -126,6 +134,11 @@ impl Region {
             .map_err(|source| RegionError::Size { size, source })?;
         // Peers get this fd: forbid resizing it (a shrink would SIGBUS everyone).
         seal_size(&file).map_err(RegionError::Seal)?;
+        Region::map(file, size, page_size, lock)
+    }
+
+    /// Maps `file` (and locks it with `lock`).
+    fn map(file: File, size: u64, page_size: u64, lock: bool) -> Result<Region, RegionError> {
         let len = usize::try_from(size).map_err(|_| RegionError::Size {
             size,
             source: io::Error::from_raw_os_error(libc::EFBIG),
@@ -148,6 +161,38 @@ impl Region {
             size,
             page_size,
         })
+    }
+
+    /// Maps a region another vshmd process created and handed over (`vshmd --takeover`):
+    /// `file` must be `size` bytes long and sealed against resizing, as [`Region::create`]
+    /// leaves it.
+    pub fn adopt(
+        file: File,
+        size: u64,
+        hugepages: bool,
+        lock: bool,
+    ) -> Result<Region, RegionError> {
+        let have = file
+            .metadata()
+            .map_err(|source| RegionError::Size { size, source })?
+            .len();
+        if have != size {
+            return Err(RegionError::Adopted { have, want: size });
+        }
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on an fd we own with integer arguments.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & want != want {
+            return Err(RegionError::Seal(io::Error::other(format!(
+                "the handed-over memfd has seals {seals:#x}, not {want:#x}"
+            ))));
+        }
+        let page_size = if hugepages {
+            hugepage_info().1 * 1024
+        } else {
+            4096
+        };
+        Region::map(file, size, page_size, lock)
     }
 
     /// The memfd (handed to every peer).

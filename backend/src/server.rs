@@ -35,7 +35,7 @@ use vshm_format::PeerId;
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// An fd attached to a queued message, kept open until the message is sent.
-type Attached = Arc<dyn AsRawFd + Send + Sync>;
+type Attached = crate::handoff::Shared;
 
 /// One queued ivshmem message: an i64 and at most one fd.
 struct Message {
@@ -397,6 +397,8 @@ pub struct Server {
     queue_limit: usize,
     /// Some client's queue changed since [`Server::interest_changes`] last looked.
     queues_changed: bool,
+    /// Leave the socket file when dropped (handed over, or not yet taken over).
+    keep_file: bool,
 }
 
 /// Most messages a client may have waiting: twice the largest handshake (version, id,
@@ -450,6 +452,7 @@ impl Server {
             cut_off: std::collections::HashSet::new(),
             queue_limit: queue_limit(vectors, max_peers),
             queues_changed: false,
+            keep_file: false,
         })
     }
 
@@ -719,9 +722,205 @@ impl Server {
     }
 }
 
+/// One client, as plain data with its fds named by index ([`crate::handoff::FdTable`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ClientSnapshot {
+    id: u16,
+    stream: u32,
+    own: Vec<u32>,
+    bells: Vec<u32>,
+    pid: Option<i32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    pidfd: Option<u32>,
+    since_ms: u64,
+    /// Queued messages: value and attached fd.
+    outbox: Vec<(i64, Option<u32>)>,
+    partial: usize,
+    sent: u64,
+    /// Time left to take the handshake, if it is not out yet.
+    handshake_left_ms: Option<u64>,
+    handshake_len: u64,
+    known: Vec<u16>,
+}
+
+/// The server's state, as plain data (the listener travels as an fd of its own).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ServerSnapshot {
+    /// The socket file bound (device, inode).
+    pub socket_id: SocketId,
+    clients: Vec<ClientSnapshot>,
+    next_id: u32,
+    /// Parked ids with their eventfds.
+    parked: Vec<(u16, Vec<u32>)>,
+    fenced_ids: Vec<u16>,
+    cut_off: Vec<u16>,
+}
+
+impl Server {
+    /// The state to hand to a new process; every fd it names is added to `fds` (the
+    /// listener too, as `listener`).
+    pub fn snapshot(&self, fds: &mut crate::handoff::FdTable) -> (u32, ServerSnapshot) {
+        let listener = fds.add(&self.listener);
+        let clients = self
+            .clients
+            .values()
+            .map(|c| ClientSnapshot {
+                id: c.id.raw(),
+                stream: fds.add(&c.stream),
+                own: c.own.iter().map(|e| fds.add(&**e)).collect(),
+                bells: c.bells.iter().map(|e| fds.add(&**e)).collect(),
+                pid: c.pid,
+                uid: c.uid,
+                gid: c.gid,
+                pidfd: c.pidfd.as_ref().map(|p| fds.add(p)),
+                since_ms: c
+                    .since
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
+                outbox: c
+                    .outbox
+                    .queue
+                    .iter()
+                    .map(|m| (m.value, m.fd.as_ref().map(|f| fds.add(&f.as_raw_fd()))))
+                    .collect(),
+                partial: c.outbox.partial,
+                sent: c.outbox.sent,
+                handshake_left_ms: c.handshake_until.map(|d| {
+                    u64::try_from(d.saturating_duration_since(Instant::now()).as_millis())
+                        .unwrap_or(u64::MAX)
+                }),
+                handshake_len: c.handshake_len,
+                known: c.known.iter().map(|p| p.raw()).collect(),
+            })
+            .collect();
+        let parked = self
+            .parked
+            .iter()
+            .map(|(id, own)| (id.raw(), own.iter().map(|e| fds.add(&**e)).collect()))
+            .collect();
+        (
+            listener,
+            ServerSnapshot {
+                socket_id: self.id,
+                clients,
+                next_id: self.next_id,
+                parked,
+                fenced_ids: self.fenced_ids.iter().map(|p| p.raw()).collect(),
+                cut_off: self.cut_off.iter().map(|p| p.raw()).collect(),
+            },
+        )
+    }
+
+    /// Rebuilds a server from another process's state and the fds it sent. The socket
+    /// file is left in place when it is dropped until [`Server::own_socket_file`].
+    pub fn from_snapshot(
+        listener: UnixListener,
+        path: &Path,
+        vectors: u32,
+        max_peers: u32,
+        snap: ServerSnapshot,
+        fds: &mut crate::handoff::Received,
+    ) -> Result<Server, crate::handoff::HandoffError> {
+        // Eventfds first, so an fd queued in a message is shared with its owner.
+        let mut clients = BTreeMap::new();
+        let mut pending = Vec::new();
+        for c in snap.clients {
+            let own = c
+                .own
+                .iter()
+                .map(|&i| fds.eventfd(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            let bells = c
+                .bells
+                .iter()
+                .map(|&i| fds.eventfd(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            let stream = UnixStream::from(fds.take(c.stream)?);
+            let pidfd = c.pidfd.map(|i| fds.take(i)).transpose()?;
+            let id = PeerId(c.id);
+            pending.push((id, c.outbox));
+            clients.insert(
+                id,
+                Client {
+                    id,
+                    stream,
+                    own,
+                    bells,
+                    pid: c.pid,
+                    uid: c.uid,
+                    gid: c.gid,
+                    pidfd,
+                    since: SystemTime::UNIX_EPOCH + Duration::from_millis(c.since_ms),
+                    outbox: Outbox {
+                        queue: VecDeque::new(),
+                        partial: c.partial,
+                        sent: c.sent,
+                    },
+                    // Recomputed by the first `interest_changes`.
+                    watching_out: false,
+                    handshake_until: c
+                        .handshake_left_ms
+                        .map(|ms| Instant::now() + Duration::from_millis(ms)),
+                    handshake_len: c.handshake_len,
+                    known: c.known.into_iter().map(PeerId).collect(),
+                },
+            );
+        }
+        let mut parked = BTreeMap::new();
+        for (id, own) in snap.parked {
+            let own = own
+                .iter()
+                .map(|&i| fds.eventfd(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            parked.insert(PeerId(id), own);
+        }
+        for (id, outbox) in pending {
+            let mut queue = VecDeque::with_capacity(outbox.len());
+            for (value, fd) in outbox {
+                let fd = fd.map(|i| fds.attached(i)).transpose()?;
+                queue.push_back(Message { value, fd });
+            }
+            if let Some(c) = clients.get_mut(&id) {
+                c.outbox.queue = queue;
+            }
+        }
+        Ok(Server {
+            listener,
+            path: path.to_owned(),
+            id: snap.socket_id,
+            vectors,
+            max_peers,
+            clients,
+            next_id: snap.next_id,
+            max_id: max_peer_id(),
+            parked,
+            fenced_ids: snap.fenced_ids.into_iter().map(PeerId).collect(),
+            cut_off: snap.cut_off.into_iter().map(PeerId).collect(),
+            queue_limit: queue_limit(vectors, max_peers),
+            queues_changed: true,
+            keep_file: true,
+        })
+    }
+
+    /// Leaves the socket file in place when dropped (it was handed to another process, or
+    /// is still the old process's).
+    pub fn keep_socket_file(&mut self) {
+        self.keep_file = true;
+    }
+
+    /// Removes the socket file when dropped, if it is still the one bound (this process
+    /// now serves it).
+    pub fn own_socket_file(&mut self) {
+        self.keep_file = false;
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
-        remove_if_same(&self.path, self.id);
+        if !self.keep_file {
+            remove_if_same(&self.path, self.id);
+        }
     }
 }
 

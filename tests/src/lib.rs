@@ -117,6 +117,9 @@ pub struct Backend {
     /// Its control socket.
     pub control: PathBuf,
     dir: TempDir,
+    /// The arguments and environment it was started with (a takeover repeats them).
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
 }
 
 impl Backend {
@@ -171,6 +174,11 @@ impl Backend {
             socket,
             control,
             dir,
+            args: args.to_vec(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         let mut exited = None;
         let up = wait_for(Duration::from_secs(10), || {
@@ -183,6 +191,65 @@ impl Backend {
         );
         assert!(up, "vshmd did not come up within 10 s");
         b
+    }
+
+    /// Restarts vshmd gracefully (`vshmd --takeover`, docs/OPERATIONS.md): starts `program`
+    /// (the vshmd binary, or a copy of it elsewhere: an upgrade) with the arguments this
+    /// one was started with, waits until the running one has exited 0 and the new one
+    /// answers on the control socket, and from then on stands for the new one.
+    pub fn take_over_with(&mut self, program: &Path) {
+        let mut new = command(program)
+            .args(&self.args)
+            .arg("--takeover")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env(
+                "RUST_LOG",
+                std::env::var("VSHM_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn vshmd --takeover");
+        let mut old_status = None;
+        let mut new_status = None;
+        let done = wait_for(Duration::from_secs(20), || {
+            old_status = old_status.or_else(|| self.child.try_wait().ok().flatten());
+            new_status = new_status.or_else(|| new.try_wait().ok().flatten());
+            old_status.is_some() || new_status.is_some()
+        });
+        assert!(done, "neither vshmd exited within 20 s of the takeover");
+        assert!(
+            new_status.is_none(),
+            "vshmd --takeover exited: {new_status:?}"
+        );
+        let old_status = old_status.expect("the old vshmd exited");
+        assert!(
+            old_status.success(),
+            "the old vshmd exited {old_status} on handing over"
+        );
+        self.child = new;
+        let pid = self.child.id();
+        let up = wait_for(Duration::from_secs(10), || {
+            request(&self.control, &ControlRequest::Status)
+                .is_ok_and(|s| s["vshmd"]["pid"].as_u64() == Some(u64::from(pid)))
+        });
+        assert!(up, "the new vshmd does not answer on the control socket");
+    }
+
+    /// [`Backend::take_over_with`] the vshmd binary itself.
+    pub fn take_over(&mut self) {
+        self.take_over_with(&bin("vshmd"));
+    }
+
+    /// Runs `vshmd --takeover` with `args` (not this backend's: a test of a takeover that
+    /// must fail) to completion.
+    pub fn take_over_output(&self, args: &[&std::ffi::OsStr]) -> Output {
+        command(&bin("vshmd"))
+            .args(args)
+            .arg("--takeover")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vshmd --takeover")
     }
 
     /// An in-process peer connected through another of the region's sockets.

@@ -96,6 +96,18 @@ pub(super) struct HealState {
     unreported: [u64; STRUCTURES],
 }
 
+impl HealState {
+    /// The highest `namespace_seq` seen so far.
+    pub(super) fn namespace_seq(&self) -> u64 {
+        self.namespace_seq
+    }
+
+    /// Takes over another process's floor for `namespace_seq` (it never goes below it).
+    pub(super) fn raise_namespace_seq(&mut self, seen: u64) {
+        self.namespace_seq = self.namespace_seq.max(seen);
+    }
+}
+
 /// The first repair of a structure in one heal, and how many there were.
 #[derive(Default)]
 struct Found {

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vshm_format::layout::{
     refcell, Layout, Superblock, FORMAT_VERSION, LEASE_CLOSED, OBJ_LEASE_OFF, SB_VERSION_OFF,
 };
@@ -39,6 +39,7 @@ mod peers;
 mod quarantine;
 mod reclaim;
 mod requests;
+mod snapshot;
 mod status;
 mod sync;
 #[cfg(test)]
@@ -58,6 +59,7 @@ pub use heal::HealReport;
 pub use peers::ConnectError;
 pub use quarantine::{DEFAULT_CLAIM_TIMEOUT, DEFAULT_QUARANTINE};
 pub use reclaim::Reclaim;
+pub use snapshot::{ArbiterSnapshot, HeaderCheck, LayoutParams, SnapshotError};
 pub use status::{PeerStatus, RegionStatus, SectionStatus, StatusReport};
 
 /// Shared memory the arbiter can also give back to the host.
@@ -150,7 +152,7 @@ struct PeerRecord {
 }
 
 /// Counters for the monitor.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Counters {
     /// Requests answered.
     pub requests: u64,

@@ -60,6 +60,11 @@ struct Args {
     /// turns the quarantine off [default: 2000].
     #[arg(long, value_name = "MS")]
     quarantine_ms: Option<u32>,
+    /// Take the region(s) over from the vshmd running with the same settings, keeping every
+    /// VM attached (docs/OPERATIONS.md): it hands over its memory, sockets and peers, and
+    /// exits. If the takeover fails, the running vshmd serves on and this one exits 1.
+    #[arg(long)]
+    takeover: bool,
 }
 
 fn mode_arg(s: &str) -> Result<u32, String> {
@@ -114,19 +119,47 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // All or nothing: a region that cannot start takes the ones before it down again.
-    let daemons = match regions::start(configs.clone()) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("vshmd: {e}");
-            return ExitCode::FAILURE;
+    let mut failed = false;
+    let daemons = if args.takeover {
+        match regions::take_over(configs.clone()) {
+            Ok((taken, partial)) => {
+                for (d, t) in &taken {
+                    println!(
+                        "vshmd: took region {} over from pid {} ({} peer(s) attached)",
+                        d.name(),
+                        t.from_pid,
+                        t.peers
+                    );
+                }
+                if let Some(e) = partial {
+                    eprintln!("vshmd: {e}; the running vshmd keeps serving the rest");
+                    failed = true;
+                }
+                taken.into_iter().map(|(d, _)| d).collect()
+            }
+            Err(e) => {
+                eprintln!("vshmd: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        // All or nothing: a region that cannot start takes the ones before it down again.
+        match regions::start(configs.clone()) {
+            Ok(d) => {
+                for config in &configs {
+                    banner(config, configs.len() > 1);
+                }
+                d
+            }
+            Err(e) => {
+                eprintln!("vshmd: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     };
-    for config in &configs {
-        banner(config, configs.len() > 1);
-    }
     match regions::run(daemons, &signals) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) if !failed => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::FAILURE,
         Err(failures) => {
             for e in failures {
                 eprintln!("vshmd: {e}");

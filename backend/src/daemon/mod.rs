@@ -27,7 +27,9 @@ use crate::telemetry::Event;
 
 mod monitor;
 pub mod regions;
+mod takeover;
 pub use monitor::loopback_only;
+pub use takeover::{DaemonState, TakenOver, TakeoverError};
 
 /// vshmd's settings for one region, validated.
 #[derive(Debug, Clone)]
@@ -129,9 +131,21 @@ pub enum DaemonError {
     /// The event loop.
     #[error("event loop failed: {0}")]
     Events(String),
+    /// Taking the region over from a running vshmd failed (it serves on).
+    #[error("cannot take over from the running vshmd: {0}")]
+    Takeover(#[from] TakeoverError),
     /// Other I/O.
     #[error("{0}")]
     Io(#[from] io::Error),
+}
+
+/// How a region's loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// A [`Stopper`] rang: its sockets are removed.
+    Stopped,
+    /// It handed the region to a new process (`vshmd --takeover`): its socket files stay.
+    HandedOff,
 }
 
 impl Config {
@@ -193,6 +207,7 @@ pub(super) const TOKEN_CONTROL: u32 = 2;
 const TOKEN_TIMER: u32 = 3;
 const TOKEN_STOP: u32 = 4;
 pub(super) const TOKEN_METRICS: u32 = 5;
+const TOKEN_HANDOFF: u32 = 6;
 const TOKEN_CLIENT: u32 = 1 << 24;
 const TOKEN_BELL: u32 = 2 << 24;
 /// A monitor connection (control or metrics); the low bits index it.
@@ -220,6 +235,10 @@ pub struct Daemon {
     control: UnixListener,
     /// The control socket file we bound (removed on drop only if still ours).
     control_id: (u64, u64),
+    /// Where a new vshmd asks for the region (`<control>.handoff`, owner only).
+    handoff: UnixListener,
+    /// Its file (removed on drop only if still ours).
+    handoff_id: SocketId,
     timer: TimerFd,
     /// Readable once someone asked this loop to stop ([`Stopper`]).
     stop_bell: EventFd,
@@ -235,6 +254,10 @@ pub struct Daemon {
     fences: Vec<Fence>,
     started: SystemTime,
     stop: bool,
+    /// Leave the socket files when dropped: handed over, or not yet taken over.
+    keep_files: bool,
+    /// The region was handed to another process: this one must not touch it again.
+    handed_off: bool,
 }
 
 /// A further ivshmem listening socket (removed on drop if still ours).
@@ -246,11 +269,15 @@ struct Listener {
     id: SocketId,
     /// Taken out of epoll after an accept error (out of fds), until the next tick.
     paused: bool,
+    /// Leave the file when dropped (handed over, or not yet taken over).
+    keep_file: bool,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        remove_if_same(&self.path, self.id);
+        if !self.keep_file {
+            remove_if_same(&self.path, self.id);
+        }
     }
 }
 
@@ -359,6 +386,7 @@ impl Daemon {
                 listener,
                 id,
                 paused: false,
+                keep_file: false,
             });
         }
         if config.control_mode & !0o777 != 0 {
@@ -379,6 +407,15 @@ impl Daemon {
             None => None,
         };
         let (control, control_id) = bind_unix(&config.control, config.control_mode)?;
+        // Owner only, whatever --control-mode says: it hands out the whole region.
+        let (handoff, handoff_id) =
+            match bind_unix(&crate::handoff::handoff_path(&config.control), 0o600) {
+                Ok(h) => h,
+                Err(e) => {
+                    remove_if_same(&config.control, control_id);
+                    return Err(e.into());
+                }
+            };
         let mut timer = TimerFd::new().map_err(io::Error::from)?;
         timer
             .reset(SWEEP_INTERVAL, Some(SWEEP_INTERVAL))
@@ -390,6 +427,8 @@ impl Daemon {
             server,
             control,
             control_id,
+            handoff,
+            handoff_id,
             timer,
             stop_bell,
             memfd,
@@ -400,6 +439,8 @@ impl Daemon {
             fences: Vec::new(),
             started: SystemTime::now(),
             stop: false,
+            keep_files: false,
+            handed_off: false,
         })
     }
 
@@ -419,7 +460,7 @@ impl Daemon {
     }
 
     /// Runs until a [`Stopper`] rings (or it cannot watch its own fds; see the log).
-    pub fn run(self) -> Result<(), DaemonError> {
+    pub fn run(self) -> Result<Ended, DaemonError> {
         let mut manager: EventManager<Box<Daemon>> =
             EventManager::new().map_err(|e| DaemonError::Events(format!("{e:?}")))?;
         let id = manager.add_subscriber(Box::new(self));
@@ -430,9 +471,12 @@ impl Daemon {
             let daemon = manager
                 .subscriber_mut(id)
                 .map_err(|e| DaemonError::Events(format!("{e:?}")))?;
+            if daemon.handed_off {
+                return Ok(Ended::HandedOff);
+            }
             if daemon.stop {
                 tracing::info!("stopping");
-                return Ok(());
+                return Ok(Ended::Stopped);
             }
         }
     }
@@ -559,8 +603,19 @@ impl Daemon {
         self.arbiter.emit(e);
         self.arbiter.set_peer_process(id, pid, label);
         self.arbiter.set_peer_grant(id, grant);
+        if !self.watch_client(id, ops) {
+            tracing::error!(
+                id = id.raw(),
+                "cannot watch the new peer's fds; dropping it"
+            );
+            self.drop_client(id, false, ops);
+        }
+    }
+
+    /// Watches client `id`'s socket and the bells it rings us on. False if one could not be.
+    fn watch_client(&self, id: PeerId, ops: &mut EventOps) -> bool {
         let Some(client) = self.server.client(id) else {
-            return;
+            return false;
         };
         let mut ok = ops
             .add(Events::with_data(
@@ -574,13 +629,7 @@ impl Daemon {
                 .add(Events::with_data(bell, bell_token(id, v), EventSet::IN))
                 .is_ok();
         }
-        if !ok {
-            tracing::error!(
-                id = id.raw(),
-                "cannot watch the new peer's fds; dropping it"
-            );
-            self.drop_client(id, false, ops);
-        }
+        ok
     }
 
     /// Disconnects a peer and reclaims what it held. `forced`: vshmd cut it off (vshmctl
@@ -788,7 +837,17 @@ impl MutEventSubscriber for Daemon {
             )),
             ops.add(Events::with_data(&self.timer, TOKEN_TIMER, EventSet::IN)),
             ops.add(Events::with_data(&self.stop_bell, TOKEN_STOP, EventSet::IN)),
+            ops.add(Events::with_data(
+                &self.handoff,
+                TOKEN_HANDOFF,
+                EventSet::IN,
+            )),
         ];
+        // A region taken over from another process brings clients and fences along.
+        if !self.watch_adopted(ops) {
+            tracing::error!("cannot watch the handed-over peers' fds");
+            self.stop = true;
+        }
         for (i, l) in self.listeners.iter().enumerate() {
             let token = TOKEN_LISTEN | u32::try_from(i).unwrap_or(0);
             if ops
@@ -815,6 +874,10 @@ impl MutEventSubscriber for Daemon {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        // Handed over: the rest of this batch of events is the new process's business.
+        if self.handed_off {
+            return;
+        }
         let data = events.data();
         match data & TOKEN_KIND {
             TOKEN_CLIENT => {
@@ -844,6 +907,7 @@ impl MutEventSubscriber for Daemon {
                 TOKEN_LISTENER => self.accept_client(None, ops),
                 TOKEN_CONTROL => self.accept_monitor(monitor::Kind::Control, ops),
                 TOKEN_METRICS => self.accept_monitor(monitor::Kind::Metrics, ops),
+                TOKEN_HANDOFF => self.handoff_requested(),
                 TOKEN_TIMER => {
                     let _ = self.timer.wait();
                     self.arbiter.heal();
@@ -884,6 +948,12 @@ impl MutEventSubscriber for Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        remove_if_same(&self.config.control, self.control_id);
+        if !self.keep_files {
+            remove_if_same(&self.config.control, self.control_id);
+            remove_if_same(
+                &crate::handoff::handoff_path(&self.config.control),
+                self.handoff_id,
+            );
+        }
     }
 }

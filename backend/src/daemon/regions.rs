@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-use super::{Config, Daemon, DaemonError, Stopper};
+use super::{Config, Daemon, DaemonError, Ended, Stopper, TakenOver};
 
 /// Why a region could not start, or why vshmd stopped with a failure.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,22 @@ pub enum RegionsError {
     Ended {
         /// The region's name.
         region: String,
+    },
+    /// Taking it over from the running vshmd failed (that one serves on).
+    #[error("region {region}: {source}")]
+    Takeover {
+        /// The region's name.
+        region: String,
+        /// Cause.
+        source: DaemonError,
+    },
+    /// The running vshmd did not confirm it let go of the region.
+    #[error("region {region}: {source}")]
+    Commit {
+        /// The region's name.
+        region: String,
+        /// Cause.
+        source: crate::handoff::HandoffError,
     },
     /// Waiting for signals failed.
     #[error("cannot wait for signals: {0}")]
@@ -110,13 +126,55 @@ pub fn start(configs: Vec<Config>) -> Result<Vec<Daemon>, RegionsError> {
     Ok(daemons)
 }
 
+/// The regions taken over, and the error that stopped the commits part way (if one did).
+pub type TakenRegions = (Vec<(Daemon, TakenOver)>, Option<RegionsError>);
+
+/// Takes every region over from the vshmd serving it (`vshmd --takeover`): first each
+/// region's state is received and rebuilt (each old loop waits meanwhile), and only if all
+/// of them were is each committed. If one fails before that, every connection is dropped
+/// and the old process resumes serving all of them. A commit can fail only if the old
+/// process died or stopped answering; the regions committed before it are served here,
+/// the error is returned beside them.
+pub fn take_over(configs: Vec<Config>) -> Result<TakenRegions, RegionsError> {
+    let mut pending = Vec::with_capacity(configs.len());
+    for config in configs {
+        let region = config.name.clone();
+        match Daemon::take_over(config) {
+            Ok(p) => pending.push(p),
+            // Dropping `pending` closes the connections: every old loop resumes.
+            Err(source) => return Err(RegionsError::Takeover { region, source }),
+        }
+    }
+    let mut taken = Vec::with_capacity(pending.len());
+    for (mut daemon, stream, t) in pending {
+        let region = daemon.name().to_string();
+        match crate::handoff::commit(&stream) {
+            Ok(()) => {
+                daemon.took_over(&t);
+                taken.push((daemon, t));
+            }
+            Err(source) if taken.is_empty() => {
+                return Err(RegionsError::Commit { region, source });
+            }
+            Err(source) => {
+                // The ones not committed yet resume in the old process as their
+                // connections close.
+                return Ok((taken, Some(RegionsError::Commit { region, source })));
+            }
+        }
+    }
+    Ok((taken, None))
+}
+
 /// One running region, as the main thread sees it.
 struct Running {
     name: String,
     stopper: Stopper,
     /// Set by its thread as it ends, before it rings `ended`.
     done: Arc<AtomicBool>,
-    thread: JoinHandle<Result<(), DaemonError>>,
+    /// Set by its thread if it handed the region over (before `done`).
+    handed_off: Arc<AtomicBool>,
+    thread: JoinHandle<Result<Ended, DaemonError>>,
 }
 
 /// Rings `ended` when its thread ends, however it ends (return or panic).
@@ -132,8 +190,9 @@ impl Drop for EndGuard {
     }
 }
 
-/// Runs every region on its own thread until a signal arrives or one loop ends; then stops
-/// them all and waits for each. Returns every failure (none: a clean stop on a signal).
+/// Runs every region on its own thread until a signal arrives or one loop ends (other than
+/// by handing its region over); then stops them all and waits for each. Returns every
+/// failure (none: a clean stop on a signal, or every region handed over).
 pub fn run(daemons: Vec<Daemon>, signals: &Signals) -> Result<(), Vec<RegionsError>> {
     let mut failures = Vec::new();
     let ended = match EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK) {
@@ -154,6 +213,8 @@ pub fn run(daemons: Vec<Daemon>, signals: &Signals) -> Result<(), Vec<RegionsErr
             }
         };
         let done = Arc::new(AtomicBool::new(false));
+        let handed_off = Arc::new(AtomicBool::new(false));
+        let handed = handed_off.clone();
         let guard = EndGuard {
             done: done.clone(),
             ended: ended.clone(),
@@ -165,13 +226,18 @@ pub fn run(daemons: Vec<Daemon>, signals: &Signals) -> Result<(), Vec<RegionsErr
             .spawn(move || {
                 let _guard = guard;
                 let _span = tracing::info_span!("region", name = %span_name).entered();
-                daemon.run()
+                let ended = daemon.run();
+                if matches!(ended, Ok(Ended::HandedOff)) {
+                    handed.store(true, Ordering::Release);
+                }
+                ended
             });
         match spawned {
             Ok(thread) => running.push(Running {
                 name,
                 stopper,
                 done,
+                handed_off,
                 thread,
             }),
             Err(e) => {
@@ -184,22 +250,25 @@ pub fn run(daemons: Vec<Daemon>, signals: &Signals) -> Result<(), Vec<RegionsErr
         }
     }
     if failures.is_empty() {
-        if let Err(e) = wait(signals, &ended, running.len()) {
+        if let Err(e) = wait(signals, &ended, &running) {
             failures.push(RegionsError::Signals(e));
         }
     }
-    // Those that ended before anyone asked them to stop did so on their own.
+    // Those that ended before anyone asked them to stop did so on their own (unless they
+    // handed their region over).
     let unasked: Vec<bool> = running
         .iter()
-        .map(|r| r.done.load(Ordering::Acquire))
+        .map(|r| r.done.load(Ordering::Acquire) && !r.handed_off.load(Ordering::Acquire))
         .collect();
     for r in &running {
         r.stopper.stop();
     }
     for (r, unasked) in running.into_iter().zip(unasked) {
         match r.thread.join() {
-            Ok(Ok(())) if unasked => failures.push(RegionsError::Ended { region: r.name }),
-            Ok(Ok(())) => {}
+            Ok(Ok(Ended::Stopped)) if unasked => {
+                failures.push(RegionsError::Ended { region: r.name })
+            }
+            Ok(Ok(_)) => {}
             Ok(Err(source)) => failures.push(RegionsError::Failed {
                 region: r.name,
                 source,
@@ -214,8 +283,10 @@ pub fn run(daemons: Vec<Daemon>, signals: &Signals) -> Result<(), Vec<RegionsErr
     }
 }
 
-/// Waits until a signal arrives or a region's thread ends.
-fn wait(signals: &Signals, ended: &EventFd, regions: usize) -> io::Result<()> {
+/// Waits until a signal arrives, a region's thread ends other than by handing its region
+/// over, or every region was handed over.
+fn wait(signals: &Signals, ended: &EventFd, running: &[Running]) -> io::Result<()> {
+    let regions = running.len();
     let mut fds = [
         libc::pollfd {
             fd: signals.0.as_raw_fd(),
@@ -251,8 +322,17 @@ fn wait(signals: &Signals, ended: &EventFd, regions: usize) -> io::Result<()> {
             return Ok(());
         }
         if fds[1].revents != 0 {
-            tracing::error!("a region's event loop ended; stopping every region");
-            return Ok(());
+            let _ = ended.read();
+            let handed = |r: &Running| r.handed_off.load(Ordering::Acquire);
+            let done = |r: &Running| r.done.load(Ordering::Acquire);
+            if running.iter().any(|r| done(r) && !handed(r)) {
+                tracing::error!("a region's event loop ended; stopping every region");
+                return Ok(());
+            }
+            if running.iter().all(|r| done(r) && handed(r)) {
+                tracing::info!("every region was handed over; exiting");
+                return Ok(());
+            }
         }
     }
 }

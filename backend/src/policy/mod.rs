@@ -301,7 +301,7 @@ impl Denial {
 }
 
 /// Who a connecting peer is: what vshmd can know about the process at the other end.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Identity {
     /// The name of the listening socket it connected to ([`MAIN_SOCKET`] or a `listen`
     /// entry's name).
