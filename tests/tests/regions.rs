@@ -199,8 +199,10 @@ fn sigterm_stops_every_regions_loop_and_removes_every_socket() {
                 "b-listen.sock",
                 "b.sock",
                 "b.sock.ctl",
+                "b.sock.ctl.handoff",
                 "vshm.sock",
-                "vshm.sock.ctl"
+                "vshm.sock.ctl",
+                "vshm.sock.ctl.handoff"
             ]
         );
         // A peer in each region: both loops are serving when the signal comes.

@@ -199,3 +199,59 @@ fn a_takeover_with_nothing_running_says_so_and_exits_non_zero() {
         assert!(!socket.exists(), "nothing was created");
     });
 }
+
+const TWO_REGIONS: &str = r#"
+[[region]]
+name = "a"
+socket = "{dir}/vshm.sock"
+size = "4M"
+[[region.listen]]
+name = "la"
+path = "{dir}/a-listen.sock"
+
+[[region]]
+name = "b"
+socket = "{dir}/b.sock"
+size = "4M"
+"#;
+
+#[test]
+fn every_region_of_a_config_file_is_taken_over_with_its_further_listeners() {
+    watchdog(LIMIT, || {
+        let mut b = Backend::start_with_config(TWO_REGIONS, &[]);
+        let in_a = b.connect_to(&b.dir().join("a-listen.sock"));
+        let in_b = b.connect_to(&b.dir().join("b.sock"));
+        let (sa, _) = in_a
+            .create(Some("in-a"), &CreateOptions::new(4096))
+            .expect("create in a");
+        let (sb, _) = in_b
+            .create(Some("in-b"), &CreateOptions::new(4096))
+            .expect("create in b");
+        sa.write_at(0, b"aa").expect("write");
+        sb.write_at(0, b"bb").expect("write");
+        b.take_over();
+        let b_ctl = b.dir().join("b.sock.ctl");
+        let b_status = vshm_control::request(&b_ctl, &vshm_control::ControlRequest::Status)
+            .expect("region b answers");
+        assert_eq!(
+            b_status["vshmd"]["pid"].as_u64(),
+            Some(u64::from(b.pid())),
+            "region b is served by the new process too"
+        );
+        let mut got = [0u8; 2];
+        sb.read_at(0, &mut got).expect("read");
+        assert_eq!(&got, b"bb");
+        in_b.create(Some("b2"), &CreateOptions::new(4096))
+            .expect("create in b after")
+            .0
+            .close()
+            .expect("close");
+        // The further listener was handed over too.
+        let late = b.connect_to(&b.dir().join("a-listen.sock"));
+        let s = late
+            .open("in-a")
+            .expect("open through the further listener");
+        s.read_at(0, &mut got).expect("read");
+        assert_eq!(&got, b"aa");
+    });
+}
