@@ -51,6 +51,8 @@ mod tests_heal;
 #[cfg(test)]
 mod tests_quarantine;
 #[cfg(test)]
+mod tests_snapshot;
+#[cfg(test)]
 mod tests_sync;
 #[cfg(test)]
 mod tests_sync_attacks;
