@@ -1,7 +1,8 @@
 //! End-to-end with real VMs: vshmd and three QEMU guests (the Debian cloud kernel under TCG,
 //! or KVM where the host has hardware virtualisation) booted concurrently, driven through
 //! each guest's command agent, with the `vshm` CLI inside the guests using the ivshmem PCI
-//! device. The scenarios run in order on the same guests; the last one kills a VM.
+//! device. The scenarios run in order on the same guests; the last one kills a VM. A guest
+//! attached before a `vshmd --takeover` works on through the new vshmd (its own test).
 
 use std::time::Duration;
 
@@ -206,5 +207,49 @@ fn three_guests_share_sections_through_vshmd() {
             "still-working"
         );
         assert!(peer_connected(&b, id_b) && peer_connected(&b, id_c));
+    });
+}
+
+#[test]
+fn a_guest_attached_before_a_takeover_reads_its_data_and_creates_through_the_new_vshmd() {
+    watchdog(Duration::from_secs(300), || {
+        let mut b = Backend::start(&["--size", "16M"]);
+        let mut vms = vshm_tests::boot_guests(&b, &["g"]);
+        let mut g = vms.pop().expect("g");
+        guest_ok(&mut g, "vshm create kept --max 64K --persistent");
+        guest_ok(&mut g, "vshm write kept --offset 8 --data BEFORE-TAKEOVER");
+        let id = guest_peer_id(&mut g);
+
+        b.take_over();
+
+        let doorbells = |b: &Backend| b.status()["counters"]["doorbells"].as_u64();
+        let rung = doorbells(&b).expect("doorbells");
+        assert!(peer_connected(&b, id), "the guest is still a peer");
+        assert_eq!(
+            guest_ok(&mut g, "vshm read kept --offset 8 --len 15"),
+            "BEFORE-TAKEOVER"
+        );
+        guest_ok(&mut g, "vshm create after --max 64K --persistent");
+        assert!(
+            doorbells(&b).expect("doorbells") > rung,
+            "the guest's ring reached the new vshmd"
+        );
+        assert!(
+            b.section("after").is_some(),
+            "created through the new vshmd"
+        );
+        // A host peer that arrives after the takeover shares it with the guest.
+        let h = b.connect();
+        let s = h.open("after").expect("open");
+        s.write_at(0, b"FROM-THE-HOST").expect("write");
+        assert_eq!(
+            guest_ok(&mut g, "vshm read after --offset 0 --len 13"),
+            "FROM-THE-HOST"
+        );
+        s.close().expect("close");
+        guest_ok(&mut g, "vshm delete after");
+        assert!(wait_for(Duration::from_secs(5), || b
+            .section("after")
+            .is_none()));
     });
 }
