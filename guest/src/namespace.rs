@@ -49,9 +49,11 @@ const STUCK_RETRIES: u32 = 10;
 const ATTACH_RETRY: Duration = Duration::from_millis(1000);
 
 /// How long a peer whose own peer entry no longer says it is attached keeps re-reading it
-/// before it concludes it was detached: two of vshmd's 200 ms heal periods and a margin, so
-/// a scribbled peer table does not make an honest, connected peer give up.
-const DETACH_GRACE: Duration = Duration::from_millis(450);
+/// before it concludes it was detached: five of vshmd's 200 ms heal periods, so a scribbled
+/// peer table does not make an honest, connected peer give up even when a loaded host
+/// runs vshmd's timer late (450 ms was exceeded in a long scribbler run on an
+/// oversubscribed machine). Only a peer that really was detached waits it out.
+const DETACH_GRACE: Duration = Duration::from_millis(1000);
 
 /// Whether create-or-open created the section or opened an existing one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
