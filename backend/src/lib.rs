@@ -1,5 +1,6 @@
 //! vshmd's building blocks: the region (memfd + vm-memory), the heap's space map, the
-//! namespace arbiter, the ivshmem server, the control socket and the event loop.
+//! namespace arbiter, the ivshmem server, the control socket and the event loop; telling
+//! systemd it is ready (`notify`) and logging to its journal (`logging`).
 #![warn(missing_docs)]
 
 pub mod arbiter;
@@ -7,7 +8,9 @@ pub mod config;
 pub mod daemon;
 pub mod handoff;
 pub mod heap;
+pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod region;
 pub mod server;

@@ -4,13 +4,17 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use vshm_control::{request, watch, ControlError, ControlRequest};
 use vshm_monitor::text;
 
+/// `--version`: the crate's version and the shared-format version this program speaks.
+static VERSION: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| vshm_format::version::version_text(env!("CARGO_PKG_VERSION")));
+
 /// vshm host monitor.
 #[derive(Debug, Parser)]
-#[command(name = "vshmctl", version)]
+#[command(name = "vshmctl", version = VERSION.as_str())]
 struct Args {
     /// vshmd's control socket (default: $VSHM_CONTROL, else /tmp/vshm.sock.ctl).
     #[arg(
@@ -75,9 +79,17 @@ enum Command {
 fn run(args: &Args) -> Result<(), ControlError> {
     let ctl = &args.control;
     let out = std::io::stdout();
+    if !matches!(args.command, Command::Status { .. }) {
+        // Every other command asks for the status first, only to compare format versions;
+        // if that fails, the command itself reports why.
+        if let Ok(doc) = request(ctl, &ControlRequest::Status) {
+            warn_on_format_mismatch(&doc);
+        }
+    }
     match &args.command {
         Command::Status { json } => {
             let doc = request(ctl, &ControlRequest::Status)?;
+            warn_on_format_mismatch(&doc);
             if *json {
                 println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             } else {
@@ -125,11 +137,23 @@ fn run(args: &Args) -> Result<(), ControlError> {
     Ok(())
 }
 
+/// Warns on stderr when vshmd speaks another shared-format version (once per run: every
+/// command looks at one status document).
+fn warn_on_format_mismatch(status: &serde_json::Value) {
+    if let Some(warning) = vshm_monitor::version::format_mismatch(status) {
+        eprintln!("vshmctl: {warning}");
+    }
+}
+
 fn main() -> ExitCode {
     // Die quietly when stdout goes away (`| head`), like other command-line tools, instead
     // of panicking on EPIPE. (A vshm that dies this way has its handles reclaimed by vshmd.)
     // SAFETY: resetting a signal disposition to its default before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // `cargo xtask dist` asks for the man page and completions this way.
+    if let Some(code) = vshm_clidoc::generate_if_asked(Args::command, "1") {
+        return code;
+    }
     let args = Args::parse();
     if let Command::Inspect { memfd, json } = &args.command {
         let code = vshm_monitor::inspect::run(

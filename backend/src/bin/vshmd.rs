@@ -5,10 +5,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use vshm_backend::config::{self, Options};
 use vshm_backend::daemon::{regions, Config};
+use vshm_backend::logging::{self, LogTarget};
+use vshm_backend::notify::notify;
 use vshm_format::units::parse_size;
+
+/// `--version`: the crate's version and the shared-format version this program speaks.
+static VERSION: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| vshm_format::version::version_text(env!("CARGO_PKG_VERSION")));
 
 /// vshm host backend: shared memory between VMs, with a namespace.
 ///
@@ -17,7 +23,7 @@ use vshm_format::units::parse_size;
 /// several regions (`[[region]]`), each served on its own thread; options that set a
 /// region's key are then refused.
 #[derive(Debug, Parser)]
-#[command(name = "vshmd", version)]
+#[command(name = "vshmd", version = VERSION.as_str())]
 struct Args {
     /// Configuration file (TOML): the region, further sockets, per-VM policies.
     #[arg(long, value_name = "FILE")]
@@ -65,6 +71,10 @@ struct Args {
     /// exits. If the takeover fails, the running vshmd serves on and this one exits 1.
     #[arg(long)]
     takeover: bool,
+    /// Where to log: `journal` (systemd's, with fields), `stderr` (plain lines), or `auto`:
+    /// the journal when systemd started vshmd ($JOURNAL_STREAM), stderr otherwise.
+    #[arg(long, value_enum, default_value_t = LogTarget::Auto)]
+    log: LogTarget,
 }
 
 fn mode_arg(s: &str) -> Result<u32, String> {
@@ -79,15 +89,12 @@ fn size_arg(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    // `cargo xtask dist` asks for the man page and completions this way.
+    if let Some(code) = vshm_clidoc::generate_if_asked(Args::command, "8") {
+        return code;
+    }
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    logging::init(args.log);
     let options = Options {
         config: args.config,
         socket: args.socket,
@@ -157,6 +164,17 @@ fn main() -> ExitCode {
             }
         }
     };
+    // Every region's sockets listen now (connections wait in their backlogs until the
+    // loops below take them), so units ordered after vshmd may start their VMs.
+    let sockets: Vec<String> = configs
+        .iter()
+        .map(|c| c.socket.display().to_string())
+        .collect();
+    notify(&format!(
+        "READY=1\nSTATUS=serving {} region(s) on {}",
+        configs.len(),
+        sockets.join(", ")
+    ));
     match regions::run(daemons, &signals) {
         Ok(()) if !failed => ExitCode::SUCCESS,
         Ok(()) => ExitCode::FAILURE,

@@ -499,6 +499,9 @@ impl Daemon {
             .collect();
         doc["vshmd"] = serde_json::json!({
             "pid": std::process::id(),
+            // What `vshmd --version` prints; vshmctl warns when its own format differs.
+            "version": env!("CARGO_PKG_VERSION"),
+            "format_version": vshm_format::layout::FORMAT_VERSION,
             "socket": self.config.socket,
             "listen": listen,
             "config": self.config.config_file,

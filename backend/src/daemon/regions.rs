@@ -260,6 +260,8 @@ pub fn run(daemons: Vec<Daemon>, signals: &Signals) -> Result<(), Vec<RegionsErr
         .iter()
         .map(|r| r.done.load(Ordering::Acquire) && !r.handed_off.load(Ordering::Acquire))
         .collect();
+    // Before the sockets go: systemd then knows the stop is vshmd's own doing.
+    crate::notify::notify("STOPPING=1\nSTATUS=stopping");
     for r in &running {
         r.stopper.stop();
     }

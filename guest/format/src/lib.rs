@@ -24,6 +24,8 @@ pub mod sync;
 #[cfg(test)]
 mod sync_attacks;
 pub mod units;
+#[cfg(feature = "std")]
+pub mod version;
 
 pub use ids::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
 pub use name::{name_hash, validate_name, NameError};

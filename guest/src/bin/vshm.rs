@@ -6,16 +6,20 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
 use vshm::format::layout::object_state;
 use vshm::format::units::parse_size;
 use vshm::host::HostTransport;
 use vshm::{CreateOptions, Disposition, Error, Namespace, ObjectInfo, Transport};
 
+/// `--version`: the crate's version and the shared-format version this program speaks.
+static VERSION: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| vshm::format::version::version_text(env!("CARGO_PKG_VERSION")));
+
 /// vshm command-line peer.
 #[derive(Debug, Parser)]
-#[command(name = "vshm", version)]
+#[command(name = "vshm", version = VERSION.as_str())]
 struct Args {
     /// vshmd's ivshmem socket (host processes). Without it, vshm uses the ivshmem PCI
     /// device of the guest it runs in.
@@ -633,6 +637,10 @@ fn main() -> ExitCode {
     // SIGPIPE stays ignored (Rust's default): a closed stdout is an EPIPE error, so vshm
     // still closes its handles. In a guest all processes share one peer and nothing would
     // reclaim a dead process's handles.
+    // `cargo xtask dist` asks for the man page and completions this way.
+    if let Some(code) = vshm_clidoc::generate_if_asked(Args::command, "1") {
+        return code;
+    }
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
