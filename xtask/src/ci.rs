@@ -43,6 +43,19 @@ fn steps() -> Vec<Step> {
             &["run", "--quiet", "--package", "xtask", "--", "images"],
         ),
         cargo_step("test", &["test", "--workspace"]),
+        // The Debian package: built (release), installed, run as user vshm, removed.
+        cargo_step(
+            "dist",
+            &[
+                "run",
+                "--quiet",
+                "--package",
+                "xtask",
+                "--",
+                "dist",
+                "--check",
+            ],
+        ),
         // The chaos and load scenarios (tests/tests/chaos.rs, ignored in plain `cargo test`),
         // short, one at a time, with their summary table.
         cargo_step(

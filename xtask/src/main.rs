@@ -4,11 +4,14 @@
 //! - `cargo xtask fuzz`: only the `fuzz` step of `test` (FUZZ_SECONDS per target).
 //! - `cargo xtask chaos [--long]`: only the `chaos` step of `test`, or its long runs.
 //! - `cargo xtask demo`: starts vshmd and shows two host-process peers sharing a section.
+//! - `cargo xtask dist [--check]`: the Debian package (and, with --check, installing it).
 //!
 //! std only, on purpose: this is the first thing built on a fresh machine.
 
 mod ci;
 mod demo;
+mod dist;
+mod dist_check;
 mod images;
 mod tools;
 mod util;
@@ -21,7 +24,8 @@ usage: cargo xtask <task>
 tasks:
   test    everything CI runs, in order, stopping at the first failure:
           rustfmt check, clippy (-D warnings), build the binaries, the guest
-          images, cargo test, the chaos and load scenarios (short), the loom
+          images, cargo test, the Debian package (built, installed, run,
+          removed: dist --check), the chaos and load scenarios (short), the loom
           model, then each fuzz target for 10 s
   chaos   only the chaos step: host peers and QEMU guests killed with SIGKILL
           mid-operation, 62 peers at once, a header scribbler beside honest
@@ -31,6 +35,10 @@ tasks:
           cargo-fuzz if missing) for FUZZ_SECONDS (default 10) seconds
   demo    start vshmd in a temporary directory and let two host-process peers
           (the vshm CLI) share a section; show vshmctl status; shut down cleanly
+  dist    release binaries, man pages, completions and the Debian package
+          target/dist/vshm_<version>_<arch>.deb (packaging/).
+          --check: then install it with apt-get, run vshmd from it as user
+          vshm, attach a peer, and remove it again (root only)
   images  build the static guest vshm and the test guest (Debian cloud kernel,
           busybox, initramfs) into images/out (cached)
 ";
@@ -40,6 +48,8 @@ fn main() -> ExitCode {
     let task = match args.as_slice() {
         [t] if ["test", "demo", "images", "fuzz", "chaos"].contains(&t.as_str()) => t.as_str(),
         [t, l] if t == "chaos" && l == "--long" => "chaos --long",
+        [t] if t == "dist" => "dist",
+        [t, c] if t == "dist" && c == "--check" => "dist --check",
         [h] if h == "help" || h == "-h" || h == "--help" => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -60,6 +70,8 @@ fn main() -> ExitCode {
         "fuzz" => ci::fuzz(),
         "chaos" => ci::chaos(false),
         "chaos --long" => ci::chaos(true),
+        "dist" => dist::build().map(|_| ()),
+        "dist --check" => dist::build().and_then(|deb| dist_check::check(&deb)),
         _ => demo::run(),
     };
     match result {

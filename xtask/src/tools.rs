@@ -32,6 +32,12 @@ const APT_TOOLS: &[Tool] = &[
         package: "tmux",
         why: "`vshmctl top` is tested in a real terminal",
     },
+    Tool {
+        program: "systemd-analyze",
+        probe: &["--version"],
+        package: "systemd",
+        why: "`systemd-analyze verify` checks vshmd@.service (PID 1 need not be systemd)",
+    },
     // (and keep PACKAGES in .ci/run in step)
 ];
 
