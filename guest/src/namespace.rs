@@ -104,8 +104,9 @@ pub struct Namespace<T: Transport> {
     superblock: Superblock,
     peer_id: PeerId,
     pub(crate) peer_slot: PeerSlot,
-    /// The peer table's incarnation of our slot when we attached.
-    incarnation: u64,
+    /// The peer table's incarnation of our slot when we attached (adopted again if that one
+    /// read was scribbled, see `attached`).
+    incarnation: AtomicU64,
     /// Concluded for good that the backend reclaimed this peer.
     detached: AtomicBool,
     reply_timeout: Duration,
@@ -144,7 +145,7 @@ impl<T: Transport> Namespace<T> {
             superblock,
             peer_id,
             peer_slot,
-            incarnation,
+            incarnation: AtomicU64::new(incarnation),
             detached: AtomicBool::new(false),
             reply_timeout: Duration::from_secs(10),
             audit,
@@ -213,17 +214,32 @@ impl<T: Transport> Namespace<T> {
     /// delays the answer, and the entry that ends it is vshmd's own — a reclaimed slot
     /// stays ABSENT, and is not handed to another peer at once either (vshmd takes the free
     /// slot freed longest ago), and if it was, its incarnation differs.
+    ///
+    /// The incarnation this peer recorded at attach came from one read of its entry, which
+    /// a peer may have scribbled at that very moment. So if, after the grace, the slot is
+    /// still CONNECTED to this peer's id with another incarnation, that one is adopted: no
+    /// other connection can have this id while this peer lives (FORMAT.md §15: an id is
+    /// handed on only after its holder left, and a holder cut off while it runs keeps its id
+    /// fenced), so the table's value is the true one.
     pub(crate) fn attached(&self) -> Result<(), Error> {
         if self.detached.load(Ordering::Relaxed) {
             return Err(Error::Detached);
         }
         let mut check = || {
             let (mem, l) = (&self.mem(), &self.layout);
-            object::peer_still_attached(mem, l, self.peer_slot, self.peer_id, self.incarnation)
+            let incarnation = self.incarnation.load(Ordering::Relaxed);
+            object::peer_still_attached(mem, l, self.peer_slot, self.peer_id, incarnation)
         };
         if check() || self.transport.wait_until(&mut check, DETACH_GRACE) == Ok(true) {
             self.audit();
             return Ok(());
+        }
+        if let Some(info) = object::read_peer(&self.mem(), &self.layout, self.peer_slot) {
+            if info.peer_id == self.peer_id {
+                self.incarnation.store(info.incarnation, Ordering::Relaxed);
+                self.audit();
+                return Ok(());
+            }
         }
         self.detached.store(true, Ordering::Relaxed);
         Err(Error::Detached)
@@ -812,7 +828,10 @@ impl<'ns, T: Transport> Section<'ns, T> {
         self.ns.mem()
     }
     pub(crate) fn peer(&self) -> (PeerSlot, u64) {
-        (self.ns.peer_slot, self.ns.incarnation)
+        (
+            self.ns.peer_slot,
+            self.ns.incarnation.load(Ordering::Relaxed),
+        )
     }
     pub(crate) fn namespace(&self) -> &'ns Namespace<T> {
         self.ns

@@ -242,3 +242,35 @@ fn a_forged_live_entry_in_a_free_slot_is_erased_and_holds_nothing() {
         );
     });
 }
+
+#[test]
+fn a_peer_that_attached_while_its_incarnation_was_scribbled_is_not_detached_once_it_is_healed() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "4M"]);
+        let evil = Scribbler::new(&b);
+        let t = HostTransport::connect(&b.socket).expect("connect");
+        let me = vshm::Transport::peer_id(&t);
+        let slot = (0..evil.layout.max_peers)
+            .map(PeerSlot)
+            .find(|&s| {
+                vshm_format::object::read_peer(&evil.map.region(), &evil.layout, s)
+                    .is_some_and(|p| p.peer_id == me)
+            })
+            .expect("own slot");
+        // Only the incarnation is hit, so the entry still validates as this peer's: the
+        // attach that reads it now records a wrong value.
+        let at = evil.layout.peer_entry(slot).expect("entry")
+            + vshm_format::layout::PEER_INCARNATION_OFF;
+        evil.map
+            .region()
+            .store_u64(at, 0xDEAD_BEEF, Ordering::SeqCst)
+            .expect("scribble");
+        let ns = Namespace::attach(t).expect("attach");
+        // vshmd heals the entry; the peer must carry on, not conclude it was detached.
+        let (s, _) = ns
+            .create(Some("after-heal"), &CreateOptions::new(64 << 10))
+            .expect("create after the heal");
+        s.write_at(0, b"ok").expect("write");
+        assert!(b.section("after-heal").is_some());
+    });
+}
