@@ -30,6 +30,16 @@ use crate::Transport;
 #[cfg_attr(not(feature = "std"), allow(dead_code))]
 pub const CONFIRM_AFTER: Duration = Duration::from_millis(450);
 
+/// While a hold is suspect, how often it is looked at (a scribbled entry is healed within
+/// 200 ms: looking often finds the healed moment of an object that is alive).
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
+pub const LOOK_EVERY: Duration = Duration::from_millis(40);
+
+/// Looks further apart than this do not make an unbroken run: the object may have looked
+/// alive in between.
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
+pub const LOOK_GAP: Duration = Duration::from_millis(100);
+
 /// How often the holds are checked even when `revoke_seq` did not move (on a ring, or an
 /// operation): a peer may have scribbled `revoke_seq` to the value the next destroy will
 /// publish, so that the audit of the real destroy looks already done.
@@ -60,7 +70,9 @@ mod imp {
     use vshm_format::revoke::{self, Hold};
     use vshm_format::PeerSlot;
 
-    use super::{range, HookContext, ObjectInfo, CONFIRM_AFTER, RECHECK_EVERY};
+    use super::{
+        range, HookContext, ObjectInfo, CONFIRM_AFTER, LOOK_EVERY, LOOK_GAP, RECHECK_EVERY,
+    };
     use super::{Generation, ObjectSlot, RegionOffset};
 
     #[derive(Debug)]
@@ -69,8 +81,9 @@ mod imp {
         offset: RegionOffset,
         len: u64,
         revoked: bool,
-        /// When its object was first seen gone (not yet believed).
-        suspect: Option<Instant>,
+        /// When its object was first and last seen gone, in an unbroken run of looks (not
+        /// yet believed).
+        suspect: Option<(Instant, Instant)>,
     }
 
     #[derive(Debug, Default)]
@@ -123,6 +136,8 @@ mod imp {
         revoked: AtomicU64,
         /// When every hold was last checked.
         checked: Mutex<Option<Instant>>,
+        /// A hold is suspect: every run looks (no shortcut).
+        pending: std::sync::atomic::AtomicBool,
     }
 
     impl Audit {
@@ -134,6 +149,7 @@ mod imp {
                 audited: AtomicU64::new(0),
                 revoked: AtomicU64::new(0),
                 checked: Mutex::new(None),
+                pending: std::sync::atomic::AtomicBool::new(false),
             }
         }
 
@@ -204,7 +220,8 @@ mod imp {
                 return None;
             };
             let now = Instant::now();
-            if seq == self.audited.load(Ordering::Acquire) {
+            if seq == self.audited.load(Ordering::Acquire) && !self.pending.load(Ordering::Acquire)
+            {
                 let since = self
                     .checked
                     .lock()
@@ -235,10 +252,19 @@ mod imp {
                     h.suspect = None;
                     continue;
                 }
-                let since = *h.suspect.get_or_insert(now);
-                let left = CONFIRM_AFTER.saturating_sub(now.duration_since(since));
+                // Only an unbroken run of looks counts: one that saw it intact clears the
+                // suspicion above, and a gap in the looks may have hidden such a moment.
+                let (first, last) = h.suspect.unwrap_or((now, now));
+                let first = if now.duration_since(last) > LOOK_GAP {
+                    now
+                } else {
+                    first
+                };
+                h.suspect = Some((first, now));
+                let left = CONFIRM_AFTER.saturating_sub(now.duration_since(first));
                 if !left.is_zero() {
-                    wait = Some(wait.map_or(left, |w| w.min(left)));
+                    let next = left.min(LOOK_EVERY);
+                    wait = Some(wait.map_or(next, |w| w.min(next)));
                     continue;
                 }
                 h.revoked = true;
@@ -253,6 +279,7 @@ mod imp {
                 // A report for the operator; vshmd counts it, trusting it for nothing else.
                 let _ = revoke::acknowledge(&mem, &self.layout, self.peer_slot, seq, found);
             }
+            self.pending.store(wait.is_some(), Ordering::Release);
             if wait.is_some() {
                 // Not done with this seq: no acknowledgement until every suspect is settled.
                 return wait;
