@@ -134,8 +134,10 @@ mod imp {
         audited: AtomicU64,
         /// Holds found revoked so far.
         revoked: AtomicU64,
-        /// When every hold was last checked.
-        checked: Mutex<Option<Instant>>,
+        /// When every hold was last checked, in ns since `base` (`u64::MAX`: never). An
+        /// atomic, not a lock: every namespace operation (opens and closes too) reads it.
+        checked: AtomicU64,
+        base: Instant,
         /// A hold is suspect: every run looks (no shortcut).
         pending: std::sync::atomic::AtomicBool,
     }
@@ -148,7 +150,8 @@ mod imp {
                 record: Mutex::new(Record::default()),
                 audited: AtomicU64::new(0),
                 revoked: AtomicU64::new(0),
-                checked: Mutex::new(None),
+                checked: AtomicU64::new(u64::MAX),
+                base: Instant::now(),
                 pending: std::sync::atomic::AtomicBool::new(false),
             }
         }
@@ -222,12 +225,11 @@ mod imp {
             let now = Instant::now();
             if seq == self.audited.load(Ordering::Acquire) && !self.pending.load(Ordering::Acquire)
             {
-                let since = self
-                    .checked
-                    .lock()
-                    .ok()
-                    .and_then(|c| *c)
-                    .map(|t| now.duration_since(t));
+                let at = self.checked.load(Ordering::Acquire);
+                let since = (at != u64::MAX).then(|| {
+                    now.duration_since(self.base)
+                        .saturating_sub(Duration::from_nanos(at))
+                });
                 if let Some(since) = since.filter(|&d| d < RECHECK_EVERY) {
                     // Checked a moment ago: look once more when the period is up (the ring
                     // that brought us here may announce a destroy whose number was
@@ -238,9 +240,9 @@ mod imp {
             let Ok(mut rec) = self.record.lock() else {
                 return None;
             };
-            if let Ok(mut c) = self.checked.lock() {
-                *c = Some(now);
-            }
+            let at =
+                u64::try_from(now.duration_since(self.base).as_nanos()).unwrap_or(u64::MAX - 1);
+            self.checked.store(at, Ordering::Release);
             let (mut found, mut wait) = (0u64, None::<Duration>);
             let mut fenced = Vec::new();
             for (&(slot, generation), h) in &mut rec.held {
