@@ -81,12 +81,25 @@ impl<T: Transport> Section<'_, T> {
             match self.with_heap(|g| g.allocate(size, align, owner))? {
                 Ok(((offset, size), heap)) => return Ok(Block { offset, size, heap }),
                 Err(BlockError::NeedGrow { min_size }) => {
-                    let now = self.size();
-                    let target = min_size.max(now.saturating_mul(2)).min(self.max_size());
-                    match self.grow(target) {
-                        Ok(()) => {}
+                    // The arena grows only to a size the host vouched for: ask it first
+                    // (the section may be larger already: another peer grew it).
+                    let mut known = self.vouched_size();
+                    if known < min_size {
+                        match self.grow_vouched(0) {
+                            Ok(_) | Err(Error::Status(Status::InvalidParameter)) => {}
+                            Err(e) => return Err(e),
+                        }
+                        known = self.vouched_size();
+                    }
+                    if known >= min_size {
+                        continue;
+                    }
+                    let target = min_size.max(known.saturating_mul(2)).min(self.max_size());
+                    match self.grow_vouched(target) {
+                        Ok(_) => {}
                         // Another peer grew it past our target meanwhile.
-                        Err(Error::Status(Status::InvalidParameter)) if self.size() >= target => {}
+                        Err(Error::Status(Status::InvalidParameter))
+                            if self.vouched_size() >= target => {}
                         Err(e) => return Err(e),
                     }
                 }
@@ -149,6 +162,7 @@ impl<T: Transport> Section<'_, T> {
             token: transport.lock_token(),
         };
         let mut out = None;
+        let mut owner_seen = 0u64;
         let mut attempt = || {
             let heap = match Heap::new(
                 &mem,
@@ -157,14 +171,18 @@ impl<T: Transport> Section<'_, T> {
                 self.max_size(),
                 self.generation().raw(),
             ) {
-                Ok(h) => h,
+                Ok(h) => h.extend_at_most_to(self.vouched_size()),
                 Err(e) => {
                     out = Some(Err(e));
                     return true;
                 }
             };
             let done = match heap.lock(me, &peers) {
-                Err(BlockError::Busy { .. } | BlockError::Stale) => false,
+                Err(BlockError::Busy { owner }) => {
+                    owner_seen = owner;
+                    false
+                }
+                Err(BlockError::Stale) => false,
                 Err(e) => {
                     out = Some(Err(e));
                     true
@@ -187,9 +205,10 @@ impl<T: Transport> Section<'_, T> {
         }
         match out {
             Some(r) if done => Ok(r),
-            _ => Err(Error::Timeout(
-                u64::try_from(LOCK_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
-            )),
+            _ => Err(Error::LockTimeout {
+                ms: u64::try_from(LOCK_TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+                owner: owner_seen,
+            }),
         }
     }
 }

@@ -28,6 +28,14 @@ pub enum Error {
     Region(LayoutError),
     /// The backend did not answer a request within the reply timeout (ms).
     Timeout(u64),
+    /// A section's block allocator lock stayed taken by another live taker for the whole
+    /// lock timeout.
+    LockTimeout {
+        /// How long this process waited (ms).
+        ms: u64,
+        /// The lock word last seen (the taker's slot + 1, incarnation and token; FORMAT.md).
+        owner: u64,
+    },
     /// The backend answered with something that does not validate (raw status, slot).
     BadResponse(u32, ObjectSlot),
     /// Kept losing races with other peers on this operation.
@@ -60,7 +68,9 @@ impl Error {
     pub fn status(&self) -> Status {
         match *self {
             Error::Status(s) | Error::Refused { status: s, .. } => s,
-            Error::Transport(_) | Error::Timeout(_) => Status::InsufficientResources,
+            Error::Transport(_) | Error::Timeout(_) | Error::LockTimeout { .. } => {
+                Status::InsufficientResources
+            }
             Error::Region(_) | Error::BadResponse(..) => Status::InvalidHandle,
             Error::Contended => Status::ObjectNameNotFound,
             Error::Detached | Error::Revoked { .. } => Status::InvalidHandle,
@@ -117,6 +127,10 @@ impl core::fmt::Display for Error {
             Error::Transport(e) => write!(f, "{e}"),
             Error::Region(e) => write!(f, "invalid vshm region: {e}"),
             Error::Timeout(ms) => write!(f, "the vshm backend did not answer within {ms} ms"),
+            Error::LockTimeout { ms, owner } => write!(
+                f,
+                "a section's block allocator stayed locked by another taker (lock word {owner:#x}) for {ms} ms"
+            ),
             Error::BadResponse(st, slot) => {
                 write!(
                     f,

@@ -508,6 +508,7 @@ impl<T: Transport> Namespace<T> {
             offset: info.offset,
             max_size: info.max_size,
             seen: AtomicU64::new(seen),
+            vouched: AtomicU64::new(0),
             open: true,
         }
     }
@@ -662,6 +663,9 @@ pub struct Section<'ns, T: Transport> {
     max_size: u64,
     /// The section's change count (`signal_seq`) as this handle last saw it.
     seen: AtomicU64,
+    /// The largest size the host told this handle the section has (its GROW replies); the
+    /// block allocator tiles no further (an entry's size may be a scribble of the moment).
+    vouched: AtomicU64,
     open: bool,
 }
 
@@ -774,17 +778,36 @@ impl<'ns, T: Transport> Section<'ns, T> {
 
     /// Grows the exposed size to `new_size` (≤ max size). The section never moves.
     pub fn grow(&self, new_size: u64) -> Result<(), Error> {
+        self.grow_vouched(new_size).map(|_| ())
+    }
+
+    /// [`Section::grow`], returning the section's size after the request as the host's
+    /// record says. The host names it also when it refuses with INVALID_PARAMETER because
+    /// the section is already larger (FORMAT.md §9), so `grow_vouched(0)` asks the size
+    /// without changing anything; either way it is kept in [`Section::vouched_size`].
+    pub(crate) fn grow_vouched(&self, new_size: u64) -> Result<u64, Error> {
         if new_size > self.max_size {
             return Err(Status::InvalidParameter.into());
         }
         let resp = self
             .ns
             .call(&mailbox::grow_request(self.slot, self.generation, new_size))?;
+        let ours = resp.slot == self.slot.raw() && resp.generation == self.generation.raw();
+        if ours {
+            self.vouched
+                .fetch_max(resp.size.min(self.max_size), Ordering::AcqRel);
+        }
         match Status::from_code(resp.status) {
-            Some(Status::Success) => Ok(()),
+            Some(Status::Success) => Ok(self.vouched_size()),
             Some(s) => Err(s.into()),
             None => Err(Error::BadResponse(resp.status, self.slot)),
         }
+    }
+
+    /// The largest size the host has told this handle the section has (0 before any
+    /// GROW by this handle). Sizes only grow, so the section is at least this large.
+    pub(crate) fn vouched_size(&self) -> u64 {
+        self.vouched.load(Ordering::Acquire)
     }
 
     /// Deletes the section (LSA DeleteSharedMemory): its name disappears now, its memory is

@@ -65,6 +65,7 @@ fn key(e: &Error) -> String {
         Error::Transport(_) => "Transport".into(),
         Error::Region(_) => "Region".into(),
         Error::Timeout(_) => "ReplyTimeout".into(),
+        Error::LockTimeout { .. } => "LockTimeout".into(),
         Error::BadResponse(..) => "BadResponse".into(),
         Error::Contended => "Contended".into(),
         Error::Detached => "Detached".into(),

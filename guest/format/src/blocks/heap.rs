@@ -25,6 +25,8 @@ pub struct Heap<'m, M: SharedMemory + ?Sized> {
     size: u64,
     max_size: u64,
     seed: u64,
+    /// How far the arena may be tiled ([`Heap::extend_at_most_to`]).
+    extend_to: u64,
 }
 
 /// The lock, held: every mutation goes through it. Dropping it releases the lock (a CAS from
@@ -66,7 +68,18 @@ impl<'m, M: SharedMemory + ?Sized> Heap<'m, M> {
             size,
             max_size,
             seed,
+            extend_to: u64::MAX,
         })
+    }
+
+    /// Tiles the arena no further than `limit` bytes, whatever `size` says. The arena never
+    /// shrinks, so it must only grow to a size the section really has: pass the size the
+    /// host vouched for (a grow reply), not one read from the object entry, which any peer
+    /// can scribble for the moment until the host heals it (docs/FORMAT.md §6b).
+    #[must_use]
+    pub fn extend_at_most_to(mut self, limit: u64) -> Self {
+        self.extend_to = limit;
+        self
     }
 
     fn at(&self, off: u64, len: u64) -> Result<u64, BlockError> {
@@ -292,7 +305,7 @@ impl<M: SharedMemory + ?Sized> Guard<'_, '_, M> {
     /// Tiles `[covered, size)` with new free blocks, one at a time: header, then the arena
     /// end (the commit), then the free list.
     fn extend(&mut self) -> Result<(), BlockError> {
-        let end = self.heap.size & !((1 << MIN_ORDER) - 1);
+        let end = self.heap.size.min(self.heap.extend_to) & !((1 << MIN_ORDER) - 1);
         while self.covered + (1 << MIN_ORDER) <= end {
             let p = self.covered;
             let mut k = p.trailing_zeros().min(MAX_ORDER);
