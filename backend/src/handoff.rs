@@ -101,22 +101,27 @@ fn io_err(step: &'static str) -> impl FnOnce(io::Error) -> HandoffError {
     move |source| HandoffError::Io { step, source }
 }
 
-/// The fds to send, each once, numbered in sending order.
+/// The fds to send, each once, numbered in sending order, each with a name that stays the
+/// same for the same file as long as it lives (the systemd fd store keeps fds by name across
+/// a crash: `crate::fdstore`; a handoff ignores the names).
 #[derive(Debug, Default)]
 pub struct FdTable {
     fds: Vec<RawFd>,
+    names: Vec<String>,
     index: HashMap<RawFd, u32>,
 }
 
 impl FdTable {
-    /// The index of `fd` in the table (added if new). The fd must stay open until sent.
-    pub fn add(&mut self, fd: &impl AsRawFd) -> u32 {
+    /// The index of `fd` in the table (added under `name()` if new; an fd added twice keeps
+    /// its first name). The fd must stay open until sent.
+    pub fn add(&mut self, fd: &impl AsRawFd, name: impl FnOnce() -> String) -> u32 {
         let raw = fd.as_raw_fd();
         if let Some(&i) = self.index.get(&raw) {
             return i;
         }
         let i = u32::try_from(self.fds.len()).unwrap_or(u32::MAX);
         self.fds.push(raw);
+        self.names.push(name());
         self.index.insert(raw, i);
         i
     }
@@ -130,6 +135,19 @@ impl FdTable {
     pub fn is_empty(&self) -> bool {
         self.fds.is_empty()
     }
+
+    /// The fds with their names, in index order.
+    pub fn named(&self) -> impl Iterator<Item = (RawFd, &str)> + '_ {
+        self.fds
+            .iter()
+            .copied()
+            .zip(self.names.iter().map(String::as_str))
+    }
+
+    /// The names in index order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
 }
 
 /// An fd attached to a queued ivshmem message (as `server.rs` keeps them).
@@ -141,9 +159,41 @@ pub struct Received {
     fds: Vec<Option<OwnedFd>>,
     eventfds: HashMap<u32, Arc<EventFd>>,
     shared: HashMap<u32, Arc<OwnedFd>>,
+    /// Recovered from systemd's fd store rather than handed over: a client connection that
+    /// is missing was closed by its client (systemd drops a stored socket that hangs up).
+    closed_streams: bool,
 }
 
 impl Received {
+    /// Fds found elsewhere (systemd's fd store, `crate::fdstore`), by index; `None` where
+    /// a named fd was not found. A missing client connection is then taken for one its
+    /// client closed ([`Received::stream`]).
+    pub fn recovered(fds: Vec<Option<OwnedFd>>) -> Received {
+        Received {
+            fds,
+            closed_streams: true,
+            ..Received::default()
+        }
+    }
+
+    /// Fd `i` as a client's connection. When recovering from the fd store, a connection
+    /// that is not there was hung up by its client: it comes back as a socket whose other
+    /// end is closed, so the first read sees the departure and reclaims it as usual.
+    pub fn stream(&mut self, i: u32) -> Result<UnixStream, HandoffError> {
+        match self.take(i) {
+            Ok(fd) => Ok(UnixStream::from(fd)),
+            Err(e) if !self.closed_streams => Err(e),
+            Err(_) => {
+                let (ours, theirs) =
+                    UnixStream::pair().map_err(io_err("making a closed socket"))?;
+                drop(theirs);
+                ours.set_nonblocking(true)
+                    .map_err(io_err("making a closed socket"))?;
+                Ok(ours)
+            }
+        }
+    }
+
     /// Fd `i`, for its one owner.
     pub fn take(&mut self, i: u32) -> Result<OwnedFd, HandoffError> {
         self.fds
@@ -367,10 +417,15 @@ mod tests {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
             .collect();
         let mut table = FdTable::default();
-        for e in &efds {
-            table.add(e);
+        for (i, e) in efds.iter().enumerate() {
+            table.add(e, || format!("e{i}"));
         }
-        assert_eq!(table.add(&efds[3]), 3, "an fd is sent once");
+        assert_eq!(
+            table.add(&efds[3], || "again".into()),
+            3,
+            "an fd is sent once"
+        );
+        assert_eq!(table.names()[3], "e3", "under its first name");
         let sender = std::thread::spawn(move || {
             send_state(&a, b"{\"x\":1}", &table).expect("send");
             drop(efds);

@@ -65,6 +65,35 @@ impl Heap {
         Some((off, len))
     }
 
+    /// Reserves exactly `[offset, offset + len)` if it lies inside one free extent (`len`
+    /// a multiple of the alignment); false, changing nothing, otherwise. For an extent the
+    /// space map must learn of after the fact (an object published just before a crash,
+    /// `crate::fdstore`).
+    pub fn take_range(&mut self, offset: RegionOffset, len: u64) -> bool {
+        if len == 0 || len % self.alignment != 0 || offset.0 % self.alignment != 0 {
+            return false;
+        }
+        let Some((&start, &ext)) = self.free.range(..=offset).next_back() else {
+            return false;
+        };
+        let (Some(end), Some(ext_end)) = (offset.0.checked_add(len), start.0.checked_add(ext))
+        else {
+            return false;
+        };
+        if end > ext_end {
+            return false;
+        }
+        self.free.remove(&start);
+        if offset.0 > start.0 {
+            self.free.insert(start, offset.0 - start.0);
+        }
+        if ext_end > end {
+            self.free.insert(RegionOffset(end), ext_end - end);
+        }
+        self.free_bytes -= len;
+        true
+    }
+
     /// Returns an extent from [`Heap::allocate`] (same offset and rounded length).
     pub fn release(&mut self, offset: RegionOffset, len: u64) {
         let mut start = offset;
@@ -167,5 +196,26 @@ mod tests {
             prop_assert_eq!(h.free_extents(), 1);
             prop_assert_eq!(h.free_bytes(), 0x40000);
         }
+    }
+
+    #[test]
+    fn a_range_is_taken_only_from_inside_one_free_extent() {
+        let mut h = Heap::new(RegionOffset(4096), 16 * 4096, 4096);
+        assert!(h.take_range(RegionOffset(8192), 8192));
+        assert_eq!(h.free_bytes(), 14 * 4096);
+        assert!(
+            !h.take_range(RegionOffset(4096), 8192),
+            "overlaps the taken range"
+        );
+        assert!(
+            !h.take_range(RegionOffset(4096 * 16), 8192),
+            "runs past the heap"
+        );
+        assert!(!h.take_range(RegionOffset(4097), 4096), "misaligned");
+        assert!(h.take_range(RegionOffset(4096), 4096));
+        assert_eq!(
+            h.extents().collect::<Vec<_>>(),
+            vec![(RegionOffset(16384), 13 * 4096)]
+        );
     }
 }

@@ -6,6 +6,7 @@
 pub mod arbiter;
 pub mod config;
 pub mod daemon;
+pub mod fdstore;
 pub mod handoff;
 pub mod heap;
 pub mod logging;

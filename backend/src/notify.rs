@@ -4,9 +4,12 @@
 //! `STOPPING=1` when it starts to shut down; without `$NOTIFY_SOCKET` nothing is sent.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::OnceLock;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Why a notification could not be sent.
 #[derive(Debug, thiserror::Error)]
@@ -86,18 +89,45 @@ impl Notifier {
     }
 }
 
+impl Notifier {
+    /// Sends `state` with `fds` attached (SCM_RIGHTS), as `FDSTORE=1` needs.
+    pub fn send_with_fds(&self, state: &str, fds: &[RawFd]) -> Result<(), NotifyError> {
+        let failed = |source| NotifyError::Send {
+            state: state.to_owned(),
+            value: self.value.clone(),
+            source,
+        };
+        let socket = UnixDatagram::unbound().map_err(failed)?;
+        socket.connect_addr(&self.addr).map_err(failed)?;
+        let sent = socket
+            .send_with_fds(&[state.as_bytes()], fds)
+            .map_err(|e| failed(io::Error::from(e)))?;
+        if sent != state.len() {
+            return Err(failed(io::Error::from(io::ErrorKind::WriteZero)));
+        }
+        Ok(())
+    }
+}
+
+/// The notifier `$NOTIFY_SOCKET` names, read once per process; `None` when vshmd does not
+/// run under systemd (or the variable does not parse: logged once).
+pub fn notifier() -> Option<&'static Notifier> {
+    static NOTIFIER: OnceLock<Option<Notifier>> = OnceLock::new();
+    NOTIFIER
+        .get_or_init(|| {
+            Notifier::from_env().unwrap_or_else(|e| {
+                tracing::warn!("not notifying the service manager: {e}");
+                None
+            })
+        })
+        .as_ref()
+}
+
 /// Sends `state` to `$NOTIFY_SOCKET` if vshmd runs under systemd (or anything else playing
 /// its part); otherwise does nothing. Failures are logged, never fatal: a supervisor that
 /// does not listen must not take the VMs' memory down with it.
 pub fn notify(state: &str) {
-    static NOTIFIER: OnceLock<Option<Notifier>> = OnceLock::new();
-    let notifier = NOTIFIER.get_or_init(|| {
-        Notifier::from_env().unwrap_or_else(|e| {
-            tracing::warn!("not notifying the service manager: {e}");
-            None
-        })
-    });
-    if let Some(n) = notifier {
+    if let Some(n) = notifier() {
         if let Err(e) = n.send(state) {
             tracing::warn!("{e}");
         }

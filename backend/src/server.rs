@@ -147,6 +147,9 @@ impl MessageSink for &UnixStream {
 pub struct Client {
     /// Its peer id.
     pub id: PeerId,
+    /// Which connection this is (counts up per region, never reused): names its fds in
+    /// systemd's fd store (`crate::fdstore`).
+    pub serial: u64,
     /// Its connection (non-blocking).
     pub stream: UnixStream,
     /// Its interrupt eventfds (we write vector k to interrupt it).
@@ -388,6 +391,11 @@ pub struct Server {
     max_id: PeerId,
     /// Ids whose occupant left, with the eventfds every client that knows the id holds.
     parked: BTreeMap<PeerId, Vec<Arc<EventFd>>>,
+    /// The serial of the connection each id's eventfds were made for (they stay with the
+    /// id, parked and reused): part of their names in the fd store.
+    own_birth: BTreeMap<PeerId, u64>,
+    /// The next connection's serial.
+    next_serial: u64,
     /// Parked ids whose last occupant was cut off and may still run: not handed out until
     /// its process exited ([`Server::unfence_id`]).
     fenced_ids: BTreeSet<PeerId>,
@@ -399,6 +407,8 @@ pub struct Server {
     queues_changed: bool,
     /// Leave the socket file when dropped (handed over, or not yet taken over).
     keep_file: bool,
+    /// [`Server::hold_new_output`].
+    hold_new_output: bool,
 }
 
 /// Most messages a client may have waiting: twice the largest handshake (version, id,
@@ -446,6 +456,8 @@ impl Server {
             max_peers,
             clients: BTreeMap::new(),
             next_id: 1,
+            own_birth: BTreeMap::new(),
+            next_serial: 1,
             max_id: max_peer_id(),
             parked: BTreeMap::new(),
             fenced_ids: BTreeSet::new(),
@@ -453,6 +465,7 @@ impl Server {
             queue_limit: queue_limit(vectors, max_peers),
             queues_changed: false,
             keep_file: false,
+            hold_new_output: false,
         })
     }
 
@@ -525,6 +538,7 @@ impl Server {
         let mk = || EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map(Arc::new);
         // A parked id comes with the eventfds its earlier occupants had, which every client
         // that knows the id still holds for it: their rings now reach the newcomer.
+        let serial = self.next_serial;
         let own = match self.parked.get(&id) {
             Some(fds) => fds.clone(),
             None => (0..self.vectors)
@@ -540,8 +554,13 @@ impl Server {
             tracing::debug!(id = id.raw(), "registering a new peer failed: {e}");
             return Ok(refuse(&stream, ConnectRefusal::NoReadySlot));
         }
+        self.next_serial += 1;
+        if !self.parked.contains_key(&id) {
+            self.own_birth.insert(id, serial);
+        }
         let mut client = Client {
             id,
+            serial,
             pid,
             uid: cred.map(|c| c.uid),
             gid: cred.map(|c| c.gid),
@@ -597,11 +616,25 @@ impl Server {
         for other in over {
             self.cut(other, "its queue of unread messages is full");
         }
-        let ids: Vec<PeerId> = self.clients.keys().copied().collect();
-        for other in ids {
-            self.flush(other);
+        if !self.hold_new_output {
+            self.flush_all();
         }
         Ok(Accepted::Connected(id))
+    }
+
+    /// Writes every client's queue as far as its socket takes it.
+    pub fn flush_all(&mut self) {
+        let ids: Vec<PeerId> = self.clients.keys().copied().collect();
+        for id in ids {
+            self.flush(id);
+        }
+    }
+
+    /// With `true`, [`Server::admit`] only queues the handshake and the joins; the caller
+    /// writes them ([`Server::flush_all`]) once it has recorded the new client where a crash
+    /// cannot lose it (`crate::fdstore`): a client that has its handshake is attached.
+    pub fn hold_new_output(&mut self, hold: bool) {
+        self.hold_new_output = hold;
     }
 
     /// Writes as much of client `id`'s queue as its socket takes. A broken socket is shut
@@ -726,6 +759,9 @@ impl Server {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ClientSnapshot {
     id: u16,
+    /// 0 from a vshmd before serials: one is given on arrival.
+    #[serde(default)]
+    serial: u64,
     stream: u32,
     own: Vec<u32>,
     bells: Vec<u32>,
@@ -755,49 +791,93 @@ pub struct ServerSnapshot {
     parked: Vec<(u16, Vec<u32>)>,
     fenced_ids: Vec<u16>,
     cut_off: Vec<u16>,
+    #[serde(default)]
+    next_serial: u64,
+    #[serde(default)]
+    own_birth: Vec<(u16, u64)>,
 }
 
 impl Server {
     /// The state to hand to a new process; every fd it names is added to `fds` (the
     /// listener too, as `listener`).
     pub fn snapshot(&self, fds: &mut crate::handoff::FdTable) -> (u32, ServerSnapshot) {
-        let listener = fds.add(&self.listener);
-        let clients = self
-            .clients
-            .values()
-            .map(|c| ClientSnapshot {
-                id: c.id.raw(),
-                stream: fds.add(&c.stream),
-                own: c.own.iter().map(|e| fds.add(&**e)).collect(),
-                bells: c.bells.iter().map(|e| fds.add(&**e)).collect(),
-                pid: c.pid,
-                uid: c.uid,
-                gid: c.gid,
-                pidfd: c.pidfd.as_ref().map(|p| fds.add(p)),
-                since_ms: c
-                    .since
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
-                outbox: c
-                    .outbox
-                    .queue
-                    .iter()
-                    .map(|m| (m.value, m.fd.as_ref().map(|f| fds.add(&f.as_raw_fd()))))
-                    .collect(),
-                partial: c.outbox.partial,
-                sent: c.outbox.sent,
-                handshake_left_ms: c.handshake_until.map(|d| {
-                    u64::try_from(d.saturating_duration_since(Instant::now()).as_millis())
-                        .unwrap_or(u64::MAX)
-                }),
-                handshake_len: c.handshake_len,
-                known: c.known.iter().map(|p| p.raw()).collect(),
-            })
-            .collect();
+        let listener = fds.add(&self.listener, || "socket".into());
+        let birth = |id: PeerId| self.own_birth.get(&id).copied().unwrap_or(0);
+        let own_name = |id: PeerId, v: usize| format!("own.{}.{}.{v}", id.raw(), birth(id));
+        // Every fd with a name of its own first: a queued message shares another client's
+        // eventfd, which must keep that client's name whatever the order.
+        for c in self.clients.values() {
+            for (v, e) in c.own.iter().enumerate() {
+                fds.add(&**e, || own_name(c.id, v));
+            }
+        }
+        for (id, own) in &self.parked {
+            for (v, e) in own.iter().enumerate() {
+                fds.add(&**e, || own_name(*id, v));
+            }
+        }
+        let clients =
+            self.clients
+                .values()
+                .map(|c| ClientSnapshot {
+                    id: c.id.raw(),
+                    serial: c.serial,
+                    stream: fds.add(&c.stream, || format!("conn.{}", c.serial)),
+                    own: c
+                        .own
+                        .iter()
+                        .enumerate()
+                        .map(|(v, e)| fds.add(&**e, || own_name(c.id, v)))
+                        .collect(),
+                    bells: c
+                        .bells
+                        .iter()
+                        .enumerate()
+                        .map(|(v, e)| fds.add(&**e, || format!("bell.{}.{v}", c.serial)))
+                        .collect(),
+                    pid: c.pid,
+                    uid: c.uid,
+                    gid: c.gid,
+                    pidfd: c
+                        .pidfd
+                        .as_ref()
+                        .map(|p| fds.add(p, || format!("pidfd.{}", c.serial))),
+                    since_ms: c
+                        .since
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
+                    // Messages are numbered from the first ever queued (sent + position):
+                    // the handshake's memfd copy keeps its name while it waits.
+                    outbox: (c.outbox.sent..)
+                        .zip(c.outbox.queue.iter())
+                        .map(|(n, m)| {
+                            let fd = m.fd.as_ref().map(|f| {
+                                fds.add(&f.as_raw_fd(), || format!("msg.{}.{n}", c.serial))
+                            });
+                            (m.value, fd)
+                        })
+                        .collect(),
+                    partial: c.outbox.partial,
+                    sent: c.outbox.sent,
+                    handshake_left_ms: c.handshake_until.map(|d| {
+                        u64::try_from(d.saturating_duration_since(Instant::now()).as_millis())
+                            .unwrap_or(u64::MAX)
+                    }),
+                    handshake_len: c.handshake_len,
+                    known: c.known.iter().map(|p| p.raw()).collect(),
+                })
+                .collect();
         let parked = self
             .parked
             .iter()
-            .map(|(id, own)| (id.raw(), own.iter().map(|e| fds.add(&**e)).collect()))
+            .map(|(id, own)| {
+                let own = own
+                    .iter()
+                    .enumerate()
+                    .map(|(v, e)| fds.add(&**e, || own_name(*id, v)))
+                    .collect();
+                (id.raw(), own)
+            })
             .collect();
         (
             listener,
@@ -808,6 +888,8 @@ impl Server {
                 parked,
                 fenced_ids: self.fenced_ids.iter().map(|p| p.raw()).collect(),
                 cut_off: self.cut_off.iter().map(|p| p.raw()).collect(),
+                next_serial: self.next_serial,
+                own_birth: self.own_birth.iter().map(|(i, b)| (i.raw(), *b)).collect(),
             },
         )
     }
@@ -825,6 +907,12 @@ impl Server {
         // Eventfds first, so an fd queued in a message is shared with its owner.
         let mut clients = BTreeMap::new();
         let mut pending = Vec::new();
+        let mut next_serial = snap.next_serial.max(1);
+        let mut own_birth: BTreeMap<PeerId, u64> = snap
+            .own_birth
+            .into_iter()
+            .map(|(i, b)| (PeerId(i), b))
+            .collect();
         for c in snap.clients {
             let own = c
                 .own
@@ -836,14 +924,23 @@ impl Server {
                 .iter()
                 .map(|&i| fds.eventfd(i))
                 .collect::<Result<Vec<_>, _>>()?;
-            let stream = UnixStream::from(fds.take(c.stream)?);
-            let pidfd = c.pidfd.map(|i| fds.take(i)).transpose()?;
+            let stream = fds.stream(c.stream)?;
+            // A pidfd systemd did not keep: /proc is polled instead.
+            let pidfd = c.pidfd.and_then(|i| fds.take(i).ok());
             let id = PeerId(c.id);
+            let serial = if c.serial == 0 {
+                next_serial += 1;
+                next_serial - 1
+            } else {
+                c.serial
+            };
+            own_birth.entry(id).or_insert(serial);
             pending.push((id, c.outbox));
             clients.insert(
                 id,
                 Client {
                     id,
+                    serial,
                     stream,
                     own,
                     bells,
@@ -874,6 +971,10 @@ impl Server {
                 .map(|&i| fds.eventfd(i))
                 .collect::<Result<Vec<_>, _>>()?;
             parked.insert(PeerId(id), own);
+            own_birth.entry(PeerId(id)).or_insert_with(|| {
+                next_serial += 1;
+                next_serial - 1
+            });
         }
         for (id, outbox) in pending {
             let mut queue = VecDeque::with_capacity(outbox.len());
@@ -895,11 +996,14 @@ impl Server {
             next_id: snap.next_id,
             max_id: max_peer_id(),
             parked,
+            own_birth,
+            next_serial,
             fenced_ids: snap.fenced_ids.into_iter().map(PeerId).collect(),
             cut_off: snap.cut_off.into_iter().map(PeerId).collect(),
             queue_limit: queue_limit(vectors, max_peers),
             queues_changed: true,
             keep_file: true,
+            hold_new_output: false,
         })
     }
 

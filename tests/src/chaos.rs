@@ -183,8 +183,13 @@ pub struct Crew {
 impl Crew {
     /// An empty crew for `b`; `seed` fixes every run's seed and every random choice.
     pub fn new(b: &Backend, seed: u64) -> Crew {
+        Crew::on_socket(b.socket.clone(), seed)
+    }
+
+    /// An empty crew for the vshmd serving `socket`.
+    pub fn on_socket(socket: std::path::PathBuf, seed: u64) -> Crew {
         Crew {
-            socket: b.socket.clone(),
+            socket,
             children: Vec::new(),
             rng: XorShift(seed | 1),
             blocks: true,
@@ -309,7 +314,11 @@ pub fn background_crew(
 /// Creates the persistent objects every `vshm-chaos-peer` opens: section `pool` (blocks),
 /// section `counter`, event `tick`, mutex `lock`. The creating peer disconnects.
 pub fn create_shared_objects(b: &Backend) {
-    let ns = b.connect();
+    create_shared_objects_in(&b.connect());
+}
+
+/// [`create_shared_objects`] through `ns` (which may stay connected).
+pub fn create_shared_objects_in(ns: &vshm::Namespace<vshm::host::HostTransport>) {
     let keep = |max| CreateOptions {
         max_size: max,
         initial_size: 64 << 10,

@@ -14,6 +14,7 @@ use vshm::Namespace;
 use vshm_control::{request, ControlRequest};
 
 pub mod chaos;
+pub mod supervisor;
 
 /// Path of a workspace binary (built by `cargo build --bins`, which `cargo xtask test` does).
 pub fn bin(name: &str) -> PathBuf {

@@ -38,6 +38,7 @@ mod heal;
 mod peers;
 mod quarantine;
 mod reclaim;
+mod recover;
 mod requests;
 mod snapshot;
 mod status;
@@ -61,6 +62,7 @@ pub use heal::HealReport;
 pub use peers::ConnectError;
 pub use quarantine::{DEFAULT_CLAIM_TIMEOUT, DEFAULT_QUARANTINE};
 pub use reclaim::Reclaim;
+pub use recover::Ahead;
 pub use snapshot::{ArbiterSnapshot, HeaderCheck, LayoutParams, SnapshotError};
 pub use status::{PeerStatus, RegionStatus, SectionStatus, StatusReport};
 

@@ -69,6 +69,34 @@ pub(super) struct QuarantineState {
 }
 
 impl QuarantineState {
+    /// Takes `[offset, offset + len)` out of the quarantined ranges (it lies inside one),
+    /// leaving what is around it quarantined.
+    pub fn carve(&mut self, offset: RegionOffset, len: u64) {
+        let end = offset.raw().saturating_add(len);
+        let mut kept = Vec::with_capacity(self.entries.len() + 1);
+        for q in self.entries.drain(..) {
+            let q_end = q.offset.raw().saturating_add(q.len);
+            if q_end <= offset.raw() || end <= q.offset.raw() {
+                kept.push(q);
+                continue;
+            }
+            if q.offset.raw() < offset.raw() {
+                kept.push(Quarantined {
+                    len: offset.raw() - q.offset.raw(),
+                    ..q.clone()
+                });
+            }
+            if end < q_end {
+                kept.push(Quarantined {
+                    offset: RegionOffset(end),
+                    len: q_end - end,
+                    ..q
+                });
+            }
+        }
+        self.entries = kept;
+    }
+
     pub fn new(max_peers: u32) -> QuarantineState {
         QuarantineState {
             entries: Vec::new(),

@@ -395,7 +395,7 @@ impl<M: Backing> Arbiter<M> {
         Some(entry)
     }
 
-    fn delete(
+    pub(super) fn delete(
         &mut self,
         slot: ObjectSlot,
         generation: Generation,

@@ -521,6 +521,9 @@ impl<M: Backing> Arbiter<M> {
                 }
                 _ => false,
             };
+            if !same {
+                tracing::debug!(slot = slot.raw(), "object entry differs from its record");
+            }
             check.objects_differ += u32::from(!same);
         }
         for (slot, p) in self.peer_slots() {

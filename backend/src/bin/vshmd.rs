@@ -69,8 +69,13 @@ struct Args {
     /// Take the region(s) over from the vshmd running with the same settings, keeping every
     /// VM attached (docs/OPERATIONS.md): it hands over its memory, sockets and peers, and
     /// exits. If the takeover fails, the running vshmd serves on and this one exits 1.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fd_store")]
     takeover: bool,
+    /// Keep the region(s) in systemd's file-descriptor store with a journal of their state,
+    /// so that after a crash systemd starts vshmd again with every VM still attached
+    /// (docs/OPERATIONS.md). Needs systemd and FileDescriptorStoreMax= in the unit.
+    #[arg(long)]
+    fd_store: bool,
     /// Where to log: `journal` (systemd's, with fields), `stderr` (plain lines), or `auto`:
     /// the journal when systemd started vshmd ($JOURNAL_STREAM), stderr otherwise.
     #[arg(long, value_enum, default_value_t = LogTarget::Auto)]
@@ -127,7 +132,35 @@ fn main() -> ExitCode {
         }
     };
     let mut failed = false;
-    let daemons = if args.takeover {
+    let daemons = if args.fd_store {
+        // Before any thread: the variables are unset as the fds are taken.
+        let listen = match vshm_backend::fdstore::ListenFds::from_env() {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("vshmd: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match regions::start_kept(configs.clone(), listen) {
+            Ok(kept) => {
+                for ((d, t), config) in kept.iter().zip(&configs) {
+                    match t {
+                        Some(t) => println!(
+                            "vshmd: recovered region {} from systemd's fd store ({} peer(s) attached)",
+                            d.name(),
+                            t.peers
+                        ),
+                        None => banner(config, configs.len() > 1),
+                    }
+                }
+                kept.into_iter().map(|(d, _)| d).collect()
+            }
+            Err(e) => {
+                eprintln!("vshmd: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else if args.takeover {
         match regions::take_over(configs.clone()) {
             Ok((taken, partial)) => {
                 for (d, t) in &taken {

@@ -258,6 +258,11 @@ pub struct Daemon {
     keep_files: bool,
     /// The region was handed to another process: this one must not touch it again.
     handed_off: bool,
+    /// systemd's fd store and the journal, when vshmd runs with `--fd-store`
+    /// (`crate::fdstore`): written after every event.
+    fdstore: Option<crate::fdstore::FdStore>,
+    /// A [`Stopper`] (a signal) asked this loop to stop: a clean stop, not a failure.
+    asked_to_stop: bool,
 }
 
 /// A further ivshmem listening socket (removed on drop if still ours).
@@ -441,6 +446,8 @@ impl Daemon {
             stop: false,
             keep_files: false,
             handed_off: false,
+            fdstore: None,
+            asked_to_stop: false,
         })
     }
 
@@ -613,6 +620,12 @@ impl Daemon {
             );
             self.drop_client(id, false, ops);
         }
+        if self.fdstore.is_some() {
+            // Recorded before it gets its handshake: a client that has its handshake is
+            // attached, and a crash from here on must not drop it.
+            self.journal();
+            self.server.flush_all();
+        }
     }
 
     /// Watches client `id`'s socket and the bells it rings us on. False if one could not be.
@@ -620,17 +633,26 @@ impl Daemon {
         let Some(client) = self.server.client(id) else {
             return false;
         };
-        let mut ok = ops
-            .add(Events::with_data(
+        let mut ok = true;
+        let mut watch = |what: &str, e: Events| {
+            if let Err(err) = ops.add(e) {
+                tracing::error!(id = id.raw(), "cannot watch the peer's {what}: {err:?}");
+                ok = false;
+            }
+        };
+        watch(
+            "socket",
+            Events::with_data(
                 &client.stream,
                 TOKEN_CLIENT | u32::from(id.raw()),
                 EventSet::IN,
-            ))
-            .is_ok();
+            ),
+        );
         for (v, bell) in client.bells.iter().enumerate() {
-            ok &= ops
-                .add(Events::with_data(bell, bell_token(id, v), EventSet::IN))
-                .is_ok();
+            watch(
+                "doorbell",
+                Events::with_data(bell, bell_token(id, v), EventSet::IN),
+            );
         }
         ok
     }
@@ -936,6 +958,7 @@ impl MutEventSubscriber for Daemon {
                 TOKEN_STOP => {
                     let _ = self.stop_bell.read();
                     self.stop = true;
+                    self.asked_to_stop = true;
                 }
                 _ => {}
             },
@@ -946,11 +969,18 @@ impl MutEventSubscriber for Daemon {
         self.watch_client_output(ops);
         // Whatever happened, tell the watchers (and keep it in the ring).
         self.publish_events(ops);
+        // Then keep what a crash must not lose (no-op without --fd-store).
+        self.journal();
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Kept in systemd's fd store and ending by a failure: systemd starts vshmd again
+        // with the stored sockets, whose files must still lead to them.
+        if self.fdstore.is_some() && !self.asked_to_stop {
+            self.keep_files();
+        }
         if !self.keep_files {
             remove_if_same(&self.config.control, self.control_id);
             remove_if_same(

@@ -77,6 +77,79 @@ pub enum RegionsError {
     /// Waiting for signals failed.
     #[error("cannot wait for signals: {0}")]
     Signals(io::Error),
+    /// `--fd-store` without systemd, or the store or journal failed.
+    #[error("region {region}: {source}")]
+    FdStore {
+        /// The region's name ("-" before any).
+        region: String,
+        /// Cause.
+        source: crate::fdstore::FdStoreError,
+    },
+    /// `--fd-store` needs a service manager to keep the fds.
+    #[error("--fd-store: $NOTIFY_SOCKET is not set; run vshmd under systemd with FileDescriptorStoreMax= (packaging/systemd/vshmd@.service)")]
+    NoServiceManager,
+}
+
+/// One region started with `--fd-store`: fresh, or recovered from the store after a crash.
+pub type KeptRegion = (Daemon, Option<TakenOver>);
+
+/// Starts every region kept in systemd's fd store (`vshmd --fd-store`, `crate::fdstore`):
+/// a region whose journal systemd passed back is recovered from it (its VMs stay
+/// attached), any other is created afresh and stored. All or nothing, as [`start`]; the
+/// socket files of regions recovered before a failure stay (their fds are still stored).
+pub fn start_kept(
+    configs: Vec<Config>,
+    mut listen: crate::fdstore::ListenFds,
+) -> Result<Vec<KeptRegion>, RegionsError> {
+    use crate::fdstore::{self, FdStore};
+    let notifier = crate::notify::notifier().ok_or(RegionsError::NoServiceManager)?;
+    let mut started: Vec<KeptRegion> = Vec::with_capacity(configs.len());
+    let fail = |started: &mut Vec<KeptRegion>, e: RegionsError| {
+        while let Some((mut d, _)) = started.pop() {
+            d.keep_files();
+        }
+        e
+    };
+    for config in configs {
+        let region = config.name.clone();
+        let store_err = |source| RegionsError::FdStore {
+            region: region.clone(),
+            source,
+        };
+        let found = match fdstore::recover(notifier, &region, &mut listen) {
+            Ok(f) => f,
+            Err(e) => return Err(fail(&mut started, store_err(e))),
+        };
+        let kept = match found {
+            Some(found) => Daemon::recover(config, found).map(|(d, t)| (d, Some(t))),
+            None => Daemon::new(config).map(|d| (d, None)),
+        };
+        let (mut daemon, taken) = match kept {
+            Ok(k) => k,
+            Err(source) => {
+                return Err(fail(
+                    &mut started,
+                    RegionsError::Start {
+                        region: region.clone(),
+                        source,
+                    },
+                ))
+            }
+        };
+        if taken.is_none() {
+            let stored =
+                FdStore::new(notifier, &region).and_then(|store| daemon.keep_in_fd_store(store));
+            if let Err(e) = stored {
+                return Err(fail(&mut started, store_err(e)));
+            }
+        }
+        started.push((daemon, taken));
+    }
+    let rest = listen.discard_rest(Some(notifier));
+    if !rest.is_empty() {
+        tracing::warn!(names = ?rest, "stored fds of regions no longer configured: closed");
+    }
+    Ok(started)
 }
 
 /// SIGINT, SIGTERM and SIGHUP, blocked in this thread and readable from one fd.
@@ -150,7 +223,7 @@ pub fn take_over(configs: Vec<Config>) -> Result<TakenRegions, RegionsError> {
         let region = daemon.name().to_string();
         match crate::handoff::commit(&stream) {
             Ok(()) => {
-                daemon.took_over(&t);
+                daemon.took_over(&t, "takeover");
                 taken.push((daemon, t));
             }
             Err(source) if taken.is_empty() => {

@@ -26,6 +26,7 @@ use super::{
     monitor, raise_fd_limit, Config, Daemon, DaemonError, Fence, Listener, SWEEP_INTERVAL,
 };
 use crate::arbiter::{Arbiter, ArbiterSnapshot, SnapshotError};
+use crate::fdstore;
 use crate::handoff::{self, FdTable, HandoffError};
 use crate::region::Region;
 use crate::server::{peer_credentials, Server, ServerSnapshot, SocketId};
@@ -277,7 +278,7 @@ impl Daemon {
 
     /// Everything that must survive, fds added to `fds`.
     fn state(&self, fds: &mut FdTable) -> DaemonState {
-        let memfd = fds.add(&self.memfd);
+        let memfd = fds.add(&self.memfd, || "memfd".into());
         let (listener, server) = self.server.snapshot(fds);
         DaemonState {
             shape: Shape::of(&self.config),
@@ -291,14 +292,17 @@ impl Daemon {
                 .iter()
                 .map(|l| ListenerState {
                     name: l.name.clone(),
-                    fd: fds.add(&l.listener),
+                    fd: fds.add(&l.listener, || format!("listen.{}", l.name)),
                     id: l.id,
                 })
                 .collect(),
-            control: fds.add(&self.control),
+            control: fds.add(&self.control, || "control".into()),
             control_id: self.control_id,
-            metrics: self.metrics.as_ref().map(|m| fds.add(m)),
-            handoff: fds.add(&self.handoff),
+            metrics: self
+                .metrics
+                .as_ref()
+                .map(|m| fds.add(m, || "metrics".into())),
+            handoff: fds.add(&self.handoff, || "handoff".into()),
             handoff_id: self.handoff_id,
             fences: self
                 .fences
@@ -307,14 +311,51 @@ impl Daemon {
                     pid: f.pid,
                     slot: f.slot.raw(),
                     id: f.id.raw(),
-                    pidfd: f.pidfd.as_ref().map(|p| fds.add(p)),
+                    pidfd: f.pidfd.as_ref().map(|p| {
+                        fds.add(p, || {
+                            format!("fence.{}.{}.{}", f.slot.raw(), f.id.raw(), f.pid)
+                        })
+                    }),
                 })
                 .collect(),
         }
     }
 
+    /// Keeps this region in systemd's fd store from now on (`vshmd --fd-store`): stores
+    /// its fds and writes the first journal at once.
+    pub fn keep_in_fd_store(
+        &mut self,
+        store: fdstore::FdStore,
+    ) -> Result<(), fdstore::FdStoreError> {
+        self.fdstore = Some(store);
+        self.server.hold_new_output(true);
+        self.try_journal()
+    }
+
+    /// Writes the journal (and stores new fds) if the region is kept in the fd store. A
+    /// failure is logged: the region serves on, but a crash now would lose more.
+    pub(super) fn journal(&mut self) {
+        if self.fdstore.is_none() || self.handed_off {
+            return;
+        }
+        if let Err(e) = self.try_journal() {
+            tracing::warn!("cannot keep the region in systemd's fd store: {e}");
+        }
+    }
+
+    fn try_journal(&mut self) -> Result<(), fdstore::FdStoreError> {
+        let mut fds = FdTable::default();
+        let state = self.state(&mut fds);
+        let json = serde_json::to_vec(&state)
+            .map_err(|e| fdstore::FdStoreError::Write(io::Error::other(e)))?;
+        match self.fdstore.as_mut() {
+            Some(store) => store.record(&fds, &json),
+            None => Ok(()),
+        }
+    }
+
     /// Leaves every socket file in place when dropped.
-    fn keep_files(&mut self) {
+    pub(super) fn keep_files(&mut self) {
         self.keep_files = true;
         self.server.keep_socket_file();
         for l in &mut self.listeners {
@@ -340,9 +381,61 @@ impl Daemon {
                 return Err(TakeoverError::from(HandoffError::Refused(why)).into())
             }
         };
+        let (daemon, taken) = Daemon::rebuild(config, state, &mut fds)?;
+        Ok((daemon, stream, taken))
+    }
+
+    /// Rebuilds the region a crashed vshmd left in systemd's fd store (`crate::fdstore`):
+    /// the journal's state and the fds passed back, checked like a handover; then what the
+    /// published header shows beyond the journal is reconciled, and this process owns the
+    /// region at once (a new `backend_epoch`, a heal).
+    pub fn recover(
+        config: Config,
+        mut found: fdstore::Recovered,
+    ) -> Result<(Daemon, TakenOver), DaemonError> {
+        config.layout(4096)?;
+        raise_fd_limit();
+        let state: DaemonState = serde_json::from_slice(&found.state)
+            .map_err(|e| TakeoverError::from(HandoffError::from(e)))?;
+        let (mut daemon, taken) = Daemon::rebuild(config, state, &mut found.fds)?;
+        let ahead = daemon.arbiter.adopt_ahead();
+        if !found.missing.is_empty() {
+            tracing::info!(
+                count = found.missing.len(),
+                "stored fds systemd no longer had (hung-up clients): their peers are reclaimed"
+            );
+        }
+        if !found.unnamed.is_empty() {
+            tracing::warn!(
+                names = ?found.unnamed,
+                "fds stored after the last journal write (connections in progress): closed"
+            );
+        }
+        daemon.fdstore = Some(found.store);
+        daemon.server.hold_new_output(true);
+        daemon.took_over(&taken, "recovered");
+        tracing::info!(
+            journal = found.seq,
+            peers = taken.peers,
+            adopted = ahead.adopted,
+            unlinked = ahead.unlinked,
+            grown = ahead.grown,
+            answered = ahead.answered,
+            "recovered the region from systemd's fd store"
+        );
+        Ok((daemon, taken))
+    }
+
+    /// A [`Daemon`] from a handed-over or journaled state and its fds, checked against
+    /// `config` and the published header.
+    fn rebuild(
+        config: Config,
+        state: DaemonState,
+        fds: &mut handoff::Received,
+    ) -> Result<(Daemon, TakenOver), DaemonError> {
         state.shape.compare(&Shape::of(&config))?;
         let take = |fds: &mut handoff::Received, i| fds.take(i).map_err(TakeoverError::from);
-        let memfd = File::from(take(&mut fds, state.memfd)?);
+        let memfd = File::from(take(fds, state.memfd)?);
         let region = Region::adopt(
             memfd.try_clone()?,
             config.size,
@@ -354,14 +447,14 @@ impl Daemon {
         let (arbiter, check) =
             Arbiter::from_snapshot(region, layout, state.arbiter, &|id| policy.resolve(id))
                 .map_err(TakeoverError::from)?;
-        let listener = UnixListener::from(take(&mut fds, state.listener)?);
+        let listener = UnixListener::from(take(fds, state.listener)?);
         let server = Server::from_snapshot(
             listener,
             &config.socket,
             config.vectors,
             config.max_peers,
             state.server,
-            &mut fds,
+            fds,
         )
         .map_err(TakeoverError::from)?;
         let mut listeners = Vec::new();
@@ -377,28 +470,26 @@ impl Daemon {
             listeners.push(Listener {
                 name: l.name.clone(),
                 path: l.path.clone(),
-                listener: UnixListener::from(take(&mut fds, s.fd)?),
+                listener: UnixListener::from(take(fds, s.fd)?),
                 id: s.id,
                 paused: false,
                 keep_file: true,
             });
         }
-        let control = UnixListener::from(take(&mut fds, state.control)?);
+        let control = UnixListener::from(take(fds, state.control)?);
         let metrics = match state.metrics {
-            Some(i) => Some(TcpListener::from(take(&mut fds, i)?)),
+            Some(i) => Some(TcpListener::from(take(fds, i)?)),
             None => None,
         };
-        let handoff = UnixListener::from(take(&mut fds, state.handoff)?);
+        let handoff = UnixListener::from(take(fds, state.handoff)?);
         let mut fences = Vec::new();
         for f in state.fences {
             fences.push(Fence {
                 pid: f.pid,
                 slot: PeerSlot(f.slot),
                 id: PeerId(f.id),
-                pidfd: match f.pidfd {
-                    Some(i) => Some(take(&mut fds, i)?),
-                    None => None,
-                },
+                // One systemd dropped (the process exited): /proc is polled instead.
+                pidfd: f.pidfd.and_then(|i| fds.take(i).ok()),
             });
         }
         let mut timer = TimerFd::new().map_err(io::Error::from)?;
@@ -437,14 +528,16 @@ impl Daemon {
             stop: false,
             keep_files: true,
             handed_off: false,
+            fdstore: None,
+            asked_to_stop: false,
         };
-        Ok((daemon, stream, taken))
+        Ok((daemon, taken))
     }
 
     /// The old process let go: this one owns the region and its socket files now. Moves
     /// `backend_epoch` on (FORMAT.md §3), publishes this configuration's quarantine time,
     /// and heals what differed from the records.
-    pub fn took_over(&mut self, taken: &TakenOver) {
+    pub fn took_over(&mut self, taken: &TakenOver, how: &'static str) {
         self.keep_files = false;
         self.server.own_socket_file();
         for l in &mut self.listeners {
@@ -457,9 +550,10 @@ impl Daemon {
             from = taken.from_pid,
             peers = taken.peers,
             epoch,
+            how,
             "took the region over"
         );
-        self.arbiter.emit(Event::now("takeover").detail(format!(
+        self.arbiter.emit(Event::now(how).detail(format!(
             "from pid {}, {} peer(s); backend_epoch {epoch:#x}",
             taken.from_pid, taken.peers
         )));

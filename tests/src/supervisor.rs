@@ -1,0 +1,277 @@
+//! The part of systemd a crash restart needs, played by the test (PID 1 here is not
+//! systemd): the `$NOTIFY_SOCKET` datagram socket with its fd store — `FDSTORE=1` keeps the
+//! fds a message carries under its `FDNAME=`, `FDSTOREREMOVE=1` drops a name, a stored fd
+//! that hangs up (POLLHUP/POLLERR) is dropped as systemd drops it — and a restart that
+//! passes the stored fds back at 3.. with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID`,
+//! as systemd does for `Restart=on-failure` with `FileDescriptorStoreMax=`.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use vshm::host::HostTransport;
+use vshm::Namespace;
+use vshm_control::{request, ControlRequest};
+
+use crate::{bin, command, wait_for, TempDir};
+
+/// What the fake systemd holds for the service.
+#[derive(Debug, Default)]
+struct Held {
+    /// Stored fds by name, in the order they came.
+    store: Vec<(String, OwnedFd)>,
+    /// READY=1 messages seen.
+    ready: u32,
+    /// Every message, for failure reports.
+    log: Vec<String>,
+}
+
+/// vshmd run with `--fd-store` under a fake systemd.
+#[derive(Debug)]
+pub struct Supervised {
+    child: Child,
+    held: Arc<Mutex<Held>>,
+    notify: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    /// Its ivshmem socket.
+    pub socket: PathBuf,
+    /// Its control socket.
+    pub control: PathBuf,
+    dir: TempDir,
+}
+
+fn receive(socket: UnixDatagram, held: Arc<Mutex<Held>>) {
+    loop {
+        let mut buf = [0u8; 4096];
+        let mut fds = [-1; 16];
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec points at `buf`, live and of its stated length; `fds` has room
+        // for 16 fds and recv_with_fds writes only there.
+        let Ok((n, got)) = (unsafe { socket.recv_with_fds(&mut iov, &mut fds) }) else {
+            return;
+        };
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let received: Vec<OwnedFd> = fds[..got]
+            .iter()
+            // SAFETY: the kernel just installed these fds for this process.
+            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        let lines: Vec<&str> = text.lines().collect();
+        let name = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("FDNAME="))
+            .unwrap_or("stored")
+            .to_owned();
+        let Ok(mut h) = held.lock() else { return };
+        if lines.contains(&"FDSTORE=1") {
+            for fd in received {
+                h.store.push((name.clone(), fd));
+            }
+        } else if lines.contains(&"FDSTOREREMOVE=1") {
+            h.store.retain(|(n, _)| *n != name);
+        }
+        if lines.contains(&"READY=1") {
+            h.ready += 1;
+        }
+        h.log.push(text);
+    }
+}
+
+impl Supervised {
+    /// Starts `vshmd --fd-store --socket <dir>/vshm.sock extra…` and waits for READY=1.
+    pub fn start(extra: &[&str]) -> Supervised {
+        let dir = TempDir::new("supervised");
+        let socket = dir.path().join("vshm.sock");
+        let notify = dir.path().join("notify");
+        let listener = UnixDatagram::bind(&notify).expect("bind the notify socket");
+        let held = Arc::new(Mutex::new(Held::default()));
+        let h = Arc::clone(&held);
+        std::thread::spawn(move || receive(listener, h));
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--fd-store".into(),
+            "--socket".into(),
+            socket.clone().into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        let child = Self::spawn(&args, &notify, Vec::new());
+        let control = dir.path().join("vshm.sock.ctl");
+        let mut s = Supervised {
+            child,
+            held,
+            notify,
+            args,
+            socket,
+            control,
+            dir,
+        };
+        s.await_ready(1);
+        s
+    }
+
+    fn spawn(
+        args: &[std::ffi::OsString],
+        notify: &PathBuf,
+        passed: Vec<(String, OwnedFd)>,
+    ) -> Child {
+        let names: Vec<&str> = passed.iter().map(|(n, _)| n.as_str()).collect();
+        let mut c = command(&PathBuf::from("/bin/sh"));
+        // LISTEN_PID must be vshmd's own pid: the shell's, which exec keeps.
+        c.arg("-c")
+            .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+            .arg(bin("vshmd"))
+            .args(args)
+            .env("NOTIFY_SOCKET", notify)
+            .env(
+                "RUST_LOG",
+                std::env::var("VSHM_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if passed.is_empty() {
+            c.env_remove("LISTEN_FDS").env_remove("LISTEN_FDNAMES");
+        } else {
+            c.env("LISTEN_FDS", passed.len().to_string())
+                .env("LISTEN_FDNAMES", names.join(":"));
+        }
+        let raw: Vec<i32> = passed.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+        let count = i32::try_from(raw.len()).expect("fd count");
+        // Above every source and every target, so the first pass clobbers nothing.
+        let high = raw.iter().copied().max().unwrap_or(0).max(3 + count) + 1;
+        // SAFETY: runs in the forked child before exec and calls only fcntl and dup2,
+        // which are async-signal-safe, on fds this process owns; `raw` was allocated
+        // before the fork and is only read.
+        unsafe {
+            c.pre_exec(move || {
+                // First every fd out of the way of 3..3+count, then each into place: one
+                // loop doing both would overwrite a source that sits at a lower target.
+                // (dup2 clears close-on-exec on the copy.) No allocation after fork: the
+                // high copies are found again by number (high + i).
+                for (i, &fd) in (0..).zip(raw.iter()) {
+                    if libc::dup2(fd, high + i) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for i in 0..count {
+                    if libc::dup2(high + i, 3 + i) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(high + i);
+                }
+                Ok(())
+            });
+        }
+        let child = c.spawn().expect("spawn vshmd");
+        drop(passed);
+        child
+    }
+
+    fn await_ready(&mut self, count: u32) {
+        let mut exited = None;
+        let up = wait_for(Duration::from_secs(20), || {
+            exited = self.child.try_wait().ok().flatten();
+            exited.is_some() || self.held.lock().is_ok_and(|h| h.ready >= count)
+        });
+        let log = self
+            .held
+            .lock()
+            .map(|h| h.log.join(" | "))
+            .unwrap_or_default();
+        assert!(
+            exited.is_none(),
+            "vshmd exited at start: {exited:?}; notifications: {log}"
+        );
+        assert!(up, "no READY=1 within 20 s; notifications: {log}");
+    }
+
+    /// Kills vshmd with SIGKILL and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts vshmd again as systemd would after a crash: the stored fds (minus those that
+    /// hung up) passed back, then waits for READY=1.
+    pub fn restart(&mut self) {
+        let passed: Vec<(String, OwnedFd)> = {
+            let mut h = self.held.lock().expect("held");
+            let store = std::mem::take(&mut h.store);
+            let mut keep = Vec::new();
+            for (name, fd) in store {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: 0,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd for an fd we own; zero timeout.
+                unsafe { libc::poll(&mut p, 1, 0) };
+                if p.revents & (libc::POLLHUP | libc::POLLERR) == 0 {
+                    keep.push((name, fd));
+                }
+            }
+            // systemd keeps its store across the restart: so do we (our copies).
+            for (name, fd) in &keep {
+                h.store.push((name.clone(), fd.try_clone().expect("dup")));
+            }
+            keep
+        };
+        let ready_before = self.held.lock().map(|h| h.ready).unwrap_or(0);
+        self.child = Self::spawn(&self.args, &self.notify, passed);
+        self.await_ready(ready_before + 1);
+        // The store the new vshmd sent is authoritative from here: its removals counted.
+    }
+
+    /// Names of the fds in the store now.
+    pub fn stored(&self) -> Vec<String> {
+        self.held
+            .lock()
+            .map(|h| h.store.iter().map(|(n, _)| n.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Stored names and how many fds each.
+    pub fn stored_counts(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for n in self.stored() {
+            *m.entry(n).or_default() += 1;
+        }
+        m
+    }
+
+    /// vshmd's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `vshmctl status` as JSON.
+    pub fn status(&self) -> Value {
+        request(&self.control, &ControlRequest::Status).expect("vshmctl status")
+    }
+
+    /// An in-process peer.
+    pub fn connect(&self) -> Namespace<HostTransport> {
+        let t = HostTransport::connect(&self.socket).expect("connect to vshmd");
+        Namespace::attach(t).expect("attach")
+    }
+
+    /// Its temp dir.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
