@@ -444,12 +444,17 @@ pub fn stderr(o: &Output) -> String {
 /// Boots one guest per name, attached to `b`, concurrently (all started from the calling
 /// thread: QEMU dies with the thread that started it), and waits until each agent answers.
 pub fn boot_guests(b: &Backend, names: &[&str]) -> Vec<vshm_images::Vm> {
+    boot_guests_on(&b.socket, b.dir(), names)
+}
+
+/// [`boot_guests`] attached to the vshmd serving `socket`, logs and disks in `dir`.
+pub fn boot_guests_on(socket: &Path, dir: &Path, names: &[&str]) -> Vec<vshm_images::Vm> {
     const BOOT: Duration = Duration::from_secs(180);
     let image = guest_image();
     let starting: Vec<_> = names
         .iter()
         .map(|n| {
-            let cfg = vshm_images::VmConfig::new(n, &image, &b.socket, b.dir());
+            let cfg = vshm_images::VmConfig::new(n, &image, socket, dir);
             vshm_images::Vm::start(&cfg).unwrap_or_else(|e| panic!("{e}"))
         })
         .collect();

@@ -253,3 +253,44 @@ fn a_guest_attached_before_a_takeover_reads_its_data_and_creates_through_the_new
             .is_none()));
     });
 }
+
+#[test]
+fn a_guest_attached_before_vshmd_is_killed_reads_its_data_and_creates_through_the_restarted_one() {
+    use vshm_tests::supervisor::Supervised;
+    watchdog(Duration::from_secs(300), || {
+        let mut s = Supervised::start(&["--size", "16M"]);
+        let mut vms = vshm_tests::boot_guests_on(&s.socket, s.dir(), &["gk"]);
+        let mut g = vms.pop().expect("gk");
+        guest_ok(&mut g, "vshm create kept --max 64K --persistent");
+        guest_ok(&mut g, "vshm write kept --offset 8 --data BEFORE-THE-CRASH");
+        let id = guest_peer_id(&mut g);
+
+        s.kill9();
+        s.restart();
+
+        let connected = s.status()["peers"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["id"] == id && p["connected"] == true));
+        assert!(connected, "the guest is still a peer: {}", s.status());
+        assert_eq!(
+            guest_ok(&mut g, "vshm read kept --offset 8 --len 16"),
+            "BEFORE-THE-CRASH"
+        );
+        guest_ok(&mut g, "vshm create after --max 64K --persistent");
+        // A host peer that arrives after the restart shares it with the guest.
+        let h = s.connect();
+        let sec = h
+            .open("after")
+            .expect("created through the restarted vshmd");
+        sec.write_at(0, b"FROM-THE-HOST").expect("write");
+        assert_eq!(
+            guest_ok(&mut g, "vshm read after --offset 0 --len 13"),
+            "FROM-THE-HOST"
+        );
+        sec.close().expect("close");
+        guest_ok(&mut g, "vshm delete after");
+        assert!(wait_for(Duration::from_secs(5), || h
+            .open("after")
+            .is_err()));
+    });
+}
