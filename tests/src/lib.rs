@@ -152,11 +152,48 @@ impl Backend {
         Backend::spawn(dir, socket, &args, &[])
     }
 
+    /// [`Backend::start_with_config`] (no extra arguments), also returning the banner
+    /// vshmd printed on stdout once it served: the QEMU arguments and the libvirt
+    /// `<shmem>` element that attach a VM, as an operator sees them.
+    pub fn start_with_config_banner(toml: &str) -> (Backend, String) {
+        use std::io::BufRead;
+        let dir = TempDir::new("vshmd");
+        let file = write_config(&dir, toml);
+        let socket = dir.path().join("vshm.sock");
+        let args: Vec<std::ffi::OsString> = vec!["--config".into(), file.into()];
+        let mut b = Backend::spawn_with_stdout(dir, socket, &args, &[], Stdio::piped());
+        let out = b.child.stdout.take().expect("vshmd's stdout");
+        let mut lines = std::io::BufReader::new(out);
+        let mut banner = String::new();
+        // The banner ends with the libvirt element (vshmd prints it all at once).
+        while !banner.contains("</shmem>") {
+            let n = lines.read_line(&mut banner).expect("read vshmd's stdout");
+            assert!(
+                n > 0,
+                "vshmd closed stdout before its banner ended:\n{banner}"
+            );
+        }
+        // Whatever else it prints goes nowhere, as with the other backends; reading it keeps
+        // a full pipe from blocking vshmd.
+        std::thread::spawn(move || std::io::copy(&mut lines, &mut std::io::sink()));
+        (b, banner)
+    }
+
     fn spawn(
         dir: TempDir,
         socket: PathBuf,
         args: &[std::ffi::OsString],
         env: &[(&str, &str)],
+    ) -> Backend {
+        Backend::spawn_with_stdout(dir, socket, args, env, Stdio::null())
+    }
+
+    fn spawn_with_stdout(
+        dir: TempDir,
+        socket: PathBuf,
+        args: &[std::ffi::OsString],
+        env: &[(&str, &str)],
+        stdout: Stdio,
     ) -> Backend {
         let control = dir.path().join("vshm.sock.ctl");
         let child = command(&bin("vshmd"))
@@ -166,7 +203,7 @@ impl Backend {
                 "RUST_LOG",
                 std::env::var("VSHM_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn vshmd");
