@@ -10,6 +10,7 @@ use crate::util::{cargo, describe, run_checked, step, Result};
 /// A program we run, how to check it works, and the Debian package that provides it.
 #[derive(Debug)]
 struct Tool {
+    /// A program on PATH, or the absolute path of a file that must exist (a library).
     program: &'static str,
     /// Arguments for a harmless run that exits 0 when the tool works.
     probe: &'static [&'static str],
@@ -37,6 +38,18 @@ const APT_TOOLS: &[Tool] = &[
         probe: &["--version"],
         package: "systemd",
         why: "`systemd-analyze verify` checks vshmd@.service (PID 1 need not be systemd)",
+    },
+    Tool {
+        program: "virsh",
+        probe: &["--version"],
+        package: "libvirt-clients",
+        why: "a libvirt domain attaches in the tests (tests/tests/libvirt.rs)",
+    },
+    Tool {
+        program: "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so",
+        probe: &[],
+        package: "libvirt-daemon-driver-qemu",
+        why: "libvirt's QEMU driver, which virsh loads for `qemu:///embed` (no libvirtd)",
     },
     // (and keep PACKAGES in .ci/run in step)
 ];
@@ -111,6 +124,9 @@ fn check_cargo() -> Result<()> {
 }
 
 fn works(tool: &Tool) -> bool {
+    if tool.program.starts_with('/') && tool.probe.is_empty() {
+        return std::path::Path::new(tool.program).exists();
+    }
     Command::new(tool.program)
         .args(tool.probe)
         .stdin(Stdio::null())
