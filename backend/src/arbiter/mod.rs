@@ -14,7 +14,7 @@
 //! back what a peer scribbled over the host-written parts of the header, and `access.rs`,
 //! which asks each peer's policy (`crate::policy`) before a request acts.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,6 +36,7 @@ mod events;
 mod fence;
 mod heal;
 mod peers;
+mod proxy;
 mod quarantine;
 mod reclaim;
 mod recover;
@@ -50,6 +51,8 @@ mod tests_access;
 #[cfg(test)]
 mod tests_heal;
 #[cfg(test)]
+mod tests_proxy;
+#[cfg(test)]
 mod tests_quarantine;
 #[cfg(test)]
 mod tests_snapshot;
@@ -60,6 +63,7 @@ mod tests_sync_attacks;
 
 pub use heal::HealReport;
 pub use peers::ConnectError;
+pub use proxy::ProxyHold;
 pub use quarantine::{DEFAULT_CLAIM_TIMEOUT, DEFAULT_QUARANTINE};
 pub use reclaim::Reclaim;
 pub use recover::Ahead;
@@ -251,6 +255,9 @@ pub struct Arbiter<M: Backing> {
     denial: Option<String>,
     /// Destroyed memory waiting for acknowledgements, and the revocation counter.
     quarantine: quarantine::QuarantineState,
+    /// Peers vshmd stands in for (vhost-user VMs) and the holds it keeps for them, in
+    /// private memory instead of their refcount rows (`proxy.rs`).
+    proxies: BTreeMap<PeerSlot, proxy::Holds>,
 }
 
 impl<M: Backing> Arbiter<M> {
@@ -296,6 +303,7 @@ impl<M: Backing> Arbiter<M> {
             rates: RateLimiter::default(),
             denial: None,
             quarantine,
+            proxies: BTreeMap::new(),
         })
     }
 
@@ -361,6 +369,11 @@ impl<M: Backing> Arbiter<M> {
     /// the lock owner (FORMAT.md §6), and the owner's handle exists only once it unlocks at 1.
     /// Use [`Arbiter::cell_lock_owner`] to tell a locked cell from an unheld one.
     fn cell_count(&self, peer: PeerSlot, obj: ObjectSlot) -> u32 {
+        // A proxy's holds are the ones vshmd keeps for it; its row in the region is unused
+        // (and whatever a scribbler writes there counts for nothing).
+        if let Some(holds) = self.proxies.get(&peer) {
+            return self.proxy_count(holds, obj);
+        }
         self.cell_word(peer, obj)
             .and_then(refcell::count)
             .unwrap_or(0)

@@ -134,7 +134,8 @@ impl<M: Backing> Arbiter<M> {
 
     /// Puts a destroyed range in quarantine (or, with nobody to wait for, straight back).
     pub(super) fn quarantine_range(&mut self, offset: RegionOffset, len: u64) {
-        let waiting = self.connected_mask();
+        // vshmd keeps its proxies' holds itself: a destroy never takes one from them.
+        let waiting = self.connected_mask() & !self.proxy_mask();
         // No one to wait for, or an operator who turned the quarantine off.
         if waiting == 0 || self.quarantine.timeout.is_zero() {
             self.heap.release(offset, len);

@@ -104,7 +104,12 @@ impl<M: Backing> Arbiter<M> {
         mailbox::respond(&self.mem, &self.layout, s, seq, &resp).is_ok()
     }
 
-    fn execute(&mut self, peer_id: PeerId, peer: PeerSlot, cmd: Command<'_>) -> Response {
+    pub(super) fn execute(
+        &mut self,
+        peer_id: PeerId,
+        peer: PeerSlot,
+        cmd: Command<'_>,
+    ) -> Response {
         let result = match cmd {
             Command::Create {
                 name,

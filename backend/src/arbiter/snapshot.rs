@@ -108,6 +108,9 @@ pub struct QuarantinedSnapshot {
     age_ms: u64,
 }
 
+/// A proxied peer's holds: (peer slot, [(object slot, generation, handles)]).
+type ProxySnapshot = (u32, Vec<(u32, u64, u32)>);
+
 /// Everything the arbiter knows that is not in the region.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ArbiterSnapshot {
@@ -135,6 +138,9 @@ pub struct ArbiterSnapshot {
     claim_timeout_ms: u64,
     /// Per peer slot: the `revoked_handles` count already reported.
     revoked_reported: Vec<u64>,
+    /// Proxied peers' holds.
+    #[serde(default)]
+    proxies: Vec<ProxySnapshot>,
 }
 
 /// Why a snapshot cannot become an arbiter for this region.
@@ -310,6 +316,14 @@ impl<M: Backing> Arbiter<M> {
             claim_timeout_ms: u64::try_from(self.quarantine.claim_timeout.as_millis())
                 .unwrap_or(u64::MAX),
             revoked_reported: self.quarantine.reported.clone(),
+            proxies: self
+                .proxies
+                .iter()
+                .map(|(p, h)| {
+                    let holds = h.iter().map(|(o, (g, n))| (o.raw(), g.raw(), *n)).collect();
+                    (p.raw(), holds)
+                })
+                .collect(),
         }
     }
 
@@ -469,6 +483,26 @@ impl<M: Backing> Arbiter<M> {
                 since: ago(q.age_ms),
             })
             .collect();
+        let mut proxies = std::collections::BTreeMap::new();
+        for (p, holds) in &snap.proxies {
+            if *p as usize >= max_peers {
+                return Err(SnapshotError::BadIndex {
+                    what: "proxied peer slot",
+                    index: u64::from(*p),
+                });
+            }
+            let mut h = super::proxy::Holds::new();
+            for &(o, g, n) in holds {
+                if o as usize >= max_objects {
+                    return Err(SnapshotError::BadIndex {
+                        what: "proxied hold's object slot",
+                        index: u64::from(o),
+                    });
+                }
+                h.insert(ObjectSlot(o), (Generation(g), n));
+            }
+            proxies.insert(PeerSlot(*p), h);
+        }
         let mut heal = super::heal::HealState::default();
         heal.raise_namespace_seq(snap.namespace_seq);
         let arbiter = Arbiter {
@@ -499,6 +533,7 @@ impl<M: Backing> Arbiter<M> {
             rates: RateLimiter::default(),
             denial: None,
             quarantine,
+            proxies,
         };
         let check = arbiter.check_header();
         Ok((arbiter, check))
