@@ -16,3 +16,4 @@ pub mod policy;
 pub mod region;
 pub mod server;
 pub mod telemetry;
+pub mod vhost_user;

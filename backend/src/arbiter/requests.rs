@@ -56,8 +56,20 @@ impl<M: Backing> Arbiter<M> {
             return false;
         };
         self.peers[slot].last_seq = seq;
+        let resp = self.answer(peer_id, s, &req);
+        mailbox::respond(&self.mem, &self.layout, s, seq, &resp).is_ok()
+    }
+
+    /// Decodes, admits and executes `req` from `peer_id` in slot `s`, counting and
+    /// reporting it: the response, whichever transport carries it.
+    fn answer(
+        &mut self,
+        peer_id: PeerId,
+        s: PeerSlot,
+        req: &vshm_format::layout::Request,
+    ) -> Response {
         let started = std::time::Instant::now();
-        let resp = match mailbox::decode(&req, &self.layout) {
+        let resp = match mailbox::decode(req, &self.layout) {
             Ok(cmd) => match self.admit(s, req.op) {
                 Ok(()) => self.execute(peer_id, s, cmd),
                 Err(d) => {
@@ -65,7 +77,7 @@ impl<M: Backing> Arbiter<M> {
                     mailbox::status_response(status)
                 }
             },
-            Err(status) => mailbox::decode_failure(&req, &self.layout, status),
+            Err(status) => mailbox::decode_failure(req, &self.layout, status),
         };
         self.counters.requests += 1;
         let refusal = Refusal::from_response(&resp);
@@ -101,7 +113,25 @@ impl<M: Backing> Arbiter<M> {
             "request"
         );
         self.requests.record(req.op, resp.status, started.elapsed());
-        mailbox::respond(&self.mem, &self.layout, s, seq, &resp).is_ok()
+        resp
+    }
+
+    /// A mailbox request (DELETE, GROW, WAKE, LOCK, UNLOCK, CANCEL; CREATE through
+    /// [`Arbiter::proxy_create`]) from a peer vshmd stands in for, carried by its own
+    /// transport (docs/VHOST-USER.md): answered as if it had come through a mailbox.
+    pub fn proxy_request(
+        &mut self,
+        peer_id: PeerId,
+        req: &vshm_format::layout::Request,
+    ) -> Response {
+        match self
+            .slot_of(peer_id)
+            .filter(|s| self.proxies.contains_key(s))
+        {
+            Some(s) if req.op != vshm_format::layout::op::CREATE => self.answer(peer_id, s, req),
+            Some(_) => mailbox::status_response(Status::InvalidParameter),
+            None => mailbox::status_response(Status::InvalidHandle),
+        }
     }
 
     pub(super) fn execute(
