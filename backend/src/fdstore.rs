@@ -48,7 +48,10 @@ pub enum FdStoreError {
     Write(io::Error),
     /// Talking to systemd failed.
     #[error(transparent)]
-    Notify(#[from] NotifyError),
+    Notify(NotifyError),
+    /// The service manager's socket is full (it is not reading now): try again later.
+    #[error("the service manager is not reading its notify socket now")]
+    Busy,
     /// `LISTEN_FDS` or `LISTEN_FDNAMES` do not parse.
     #[error("{var}={value:?}: {why}")]
     ListenFds {
@@ -67,6 +70,23 @@ pub enum FdStoreError {
         /// What the newest one lacked.
         why: String,
     },
+}
+
+/// The prefix of a region's names in the store: `<region>/`. Region names never hold a
+/// `/` (`config`: letters, digits, `-_.`), so no region's prefix is another's (`vm` and
+/// `vm.b` would be with a dot).
+fn region_prefix(region: &str) -> String {
+    format!("{region}/")
+}
+
+impl From<NotifyError> for FdStoreError {
+    fn from(e: NotifyError) -> Self {
+        if e.would_block() {
+            FdStoreError::Busy
+        } else {
+            FdStoreError::Notify(e)
+        }
+    }
 }
 
 /// A name as the store takes it: printable ASCII without `:` (sd_pid_notify_with_fds(3));
@@ -184,7 +204,7 @@ fn read_journal(file: &File) -> Result<Journal, String> {
 #[derive(Debug)]
 pub struct FdStore {
     notifier: &'static Notifier,
-    /// `<region>.`: several regions share one store.
+    /// `<region>/`: several regions share one store.
     prefix: String,
     /// Names (without the prefix) stored and not removed.
     stored: BTreeSet<String>,
@@ -200,7 +220,7 @@ impl FdStore {
         let journals = [memfd("vshm-journal")?, memfd("vshm-journal")?];
         let mut store = FdStore {
             notifier,
-            prefix: format!("{region}."),
+            prefix: region_prefix(region),
             stored: BTreeSet::new(),
             journals,
             next: 0,
@@ -208,7 +228,11 @@ impl FdStore {
         };
         for (i, name) in JOURNALS.iter().enumerate() {
             let fd = store.journals[i].as_raw_fd();
-            store.add(name, fd)?;
+            // A busy service manager: the first record stores them.
+            match store.add(name, fd) {
+                Ok(()) | Err(FdStoreError::Busy) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(store)
     }
@@ -216,29 +240,51 @@ impl FdStore {
     fn add(&mut self, name: &str, fd: std::os::fd::RawFd) -> Result<(), FdStoreError> {
         let full = store_name(&self.prefix, name);
         self.notifier
-            .send_with_fds(&format!("FDSTORE=1\nFDNAME={full}"), &[fd])?;
+            .try_send_with_fds(&format!("FDSTORE=1\nFDNAME={full}"), &[fd])?;
         self.stored.insert(name.to_owned());
         Ok(())
     }
 
     fn remove(&mut self, name: &str) -> Result<(), FdStoreError> {
         let full = store_name(&self.prefix, name);
-        self.stored.remove(name);
         self.notifier
-            .send(&format!("FDSTOREREMOVE=1\nFDNAME={full}"))?;
+            .try_send(&format!("FDSTOREREMOVE=1\nFDNAME={full}"))?;
+        self.stored.remove(name);
         Ok(())
     }
 
     /// Records the region's state: stores the fds in `table` not stored yet, writes the
-    /// journal (naming them), then removes the stored fds it no longer names.
-    pub fn record(&mut self, table: &FdTable, state: &[u8]) -> Result<(), FdStoreError> {
+    /// journal (naming them), then removes the stored fds it no longer names. Returns
+    /// whether every fd is stored: a busy service manager (its socket full) leaves some for
+    /// the next call, and the journal is written all the same — a client whose fds are
+    /// missing at a recovery is cut off, which is right for one that was never told it
+    /// is attached (its handshake waits for `true`).
+    pub fn record(&mut self, table: &FdTable, state: &[u8]) -> Result<bool, FdStoreError> {
+        let mut complete = true;
+        for (i, name) in JOURNALS.iter().enumerate() {
+            if !self.stored.contains(*name) {
+                let fd = self.journals[i].as_raw_fd();
+                match self.add(name, fd) {
+                    Ok(()) => {}
+                    Err(FdStoreError::Busy) => complete = false,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         let new: Vec<(std::os::fd::RawFd, String)> = table
             .named()
             .filter(|(_, n)| !self.stored.contains(*n))
             .map(|(fd, n)| (fd, n.to_owned()))
             .collect();
         for (fd, name) in new {
-            self.add(&name, fd)?;
+            if !complete {
+                break;
+            }
+            match self.add(&name, fd) {
+                Ok(()) => {}
+                Err(FdStoreError::Busy) => complete = false,
+                Err(e) => return Err(e),
+            }
         }
         let names = serde_json::to_vec(table.names())
             .map_err(|e| FdStoreError::Write(io::Error::other(e)))?;
@@ -253,10 +299,14 @@ impl FdStore {
             .filter(|n| !named.contains(n.as_str()) && !JOURNALS.contains(&n.as_str()))
             .cloned()
             .collect();
+        // A removal that must wait is sent after a later journal: the name stays unused.
         for name in gone {
-            self.remove(&name)?;
+            match self.remove(&name) {
+                Ok(()) | Err(FdStoreError::Busy) => {}
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        Ok(complete)
     }
 
     /// How many fds are stored (journals included).
@@ -333,7 +383,7 @@ impl ListenFds {
     /// Takes `region`'s fds out, by their names without the region's prefix (one fd per
     /// name; extra fds under one name are closed and reported).
     fn take_region(&mut self, region: &str) -> BTreeMap<String, OwnedFd> {
-        let prefix = format!("{region}.");
+        let prefix = region_prefix(region);
         let keys: Vec<String> = self
             .fds
             .keys()
@@ -379,8 +429,12 @@ pub struct Recovered {
     pub store: FdStore,
     /// Names the journal has that were not passed back.
     pub missing: Vec<String>,
-    /// Stored fds the journal did not name (stored after its last write): closed.
+    /// Stored fds the journal did not name (stored after its last write): removed from the
+    /// store and closed, except client connections (`reconnect`).
     pub unnamed: Vec<String>,
+    /// Client connections accepted after the journal's last write: their clients were told
+    /// nothing yet (the handshake waits for the journal), so they can be admitted anew.
+    pub reconnect: Vec<OwnedFd>,
     /// The journal's sequence number.
     pub seq: u64,
 }
@@ -404,9 +458,12 @@ pub fn recover(
                 count = fds.len(),
                 "stored fds without a journal: closed"
             );
-            let mut store = FdStore::new(notifier, region)?;
+            // Plain removals: a store made here would store journals of its own under the
+            // names the region's real ones take next.
+            let prefix = region_prefix(region);
             for name in fds.keys() {
-                let _ = store.remove(name);
+                let full = store_name(&prefix, name);
+                let _ = notifier.send(&format!("FDSTOREREMOVE=1\nFDNAME={full}"));
             }
         }
         return Ok(None);
@@ -439,7 +496,7 @@ pub fn recover(
     let (j1, j1_stored) = take()?;
     let mut store = FdStore {
         notifier,
-        prefix: format!("{region}."),
+        prefix: region_prefix(region),
         stored: BTreeSet::new(),
         journals: [j0, j1],
         next: newest ^ 1,
@@ -465,7 +522,14 @@ pub fn recover(
         }
         by_index.push(fd);
     }
-    let unnamed: Vec<String> = fds.into_keys().collect();
+    let mut reconnect = Vec::new();
+    let mut unnamed = Vec::new();
+    for (name, fd) in fds {
+        if name.starts_with("conn.") {
+            reconnect.push(fd);
+        }
+        unnamed.push(name);
+    }
     for name in &unnamed {
         store.remove(name)?;
     }
@@ -475,6 +539,7 @@ pub fn recover(
         store,
         missing,
         unnamed,
+        reconnect,
         seq: journal.seq,
     }))
 }
@@ -508,9 +573,87 @@ mod tests {
         assert!(e.contains("checksum"), "{e}");
     }
 
+    /// Plays systemd's store for a unit test: what the notifier sent, in order (FDSTORE=1
+    /// appends, FDSTOREREMOVE=1 drops every fd of the name).
+    fn drain(socket: &std::os::unix::net::UnixDatagram, store: &mut Vec<(String, OwnedFd)>) {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        socket.set_nonblocking(true).expect("nonblocking");
+        loop {
+            let mut buf = [0u8; 4096];
+            let mut fds = [-1; 8];
+            let mut iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }];
+            // SAFETY: the iovec points at `buf`, live and of its length; `fds` has room.
+            let Ok((n, got)) = (unsafe { socket.recv_with_fds(&mut iov, &mut fds) }) else {
+                return;
+            };
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let name = text
+                .lines()
+                .find_map(|l| l.strip_prefix("FDNAME="))
+                .unwrap_or("stored")
+                .to_owned();
+            // SAFETY: the kernel just installed these fds for this process.
+            let received = fds[..got]
+                .iter()
+                .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) });
+            if text.lines().any(|l| l == "FDSTORE=1") {
+                store.extend(received.map(|fd| (name.clone(), fd)));
+            } else if text.lines().any(|l| l == "FDSTOREREMOVE=1") {
+                store.retain(|(n, _)| *n != name);
+            }
+        }
+    }
+
+    /// Found by an attack: a restart that finds a region's fds in the store but no journal takes the
+    /// `recover` branch that "removes" them through a throw-away `FdStore::new`, which
+    /// stores two fresh, never-written journals under `<region>/journal.0/1`; `start_kept`
+    /// then stores the real ones under the same names. At the next crash `take_region`
+    /// keeps the first fd of each name (the empty ones): no whole journal, vshmd refuses
+    /// to start, systemd restarts it in a loop.
+    #[test]
+    fn stray_fds_without_a_journal_do_not_poison_the_next_recovery() {
+        let dir = std::env::temp_dir().join(format!("vshm-fdstore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("notify");
+        let systemd = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        let notifier: &'static Notifier = Box::leak(Box::new(
+            Notifier::new(path.to_str().expect("utf-8")).expect("notifier"),
+        ));
+        let mut store: Vec<(String, OwnedFd)> = Vec::new();
+        // Start 1: the store holds a stray fd of region r and no journal.
+        let stray = OwnedFd::from(memfd("stray").expect("memfd"));
+        let mut listen = ListenFds::default();
+        listen.fds.insert("r/memfd".into(), vec![stray]);
+        assert!(recover(notifier, "r", &mut listen)
+            .expect("recover")
+            .is_none());
+        // As start_kept goes on: a fresh region, stored with its first journal.
+        let region_memfd = memfd("region").expect("memfd");
+        let mut fresh = FdStore::new(notifier, "r").expect("store");
+        let mut table = FdTable::default();
+        table.add(&region_memfd, || "memfd".into());
+        fresh.record(&table, b"{\"state\":1}").expect("journal");
+        drain(&systemd, &mut store);
+        // Start 2, after a crash: systemd passes back what it holds.
+        let mut again = ListenFds::default();
+        for (name, fd) in store.drain(..) {
+            again.fds.entry(name).or_default().push(fd);
+        }
+        let found = recover(notifier, "r", &mut again);
+        let _ = std::fs::remove_dir_all(&dir);
+        match found {
+            Ok(Some(r)) => assert_eq!(r.state, b"{\"state\":1}".to_vec()),
+            other => panic!("the region's own journal was not found: {other:?}"),
+        }
+    }
+
     #[test]
     fn names_the_store_would_refuse_are_made_plain() {
-        assert_eq!(store_name("r.", "listen.a:b c"), "r.listen.a_b_c");
+        assert_eq!(store_name("r/", "listen.a:b c"), "r/listen.a_b_c");
         assert_eq!(store_name("", &"x".repeat(300)).len(), 255);
     }
 }

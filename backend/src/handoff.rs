@@ -183,15 +183,14 @@ impl Received {
         match self.take(i) {
             Ok(fd) => Ok(UnixStream::from(fd)),
             Err(e) if !self.closed_streams => Err(e),
-            Err(_) => {
-                let (ours, theirs) =
-                    UnixStream::pair().map_err(io_err("making a closed socket"))?;
-                drop(theirs);
-                ours.set_nonblocking(true)
-                    .map_err(io_err("making a closed socket"))?;
-                Ok(ours)
-            }
+            Err(_) => closed_stream(),
         }
+    }
+
+    /// Recovered from systemd's fd store (not handed over): a client whose fds are not all
+    /// there is cut off rather than failing the whole recovery.
+    pub fn is_recovered(&self) -> bool {
+        self.closed_streams
     }
 
     /// Fd `i`, for its one owner.
@@ -238,6 +237,16 @@ impl Received {
     pub fn is_empty(&self) -> bool {
         self.fds.is_empty()
     }
+}
+
+/// A connected socket whose other end is closed: a client that stands for one that is gone
+/// reads the end of stream at once and is reclaimed as any departure.
+pub fn closed_stream() -> Result<UnixStream, HandoffError> {
+    let (ours, theirs) = UnixStream::pair().map_err(io_err("making a closed socket"))?;
+    drop(theirs);
+    ours.set_nonblocking(true)
+        .map_err(io_err("making a closed socket"))?;
+    Ok(ours)
 }
 
 /// Sets the timeouts both sides use on the handoff connection.

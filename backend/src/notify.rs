@@ -8,6 +8,7 @@ use std::os::fd::RawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -36,6 +37,16 @@ pub enum NotifyError {
         source: io::Error,
     },
 }
+
+impl NotifyError {
+    /// The service manager's socket was full (sending would have waited).
+    pub fn would_block(&self) -> bool {
+        matches!(self, NotifyError::Send { source, .. } if source.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Longest [`Notifier::send`] waits for room in the service manager's queue.
+pub const SEND_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Where notifications go: the parsed `$NOTIFY_SOCKET`.
 #[derive(Debug)]
@@ -72,8 +83,22 @@ impl Notifier {
         })
     }
 
-    /// Sends `state` (newline-separated `KEY=VALUE` assignments) in one datagram.
+    /// Sends `state` (newline-separated `KEY=VALUE` assignments) in one datagram, waiting
+    /// up to [`SEND_PATIENCE`] for room in the service manager's queue (READY=1 must not
+    /// be lost to a moment of congestion). For the regions' threads: [`Notifier::try_send`].
     pub fn send(&self, state: &str) -> Result<(), NotifyError> {
+        self.send_datagram(state, Some(SEND_PATIENCE))
+    }
+
+    /// [`Notifier::send`] without waiting: a full queue is an error
+    /// ([`NotifyError::would_block`]). A region's loop never waits for the service manager:
+    /// its socket is shared by every service and it stops reading now and then (a
+    /// daemon-reload).
+    pub fn try_send(&self, state: &str) -> Result<(), NotifyError> {
+        self.send_datagram(state, None)
+    }
+
+    fn send_datagram(&self, state: &str, patience: Option<Duration>) -> Result<(), NotifyError> {
         let failed = |source| NotifyError::Send {
             state: state.to_owned(),
             value: self.value.clone(),
@@ -82,6 +107,10 @@ impl Notifier {
         // A fresh unbound socket per message: notifications are rare, and nothing is left
         // open for the regions' threads to trip over.
         let socket = UnixDatagram::unbound().map_err(failed)?;
+        match patience {
+            Some(d) => socket.set_write_timeout(Some(d)).map_err(failed)?,
+            None => socket.set_nonblocking(true).map_err(failed)?,
+        }
         socket
             .send_to_addr(state.as_bytes(), &self.addr)
             .map_err(failed)?;
@@ -90,14 +119,16 @@ impl Notifier {
 }
 
 impl Notifier {
-    /// Sends `state` with `fds` attached (SCM_RIGHTS), as `FDSTORE=1` needs.
-    pub fn send_with_fds(&self, state: &str, fds: &[RawFd]) -> Result<(), NotifyError> {
+    /// Sends `state` with `fds` attached (SCM_RIGHTS), as `FDSTORE=1` needs, without
+    /// waiting (as [`Notifier::try_send`]).
+    pub fn try_send_with_fds(&self, state: &str, fds: &[RawFd]) -> Result<(), NotifyError> {
         let failed = |source| NotifyError::Send {
             state: state.to_owned(),
             value: self.value.clone(),
             source,
         };
         let socket = UnixDatagram::unbound().map_err(failed)?;
+        socket.set_nonblocking(true).map_err(failed)?;
         socket.connect_addr(&self.addr).map_err(failed)?;
         let sent = socket
             .send_with_fds(&[state.as_bytes()], fds)

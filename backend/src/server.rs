@@ -409,6 +409,8 @@ pub struct Server {
     keep_file: bool,
     /// [`Server::hold_new_output`].
     hold_new_output: bool,
+    /// Output held until [`Server::release_output`].
+    output_held: bool,
 }
 
 /// Most messages a client may have waiting: twice the largest handshake (version, id,
@@ -466,6 +468,7 @@ impl Server {
             queues_changed: false,
             keep_file: false,
             hold_new_output: false,
+            output_held: false,
         })
     }
 
@@ -616,7 +619,9 @@ impl Server {
         for other in over {
             self.cut(other, "its queue of unread messages is full");
         }
-        if !self.hold_new_output {
+        if self.hold_new_output {
+            self.output_held = true;
+        } else {
             self.flush_all();
         }
         Ok(Accepted::Connected(id))
@@ -630,16 +635,29 @@ impl Server {
         }
     }
 
-    /// With `true`, [`Server::admit`] only queues the handshake and the joins; the caller
-    /// writes them ([`Server::flush_all`]) once it has recorded the new client where a crash
-    /// cannot lose it (`crate::fdstore`): a client that has its handshake is attached.
+    /// With `true`, [`Server::admit`] queues the handshake and the joins and holds every
+    /// client's output until [`Server::release_output`]: the caller first records the new
+    /// client where a crash cannot lose it (`crate::fdstore`) — a client that has its
+    /// handshake is attached — and a record that must wait (a busy service manager) holds
+    /// the handshake with it.
     pub fn hold_new_output(&mut self, hold: bool) {
         self.hold_new_output = hold;
+    }
+
+    /// Writes what [`Server::hold_new_output`] held.
+    pub fn release_output(&mut self) {
+        if std::mem::take(&mut self.output_held) {
+            self.queues_changed = true;
+            self.flush_all();
+        }
     }
 
     /// Writes as much of client `id`'s queue as its socket takes. A broken socket is shut
     /// down so the event loop sees the end of stream and drops the client.
     pub fn flush(&mut self, id: PeerId) -> Option<Flushed> {
+        if self.output_held {
+            return Some(Flushed::Pending);
+        }
         let c = self.clients.get_mut(&id)?;
         self.queues_changed = true;
         let done = c.outbox.flush(&mut &c.stream);
@@ -721,8 +739,10 @@ impl Server {
         if !std::mem::take(&mut self.queues_changed) {
             return out; // the doorbell path: nothing was queued or written
         }
+        let held = self.output_held;
         for c in self.clients.values_mut() {
-            let want = c.wants_out();
+            // Held output is not watched for: writability would wake the loop for nothing.
+            let want = c.wants_out() && !held;
             if want != c.watching_out {
                 c.watching_out = want;
                 out.push((c.id, c.stream.as_raw_fd(), want));
@@ -753,6 +773,16 @@ impl Server {
             let _ = fd.write(1);
         }
     }
+}
+
+/// The value of the handshake message that carries the region's memfd (ivshmem: -1).
+const MEMORY_MESSAGE: i64 = -1;
+
+/// Fresh eventfds standing in for ones systemd did not keep (a client cut off at recovery).
+fn stand_ins(n: usize) -> io::Result<Vec<Arc<EventFd>>> {
+    (0..n)
+        .map(|_| EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map(Arc::new))
+        .collect()
 }
 
 /// One client, as plain data with its fds named by index ([`crate::handoff::FdTable`]).
@@ -816,57 +846,61 @@ impl Server {
                 fds.add(&**e, || own_name(*id, v));
             }
         }
-        let clients =
-            self.clients
-                .values()
-                .map(|c| ClientSnapshot {
-                    id: c.id.raw(),
-                    serial: c.serial,
-                    stream: fds.add(&c.stream, || format!("conn.{}", c.serial)),
-                    own: c
-                        .own
-                        .iter()
-                        .enumerate()
-                        .map(|(v, e)| fds.add(&**e, || own_name(c.id, v)))
-                        .collect(),
-                    bells: c
-                        .bells
-                        .iter()
-                        .enumerate()
-                        .map(|(v, e)| fds.add(&**e, || format!("bell.{}.{v}", c.serial)))
-                        .collect(),
-                    pid: c.pid,
-                    uid: c.uid,
-                    gid: c.gid,
-                    pidfd: c
-                        .pidfd
-                        .as_ref()
-                        .map(|p| fds.add(p, || format!("pidfd.{}", c.serial))),
-                    since_ms: c
-                        .since
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
-                    // Messages are numbered from the first ever queued (sent + position):
-                    // the handshake's memfd copy keeps its name while it waits.
-                    outbox: (c.outbox.sent..)
-                        .zip(c.outbox.queue.iter())
-                        .map(|(n, m)| {
-                            let fd = m.fd.as_ref().map(|f| {
-                                fds.add(&f.as_raw_fd(), || format!("msg.{}.{n}", c.serial))
-                            });
-                            (m.value, fd)
-                        })
-                        .collect(),
-                    partial: c.outbox.partial,
-                    sent: c.outbox.sent,
-                    handshake_left_ms: c.handshake_until.map(|d| {
-                        u64::try_from(d.saturating_duration_since(Instant::now()).as_millis())
-                            .unwrap_or(u64::MAX)
-                    }),
-                    handshake_len: c.handshake_len,
-                    known: c.known.iter().map(|p| p.raw()).collect(),
-                })
-                .collect();
+        let clients = self
+            .clients
+            .values()
+            .map(|c| ClientSnapshot {
+                id: c.id.raw(),
+                serial: c.serial,
+                stream: fds.add(&c.stream, || format!("conn.{}", c.serial)),
+                own: c
+                    .own
+                    .iter()
+                    .enumerate()
+                    .map(|(v, e)| fds.add(&**e, || own_name(c.id, v)))
+                    .collect(),
+                bells: c
+                    .bells
+                    .iter()
+                    .enumerate()
+                    .map(|(v, e)| fds.add(&**e, || format!("bell.{}.{v}", c.serial)))
+                    .collect(),
+                pid: c.pid,
+                uid: c.uid,
+                gid: c.gid,
+                pidfd: c
+                    .pidfd
+                    .as_ref()
+                    .map(|p| fds.add(p, || format!("pidfd.{}", c.serial))),
+                since_ms: c
+                    .since
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
+                // Messages are numbered from the first ever queued (sent + position).
+                outbox: (c.outbox.sent..)
+                    .zip(c.outbox.queue.iter())
+                    .map(|(n, m)| {
+                        // The memory message's fd is a copy of the region's memfd: not named
+                        // again (systemd keeps one name per file); the receiver
+                        // attaches its own copy.
+                        let fd = m
+                            .fd
+                            .as_ref()
+                            .filter(|_| m.value != MEMORY_MESSAGE)
+                            .map(|f| fds.add(&f.as_raw_fd(), || format!("msg.{}.{n}", c.serial)));
+                        (m.value, fd)
+                    })
+                    .collect(),
+                partial: c.outbox.partial,
+                sent: c.outbox.sent,
+                handshake_left_ms: c.handshake_until.map(|d| {
+                    u64::try_from(d.saturating_duration_since(Instant::now()).as_millis())
+                        .unwrap_or(u64::MAX)
+                }),
+                handshake_len: c.handshake_len,
+                known: c.known.iter().map(|p| p.raw()).collect(),
+            })
+            .collect();
         let parked = self
             .parked
             .iter()
@@ -903,6 +937,7 @@ impl Server {
         max_peers: u32,
         snap: ServerSnapshot,
         fds: &mut crate::handoff::Received,
+        memfd: &File,
     ) -> Result<Server, crate::handoff::HandoffError> {
         // Eventfds first, so an fd queued in a message is shared with its owner.
         let mut clients = BTreeMap::new();
@@ -913,21 +948,37 @@ impl Server {
             .into_iter()
             .map(|(i, b)| (PeerId(i), b))
             .collect();
+        let mut cut = Vec::new();
         for c in snap.clients {
-            let own = c
-                .own
-                .iter()
-                .map(|&i| fds.eventfd(i))
-                .collect::<Result<Vec<_>, _>>()?;
-            let bells = c
-                .bells
-                .iter()
-                .map(|&i| fds.eventfd(i))
-                .collect::<Result<Vec<_>, _>>()?;
-            let stream = fds.stream(c.stream)?;
+            let id = PeerId(c.id);
+            let eventfds = |fds: &mut crate::handoff::Received, list: &[u32]| {
+                list.iter()
+                    .map(|&i| fds.eventfd(i))
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let (own, bells, stream) = match (eventfds(fds, &c.own), eventfds(fds, &c.bells)) {
+                (Ok(own), Ok(bells)) => (own, bells, fds.stream(c.stream)?),
+                (own, bells) if fds.is_recovered() => {
+                    // systemd did not keep them all (its store was full): this client
+                    // cannot be served as it was; it is cut off and reclaimed.
+                    tracing::warn!(
+                        id = c.id,
+                        "eventfds of a client missing from the fd store: cut off"
+                    );
+                    let io = |source: io::Error| crate::handoff::HandoffError::Io {
+                        step: "making stand-in eventfds",
+                        source,
+                    };
+                    let own = own.or_else(|_| stand_ins(c.own.len())).map_err(io)?;
+                    let bells = bells.or_else(|_| stand_ins(c.bells.len())).map_err(io)?;
+                    drop(fds.take(c.stream));
+                    cut.push(id);
+                    (own, bells, crate::handoff::closed_stream()?)
+                }
+                (Err(e), _) | (_, Err(e)) => return Err(e),
+            };
             // A pidfd systemd did not keep: /proc is polled instead.
             let pidfd = c.pidfd.and_then(|i| fds.take(i).ok());
-            let id = PeerId(c.id);
             let serial = if c.serial == 0 {
                 next_serial += 1;
                 next_serial - 1
@@ -965,11 +1016,26 @@ impl Server {
             );
         }
         let mut parked = BTreeMap::new();
+        let mut fenced_ids: BTreeSet<PeerId> = snap.fenced_ids.into_iter().map(PeerId).collect();
         for (id, own) in snap.parked {
-            let own = own
+            let own = match own
                 .iter()
                 .map(|&i| fds.eventfd(i))
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(own) => own,
+                Err(_) if fds.is_recovered() => {
+                    // Clients that know the id hold its old eventfds: never hand it out
+                    // again with new ones.
+                    tracing::warn!(
+                        id,
+                        "a parked id's eventfds are missing from the fd store: retired"
+                    );
+                    fenced_ids.insert(PeerId(id));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             parked.insert(PeerId(id), own);
             own_birth.entry(PeerId(id)).or_insert_with(|| {
                 next_serial += 1;
@@ -978,12 +1044,44 @@ impl Server {
         }
         for (id, outbox) in pending {
             let mut queue = VecDeque::with_capacity(outbox.len());
+            let mut whole = true;
             for (value, fd) in outbox {
-                let fd = fd.map(|i| fds.attached(i)).transpose()?;
+                let fd = if value == MEMORY_MESSAGE {
+                    let copy =
+                        memfd
+                            .try_clone()
+                            .map_err(|source| crate::handoff::HandoffError::Io {
+                                step: "copying the memfd for a queued handshake",
+                                source,
+                            })?;
+                    Some(Arc::new(copy) as Attached)
+                } else {
+                    match fd.map(|i| fds.attached(i)).transpose() {
+                        Ok(fd) => fd,
+                        Err(_) if fds.is_recovered() => {
+                            whole = false;
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
                 queue.push_back(Message { value, fd });
+            }
+            if !whole && !cut.contains(&id) {
+                tracing::warn!(
+                    id = id.raw(),
+                    "a queued message's fd is missing from the fd store: cut off"
+                );
+                cut.push(id);
             }
             if let Some(c) = clients.get_mut(&id) {
                 c.outbox.queue = queue;
+            }
+        }
+        // A client cut off here reads the end of its stand-in socket at once.
+        for id in &cut {
+            if let Some(c) = clients.get_mut(id) {
+                c.stream = crate::handoff::closed_stream()?;
             }
         }
         Ok(Server {
@@ -998,12 +1096,13 @@ impl Server {
             parked,
             own_birth,
             next_serial,
-            fenced_ids: snap.fenced_ids.into_iter().map(PeerId).collect(),
+            fenced_ids,
             cut_off: snap.cut_off.into_iter().map(PeerId).collect(),
             queue_limit: queue_limit(vectors, max_peers),
             queues_changed: true,
             keep_file: true,
             hold_new_output: false,
+            output_held: false,
         })
     }
 

@@ -31,6 +31,8 @@ struct Held {
     ready: u32,
     /// Every message, for failure reports.
     log: Vec<String>,
+    /// Stop reading the notify socket (a busy service manager).
+    paused: bool,
 }
 
 /// vshmd run with `--fd-store` under a fake systemd.
@@ -47,8 +49,15 @@ pub struct Supervised {
     dir: TempDir,
 }
 
+/// fcntl(2) F_DUPFD_QUERY (Linux 6.10): whether two fds share one open file description.
+const F_DUPFD_QUERY: libc::c_int = 1027;
+
 fn receive(socket: UnixDatagram, held: Arc<Mutex<Held>>) {
     loop {
+        if held.lock().is_ok_and(|h| h.paused) {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
         let mut buf = [0u8; 4096];
         let mut fds = [-1; 16];
         let mut iov = [libc::iovec {
@@ -75,6 +84,16 @@ fn receive(socket: UnixDatagram, held: Arc<Mutex<Held>>) {
         let Ok(mut h) = held.lock() else { return };
         if lines.contains(&"FDSTORE=1") {
             for fd in received {
+                // As systemd does (service_add_fd_store: same_fd, F_DUPFD_QUERY): an fd
+                // that is a dup of one stored already is suppressed, whatever its name.
+                let dup = h.store.iter().any(|(_, s)| {
+                    // SAFETY: fcntl on two fds this process owns, integer arguments.
+                    unsafe { libc::fcntl(s.as_raw_fd(), F_DUPFD_QUERY, fd.as_raw_fd()) == 1 }
+                });
+                if dup {
+                    h.log.push(format!("suppressed duplicate fd {name}"));
+                    continue;
+                }
                 h.store.push((name.clone(), fd));
             }
         } else if lines.contains(&"FDSTOREREMOVE=1") {
@@ -90,18 +109,35 @@ fn receive(socket: UnixDatagram, held: Arc<Mutex<Held>>) {
 impl Supervised {
     /// Starts `vshmd --fd-store --socket <dir>/vshm.sock extra…` and waits for READY=1.
     pub fn start(extra: &[&str]) -> Supervised {
+        Self::start_in(TempDir::new("supervised"), None, extra)
+    }
+
+    /// Starts `vshmd --fd-store --config <dir>/vshm.toml` with `toml` (`{dir}` replaced by
+    /// the temp dir); `socket` and `control` are then those of its first region if it uses
+    /// `{dir}/vshm.sock`.
+    pub fn start_config(toml: &str) -> Supervised {
         let dir = TempDir::new("supervised");
+        let path = dir.path().join("vshm.toml");
+        let text = toml.replace("{dir}", dir.path().to_str().expect("utf-8 dir"));
+        std::fs::write(&path, text).expect("write the config");
+        Self::start_in(dir, Some(path), &[])
+    }
+
+    fn start_in(dir: TempDir, config: Option<PathBuf>, extra: &[&str]) -> Supervised {
         let socket = dir.path().join("vshm.sock");
         let notify = dir.path().join("notify");
         let listener = UnixDatagram::bind(&notify).expect("bind the notify socket");
         let held = Arc::new(Mutex::new(Held::default()));
         let h = Arc::clone(&held);
         std::thread::spawn(move || receive(listener, h));
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "--fd-store".into(),
-            "--socket".into(),
-            socket.clone().into(),
-        ];
+        let mut args: Vec<std::ffi::OsString> = match &config {
+            None => vec![
+                "--fd-store".into(),
+                "--socket".into(),
+                socket.clone().into(),
+            ],
+            Some(c) => vec!["--fd-store".into(), "--config".into(), c.clone().into()],
+        };
         args.extend(extra.iter().map(Into::into));
         let child = Self::spawn(&args, &notify, Vec::new());
         let control = dir.path().join("vshm.sock.ctl");
@@ -128,7 +164,7 @@ impl Supervised {
         // LISTEN_PID must be vshmd's own pid: the shell's, which exec keeps.
         c.arg("-c")
             .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
-            .arg(bin("vshmd"))
+            .arg(std::env::var_os("VSHM_VSHMD").map_or_else(|| bin("vshmd"), PathBuf::from))
             .args(args)
             .env("NOTIFY_SOCKET", notify)
             .env(
@@ -230,6 +266,43 @@ impl Supervised {
         // The store the new vshmd sent is authoritative from here: its removals counted.
     }
 
+    /// As [`Supervised::restart`], but says why vshmd did not come up instead of panicking
+    /// (its exit status and the notifications seen).
+    pub fn try_restart(&mut self) -> Result<(), String> {
+        let passed: Vec<(String, OwnedFd)> = {
+            let mut h = self.held.lock().expect("held");
+            let store = std::mem::take(&mut h.store);
+            let mut keep = Vec::new();
+            for (name, fd) in store {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: 0,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd for an fd we own; zero timeout.
+                unsafe { libc::poll(&mut p, 1, 0) };
+                if p.revents & (libc::POLLHUP | libc::POLLERR) == 0 {
+                    keep.push((name, fd));
+                }
+            }
+            for (name, fd) in &keep {
+                h.store.push((name.clone(), fd.try_clone().expect("dup")));
+            }
+            keep
+        };
+        let ready_before = self.held.lock().map(|h| h.ready).unwrap_or(0);
+        self.child = Self::spawn(&self.args, &self.notify, passed);
+        let mut exited = None;
+        let up = wait_for(Duration::from_secs(20), || {
+            exited = self.child.try_wait().ok().flatten();
+            exited.is_some() || self.held.lock().is_ok_and(|h| h.ready > ready_before)
+        });
+        match (exited, up) {
+            (None, true) => Ok(()),
+            (e, _) => Err(format!("vshmd did not come up (exit: {e:?})")),
+        }
+    }
+
     /// Names of the fds in the store now.
     pub fn stored(&self) -> Vec<String> {
         self.held
@@ -245,6 +318,64 @@ impl Supervised {
             *m.entry(n).or_default() += 1;
         }
         m
+    }
+
+    /// The fd names of the newest whole journal of `region` in the store now (None: none
+    /// whole), read as vshmd reads it (fdstore.rs: header, FNV-1a over names and state).
+    pub fn journal_names(&self, region: &str) -> Option<Vec<String>> {
+        use std::os::unix::fs::FileExt;
+        let h = self.held.lock().ok()?;
+        let mut best: Option<(u64, Vec<String>)> = None;
+        for j in ["journal.0", "journal.1"] {
+            let want = format!("{region}/{j}");
+            let Some((_, fd)) = h.store.iter().find(|(n, _)| *n == want) else {
+                continue;
+            };
+            let f = std::fs::File::from(fd.try_clone().ok()?);
+            let mut hd = [0u8; 64];
+            if f.read_exact_at(&mut hd, 0).is_err() || &hd[..8] != b"VSHMJRNL" {
+                continue;
+            }
+            let word = |at: usize| u64::from_le_bytes(hd[at..at + 8].try_into().unwrap_or([0; 8]));
+            let (seq, sum) = (word(16), word(40));
+            let (Ok(nl), Ok(sl)) = (usize::try_from(word(24)), usize::try_from(word(32))) else {
+                continue;
+            };
+            if seq == 0 || nl > 1 << 30 || sl > 1 << 30 {
+                continue;
+            }
+            let mut body = vec![0u8; nl + sl];
+            if f.read_exact_at(&mut body, 64).is_err() {
+                continue;
+            }
+            let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+            for &b in &body {
+                x ^= u64::from(b);
+                x = x.wrapping_mul(0x0100_0000_01b3);
+            }
+            if x != sum || word(16) != seq {
+                continue;
+            }
+            let Ok(names) = serde_json::from_slice::<Vec<String>>(&body[..nl]) else {
+                continue;
+            };
+            if best.as_ref().is_none_or(|(s, _)| seq > *s) {
+                best = Some((seq, names));
+            }
+        }
+        best.map(|(_, n)| n)
+    }
+
+    /// Stops (true) or resumes reading the notify socket, as a busy PID 1 would.
+    pub fn pause_store(&self, paused: bool) {
+        if let Ok(mut h) = self.held.lock() {
+            h.paused = paused;
+        }
+    }
+
+    /// Every notification seen (and fds suppressed as duplicates).
+    pub fn log(&self) -> Vec<String> {
+        self.held.lock().map(|h| h.log.clone()).unwrap_or_default()
     }
 
     /// vshmd's pid.

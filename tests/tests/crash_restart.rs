@@ -40,7 +40,7 @@ fn host_peers_keep_their_sections_data_and_handles_through_a_kill_9_and_a_restar
         let stored = s.stored();
         for want in ["memfd", "socket", "control", "journal.0", "journal.1"] {
             assert!(
-                stored.iter().any(|n| n.ends_with(&format!(".{want}"))),
+                stored.iter().any(|n| n.ends_with(&format!("/{want}"))),
                 "{want} is not in the fd store: {stored:?}"
             );
         }

@@ -157,6 +157,65 @@ struct PeerRecord {
     denials: u64,
     /// When a denial of its was last logged, and how many since went unlogged.
     denial_log: Option<(std::time::Instant, u64)>,
+    /// Its last request's sequence number and response, kept until the next one: after a
+    /// crash the journal delivers a response the crashed process made durable but may not
+    /// have written (`recover.rs`).
+    reply: Option<(u64, Reply)>,
+}
+
+/// A response as the journal keeps it (the mailbox response's fields that carry anything).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reply {
+    status: u32,
+    slot: u32,
+    generation: u64,
+    offset: u64,
+    size: u64,
+    max_size: u64,
+    reason: u32,
+    os_error: u32,
+    limit: u64,
+    wanted: u64,
+}
+
+impl Reply {
+    fn of(r: &vshm_format::layout::Response) -> Reply {
+        Reply {
+            status: r.status,
+            slot: r.slot,
+            generation: r.generation,
+            offset: r.offset,
+            size: r.size,
+            max_size: r.max_size,
+            reason: r.reason,
+            os_error: r.os_error,
+            limit: r.limit,
+            wanted: r.wanted,
+        }
+    }
+
+    fn response(&self) -> vshm_format::layout::Response {
+        let mut r = vshm_format::mailbox::status_response(vshm_format::Status::Success);
+        r.status = self.status;
+        r.slot = self.slot;
+        r.generation = self.generation;
+        r.offset = self.offset;
+        r.size = self.size;
+        r.max_size = self.max_size;
+        r.reason = self.reason;
+        r.os_error = self.os_error;
+        r.limit = self.limit;
+        r.wanted = self.wanted;
+        r
+    }
+}
+
+/// A request answered but not delivered yet ([`Arbiter::answer_pending`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Answered {
+    peer: PeerSlot,
+    seq: u64,
+    reply: Reply,
 }
 
 /// Counters for the monitor.

@@ -108,6 +108,7 @@ impl<M: Backing> Arbiter<M> {
         rec.grant = None;
         rec.denials = 0;
         rec.denial_log = None;
+        rec.reply = None;
         bump_namespace_seq(&self.mem)?;
         Ok(s)
     }

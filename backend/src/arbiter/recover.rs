@@ -1,31 +1,36 @@
-//! After a crash (`crate::fdstore`): the journal the arbiter was rebuilt from is written
-//! after each event, so the published header may show the effects of the one event that
-//! was being handled when vshmd died — an object created, deleted or grown, a response
-//! written — that the records lack. An honest peer may already act on them (it got its
-//! SUCCESS), so they are adopted when they are consistent with everything the records say;
-//! anything else is healed back to the records as usual. What a scribbler could make of
-//! this is no more than it could do with requests: an adopted "create" only takes heap
-//! that was free, under a name nobody had, for a creator that is connected.
+//! After a crash (`crate::fdstore`). A response is delivered only once the journal holds
+//! its effects (and the response itself, kept with the peer's record), so the records a
+//! journal rebuilds explain everything a peer was told. What the crash may have cut short:
+//! a response journaled but not yet written (written now), and a request executed but not
+//! journaled — its effects are in the header but nobody was told of them; the request is
+//! still pending and is served again. Its effects are healed back to the records, except
+//! one: an entry a pending CREATE published, which a lock-free opener may have opened in
+//! that moment, is adopted when the requester's pending request names it, the requester is
+//! its creator, and the requester's policy allows it (patterns, quotas), as for the
+//! request itself; the CREATE served again then opens it. An adopted create only takes
+//! memory no record owns, under a name nobody has.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use vshm_format::layout::{holder_bit, kind, object_state, MB_REQ_SEQ_OFF, MB_RESP_SEQ_OFF};
+use vshm_format::layout::{
+    holder_bit, kind, object_state, op, Request, MB_REQ_SEQ_OFF, MB_RESP_SEQ_OFF, VECTOR_CONTROL,
+};
+use vshm_format::mailbox;
 use vshm_format::object::read_object;
-use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot};
+use vshm_format::shm::read_pod;
+use vshm_format::{Generation, ObjectSlot, PeerSlot};
 
 use super::{Arbiter, Backing, Record};
 
-/// What [`Arbiter::adopt_ahead`] took from the header.
+/// What [`Arbiter::adopt_ahead`] found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ahead {
-    /// Objects published after the journal, adopted as records.
+    /// An object its pending CREATE had published before the crash, adopted as a record.
     pub adopted: u32,
-    /// Objects the header shows deleted.
-    pub unlinked: u32,
-    /// Sections the header shows grown.
-    pub grown: u32,
-    /// Requests already answered (not served again).
+    /// Responses the journal held and the mailboxes lacked, written now.
+    pub redelivered: u32,
+    /// Mailboxes showing a response the journal never had (not served again).
     pub answered: u32,
 }
 
@@ -34,60 +39,79 @@ pub struct Ahead {
 const GENERATIONS_AHEAD: u64 = 16;
 
 impl<M: Backing> Arbiter<M> {
-    /// Adopts what the published header shows beyond the records (see the module): call
-    /// once, right after rebuilding from a journal and before serving.
+    /// Reconciles the published header and the mailboxes with the records just rebuilt from
+    /// a journal (see the module): call once, before serving.
     pub fn adopt_ahead(&mut self) -> Ahead {
         let mut ahead = Ahead::default();
+        let mut creating: Vec<(PeerSlot, Request)> = Vec::new();
+        for i in 0..self.peers.len() {
+            let s = PeerSlot(u32::try_from(i).unwrap_or(u32::MAX));
+            if !self.peers[i].connected {
+                continue;
+            }
+            let Some(base) = self.layout.mailbox(s) else {
+                continue;
+            };
+            let req_seq = self.mem.load_u64(base + MB_REQ_SEQ_OFF, Ordering::Acquire);
+            let resp_seq = self.mem.load_u64(base + MB_RESP_SEQ_OFF, Ordering::Acquire);
+            let (Ok(req_seq), Ok(resp_seq)) = (req_seq, resp_seq) else {
+                continue;
+            };
+            // A response the journal holds that the crash kept from the mailbox.
+            if let Some((seq, reply)) = self.peers[i].reply {
+                if seq == req_seq && resp_seq != seq {
+                    let _ = mailbox::respond(&self.mem, &self.layout, s, seq, &reply.response());
+                    self.rings.push((self.peers[i].id, VECTOR_CONTROL));
+                    ahead.redelivered += 1;
+                    continue;
+                }
+            }
+            if req_seq == 0 || req_seq == self.peers[i].last_seq {
+                continue;
+            }
+            if req_seq == resp_seq {
+                // Shows a response the journal never had (a scribble: responses are
+                // delivered only once journaled): never served again all the same.
+                self.peers[i].last_seq = req_seq;
+                ahead.answered += 1;
+                continue;
+            }
+            // Pending: served once this process runs. A CREATE may have been executed
+            // (its entry published) just before the crash.
+            if let Ok(req) = read_pod::<Request, _>(&self.mem, base) {
+                if req.op == op::CREATE && req.name_len > 0 {
+                    creating.push((s, req));
+                }
+            }
+        }
         for slot in (0..self.layout.max_objects).map(ObjectSlot) {
+            if ahead.adopted > 0 || creating.is_empty() {
+                break;
+            }
+            if self.record_at(slot).is_some() {
+                continue;
+            }
             let Ok(Some(info)) = read_object(&self.mem, &self.layout, slot) else {
                 continue;
             };
-            match self.objects[slot.raw() as usize].as_ref() {
-                None => match self.adopt_created(slot, &info) {
-                    Ok(()) => ahead.adopted += 1,
-                    Err(why) => tracing::warn!(
-                        slot = slot.raw(),
-                        generation = info.generation.raw(),
-                        "an object entry the journal lacks was not adopted: {why}"
-                    ),
-                },
-                Some(r) if r.generation == info.generation => {
-                    let (unlinked, size, max) = (r.unlinked, r.size, r.max_size);
-                    if !unlinked
-                        && info.state == object_state::UNLINKED
-                        && self.delete(slot, info.generation).is_ok()
-                    {
-                        ahead.unlinked += 1;
-                    }
-                    if info.kind == kind::SECTION && info.size > size && info.size <= max {
-                        if let Some(r) = self.objects[slot.raw() as usize].as_mut() {
-                            r.size = info.size;
-                            ahead.grown += 1;
-                        }
-                    }
-                }
-                Some(_) => {}
-            }
-        }
-        // A response written but not journaled: the request is done, never served twice
-        // (a second UNLOCK could release someone else's mutex).
-        for (i, p) in self.peers.iter_mut().enumerate() {
-            let Some(base) = u32::try_from(i)
-                .ok()
-                .and_then(|i| self.layout.mailbox(PeerSlot(i)))
-            else {
+            let Some(name) = info.name() else {
                 continue;
             };
-            if !p.connected {
+            let by = creating.iter().find(|(s, req)| {
+                let len = (req.name_len as usize).min(req.name.len());
+                req.name[..len] == *name.as_bytes()
+                    && u32::from(self.peers[s.raw() as usize].id.raw()) == info.creator
+            });
+            let Some(&(s, _)) = by else {
                 continue;
-            }
-            let req = self.mem.load_u64(base + MB_REQ_SEQ_OFF, Ordering::Acquire);
-            let resp = self.mem.load_u64(base + MB_RESP_SEQ_OFF, Ordering::Acquire);
-            if let (Ok(req), Ok(resp)) = (req, resp) {
-                if req != 0 && req == resp && req != p.last_seq {
-                    p.last_seq = req;
-                    ahead.answered += 1;
-                }
+            };
+            match self.adopt_created(s, slot, &info) {
+                Ok(()) => ahead.adopted += 1,
+                Err(why) => tracing::warn!(
+                    slot = slot.raw(),
+                    generation = info.generation.raw(),
+                    "an object the journal lacks was not adopted: {why}"
+                ),
             }
         }
         ahead
@@ -141,9 +165,13 @@ impl<M: Backing> Arbiter<M> {
     /// and a creator that is connected.
     fn adopt_created(
         &mut self,
+        creator_slot: PeerSlot,
         slot: ObjectSlot,
         info: &vshm_format::object::ObjectInfo,
     ) -> Result<(), String> {
+        if self.record_at(slot).is_some() {
+            return Err("its slot holds a record".into());
+        }
         let next = self.next_generation.raw();
         let g = info.generation.raw();
         if g < next || g >= next.saturating_add(GENERATIONS_AHEAD) {
@@ -158,13 +186,22 @@ impl<M: Backing> Arbiter<M> {
         {
             return Err(format!("its name {name:?} is taken"));
         }
-        let Some(creator_slot) = u16::try_from(info.creator)
-            .ok()
-            .map(PeerId)
-            .and_then(|id| self.slot_of(id))
-        else {
-            return Err(format!("its creator {} is not connected", info.creator));
+        let creator = self.peers[creator_slot.raw() as usize].id;
+        if info.creator != u32::from(creator.raw()) {
+            return Err(format!(
+                "its creator field says peer {}, the request came from peer {}",
+                info.creator,
+                creator.raw()
+            ));
+        }
+        // The requester's policy, as for any create (patterns, quotas).
+        let wanted = if info.kind == kind::SECTION {
+            self.heap.round(info.max_size).unwrap_or(info.max_size)
+        } else {
+            0
         };
+        self.may_create(creator_slot, name.as_deref(), wanted)
+            .map_err(|d| format!("its creator's policy refuses it: {d}"))?;
         let reserved = if info.kind == kind::SECTION {
             match self.heap.round(info.max_size) {
                 Some(r) if self.take_unowned(info.offset, r) => r,
@@ -195,7 +232,7 @@ impl<M: Backing> Arbiter<M> {
             reserved,
             persistent: info.persistent(),
             unlinked,
-            creator: PeerId(u16::try_from(info.creator).unwrap_or(0)),
+            creator,
             owner,
             created: std::time::SystemTime::now(),
             repaired: false,

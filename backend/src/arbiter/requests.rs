@@ -44,20 +44,39 @@ impl<M: Backing> Arbiter<M> {
     /// Handles a doorbell from `peer_id`: answers its pending request, if any. Returns
     /// whether a response was written (the caller then rings the peer).
     pub fn service(&mut self, peer_id: PeerId) -> bool {
-        let Some(s) = self.slot_of(peer_id) else {
-            return false;
-        };
+        self.answer_pending(peer_id)
+            .is_some_and(|a| self.deliver(&a))
+    }
+
+    /// [`Arbiter::service`] without writing the response: the caller makes the state durable
+    /// first (`crate::fdstore`), then [`Arbiter::deliver`]s it — a peer never holds a
+    /// response whose effects a crash could lose. The response is kept with the peer's
+    /// record until its next request, so a journal holds it too.
+    pub fn answer_pending(&mut self, peer_id: PeerId) -> Option<super::Answered> {
+        let s = self.slot_of(peer_id)?;
         let slot = s.raw() as usize;
         if !self.peers[slot].connected {
-            return false;
+            return None;
         }
         let last = self.peers[slot].last_seq;
         let Ok(Some((seq, req))) = mailbox::take_request(&self.mem, &self.layout, s, last) else {
-            return false;
+            return None;
         };
         self.peers[slot].last_seq = seq;
         let resp = self.answer(peer_id, s, &req);
-        mailbox::respond(&self.mem, &self.layout, s, seq, &resp).is_ok()
+        let reply = super::Reply::of(&resp);
+        self.peers[slot].reply = Some((seq, reply));
+        Some(super::Answered {
+            peer: s,
+            seq,
+            reply,
+        })
+    }
+
+    /// Writes an answered request's response into the peer's mailbox (the caller then
+    /// rings it). False if the mailbox could not be written.
+    pub fn deliver(&self, a: &super::Answered) -> bool {
+        mailbox::respond(&self.mem, &self.layout, a.peer, a.seq, &a.reply.response()).is_ok()
     }
 
     /// Decodes, admits and executes `req` from `peer_id` in slot `s`, counting and

@@ -85,6 +85,9 @@ pub struct PeerSnapshot {
     connected: bool,
     incarnation: u64,
     last_seq: u64,
+    /// Its last request's sequence number and response.
+    #[serde(default)]
+    reply: Option<(u64, super::Reply)>,
     since_ms: Option<u64>,
     pid: Option<i32>,
     label: Option<String>,
@@ -265,6 +268,7 @@ impl<M: Backing> Arbiter<M> {
                 connected: p.connected,
                 incarnation: p.incarnation,
                 last_seq: p.last_seq,
+                reply: p.reply,
                 since_ms: p.since.map(unix_ms),
                 pid: p.pid,
                 label: p.label.clone(),
@@ -437,6 +441,7 @@ impl<M: Backing> Arbiter<M> {
                     connected: p.connected,
                     incarnation: p.incarnation,
                     last_seq: p.last_seq,
+                    reply: p.reply,
                     since: p.since_ms.map(from_unix_ms),
                     pid: p.pid,
                     label: p.label,

@@ -2,6 +2,7 @@
 //! as the original would, and a snapshot that is not whole or not this region's is refused.
 
 use vshm_format::layout::Layout;
+use vshm_format::shm::SharedMemory;
 use vshm_format::{PeerId, Status};
 
 use super::tests::{arbiter, create, request};
@@ -76,63 +77,88 @@ fn a_snapshot_whose_heap_does_not_add_up_or_of_another_layout_is_refused() {
     assert!(matches!(e, SnapshotError::Layout { .. }), "{e}");
 }
 
-#[test]
-fn what_the_header_shows_beyond_an_older_journal_is_adopted_and_answered_requests_are_not_served_again(
-) {
-    use vshm_format::mailbox::{delete_request, grow_request};
-    use vshm_format::{Generation, ObjectSlot};
-    let mut a = arbiter();
-    let kept = create(&mut a, PeerId(1), "kept", true);
-    let doomed = create(&mut a, PeerId(1), "doomed", true);
-    let journal = a.snapshot();
-    // What happened after the last journal write, each answered before the crash.
-    let late = create(&mut a, PeerId(2), "late", false);
-    assert_eq!(late.status, Status::Success.code());
-    let slot = |r: &vshm_format::layout::Response| (ObjectSlot(r.slot), Generation(r.generation));
-    let (ds, dg) = slot(&doomed);
-    assert_eq!(
-        request(&mut a, PeerId(1), &delete_request(ds, dg)).status,
-        0
-    );
-    let (ks, kg) = slot(&kept);
-    let grown = request(&mut a, PeerId(3), &grow_request(ks, kg, 8192));
-    // Peer 3 holds nothing: refused, but answered all the same.
-    assert_eq!(grown.status, Status::InvalidHandle.code());
-    let grown = request(&mut a, PeerId(1), &grow_request(ks, kg, 8192));
-    assert_eq!(grown.status, Status::Success.code());
+/// Posts `req` in `peer_id`'s mailbox (without serving it); its sequence number.
+fn post(a: &Arbiter<Region>, peer_id: PeerId, req: &vshm_format::layout::Request) -> u64 {
+    let slot = vshm_format::PeerSlot(u32::from(peer_id.raw()) - 1);
+    vshm_format::mailbox::post(a.mem(), a.layout(), slot, req).expect("post")
+}
 
+fn rebuilt(a: &Arbiter<Region>, journal: ArbiterSnapshot) -> Arbiter<Region> {
     let layout = *a.layout();
-    let (mut b, _) = Arbiter::from_snapshot(same_region(&a), layout, journal, &|_| {
+    Arbiter::from_snapshot(same_region(a), layout, journal, &|_| {
         Grant::unrestricted("main")
     })
-    .expect("rebuild");
-    let ahead = b.adopt_ahead();
+    .map(|(b, _)| b)
+    .expect("rebuild")
+}
+
+#[test]
+fn a_response_journaled_but_not_delivered_before_a_crash_is_delivered_by_the_recovery() {
+    let mut a = arbiter();
+    let req = vshm_format::mailbox::create_request(Some("made"), 1, 8192, 4096, false);
+    let seq = post(&a, PeerId(2), &req);
+    a.answer_pending(PeerId(2)).expect("answered");
+    let journal = a.snapshot();
+    // The crash comes before `deliver`: the peer has no response.
+    let slot = vshm_format::PeerSlot(1);
     assert_eq!(
-        ahead,
-        super::Ahead {
-            adopted: 1,
-            unlinked: 1,
-            grown: 1,
-            answered: 3
-        }
+        vshm_format::mailbox::poll(a.mem(), a.layout(), slot, seq),
+        Ok(None)
     );
-    // Nothing of it is undone by the first heal.
+    let mut b = rebuilt(&a, journal);
+    assert_eq!(b.adopt_ahead().redelivered, 1);
+    let resp = vshm_format::mailbox::poll(b.mem(), b.layout(), slot, seq)
+        .expect("poll")
+        .expect("the response is there");
+    assert_eq!(resp.status, Status::Success.code());
+    assert!(b.record_at(vshm_format::ObjectSlot(resp.slot)).is_some());
+    // Not served twice: the peer's next request is.
+    let next = create(&mut b, PeerId(2), "next", false);
+    assert_eq!(next.status, Status::Success.code());
+}
+
+#[test]
+fn an_entry_a_pending_create_published_before_the_crash_is_adopted_and_the_create_opens_it() {
+    let mut a = arbiter();
+    let journal = a.snapshot();
+    let req = vshm_format::mailbox::create_request(Some("early"), 1, 8192, 4096, false);
+    post(&a, PeerId(2), &req);
+    // Executed (the entry is published) but neither journaled nor delivered.
+    a.answer_pending(PeerId(2)).expect("executed");
+    let mut b = rebuilt(&a, journal);
+    assert_eq!(b.adopt_ahead().adopted, 1);
     b.heal();
-    let (ls, _) = slot(&late);
-    let rec = b.record_at(ls).expect("late adopted");
-    assert_eq!(rec.name.as_deref(), Some("late"));
-    assert_eq!(b.record_at(ks).map(|r| r.size), Some(8192));
-    assert!(b.record_at(ds).is_some_and(|r| r.unlinked));
-    // The names: "late" taken (create-or-open opens it), "doomed" free again.
-    let again = create(&mut b, PeerId(3), "late", false);
-    assert_eq!(again.status, Status::ObjectNameExists.code());
-    assert_eq!(again.generation, late.generation);
-    let reborn = create(&mut b, PeerId(3), "doomed", false);
-    assert_eq!(reborn.status, Status::Success.code());
-    // New memory is never the adopted object's.
-    let (lo, lm) = (late.offset, late.max_size);
-    assert!(reborn.offset >= lo + lm || reborn.offset + reborn.max_size <= lo);
-    assert!(reborn.generation > late.generation);
+    assert!(b.service(PeerId(2)), "the pending create is served again");
+    let slot = vshm_format::PeerSlot(1);
+    let mb = b.layout().mailbox(slot).expect("mailbox");
+    let seq = b
+        .mem()
+        .load_u64(mb, std::sync::atomic::Ordering::Acquire)
+        .expect("req_seq");
+    let resp = vshm_format::mailbox::poll(b.mem(), b.layout(), slot, seq)
+        .expect("poll")
+        .expect("answered");
+    assert_eq!(
+        resp.status,
+        Status::ObjectNameExists.code(),
+        "it opens what it had made"
+    );
+    let fresh = create(&mut b, PeerId(3), "fresh", false);
+    assert!(
+        fresh.offset >= resp.offset + resp.max_size || fresh.offset + fresh.max_size <= resp.offset
+    );
+}
+
+#[test]
+fn a_mailbox_showing_a_response_the_journal_never_had_is_not_served_again() {
+    let mut a = arbiter();
+    let journal = a.snapshot();
+    // Delivered without being journaled: what only a scribble can make now.
+    create(&mut a, PeerId(2), "one", false);
+    let mut b = rebuilt(&a, journal);
+    let ahead = b.adopt_ahead();
+    assert_eq!((ahead.adopted, ahead.answered), (0, 1));
+    assert!(!b.service(PeerId(2)), "nothing pending");
 }
 
 #[test]
@@ -161,4 +187,88 @@ fn a_header_entry_the_journal_lacks_is_not_adopted_over_memory_a_record_owns() {
     .expect("rebuild");
     assert_eq!(b.adopt_ahead().adopted, 0);
     assert!(b.record_at(vshm_format::ObjectSlot(3)).is_none());
+}
+
+/// Found by an attack: a hostile peer (policy "web": may create only `web/*`, one object at most)
+/// forges, in free object slots, several LIVE persistent sections with the next
+/// generations, free heap memory, names outside its patterns, and as creator either
+/// itself or a victim peer (charging the victim's account). If vshmd crashes while these
+/// are in the header, `adopt_ahead` adopts every one: no policy check (patterns, quotas),
+/// no "one event creates at most one object" bound, and the creator's identity is taken
+/// from a header field any peer can write.
+#[test]
+fn forged_entries_beyond_the_journal_are_not_adopted_whatever_their_creator_field_says() {
+    use std::sync::Arc;
+    use vshm_format::layout::{kind, object_state};
+    use vshm_format::object::{make_entry, publish};
+    use vshm_format::{Generation, ObjectSlot, RegionOffset};
+    let mut a = arbiter();
+    let kept = create(&mut a, PeerId(2), "kept", true);
+    assert_eq!(kept.status, Status::Success.code());
+    let journal = a.snapshot();
+    let next = a.next_generation.raw();
+    // Free heap extents as the journal has them.
+    let free: Vec<(u64, u64)> = a.heap.extents().map(|(o, l)| (o.raw(), l)).collect();
+    let (base, len) = *free.iter().max_by_key(|(_, l)| *l).expect("free heap");
+    assert!(len >= 4 * 8192, "room for the forgeries");
+    // Slots the records leave free.
+    let slots: Vec<u32> = (0..a.layout().max_objects)
+        .filter(|&s| a.record_at(ObjectSlot(s)).is_none())
+        .take(3)
+        .collect();
+    let creators = [PeerId(1), PeerId(1), PeerId(2)];
+    for (i, &s) in slots.iter().enumerate() {
+        let entry = make_entry(
+            Generation(next + i as u64),
+            object_state::LIVE,
+            kind::SECTION,
+            RegionOffset(base + 8192 * i as u64),
+            8192,
+            8192,
+            true,
+            Some(&format!("db/forged-{i}")),
+            creators[i],
+        );
+        publish(a.mem(), a.layout(), ObjectSlot(s), &entry).expect("forge");
+    }
+    let layout = *a.layout();
+    let (mut b, _) = Arbiter::from_snapshot(same_region(&a), layout, journal, &|_| {
+        Grant::unrestricted("main")
+    })
+    .expect("rebuild");
+    // Peer 1's grant as the configuration resolves it: creates only web/*, one object.
+    let mut web = crate::policy::Policy::unrestricted();
+    web.name = "web".into();
+    web.create =
+        crate::policy::Patterns::new(vec![crate::policy::Glob::new("web/*").expect("glob")]);
+    web.max_objects = Some(1);
+    let account = Arc::new(crate::policy::Identity {
+        socket: "main".into(),
+        uid: Some(1000),
+        gid: Some(1000),
+        label: Some("hostile".into()),
+    });
+    b.set_peer_grant(
+        PeerId(1),
+        Grant {
+            policy: Arc::new(web),
+            account,
+        },
+    );
+    let ahead = b.adopt_ahead();
+    let adopted: Vec<String> = slots
+        .iter()
+        .filter_map(|&s| b.record_at(ObjectSlot(s)).and_then(|r| r.name.clone()))
+        .collect();
+    assert!(
+        ahead.adopted <= 1,
+        "one event creates at most one object, yet {} forged creates were adopted: {adopted:?}",
+        ahead.adopted
+    );
+    for &s in &slots[..2] {
+        assert!(
+            b.record_at(ObjectSlot(s)).is_none(),
+            "a create peer 1's policy denies (name outside web/*) was adopted: {adopted:?}"
+        );
+    }
 }

@@ -263,6 +263,8 @@ pub struct Daemon {
     fdstore: Option<crate::fdstore::FdStore>,
     /// A [`Stopper`] (a signal) asked this loop to stop: a clean stop, not a failure.
     asked_to_stop: bool,
+    /// The journal was written in this event, after its last change.
+    journaled: bool,
 }
 
 /// A further ivshmem listening socket (removed on drop if still ours).
@@ -296,6 +298,9 @@ struct Fence {
     /// Readable once the process exits (watched in epoll). None where pidfd_open failed
     /// (old kernel): then /proc is polled on the timer.
     pidfd: Option<OwnedFd>,
+    /// The serial of the connection the pidfd was opened for: it keeps that connection's
+    /// name in systemd's fd store (one file, one name; `crate::fdstore`). 0: unknown.
+    serial: u64,
 }
 
 /// Raises the soft limit on open files to the hard limit: every peer costs 1 + 2 × vectors
@@ -448,6 +453,7 @@ impl Daemon {
             handed_off: false,
             fdstore: None,
             asked_to_stop: false,
+            journaled: false,
         })
     }
 
@@ -570,6 +576,24 @@ impl Daemon {
                 return;
             }
         };
+        self.identify(id, which);
+        if !self.watch_client(id, ops) {
+            tracing::error!(
+                id = id.raw(),
+                "cannot watch the new peer's fds; dropping it"
+            );
+            self.drop_client(id, false, ops);
+        }
+        if self.fdstore.is_some() {
+            // Recorded before it gets its handshake (held till then): a client that has its
+            // handshake is attached, and a crash from here on must not drop it.
+            self.journal();
+        }
+    }
+
+    /// Gives newly admitted peer `id` (through the main socket, `which` None, or further
+    /// listener `which`) its policy and reports it.
+    fn identify(&mut self, id: PeerId, which: Option<usize>) {
         let Some(client) = self.server.client(id) else {
             return;
         };
@@ -613,18 +637,30 @@ impl Daemon {
         self.arbiter.emit(e);
         self.arbiter.set_peer_process(id, pid, label);
         self.arbiter.set_peer_grant(id, grant);
-        if !self.watch_client(id, ops) {
-            tracing::error!(
-                id = id.raw(),
-                "cannot watch the new peer's fds; dropping it"
-            );
-            self.drop_client(id, false, ops);
-        }
-        if self.fdstore.is_some() {
-            // Recorded before it gets its handshake: a client that has its handshake is
-            // attached, and a crash from here on must not drop it.
-            self.journal();
-            self.server.flush_all();
+    }
+
+    /// Admits a connection accepted on the main socket by a process that crashed before it
+    /// was journaled (`crate::fdstore`): its client was told nothing yet (its handshake
+    /// was held), so it is served as a new one. Watched by the loop's `init`.
+    pub(super) fn readmit(&mut self, stream: std::os::unix::net::UnixStream) {
+        let arbiter = &mut self.arbiter;
+        let register = |id| {
+            arbiter
+                .peer_connected(id)
+                .map(|_slot| ())
+                .map_err(|e| io::Error::other(e.to_string()))
+        };
+        match self.server.admit(stream, &self.memfd, register) {
+            Ok(Accepted::Connected(id)) => {
+                tracing::info!(
+                    id = id.raw(),
+                    "a connection the crash cut short is admitted again"
+                );
+                self.identify(id, None);
+            }
+            Ok(Accepted::Refused(why)) => self.arbiter.count_refusal(why),
+            Ok(Accepted::Nothing) => {}
+            Err(e) => tracing::warn!("admitting a connection again failed: {e}"),
         }
     }
 
@@ -697,6 +733,7 @@ impl Daemon {
         };
         let gone = self.server.disconnect(id);
         if let (Some(slot), Some(pid)) = (slot, pid) {
+            let serial = gone.as_ref().map_or(0, |c| c.serial);
             let pidfd = gone.and_then(|c| c.pidfd);
             self.server.fence_id(id);
             self.add_fence(
@@ -705,6 +742,7 @@ impl Daemon {
                     slot,
                     id,
                     pidfd,
+                    serial,
                 },
                 ops,
             );
@@ -839,11 +877,17 @@ impl Daemon {
             self.arbiter.acknowledged(id, value);
         }
         self.arbiter.count_doorbell();
-        if self.arbiter.service(id) {
-            self.server.notify(id, usize::from(VECTOR_CONTROL));
-        }
+        let answered = self.arbiter.answer_pending(id);
         self.arbiter.heal_soon();
         self.arbiter.sweep();
+        if let Some(a) = answered {
+            // Durable before the peer can act on it (no-op without --fd-store).
+            self.journal();
+            self.journaled = true;
+            if self.arbiter.deliver(&a) {
+                self.server.notify(id, usize::from(VECTOR_CONTROL));
+            }
+        }
     }
 }
 
@@ -969,8 +1013,11 @@ impl MutEventSubscriber for Daemon {
         self.watch_client_output(ops);
         // Whatever happened, tell the watchers (and keep it in the ring).
         self.publish_events(ops);
-        // Then keep what a crash must not lose (no-op without --fd-store).
-        self.journal();
+        // Then keep what a crash must not lose (no-op without --fd-store), unless a
+        // request's delivery just did.
+        if !std::mem::take(&mut self.journaled) {
+            self.journal();
+        }
     }
 }
 

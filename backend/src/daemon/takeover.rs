@@ -178,6 +178,8 @@ struct FenceState {
     slot: u32,
     id: u16,
     pidfd: Option<u32>,
+    #[serde(default)]
+    serial: u64,
 }
 
 /// One region's state as it crosses: plain data, fds named by index.
@@ -308,6 +310,7 @@ impl Daemon {
                 .fences
                 .iter()
                 .map(|f| FenceState {
+                    serial: f.serial,
                     pid: f.pid,
                     slot: f.slot.raw(),
                     id: f.id.raw(),
@@ -329,7 +332,7 @@ impl Daemon {
     ) -> Result<(), fdstore::FdStoreError> {
         self.fdstore = Some(store);
         self.server.hold_new_output(true);
-        self.try_journal()
+        self.try_journal().map(|_| ())
     }
 
     /// Writes the journal (and stores new fds) if the region is kept in the fd store. A
@@ -338,19 +341,24 @@ impl Daemon {
         if self.fdstore.is_none() || self.handed_off {
             return;
         }
-        if let Err(e) = self.try_journal() {
-            tracing::warn!("cannot keep the region in systemd's fd store: {e}");
+        match self.try_journal() {
+            // Every fd is stored: what was held for them may go out.
+            Ok(true) => self.server.release_output(),
+            // The service manager does not read now: new clients' handshakes wait, and
+            // the rest is stored after the next event (at the latest the next tick).
+            Ok(false) => tracing::debug!("the service manager is busy; new handshakes wait"),
+            Err(e) => tracing::warn!("cannot keep the region in systemd's fd store: {e}"),
         }
     }
 
-    fn try_journal(&mut self) -> Result<(), fdstore::FdStoreError> {
+    fn try_journal(&mut self) -> Result<bool, fdstore::FdStoreError> {
         let mut fds = FdTable::default();
         let state = self.state(&mut fds);
         let json = serde_json::to_vec(&state)
             .map_err(|e| fdstore::FdStoreError::Write(io::Error::other(e)))?;
         match self.fdstore.as_mut() {
             Some(store) => store.record(&fds, &json),
-            None => Ok(()),
+            None => Ok(true),
         }
     }
 
@@ -413,13 +421,22 @@ impl Daemon {
         }
         daemon.fdstore = Some(found.store);
         daemon.server.hold_new_output(true);
+        // Connections the crashed process accepted but never journaled: their clients wait
+        // for a handshake. Only the main socket's (a further socket's policy is not known).
+        for fd in std::mem::take(&mut found.reconnect) {
+            if daemon.config.listen.is_empty() {
+                daemon.readmit(UnixStream::from(fd));
+            }
+        }
         daemon.took_over(&taken, "recovered");
+        // At once, not after the first event: a second crash before it would start from
+        // the same journal and publish the same backend_epoch again.
+        daemon.journal();
         tracing::info!(
             journal = found.seq,
             peers = taken.peers,
             adopted = ahead.adopted,
-            unlinked = ahead.unlinked,
-            grown = ahead.grown,
+            redelivered = ahead.redelivered,
             answered = ahead.answered,
             "recovered the region from systemd's fd store"
         );
@@ -455,6 +472,7 @@ impl Daemon {
             config.max_peers,
             state.server,
             fds,
+            &memfd,
         )
         .map_err(TakeoverError::from)?;
         let mut listeners = Vec::new();
@@ -490,6 +508,7 @@ impl Daemon {
                 id: PeerId(f.id),
                 // One systemd dropped (the process exited): /proc is polled instead.
                 pidfd: f.pidfd.and_then(|i| fds.take(i).ok()),
+                serial: f.serial,
             });
         }
         let mut timer = TimerFd::new().map_err(io::Error::from)?;
@@ -530,6 +549,7 @@ impl Daemon {
             handed_off: false,
             fdstore: None,
             asked_to_stop: false,
+            journaled: false,
         };
         Ok((daemon, taken))
     }
