@@ -18,6 +18,9 @@ use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use vshm_format::layout::{kind, op, Request, Response, MAX_NAME_BYTES};
 use vshm_format::mailbox;
 use vshm_format::name::validate_name_bytes;
@@ -394,6 +397,11 @@ impl VhostUserBackendMut for VshmDevice {
         backend.set_shmem_flag(true);
         backend.set_reply_ack_flag(true);
         self.frontend = Some(backend);
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // What ends a vring worker when the VM is gone (`super::serve_one`).
+        new_event_consumer_and_notifier(EventFlag::empty()).ok()
     }
 
     fn get_shmem_config(&self) -> io::Result<VhostUserShMemConfig> {

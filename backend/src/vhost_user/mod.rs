@@ -180,6 +180,10 @@ pub fn serve_one(
             .map_err(|e| VhostUserError::Daemon(e.to_string()))?;
         tracing::info!(vm = vm.raw(), "vhost-user VM connected");
         let ended = daemon.wait();
+        // Its vring workers end too (they would wait for more kicks forever).
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
         tracing::info!(vm = vm.raw(), "vhost-user VM disconnected");
         ended.map_err(|e| VhostUserError::Daemon(e.to_string()))
     })();
