@@ -203,7 +203,9 @@ impl VshmDevice {
         let mut r = mailbox::status_response(status);
         r.slot = hold.slot.raw();
         r.generation = hold.generation.raw();
-        r.offset = if hold.kind == kind::SECTION { key } else { 0 };
+        // A section's window offset; for an event or a mutex a handle number above the
+        // window. Either way what CLOSE names the handle by.
+        r.offset = key;
         r.size = hold.size;
         r.max_size = hold.max_size;
         let flags = if writable { MAP_WRITABLE } else { 0 };
