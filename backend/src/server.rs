@@ -409,6 +409,11 @@ pub struct Server {
     keep_file: bool,
     /// [`Server::hold_new_output`].
     hold_new_output: bool,
+    /// Peer ids of VMs attached through the vhost-user device (no connection here).
+    proxy_ids: BTreeSet<PeerId>,
+    /// Ids such VMs had, for the next ones (never given to an ivshmem client: other
+    /// clients hold nothing for them, but they were never parked with eventfds either).
+    free_proxy_ids: Vec<PeerId>,
     /// Output held until [`Server::release_output`].
     output_held: bool,
 }
@@ -469,6 +474,8 @@ impl Server {
             keep_file: false,
             hold_new_output: false,
             output_held: false,
+            proxy_ids: BTreeSet::new(),
+            free_proxy_ids: Vec::new(),
         })
     }
 
@@ -714,6 +721,28 @@ impl Server {
             (id != PeerId::HOST && id <= self.max_id && !self.clients.contains_key(&id))
                 .then_some(id)
         })
+    }
+
+    /// A peer id for a VM attached through the vhost-user device: never one an ivshmem
+    /// client has, had (parked) or will be given.
+    pub fn reserve_proxy_id(&mut self) -> Option<PeerId> {
+        let id = self.free_proxy_ids.pop().or_else(|| {
+            let id = u16::try_from(self.next_id).ok().map(PeerId)?;
+            if id == PeerId::HOST || id > self.max_id || self.clients.contains_key(&id) {
+                return None;
+            }
+            self.next_id += 1;
+            Some(id)
+        })?;
+        self.proxy_ids.insert(id);
+        Some(id)
+    }
+
+    /// The VM that had proxy id `id` is gone.
+    pub fn release_proxy_id(&mut self, id: PeerId) {
+        if self.proxy_ids.remove(&id) {
+            self.free_proxy_ids.push(id);
+        }
     }
 
     /// Keeps `id` (parked, its last occupant cut off while its process runs) from being
@@ -1103,6 +1132,8 @@ impl Server {
             keep_file: true,
             hold_new_output: false,
             output_held: false,
+            proxy_ids: BTreeSet::new(),
+            free_proxy_ids: Vec::new(),
         })
     }
 

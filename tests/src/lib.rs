@@ -15,6 +15,7 @@ use vshm_control::{request, ControlRequest};
 
 pub mod chaos;
 pub mod supervisor;
+pub mod vhost_frontend;
 
 /// Path of a workspace binary (built by `cargo build --bins`, which `cargo xtask test` does).
 pub fn bin(name: &str) -> PathBuf {

@@ -76,6 +76,14 @@ struct Args {
     /// (docs/OPERATIONS.md). Needs systemd and FileDescriptorStoreMax= in the unit.
     #[arg(long)]
     fd_store: bool,
+    /// Also serve the region to VMs through the vshm virtio device over vhost-user on this
+    /// socket (docs/VHOST-USER.md): a VM attached this way sees only the sections it opened.
+    /// One region only.
+    #[arg(long, value_name = "PATH")]
+    vhost_user: Option<std::path::PathBuf>,
+    /// The size of each vhost-user VM's shared-memory window (K/M/G) [default: 256M].
+    #[arg(long, value_parser = size_arg, requires = "vhost_user")]
+    vhost_user_window: Option<u64>,
     /// Where to log: `journal` (systemd's, with fields), `stderr` (plain lines), or `auto`:
     /// the journal when systemd started vshmd ($JOURNAL_STREAM), stderr otherwise.
     #[arg(long, value_enum, default_value_t = LogTarget::Auto)]
@@ -197,6 +205,25 @@ fn main() -> ExitCode {
             }
         }
     };
+    let mut daemons = daemons;
+    if let Some(path) = &args.vhost_user {
+        let window = args
+            .vhost_user_window
+            .unwrap_or(vshm_backend::vhost_user::DEFAULT_WINDOW);
+        let served = match daemons.as_mut_slice() {
+            [one] => one
+                .serve_vhost_user(path, window)
+                .map_err(|e| e.to_string()),
+            _ => Err(format!(
+                "--vhost-user serves one region; this configuration has {}",
+                daemons.len()
+            )),
+        };
+        if let Err(e) = served {
+            eprintln!("vshmd: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     // Every region's sockets listen now (connections wait in their backlogs until the
     // loops below take them), so units ordered after vshmd may start their VMs.
     let sockets: Vec<String> = configs

@@ -208,6 +208,8 @@ const TOKEN_TIMER: u32 = 3;
 const TOKEN_STOP: u32 = 4;
 pub(super) const TOKEN_METRICS: u32 = 5;
 const TOKEN_HANDOFF: u32 = 6;
+/// Calls from the vhost-user device's threads wait (`crate::vhost_user::bridge`).
+const TOKEN_VHOST: u32 = 7;
 const TOKEN_CLIENT: u32 = 1 << 24;
 const TOKEN_BELL: u32 = 2 << 24;
 /// A monitor connection (control or metrics); the low bits index it.
@@ -265,6 +267,8 @@ pub struct Daemon {
     asked_to_stop: bool,
     /// The journal was written in this event, after its last change.
     journaled: bool,
+    /// Calls from VMs attached through the vhost-user device (`--vhost-user`).
+    vhost: Option<crate::vhost_user::bridge::Jobs>,
 }
 
 /// A further ivshmem listening socket (removed on drop if still ours).
@@ -454,6 +458,7 @@ impl Daemon {
             fdstore: None,
             asked_to_stop: false,
             journaled: false,
+            vhost: None,
         })
     }
 
@@ -936,6 +941,15 @@ impl MutEventSubscriber for Daemon {
                 self.stop = true;
             }
         }
+        if let Some(jobs) = &self.vhost {
+            if ops
+                .add(Events::with_data(jobs.bell(), TOKEN_VHOST, EventSet::IN))
+                .is_err()
+            {
+                tracing::error!("cannot watch the vhost-user device's calls");
+                self.stop = true;
+            }
+        }
         if adds.iter().any(Result::is_err) {
             tracing::error!("cannot watch the daemon's own fds");
             self.stop = true;
@@ -977,6 +991,12 @@ impl MutEventSubscriber for Daemon {
                 TOKEN_CONTROL => self.accept_monitor(monitor::Kind::Control, ops),
                 TOKEN_METRICS => self.accept_monitor(monitor::Kind::Metrics, ops),
                 TOKEN_HANDOFF => self.handoff_requested(),
+                TOKEN_VHOST => {
+                    if let Some(jobs) = self.vhost.take() {
+                        jobs.run(self);
+                        self.vhost = Some(jobs);
+                    }
+                }
                 TOKEN_TIMER => {
                     let _ = self.timer.wait();
                     self.arbiter.heal();
@@ -1018,6 +1038,45 @@ impl MutEventSubscriber for Daemon {
         if !std::mem::take(&mut self.journaled) {
             self.journal();
         }
+    }
+}
+
+impl crate::vhost_user::bridge::Host for Daemon {
+    fn arbiter(&mut self) -> &mut Arbiter<Region> {
+        &mut self.arbiter
+    }
+    fn reserve_id(&mut self) -> Option<PeerId> {
+        self.server.reserve_proxy_id()
+    }
+    fn release_id(&mut self, id: PeerId) {
+        self.server.release_proxy_id(id);
+    }
+}
+
+impl Daemon {
+    /// Serves the region to VMs through the vhost-user device too (`vshmd --vhost-user
+    /// PATH`, docs/VHOST-USER.md): listens on `path` now and accepts VMs on a thread of its
+    /// own; their calls are answered by this loop. Call before [`Daemon::run`].
+    pub fn serve_vhost_user(
+        &mut self,
+        path: &std::path::Path,
+        window: u64,
+    ) -> Result<(), DaemonError> {
+        let listener = crate::vhost_user::listen(path)
+            .map_err(|e| DaemonError::Config(format!("--vhost-user: {e}")))?;
+        let (bridge, jobs) = crate::vhost_user::bridge::bridge()?;
+        let memfd = std::sync::Arc::new(self.memfd.try_clone()?);
+        let config = crate::vhost_user::DeviceConfig {
+            window_size: window,
+            page_size: self.arbiter.layout().alignment.max(4096),
+            region_epoch: self.arbiter.epoch(),
+        };
+        self.vhost = Some(jobs);
+        std::thread::Builder::new()
+            .name(format!("vshmd-{}-vhost", self.config.name))
+            .spawn(move || crate::vhost_user::accept_loop(listener, bridge, memfd, config))?;
+        tracing::info!(path = %path.display(), window, "serving VMs through vhost-user");
+        Ok(())
     }
 }
 

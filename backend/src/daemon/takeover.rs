@@ -550,6 +550,7 @@ impl Daemon {
             fdstore: None,
             asked_to_stop: false,
             journaled: false,
+            vhost: None,
         };
         Ok((daemon, taken))
     }

@@ -66,8 +66,9 @@ struct Mapped {
 /// The device's state for one VM.
 pub struct VshmDevice {
     arbitration: Arc<dyn Arbitration>,
-    /// The peer id the namespace knows this VM by.
-    vm: PeerId,
+    /// The peer id the namespace knows this VM by, once it asked for something (a VM that
+    /// never sends a request takes no peer slot).
+    vm: Option<PeerId>,
     memfd: Arc<File>,
     config: DeviceConfig,
     window: Window,
@@ -94,16 +95,16 @@ impl std::fmt::Debug for VshmDevice {
 }
 
 impl VshmDevice {
-    /// A device for VM `vm` (already connected to the namespace as a proxied peer).
+    /// A device for a VM that has just connected; it joins the namespace at its first
+    /// request.
     pub fn new(
         arbitration: Arc<dyn Arbitration>,
-        vm: PeerId,
         memfd: Arc<File>,
         config: DeviceConfig,
     ) -> VshmDevice {
         VshmDevice {
             arbitration,
-            vm,
+            vm: None,
             memfd,
             window: Window::new(config.window_size, config.page_size),
             config,
@@ -116,25 +117,40 @@ impl VshmDevice {
         }
     }
 
-    /// The VM's peer id.
-    pub fn vm(&self) -> PeerId {
+    /// The VM's peer id, if it has joined the namespace.
+    pub fn vm(&self) -> Option<PeerId> {
         self.vm
     }
 
     /// Answers one request (docs/VHOST-USER.md §5).
     pub fn answer(&mut self, req: &Request) -> Response {
+        let vm = match self.vm {
+            Some(vm) => vm,
+            None => match self.arbitration.connect() {
+                Ok(vm) => {
+                    tracing::info!(vm = vm.raw(), "a vhost-user VM joined the namespace");
+                    self.vm = Some(vm);
+                    vm
+                }
+                Err(status) => {
+                    let mut r = mailbox::status_response(status);
+                    r.resp_seq = req.req_seq;
+                    return r;
+                }
+            },
+        };
         let mut resp = match req.op {
-            OP_OPEN => self.open(req),
-            OP_CLOSE => self.close(req),
-            op::CREATE => self.create(req),
-            op::GROW => self.grow(req),
-            _ => self.arbitration.request(self.vm, req),
+            OP_OPEN => self.open(vm, req),
+            OP_CLOSE => self.close(vm, req),
+            op::CREATE => self.create(vm, req),
+            op::GROW => self.grow(vm, req),
+            _ => self.arbitration.request(vm, req),
         };
         resp.resp_seq = req.req_seq;
         resp
     }
 
-    fn open(&mut self, req: &Request) -> Response {
+    fn open(&mut self, vm: PeerId, req: &Request) -> Response {
         let len = req.name_len as usize;
         if len == 0 || len > MAX_NAME_BYTES {
             return mailbox::status_response(Status::ObjectNameInvalid);
@@ -143,24 +159,24 @@ impl VshmDevice {
             Ok(n) => n,
             Err(e) => return mailbox::status_response(e.status()),
         };
-        match self.arbitration.open(self.vm, name) {
-            Ok(hold) => self.map(hold, req.flags & OPEN_READ_ONLY == 0, Status::Success),
+        match self.arbitration.open(vm, name) {
+            Ok(hold) => self.map(vm, hold, req.flags & OPEN_READ_ONLY == 0, Status::Success),
             Err(status) => mailbox::status_response(status),
         }
     }
 
-    fn create(&mut self, req: &Request) -> Response {
+    fn create(&mut self, vm: PeerId, req: &Request) -> Response {
         let writable = req.flags & OPEN_READ_ONLY == 0;
         let mut plain = *req;
         plain.flags &= !OPEN_READ_ONLY;
-        match self.arbitration.create(self.vm, &plain) {
+        match self.arbitration.create(vm, &plain) {
             Ok(hold) => {
                 let status = if hold.created {
                     Status::Success
                 } else {
                     Status::ObjectNameExists
                 };
-                self.map(hold, writable, status)
+                self.map(vm, hold, writable, status)
             }
             Err(resp) => *resp,
         }
@@ -168,9 +184,9 @@ impl VshmDevice {
 
     /// Maps a hold just taken into the window and builds the reply; on any failure the hold
     /// is released again and the status says why.
-    fn map(&mut self, hold: ProxyHold, writable: bool, status: Status) -> Response {
+    fn map(&mut self, vm: PeerId, hold: ProxyHold, writable: bool, status: Status) -> Response {
         let undo = |this: &mut Self, why: Status| {
-            let _ = this.arbitration.close(this.vm, hold.slot, hold.generation);
+            let _ = this.arbitration.close(vm, hold.slot, hold.generation);
             mailbox::status_response(why)
         };
         let (key, mapped) = if hold.kind == kind::SECTION {
@@ -180,7 +196,7 @@ impl VshmDevice {
             let len = self.window.round(hold.size).unwrap_or(0);
             if len > 0 {
                 if let Err(e) = self.shmem_map(hold.offset.raw(), at, len, writable) {
-                    tracing::warn!(vm = self.vm.raw(), "SHMEM_MAP failed: {e}");
+                    tracing::warn!(vm = vm.raw(), "SHMEM_MAP failed: {e}");
                     self.window.release(at);
                     return undo(self, Status::InsufficientResources);
                 }
@@ -214,7 +230,7 @@ impl VshmDevice {
         r
     }
 
-    fn close(&mut self, req: &Request) -> Response {
+    fn close(&mut self, vm: PeerId, req: &Request) -> Response {
         let key = req.size;
         match self.handles.get(&key) {
             Some(m) if m.slot.raw() == req.slot && m.generation.raw() == req.generation => {}
@@ -226,10 +242,7 @@ impl VshmDevice {
         // Unmapped before the hold goes: the memory may be someone else's the moment after.
         if m.mapped > 0 {
             if let Err(e) = self.shmem_unmap(key, m.mapped) {
-                tracing::warn!(
-                    vm = self.vm.raw(),
-                    "SHMEM_UNMAP failed: {e}; the VM is cut off"
-                );
+                tracing::warn!(vm = vm.raw(), "SHMEM_UNMAP failed: {e}; the VM is cut off");
                 // Never release a hold whose pages the VM may still reach.
                 return mailbox::status_response(Status::InsufficientResources);
             }
@@ -237,14 +250,14 @@ impl VshmDevice {
         if key < self.config.window_size {
             self.window.release(key);
         }
-        match self.arbitration.close(self.vm, m.slot, m.generation) {
+        match self.arbitration.close(vm, m.slot, m.generation) {
             Ok(()) => mailbox::status_response(Status::Success),
             Err(s) => mailbox::status_response(s),
         }
     }
 
-    fn grow(&mut self, req: &Request) -> Response {
-        let resp = self.arbitration.request(self.vm, req);
+    fn grow(&mut self, vm: PeerId, req: &Request) -> Response {
+        let resp = self.arbitration.request(vm, req);
         if Status::from_code(resp.status) != Some(Status::Success) {
             return resp;
         }
@@ -268,7 +281,7 @@ impl VshmDevice {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(vm = self.vm.raw(), "SHMEM_MAP of grown pages failed: {e}")
+                    tracing::warn!(vm = vm.raw(), "SHMEM_MAP of grown pages failed: {e}")
                 }
             }
         }

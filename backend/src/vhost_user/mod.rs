@@ -8,6 +8,7 @@
 //! [`Local`] answers it from an arbiter behind a mutex (tests; a vshmd that runs the device
 //! beside its loop hands the calls to the loop instead).
 
+pub mod bridge;
 pub mod device;
 pub mod window;
 
@@ -153,6 +154,81 @@ pub fn listen(path: &Path) -> Result<Listener, VhostUserError> {
     })
 }
 
+/// A VM accepted on a vhost-user socket and being served (its device runs on
+/// vhost-user-backend's threads).
+pub struct Served {
+    daemon: VhostUserDaemon<Arc<Mutex<device::VshmDevice>>>,
+    device: Arc<Mutex<device::VshmDevice>>,
+    arbitration: Arc<dyn Arbitration>,
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served")
+            .field("vm", &self.vm())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Served {
+    /// The VM's peer id, once it has joined the namespace.
+    pub fn vm(&self) -> Option<PeerId> {
+        self.device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .vm()
+    }
+
+    /// Serves until the frontend disconnects; then the namespace reclaims what the VM held.
+    pub fn wait(mut self) -> Result<(), VhostUserError> {
+        let ended = self.daemon.wait();
+        // Its vring workers end too (they would wait for more kicks forever).
+        for handler in self.daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        // However it ended, nothing it held outlives it.
+        if let Some(vm) = self.vm() {
+            tracing::info!(vm = vm.raw(), "vhost-user VM disconnected");
+            self.arbitration.gone(vm);
+        }
+        ended.map_err(|e| VhostUserError::Daemon(e.to_string()))
+    }
+}
+
+/// Waits for the next VM on `listener` and starts serving it (it takes a peer slot at its
+/// first request).
+pub fn accept_one(
+    listener: &mut Listener,
+    arbitration: Arc<dyn Arbitration>,
+    memfd: Arc<File>,
+    config: DeviceConfig,
+) -> Result<Served, VhostUserError> {
+    let device = Arc::new(Mutex::new(device::VshmDevice::new(
+        Arc::clone(&arbitration),
+        memfd,
+        config,
+    )));
+    let started = VhostUserDaemon::new(
+        "vshm-vm".to_owned(),
+        Arc::clone(&device),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| VhostUserError::Daemon(e.to_string()))
+    .and_then(|mut daemon| {
+        daemon
+            .start(listener)
+            .map(|()| daemon)
+            .map_err(|e| VhostUserError::Daemon(e.to_string()))
+    });
+    let daemon = started?;
+    tracing::info!("a vhost-user VM connected");
+    Ok(Served {
+        daemon,
+        device,
+        arbitration,
+    })
+}
+
 /// Accepts one VM on `listener` and serves it until its frontend disconnects; then the
 /// namespace reclaims what it held. Blocks (run it on a thread of its own).
 pub fn serve_one(
@@ -161,33 +237,40 @@ pub fn serve_one(
     memfd: Arc<File>,
     config: DeviceConfig,
 ) -> Result<(), VhostUserError> {
-    let vm = arbitration.connect().map_err(VhostUserError::NoSlot)?;
-    let device = Arc::new(Mutex::new(device::VshmDevice::new(
-        Arc::clone(&arbitration),
-        vm,
-        memfd,
-        config,
-    )));
-    let served = (|| {
-        let mut daemon = VhostUserDaemon::new(
-            format!("vshm-vm-{}", vm.raw()),
-            device,
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| VhostUserError::Daemon(e.to_string()))?;
-        daemon
-            .start(listener)
-            .map_err(|e| VhostUserError::Daemon(e.to_string()))?;
-        tracing::info!(vm = vm.raw(), "vhost-user VM connected");
-        let ended = daemon.wait();
-        // Its vring workers end too (they would wait for more kicks forever).
-        for handler in daemon.get_epoll_handlers() {
-            handler.send_exit_event();
+    accept_one(listener, arbitration, memfd, config)?.wait()
+}
+
+/// Serves every VM that connects to `listener`, each on threads of its own, until the
+/// namespace goes away (its region stopped). Blocks.
+pub fn accept_loop(
+    mut listener: Listener,
+    arbitration: Arc<dyn Arbitration>,
+    memfd: Arc<File>,
+    config: DeviceConfig,
+) {
+    loop {
+        match accept_one(
+            &mut listener,
+            Arc::clone(&arbitration),
+            Arc::clone(&memfd),
+            config,
+        ) {
+            Ok(served) => {
+                let spawned = std::thread::Builder::new()
+                    .name("vshm-vm".into())
+                    .spawn(move || {
+                        if let Err(e) = served.wait() {
+                            tracing::info!("a vhost-user VM's connection ended: {e}");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!("cannot start a thread for a vhost-user VM: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!("vhost-user: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
         }
-        tracing::info!(vm = vm.raw(), "vhost-user VM disconnected");
-        ended.map_err(|e| VhostUserError::Daemon(e.to_string()))
-    })();
-    // However it ended, nothing it held outlives it.
-    arbitration.gone(vm);
-    served
+    }
 }

@@ -1,0 +1,141 @@
+//! [`Arbitration`] by the region's event loop: the device's threads hand each call to the
+//! loop (a channel and an eventfd it watches) and wait for the answer. The loop is the only
+//! thread that touches the arbiter, as for every other peer.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+use vshm_format::layout::{Request, Response};
+use vshm_format::{Generation, ObjectSlot, PeerId, Status};
+
+use super::Arbitration;
+use crate::arbiter::{Arbiter, ProxyHold};
+use crate::region::Region;
+
+/// How long a device waits for the loop before answering INSUFFICIENT_RESOURCES.
+pub const LOOP_PATIENCE: Duration = Duration::from_secs(10);
+
+/// What the loop lends a call: the arbiter and the peer ids of the region's server.
+pub trait Host {
+    /// The region's arbiter.
+    fn arbiter(&mut self) -> &mut Arbiter<Region>;
+    /// A peer id no ivshmem client has or will be given while the VM holds it.
+    fn reserve_id(&mut self) -> Option<PeerId>;
+    /// The VM that had `id` is gone.
+    fn release_id(&mut self, id: PeerId);
+}
+
+type Job = Box<dyn FnOnce(&mut dyn Host) + Send>;
+
+/// The devices' side.
+#[derive(Debug)]
+pub struct Bridge {
+    jobs: mpsc::Sender<Job>,
+    bell: EventFd,
+}
+
+/// The loop's side: watch [`Jobs::bell`], then [`Jobs::run`].
+#[derive(Debug)]
+pub struct Jobs {
+    jobs: mpsc::Receiver<Job>,
+    bell: EventFd,
+}
+
+/// A connected pair.
+pub fn bridge() -> std::io::Result<(Arc<Bridge>, Jobs)> {
+    let (tx, rx) = mpsc::channel();
+    let bell = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
+    Ok((
+        Arc::new(Bridge {
+            jobs: tx,
+            bell: bell.try_clone()?,
+        }),
+        Jobs { jobs: rx, bell },
+    ))
+}
+
+impl Jobs {
+    /// Readable when calls wait.
+    pub fn bell(&self) -> &EventFd {
+        &self.bell
+    }
+
+    /// Runs every waiting call against `host`.
+    pub fn run(&self, host: &mut dyn Host) {
+        let _ = self.bell.read();
+        while let Ok(job) = self.jobs.try_recv() {
+            job(host);
+        }
+    }
+}
+
+impl Bridge {
+    fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Host) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |host| {
+            let _ = tx.send(f(host));
+        });
+        self.jobs.send(job).ok()?;
+        self.bell.write(1).ok()?;
+        rx.recv_timeout(LOOP_PATIENCE).ok()
+    }
+}
+
+fn unanswered() -> Box<Response> {
+    Box::new(vshm_format::mailbox::status_response(
+        Status::InsufficientResources,
+    ))
+}
+
+impl Arbitration for Bridge {
+    fn connect(&self) -> Result<PeerId, Status> {
+        // A loop that is gone answers nothing: the region stopped.
+        self.call(|h| {
+            let id = h.reserve_id().ok_or(Status::InsufficientResources)?;
+            match h.arbiter().proxy_connected(id) {
+                Ok(_) => Ok(id),
+                Err(_) => {
+                    h.release_id(id);
+                    Err(Status::InsufficientResources)
+                }
+            }
+        })
+        .unwrap_or(Err(Status::InvalidHandle))
+    }
+    fn create(&self, vm: PeerId, req: &Request) -> Result<ProxyHold, Box<Response>> {
+        let req = *req;
+        self.call(move |h| {
+            let a = h.arbiter();
+            match vshm_format::mailbox::decode(&req, a.layout()) {
+                Ok(cmd) => a.proxy_create(vm, cmd),
+                Err(status) => Err(Box::new(vshm_format::mailbox::status_response(status))),
+            }
+        })
+        .unwrap_or_else(|| Err(unanswered()))
+    }
+    fn open(&self, vm: PeerId, name: &str) -> Result<ProxyHold, Status> {
+        let name = name.to_owned();
+        self.call(move |h| h.arbiter().proxy_open(vm, &name))
+            .unwrap_or(Err(Status::InsufficientResources))
+    }
+    fn close(&self, vm: PeerId, slot: ObjectSlot, generation: Generation) -> Result<(), Status> {
+        self.call(move |h| h.arbiter().proxy_close(vm, slot, generation))
+            .unwrap_or(Err(Status::InsufficientResources))
+    }
+    fn request(&self, vm: PeerId, req: &Request) -> Response {
+        let req = *req;
+        self.call(move |h| h.arbiter().proxy_request(vm, &req))
+            .unwrap_or_else(|| *unanswered())
+    }
+    fn gone(&self, vm: PeerId) {
+        let _ = self.call(move |h| {
+            h.arbiter().peer_gone(vm);
+            h.release_id(vm);
+        });
+    }
+}
