@@ -122,7 +122,7 @@ pub fn status(doc: &Value) -> String {
     }
     let _ = writeln!(
         out,
-        "\nPEER  LABEL             PID      CONNECTED  SINCE      HANDLES  HELD        POLICY        DENIED"
+        "\nPEER  LABEL             PID      CONNECTED  SINCE      HANDLES  HELD        POLICY        DENIED  VIA"
     );
     let mut advisories = Vec::new();
     for p in doc["peers"].as_array().into_iter().flatten() {
@@ -134,7 +134,7 @@ pub fn status(doc: &Value) -> String {
         }
         let _ = writeln!(
             out,
-            "{:<5} {:<17} {:<8} {:<10} {:<10} {:<8} {:<11} {:<13} {}",
+            "{:<5} {:<17} {:<8} {:<10} {:<10} {:<8} {:<11} {:<13} {:<7} {}",
             n(&p["id"]),
             or_dash(&p["label"]),
             or_dash(&p["pid"]),
@@ -151,6 +151,10 @@ pub fn status(doc: &Value) -> String {
                 .as_str()
                 .map_or_else(|| "-".to_string(), printable),
             n(&p["denials"]),
+            // Older vshmd: no transport field, and only ivshmem.
+            p["transport"]
+                .as_str()
+                .map_or_else(|| "ivshmem".to_string(), printable),
         );
     }
     if !advisories.is_empty() {

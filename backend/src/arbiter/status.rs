@@ -22,6 +22,9 @@ pub struct PeerStatus {
     pub slot: u32,
     /// Connected now.
     pub connected: bool,
+    /// How it is attached: `ivshmem` (it sees the whole region) or `vhost-user` (the vshm
+    /// virtio device: it sees only what it opened; docs/VHOST-USER.md).
+    pub transport: &'static str,
     /// QEMU's -name, else the process name.
     pub label: Option<String>,
     /// Process id (SO_PEERCRED).
@@ -268,6 +271,11 @@ impl<M: Backing> Arbiter<M> {
                 id: p.id.raw(),
                 slot: i.raw(),
                 connected: p.connected,
+                transport: if self.proxies.contains_key(&i) {
+                    "vhost-user"
+                } else {
+                    "ivshmem"
+                },
                 label: p.label.clone(),
                 pid: p.pid,
                 connected_since: p.since.map(unix_secs),
