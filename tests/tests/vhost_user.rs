@@ -122,6 +122,28 @@ fn a_vm_sees_only_what_it_opened_mapped_where_the_reply_says_and_loses_it_on_clo
     bad.size = opened.offset + PAGE;
     assert_eq!(vm.request(&bad).status, Status::InvalidHandle.code());
 
+    // An object it does not hold is out of its reach by slot and generation, even one that
+    // exists (the host's own section, guessed).
+    let mut guess = named(vshm_format::layout::op::DELETE, "x", 0);
+    let own = local.with(|a| {
+        a.proxy_create(
+            host,
+            Command::Create {
+                name: Some("host only"),
+                kind: kind::SECTION,
+                max_size: 4096,
+                initial_size: 4096,
+                persistent: false,
+                manual_reset: false,
+            },
+        )
+        .expect("create")
+    });
+    guess.slot = own.slot.raw();
+    guess.generation = own.generation.raw();
+    assert_eq!(vm.request(&guess).status, Status::InvalidHandle.code());
+    assert!(local.with(|a| a.record_at(own.slot).is_some_and(|r| !r.unlinked)));
+
     // CLOSE unmaps before it answers.
     let mut close = named(OP_CLOSE, "x", 0);
     close.slot = opened.slot;
@@ -149,7 +171,7 @@ fn a_vm_sees_only_what_it_opened_mapped_where_the_reply_says_and_loses_it_on_clo
     assert!(holds.is_empty());
     assert_eq!(
         names,
-        vec!["shared".to_string()],
+        vec!["shared".to_string(), "host only".to_string()],
         "the VM's own section died with it"
     );
 }

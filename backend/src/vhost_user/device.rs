@@ -143,11 +143,23 @@ impl VshmDevice {
             OP_OPEN => self.open(vm, req),
             OP_CLOSE => self.close(vm, req),
             op::CREATE => self.create(vm, req),
+            // Everything else names an object by slot and generation: only one this VM
+            // holds (it sees no table, and must not act on what it could only guess).
+            _ if !self.holds(req.slot, req.generation) => {
+                mailbox::status_response(Status::InvalidHandle)
+            }
             op::GROW => self.grow(vm, req),
             _ => self.arbitration.request(vm, req),
         };
         resp.resp_seq = req.req_seq;
         resp
+    }
+
+    /// Whether this VM has a handle on (`slot`, `generation`).
+    fn holds(&self, slot: u32, generation: u64) -> bool {
+        self.handles
+            .values()
+            .any(|m| m.slot.raw() == slot && m.generation.raw() == generation)
     }
 
     fn open(&mut self, vm: PeerId, req: &Request) -> Response {
