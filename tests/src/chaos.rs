@@ -169,6 +169,18 @@ impl Tally {
     }
 }
 
+/// Failures a racing honest peer may legitimately see: a shared name someone else deleted
+/// or is deleting, a full table/heap/pool, a mutex or event wait that timed out, a race lost
+/// too often.
+pub const RACING: &[&str] = &[
+    "STATUS_OBJECT_NAME_NOT_FOUND",
+    "STATUS_DELETE_PENDING",
+    "STATUS_INSUFFICIENT_RESOURCES",
+    "STATUS_NO_MEMORY",
+    "STATUS_TIMEOUT",
+    "Contended",
+];
+
 /// `vshm-chaos-peer` processes against one vshmd.
 #[derive(Debug)]
 pub struct Crew {

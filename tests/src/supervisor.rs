@@ -238,37 +238,16 @@ impl Supervised {
     /// Starts vshmd again as systemd would after a crash: the stored fds (minus those that
     /// hung up) passed back, then waits for READY=1.
     pub fn restart(&mut self) {
-        let passed: Vec<(String, OwnedFd)> = {
-            let mut h = self.held.lock().expect("held");
-            let store = std::mem::take(&mut h.store);
-            let mut keep = Vec::new();
-            for (name, fd) in store {
-                let mut p = libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: 0,
-                    revents: 0,
-                };
-                // SAFETY: one pollfd for an fd we own; zero timeout.
-                unsafe { libc::poll(&mut p, 1, 0) };
-                if p.revents & (libc::POLLHUP | libc::POLLERR) == 0 {
-                    keep.push((name, fd));
-                }
-            }
-            // systemd keeps its store across the restart: so do we (our copies).
-            for (name, fd) in &keep {
-                h.store.push((name.clone(), fd.try_clone().expect("dup")));
-            }
-            keep
-        };
-        let ready_before = self.held.lock().map(|h| h.ready).unwrap_or(0);
-        self.child = Self::spawn(&self.args, &self.notify, passed);
-        self.await_ready(ready_before + 1);
-        // The store the new vshmd sent is authoritative from here: its removals counted.
+        if let Err(e) = self.try_restart() {
+            panic!("vshmd did not come back: {e}");
+        }
     }
 
     /// As [`Supervised::restart`], but says why vshmd did not come up instead of panicking
     /// (its exit status and the notifications seen).
     pub fn try_restart(&mut self) -> Result<(), String> {
+        // systemd keeps its store across the restart (so do we: our copies) and drops what
+        // hung up.
         let passed: Vec<(String, OwnedFd)> = {
             let mut h = self.held.lock().expect("held");
             let store = std::mem::take(&mut h.store);

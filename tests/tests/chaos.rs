@@ -16,21 +16,9 @@ use std::time::{Duration, Instant};
 use vshm_images::Vm;
 use vshm_tests::chaos::{
     assert_no_leaks, background_crew, counter_notes, create_shared_objects, secs_since, Crew,
-    Length, Row, Scribbler, Tally, Targets,
+    Length, Row, Scribbler, Tally, Targets, RACING,
 };
 use vshm_tests::{guest_ok, guest_sh, wait_for, watchdog, Backend, XorShift};
-
-/// Failures a racing honest peer may legitimately see: a shared name someone else deleted
-/// or is deleting, a full table/heap/pool, a mutex or event wait that timed out, a race lost
-/// too often.
-const RACING: &[&str] = &[
-    "STATUS_OBJECT_NAME_NOT_FOUND",
-    "STATUS_DELETE_PENDING",
-    "STATUS_INSUFFICIENT_RESOURCES",
-    "STATUS_NO_MEMORY",
-    "STATUS_TIMEOUT",
-    "Contended",
-];
 
 /// One scenario at a time even if the harness runs tests in parallel: they measure load.
 fn serial() -> MutexGuard<'static, ()> {

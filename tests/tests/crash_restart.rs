@@ -146,20 +146,9 @@ fn a_peer_that_left_while_vshmd_was_down_is_reclaimed_after_the_restart() {
     });
 }
 
-/// Failures honest peers may see beside the crashes, as in chaos.rs: names someone else
-/// deleted, full tables, timed-out waits, races lost too often.
-const RACING: &[&str] = &[
-    "STATUS_OBJECT_NAME_NOT_FOUND",
-    "STATUS_DELETE_PENDING",
-    "STATUS_INSUFFICIENT_RESOURCES",
-    "STATUS_NO_MEMORY",
-    "STATUS_TIMEOUT",
-    "Contended",
-];
-
 #[test]
 fn vshmd_killed_at_any_moment_under_load_loses_nothing_an_honest_peer_holds() {
-    use vshm_tests::chaos::{background_crew, create_shared_objects_in, Crew, Length};
+    use vshm_tests::chaos::{background_crew, create_shared_objects_in, Crew, Length, RACING};
     let length = Length::from_env();
     let kills = length.pick(4, 30);
     watchdog(length.pick(LIMIT, Duration::from_secs(900)), move || {

@@ -271,6 +271,16 @@ pub struct Daemon {
     vhost: Option<crate::vhost_user::bridge::Jobs>,
 }
 
+/// What the server calls as it hands an id out: the arbiter gives the peer a slot.
+fn registrar(arbiter: &mut Arbiter<Region>) -> impl FnOnce(PeerId) -> io::Result<()> + '_ {
+    |id| {
+        arbiter
+            .peer_connected(id)
+            .map(|_slot| ())
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+}
+
 /// A further ivshmem listening socket (removed on drop if still ours).
 #[derive(Debug)]
 struct Listener {
@@ -535,13 +545,7 @@ impl Daemon {
     /// Accepts a connection on the main socket (`which` None) or on further listener
     /// `which`, and gives the new peer its policy.
     fn accept_client(&mut self, which: Option<usize>, ops: &mut EventOps) {
-        let arbiter = &mut self.arbiter;
-        let register = |id| {
-            arbiter
-                .peer_connected(id)
-                .map(|_slot| ())
-                .map_err(|e| io::Error::other(e.to_string()))
-        };
+        let register = registrar(&mut self.arbiter);
         let accepted = match which {
             None => self.server.accept(&self.memfd, register),
             Some(i) => match self.listeners.get(i).map(|l| l.listener.accept()) {
@@ -648,13 +652,7 @@ impl Daemon {
     /// was journaled (`crate::fdstore`): its client was told nothing yet (its handshake
     /// was held), so it is served as a new one. Watched by the loop's `init`.
     pub(super) fn readmit(&mut self, stream: std::os::unix::net::UnixStream) {
-        let arbiter = &mut self.arbiter;
-        let register = |id| {
-            arbiter
-                .peer_connected(id)
-                .map(|_slot| ())
-                .map_err(|e| io::Error::other(e.to_string()))
-        };
+        let register = registrar(&mut self.arbiter);
         match self.server.admit(stream, &self.memfd, register) {
             Ok(Accepted::Connected(id)) => {
                 tracing::info!(
