@@ -144,6 +144,38 @@ fn a_vm_sees_only_what_it_opened_mapped_where_the_reply_says_and_loses_it_on_clo
     assert_eq!(vm.request(&guess).status, Status::InvalidHandle.code());
     assert!(local.with(|a| a.record_at(own.slot).is_some_and(|r| !r.unlinked)));
 
+    // Growth: its own GROW maps the new pages after the old ones; another peer's growth
+    // reaches it when it asks for a size it knows (answered INVALID_PARAMETER, as over the
+    // mailbox, and mapped all the same).
+    let maps_before = vm.recorder.lock().expect("recorder").maps.len();
+    let mut grow = named(vshm_format::layout::op::GROW, "x", 0);
+    grow.slot = opened.slot;
+    grow.generation = opened.generation;
+    grow.size = 16 << 10;
+    assert_eq!(vm.request(&grow).status, Status::Success.code());
+    local.with(|a| {
+        let mut r = named(vshm_format::layout::op::GROW, "x", 0);
+        r.slot = shared.slot.raw();
+        r.generation = shared.generation.raw();
+        r.size = 32 << 10;
+        assert_eq!(a.proxy_request(host, &r).status, Status::Success.code());
+    });
+    grow.size = 16 << 10;
+    assert_eq!(vm.request(&grow).status, Status::InvalidParameter.code());
+    {
+        let r = vm.recorder.lock().expect("recorder");
+        let grown: Vec<(u64, u64)> = r.maps[maps_before..]
+            .iter()
+            .filter(|m| m.1 >= opened.offset && m.1 < opened.offset + (64 << 10))
+            .map(|m| (m.1 - opened.offset, m.2))
+            .collect();
+        assert_eq!(
+            grown,
+            vec![(8 << 10, 8 << 10), (16 << 10, 16 << 10)],
+            "the new pages, right after the old ones"
+        );
+    }
+
     // CLOSE unmaps before it answers.
     let mut close = named(OP_CLOSE, "x", 0);
     close.slot = opened.slot;
@@ -152,7 +184,8 @@ fn a_vm_sees_only_what_it_opened_mapped_where_the_reply_says_and_loses_it_on_clo
     assert_eq!(vm.request(&close).status, Status::Success.code());
     assert_eq!(
         vm.recorder.lock().expect("recorder").unmaps,
-        vec![(opened.offset, 8 << 10)]
+        vec![(opened.offset, 32 << 10)],
+        "everything it had mapped"
     );
     assert_eq!(local.with(|a| a.proxy_holds(PeerId(100)).len()), 2);
 

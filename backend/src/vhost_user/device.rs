@@ -270,7 +270,17 @@ impl VshmDevice {
 
     fn grow(&mut self, vm: PeerId, req: &Request) -> Response {
         let resp = self.arbitration.request(vm, req);
-        if Status::from_code(resp.status) != Some(Status::Success) {
+        // The response names the section's size also when the section is already larger
+        // (INVALID_PARAMETER: another peer grew it): a GROW to the size it knows is how a VM
+        // catches up with others' growth.
+        let names_size = match Status::from_code(resp.status) {
+            Some(Status::Success) => true,
+            Some(Status::InvalidParameter) => {
+                resp.slot == req.slot && resp.generation == req.generation
+            }
+            _ => false,
+        };
+        if !names_size {
             return resp;
         }
         // Every handle of this VM on the section maps the new pages after the old ones.
