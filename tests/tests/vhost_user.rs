@@ -256,3 +256,25 @@ fn a_vm_on_vshmd_vhost_user_shares_sections_by_name_with_an_ivshmem_peer_and_is_
         drop(theirs);
     });
 }
+
+#[test]
+fn a_vhost_user_socket_vshmd_cannot_create_is_refused_at_start_naming_it() {
+    let dir = TempDir::new("vhost-bad");
+    let out = vshm_tests::command(&vshm_tests::bin("vshmd"))
+        .arg("--socket")
+        .arg(dir.path().join("vshm.sock"))
+        .args(["--size", "4M", "--vhost-user", "/nonexistent/dir/vhost.sock"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run vshmd");
+    assert!(!out.status.success(), "vshmd started anyway");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--vhost-user") && err.contains("/nonexistent/dir/vhost.sock"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("vshm.sock").exists(),
+        "nothing is left behind"
+    );
+}
