@@ -263,7 +263,12 @@ fn a_vhost_user_socket_vshmd_cannot_create_is_refused_at_start_naming_it() {
     let out = vshm_tests::command(&vshm_tests::bin("vshmd"))
         .arg("--socket")
         .arg(dir.path().join("vshm.sock"))
-        .args(["--size", "4M", "--vhost-user", "/nonexistent/dir/vhost.sock"])
+        .args([
+            "--size",
+            "4M",
+            "--vhost-user",
+            "/nonexistent/dir/vhost.sock",
+        ])
         .stdin(std::process::Stdio::null())
         .output()
         .expect("run vshmd");
