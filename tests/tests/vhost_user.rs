@@ -283,3 +283,59 @@ fn a_vhost_user_socket_vshmd_cannot_create_is_refused_at_start_naming_it() {
         "nothing is left behind"
     );
 }
+
+const VHOST_POLICY: &str = r#"
+[region]
+socket = "{dir}/vshm.sock"
+size = "4M"
+
+[[region.rule]]
+socket = "vhost-user"
+policy = "web"
+
+[policy.web]
+create = ["web/*"]
+open = ["web/*"]
+"#;
+
+#[test]
+fn a_vhost_user_vm_gets_the_policy_its_rule_names_and_is_refused_outside_it() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let dir = TempDir::new("vhost-policy");
+        let vpath = dir.path().join("vhost.sock");
+        let b = Backend::start_with_config(
+            VHOST_POLICY,
+            &["--vhost-user", vpath.to_str().expect("utf-8")],
+        );
+        assert!(wait_for(std::time::Duration::from_secs(10), || vpath.exists()));
+        let host = b.connect();
+        host.create(Some("db/secret"), &CreateOptions::new(4096))
+            .expect("the host may");
+        let mut vm = Vmm::connect(&vpath);
+        assert_eq!(
+            vm.request(&named(OP_OPEN, "db/secret", 0)).status,
+            Status::AccessDenied.code(),
+            "a vhost-user VM does not reach what its policy keeps from it"
+        );
+        assert_eq!(
+            vm.request(&named(1, "db/mine", 0)).status,
+            Status::AccessDenied.code()
+        );
+        assert_eq!(
+            vm.request(&named(1, "web/page", 0)).status,
+            Status::Success.code()
+        );
+        assert!(
+            vm.recorder.lock().expect("recorder").maps.len() == 1,
+            "only web/page mapped"
+        );
+        let vm_peer = b.status()["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["transport"] == "vhost-user")
+            .cloned()
+            .expect("the VM in the status");
+        assert_eq!(vm_peer["policy"], "web");
+    });
+}

@@ -645,7 +645,12 @@ fn sockets_and_rules(
     };
     let mut sockets = vec![(MAIN_SOCKET.to_string(), default_policy.clone())];
     let mut listen = Vec::new();
-    let mut names: HashSet<String> = HashSet::from([MAIN_SOCKET.to_string()]);
+    // "vhost-user": the VMs of `vshmd --vhost-user` (rules may single them out; with no
+    // rule they get the region's policy). A listen socket may not take the name.
+    let mut names: HashSet<String> = HashSet::from([
+        MAIN_SOCKET.to_string(),
+        crate::policy::VHOST_USER_SOCKET.to_string(),
+    ]);
     for (i, l) in region.listen.iter().enumerate() {
         let l = l.get_ref();
         let key = format!("{prefix}.listen[{i}]");

@@ -1049,6 +1049,23 @@ impl crate::vhost_user::bridge::Host for Daemon {
     fn release_id(&mut self, id: PeerId) {
         self.server.release_proxy_id(id);
     }
+    fn grant(&mut self, id: PeerId) {
+        // Who the frontend is stays inside vhost-user-backend's listener: the socket alone
+        // identifies these VMs to the rules (`socket = "vhost-user"`).
+        let identity = Identity {
+            socket: crate::policy::VHOST_USER_SOCKET.to_string(),
+            uid: None,
+            gid: None,
+            label: None,
+        };
+        let grant = self.config.policy.resolve(&identity);
+        tracing::info!(
+            id = id.raw(),
+            policy = grant.policy.name.as_str(),
+            "vhost-user VM identified: {identity}"
+        );
+        self.arbiter.set_peer_grant(id, grant);
+    }
 }
 
 impl Daemon {
@@ -1060,13 +1077,19 @@ impl Daemon {
         path: &std::path::Path,
         window: u64,
     ) -> Result<(), DaemonError> {
+        let page = self.arbiter.layout().alignment.max(4096);
+        if window < page || window % page != 0 {
+            return Err(DaemonError::Config(format!(
+                "--vhost-user-window {window}: a multiple of the page size ({page}), at least one page"
+            )));
+        }
         let listener = crate::vhost_user::listen(path)
             .map_err(|e| DaemonError::Config(format!("--vhost-user: {e}")))?;
         let (bridge, jobs) = crate::vhost_user::bridge::bridge()?;
         let memfd = std::sync::Arc::new(self.memfd.try_clone()?);
         let config = crate::vhost_user::DeviceConfig {
             window_size: window,
-            page_size: self.arbiter.layout().alignment.max(4096),
+            page_size: page,
             region_epoch: self.arbiter.epoch(),
         };
         self.vhost = Some(jobs);

@@ -23,6 +23,9 @@ pub const UNRESTRICTED: &str = "unrestricted";
 
 /// The name of the listening socket given by `--socket` / `region.socket`.
 pub const MAIN_SOCKET: &str = "main";
+/// The socket name rules see for VMs attached through the vhost-user device (`vshmd
+/// --vhost-user`, docs/VHOST-USER.md); no rule matching, they get the region's policy.
+pub const VHOST_USER_SOCKET: &str = "vhost-user";
 
 /// A set of name patterns. Unnamed objects are matched as the empty name, so only a
 /// pattern like `*` covers them.

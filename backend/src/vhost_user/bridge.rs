@@ -25,6 +25,8 @@ pub trait Host {
     fn reserve_id(&mut self) -> Option<PeerId>;
     /// The VM that had `id` is gone.
     fn release_id(&mut self, id: PeerId);
+    /// Gives vhost-user VM `id` its policy (the rules' socket is `vhost-user`).
+    fn grant(&mut self, id: PeerId);
 }
 
 type Job = Box<dyn FnOnce(&mut dyn Host) + Send>;
@@ -98,7 +100,10 @@ impl Arbitration for Bridge {
         self.call(|h| {
             let id = h.reserve_id().ok_or(Status::InsufficientResources)?;
             match h.arbiter().proxy_connected(id) {
-                Ok(_) => Ok(id),
+                Ok(_) => {
+                    h.grant(id);
+                    Ok(id)
+                }
                 Err(_) => {
                     h.release_id(id);
                     Err(Status::InsufficientResources)

@@ -41,6 +41,9 @@ pub const OPEN_READ_ONLY: u32 = 1 << 8;
 pub const OP_OPEN: u32 = 8;
 /// Operation: close a handle (`size` = the window offset its open returned).
 pub const OP_CLOSE: u32 = 9;
+/// Most handles one VM may have open at once (each costs vshmd memory, events and mutexes no
+/// window space).
+pub const MAX_HANDLES: usize = 4096;
 /// Byte of the response holding `map_flags` (the first reserved byte).
 pub const RESP_MAP_FLAGS_OFF: usize = 72;
 /// `map_flags` bit: the mapping is writable.
@@ -79,6 +82,8 @@ pub struct VshmDevice {
     /// The channel to the frontend (SET_BACKEND_REQ_FD).
     frontend: Option<Backend>,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    /// The VM is gone ([`VshmDevice::retire`]).
+    retired: bool,
     event_idx: bool,
     acked: u64,
 }
@@ -112,6 +117,7 @@ impl VshmDevice {
             next_key: u64::MAX / 2,
             frontend: None,
             mem: None,
+            retired: false,
             event_idx: false,
             acked: 0,
         }
@@ -122,8 +128,20 @@ impl VshmDevice {
         self.vm
     }
 
+    /// The VM disconnected: the device answers nothing more (a request still queued must
+    /// not act under an id the namespace may give to the next VM).
+    pub fn retire(&mut self) -> Option<PeerId> {
+        self.retired = true;
+        self.vm.take()
+    }
+
     /// Answers one request (docs/VHOST-USER.md §5).
     pub fn answer(&mut self, req: &Request) -> Response {
+        if self.retired {
+            let mut r = mailbox::status_response(Status::InvalidHandle);
+            r.resp_seq = req.req_seq;
+            return r;
+        }
         let vm = match self.vm {
             Some(vm) => vm,
             None => match self.arbitration.connect() {
@@ -140,6 +158,14 @@ impl VshmDevice {
             },
         };
         let mut resp = match req.op {
+            OP_OPEN | op::CREATE if self.handles.len() >= MAX_HANDLES => {
+                mailbox::status_response(Status::InsufficientResources)
+            }
+            // Waits and handoffs need the event queue, which is not there yet: a VM that
+            // queued for a mutex would be made its owner without being told.
+            op::LOCK | op::UNLOCK | op::CANCEL | op::WAKE => {
+                mailbox::status_response(Status::NotSupported)
+            }
             OP_OPEN => self.open(vm, req),
             OP_CLOSE => self.close(vm, req),
             op::CREATE => self.create(vm, req),
@@ -431,8 +457,8 @@ impl VhostUserBackendMut for VshmDevice {
     }
 
     fn set_backend_req_fd(&mut self, backend: Backend) {
-        backend.set_shmem_flag(true);
-        backend.set_reply_ack_flag(true);
+        // vhost-user-backend has set its flags from what was negotiated: a frontend without
+        // SHMEM gets its opens refused (the map fails), never a section it cannot be shown.
         self.frontend = Some(backend);
     }
 

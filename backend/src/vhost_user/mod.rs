@@ -186,8 +186,14 @@ impl Served {
         for handler in self.daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
-        // However it ended, nothing it held outlives it.
-        if let Some(vm) = self.vm() {
+        // However it ended, nothing it held outlives it — and a request still queued in a
+        // vring worker acts no more (the id may go to the next VM).
+        let vm = self
+            .device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retire();
+        if let Some(vm) = vm {
             tracing::info!(vm = vm.raw(), "vhost-user VM disconnected");
             self.arbitration.gone(vm);
         }
