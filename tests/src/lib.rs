@@ -502,6 +502,14 @@ pub fn boot_guests_on(socket: &Path, dir: &Path, names: &[&str]) -> Vec<vshm_ima
         .collect()
 }
 
+/// One test of a binary at a time, even if the harness runs them in parallel: for tests that
+/// measure load, or boot several TCG guests that would starve each other on 2 vCPUs.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A small deterministic generator for stress tests (xorshift64): the same seed gives the
 /// same run.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@
 //! never asserted.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vshm_images::Vm;
@@ -18,14 +18,7 @@ use vshm_tests::chaos::{
     assert_no_leaks, background_crew, counter_notes, create_shared_objects, secs_since, Crew,
     Length, Row, Scribbler, Tally, Targets, RACING,
 };
-use vshm_tests::{guest_ok, guest_sh, wait_for, watchdog, Backend, XorShift};
-
-/// One scenario at a time even if the harness runs tests in parallel: they measure load.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use vshm_tests::{guest_ok, guest_sh, serial, wait_for, watchdog, Backend, XorShift};
 
 #[test]
 #[ignore = "chaos: `cargo xtask chaos` (a step of `cargo xtask test`) runs it"]

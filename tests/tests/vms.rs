@@ -2,7 +2,8 @@
 //! or KVM where the host has hardware virtualisation) booted concurrently, driven through
 //! each guest's command agent, with the `vshm` CLI inside the guests using the ivshmem PCI
 //! device. The scenarios run in order on the same guests; the last one kills a VM. A guest
-//! attached before a `vshmd --takeover` works on through the new vshmd (its own test).
+//! attached before a `vshmd --takeover` works on through the new vshmd (its own test). The
+//! tests run one at a time: TCG guests of several at once starve each other on 2 vCPUs.
 
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ fn peer_connected(b: &Backend, id: u64) -> bool {
 #[test]
 fn three_guests_share_sections_through_vshmd() {
     watchdog(Duration::from_secs(600), || {
+        let _one = vshm_tests::serial();
         let b = Backend::start(&["--size", "64M"]);
         let mut vms = vshm_tests::boot_guests(&b, &["a", "b", "c"]);
         let mut c = vms.pop().expect("c");
@@ -213,6 +215,7 @@ fn three_guests_share_sections_through_vshmd() {
 #[test]
 fn a_guest_attached_before_a_takeover_reads_its_data_and_creates_through_the_new_vshmd() {
     watchdog(Duration::from_secs(300), || {
+        let _one = vshm_tests::serial();
         let mut b = Backend::start(&["--size", "16M"]);
         let mut vms = vshm_tests::boot_guests(&b, &["g"]);
         let mut g = vms.pop().expect("g");
@@ -258,6 +261,7 @@ fn a_guest_attached_before_a_takeover_reads_its_data_and_creates_through_the_new
 fn a_guest_attached_before_vshmd_is_killed_reads_its_data_and_creates_through_the_restarted_one() {
     use vshm_tests::supervisor::Supervised;
     watchdog(Duration::from_secs(300), || {
+        let _one = vshm_tests::serial();
         let mut s = Supervised::start(&["--size", "16M"]);
         let mut vms = vshm_tests::boot_guests_on(&s.socket, s.dir(), &["gk"]);
         let mut g = vms.pop().expect("gk");
