@@ -36,6 +36,7 @@ type Job = Box<dyn FnOnce(&mut dyn Host) + Send>;
 pub struct Bridge {
     jobs: mpsc::Sender<Job>,
     bell: EventFd,
+    patience: Duration,
 }
 
 /// The loop's side: watch [`Jobs::bell`], then [`Jobs::run`].
@@ -47,12 +48,18 @@ pub struct Jobs {
 
 /// A connected pair.
 pub fn bridge() -> std::io::Result<(Arc<Bridge>, Jobs)> {
+    bridge_with_patience(LOOP_PATIENCE)
+}
+
+/// [`bridge`] whose calls wait `patience` for the loop (tests).
+pub fn bridge_with_patience(patience: Duration) -> std::io::Result<(Arc<Bridge>, Jobs)> {
     let (tx, rx) = mpsc::channel();
     let bell = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
     Ok((
         Arc::new(Bridge {
             jobs: tx,
             bell: bell.try_clone()?,
+            patience,
         }),
         Jobs { jobs: rx, bell },
     ))
@@ -74,17 +81,30 @@ impl Jobs {
 }
 
 impl Bridge {
+    /// Runs `f` on the loop and returns its result; if the caller stopped waiting before the
+    /// loop got to it (the loop was busy past the patience), `undo` runs on the loop with
+    /// the result instead, so nothing the caller never learnt of (an id, a hold) stays.
+    fn call_or_undo<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Host) -> R + Send + 'static,
+        undo: impl FnOnce(&mut dyn Host, R) + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |host| {
+            if let Err(mpsc::SendError(late)) = tx.send(f(host)) {
+                undo(host, late);
+            }
+        });
+        self.jobs.send(job).ok()?;
+        self.bell.write(1).ok()?;
+        rx.recv_timeout(self.patience).ok()
+    }
+
     fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn Host) -> R + Send + 'static,
     ) -> Option<R> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let job: Job = Box::new(move |host| {
-            let _ = tx.send(f(host));
-        });
-        self.jobs.send(job).ok()?;
-        self.bell.write(1).ok()?;
-        rx.recv_timeout(LOOP_PATIENCE).ok()
+        self.call_or_undo(f, |_, _| {})
     }
 }
 
@@ -97,36 +117,58 @@ fn unanswered() -> Box<Response> {
 impl Arbitration for Bridge {
     fn connect(&self) -> Result<PeerId, Status> {
         // A loop that is gone answers nothing: the region stopped.
-        self.call(|h| {
-            let id = h.reserve_id().ok_or(Status::InsufficientResources)?;
-            match h.arbiter().proxy_connected(id) {
-                Ok(_) => {
-                    h.grant(id);
-                    Ok(id)
+        self.call_or_undo(
+            |h| {
+                let id = h.reserve_id().ok_or(Status::InsufficientResources)?;
+                match h.arbiter().proxy_connected(id) {
+                    Ok(_) => {
+                        h.grant(id);
+                        Ok(id)
+                    }
+                    Err(_) => {
+                        h.release_id(id);
+                        Err(Status::InsufficientResources)
+                    }
                 }
-                Err(_) => {
+            },
+            |h, late| {
+                if let Ok(id) = late {
+                    h.arbiter().peer_gone(id);
                     h.release_id(id);
-                    Err(Status::InsufficientResources)
                 }
-            }
-        })
+            },
+        )
         .unwrap_or(Err(Status::InvalidHandle))
     }
     fn create(&self, vm: PeerId, req: &Request) -> Result<ProxyHold, Box<Response>> {
         let req = *req;
-        self.call(move |h| {
-            let a = h.arbiter();
-            match vshm_format::mailbox::decode(&req, a.layout()) {
-                Ok(cmd) => a.proxy_create(vm, cmd),
-                Err(status) => Err(Box::new(vshm_format::mailbox::status_response(status))),
-            }
-        })
+        self.call_or_undo(
+            move |h| {
+                let a = h.arbiter();
+                match vshm_format::mailbox::decode(&req, a.layout()) {
+                    Ok(cmd) => a.proxy_create(vm, cmd),
+                    Err(status) => Err(Box::new(vshm_format::mailbox::status_response(status))),
+                }
+            },
+            move |h, late| {
+                if let Ok(hold) = late {
+                    let _ = h.arbiter().proxy_close(vm, hold.slot, hold.generation);
+                }
+            },
+        )
         .unwrap_or_else(|| Err(unanswered()))
     }
     fn open(&self, vm: PeerId, name: &str) -> Result<ProxyHold, Status> {
         let name = name.to_owned();
-        self.call(move |h| h.arbiter().proxy_open(vm, &name))
-            .unwrap_or(Err(Status::InsufficientResources))
+        self.call_or_undo(
+            move |h| h.arbiter().proxy_open(vm, &name),
+            move |h, late| {
+                if let Ok(hold) = late {
+                    let _ = h.arbiter().proxy_close(vm, hold.slot, hold.generation);
+                }
+            },
+        )
+        .unwrap_or(Err(Status::InsufficientResources))
     }
     fn close(&self, vm: PeerId, slot: ObjectSlot, generation: Generation) -> Result<(), Status> {
         self.call(move |h| h.arbiter().proxy_close(vm, slot, generation))
@@ -142,5 +184,64 @@ impl Arbitration for Bridge {
             h.arbiter().peer_gone(vm);
             h.release_id(vm);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Grant;
+    use vshm_format::layout::Layout;
+
+    /// The loop's side for a test: an arbiter and the ids it handed out and got back.
+    struct Loop {
+        arbiter: Arbiter<Region>,
+        next: u16,
+        released: Vec<PeerId>,
+    }
+
+    impl Host for Loop {
+        fn arbiter(&mut self) -> &mut Arbiter<Region> {
+            &mut self.arbiter
+        }
+        fn reserve_id(&mut self) -> Option<PeerId> {
+            self.next += 1;
+            Some(PeerId(self.next))
+        }
+        fn release_id(&mut self, id: PeerId) {
+            self.released.push(id);
+        }
+        fn grant(&mut self, id: PeerId) {
+            self.arbiter
+                .set_peer_grant(id, Grant::unrestricted("vhost-user"));
+        }
+    }
+
+    #[test]
+    fn a_call_the_loop_answers_after_its_caller_gave_up_leaves_nothing_behind() {
+        let region = Region::create(1 << 20, false, false).expect("region");
+        let layout = Layout::compute(1 << 20, 4, 8, 1, 4096).expect("layout");
+        let mut host = Loop {
+            arbiter: Arbiter::new(region, layout, 1, [0; 16]).expect("arbiter"),
+            next: 0,
+            released: Vec::new(),
+        };
+        let (bridge, jobs) = bridge_with_patience(Duration::from_millis(20)).expect("bridge");
+        let caller = std::thread::spawn(move || bridge.connect());
+        // The loop is busy past the caller's patience.
+        assert_eq!(caller.join().expect("caller"), Err(Status::InvalidHandle));
+        jobs.run(&mut host);
+        assert_eq!(host.released, vec![PeerId(1)], "the id went back");
+        let connected = host
+            .arbiter
+            .status()
+            .peers
+            .iter()
+            .filter(|p| p.connected)
+            .count();
+        assert_eq!(
+            connected, 0,
+            "no peer slot kept for a VM that never learnt of it"
+        );
     }
 }

@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{
     VhostUserMMap, VhostUserMMapFlags, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -54,6 +55,52 @@ const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const REQUEST_QUEUE: u16 = 0;
 const QUEUE_SIZE: usize = 256;
 
+/// Which peer the VM is in the namespace, kept apart from the device (whose lock a request
+/// holds for as long as it runs: a SHMEM_MAP the frontend never answers must not keep the
+/// VM's departure from being handled).
+#[derive(Debug, Default)]
+pub struct Membership {
+    id: Mutex<Option<PeerId>>,
+    retired: AtomicBool,
+}
+
+impl Membership {
+    /// The VM's peer id, if it has joined the namespace.
+    pub fn id(&self) -> Option<PeerId> {
+        *self
+            .id
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The VM disconnected: its device answers nothing more (a request still queued must
+    /// not act under an id the namespace may give to the next VM). Its id, to reclaim.
+    pub fn retire(&self) -> Option<PeerId> {
+        self.retired.store(true, Ordering::SeqCst);
+        self.id
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Records `id` unless the VM retired meanwhile (then the caller undoes the join).
+    fn join(&self, id: PeerId) -> bool {
+        let mut slot = self
+            .id
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.retired() {
+            return false;
+        }
+        *slot = Some(id);
+        true
+    }
+}
+
 /// One open handle of the VM: where its section sits in the window.
 #[derive(Debug, Clone, Copy)]
 struct Mapped {
@@ -71,7 +118,7 @@ pub struct VshmDevice {
     arbitration: Arc<dyn Arbitration>,
     /// The peer id the namespace knows this VM by, once it asked for something (a VM that
     /// never sends a request takes no peer slot).
-    vm: Option<PeerId>,
+    vm: Arc<Membership>,
     memfd: Arc<File>,
     config: DeviceConfig,
     window: Window,
@@ -82,8 +129,6 @@ pub struct VshmDevice {
     /// The channel to the frontend (SET_BACKEND_REQ_FD).
     frontend: Option<Backend>,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
-    /// The VM is gone ([`VshmDevice::retire`]).
-    retired: bool,
     event_idx: bool,
     acked: u64,
 }
@@ -91,7 +136,7 @@ pub struct VshmDevice {
 impl std::fmt::Debug for VshmDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VshmDevice")
-            .field("vm", &self.vm)
+            .field("vm", &self.vm.id())
             .field("config", &self.config)
             .field("handles", &self.handles.len())
             .field("frontend", &self.frontend.is_some())
@@ -109,7 +154,7 @@ impl VshmDevice {
     ) -> VshmDevice {
         VshmDevice {
             arbitration,
-            vm: None,
+            vm: Arc::new(Membership::default()),
             memfd,
             window: Window::new(config.window_size, config.page_size),
             config,
@@ -117,37 +162,36 @@ impl VshmDevice {
             next_key: u64::MAX / 2,
             frontend: None,
             mem: None,
-            retired: false,
             event_idx: false,
             acked: 0,
         }
     }
 
-    /// The VM's peer id, if it has joined the namespace.
-    pub fn vm(&self) -> Option<PeerId> {
-        self.vm
-    }
-
-    /// The VM disconnected: the device answers nothing more (a request still queued must
-    /// not act under an id the namespace may give to the next VM).
-    pub fn retire(&mut self) -> Option<PeerId> {
-        self.retired = true;
-        self.vm.take()
+    /// Which peer the VM is (shared with whoever handles its departure).
+    pub fn membership(&self) -> Arc<Membership> {
+        Arc::clone(&self.vm)
     }
 
     /// Answers one request (docs/VHOST-USER.md §5).
     pub fn answer(&mut self, req: &Request) -> Response {
-        if self.retired {
+        let gone = |req: &Request| {
             let mut r = mailbox::status_response(Status::InvalidHandle);
             r.resp_seq = req.req_seq;
-            return r;
+            r
+        };
+        if self.vm.retired() {
+            return gone(req);
         }
-        let vm = match self.vm {
+        let vm = match self.vm.id() {
             Some(vm) => vm,
             None => match self.arbitration.connect() {
+                Ok(vm) if !self.vm.join(vm) => {
+                    // It left while joining: nothing may stay in its name.
+                    self.arbitration.gone(vm);
+                    return gone(req);
+                }
                 Ok(vm) => {
                     tracing::info!(vm = vm.raw(), "a vhost-user VM joined the namespace");
-                    self.vm = Some(vm);
                     vm
                 }
                 Err(status) => {

@@ -158,7 +158,7 @@ pub fn listen(path: &Path) -> Result<Listener, VhostUserError> {
 /// vhost-user-backend's threads).
 pub struct Served {
     daemon: VhostUserDaemon<Arc<Mutex<device::VshmDevice>>>,
-    device: Arc<Mutex<device::VshmDevice>>,
+    membership: Arc<device::Membership>,
     arbitration: Arc<dyn Arbitration>,
 }
 
@@ -173,10 +173,7 @@ impl std::fmt::Debug for Served {
 impl Served {
     /// The VM's peer id, once it has joined the namespace.
     pub fn vm(&self) -> Option<PeerId> {
-        self.device
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .vm()
+        self.membership.id()
     }
 
     /// Serves until the frontend disconnects; then the namespace reclaims what the VM held.
@@ -188,11 +185,7 @@ impl Served {
         }
         // However it ended, nothing it held outlives it — and a request still queued in a
         // vring worker acts no more (the id may go to the next VM).
-        let vm = self
-            .device
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retire();
+        let vm = self.membership.retire();
         if let Some(vm) = vm {
             tracing::info!(vm = vm.raw(), "vhost-user VM disconnected");
             self.arbitration.gone(vm);
@@ -228,9 +221,13 @@ pub fn accept_one(
     });
     let daemon = started?;
     tracing::info!("a vhost-user VM connected");
+    let membership = device
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .membership();
     Ok(Served {
         daemon,
-        device,
+        membership,
         arbitration,
     })
 }
