@@ -9,7 +9,7 @@ use vshm_format::layout::{
 };
 use vshm_format::lease::{self, LeaseError, Released};
 use vshm_format::mailbox::{self, Refusal};
-use vshm_format::object::{self, ObjectInfo, PeerInfo};
+use vshm_format::object::{self, EntryError, ObjectInfo, PeerInfo};
 use vshm_format::shm::{read_pod, RawRegion, SharedMemory};
 use vshm_format::{
     revoke, sync, validate_name, Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset, Status,
@@ -26,6 +26,8 @@ const QUARANTINE_SLACK: Duration = Duration::from_millis(500);
 /// and hold). Each retry means another peer completed an operation, so this bounds only
 /// pathological contention.
 const RACE_RETRIES: u32 = 64;
+/// Looks at an entry the host is republishing (seqlock odd) before a hold gives up on it.
+const ENTRY_BUSY_RETRIES: u32 = 1 << 16;
 
 /// Test only: the pause an open takes inside its cell lock when `VSHM_TEST_PAUSE_IN_CELL_LOCK`
 /// is set (see `os::pause_forever`), so a test can kill a process there.
@@ -430,12 +432,26 @@ impl<T: Transport> Namespace<T> {
             }
             Err(e) => return Err(Error::Status(e.status())),
         }
-        // Our holder bit is set: the entry cannot change identity now. Validate it.
-        let info = match object::read_object(&self.mem(), &self.layout, slot) {
-            Ok(Some(info)) if info.generation == generation => info,
-            _ => {
-                let _ = self.release(slot, generation);
-                return Err(Error::Status(Status::InvalidHandle));
+        // Our holder bit is set: the entry cannot change identity now. Validate it — after
+        // the host has finished republishing it if it is doing so this instant (a grow, a
+        // delete, a heal keep the seqlock odd for a moment: not a reason to fail the open).
+        let mut busy = 0u32;
+        let info = loop {
+            match object::read_object(&self.mem(), &self.layout, slot) {
+                Ok(Some(info)) if info.generation == generation => break info,
+                Err(EntryError::Busy) if busy < ENTRY_BUSY_RETRIES => {
+                    busy += 1;
+                    core::hint::spin_loop();
+                    // The host may be off the CPU mid-publish: let it run.
+                    #[cfg(feature = "std")]
+                    if busy % 64 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+                _ => {
+                    let _ = self.release(slot, generation);
+                    return Err(Error::Status(Status::InvalidHandle));
+                }
             }
         };
         // Memory this process fenced off after a revocation and now holds anew: map it to

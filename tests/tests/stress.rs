@@ -185,3 +185,49 @@ fn threads_of_one_peer_open_and_close_the_same_sections_without_losing_a_handle(
             .is_some_and(Vec::is_empty)));
     });
 }
+
+/// Found in CI: an open that took its hold while vshmd was republishing the entry (a grow, a
+/// delete, a heal keep its seqlock odd for a moment) read the entry as busy and failed with
+/// STATUS_INVALID_HANDLE instead of looking again.
+#[test]
+fn opens_never_fail_while_the_host_republishes_the_entry_they_hold() {
+    watchdog(Duration::from_secs(60), || {
+        let b = Backend::start(&["--size", "16M"]);
+        let grower = b.connect();
+        let opener = b.connect();
+        let (s, _) = grower
+            .create(
+                Some("growing"),
+                &CreateOptions {
+                    max_size: 8 << 20,
+                    initial_size: 4096,
+                    persistent: true,
+                },
+            )
+            .expect("create");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let mut invalid = 0u32;
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                let mut size = 4096u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && size < (8 << 20) {
+                    size += 4096;
+                    s.grow(size).expect("grow");
+                }
+            });
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(2) {
+                match opener.open("growing") {
+                    Ok(h) => h.close().expect("close"),
+                    Err(e) if e.status() == Status::InvalidHandle => invalid += 1,
+                    Err(e) => panic!("open: {e}"),
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        assert_eq!(
+            invalid, 0,
+            "opens failed while the host republished the entry"
+        );
+    });
+}
