@@ -32,26 +32,11 @@ use super::window::Window;
 use super::{config_bytes, Arbitration, DeviceConfig};
 use crate::arbiter::ProxyHold;
 
-/// Device feature bit: events on queue 1 (not offered yet).
-pub const VSHM_F_EVENTQ: u64 = 1 << 0;
-/// Device feature bit: OPEN/CREATE accept [`OPEN_READ_ONLY`].
-pub const VSHM_F_READ_ONLY: u64 = 1 << 1;
-/// Request flag (bit 8 of `flags`): map the section read-only.
-pub const OPEN_READ_ONLY: u32 = 1 << 8;
-/// Operation: open an object by name (docs/VHOST-USER.md §5.1).
-pub const OP_OPEN: u32 = 8;
-/// Operation: close a handle (`size` = the window offset its open returned).
-pub const OP_CLOSE: u32 = 9;
-/// Most handles one VM may have open at once (each costs vshmd memory, events and mutexes no
-/// window space).
-pub const MAX_HANDLES: usize = 4096;
-/// Byte of the response holding `map_flags` (the first reserved byte).
-pub const RESP_MAP_FLAGS_OFF: usize = 72;
-/// `map_flags` bit: the mapping is writable.
-pub const MAP_WRITABLE: u32 = 1;
-
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub use vshm_format::virtio::{
+    MAP_WRITABLE, MAX_HANDLES, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, RESP_MAP_FLAGS_OFF,
+    VSHM_F_EVENTQ, VSHM_F_READ_ONLY,
+};
+use vshm_format::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 const REQUEST_QUEUE: u16 = 0;
 const QUEUE_SIZE: usize = 256;
 

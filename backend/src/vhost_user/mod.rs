@@ -28,27 +28,11 @@ use crate::region::Region;
 /// Default size of a VM's window (`--vhost-user PATH[,window=SIZE]`).
 pub const DEFAULT_WINDOW: u64 = 256 << 20;
 
-/// What a VM's device reports in its config space (docs/VHOST-USER.md §4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeviceConfig {
-    /// Bytes of shared-memory region 0.
-    pub window_size: u64,
-    /// Granularity of window offsets and mappings.
-    pub page_size: u64,
-    /// `backend_epoch`.
-    pub region_epoch: u64,
-}
+pub use vshm_format::virtio::DeviceConfig;
 
 /// The 32 config-space bytes (little-endian, docs/VHOST-USER.md §4).
 pub fn config_bytes(c: &DeviceConfig) -> [u8; 32] {
-    let mut b = [0u8; 32];
-    b[0..8].copy_from_slice(&c.window_size.to_le_bytes());
-    b[8..16].copy_from_slice(&c.page_size.to_le_bytes());
-    b[16..20].copy_from_slice(&vshm_format::layout::FORMAT_VERSION.to_le_bytes());
-    let max_name = u32::try_from(vshm_format::layout::MAX_NAME_BYTES).unwrap_or(u32::MAX);
-    b[20..24].copy_from_slice(&max_name.to_le_bytes());
-    b[24..32].copy_from_slice(&c.region_epoch.to_le_bytes());
-    b
+    c.to_bytes()
 }
 
 /// What a VM's device asks of the namespace (see the module).

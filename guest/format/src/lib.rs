@@ -4,8 +4,8 @@
 //! dependency on sockets, PCI or an operating system (`no_std`): the byte-exact layout
 //! ([`layout`]), NTSTATUS codes ([`Status`]), name rules ([`name`]), checked volatile access
 //! ([`shm`]), object-table snapshots ([`object`]), the peer table ([`peer`]), the lock-free open/close protocol
-//! ([`lease`]), the request mailboxes ([`mailbox`]), revocation and quarantine ([`revoke`]) and the block allocator inside a section
-//! ([`blocks`]). docs/FORMAT.md is the prose spec.
+//! ([`lease`]), the request mailboxes ([`mailbox`]), revocation and quarantine ([`revoke`]) the block allocator inside a section
+//! ([`blocks`]) and the numbers of the vshm virtio device ([`virtio`]). docs/FORMAT.md is the prose spec.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![warn(missing_docs)]
 
@@ -26,6 +26,7 @@ mod sync_attacks;
 pub mod units;
 #[cfg(feature = "std")]
 pub mod version;
+pub mod virtio;
 
 pub use ids::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
 pub use name::{name_hash, validate_name, NameError};
