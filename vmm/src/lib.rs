@@ -1,31 +1,66 @@
-//! `vshm-vmm`: a minimal KVM VMM on rust-vmm crates (issue 11, in progress). This first
-//! step runs a freestanding 64-bit guest: guest RAM from vm-memory, one vCPU put straight
-//! into long mode (identity-mapped page tables and a flat GDT set up by the VMM), a serial
-//! port that collects what the guest writes to 0x3F8, and an exit port (0xF4, as QEMU's
-//! isa-debug-exit) through which the guest ends the run with a status. With the in-kernel
-//! irqchip absent, HLT exits to user space too and ends the run.
+//! `vshm-vmm`: a minimal KVM VMM on rust-vmm crates (issue 11). It runs a freestanding
+//! 64-bit guest: guest RAM from vm-memory (a memfd, so a vhost-user backend can map it), one
+//! vCPU put straight into long mode (identity-mapped page tables for the first 8 GiB and a
+//! flat GDT set up by the VMM), a flat image or an ELF (linux-loader) at 1 MiB, a serial port
+//! that collects what the guest writes to 0x3F8, an exit port (0xF4, as QEMU's
+//! isa-debug-exit) through which the guest ends the run with a status, and a PCI bus
+//! ([`pci`]) with, when asked, the vshm device ([`vshm_device`]) whose virtio half is vshmd's
+//! vhost-user device and whose shared-memory window ([`window`]) shows exactly the sections
+//! the guest opened. Without the in-kernel irqchip, HLT exits to user space and ends the run.
 //!
-//! Still to come (docs/VHOST-USER.md): the PCI host bridge, the virtio-pci frontend of the
-//! vshm device with its shared-memory BAR, the ivshmem device model, bzImage boot.
+//! The guest's contract (where things are) is in guest/freestanding/README.md.
+
+pub mod pci;
+pub mod vshm_device;
+pub mod window;
 
 use std::fmt;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use linux_loader::loader::{Elf, KernelLoader};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
-/// Where the guest's code is loaded and starts.
+use pci::{Access, PciBus};
+use vshm_device::{Placement, VshmPci};
+use window::Window;
+
+/// Where a flat guest's code is loaded and starts; an ELF guest is linked here.
 pub const ENTRY: u64 = 0x10_0000;
 /// The serial port's data register the guest writes its output to.
 pub const SERIAL_PORT: u16 = 0x3F8;
+/// The serial port's line status register: always "transmitter empty" here.
+pub const SERIAL_LSR: u16 = 0x3FD;
 /// A byte written here ends the run with that status (QEMU's isa-debug-exit port).
 pub const EXIT_PORT: u16 = 0xF4;
+/// Where the VMM puts the guest's argument string (NUL-terminated).
+pub const ARGS_ADDR: u64 = 0x7000;
+/// The longest argument string, its NUL included.
+pub const ARGS_MAX: usize = 4096;
+/// Guest-physical addresses below this are identity-mapped for the guest.
+pub const IDENTITY_MAPPED: u64 = 8 << 30;
+/// The vshm device's BAR 0 (virtio registers).
+pub const VSHM_BAR0: u64 = 0xE000_0000;
+/// The vshm device's BAR 4 (the shared-memory window).
+pub const VSHM_WINDOW: u64 = 4 << 30;
+/// The largest window the layout has room for (up to [`IDENTITY_MAPPED`]).
+pub const MAX_WINDOW: u64 = IDENTITY_MAPPED - VSHM_WINDOW;
 
 const GDT: u64 = 0x500;
 const PML4: u64 = 0x9000;
 const PDPT: u64 = 0xA000;
 const PD: u64 = 0xB000;
 const STACK_TOP: u64 = 0x8_0000;
+/// KVM slot of guest RAM; the window's slots follow.
+const RAM_SLOT: u32 = 0;
+const WINDOW_SLOTS: (u32, u32) = (1, 1 + 8192);
 
 /// Why the VMM could not run a guest.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +87,18 @@ pub enum VmmError {
         /// What fits.
         max: u64,
     },
+    /// An ELF guest linux-loader refused.
+    #[error("the guest is not a loadable ELF: {0}")]
+    Elf(String),
+    /// The argument string is too long or holds a NUL.
+    #[error("the guest's arguments are {len} bytes (at most {} without NUL bytes)", ARGS_MAX - 1)]
+    Args {
+        /// Their length.
+        len: usize,
+    },
+    /// The vshm device.
+    #[error(transparent)]
+    Device(#[from] vshm_device::DeviceError),
     /// The guest stopped in a way the VMM does not handle.
     #[error("the guest stopped: {0}")]
     Stopped(String),
@@ -81,18 +128,33 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// A VM with one vCPU in long mode and `mem_size` bytes of RAM from address 0.
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Bytes of RAM from address 0.
+    pub mem_size: u64,
+    /// vshmd's vhost-user socket: attach the vshm device.
+    pub vshm: Option<PathBuf>,
+    /// The argument string put at [`ARGS_ADDR`].
+    pub args: Vec<u8>,
+}
+
+/// A VM with one vCPU in long mode and RAM from address 0.
 pub struct Vm {
     _kvm: Kvm,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     vcpu: VcpuFd,
     mem: GuestMemoryMmap,
+    bus: PciBus,
+    vshm_window: Option<Arc<Mutex<Window>>>,
+    echo: Option<Box<dyn Write + Send>>,
 }
 
 impl fmt::Debug for Vm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Vm")
             .field("mem", &self.mem.last_addr())
+            .field("bus", &self.bus)
             .finish_non_exhaustive()
     }
 }
@@ -105,67 +167,172 @@ fn mem_err(e: impl fmt::Display) -> VmmError {
     VmmError::Memory(e.to_string())
 }
 
+/// Guest RAM in a memfd (a vhost-user backend maps it through the fd).
+fn ram(size: u64) -> Result<GuestMemoryMmap, VmmError> {
+    let len = usize::try_from(size).map_err(mem_err)?;
+    // SAFETY: memfd_create with a NUL-terminated name; the returned fd is checked.
+    let fd = unsafe { libc::memfd_create(c"vshm-vmm-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(mem_err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(mem_err)?;
+    GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+        GuestAddress(0),
+        len,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .map_err(mem_err)
+}
+
 impl Vm {
     /// Creates the VM and loads `image` (flat 64-bit code) at [`ENTRY`], where it starts.
     pub fn new(mem_size: u64, image: &[u8]) -> Result<Vm, VmmError> {
+        let vm = Vm::create(&VmConfig {
+            mem_size,
+            vshm: None,
+            args: Vec::new(),
+        })?;
+        vm.load_flat(image)?;
+        vm.start_at(ENTRY)?;
+        Ok(vm)
+    }
+
+    /// Creates the VM with its RAM, vCPU, page tables, arguments and devices; load an image
+    /// and [`Vm::start_at`] its entry next.
+    pub fn create(config: &VmConfig) -> Result<Vm, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
-        let vm = kvm.create_vm().map_err(failed("create the VM"))?;
-        let len = usize::try_from(mem_size).map_err(mem_err)?;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), len)]).map_err(mem_err)?;
-        for (slot, region) in (0u32..).zip(mem.iter()) {
+        let vm = Arc::new(kvm.create_vm().map_err(failed("create the VM"))?);
+        let mem = ram(config.mem_size)?;
+        for region in mem.iter() {
             let host = mem.get_host_address(region.start_addr()).map_err(mem_err)? as u64;
             let r = kvm_userspace_memory_region {
-                slot,
+                slot: RAM_SLOT,
                 flags: 0,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host,
             };
             // SAFETY: the region is mapped for as long as `mem` lives, which outlives the VM
-            // (both are fields of the returned `Vm`, `mem` dropped last).
+            // (both are fields of the returned `Vm`; the VM fd is closed when the last Arc
+            // of it, held by the devices also owned by `Vm`, goes).
             unsafe { vm.set_user_memory_region(r) }.map_err(failed("map guest memory"))?;
         }
-        let max = mem_size.saturating_sub(ENTRY);
-        if image.len() as u64 > max {
-            return Err(VmmError::TooLarge {
-                len: image.len(),
-                max,
+        if config.args.len() >= ARGS_MAX || config.args.contains(&0) {
+            return Err(VmmError::Args {
+                len: config.args.len(),
             });
         }
-        mem.write_slice(image, GuestAddress(ENTRY))
+        let mut args = config.args.clone();
+        args.push(0);
+        mem.write_slice(&args, GuestAddress(ARGS_ADDR))
             .map_err(mem_err)?;
         let vcpu = vm.create_vcpu(0).map_err(failed("create the vCPU"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(failed("read the supported CPUID"))?;
         vcpu.set_cpuid2(&cpuid).map_err(failed("set CPUID"))?;
+        let mut bus = PciBus::new();
+        let vshm_window = match &config.vshm {
+            Some(path) => {
+                let dev = VshmPci::connect(
+                    path,
+                    Arc::clone(&vm),
+                    mem.clone(),
+                    Placement {
+                        bar0: VSHM_BAR0,
+                        bar4: VSHM_WINDOW,
+                        slots: WINDOW_SLOTS,
+                    },
+                )?;
+                let window = dev.window();
+                bus.add(Box::new(dev))
+                    .map_err(vshm_device::DeviceError::from)?;
+                Some(window)
+            }
+            None => None,
+        };
         let this = Vm {
             _kvm: kvm,
             _vm: vm,
             vcpu,
             mem,
+            bus,
+            vshm_window,
+            echo: None,
         };
-        this.long_mode()?;
+        this.page_tables()?;
         Ok(this)
     }
 
-    /// Identity-maps the first GiB with 2 MiB pages, loads a flat GDT and puts the vCPU in
-    /// 64-bit mode at [`ENTRY`].
-    fn long_mode(&self) -> Result<(), VmmError> {
+    /// Also writes the guest's serial output to `sink` as it comes.
+    pub fn echo_serial(&mut self, sink: Box<dyn Write + Send>) {
+        self.echo = Some(sink);
+    }
+
+    /// The vshm device's window mappings: (window offset, length, writable).
+    pub fn vshm_mappings(&self) -> Vec<(u64, u64, bool)> {
+        self.vshm_window.as_ref().map_or_else(Vec::new, |w| {
+            w.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .mappings()
+        })
+    }
+
+    /// Loads flat code at [`ENTRY`].
+    pub fn load_flat(&self, image: &[u8]) -> Result<(), VmmError> {
+        let max = self
+            .mem
+            .last_addr()
+            .0
+            .saturating_add(1)
+            .saturating_sub(ENTRY);
+        if image.len() as u64 > max {
+            return Err(VmmError::TooLarge {
+                len: image.len(),
+                max,
+            });
+        }
+        self.mem
+            .write_slice(image, GuestAddress(ENTRY))
+            .map_err(mem_err)
+    }
+
+    /// Loads an ELF executable (linux-loader) and returns its entry point.
+    pub fn load_elf(&self, file: &mut File) -> Result<u64, VmmError> {
+        let r = Elf::load(&self.mem, None, file, Some(GuestAddress(ENTRY)))
+            .map_err(|e| VmmError::Elf(e.to_string()))?;
+        Ok(r.kernel_load.0)
+    }
+
+    /// Identity-maps the first [`IDENTITY_MAPPED`] bytes with 2 MiB pages and writes a flat
+    /// GDT.
+    fn page_tables(&self) -> Result<(), VmmError> {
         let m = &self.mem;
         m.write_obj(PDPT | 0x3, GuestAddress(PML4))
             .map_err(mem_err)?;
-        m.write_obj(PD | 0x3, GuestAddress(PDPT)).map_err(mem_err)?;
-        for i in 0..512u64 {
-            // Present, writable, 2 MiB page.
-            m.write_obj((i << 21) | 0x83, GuestAddress(PD + i * 8))
+        for gib in 0..IDENTITY_MAPPED >> 30 {
+            let pd = PD + gib * 0x1000;
+            m.write_obj(pd | 0x3, GuestAddress(PDPT + gib * 8))
                 .map_err(mem_err)?;
+            for i in 0..512u64 {
+                // Present, writable, 2 MiB page.
+                let addr = (gib << 30) | (i << 21);
+                m.write_obj(addr | 0x83, GuestAddress(pd + i * 8))
+                    .map_err(mem_err)?;
+            }
         }
         let gdt: [u64; 3] = [0, 0x00AF_9B00_0000_FFFF, 0x00CF_9300_0000_FFFF];
         for (i, e) in gdt.iter().enumerate() {
             m.write_obj(*e, GuestAddress(GDT + 8 * i as u64))
                 .map_err(mem_err)?;
         }
+        Ok(())
+    }
+
+    /// Puts the vCPU in 64-bit mode at `entry` with the stack below 0x80000.
+    pub fn start_at(&self, entry: u64) -> Result<(), VmmError> {
         let mut sregs = self.vcpu.get_sregs().map_err(failed("read sregs"))?;
         let code = kvm_segment {
             base: 0,
@@ -194,14 +361,14 @@ impl Vm {
         sregs.gs = data;
         sregs.ss = data;
         sregs.gdt.base = GDT;
-        sregs.gdt.limit = u16::try_from(gdt.len() * 8 - 1).unwrap_or(u16::MAX);
+        sregs.gdt.limit = 3 * 8 - 1;
         sregs.cr3 = PML4;
         sregs.cr4 |= 1 << 5; // PAE
         sregs.cr0 |= 1 | (1 << 31); // PE, PG
         sregs.efer |= (1 << 8) | (1 << 10); // LME, LMA
         self.vcpu.set_sregs(&sregs).map_err(failed("set sregs"))?;
         let regs = kvm_regs {
-            rip: ENTRY,
+            rip: entry,
             rsp: STACK_TOP,
             rflags: 2,
             ..Default::default()
@@ -220,12 +387,34 @@ impl Vm {
         while out.exits < max_exits {
             out.exits += 1;
             match self.vcpu.run().map_err(failed("run the vCPU"))? {
-                VcpuExit::IoOut(SERIAL_PORT, data) => out.serial.extend_from_slice(data),
+                VcpuExit::IoOut(SERIAL_PORT, data) => {
+                    out.serial.extend_from_slice(data);
+                    if let Some(echo) = &mut self.echo {
+                        let _ = echo.write_all(data);
+                        let _ = echo.flush();
+                    }
+                }
                 VcpuExit::IoOut(EXIT_PORT, data) => {
                     out.status = Some(data.first().copied().unwrap_or(0));
                     return Ok(out);
                 }
-                VcpuExit::IoOut(_, _) | VcpuExit::IoIn(_, _) => {}
+                VcpuExit::IoIn(SERIAL_LSR, data) => data.fill(0x60),
+                VcpuExit::IoOut(port, data) if PciBus::owns_port(port) => {
+                    self.bus.pio_write(port, data);
+                }
+                VcpuExit::IoIn(port, data) if PciBus::owns_port(port) => {
+                    self.bus.pio_read(port, data);
+                }
+                VcpuExit::IoOut(_, _) => {}
+                VcpuExit::IoIn(_, data) => data.fill(0xFF),
+                VcpuExit::MmioRead(addr, data) => {
+                    if !self.bus.mmio(addr, Access::Read(data)) {
+                        data.fill(0xFF);
+                    }
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    self.bus.mmio(addr, Access::Write(data));
+                }
                 VcpuExit::Hlt => return Ok(out),
                 other => return Err(VmmError::Stopped(format!("{other:?}"))),
             }

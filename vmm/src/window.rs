@@ -1,0 +1,360 @@
+//! The vshm device's shared-memory window (BAR 4): what the backend maps there with
+//! SHMEM_MAP becomes an mmap of its fd plus a KVM memory slot at the window's guest address,
+//! read-only (`KVM_MEM_READONLY`) unless the backend said writable; SHMEM_UNMAP removes both.
+//!
+//! One slot per mapping rather than one slot over the whole window with pages replaced under
+//! it: a slot is the only way to make a range read-only to the guest (a write to a read-only
+//! host mapping inside a writable slot fails the vCPU's run with EFAULT), and a window page
+//! with no slot exits to the VMM, which reads it as zero and drops writes — so an unmapped
+//! page can never show the old data or anyone else's.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::VmFd;
+
+/// Why a map or unmap was refused (the frontend answers the backend with a failure).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    /// Offsets and lengths are multiples of the page size, lengths non-zero.
+    #[error("window range {offset:#x}+{len:#x} (file offset {fd_offset:#x}) is not page-aligned or empty")]
+    Unaligned {
+        /// Window offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// File offset.
+        fd_offset: u64,
+    },
+    /// The range goes past the window.
+    #[error("window range {offset:#x}+{len:#x} is outside the {size:#x}-byte window")]
+    OutOfWindow {
+        /// Window offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// The window's size.
+        size: u64,
+    },
+    /// The range overlaps a mapping already there.
+    #[error("window range {offset:#x}+{len:#x} overlaps the mapping at {existing:#x}")]
+    Overlap {
+        /// Window offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// The mapping in the way.
+        existing: u64,
+    },
+    /// mmap failed.
+    #[error("mmap of {len:#x} bytes at file offset {fd_offset:#x}: {errno}")]
+    Mmap {
+        /// Length.
+        len: u64,
+        /// File offset.
+        fd_offset: u64,
+        /// The OS error.
+        errno: String,
+    },
+    /// The KVM slot could not be set.
+    #[error("KVM memory slot {slot}: {errno}")]
+    Slot {
+        /// Which slot.
+        slot: u32,
+        /// The error.
+        errno: String,
+    },
+    /// Every KVM memory slot the window may use is taken.
+    #[error("no free KVM memory slot for the window")]
+    NoSlot,
+}
+
+struct Mapping {
+    len: u64,
+    file: Arc<File>,
+    fd_offset: u64,
+    writable: bool,
+    host: usize,
+    slot: u32,
+}
+
+/// The window and its mappings.
+pub struct Window {
+    vm: Arc<VmFd>,
+    base: u64,
+    size: u64,
+    page: u64,
+    maps: BTreeMap<u64, Mapping>,
+    free_slots: Vec<u32>,
+    next_slot: u32,
+    max_slot: u32,
+}
+
+impl fmt::Debug for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Window")
+            .field("base", &format_args!("{:#x}", self.base))
+            .field("size", &self.size)
+            .field("mappings", &self.maps.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(p).unwrap_or(4096)
+}
+
+impl Window {
+    /// A window of `size` bytes at guest address `base`, its slots taken from `first_slot`
+    /// up to (not including) `end_slot`.
+    pub fn new(vm: Arc<VmFd>, base: u64, size: u64, first_slot: u32, end_slot: u32) -> Window {
+        Window {
+            vm,
+            base,
+            size,
+            page: page_size(),
+            maps: BTreeMap::new(),
+            free_slots: Vec::new(),
+            next_slot: first_slot,
+            max_slot: end_slot,
+        }
+    }
+
+    /// The window's guest address.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Whether guest address `gpa` lies in the window.
+    pub fn contains(&self, gpa: u64) -> bool {
+        gpa.checked_sub(self.base).is_some_and(|o| o < self.size)
+    }
+
+    /// The mapped ranges: (window offset, length, writable).
+    pub fn mappings(&self) -> Vec<(u64, u64, bool)> {
+        self.maps
+            .iter()
+            .map(|(o, m)| (*o, m.len, m.writable))
+            .collect()
+    }
+
+    fn take_slot(&mut self) -> Result<u32, WindowError> {
+        if let Some(s) = self.free_slots.pop() {
+            return Ok(s);
+        }
+        if self.next_slot >= self.max_slot {
+            return Err(WindowError::NoSlot);
+        }
+        self.next_slot += 1;
+        Ok(self.next_slot - 1)
+    }
+
+    fn set_slot(
+        &self,
+        slot: u32,
+        gpa: u64,
+        len: u64,
+        host: usize,
+        writable: bool,
+    ) -> Result<(), WindowError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: if writable { 0 } else { KVM_MEM_READONLY },
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` is a live mapping of `len` bytes owned by this window until the
+        // slot is deleted (memory_size 0) in `drop_mapping`, which happens before munmap.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| WindowError::Slot {
+            slot,
+            errno: e.to_string(),
+        })
+    }
+
+    /// SHMEM_MAP: `len` bytes of `file` at `fd_offset` at window offset `offset`.
+    pub fn map(
+        &mut self,
+        offset: u64,
+        len: u64,
+        file: Arc<File>,
+        fd_offset: u64,
+        writable: bool,
+    ) -> Result<(), WindowError> {
+        let unaligned = WindowError::Unaligned {
+            offset,
+            len,
+            fd_offset,
+        };
+        if len == 0 || offset % self.page != 0 || len % self.page != 0 || fd_offset % self.page != 0
+        {
+            return Err(unaligned);
+        }
+        let end = offset.checked_add(len).filter(|e| *e <= self.size).ok_or(
+            WindowError::OutOfWindow {
+                offset,
+                len,
+                size: self.size,
+            },
+        )?;
+        if let Some((o, _)) = self
+            .maps
+            .range(..end)
+            .next_back()
+            .filter(|(o, m)| **o + m.len > offset)
+        {
+            return Err(WindowError::Overlap {
+                offset,
+                len,
+                existing: *o,
+            });
+        }
+        let gpa = self
+            .base
+            .checked_add(offset)
+            .ok_or(WindowError::OutOfWindow {
+                offset,
+                len,
+                size: self.size,
+            })?;
+        let m = self.install(gpa, len, file, fd_offset, writable)?;
+        self.maps.insert(offset, m);
+        Ok(())
+    }
+
+    fn install(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        file: Arc<File>,
+        fd_offset: u64,
+        writable: bool,
+    ) -> Result<Mapping, WindowError> {
+        let mmap_err = |e: std::io::Error| WindowError::Mmap {
+            len,
+            fd_offset,
+            errno: e.to_string(),
+        };
+        let size = usize::try_from(len)
+            .map_err(|_| mmap_err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
+        let off = libc::off_t::try_from(fd_offset)
+            .map_err(|_| mmap_err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: a fresh shared mapping of the backend's fd, placed where the kernel likes;
+        // nothing else is at that address, and it is unmapped only in `drop_mapping`.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                prot,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            return Err(mmap_err(std::io::Error::last_os_error()));
+        }
+        let host = host as usize;
+        let slot = match self.take_slot() {
+            Ok(s) => s,
+            Err(e) => {
+                unmap_host(host, len);
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.set_slot(slot, gpa, len, host, writable) {
+            unmap_host(host, len);
+            self.free_slots.push(slot);
+            return Err(e);
+        }
+        Ok(Mapping {
+            len,
+            file,
+            fd_offset,
+            writable,
+            host,
+            slot,
+        })
+    }
+
+    fn drop_mapping(&mut self, m: Mapping) {
+        // Delete the slot first: the guest must not reach the pages once they are unmapped.
+        if self.set_slot(m.slot, 0, 0, 0, true).is_ok() {
+            unmap_host(m.host, m.len);
+            self.free_slots.push(m.slot);
+        } else {
+            // The slot could not be deleted: keep the pages mapped (the guest still reaches
+            // them through it) and the slot taken, rather than let KVM point at freed memory.
+            std::mem::forget(m);
+        }
+    }
+
+    /// SHMEM_UNMAP: every mapping that intersects `offset..offset+len` leaves the window; the
+    /// parts of them outside the range are mapped again.
+    pub fn unmap(&mut self, offset: u64, len: u64) -> Result<(), WindowError> {
+        let end = offset.checked_add(len).filter(|e| *e <= self.size).ok_or(
+            WindowError::OutOfWindow {
+                offset,
+                len,
+                size: self.size,
+            },
+        )?;
+        let hit: Vec<u64> = self
+            .maps
+            .range(..end)
+            .filter(|(o, m)| **o + m.len > offset)
+            .map(|(o, _)| *o)
+            .collect();
+        for o in hit {
+            let Some(m) = self.maps.remove(&o) else {
+                continue;
+            };
+            let (file, fd_offset, mlen, writable) =
+                (Arc::clone(&m.file), m.fd_offset, m.len, m.writable);
+            self.drop_mapping(m);
+            if o < offset {
+                self.map(o, offset - o, Arc::clone(&file), fd_offset, writable)?;
+            }
+            if o + mlen > end {
+                self.map(end, o + mlen - end, file, fd_offset + (end - o), writable)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The guest moved the BAR: every slot follows.
+    pub fn relocate(&mut self, base: u64) -> Result<(), WindowError> {
+        self.base = base;
+        for (o, m) in &self.maps {
+            self.set_slot(m.slot, 0, 0, 0, true)?;
+            self.set_slot(m.slot, base + o, m.len, m.host, m.writable)?;
+        }
+        Ok(())
+    }
+}
+
+fn unmap_host(host: usize, len: u64) {
+    // SAFETY: `host` is a mapping of `len` bytes this window made and no slot refers to.
+    unsafe {
+        libc::munmap(
+            host as *mut libc::c_void,
+            usize::try_from(len).unwrap_or(usize::MAX),
+        )
+    };
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        let maps = std::mem::take(&mut self.maps);
+        for (_, m) in maps {
+            self.drop_mapping(m);
+        }
+    }
+}
