@@ -266,6 +266,16 @@ impl Vm {
         Ok(this)
     }
 
+    /// The PCI bus (a test can act as the guest's driver through it).
+    pub fn pci(&mut self) -> &mut PciBus {
+        &mut self.bus
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
     /// Also writes the guest's serial output to `sink` as it comes.
     pub fn echo_serial(&mut self, sink: Box<dyn Write + Send>) {
         self.echo = Some(sink);
