@@ -299,6 +299,13 @@ impl Window {
     /// SHMEM_UNMAP: every mapping that intersects `offset..offset+len` leaves the window; the
     /// parts of them outside the range are mapped again.
     pub fn unmap(&mut self, offset: u64, len: u64) -> Result<(), WindowError> {
+        if len == 0 || offset % self.page != 0 || len % self.page != 0 {
+            return Err(WindowError::Unaligned {
+                offset,
+                len,
+                fd_offset: 0,
+            });
+        }
         let end = offset.checked_add(len).filter(|e| *e <= self.size).ok_or(
             WindowError::OutOfWindow {
                 offset,
@@ -356,5 +363,95 @@ impl Drop for Window {
         for (_, m) in maps {
             self.drop_mapping(m);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    fn window() -> Option<(Window, Arc<File>)> {
+        let kvm = kvm_ioctls::Kvm::new().ok()?;
+        let vm = Arc::new(kvm.create_vm().ok()?);
+        // SAFETY: a valid name; the fd is checked and then owned by the File.
+        let fd = unsafe { libc::memfd_create(c"window-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(1 << 20).expect("size");
+        Some((Window::new(vm, 1 << 32, 1 << 20, 1, 16), Arc::new(file)))
+    }
+
+    #[test]
+    fn mappings_must_be_page_aligned_inside_the_window_and_must_not_overlap() {
+        let Some((mut w, f)) = window() else {
+            eprintln!("skipped: no /dev/kvm");
+            return;
+        };
+        let p = w.page;
+        assert!(matches!(
+            w.map(1, p, Arc::clone(&f), 0, true),
+            Err(WindowError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            w.map((1 << 20) - p, 2 * p, Arc::clone(&f), 0, true),
+            Err(WindowError::OutOfWindow { .. })
+        ));
+        assert!(matches!(
+            w.map(u64::MAX - p + 1, p, Arc::clone(&f), 0, true),
+            Err(WindowError::OutOfWindow { .. })
+        ));
+        w.map(4 * p, 4 * p, Arc::clone(&f), 0, true).expect("map");
+        assert_eq!(
+            w.map(7 * p, 2 * p, Arc::clone(&f), 0, true),
+            Err(WindowError::Overlap {
+                offset: 7 * p,
+                len: 2 * p,
+                existing: 4 * p
+            })
+        );
+        w.map(8 * p, p, Arc::clone(&f), 0, false).expect("adjacent");
+        assert_eq!(w.mappings(), vec![(4 * p, 4 * p, true), (8 * p, p, false)]);
+    }
+
+    #[test]
+    fn unmapping_the_middle_of_a_mapping_keeps_both_ends_and_frees_slots() {
+        let Some((mut w, f)) = window() else {
+            eprintln!("skipped: no /dev/kvm");
+            return;
+        };
+        let p = w.page;
+        w.map(0, 8 * p, Arc::clone(&f), 16 * p, true).expect("map");
+        w.unmap(2 * p, 2 * p).expect("unmap");
+        assert_eq!(w.mappings(), vec![(0, 2 * p, true), (4 * p, 4 * p, true)]);
+        assert!(matches!(
+            w.unmap(p + 1, p),
+            Err(WindowError::Unaligned { .. })
+        ));
+        w.unmap(0, 8 * p).expect("unmap all");
+        assert!(w.mappings().is_empty());
+        // Slots come back: more maps than the window has slots, one at a time.
+        for _ in 0..40 {
+            w.map(0, p, Arc::clone(&f), 0, true).expect("map again");
+            w.unmap(0, p).expect("unmap again");
+        }
+    }
+
+    #[test]
+    fn a_window_with_no_slot_left_refuses_the_map_and_keeps_the_others() {
+        let Some((mut w, f)) = window() else {
+            eprintln!("skipped: no /dev/kvm");
+            return;
+        };
+        let p = w.page;
+        for i in 0..15 {
+            w.map(i * p, p, Arc::clone(&f), 0, true).expect("map");
+        }
+        assert_eq!(
+            w.map(15 * p, p, Arc::clone(&f), 0, true),
+            Err(WindowError::NoSlot)
+        );
+        assert_eq!(w.mappings().len(), 15);
     }
 }

@@ -31,23 +31,23 @@ const DAEMON_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The built binaries and the paths of one vshmd instance.
 #[derive(Debug)]
-struct Setup {
-    vshm: PathBuf,
-    vshmctl: PathBuf,
-    socket: PathBuf,
-    control: PathBuf,
+pub(crate) struct Setup {
+    pub(crate) vshm: PathBuf,
+    pub(crate) vshmctl: PathBuf,
+    pub(crate) socket: PathBuf,
+    pub(crate) control: PathBuf,
 }
 
 impl Setup {
     /// `vshm --socket <socket> <args>`.
-    fn vshm(&self, args: &[&str]) -> Command {
+    pub(crate) fn vshm(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.vshm);
         cmd.arg("--socket").arg(&self.socket).args(args);
         cmd
     }
 
     /// `vshmctl --control <control> <args>`.
-    fn vshmctl(&self, args: &[&str]) -> Command {
+    pub(crate) fn vshmctl(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.vshmctl);
         cmd.arg("--control").arg(&self.control).args(args);
         cmd
@@ -274,7 +274,7 @@ fn session(
 }
 
 /// Polls `vshmctl status --json` until it answers; fails if vshmd exits or the time is up.
-fn wait_until_up(setup: &Setup, vshmd: &mut KillOnDrop) -> Result<()> {
+pub(crate) fn wait_until_up(setup: &Setup, vshmd: &mut KillOnDrop) -> Result<()> {
     let started = Instant::now();
     loop {
         if let Some(status) = vshmd

@@ -10,6 +10,7 @@
 
 mod ci;
 mod demo;
+mod demo_vhost;
 mod dist;
 mod dist_check;
 mod images;
@@ -35,6 +36,9 @@ tasks:
           cargo-fuzz if missing) for FUZZ_SECONDS (default 10) seconds
   demo    start vshmd in a temporary directory and let two host-process peers
           (the vshm CLI) share a section; show vshmctl status; shut down cleanly
+          --vhost-user: two vshm-vmm VMs (the freestanding guest) and a host
+          process share a section through the vshm virtio device; each VM sees
+          only what it opened; killing a VMM reclaims its holds
   dist    release binaries, man pages, completions and the Debian package
           target/dist/vshm_<version>_<arch>.deb (packaging/).
           --check: then install it with apt-get, run vshmd from it as user
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
     let task = match args.as_slice() {
         [t] if ["test", "demo", "images", "fuzz", "chaos"].contains(&t.as_str()) => t.as_str(),
         [t, l] if t == "chaos" && l == "--long" => "chaos --long",
+        [t, v] if t == "demo" && v == "--vhost-user" => "demo --vhost-user",
         [t] if t == "dist" => "dist",
         [t, c] if t == "dist" && c == "--check" => "dist --check",
         [h] if h == "help" || h == "-h" || h == "--help" => {
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
         "chaos --long" => ci::chaos(true),
         "dist" => dist::build().map(|_| ()),
         "dist --check" => dist::build().and_then(|deb| dist_check::check(&deb)),
+        "demo --vhost-user" => demo_vhost::run(),
         _ => demo::run(),
     };
     match result {
