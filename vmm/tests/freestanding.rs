@@ -74,3 +74,17 @@ fn the_binary_runs_a_guest_file_and_exits_with_its_status_or_says_what_is_wrong(
     );
     assert_eq!(out.stdout, b"OK");
 }
+
+#[test]
+fn a_guest_instruction_kvm_cannot_run_ends_the_run_with_an_error_saying_where() {
+    if !kvm_usable() {
+        eprintln!("skipped: /dev/kvm is not usable here");
+        return;
+    }
+    // `ud2`: undefined everywhere; with no IDT it ends the run (a triple fault on hardware
+    // KVM, an emulation failure on PVM), never a hang or a crash of the VMM.
+    let mut vm = Vm::new(16 << 20, &[0x0F, 0x0B]).expect("the VM");
+    let e = vm.run(1000).expect_err("the guest cannot go on");
+    let text = e.to_string();
+    assert!(text.contains("the guest stopped"), "{text}");
+}
