@@ -95,6 +95,7 @@ impl<M: Backing> Arbiter<M> {
         let _ = self.clear_peer_memory(s);
         // A proxy's holds were counted and its holder bits cleared above.
         self.proxies.remove(&s);
+        self.proxy_unwatch(s);
         if release == Release::ToHeap {
             // Its process is gone: nothing to wait for from it.
             self.quarantine_forget(s);

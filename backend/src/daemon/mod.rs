@@ -997,6 +997,9 @@ impl MutEventSubscriber for Daemon {
                 }
                 TOKEN_TIMER => {
                     let _ = self.timer.wait();
+                    // Changes made in shared memory without a WAKE reach vhost-user VMs
+                    // within a tick.
+                    self.arbiter.proxy_due_soon();
                     self.arbiter.heal();
                     self.arbiter.sweep();
                     self.arbiter.observe_handles();
@@ -1027,6 +1030,11 @@ impl MutEventSubscriber for Daemon {
         }
         // Wake-ups the arbiter decided on (WAKE, mutex handoffs, reclaims, sweeps).
         self.ring_peers();
+        // What vhost-user VMs are to hear of (events, WAITs completed).
+        if let Some(jobs) = self.vhost.take() {
+            jobs.deliver(self);
+            self.vhost = Some(jobs);
+        }
         // Clients with messages queued are watched for writability, the others not.
         self.watch_client_output(ops);
         // Whatever happened, tell the watchers (and keep it in the ring).
@@ -1085,6 +1093,11 @@ impl Daemon {
         }
         let listener = crate::vhost_user::listen(path)
             .map_err(|e| DaemonError::Config(format!("--vhost-user: {e}")))?;
+        let bound = std::fs::metadata(path).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
+        let owned = (path.to_owned(), bound);
         let (bridge, jobs) = crate::vhost_user::bridge::bridge()?;
         let memfd = std::sync::Arc::new(self.memfd.try_clone()?);
         let config = crate::vhost_user::DeviceConfig {
@@ -1095,7 +1108,19 @@ impl Daemon {
         self.vhost = Some(jobs);
         std::thread::Builder::new()
             .name(format!("vshmd-{}-vhost", self.config.name))
-            .spawn(move || crate::vhost_user::accept_loop(listener, bridge, memfd, config))?;
+            .spawn(move || {
+                crate::vhost_user::accept_loop(listener, bridge, memfd, config);
+                // Its loop stopped. The path goes only if it is still this socket (a
+                // process that took the region over may have bound it anew).
+                let (path, bound) = owned;
+                let now = std::fs::metadata(&path).ok().map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    (m.dev(), m.ino())
+                });
+                if bound.is_some() && now == bound {
+                    let _ = std::fs::remove_file(&path);
+                }
+            })?;
         tracing::info!(path = %path.display(), window, "serving VMs through vhost-user");
         Ok(())
     }
