@@ -16,7 +16,9 @@ use vshm_backend::vhost_user::{self, DeviceConfig, Local};
 use vshm_format::layout::{kind, Layout};
 use vshm_format::mailbox::Command;
 use vshm_format::shm::SharedMemory;
-use vshm_format::virtio::{EVENT_CHANGED, EVENT_DELETED, EVENT_SIGNALLED};
+use vshm_format::virtio::{
+    ListRecord, EVENT_CHANGED, EVENT_DELETED, EVENT_SIGNALLED, LIST_MANUAL_RESET,
+};
 use vshm_format::{PeerId, Status};
 use vshm_tests::vhost_frontend::{map_flags, named, Vmm};
 use vshm_tests::{wait_for, watchdog, Backend, TempDir};
@@ -636,5 +638,91 @@ fn a_wait_pending_at_disconnect_is_dropped_and_its_vm_reclaimed() {
             .local
             .with(|a| vshm_format::sync::sync_word(a.mem(), a.layout(), ev.slot).expect("word"));
         assert_eq!(set, 1, "still set: no departed WAIT took it");
+    });
+}
+
+#[test]
+fn list_names_only_what_the_vms_policy_lets_it_open_and_says_how_much_room_all_would_take() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let dir = TempDir::new("vhost-list");
+        let vpath = dir.path().join("vhost.sock");
+        let b = Backend::start_with_config(
+            VHOST_POLICY,
+            &["--vhost-user", vpath.to_str().expect("utf-8")],
+        );
+        assert!(wait_for(std::time::Duration::from_secs(10), || vpath.exists()));
+        let host = b.connect();
+        let _s = host
+            .create(Some("db/secret"), &CreateOptions::new(4096))
+            .expect("create");
+        let _a = host
+            .create(Some("web/a"), &CreateOptions::new(4096))
+            .expect("create");
+        let _e = host
+            .create_event(
+                Some("web/ev"),
+                &vshm::EventOptions {
+                    manual_reset: true,
+                    persistent: false,
+                },
+            )
+            .expect("event");
+        let mut vm = Vmm::connect(&vpath);
+        let (resp, records) = vm.list(4096);
+        assert_eq!(resp.status, Status::Success.code());
+        let listed: Vec<(String, u32, u8)> = ListRecord::parse(&records)
+            .map(|r| {
+                (
+                    String::from_utf8_lossy(r.name).into_owned(),
+                    u32::from(r.kind),
+                    r.flags,
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                ("web/a".to_string(), kind::SECTION, 0),
+                ("web/ev".to_string(), kind::EVENT, LIST_MANUAL_RESET),
+            ],
+            "db/secret is hidden"
+        );
+        assert_eq!((resp.size, resp.limit), (records.len() as u64, 2));
+        assert_eq!(resp.max_size, resp.size, "everything fitted");
+        // Room for one record only: one, and the room all would take.
+        let (resp, records) = vm.list(12);
+        assert_eq!((resp.limit, resp.size, resp.max_size), (1, 9, 19));
+        assert_eq!(ListRecord::parse(&records).count(), 1);
+    });
+}
+
+#[test]
+fn vshmd_stops_cleanly_with_a_vm_connected_and_takes_its_vhost_user_socket_away() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let dir = TempDir::new("vhost-stop");
+        let vpath = dir.path().join("vhost.sock");
+        let b = Backend::start(&[
+            "--size",
+            "4M",
+            "--vhost-user",
+            vpath.to_str().expect("utf-8"),
+        ]);
+        assert!(wait_for(std::time::Duration::from_secs(10), || vpath.exists()));
+        let host = b.connect();
+        let (_sec, _) = host
+            .create(Some("held"), &CreateOptions::new(4096))
+            .expect("create");
+        let mut vm = Vmm::connect(&vpath);
+        let held = vm.request(&named(OP_OPEN, "held", 0));
+        assert_eq!(held.status, Status::Success.code());
+        // A WAIT pending too.
+        let e = vm.post(&on(OP_WAIT, &held, 0));
+        let status = b.terminate();
+        assert!(status.success(), "vshmd exited with {status}");
+        assert!(
+            wait_for(std::time::Duration::from_secs(5), || !vpath.exists()),
+            "the accept loop ended with its region and the socket went"
+        );
+        let _ = vm.answer(e);
     });
 }

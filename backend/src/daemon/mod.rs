@@ -269,6 +269,8 @@ pub struct Daemon {
     journaled: bool,
     /// Calls from VMs attached through the vhost-user device (`--vhost-user`).
     vhost: Option<crate::vhost_user::bridge::Jobs>,
+    /// The vhost-user socket's path and (device, inode), removed at the end if still ours.
+    vhost_socket: Option<(std::path::PathBuf, (u64, u64))>,
 }
 
 /// What the server calls as it hands an id out: the arbiter gives the peer a slot.
@@ -469,6 +471,7 @@ impl Daemon {
             asked_to_stop: false,
             journaled: false,
             vhost: None,
+            vhost_socket: None,
         })
     }
 
@@ -1098,6 +1101,7 @@ impl Daemon {
             (m.dev(), m.ino())
         });
         let owned = (path.to_owned(), bound);
+        self.vhost_socket = bound.map(|id| (path.to_owned(), id));
         let (bridge, jobs) = crate::vhost_user::bridge::bridge()?;
         let memfd = std::sync::Arc::new(self.memfd.try_clone()?);
         let config = crate::vhost_user::DeviceConfig {
@@ -1139,6 +1143,9 @@ impl Drop for Daemon {
                 &crate::handoff::handoff_path(&self.config.control),
                 self.handoff_id,
             );
+            if let Some((path, id)) = &self.vhost_socket {
+                remove_if_same(path, *id);
+            }
         }
     }
 }
