@@ -47,6 +47,8 @@ pub struct Recorder {
     pub maps: Vec<(u64, u64, u64, u64, Vec<u8>)>,
     /// SHMEM_UNMAP: (window offset, length).
     pub unmaps: Vec<(u64, u64)>,
+    /// Fail every SHMEM_UNMAP (a broken frontend).
+    pub fail_unmaps: bool,
 }
 
 impl VhostUserFrontendReqHandlerMut for Recorder {
@@ -60,6 +62,9 @@ impl VhostUserFrontendReqHandlerMut for Recorder {
         Ok(0)
     }
     fn shmem_unmap(&mut self, req: &VhostUserMMap) -> HandlerResult<u64> {
+        if self.fail_unmaps {
+            return Err(std::io::Error::other("this frontend fails SHMEM_UNMAP"));
+        }
         self.unmaps.push((req.shm_offset, req.len));
         Ok(0)
     }
@@ -120,7 +125,12 @@ impl Vmm {
         frontend
             .set_backend_request_fd(&handler.get_tx_raw_fd())
             .expect("backend request fd");
-        let backend_channel = std::thread::spawn(move || while handler.handle_request().is_ok() {});
+        // A request the handler refused was answered (with the error): the channel goes on.
+        let backend_channel = std::thread::spawn(move || {
+            while let Ok(_) | Err(vhost::vhost_user::Error::ReqHandlerError(_)) =
+                handler.handle_request()
+            {}
+        });
 
         let file = memfd("guest");
         file.set_len(0x10_0000).expect("size");

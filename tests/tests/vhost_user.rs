@@ -726,3 +726,43 @@ fn vshmd_stops_cleanly_with_a_vm_connected_and_takes_its_vhost_user_socket_away(
         let _ = vm.answer(e);
     });
 }
+
+#[test]
+fn a_window_range_whose_unmap_failed_is_never_reused_and_its_hold_goes_at_disconnect() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        let made = t.vm().request(&named(1, "vm section", 0));
+        assert_eq!(made.status, Status::Success.code());
+        t.vm().recorder.lock().expect("recorder").fail_unmaps = true;
+        let mut close = on(OP_CLOSE, &made, made.offset);
+        close.size = made.offset;
+        assert_eq!(
+            t.vm().request(&close).status,
+            Status::InsufficientResources.code(),
+            "the close failed: its pages may still be mapped"
+        );
+        t.vm().recorder.lock().expect("recorder").fail_unmaps = false;
+        assert_eq!(
+            t.local.with(|a| a.proxy_holds(PeerId(100)).len()),
+            1,
+            "the hold stays while the VM may reach the pages"
+        );
+        // Whatever it opens next lands elsewhere in the window.
+        for name in ["a", "b"] {
+            let r = t.vm().request(&named(1, name, 0));
+            assert_eq!(r.status, Status::Success.code());
+            assert!(
+                r.offset >= made.offset + made.max_size || r.offset + r.max_size <= made.offset,
+                "{name} at {:#x} overlaps the range whose unmap failed at {:#x}",
+                r.offset,
+                made.offset
+            );
+        }
+        t.disconnect();
+        let (holds, quarantined) = t
+            .local
+            .with(|a| (a.proxy_holds(PeerId(100)), a.quarantined()));
+        assert!(holds.is_empty(), "released at disconnect");
+        assert_eq!(quarantined.1, 3, "and its memory lingers like the rest");
+    });
+}
