@@ -766,3 +766,57 @@ fn a_window_range_whose_unmap_failed_is_never_reused_and_its_hold_goes_at_discon
         assert_eq!(quarantined.1, 3, "and its memory lingers like the rest");
     });
 }
+
+#[test]
+fn an_ivshmem_peers_signal_completes_a_vms_wait_and_reaches_its_event_queue_through_vshmd() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let dir = TempDir::new("vhost-signal");
+        let vpath = dir.path().join("vhost.sock");
+        let b = Backend::start(&[
+            "--size",
+            "4M",
+            "--vhost-user",
+            vpath.to_str().expect("utf-8"),
+        ]);
+        assert!(wait_for(std::time::Duration::from_secs(10), || vpath.exists()));
+        let host = b.connect();
+        let (ev, _) = host
+            .create_event(Some("bell"), &vshm::EventOptions::default())
+            .expect("event");
+        let mut vm = Vmm::connect(&vpath);
+        let e = vm.request(&named(OP_OPEN, "bell", 0));
+        assert_eq!(e.status, Status::Success.code());
+        vm.post_event_buffers(4, 24);
+        let w = vm.post(&on(OP_WAIT, &e, 0));
+        assert!(vm.answer(w).is_none(), "nothing signalled yet");
+        let started = std::time::Instant::now();
+        ev.signal().expect("signal");
+        let done = vm
+            .answer_within(w, std::time::Duration::from_secs(5))
+            .expect("the WAIT completed");
+        assert_eq!(done.status, Status::Success.code());
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(150),
+            "through WAKE, not the loop's tick: {:?}",
+            started.elapsed()
+        );
+        let got = vm.events_until(std::time::Duration::from_secs(5), |e| !e.is_empty());
+        assert_eq!(
+            got.iter().map(|x| (x.kind, x.slot)).collect::<Vec<_>>(),
+            vec![(EVENT_SIGNALLED, e.slot)]
+        );
+        // The VM's SIGNAL wakes the ivshmem peer's wait.
+        std::thread::scope(|sc| {
+            let waiter = sc.spawn(|| ev.wait(Some(std::time::Duration::from_secs(5))).is_ok());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert_eq!(
+                vm.request(&on(OP_SIGNAL, &e, 0)).status,
+                Status::Success.code()
+            );
+            assert!(
+                waiter.join().expect("waiter"),
+                "the ivshmem peer's wait saw the VM's signal"
+            );
+        });
+    });
+}
