@@ -7,13 +7,18 @@ use std::sync::Arc;
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
 use vshm::CreateOptions;
-use vshm_backend::arbiter::Arbiter;
+use vshm_backend::arbiter::{Arbiter, ProxyHold};
 use vshm_backend::region::Region;
-use vshm_backend::vhost_user::device::{MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN};
+use vshm_backend::vhost_user::device::{
+    MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, OP_RESET, OP_SIGNAL, OP_WAIT, VSHM_F_EVENTQ,
+};
 use vshm_backend::vhost_user::{self, DeviceConfig, Local};
 use vshm_format::layout::{kind, Layout};
 use vshm_format::mailbox::Command;
 use vshm_format::shm::SharedMemory;
+use vshm_format::virtio::{
+    ListRecord, EVENT_CHANGED, EVENT_DELETED, EVENT_SIGNALLED, LIST_MANUAL_RESET,
+};
 use vshm_format::{PeerId, Status};
 use vshm_tests::vhost_frontend::{map_flags, named, Vmm};
 use vshm_tests::{wait_for, watchdog, Backend, TempDir};
@@ -337,5 +342,481 @@ fn a_vhost_user_vm_gets_the_policy_its_rule_names_and_is_refused_outside_it() {
             .cloned()
             .expect("the VM in the status");
         assert_eq!(vm_peer["policy"], "web");
+    });
+}
+
+/// A device served over an arbiter in this process, a host-side peer (id 1) to act in the
+/// namespace, and a connected VM (peer 100 once it asks for something).
+struct InProcess {
+    _dir: TempDir,
+    local: Arc<Local>,
+    served: Option<std::thread::JoinHandle<Result<(), vhost_user::VhostUserError>>>,
+    vm: Option<Vmm>,
+}
+
+const HOST: PeerId = PeerId(1);
+
+impl InProcess {
+    fn start(refused_features: u64) -> InProcess {
+        let dir = TempDir::new("vhost-ev");
+        let path = dir.path().join("vhost.sock");
+        let region = Region::create(4 << 20, false, false).expect("region");
+        let layout = Layout::compute(4 << 20, 8, 64, 2, 4096).expect("layout");
+        let memfd = Arc::new(region.file().try_clone().expect("memfd"));
+        let arbiter = Arbiter::new(region, layout, 7, [0; 16]).expect("arbiter");
+        let local = Arc::new(Local::new(arbiter, 100));
+        local.with(|a| a.proxy_connected(HOST).expect("host peer"));
+        let config = DeviceConfig {
+            window_size: WINDOW,
+            page_size: PAGE,
+            region_epoch: 7,
+        };
+        let mut listener = vhost_user::listen(&path).expect("listen");
+        let arb: Arc<dyn vhost_user::Arbitration> = local.clone();
+        let served =
+            std::thread::spawn(move || vhost_user::serve_one(&mut listener, arb, memfd, config));
+        let vm = Vmm::connect_without(&path, refused_features);
+        InProcess {
+            _dir: dir,
+            local,
+            served: Some(served),
+            vm: Some(vm),
+        }
+    }
+
+    fn vm(&mut self) -> &mut Vmm {
+        self.vm.as_mut().expect("connected")
+    }
+
+    /// The host peer creates `name` of `kind` (a section of 8 KiB, max 64 KiB).
+    fn host_creates(&self, name: &str, kind: u32, manual_reset: bool) -> ProxyHold {
+        self.local.with(|a| {
+            a.proxy_create(
+                HOST,
+                Command::Create {
+                    name: Some(name),
+                    kind,
+                    max_size: if kind == vshm_format::layout::kind::SECTION {
+                        64 << 10
+                    } else {
+                        0
+                    },
+                    initial_size: if kind == vshm_format::layout::kind::SECTION {
+                        8 << 10
+                    } else {
+                        0
+                    },
+                    persistent: false,
+                    manual_reset,
+                },
+            )
+            .expect("create")
+        })
+    }
+
+    /// The VM opens `name`.
+    fn vm_opens(&mut self, name: &str) -> vshm_format::layout::Response {
+        let r = self.vm().request(&named(OP_OPEN, name, 0));
+        assert_eq!(r.status, Status::Success.code(), "open {name}");
+        r
+    }
+
+    /// The VM disconnects; its serving thread ends.
+    fn disconnect(&mut self) {
+        drop(self.vm.take());
+        if let Some(s) = self.served.take() {
+            s.join().expect("serving thread").ok();
+        }
+    }
+}
+
+/// A request on (slot, generation) of `held`.
+fn on(op: u32, held: &vshm_format::layout::Response, size: u64) -> vshm_format::layout::Request {
+    let mut r = named(op, "x", 0);
+    r.name_len = 0;
+    r.slot = held.slot;
+    r.generation = held.generation;
+    r.size = size;
+    r
+}
+
+#[test]
+fn events_about_held_objects_wait_coalesced_for_a_buffer_and_arrive_with_a_call_when_one_is_posted()
+{
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        let sec = t.host_creates("sec", kind::SECTION, false);
+        let ev = t.host_creates("ev", kind::EVENT, false);
+        let other = t.host_creates("not held", kind::EVENT, false);
+        let s = t.vm_opens("sec");
+        let e = t.vm_opens("ev");
+        let _ = t.vm().called(1);
+
+        // No buffer posted: the host signals twice, grows the section, signals one the VM
+        // does not hold.
+        t.local.with(|a| {
+            assert_eq!(
+                a.proxy_signal(HOST, ev.slot, ev.generation),
+                Status::Success
+            );
+            assert_eq!(
+                a.proxy_signal(HOST, ev.slot, ev.generation),
+                Status::Success
+            );
+            assert_eq!(
+                a.proxy_signal(HOST, other.slot, other.generation),
+                Status::Success
+            );
+            let mut g = named(vshm_format::layout::op::GROW, "x", 0);
+            g.slot = sec.slot.raw();
+            g.generation = sec.generation.raw();
+            g.size = 16 << 10;
+            assert_eq!(a.proxy_request(HOST, &g).status, Status::Success.code());
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(t.vm().events().is_empty(), "nowhere to put them yet");
+
+        t.vm().post_event_buffers(8, 24);
+        let got = t
+            .vm()
+            .events_until(std::time::Duration::from_secs(5), |e| e.len() >= 2);
+        assert!(
+            t.vm().called(1),
+            "the event queue's call eventfd was signalled"
+        );
+        let mut got: Vec<(u32, u32, u64)> = got.iter().map(|x| (x.kind, x.slot, x.value)).collect();
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            vec![(EVENT_CHANGED, s.slot, 0), (EVENT_SIGNALLED, e.slot, 2)],
+            "one per object, the latest value; nothing about what it does not hold"
+        );
+
+        // With buffers waiting, a change made in shared memory without WAKE arrives at the
+        // next look (the loop's tick), a delete at once.
+        t.local.with(|a| {
+            vshm_format::sync::notify(a.mem(), a.layout(), sec.slot).expect("notify");
+        });
+        t.local.tick();
+        t.local.with(|a| {
+            let mut d = named(vshm_format::layout::op::DELETE, "x", 0);
+            d.slot = ev.slot.raw();
+            d.generation = ev.generation.raw();
+            assert_eq!(a.proxy_request(HOST, &d).status, Status::Success.code());
+        });
+        let got = t
+            .vm()
+            .events_until(std::time::Duration::from_secs(5), |e| e.len() >= 2);
+        let got: Vec<(u32, u32, u64, u64)> = got
+            .iter()
+            .map(|x| (x.kind, x.slot, x.generation, x.value))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (EVENT_CHANGED, s.slot, s.generation, 1),
+                (EVENT_DELETED, e.slot, e.generation, 0)
+            ]
+        );
+        t.disconnect();
+    });
+}
+
+#[test]
+fn a_driver_that_did_not_negotiate_the_event_queue_gets_no_events() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(VSHM_F_EVENTQ);
+        let ev = t.host_creates("ev", kind::EVENT, false);
+        t.vm_opens("ev");
+        t.vm().post_event_buffers(4, 24);
+        t.local
+            .with(|a| a.proxy_signal(HOST, ev.slot, ev.generation));
+        let got = t
+            .vm()
+            .events_until(std::time::Duration::from_millis(300), |e| !e.is_empty());
+        assert!(got.is_empty(), "{got:?}");
+        t.disconnect();
+    });
+}
+
+#[test]
+fn a_wait_completes_when_its_event_is_signalled_without_holding_up_other_requests_and_times_out_otherwise(
+) {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        let ev = t.host_creates("ev", kind::EVENT, false);
+        let manual = t.host_creates("manual", kind::EVENT, true);
+        t.host_creates("sec", kind::SECTION, false);
+        let e = t.vm_opens("ev");
+        let m = t.vm_opens("manual");
+        let s = t.vm_opens("sec");
+
+        // A WAIT with no timeout stays pending; the queue goes on.
+        let waiting = t.vm().post(&on(OP_WAIT, &e, 0));
+        let other = t.vm().request(&named(OP_OPEN, "sec", 0));
+        assert_eq!(other.status, Status::Success.code(), "answered meanwhile");
+        assert!(t.vm().answer(waiting).is_none(), "still waiting");
+        // The host signals: the WAIT completes and takes the auto-reset event.
+        t.local
+            .with(|a| a.proxy_signal(HOST, ev.slot, ev.generation));
+        let done = t
+            .vm()
+            .answer_within(waiting, std::time::Duration::from_secs(5))
+            .expect("answered when signalled");
+        assert_eq!(done.status, Status::Success.code());
+        assert_eq!((done.slot, done.size), (e.slot, 1), "its signal count");
+        let set = t
+            .local
+            .with(|a| vshm_format::sync::sync_word(a.mem(), a.layout(), ev.slot).expect("word"));
+        assert_eq!(
+            set, 0,
+            "an auto-reset event is taken by the WAIT that got it"
+        );
+
+        // A timeout: STATUS_TIMEOUT after it, not before.
+        let started = std::time::Instant::now();
+        let r = t.vm().request(&on(OP_WAIT, &e, 100));
+        assert_eq!(r.status, Status::Timeout.code());
+        assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+
+        // The VM's own SIGNAL sets a manual-reset event: WAITs complete at once until RESET.
+        assert_eq!(
+            t.vm().request(&on(OP_SIGNAL, &m, 0)).status,
+            Status::Success.code()
+        );
+        for _ in 0..2 {
+            assert_eq!(
+                t.vm().request(&on(OP_WAIT, &m, 0)).status,
+                Status::Success.code()
+            );
+        }
+        assert_eq!(
+            t.vm().request(&on(OP_RESET, &m, 0)).status,
+            Status::Success.code()
+        );
+        assert_eq!(
+            t.vm().request(&on(OP_WAIT, &m, 50)).status,
+            Status::Timeout.code()
+        );
+        let _ = manual;
+
+        // On a section: the next change (SIGNAL on a section notifies it).
+        let w = t.vm().post(&on(OP_WAIT, &s, 0));
+        assert!(t.vm().answer(w).is_none());
+        assert_eq!(
+            t.vm().request(&on(OP_SIGNAL, &s, 0)).status,
+            Status::Success.code()
+        );
+        let done = t
+            .vm()
+            .answer_within(w, std::time::Duration::from_secs(5))
+            .expect("notified");
+        assert_eq!(done.status, Status::Success.code());
+
+        // Not on what it does not hold.
+        let mut guess = on(OP_SIGNAL, &e, 0);
+        guess.slot = ev.slot.raw() + 1;
+        assert_eq!(t.vm().request(&guess).status, Status::InvalidHandle.code());
+        t.disconnect();
+    });
+}
+
+#[test]
+fn a_wait_pending_at_disconnect_is_dropped_and_its_vm_reclaimed() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        let ev = t.host_creates("ev", kind::EVENT, false);
+        let e = t.vm_opens("ev");
+        let w = t.vm().post(&on(OP_WAIT, &e, 0));
+        assert!(t.vm().answer(w).is_none());
+        t.disconnect();
+        assert!(t.local.with(|a| a.proxy_holds(PeerId(100)).is_empty()));
+        // The event's next signal is nobody's (no hold, no WAIT left to take it).
+        t.local
+            .with(|a| a.proxy_signal(HOST, ev.slot, ev.generation));
+        let set = t
+            .local
+            .with(|a| vshm_format::sync::sync_word(a.mem(), a.layout(), ev.slot).expect("word"));
+        assert_eq!(set, 1, "still set: no departed WAIT took it");
+    });
+}
+
+#[test]
+fn list_names_only_what_the_vms_policy_lets_it_open_and_says_how_much_room_all_would_take() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let dir = TempDir::new("vhost-list");
+        let vpath = dir.path().join("vhost.sock");
+        let b = Backend::start_with_config(
+            VHOST_POLICY,
+            &["--vhost-user", vpath.to_str().expect("utf-8")],
+        );
+        assert!(wait_for(std::time::Duration::from_secs(10), || vpath.exists()));
+        let host = b.connect();
+        let _s = host
+            .create(Some("db/secret"), &CreateOptions::new(4096))
+            .expect("create");
+        let _a = host
+            .create(Some("web/a"), &CreateOptions::new(4096))
+            .expect("create");
+        let _e = host
+            .create_event(
+                Some("web/ev"),
+                &vshm::EventOptions {
+                    manual_reset: true,
+                    persistent: false,
+                },
+            )
+            .expect("event");
+        let mut vm = Vmm::connect(&vpath);
+        let (resp, records) = vm.list(4096);
+        assert_eq!(resp.status, Status::Success.code());
+        let listed: Vec<(String, u32, u8)> = ListRecord::parse(&records)
+            .map(|r| {
+                (
+                    String::from_utf8_lossy(r.name).into_owned(),
+                    u32::from(r.kind),
+                    r.flags,
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                ("web/a".to_string(), kind::SECTION, 0),
+                ("web/ev".to_string(), kind::EVENT, LIST_MANUAL_RESET),
+            ],
+            "db/secret is hidden"
+        );
+        assert_eq!((resp.size, resp.limit), (records.len() as u64, 2));
+        assert_eq!(resp.max_size, resp.size, "everything fitted");
+        // Room for one record only: one, and the room all would take.
+        let (resp, records) = vm.list(12);
+        assert_eq!((resp.limit, resp.size, resp.max_size), (1, 9, 19));
+        assert_eq!(ListRecord::parse(&records).count(), 1);
+    });
+}
+
+#[test]
+fn vshmd_stops_cleanly_with_a_vm_connected_and_takes_its_vhost_user_socket_away() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let dir = TempDir::new("vhost-stop");
+        let vpath = dir.path().join("vhost.sock");
+        let b = Backend::start(&[
+            "--size",
+            "4M",
+            "--vhost-user",
+            vpath.to_str().expect("utf-8"),
+        ]);
+        assert!(wait_for(std::time::Duration::from_secs(10), || vpath.exists()));
+        let host = b.connect();
+        let (_sec, _) = host
+            .create(Some("held"), &CreateOptions::new(4096))
+            .expect("create");
+        let mut vm = Vmm::connect(&vpath);
+        let held = vm.request(&named(OP_OPEN, "held", 0));
+        assert_eq!(held.status, Status::Success.code());
+        // A WAIT pending too.
+        let e = vm.post(&on(OP_WAIT, &held, 0));
+        let status = b.terminate();
+        assert!(status.success(), "vshmd exited with {status}");
+        assert!(
+            wait_for(std::time::Duration::from_secs(5), || !vpath.exists()),
+            "the accept loop ended with its region and the socket went"
+        );
+        let _ = vm.answer(e);
+    });
+}
+
+#[test]
+fn a_window_range_whose_unmap_failed_is_never_reused_and_its_hold_goes_at_disconnect() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        let made = t.vm().request(&named(1, "vm section", 0));
+        assert_eq!(made.status, Status::Success.code());
+        t.vm().recorder.lock().expect("recorder").fail_unmaps = true;
+        let mut close = on(OP_CLOSE, &made, made.offset);
+        close.size = made.offset;
+        assert_eq!(
+            t.vm().request(&close).status,
+            Status::InsufficientResources.code(),
+            "the close failed: its pages may still be mapped"
+        );
+        t.vm().recorder.lock().expect("recorder").fail_unmaps = false;
+        assert_eq!(
+            t.local.with(|a| a.proxy_holds(PeerId(100)).len()),
+            1,
+            "the hold stays while the VM may reach the pages"
+        );
+        // Whatever it opens next lands elsewhere in the window.
+        for name in ["a", "b"] {
+            let r = t.vm().request(&named(1, name, 0));
+            assert_eq!(r.status, Status::Success.code());
+            assert!(
+                r.offset >= made.offset + made.max_size || r.offset + r.max_size <= made.offset,
+                "{name} at {:#x} overlaps the range whose unmap failed at {:#x}",
+                r.offset,
+                made.offset
+            );
+        }
+        t.disconnect();
+        let (holds, quarantined) = t
+            .local
+            .with(|a| (a.proxy_holds(PeerId(100)), a.quarantined()));
+        assert!(holds.is_empty(), "released at disconnect");
+        assert_eq!(quarantined.1, 3, "and its memory lingers like the rest");
+    });
+}
+
+#[test]
+fn an_ivshmem_peers_signal_completes_a_vms_wait_and_reaches_its_event_queue_through_vshmd() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let dir = TempDir::new("vhost-signal");
+        let vpath = dir.path().join("vhost.sock");
+        let b = Backend::start(&[
+            "--size",
+            "4M",
+            "--vhost-user",
+            vpath.to_str().expect("utf-8"),
+        ]);
+        assert!(wait_for(std::time::Duration::from_secs(10), || vpath.exists()));
+        let host = b.connect();
+        let (ev, _) = host
+            .create_event(Some("bell"), &vshm::EventOptions::default())
+            .expect("event");
+        let mut vm = Vmm::connect(&vpath);
+        let e = vm.request(&named(OP_OPEN, "bell", 0));
+        assert_eq!(e.status, Status::Success.code());
+        vm.post_event_buffers(4, 24);
+        let w = vm.post(&on(OP_WAIT, &e, 0));
+        assert!(vm.answer(w).is_none(), "nothing signalled yet");
+        let started = std::time::Instant::now();
+        ev.signal().expect("signal");
+        let done = vm
+            .answer_within(w, std::time::Duration::from_secs(5))
+            .expect("the WAIT completed");
+        assert_eq!(done.status, Status::Success.code());
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(150),
+            "through WAKE, not the loop's tick: {:?}",
+            started.elapsed()
+        );
+        let got = vm.events_until(std::time::Duration::from_secs(5), |e| !e.is_empty());
+        assert_eq!(
+            got.iter().map(|x| (x.kind, x.slot)).collect::<Vec<_>>(),
+            vec![(EVENT_SIGNALLED, e.slot)]
+        );
+        // The VM's SIGNAL wakes the ivshmem peer's wait.
+        std::thread::scope(|sc| {
+            let waiter = sc.spawn(|| ev.wait(Some(std::time::Duration::from_secs(5))).is_ok());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert_eq!(
+                vm.request(&on(OP_SIGNAL, &e, 0)).status,
+                Status::Success.code()
+            );
+            assert!(
+                waiter.join().expect("waiter"),
+                "the ivshmem peer's wait saw the VM's signal"
+            );
+        });
     });
 }

@@ -37,6 +37,7 @@ mod fence;
 mod heal;
 mod peers;
 mod proxy;
+mod proxy_sync;
 mod quarantine;
 mod reclaim;
 mod recover;
@@ -64,6 +65,7 @@ mod tests_sync_attacks;
 pub use heal::HealReport;
 pub use peers::ConnectError;
 pub use proxy::ProxyHold;
+pub use proxy_sync::{ProxyListed, ProxyNews};
 pub use quarantine::{DEFAULT_CLAIM_TIMEOUT, DEFAULT_QUARANTINE};
 pub use reclaim::Reclaim;
 pub use recover::Ahead;
@@ -317,6 +319,11 @@ pub struct Arbiter<M: Backing> {
     /// Peers vshmd stands in for (vhost-user VMs) and the holds it keeps for them, in
     /// private memory instead of their refcount rows (`proxy.rs`).
     proxies: BTreeMap<PeerSlot, proxy::Holds>,
+    /// What each proxied peer was last told about the objects it holds, and its WAITs
+    /// (`proxy_sync.rs`).
+    proxy_watch: BTreeMap<PeerSlot, proxy_sync::Watch>,
+    /// Something a proxied peer may want to hear of happened (`proxy_sync.rs`).
+    proxy_due: bool,
 }
 
 impl<M: Backing> Arbiter<M> {
@@ -363,6 +370,8 @@ impl<M: Backing> Arbiter<M> {
             denial: None,
             quarantine,
             proxies: BTreeMap::new(),
+            proxy_watch: BTreeMap::new(),
+            proxy_due: false,
         })
     }
 

@@ -134,6 +134,7 @@ impl<M: Backing> Arbiter<M> {
             }
             e.1 = e.1.saturating_add(1);
         }
+        self.proxy_seen_now(s, slot);
     }
 
     /// One more handle of proxy slot `s` on `slot`: the holder bit goes into the lease word

@@ -42,6 +42,10 @@ const HOST_CELL_LOCK: u32 = refcell::REF_LOCK | 1;
 /// peer-written word, and any peer can bump another's and ring in a loop.
 const REVOKED_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The `waiting` bit of a range only time releases (no peer slot has it: holder bits stop
+/// below bit 62).
+pub(super) const LINGER: u64 = 1 << 63;
+
 /// One destroyed range waiting.
 #[derive(Debug, Clone)]
 pub(super) struct Quarantined {
@@ -160,6 +164,24 @@ impl<M: Backing> Arbiter<M> {
         for id in ids {
             self.rings.push((id, VECTOR_CONTROL));
         }
+    }
+
+    /// Puts a range a departed vhost-user VM had mapped in quarantine for the whole
+    /// quarantine time ([`LINGER`] is never acknowledged); ivshmem peers never held it, so
+    /// nobody is rung.
+    pub(super) fn quarantine_lingering(&mut self, offset: RegionOffset, len: u64) {
+        if self.quarantine.timeout.is_zero() {
+            self.heap.release(offset, len);
+            return;
+        }
+        self.quarantine.entries.push(Quarantined {
+            offset,
+            len,
+            seq: self.quarantine.seq,
+            waiting: LINGER,
+            since: Instant::now(),
+        });
+        self.counters.quarantined += 1;
     }
 
     /// A peer left for good (its process is gone): it holds nothing, stop waiting for it.

@@ -37,6 +37,9 @@ pub(super) enum Release {
     /// Held back for the fenced peer slot given: a process that was cut off may still
     /// write there, so the range stays out of the heap until `unfence`.
     HoldFor(PeerSlot),
+    /// Quarantined for the whole quarantine time whoever acknowledges: memory a vhost-user
+    /// VM had mapped when it left (its frontend may unmap it late, and cannot acknowledge).
+    Linger,
 }
 
 impl<M: Backing> Arbiter<M> {
@@ -59,6 +62,13 @@ impl<M: Backing> Arbiter<M> {
     ) -> Reclaim {
         let mut out = Reclaim::default();
         let slot = s.raw() as usize;
+        // A VM vshmd stood in for may still have what it held mapped (docs/VHOST-USER.md
+        // §5.2): what dies with it lingers.
+        let dying = if release == Release::ToHeap && self.proxies.contains_key(&s) {
+            Release::Linger
+        } else {
+            release
+        };
         if !self.peers[slot].connected {
             return out;
         }
@@ -95,12 +105,13 @@ impl<M: Backing> Arbiter<M> {
         let _ = self.clear_peer_memory(s);
         // A proxy's holds were counted and its holder bits cleared above.
         self.proxies.remove(&s);
+        self.proxy_unwatch(s);
         if release == Release::ToHeap {
             // Its process is gone: nothing to wait for from it.
             self.quarantine_forget(s);
         }
         for obj in dead {
-            if self.reap(obj, release) {
+            if self.reap(obj, dying) {
                 out.destroyed += 1;
             }
         }
@@ -183,6 +194,7 @@ impl<M: Backing> Arbiter<M> {
             // A process that was cut off may still write here: keep the range out of the
             // heap until it is gone (its pages are punched out all the same).
             Release::HoldFor(fence) => self.fenced_ranges.push((fence, rec.offset, rec.reserved)),
+            Release::Linger => self.quarantine_lingering(rec.offset, rec.reserved),
         }
         if rec.reserved == 0 {
             // Nothing to punch.

@@ -159,6 +159,8 @@ impl<M: Backing> Arbiter<M> {
         peer: PeerSlot,
         cmd: Command<'_>,
     ) -> Response {
+        // Whatever it does (a GROW, a DELETE, a WAKE) may be news to a proxied holder.
+        self.proxy_due = true;
         let result = match cmd {
             Command::Create {
                 name,

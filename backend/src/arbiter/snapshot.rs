@@ -539,6 +539,8 @@ impl<M: Backing> Arbiter<M> {
             denial: None,
             quarantine,
             proxies,
+            proxy_watch: std::collections::BTreeMap::new(),
+            proxy_due: true,
         };
         let check = arbiter.check_header();
         Ok((arbiter, check))

@@ -51,6 +51,12 @@ impl<M: Backing> Arbiter<M> {
 
     /// Queues a wake-up for the peer connected in `peer` (none if nobody is).
     fn ring(&mut self, peer: PeerSlot) {
+        // A peer vshmd stands in for has no doorbell: it hears through its transport, which
+        // looks at what it holds (`proxy_sync.rs`).
+        if self.proxies.contains_key(&peer) {
+            self.proxy_due = true;
+            return;
+        }
         let Some(id) = self
             .peers
             .get(peer.raw() as usize)
@@ -96,7 +102,7 @@ impl<M: Backing> Arbiter<M> {
 
     /// Takes `slot`'s waiters word and rings the waiters that are connected holders; the
     /// other bits are dropped (a real waiter sets its bit again before it sleeps again).
-    fn ring_waiters(&mut self, slot: ObjectSlot) {
+    pub(super) fn ring_waiters(&mut self, slot: ObjectSlot) {
         let Ok(bits) = sync::take_waiters(&self.mem, &self.layout, slot) else {
             return;
         };

@@ -171,3 +171,30 @@ fn a_proxied_peers_holds_cross_a_snapshot() {
         .expect("close");
     assert!(b.record_at(made.slot).is_none());
 }
+
+#[test]
+fn what_dies_with_a_departed_proxied_peer_stays_out_of_the_heap_for_the_quarantine_time() {
+    let mut a = arbiter();
+    a.set_quarantine(std::time::Duration::from_millis(100));
+    // Nobody else is connected: an ivshmem peer's memory would go back at once.
+    for id in 1..=3 {
+        a.peer_gone(PeerId(id));
+    }
+    a.proxy_connected(PROXY).expect("proxy");
+    let made = a
+        .proxy_create(PROXY, section("vm's", false))
+        .expect("create");
+    a.peer_gone(PROXY);
+    assert!(a.record_at(made.slot).is_none(), "destroyed with it");
+    assert_eq!(a.quarantined(), (8192, 1), "its frontend may still map it");
+    a.release_quarantine();
+    assert_eq!(a.quarantined().1, 1, "no acknowledgement releases it");
+    a.proxy_connected(PeerId(5)).expect("next VM");
+    let next = a
+        .proxy_create(PeerId(5), section("next", false))
+        .expect("create");
+    assert_ne!(next.offset, made.offset, "not handed to the next section");
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    a.release_quarantine();
+    assert_eq!(a.quarantined(), (0, 0), "its time is up");
+}

@@ -269,6 +269,8 @@ pub struct Daemon {
     journaled: bool,
     /// Calls from VMs attached through the vhost-user device (`--vhost-user`).
     vhost: Option<crate::vhost_user::bridge::Jobs>,
+    /// The vhost-user socket's path and (device, inode), removed at the end if still ours.
+    vhost_socket: Option<(std::path::PathBuf, (u64, u64))>,
 }
 
 /// What the server calls as it hands an id out: the arbiter gives the peer a slot.
@@ -469,6 +471,7 @@ impl Daemon {
             asked_to_stop: false,
             journaled: false,
             vhost: None,
+            vhost_socket: None,
         })
     }
 
@@ -997,6 +1000,9 @@ impl MutEventSubscriber for Daemon {
                 }
                 TOKEN_TIMER => {
                     let _ = self.timer.wait();
+                    // Changes made in shared memory without a WAKE reach vhost-user VMs
+                    // within a tick.
+                    self.arbiter.proxy_due_soon();
                     self.arbiter.heal();
                     self.arbiter.sweep();
                     self.arbiter.observe_handles();
@@ -1027,6 +1033,11 @@ impl MutEventSubscriber for Daemon {
         }
         // Wake-ups the arbiter decided on (WAKE, mutex handoffs, reclaims, sweeps).
         self.ring_peers();
+        // What vhost-user VMs are to hear of (events, WAITs completed).
+        if let Some(jobs) = self.vhost.take() {
+            jobs.deliver(self);
+            self.vhost = Some(jobs);
+        }
         // Clients with messages queued are watched for writability, the others not.
         self.watch_client_output(ops);
         // Whatever happened, tell the watchers (and keep it in the ring).
@@ -1085,6 +1096,12 @@ impl Daemon {
         }
         let listener = crate::vhost_user::listen(path)
             .map_err(|e| DaemonError::Config(format!("--vhost-user: {e}")))?;
+        let bound = std::fs::metadata(path).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
+        let owned = (path.to_owned(), bound);
+        self.vhost_socket = bound.map(|id| (path.to_owned(), id));
         let (bridge, jobs) = crate::vhost_user::bridge::bridge()?;
         let memfd = std::sync::Arc::new(self.memfd.try_clone()?);
         let config = crate::vhost_user::DeviceConfig {
@@ -1095,7 +1112,19 @@ impl Daemon {
         self.vhost = Some(jobs);
         std::thread::Builder::new()
             .name(format!("vshmd-{}-vhost", self.config.name))
-            .spawn(move || crate::vhost_user::accept_loop(listener, bridge, memfd, config))?;
+            .spawn(move || {
+                crate::vhost_user::accept_loop(listener, bridge, memfd, config);
+                // Its loop stopped. The path goes only if it is still this socket (a
+                // process that took the region over may have bound it anew).
+                let (path, bound) = owned;
+                let now = std::fs::metadata(&path).ok().map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    (m.dev(), m.ino())
+                });
+                if bound.is_some() && now == bound {
+                    let _ = std::fs::remove_file(&path);
+                }
+            })?;
         tracing::info!(path = %path.display(), window, "serving VMs through vhost-user");
         Ok(())
     }
@@ -1114,6 +1143,9 @@ impl Drop for Daemon {
                 &crate::handoff::handoff_path(&self.config.control),
                 self.handoff_id,
             );
+            if let Some((path, id)) = &self.vhost_socket {
+                remove_if_same(path, *id);
+            }
         }
     }
 }

@@ -551,6 +551,7 @@ impl Daemon {
             asked_to_stop: false,
             journaled: false,
             vhost: None,
+            vhost_socket: None,
         };
         Ok((daemon, taken))
     }

@@ -2,6 +2,7 @@
 //! loop (a channel and an eventfd it watches) and wait for the answer. The loop is the only
 //! thread that touches the arbiter, as for every other peer.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +11,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vshm_format::layout::{Request, Response};
 use vshm_format::{Generation, ObjectSlot, PeerId, Status};
 
-use super::Arbitration;
-use crate::arbiter::{Arbiter, ProxyHold};
+use super::{Arbitration, Listeners, Notices};
+use crate::arbiter::{Arbiter, ProxyHold, ProxyListed};
 use crate::region::Region;
 
 /// How long a device waits for the loop before answering INSUFFICIENT_RESOURCES.
@@ -37,6 +38,8 @@ pub struct Bridge {
     jobs: mpsc::Sender<Job>,
     bell: EventFd,
     patience: Duration,
+    listeners: Listeners,
+    stopped: Arc<AtomicBool>,
 }
 
 /// The loop's side: watch [`Jobs::bell`], then [`Jobs::run`].
@@ -44,6 +47,15 @@ pub struct Bridge {
 pub struct Jobs {
     jobs: mpsc::Receiver<Job>,
     bell: EventFd,
+    listeners: Listeners,
+    stopped: Arc<AtomicBool>,
+}
+
+impl Drop for Jobs {
+    fn drop(&mut self) {
+        // The loop is gone: the accept loop takes no more VMs.
+        self.stopped.store(true, Ordering::SeqCst);
+    }
 }
 
 /// A connected pair.
@@ -55,13 +67,22 @@ pub fn bridge() -> std::io::Result<(Arc<Bridge>, Jobs)> {
 pub fn bridge_with_patience(patience: Duration) -> std::io::Result<(Arc<Bridge>, Jobs)> {
     let (tx, rx) = mpsc::channel();
     let bell = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
+    let listeners = Listeners::default();
+    let stopped = Arc::new(AtomicBool::new(false));
     Ok((
         Arc::new(Bridge {
             jobs: tx,
             bell: bell.try_clone()?,
             patience,
+            listeners: listeners.clone(),
+            stopped: Arc::clone(&stopped),
         }),
-        Jobs { jobs: rx, bell },
+        Jobs {
+            jobs: rx,
+            bell,
+            listeners,
+            stopped,
+        },
     ))
 }
 
@@ -77,6 +98,17 @@ impl Jobs {
         while let Ok(job) = self.jobs.try_recv() {
             job(host);
         }
+    }
+
+    /// Tells the VMs what is new for them, if anything happened since the last look (call
+    /// after every event the loop handled).
+    pub fn deliver(&self, host: &mut dyn Host) {
+        self.listeners.deliver(host.arbiter());
+    }
+
+    /// The loop is stopping: the accept loop takes no more VMs.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
     }
 }
 
@@ -115,14 +147,17 @@ fn unanswered() -> Box<Response> {
 }
 
 impl Arbitration for Bridge {
-    fn connect(&self) -> Result<PeerId, Status> {
+    fn connect(&self, notices: Arc<Notices>) -> Result<PeerId, Status> {
         // A loop that is gone answers nothing: the region stopped.
+        let listeners = self.listeners.clone();
+        let undo_listeners = self.listeners.clone();
         self.call_or_undo(
-            |h| {
+            move |h| {
                 let id = h.reserve_id().ok_or(Status::InsufficientResources)?;
                 match h.arbiter().proxy_connected(id) {
                     Ok(_) => {
                         h.grant(id);
+                        listeners.add(id, notices);
                         Ok(id)
                     }
                     Err(_) => {
@@ -131,8 +166,9 @@ impl Arbitration for Bridge {
                     }
                 }
             },
-            |h, late| {
+            move |h, late| {
                 if let Ok(id) = late {
+                    undo_listeners.remove(id);
                     h.arbiter().peer_gone(id);
                     h.release_id(id);
                 }
@@ -179,7 +215,58 @@ impl Arbitration for Bridge {
         self.call(move |h| h.arbiter().proxy_request(vm, &req))
             .unwrap_or_else(|| *unanswered())
     }
+    fn signal(&self, vm: PeerId, slot: ObjectSlot, generation: Generation, reset: bool) -> Status {
+        self.call(move |h| {
+            let a = h.arbiter();
+            if reset {
+                a.proxy_reset(vm, slot, generation)
+            } else {
+                a.proxy_signal(vm, slot, generation)
+            }
+        })
+        .unwrap_or(Status::InsufficientResources)
+    }
+    fn wait(
+        &self,
+        vm: PeerId,
+        id: u64,
+        slot: ObjectSlot,
+        generation: Generation,
+    ) -> Option<(Status, u64)> {
+        self.call_or_undo(
+            move |h| h.arbiter().proxy_wait(vm, id, slot, generation),
+            move |h, late| match late {
+                // Nobody will hear of it: take it back, and an event it took is set again.
+                None => {
+                    h.arbiter().proxy_cancel_wait(vm, id);
+                }
+                Some((Status::Success, _)) => {
+                    if h.arbiter()
+                        .record_at(slot)
+                        .is_some_and(|r| r.kind == vshm_format::layout::kind::EVENT)
+                    {
+                        h.arbiter().proxy_signal(vm, slot, generation);
+                    }
+                }
+                Some(_) => {}
+            },
+        )
+        .unwrap_or(Some((Status::InsufficientResources, 0)))
+    }
+    fn cancel_wait(&self, vm: PeerId, id: u64) -> bool {
+        // Unanswered: the loop is stuck or gone; the VM's departure drops the WAIT.
+        self.call(move |h| h.arbiter().proxy_cancel_wait(vm, id))
+            .unwrap_or(true)
+    }
+    fn list(&self, vm: PeerId) -> Result<Vec<ProxyListed>, Status> {
+        self.call(move |h| h.arbiter().proxy_list(vm))
+            .unwrap_or(Err(Status::InsufficientResources))
+    }
+    fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
     fn gone(&self, vm: PeerId) {
+        self.listeners.remove(vm);
         let _ = self.call(move |h| {
             h.arbiter().peer_gone(vm);
             h.release_id(vm);
@@ -227,7 +314,9 @@ mod tests {
             released: Vec::new(),
         };
         let (bridge, jobs) = bridge_with_patience(Duration::from_millis(20)).expect("bridge");
-        let caller = std::thread::spawn(move || bridge.connect());
+        let caller = std::thread::spawn(move || {
+            bridge.connect(crate::vhost_user::Notices::new().expect("notices"))
+        });
         // The loop is busy past the caller's patience.
         assert_eq!(caller.join().expect("caller"), Err(Status::InvalidHandle));
         jobs.run(&mut host);

@@ -7,8 +7,10 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     VhostUserMMap, VhostUserMMapFlags, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -16,12 +18,13 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::timerfd::TimerFd;
 use vshm_format::layout::{kind, op, Request, Response, MAX_NAME_BYTES};
 use vshm_format::mailbox;
 use vshm_format::name::validate_name_bytes;
@@ -29,16 +32,34 @@ use vshm_format::shm::{bytes_of, bytes_of_mut, zeroed};
 use vshm_format::{Generation, ObjectSlot, PeerId, Status};
 
 use super::window::Window;
-use super::{config_bytes, Arbitration, DeviceConfig};
+use super::{config_bytes, Arbitration, DeviceConfig, Notices};
 use crate::arbiter::ProxyHold;
 
-pub use vshm_format::virtio::{
-    MAP_WRITABLE, MAX_HANDLES, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, RESP_MAP_FLAGS_OFF,
-    VSHM_F_EVENTQ, VSHM_F_READ_ONLY,
+use vshm_format::virtio::{
+    ListRecord, EVENT_BYTES, EVENT_QUEUE, REQUEST_QUEUE, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
-use vshm_format::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-const REQUEST_QUEUE: u16 = 0;
+pub use vshm_format::virtio::{
+    MAP_WRITABLE, MAX_HANDLES, OPEN_READ_ONLY, OP_CLOSE, OP_LIST, OP_OPEN, OP_RESET, OP_SIGNAL,
+    OP_WAIT, RESP_MAP_FLAGS_OFF, VSHM_F_EVENTQ, VSHM_F_READ_ONLY,
+};
 const QUEUE_SIZE: usize = 256;
+/// `handle_event`'s id for the notices' bell (above the queues and the exit event).
+pub const NOTICES_EVENT: u16 = 3;
+/// `handle_event`'s id for the WAIT timer.
+pub const TIMER_EVENT: u16 = 4;
+
+type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
+
+/// A WAIT the device answers later (docs/VHOST-USER.md §5.1): the request's chain stays
+/// out of the used ring until then, and the request queue goes on.
+struct PendingWait {
+    chain: Chain,
+    req_seq: u64,
+    slot: u32,
+    generation: u64,
+    deadline: Option<Instant>,
+}
 
 /// Which peer the VM is in the namespace, kept apart from the device (whose lock a request
 /// holds for as long as it runs: a SHMEM_MAP the frontend never answers must not keep the
@@ -98,6 +119,15 @@ struct Mapped {
     writable: bool,
 }
 
+fn wait_response(status: Status, slot: u32, generation: u64, seq: u64) -> Response {
+    let mut r = mailbox::status_response(status);
+    r.slot = slot;
+    r.generation = generation;
+    // The object's change count when it completed (signals, notifies).
+    r.size = seq;
+    r
+}
+
 /// The device's state for one VM.
 pub struct VshmDevice {
     arbitration: Arc<dyn Arbitration>,
@@ -116,6 +146,13 @@ pub struct VshmDevice {
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     event_idx: bool,
     acked: u64,
+    /// What the namespace tells this VM between requests.
+    notices: Arc<Notices>,
+    /// WAITs not answered yet, by the id the namespace knows them by.
+    waits: BTreeMap<u64, PendingWait>,
+    next_wait: u64,
+    /// Rings at the earliest WAIT deadline.
+    timer: TimerFd,
 }
 
 impl std::fmt::Debug for VshmDevice {
@@ -136,8 +173,8 @@ impl VshmDevice {
         arbitration: Arc<dyn Arbitration>,
         memfd: Arc<File>,
         config: DeviceConfig,
-    ) -> VshmDevice {
-        VshmDevice {
+    ) -> io::Result<VshmDevice> {
+        Ok(VshmDevice {
             arbitration,
             vm: Arc::new(Membership::default()),
             memfd,
@@ -149,7 +186,20 @@ impl VshmDevice {
             mem: None,
             event_idx: false,
             acked: 0,
-        }
+            notices: Notices::new()?,
+            waits: BTreeMap::new(),
+            next_wait: 0,
+            timer: TimerFd::new().map_err(io::Error::from)?,
+        })
+    }
+
+    /// The fds the device's thread must watch besides the queues, with their
+    /// `handle_event` ids: the notices' bell and the WAIT timer.
+    pub fn listeners(&self) -> [(RawFd, u16); 2] {
+        [
+            (self.notices.bell().as_raw_fd(), NOTICES_EVENT),
+            (self.timer.as_raw_fd(), TIMER_EVENT),
+        ]
     }
 
     /// Which peer the VM is (shared with whoever handles its departure).
@@ -157,34 +207,38 @@ impl VshmDevice {
         Arc::clone(&self.vm)
     }
 
-    /// Answers one request (docs/VHOST-USER.md §5).
-    pub fn answer(&mut self, req: &Request) -> Response {
-        let gone = |req: &Request| {
-            let mut r = mailbox::status_response(Status::InvalidHandle);
-            r.resp_seq = req.req_seq;
-            r
-        };
+    /// The VM's peer id, joining the namespace at its first request; else the reply.
+    fn member(&mut self) -> Result<PeerId, Status> {
         if self.vm.retired() {
-            return gone(req);
+            return Err(Status::InvalidHandle);
         }
-        let vm = match self.vm.id() {
-            Some(vm) => vm,
-            None => match self.arbitration.connect() {
+        match self.vm.id() {
+            Some(vm) => Ok(vm),
+            None => match self.arbitration.connect(Arc::clone(&self.notices)) {
                 Ok(vm) if !self.vm.join(vm) => {
                     // It left while joining: nothing may stay in its name.
                     self.arbitration.gone(vm);
-                    return gone(req);
+                    Err(Status::InvalidHandle)
                 }
                 Ok(vm) => {
                     tracing::info!(vm = vm.raw(), "a vhost-user VM joined the namespace");
-                    vm
+                    Ok(vm)
                 }
-                Err(status) => {
-                    let mut r = mailbox::status_response(status);
-                    r.resp_seq = req.req_seq;
-                    return r;
-                }
+                Err(status) => Err(status),
             },
+        }
+    }
+
+    /// Answers one request (docs/VHOST-USER.md §5; WAIT and LIST, which need the chain,
+    /// go through the queue: here WAIT never waits and LIST gets no room for records).
+    pub fn answer(&mut self, req: &Request) -> Response {
+        let vm = match self.member() {
+            Ok(vm) => vm,
+            Err(status) => {
+                let mut r = mailbox::status_response(status);
+                r.resp_seq = req.req_seq;
+                return r;
+            }
         };
         let mut resp = match req.op {
             OP_OPEN | op::CREATE if self.handles.len() >= MAX_HANDLES => {
@@ -197,6 +251,7 @@ impl VshmDevice {
             }
             OP_OPEN => self.open(vm, req),
             OP_CLOSE => self.close(vm, req),
+            OP_LIST => self.list(vm, 0).0,
             op::CREATE => self.create(vm, req),
             // Everything else names an object by slot and generation: only one this VM
             // holds (it sees no table, and must not act on what it could only guess).
@@ -204,6 +259,19 @@ impl VshmDevice {
                 mailbox::status_response(Status::InvalidHandle)
             }
             op::GROW => self.grow(vm, req),
+            OP_SIGNAL | OP_RESET => {
+                let status = self.arbitration.signal(
+                    vm,
+                    ObjectSlot(req.slot),
+                    Generation(req.generation),
+                    req.op == OP_RESET,
+                );
+                let mut r = mailbox::status_response(status);
+                r.slot = req.slot;
+                r.generation = req.generation;
+                r
+            }
+            OP_WAIT => mailbox::status_response(Status::InvalidParameter),
             _ => self.arbitration.request(vm, req),
         };
         resp.resp_seq = req.req_seq;
@@ -365,6 +433,215 @@ impl VshmDevice {
         resp
     }
 
+    /// LIST (§5.3): the reply and the records that fit in `room` bytes.
+    fn list(&mut self, vm: PeerId, room: usize) -> (Response, Vec<u8>) {
+        let names = match self.arbitration.list(vm) {
+            Ok(n) => n,
+            Err(status) => return (mailbox::status_response(status), Vec::new()),
+        };
+        let mut out = vec![0u8; room];
+        let (mut used, mut count, mut needed) = (0usize, 0u64, 0u64);
+        let mut full = false;
+        for n in &names {
+            let rec = ListRecord {
+                kind: u8::try_from(n.kind).unwrap_or(u8::MAX),
+                flags: n.flags,
+                name: n.name.as_bytes(),
+            };
+            needed += rec.len() as u64;
+            if full {
+                continue;
+            }
+            match rec.write(&mut out[used..]) {
+                Some(len) => {
+                    used += len;
+                    count += 1;
+                }
+                None => full = true,
+            }
+        }
+        out.truncate(used);
+        let mut r = mailbox::status_response(Status::Success);
+        r.size = used as u64;
+        r.limit = count;
+        r.max_size = needed;
+        (r, out)
+    }
+
+    /// WAIT (§5.1): the reply now, or `None` when the chain is kept until the event fires,
+    /// the section changes or the timeout passes.
+    fn start_wait(&mut self, req: &Request, chain: &Chain) -> Option<Response> {
+        let vm = match self.member() {
+            Ok(vm) => vm,
+            Err(status) => return Some(mailbox::status_response(status)),
+        };
+        if !self.holds(req.slot, req.generation) {
+            return Some(mailbox::status_response(Status::InvalidHandle));
+        }
+        self.next_wait += 1;
+        let id = self.next_wait;
+        let slot = ObjectSlot(req.slot);
+        let generation = Generation(req.generation);
+        if let Some((status, seq)) = self.arbitration.wait(vm, id, slot, generation) {
+            return Some(wait_response(status, req.slot, req.generation, seq));
+        }
+        let deadline =
+            (req.size > 0).then(|| Instant::now() + Duration::from_millis(req.size.min(1 << 40)));
+        self.waits.insert(
+            id,
+            PendingWait {
+                chain: chain.clone(),
+                req_seq: req.req_seq,
+                slot: req.slot,
+                generation: req.generation,
+                deadline,
+            },
+        );
+        self.arm_timer();
+        None
+    }
+
+    /// Sets the timer to the earliest WAIT deadline (or disarms it).
+    fn arm_timer(&mut self) {
+        let next = self.waits.values().filter_map(|w| w.deadline).min();
+        let _ = match next {
+            Some(at) => {
+                let d = at
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_micros(100));
+                self.timer.reset(d, None)
+            }
+            None => self.timer.clear(),
+        };
+    }
+
+    /// Answers WAIT `id` with `resp` into the chain it came in.
+    fn complete_wait(&mut self, vring: &VringRwLock, id: u64, mut resp: Response) {
+        let Some(w) = self.waits.remove(&id) else {
+            return;
+        };
+        resp.resp_seq = w.req_seq;
+        let head = w.chain.head_index();
+        let written = match w.chain.clone().writer(w.chain.memory()) {
+            Ok(mut wr) if wr.available_bytes() >= bytes_of(&resp).len() => wr
+                .write_all(bytes_of(&resp))
+                .map(|()| bytes_of(&resp).len())
+                .unwrap_or(0),
+            _ => 0,
+        };
+        let _ = vring.add_used(head, u32::try_from(written).unwrap_or(0));
+    }
+
+    /// Answers the WAITs the namespace completed and those whose time is up.
+    fn finish_waits(&mut self, vring: &VringRwLock, expired: bool) -> io::Result<()> {
+        let mut answered = false;
+        if expired {
+            let _ = self.timer.wait();
+            let now = Instant::now();
+            let due: Vec<u64> = self
+                .waits
+                .iter()
+                .filter(|(_, w)| w.deadline.is_some_and(|d| d <= now))
+                .map(|(&id, _)| id)
+                .collect();
+            let vm = self.vm.id();
+            for id in due {
+                // Taken back, or already completed (then its answer is in the notices).
+                let cancelled = vm.is_none_or(|vm| self.arbitration.cancel_wait(vm, id));
+                if cancelled {
+                    let (slot, generation) = self
+                        .waits
+                        .get(&id)
+                        .map_or((0, 0), |w| (w.slot, w.generation));
+                    self.complete_wait(
+                        vring,
+                        id,
+                        wait_response(Status::Timeout, slot, generation, 0),
+                    );
+                    answered = true;
+                }
+            }
+        }
+        for (id, status, seq) in self.notices.take_done() {
+            let Some((slot, generation)) = self.waits.get(&id).map(|w| (w.slot, w.generation))
+            else {
+                continue;
+            };
+            self.complete_wait(vring, id, wait_response(status, slot, generation, seq));
+            answered = true;
+        }
+        self.arm_timer();
+        if answered {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Fills the buffers the driver posted on the event queue with waiting events.
+    fn fill_events(&mut self, vring: &VringRwLock) -> io::Result<()> {
+        if self.acked & VSHM_F_EVENTQ == 0 {
+            self.notices.drop_events();
+            return Ok(());
+        }
+        let Some(atomic) = self.mem.clone() else {
+            return Ok(());
+        };
+        let mut filled = false;
+        loop {
+            if self.event_idx {
+                vring
+                    .disable_notification()
+                    .map_err(|e| io::Error::other(format!("{e:?}")))?;
+            }
+            while self.notices.events_waiting() > 0 {
+                let mem = atomic.memory();
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                let Some(event) = self.notices.pop_event() else {
+                    // Cannot happen (one thread takes events); give the buffer back empty.
+                    let _ = vring.add_used(head, 0);
+                    break;
+                };
+                let bytes = event.to_bytes();
+                let written = match chain.writer(&mem) {
+                    Ok(mut w) if w.available_bytes() >= EVENT_BYTES => {
+                        w.write_all(&bytes).map(|()| EVENT_BYTES).unwrap_or(0)
+                    }
+                    _ => 0,
+                };
+                if written == 0 {
+                    // A buffer too small for an event: used empty, the event kept.
+                    self.notices.unpop_event(event);
+                }
+                vring
+                    .add_used(head, u32::try_from(written).unwrap_or(0))
+                    .map_err(|e| io::Error::other(format!("{e:?}")))?;
+                filled = true;
+            }
+            if !self.event_idx
+                || self.notices.events_waiting() == 0
+                || !vring
+                    .enable_notification()
+                    .map_err(|e| io::Error::other(format!("{e:?}")))?
+            {
+                break;
+            }
+        }
+        if self.event_idx && self.notices.events_waiting() == 0 {
+            let _ = vring.enable_notification();
+        }
+        if filled {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
     fn shmem_map(&self, fd_offset: u64, at: u64, len: u64, writable: bool) -> io::Result<()> {
         let frontend = self.frontend.as_ref().ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotConnected, "no backend request channel")
@@ -418,14 +695,39 @@ impl VshmDevice {
                 .reader(&mem)
                 .ok()
                 .and_then(|mut r| r.read_exact(bytes_of_mut(&mut req)).ok());
+            let mut extra = Vec::new();
             let resp = match read {
+                Some(()) if req.op == OP_WAIT => match self.start_wait(&req, &chain) {
+                    Some(mut r) => {
+                        r.resp_seq = req.req_seq;
+                        r
+                    }
+                    // Answered later: the queue goes on.
+                    None => continue,
+                },
+                Some(()) if req.op == OP_LIST => {
+                    let room = chain
+                        .clone()
+                        .writer(&mem)
+                        .map(|w| w.available_bytes())
+                        .unwrap_or(0)
+                        .saturating_sub(core::mem::size_of::<Response>());
+                    let (mut r, records) = match self.member() {
+                        Ok(vm) => self.list(vm, room),
+                        Err(status) => (mailbox::status_response(status), Vec::new()),
+                    };
+                    r.resp_seq = req.req_seq;
+                    extra = records;
+                    r
+                }
                 Some(()) => self.answer(&req),
                 None => mailbox::status_response(Status::InvalidParameter),
             };
             let written = match chain.writer(&mem) {
-                Ok(mut w) if w.available_bytes() >= bytes_of(&resp).len() => w
+                Ok(mut w) if w.available_bytes() >= bytes_of(&resp).len() + extra.len() => w
                     .write_all(bytes_of(&resp))
-                    .map(|()| bytes_of(&resp).len())
+                    .and_then(|()| w.write_all(&extra))
+                    .map(|()| bytes_of(&resp).len() + extra.len())
                     .unwrap_or(0),
                 _ => 0,
             };
@@ -455,6 +757,7 @@ impl VhostUserBackendMut for VshmDevice {
             | VIRTIO_RING_F_EVENT_IDX
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | VSHM_F_READ_ONLY
+            | VSHM_F_EVENTQ
     }
 
     fn acked_features(&mut self, features: u64) {
@@ -467,6 +770,17 @@ impl VhostUserBackendMut for VshmDevice {
             | VhostUserProtocolFeatures::SHMEM
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::MQ
+    }
+
+    fn reset_device(&mut self) {
+        // The queues start over: chains kept for WAITs name nothing any more.
+        if let Some(vm) = self.vm.id() {
+            for &id in self.waits.keys() {
+                self.arbitration.cancel_wait(vm, id);
+            }
+        }
+        self.waits.clear();
+        self.arm_timer();
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
@@ -507,12 +821,27 @@ impl VhostUserBackendMut for VshmDevice {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN || device_event != REQUEST_QUEUE {
+        if evset != EventSet::IN {
             return Ok(());
         }
-        let Some(vring) = vrings.get(usize::from(REQUEST_QUEUE)) else {
+        let (Some(vring), Some(events)) = (
+            vrings.get(usize::from(REQUEST_QUEUE)),
+            vrings.get(usize::from(EVENT_QUEUE)),
+        ) else {
             return Ok(());
         };
+        match device_event {
+            REQUEST_QUEUE => {}
+            EVENT_QUEUE => return self.fill_events(events),
+            NOTICES_EVENT | TIMER_EVENT => {
+                if device_event == NOTICES_EVENT {
+                    let _ = self.notices.bell().read();
+                }
+                self.finish_waits(vring, device_event == TIMER_EVENT)?;
+                return self.fill_events(events);
+            }
+            _ => return Ok(()),
+        }
         if self.event_idx {
             loop {
                 vring

@@ -36,6 +36,16 @@ pub const OPEN_READ_ONLY: u32 = 1 << 8;
 pub const OP_OPEN: u32 = 8;
 /// Operation: close a handle (`size` = the window offset its open returned).
 pub const OP_CLOSE: u32 = 9;
+/// Operation: signal an event, or notify a section (§5.1).
+pub const OP_SIGNAL: u32 = 10;
+/// Operation: reset an event.
+pub const OP_RESET: u32 = 11;
+/// Operation: wait for an event or a section's next change (`size` = timeout in ms, 0 =
+/// none); answered when it happens or STATUS_TIMEOUT.
+pub const OP_WAIT: u32 = 12;
+/// Operation: the names this VM may open, as [`ListRecord`]s in the chain's writable bytes
+/// past the response (§5.3).
+pub const OP_LIST: u32 = 13;
 /// Most handles one VM may have open at once.
 pub const MAX_HANDLES: usize = 4096;
 /// Byte of the response holding `map_flags` (the first reserved byte).
@@ -92,6 +102,121 @@ impl DeviceConfig {
     }
 }
 
+/// Bytes of a LIST record's fixed part (`le16 name_len; u8 kind; u8 flags`), before the
+/// name bytes (§5.3).
+pub const LIST_RECORD_HEAD: usize = 4;
+/// LIST record flag: the object is persistent.
+pub const LIST_PERSISTENT: u8 = 1;
+/// LIST record flag: the object is an event that stays signalled until reset.
+pub const LIST_MANUAL_RESET: u8 = 2;
+
+/// One LIST record, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListRecord<'a> {
+    /// `vshm_format::layout::kind`.
+    pub kind: u8,
+    /// [`LIST_PERSISTENT`], [`LIST_MANUAL_RESET`].
+    pub flags: u8,
+    /// The name (UTF-8 as the device wrote it; checked by the reader).
+    pub name: &'a [u8],
+}
+
+impl ListRecord<'_> {
+    /// Bytes the record takes.
+    pub fn len(&self) -> usize {
+        LIST_RECORD_HEAD + self.name.len()
+    }
+
+    /// Never: a record has its head.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Writes the record at the start of `out`; `None` if it does not fit (or the name is
+    /// longer than a u16 counts).
+    pub fn write(&self, out: &mut [u8]) -> Option<usize> {
+        let n = u16::try_from(self.name.len()).ok()?;
+        let b = out.get_mut(..self.len())?;
+        b[0..2].copy_from_slice(&n.to_le_bytes());
+        b[2] = self.kind;
+        b[3] = self.flags;
+        b[LIST_RECORD_HEAD..].copy_from_slice(self.name);
+        Some(self.len())
+    }
+
+    /// Reads the records packed in `bytes` (stops at the first that does not fit).
+    pub fn parse(bytes: &[u8]) -> impl Iterator<Item = ListRecord<'_>> {
+        let mut at = 0usize;
+        core::iter::from_fn(move || {
+            let head = bytes.get(at..at + LIST_RECORD_HEAD)?;
+            let n = usize::from(u16::from_le_bytes([head[0], head[1]]));
+            let name = bytes.get(at + LIST_RECORD_HEAD..at + LIST_RECORD_HEAD + n)?;
+            let r = ListRecord {
+                kind: head[2],
+                flags: head[3],
+                name,
+            };
+            at += r.len();
+            Some(r)
+        })
+    }
+}
+
+/// Event type: a held object's name was deleted (by anyone).
+pub const EVENT_DELETED: u32 = 1;
+/// Event type: a held section grew or was notified; `value` = its change count.
+pub const EVENT_CHANGED: u32 = 2;
+/// Event type: a held event was signalled; `value` = its signal count.
+pub const EVENT_SIGNALLED: u32 = 3;
+
+/// One event on the event queue (§6), as the device writes it (little-endian).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VirtioVshmEvent {
+    /// [`EVENT_DELETED`], [`EVENT_CHANGED`], [`EVENT_SIGNALLED`].
+    pub kind: u32,
+    /// The object's slot.
+    pub slot: u32,
+    /// The object's generation.
+    pub generation: u64,
+    /// CHANGED: the section's change count; SIGNALLED: the event's; DELETED: 0.
+    pub value: u64,
+}
+
+/// Bytes of one event.
+pub const EVENT_BYTES: usize = 24;
+const _: () = assert!(core::mem::size_of::<VirtioVshmEvent>() == EVENT_BYTES);
+const _: () = assert!(core::mem::offset_of!(VirtioVshmEvent, generation) == 8);
+const _: () = assert!(core::mem::offset_of!(VirtioVshmEvent, value) == 16);
+
+impl VirtioVshmEvent {
+    /// The event's bytes (little-endian, whatever the host's byte order).
+    pub fn to_bytes(&self) -> [u8; EVENT_BYTES] {
+        let mut b = [0u8; EVENT_BYTES];
+        b[0..4].copy_from_slice(&self.kind.to_le_bytes());
+        b[4..8].copy_from_slice(&self.slot.to_le_bytes());
+        b[8..16].copy_from_slice(&self.generation.to_le_bytes());
+        b[16..24].copy_from_slice(&self.value.to_le_bytes());
+        b
+    }
+
+    /// Reads an event's bytes.
+    pub fn from_bytes(b: &[u8; EVENT_BYTES]) -> VirtioVshmEvent {
+        let le32 = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let le64 = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
+        VirtioVshmEvent {
+            kind: le32(0),
+            slot: le32(4),
+            generation: le64(8),
+            value: le64(16),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +232,38 @@ mod tests {
         assert_eq!(DeviceConfig::from_bytes(&b), Some(c));
         b[16] ^= 0xFF;
         assert_eq!(DeviceConfig::from_bytes(&b), None);
+    }
+
+    #[test]
+    fn an_event_and_list_records_read_back_what_was_written() {
+        let e = VirtioVshmEvent {
+            kind: EVENT_SIGNALLED,
+            slot: 3,
+            generation: 0x1122_3344_5566_7788,
+            value: 9,
+        };
+        let b = e.to_bytes();
+        assert_eq!(&b[0..4], &[3, 0, 0, 0]);
+        assert_eq!(VirtioVshmEvent::from_bytes(&b), e);
+        let mut out = [0u8; 32];
+        let a = ListRecord {
+            kind: 1,
+            flags: LIST_PERSISTENT,
+            name: b"web/a",
+        };
+        let n = a.write(&mut out).expect("fits");
+        let m = ListRecord {
+            kind: 2,
+            flags: 0,
+            name: b"ev",
+        }
+        .write(&mut out[n..])
+        .expect("fits");
+        assert!(a.write(&mut out[..8]).is_none(), "too small");
+        let read: Vec<_> = ListRecord::parse(&out[..n + m]).collect();
+        assert_eq!(read.len(), 2);
+        assert_eq!(read[0], a);
+        assert_eq!(read[1].name, b"ev");
     }
 
     #[test]

@@ -1,0 +1,354 @@
+//! Events, notifications and names for peers vshmd stands in for (vhost-user VMs,
+//! docs/VHOST-USER.md §5.1, §5.3, §6). Such a peer cannot touch an object's sync words, so
+//! vshmd does it on its behalf: SIGNAL and RESET act on them as a library would, a WAIT is
+//! registered here and completed when [`Arbiter::proxy_poll`] finds its condition true,
+//! and the same look reports what changed about every object the peer holds (deleted,
+//! grown or notified, signalled).
+//!
+//! How vshmd hears of changes made in shared memory: it sets the proxied peer's bit in the
+//! `waiters` word of every event and section the peer holds, as a waiting library does
+//! (docs/FORMAT.md §6a), so a peer that signals or notifies sends WAKE; the ring that WAKE
+//! asks for, aimed at a proxied peer, only marks a look as due. The bit is set again at
+//! every look (the host's WAKE clears it), before the words are read, so no change is
+//! missed; the daemon also looks on its timer.
+
+use std::collections::BTreeMap;
+
+use vshm_format::layout::kind;
+use vshm_format::sync;
+use vshm_format::virtio::{
+    VirtioVshmEvent, EVENT_CHANGED, EVENT_DELETED, EVENT_SIGNALLED, LIST_MANUAL_RESET,
+    LIST_PERSISTENT,
+};
+use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, Status};
+
+use super::{Arbiter, Backing};
+
+/// What a proxied peer was last told about one object it holds.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    generation: Generation,
+    size: u64,
+    seq: u64,
+    unlinked: bool,
+}
+
+/// A WAIT not answered yet.
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    id: u64,
+    slot: ObjectSlot,
+    generation: Generation,
+    /// A section's change count when the WAIT came (it completes when it differs).
+    since: u64,
+}
+
+/// One proxied peer's watch (see the module).
+#[derive(Debug, Default)]
+pub(super) struct Watch {
+    seen: BTreeMap<ObjectSlot, Seen>,
+    waits: Vec<Wait>,
+}
+
+/// What [`Arbiter::proxy_poll`] found for one proxied peer.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProxyNews {
+    /// Events about objects it holds, oldest first.
+    pub events: Vec<VirtioVshmEvent>,
+    /// WAITs completed: (the id the transport gave it, status, the object's change count).
+    pub done: Vec<(u64, Status, u64)>,
+}
+
+/// One name a proxied peer may open (LIST).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyListed {
+    /// The name.
+    pub name: String,
+    /// `vshm_format::layout::kind`.
+    pub kind: u32,
+    /// `LIST_PERSISTENT` | `LIST_MANUAL_RESET`.
+    pub flags: u8,
+}
+
+impl<M: Backing> Arbiter<M> {
+    /// Whether a look at proxied peers is due (something happened that may be news to
+    /// them); clears it.
+    pub fn take_proxy_due(&mut self) -> bool {
+        std::mem::take(&mut self.proxy_due)
+    }
+
+    /// Marks a look at proxied peers as due (the daemon's timer: a change made in shared
+    /// memory without a WAKE is seen within a tick).
+    pub fn proxy_due_soon(&mut self) {
+        self.proxy_due = true;
+    }
+
+    /// The (slot, generation) proxied peer `s` holds, if it holds it.
+    fn proxy_holding(&self, s: PeerSlot, slot: ObjectSlot, generation: Generation) -> bool {
+        self.proxies
+            .get(&s)
+            .is_some_and(|h| self.proxy_count(h, slot) > 0)
+            && self
+                .record_at(slot)
+                .is_some_and(|r| r.generation == generation)
+    }
+
+    fn proxy_slot_of(&self, peer_id: PeerId) -> Result<PeerSlot, Status> {
+        self.slot_of(peer_id)
+            .filter(|s| self.proxies.contains_key(s))
+            .ok_or(Status::InvalidHandle)
+    }
+
+    fn seq_of(&self, slot: ObjectSlot) -> u64 {
+        sync::signal_seq(&self.mem, &self.layout, slot).unwrap_or(0)
+    }
+
+    fn seen_now(&self, slot: ObjectSlot) -> Option<Seen> {
+        let r = self.record_at(slot)?;
+        Some(Seen {
+            generation: r.generation,
+            size: r.size,
+            seq: self.seq_of(slot),
+            unlinked: r.unlinked,
+        })
+    }
+
+    /// SIGNAL for proxied peer `peer_id`: sets an event it holds (or notifies a section it
+    /// holds) and wakes the waiting holders, as a library's signal and WAKE would.
+    pub fn proxy_signal(
+        &mut self,
+        peer_id: PeerId,
+        slot: ObjectSlot,
+        generation: Generation,
+    ) -> Status {
+        let Ok(s) = self.proxy_slot_of(peer_id) else {
+            return Status::InvalidHandle;
+        };
+        if !self.proxy_holding(s, slot, generation) {
+            return Status::InvalidHandle;
+        }
+        let set = match self.record_at(slot).map(|r| r.kind) {
+            Some(kind::EVENT) => sync::event_set(&self.mem, &self.layout, slot),
+            Some(kind::SECTION) => sync::notify(&self.mem, &self.layout, slot),
+            _ => return Status::InvalidHandle,
+        };
+        match set {
+            Ok(wake) => {
+                if wake {
+                    self.ring_waiters(slot);
+                }
+                self.proxy_due = true;
+                Status::Success
+            }
+            Err(_) => Status::InsufficientResources,
+        }
+    }
+
+    /// RESET for proxied peer `peer_id`: clears an event it holds.
+    pub fn proxy_reset(
+        &mut self,
+        peer_id: PeerId,
+        slot: ObjectSlot,
+        generation: Generation,
+    ) -> Status {
+        let Ok(s) = self.proxy_slot_of(peer_id) else {
+            return Status::InvalidHandle;
+        };
+        if !self.proxy_holding(s, slot, generation)
+            || self.record_at(slot).map(|r| r.kind) != Some(kind::EVENT)
+        {
+            return Status::InvalidHandle;
+        }
+        match sync::event_reset(&self.mem, &self.layout, slot) {
+            Ok(()) => Status::Success,
+            Err(_) => Status::InsufficientResources,
+        }
+    }
+
+    /// Takes an event for a waiter, as a library's wait does once (`event_try_take`).
+    fn proxy_try_take(&self, slot: ObjectSlot) -> bool {
+        let manual = self.record_at(slot).is_some_and(|r| r.manual_reset);
+        sync::event_try_take(&self.mem, &self.layout, slot, manual).unwrap_or(false)
+    }
+
+    /// WAIT for proxied peer `peer_id` on an event or section it holds, known to its
+    /// transport as `id`: `Some(status)` if it completes at once (an event that is set, and
+    /// taken if it resets itself; or a refusal), else `None`: it stays registered until a
+    /// look ([`Arbiter::proxy_poll`]) completes it or [`Arbiter::proxy_cancel_wait`]
+    /// takes it back.
+    pub fn proxy_wait(
+        &mut self,
+        peer_id: PeerId,
+        id: u64,
+        slot: ObjectSlot,
+        generation: Generation,
+    ) -> Option<(Status, u64)> {
+        let Ok(s) = self.proxy_slot_of(peer_id) else {
+            return Some((Status::InvalidHandle, 0));
+        };
+        if !self.proxy_holding(s, slot, generation) {
+            return Some((Status::InvalidHandle, 0));
+        }
+        let k = self.record_at(slot).map(|r| r.kind);
+        if k != Some(kind::EVENT) && k != Some(kind::SECTION) {
+            return Some((Status::InvalidHandle, 0));
+        }
+        // Asks to be rung before it looks (FORMAT.md §6a: no wake-up is lost).
+        let _ = sync::register_waiter(&self.mem, &self.layout, slot, s);
+        let since = self.seq_of(slot);
+        if k == Some(kind::EVENT) && self.proxy_try_take(slot) {
+            return Some((Status::Success, since));
+        }
+        self.proxy_watch.entry(s).or_default().waits.push(Wait {
+            id,
+            slot,
+            generation,
+            since,
+        });
+        None
+    }
+
+    /// Takes back WAIT `id` of proxied peer `peer_id` (its timeout passed): `true` if it
+    /// was still waiting, `false` if a look completed it already (its answer is in that
+    /// look's [`ProxyNews`]).
+    pub fn proxy_cancel_wait(&mut self, peer_id: PeerId, id: u64) -> bool {
+        let Ok(s) = self.proxy_slot_of(peer_id) else {
+            return false;
+        };
+        let Some(w) = self.proxy_watch.get_mut(&s) else {
+            return false;
+        };
+        let before = w.waits.len();
+        w.waits.retain(|x| x.id != id);
+        w.waits.len() != before
+    }
+
+    /// Looks at everything proxied peer `peer_id` holds: what changed since it was last
+    /// told (deleted; a section grown or notified; an event signalled), and which of its
+    /// WAITs can complete. Sets its bit in the `waiters` word of each event and section
+    /// again first, so the next change made in shared memory comes with a WAKE.
+    pub fn proxy_poll(&mut self, peer_id: PeerId) -> ProxyNews {
+        let mut news = ProxyNews::default();
+        let Ok(s) = self.proxy_slot_of(peer_id) else {
+            return news;
+        };
+        let held: Vec<ObjectSlot> = self
+            .proxies
+            .get(&s)
+            .map(|h| {
+                h.keys()
+                    .copied()
+                    .filter(|&o| self.proxy_count(h, o) > 0)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for &slot in &held {
+            if matches!(
+                self.record_at(slot).map(|r| r.kind),
+                Some(kind::EVENT | kind::SECTION)
+            ) {
+                let _ = sync::register_waiter(&self.mem, &self.layout, slot, s);
+            }
+        }
+        let mut watch = self.proxy_watch.remove(&s).unwrap_or_default();
+        watch.seen.retain(|o, _| held.contains(o));
+        for &slot in &held {
+            let (Some(now), Some(k)) = (self.seen_now(slot), self.record_at(slot).map(|r| r.kind))
+            else {
+                continue;
+            };
+            let Some(before) = watch.seen.insert(slot, now) else {
+                // First look since it took the hold: what it saw at its open is no news.
+                continue;
+            };
+            if before.generation != now.generation {
+                continue;
+            }
+            let event = |kind: u32, value: u64| VirtioVshmEvent {
+                kind,
+                slot: slot.raw(),
+                generation: now.generation.raw(),
+                value,
+            };
+            if now.unlinked && !before.unlinked {
+                news.events.push(event(EVENT_DELETED, 0));
+            }
+            match k {
+                kind::SECTION if now.size != before.size || now.seq != before.seq => {
+                    news.events.push(event(EVENT_CHANGED, now.seq));
+                }
+                kind::EVENT if now.seq != before.seq => {
+                    news.events.push(event(EVENT_SIGNALLED, now.seq));
+                }
+                _ => {}
+            }
+        }
+        let waits = std::mem::take(&mut watch.waits);
+        for w in waits {
+            if !self.proxy_holding(s, w.slot, w.generation) {
+                news.done.push((w.id, Status::InvalidHandle, 0));
+                continue;
+            }
+            let seq = self.seq_of(w.slot);
+            let ready = match self.record_at(w.slot).map(|r| r.kind) {
+                Some(kind::EVENT) => self.proxy_try_take(w.slot),
+                _ => seq != w.since,
+            };
+            if ready {
+                news.done.push((w.id, Status::Success, seq));
+            } else {
+                watch.waits.push(w);
+            }
+        }
+        self.proxy_watch.insert(s, watch);
+        news
+    }
+
+    /// Records what proxied peer slot `s` sees of `slot` now that it took a hold (its first
+    /// look reports only what changes after this).
+    pub(super) fn proxy_seen_now(&mut self, s: PeerSlot, slot: ObjectSlot) {
+        let Some(now) = self.seen_now(slot) else {
+            return;
+        };
+        let w = self.proxy_watch.entry(s).or_default();
+        match w.seen.get(&slot) {
+            Some(old) if old.generation == now.generation => {}
+            _ => {
+                w.seen.insert(slot, now);
+            }
+        }
+    }
+
+    /// Forgets proxied peer slot `s`'s watch (it left: its WAITs are dropped).
+    pub(super) fn proxy_unwatch(&mut self, s: PeerSlot) {
+        self.proxy_watch.remove(&s);
+    }
+
+    /// LIST for proxied peer `peer_id`: the live names its policy lets it open, in name
+    /// order.
+    pub fn proxy_list(&self, peer_id: PeerId) -> Result<Vec<ProxyListed>, Status> {
+        let s = self.proxy_slot_of(peer_id)?;
+        let mut out: Vec<ProxyListed> = self
+            .names
+            .iter()
+            .filter(|(name, _)| self.may_open(s, Some(name)).is_ok())
+            .filter_map(|(name, &slot)| {
+                let r = self.record_at(slot).filter(|r| !r.unlinked)?;
+                let mut flags = 0;
+                if r.persistent {
+                    flags |= LIST_PERSISTENT;
+                }
+                if r.manual_reset {
+                    flags |= LIST_MANUAL_RESET;
+                }
+                Some(ProxyListed {
+                    name: name.clone(),
+                    kind: r.kind,
+                    flags,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}
