@@ -44,6 +44,14 @@ fn config_read(bus: &mut PciBus, dev: u32, reg: u32) -> u32 {
     u32::from_le_bytes(d)
 }
 
+fn config_write(bus: &mut PciBus, dev: u32, reg: u32, v: u32) {
+    bus.pio_write(
+        CONFIG_ADDRESS,
+        &(0x8000_0000 | (dev << 11) | reg).to_le_bytes(),
+    );
+    bus.pio_write(CONFIG_DATA, &v.to_le_bytes());
+}
+
 fn read32(vm: &mut Vm, addr: u64) -> u32 {
     let mut d = [0u8; 4];
     assert!(
@@ -66,6 +74,25 @@ struct Driver {
 }
 
 impl Driver {
+    /// Initialises the device as a driver does (VERSION_1 only) with queue 0 set up.
+    fn start(vm: &mut Vm) -> Driver {
+        let c = VSHM_BAR0;
+        write(vm, c + 0x14, &[0]);
+        write(vm, c + 0x14, &[1 | 2]);
+        write(vm, c + 8, &1u32.to_le_bytes());
+        write(vm, c + 0xC, &1u32.to_le_bytes());
+        write(vm, c + 0x14, &[1 | 2 | 8]);
+        write(vm, c + 0x16, &0u16.to_le_bytes());
+        write(vm, c + 0x18, &QSIZE.to_le_bytes());
+        for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+            write(vm, c + off, &addr.to_le_bytes());
+        }
+        write(vm, c + 0x1C, &1u16.to_le_bytes());
+        write(vm, c + 0x14, &[1 | 2 | 8 | 4]);
+        assert_eq!(read32(vm, c + 0x14) & 0xFF, 1 | 2 | 8 | 4, "DRIVER_OK");
+        Driver { next: 0 }
+    }
+
     fn request(&mut self, vm: &mut Vm, req: &Request) -> Response {
         let mem = vm.memory().clone();
         let desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
@@ -250,6 +277,26 @@ fn the_vmms_vshm_device_is_found_on_pci_initialised_through_bar0_and_maps_exactl
         assert_eq!(vm.vshm_mappings(), vec![(ro.offset, 64 << 10, false)]);
         assert_eq!(b.section("from-host").expect("listed")["refs"], 2);
 
+        // The guest moves BAR 4 (sizing it writes all ones; then over RAM): the window is
+        // nowhere while there, and its mappings come back when it is somewhere valid again.
+        let bus = vm.pci();
+        config_write(bus, 1, 0x24, 0xFFFF_FFFF);
+        config_write(bus, 1, 0x20, 0xFFFF_FFFF);
+        assert_eq!(vm.vshm_window_base(), None, "a BAR being sized is no place");
+        let bus = vm.pci();
+        config_write(bus, 1, 0x20, 0);
+        config_write(bus, 1, 0x24, 0);
+        assert_eq!(vm.vshm_window_base(), None, "not over RAM");
+        let bus = vm.pci();
+        config_write(bus, 1, 0x20, 0);
+        config_write(bus, 1, 0x24, 2);
+        assert_eq!(vm.vshm_window_base(), Some(8 << 30));
+        config_write(vm.pci(), 1, 4, 0);
+        assert_eq!(vm.vshm_window_base(), None, "memory decoding off");
+        config_write(vm.pci(), 1, 4, 2);
+        assert_eq!(vm.vshm_window_base(), Some(8 << 30));
+        assert_eq!(vm.vshm_mappings(), vec![(ro.offset, 64 << 10, false)]);
+
         // The VMM goes: vshmd reclaims the VM's hold.
         drop(vm);
         assert!(
@@ -258,6 +305,44 @@ fn the_vmms_vshm_device_is_found_on_pci_initialised_through_bar0_and_maps_exactl
                 .is_some_and(|s| s["refs"] == 1)),
             "the VM's hold was released: {}",
             b.status()
+        );
+    });
+}
+
+#[test]
+fn when_vshmd_goes_the_vms_window_loses_every_mapping() {
+    if !kvm_usable() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI machines have /dev/kvm"
+        );
+        eprintln!("skipped: /dev/kvm is not usable here");
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        let dir = TempDir::new("vmm-device-gone");
+        let vpath = dir.path().join("vhost.sock");
+        let b = Backend::start(&[
+            "--size",
+            "8M",
+            "--vhost-user",
+            vpath.to_str().expect("utf-8"),
+        ]);
+        assert!(wait_for(Duration::from_secs(10), || vpath.exists()));
+        let mut vm = Vm::create(&VmConfig {
+            mem_size: 16 << 20,
+            vshm: Some(vpath.clone()),
+            args: Vec::new(),
+        })
+        .expect("the VM");
+        let mut d = Driver::start(&mut vm);
+        let made = d.request(&mut vm, &named(1, "mine", 0));
+        assert_eq!(made.status, Status::Success.code());
+        assert_eq!(vm.vshm_mappings().len(), 1);
+        b.terminate();
+        assert!(
+            wait_for(Duration::from_secs(5), || vm.vshm_mappings().is_empty()),
+            "the mapping of a backend that left stays reachable"
         );
     });
 }

@@ -48,6 +48,10 @@ pub const ARGS_ADDR: u64 = 0x7000;
 pub const ARGS_MAX: usize = 4096;
 /// Guest-physical addresses below this are identity-mapped for the guest.
 pub const IDENTITY_MAPPED: u64 = 8 << 30;
+/// The least guest RAM (page tables, arguments, stack and a 1 MiB image).
+pub const MIN_RAM: u64 = 4 << 20;
+/// The most guest RAM: it must end below the PCI devices' BARs.
+pub const MAX_RAM: u64 = 2 << 30;
 /// The vshm device's BAR 0 (virtio registers).
 pub const VSHM_BAR0: u64 = 0xE000_0000;
 /// The vshm device's BAR 4 (the shared-memory window).
@@ -81,6 +85,11 @@ pub enum VmmError {
     /// Guest memory could not be set up or written.
     #[error("guest memory: {0}")]
     Memory(String),
+    /// Guest RAM out of range.
+    #[error(
+        "guest RAM of {0} bytes: it must be {MIN_RAM}..={MAX_RAM} bytes (below the PCI devices)"
+    )]
+    RamSize(u64),
     /// The guest image does not fit.
     #[error("the guest image is {len} bytes; at most {max} fit at {ENTRY:#x}")]
     TooLarge {
@@ -206,6 +215,9 @@ impl Vm {
     pub fn create(config: &VmConfig) -> Result<Vm, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::NoKvm)?;
         let vm = Arc::new(kvm.create_vm().map_err(failed("create the VM"))?);
+        if config.mem_size < MIN_RAM || config.mem_size > MAX_RAM {
+            return Err(VmmError::RamSize(config.mem_size));
+        }
         let mem = ram(config.mem_size)?;
         for region in mem.iter() {
             let host = mem.get_host_address(region.start_addr()).map_err(mem_err)? as u64;
@@ -246,6 +258,8 @@ impl Vm {
                         bar0: VSHM_BAR0,
                         bar4: VSHM_WINDOW,
                         slots: WINDOW_SLOTS,
+                        ram_end: config.mem_size,
+                        max_window: MAX_WINDOW,
                     },
                 )?;
                 let window = dev.window();
@@ -289,6 +303,15 @@ impl Vm {
             w.lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .mappings()
+        })
+    }
+
+    /// Where the vshm device's window is placed (`None`: nowhere the guest reaches).
+    pub fn vshm_window_base(&self) -> Option<u64> {
+        self.vshm_window.as_ref().and_then(|w| {
+            w.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .base()
         })
     }
 

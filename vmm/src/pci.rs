@@ -303,6 +303,10 @@ pub trait PciFunction: Send {
     fn config_mut(&mut self) -> &mut ConfigSpace;
     /// The guest moved BAR `bar` from `old` (its new address is in the config space).
     fn bar_moved(&mut self, _bar: usize, _old: u64) {}
+    /// The guest wrote the configuration space (after [`PciFunction::bar_moved`], if a BAR
+    /// moved): a device whose BARs are backed by KVM slots or ioeventfds re-checks where they
+    /// are and whether decoding is on.
+    fn config_written(&mut self) {}
     /// A read of `data.len()` bytes at `offset` into BAR `bar`.
     fn mmio_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     /// A write at `offset` into BAR `bar`.
@@ -423,6 +427,7 @@ impl PciBus {
         for (bar, old) in d.config_mut().write(at, &data[..len]) {
             d.bar_moved(bar, old);
         }
+        d.config_written();
     }
 
     /// An MMIO access at `addr` that falls in a device's BAR (memory decoding on): the device

@@ -17,7 +17,7 @@
 #![allow(clippy::cast_possible_truncation)] // virtio registers are 8/16/32-bit views of wider values: narrowing is the point.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -87,6 +87,18 @@ pub enum DeviceError {
     Format {
         /// The socket.
         path: String,
+    },
+    /// The window size the backend reported is unusable.
+    #[error("vhost-user device at {path}: window size {size:#x} is not a non-zero multiple of {page:#x} up to {max:#x}")]
+    WindowSize {
+        /// The socket.
+        path: String,
+        /// What it reported.
+        size: u64,
+        /// The page size.
+        page: u64,
+        /// The most the layout allows.
+        max: u64,
     },
     /// PCI layout.
     #[error("PCI: {0}")]
@@ -184,11 +196,36 @@ impl VhostUserFrontendReqHandlerMut for MapHandler {
 /// The backend request channel as an event-manager subscriber.
 struct BackendChannel {
     handler: FrontendReqHandler<Mutex<MapHandler>>,
+    /// A copy of the main vhost-user socket, watched for hang-up only: the backend channel
+    /// itself never shows one (this process keeps the end it gave the backend open).
+    main: OwnedFd,
     closed: Arc<AtomicBool>,
+    window: Arc<Mutex<Window>>,
+}
+
+impl BackendChannel {
+    /// The backend is gone: nothing it mapped may stay reachable (vshmd reclaims the holds
+    /// and, after its quarantine, reuses the memory), docs/VHOST-USER.md §5.2.
+    fn close(&self) {
+        let cleared = self
+            .window
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        if let Err(e) = cleared {
+            eprintln!("vshm-vmm: vshm device: the backend left but a mapping stays: {e}");
+        }
+        self.closed.store(true, Ordering::Release);
+    }
 }
 
 impl MutEventSubscriber for BackendChannel {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.main.as_raw_fd() {
+            let _ = ops.remove(Events::empty(&self.main));
+            let _ = ops.remove(Events::empty(&self.handler));
+            return self.close();
+        }
         let bad = EventSet::HANG_UP | EventSet::ERROR;
         if events.event_set().intersects(bad)
             || self.handler.handle_request().is_err_and(|e| {
@@ -200,13 +237,16 @@ impl MutEventSubscriber for BackendChannel {
             })
         {
             let _ = ops.remove(Events::empty(&self.handler));
-            self.closed.store(true, Ordering::Release);
+            self.close();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if ops.add(Events::new(&self.handler, EventSet::IN)).is_err() {
-            self.closed.store(true, Ordering::Release);
+        let hang_up = EventSet::HANG_UP | EventSet::READ_HANG_UP;
+        if ops.add(Events::new(&self.handler, EventSet::IN)).is_err()
+            || ops.add(Events::new(&self.main, hang_up)).is_err()
+        {
+            self.close();
         }
     }
 }
@@ -225,6 +265,9 @@ pub struct VshmPci {
     window: Arc<Mutex<Window>>,
     common: Common,
     active: bool,
+    /// Queues handed to the backend (a reset takes back exactly these).
+    started: [bool; QUEUES],
+    ram_end: u64,
     kicks: [EventFd; QUEUES],
     calls: [EventFd; QUEUES],
     notify_base: u64,
@@ -253,7 +296,15 @@ pub struct Placement {
     pub bar4: u64,
     /// The first KVM memory slot the window may use, and one past the last.
     pub slots: (u32, u32),
+    /// Guest RAM ends here: the window is never placed over it.
+    pub ram_end: u64,
+    /// The largest window the layout has room for (a backend asking more is refused).
+    pub max_window: u64,
 }
+
+/// The window is only placed below this guest-physical address (39 bits: what every x86-64
+/// host's KVM maps).
+const PHYS_LIMIT: u64 = 1 << 39;
 
 impl VshmPci {
     /// Connects to vshmd's vhost-user socket at `path` and builds the function. Its window
@@ -301,10 +352,13 @@ impl VshmPci {
             0 => 0,
             _ => shmem.memory_sizes[usize::from(WINDOW_SHMID)],
         };
-        if window_size == 0 {
-            return Err(DeviceError::Missing {
+        let page = 4096;
+        if window_size == 0 || window_size % page != 0 || window_size > placement.max_window {
+            return Err(DeviceError::WindowSize {
                 path: p,
-                what: "a shared-memory region".into(),
+                size: window_size,
+                page,
+                max: placement.max_window,
             });
         }
         let (_, payload) = frontend
@@ -337,7 +391,7 @@ impl VshmPci {
 
         let window = Arc::new(Mutex::new(Window::new(
             Arc::clone(&vm),
-            placement.bar4,
+            Some(placement.bar4),
             window_size,
             placement.slots.0,
             placement.slots.1,
@@ -415,7 +469,12 @@ impl VshmPci {
         let channel = spawn_channel(
             BackendChannel {
                 handler,
+                main: dup_fd(&frontend).map_err(|source| DeviceError::Os {
+                    what: "a copy of the vhost-user socket",
+                    source,
+                })?,
                 closed: Arc::clone(&channel_closed),
+                window: Arc::clone(&window),
             },
             Arc::clone(&stop),
         )?;
@@ -431,6 +490,8 @@ impl VshmPci {
             window,
             common: Common::default(),
             active: false,
+            started: [false; QUEUES],
+            ram_end: placement.ram_end,
             kicks,
             calls,
             notify_base: placement.bar0 + NOTIFY,
@@ -468,6 +529,21 @@ impl VshmPci {
             })?;
         }
         Ok(())
+    }
+
+    /// Where the window may be, given BAR 4, decoding, RAM and BAR 0.
+    fn window_place(&self) -> Option<u64> {
+        if !self.config.memory_enabled() {
+            return None;
+        }
+        let (base, size) = self.config.bar_address(4)?;
+        let end = base.checked_add(size).filter(|e| *e <= PHYS_LIMIT)?;
+        let (b0, s0) = self.config.bar_address(0)?;
+        let overlaps = |a: u64, a_end: u64| base < a_end && a < end;
+        if overlaps(0, self.ram_end) || overlaps(b0, b0.saturating_add(s0)) {
+            return None;
+        }
+        Some(base)
     }
 
     fn fail(&mut self, what: String) {
@@ -519,6 +595,8 @@ impl VshmPci {
                 .and_then(|()| f.set_vring_call(q, &self.calls[q]))
                 .and_then(|()| f.set_vring_kick(q, &self.kicks[q]))
                 .and_then(|()| f.set_vring_enable(q, true));
+            // Started as soon as the backend may have taken it (a reset takes it back).
+            self.started[q] = true;
             if let Err(e) = r {
                 return self.fail(format!("queue {q}: the backend refused it: {e}"));
             }
@@ -527,12 +605,10 @@ impl VshmPci {
     }
 
     fn reset(&mut self) {
-        if self.active {
-            for q in 0..QUEUES {
-                if self.common.queues[q].enable {
-                    let _ = self.frontend.set_vring_enable(q, false);
-                    let _ = self.frontend.get_vring_base(q);
-                }
+        for q in 0..QUEUES {
+            if std::mem::take(&mut self.started[q]) {
+                let _ = self.frontend.set_vring_enable(q, false);
+                let _ = self.frontend.get_vring_base(q);
             }
         }
         self.active = false;
@@ -544,6 +620,11 @@ impl VshmPci {
             return self.reset();
         }
         let old = self.common.status;
+        // Status bits are only ever added until a reset (virtio 1.x §2.1.2): a write that
+        // clears one is ignored (else DRIVER_OK could be set twice on running queues).
+        if v & old & !STATUS_NEEDS_RESET != old & !STATUS_NEEDS_RESET {
+            return;
+        }
         let mut v = v;
         if v & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
             let acked = self.common.driver_features;
@@ -559,7 +640,8 @@ impl VshmPci {
             }
         }
         self.common.status = v | (old & STATUS_NEEDS_RESET);
-        if v & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 && v & STATUS_FEATURES_OK != 0 {
+        let driver_ok = v & STATUS_DRIVER_OK != 0 && v & STATUS_FEATURES_OK != 0;
+        if driver_ok && !self.active && self.common.status & STATUS_NEEDS_RESET == 0 {
             self.activate();
         }
     }
@@ -655,6 +737,16 @@ impl VshmPci {
     }
 }
 
+fn dup_fd(f: &dyn AsRawFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: dup of a descriptor `f` keeps open for this call; the copy is ours.
+    let fd = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 fn vhost_failed<E: std::fmt::Display>(
     path: &str,
     what: &'static str,
@@ -702,29 +794,27 @@ impl PciFunction for VshmPci {
         &mut self.config
     }
 
-    fn bar_moved(&mut self, bar: usize, _old: u64) {
-        let Some((base, _)) = self.config.bar_address(bar) else {
-            return;
-        };
-        match bar {
-            0 => {
-                let _ = self.register_notifiers(false);
-                self.notify_base = base + NOTIFY;
-                if let Err(e) = self.register_notifiers(true) {
-                    self.fail(e.to_string());
-                }
+    fn config_written(&mut self) {
+        // Notifications follow BAR 0.
+        let notify = self.config.bar_address(0).map(|(b, _)| b + NOTIFY);
+        if let Some(base) = notify.filter(|b| *b != self.notify_base) {
+            let _ = self.register_notifiers(false);
+            self.notify_base = base;
+            if let Err(e) = self.register_notifiers(true) {
+                self.fail(e.to_string());
             }
-            4 => {
-                let r = self
-                    .window
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .relocate(base);
-                if let Err(e) = r {
-                    self.fail(format!("moving the window: {e}"));
-                }
-            }
-            _ => {}
+        }
+        // The window is reachable only where the guest may have it: decoding on, not over
+        // RAM or BAR 0, below what KVM maps. Elsewhere (a BAR being sized is all ones) its
+        // mappings have no slots until it is placed again.
+        let place = self.window_place();
+        let r = self
+            .window
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .place(place);
+        if let Err(e) = r {
+            self.fail(format!("placing the window: {e}"));
         }
     }
 

@@ -68,6 +68,16 @@ pub enum WindowError {
         /// The error.
         errno: String,
     },
+    /// The range goes past the end of the file.
+    #[error("file range {fd_offset:#x}+{len:#x} is past the end of the {file_len:#x}-byte file")]
+    PastFile {
+        /// File offset.
+        fd_offset: u64,
+        /// Length.
+        len: u64,
+        /// The file's size.
+        file_len: u64,
+    },
     /// Every KVM memory slot the window may use is taken.
     #[error("no free KVM memory slot for the window")]
     NoSlot,
@@ -80,12 +90,17 @@ struct Mapping {
     writable: bool,
     host: usize,
     slot: u32,
+    /// Whether its KVM slot exists (only while the window has a place: [`Window::place`]).
+    installed: bool,
 }
 
 /// The window and its mappings.
 pub struct Window {
     vm: Arc<VmFd>,
-    base: u64,
+    /// Where the guest sees the window: `None` while the BAR is not somewhere it may be
+    /// (decoding off, over RAM or another BAR, past what KVM maps); mappings then have no
+    /// slot and the guest reaches none of them.
+    base: Option<u64>,
     size: u64,
     page: u64,
     maps: BTreeMap<u64, Mapping>,
@@ -97,7 +112,7 @@ pub struct Window {
 impl fmt::Debug for Window {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Window")
-            .field("base", &format_args!("{:#x}", self.base))
+            .field("base", &self.base)
             .field("size", &self.size)
             .field("mappings", &self.maps.len())
             .finish_non_exhaustive()
@@ -110,10 +125,20 @@ fn page_size() -> u64 {
     u64::try_from(p).unwrap_or(4096)
 }
 
+fn os_error(e: &std::io::Error) -> String {
+    e.to_string()
+}
+
 impl Window {
-    /// A window of `size` bytes at guest address `base`, its slots taken from `first_slot`
-    /// up to (not including) `end_slot`.
-    pub fn new(vm: Arc<VmFd>, base: u64, size: u64, first_slot: u32, end_slot: u32) -> Window {
+    /// A window of `size` bytes at guest address `base` (`None`: not placed), its slots
+    /// taken from `first_slot` up to (not including) `end_slot`.
+    pub fn new(
+        vm: Arc<VmFd>,
+        base: Option<u64>,
+        size: u64,
+        first_slot: u32,
+        end_slot: u32,
+    ) -> Window {
         Window {
             vm,
             base,
@@ -126,14 +151,9 @@ impl Window {
         }
     }
 
-    /// The window's guest address.
-    pub fn base(&self) -> u64 {
+    /// The window's guest address, if it is placed.
+    pub fn base(&self) -> Option<u64> {
         self.base
-    }
-
-    /// Whether guest address `gpa` lies in the window.
-    pub fn contains(&self, gpa: u64) -> bool {
-        gpa.checked_sub(self.base).is_some_and(|o| o < self.size)
     }
 
     /// The mapped ranges: (window offset, length, writable).
@@ -187,22 +207,15 @@ impl Window {
         fd_offset: u64,
         writable: bool,
     ) -> Result<(), WindowError> {
-        let unaligned = WindowError::Unaligned {
-            offset,
-            len,
-            fd_offset,
-        };
-        if len == 0 || offset % self.page != 0 || len % self.page != 0 || fd_offset % self.page != 0
-        {
-            return Err(unaligned);
-        }
-        let end = offset.checked_add(len).filter(|e| *e <= self.size).ok_or(
-            WindowError::OutOfWindow {
+        let aligned = |v: u64| v % self.page == 0;
+        if len == 0 || !aligned(offset) || !aligned(len) || !aligned(fd_offset) {
+            return Err(WindowError::Unaligned {
                 offset,
                 len,
-                size: self.size,
-            },
-        )?;
+                fd_offset,
+            });
+        }
+        let end = self.end_of(offset, len)?;
         if let Some((o, _)) = self
             .maps
             .range(..end)
@@ -215,22 +228,25 @@ impl Window {
                 existing: *o,
             });
         }
-        let gpa = self
-            .base
-            .checked_add(offset)
-            .ok_or(WindowError::OutOfWindow {
-                offset,
-                len,
-                size: self.size,
-            })?;
-        let m = self.install(gpa, len, file, fd_offset, writable)?;
+        let m = self.install(offset, len, file, fd_offset, writable)?;
         self.maps.insert(offset, m);
         Ok(())
     }
 
+    fn end_of(&self, offset: u64, len: u64) -> Result<u64, WindowError> {
+        offset
+            .checked_add(len)
+            .filter(|e| *e <= self.size)
+            .ok_or(WindowError::OutOfWindow {
+                offset,
+                len,
+                size: self.size,
+            })
+    }
+
     fn install(
         &mut self,
-        gpa: u64,
+        offset: u64,
         len: u64,
         file: Arc<File>,
         fd_offset: u64,
@@ -239,12 +255,21 @@ impl Window {
         let mmap_err = |e: std::io::Error| WindowError::Mmap {
             len,
             fd_offset,
-            errno: e.to_string(),
+            errno: os_error(&e),
         };
-        let size = usize::try_from(len)
-            .map_err(|_| mmap_err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
-        let off = libc::off_t::try_from(fd_offset)
-            .map_err(|_| mmap_err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
+        // Past the end of the file a guest access would fault inside KVM (EFAULT ends the
+        // run on hardware KVM): refuse what the file does not hold.
+        let file_len = file.metadata().map_err(mmap_err)?.len();
+        if fd_offset.checked_add(len).is_none_or(|e| e > file_len) {
+            return Err(WindowError::PastFile {
+                fd_offset,
+                len,
+                file_len,
+            });
+        }
+        let overflow = || mmap_err(std::io::Error::from_raw_os_error(libc::EOVERFLOW));
+        let size = usize::try_from(len).map_err(|_| overflow())?;
+        let off = libc::off_t::try_from(fd_offset).map_err(|_| overflow())?;
         let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
         // SAFETY: a fresh shared mapping of the backend's fd, placed where the kernel likes;
         // nothing else is at that address, and it is unmapped only in `drop_mapping`.
@@ -269,31 +294,41 @@ impl Window {
                 return Err(e);
             }
         };
-        if let Err(e) = self.set_slot(slot, gpa, len, host, writable) {
-            unmap_host(host, len);
-            self.free_slots.push(slot);
-            return Err(e);
-        }
-        Ok(Mapping {
+        let mut m = Mapping {
             len,
             file,
             fd_offset,
             writable,
             host,
             slot,
-        })
+            installed: false,
+        };
+        if let Some(base) = self.base {
+            if let Err(e) = self.set_slot(slot, base + offset, len, host, writable) {
+                unmap_host(host, len);
+                self.free_slots.push(slot);
+                return Err(e);
+            }
+            m.installed = true;
+        }
+        Ok(m)
     }
 
-    fn drop_mapping(&mut self, m: Mapping) {
-        // Delete the slot first: the guest must not reach the pages once they are unmapped.
-        if self.set_slot(m.slot, 0, 0, 0, true).is_ok() {
+    /// Deletes the slot of the mapping at `offset` (if installed), then its pages. If KVM
+    /// refuses to delete the slot the guest still reaches the pages: the mapping stays and
+    /// the failure is returned (so vshmd keeps the range reserved, docs/VHOST-USER.md §5.2).
+    fn drop_mapping(&mut self, offset: u64) -> Result<(), WindowError> {
+        let Some(m) = self.maps.get(&offset) else {
+            return Ok(());
+        };
+        if m.installed {
+            self.set_slot(m.slot, 0, 0, 0, true)?;
+        }
+        if let Some(m) = self.maps.remove(&offset) {
             unmap_host(m.host, m.len);
             self.free_slots.push(m.slot);
-        } else {
-            // The slot could not be deleted: keep the pages mapped (the guest still reaches
-            // them through it) and the slot taken, rather than let KVM point at freed memory.
-            std::mem::forget(m);
         }
+        Ok(())
     }
 
     /// SHMEM_UNMAP: every mapping that intersects `offset..offset+len` leaves the window; the
@@ -306,13 +341,7 @@ impl Window {
                 fd_offset: 0,
             });
         }
-        let end = offset.checked_add(len).filter(|e| *e <= self.size).ok_or(
-            WindowError::OutOfWindow {
-                offset,
-                len,
-                size: self.size,
-            },
-        )?;
+        let end = self.end_of(offset, len)?;
         let hit: Vec<u64> = self
             .maps
             .range(..end)
@@ -320,12 +349,12 @@ impl Window {
             .map(|(o, _)| *o)
             .collect();
         for o in hit {
-            let Some(m) = self.maps.remove(&o) else {
+            let Some(m) = self.maps.get(&o) else {
                 continue;
             };
             let (file, fd_offset, mlen, writable) =
                 (Arc::clone(&m.file), m.fd_offset, m.len, m.writable);
-            self.drop_mapping(m);
+            self.drop_mapping(o)?;
             if o < offset {
                 self.map(o, offset - o, Arc::clone(&file), fd_offset, writable)?;
             }
@@ -336,33 +365,73 @@ impl Window {
         Ok(())
     }
 
-    /// The guest moved the BAR: every slot follows.
-    pub fn relocate(&mut self, base: u64) -> Result<(), WindowError> {
-        self.base = base;
-        for (o, m) in &self.maps {
-            self.set_slot(m.slot, 0, 0, 0, true)?;
-            self.set_slot(m.slot, base + o, m.len, m.host, m.writable)?;
+    /// Places the window at `base` (`None`: nowhere): every mapping's slot is removed and,
+    /// if there is a new place, installed there. A slot that cannot be installed leaves the
+    /// window unplaced (no mapping reachable) and is reported.
+    pub fn place(&mut self, base: Option<u64>) -> Result<(), WindowError> {
+        if base == self.base {
+            return Ok(());
+        }
+        let offsets: Vec<u64> = self.maps.keys().copied().collect();
+        for o in &offsets {
+            let Some(m) = self.maps.get(o) else { continue };
+            if m.installed {
+                self.set_slot(m.slot, 0, 0, 0, true)?;
+                if let Some(m) = self.maps.get_mut(o) {
+                    m.installed = false;
+                }
+            }
+        }
+        self.base = None;
+        let Some(new) = base else {
+            return Ok(());
+        };
+        if new.checked_add(self.size).is_none() {
+            return Err(WindowError::OutOfWindow {
+                offset: new,
+                len: self.size,
+                size: u64::MAX,
+            });
+        }
+        self.base = Some(new);
+        for o in &offsets {
+            let Some(m) = self.maps.get(o) else { continue };
+            if let Err(e) = self.set_slot(m.slot, new + o, m.len, m.host, m.writable) {
+                let _ = self.place(None);
+                return Err(e);
+            }
+            if let Some(m) = self.maps.get_mut(o) {
+                m.installed = true;
+            }
         }
         Ok(())
+    }
+
+    /// Removes every mapping (the backend is gone: nothing it mapped may stay reachable).
+    pub fn clear(&mut self) -> Result<(), WindowError> {
+        let offsets: Vec<u64> = self.maps.keys().copied().collect();
+        let mut result = Ok(());
+        for o in offsets {
+            if let Err(e) = self.drop_mapping(o) {
+                result = Err(e);
+            }
+        }
+        result
     }
 }
 
 fn unmap_host(host: usize, len: u64) {
-    // SAFETY: `host` is a mapping of `len` bytes this window made and no slot refers to.
-    unsafe {
-        libc::munmap(
-            host as *mut libc::c_void,
-            usize::try_from(len).unwrap_or(usize::MAX),
-        )
-    };
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    // SAFETY: `host` is a mapping of `len` bytes this window made (its length came from a
+    // usize) and no slot refers to it any more.
+    unsafe { libc::munmap(host as *mut libc::c_void, len) };
 }
 
 impl Drop for Window {
     fn drop(&mut self) {
-        let maps = std::mem::take(&mut self.maps);
-        for (_, m) in maps {
-            self.drop_mapping(m);
-        }
+        // A mapping whose slot KVM kept stays mapped (a slot must never point at unmapped
+        // memory); the VM goes away with this window anyway.
+        let _ = self.clear();
     }
 }
 
@@ -380,7 +449,10 @@ mod tests {
         // SAFETY: fresh fd.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(1 << 20).expect("size");
-        Some((Window::new(vm, 1 << 32, 1 << 20, 1, 16), Arc::new(file)))
+        Some((
+            Window::new(vm, Some(1 << 32), 1 << 20, 1, 16),
+            Arc::new(file),
+        ))
     }
 
     #[test]

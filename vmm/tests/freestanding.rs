@@ -33,8 +33,11 @@ fn a_freestanding_guest_in_long_mode_writes_to_the_serial_port_and_ends_with_its
     }
     let mut vm = Vm::new(16 << 20, GUEST).expect("the VM");
     // A guest too large for its RAM is refused, naming the sizes.
-    let e = Vm::new(2 << 20, &vec![0xF4; (1 << 20) + 1]).expect_err("too large");
-    assert!(e.to_string().contains("1048577 bytes"), "{e}");
+    let e = Vm::new(4 << 20, &vec![0xF4; (3 << 20) + 1]).expect_err("too large");
+    assert!(e.to_string().contains("3145729 bytes"), "{e}");
+    // RAM that would reach the PCI devices' BARs is refused, naming its size.
+    let e = Vm::new(4 << 30, GUEST).expect_err("too much RAM");
+    assert!(e.to_string().contains("4294967296 bytes"), "{e}");
     let out: Outcome = vm.run(1000).expect("the run");
     assert_eq!(out.serial, b"OK");
     assert_eq!(out.status, Some(7));
