@@ -14,6 +14,7 @@ use vshm::Namespace;
 use vshm_control::{request, ControlRequest};
 
 pub mod chaos;
+pub mod freestanding;
 pub mod supervisor;
 pub mod vhost_frontend;
 

@@ -36,6 +36,7 @@ fn steps() -> Vec<Step> {
                 "warnings",
             ],
         ),
+        freestanding_step(),
         // The integration tests spawn the built vshmd/vshm/vshmctl from target/debug.
         cargo_step("build", &["build", "--workspace", "--bins"]),
         cargo_step(
@@ -65,6 +66,25 @@ fn steps() -> Vec<Step> {
         loom_step(),
         fuzz_step(),
     ]
+}
+
+/// The freestanding guest (guest/freestanding, its own workspace, so the workspace steps
+/// miss it): formatting, clippy, and its unit tests against a simulated device. Its image
+/// is built (release, without SSE) by the tests that run it (tests/src/freestanding.rs).
+fn freestanding_step() -> Step {
+    let script = "set -eu\n\
+                  cargo fmt -- --check\n\
+                  cargo clippy --all-targets -- -D warnings\n\
+                  cargo test --quiet\n";
+    let mut command = Command::new("bash");
+    command
+        .args(["-c", script])
+        .current_dir(crate::util::workspace_root().join("guest/freestanding"))
+        .env("CARGO_TARGET_DIR", target_dir().join("freestanding"));
+    Step {
+        name: "freestanding",
+        command,
+    }
 }
 
 /// Seconds each fuzz target runs in the `fuzz` step (FUZZ_SECONDS overrides).

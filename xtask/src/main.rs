@@ -24,7 +24,8 @@ usage: cargo xtask <task>
 
 tasks:
   test    everything CI runs, in order, stopping at the first failure:
-          rustfmt check, clippy (-D warnings), build the binaries, the guest
+          rustfmt check, clippy (-D warnings), the freestanding guest's
+          own fmt/clippy/unit tests, build the binaries, the guest
           images, cargo test, the Debian package (built, installed, run,
           removed: dist --check), the chaos and load scenarios (short), the loom
           model, then each fuzz target for 10 s

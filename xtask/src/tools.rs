@@ -51,6 +51,12 @@ const APT_TOOLS: &[Tool] = &[
         package: "libvirt-daemon-driver-qemu",
         why: "libvirt's QEMU driver, which virsh loads for `qemu:///embed` (no libvirtd)",
     },
+    Tool {
+        program: "objcopy",
+        probe: &["--version"],
+        package: "binutils",
+        why: "the freestanding guest's flat image (objcopy -O binary; tests/src/freestanding.rs)",
+    },
     // (and keep PACKAGES in .ci/run in step)
 ];
 
