@@ -19,7 +19,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -553,12 +553,13 @@ struct Kicker {
 
 impl Kicker {
     fn start(timeout: Duration) -> Result<Kicker, VmmError> {
-        static HANDLER: Once = Once::new();
-        let mut registered = Ok(());
-        HANDLER.call_once(|| {
-            registered = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick);
-        });
-        registered
+        static HANDLER: OnceLock<Result<(), String>> = OnceLock::new();
+        HANDLER
+            .get_or_init(|| {
+                vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
             .map_err(|e| VmmError::Stopped(format!("cannot install the kick signal: {e}")))?;
         // SAFETY: pthread_self has no preconditions.
         let target = unsafe { libc::pthread_self() };

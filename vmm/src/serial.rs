@@ -110,7 +110,7 @@ impl Com1 {
     /// An `out` to `port`: each byte goes to the register it addresses (a wider access covers
     /// the following registers, as on the ISA bus).
     pub fn port_write(&mut self, port: u16, data: &[u8]) {
-        for (p, b) in (port..).zip(data) {
+        for (p, b) in (0u16..).map(|i| port.wrapping_add(i)).zip(data) {
             if Self::decodes(p) {
                 // The only errors are the interrupt's eventfd or the writer failing; the
                 // writer never does, and a lost interrupt is not worth stopping the guest.
@@ -121,7 +121,7 @@ impl Com1 {
 
     /// An `in` from `port`.
     pub fn port_read(&mut self, port: u16, data: &mut [u8]) {
-        for (p, b) in (port..).zip(data.iter_mut()) {
+        for (p, b) in (0u16..).map(|i| port.wrapping_add(i)).zip(data.iter_mut()) {
             *b = if Self::decodes(p) {
                 self.uart.read(Self::offset(p))
             } else {
