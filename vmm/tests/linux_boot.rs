@@ -178,6 +178,30 @@ fn the_binary_boots_a_kernel_or_says_what_is_wrong() {
         "{}",
         stderr(&too_long)
     );
+    // --until ends the run successfully once the console shows the text, which the binary
+    // streamed to stdout as it came.
+    let cmdline = format!("{DEFAULT_CMDLINE} nokaslr");
+    let until = run(&[
+        "--kernel",
+        kernel,
+        "--cmdline",
+        &cmdline,
+        "--until",
+        DECOMPRESSOR_LINE,
+        "--timeout-secs",
+        "120",
+    ]);
+    assert_eq!(until.status.code(), Some(0), "{}", stderr(&until));
+    assert!(
+        String::from_utf8_lossy(&until.stdout).contains(DECOMPRESSOR_LINE),
+        "{:?}",
+        String::from_utf8_lossy(&until.stdout)
+    );
+    assert!(
+        stderr(&until).contains("printed the awaited text"),
+        "{}",
+        stderr(&until)
+    );
     // A run that does not end in time says so and exits 124.
     let timed_out = run(&["--kernel", kernel, "--timeout-secs", "1"]);
     assert_eq!(timed_out.status.code(), Some(124), "{}", stderr(&timed_out));
