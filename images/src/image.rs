@@ -39,7 +39,20 @@ pub struct Image {
     pub initrd: PathBuf,
 }
 
+/// Where `cargo xtask images` builds the guest: images/out (ignored by git).
+pub fn out_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("out")
+}
+
 impl Image {
+    /// The kernel (bzImage) `cargo xtask images` put in [`out_dir`], if it has: for tests that
+    /// boot the kernel alone (the VMM's). It is downloaded first, so it can be there without
+    /// the initramfs.
+    pub fn built_kernel() -> Option<PathBuf> {
+        let kernel = out_dir().join("vmlinuz");
+        kernel.exists().then_some(kernel)
+    }
+
     /// The image in `dir` if it was built there.
     pub fn existing(dir: &Path) -> Option<Image> {
         let img = Image {

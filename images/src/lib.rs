@@ -6,5 +6,5 @@ pub mod cpio;
 pub mod image;
 pub mod vm;
 
-pub use image::{build, Image, ImageError};
+pub use image::{build, out_dir, Image, ImageError};
 pub use vm::{accelerator, Accel, Output, Starting, Vm, VmConfig, VmError};

@@ -538,7 +538,7 @@ impl XorShift {
 
 /// The test guest built by `cargo xtask images` (images/out).
 pub fn guest_image() -> vshm_images::Image {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/out");
+    let dir = vshm_images::out_dir();
     vshm_images::Image::existing(&dir).unwrap_or_else(|| {
         panic!(
             "no guest image in {}: run `cargo xtask images` (cargo xtask test does)",

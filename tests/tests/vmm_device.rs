@@ -163,7 +163,7 @@ fn the_vmms_vshm_device_is_found_on_pci_initialised_through_bar0_and_maps_exactl
             .expect("create");
         sec.write_at(0, b"host bytes").expect("write");
 
-        let mut vm = Vm::create(&VmConfig {
+        let mut vm = Vm::freestanding(&VmConfig {
             mem_size: 16 << 20,
             vshm: Some(vpath.clone()),
             args: Vec::new(),
@@ -329,7 +329,7 @@ fn when_vshmd_goes_the_vms_window_loses_every_mapping() {
             vpath.to_str().expect("utf-8"),
         ]);
         assert!(wait_for(Duration::from_secs(10), || vpath.exists()));
-        let mut vm = Vm::create(&VmConfig {
+        let mut vm = Vm::freestanding(&VmConfig {
             mem_size: 16 << 20,
             vshm: Some(vpath.clone()),
             args: Vec::new(),
