@@ -167,6 +167,7 @@ fn the_vmms_vshm_device_is_found_on_pci_initialised_through_bar0_and_maps_exactl
             mem_size: 16 << 20,
             vshm: Some(vpath.clone()),
             args: Vec::new(),
+            ivshmem: None,
         })
         .expect("the VM with its vshm device");
 
@@ -333,6 +334,7 @@ fn when_vshmd_goes_the_vms_window_loses_every_mapping() {
             mem_size: 16 << 20,
             vshm: Some(vpath.clone()),
             args: Vec::new(),
+            ivshmem: None,
         })
         .expect("the VM");
         let mut d = Driver::start(&mut vm);
@@ -343,6 +345,108 @@ fn when_vshmd_goes_the_vms_window_loses_every_mapping() {
         assert!(
             wait_for(Duration::from_secs(5), || vm.vshm_mappings().is_empty()),
             "the mapping of a backend that left stays reachable"
+        );
+    });
+}
+
+/// `mov rbx, 0x8000_0000; mov rax, [rbx]; mov dx, 0x3f8; mov ecx, 8;
+///  1: out dx, al; shr rax, 8; dec ecx; jnz 1b; mov dx, 0xf4; mov al, 0; out dx, al; hlt`:
+/// prints the first 8 bytes of the ivshmem BAR 2 (at [`vshm_vmm::IVSHMEM_REGION`]).
+const PRINT_REGION_MAGIC: &[u8] = &[
+    0x48, 0xBB, 0x00, 0x00, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x48, 0x8B, 0x03, 0x66, 0xBA, 0xF8,
+    0x03, 0xB9, 0x08, 0x00, 0x00, 0x00, 0xEE, 0x48, 0xC1, 0xE8, 0x08, 0xFF, 0xC9, 0x75, 0xF7, 0x66,
+    0xBA, 0xF4, 0x00, 0xB0, 0x00, 0xEE, 0xF4,
+];
+
+#[test]
+fn the_vmms_ivshmem_device_is_a_peer_of_the_region_shows_it_in_bar2_and_rings_doorbells() {
+    use vshm::Transport as _;
+    if !kvm_usable() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI machines have /dev/kvm"
+        );
+        eprintln!("skipped: /dev/kvm is not usable here");
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        let b = Backend::start(&["--size", "8M"]);
+        let host = vshm::host::HostTransport::connect(&b.socket).expect("a host peer");
+        let mut vm = Vm::freestanding(&VmConfig {
+            mem_size: 16 << 20,
+            vshm: None,
+            args: Vec::new(),
+            ivshmem: Some(b.socket.clone()),
+        })
+        .expect("the VM with its ivshmem device");
+        let id = vm.ivshmem_peer_id().expect("attached");
+        let listed = b.status()["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .any(|p| p["id"].as_u64() == Some(u64::from(id)) && p["connected"] == true);
+        assert!(listed, "the VM is peer {id} of the region: {}", b.status());
+        assert_ne!(id, host.peer_id().0);
+
+        // PCI: QEMU's ivshmem-doorbell identity; IVPosition is the peer id.
+        assert_eq!(config_read(vm.pci(), 1, 0), 0x1110_1AF4);
+        assert_eq!(
+            config_read(vm.pci(), 1, 8) >> 8,
+            0x05_0000,
+            "class: RAM memory"
+        );
+        assert_eq!(
+            read32(&mut vm, vshm_vmm::IVSHMEM_BAR0 + 8),
+            u32::from(id),
+            "IVPosition"
+        );
+
+        // The doorbell rings the peer it names: another VM's IntrStatus shows it, once.
+        let mut other = Vm::freestanding(&VmConfig {
+            mem_size: 16 << 20,
+            vshm: None,
+            args: Vec::new(),
+            ivshmem: Some(b.socket.clone()),
+        })
+        .expect("a second VM");
+        let other_id = other.ivshmem_peer_id().expect("attached");
+        let status = vshm_vmm::IVSHMEM_BAR0 + 4;
+        assert_eq!(read32(&mut other, status), 0, "nothing rang it yet");
+        let ring = (u32::from(other_id) << 16) | 1;
+        // The server announces a new peer's eventfds asynchronously: ring until it is known.
+        assert!(
+            wait_for(Duration::from_secs(5), || {
+                write(&mut vm, vshm_vmm::IVSHMEM_BAR0 + 0xC, &ring.to_le_bytes());
+                read32(&mut other, status) == 1
+            }),
+            "VM {id}'s doorbell reached VM {other_id}"
+        );
+        assert_eq!(read32(&mut other, status), 0, "read once, cleared");
+        // A doorbell to a peer nobody announced is dropped.
+        write(
+            &mut vm,
+            vshm_vmm::IVSHMEM_BAR0 + 0xC,
+            &(60u32 << 16).to_le_bytes(),
+        );
+        drop(other);
+
+        // A guest reads the region through BAR 2: vshmd's superblock magic.
+        vm.load_flat(PRINT_REGION_MAGIC).expect("load");
+        vm.start_at(vshm_vmm::ENTRY).expect("start");
+        let out = vm.run(1000).expect("run");
+        assert_eq!(out.status, Some(0), "{out}");
+        assert_eq!(out.serial, b"VSHMAREA", "{out}");
+        drop(vm);
+        assert!(
+            wait_for(Duration::from_secs(5), || !b.status()["peers"]
+                .as_array()
+                .expect("peers")
+                .iter()
+                .any(
+                    |p| p["id"].as_u64() == Some(u64::from(id)) && p["connected"] == true
+                )),
+            "the VM left the region: {}",
+            b.status()
         );
     });
 }

@@ -42,12 +42,14 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod ivshmem;
 pub mod linux;
 pub mod pci;
 pub mod serial;
 pub mod vshm_device;
 pub mod window;
 
+use ivshmem::IvshmemPci;
 pub use linux::LinuxConfig;
 use pci::{Access, PciBus};
 use serial::{Com1, Irq};
@@ -77,7 +79,13 @@ pub const VSHM_BAR0: u64 = 0xE000_0000;
 pub const VSHM_WINDOW: u64 = 4 << 30;
 /// The largest window the layout has room for (up to [`IDENTITY_MAPPED`]).
 pub const MAX_WINDOW: u64 = IDENTITY_MAPPED - VSHM_WINDOW;
-/// KVM slot of guest RAM; the window's slots follow.
+/// The ivshmem device's BAR 0 (its registers).
+pub const IVSHMEM_BAR0: u64 = 0xE000_4000;
+/// The ivshmem device's BAR 2 (the region), between RAM and the 32-bit BARs.
+pub const IVSHMEM_REGION: u64 = 2 << 30;
+/// The largest region the layout has room for at [`IVSHMEM_REGION`].
+pub const MAX_IVSHMEM_REGION: u64 = 1 << 30;
+/// KVM slot of guest RAM; the window's slots follow, then the ivshmem region's.
 const RAM_SLOT: u32 = 0;
 const WINDOW_SLOTS: (u32, u32) = (1, 1 + 8192);
 
@@ -197,6 +205,9 @@ pub enum VmmError {
     /// The vshm device.
     #[error(transparent)]
     Device(#[from] vshm_device::DeviceError),
+    /// The ivshmem device.
+    #[error(transparent)]
+    Ivshmem(#[from] ivshmem::IvshmemError),
 }
 
 /// A freestanding guest's machine.
@@ -208,6 +219,8 @@ pub struct VmConfig {
     pub vshm: Option<PathBuf>,
     /// The argument string put at [`ARGS_ADDR`].
     pub args: Vec<u8>,
+    /// vshmd's ivshmem socket: attach the ivshmem-doorbell device.
+    pub ivshmem: Option<PathBuf>,
 }
 
 /// Why a run ended.
@@ -282,6 +295,7 @@ pub struct Vm {
     com1: Com1,
     bus: PciBus,
     vshm_window: Option<Arc<Mutex<Window>>>,
+    ivshmem_id: Option<u16>,
     /// Whether the in-kernel irqchip exists (then HLT does not exit to user space).
     irqchip: bool,
 }
@@ -335,6 +349,7 @@ impl Vm {
             mem_size,
             vshm: None,
             args: Vec::new(),
+            ivshmem: None,
         })?;
         vm.load_flat(image)?;
         vm.start_at(ENTRY)?;
@@ -375,6 +390,23 @@ impl Vm {
             this.bus
                 .add(Box::new(dev))
                 .map_err(vshm_device::DeviceError::from)?;
+        }
+        if let Some(path) = &config.ivshmem {
+            let dev = IvshmemPci::connect(
+                path,
+                Arc::clone(&this._vm),
+                ivshmem::Placement {
+                    bar0: IVSHMEM_BAR0,
+                    bar2: IVSHMEM_REGION,
+                    max_region: MAX_IVSHMEM_REGION,
+                    slot: WINDOW_SLOTS.1,
+                    ram_end: config.mem_size,
+                },
+            )?;
+            this.ivshmem_id = Some(dev.peer_id());
+            this.bus
+                .add(Box::new(dev))
+                .map_err(ivshmem::IvshmemError::from)?;
         }
         Ok(this)
     }
@@ -427,6 +459,11 @@ impl Vm {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .mappings()
         })
+    }
+
+    /// The ivshmem device's peer id in vshmd's region (its IVPosition), if attached.
+    pub fn ivshmem_peer_id(&self) -> Option<u16> {
+        self.ivshmem_id
     }
 
     /// Where the vshm device's window is placed (`None`: nowhere the guest reaches).
@@ -501,6 +538,7 @@ impl Vm {
             com1: Com1::new(irq, false),
             bus: PciBus::new(),
             vshm_window: None,
+            ivshmem_id: None,
             irqchip,
         };
         this.page_tables()?;

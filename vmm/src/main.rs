@@ -28,6 +28,10 @@ struct Args {
     /// Attach the vshm device to vshmd's vhost-user socket (`vshmd --vhost-user PATH`).
     #[arg(long, value_name = "SOCKET", conflicts_with = "kernel")]
     vshm: Option<PathBuf>,
+    /// Attach the ivshmem-doorbell device to vshmd's ivshmem socket (`vshmd --socket PATH`),
+    /// as QEMU's `-device ivshmem-doorbell` does.
+    #[arg(long, value_name = "SOCKET", conflicts_with = "kernel")]
+    ivshmem: Option<PathBuf>,
     /// The argument string a --guest finds at 0x7000.
     #[arg(
         long,
@@ -120,6 +124,7 @@ fn freestanding(args: &Args) -> Result<Vm, vshm_vmm::VmmError> {
         mem_size: args.mem_mib.unwrap_or(16) << 20,
         vshm: args.vshm.clone(),
         args: args.args.clone().into_bytes(),
+        ivshmem: args.ivshmem.clone(),
     })?;
     let entry = if elf {
         vm.load_elf(&mut file)?

@@ -192,6 +192,26 @@ impl ConfigSpace {
         }
     }
 
+    /// Where BAR `bar` may back guest memory: its address while memory decoding is on and
+    /// it lies below `limit`, clear of RAM (`0..ram_end`) and of the function's other BARs;
+    /// `None` otherwise (a BAR being sized reads all ones, a guest may move one anywhere).
+    pub fn bar_place(&self, bar: usize, ram_end: u64, limit: u64) -> Option<u64> {
+        if !self.memory_enabled() {
+            return None;
+        }
+        let (base, size) = self.bar_address(bar)?;
+        let end = base.checked_add(size).filter(|e| *e <= limit)?;
+        let overlaps = |a: u64, a_end: u64| base < a_end && a < end;
+        if overlaps(0, ram_end) {
+            return None;
+        }
+        let clash = (0..6)
+            .filter(|b| *b != bar)
+            .filter_map(|b| self.bar_address(b))
+            .any(|(b, s)| overlaps(b, b.saturating_add(s)));
+        (!clash).then_some(base)
+    }
+
     /// Whether memory decoding is on (command register bit 1).
     pub fn memory_enabled(&self) -> bool {
         self.read16(COMMAND) & COMMAND_MEMORY != 0

@@ -304,7 +304,7 @@ pub struct Placement {
 
 /// The window is only placed below this guest-physical address (39 bits: what every x86-64
 /// host's KVM maps).
-const PHYS_LIMIT: u64 = 1 << 39;
+pub const PHYS_LIMIT: u64 = 1 << 39;
 
 impl VshmPci {
     /// Connects to vshmd's vhost-user socket at `path` and builds the function. Its window
@@ -533,17 +533,7 @@ impl VshmPci {
 
     /// Where the window may be, given BAR 4, decoding, RAM and BAR 0.
     fn window_place(&self) -> Option<u64> {
-        if !self.config.memory_enabled() {
-            return None;
-        }
-        let (base, size) = self.config.bar_address(4)?;
-        let end = base.checked_add(size).filter(|e| *e <= PHYS_LIMIT)?;
-        let (b0, s0) = self.config.bar_address(0)?;
-        let overlaps = |a: u64, a_end: u64| base < a_end && a < end;
-        if overlaps(0, self.ram_end) || overlaps(b0, b0.saturating_add(s0)) {
-            return None;
-        }
-        Some(base)
+        self.config.bar_place(4, self.ram_end, PHYS_LIMIT)
     }
 
     fn fail(&mut self, what: String) {
