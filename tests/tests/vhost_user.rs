@@ -258,6 +258,19 @@ fn a_vm_on_vshmd_vhost_user_shares_sections_by_name_with_an_ivshmem_peer_and_is_
             "the VM's holds were released: {}",
             b.status()
         );
+        // The departed VM's slot no longer claims a transport.
+        let status = b.status();
+        let vias: Vec<&str> = status["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .filter(|p| p["connected"] == false)
+            .filter_map(|p| p["transport"].as_str())
+            .collect();
+        assert!(
+            !vias.is_empty() && vias.iter().all(|v| *v == "-"),
+            "{status}"
+        );
         drop(theirs);
     });
 }

@@ -23,7 +23,7 @@ pub struct PeerStatus {
     /// Connected now.
     pub connected: bool,
     /// How it is attached: `ivshmem` (it sees the whole region) or `vhost-user` (the vshm
-    /// virtio device: it sees only what it opened; docs/VHOST-USER.md).
+    /// virtio device: it sees only what it opened; docs/VHOST-USER.md); `-` once it left.
     pub transport: &'static str,
     /// QEMU's -name, else the process name.
     pub label: Option<String>,
@@ -271,10 +271,14 @@ impl<M: Backing> Arbiter<M> {
                 id: p.id.raw(),
                 slot: i.raw(),
                 connected: p.connected,
+                // A departed peer's slot says nothing about how it came (its proxy record
+                // went with it): "-" rather than a guess.
                 transport: if self.proxies.contains_key(&i) {
                     "vhost-user"
-                } else {
+                } else if p.connected {
                     "ivshmem"
+                } else {
+                    "-"
                 },
                 label: p.label.clone(),
                 pid: p.pid,
