@@ -8,14 +8,6 @@ use std::time::Instant;
 use vshm_tests::bin;
 use vshm_tests::freestanding::{guest_elf, guest_flat};
 
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
 #[test]
 fn the_guest_image_is_a_static_executable_at_1_mib_without_sse() {
     let elf = std::fs::read(guest_elf()).expect("read the ELF");
@@ -39,12 +31,7 @@ fn the_guest_image_is_a_static_executable_at_1_mib_without_sse() {
 
 #[test]
 fn with_no_vshm_device_the_guest_says_so_and_exits_2() {
-    if !kvm_usable() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI machines have /dev/kvm: this test must run there"
-        );
-        eprintln!("skipped: /dev/kvm is not usable here");
+    if !vshm_vmm::kvm_or_skip() {
         return;
     }
     let flat = guest_flat();

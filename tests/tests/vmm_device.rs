@@ -26,14 +26,6 @@ const REQ: u64 = RINGS + 0x3000;
 const RESP: u64 = RINGS + 0x4000;
 const QSIZE: u16 = 16;
 
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
 fn config_read(bus: &mut PciBus, dev: u32, reg: u32) -> u32 {
     bus.pio_write(
         CONFIG_ADDRESS,
@@ -137,12 +129,7 @@ fn named(op: u32, name: &str, flags: u32) -> Request {
 
 #[test]
 fn the_vmms_vshm_device_is_found_on_pci_initialised_through_bar0_and_maps_exactly_what_is_open() {
-    if !kvm_usable() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI machines have /dev/kvm"
-        );
-        eprintln!("skipped: /dev/kvm is not usable here");
+    if !vshm_vmm::kvm_or_skip() {
         return;
     }
     watchdog(Duration::from_secs(60), || {
@@ -312,12 +299,7 @@ fn the_vmms_vshm_device_is_found_on_pci_initialised_through_bar0_and_maps_exactl
 
 #[test]
 fn when_vshmd_goes_the_vms_window_loses_every_mapping() {
-    if !kvm_usable() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI machines have /dev/kvm"
-        );
-        eprintln!("skipped: /dev/kvm is not usable here");
+    if !vshm_vmm::kvm_or_skip() {
         return;
     }
     watchdog(Duration::from_secs(60), || {
@@ -361,12 +343,7 @@ const PRINT_REGION_MAGIC: &[u8] = &[
 #[test]
 fn the_vmms_ivshmem_device_is_a_peer_of_the_region_shows_it_in_bar2_and_rings_doorbells() {
     use vshm::Transport as _;
-    if !kvm_usable() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI machines have /dev/kvm"
-        );
-        eprintln!("skipped: /dev/kvm is not usable here");
+    if !vshm_vmm::kvm_or_skip() {
         return;
     }
     watchdog(Duration::from_secs(60), || {

@@ -13,14 +13,6 @@ use std::time::{Duration, Instant};
 use vshm_tests::freestanding::guest_elf;
 use vshm_tests::{bin, command, kill9, serial, wait_for, watchdog, Backend, TempDir};
 
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
 /// A running VMM whose guest's lines arrive on a channel.
 struct Guest {
     child: Child,
@@ -91,12 +83,7 @@ fn field(line: &str, key: &str) -> String {
 
 #[test]
 fn vms_share_a_section_with_the_host_see_only_what_they_opened_and_are_reclaimed_when_killed() {
-    if !kvm_usable() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI machines have /dev/kvm"
-        );
-        eprintln!("skipped: /dev/kvm is not usable here");
+    if !vshm_vmm::kvm_or_skip() {
         return;
     }
     let _one_at_a_time = serial();

@@ -311,6 +311,30 @@ impl fmt::Debug for Vm {
     }
 }
 
+/// Whether /dev/kvm can be opened for reading and writing (what the VMM needs).
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// For tests: whether a test that needs KVM can run here. Where /dev/kvm is not usable it
+/// says so and returns false, except under CI (`CI` set), whose machines have /dev/kvm: there
+/// it panics, so a test that must run cannot silently skip.
+pub fn kvm_or_skip() -> bool {
+    if kvm_usable() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI machines have /dev/kvm: this test must run there"
+    );
+    eprintln!("skipped: /dev/kvm is not usable here");
+    false
+}
+
 fn failed(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }

@@ -13,22 +13,9 @@ const GUEST: &[u8] = &[
     0xEE, 0xF4,
 ];
 
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
 #[test]
 fn a_freestanding_guest_in_long_mode_writes_to_the_serial_port_and_ends_with_its_status() {
-    if !kvm_usable() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI machines have /dev/kvm: this test must run there"
-        );
-        eprintln!("skipped: /dev/kvm is not usable here");
+    if !vshm_vmm::kvm_or_skip() {
         return;
     }
     let mut vm = Vm::new(16 << 20, GUEST).expect("the VM");
@@ -56,7 +43,7 @@ fn the_binary_runs_a_guest_file_and_exits_with_its_status_or_says_what_is_wrong(
         err.contains("cannot read the guest /nonexistent/guest.bin"),
         "{err}"
     );
-    if !kvm_usable() {
+    if !vshm_vmm::kvm_usable() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("vshm-vmm-{}", std::process::id()));
@@ -80,8 +67,7 @@ fn the_binary_runs_a_guest_file_and_exits_with_its_status_or_says_what_is_wrong(
 
 #[test]
 fn a_guest_instruction_kvm_cannot_run_ends_the_run_with_an_error_saying_where() {
-    if !kvm_usable() {
-        eprintln!("skipped: /dev/kvm is not usable here");
+    if !vshm_vmm::kvm_or_skip() {
         return;
     }
     // `ud2`: undefined everywhere; with no IDT it ends the run (a triple fault on hardware
