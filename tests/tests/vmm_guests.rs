@@ -168,3 +168,52 @@ fn vms_share_a_section_with_the_host_see_only_what_they_opened_and_are_reclaimed
         assert_eq!(b.section("shared").expect("listed")["refs"], 1);
     });
 }
+
+#[test]
+fn a_vm_waits_on_an_event_through_the_device_until_a_host_peer_signals_it() {
+    if !vshm_vmm::kvm_or_skip() {
+        return;
+    }
+    let _one_at_a_time = serial();
+    watchdog(Duration::from_secs(120), || {
+        let dir = TempDir::new("vmm-event");
+        let vpath = dir.path().join("vhost.sock");
+        let b = Backend::start(&[
+            "--size",
+            "8M",
+            "--vhost-user",
+            vpath.to_str().expect("utf-8"),
+        ]);
+        assert!(wait_for(Duration::from_secs(10), || vpath.exists()));
+        let host = b.connect();
+        let (ev, _) = host
+            .create_event(Some("frame-ready"), &vshm::EventOptions::default())
+            .expect("the host creates the event");
+
+        // Nothing signals it at first: the first wait times out; the second is pending
+        // (the device answers it later, out of order) until the host signals.
+        let mut vm = Guest::start(
+            &vpath,
+            "event frame-ready; wait frame-ready 200; wait frame-ready 60000",
+        );
+        let opened = vm.line("vshm-guest: event frame-ready");
+        assert!(opened.contains("slot="), "{opened}");
+        let timed_out = vm.line("vshm-guest: wait frame-ready ms=200");
+        assert_eq!(
+            field(&timed_out, "status"),
+            "0x00000102",
+            "STATUS_TIMEOUT: {timed_out}"
+        );
+        // The second WAIT is on the queue now, or about to be: either way the signal ends it.
+        std::thread::sleep(Duration::from_millis(300));
+        ev.signal().expect("signal");
+        let woke = vm.line("vshm-guest: wait frame-ready ms=60000");
+        assert_eq!(field(&woke, "status"), "0x00000000", "{woke}");
+        let (code, said) = vm.exit();
+        assert_eq!(
+            code,
+            Some(1),
+            "the timed-out wait counts as a failure: {said:#?}"
+        );
+    });
+}

@@ -3,10 +3,11 @@
 
 use vshm_format::layout::{kind, FORMAT_VERSION};
 use vshm_format::layout::{Request, Response};
-use vshm_format::mailbox::create_request;
+use vshm_format::mailbox::{create_request, create_sync_request};
 use vshm_format::shm::{bytes_of, zeroed};
 use vshm_format::virtio::{
-    MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, PCI_DEVICE, PCI_VENDOR, RESP_MAP_FLAGS_OFF,
+    MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, OP_SIGNAL, OP_WAIT, PCI_DEVICE, PCI_VENDOR,
+    RESP_MAP_FLAGS_OFF,
 };
 use vshm_format::Status;
 
@@ -335,10 +336,55 @@ fn execute<H: Hw>(hw: &mut H, dev: &mut Device, handles: &mut Handles, cmd: Cmd<
                 }
             }
         }
+        Cmd::Event { name } => {
+            l.s("event ").s(name);
+            let req = create_sync_request(Some(name), kind::EVENT, false, false);
+            open(hw, dev, handles, &mut l, name, &req, true)
+        }
+        Cmd::Signal { name } => {
+            l.s("signal ").s(name);
+            on_handle(hw, dev, handles, &mut l, name, OP_SIGNAL, 0)
+        }
+        Cmd::Wait { name, ms } => {
+            l.s("wait ").s(name).s(" ms=").dec(ms);
+            on_handle(hw, dev, handles, &mut l, name, OP_WAIT, ms)
+        }
         Cmd::Spin | Cmd::Done => true,
     };
     hw.serial(l.finish());
     ok
+}
+
+/// A request naming a handle this guest holds (SIGNAL, WAIT): its status on the line.
+fn on_handle<H: Hw>(
+    hw: &mut H,
+    dev: &mut Device,
+    handles: &Handles,
+    l: &mut Line,
+    name: &str,
+    op: u32,
+    size: u64,
+) -> bool {
+    let Some(h) = handles.find(name).and_then(|i| handles.get(i)) else {
+        l.s(" failed: not open");
+        return false;
+    };
+    let mut req = zeroed::<Request>();
+    req.op = op;
+    req.slot = h.slot;
+    req.generation = h.generation;
+    req.size = size;
+    match dev.request(hw, &req) {
+        Err(e) => request_failed(l, e),
+        Ok(resp) => {
+            l.s(" status=").hex32(resp.status);
+            let ok = resp.status == Status::Success.code();
+            if !ok {
+                failed_status(l, resp.status);
+            }
+            ok
+        }
+    }
 }
 
 /// OPEN or CREATE: the request, the line, the handle.

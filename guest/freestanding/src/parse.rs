@@ -46,6 +46,24 @@ pub enum Cmd<'a> {
         /// The handle's name.
         name: &'a str,
     },
+    /// `event NAME`: create-or-open an auto-reset event.
+    Event {
+        /// Its name.
+        name: &'a str,
+    },
+    /// `signal NAME`: signal the event (or notify the section) NAME names.
+    Signal {
+        /// The handle's name.
+        name: &'a str,
+    },
+    /// `wait NAME MS`: wait until the event is signalled (or the section changes), at most
+    /// MS milliseconds (0: no limit).
+    Wait {
+        /// The handle's name.
+        name: &'a str,
+        /// Timeout in ms.
+        ms: u64,
+    },
     /// `spin`: loop forever.
     Spin,
     /// `done`: end the run (implicit after the last command).
@@ -131,6 +149,14 @@ pub fn parse(text: &str) -> Result<Cmd<'_>, ParseError<'_>> {
         },
         "close" if n == 1 => Ok(Cmd::Close { name: args[0] }),
         "close" => Err(usage("close NAME")),
+        "event" if n == 1 => Ok(Cmd::Event { name: args[0] }),
+        "event" => Err(usage("event NAME")),
+        "signal" if n == 1 => Ok(Cmd::Signal { name: args[0] }),
+        "signal" => Err(usage("signal NAME")),
+        "wait" => match (n, number(args[1])) {
+            (2, Some(ms)) if ms <= u64::from(u32::MAX) => Ok(Cmd::Wait { name: args[0], ms }),
+            _ => Err(usage("wait NAME MS")),
+        },
         "spin" if n == 0 => Ok(Cmd::Spin),
         "spin" => Err(usage("spin")),
         "done" if n == 0 => Ok(Cmd::Done),
@@ -178,6 +204,27 @@ mod tests {
         assert_eq!(number(""), None);
         assert_eq!(number("12a"), None);
         assert_eq!(number("-1"), None);
+    }
+
+    #[test]
+    fn events_are_created_signalled_and_waited_for_with_a_timeout() {
+        assert_eq!(parse("event ev"), Ok(Cmd::Event { name: "ev" }));
+        assert_eq!(parse("signal ev"), Ok(Cmd::Signal { name: "ev" }));
+        assert_eq!(
+            parse("wait ev 0x100"),
+            Ok(Cmd::Wait {
+                name: "ev",
+                ms: 256
+            })
+        );
+        assert_eq!(parse("wait ev"), Err(ParseError::Usage("wait NAME MS")));
+        assert_eq!(
+            parse("wait ev 4294967296"),
+            Err(ParseError::Usage("wait NAME MS")),
+            "the timeout is a 32-bit count of ms"
+        );
+        assert_eq!(parse("event"), Err(ParseError::Usage("event NAME")));
+        assert_eq!(parse("signal a b"), Err(ParseError::Usage("signal NAME")));
     }
 
     #[test]
