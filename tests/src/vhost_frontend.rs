@@ -49,10 +49,15 @@ pub struct Recorder {
     pub unmaps: Vec<(u64, u64)>,
     /// Fail every SHMEM_UNMAP (a broken frontend).
     pub fail_unmaps: bool,
+    /// Answer each SHMEM_MAP only after this long (keeps the device's worker busy).
+    pub map_delay: Option<Duration>,
 }
 
 impl VhostUserFrontendReqHandlerMut for Recorder {
     fn shmem_map(&mut self, req: &VhostUserMMap, fd: &dyn AsRawFd) -> HandlerResult<u64> {
+        if let Some(d) = self.map_delay {
+            std::thread::sleep(d);
+        }
         // SAFETY: dup of an fd the handler holds for the duration of this call.
         let file = unsafe { File::from_raw_fd(libc::dup(fd.as_raw_fd())) };
         let mut head = vec![0u8; 16];
@@ -257,6 +262,26 @@ impl Vmm {
         }
         self.offer(0, d0);
         Posted(d0)
+    }
+
+    /// Offers `p`'s chain again while it is still pending (a misbehaving driver: each offer
+    /// is a new request to the device).
+    pub fn repost(&mut self, p: Posted) {
+        self.offer(0, p.0);
+    }
+
+    /// Every used-ring entry that came for `p`'s head so far (a driver that offered it more
+    /// than once gets more than one).
+    pub fn answers_for(&mut self, p: Posted) -> usize {
+        let mut n = 0;
+        for (head, len) in self.take_used(0) {
+            if head == p.0 {
+                n += 1;
+            } else {
+                self.used.insert(head, len);
+            }
+        }
+        n
     }
 
     /// The response to `p` if it came (bytes written, the response).

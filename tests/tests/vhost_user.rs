@@ -833,3 +833,106 @@ fn an_ivshmem_peers_signal_completes_a_vms_wait_and_reaches_its_event_queue_thro
         });
     });
 }
+
+#[test]
+fn a_wait_whose_timer_and_signal_arrive_together_leaves_the_device_answering() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        let ev = t.host_creates("ev", kind::EVENT, false);
+        t.host_creates("sec", kind::SECTION, false);
+        let e = t.vm_opens("ev");
+        // The worker sits in a slow SHMEM_MAP while the signal and the WAIT's deadline both
+        // come due: one wake-up then reports the bell and the timer, and the timer is
+        // cleared by the time it is read (a blocking read hung the worker for good).
+        t.vm().recorder.lock().expect("recorder").map_delay =
+            Some(std::time::Duration::from_millis(300));
+        let w = t.vm().post(&on(OP_WAIT, &e, 100));
+        let o = t.vm().post(&named(OP_OPEN, "sec", 0));
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        t.local.with(|a| {
+            assert_eq!(
+                a.proxy_signal(HOST, ev.slot, ev.generation),
+                Status::Success
+            )
+        });
+        let limit = std::time::Duration::from_secs(5);
+        assert!(
+            t.vm().answer_within(w, limit).is_some(),
+            "the WAIT is answered"
+        );
+        assert!(
+            t.vm().answer_within(o, limit).is_some(),
+            "the OPEN is answered"
+        );
+        t.vm().recorder.lock().expect("recorder").map_delay = None;
+        let again = t.vm().post(&named(OP_OPEN, "ev", 0));
+        let r = t
+            .vm()
+            .answer_within(again, limit)
+            .expect("the device still answers");
+        assert_eq!(r.status, Status::Success.code());
+    });
+}
+
+#[test]
+fn a_vm_cannot_keep_more_waits_pending_than_a_queue_holds_by_offering_one_chain_again() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        t.host_creates("ev", kind::EVENT, false);
+        let e = t.vm_opens("ev");
+        let first = t.vm().post(&on(OP_WAIT, &e, 0));
+        // 299 more offers of the same chain: the device keeps at most 256 WAITs pending (its
+        // queue size) and refuses the rest at once, into that chain.
+        let mut refused = 0;
+        for _ in 0..299 {
+            t.vm().repost(first);
+            std::thread::sleep(std::time::Duration::from_millis(3));
+            refused += t.vm().answers_for(first);
+        }
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while refused < 300 - 256 && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            refused += t.vm().answers_for(first);
+        }
+        assert_eq!(refused, 300 - 256, "pending WAITs beyond 256 are refused");
+    });
+}
+
+#[test]
+fn a_stopped_request_queue_drops_its_pending_waits_and_a_later_signal_stays_with_the_event() {
+    use vhost::vhost_user::VhostUserFrontend as _;
+    use vhost::VhostBackend as _;
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        let ev = t.host_creates("ev", kind::EVENT, false);
+        let e = t.vm_opens("ev");
+        let w = t.vm().post(&on(OP_WAIT, &e, 0));
+        assert!(
+            t.vm()
+                .answer_within(w, std::time::Duration::from_millis(200))
+                .is_none(),
+            "the WAIT is pending"
+        );
+        // The guest resets or reboots: the frontend stops the ring (GET_VRING_BASE).
+        t.vm()
+            .frontend
+            .get_vring_base(0)
+            .expect("stop the request queue");
+        t.local.with(|a| {
+            assert_eq!(
+                a.proxy_signal(HOST, ev.slot, ev.generation),
+                Status::Success
+            )
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            t.vm().answer(w).is_none(),
+            "nothing is written into a stopped ring"
+        );
+        // The signal was not taken by the dropped WAIT: the next waiter gets it at once.
+        let taken = t
+            .local
+            .with(|a| a.proxy_wait(HOST, 1 << 40, ev.slot, ev.generation));
+        assert_eq!(taken.map(|(s, _)| s), Some(Status::Success));
+    });
+}

@@ -232,7 +232,7 @@ impl<M: Backing> Arbiter<M> {
         let Ok(s) = self.proxy_slot_of(peer_id) else {
             return news;
         };
-        let held: Vec<ObjectSlot> = self
+        let held: std::collections::BTreeSet<ObjectSlot> = self
             .proxies
             .get(&s)
             .map(|h| {

@@ -36,7 +36,7 @@ use super::{config_bytes, Arbitration, DeviceConfig, Notices};
 use crate::arbiter::ProxyHold;
 
 use vshm_format::virtio::{
-    ListRecord, EVENT_BYTES, EVENT_QUEUE, REQUEST_QUEUE, VIRTIO_F_VERSION_1,
+    ListRecord, EVENT_BYTES, EVENT_QUEUE, LIST_RECORD_HEAD, REQUEST_QUEUE, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 pub use vshm_format::virtio::{
@@ -46,6 +46,23 @@ pub use vshm_format::virtio::{
 const QUEUE_SIZE: usize = 256;
 /// `handle_event`'s id for the notices' bell (above the queues and the exit event).
 pub const NOTICES_EVENT: u16 = 3;
+/// The WAIT timer, non-blocking: the worker reads it only to clear it, and a wake-up that
+/// reported it may find it already re-armed or cleared (a blocking read would then hang
+/// the worker, with the device's lock held, for good).
+fn nonblocking_timer() -> io::Result<TimerFd> {
+    let t = TimerFd::new().map_err(io::Error::from)?;
+    // SAFETY: fcntl on the timer's own descriptor; no memory is passed.
+    let ok = unsafe {
+        let flags = libc::fcntl(t.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(t.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if ok {
+        Ok(t)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// `handle_event`'s id for the WAIT timer.
 pub const TIMER_EVENT: u16 = 4;
 
@@ -189,7 +206,7 @@ impl VshmDevice {
             notices: Notices::new()?,
             waits: BTreeMap::new(),
             next_wait: 0,
-            timer: TimerFd::new().map_err(io::Error::from)?,
+            timer: nonblocking_timer()?,
         })
     }
 
@@ -439,7 +456,10 @@ impl VshmDevice {
             Ok(n) => n,
             Err(status) => return (mailbox::status_response(status), Vec::new()),
         };
-        let mut out = vec![0u8; room];
+        // As large as what the records need, never as large as the guest's buffer says (a
+        // chain may offer gigabytes).
+        let fits: usize = names.iter().map(|n| LIST_RECORD_HEAD + n.name.len()).sum();
+        let mut out = vec![0u8; room.min(fits)];
         let (mut used, mut count, mut needed) = (0usize, 0u64, 0u64);
         let mut full = false;
         for n in &names {
@@ -478,6 +498,11 @@ impl VshmDevice {
         if !self.holds(req.slot, req.generation) {
             return Some(mailbox::status_response(Status::InvalidHandle));
         }
+        // At most a queue's worth pending (a driver can offer the same head again and again:
+        // without a bound vshmd's memory and every look's work would grow with it).
+        if self.waits.len() >= QUEUE_SIZE {
+            return Some(mailbox::status_response(Status::InsufficientResources));
+        }
         self.next_wait += 1;
         let id = self.next_wait;
         let slot = ObjectSlot(req.slot);
@@ -499,6 +524,18 @@ impl VshmDevice {
         );
         self.arm_timer();
         None
+    }
+
+    /// Takes every pending WAIT back from the namespace and forgets its chain (the queue is
+    /// starting over).
+    fn drop_waits(&mut self) {
+        if let Some(vm) = self.vm.id() {
+            for &id in self.waits.keys() {
+                self.arbitration.cancel_wait(vm, id);
+            }
+        }
+        self.waits.clear();
+        self.arm_timer();
     }
 
     /// Sets the timer to the earliest WAIT deadline (or disarms it).
@@ -536,6 +573,8 @@ impl VshmDevice {
     fn finish_waits(&mut self, vring: &VringRwLock, expired: bool) -> io::Result<()> {
         let mut answered = false;
         if expired {
+            // Clears it if it fired; EAGAIN (it did not, or was re-armed) is no error: the
+            // deadlines are what count.
             let _ = self.timer.wait();
             let now = Instant::now();
             let due: Vec<u64> = self
@@ -773,14 +812,19 @@ impl VhostUserBackendMut for VshmDevice {
     }
 
     fn reset_device(&mut self) {
-        // The queues start over: chains kept for WAITs name nothing any more.
-        if let Some(vm) = self.vm.id() {
-            for &id in self.waits.keys() {
-                self.arbitration.cancel_wait(vm, id);
-            }
+        // vhost-user-backend forgets the acked features at a reset; so does the device.
+        self.acked = 0;
+        self.drop_waits();
+    }
+
+    fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE (a guest reset or reboot, a driver reload): the chains kept for
+        // WAITs name nothing any more; answering them into the next ring would write into
+        // memory the guest has reused.
+        if queue_index == u32::from(REQUEST_QUEUE) {
+            self.drop_waits();
         }
-        self.waits.clear();
-        self.arm_timer();
+        Ok(())
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
