@@ -900,7 +900,6 @@ fn a_vm_cannot_keep_more_waits_pending_than_a_queue_holds_by_offering_one_chain_
 
 #[test]
 fn a_stopped_request_queue_drops_its_pending_waits_and_a_later_signal_stays_with_the_event() {
-    use vhost::vhost_user::VhostUserFrontend as _;
     use vhost::VhostBackend as _;
     watchdog(std::time::Duration::from_secs(60), || {
         let mut t = InProcess::start(0);
