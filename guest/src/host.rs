@@ -71,8 +71,71 @@ pub enum HostError {
     },
 }
 
+/// The start of an ivshmem client's handshake with vshmd (QEMU's server protocol): what
+/// comes before the peers' eventfds. Every client of the socket reads it the same way —
+/// this library's host transport and the VMM's ivshmem device.
+#[derive(Debug)]
+pub struct Handshake {
+    /// The connection; the `(peer id, eventfd)` messages follow on it ([`recv_msg`]).
+    pub sock: UnixStream,
+    /// This client's peer id.
+    pub peer_id: PeerId,
+    /// The region's memfd.
+    pub memfd: File,
+}
+
+/// Connects to the ivshmem socket at `path` and reads the protocol version (or vshmd's
+/// refusal and its reason), this client's peer id and the region's fd.
+pub fn handshake(path: &Path) -> Result<Handshake, HostError> {
+    let protocol = |what: String| HostError::Protocol {
+        path: path.to_owned(),
+        what,
+    };
+    let sock = UnixStream::connect(path).map_err(|source| HostError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let next = || -> Result<(i64, Option<File>), HostError> {
+        recv_msg(&sock)?.ok_or_else(|| HostError::Protocol {
+            path: path.to_owned(),
+            what: "server closed the connection during the handshake".into(),
+        })
+    };
+    match next()? {
+        (0, None) => {}
+        // A refusal (vshm's own): -code, then a detail, then the server closes.
+        (v, None) if v < 0 => {
+            let detail = match recv_msg(&sock) {
+                Ok(Some((d, None))) => d,
+                _ => 0,
+            };
+            let reason = ConnectRefusal::from_wire(v, detail).unwrap_or(ConnectRefusal::Other(v));
+            return Err(HostError::Refused {
+                path: path.to_owned(),
+                reason,
+            });
+        }
+        (v, _) => return Err(protocol(format!("unsupported protocol version {v}"))),
+    }
+    let peer_id = match next()? {
+        (id, None) => u16::try_from(id)
+            .map(PeerId)
+            .map_err(|_| protocol(format!("bad peer id {id}")))?,
+        (_, Some(_)) => return Err(protocol("peer id came with an fd".into())),
+    };
+    let memfd = match next()? {
+        (-1, Some(f)) => f,
+        (v, _) => return Err(protocol(format!("expected the shared memory fd, got {v}"))),
+    };
+    Ok(Handshake {
+        sock,
+        peer_id,
+        memfd,
+    })
+}
+
 /// One protocol message: a little-endian i64 and at most one fd.
-fn recv_msg(sock: &UnixStream) -> io::Result<Option<(i64, Option<File>)>> {
+pub fn recv_msg(sock: &UnixStream) -> io::Result<Option<(i64, Option<File>)>> {
     let mut buf = [0u8; 8];
     let (n, file) = sock.recv_with_fd(&mut buf).map_err(io::Error::from)?;
     if n == 0 {
@@ -313,42 +376,16 @@ impl HostTransport {
             path: path.to_owned(),
             what,
         };
-        let sock = UnixStream::connect(path).map_err(|source| HostError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
+        let Handshake {
+            sock,
+            peer_id,
+            memfd,
+        } = handshake(path)?;
         let next = || -> Result<(i64, Option<File>), HostError> {
             recv_msg(&sock)?.ok_or_else(|| HostError::Protocol {
                 path: path.to_owned(),
                 what: "server closed the connection during the handshake".into(),
             })
-        };
-        match next()? {
-            (0, None) => {}
-            // A refusal (vshm's own): -code, then a detail, then the server closes.
-            (v, None) if v < 0 => {
-                let detail = match recv_msg(&sock) {
-                    Ok(Some((d, None))) => d,
-                    _ => 0,
-                };
-                let reason =
-                    ConnectRefusal::from_wire(v, detail).unwrap_or(ConnectRefusal::Other(v));
-                return Err(HostError::Refused {
-                    path: path.to_owned(),
-                    reason,
-                });
-            }
-            (v, _) => return Err(protocol(format!("unsupported protocol version {v}"))),
-        }
-        let peer_id = match next()? {
-            (id, None) => u16::try_from(id)
-                .map(PeerId)
-                .map_err(|_| protocol(format!("bad peer id {id}")))?,
-            (_, Some(_)) => return Err(protocol("peer id came with an fd".into())),
-        };
-        let memfd = match next()? {
-            (-1, Some(f)) => f,
-            (v, _) => return Err(protocol(format!("expected the shared memory fd, got {v}"))),
         };
         let size = memfd.metadata()?.len();
         let map =

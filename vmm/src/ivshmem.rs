@@ -11,7 +11,8 @@
 //! The client side of QEMU's ivshmem server protocol: the server sends the protocol version
 //! (0; vshmd sends a negative code and a detail when it refuses), this VM's peer id, the
 //! region's fd (with -1), then `(peer id, eventfd)` for every vector of every peer,
-//! including this one's own and vshmd's; later ones as peers arrive. Like QEMU's device, the
+//! including this one's own and vshmd's; later ones as peers arrive (the start is
+//! `vshm::host::handshake`, which the library's host transport reads too). Like QEMU's device, the
 //! VMM only writes 1 to the eventfd a doorbell names; everything vshm adds on top (audits,
 //! acknowledgements, the lease protocol) is the guest's business.
 
@@ -24,8 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::VmFd;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-use vshm_format::mailbox::ConnectRefusal;
+use vshm::host::{handshake, recv_msg, Handshake};
 
 use crate::pci::{BarKind, ConfigSpace, PciError, PciFunction};
 use crate::vshm_device::PHYS_LIMIT;
@@ -44,30 +44,12 @@ const DOORBELL: u64 = 0x0C;
 /// Why the device could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum IvshmemError {
-    /// The socket could not be reached.
-    #[error("ivshmem server at {path}: {source}")]
-    Io {
-        /// The socket.
-        path: String,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The server broke the protocol.
-    #[error("ivshmem server at {path}: {what}")]
-    Protocol {
-        /// The socket.
-        path: String,
-        /// What was wrong.
-        what: String,
-    },
-    /// vshmd refused this VM.
-    #[error("ivshmem server at {path} refused the VM: {}", reason.what())]
-    Refused {
-        /// The socket.
-        path: String,
-        /// vshmd's reason.
-        reason: ConnectRefusal,
-    },
+    /// The handshake with the ivshmem server failed (or vshmd refused the VM).
+    #[error(transparent)]
+    Handshake(#[from] vshm::host::HostError),
+    /// A thread or socket call failed.
+    #[error("ivshmem client: {0}")]
+    Io(#[from] std::io::Error),
     /// The region cannot be a BAR here.
     #[error("the region is {size:#x} bytes: BAR 2 needs a power of two of at least 4 KiB, at most {max:#x} in this VMM's layout")]
     RegionSize {
@@ -86,24 +68,6 @@ pub enum IvshmemError {
 
 /// Peers' eventfds by peer id, then vector.
 type Bells = Arc<Mutex<BTreeMap<u16, Vec<File>>>>;
-
-/// One 8-byte message, with the fd that came with it.
-fn recv(sock: &UnixStream) -> std::io::Result<Option<(i64, Option<File>)>> {
-    let mut buf = [0u8; 8];
-    let (n, file) = sock.recv_with_fd(&mut buf).map_err(std::io::Error::from)?;
-    if n == 0 {
-        return Ok(None);
-    }
-    let mut got = n;
-    while got < buf.len() {
-        let m = (&*sock).read(&mut buf[got..])?;
-        if m == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        got += m;
-    }
-    Ok(Some((i64::from_le_bytes(buf), file)))
-}
 
 /// Where firmware puts the device's BARs.
 #[derive(Debug, Clone, Copy)]
@@ -150,45 +114,13 @@ impl IvshmemPci {
         vm: Arc<VmFd>,
         placement: Placement,
     ) -> Result<IvshmemPci, IvshmemError> {
-        let p = path.display().to_string();
-        let io = |source| IvshmemError::Io {
-            path: p.clone(),
-            source,
-        };
-        let protocol = |what: String| IvshmemError::Protocol {
-            path: p.clone(),
-            what,
-        };
-        let sock = UnixStream::connect(path).map_err(io)?;
-        let next = || -> Result<(i64, Option<File>), IvshmemError> {
-            recv(&sock).map_err(io)?.ok_or_else(|| {
-                protocol("the server closed the connection during the handshake".into())
-            })
-        };
-        match next()? {
-            (0, None) => {}
-            (v, None) if v < 0 => {
-                let detail = match recv(&sock) {
-                    Ok(Some((d, None))) => d,
-                    _ => 0,
-                };
-                return Err(IvshmemError::Refused {
-                    path: p.clone(),
-                    reason: ConnectRefusal::from_wire(v, detail)
-                        .unwrap_or(ConnectRefusal::Other(v)),
-                });
-            }
-            (v, _) => return Err(protocol(format!("unsupported protocol version {v}"))),
-        }
-        let id = match next()? {
-            (id, None) => u16::try_from(id).map_err(|_| protocol(format!("bad peer id {id}")))?,
-            (_, Some(_)) => return Err(protocol("the peer id came with an fd".into())),
-        };
-        let memfd = match next()? {
-            (-1, Some(f)) => f,
-            (v, _) => return Err(protocol(format!("expected the region's fd, got {v}"))),
-        };
-        let size = memfd.metadata().map_err(io)?.len();
+        let Handshake {
+            sock,
+            peer_id,
+            memfd,
+        } = handshake(path)?;
+        let id = peer_id.0;
+        let size = memfd.metadata()?.len();
         if size < 4096 || !size.is_power_of_two() || size > placement.max_region {
             return Err(IvshmemError::RegionSize {
                 size,
@@ -197,12 +129,11 @@ impl IvshmemPci {
         }
         let bells: Bells = Arc::default();
         let reader = {
-            let sock = sock.try_clone().map_err(io)?;
+            let sock = sock.try_clone()?;
             let bells = Arc::clone(&bells);
             std::thread::Builder::new()
                 .name("vshm-ivshmem".into())
-                .spawn(move || read_peers(&sock, &bells, id))
-                .map_err(io)?
+                .spawn(move || read_peers(&sock, &bells, id))?
         };
 
         let mut config = ConfigSpace::new(PCI_VENDOR, PCI_DEVICE, [0x05, 0x00, 0x00], 1);
@@ -286,7 +217,7 @@ fn set_nonblocking(f: &File) {
 /// After the handshake: peers arriving (`id`, eventfd: one message per vector) and leaving
 /// (`id` alone), until the server closes the connection.
 fn read_peers(sock: &UnixStream, bells: &Bells, own: u16) {
-    while let Ok(Some((id, fd))) = recv(sock) {
+    while let Ok(Some((id, fd))) = recv_msg(sock) {
         let Ok(id) = u16::try_from(id) else {
             continue;
         };
