@@ -1,8 +1,10 @@
 //! Test guests for vshm: building a bootable image from Debian packages ([`image`]) and
-//! running it under QEMU attached to vshmd, driven through a command agent ([`vm`]).
+//! running it under QEMU attached to vshmd, driven through a command agent ([`vm`]); the
+//! freestanding guest of the VMM ([`freestanding`]).
 #![warn(missing_docs)]
 
 pub mod cpio;
+pub mod freestanding;
 pub mod image;
 pub mod vm;
 

@@ -15,41 +15,14 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ is in the workspace root")
-}
-
 /// Builds the guest (release, without SSE: see guest/freestanding/README.md) and returns
 /// the path of its ELF. Once per test process.
 pub fn guest_elf() -> PathBuf {
     static ELF: OnceLock<PathBuf> = OnceLock::new();
     ELF.get_or_init(|| {
-        let target = target_dir().join("freestanding");
-        let manifest = root().join("guest/freestanding/Cargo.toml");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
-            .args(["build", "--release", "--quiet", "--manifest-path"])
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(&target)
-            .current_dir(root().join("guest/freestanding"))
-            // Only these flags (not the ones of whatever cargo runs the tests).
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("CARGO_BUILD_RUSTFLAGS")
-            .env_remove("CARGO_TARGET_DIR")
-            .env("RUSTFLAGS", "-C target-feature=-sse,-sse2")
-            .output()
-            .expect("run cargo to build guest/freestanding");
-        assert!(
-            out.status.success(),
-            "building guest/freestanding failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let elf = target.join("release/vshm-guest");
-        assert!(elf.exists(), "{} is missing after the build", elf.display());
-        elf
+        vshm_images::freestanding::build(Path::new(&cargo), &target_dir().join("freestanding"))
+            .unwrap_or_else(|e| panic!("{e}"))
     })
     .clone()
 }

@@ -20,30 +20,11 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// A freestanding guest's whole run (about a microsecond per instruction on PVM).
 const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Builds the freestanding guest (its own cargo workspace: panic=abort, a linker script).
+/// Builds the freestanding guest (its own cargo workspace: panic=abort, a linker script, no
+/// SSE).
 pub fn guest_elf() -> Result<PathBuf> {
-    let root = crate::util::workspace_root();
-    let out = target_dir().join("freestanding");
-    // Without SSE: on PVM (these test machines) KVM emulates every guest instruction and
-    // has no SSE arithmetic (guest/freestanding/README.md).
-    run_checked(
-        cargo()
-            .args(["build", "--release", "--manifest-path"])
-            .arg(root.join("guest/freestanding/Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&out)
-            .current_dir(root.join("guest/freestanding"))
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("CARGO_BUILD_RUSTFLAGS")
-            .env_remove("CARGO_TARGET_DIR")
-            .env("RUSTFLAGS", "-C target-feature=-sse,-sse2"),
-    )?;
-    let elf = out.join("release").join("vshm-guest");
-    if elf.is_file() {
-        Ok(elf)
-    } else {
-        Err(format!("{} was not built", elf.display()))
-    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    vshm_images::freestanding::build(Path::new(&cargo), &target_dir().join("freestanding"))
 }
 
 /// A VMM running the guest, its lines on a channel.
