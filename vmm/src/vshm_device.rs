@@ -162,13 +162,7 @@ impl VhostUserFrontendReqHandlerMut for MapHandler {
         if req.shmid != WINDOW_SHMID {
             return Err(refused(format!("no shared-memory region {}", req.shmid)));
         }
-        // SAFETY: dup of the fd the handler holds for this call; the copy is ours.
-        let dup = unsafe { libc::dup(fd.as_raw_fd()) };
-        if dup < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `dup` is a fresh fd nothing else owns.
-        let file = Arc::new(unsafe { File::from_raw_fd(dup) });
+        let file = Arc::new(File::from(dup_fd(fd)?));
         let writable = req.flags & VhostUserMMapFlags::WRITABLE.bits() != 0;
         let (off, len, fd_off) = (req.shm_offset, req.len, req.fd_offset);
         self.window
