@@ -141,6 +141,22 @@ impl Backend {
         Backend::spawn(dir, socket, &args, env)
     }
 
+    /// [`Backend::start`] also serving the vshm virtio device (`--vhost-user`) on a socket in
+    /// the backend's own directory; that socket's path. vshmd creates it once it serves.
+    pub fn start_with_vhost_user(extra: &[&str]) -> (Backend, PathBuf) {
+        let dir = TempDir::new("vshmd");
+        let socket = dir.path().join("vshm.sock");
+        let vhost = dir.path().join("vhost.sock");
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--socket".into(),
+            socket.clone().into(),
+            "--vhost-user".into(),
+            vhost.clone().into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        (Backend::spawn(dir, socket, &args, &[]), vhost)
+    }
+
     /// Starts vshmd with `--config FILE` (then `extra`), FILE holding `toml` with every
     /// `{dir}` replaced by the backend's temp dir. The file's sockets must live there and
     /// its main socket be `{dir}/vshm.sock` (with the default control socket), unless

@@ -217,10 +217,7 @@ fn a_vm_sees_only_what_it_opened_mapped_where_the_reply_says_and_loses_it_on_clo
 #[test]
 fn a_vm_on_vshmd_vhost_user_shares_sections_by_name_with_an_ivshmem_peer_and_is_reclaimed() {
     watchdog(std::time::Duration::from_secs(60), || {
-        let dir = TempDir::new("vhost-e2e");
-        let vpath = dir.path().join("vhost.sock");
-        let vpath_text = vpath.to_str().expect("utf-8 path");
-        let b = Backend::start(&["--size", "8M", "--vhost-user", vpath_text]);
+        let (b, vpath) = Backend::start_with_vhost_user(&["--size", "8M"]);
         assert!(
             wait_for(std::time::Duration::from_secs(10), || vpath.exists()),
             "the vhost-user socket is there"
@@ -783,14 +780,7 @@ fn a_window_range_whose_unmap_failed_is_never_reused_and_its_hold_goes_at_discon
 #[test]
 fn an_ivshmem_peers_signal_completes_a_vms_wait_and_reaches_its_event_queue_through_vshmd() {
     watchdog(std::time::Duration::from_secs(60), || {
-        let dir = TempDir::new("vhost-signal");
-        let vpath = dir.path().join("vhost.sock");
-        let b = Backend::start(&[
-            "--size",
-            "4M",
-            "--vhost-user",
-            vpath.to_str().expect("utf-8"),
-        ]);
+        let (b, vpath) = Backend::start_with_vhost_user(&["--size", "4M"]);
         assert!(wait_for(std::time::Duration::from_secs(10), || vpath.exists()));
         let host = b.connect();
         let (ev, _) = host

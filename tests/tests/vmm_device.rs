@@ -14,7 +14,7 @@ use vshm_format::virtio::{
     self, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, VIRTIO_F_VERSION_1, VSHM_F_READ_ONLY,
 };
 use vshm_format::Status;
-use vshm_tests::{wait_for, watchdog, Backend, TempDir};
+use vshm_tests::{wait_for, watchdog, Backend};
 use vshm_vmm::pci::{Access, PciBus, CONFIG_ADDRESS, CONFIG_DATA};
 use vshm_vmm::{Vm, VmConfig, VSHM_BAR0};
 
@@ -133,16 +133,8 @@ fn the_vmms_vshm_device_is_found_on_pci_initialised_through_bar0_and_maps_exactl
         return;
     }
     watchdog(Duration::from_secs(60), || {
-        let dir = TempDir::new("vmm-device");
-        let vpath = dir.path().join("vhost.sock");
-        let b = Backend::start(&[
-            "--size",
-            "8M",
-            "--vhost-user",
-            vpath.to_str().expect("utf-8"),
-            "--vhost-user-window",
-            "16M",
-        ]);
+        let (b, vpath) =
+            Backend::start_with_vhost_user(&["--size", "8M", "--vhost-user-window", "16M"]);
         assert!(wait_for(Duration::from_secs(10), || vpath.exists()));
         let host = b.connect();
         let (sec, _) = host
@@ -303,14 +295,7 @@ fn when_vshmd_goes_the_vms_window_loses_every_mapping() {
         return;
     }
     watchdog(Duration::from_secs(60), || {
-        let dir = TempDir::new("vmm-device-gone");
-        let vpath = dir.path().join("vhost.sock");
-        let b = Backend::start(&[
-            "--size",
-            "8M",
-            "--vhost-user",
-            vpath.to_str().expect("utf-8"),
-        ]);
+        let (b, vpath) = Backend::start_with_vhost_user(&["--size", "8M"]);
         assert!(wait_for(Duration::from_secs(10), || vpath.exists()));
         let mut vm = Vm::freestanding(&VmConfig {
             mem_size: 16 << 20,

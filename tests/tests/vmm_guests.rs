@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vshm_tests::freestanding::guest_elf;
-use vshm_tests::{bin, command, kill9, serial, wait_for, watchdog, Backend, TempDir};
+use vshm_tests::{bin, command, kill9, serial, wait_for, watchdog, Backend};
 
 /// A running VMM whose guest's lines arrive on a channel.
 struct Guest {
@@ -88,16 +88,8 @@ fn vms_share_a_section_with_the_host_see_only_what_they_opened_and_are_reclaimed
     }
     let _one_at_a_time = serial();
     watchdog(Duration::from_secs(240), || {
-        let dir = TempDir::new("vmm-guests");
-        let vpath = dir.path().join("vhost.sock");
-        let b = Backend::start(&[
-            "--size",
-            "8M",
-            "--vhost-user",
-            vpath.to_str().expect("utf-8"),
-            "--vhost-user-window",
-            "16M",
-        ]);
+        let (b, vpath) =
+            Backend::start_with_vhost_user(&["--size", "8M", "--vhost-user-window", "16M"]);
         assert!(wait_for(Duration::from_secs(10), || vpath.exists()));
         let host = b.connect();
         let (shared, _) = host
@@ -176,14 +168,7 @@ fn a_vm_waits_on_an_event_through_the_device_until_a_host_peer_signals_it() {
     }
     let _one_at_a_time = serial();
     watchdog(Duration::from_secs(120), || {
-        let dir = TempDir::new("vmm-event");
-        let vpath = dir.path().join("vhost.sock");
-        let b = Backend::start(&[
-            "--size",
-            "8M",
-            "--vhost-user",
-            vpath.to_str().expect("utf-8"),
-        ]);
+        let (b, vpath) = Backend::start_with_vhost_user(&["--size", "8M"]);
         assert!(wait_for(Duration::from_secs(10), || vpath.exists()));
         let host = b.connect();
         let (ev, _) = host
