@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -76,26 +76,7 @@ pub fn run() -> Result<()> {
     };
     let log_path = dir.path().join("vshmd.log");
 
-    step(format!(
-        "starting vshmd --socket {} --size 64M",
-        setup.socket.display()
-    ));
-    let log = File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
-    let log_err = log
-        .try_clone()
-        .map_err(|e| format!("{}: {e}", log_path.display()))?;
-    let vshmd = Command::new(bin.join("vshmd"))
-        .arg("--socket")
-        .arg(&setup.socket)
-        .args(["--size", "64M"])
-        // Plain log lines (tracing-subscriber honours NO_COLOR): they end up in a file.
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err)
-        .spawn()
-        .map_err(|e| format!("cannot start vshmd: {e}"))?;
-    let mut vshmd = KillOnDrop::new(vshmd);
+    let mut vshmd = start_vshmd(&bin, &setup, &[], &log_path)?;
 
     let result = session(&setup, &mut vshmd, &image, dir.path());
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -111,6 +92,40 @@ pub fn run() -> Result<()> {
             Err(e)
         }
     }
+}
+
+/// Starts `bin/vshmd --socket <setup.socket> --size 64M <extra>`, its output to `log_path`
+/// (plain lines: tracing-subscriber honours NO_COLOR); killed when the guard drops.
+pub(crate) fn start_vshmd(
+    bin: &Path,
+    setup: &Setup,
+    extra: &[&std::ffi::OsStr],
+    log_path: &Path,
+) -> Result<KillOnDrop> {
+    let shown: String = extra
+        .iter()
+        .map(|a| format!(" {}", a.to_string_lossy()))
+        .collect();
+    step(format!(
+        "starting vshmd --socket {} --size 64M{shown}",
+        setup.socket.display()
+    ));
+    let log = File::create(log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let vshmd = Command::new(bin.join("vshmd"))
+        .arg("--socket")
+        .arg(&setup.socket)
+        .args(["--size", "64M"])
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|e| format!("cannot start vshmd: {e}"))?;
+    Ok(KillOnDrop::new(vshmd))
 }
 
 /// Runs `cmd` in a guest, prints its output, and fails unless it exits 0.

@@ -3,14 +3,13 @@
 //! socket. Each VM runs the freestanding guest built from the no_std core
 //! (guest/freestanding) and sees only the sections it opened.
 
-use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::demo::{wait_until_up, Setup};
+use crate::demo::{start_vshmd, wait_until_up, Setup};
 use crate::util::{
     capture_checked, cargo, indent, run_checked, step, target_dir, KillOnDrop, Result, TempDir,
 };
@@ -122,26 +121,13 @@ pub fn run() -> Result<()> {
         control: dir.path().join("vshm.sock.ctl"),
     };
     let vhost = dir.path().join("vshm-vu.sock");
-    step(format!(
-        "starting vshmd --socket {} --size 64M --vhost-user {}",
-        setup.socket.display(),
-        vhost.display()
-    ));
     let log_path = dir.path().join("vshmd.log");
-    let log = File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
-    let log_err = log.try_clone().map_err(|e| e.to_string())?;
-    let vshmd = Command::new(bin.join("vshmd"))
-        .arg("--socket")
-        .arg(&setup.socket)
-        .args(["--size", "64M", "--vhost-user"])
-        .arg(&vhost)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err)
-        .spawn()
-        .map_err(|e| format!("cannot start vshmd: {e}"))?;
-    let mut vshmd = KillOnDrop::new(vshmd);
+    let mut vshmd = start_vshmd(
+        &bin,
+        &setup,
+        &["--vhost-user".as_ref(), vhost.as_os_str()],
+        &log_path,
+    )?;
     wait_until_up(&setup, &mut vshmd)?;
     let result = session(&setup, &bin.join("vshm-vmm"), &elf, &vhost);
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
