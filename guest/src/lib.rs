@@ -14,6 +14,7 @@
 
 mod audit;
 pub mod blocks;
+mod device;
 mod error;
 mod event;
 mod handle;
@@ -28,6 +29,7 @@ mod os;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod pci;
 
+pub use device::{Device, DeviceTransport};
 pub use error::Error;
 pub use event::{Event, EventOptions};
 pub use mutex::{Acquired, Mutex};

@@ -2,8 +2,9 @@
 //!
 //! Implementations: [`crate::host::HostTransport`] (a host process connected to vshmd's
 //! ivshmem socket) and `crate::pci::PciTransport` (a Linux guest process over the ivshmem
-//! PCI BARs, polling). Planned: a guest kernel driver with a cacheable mapping and MSI-X
-//! interrupts, vhost-user.
+//! PCI BARs, polling), and any [`crate::DeviceTransport`] wrapped in [`crate::Device`] (the
+//! vshm virtio device: requests instead of a shared header). Planned: a guest kernel driver
+//! with a cacheable mapping and MSI-X interrupts.
 
 use core::time::Duration;
 
@@ -50,6 +51,8 @@ pub enum TransportError {
     Os(i32),
     /// The peer id handed out is not usable with this region.
     BadPeerId(PeerId),
+    /// This kind of transport has no such operation (a device peer has no doorbells).
+    NotSupported,
 }
 
 impl core::fmt::Display for TransportError {
@@ -58,6 +61,7 @@ impl core::fmt::Display for TransportError {
             TransportError::BackendGone => write!(f, "the vshm backend is gone"),
             TransportError::Os(e) => write!(f, "transport OS error {e}"),
             TransportError::BadPeerId(id) => write!(f, "peer id {id} is not valid for this region"),
+            TransportError::NotSupported => write!(f, "this transport has no such operation"),
         }
     }
 }
@@ -137,4 +141,10 @@ pub trait Transport {
     /// the library then checks when it is called.
     #[cfg(feature = "std")]
     fn set_ring_hook(&self, _hook: Option<RingHook>) {}
+
+    /// The vshm device behind this transport, if it is one ([`crate::Device`]): the
+    /// namespace then reads no shared header and makes every operation a request to it.
+    fn device(&self) -> Option<&dyn crate::DeviceTransport> {
+        None
+    }
 }

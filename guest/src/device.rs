@@ -1,0 +1,88 @@
+//! The second kind of transport: the vshm virtio device (docs/VHOST-USER.md), which a VM
+//! reaches through vshmd's vhost-user socket. There is no shared header: every namespace
+//! operation is a request on the device's request queue, and the device maps into a window
+//! (its shared-memory region 0) exactly the sections this peer opened.
+//!
+//! The seam is [`DeviceTransport`] (map = the window, ring + wait = a request and its
+//! response). Wrapped in [`Device`] it is a [`Transport`], so [`crate::Namespace`] and
+//! everything on it works over it unchanged: the namespace sees [`Transport::device`] and
+//! sends requests instead of touching a header.
+
+use core::time::Duration;
+
+use vshm_format::layout::{Request, Response};
+use vshm_format::shm::RawRegion;
+use vshm_format::PeerId;
+
+use crate::{Transport, TransportError};
+
+/// What the library needs from a vshm device.
+///
+/// Implementations: `crate::host::vhost_user::VhostUserTransport` (a host process that is
+/// its own vhost-user frontend, feature `vhost-user`); planned: the Linux guest driver's
+/// character device.
+pub trait DeviceTransport {
+    /// The window: a section this peer holds is mapped at the window offset its OPEN or
+    /// CREATE answered, for the pages of its current size; everything else reads as zero.
+    fn window(&self) -> RawRegion<'_>;
+
+    /// Posts `req` on the request queue and waits at most `timeout` for its response
+    /// (`Ok(None)` when none came: the request may still be carried out). `records` is
+    /// the room for LIST's records (§5.3), empty for every other operation. Several
+    /// threads may call at once: a WAIT stays pending while later requests are answered.
+    fn call(
+        &self,
+        req: &Request,
+        records: &mut [u8],
+        timeout: Duration,
+    ) -> Result<Option<Response>, TransportError>;
+
+    /// Sleeps for about `d` (a retry's pause; the device has nothing to wait on then).
+    fn sleep(&self, d: Duration);
+}
+
+/// A [`DeviceTransport`] as a [`Transport`]: what [`crate::Namespace::attach`] takes.
+#[derive(Debug)]
+pub struct Device<D>(pub D);
+
+impl<D: DeviceTransport> Transport for Device<D> {
+    /// The window (there is no region to see).
+    fn region(&self) -> RawRegion<'_> {
+        self.0.window()
+    }
+
+    /// A device peer has no ivshmem peer id: vshmd gives the VM one of its own, which the
+    /// VM never needs.
+    fn peer_id(&self) -> PeerId {
+        PeerId::HOST
+    }
+
+    /// Nothing to ring: a device peer's rings are its requests.
+    fn ring(&self, _peer: PeerId, _vector: u16) -> Result<(), TransportError> {
+        Err(TransportError::NotSupported)
+    }
+
+    /// Polls `ready` in 1 ms steps (nothing rings a device peer outside its requests).
+    fn wait_until(
+        &self,
+        ready: &mut dyn FnMut() -> bool,
+        timeout: Duration,
+    ) -> Result<bool, TransportError> {
+        let step = Duration::from_millis(1);
+        let mut waited = Duration::ZERO;
+        loop {
+            if ready() {
+                return Ok(true);
+            }
+            if waited >= timeout {
+                return Ok(false);
+            }
+            self.0.sleep(step);
+            waited += step;
+        }
+    }
+
+    fn device(&self) -> Option<&dyn DeviceTransport> {
+        Some(&self.0)
+    }
+}
