@@ -141,6 +141,11 @@ impl<T: Transport> Section<'_, T> {
         &self,
         mut op: impl FnMut(&mut Guard<'_, '_, RawRegion<'_>>) -> Result<R, BlockError>,
     ) -> Result<Result<(R, u64), BlockError>, Error> {
+        // The allocator tells a dead owner's blocks by the peer table, which a VM on the
+        // vshm device does not see: it would take every owner for dead.
+        if self.namespace().device().is_some() {
+            return Err(vshm_format::Status::NotSupported.into());
+        }
         self.ensure_attached()?;
         let mem = self.region();
         let ns = self.namespace();

@@ -46,9 +46,9 @@ impl<T: Transport> Namespace<T> {
 
     /// Opens an existing event by name, without a round trip to the backend.
     pub fn open_event(&self, name: &str) -> Result<Event<'_, T>, Error> {
-        let info = self.open_object(name, kind::EVENT)?;
+        let held = self.open_object(name, kind::EVENT)?;
         Ok(Event {
-            handle: ObjectHandle::new(self, &info),
+            handle: ObjectHandle::new(self, &held),
         })
     }
 }
@@ -73,6 +73,9 @@ impl<'ns, T: Transport> Event<'ns, T> {
     /// waiter of an auto-reset event (the others sleep again).
     pub fn signal(&self) -> Result<(), Error> {
         let ns = self.handle.ns;
+        if let Some(dev) = ns.device() {
+            return ns.device_signal(dev, self.handle.slot, self.handle.generation, false);
+        }
         ns.attached()?;
         if sync::event_set(&ns.mem(), ns.layout(), self.handle.slot)? {
             self.handle.wake()?;
@@ -83,6 +86,9 @@ impl<'ns, T: Transport> Event<'ns, T> {
     /// Clears a signal nobody took (a manual-reset event stays signalled until this).
     pub fn reset(&self) -> Result<(), Error> {
         let ns = self.handle.ns;
+        if let Some(dev) = ns.device() {
+            return ns.device_signal(dev, self.handle.slot, self.handle.generation, true);
+        }
         ns.attached()?;
         sync::event_reset(&ns.mem(), ns.layout(), self.handle.slot)?;
         Ok(())
@@ -92,6 +98,13 @@ impl<'ns, T: Transport> Event<'ns, T> {
     /// `timeout` passes (`None`: no limit) → `Error::Status(Status::Timeout)`.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<(), Error> {
         let ns = self.handle.ns;
+        if let Some(dev) = ns.device() {
+            let (slot, generation) = (self.handle.slot, self.handle.generation);
+            return match ns.device_wait(dev, slot, generation, None, timeout)? {
+                Some(_) => Ok(()),
+                None => Err(Status::Timeout.into()),
+            };
+        }
         let (slot, manual) = (self.handle.slot, self.manual_reset());
         let taken = self.handle.wait_for(timeout, &mut || {
             Ok(sync::event_try_take(&ns.mem(), ns.layout(), slot, manual)?)
@@ -103,15 +116,22 @@ impl<'ns, T: Transport> Event<'ns, T> {
         }
     }
 
-    /// Whether the event is signalled now (a hint: it may change at once).
+    /// Whether the event is signalled now (a hint: it may change at once). Over the
+    /// device: STATUS_NOT_SUPPORTED (a VM sees no sync word; wait with a short timeout).
     pub fn is_signaled(&self) -> Result<bool, Error> {
         let ns = self.handle.ns;
+        if ns.device().is_some() {
+            return Err(Status::NotSupported.into());
+        }
         Ok(sync::sync_word(&ns.mem(), ns.layout(), self.handle.slot)? != 0)
     }
 
-    /// Signals counted on this event so far.
+    /// Signals counted on this event so far. Over the device: STATUS_NOT_SUPPORTED.
     pub fn signal_count(&self) -> Result<u64, Error> {
         let ns = self.handle.ns;
+        if ns.device().is_some() {
+            return Err(Status::NotSupported.into());
+        }
         Ok(sync::signal_seq(&ns.mem(), ns.layout(), self.handle.slot)?)
     }
 

@@ -5,9 +5,9 @@
 use core::time::Duration;
 
 use vshm_format::layout::kind;
-use vshm_format::object::ObjectInfo;
-use vshm_format::{mailbox, sync, Generation, ObjectSlot};
+use vshm_format::{mailbox, sync, Generation, ObjectSlot, Status};
 
+use crate::over_device::Held;
 use crate::{Error, Namespace, Transport};
 
 /// How long one wait lasts before the caller's loop looks again (an infinite wait is a
@@ -21,25 +21,32 @@ pub(crate) struct ObjectHandle<'ns, T: Transport> {
     pub(crate) slot: ObjectSlot,
     pub(crate) generation: Generation,
     pub(crate) flags: u32,
+    /// What CLOSE names it by over the device (0 over a header).
+    handle: u64,
     open: bool,
 }
 
 impl<'ns, T: Transport> ObjectHandle<'ns, T> {
     /// Wraps a hold the namespace just took.
-    pub(crate) fn new(ns: &'ns Namespace<T>, info: &ObjectInfo) -> ObjectHandle<'ns, T> {
+    pub(crate) fn new(ns: &'ns Namespace<T>, held: &Held) -> ObjectHandle<'ns, T> {
         ObjectHandle {
             ns,
-            slot: info.slot,
-            generation: info.generation,
-            flags: info.flags,
+            slot: held.slot,
+            generation: held.generation,
+            flags: held.flags,
+            handle: held.handle,
             open: true,
         }
     }
 
-    /// One more hold on the same object.
+    /// One more hold on the same object (over the device: STATUS_NOT_SUPPORTED, a VM opens
+    /// by name).
     pub(crate) fn duplicate(&self) -> Result<ObjectHandle<'ns, T>, Error> {
+        if self.ns.device().is_some() {
+            return Err(Status::NotSupported.into());
+        }
         let info = self.ns.hold(self.slot, self.generation, true)?;
-        Ok(ObjectHandle::new(self.ns, &info))
+        Ok(ObjectHandle::new(self.ns, &Held::from_entry(&info)))
     }
 
     /// Releases the hold now, reporting a failure (drop ignores it).
@@ -53,7 +60,7 @@ impl<'ns, T: Transport> ObjectHandle<'ns, T> {
             return Ok(());
         }
         self.open = false;
-        self.ns.release(self.slot, self.generation)
+        self.ns.release(self.slot, self.generation, self.handle)
     }
 
     /// Whether the hold is still there.
@@ -110,7 +117,7 @@ pub(crate) fn wait_on<T: Transport>(
 impl<T: Transport> Drop for ObjectHandle<'_, T> {
     fn drop(&mut self) {
         if self.open {
-            let _ = self.ns.release(self.slot, self.generation);
+            let _ = self.ns.release(self.slot, self.generation, self.handle);
         }
     }
 }
@@ -125,6 +132,6 @@ pub(crate) fn create_sync<'ns, T: Transport>(
 ) -> Result<(ObjectHandle<'ns, T>, crate::Disposition), Error> {
     debug_assert!(matches!(object_kind, kind::EVENT | kind::MUTEX));
     let req = mailbox::create_sync_request(name, object_kind, persistent, manual_reset);
-    let (info, disposition) = ns.create_object(name, object_kind, &req)?;
-    Ok((ObjectHandle::new(ns, &info), disposition))
+    let (held, disposition) = ns.create_object(name, object_kind, &req)?;
+    Ok((ObjectHandle::new(ns, &held), disposition))
 }

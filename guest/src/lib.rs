@@ -20,6 +20,7 @@ mod event;
 mod handle;
 mod mutex;
 mod namespace;
+mod over_device;
 mod transport;
 
 #[cfg(feature = "std")]

@@ -16,7 +16,12 @@ use vshm_format::{
 };
 
 use crate::audit::{self, Audit};
+use crate::over_device::Held;
 use crate::{Error, Transport, TransportError};
+
+/// How long a CREATE over the device waits out quarantine (it sees no superblock to read
+/// the region's time from): vshmd's default.
+const DEVICE_QUARANTINE_MS: u64 = 2000;
 
 /// How long past the region's `quarantine_ms` a CREATE refused because memory is still in
 /// quarantine keeps being retried (the host releases quarantine on its 200 ms sweep).
@@ -111,7 +116,7 @@ pub struct Namespace<T: Transport> {
     incarnation: AtomicU64,
     /// Concluded for good that the backend reclaimed this peer.
     detached: AtomicBool,
-    reply_timeout: Duration,
+    pub(crate) reply_timeout: Duration,
     /// The holds this process took, checked when vshmd announces a destroy (§11a).
     audit: audit::Shared,
     /// Peers this process saw gone in the peer table, and since when (blocks.rs).
@@ -121,6 +126,10 @@ pub struct Namespace<T: Transport> {
 impl<T: Transport> Namespace<T> {
     /// Validates the region behind `transport` and attaches to it.
     pub fn attach(transport: T) -> Result<Namespace<T>, Error> {
+        if let Some(dev) = transport.device() {
+            let window = dev.window().size();
+            return Ok(Self::over_device(transport, window));
+        }
         let peer_id = transport.peer_id();
         // A superblock or peer table that does not validate may have been scribbled on by
         // a peer a moment ago: vshmd rewrites both within 200 ms, so look again for a
@@ -158,6 +167,43 @@ impl<T: Transport> Namespace<T> {
         Ok(ns)
     }
 
+    /// A namespace over the vshm device, whose window is `window` bytes: the header it sees
+    /// is empty (no peers, no objects: other VMs' names and holds are not its business),
+    /// so the methods that show the header show nothing, and every operation is a request.
+    fn over_device(transport: T, window: u64) -> Namespace<T> {
+        let layout = Layout {
+            region_size: window,
+            max_peers: 0,
+            max_objects: 0,
+            vectors: 0,
+            alignment: 4096,
+            peer_table: 0,
+            object_table: 0,
+            refcount_table: 0,
+            refcount_row_size: 0,
+            mailbox_table: 0,
+            heap_offset: 0,
+            heap_size: 0,
+        };
+        Namespace {
+            transport,
+            layout,
+            superblock: vshm_format::shm::zeroed(),
+            peer_id: PeerId::HOST,
+            peer_slot: PeerSlot(0),
+            incarnation: AtomicU64::new(0),
+            detached: AtomicBool::new(false),
+            reply_timeout: Duration::from_secs(10),
+            audit: audit::Shared::from(Audit::new(layout, PeerSlot(0))),
+            gone_since: crate::blocks::GoneSince::default(),
+        }
+    }
+
+    /// The vshm device this namespace makes its requests to, if it is over one.
+    pub(crate) fn device(&self) -> Option<&dyn crate::DeviceTransport> {
+        self.transport.device()
+    }
+
     /// Handles this process found revoked so far: their objects were destroyed behind its
     /// back (someone cleared its holds, docs/FORMAT.md §11a).
     pub fn revoked_handles(&self) -> u64 {
@@ -168,6 +214,10 @@ impl<T: Transport> Namespace<T> {
     /// (the library also does so before every operation and, with a transport that has a
     /// background thread, whenever it is rung).
     pub fn audit(&self) {
+        // Over the device there is no header to audit: vshmd never destroys what a VM holds.
+        if self.device().is_some() {
+            return;
+        }
         let _ = self.audit.run(&self.transport);
     }
 
@@ -175,6 +225,9 @@ impl<T: Transport> Namespace<T> {
     /// at a table a peer may have scribbled is not enough, audit.rs). Without `std` there
     /// is no audit: one look it is.
     pub(crate) fn revoked(&self, slot: ObjectSlot, generation: Generation) -> bool {
+        if self.device().is_some() {
+            return false;
+        }
         #[cfg(feature = "std")]
         {
             self.audit.is_revoked(slot, generation)
@@ -226,6 +279,10 @@ impl<T: Transport> Namespace<T> {
     pub(crate) fn attached(&self) -> Result<(), Error> {
         if self.detached.load(Ordering::Relaxed) {
             return Err(Error::Detached);
+        }
+        if self.device().is_some() {
+            // The device answers for itself; a gone backend fails the request.
+            return Ok(());
         }
         let mut check = || {
             let (mem, l) = (&self.mem(), &self.layout);
@@ -289,14 +346,26 @@ impl<T: Transport> Namespace<T> {
             options.initial_size,
             options.persistent,
         );
-        let (info, disposition) = self.create_object(name, kind::SECTION, &req)?;
-        Ok((self.section(&info), disposition))
+        let (held, disposition) = self.create_object(name, kind::SECTION, &req)?;
+        Ok((self.section(&held), disposition))
     }
 
-    /// Opens an existing section by name, without a round trip to the backend.
+    /// Opens an existing section by name (over a header without a round trip to the
+    /// backend; over the device a request, which maps it).
     pub fn open(&self, name: &str) -> Result<Section<'_, T>, Error> {
-        let info = self.open_object(name, kind::SECTION)?;
-        Ok(self.section(&info))
+        let held = self.open_object(name, kind::SECTION)?;
+        Ok(self.section(&held))
+    }
+
+    /// [`Namespace::open`] for reading only: the handle refuses writes (STATUS_ACCESS_DENIED)
+    /// and, over the device, the section is mapped read-only.
+    pub fn open_read_only(&self, name: &str) -> Result<Section<'_, T>, Error> {
+        let mut held = match self.device() {
+            Some(dev) => self.device_open_name(dev, name, Some(kind::SECTION), true)?,
+            None => self.open_object(name, kind::SECTION)?,
+        };
+        held.writable = false;
+        Ok(self.section(&held))
     }
 
     /// Create-or-open of an object of `kind` with the CREATE request `req`: a local lookup
@@ -307,14 +376,19 @@ impl<T: Transport> Namespace<T> {
         name: Option<&str>,
         kind: u32,
         req: &Request,
-    ) -> Result<(ObjectInfo, Disposition), Error> {
+    ) -> Result<(Held, Disposition), Error> {
         if let Some(n) = name {
             validate_name(n)?;
+        }
+        if let Some(dev) = self.device() {
+            // One request: the device takes the hold and maps, or says why not.
+            let resp = self.call_waiting_out_quarantine(req)?;
+            return self.device_held(dev, req.op, &resp, Some(kind));
         }
         for _ in 0..RACE_RETRIES {
             if let Some(n) = name {
                 match self.open_existing(n, kind) {
-                    Ok(info) => return Ok((info, Disposition::Opened)),
+                    Ok(info) => return Ok((Held::from_entry(&info), Disposition::Opened)),
                     // Not there, or died as we looked: ask the host, who decides.
                     Err(Error::Status(Status::ObjectNameNotFound) | Error::Contended) => {}
                     Err(e) => return Err(e),
@@ -335,10 +409,10 @@ impl<T: Transport> Namespace<T> {
             match self.hold(ObjectSlot(resp.slot), Generation(resp.generation), false) {
                 Ok(info) if info.kind != kind => {
                     // Only possible for Opened: the name is another kind of object.
-                    let _ = self.release(info.slot, info.generation);
+                    let _ = self.release(info.slot, info.generation, 0);
                     return Err(Status::InvalidHandle.into());
                 }
-                Ok(info) => return Ok((info, disposition)),
+                Ok(info) => return Ok((Held::from_entry(&info), disposition)),
                 // Closed or deleted by others before we got our hold: try again.
                 Err(Error::Status(Status::ObjectNameNotFound)) => continue,
                 Err(e) => return Err(e),
@@ -353,8 +427,12 @@ impl<T: Transport> Namespace<T> {
         &self,
         req: &Request,
     ) -> Result<vshm_format::layout::Response, Error> {
-        let patience =
-            Duration::from_millis(u64::from(self.superblock.quarantine_ms)) + QUARANTINE_SLACK;
+        // A device peer sees no superblock: it waits as long as vshmd's default.
+        let quarantine_ms = match self.superblock.quarantine_ms {
+            0 if self.device().is_some() => DEVICE_QUARANTINE_MS,
+            ms => u64::from(ms),
+        };
+        let patience = Duration::from_millis(quarantine_ms) + QUARANTINE_SLACK;
         let mut waited = Duration::ZERO;
         loop {
             let resp = self.call(req)?;
@@ -371,13 +449,16 @@ impl<T: Transport> Namespace<T> {
         }
     }
 
-    /// Opens an existing object of `kind` by name (a hold, no round trip).
-    pub(crate) fn open_object(&self, name: &str, kind: u32) -> Result<ObjectInfo, Error> {
+    /// Opens an existing object of `kind` by name (over a header a hold, no round trip).
+    pub(crate) fn open_object(&self, name: &str, kind: u32) -> Result<Held, Error> {
+        if let Some(dev) = self.device() {
+            return self.device_open_name(dev, name, Some(kind), false);
+        }
         validate_name(name)?;
         for _ in 0..RACE_RETRIES {
             match self.open_existing(name, kind) {
                 Err(Error::Contended) => continue,
-                other => return other,
+                other => return other.map(|info| Held::from_entry(&info)),
             }
         }
         Err(Error::Contended)
@@ -449,7 +530,7 @@ impl<T: Transport> Namespace<T> {
                     }
                 }
                 _ => {
-                    let _ = self.release(slot, generation);
+                    let _ = self.release(slot, generation, 0);
                     return Err(Error::Status(Status::InvalidHandle));
                 }
             }
@@ -458,7 +539,7 @@ impl<T: Transport> Namespace<T> {
         // the region again before anyone uses it.
         for (offset, len) in self.audit.held(&info) {
             if let Err(e) = self.transport.restore(offset, len) {
-                let _ = self.release(slot, generation);
+                let _ = self.release(slot, generation, 0);
                 return Err(e.into());
             }
         }
@@ -471,14 +552,23 @@ impl<T: Transport> Namespace<T> {
         let revoked =
             revoke::check_hold(&self.mem(), &self.layout, self.peer_slot, slot, generation);
         if revoked == Ok(revoke::Hold::Revoked) {
-            let _ = self.release(slot, generation);
+            let _ = self.release(slot, generation, 0);
             return Err(Error::Status(Status::ObjectNameNotFound));
         }
         Ok(info)
     }
 
     /// Drops one hold on (slot, generation); rings the host if that destroyed the object.
-    pub(crate) fn release(&self, slot: ObjectSlot, generation: Generation) -> Result<(), Error> {
+    /// Over the device, `handle` names the handle (what its OPEN/CREATE answered).
+    pub(crate) fn release(
+        &self,
+        slot: ObjectSlot,
+        generation: Generation,
+        handle: u64,
+    ) -> Result<(), Error> {
+        if let Some(dev) = self.device() {
+            return self.device_close(dev, slot, generation, handle);
+        }
         // A reclaimed peer's holds are gone already; its row may be someone else's now.
         self.attached()?;
         // A revoked hold is no longer counted in our cell (which may count a new object in
@@ -514,17 +604,22 @@ impl<T: Transport> Namespace<T> {
         }
     }
 
-    fn section(&self, info: &ObjectInfo) -> Section<'_, T> {
+    fn section(&self, held: &Held) -> Section<'_, T> {
         // A change counted before the handle existed is not news to it.
-        let seen = sync::signal_seq(&self.mem(), &self.layout, info.slot).unwrap_or(0);
+        let seen = held
+            .change_count
+            .unwrap_or_else(|| sync::signal_seq(&self.mem(), &self.layout, held.slot).unwrap_or(0));
         Section {
             ns: self,
-            slot: info.slot,
-            generation: info.generation,
-            offset: info.offset,
-            max_size: info.max_size,
+            slot: held.slot,
+            generation: held.generation,
+            offset: held.offset,
+            max_size: held.max_size,
             seen: AtomicU64::new(seen),
-            vouched: AtomicU64::new(0),
+            vouched: AtomicU64::new(held.vouched),
+            handle: held.handle,
+            writable: held.writable,
+            deleted: AtomicBool::new(false),
             open: true,
         }
     }
@@ -532,6 +627,9 @@ impl<T: Transport> Namespace<T> {
     /// Deletes the LIVE object called `name` (any kind): the name disappears at once, the
     /// memory is freed when the last handle closes.
     pub fn delete(&self, name: &str) -> Result<(), Error> {
+        if let Some(dev) = self.device() {
+            return self.device_delete(dev, name);
+        }
         validate_name(name)?;
         let info = object::find_by_name(&self.mem(), &self.layout, name)?
             .ok_or(Error::Status(Status::ObjectNameNotFound))?;
@@ -564,6 +662,9 @@ impl<T: Transport> Namespace<T> {
 
     /// Looks a LIVE object up by name.
     pub fn info(&self, name: &str) -> Result<ObjectInfo, Error> {
+        if let Some(dev) = self.device() {
+            return self.device_info(dev, name);
+        }
         validate_name(name)?;
         object::find_by_name(&self.mem(), &self.layout, name)?
             .ok_or(Error::Status(Status::ObjectNameNotFound))
@@ -606,6 +707,9 @@ impl<T: Transport> Namespace<T> {
 
     /// Posts a request and waits for the response.
     pub(crate) fn call(&self, req: &Request) -> Result<vshm_format::layout::Response, Error> {
+        if let Some(dev) = self.device() {
+            return self.device_call(dev, req, &mut [], self.reply_timeout);
+        }
         self.attached()?;
         let mem = &self.mem();
         let (layout, slot) = (&self.layout, self.peer_slot);
@@ -682,6 +786,12 @@ pub struct Section<'ns, T: Transport> {
     /// The largest size the host told this handle the section has (its GROW replies); the
     /// block allocator tiles no further (an entry's size may be a scribble of the moment).
     vouched: AtomicU64,
+    /// What CLOSE names this handle by over the device (0 over a header).
+    handle: u64,
+    /// Writes are allowed (not a read-only open).
+    writable: bool,
+    /// This handle deleted the section (over the device the only way it learns of it).
+    deleted: AtomicBool,
     open: bool,
 }
 
@@ -689,6 +799,11 @@ impl<'ns, T: Transport> Section<'ns, T> {
     /// Tells the readers of this section that it changed ("I wrote a frame"): counts the
     /// change and, if anyone waits for one, asks the host to ring the waiting holders.
     pub fn notify(&self) -> Result<(), Error> {
+        if let Some(dev) = self.ns.device() {
+            return self
+                .ns
+                .device_signal(dev, self.slot, self.generation, false);
+        }
         self.ns.attached()?;
         if sync::notify(&self.ns.mem(), &self.ns.layout, self.slot)? {
             self.ns.wake_object(self.slot, self.generation)?;
@@ -703,6 +818,14 @@ impl<'ns, T: Transport> Section<'ns, T> {
     pub fn wait_change(&self, timeout: Option<Duration>) -> Result<u64, Error> {
         let seen = self.seen.load(Ordering::Acquire);
         let ns = self.ns;
+        if let Some(dev) = ns.device() {
+            // WAIT since the count this handle saw: a change in between completes it at once.
+            let now = ns
+                .device_wait(dev, self.slot, self.generation, Some(seen), timeout)?
+                .ok_or(Error::Status(Status::Timeout))?;
+            self.seen.store(now, Ordering::Release);
+            return Ok(now);
+        }
         let slot = self.slot;
         let mut now = seen;
         let changed = crate::handle::wait_on(ns, slot, timeout, &mut || {
@@ -726,7 +849,8 @@ impl<'ns, T: Transport> Section<'ns, T> {
         self.generation
     }
 
-    /// Region offset of the section's memory.
+    /// Offset of the section's memory in the transport's region (over the device: in its
+    /// window).
     pub fn offset(&self) -> RegionOffset {
         self.offset
     }
@@ -737,7 +861,12 @@ impl<'ns, T: Transport> Section<'ns, T> {
     }
 
     /// Current size (read from the shared entry, clamped to the max size fixed at open).
+    /// Over the device: the size mapped for this handle, as the device last said (its open,
+    /// this handle's grows; `grow(size())` catches up with others' growth).
     pub fn size(&self) -> u64 {
+        if self.ns.device().is_some() {
+            return self.vouched_size().min(self.max_size);
+        }
         let off = self
             .ns
             .layout
@@ -748,13 +877,20 @@ impl<'ns, T: Transport> Section<'ns, T> {
     }
 
     /// Whether the section was deleted (its name is gone; it lives until the last close).
+    /// Over the device only a delete through this handle is known (a VM sees no entry).
     pub fn is_deleted(&self) -> bool {
+        if self.ns.device().is_some() {
+            return self.deleted.load(Ordering::Acquire);
+        }
         object::state(&self.ns.mem(), &self.ns.layout, self.slot)
             .ok()
             .is_none_or(|s| s != object_state::LIVE)
     }
 
-    fn check(&self, at: u64, len: usize) -> Result<u64, Error> {
+    fn check(&self, at: u64, len: usize, write: bool) -> Result<u64, Error> {
+        if write && !self.writable {
+            return Err(Status::AccessDenied.into());
+        }
         // After a reclaim the memory may belong to another section: never write it then.
         self.ns.attached()?;
         if self.is_revoked() {
@@ -772,13 +908,13 @@ impl<'ns, T: Transport> Section<'ns, T> {
 
     /// Copies `buf.len()` bytes at `at` out of the section.
     pub fn read_at(&self, at: u64, buf: &mut [u8]) -> Result<(), Error> {
-        let off = self.check(at, buf.len())?;
+        let off = self.check(at, buf.len(), false)?;
         Ok(self.ns.mem().read_bytes(off, buf)?)
     }
 
     /// Copies `data` into the section at `at`.
     pub fn write_at(&self, at: u64, data: &[u8]) -> Result<(), Error> {
-        let off = self.check(at, data.len())?;
+        let off = self.check(at, data.len(), true)?;
         Ok(self.ns.mem().write_bytes(off, data)?)
     }
 
@@ -829,19 +965,27 @@ impl<'ns, T: Transport> Section<'ns, T> {
     /// Deletes the section (LSA DeleteSharedMemory): its name disappears now, its memory is
     /// freed when the last handle closes. This handle stays usable until closed.
     pub fn delete(&self) -> Result<(), Error> {
-        self.ns.delete_object(self.slot, self.generation)
+        self.ns.delete_object(self.slot, self.generation)?;
+        self.deleted.store(true, Ordering::Release);
+        Ok(())
     }
 
-    /// Another handle on the same section (works on a deleted section too).
+    /// Another handle on the same section (works on a deleted section too). Over the
+    /// device: STATUS_NOT_SUPPORTED (a VM opens by name; open the name again).
     pub fn duplicate(&self) -> Result<Section<'ns, T>, Error> {
+        if self.ns.device().is_some() {
+            return Err(Status::NotSupported.into());
+        }
         let info = self.ns.hold(self.slot, self.generation, true)?;
-        Ok(self.ns.section(&info))
+        let mut held = Held::from_entry(&info);
+        held.writable = self.writable;
+        Ok(self.ns.section(&held))
     }
 
     /// Closes the handle, reporting errors (dropping closes too, silently).
     pub fn close(mut self) -> Result<(), Error> {
         self.open = false;
-        self.ns.release(self.slot, self.generation)
+        self.ns.release(self.slot, self.generation, self.handle)
     }
 
     /// Whether the section was destroyed behind this process's back (someone cleared its
@@ -855,7 +999,7 @@ impl<'ns, T: Transport> Section<'ns, T> {
 impl<T: Transport> Drop for Section<'_, T> {
     fn drop(&mut self) {
         if self.open {
-            let _ = self.ns.release(self.slot, self.generation);
+            let _ = self.ns.release(self.slot, self.generation, self.handle);
         }
     }
 }

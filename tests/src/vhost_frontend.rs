@@ -418,6 +418,13 @@ pub fn named(op: u32, name: &str, flags: u32) -> Request {
     r
 }
 
+/// OPEN of `name`, an object of `kind` (0: any kind).
+pub fn open_of(kind: u32, name: &str) -> Request {
+    let mut r = named(vshm_format::virtio::OP_OPEN, name, 0);
+    r.kind = kind;
+    r
+}
+
 /// A response's `map_flags` (docs/VHOST-USER.md §5).
 pub fn map_flags(r: &Response) -> u32 {
     let b = bytes_of(r);

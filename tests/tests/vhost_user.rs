@@ -13,14 +13,15 @@ use vshm_backend::vhost_user::device::{
     MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, OP_RESET, OP_SIGNAL, OP_WAIT, VSHM_F_EVENTQ,
 };
 use vshm_backend::vhost_user::{self, DeviceConfig, Local};
-use vshm_format::layout::{kind, Layout};
+use vshm_format::layout::{kind, object_flags, Layout};
 use vshm_format::mailbox::Command;
 use vshm_format::shm::SharedMemory;
 use vshm_format::virtio::{
-    ListRecord, EVENT_CHANGED, EVENT_DELETED, EVENT_SIGNALLED, LIST_MANUAL_RESET,
+    HandleFields, ListRecord, EVENT_CHANGED, EVENT_DELETED, EVENT_SIGNALLED, LIST_MANUAL_RESET,
+    WAIT_SINCE,
 };
 use vshm_format::{PeerId, Status};
-use vshm_tests::vhost_frontend::{map_flags, named, Vmm};
+use vshm_tests::vhost_frontend::{map_flags, named, open_of, Vmm};
 use vshm_tests::{wait_for, watchdog, Backend, TempDir};
 
 const WINDOW: u64 = 1 << 20;
@@ -426,7 +427,7 @@ impl InProcess {
 
     /// The VM opens `name`.
     fn vm_opens(&mut self, name: &str) -> vshm_format::layout::Response {
-        let r = self.vm().request(&named(OP_OPEN, name, 0));
+        let r = self.vm().request(&open_of(0, name));
         assert_eq!(r.status, Status::Success.code(), "open {name}");
         r
     }
@@ -787,7 +788,7 @@ fn an_ivshmem_peers_signal_completes_a_vms_wait_and_reaches_its_event_queue_thro
             .create_event(Some("bell"), &vshm::EventOptions::default())
             .expect("event");
         let mut vm = Vmm::connect(&vpath);
-        let e = vm.request(&named(OP_OPEN, "bell", 0));
+        let e = vm.request(&open_of(kind::EVENT, "bell"));
         assert_eq!(e.status, Status::Success.code());
         vm.post_event_buffers(4, 24);
         let w = vm.post(&on(OP_WAIT, &e, 0));
@@ -855,7 +856,7 @@ fn a_wait_whose_timer_and_signal_arrive_together_leaves_the_device_answering() {
             "the OPEN is answered"
         );
         t.vm().recorder.lock().expect("recorder").map_delay = None;
-        let again = t.vm().post(&named(OP_OPEN, "ev", 0));
+        let again = t.vm().post(&open_of(kind::EVENT, "ev"));
         let r = t
             .vm()
             .answer_within(again, limit)
@@ -921,7 +922,60 @@ fn a_stopped_request_queue_drops_its_pending_waits_and_a_later_signal_stays_with
         // The signal was not taken by the dropped WAIT: the next waiter gets it at once.
         let taken = t
             .local
-            .with(|a| a.proxy_wait(HOST, 1 << 40, ev.slot, ev.generation));
+            .with(|a| a.proxy_wait(HOST, 1 << 40, ev.slot, ev.generation, None));
         assert_eq!(taken.map(|(s, _)| s), Some(Status::Success));
+    });
+}
+
+#[test]
+fn an_open_names_the_objects_kind_flags_and_change_count_and_refuses_another_kind_than_asked() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        let sec = t.host_creates("sec", kind::SECTION, false);
+        t.host_creates("manual", kind::EVENT, true);
+        for _ in 0..3 {
+            t.local
+                .with(|a| a.proxy_signal(HOST, sec.slot, sec.generation));
+        }
+        let s = t.vm().request(&open_of(kind::SECTION, "sec"));
+        assert_eq!(s.status, Status::Success.code());
+        let f = HandleFields::read(&s);
+        assert_eq!((f.kind, f.change_count), (kind::SECTION, 3), "{f:?}");
+        assert_eq!(f.map_flags, MAP_WRITABLE);
+        let m = t.vm().request(&open_of(0, "manual"));
+        let f = HandleFields::read(&m);
+        assert_eq!(f.kind, kind::EVENT, "kind 0 opens any kind");
+        assert_ne!(f.object_flags & object_flags::MANUAL_RESET, 0, "{f:?}");
+
+        // Another kind than asked: refused, and nothing mapped or held for it.
+        let maps = t.vm().recorder.lock().expect("recorder").maps.len();
+        let wrong = t.vm().request(&open_of(kind::EVENT, "sec"));
+        assert_eq!(wrong.status, Status::InvalidHandle.code());
+        assert_eq!(t.vm().recorder.lock().expect("recorder").maps.len(), maps);
+        t.disconnect();
+    });
+}
+
+#[test]
+fn a_wait_since_a_change_count_the_section_has_passed_completes_at_once_and_otherwise_waits() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        let sec = t.host_creates("sec", kind::SECTION, false);
+        let s = t.vm_opens("sec");
+        let seen = HandleFields::read(&s).change_count;
+        // A change between the open and the WAIT is not lost.
+        t.local
+            .with(|a| a.proxy_signal(HOST, sec.slot, sec.generation));
+        let mut since = on(OP_WAIT, &s, 5_000);
+        since.flags = WAIT_SINCE;
+        since.max_size = seen;
+        let r = t.vm().request(&since);
+        assert_eq!(r.status, Status::Success.code());
+        assert_eq!(r.size, seen + 1, "the count it completed at");
+        // Since the count it has now: no change, so the timeout.
+        since.max_size = r.size;
+        since.size = 100;
+        assert_eq!(t.vm().request(&since).status, Status::Timeout.code());
+        t.disconnect();
     });
 }

@@ -22,7 +22,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use vshm_format::layout::{
-    refcell, Layout, Superblock, FORMAT_VERSION, LEASE_CLOSED, OBJ_LEASE_OFF, SB_VERSION_OFF,
+    object_flags, refcell, Layout, Superblock, FORMAT_VERSION, LEASE_CLOSED, OBJ_LEASE_OFF,
+    SB_VERSION_OFF,
 };
 use vshm_format::shm::{bytes_of, Fault, SharedMemory};
 use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
@@ -133,6 +134,23 @@ pub struct Record {
     /// The creator's slot and when the host set its holder bit, until the creator takes
     /// its hold (see `quarantine::expire_unclaimed`).
     pub unclaimed: Option<(PeerSlot, std::time::Instant)>,
+}
+
+impl Record {
+    /// The `object_flags` its entry publishes.
+    pub fn published_flags(&self) -> u32 {
+        let mut f = 0;
+        if self.persistent {
+            f |= object_flags::PERSISTENT;
+        }
+        if self.name.is_some() {
+            f |= object_flags::NAMED;
+        }
+        if self.manual_reset {
+            f |= object_flags::MANUAL_RESET;
+        }
+        f
+    }
 }
 
 #[derive(Debug, Clone, Default)]

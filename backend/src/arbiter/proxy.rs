@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use vshm_format::layout::{holder_bit, LEASE_CLOSED};
 use vshm_format::lease::close_if_unheld;
 use vshm_format::mailbox::Command;
-use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset, Status};
+use vshm_format::{sync, Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset, Status};
 
 use super::reclaim::Release;
 use super::{Arbiter, Backing, ConnectError};
@@ -37,6 +37,10 @@ pub struct ProxyHold {
     pub max_size: u64,
     /// The request created it (else it existed: STATUS_OBJECT_NAME_EXISTS).
     pub created: bool,
+    /// `vshm_format::layout::object_flags` as its entry publishes them.
+    pub flags: u32,
+    /// Its change count (`signal_seq`) now.
+    pub change_count: u64,
 }
 
 impl<M: Backing> Arbiter<M> {
@@ -120,6 +124,8 @@ impl<M: Backing> Arbiter<M> {
             size: r.size,
             max_size: r.max_size,
             created,
+            flags: r.published_flags(),
+            change_count: sync::signal_seq(&self.mem, &self.layout, slot).unwrap_or(0),
         })
     }
 

@@ -182,6 +182,7 @@ impl<M: Backing> Arbiter<M> {
         id: u64,
         slot: ObjectSlot,
         generation: Generation,
+        seen: Option<u64>,
     ) -> Option<(Status, u64)> {
         let Ok(s) = self.proxy_slot_of(peer_id) else {
             return Some((Status::InvalidHandle, 0));
@@ -196,6 +197,10 @@ impl<M: Backing> Arbiter<M> {
         // Asks to be rung before it looks (FORMAT.md §6a: no wake-up is lost).
         let _ = sync::register_waiter(&self.mem, &self.layout, slot, s);
         let since = self.seq_of(slot);
+        // A section that changed since the count the VM saw last: that change is the news.
+        if k == Some(kind::SECTION) && seen.is_some_and(|c| c != since) {
+            return Some((Status::Success, since));
+        }
         if k == Some(kind::EVENT) && self.proxy_try_take(slot) {
             return Some((Status::Success, since));
         }

@@ -232,9 +232,10 @@ impl Arbitration for Bridge {
         id: u64,
         slot: ObjectSlot,
         generation: Generation,
+        seen: Option<u64>,
     ) -> Option<(Status, u64)> {
         self.call_or_undo(
-            move |h| h.arbiter().proxy_wait(vm, id, slot, generation),
+            move |h| h.arbiter().proxy_wait(vm, id, slot, generation, seen),
             move |h, late| match late {
                 // Nobody will hear of it: take it back, and an event it took is set again.
                 None => {

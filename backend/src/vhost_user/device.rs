@@ -36,8 +36,8 @@ use super::{config_bytes, Arbitration, DeviceConfig, Notices};
 use crate::arbiter::ProxyHold;
 
 use vshm_format::virtio::{
-    ListRecord, EVENT_BYTES, EVENT_QUEUE, LIST_RECORD_HEAD, REQUEST_QUEUE, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    HandleFields, ListRecord, EVENT_BYTES, EVENT_QUEUE, LIST_RECORD_HEAD, REQUEST_QUEUE,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, WAIT_SINCE,
 };
 pub use vshm_format::virtio::{
     MAP_WRITABLE, MAX_HANDLES, OPEN_READ_ONLY, OP_CLOSE, OP_LIST, OP_OPEN, OP_RESET, OP_SIGNAL,
@@ -312,6 +312,11 @@ impl VshmDevice {
             Err(e) => return mailbox::status_response(e.status()),
         };
         match self.arbitration.open(vm, name) {
+            // A name of another kind than the one asked for (0: any) is not a handle on it.
+            Ok(hold) if req.kind != 0 && hold.kind != req.kind => {
+                let _ = self.arbitration.close(vm, hold.slot, hold.generation);
+                mailbox::status_response(Status::InvalidHandle)
+            }
             Ok(hold) => self.map(vm, hold, req.flags & OPEN_READ_ONLY == 0, Status::Success),
             Err(status) => mailbox::status_response(status),
         }
@@ -376,9 +381,13 @@ impl VshmDevice {
         r.offset = key;
         r.size = hold.size;
         r.max_size = hold.max_size;
-        let flags = if writable { MAP_WRITABLE } else { 0 };
-        bytes_of_mut(&mut r)[RESP_MAP_FLAGS_OFF..RESP_MAP_FLAGS_OFF + 4]
-            .copy_from_slice(&flags.to_le_bytes());
+        HandleFields {
+            map_flags: if writable { MAP_WRITABLE } else { 0 },
+            kind: hold.kind,
+            object_flags: hold.flags,
+            change_count: hold.change_count,
+        }
+        .write(&mut r);
         r
     }
 
@@ -507,7 +516,8 @@ impl VshmDevice {
         let id = self.next_wait;
         let slot = ObjectSlot(req.slot);
         let generation = Generation(req.generation);
-        if let Some((status, seq)) = self.arbitration.wait(vm, id, slot, generation) {
+        let seen = (req.flags & WAIT_SINCE != 0).then_some(req.max_size);
+        if let Some((status, seq)) = self.arbitration.wait(vm, id, slot, generation, seen) {
             return Some(wait_response(status, req.slot, req.generation, seq));
         }
         let deadline =

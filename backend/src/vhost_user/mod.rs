@@ -187,13 +187,15 @@ pub trait Arbitration: std::fmt::Debug + Send + Sync {
     fn request(&self, vm: PeerId, req: &Request) -> Response;
     /// SIGNAL (`reset` false) or RESET (`reset` true) an object the VM holds.
     fn signal(&self, vm: PeerId, slot: ObjectSlot, generation: Generation, reset: bool) -> Status;
-    /// WAIT `id`: its answer now, or `None` (it comes through the VM's notices).
+    /// WAIT `id`: its answer now, or `None` (it comes through the VM's notices). `seen`:
+    /// the section change count the VM saw last (a section that differs answers at once).
     fn wait(
         &self,
         vm: PeerId,
         id: u64,
         slot: ObjectSlot,
         generation: Generation,
+        seen: Option<u64>,
     ) -> Option<(Status, u64)>;
     /// WAIT `id` timed out: `true` if it was taken back, `false` if it completed already.
     fn cancel_wait(&self, vm: PeerId, id: u64) -> bool;
@@ -288,8 +290,9 @@ impl Arbitration for Local {
         id: u64,
         slot: ObjectSlot,
         generation: Generation,
+        seen: Option<u64>,
     ) -> Option<(Status, u64)> {
-        self.with(|a| a.proxy_wait(vm, id, slot, generation))
+        self.with(|a| a.proxy_wait(vm, id, slot, generation, seen))
     }
     fn cancel_wait(&self, vm: PeerId, id: u64) -> bool {
         self.with(|a| a.proxy_cancel_wait(vm, id))

@@ -48,6 +48,42 @@ pub struct ObjectInfo {
 }
 
 impl ObjectInfo {
+    /// A LIVE object as something other than its entry describes it (the vshm device's
+    /// reply to an OPEN: a VM sees no entries). `name` must be valid (else it is dropped
+    /// and the object described as unnamed); `creator` is unknown (0).
+    #[allow(clippy::too_many_arguments)] // one per field a reply carries
+    pub fn described(
+        slot: ObjectSlot,
+        generation: Generation,
+        kind: u32,
+        flags: u32,
+        offset: RegionOffset,
+        size: u64,
+        max_size: u64,
+        name: Option<&str>,
+    ) -> ObjectInfo {
+        let mut info = ObjectInfo {
+            slot,
+            generation,
+            state: object_state::LIVE,
+            kind,
+            offset,
+            size,
+            max_size,
+            flags: flags & !object_flags::NAMED,
+            creator: 0,
+            name_len: 0,
+            name: [0; MAX_NAME_BYTES],
+        };
+        let valid = name.filter(|n| validate_name_bytes(n.as_bytes()).is_ok());
+        if let Some((n, len)) = valid.and_then(|n| Some((n, u32::try_from(n.len()).ok()?))) {
+            info.name[..n.len()].copy_from_slice(n.as_bytes());
+            info.name_len = len;
+            info.flags |= object_flags::NAMED;
+        }
+        info
+    }
+
     /// The name, `None` for an unnamed object.
     pub fn name(&self) -> Option<&str> {
         if self.flags & object_flags::NAMED == 0 {

@@ -52,6 +52,67 @@ pub const MAX_HANDLES: usize = 4096;
 pub const RESP_MAP_FLAGS_OFF: usize = 72;
 /// `map_flags` bit: the mapping is writable.
 pub const MAP_WRITABLE: u32 = 1;
+/// Byte of an OPEN/CREATE response holding `le32 kind` (`crate::layout::kind`) of the
+/// object the handle is on.
+pub const RESP_KIND_OFF: usize = 76;
+/// Byte of an OPEN/CREATE response holding `le32 object_flags`
+/// (`crate::layout::object_flags`: PERSISTENT, NAMED, MANUAL_RESET).
+pub const RESP_OBJECT_FLAGS_OFF: usize = 80;
+/// Byte of an OPEN/CREATE response holding `le64 change_count`: the object's `signal_seq`
+/// when the handle was made (what a later WAIT with [`WAIT_SINCE`] compares against).
+pub const RESP_CHANGE_COUNT_OFF: usize = 88;
+/// Request flag (bit 9 of `flags`) of WAIT: `max_size` is the change count the driver has
+/// seen; a WAIT on a section whose count differs already completes at once (no change
+/// between two WAITs is lost).
+pub const WAIT_SINCE: u32 = 1 << 9;
+
+/// The handle fields an OPEN/CREATE response carries past the mailbox's (§5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandleFields {
+    /// `map_flags` ([`MAP_WRITABLE`]).
+    pub map_flags: u32,
+    /// The object's kind.
+    pub kind: u32,
+    /// The object's flags.
+    pub object_flags: u32,
+    /// The object's change count at the open.
+    pub change_count: u64,
+}
+
+impl HandleFields {
+    /// Reads them out of a response.
+    pub fn read(resp: &crate::layout::Response) -> HandleFields {
+        let b = crate::shm::bytes_of(resp);
+        let le32 = |at: usize| {
+            let mut w = [0u8; 4];
+            w.copy_from_slice(&b[at..at + 4]);
+            u32::from_le_bytes(w)
+        };
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[RESP_CHANGE_COUNT_OFF..RESP_CHANGE_COUNT_OFF + 8]);
+        HandleFields {
+            map_flags: le32(RESP_MAP_FLAGS_OFF),
+            kind: le32(RESP_KIND_OFF),
+            object_flags: le32(RESP_OBJECT_FLAGS_OFF),
+            change_count: u64::from_le_bytes(w),
+        }
+    }
+
+    /// Writes them into a response.
+    pub fn write(&self, resp: &mut crate::layout::Response) {
+        let b = crate::shm::bytes_of_mut(resp);
+        b[RESP_MAP_FLAGS_OFF..RESP_MAP_FLAGS_OFF + 4]
+            .copy_from_slice(&self.map_flags.to_le_bytes());
+        b[RESP_KIND_OFF..RESP_KIND_OFF + 4].copy_from_slice(&self.kind.to_le_bytes());
+        b[RESP_OBJECT_FLAGS_OFF..RESP_OBJECT_FLAGS_OFF + 4]
+            .copy_from_slice(&self.object_flags.to_le_bytes());
+        b[RESP_CHANGE_COUNT_OFF..RESP_CHANGE_COUNT_OFF + 8]
+            .copy_from_slice(&self.change_count.to_le_bytes());
+    }
+}
+const _: () = assert!(RESP_CHANGE_COUNT_OFF + 8 <= core::mem::size_of::<crate::layout::Response>());
+const _: () =
+    assert!(core::mem::offset_of!(crate::layout::Response, reserved) == RESP_MAP_FLAGS_OFF);
 /// Bytes of a request a driver places in the chain's readable buffers.
 pub const REQUEST_BYTES: usize = core::mem::size_of::<Request>();
 
