@@ -28,6 +28,9 @@ use vshm_format::{PeerId, RegionOffset};
 
 use crate::{Transport, TransportError};
 
+#[cfg(feature = "vhost-user")]
+pub mod vhost_user;
+
 /// Failure to connect to vshmd.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {

@@ -8,7 +8,9 @@
 //!
 //! The crate is `no_std` without its default `std` feature: the namespace logic runs in a
 //! kernel driver or an RTOS given a [`Transport`]. With `std` it adds [`host::HostTransport`]
-//! (a host process speaking the ivshmem client protocol to vshmd).
+//! (a host process speaking the ivshmem client protocol to vshmd); with `vhost-user` (not
+//! default) also `host::vhost_user::VhostUserTransport`, a host process as its own
+//! frontend and driver of the vshm virtio device (a [`DeviceTransport`]).
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
 

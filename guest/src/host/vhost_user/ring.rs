@@ -1,0 +1,467 @@
+//! The request queue (queue 0) as this process drives it: a split virtqueue in a small
+//! "guest memory" memfd shared with vshmd, and the request slots its chains point at.
+//!
+//! Guest memory (at guest-physical address [`GPA`]):
+//!
+//! | offset | what |
+//! |---|---|
+//! | 0x0000 | descriptor table ([`QUEUE_SIZE`] × 16 bytes) |
+//! | 0x1000 | available ring |
+//! | 0x2000 | used ring |
+//! | 0x4000 | [`SLOTS`] request slots of 0x800 bytes: the 1280-byte request, then the 768-byte response |
+//! | 0x2_0000 | LIST's records area ([`LIST_ROOM`] bytes, one LIST at a time) |
+//!
+//! Slot `i` owns descriptors `3i` (request, device-readable), `3i+1` (response,
+//! device-writable) and `3i+2` (LIST's records, device-writable), so a chain's head names
+//! its slot. A slot is taken when its chain is posted and given back only when the device
+//! has returned the chain on the used ring: a caller that stopped waiting leaves it
+//! abandoned until then, so a late answer never lands in another request's buffers.
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::Ordering;
+
+use vhost::VhostUserMemoryRegionInfo;
+use vshm_format::layout::{Request, Response};
+use vshm_format::shm::{bytes_of, bytes_of_mut, zeroed, RawRegion, SharedMemory};
+
+use crate::host::Mapping;
+use crate::TransportError;
+
+/// Guest-physical address of the guest memory (any address: only descriptors use it).
+pub(super) const GPA: u64 = 0x10_0000;
+/// Entries of the request queue.
+pub(super) const QUEUE_SIZE: u16 = 128;
+/// Request slots (three descriptors each).
+pub(super) const SLOTS: usize = (QUEUE_SIZE / 3) as usize;
+const DESC: u64 = 0x0000;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+const SLOT_BASE: u64 = 0x4000;
+const SLOT_BYTES: u64 = 0x800;
+const LIST_AREA: u64 = 0x2_0000;
+/// Bytes of the guest memory.
+pub(super) const GUEST_BYTES: u64 = 4 << 20;
+/// The most room a LIST gets for its records (the rest of the guest memory).
+pub(super) const LIST_ROOM: u32 = (4 << 20) - 0x2_0000;
+const _: () = assert!(LIST_AREA + LIST_ROOM as u64 == GUEST_BYTES);
+
+const REQUEST_BYTES: u64 = core::mem::size_of::<Request>() as u64;
+const RESPONSE_BYTES: u64 = core::mem::size_of::<Response>() as u64;
+const _: () = assert!(REQUEST_BYTES + RESPONSE_BYTES <= SLOT_BYTES);
+const _: () = assert!(SLOT_BASE + SLOTS as u64 * SLOT_BYTES <= LIST_AREA);
+const _: () = assert!(DESC + 16 * QUEUE_SIZE as u64 <= AVAIL);
+const _: () = assert!(AVAIL + 6 + 2 * QUEUE_SIZE as u64 <= USED);
+const _: () = assert!(USED + 6 + 8 * QUEUE_SIZE as u64 <= SLOT_BASE);
+
+const VIRTQ_DESC_F_NEXT: u16 = 1;
+const VIRTQ_DESC_F_WRITE: u16 = 2;
+
+/// A lock poisoned by a panicking thread, or guest memory that cannot be reached (never,
+/// with the layout's constant offsets): an I/O error.
+pub(super) const EIO: TransportError = TransportError::Os(libc::EIO);
+/// The device broke the protocol (an answer that cannot be one).
+pub(super) const EPROTO: TransportError = TransportError::Os(libc::EPROTO);
+
+/// A fresh memfd, close-on-exec.
+pub(super) fn memfd(name: &CStr) -> io::Result<File> {
+    // SAFETY: memfd_create with a valid NUL-terminated name and flags; the result is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just created, owned by nothing else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// The guest memory: a memfd mapped here and given to vshmd with SET_MEM_TABLE.
+#[derive(Debug)]
+pub(super) struct GuestMemory {
+    file: File,
+    map: Mapping,
+}
+
+impl GuestMemory {
+    /// A zeroed guest memory of [`GUEST_BYTES`].
+    pub(super) fn new() -> io::Result<GuestMemory> {
+        let file = memfd(c"vshm-vhost-user-queue")?;
+        file.set_len(GUEST_BYTES)?;
+        let map = Mapping::new(&file, GUEST_BYTES)?;
+        Ok(GuestMemory { file, map })
+    }
+
+    /// The memory, for the ring's accesses.
+    pub(super) fn region(&self) -> RawRegion<'_> {
+        self.map.region()
+    }
+
+    /// This process's address of guest offset `offset` (SET_VRING_ADDR takes them).
+    pub(super) fn host_address(&self, offset: u64) -> u64 {
+        self.map.region().base().as_ptr() as u64 + offset
+    }
+
+    /// The SET_MEM_TABLE entry (the fd stays ours; vhost sends a copy).
+    pub(super) fn table_entry(&self) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: GPA,
+            memory_size: GUEST_BYTES,
+            userspace_addr: self.host_address(0),
+            mmap_offset: 0,
+            mmap_handle: self.file.as_raw_fd(),
+        }
+    }
+}
+
+/// Where the rings are, as this process's addresses: (descriptors, available, used).
+pub(super) fn ring_addresses(mem: &GuestMemory) -> (u64, u64, u64) {
+    (
+        mem.host_address(DESC),
+        mem.host_address(AVAIL),
+        mem.host_address(USED),
+    )
+}
+
+/// One request slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Free,
+    /// Taken by a caller that is about to post it.
+    Taken,
+    /// Posted with this `req_seq`; its caller waits.
+    Posted {
+        seq: u64,
+    },
+    /// The device returned it with `len` bytes written; its caller has not looked yet.
+    Answered {
+        seq: u64,
+        len: u32,
+    },
+    /// Posted, and its caller stopped waiting: freed when the device returns it.
+    Abandoned,
+}
+
+/// What a caller's slot holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Progress {
+    /// No answer yet.
+    Pending,
+    /// Answered: the response was read (and the slot given back).
+    Answered,
+}
+
+/// The driver's side of the request queue: which slots are in use and how far the rings
+/// have gone. Lives under the transport's mutex.
+#[derive(Debug)]
+pub(super) struct Queue {
+    slots: [Slot; SLOTS],
+    /// The slot whose chain has the LIST area, if any.
+    list_holder: Option<usize>,
+    next_avail: u16,
+    last_used: u16,
+    next_seq: u64,
+    /// The backend hung up: every pending and later call fails.
+    pub(super) gone: bool,
+}
+
+impl Queue {
+    pub(super) fn new() -> Queue {
+        Queue {
+            slots: [Slot::Free; SLOTS],
+            list_holder: None,
+            next_avail: 0,
+            last_used: 0,
+            next_seq: 1,
+            gone: false,
+        }
+    }
+
+    /// A free slot (with the LIST area too if `list`), taken; `None` when every slot (or
+    /// the LIST area) is in use.
+    pub(super) fn take_slot(&mut self, list: bool) -> Option<usize> {
+        if list && self.list_holder.is_some() {
+            return None;
+        }
+        let i = self.slots.iter().position(|s| *s == Slot::Free)?;
+        self.slots[i] = Slot::Taken;
+        if list {
+            self.list_holder = Some(i);
+        }
+        Some(i)
+    }
+
+    /// Gives back a slot that was never posted.
+    pub(super) fn untake(&mut self, slot: usize) {
+        self.free(slot);
+    }
+
+    fn free(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            *s = Slot::Free;
+        }
+        if self.list_holder == Some(slot) {
+            self.list_holder = None;
+        }
+    }
+
+    /// The caller of `slot` stops waiting: the slot is freed when the device returns it.
+    pub(super) fn abandon(&mut self, slot: usize) {
+        match self.slots.get(slot) {
+            Some(Slot::Posted { .. }) => self.slots[slot] = Slot::Abandoned,
+            // Answered in the meantime, or never posted: nothing is in flight.
+            Some(Slot::Answered { .. } | Slot::Taken) => self.free(slot),
+            _ => {}
+        }
+    }
+
+    /// Writes `req` (with a fresh `req_seq`) into `slot` and makes its chain available:
+    /// request, response and, with `room` > 0, `room` bytes of the LIST area (the caller
+    /// took the slot with it). The caller kicks afterwards. Returns the `req_seq`.
+    pub(super) fn post(
+        &mut self,
+        mem: &RawRegion<'_>,
+        slot: usize,
+        req: &Request,
+        room: u32,
+    ) -> Result<u64, TransportError> {
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1).max(1);
+        let mut req = *req;
+        req.req_seq = seq;
+        let at = slot_offset(slot);
+        let head = head_of(slot);
+        mem.write_bytes(at, bytes_of(&req)).map_err(|_| EIO)?;
+        // A response the device never writes reads as zero (and fails the checks).
+        mem.zero(at + REQUEST_BYTES, RESPONSE_BYTES)
+            .map_err(|_| EIO)?;
+        let list = room > 0 && self.list_holder == Some(slot);
+        let resp_flags = VIRTQ_DESC_F_WRITE | if list { VIRTQ_DESC_F_NEXT } else { 0 };
+        write_desc(mem, head, at, REQUEST_BYTES, VIRTQ_DESC_F_NEXT, head + 1)?;
+        write_desc(
+            mem,
+            head + 1,
+            at + REQUEST_BYTES,
+            RESPONSE_BYTES,
+            resp_flags,
+            head + 2,
+        )?;
+        if list {
+            write_desc(
+                mem,
+                head + 2,
+                LIST_AREA,
+                u64::from(room),
+                VIRTQ_DESC_F_WRITE,
+                0,
+            )?;
+        }
+        let entry = AVAIL + 4 + 2 * u64::from(self.next_avail % QUEUE_SIZE);
+        mem.write_bytes(entry, &head.to_le_bytes())
+            .map_err(|_| EIO)?;
+        self.next_avail = self.next_avail.wrapping_add(1);
+        // flags (0: interrupts wanted) and idx in one word, after everything above.
+        let word = u32::from(self.next_avail) << 16;
+        mem.store_u32(AVAIL, word.to_le(), Ordering::Release)
+            .map_err(|_| EIO)?;
+        self.slots[slot] = Slot::Posted { seq };
+        Ok(seq)
+    }
+
+    /// Reads the used ring's new entries and marks the slots they return answered (or
+    /// frees abandoned ones). Entries that name no posted chain are ignored: the device is
+    /// another process, and one that misbehaves gets nothing from it. Returns whether
+    /// anything changed.
+    pub(super) fn reap(&mut self, mem: &RawRegion<'_>) -> Result<bool, TransportError> {
+        let word = u32::from_le(mem.load_u32(USED, Ordering::Acquire).map_err(|_| EIO)?);
+        let idx = u16::try_from(word >> 16).unwrap_or(0);
+        let mut changed = false;
+        while self.last_used != idx {
+            let entry = USED + 4 + 8 * u64::from(self.last_used % QUEUE_SIZE);
+            let mut e = [0u8; 8];
+            mem.read_bytes(entry, &mut e).map_err(|_| EIO)?;
+            self.last_used = self.last_used.wrapping_add(1);
+            let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+            let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+            let Some(slot) = slot_of(id) else {
+                continue;
+            };
+            match self.slots[slot] {
+                Slot::Posted { seq } => self.slots[slot] = Slot::Answered { seq, len },
+                Slot::Abandoned => self.free(slot),
+                Slot::Free | Slot::Taken | Slot::Answered { .. } => continue,
+            }
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Whether `slot` was answered; if so reads its response (checked: the whole response
+    /// written, for this request) and LIST's records into `records`, and gives the slot
+    /// back.
+    pub(super) fn collect(
+        &mut self,
+        mem: &RawRegion<'_>,
+        slot: usize,
+        records: &mut [u8],
+    ) -> Result<Option<Response>, TransportError> {
+        let Some(&Slot::Answered { seq, len }) = self.slots.get(slot) else {
+            return Ok(None);
+        };
+        let list = self.list_holder == Some(slot);
+        self.free(slot);
+        let len = u64::from(len);
+        if len < RESPONSE_BYTES {
+            return Err(EPROTO);
+        }
+        let mut resp: Response = zeroed();
+        mem.read_bytes(slot_offset(slot) + REQUEST_BYTES, bytes_of_mut(&mut resp))
+            .map_err(|_| EIO)?;
+        if resp.resp_seq != seq {
+            return Err(EPROTO);
+        }
+        if list {
+            // What the device says it wrote, within what it could have written.
+            let wrote = usize::try_from(len - RESPONSE_BYTES).unwrap_or(usize::MAX);
+            let said = usize::try_from(resp.size).unwrap_or(usize::MAX);
+            let room = usize::try_from(LIST_ROOM).unwrap_or(usize::MAX);
+            let n = wrote.min(said).min(records.len()).min(room);
+            mem.read_bytes(LIST_AREA, &mut records[..n])
+                .map_err(|_| EIO)?;
+        }
+        Ok(Some(resp))
+    }
+
+    /// Where `slot`'s caller stands.
+    pub(super) fn progress(&self, slot: usize) -> Progress {
+        match self.slots.get(slot) {
+            Some(Slot::Answered { .. }) => Progress::Answered,
+            _ => Progress::Pending,
+        }
+    }
+}
+
+fn slot_offset(slot: usize) -> u64 {
+    SLOT_BASE + slot as u64 * SLOT_BYTES
+}
+
+/// The head descriptor of `slot`'s chain.
+fn head_of(slot: usize) -> u16 {
+    // SLOTS * 3 ≤ QUEUE_SIZE, so this fits; a slot index past SLOTS is never made.
+    u16::try_from(slot * 3).unwrap_or(0)
+}
+
+/// The slot whose chain starts at `head`, if `head` is one.
+fn slot_of(head: u32) -> Option<usize> {
+    let head = usize::try_from(head).ok()?;
+    (head % 3 == 0 && head / 3 < SLOTS).then_some(head / 3)
+}
+
+fn write_desc(
+    mem: &RawRegion<'_>,
+    index: u16,
+    offset: u64,
+    len: u64,
+    flags: u16,
+    next: u16,
+) -> Result<(), TransportError> {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&(GPA + offset).to_le_bytes());
+    d[8..12].copy_from_slice(&u32::try_from(len).map_err(|_| EIO)?.to_le_bytes());
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.to_le_bytes());
+    mem.write_bytes(DESC + 16 * u64::from(index), &d)
+        .map_err(|_| EIO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plays the device: returns `head` with `len` bytes written, the response's
+    /// `resp_seq` = `seq`.
+    fn answer(mem: &RawRegion<'_>, head: u16, len: u32, seq: u64) {
+        let slot = usize::from(head / 3);
+        let at = slot_offset(slot) + REQUEST_BYTES;
+        mem.write_bytes(at, &seq.to_le_bytes()).expect("resp_seq");
+        let word = u32::from_le(mem.load_u32(USED, Ordering::Acquire).expect("used"));
+        let idx = u16::try_from(word >> 16).expect("idx");
+        let e = USED + 4 + 8 * u64::from(idx % QUEUE_SIZE);
+        let mut b = [0u8; 8];
+        b[0..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        b[4..8].copy_from_slice(&len.to_le_bytes());
+        mem.write_bytes(e, &b).expect("entry");
+        mem.store_u32(
+            USED,
+            (u32::from(idx.wrapping_add(1)) << 16).to_le(),
+            Ordering::Release,
+        )
+        .expect("idx");
+    }
+
+    #[test]
+    fn an_answer_reaches_its_own_slot_and_a_late_one_frees_an_abandoned_slot() {
+        let g = GuestMemory::new().expect("guest memory");
+        let mem = g.region();
+        let mut q = Queue::new();
+        let a = q.take_slot(false).expect("slot");
+        let b = q.take_slot(false).expect("slot");
+        let req: Request = zeroed();
+        let sa = q.post(&mem, a, &req, 0).expect("post");
+        let sb = q.post(&mem, b, &req, 0).expect("post");
+        assert_ne!(sa, sb);
+        // b answered first (out of order).
+        answer(&mem, head_of(b), 768, sb);
+        assert!(q.reap(&mem).expect("reap"));
+        assert_eq!(q.progress(a), Progress::Pending);
+        assert_eq!(q.progress(b), Progress::Answered);
+        let r = q.collect(&mem, b, &mut []).expect("ok").expect("answered");
+        assert_eq!(r.resp_seq, sb);
+        // a abandoned: its slot stays taken until the device returns it.
+        q.abandon(a);
+        let c = q.take_slot(false).expect("slot");
+        assert_ne!(c, a, "an abandoned slot is not reused");
+        answer(&mem, head_of(a), 768, sa);
+        assert!(q.reap(&mem).expect("reap"));
+        assert_eq!(q.take_slot(false), Some(a), "freed by its late answer");
+    }
+
+    #[test]
+    fn what_the_device_cannot_have_meant_is_ignored_or_refused() {
+        let g = GuestMemory::new().expect("guest memory");
+        let mem = g.region();
+        let mut q = Queue::new();
+        let a = q.take_slot(false).expect("slot");
+        let req: Request = zeroed();
+        let s = q.post(&mem, a, &req, 0).expect("post");
+        // Heads that are no chain's, or no posted chain's.
+        answer(&mem, 1, 768, s);
+        answer(&mem, QUEUE_SIZE + 3, 768, s);
+        answer(&mem, head_of(5), 768, s);
+        assert!(!q.reap(&mem).expect("reap"));
+        assert_eq!(q.progress(a), Progress::Pending);
+        // A short answer, then one for another request.
+        answer(&mem, head_of(a), 100, s);
+        q.reap(&mem).expect("reap");
+        assert_eq!(q.collect(&mem, a, &mut []), Err(EPROTO));
+        let a = q.take_slot(false).expect("slot");
+        let s = q.post(&mem, a, &req, 0).expect("post");
+        answer(&mem, head_of(a), 768, s + 7);
+        q.reap(&mem).expect("reap");
+        assert_eq!(q.collect(&mem, a, &mut []), Err(EPROTO));
+    }
+
+    #[test]
+    fn one_list_at_a_time_and_every_slot_can_be_taken_once() {
+        let mut q = Queue::new();
+        let l = q.take_slot(true).expect("list slot");
+        assert_eq!(q.take_slot(true), None, "the LIST area is taken");
+        q.untake(l);
+        assert!(q.take_slot(true).is_some());
+        let mut n = 1;
+        while q.take_slot(false).is_some() {
+            n += 1;
+        }
+        assert_eq!(n, SLOTS);
+    }
+}

@@ -1,0 +1,312 @@
+//! `vshm::host::vhost_user::VhostUserTransport`: a host process as its own vhost-user
+//! frontend and driver of the vshm device (docs/VHOST-USER.md), against a real
+//! `vshmd --vhost-user` beside an ivshmem host peer in one namespace. Driven straight
+//! through `DeviceTransport::call` with the device's requests.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vshm::format::layout::{kind, Request, Response};
+use vshm::format::mailbox;
+use vshm::format::shm::{bytes_of, zeroed, SharedMemory};
+use vshm::format::virtio::{
+    ListRecord, MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_LIST, OP_OPEN, OP_WAIT,
+    RESP_MAP_FLAGS_OFF,
+};
+use vshm::format::Status;
+use vshm::host::vhost_user::VhostUserTransport;
+use vshm::{CreateOptions, DeviceTransport, EventOptions, TransportError};
+use vshm_tests::{wait_for, watchdog, Backend};
+
+const LIMIT: Duration = Duration::from_secs(60);
+const ANSWER: Duration = Duration::from_secs(10);
+
+/// vshmd with a vhost-user socket (window `window`), once the socket is there.
+fn start(window: &str) -> (Backend, PathBuf) {
+    let (b, vpath) =
+        Backend::start_with_vhost_user(&["--size", "8M", "--vhost-user-window", window]);
+    assert!(
+        wait_for(Duration::from_secs(10), || vpath.exists()),
+        "the vhost-user socket is there"
+    );
+    (b, vpath)
+}
+
+fn connect(vpath: &Path) -> VhostUserTransport {
+    VhostUserTransport::connect(vpath).expect("connect to the vshm device")
+}
+
+/// `req` answered within [`ANSWER`].
+fn request(t: &VhostUserTransport, req: &Request) -> Response {
+    t.call(req, &mut [], ANSWER)
+        .expect("call")
+        .expect("an answer within 10 s")
+}
+
+/// CREATE of a section: 64 KiB reserved, 8 KiB now.
+fn create(name: &str) -> Request {
+    mailbox::create_request(Some(name), kind::SECTION, 64 << 10, 8 << 10, false)
+}
+
+/// A request naming `name` (OPEN).
+fn open(name: &str, flags: u32) -> Request {
+    let mut r = create(name);
+    r.op = OP_OPEN;
+    r.flags |= flags;
+    r
+}
+
+/// A request naming the object `resp` answered for.
+fn on(op: u32, resp: &Response, size: u64) -> Request {
+    let mut r: Request = zeroed();
+    r.op = op;
+    r.slot = resp.slot;
+    r.generation = resp.generation;
+    r.size = size;
+    r
+}
+
+/// CLOSE of the handle `resp` answered (named by its window offset).
+fn close(resp: &Response) -> Request {
+    on(OP_CLOSE, resp, resp.offset)
+}
+
+fn map_flags(r: &Response) -> u32 {
+    let b = bytes_of(r);
+    u32::from_le_bytes(
+        b[RESP_MAP_FLAGS_OFF..RESP_MAP_FLAGS_OFF + 4]
+            .try_into()
+            .expect("4 bytes"),
+    )
+}
+
+fn ok(r: &Response) {
+    assert_eq!(
+        Status::from_code(r.status),
+        Some(Status::Success),
+        "status {:#x}",
+        r.status
+    );
+}
+
+#[test]
+fn connecting_reports_the_window_vshmd_was_given() {
+    watchdog(LIMIT, || {
+        let (_b, vpath) = start("2M");
+        let t = connect(&vpath);
+        assert_eq!(t.window_size(), 2 << 20);
+        assert_eq!(t.config().window_size, 2 << 20);
+        assert_eq!(t.window().size(), 2 << 20);
+        assert!(t.read_only_supported());
+        let mut b = [1u8; 16];
+        t.window().read_bytes(0, &mut b).expect("read");
+        assert_eq!(b, [0; 16], "nothing mapped yet: zeroes");
+    });
+}
+
+#[test]
+fn a_created_section_is_shared_with_an_ivshmem_peer_both_ways_and_gone_from_the_window_after_close()
+{
+    watchdog(LIMIT, || {
+        let (b, vpath) = start("4M");
+        let host = b.connect();
+        let t = connect(&vpath);
+        let made = request(&t, &create("both ways"));
+        ok(&made);
+        assert_eq!(map_flags(&made), MAP_WRITABLE);
+        assert_eq!((made.size, made.max_size), (8 << 10, 64 << 10));
+        let w = t.window();
+        w.write_bytes(made.offset, b"from the device side")
+            .expect("write");
+
+        let sec = host.open("both ways").expect("the ivshmem peer opens it");
+        let mut got = [0u8; 20];
+        sec.read_at(0, &mut got).expect("read");
+        assert_eq!(&got, b"from the device side");
+        sec.write_at(4096 + 7, b"from the host").expect("write");
+        let mut back = [0u8; 13];
+        w.read_bytes(made.offset + 4096 + 7, &mut back)
+            .expect("read");
+        assert_eq!(&back, b"from the host");
+
+        ok(&request(&t, &close(&made)));
+        let mut after = [9u8; 20];
+        w.read_bytes(made.offset, &mut after).expect("read");
+        assert_eq!(after, [0; 20], "unmapped: zeroes");
+        w.read_bytes(made.offset + 4096 + 7, &mut back)
+            .expect("read");
+        assert_eq!(back, [0; 13]);
+        // The section lives on in the ivshmem peer.
+        sec.read_at(0, &mut got).expect("read");
+        assert_eq!(&got, b"from the device side");
+    });
+}
+
+#[test]
+fn a_read_only_open_is_mapped_read_only() {
+    watchdog(LIMIT, || {
+        let (b, vpath) = start("4M");
+        let host = b.connect();
+        let (sec, _) = host
+            .create(Some("look only"), &CreateOptions::new(16 << 10))
+            .expect("create");
+        sec.write_at(0, b"read me").expect("write");
+        let t = connect(&vpath);
+        let rw = request(&t, &open("look only", 0));
+        ok(&rw);
+        assert_eq!(map_flags(&rw), MAP_WRITABLE);
+        let ro = request(&t, &open("look only", OPEN_READ_ONLY));
+        ok(&ro);
+        assert_eq!(map_flags(&ro), 0, "read-only");
+        assert_ne!(ro.offset, rw.offset, "a mapping of its own");
+        let mut got = [0u8; 7];
+        t.window().read_bytes(ro.offset, &mut got).expect("read");
+        assert_eq!(&got, b"read me", "readable");
+    });
+}
+
+#[test]
+fn a_pending_wait_lets_other_threads_requests_complete_and_a_host_signal_completes_it() {
+    watchdog(LIMIT, || {
+        let (b, vpath) = start("4M");
+        let host = b.connect();
+        let (ev, _) = host
+            .create_event(Some("bell"), &EventOptions::default())
+            .expect("event");
+        let t = connect(&vpath);
+        let e = request(&t, &open("bell", 0));
+        ok(&e);
+        std::thread::scope(|sc| {
+            let waiter = sc.spawn(|| {
+                let started = Instant::now();
+                let r = t.call(&on(OP_WAIT, &e, 0), &mut [], Duration::from_secs(20));
+                (r, started.elapsed())
+            });
+            // Meanwhile, other requests are answered (several threads, many each).
+            let workers: Vec<_> = (0..3)
+                .map(|i| {
+                    let t = &t;
+                    sc.spawn(move || {
+                        for j in 0..10 {
+                            let name = format!("busy {i} {j}");
+                            let made = request(t, &create(&name));
+                            ok(&made);
+                            ok(&request(t, &close(&made)));
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.join().expect("worker");
+            }
+            assert!(!waiter.is_finished(), "the WAIT is still pending");
+            ev.signal().expect("signal");
+            let (r, took) = waiter.join().expect("waiter");
+            let r = r.expect("call").expect("the WAIT was answered");
+            ok(&r);
+            assert_eq!((r.slot, r.generation), (e.slot, e.generation));
+            assert!(took < Duration::from_secs(20));
+        });
+        // A WAIT that times out on the device's side, and one that times out on ours
+        // (its slot stays taken until the device answers it; others go on meanwhile).
+        let timed = request(&t, &on(OP_WAIT, &e, 50));
+        assert_eq!(Status::from_code(timed.status), Some(Status::Timeout));
+        let gave_up = t
+            .call(&on(OP_WAIT, &e, 300), &mut [], Duration::from_millis(20))
+            .expect("call");
+        assert!(gave_up.is_none(), "no answer within 20 ms");
+        ok(&request(&t, &open("bell", 0)));
+        std::thread::sleep(Duration::from_millis(400));
+        ok(&request(&t, &open("bell", 0)));
+    });
+}
+
+#[test]
+fn list_returns_records_of_the_names_it_may_open() {
+    watchdog(LIMIT, || {
+        let (b, vpath) = start("4M");
+        let host = b.connect();
+        let (_sec, _) = host
+            .create(Some("listed a"), &CreateOptions::new(4096))
+            .expect("create");
+        let (_ev, _) = host
+            .create_event(Some("listed b"), &EventOptions::default())
+            .expect("event");
+        let t = connect(&vpath);
+        let mut list: Request = zeroed();
+        list.op = OP_LIST;
+        let mut room = vec![0u8; 4096];
+        let r = t
+            .call(&list, &mut room, ANSWER)
+            .expect("call")
+            .expect("answered");
+        ok(&r);
+        assert_eq!(r.size, r.max_size, "everything fit");
+        let n = usize::try_from(r.size).expect("size");
+        let records: Vec<(String, u8)> = ListRecord::parse(&room[..n])
+            .map(|rec| (String::from_utf8_lossy(rec.name).into_owned(), rec.kind))
+            .collect();
+        assert_eq!(
+            records,
+            vec![
+                (
+                    "listed a".to_owned(),
+                    u8::try_from(kind::SECTION).expect("kind")
+                ),
+                (
+                    "listed b".to_owned(),
+                    u8::try_from(kind::EVENT).expect("kind")
+                ),
+            ]
+        );
+        assert_eq!(r.limit, 2, "two records");
+        // No room: the counts only.
+        let counts = t
+            .call(&list, &mut [], ANSWER)
+            .expect("call")
+            .expect("answered");
+        ok(&counts);
+        assert_eq!((counts.size, counts.max_size), (0, r.max_size));
+    });
+}
+
+#[test]
+fn dropping_the_transport_makes_vshmd_reclaim_what_it_alone_held() {
+    watchdog(LIMIT, || {
+        let (b, vpath) = start("4M");
+        let host = b.connect();
+        let t = connect(&vpath);
+        ok(&request(&t, &create("only mine")));
+        assert!(host.open("only mine").is_ok(), "there while held");
+        drop(t);
+        assert!(
+            wait_for(Duration::from_secs(10), || host
+                .open("only mine")
+                .is_err_and(|e| e.status() == Status::ObjectNameNotFound)),
+            "the section died with its holder: {}",
+            b.status()
+        );
+    });
+}
+
+#[test]
+fn a_call_after_vshmd_died_fails_with_backend_gone() {
+    watchdog(LIMIT, || {
+        let (b, vpath) = start("4M");
+        let t = connect(&vpath);
+        let made = request(&t, &create("left behind"));
+        ok(&made);
+        let pid = libc::pid_t::try_from(b.pid()).expect("pid");
+        // SAFETY: kill(2) on the vshmd this test started (still our unreaped child).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let started = Instant::now();
+        let r = t.call(&open("left behind", 0), &mut [], Duration::from_secs(30));
+        assert_eq!(r, Err(TransportError::BackendGone));
+        assert!(started.elapsed() < Duration::from_secs(10), "not a hang");
+        assert!(t.backend_gone());
+        let mut b2 = [7u8; 8];
+        t.window().read_bytes(made.offset, &mut b2).expect("read");
+        assert_eq!(b2, [0; 8], "nothing stays mapped once vshmd is gone");
+        drop(b);
+    });
+}
