@@ -146,6 +146,10 @@ impl<T: Transport> Section<'_, T> {
         if self.namespace().device().is_some() {
             return Err(vshm_format::Status::NotSupported.into());
         }
+        // The allocator writes its heap into the section.
+        if !self.is_writable() {
+            return Err(vshm_format::Status::AccessDenied.into());
+        }
         self.ensure_attached()?;
         let mem = self.region();
         let ns = self.namespace();

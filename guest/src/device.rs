@@ -39,6 +39,12 @@ pub trait DeviceTransport {
 
     /// Sleeps for about `d` (a retry's pause; the device has nothing to wait on then).
     fn sleep(&self, d: Duration);
+
+    /// Whether the device is gone for good (vshmd hung up): its mappings are gone with it,
+    /// so the library fails reads and writes rather than show the zero pages left behind.
+    fn gone(&self) -> bool {
+        false
+    }
 }
 
 /// A [`DeviceTransport`] as a [`Transport`]: what [`crate::Namespace::attach`] takes.

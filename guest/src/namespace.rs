@@ -280,9 +280,12 @@ impl<T: Transport> Namespace<T> {
         if self.detached.load(Ordering::Relaxed) {
             return Err(Error::Detached);
         }
-        if self.device().is_some() {
-            // The device answers for itself; a gone backend fails the request.
-            return Ok(());
+        if let Some(dev) = self.device() {
+            // vshmd reclaimed everything when it went, and its mappings went with it.
+            return match dev.gone() {
+                true => Err(Error::Transport(TransportError::BackendGone)),
+                false => Ok(()),
+            };
         }
         let mut check = || {
             let (mem, l) = (&self.mem(), &self.layout);
@@ -862,7 +865,7 @@ impl<'ns, T: Transport> Section<'ns, T> {
 
     /// Current size (read from the shared entry, clamped to the max size fixed at open).
     /// Over the device: the size mapped for this handle, as the device last said (its open,
-    /// this handle's grows; `grow(size())` catches up with others' growth).
+    /// this handle's grows and [`Section::refresh_size`], which catches up with others').
     pub fn size(&self) -> u64 {
         if self.ns.device().is_some() {
             return self.vouched_size().min(self.max_size);
@@ -956,6 +959,19 @@ impl<'ns, T: Transport> Section<'ns, T> {
         }
     }
 
+    /// Asks the backend the section's size now and returns it; over the device this also
+    /// maps the pages others' grows added since this handle last looked (over a header
+    /// [`Section::size`] follows others' growth by itself).
+    pub fn refresh_size(&self) -> Result<u64, Error> {
+        // A GROW to 0 changes nothing: the backend answers INVALID_PARAMETER with the
+        // section's size (FORMAT.md §9), which `grow_vouched` keeps.
+        match self.grow_vouched(0) {
+            Ok(_) | Err(Error::Status(Status::InvalidParameter)) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(self.size().max(self.vouched_size().min(self.max_size)))
+    }
+
     /// The largest size the host has told this handle the section has (0 before any
     /// GROW by this handle). Sizes only grow, so the section is at least this large.
     pub(crate) fn vouched_size(&self) -> u64 {
@@ -1021,5 +1037,8 @@ impl<'ns, T: Transport> Section<'ns, T> {
     }
     pub(crate) fn ensure_attached(&self) -> Result<(), Error> {
         self.ns.attached()
+    }
+    pub(crate) fn is_writable(&self) -> bool {
+        self.writable
     }
 }

@@ -213,8 +213,11 @@ impl<T: Transport> Namespace<T> {
         seen: Option<u64>,
         timeout: Option<Duration>,
     ) -> Result<Option<u64>, Error> {
+        // A WAIT's timeout is at most a slice (an unbounded or a long wait is several),
+        // counted down by what each slice waited.
+        let mut left_ms = timeout.map(duration_ms);
         loop {
-            let ms = timeout.map_or(WAIT_SLICE_MS, |t| duration_ms(t).clamp(1, WAIT_SLICE_MS));
+            let ms = left_ms.map_or(WAIT_SLICE_MS, |l| l.clamp(1, WAIT_SLICE_MS));
             let mut req = mailbox::wake_request(slot, generation);
             req.op = OP_WAIT;
             req.size = ms;
@@ -226,8 +229,12 @@ impl<T: Transport> Namespace<T> {
             let resp = self.device_call(dev, &req, &mut [], patience)?;
             match Status::from_code(resp.status) {
                 Some(Status::Success) => return Ok(Some(resp.size)),
-                Some(Status::Timeout) if timeout.is_some() => return Ok(None),
-                Some(Status::Timeout) => continue,
+                Some(Status::Timeout) => {
+                    left_ms = left_ms.map(|l| l.saturating_sub(ms));
+                    if left_ms == Some(0) {
+                        return Ok(None);
+                    }
+                }
                 _ => {
                     status_of(&resp, slot)?;
                     return Err(Error::BadResponse(resp.status, slot));

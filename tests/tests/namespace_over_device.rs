@@ -213,3 +213,112 @@ fn a_peer_on_the_vshm_device_sees_no_header_and_only_the_sections_it_opened() {
         );
     });
 }
+
+#[test]
+fn a_read_only_open_over_the_device_can_be_stored_to_through_the_window_without_a_fault_or_a_leak()
+{
+    watchdog(LIMIT, || {
+        let (b, vpath) = Backend::start_with_vhost_user(&["--size", "8M"]);
+        assert!(wait_for(Duration::from_secs(10), || vpath.exists()));
+        let host = b.connect();
+        let (h, _) = host
+            .create(Some("ro/s"), &CreateOptions::new(4096))
+            .expect("host creates");
+        h.write_at(0, b"original").expect("host writes");
+        let dev = VhostUserTransport::connect(&vpath).expect("connect");
+        let ns = Namespace::attach(Device(dev)).expect("attach");
+        let ro = ns.open_read_only("ro/s").expect("read-only open");
+        // Safe code may store anywhere in the window: the process must not fault, and the
+        // store must not reach the section.
+        let window = ns.transport().region();
+        vshm::format::shm::SharedMemory::write_bytes(&window, ro.offset().0, b"scribble")
+            .expect("a store into the window");
+        let mut buf = [0u8; 8];
+        h.read_at(0, &mut buf).expect("host reads");
+        assert_eq!(
+            &buf, b"original",
+            "a read-only mapping's store reaches nobody"
+        );
+        assert_eq!(
+            ro.write_at(0, b"x").map_err(status),
+            Err(Some(Status::AccessDenied))
+        );
+    });
+}
+
+#[test]
+fn after_vshmd_died_a_device_peers_reads_and_writes_fail_instead_of_showing_zeros() {
+    watchdog(LIMIT, || {
+        let (b, vpath) = Backend::start_with_vhost_user(&["--size", "8M"]);
+        assert!(wait_for(Duration::from_secs(10), || vpath.exists()));
+        let dev = VhostUserTransport::connect(&vpath).expect("connect");
+        let ns = Namespace::attach(Device(dev)).expect("attach");
+        let (s, _) = ns
+            .create(Some("gone/s"), &CreateOptions::new(4096))
+            .expect("create");
+        s.write_at(0, b"before").expect("write");
+        let pid = libc::pid_t::try_from(b.pid()).expect("pid");
+        // SAFETY: kill(2) on the vshmd this test started (still our unreaped child).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        assert!(
+            wait_for(Duration::from_secs(10), || s
+                .read_at(0, &mut [0u8; 6])
+                .is_err()),
+            "reads fail once the device is gone"
+        );
+        let mut buf = [0u8; 6];
+        assert!(matches!(
+            s.read_at(0, &mut buf),
+            Err(Error::Transport(vshm::TransportError::BackendGone))
+        ));
+        assert!(s.write_at(0, b"after").is_err());
+    });
+}
+
+#[test]
+fn refresh_size_catches_a_device_peer_up_with_a_grow_made_elsewhere() {
+    watchdog(LIMIT, || {
+        let (b, vpath) = Backend::start_with_vhost_user(&["--size", "8M"]);
+        assert!(wait_for(Duration::from_secs(10), || vpath.exists()));
+        let host = b.connect();
+        let opts = CreateOptions {
+            max_size: 64 << 10,
+            initial_size: 8 << 10,
+            persistent: false,
+        };
+        let (h, _) = host.create(Some("grow/s"), &opts).expect("host creates");
+        let dev = VhostUserTransport::connect(&vpath).expect("connect");
+        let ns = Namespace::attach(Device(dev)).expect("attach");
+        let s = ns.open("grow/s").expect("open");
+        h.grow(32 << 10).expect("host grows");
+        h.write_at(30 << 10, b"new pages")
+            .expect("host writes the new part");
+        assert_eq!(s.size(), 8 << 10, "what is mapped for this handle");
+        assert_eq!(s.refresh_size().expect("refresh"), 32 << 10);
+        assert_eq!(s.size(), 32 << 10);
+        let mut buf = [0u8; 9];
+        s.read_at(30 << 10, &mut buf).expect("read the new part");
+        assert_eq!(&buf, b"new pages");
+        // Over a header it is the entry's size already; refresh says the same.
+        let hs = b.connect();
+        let other = hs.open("grow/s").expect("open over the header");
+        assert_eq!(other.refresh_size().expect("refresh"), 32 << 10);
+    });
+}
+
+#[test]
+fn a_read_only_handle_cannot_allocate_blocks_in_its_section() {
+    watchdog(LIMIT, || {
+        let (b, _vpath) = Backend::start_with_vhost_user(&["--size", "8M"]);
+        let host = b.connect();
+        let (_s, _) = host
+            .create(Some("ro/blocks"), &CreateOptions::new(64 << 10))
+            .expect("create");
+        let ns = b.connect();
+        let ro = ns.open_read_only("ro/blocks").expect("read-only open");
+        assert_eq!(
+            ro.allocate(64, 8).map(|_| ()).map_err(status),
+            Err(Some(Status::AccessDenied))
+        );
+    });
+}

@@ -48,10 +48,11 @@ fn create(name: &str) -> Request {
     mailbox::create_request(Some(name), kind::SECTION, 64 << 10, 8 << 10, false)
 }
 
-/// A request naming `name` (OPEN).
+/// A request naming `name` (OPEN of any kind).
 fn open(name: &str, flags: u32) -> Request {
     let mut r = create(name);
     r.op = OP_OPEN;
+    r.kind = 0;
     r.flags |= flags;
     r
 }

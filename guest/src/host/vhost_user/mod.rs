@@ -411,10 +411,14 @@ fn read_config(path: &Path, frontend: &mut Frontend) -> Result<DeviceConfig, Vho
 }
 
 impl DeviceTransport for VhostUserTransport {
-    /// The window. Every byte reads; a range the device mapped read-only (an
-    /// `OPEN_READ_ONLY` open) faults when written, as any read-only mapping does.
+    /// The window: every byte reads and writes; a range the device mapped read-only is a
+    /// private copy of the section's pages that keeps a stray write to itself.
     fn window(&self) -> RawRegion<'_> {
         self.window.region()
+    }
+
+    fn gone(&self) -> bool {
+        self.backend_gone()
     }
 
     fn call(

@@ -36,6 +36,18 @@ pub(super) fn page_size() -> u64 {
     u64::try_from(page).ok().filter(|&p| p > 0).unwrap_or(4096)
 }
 
+/// The size of the file behind `fd`.
+fn file_size(fd: RawFd) -> io::Result<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a `stat` into the buffer it is given, which is large enough.
+    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstat succeeded, so it filled the buffer.
+    let st = unsafe { st.assume_init() };
+    u64::try_from(st.st_size).map_err(|_| einval())
+}
+
 /// What the pages of a range become.
 enum Backing {
     /// Private anonymous zero pages, readable and writable (writes reach nobody).
@@ -81,18 +93,14 @@ impl Window {
         })
     }
 
-    /// The window's bytes, borrowing the window.
-    ///
-    /// Every byte is readable. Every byte is writable too, except in a range vshmd mapped
-    /// read-only (a section opened with `OPEN_READ_ONLY`): a store there faults, like a
-    /// store through any read-only mapping, so only the handle that asked for it refers to
-    /// that range and it must not be written.
+    /// The window's bytes, borrowing the window. Every byte is readable and writable: a
+    /// section vshmd mapped read-only is a private copy-on-write mapping of its pages, so a
+    /// store there stays in this process (and a read-only handle refuses it anyway).
     pub(super) fn region(&self) -> RawRegion<'_> {
-        // SAFETY: `base` is page-aligned (mmap) and the range is `len` bytes, mapped for as
-        // long as `self` lives (only Drop unmaps it; map/unmap/clear replace pages inside
-        // it, never leave a hole), and the region borrows `self`. Readable and writable
-        // everywhere but where the device mapped a section read-only, which the caller of
-        // that read-only open alone refers to (see above).
+        // SAFETY: `base` is page-aligned (mmap) and the range is `len` bytes, mapped
+        // readable and writable for as long as `self` lives (only Drop unmaps it;
+        // map/unmap/clear replace pages inside it with readable, writable ones, never leave
+        // a hole, and refuse file pages past the file's end), and the region borrows `self`.
         unsafe { RawRegion::new(self.base, self.len as u64) }
     }
 
@@ -125,12 +133,17 @@ impl Window {
                 offset,
                 writable,
             } => (
+                // Read-only pages are mapped private and writable, not PROT_READ: the
+                // window is a RawRegion valid for writes, so a stray write (through the
+                // raw window, never through a read-only handle, which refuses it) must not
+                // fault. It copies the page into this process and reaches nobody; until
+                // then the page is the file's and shows every peer's writes.
+                libc::PROT_READ | libc::PROT_WRITE,
                 if writable {
-                    libc::PROT_READ | libc::PROT_WRITE
+                    libc::MAP_SHARED
                 } else {
-                    libc::PROT_READ
+                    libc::MAP_PRIVATE
                 },
-                libc::MAP_SHARED,
                 fd,
                 offset,
             ),
@@ -158,6 +171,11 @@ impl Window {
         writable: bool,
     ) -> io::Result<()> {
         if fd_offset % self.page != 0 {
+            return Err(einval());
+        }
+        // Pages past the file's end would fault (SIGBUS) when touched: refuse them.
+        let end = fd_offset.checked_add(len).ok_or_else(einval)?;
+        if end > file_size(fd)? {
             return Err(einval());
         }
         let fd_offset = libc::off_t::try_from(fd_offset).map_err(|_| einval())?;
