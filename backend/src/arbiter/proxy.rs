@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use vshm_format::layout::{holder_bit, LEASE_CLOSED};
 use vshm_format::lease::close_if_unheld;
 use vshm_format::mailbox::Command;
-use vshm_format::{sync, Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset, Status};
+use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset, Status};
 
 use super::reclaim::Release;
 use super::{Arbiter, Backing, ConnectError};
@@ -125,7 +125,7 @@ impl<M: Backing> Arbiter<M> {
             max_size: r.max_size,
             created,
             flags: r.published_flags(),
-            change_count: sync::signal_seq(&self.mem, &self.layout, slot).unwrap_or(0),
+            change_count: self.seq_of(slot),
         })
     }
 

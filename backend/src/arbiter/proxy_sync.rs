@@ -99,7 +99,7 @@ impl<M: Backing> Arbiter<M> {
             .ok_or(Status::InvalidHandle)
     }
 
-    fn seq_of(&self, slot: ObjectSlot) -> u64 {
+    pub(super) fn seq_of(&self, slot: ObjectSlot) -> u64 {
         sync::signal_seq(&self.mem, &self.layout, slot).unwrap_or(0)
     }
 
