@@ -40,6 +40,12 @@ pub trait DeviceTransport {
     /// Sleeps for about `d` (a retry's pause; the device has nothing to wait on then).
     fn sleep(&self, d: Duration);
 
+    /// A non-zero token naming the calling thread: a mutex locked over the device is owned
+    /// by it (`Transport::thread_token`). The default (one thread) is 1.
+    fn thread_token(&self) -> u32 {
+        1
+    }
+
     /// Whether the device is gone for good (vshmd hung up): its mappings are gone with it,
     /// so the library fails reads and writes rather than show the zero pages left behind.
     fn gone(&self) -> bool {
@@ -86,6 +92,10 @@ impl<D: DeviceTransport> Transport for Device<D> {
             self.0.sleep(step);
             waited += step;
         }
+    }
+
+    fn thread_token(&self) -> u32 {
+        self.0.thread_token()
     }
 
     fn device(&self) -> Option<&dyn DeviceTransport> {

@@ -5,7 +5,12 @@
 //!
 //! A mutex is held by a thread (the owner word carries the thread's token) and is not
 //! recursive: locking it again from the owning thread is STATUS_POSSIBLE_DEADLOCK.
+//!
+//! Over the vshm device (docs/VHOST-USER.md §5.1) a VM sees no owner word: every lock is a
+//! LOCK request that vshmd queues and answers when it hands the mutex over, every unlock an
+//! UNLOCK; the queue, the FIFO order and the abandoned hand-over are the same ones.
 
+use core::sync::atomic::{AtomicU32, Ordering};
 use core::time::Duration;
 
 use vshm_format::layout::{kind, mutex_word, op};
@@ -44,6 +49,9 @@ impl Acquired {
 #[derive(Debug)]
 pub struct Mutex<'ns, T: Transport> {
     handle: ObjectHandle<'ns, T>,
+    /// Over the device (no owner word to read): the token of the thread that locked it
+    /// through this handle, 0 if none.
+    device_owner: AtomicU32,
 }
 
 impl<T: Transport> Namespace<T> {
@@ -54,31 +62,56 @@ impl<T: Transport> Namespace<T> {
         name: Option<&str>,
         persistent: bool,
     ) -> Result<(Mutex<'_, T>, Disposition), Error> {
-        self.mutexes_supported()?;
         let (handle, disposition) = create_sync(self, name, kind::MUTEX, persistent, false)?;
-        Ok((Mutex { handle }, disposition))
+        Ok((Mutex::on(handle), disposition))
     }
 
     /// Opens an existing mutex by name, without a round trip to the backend.
     pub fn open_mutex(&self, name: &str) -> Result<Mutex<'_, T>, Error> {
-        self.mutexes_supported()?;
         let held = self.open_object(name, kind::MUTEX)?;
-        Ok(Mutex {
-            handle: ObjectHandle::new(self, &held),
-        })
-    }
-
-    /// Over the vshm device mutexes are not there yet (docs/VHOST-USER.md §5.1: LOCK is
-    /// answered STATUS_NOT_SUPPORTED).
-    fn mutexes_supported(&self) -> Result<(), Error> {
-        match self.device() {
-            Some(_) => Err(Status::NotSupported.into()),
-            None => Ok(()),
-        }
+        Ok(Mutex::on(ObjectHandle::new(self, &held)))
     }
 }
 
 impl<'ns, T: Transport> Mutex<'ns, T> {
+    fn on(handle: ObjectHandle<'ns, T>) -> Mutex<'ns, T> {
+        Mutex {
+            handle,
+            device_owner: AtomicU32::new(0),
+        }
+    }
+
+    /// LOCK over the device (`timeout` zero: a try): the grant, or `None` at the timeout.
+    fn device_lock(&self, timeout: Option<Duration>) -> Result<Option<Acquired>, Error> {
+        let (h, ns) = (&self.handle, self.handle.ns);
+        let Some(dev) = ns.device() else {
+            return Err(Status::NotSupported.into());
+        };
+        let token = ns.transport().thread_token();
+        let got = ns.device_lock(dev, h.slot, h.generation, token, timeout)?;
+        Ok(got.map(|status| {
+            self.device_owner.store(token, Ordering::SeqCst);
+            if status == Status::Abandoned {
+                Acquired::Abandoned
+            } else {
+                Acquired::Clean
+            }
+        }))
+    }
+
+    /// UNLOCK over the device. The record of the owner goes first: the device may hand
+    /// the mutex to another thread of this VM before the reply comes back.
+    fn device_unlock(&self) -> Result<(), Error> {
+        let token = self.handle.ns.transport().thread_token();
+        let _ = self
+            .device_owner
+            .compare_exchange(token, 0, Ordering::SeqCst, Ordering::SeqCst);
+        match self.request(op::UNLOCK, token)? {
+            Status::Success => Ok(()),
+            s => Err(s.into()),
+        }
+    }
+
     /// Object table slot.
     pub fn slot(&self) -> ObjectSlot {
         self.handle.slot
@@ -129,6 +162,9 @@ impl<'ns, T: Transport> Mutex<'ns, T> {
     /// if another thread holds it (or lockers are queued for it).
     pub fn try_lock(&self) -> Result<Option<Acquired>, Error> {
         let ns = self.handle.ns;
+        if ns.device().is_some() {
+            return self.device_lock(Some(Duration::ZERO));
+        }
         ns.attached()?;
         let (me, _) = self.me();
         if self.held_by(me)? {
@@ -143,16 +179,25 @@ impl<'ns, T: Transport> Mutex<'ns, T> {
     /// Takes the mutex, waiting up to `timeout` (`None`: no limit) → on timeout
     /// `Error::Status(Status::Timeout)`. Waiters are served in arrival order.
     pub fn lock(&self, timeout: Option<Duration>) -> Result<Acquired, Error> {
+        if self.handle.ns.device().is_some() {
+            return self
+                .device_lock(timeout)?
+                .ok_or_else(|| Status::Timeout.into());
+        }
         self.lock_while(timeout, &mut || true)
     }
 
     /// [`Mutex::lock`] that also gives up (as on a timeout) when `keep_waiting` returns
-    /// false; it is asked every 100 ms while queued (e.g. "no signal arrived").
+    /// false; it is asked every 100 ms while queued (e.g. "no signal arrived"). Over the
+    /// device each 100 ms is one LOCK, so the place in the queue is not kept between them.
     pub fn lock_while(
         &self,
         timeout: Option<Duration>,
         keep_waiting: &mut dyn FnMut() -> bool,
     ) -> Result<Acquired, Error> {
+        if self.handle.ns.device().is_some() {
+            return self.device_lock_while(timeout, keep_waiting);
+        }
         if let Some(got) = self.try_lock()? {
             return Ok(got);
         }
@@ -181,6 +226,27 @@ impl<'ns, T: Transport> Mutex<'ns, T> {
                     let _ = self.unlock();
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// [`Mutex::lock_while`] over the device: LOCKs of at most 100 ms each.
+    fn device_lock_while(
+        &self,
+        timeout: Option<Duration>,
+        keep_waiting: &mut dyn FnMut() -> bool,
+    ) -> Result<Acquired, Error> {
+        let mut left = timeout;
+        loop {
+            let this = left.map_or(LOCAL_OWNER_CHECK, |l| l.min(LOCAL_OWNER_CHECK));
+            if let Some(got) = self.device_lock(Some(this.max(Duration::from_millis(1))))? {
+                return Ok(got);
+            }
+            if let Some(l) = left.as_mut() {
+                *l = l.saturating_sub(this);
+            }
+            if left.is_some_and(|l| l.is_zero()) || !keep_waiting() {
+                return Err(Status::Timeout.into());
             }
         }
     }
@@ -242,6 +308,9 @@ impl<'ns, T: Transport> Mutex<'ns, T> {
     /// STATUS_MUTANT_NOT_OWNED if the calling thread does not hold it.
     pub fn unlock(&self) -> Result<(), Error> {
         let ns = self.handle.ns;
+        if ns.device().is_some() {
+            return self.device_unlock();
+        }
         ns.attached()?;
         let (me, token) = self.me();
         match sync::mutex_unlock(&ns.mem(), ns.layout(), self.handle.slot, me)? {
@@ -255,23 +324,31 @@ impl<'ns, T: Transport> Mutex<'ns, T> {
         }
     }
 
-    /// Whether the calling thread holds the mutex now.
+    /// Whether the calling thread holds the mutex now. Over the device: whether it locked
+    /// it through this handle and has not unlocked it since.
     pub fn is_held(&self) -> Result<bool, Error> {
+        let ns = self.handle.ns;
+        if ns.device().is_some() {
+            let token = ns.transport().thread_token();
+            return Ok(self.device_owner.load(Ordering::SeqCst) == token);
+        }
         self.held_by(self.me().0)
     }
 
-    /// The owner's peer slot and thread token now, `None` if free (a hint).
+    /// The owner's peer slot and thread token now, `None` if free (a hint). Over the
+    /// device: STATUS_NOT_SUPPORTED (a VM sees no owner word).
     pub fn owner(&self) -> Result<Option<(PeerSlot, u32)>, Error> {
         let ns = self.handle.ns;
+        if ns.device().is_some() {
+            return Err(Status::NotSupported.into());
+        }
         let word = sync::sync_word(&ns.mem(), ns.layout(), self.handle.slot)?;
         Ok(mutex_word::slot(word).map(|s| (s, mutex_word::token(word))))
     }
 
     /// Another handle on the same mutex.
     pub fn duplicate(&self) -> Result<Mutex<'ns, T>, Error> {
-        Ok(Mutex {
-            handle: self.handle.duplicate()?,
-        })
+        Ok(Mutex::on(self.handle.duplicate()?))
     }
 
     /// Closes the handle now (releasing the mutex first if this thread holds it).

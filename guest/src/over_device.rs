@@ -4,13 +4,13 @@
 
 use core::time::Duration;
 
-use vshm_format::layout::{kind, Request, Response};
+use vshm_format::layout::{kind, op, Request, Response};
 use vshm_format::mailbox::{self, Refusal};
 use vshm_format::object::ObjectInfo;
 use vshm_format::shm::SharedMemory;
 use vshm_format::virtio::{
-    HandleFields, MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, OP_RESET, OP_SIGNAL, OP_WAIT,
-    WAIT_SINCE,
+    HandleFields, LOCK_TRY, MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, OP_RESET, OP_SIGNAL,
+    OP_WAIT, WAIT_SINCE,
 };
 use vshm_format::{validate_name, Generation, ObjectSlot, RegionOffset, Status};
 
@@ -232,6 +232,46 @@ impl<T: Transport> Namespace<T> {
                 Some(Status::Timeout) => {
                     left_ms = left_ms.map(|l| l.saturating_sub(ms));
                     if left_ms == Some(0) {
+                        return Ok(None);
+                    }
+                }
+                _ => {
+                    status_of(&resp, slot)?;
+                    return Err(Error::BadResponse(resp.status, slot));
+                }
+            }
+        }
+    }
+
+    /// LOCK of a mutex this peer holds, for thread `token`: `Ok(Some(status))` when granted
+    /// (SUCCESS or ABANDONED), `Ok(None)` when `timeout` passed first (`None`: no limit;
+    /// zero: a try, which never queues). The device queues the request (first come, first
+    /// served) and answers it when the mutex is handed over; a timeout it answers itself
+    /// leaves the queue, and a handover that raced it is given back by the device.
+    pub(crate) fn device_lock(
+        &self,
+        dev: &dyn DeviceTransport,
+        slot: ObjectSlot,
+        generation: Generation,
+        token: u32,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Status>, Error> {
+        let try_only = timeout.is_some_and(|t| t.is_zero());
+        let mut left_ms = timeout.map(duration_ms);
+        loop {
+            let ms = left_ms.map_or(WAIT_SLICE_MS, |l| l.clamp(1, WAIT_SLICE_MS));
+            let mut req = mailbox::mutex_request(op::LOCK, slot, generation, token);
+            req.max_size = ms;
+            if try_only {
+                req.flags = LOCK_TRY;
+            }
+            let patience = Duration::from_millis(ms) + WAIT_SLACK;
+            let resp = self.device_call(dev, &req, &mut [], patience)?;
+            match Status::from_code(resp.status) {
+                Some(s @ (Status::Success | Status::Abandoned)) => return Ok(Some(s)),
+                Some(Status::Timeout) => {
+                    left_ms = left_ms.map(|l| l.saturating_sub(ms));
+                    if try_only || left_ms == Some(0) {
                         return Ok(None);
                     }
                 }

@@ -979,3 +979,86 @@ fn a_wait_since_a_change_count_the_section_has_passed_completes_at_once_and_othe
         t.disconnect();
     });
 }
+
+/// LOCK (token in `size`, timeout in `max_size`, [`LOCK_TRY`] in `flags`) on `held`.
+fn lock_on(
+    held: &vshm_format::layout::Response,
+    token: u32,
+    timeout_ms: u64,
+    flags: u32,
+) -> vshm_format::layout::Request {
+    let mut r = on(vshm_format::layout::op::LOCK, held, u64::from(token));
+    r.max_size = timeout_ms;
+    r.flags = flags;
+    r
+}
+
+#[test]
+fn a_lock_stays_pending_without_holding_up_the_queue_until_the_owner_unlocks_and_a_try_or_timeout_leaves_no_queue_entry(
+) {
+    use vshm_format::layout::op;
+    use vshm_format::virtio::LOCK_TRY;
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        let m = t.host_creates("m", kind::MUTEX, false);
+        let held = t.vm_opens("m");
+        let host_token = 3;
+        assert_eq!(
+            t.local
+                .with(|a| a.proxy_lock(HOST, 1, m.slot, m.generation, host_token, true)),
+            Some((Status::Success, 0)),
+            "the host peer holds it"
+        );
+        // A try and a timed LOCK: no, without a queue entry left behind.
+        let r = t.vm().request(&lock_on(&held, 11, 0, LOCK_TRY));
+        assert_eq!(r.status, Status::Timeout.code());
+        let started = std::time::Instant::now();
+        let r = t.vm().request(&lock_on(&held, 11, 100, 0));
+        assert_eq!(r.status, Status::Timeout.code());
+        assert!(started.elapsed() >= std::time::Duration::from_millis(100));
+        // An untimed LOCK stays pending while other requests are answered.
+        let waiting = t.vm().post(&lock_on(&held, 11, 0, 0));
+        let other = t.vm().request(&open_of(0, "m"));
+        assert_eq!(other.status, Status::Success.code(), "answered meanwhile");
+        assert!(t.vm().answer(waiting).is_none(), "still queued");
+        // The owner unlocks: handed to the VM, which is told.
+        assert_eq!(
+            t.local
+                .with(|a| a.proxy_unlock(HOST, m.slot, m.generation, host_token)),
+            Status::Success
+        );
+        let done = t
+            .vm()
+            .answer_within(waiting, std::time::Duration::from_secs(5))
+            .expect("granted");
+        assert_eq!(done.status, Status::Success.code());
+        // Its UNLOCK frees it; a second one is refused.
+        let unlock = on(op::UNLOCK, &held, 11);
+        assert_eq!(t.vm().request(&unlock).status, Status::Success.code());
+        assert_eq!(
+            t.vm().request(&unlock).status,
+            Status::MutantNotOwned.code()
+        );
+        assert_eq!(
+            t.local
+                .with(|a| a.proxy_lock(HOST, 2, m.slot, m.generation, host_token, false)),
+            Some((Status::Success, 0)),
+            "free: the try and the timeout left nothing queued"
+        );
+        // Queued at disconnect: dropped, never granted to the departed VM.
+        let queued = t.vm().post(&lock_on(&held, 11, 0, 0));
+        assert!(t.vm().answer(queued).is_none());
+        t.disconnect();
+        assert_eq!(
+            t.local
+                .with(|a| a.proxy_unlock(HOST, m.slot, m.generation, host_token)),
+            Status::Success
+        );
+        assert_eq!(
+            t.local
+                .with(|a| a.proxy_lock(HOST, 3, m.slot, m.generation, host_token, false)),
+            Some((Status::Success, 0)),
+            "freed, not handed to the departed VM"
+        );
+    });
+}

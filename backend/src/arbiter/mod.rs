@@ -55,6 +55,8 @@ mod tests_heal;
 #[cfg(test)]
 mod tests_proxy;
 #[cfg(test)]
+mod tests_proxy_lock;
+#[cfg(test)]
 mod tests_quarantine;
 #[cfg(test)]
 mod tests_snapshot;

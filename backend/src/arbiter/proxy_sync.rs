@@ -1,7 +1,8 @@
 //! Events, notifications and names for peers vshmd stands in for (vhost-user VMs,
 //! docs/VHOST-USER.md §5.1, §5.3, §6). Such a peer cannot touch an object's sync words, so
 //! vshmd does it on its behalf: SIGNAL and RESET act on them as a library would, a WAIT is
-//! registered here and completed when [`Arbiter::proxy_poll`] finds its condition true,
+//! registered here and completed when [`Arbiter::proxy_poll`] finds its condition true
+//! (a LOCK the same way: queued like any locker's, completed when the mutex is handed to it),
 //! and the same look reports what changed about every object the peer holds (deleted,
 //! grown or notified, signalled).
 //!
@@ -14,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use vshm_format::layout::kind;
+use vshm_format::layout::{kind, mutex_word};
 use vshm_format::sync;
 use vshm_format::virtio::{
     VirtioVshmEvent, EVENT_CHANGED, EVENT_DELETED, EVENT_SIGNALLED, LIST_MANUAL_RESET,
@@ -41,6 +42,9 @@ struct Wait {
     generation: Generation,
     /// A section's change count when the WAIT came (it completes when it differs).
     since: u64,
+    /// A LOCK queued for the mutex: the token of the VM's thread that asked (it completes
+    /// when the mutex is handed to that owner).
+    lock: Option<u32>,
 }
 
 /// One proxied peer's watch (see the module).
@@ -209,8 +213,93 @@ impl<M: Backing> Arbiter<M> {
             slot,
             generation,
             since,
+            lock: None,
         });
         None
+    }
+
+    /// LOCK for proxied peer `peer_id` on a mutex it holds, for its thread `token`, known to
+    /// its transport as `id`: `Some(status)` if it is answered at once — SUCCESS or
+    /// ABANDONED (granted), STATUS_TIMEOUT (`queue` false and another owner holds it), or a
+    /// refusal — else `None`: queued, completed by a look when the mutex is handed over, or
+    /// taken back by [`Arbiter::proxy_cancel_wait`].
+    pub fn proxy_lock(
+        &mut self,
+        peer_id: PeerId,
+        id: u64,
+        slot: ObjectSlot,
+        generation: Generation,
+        token: u32,
+        queue: bool,
+    ) -> Option<(Status, u64)> {
+        let Ok(s) = self.proxy_slot_of(peer_id) else {
+            return Some((Status::InvalidHandle, 0));
+        };
+        if !self.proxy_holding(s, slot, generation)
+            || self.record_at(slot).map(|r| r.kind) != Some(kind::MUTEX)
+        {
+            return Some((Status::InvalidHandle, 0));
+        }
+        if token == 0 {
+            return Some((Status::InvalidParameter, 0));
+        }
+        match self.lock(s, slot, generation, token) {
+            Ok(_) => Some((self.proxy_acquired(slot), 0)),
+            Err((Status::Pending, _)) if queue => {
+                self.proxy_watch.entry(s).or_default().waits.push(Wait {
+                    id,
+                    slot,
+                    generation,
+                    since: 0,
+                    lock: Some(token),
+                });
+                None
+            }
+            // A try: out of the queue again; a grant that came meanwhile is kept.
+            Err((Status::Pending, _)) => {
+                let _ = self.cancel(s, slot, generation, token);
+                Some(if self.proxy_owns(s, slot, token) {
+                    (self.proxy_acquired(slot), 0)
+                } else {
+                    (Status::Timeout, 0)
+                })
+            }
+            Err((status, _)) => Some((status, 0)),
+        }
+    }
+
+    /// UNLOCK for proxied peer `peer_id`'s thread `token` (as a mailbox UNLOCK; for the
+    /// undo of a LOCK nobody heard the answer to).
+    pub fn proxy_unlock(
+        &mut self,
+        peer_id: PeerId,
+        slot: ObjectSlot,
+        generation: Generation,
+        token: u32,
+    ) -> Status {
+        let Ok(s) = self.proxy_slot_of(peer_id) else {
+            return Status::InvalidHandle;
+        };
+        match self.unlock(s, slot, generation, token) {
+            Ok(()) => Status::Success,
+            Err((status, _)) => status,
+        }
+    }
+
+    /// Whether the mutex in `slot` is owned by thread `token` of proxied slot `s`.
+    fn proxy_owns(&self, s: PeerSlot, slot: ObjectSlot, token: u32) -> bool {
+        sync::mutex_held_by(&self.mem, &self.layout, slot, mutex_word::owner(s, token))
+            .unwrap_or(false)
+    }
+
+    /// A proxied peer was just granted the mutex in `slot`: SUCCESS, or ABANDONED if its
+    /// last owner died holding it (the mark is taken, as a library's new owner takes it).
+    fn proxy_acquired(&self, slot: ObjectSlot) -> Status {
+        if sync::mutex_take_abandoned(&self.mem, &self.layout, slot).unwrap_or(false) {
+            Status::Abandoned
+        } else {
+            Status::Success
+        }
     }
 
     /// Takes back WAIT `id` of proxied peer `peer_id` (its timeout passed): `true` if it
@@ -223,9 +312,20 @@ impl<M: Backing> Arbiter<M> {
         let Some(w) = self.proxy_watch.get_mut(&s) else {
             return false;
         };
-        let before = w.waits.len();
-        w.waits.retain(|x| x.id != id);
-        w.waits.len() != before
+        let Some(at) = w.waits.iter().position(|x| x.id == id) else {
+            return false;
+        };
+        let taken = w.waits.remove(at);
+        if let Some(token) = taken.lock {
+            // Out of the queue; a handover that came before the look is given back (the VM
+            // is told STATUS_TIMEOUT, so it would never unlock it).
+            let (slot, generation) = (taken.slot, taken.generation);
+            let _ = self.cancel(s, slot, generation, token);
+            if self.proxy_owns(s, slot, token) {
+                let _ = self.unlock(s, slot, generation, token);
+            }
+        }
+        true
     }
 
     /// Looks at everything proxied peer `peer_id` holds: what changed since it was last
@@ -291,7 +391,19 @@ impl<M: Backing> Arbiter<M> {
         let waits = std::mem::take(&mut watch.waits);
         for w in waits {
             if !self.proxy_holding(s, w.slot, w.generation) {
+                if let Some(token) = w.lock {
+                    let _ = self.cancel(s, w.slot, w.generation, token);
+                }
                 news.done.push((w.id, Status::InvalidHandle, 0));
+                continue;
+            }
+            if let Some(token) = w.lock {
+                if self.proxy_owns(s, w.slot, token) {
+                    let status = self.proxy_acquired(w.slot);
+                    news.done.push((w.id, status, 0));
+                } else {
+                    watch.waits.push(w);
+                }
                 continue;
             }
             let seq = self.seq_of(w.slot);

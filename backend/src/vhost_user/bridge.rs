@@ -254,6 +254,33 @@ impl Arbitration for Bridge {
         )
         .unwrap_or(Some((Status::InsufficientResources, 0)))
     }
+    fn lock(
+        &self,
+        vm: PeerId,
+        id: u64,
+        slot: ObjectSlot,
+        generation: Generation,
+        token: u32,
+        queue: bool,
+    ) -> Option<(Status, u64)> {
+        self.call_or_undo(
+            move |h| {
+                h.arbiter()
+                    .proxy_lock(vm, id, slot, generation, token, queue)
+            },
+            move |h, late| match late {
+                // Nobody will hear of it: out of the queue, and a grant is given back.
+                None => {
+                    h.arbiter().proxy_cancel_wait(vm, id);
+                }
+                Some((Status::Success | Status::Abandoned, _)) => {
+                    h.arbiter().proxy_unlock(vm, slot, generation, token);
+                }
+                Some(_) => {}
+            },
+        )
+        .unwrap_or(Some((Status::InsufficientResources, 0)))
+    }
     fn cancel_wait(&self, vm: PeerId, id: u64) -> bool {
         // Unanswered: the loop is stuck or gone; the VM's departure drops the WAIT.
         self.call(move |h| h.arbiter().proxy_cancel_wait(vm, id))

@@ -36,7 +36,7 @@ use super::{config_bytes, Arbitration, DeviceConfig, Notices};
 use crate::arbiter::ProxyHold;
 
 use vshm_format::virtio::{
-    HandleFields, ListRecord, EVENT_BYTES, EVENT_QUEUE, LIST_RECORD_HEAD, REQUEST_QUEUE,
+    HandleFields, ListRecord, EVENT_BYTES, EVENT_QUEUE, LIST_RECORD_HEAD, LOCK_TRY, REQUEST_QUEUE,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, WAIT_SINCE,
 };
 pub use vshm_format::virtio::{
@@ -261,11 +261,9 @@ impl VshmDevice {
             OP_OPEN | op::CREATE if self.handles.len() >= MAX_HANDLES => {
                 mailbox::status_response(Status::InsufficientResources)
             }
-            // Waits and handoffs need the event queue, which is not there yet: a VM that
-            // queued for a mutex would be made its owner without being told.
-            op::LOCK | op::UNLOCK | op::CANCEL | op::WAKE => {
-                mailbox::status_response(Status::NotSupported)
-            }
+            // WAKE rings the waiters of a header a VM does not see; a LOCK's CANCEL is the
+            // device's own business (its timeout, §5.1).
+            op::CANCEL | op::WAKE => mailbox::status_response(Status::NotSupported),
             OP_OPEN => self.open(vm, req),
             OP_CLOSE => self.close(vm, req),
             OP_LIST => self.list(vm, 0).0,
@@ -288,7 +286,8 @@ impl VshmDevice {
                 r.generation = req.generation;
                 r
             }
-            OP_WAIT => mailbox::status_response(Status::InvalidParameter),
+            // They need the chain (they may be answered later): `process_requests`.
+            OP_WAIT | op::LOCK => mailbox::status_response(Status::InvalidParameter),
             _ => self.arbitration.request(vm, req),
         };
         resp.resp_seq = req.req_seq;
@@ -497,8 +496,8 @@ impl VshmDevice {
         (r, out)
     }
 
-    /// WAIT (§5.1): the reply now, or `None` when the chain is kept until the event fires,
-    /// the section changes or the timeout passes.
+    /// WAIT or LOCK (§5.1): the reply now, or `None` when the chain is kept until the
+    /// event fires, the section changes, the mutex is handed over or the timeout passes.
     fn start_wait(&mut self, req: &Request, chain: &Chain) -> Option<Response> {
         let vm = match self.member() {
             Ok(vm) => vm,
@@ -516,12 +515,26 @@ impl VshmDevice {
         let id = self.next_wait;
         let slot = ObjectSlot(req.slot);
         let generation = Generation(req.generation);
-        let seen = (req.flags & WAIT_SINCE != 0).then_some(req.max_size);
-        if let Some((status, seq)) = self.arbitration.wait(vm, id, slot, generation, seen) {
+        let (now, timeout_ms) = if req.op == op::LOCK {
+            // LOCK: `size` is the thread's token (as the mailbox's), `max_size` the timeout.
+            let Ok(token) = u32::try_from(req.size) else {
+                return Some(mailbox::status_response(Status::InvalidParameter));
+            };
+            let queue = req.flags & LOCK_TRY == 0;
+            let now = self
+                .arbitration
+                .lock(vm, id, slot, generation, token, queue);
+            (now, req.max_size)
+        } else {
+            let seen = (req.flags & WAIT_SINCE != 0).then_some(req.max_size);
+            let now = self.arbitration.wait(vm, id, slot, generation, seen);
+            (now, req.size)
+        };
+        if let Some((status, seq)) = now {
             return Some(wait_response(status, req.slot, req.generation, seq));
         }
-        let deadline =
-            (req.size > 0).then(|| Instant::now() + Duration::from_millis(req.size.min(1 << 40)));
+        let deadline = (timeout_ms > 0)
+            .then(|| Instant::now() + Duration::from_millis(timeout_ms.min(1 << 40)));
         self.waits.insert(
             id,
             PendingWait {
@@ -746,14 +759,16 @@ impl VshmDevice {
                 .and_then(|mut r| r.read_exact(bytes_of_mut(&mut req)).ok());
             let mut extra = Vec::new();
             let resp = match read {
-                Some(()) if req.op == OP_WAIT => match self.start_wait(&req, &chain) {
-                    Some(mut r) => {
-                        r.resp_seq = req.req_seq;
-                        r
+                Some(()) if req.op == OP_WAIT || req.op == op::LOCK => {
+                    match self.start_wait(&req, &chain) {
+                        Some(mut r) => {
+                            r.resp_seq = req.req_seq;
+                            r
+                        }
+                        // Answered later: the queue goes on.
+                        None => continue,
                     }
-                    // Answered later: the queue goes on.
-                    None => continue,
-                },
+                }
                 Some(()) if req.op == OP_LIST => {
                     let room = chain
                         .clone()

@@ -197,7 +197,20 @@ pub trait Arbitration: std::fmt::Debug + Send + Sync {
         generation: Generation,
         seen: Option<u64>,
     ) -> Option<(Status, u64)>;
-    /// WAIT `id` timed out: `true` if it was taken back, `false` if it completed already.
+    /// LOCK `id` by the VM's thread `token` (queued unless `queue` is false): its answer
+    /// now, or `None` (it comes through the VM's notices when the mutex is handed over).
+    #[allow(clippy::too_many_arguments)]
+    fn lock(
+        &self,
+        vm: PeerId,
+        id: u64,
+        slot: ObjectSlot,
+        generation: Generation,
+        token: u32,
+        queue: bool,
+    ) -> Option<(Status, u64)>;
+    /// WAIT or LOCK `id` timed out: `true` if it was taken back (a LOCK leaves the queue,
+    /// and a mutex handed to it meanwhile is given back), `false` if it completed already.
     fn cancel_wait(&self, vm: PeerId, id: u64) -> bool;
     /// The names the VM may open.
     fn list(&self, vm: PeerId) -> Result<Vec<ProxyListed>, Status>;
@@ -293,6 +306,17 @@ impl Arbitration for Local {
         seen: Option<u64>,
     ) -> Option<(Status, u64)> {
         self.with(|a| a.proxy_wait(vm, id, slot, generation, seen))
+    }
+    fn lock(
+        &self,
+        vm: PeerId,
+        id: u64,
+        slot: ObjectSlot,
+        generation: Generation,
+        token: u32,
+        queue: bool,
+    ) -> Option<(Status, u64)> {
+        self.with(|a| a.proxy_lock(vm, id, slot, generation, token, queue))
     }
     fn cancel_wait(&self, vm: PeerId, id: u64) -> bool {
         self.with(|a| a.proxy_cancel_wait(vm, id))

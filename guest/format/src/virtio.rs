@@ -66,6 +66,10 @@ pub const RESP_CHANGE_COUNT_OFF: usize = 88;
 /// between two WAITs is lost).
 pub const WAIT_SINCE: u32 = 1 << 9;
 
+/// Request flag (bit 10 of `flags`) of LOCK: do not queue; a mutex another thread owns is
+/// STATUS_TIMEOUT at once.
+pub const LOCK_TRY: u32 = 1 << 10;
+
 /// The handle fields an OPEN/CREATE response carries past the mailbox's (§5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HandleFields {

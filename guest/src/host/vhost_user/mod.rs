@@ -421,6 +421,11 @@ impl DeviceTransport for VhostUserTransport {
         self.backend_gone()
     }
 
+    /// The thread id (a mutex locked over the device is owned by the thread).
+    fn thread_token(&self) -> u32 {
+        crate::os::current_tid()
+    }
+
     fn call(
         &self,
         req: &Request,
