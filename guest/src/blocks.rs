@@ -9,15 +9,16 @@
 
 use core::time::Duration;
 
-use core::cell::Cell;
+use core::cell::{Cell, RefCell};
 
 use vshm_format::blocks::{BlockError, Guard, Heap, Me, PeerTable, Peers};
 use vshm_format::shm::RawRegion;
+use vshm_format::virtio::PeersReply;
 use vshm_format::{PeerSlot, Status};
 
 pub use vshm_format::blocks::BlockStats;
 
-use crate::{Error, Section, Transport};
+use crate::{DeviceTransport, Error, Namespace, Section, Transport};
 
 /// How long an operation waits for the allocator lock held by a live peer.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,7 +77,11 @@ impl<T: Transport> Section<'_, T> {
         align: u64,
         options: AllocOptions,
     ) -> Result<Block, Error> {
-        let owner = options.owned.then(|| self.peer());
+        let owner = if options.owned {
+            Some(self.heap_peer()?)
+        } else {
+            None
+        };
         for _ in 0..GROW_ROUNDS {
             match self.with_heap(|g| g.allocate(size, align, owner))? {
                 Ok(((offset, size), heap)) => return Ok(Block { offset, size, heap }),
@@ -135,17 +140,25 @@ impl<T: Transport> Section<'_, T> {
         vshm_format::blocks::stats(&self.region(), self.offset(), self.size()).map_err(block_error)
     }
 
+    /// This peer as the allocator names an owner: its peer slot and incarnation (over the
+    /// device, as vshmd's PEERS says: a VM sees no peer table).
+    fn heap_peer(&self) -> Result<(PeerSlot, u64), Error> {
+        let ns = self.namespace();
+        match ns.device() {
+            Some(dev) => {
+                let p = ns.device_peers(dev, false)?;
+                Ok((p.me, p.incarnation))
+            }
+            None => Ok(self.peer()),
+        }
+    }
+
     /// Takes the allocator lock (waiting for a live holder, breaking a dead one's), runs
     /// `op`, and returns its result with the heap id. The outer error is the transport's.
     fn with_heap<R>(
         &self,
         mut op: impl FnMut(&mut Guard<'_, '_, RawRegion<'_>>) -> Result<R, BlockError>,
     ) -> Result<Result<(R, u64), BlockError>, Error> {
-        // The allocator tells a dead owner's blocks by the peer table, which a VM on the
-        // vshm device does not see: it would take every owner for dead.
-        if self.namespace().device().is_some() {
-            return Err(vshm_format::Status::NotSupported.into());
-        }
         // The allocator writes its heap into the section.
         if !self.is_writable() {
             return Err(vshm_format::Status::AccessDenied.into());
@@ -155,16 +168,34 @@ impl<T: Transport> Section<'_, T> {
         let ns = self.namespace();
         let transport = ns.transport();
         let token_alive = |token: u32| transport.token_alive(token);
-        let peers = SettledPeers {
-            table: PeerTable {
-                mem: &mem,
-                layout: ns.layout(),
-                token_alive: &token_alive,
-            },
-            gone: &ns.gone_since,
-            provisional: Cell::new(false),
+        // Who is attached: the header's peer table, believed only once settled; over the
+        // device, vshmd's answer (a VM sees no table).
+        let table;
+        let device;
+        let peers: &dyn Peers = match ns.device() {
+            Some(dev) => {
+                device = DevicePeers {
+                    ns,
+                    dev,
+                    snapshot: RefCell::new(ns.device_peers(dev, false)?),
+                    asked_again: Cell::new(false),
+                };
+                &device
+            }
+            None => {
+                table = SettledPeers {
+                    table: PeerTable {
+                        mem: &mem,
+                        layout: ns.layout(),
+                        token_alive: &token_alive,
+                    },
+                    gone: &ns.gone_since,
+                    provisional: Cell::new(false),
+                };
+                &table
+            }
         };
-        let (slot, incarnation) = self.peer();
+        let (slot, incarnation) = self.heap_peer()?;
         let me = Me {
             slot,
             incarnation,
@@ -186,12 +217,19 @@ impl<T: Transport> Section<'_, T> {
                     return true;
                 }
             };
-            let done = match heap.lock(me, &peers) {
+            let done = match heap.lock(me, peers) {
                 Err(BlockError::Busy { owner }) => {
                     owner_seen = owner;
                     false
                 }
-                Err(BlockError::Stale) => false,
+                Err(BlockError::Stale) => {
+                    // Another peer grew the section: over the device this handle maps only
+                    // what it was told of, so catch up (a GROW to 0) before looking again.
+                    if ns.device().is_some() {
+                        let _ = self.refresh_size();
+                    }
+                    false
+                }
                 Err(e) => {
                     out = Some(Err(e));
                     true
@@ -259,6 +297,54 @@ impl Peers for SettledPeers<'_> {
     }
     fn settled(&self) -> bool {
         !self.provisional.get()
+    }
+}
+
+/// The peers as vshmd tells a VM on the vshm device (PEERS, docs/VHOST-USER.md §5.1):
+/// vshmd's own records, believed at once. The snapshot may be up to
+/// [`crate::over_device::PEERS_MAX_AGE`] old, so an owner that looks departed in it is
+/// asked about again (once per operation) before the allocator frees its blocks or
+/// breaks its lock: a peer that attached since must not be taken for a departed one.
+struct DevicePeers<'a, T: Transport> {
+    ns: &'a Namespace<T>,
+    dev: &'a dyn DeviceTransport,
+    snapshot: RefCell<PeersReply>,
+    asked_again: Cell<bool>,
+}
+
+impl<T: Transport> Peers for DevicePeers<'_, T> {
+    fn incarnation(&self, slot: PeerSlot) -> Option<u64> {
+        self.snapshot.borrow().incarnation_of(slot)
+    }
+    fn token_alive(&self, token: u32) -> bool {
+        self.ns.transport().token_alive(token)
+    }
+    fn fingerprint(&self) -> u64 {
+        let s = self.snapshot.borrow();
+        s.slots[..s.count].iter().fold(0u64, |acc, &inc| {
+            (acc ^ inc.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(7)
+        })
+    }
+    fn attached(&self, slot: PeerSlot, incarnation: u64, mask: u64) -> bool {
+        let looks = |s: &PeersReply| {
+            s.incarnation_of(slot)
+                .is_some_and(|now| now & mask == incarnation & mask)
+        };
+        if looks(&self.snapshot.borrow()) {
+            return true;
+        }
+        if self.asked_again.replace(true) {
+            return false;
+        }
+        match self.ns.device_peers(self.dev, true) {
+            Ok(fresh) => {
+                let attached = looks(&fresh);
+                *self.snapshot.borrow_mut() = fresh;
+                attached
+            }
+            // Cannot tell: nothing is freed on a guess.
+            Err(_) => true,
+        }
     }
 }
 

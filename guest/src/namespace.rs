@@ -121,6 +121,9 @@ pub struct Namespace<T: Transport> {
     audit: audit::Shared,
     /// Peers this process saw gone in the peer table, and since when (blocks.rs).
     pub(crate) gone_since: crate::blocks::GoneSince,
+    /// Over the device: the last PEERS answer (the block allocator's view of who is
+    /// attached).
+    pub(crate) peers_cache: crate::over_device::PeersCache,
 }
 
 impl<T: Transport> Namespace<T> {
@@ -161,6 +164,7 @@ impl<T: Transport> Namespace<T> {
             reply_timeout: Duration::from_secs(10),
             audit,
             gone_since: crate::blocks::GoneSince::default(),
+            peers_cache: crate::over_device::PeersCache::default(),
         };
         // Destroys announced before we attached concern holds we never had.
         ns.audit();
@@ -196,6 +200,7 @@ impl<T: Transport> Namespace<T> {
             reply_timeout: Duration::from_secs(10),
             audit: audit::Shared::from(Audit::new(layout, PeerSlot(0))),
             gone_since: crate::blocks::GoneSince::default(),
+            peers_cache: crate::over_device::PeersCache::default(),
         }
     }
 

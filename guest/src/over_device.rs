@@ -9,8 +9,8 @@ use vshm_format::mailbox::{self, Refusal};
 use vshm_format::object::ObjectInfo;
 use vshm_format::shm::SharedMemory;
 use vshm_format::virtio::{
-    HandleFields, LOCK_TRY, MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, OP_RESET, OP_SIGNAL,
-    OP_WAIT, WAIT_SINCE,
+    HandleFields, PeersReply, LOCK_TRY, MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, OP_PEERS,
+    OP_RESET, OP_SIGNAL, OP_WAIT, WAIT_SINCE,
 };
 use vshm_format::{validate_name, Generation, ObjectSlot, RegionOffset, Status};
 
@@ -22,6 +22,17 @@ const WAIT_SLACK: Duration = Duration::from_secs(5);
 /// An unbounded wait is a loop of WAITs this long (a device-side timeout must be finite to
 /// be told apart from "none").
 const WAIT_SLICE_MS: u64 = 3_600_000;
+
+/// How old a PEERS answer may be when the block allocator uses it (an owner it shows
+/// departed is asked about again anyway).
+pub(crate) const PEERS_MAX_AGE: Duration = Duration::from_millis(100);
+
+/// The last PEERS answer and when it came (without `std` there is no clock: none kept).
+#[derive(Debug, Default)]
+pub(crate) struct PeersCache {
+    #[cfg(feature = "std")]
+    last: std::sync::Mutex<Option<(std::time::Instant, PeersReply)>>,
+}
 
 /// A hold this peer took, as either transport describes it: what a handle is made of.
 #[derive(Clone, Copy, Debug)]
@@ -281,6 +292,37 @@ impl<T: Transport> Namespace<T> {
                 }
             }
         }
+    }
+
+    /// PEERS: this VM's slot and incarnation and who is attached, at most
+    /// [`PEERS_MAX_AGE`] old (`fresh`: asked now).
+    pub(crate) fn device_peers(
+        &self,
+        dev: &dyn DeviceTransport,
+        fresh: bool,
+    ) -> Result<PeersReply, Error> {
+        #[cfg(feature = "std")]
+        if !fresh {
+            if let Ok(last) = self.peers_cache.last.lock() {
+                if let Some((at, p)) = *last {
+                    if at.elapsed() < PEERS_MAX_AGE {
+                        return Ok(p);
+                    }
+                }
+            }
+        }
+        let _ = fresh;
+        let mut req = mailbox::delete_request(ObjectSlot(0), Generation(0));
+        req.op = OP_PEERS;
+        let resp = self.device_call(dev, &req, &mut [], self.reply_timeout)?;
+        status_of(&resp, ObjectSlot(resp.slot))?;
+        let p = PeersReply::read(&resp)
+            .ok_or(Error::BadResponse(resp.status, ObjectSlot(resp.slot)))?;
+        #[cfg(feature = "std")]
+        if let Ok(mut last) = self.peers_cache.last.lock() {
+            *last = Some((std::time::Instant::now(), p));
+        }
+        Ok(p)
     }
 
     /// What the device says of `name` now: an OPEN and a CLOSE (a VM sees no table to look

@@ -1062,3 +1062,32 @@ fn a_lock_stays_pending_without_holding_up_the_queue_until_the_owner_unlocks_and
         );
     });
 }
+
+#[test]
+fn peers_tells_a_vm_its_own_slot_and_who_is_attached_from_vshmds_records() {
+    use vshm_format::virtio::{PeersReply, OP_PEERS};
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        let mut req = named(OP_PEERS, "x", 0);
+        req.name_len = 0;
+        let r = t.vm().request(&req);
+        assert_eq!(r.status, Status::Success.code());
+        let p = PeersReply::read(&r).expect("a reply that adds up");
+        let host_slot = t.local.with(|a| {
+            a.status()
+                .peers
+                .iter()
+                .find(|x| x.id == HOST.raw())
+                .map(|x| x.slot)
+                .expect("the host peer")
+        });
+        assert!(p.incarnation_of(vshm_format::PeerSlot(host_slot)).is_some());
+        assert_eq!(p.incarnation_of(p.me), Some(p.incarnation));
+        // A departure shows at the next PEERS.
+        t.local.with(|a| a.peer_gone(HOST));
+        let r = t.vm().request(&req);
+        let p = PeersReply::read(&r).expect("reply");
+        assert_eq!(p.incarnation_of(vshm_format::PeerSlot(host_slot)), None);
+        t.disconnect();
+    });
+}

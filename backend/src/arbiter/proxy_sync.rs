@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use vshm_format::layout::{kind, mutex_word};
 use vshm_format::sync;
 use vshm_format::virtio::{
-    VirtioVshmEvent, EVENT_CHANGED, EVENT_DELETED, EVENT_SIGNALLED, LIST_MANUAL_RESET,
-    LIST_PERSISTENT,
+    PeersReply, VirtioVshmEvent, EVENT_CHANGED, EVENT_DELETED, EVENT_SIGNALLED, LIST_MANUAL_RESET,
+    LIST_PERSISTENT, PEERS_MAX,
 };
 use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, Status};
 
@@ -284,6 +284,26 @@ impl<M: Backing> Arbiter<M> {
             Ok(()) => Status::Success,
             Err((status, _)) => status,
         }
+    }
+
+    /// PEERS for proxied peer `peer_id`: its own slot and incarnation, and who is attached
+    /// in every slot, from vshmd's records (what the block allocator inside a section
+    /// needs to tell a departed owner; a header's peer table could be scribbled).
+    pub fn proxy_peers(&self, peer_id: PeerId) -> Result<PeersReply, Status> {
+        let s = self.proxy_slot_of(peer_id)?;
+        let mut reply = PeersReply {
+            me: s,
+            incarnation: 0,
+            count: (self.layout.max_peers as usize).min(PEERS_MAX),
+            slots: [0; PEERS_MAX],
+        };
+        for (slot, p) in self.peer_slots() {
+            if let Some(at) = reply.slots.get_mut(slot.raw() as usize) {
+                *at = if p.connected { p.incarnation } else { 0 };
+            }
+        }
+        reply.incarnation = reply.slots.get(s.raw() as usize).copied().unwrap_or(0);
+        Ok(reply)
     }
 
     /// Whether the mutex in `slot` is owned by thread `token` of proxied slot `s`.

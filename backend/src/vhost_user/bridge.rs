@@ -290,6 +290,10 @@ impl Arbitration for Bridge {
         self.call(move |h| h.arbiter().proxy_list(vm))
             .unwrap_or(Err(Status::InsufficientResources))
     }
+    fn peers(&self, vm: PeerId) -> Result<vshm_format::virtio::PeersReply, Status> {
+        self.call(move |h| h.arbiter().proxy_peers(vm))
+            .unwrap_or(Err(Status::InsufficientResources))
+    }
     fn stopped(&self) -> bool {
         self.stopped.load(Ordering::SeqCst)
     }

@@ -40,8 +40,8 @@ use vshm_format::virtio::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, WAIT_SINCE,
 };
 pub use vshm_format::virtio::{
-    MAP_WRITABLE, MAX_HANDLES, OPEN_READ_ONLY, OP_CLOSE, OP_LIST, OP_OPEN, OP_RESET, OP_SIGNAL,
-    OP_WAIT, RESP_MAP_FLAGS_OFF, VSHM_F_EVENTQ, VSHM_F_READ_ONLY,
+    MAP_WRITABLE, MAX_HANDLES, OPEN_READ_ONLY, OP_CLOSE, OP_LIST, OP_OPEN, OP_PEERS, OP_RESET,
+    OP_SIGNAL, OP_WAIT, RESP_MAP_FLAGS_OFF, VSHM_F_EVENTQ, VSHM_F_READ_ONLY,
 };
 const QUEUE_SIZE: usize = 256;
 /// `handle_event`'s id for the notices' bell (above the queues and the exit event).
@@ -267,6 +267,14 @@ impl VshmDevice {
             OP_OPEN => self.open(vm, req),
             OP_CLOSE => self.close(vm, req),
             OP_LIST => self.list(vm, 0).0,
+            OP_PEERS => match self.arbitration.peers(vm) {
+                Ok(p) => {
+                    let mut r = mailbox::status_response(Status::Success);
+                    p.write(&mut r);
+                    r
+                }
+                Err(status) => mailbox::status_response(status),
+            },
             op::CREATE => self.create(vm, req),
             // Everything else names an object by slot and generation: only one this VM
             // holds (it sees no table, and must not act on what it could only guess).

@@ -214,6 +214,8 @@ pub trait Arbitration: std::fmt::Debug + Send + Sync {
     fn cancel_wait(&self, vm: PeerId, id: u64) -> bool;
     /// The names the VM may open.
     fn list(&self, vm: PeerId) -> Result<Vec<ProxyListed>, Status>;
+    /// Who is attached (PEERS).
+    fn peers(&self, vm: PeerId) -> Result<vshm_format::virtio::PeersReply, Status>;
     /// The VM is gone: reclaim what it held.
     fn gone(&self, vm: PeerId);
     /// The namespace's loop has stopped (vshmd is stopping or handed the region over): no
@@ -323,6 +325,9 @@ impl Arbitration for Local {
     }
     fn list(&self, vm: PeerId) -> Result<Vec<ProxyListed>, Status> {
         self.with(|a| a.proxy_list(vm))
+    }
+    fn peers(&self, vm: PeerId) -> Result<vshm_format::virtio::PeersReply, Status> {
+        self.with(|a| a.proxy_peers(vm))
     }
     fn gone(&self, vm: PeerId) {
         self.listeners.remove(vm);

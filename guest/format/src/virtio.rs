@@ -46,6 +46,85 @@ pub const OP_WAIT: u32 = 12;
 /// Operation: the names this VM may open, as [`ListRecord`]s in the chain's writable bytes
 /// past the response (§5.3).
 pub const OP_LIST: u32 = 13;
+/// Operation: who is attached to the namespace (§5.1), what the block allocator inside a
+/// section needs to tell a departed owner: the reply is a [`PeersReply`].
+pub const OP_PEERS: u32 = 14;
+/// Byte of a PEERS response where `le64 incarnation[size]` starts, one per peer slot (0:
+/// nobody attached there).
+pub const RESP_PEERS_OFF: usize = 96;
+/// Most peer slots a PEERS reply describes.
+pub const PEERS_MAX: usize = crate::layout::MAX_PEERS_LIMIT as usize;
+const _: () =
+    assert!(RESP_PEERS_OFF + 8 * PEERS_MAX <= core::mem::size_of::<crate::layout::Response>());
+
+/// A PEERS reply: the VM's own peer slot and incarnation (`slot`, `generation`), and the
+/// incarnation of whoever is attached in each slot (`size` of them, from byte
+/// [`RESP_PEERS_OFF`]), as vshmd knows them (not as a header shows them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeersReply {
+    /// The VM's own peer slot.
+    pub me: crate::PeerSlot,
+    /// The VM's own incarnation.
+    pub incarnation: u64,
+    /// How many slots `slots` describes.
+    pub count: usize,
+    /// Incarnation attached in each slot, 0 for none.
+    pub slots: [u64; PEERS_MAX],
+}
+
+impl PeersReply {
+    /// Reads one out of a response; `None` if it does not add up (more slots than a region
+    /// has, its own slot outside them or not showing itself).
+    pub fn read(resp: &crate::layout::Response) -> Option<PeersReply> {
+        let b = crate::shm::bytes_of(resp);
+        let count = usize::try_from(resp.size)
+            .ok()
+            .filter(|&c| c <= PEERS_MAX)?;
+        let mut slots = [0u64; PEERS_MAX];
+        for (i, s) in slots.iter_mut().enumerate().take(count) {
+            let at = RESP_PEERS_OFF + 8 * i;
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[at..at + 8]);
+            *s = u64::from_le_bytes(w);
+        }
+        let me = usize::try_from(resp.slot).ok().filter(|&m| m < count)?;
+        if slots[me] != resp.generation || resp.generation == 0 {
+            return None;
+        }
+        Some(PeersReply {
+            me: crate::PeerSlot(resp.slot),
+            incarnation: resp.generation,
+            count,
+            slots,
+        })
+    }
+
+    /// Writes it into a response.
+    pub fn write(&self, resp: &mut crate::layout::Response) {
+        resp.slot = self.me.raw();
+        resp.generation = self.incarnation;
+        resp.size = self.count as u64;
+        let b = crate::shm::bytes_of_mut(resp);
+        for (i, s) in self
+            .slots
+            .iter()
+            .enumerate()
+            .take(self.count.min(PEERS_MAX))
+        {
+            let at = RESP_PEERS_OFF + 8 * i;
+            b[at..at + 8].copy_from_slice(&s.to_le_bytes());
+        }
+    }
+
+    /// The incarnation attached in `slot`, `None` if nobody is.
+    pub fn incarnation_of(&self, slot: crate::PeerSlot) -> Option<u64> {
+        let i = usize::try_from(slot.raw())
+            .ok()
+            .filter(|&i| i < self.count)?;
+        Some(self.slots[i]).filter(|&inc| inc != 0)
+    }
+}
+
 /// Most handles one VM may have open at once.
 pub const MAX_HANDLES: usize = 4096;
 /// Byte of the response holding `map_flags` (the first reserved byte).
