@@ -65,10 +65,11 @@ pub(super) const EIO: TransportError = TransportError::Os(libc::EIO);
 /// The device broke the protocol (an answer that cannot be one).
 pub(super) const EPROTO: TransportError = TransportError::Os(libc::EPROTO);
 
-/// A fresh memfd, close-on-exec.
+/// A fresh memfd, close-on-exec, that may be sealed.
 pub(super) fn memfd(name: &CStr) -> io::Result<File> {
     // SAFETY: memfd_create with a valid NUL-terminated name and flags; the result is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -84,10 +85,17 @@ pub(super) struct GuestMemory {
 }
 
 impl GuestMemory {
-    /// A zeroed guest memory of [`GUEST_BYTES`].
+    /// A zeroed guest memory of [`GUEST_BYTES`], sealed at that size.
     pub(super) fn new() -> io::Result<GuestMemory> {
         let file = memfd(c"vshm-vhost-user-queue")?;
         file.set_len(GUEST_BYTES)?;
+        // Its size for good: vshmd maps it too, and a shrink (by anyone holding the fd)
+        // would make vshmd's accesses fault.
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS on a descriptor `file` owns; the result is checked.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
         let map = Mapping::new(&file, GUEST_BYTES)?;
         Ok(GuestMemory { file, map })
     }
@@ -424,6 +432,27 @@ mod tests {
         answer(&mem, head_of(a), 768, sa);
         assert!(q.reap(&mem).expect("reap"));
         assert_eq!(q.take_slot(false), Some(a), "freed by its late answer");
+    }
+
+    #[test]
+    fn the_guest_memory_cannot_be_shrunk_grown_or_unsealed() {
+        let g = GuestMemory::new().expect("guest memory");
+        let shrink = g.file.set_len(GUEST_BYTES / 2);
+        assert_eq!(
+            shrink.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EPERM)),
+            "a shrink would make vshmd's accesses fault"
+        );
+        assert_eq!(
+            g.file
+                .set_len(GUEST_BYTES * 2)
+                .map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EPERM))
+        );
+        // SAFETY: F_ADD_SEALS on a descriptor this test owns; the result is checked.
+        let rc = unsafe { libc::fcntl(g.file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(rc, -1, "the seals are sealed");
+        assert_eq!(g.region().size(), GUEST_BYTES);
     }
 
     #[test]
