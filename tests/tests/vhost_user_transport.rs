@@ -10,7 +10,7 @@ use vshm::format::layout::{kind, Request, Response};
 use vshm::format::mailbox;
 use vshm::format::shm::{bytes_of, zeroed, SharedMemory};
 use vshm::format::virtio::{
-    ListRecord, MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_LIST, OP_OPEN, OP_WAIT,
+    ListRecord, MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_LIST, OP_OPEN, OP_SIGNAL, OP_WAIT,
     RESP_MAP_FLAGS_OFF,
 };
 use vshm::format::Status;
@@ -309,5 +309,85 @@ fn a_call_after_vshmd_died_fails_with_backend_gone() {
         t.window().read_bytes(made.offset, &mut b2).expect("read");
         assert_eq!(b2, [0; 8], "nothing stays mapped once vshmd is gone");
         drop(b);
+    });
+}
+
+#[test]
+fn waits_parked_in_every_slot_they_may_take_leave_signal_open_and_close_room_to_complete() {
+    watchdog(LIMIT, || {
+        let (b, vpath) = start("4M");
+        let host = b.connect();
+        let manual = EventOptions {
+            manual_reset: true,
+            persistent: false,
+        };
+        let (gate, _) = host.create_event(Some("gate"), &manual).expect("event");
+        let (_other, _) = host
+            .create_event(Some("other"), &EventOptions::default())
+            .expect("event");
+        let t = connect(&vpath);
+        let g = request(&t, &open("gate", 0));
+        ok(&g);
+        let o = request(&t, &open("other", 0));
+        ok(&o);
+        // More WAITs than there are request slots, none of which the device can answer
+        // yet.
+        const WAITERS: usize = 60;
+        std::thread::scope(|sc| {
+            let waiters: Vec<_> = (0..WAITERS)
+                .map(|_| {
+                    let (t, g) = (&t, &g);
+                    sc.spawn(move || {
+                        t.call(&on(OP_WAIT, g, 30_000), &mut [], Duration::from_secs(40))
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(waiters.iter().all(|w| !w.is_finished()), "all pending");
+            // Other requests still find a slot, at once.
+            let prompt = Duration::from_secs(3);
+            let started = Instant::now();
+            let signal = t
+                .call(&on(OP_SIGNAL, &o, 0), &mut [], prompt)
+                .expect("call")
+                .expect("SIGNAL answered while WAITs are parked");
+            ok(&signal);
+            let again = t
+                .call(&open("gate", 0), &mut [], prompt)
+                .expect("call")
+                .expect("OPEN answered while WAITs are parked");
+            ok(&again);
+            let closed = t
+                .call(&close(&again), &mut [], prompt)
+                .expect("call")
+                .expect("CLOSE answered while WAITs are parked");
+            ok(&closed);
+            assert!(started.elapsed() < prompt, "{:?}", started.elapsed());
+            // A WAIT that finds WAITs' share taken waits for a slot, its own timeout
+            // counting: it times out as the device would have timed it out.
+            let started = Instant::now();
+            let short = t
+                .call(&on(OP_WAIT, &g, 200), &mut [], Duration::from_secs(10))
+                .expect("call")
+                .expect("the short WAIT was answered");
+            assert_eq!(Status::from_code(short.status), Some(Status::Timeout));
+            let took = started.elapsed();
+            assert!(
+                took >= Duration::from_millis(200) && took < prompt,
+                "{took:?}"
+            );
+            // A WAIT past the cap waited for a slot rather than failing: every one
+            // completes once the gate opens.
+            gate.signal().expect("host signals the gate");
+            for w in waiters {
+                let r = w
+                    .join()
+                    .expect("waiter")
+                    .expect("call")
+                    .expect("the WAIT was answered");
+                ok(&r);
+                assert_eq!((r.slot, r.generation), (g.slot, g.generation));
+            }
+        });
     });
 }

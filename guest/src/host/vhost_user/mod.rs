@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vshm_format::layout::{Request, Response, FORMAT_VERSION};
 use vshm_format::shm::RawRegion;
 use vshm_format::virtio::{
-    DeviceConfig, CONFIG_BYTES, OP_LIST, VIRTIO_F_VERSION_1, VSHM_F_READ_ONLY,
+    DeviceConfig, CONFIG_BYTES, OP_LIST, OP_WAIT, VIRTIO_F_VERSION_1, VSHM_F_READ_ONLY,
 };
 
 use crate::{DeviceTransport, TransportError};
@@ -427,7 +427,8 @@ impl DeviceTransport for VhostUserTransport {
         records: &mut [u8],
         timeout: Duration,
     ) -> Result<Option<Response>, TransportError> {
-        let deadline = Instant::now().checked_add(timeout);
+        let started = Instant::now();
+        let deadline = started.checked_add(timeout);
         let room = if req.op == OP_LIST {
             u32::try_from(records.len())
                 .unwrap_or(u32::MAX)
@@ -435,23 +436,44 @@ impl DeviceTransport for VhostUserTransport {
         } else {
             0
         };
+        // A WAIT's own timeout (`size` ms, 0: none) counts from now, while it waits for a
+        // slot too.
+        let wait_ms = if req.op == OP_WAIT { req.size } else { 0 };
+        let own = (wait_ms > 0)
+            .then(|| started.checked_add(Duration::from_millis(wait_ms)))
+            .flatten();
+        let parked = match (deadline, own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let mem = self.shared.guest.region();
         let mut q = self.lock()?;
-        // A slot (and the LIST area), as soon as one is free.
+        // A slot (and the LIST area), as soon as one is free (a WAIT: one of WAITs' share).
         let slot = loop {
             if q.gone {
                 return Err(TransportError::BackendGone);
             }
-            if let Some(slot) = q.take_slot(room > 0) {
+            if let Some(slot) = q.take_slot(room > 0, req.op) {
                 break slot;
             }
-            let (guard, late) = self.wait(q, deadline)?;
+            let (guard, late) = self.wait(q, parked)?;
             q = guard;
             if late {
+                if own.is_some_and(|at| Instant::now() >= at) {
+                    // The WAIT's time is up before it was posted: what the device would
+                    // have answered.
+                    return Ok(Some(wait_timed_out(req)));
+                }
                 return Ok(None);
             }
         };
-        if let Err(e) = q.post(&mem, slot, req, room) {
+        let mut req = *req;
+        if wait_ms > 0 {
+            // What is left of its timeout.
+            let waited = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            req.size = wait_ms.saturating_sub(waited).max(1);
+        }
+        if let Err(e) = q.post(&mem, slot, &req, room) {
             q.untake(slot);
             return Err(e);
         }
@@ -482,6 +504,15 @@ impl DeviceTransport for VhostUserTransport {
     fn sleep(&self, d: Duration) {
         std::thread::sleep(d);
     }
+}
+
+/// The answer to a WAIT whose timeout passed before a slot was free for it: STATUS_TIMEOUT
+/// on the object it named, as the device answers a WAIT whose time is up.
+fn wait_timed_out(req: &Request) -> Response {
+    let mut r = vshm_format::mailbox::status_response(vshm_format::Status::Timeout);
+    r.slot = req.slot;
+    r.generation = req.generation;
+    r
 }
 
 impl Drop for VhostUserTransport {

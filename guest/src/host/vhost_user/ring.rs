@@ -26,6 +26,7 @@ use std::sync::atomic::Ordering;
 use vhost::VhostUserMemoryRegionInfo;
 use vshm_format::layout::{Request, Response};
 use vshm_format::shm::{bytes_of, bytes_of_mut, zeroed, RawRegion, SharedMemory};
+use vshm_format::virtio::OP_WAIT;
 
 use crate::host::Mapping;
 use crate::TransportError;
@@ -36,6 +37,10 @@ pub(super) const GPA: u64 = 0x10_0000;
 pub(super) const QUEUE_SIZE: u16 = 128;
 /// Request slots (three descriptors each).
 pub(super) const SLOTS: usize = (QUEUE_SIZE / 3) as usize;
+/// Slots a WAIT never takes: however many threads wait, SIGNAL, CLOSE, OPEN... find one.
+pub(super) const NON_WAIT_RESERVE: usize = 8;
+/// The most slots WAITs occupy at once (more WAITs wait for one of these).
+pub(super) const WAIT_SLOTS: usize = SLOTS - NON_WAIT_RESERVE;
 const DESC: u64 = 0x0000;
 const AVAIL: u64 = 0x1000;
 const USED: u64 = 0x2000;
@@ -159,11 +164,33 @@ pub(super) enum Progress {
     Answered,
 }
 
+/// What a slot's request was: its op and the object it named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct Sent {
+    pub(super) op: u32,
+    pub(super) slot: u32,
+    pub(super) generation: u64,
+    pub(super) size: u64,
+}
+
+impl Sent {
+    fn of(req: &Request) -> Sent {
+        Sent {
+            op: req.op,
+            slot: req.slot,
+            generation: req.generation,
+            size: req.size,
+        }
+    }
+}
+
 /// The driver's side of the request queue: which slots are in use and how far the rings
 /// have gone. Lives under the transport's mutex.
 #[derive(Debug)]
 pub(super) struct Queue {
     slots: [Slot; SLOTS],
+    /// The request each slot that is not free carries (its op from the moment it is taken).
+    sent: [Sent; SLOTS],
     /// The slot whose chain has the LIST area, if any.
     list_holder: Option<usize>,
     next_avail: u16,
@@ -177,6 +204,7 @@ impl Queue {
     pub(super) fn new() -> Queue {
         Queue {
             slots: [Slot::Free; SLOTS],
+            sent: [Sent::default(); SLOTS],
             list_holder: None,
             next_avail: 0,
             last_used: 0,
@@ -185,14 +213,31 @@ impl Queue {
         }
     }
 
-    /// A free slot (with the LIST area too if `list`), taken; `None` when every slot (or
-    /// the LIST area) is in use.
-    pub(super) fn take_slot(&mut self, list: bool) -> Option<usize> {
+    /// Slots WAITs occupy (taken, posted, answered or abandoned).
+    fn waits(&self) -> usize {
+        self.slots
+            .iter()
+            .zip(&self.sent)
+            .filter(|(s, r)| **s != Slot::Free && r.op == OP_WAIT)
+            .count()
+    }
+
+    /// A free slot for a request of `op` (with the LIST area too if `list`), taken; `None`
+    /// when every slot (or the LIST area) is in use, or `op` is a WAIT and WAITs have
+    /// [`WAIT_SLOTS`] already.
+    pub(super) fn take_slot(&mut self, list: bool, op: u32) -> Option<usize> {
         if list && self.list_holder.is_some() {
+            return None;
+        }
+        if op == OP_WAIT && self.waits() >= WAIT_SLOTS {
             return None;
         }
         let i = self.slots.iter().position(|s| *s == Slot::Free)?;
         self.slots[i] = Slot::Taken;
+        self.sent[i] = Sent {
+            op,
+            ..Sent::default()
+        };
         if list {
             self.list_holder = Some(i);
         }
@@ -273,6 +318,7 @@ impl Queue {
         mem.store_u32(AVAIL, word.to_le(), Ordering::Release)
             .map_err(|_| EIO)?;
         self.slots[slot] = Slot::Posted { seq };
+        self.sent[slot] = Sent::of(&req);
         Ok(seq)
     }
 
@@ -384,6 +430,8 @@ fn write_desc(
 
 #[cfg(test)]
 mod tests {
+    use vshm_format::virtio::OP_SIGNAL;
+
     use super::*;
 
     /// Plays the device: returns `head` with `len` bytes written, the response's
@@ -412,8 +460,8 @@ mod tests {
         let g = GuestMemory::new().expect("guest memory");
         let mem = g.region();
         let mut q = Queue::new();
-        let a = q.take_slot(false).expect("slot");
-        let b = q.take_slot(false).expect("slot");
+        let a = q.take_slot(false, 0).expect("slot");
+        let b = q.take_slot(false, 0).expect("slot");
         let req: Request = zeroed();
         let sa = q.post(&mem, a, &req, 0).expect("post");
         let sb = q.post(&mem, b, &req, 0).expect("post");
@@ -427,11 +475,11 @@ mod tests {
         assert_eq!(r.resp_seq, sb);
         // a abandoned: its slot stays taken until the device returns it.
         q.abandon(a);
-        let c = q.take_slot(false).expect("slot");
+        let c = q.take_slot(false, 0).expect("slot");
         assert_ne!(c, a, "an abandoned slot is not reused");
         answer(&mem, head_of(a), 768, sa);
         assert!(q.reap(&mem).expect("reap"));
-        assert_eq!(q.take_slot(false), Some(a), "freed by its late answer");
+        assert_eq!(q.take_slot(false, 0), Some(a), "freed by its late answer");
     }
 
     #[test]
@@ -460,7 +508,7 @@ mod tests {
         let g = GuestMemory::new().expect("guest memory");
         let mem = g.region();
         let mut q = Queue::new();
-        let a = q.take_slot(false).expect("slot");
+        let a = q.take_slot(false, 0).expect("slot");
         let req: Request = zeroed();
         let s = q.post(&mem, a, &req, 0).expect("post");
         // Heads that are no chain's, or no posted chain's.
@@ -473,7 +521,7 @@ mod tests {
         answer(&mem, head_of(a), 100, s);
         q.reap(&mem).expect("reap");
         assert_eq!(q.collect(&mem, a, &mut []), Err(EPROTO));
-        let a = q.take_slot(false).expect("slot");
+        let a = q.take_slot(false, 0).expect("slot");
         let s = q.post(&mem, a, &req, 0).expect("post");
         answer(&mem, head_of(a), 768, s + 7);
         q.reap(&mem).expect("reap");
@@ -483,14 +531,31 @@ mod tests {
     #[test]
     fn one_list_at_a_time_and_every_slot_can_be_taken_once() {
         let mut q = Queue::new();
-        let l = q.take_slot(true).expect("list slot");
-        assert_eq!(q.take_slot(true), None, "the LIST area is taken");
+        let l = q.take_slot(true, 0).expect("list slot");
+        assert_eq!(q.take_slot(true, 0), None, "the LIST area is taken");
         q.untake(l);
-        assert!(q.take_slot(true).is_some());
+        assert!(q.take_slot(true, 0).is_some());
         let mut n = 1;
-        while q.take_slot(false).is_some() {
+        while q.take_slot(false, 0).is_some() {
             n += 1;
         }
         assert_eq!(n, SLOTS);
+    }
+
+    #[test]
+    fn waits_take_at_most_their_share_of_the_slots_and_leave_the_rest_to_other_requests() {
+        let mut q = Queue::new();
+        let mut waits = Vec::new();
+        while let Some(s) = q.take_slot(false, OP_WAIT) {
+            waits.push(s);
+        }
+        assert_eq!(waits.len(), WAIT_SLOTS);
+        for _ in 0..NON_WAIT_RESERVE {
+            assert!(q.take_slot(false, OP_SIGNAL).is_some(), "the reserve");
+        }
+        assert_eq!(q.take_slot(false, OP_SIGNAL), None, "every slot in use");
+        // A WAIT's slot back: another WAIT may have it.
+        q.untake(waits[0]);
+        assert_eq!(q.take_slot(false, OP_WAIT), Some(waits[0]));
     }
 }
