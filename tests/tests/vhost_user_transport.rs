@@ -391,3 +391,75 @@ fn waits_parked_in_every_slot_they_may_take_leave_signal_open_and_close_room_to_
         });
     });
 }
+
+/// Stops (`SIGSTOP`) or resumes (`SIGCONT`) the vshmd this test started.
+fn signal_vshmd(b: &Backend, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(b.pid()).expect("pid");
+    // SAFETY: kill(2) on the vshmd this test started (still our unreaped child).
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+}
+
+#[test]
+fn an_open_given_up_on_before_its_answer_is_closed_by_the_transport_when_the_answer_comes() {
+    watchdog(LIMIT, || {
+        let (b, vpath) = start("4M");
+        let host = b.connect();
+        let (h, _) = host
+            .create(Some("late open"), &CreateOptions::new(16 << 10))
+            .expect("create");
+        let t = connect(&vpath);
+        let holders = || host.holders(h.slot()).count();
+        assert_eq!(holders(), 1, "the host alone");
+        // vshmd stalled: the OPEN gets no answer in time, and the caller gives up.
+        signal_vshmd(&b, libc::SIGSTOP);
+        let gave_up = t.call(&open("late open", 0), &mut [], Duration::from_millis(300));
+        signal_vshmd(&b, libc::SIGCONT);
+        assert_eq!(gave_up, Ok(None), "no answer within 300 ms");
+        // A later request is answered after the OPEN (in order): the OPEN was carried out.
+        let mut list: Request = zeroed();
+        list.op = OP_LIST;
+        ok(&request(&t, &list));
+        // Its hold is given back without anyone asking.
+        assert!(
+            wait_for(Duration::from_secs(10), || holders() == 1),
+            "the device peer still holds the section ({} holders)",
+            holders()
+        );
+        // So the host's close is the last: the section is destroyed.
+        drop(h);
+        assert!(
+            wait_for(Duration::from_secs(10), || host
+                .open("late open")
+                .is_err_and(|e| e.status() == Status::ObjectNameNotFound)),
+            "destroyed at the last close"
+        );
+        let mut b2 = [7u8; 8];
+        t.window().read_bytes(0, &mut b2).expect("read");
+        assert_eq!(b2, [0; 8], "nothing left mapped");
+    });
+}
+
+#[test]
+fn a_signal_taken_by_a_wait_given_up_on_is_given_back_to_the_event() {
+    watchdog(LIMIT, || {
+        let (b, vpath) = start("4M");
+        let host = b.connect();
+        let (ev, _) = host
+            .create_event(Some("auto"), &EventOptions::default())
+            .expect("event");
+        let t = connect(&vpath);
+        let e = request(&t, &open("auto", 0));
+        ok(&e);
+        // A WAIT whose caller gives up at once; the device still has it when the signal
+        // comes, and it takes it.
+        let gave_up = t
+            .call(&on(OP_WAIT, &e, 5_000), &mut [], Duration::from_millis(50))
+            .expect("call");
+        assert!(gave_up.is_none(), "no answer within 50 ms");
+        ev.signal().expect("host signals");
+        std::thread::sleep(Duration::from_millis(300));
+        // The signal is still there for the next waiter.
+        let next = request(&t, &on(OP_WAIT, &e, 2_000));
+        ok(&next);
+    });
+}

@@ -24,15 +24,23 @@ pub(super) struct Shared {
     pub(super) changed: Condvar,
     /// The memory the rings and the request slots are in.
     pub(super) guest: GuestMemory,
+    /// The request queue's kick eventfd.
+    pub(super) kick: EventFd,
 }
 
 impl Shared {
-    /// Reads the used ring; wakes the callers if anything came.
+    /// Reads the used ring; wakes the callers if anything came, kicks if it posted undos
+    /// (it never waits for a slot: an undo goes in the slot its abandoned request frees).
     fn reap(&self) {
         let Ok(mut q) = self.queue.lock() else {
             return;
         };
-        if q.reap(&self.guest.region()).unwrap_or(false) {
+        let reaped = q.reap(&self.guest.region()).unwrap_or_default();
+        drop(q);
+        if reaped.posted {
+            let _ = self.kick.write(1);
+        }
+        if reaped.changed {
             self.changed.notify_all();
         }
     }

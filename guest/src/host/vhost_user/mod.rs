@@ -147,7 +147,6 @@ pub struct VhostUserTransport {
     features: u64,
     /// The connection; dropped (vshmd sees the VM leave) before the window is unmapped.
     frontend: Option<Frontend>,
-    kick: EventFd,
     shared: Arc<Shared>,
     window: Arc<Window>,
     stop: EventFd,
@@ -298,6 +297,7 @@ impl VhostUserTransport {
             queue: Mutex::new(Queue::new()),
             changed: Condvar::new(),
             guest,
+            kick,
         });
         let stop = EventFd::new(EFD_NONBLOCK).map_err(os("an eventfd"))?;
         let channel = Channel {
@@ -317,7 +317,6 @@ impl VhostUserTransport {
             config,
             features,
             frontend: Some(frontend),
-            kick,
             shared,
             window,
             stop,
@@ -477,9 +476,9 @@ impl DeviceTransport for VhostUserTransport {
             q.untake(slot);
             return Err(e);
         }
-        if let Err(e) = self.kick.write(1) {
+        if let Err(e) = self.shared.kick.write(1) {
             // Posted but maybe never seen: the slot waits for its answer (or the hang-up).
-            q.abandon(slot);
+            q.abandon(&mem, slot);
             return Err(TransportError::Os(e.raw_os_error().unwrap_or(libc::EIO)));
         }
         loop {
@@ -495,7 +494,9 @@ impl DeviceTransport for VhostUserTransport {
             let (guard, late) = self.wait(q, deadline)?;
             q = guard;
             if late && q.progress(slot) != Progress::Answered {
-                q.abandon(slot);
+                if q.abandon(&mem, slot) {
+                    let _ = self.shared.kick.write(1);
+                }
                 return Ok(None);
             }
         }

@@ -17,6 +17,7 @@
 //! has returned the chain on the used ring: a caller that stopped waiting leaves it
 //! abandoned until then, so a late answer never lands in another request's buffers.
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
@@ -24,9 +25,10 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::Ordering;
 
 use vhost::VhostUserMemoryRegionInfo;
-use vshm_format::layout::{Request, Response};
+use vshm_format::layout::{kind, object_flags, op, Request, Response};
 use vshm_format::shm::{bytes_of, bytes_of_mut, zeroed, RawRegion, SharedMemory};
-use vshm_format::virtio::OP_WAIT;
+use vshm_format::virtio::{HandleFields, MAX_HANDLES, OP_CLOSE, OP_OPEN, OP_SIGNAL, OP_WAIT};
+use vshm_format::Status;
 
 use crate::host::Mapping;
 use crate::TransportError;
@@ -151,8 +153,11 @@ enum Slot {
         seq: u64,
         len: u32,
     },
-    /// Posted, and its caller stopped waiting: freed when the device returns it.
-    Abandoned,
+    /// Posted with this `req_seq`, and its caller stopped waiting (or the transport posted
+    /// it on its own): freed when the device returns it.
+    Abandoned {
+        seq: u64,
+    },
 }
 
 /// What a caller's slot holds now.
@@ -184,6 +189,89 @@ impl Sent {
     }
 }
 
+/// What the transport knows of an object it holds handles on, learnt from the replies to
+/// the OPENs and CREATEs that made them. Forgotten when the last of them is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Known {
+    /// `vshm_format::layout::kind`.
+    pub(super) kind: u32,
+    /// `vshm_format::layout::object_flags`.
+    pub(super) flags: u32,
+    /// Handles this process has on it (OPEN/CREATE replies minus CLOSEs).
+    handles: u32,
+}
+
+/// How a request whose caller gave up is undone once its answer says it did something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Undo {
+    /// CLOSE the handle the reply made (its window offset names it).
+    Close,
+    /// UNLOCK the mutex with the token the LOCK carried.
+    Unlock,
+    /// SIGNAL the event again: the WAIT took an auto-reset event's signal nobody got.
+    GiveBackSignal,
+}
+
+/// The undo table: (request op, answer status) → what undoes it. Anything else needs no
+/// undo (a refusal or a timeout took nothing; CLOSE, SIGNAL, UNLOCK give rather than take).
+const UNDO: [(u32, Status, Undo); 7] = [
+    (OP_OPEN, Status::Success, Undo::Close),
+    (OP_OPEN, Status::ObjectNameExists, Undo::Close),
+    (op::CREATE, Status::Success, Undo::Close),
+    (op::CREATE, Status::ObjectNameExists, Undo::Close),
+    (op::LOCK, Status::Success, Undo::Unlock),
+    (op::LOCK, Status::Abandoned, Undo::Unlock),
+    (OP_WAIT, Status::Success, Undo::GiveBackSignal),
+];
+
+/// A request of `op` naming (`slot`, `generation`) with `size`.
+fn request_on(op: u32, slot: u32, generation: u64, size: u64) -> Request {
+    let mut r: Request = zeroed();
+    r.op = op;
+    r.slot = slot;
+    r.generation = generation;
+    r.size = size;
+    r
+}
+
+/// The request that undoes `sent`, answered `resp`, whose caller is not there to take what
+/// it got; `known` is what is known of the object `sent` named. `None`: nothing to undo.
+pub(super) fn undo(sent: &Sent, resp: &Response, known: Option<&Known>) -> Option<Request> {
+    let status = Status::from_code(resp.status)?;
+    let &(_, _, how) = UNDO
+        .iter()
+        .find(|(op, st, _)| *op == sent.op && *st == status)?;
+    match how {
+        Undo::Close => Some(request_on(
+            OP_CLOSE,
+            resp.slot,
+            resp.generation,
+            resp.offset,
+        )),
+        Undo::Unlock => Some(request_on(
+            op::UNLOCK,
+            sent.slot,
+            sent.generation,
+            sent.size,
+        )),
+        Undo::GiveBackSignal => {
+            let auto_event = known.is_some_and(|k| {
+                k.kind == kind::EVENT && k.flags & object_flags::MANUAL_RESET == 0
+            });
+            auto_event.then(|| request_on(OP_SIGNAL, sent.slot, sent.generation, 0))
+        }
+    }
+}
+
+/// What [`Queue::reap`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct Reaped {
+    /// A slot was answered or freed: wake the callers.
+    pub(super) changed: bool,
+    /// Requests were posted (undos): kick the queue.
+    pub(super) posted: bool,
+}
+
 /// The driver's side of the request queue: which slots are in use and how far the rings
 /// have gone. Lives under the transport's mutex.
 #[derive(Debug)]
@@ -198,6 +286,9 @@ pub(super) struct Queue {
     next_seq: u64,
     /// The backend hung up: every pending and later call fails.
     pub(super) gone: bool,
+    /// What is known of the objects held, by (slot, generation); at most [`MAX_HANDLES`]
+    /// (a VM cannot hold more).
+    known: HashMap<(u32, u64), Known>,
 }
 
 impl Queue {
@@ -210,6 +301,7 @@ impl Queue {
             last_used: 0,
             next_seq: 1,
             gone: false,
+            known: HashMap::new(),
         }
     }
 
@@ -258,13 +350,98 @@ impl Queue {
         }
     }
 
-    /// The caller of `slot` stops waiting: the slot is freed when the device returns it.
-    pub(super) fn abandon(&mut self, slot: usize) {
+    /// The caller of `slot` stops waiting: the slot is freed when the device returns it,
+    /// and what its answer granted is undone then. Returns whether a request was posted
+    /// (an undo of an answer that came in the meantime): the caller kicks.
+    pub(super) fn abandon(&mut self, mem: &RawRegion<'_>, slot: usize) -> bool {
         match self.slots.get(slot) {
-            Some(Slot::Posted { .. }) => self.slots[slot] = Slot::Abandoned,
-            // Answered in the meantime, or never posted: nothing is in flight.
-            Some(Slot::Answered { .. } | Slot::Taken) => self.free(slot),
+            Some(&Slot::Posted { seq }) => self.slots[slot] = Slot::Abandoned { seq },
+            Some(&Slot::Answered { seq, len }) => return self.give_up(mem, slot, seq, len),
+            Some(Slot::Taken) => self.free(slot),
             _ => {}
+        }
+        false
+    }
+
+    /// `slot`'s answer (`len` bytes written, for `req_seq` `seq`), if it is a whole one
+    /// for that request.
+    fn answer(&self, mem: &RawRegion<'_>, slot: usize, seq: u64, len: u32) -> Option<Response> {
+        if u64::from(len) < RESPONSE_BYTES {
+            return None;
+        }
+        let mut resp: Response = zeroed();
+        mem.read_bytes(slot_offset(slot) + REQUEST_BYTES, bytes_of_mut(&mut resp))
+            .ok()?;
+        (resp.resp_seq == seq).then_some(resp)
+    }
+
+    /// Learns from `resp`, the answer to `sent`, which handles this process has.
+    fn learn(&mut self, sent: &Sent, resp: &Response) {
+        let status = Status::from_code(resp.status);
+        match sent.op {
+            OP_OPEN | op::CREATE
+                if matches!(status, Some(Status::Success | Status::ObjectNameExists)) =>
+            {
+                let key = (resp.slot, resp.generation);
+                if !self.known.contains_key(&key) && self.known.len() >= MAX_HANDLES {
+                    // More objects than a VM can hold: the device is not telling the truth.
+                    return;
+                }
+                let f = HandleFields::read(resp);
+                let k = self.known.entry(key).or_insert(Known {
+                    kind: f.kind,
+                    flags: f.object_flags,
+                    handles: 0,
+                });
+                k.handles = k.handles.saturating_add(1);
+            }
+            // The handle is gone whatever else the answer says, unless there was none.
+            OP_CLOSE if status != Some(Status::InvalidHandle) => {
+                let key = (sent.slot, sent.generation);
+                if let Some(k) = self.known.get_mut(&key) {
+                    k.handles = k.handles.saturating_sub(1);
+                    if k.handles == 0 {
+                        self.known.remove(&key);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// What is known of the object (`slot`, `generation`), if this process holds it.
+    pub(super) fn known(&self, slot: u32, generation: u64) -> Option<Known> {
+        self.known.get(&(slot, generation)).copied()
+    }
+
+    /// Frees `slot`, answered (`seq`, `len`) with nobody to take the answer, and posts in
+    /// it what undoes what the answer granted. Returns whether it posted.
+    fn give_up(&mut self, mem: &RawRegion<'_>, slot: usize, seq: u64, len: u32) -> bool {
+        let sent = self.sent[slot];
+        let resp = self.answer(mem, slot, seq, len);
+        self.free(slot);
+        let Some(resp) = resp else {
+            return false;
+        };
+        let known = self.known(sent.slot, sent.generation);
+        let Some(req) = undo(&sent, &resp, known.as_ref()) else {
+            return false;
+        };
+        if self.gone {
+            // vshmd took everything back already.
+            return false;
+        }
+        self.slots[slot] = Slot::Taken;
+        match self.post(mem, slot, &req, 0) {
+            Ok(seq) => {
+                // Nobody waits for the undo's answer either.
+                self.slots[slot] = Slot::Abandoned { seq };
+                true
+            }
+            Err(_) => {
+                self.free(slot);
+                false
+            }
         }
     }
 
@@ -323,13 +500,14 @@ impl Queue {
     }
 
     /// Reads the used ring's new entries and marks the slots they return answered (or
-    /// frees abandoned ones). Entries that name no posted chain are ignored: the device is
-    /// another process, and one that misbehaves gets nothing from it. Returns whether
-    /// anything changed.
-    pub(super) fn reap(&mut self, mem: &RawRegion<'_>) -> Result<bool, TransportError> {
+    /// frees abandoned ones, posting in them what undoes what their answers granted).
+    /// Learns from OPEN, CREATE and CLOSE answers which handles this process has. Entries
+    /// that name no posted chain are ignored: the device is another process, and one that
+    /// misbehaves gets nothing from it.
+    pub(super) fn reap(&mut self, mem: &RawRegion<'_>) -> Result<Reaped, TransportError> {
         let word = u32::from_le(mem.load_u32(USED, Ordering::Acquire).map_err(|_| EIO)?);
         let idx = u16::try_from(word >> 16).unwrap_or(0);
-        let mut changed = false;
+        let mut reaped = Reaped::default();
         while self.last_used != idx {
             let entry = USED + 4 + 8 * u64::from(self.last_used % QUEUE_SIZE);
             let mut e = [0u8; 8];
@@ -341,13 +519,25 @@ impl Queue {
                 continue;
             };
             match self.slots[slot] {
-                Slot::Posted { seq } => self.slots[slot] = Slot::Answered { seq, len },
-                Slot::Abandoned => self.free(slot),
+                Slot::Posted { seq } => {
+                    self.slots[slot] = Slot::Answered { seq, len };
+                    if let Some(resp) = self.answer(mem, slot, seq, len) {
+                        let sent = self.sent[slot];
+                        self.learn(&sent, &resp);
+                    }
+                }
+                Slot::Abandoned { seq } => {
+                    if let Some(resp) = self.answer(mem, slot, seq, len) {
+                        let sent = self.sent[slot];
+                        self.learn(&sent, &resp);
+                    }
+                    reaped.posted |= self.give_up(mem, slot, seq, len);
+                }
                 Slot::Free | Slot::Taken | Slot::Answered { .. } => continue,
             }
-            changed = true;
+            reaped.changed = true;
         }
-        Ok(changed)
+        Ok(reaped)
     }
 
     /// Whether `slot` was answered; if so reads its response (checked: the whole response
@@ -430,8 +620,6 @@ fn write_desc(
 
 #[cfg(test)]
 mod tests {
-    use vshm_format::virtio::OP_SIGNAL;
-
     use super::*;
 
     /// Plays the device: returns `head` with `len` bytes written, the response's
@@ -468,17 +656,24 @@ mod tests {
         assert_ne!(sa, sb);
         // b answered first (out of order).
         answer(&mem, head_of(b), 768, sb);
-        assert!(q.reap(&mem).expect("reap"));
+        assert!(q.reap(&mem).expect("reap").changed);
         assert_eq!(q.progress(a), Progress::Pending);
         assert_eq!(q.progress(b), Progress::Answered);
         let r = q.collect(&mem, b, &mut []).expect("ok").expect("answered");
         assert_eq!(r.resp_seq, sb);
         // a abandoned: its slot stays taken until the device returns it.
-        q.abandon(a);
+        assert!(!q.abandon(&mem, a), "nothing to undo yet");
         let c = q.take_slot(false, 0).expect("slot");
         assert_ne!(c, a, "an abandoned slot is not reused");
         answer(&mem, head_of(a), 768, sa);
-        assert!(q.reap(&mem).expect("reap"));
+        assert_eq!(
+            q.reap(&mem).expect("reap"),
+            Reaped {
+                changed: true,
+                posted: false
+            },
+            "a zeroed request (op 0) granted nothing to undo"
+        );
         assert_eq!(q.take_slot(false, 0), Some(a), "freed by its late answer");
     }
 
@@ -515,7 +710,7 @@ mod tests {
         answer(&mem, 1, 768, s);
         answer(&mem, QUEUE_SIZE + 3, 768, s);
         answer(&mem, head_of(5), 768, s);
-        assert!(!q.reap(&mem).expect("reap"));
+        assert!(!q.reap(&mem).expect("reap").changed);
         assert_eq!(q.progress(a), Progress::Pending);
         // A short answer, then one for another request.
         answer(&mem, head_of(a), 100, s);
@@ -540,6 +735,174 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, SLOTS);
+    }
+
+    /// A response of `status` for (`slot`, `generation`), window offset `offset`, on an
+    /// object of `kind` with `flags`.
+    fn reply(
+        status: Status,
+        slot: u32,
+        generation: u64,
+        offset: u64,
+        kind: u32,
+        flags: u32,
+    ) -> Response {
+        let mut r: Response = zeroed();
+        r.status = status.code();
+        r.slot = slot;
+        r.generation = generation;
+        r.offset = offset;
+        HandleFields {
+            map_flags: 0,
+            kind,
+            object_flags: flags,
+            change_count: 0,
+        }
+        .write(&mut r);
+        r
+    }
+
+    fn sent(op: u32, slot: u32, generation: u64, size: u64) -> Sent {
+        Sent {
+            op,
+            slot,
+            generation,
+            size,
+        }
+    }
+
+    #[test]
+    fn the_undo_table_closes_granted_opens_unlocks_granted_locks_and_gives_back_taken_signals() {
+        let auto = Known {
+            kind: kind::EVENT,
+            flags: 0,
+            handles: 1,
+        };
+        let manual = Known {
+            flags: object_flags::MANUAL_RESET,
+            ..auto
+        };
+        let section = Known {
+            kind: kind::SECTION,
+            ..auto
+        };
+        let undo_of = |s: Sent, r: Response, k: Option<&Known>| {
+            undo(&s, &r, k).map(|q| (q.op, q.slot, q.generation, q.size))
+        };
+        // OPEN and CREATE that made a handle: CLOSE it (the window offset names it).
+        for op in [OP_OPEN, op::CREATE] {
+            for st in [Status::Success, Status::ObjectNameExists] {
+                let r = reply(st, 5, 9, 0x3000, kind::SECTION, 0);
+                assert_eq!(
+                    undo_of(sent(op, 0, 0, 0), r, None),
+                    Some((OP_CLOSE, 5, 9, 0x3000)),
+                    "op {op} {st:?}"
+                );
+            }
+            let refused = reply(Status::ObjectNameNotFound, 5, 9, 0x3000, 0, 0);
+            assert_eq!(undo_of(sent(op, 0, 0, 0), refused, None), None);
+        }
+        // LOCK granted (or granted abandoned): UNLOCK with the LOCK's token.
+        for st in [Status::Success, Status::Abandoned] {
+            let r = reply(st, 4, 2, 0, 0, 0);
+            assert_eq!(
+                undo_of(sent(op::LOCK, 4, 2, 77), r, None),
+                Some((op::UNLOCK, 4, 2, 77))
+            );
+        }
+        let timed_out = reply(Status::Timeout, 4, 2, 0, 0, 0);
+        assert_eq!(undo_of(sent(op::LOCK, 4, 2, 77), timed_out, None), None);
+        // A WAIT that took an auto-reset event's signal: SIGNAL it back. Not a manual-reset
+        // event's (nothing was taken), not a section's change, not a timeout.
+        let done = reply(Status::Success, 3, 1, 0, 0, 0);
+        let w = sent(OP_WAIT, 3, 1, 1000);
+        assert_eq!(undo_of(w, done, Some(&auto)), Some((OP_SIGNAL, 3, 1, 0)));
+        assert_eq!(undo_of(w, done, Some(&manual)), None);
+        assert_eq!(undo_of(w, done, Some(&section)), None);
+        assert_eq!(undo_of(w, done, None), None, "an object not known");
+        assert_eq!(undo_of(w, timed_out, Some(&auto)), None);
+        // What gives rather than takes needs no undo.
+        for op in [OP_CLOSE, OP_SIGNAL, op::UNLOCK, op::DELETE, op::GROW] {
+            assert_eq!(
+                undo_of(sent(op, 3, 1, 0), done, Some(&auto)),
+                None,
+                "op {op}"
+            );
+        }
+    }
+
+    /// Plays the device: returns `head` with a whole response `resp` for `seq`.
+    fn answer_with(mem: &RawRegion<'_>, head: u16, seq: u64, mut resp: Response) {
+        resp.resp_seq = seq;
+        let at = slot_offset(usize::from(head / 3)) + REQUEST_BYTES;
+        mem.write_bytes(at, bytes_of(&resp)).expect("response");
+        answer(mem, head, 768, seq);
+    }
+
+    /// The request in `slot` now.
+    fn request_in(mem: &RawRegion<'_>, slot: usize) -> Request {
+        let mut r: Request = zeroed();
+        mem.read_bytes(slot_offset(slot), bytes_of_mut(&mut r))
+            .expect("request");
+        r
+    }
+
+    #[test]
+    fn a_late_answer_that_granted_a_handle_is_undone_in_the_slot_it_frees() {
+        let g = GuestMemory::new().expect("guest memory");
+        let mem = g.region();
+        let mut q = Queue::new();
+        let a = q.take_slot(false, OP_OPEN).expect("slot");
+        let mut open: Request = zeroed();
+        open.op = OP_OPEN;
+        let s = q.post(&mem, a, &open, 0).expect("post");
+        assert!(!q.abandon(&mem, a));
+        answer_with(
+            &mem,
+            head_of(a),
+            s,
+            reply(Status::Success, 6, 8, 0x5000, kind::SECTION, 0),
+        );
+        let reaped = q.reap(&mem).expect("reap");
+        assert!(reaped.posted, "an undo to kick");
+        assert_eq!(
+            q.known(6, 8).map(|k| k.handles),
+            Some(1),
+            "the handle it made"
+        );
+        let close = request_in(&mem, a);
+        assert_eq!(
+            (close.op, close.slot, close.generation, close.size),
+            (OP_CLOSE, 6, 8, 0x5000)
+        );
+        assert_ne!(close.req_seq, s);
+        assert_ne!(
+            q.take_slot(false, 0),
+            Some(a),
+            "the CLOSE is in flight in it"
+        );
+        // The CLOSE's answer frees the slot and forgets the handle; nothing more posted.
+        answer_with(
+            &mem,
+            head_of(a),
+            close.req_seq,
+            reply(Status::Success, 6, 8, 0, 0, 0),
+        );
+        let reaped = q.reap(&mem).expect("reap");
+        assert!(reaped.changed && !reaped.posted);
+        assert_eq!(q.known(6, 8), None);
+        // An answer that came before the caller gave up is undone at once.
+        let b = q.take_slot(false, OP_OPEN).expect("slot");
+        let s = q.post(&mem, b, &open, 0).expect("post");
+        answer_with(
+            &mem,
+            head_of(b),
+            s,
+            reply(Status::ObjectNameExists, 2, 3, 0x9000, kind::SECTION, 0),
+        );
+        q.reap(&mem).expect("reap");
+        assert!(q.abandon(&mem, b), "posted the CLOSE");
+        assert_eq!(request_in(&mem, b).op, OP_CLOSE);
     }
 
     #[test]
