@@ -99,6 +99,7 @@ fn connecting_reports_the_window_vshmd_was_given() {
         assert_eq!(t.config().window_size, 2 << 20);
         assert_eq!(t.window().size(), 2 << 20);
         assert!(t.read_only_supported());
+        assert!(t.events_supported(), "the event queue runs");
         let mut b = [1u8; 16];
         t.window().read_bytes(0, &mut b).expect("read");
         assert_eq!(b, [0; 16], "nothing mapped yet: zeroes");

@@ -6,13 +6,25 @@
 //! [`VhostUserTransport::connect`] does what a VMM does at start (features, protocol
 //! features, the config space, the window's size, a small "guest memory" for the request
 //! queue, the backend request channel) and what a driver does at DRIVER_OK (queue 0 set up
-//! and enabled). The event queue is left unset: no event is asked for
-//! (`VSHM_F_EVENTQ` is not negotiated).
+//! and enabled), and, when the device offers `VSHM_F_EVENTQ`, queue 1 with every event
+//! buffer posted.
 //!
 //! One background thread serves the backend channel (SHMEM_MAP / SHMEM_UNMAP into the
-//! window), reads the used ring when vshmd signals it and wakes the callers whose answers
-//! came, and notices vshmd hanging up (every pending and later call then fails with
-//! [`TransportError::BackendGone`], and the window is cleared).
+//! window), reads the used rings when vshmd signals them and wakes the callers whose
+//! answers came, and notices vshmd hanging up (every pending and later call then fails
+//! with [`TransportError::BackendGone`], and the window is cleared).
+//!
+//! Request slots: WAITs take at most [`ring::WAIT_SLOTS`] of the [`ring::SLOTS`], so
+//! however many threads wait, other requests find a slot; a WAIT past that waits for one,
+//! its own timeout counting (it is answered STATUS_TIMEOUT, as the device would, if that
+//! runs out first). A caller that stops waiting leaves its request to the device: when the
+//! answer comes and granted something (an OPEN's or CREATE's handle, a LOCK's mutex, an
+//! auto-reset event's signal a WAIT took), the thread posts the request that gives it back
+//! (CLOSE, UNLOCK, SIGNAL) in the slot the answer frees.
+//!
+//! News (`DeviceTransport::news`): per object held, whether a DELETED event came and the
+//! latest change count the OPEN/CREATE reply or a CHANGED/SIGNALLED event told; kept while
+//! a handle on it is open (so for at most `MAX_HANDLES` objects).
 
 mod channel;
 mod ring;
@@ -33,12 +45,14 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vshm_format::layout::{Request, Response, FORMAT_VERSION};
 use vshm_format::shm::RawRegion;
 use vshm_format::virtio::{
-    DeviceConfig, CONFIG_BYTES, OP_LIST, OP_WAIT, VIRTIO_F_VERSION_1, VSHM_F_READ_ONLY,
+    DeviceConfig, CONFIG_BYTES, OP_LIST, OP_WAIT, VIRTIO_F_VERSION_1, VSHM_F_EVENTQ,
+    VSHM_F_READ_ONLY,
 };
+use vshm_format::{Generation, ObjectSlot};
 
-use crate::{DeviceTransport, TransportError};
+use crate::{DeviceTransport, ObjectNews, TransportError};
 use channel::{Channel, MapHandler, Shared};
-use ring::{GuestMemory, Progress, Queue, EIO, LIST_ROOM, QUEUE_SIZE};
+use ring::{GuestMemory, Progress, Queue, EIO, EVENT_QUEUE_SIZE, LIST_ROOM, QUEUE_SIZE};
 use window::Window;
 
 /// Why connecting to the vshm device failed.
@@ -181,8 +195,8 @@ impl VhostUserTransport {
             })?;
         frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
 
-        // Virtio features: VERSION_1 required, READ_ONLY if offered, no event queue (nothing
-        // would consume its events yet), no EVENT_IDX.
+        // Virtio features: VERSION_1 required, READ_ONLY and EVENTQ if offered, no
+        // EVENT_IDX.
         let offered = frontend.get_features().map_err(message("GET_FEATURES"))?;
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         for (bit, feature) in [
@@ -197,7 +211,7 @@ impl VhostUserTransport {
                 });
             }
         }
-        let features = VIRTIO_F_VERSION_1 | (offered & VSHM_F_READ_ONLY);
+        let features = VIRTIO_F_VERSION_1 | (offered & (VSHM_F_READ_ONLY | VSHM_F_EVENTQ));
         frontend
             .set_features(features | protocol_bit)
             .map_err(message("SET_FEATURES"))?;
@@ -293,11 +307,60 @@ impl VhostUserTransport {
             .set_vring_enable(q, true)
             .map_err(message("SET_VRING_ENABLE"))?;
 
+        // Queue 1, every event buffer posted, if the device reports events.
+        let mut queue = Queue::new();
+        let kick_events = if features & VSHM_F_EVENTQ != 0 {
+            queue
+                .start_events(&guest.region())
+                .map_err(|e| VhostUserError::Os {
+                    what: "the event queue",
+                    source: io::Error::other(e.to_string()),
+                })?;
+            let kick = EventFd::new(0).map_err(os("the event queue's kick eventfd"))?;
+            let (desc, avail, used) = ring::event_ring_addresses(&guest);
+            let q = usize::from(vshm_format::virtio::EVENT_QUEUE);
+            frontend
+                .set_vring_num(q, EVENT_QUEUE_SIZE)
+                .map_err(message("SET_VRING_NUM"))?;
+            frontend
+                .set_vring_addr(
+                    q,
+                    &VringConfigData {
+                        queue_max_size: EVENT_QUEUE_SIZE,
+                        queue_size: EVENT_QUEUE_SIZE,
+                        flags: 0,
+                        desc_table_addr: desc,
+                        used_ring_addr: used,
+                        avail_ring_addr: avail,
+                        log_addr: None,
+                    },
+                )
+                .map_err(message("SET_VRING_ADDR"))?;
+            frontend
+                .set_vring_base(q, 0)
+                .map_err(message("SET_VRING_BASE"))?;
+            frontend
+                .set_vring_call(q, &call)
+                .map_err(message("SET_VRING_CALL"))?;
+            frontend
+                .set_vring_kick(q, &kick)
+                .map_err(message("SET_VRING_KICK"))?;
+            frontend
+                .set_vring_enable(q, true)
+                .map_err(message("SET_VRING_ENABLE"))?;
+            // The buffers are there.
+            kick.write(1).map_err(os("the event queue's kick"))?;
+            Some(kick)
+        } else {
+            None
+        };
+
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::new()),
+            queue: Mutex::new(queue),
             changed: Condvar::new(),
             guest,
             kick,
+            kick_events,
         });
         let stop = EventFd::new(EFD_NONBLOCK).map_err(os("an eventfd"))?;
         let channel = Channel {
@@ -332,6 +395,12 @@ impl VhostUserTransport {
     /// The device's config space.
     pub fn config(&self) -> DeviceConfig {
         self.config
+    }
+
+    /// Whether the device reports events (`VSHM_F_EVENTQ`): [`DeviceTransport::news`]
+    /// answers then.
+    pub fn events_supported(&self) -> bool {
+        self.features & VSHM_F_EVENTQ != 0
     }
 
     /// Whether the device agreed to map sections read-only (`VSHM_F_READ_ONLY`).
@@ -504,6 +573,18 @@ impl DeviceTransport for VhostUserTransport {
 
     fn sleep(&self, d: Duration) {
         std::thread::sleep(d);
+    }
+
+    fn news(&self, slot: ObjectSlot, generation: Generation) -> Option<ObjectNews> {
+        let q = self.lock().ok()?;
+        if !q.has_events() {
+            return None;
+        }
+        let k = q.known(slot.0, generation.0)?;
+        Some(ObjectNews {
+            deleted: k.deleted,
+            change_count: k.change_count,
+        })
     }
 }
 

@@ -9,6 +9,8 @@
 //! | 0x1000 | available ring |
 //! | 0x2000 | used ring |
 //! | 0x4000 | [`SLOTS`] request slots of 0x800 bytes: the 1280-byte request, then the 768-byte response |
+//! | 0x1_9000 | the event queue (queue 1, when `VSHM_F_EVENTQ` is negotiated): descriptors, available ring (0x1_9400), used ring (0x1_9800) |
+//! | 0x1_a000 | its [`EVENT_QUEUE_SIZE`] event buffers of 24 bytes, descriptor `i` → buffer `i`, always all posted |
 //! | 0x2_0000 | LIST's records area ([`LIST_ROOM`] bytes, one LIST at a time) |
 //!
 //! Slot `i` owns descriptors `3i` (request, device-readable), `3i+1` (response,
@@ -27,7 +29,10 @@ use std::sync::atomic::Ordering;
 use vhost::VhostUserMemoryRegionInfo;
 use vshm_format::layout::{kind, object_flags, op, Request, Response};
 use vshm_format::shm::{bytes_of, bytes_of_mut, zeroed, RawRegion, SharedMemory};
-use vshm_format::virtio::{HandleFields, MAX_HANDLES, OP_CLOSE, OP_OPEN, OP_SIGNAL, OP_WAIT};
+use vshm_format::virtio::{
+    HandleFields, VirtioVshmEvent, EVENT_BYTES, EVENT_CHANGED, EVENT_DELETED, EVENT_SIGNALLED,
+    MAX_HANDLES, OP_CLOSE, OP_OPEN, OP_SIGNAL, OP_WAIT,
+};
 use vshm_format::Status;
 
 use crate::host::Mapping;
@@ -62,6 +67,19 @@ const _: () = assert!(SLOT_BASE + SLOTS as u64 * SLOT_BYTES <= LIST_AREA);
 const _: () = assert!(DESC + 16 * QUEUE_SIZE as u64 <= AVAIL);
 const _: () = assert!(AVAIL + 6 + 2 * QUEUE_SIZE as u64 <= USED);
 const _: () = assert!(USED + 6 + 8 * QUEUE_SIZE as u64 <= SLOT_BASE);
+
+/// Entries (and event buffers) of the event queue.
+pub(super) const EVENT_QUEUE_SIZE: u16 = 64;
+const EV_DESC: u64 = 0x1_9000;
+const EV_AVAIL: u64 = 0x1_9400;
+const EV_USED: u64 = 0x1_9800;
+const EV_BUFS: u64 = 0x1_a000;
+const EV_BYTES: u64 = EVENT_BYTES as u64;
+const _: () = assert!(SLOT_BASE + SLOTS as u64 * SLOT_BYTES <= EV_DESC);
+const _: () = assert!(EV_DESC + 16 * EVENT_QUEUE_SIZE as u64 <= EV_AVAIL);
+const _: () = assert!(EV_AVAIL + 6 + 2 * EVENT_QUEUE_SIZE as u64 <= EV_USED);
+const _: () = assert!(EV_USED + 6 + 8 * EVENT_QUEUE_SIZE as u64 <= EV_BUFS);
+const _: () = assert!(EV_BUFS + EVENT_QUEUE_SIZE as u64 * EV_BYTES <= LIST_AREA);
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
@@ -129,13 +147,102 @@ impl GuestMemory {
     }
 }
 
-/// Where the rings are, as this process's addresses: (descriptors, available, used).
+/// Where the request queue's rings are, as this process's addresses: (descriptors,
+/// available, used).
 pub(super) fn ring_addresses(mem: &GuestMemory) -> (u64, u64, u64) {
     (
         mem.host_address(DESC),
         mem.host_address(AVAIL),
         mem.host_address(USED),
     )
+}
+
+/// Where the event queue's rings are, as [`ring_addresses`].
+pub(super) fn event_ring_addresses(mem: &GuestMemory) -> (u64, u64, u64) {
+    (
+        mem.host_address(EV_DESC),
+        mem.host_address(EV_AVAIL),
+        mem.host_address(EV_USED),
+    )
+}
+
+/// The driver's side of the event queue: every buffer is posted at the start and posted
+/// again as soon as its event is read.
+#[derive(Debug)]
+struct EventQueue {
+    next_avail: u16,
+    last_used: u16,
+}
+
+impl EventQueue {
+    /// Writes the descriptors (one 24-byte device-writable buffer each) and makes them all
+    /// available.
+    fn start(mem: &RawRegion<'_>) -> Result<EventQueue, TransportError> {
+        let mut q = EventQueue {
+            next_avail: 0,
+            last_used: 0,
+        };
+        for i in 0..EVENT_QUEUE_SIZE {
+            let at = EV_BUFS + u64::from(i) * EV_BYTES;
+            write_desc_at(mem, EV_DESC, i, at, EV_BYTES, VIRTQ_DESC_F_WRITE, 0)?;
+            q.offer(mem, i)?;
+        }
+        q.publish(mem)?;
+        Ok(q)
+    }
+
+    /// Puts buffer `id` on the available ring (seen once [`EventQueue::publish`]ed).
+    fn offer(&mut self, mem: &RawRegion<'_>, id: u16) -> Result<(), TransportError> {
+        let entry = EV_AVAIL + 4 + 2 * u64::from(self.next_avail % EVENT_QUEUE_SIZE);
+        mem.write_bytes(entry, &id.to_le_bytes()).map_err(|_| EIO)?;
+        self.next_avail = self.next_avail.wrapping_add(1);
+        Ok(())
+    }
+
+    fn publish(&self, mem: &RawRegion<'_>) -> Result<(), TransportError> {
+        let word = u32::from(self.next_avail) << 16;
+        mem.store_u32(EV_AVAIL, word.to_le(), Ordering::Release)
+            .map_err(|_| EIO)
+    }
+
+    /// Takes the events the device wrote, posting their buffers again; returns them and
+    /// whether any buffer was posted (the caller kicks). An entry naming no buffer, or one
+    /// shorter than an event, carries none.
+    fn reap(
+        &mut self,
+        mem: &RawRegion<'_>,
+    ) -> Result<(Vec<VirtioVshmEvent>, bool), TransportError> {
+        let word = u32::from_le(mem.load_u32(EV_USED, Ordering::Acquire).map_err(|_| EIO)?);
+        let idx = u16::try_from(word >> 16).unwrap_or(0);
+        let mut events = Vec::new();
+        let mut posted = false;
+        // At most a ring's worth: a device that moves its index further says nothing more.
+        let mut budget = EVENT_QUEUE_SIZE;
+        while self.last_used != idx && budget > 0 {
+            budget -= 1;
+            let entry = EV_USED + 4 + 8 * u64::from(self.last_used % EVENT_QUEUE_SIZE);
+            let mut e = [0u8; 8];
+            mem.read_bytes(entry, &mut e).map_err(|_| EIO)?;
+            self.last_used = self.last_used.wrapping_add(1);
+            let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+            let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+            let Some(id) = u16::try_from(id).ok().filter(|&i| i < EVENT_QUEUE_SIZE) else {
+                continue;
+            };
+            if u64::from(len) >= EV_BYTES {
+                let mut b = [0u8; EVENT_BYTES];
+                mem.read_bytes(EV_BUFS + u64::from(id) * EV_BYTES, &mut b)
+                    .map_err(|_| EIO)?;
+                events.push(VirtioVshmEvent::from_bytes(&b));
+            }
+            self.offer(mem, id)?;
+            posted = true;
+        }
+        if posted {
+            self.publish(mem)?;
+        }
+        Ok((events, posted))
+    }
 }
 
 /// One request slot.
@@ -199,6 +306,10 @@ pub(super) struct Known {
     pub(super) flags: u32,
     /// Handles this process has on it (OPEN/CREATE replies minus CLOSEs).
     handles: u32,
+    /// A DELETED event came for it.
+    pub(super) deleted: bool,
+    /// Its change count as the latest OPEN/CREATE reply or event told it.
+    pub(super) change_count: u64,
 }
 
 /// How a request whose caller gave up is undone once its answer says it did something.
@@ -270,6 +381,8 @@ pub(super) struct Reaped {
     pub(super) changed: bool,
     /// Requests were posted (undos): kick the queue.
     pub(super) posted: bool,
+    /// Event buffers were posted again: kick the event queue.
+    pub(super) events_posted: bool,
 }
 
 /// The driver's side of the request queue: which slots are in use and how far the rings
@@ -289,6 +402,8 @@ pub(super) struct Queue {
     /// What is known of the objects held, by (slot, generation); at most [`MAX_HANDLES`]
     /// (a VM cannot hold more).
     known: HashMap<(u32, u64), Known>,
+    /// The event queue, once started.
+    events: Option<EventQueue>,
 }
 
 impl Queue {
@@ -302,6 +417,7 @@ impl Queue {
             next_seq: 1,
             gone: false,
             known: HashMap::new(),
+            events: None,
         }
     }
 
@@ -392,8 +508,11 @@ impl Queue {
                     kind: f.kind,
                     flags: f.object_flags,
                     handles: 0,
+                    deleted: false,
+                    change_count: 0,
                 });
                 k.handles = k.handles.saturating_add(1);
+                k.change_count = k.change_count.max(f.change_count);
             }
             // The handle is gone whatever else the answer says, unless there was none.
             OP_CLOSE if status != Some(Status::InvalidHandle) => {
@@ -412,6 +531,30 @@ impl Queue {
     /// What is known of the object (`slot`, `generation`), if this process holds it.
     pub(super) fn known(&self, slot: u32, generation: u64) -> Option<Known> {
         self.known.get(&(slot, generation)).copied()
+    }
+
+    /// Posts every event buffer (the event queue is set up in `mem`'s rings from now on).
+    pub(super) fn start_events(&mut self, mem: &RawRegion<'_>) -> Result<(), TransportError> {
+        self.events = Some(EventQueue::start(mem)?);
+        Ok(())
+    }
+
+    /// Whether the event queue runs.
+    pub(super) fn has_events(&self) -> bool {
+        self.events.is_some()
+    }
+
+    /// Applies `e` to what is known of its object; `false` if no handle on it is known.
+    fn hear(&mut self, e: &VirtioVshmEvent) -> bool {
+        let Some(k) = self.known.get_mut(&(e.slot, e.generation)) else {
+            return false;
+        };
+        match e.kind {
+            EVENT_DELETED => k.deleted = true,
+            EVENT_CHANGED | EVENT_SIGNALLED => k.change_count = k.change_count.max(e.value),
+            _ => {}
+        }
+        true
     }
 
     /// Frees `slot`, answered (`seq`, `len`) with nobody to take the answer, and posts in
@@ -504,10 +647,35 @@ impl Queue {
     /// Learns from OPEN, CREATE and CLOSE answers which handles this process has. Entries
     /// that name no posted chain are ignored: the device is another process, and one that
     /// misbehaves gets nothing from it.
+    ///
+    /// Then takes the event queue's events (news about the objects held; an event about
+    /// one no handle is known on is dropped, after a second look at the request queue for
+    /// the OPEN that made it, which the device answered before it told of the object).
     pub(super) fn reap(&mut self, mem: &RawRegion<'_>) -> Result<Reaped, TransportError> {
+        let mut reaped = Reaped::default();
+        self.reap_requests(mem, &mut reaped)?;
+        let Some(events) = self.events.as_mut() else {
+            return Ok(reaped);
+        };
+        let (heard, posted) = events.reap(mem)?;
+        reaped.events_posted = posted;
+        let unknown: Vec<VirtioVshmEvent> = heard.into_iter().filter(|e| !self.hear(e)).collect();
+        if !unknown.is_empty() {
+            self.reap_requests(mem, &mut reaped)?;
+            for e in &unknown {
+                self.hear(e);
+            }
+        }
+        Ok(reaped)
+    }
+
+    fn reap_requests(
+        &mut self,
+        mem: &RawRegion<'_>,
+        reaped: &mut Reaped,
+    ) -> Result<(), TransportError> {
         let word = u32::from_le(mem.load_u32(USED, Ordering::Acquire).map_err(|_| EIO)?);
         let idx = u16::try_from(word >> 16).unwrap_or(0);
-        let mut reaped = Reaped::default();
         while self.last_used != idx {
             let entry = USED + 4 + 8 * u64::from(self.last_used % QUEUE_SIZE);
             let mut e = [0u8; 8];
@@ -537,7 +705,7 @@ impl Queue {
             }
             reaped.changed = true;
         }
-        Ok(reaped)
+        Ok(())
     }
 
     /// Whether `slot` was answered; if so reads its response (checked: the whole response
@@ -609,12 +777,25 @@ fn write_desc(
     flags: u16,
     next: u16,
 ) -> Result<(), TransportError> {
+    write_desc_at(mem, DESC, index, offset, len, flags, next)
+}
+
+/// Writes descriptor `index` of the table at `table`.
+fn write_desc_at(
+    mem: &RawRegion<'_>,
+    table: u64,
+    index: u16,
+    offset: u64,
+    len: u64,
+    flags: u16,
+    next: u16,
+) -> Result<(), TransportError> {
     let mut d = [0u8; 16];
     d[0..8].copy_from_slice(&(GPA + offset).to_le_bytes());
     d[8..12].copy_from_slice(&u32::try_from(len).map_err(|_| EIO)?.to_le_bytes());
     d[12..14].copy_from_slice(&flags.to_le_bytes());
     d[14..16].copy_from_slice(&next.to_le_bytes());
-    mem.write_bytes(DESC + 16 * u64::from(index), &d)
+    mem.write_bytes(table + 16 * u64::from(index), &d)
         .map_err(|_| EIO)
 }
 
@@ -670,7 +851,8 @@ mod tests {
             q.reap(&mem).expect("reap"),
             Reaped {
                 changed: true,
-                posted: false
+                posted: false,
+                events_posted: false,
             },
             "a zeroed request (op 0) granted nothing to undo"
         );
@@ -777,6 +959,8 @@ mod tests {
             kind: kind::EVENT,
             flags: 0,
             handles: 1,
+            deleted: false,
+            change_count: 0,
         };
         let manual = Known {
             flags: object_flags::MANUAL_RESET,
@@ -903,6 +1087,99 @@ mod tests {
         q.reap(&mem).expect("reap");
         assert!(q.abandon(&mem, b), "posted the CLOSE");
         assert_eq!(request_in(&mem, b).op, OP_CLOSE);
+    }
+
+    /// Plays the device on the event queue: fills the buffer the next available entry
+    /// names with `e` and returns it.
+    fn tell(mem: &RawRegion<'_>, used_idx: &mut u16, e: VirtioVshmEvent) {
+        let avail = *used_idx % EVENT_QUEUE_SIZE;
+        let mut id = [0u8; 2];
+        mem.read_bytes(EV_AVAIL + 4 + 2 * u64::from(avail), &mut id)
+            .expect("avail");
+        let id = u16::from_le_bytes(id);
+        mem.write_bytes(EV_BUFS + u64::from(id) * EV_BYTES, &e.to_bytes())
+            .expect("event");
+        let entry = EV_USED + 4 + 8 * u64::from(*used_idx % EVENT_QUEUE_SIZE);
+        let mut b = [0u8; 8];
+        b[0..4].copy_from_slice(&u32::from(id).to_le_bytes());
+        b[4..8].copy_from_slice(&24u32.to_le_bytes());
+        mem.write_bytes(entry, &b).expect("entry");
+        *used_idx = used_idx.wrapping_add(1);
+        mem.store_u32(
+            EV_USED,
+            (u32::from(*used_idx) << 16).to_le(),
+            Ordering::Release,
+        )
+        .expect("idx");
+    }
+
+    fn avail_idx(mem: &RawRegion<'_>) -> u16 {
+        let word = u32::from_le(mem.load_u32(EV_AVAIL, Ordering::Acquire).expect("avail"));
+        u16::try_from(word >> 16).expect("idx")
+    }
+
+    #[test]
+    fn events_are_news_of_held_objects_only_their_buffers_go_back_and_a_close_forgets_them() {
+        let g = GuestMemory::new().expect("guest memory");
+        let mem = g.region();
+        let mut q = Queue::new();
+        q.start_events(&mem).expect("start");
+        assert_eq!(avail_idx(&mem), EVENT_QUEUE_SIZE, "every buffer posted");
+        // A handle on (2, 5), an event whose count was 3 at the open.
+        let a = q.take_slot(false, OP_OPEN).expect("slot");
+        let mut open: Request = zeroed();
+        open.op = OP_OPEN;
+        let s = q.post(&mem, a, &open, 0).expect("post");
+        let mut r = reply(Status::Success, 2, 5, 1 << 63, kind::EVENT, 0);
+        HandleFields {
+            map_flags: 0,
+            kind: kind::EVENT,
+            object_flags: 0,
+            change_count: 3,
+        }
+        .write(&mut r);
+        answer_with(&mem, head_of(a), s, r);
+        q.reap(&mem).expect("reap");
+        q.collect(&mem, a, &mut []).expect("ok").expect("answered");
+        let k = q.known(2, 5).expect("known");
+        assert_eq!((k.deleted, k.change_count), (false, 3));
+        // More than a ring's worth of events, about it and about what is not held.
+        let mut used = 0u16;
+        let ev = |kind, slot, generation, value| VirtioVshmEvent {
+            kind,
+            slot,
+            generation,
+            value,
+        };
+        for i in 0..EVENT_QUEUE_SIZE {
+            tell(&mem, &mut used, ev(EVENT_SIGNALLED, 2, 5, 4 + u64::from(i)));
+        }
+        let reaped = q.reap(&mem).expect("reap");
+        assert!(reaped.events_posted, "buffers back: kick");
+        assert_eq!(avail_idx(&mem), 2 * EVENT_QUEUE_SIZE);
+        assert_eq!(
+            q.known(2, 5).expect("known").change_count,
+            3 + u64::from(EVENT_QUEUE_SIZE)
+        );
+        tell(&mem, &mut used, ev(EVENT_SIGNALLED, 2, 5, 1)); // older news: a lower bound stays
+        tell(&mem, &mut used, ev(EVENT_DELETED, 2, 5, 0));
+        tell(&mem, &mut used, ev(EVENT_DELETED, 9, 9, 0));
+        tell(&mem, &mut used, ev(EVENT_CHANGED, 2, 6, 50));
+        q.reap(&mem).expect("reap");
+        let k = q.known(2, 5).expect("known");
+        assert_eq!(
+            (k.deleted, k.change_count),
+            (true, 3 + u64::from(EVENT_QUEUE_SIZE))
+        );
+        assert_eq!(q.known(9, 9), None, "no news kept of what is not held");
+        assert_eq!(q.known(2, 6), None);
+        // The last handle closed: forgotten.
+        let c = q.take_slot(false, OP_CLOSE).expect("slot");
+        let close = request_on(OP_CLOSE, 2, 5, 1 << 63);
+        let s = q.post(&mem, c, &close, 0).expect("post");
+        answer_with(&mem, head_of(c), s, reply(Status::Success, 0, 0, 0, 0, 0));
+        q.reap(&mem).expect("reap");
+        assert_eq!(q.known(2, 5), None);
     }
 
     #[test]
