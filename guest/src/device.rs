@@ -27,7 +27,9 @@ pub trait DeviceTransport {
     fn window(&self) -> RawRegion<'_>;
 
     /// Posts `req` on the request queue and waits at most `timeout` for its response
-    /// (`Ok(None)` when none came: the request may still be carried out). `records` is
+    /// (`Ok(None)` when none came: the request may still be carried out; the transport is
+    /// to give back what its late answer granted, a handle, a mutex, a signal taken, as
+    /// `VhostUserTransport` does). `records` is
     /// the room for LIST's records (§5.3), empty for every other operation. Several
     /// threads may call at once: a WAIT stays pending while later requests are answered.
     fn call(

@@ -14,7 +14,7 @@
 //! answers came, and notices vshmd hanging up (every pending and later call then fails
 //! with [`TransportError::BackendGone`], and the window is cleared).
 //!
-//! Request slots: WAITs take at most [`ring::WAIT_SLOTS`] of the [`ring::SLOTS`], so
+//! Request slots: WAITs take at most 34 of the 42 (`ring::WAIT_SLOTS`, `ring::SLOTS`), so
 //! however many threads wait, other requests find a slot; a WAIT past that waits for one,
 //! its own timeout counting (it is answered STATUS_TIMEOUT, as the device would, if that
 //! runs out first). A caller that stops waiting leaves its request to the device: when the
