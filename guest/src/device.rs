@@ -12,7 +12,7 @@ use core::time::Duration;
 
 use vshm_format::layout::{Request, Response};
 use vshm_format::shm::RawRegion;
-use vshm_format::PeerId;
+use vshm_format::{Generation, ObjectSlot, PeerId};
 
 use crate::{Transport, TransportError};
 
@@ -27,7 +27,9 @@ pub trait DeviceTransport {
     fn window(&self) -> RawRegion<'_>;
 
     /// Posts `req` on the request queue and waits at most `timeout` for its response
-    /// (`Ok(None)` when none came: the request may still be carried out). `records` is
+    /// (`Ok(None)` when none came: the request may still be carried out; the transport is
+    /// to give back what its late answer granted, a handle, a mutex, a signal taken, as
+    /// `VhostUserTransport` does). `records` is
     /// the room for LIST's records (§5.3), empty for every other operation. Several
     /// threads may call at once: a WAIT stays pending while later requests are answered.
     fn call(
@@ -51,6 +53,25 @@ pub trait DeviceTransport {
     fn gone(&self) -> bool {
         false
     }
+
+    /// What the device said lately about the object (`slot`, `generation`) this peer holds
+    /// a handle on (its event queue, docs/VHOST-USER.md §6, and the OPEN/CREATE replies).
+    /// `None` when the transport keeps no such news (no event queue) or no handle on the
+    /// object is open; forgotten when the last one closes.
+    fn news(&self, _slot: ObjectSlot, _generation: Generation) -> Option<ObjectNews> {
+        None
+    }
+}
+
+/// What a device transport heard about an object held ([`DeviceTransport::news`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectNews {
+    /// The object's name was deleted (by anyone) after a handle on it was made.
+    pub deleted: bool,
+    /// The object's change count (`signal_seq`: an event's signals, a section's notifies)
+    /// as the latest OPEN/CREATE reply or event told it: a lower bound of the count now,
+    /// which lags behind it by the time the news takes to come.
+    pub change_count: u64,
 }
 
 /// A [`DeviceTransport`] as a [`Transport`]: what [`crate::Namespace::attach`] takes.

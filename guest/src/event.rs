@@ -126,11 +126,21 @@ impl<'ns, T: Transport> Event<'ns, T> {
         Ok(sync::sync_word(&ns.mem(), ns.layout(), self.handle.slot)? != 0)
     }
 
-    /// Signals counted on this event so far. Over the device: STATUS_NOT_SUPPORTED.
+    /// Signals counted on this event so far (by anyone, this handle's included).
+    ///
+    /// Over the device (a VM sees no sync word) it is the latest count the device told:
+    /// the open's reply, then each SIGNALLED event ([`crate::DeviceTransport::news`]). A
+    /// lower bound that lags: a signal is counted here a moment after it was made (at once
+    /// when it came with a WAKE, by vshmd's next tick, 200 ms, when not), and only signals
+    /// made while this peer held the event. STATUS_NOT_SUPPORTED if the device transport
+    /// keeps no news (no event queue).
     pub fn signal_count(&self) -> Result<u64, Error> {
         let ns = self.handle.ns;
-        if ns.device().is_some() {
-            return Err(Status::NotSupported.into());
+        if let Some(dev) = ns.device() {
+            return dev
+                .news(self.handle.slot, self.handle.generation)
+                .map(|n| n.change_count)
+                .ok_or(Status::NotSupported.into());
         }
         Ok(sync::signal_seq(&ns.mem(), ns.layout(), self.handle.slot)?)
     }

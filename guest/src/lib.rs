@@ -32,7 +32,7 @@ mod os;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod pci;
 
-pub use device::{Device, DeviceTransport};
+pub use device::{Device, DeviceTransport, ObjectNews};
 pub use error::Error;
 pub use event::{Event, EventOptions};
 pub use mutex::{Acquired, Mutex};

@@ -885,10 +885,15 @@ impl<'ns, T: Transport> Section<'ns, T> {
     }
 
     /// Whether the section was deleted (its name is gone; it lives until the last close).
-    /// Over the device only a delete through this handle is known (a VM sees no entry).
+    /// Over the device (a VM sees no entry): a delete through this handle, or one the
+    /// device's event queue told of (DELETED, [`crate::DeviceTransport::news`]), which
+    /// comes a moment after the delete.
     pub fn is_deleted(&self) -> bool {
-        if self.ns.device().is_some() {
-            return self.deleted.load(Ordering::Acquire);
+        if let Some(dev) = self.ns.device() {
+            return self.deleted.load(Ordering::Acquire)
+                || dev
+                    .news(self.slot, self.generation)
+                    .is_some_and(|n| n.deleted);
         }
         object::state(&self.ns.mem(), &self.ns.layout, self.slot)
             .ok()

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use vshm::host::vhost_user::VhostUserTransport;
 use vshm::host::HostTransport;
-use vshm::{CreateOptions, Device, Disposition, Error, EventOptions, Namespace, Status, Transport};
+use vshm::{
+    CreateOptions, Device, DeviceTransport, Disposition, Error, EventOptions, Namespace, Status,
+    Transport,
+};
 use vshm_tests::{wait_for, watchdog, Backend};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -310,5 +313,81 @@ fn a_read_only_handle_cannot_allocate_blocks_in_its_section() {
             ro.allocate(64, 8).map(|_| ()).map_err(status),
             Err(Some(Status::AccessDenied))
         );
+    });
+}
+
+/// A peer on the vshm device beside an ivshmem host peer: (vshmd, host, the device peer).
+fn device_peer() -> (
+    Backend,
+    Namespace<HostTransport>,
+    Namespace<Device<VhostUserTransport>>,
+) {
+    let (b, vpath) = Backend::start_with_vhost_user(&["--size", "8M"]);
+    assert!(wait_for(Duration::from_secs(10), || vpath.exists()));
+    let host = b.connect();
+    let dev = VhostUserTransport::connect(&vpath).expect("connect to the vshm device");
+    let ns = Namespace::attach(Device(dev)).expect("attach over the device");
+    (b, host, ns)
+}
+
+#[test]
+fn a_section_another_peer_deleted_shows_as_deleted_over_the_device() {
+    watchdog(LIMIT, || {
+        let (_b, host, ns) = device_peer();
+        let (h, _) = host
+            .create(Some("news/deleted"), &CreateOptions::new(4096))
+            .expect("host creates");
+        let s = ns.open("news/deleted").expect("open over the device");
+        assert!(!s.is_deleted());
+        host.delete("news/deleted")
+            .expect("the host deletes the name");
+        assert!(h.is_deleted(), "over the header at once");
+        assert!(
+            wait_for(Duration::from_secs(5), || s.is_deleted()),
+            "the device peer hears of the delete (the event queue's DELETED)"
+        );
+        // The name is gone, the section lives while held.
+        s.write_at(0, b"still here").expect("write");
+        // The news is kept while a handle is open, then forgotten.
+        let (slot, generation) = (s.slot(), s.generation());
+        let news = ns.transport().0.news(slot, generation);
+        assert_eq!(news.map(|n| n.deleted), Some(true));
+        s.close().expect("close");
+        assert_eq!(ns.transport().0.news(slot, generation), None);
+    });
+}
+
+#[test]
+fn an_events_signal_count_over_the_device_rises_with_another_peers_signals() {
+    watchdog(LIMIT, || {
+        let (_b, host, ns) = device_peer();
+        let manual = EventOptions {
+            manual_reset: true,
+            persistent: false,
+        };
+        let (hev, _) = host
+            .create_event(Some("news/count"), &manual)
+            .expect("host creates");
+        hev.signal().expect("signal before the open");
+        let ev = ns.open_event("news/count").expect("open over the device");
+        let at_open = ev.signal_count().expect("the count the open saw");
+        assert_eq!(at_open, hev.signal_count().expect("host's count"));
+        for _ in 0..3 {
+            hev.signal().expect("host signals");
+        }
+        let host_count = hev.signal_count().expect("host's count");
+        assert_eq!(host_count, at_open + 3);
+        assert!(
+            wait_for(Duration::from_secs(5), || ev
+                .signal_count()
+                .is_ok_and(|c| c == host_count)),
+            "the device peer's count catches up (SIGNALLED events): {:?} of {host_count}",
+            ev.signal_count()
+        );
+        // Its own signals count too.
+        ev.signal().expect("the device peer signals");
+        assert!(wait_for(Duration::from_secs(5), || ev
+            .signal_count()
+            .is_ok_and(|c| c == host_count + 1)));
     });
 }

@@ -10,7 +10,7 @@ use vshm::format::layout::{kind, Request, Response};
 use vshm::format::mailbox;
 use vshm::format::shm::{bytes_of, zeroed, SharedMemory};
 use vshm::format::virtio::{
-    ListRecord, MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_LIST, OP_OPEN, OP_WAIT,
+    ListRecord, MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_LIST, OP_OPEN, OP_SIGNAL, OP_WAIT,
     RESP_MAP_FLAGS_OFF,
 };
 use vshm::format::Status;
@@ -99,6 +99,7 @@ fn connecting_reports_the_window_vshmd_was_given() {
         assert_eq!(t.config().window_size, 2 << 20);
         assert_eq!(t.window().size(), 2 << 20);
         assert!(t.read_only_supported());
+        assert!(t.events_supported(), "the event queue runs");
         let mut b = [1u8; 16];
         t.window().read_bytes(0, &mut b).expect("read");
         assert_eq!(b, [0; 16], "nothing mapped yet: zeroes");
@@ -309,5 +310,157 @@ fn a_call_after_vshmd_died_fails_with_backend_gone() {
         t.window().read_bytes(made.offset, &mut b2).expect("read");
         assert_eq!(b2, [0; 8], "nothing stays mapped once vshmd is gone");
         drop(b);
+    });
+}
+
+#[test]
+fn waits_parked_in_every_slot_they_may_take_leave_signal_open_and_close_room_to_complete() {
+    watchdog(LIMIT, || {
+        let (b, vpath) = start("4M");
+        let host = b.connect();
+        let manual = EventOptions {
+            manual_reset: true,
+            persistent: false,
+        };
+        let (gate, _) = host.create_event(Some("gate"), &manual).expect("event");
+        let (_other, _) = host
+            .create_event(Some("other"), &EventOptions::default())
+            .expect("event");
+        let t = connect(&vpath);
+        let g = request(&t, &open("gate", 0));
+        ok(&g);
+        let o = request(&t, &open("other", 0));
+        ok(&o);
+        // More WAITs than there are request slots, none of which the device can answer
+        // yet.
+        const WAITERS: usize = 60;
+        std::thread::scope(|sc| {
+            let waiters: Vec<_> = (0..WAITERS)
+                .map(|_| {
+                    let (t, g) = (&t, &g);
+                    sc.spawn(move || {
+                        t.call(&on(OP_WAIT, g, 30_000), &mut [], Duration::from_secs(40))
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(waiters.iter().all(|w| !w.is_finished()), "all pending");
+            // Other requests still find a slot, at once.
+            let prompt = Duration::from_secs(3);
+            let started = Instant::now();
+            let signal = t
+                .call(&on(OP_SIGNAL, &o, 0), &mut [], prompt)
+                .expect("call")
+                .expect("SIGNAL answered while WAITs are parked");
+            ok(&signal);
+            let again = t
+                .call(&open("gate", 0), &mut [], prompt)
+                .expect("call")
+                .expect("OPEN answered while WAITs are parked");
+            ok(&again);
+            let closed = t
+                .call(&close(&again), &mut [], prompt)
+                .expect("call")
+                .expect("CLOSE answered while WAITs are parked");
+            ok(&closed);
+            assert!(started.elapsed() < prompt, "{:?}", started.elapsed());
+            // A WAIT that finds WAITs' share taken waits for a slot, its own timeout
+            // counting: it times out as the device would have timed it out.
+            let started = Instant::now();
+            let short = t
+                .call(&on(OP_WAIT, &g, 200), &mut [], Duration::from_secs(10))
+                .expect("call")
+                .expect("the short WAIT was answered");
+            assert_eq!(Status::from_code(short.status), Some(Status::Timeout));
+            let took = started.elapsed();
+            assert!(
+                took >= Duration::from_millis(200) && took < prompt,
+                "{took:?}"
+            );
+            // A WAIT past the cap waited for a slot rather than failing: every one
+            // completes once the gate opens.
+            gate.signal().expect("host signals the gate");
+            for w in waiters {
+                let r = w
+                    .join()
+                    .expect("waiter")
+                    .expect("call")
+                    .expect("the WAIT was answered");
+                ok(&r);
+                assert_eq!((r.slot, r.generation), (g.slot, g.generation));
+            }
+        });
+    });
+}
+
+/// Stops (`SIGSTOP`) or resumes (`SIGCONT`) the vshmd this test started.
+fn signal_vshmd(b: &Backend, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(b.pid()).expect("pid");
+    // SAFETY: kill(2) on the vshmd this test started (still our unreaped child).
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+}
+
+#[test]
+fn an_open_given_up_on_before_its_answer_is_closed_by_the_transport_when_the_answer_comes() {
+    watchdog(LIMIT, || {
+        let (b, vpath) = start("4M");
+        let host = b.connect();
+        let (h, _) = host
+            .create(Some("late open"), &CreateOptions::new(16 << 10))
+            .expect("create");
+        let t = connect(&vpath);
+        let holders = || host.holders(h.slot()).count();
+        assert_eq!(holders(), 1, "the host alone");
+        // vshmd stalled: the OPEN gets no answer in time, and the caller gives up.
+        signal_vshmd(&b, libc::SIGSTOP);
+        let gave_up = t.call(&open("late open", 0), &mut [], Duration::from_millis(300));
+        signal_vshmd(&b, libc::SIGCONT);
+        assert_eq!(gave_up, Ok(None), "no answer within 300 ms");
+        // A later request is answered after the OPEN (in order): the OPEN was carried out.
+        let mut list: Request = zeroed();
+        list.op = OP_LIST;
+        ok(&request(&t, &list));
+        // Its hold is given back without anyone asking.
+        assert!(
+            wait_for(Duration::from_secs(10), || holders() == 1),
+            "the device peer still holds the section ({} holders)",
+            holders()
+        );
+        // So the host's close is the last: the section is destroyed.
+        drop(h);
+        assert!(
+            wait_for(Duration::from_secs(10), || host
+                .open("late open")
+                .is_err_and(|e| e.status() == Status::ObjectNameNotFound)),
+            "destroyed at the last close"
+        );
+        let mut b2 = [7u8; 8];
+        t.window().read_bytes(0, &mut b2).expect("read");
+        assert_eq!(b2, [0; 8], "nothing left mapped");
+    });
+}
+
+#[test]
+fn a_signal_taken_by_a_wait_given_up_on_is_given_back_to_the_event() {
+    watchdog(LIMIT, || {
+        let (b, vpath) = start("4M");
+        let host = b.connect();
+        let (ev, _) = host
+            .create_event(Some("auto"), &EventOptions::default())
+            .expect("event");
+        let t = connect(&vpath);
+        let e = request(&t, &open("auto", 0));
+        ok(&e);
+        // A WAIT whose caller gives up at once; the device still has it when the signal
+        // comes, and it takes it.
+        let gave_up = t
+            .call(&on(OP_WAIT, &e, 5_000), &mut [], Duration::from_millis(50))
+            .expect("call");
+        assert!(gave_up.is_none(), "no answer within 50 ms");
+        ev.signal().expect("host signals");
+        std::thread::sleep(Duration::from_millis(300));
+        // The signal is still there for the next waiter.
+        let next = request(&t, &on(OP_WAIT, &e, 2_000));
+        ok(&next);
     });
 }

@@ -1,7 +1,8 @@
 //! The transport's one background thread (`vshm-vhost-user`): it serves vshmd's requests
-//! on the backend channel (SHMEM_MAP / SHMEM_UNMAP into the window), reads the request
-//! queue's used ring when vshmd signals the call eventfd (waking the callers whose answers
-//! came), and watches the main socket for vshmd hanging up.
+//! on the backend channel (SHMEM_MAP / SHMEM_UNMAP into the window), reads the used rings
+//! when vshmd signals the call eventfd (both queues share it): waking the callers whose
+//! answers came, posting the undos of answers nobody waited for any more, taking events
+//! and posting their buffers again; and watches the main socket for vshmd hanging up.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -24,15 +25,28 @@ pub(super) struct Shared {
     pub(super) changed: Condvar,
     /// The memory the rings and the request slots are in.
     pub(super) guest: GuestMemory,
+    /// The request queue's kick eventfd.
+    pub(super) kick: EventFd,
+    /// The event queue's, if it runs.
+    pub(super) kick_events: Option<EventFd>,
 }
 
 impl Shared {
-    /// Reads the used ring; wakes the callers if anything came.
+    /// Reads the used ring; wakes the callers if anything came, kicks if it posted undos
+    /// (it never waits for a slot: an undo goes in the slot its abandoned request frees).
     fn reap(&self) {
         let Ok(mut q) = self.queue.lock() else {
             return;
         };
-        if q.reap(&self.guest.region()).unwrap_or(false) {
+        let reaped = q.reap(&self.guest.region()).unwrap_or_default();
+        drop(q);
+        if reaped.posted {
+            let _ = self.kick.write(1);
+        }
+        if let (true, Some(kick)) = (reaped.events_posted, &self.kick_events) {
+            let _ = kick.write(1);
+        }
+        if reaped.changed {
             self.changed.notify_all();
         }
     }

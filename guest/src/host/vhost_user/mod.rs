@@ -6,13 +6,25 @@
 //! [`VhostUserTransport::connect`] does what a VMM does at start (features, protocol
 //! features, the config space, the window's size, a small "guest memory" for the request
 //! queue, the backend request channel) and what a driver does at DRIVER_OK (queue 0 set up
-//! and enabled). The event queue is left unset: no event is asked for
-//! (`VSHM_F_EVENTQ` is not negotiated).
+//! and enabled), and, when the device offers `VSHM_F_EVENTQ`, queue 1 with every event
+//! buffer posted.
 //!
 //! One background thread serves the backend channel (SHMEM_MAP / SHMEM_UNMAP into the
-//! window), reads the used ring when vshmd signals it and wakes the callers whose answers
-//! came, and notices vshmd hanging up (every pending and later call then fails with
-//! [`TransportError::BackendGone`], and the window is cleared).
+//! window), reads the used rings when vshmd signals them and wakes the callers whose
+//! answers came, and notices vshmd hanging up (every pending and later call then fails
+//! with [`TransportError::BackendGone`], and the window is cleared).
+//!
+//! Request slots: WAITs and LOCKs (requests that may stay pending) take at most 34 of the 42 (`ring::WAIT_SLOTS`, `ring::SLOTS`), so
+//! however many threads wait, other requests find a slot; a WAIT past that waits for one,
+//! its own timeout counting (it is answered STATUS_TIMEOUT, as the device would, if that
+//! runs out first). A caller that stops waiting leaves its request to the device: when the
+//! answer comes and granted something (an OPEN's or CREATE's handle, a LOCK's mutex, an
+//! auto-reset event's signal a WAIT took), the thread posts the request that gives it back
+//! (CLOSE, UNLOCK, SIGNAL) in the slot the answer frees.
+//!
+//! News (`DeviceTransport::news`): per object held, whether a DELETED event came and the
+//! latest change count the OPEN/CREATE reply or a CHANGED/SIGNALLED event told; kept while
+//! a handle on it is open (so for at most `MAX_HANDLES` objects).
 
 mod channel;
 mod ring;
@@ -30,15 +42,17 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Frontend, FrontendReqHandler, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vshm_format::layout::{Request, Response, FORMAT_VERSION};
+use vshm_format::layout::{op, Request, Response, FORMAT_VERSION};
 use vshm_format::shm::RawRegion;
 use vshm_format::virtio::{
-    DeviceConfig, CONFIG_BYTES, OP_LIST, VIRTIO_F_VERSION_1, VSHM_F_READ_ONLY,
+    DeviceConfig, CONFIG_BYTES, OP_LIST, OP_WAIT, VIRTIO_F_VERSION_1, VSHM_F_EVENTQ,
+    VSHM_F_READ_ONLY,
 };
+use vshm_format::{Generation, ObjectSlot};
 
-use crate::{DeviceTransport, TransportError};
+use crate::{DeviceTransport, ObjectNews, TransportError};
 use channel::{Channel, MapHandler, Shared};
-use ring::{GuestMemory, Progress, Queue, EIO, LIST_ROOM, QUEUE_SIZE};
+use ring::{GuestMemory, Progress, Queue, EIO, EVENT_QUEUE_SIZE, LIST_ROOM, QUEUE_SIZE};
 use window::Window;
 
 /// Why connecting to the vshm device failed.
@@ -147,7 +161,6 @@ pub struct VhostUserTransport {
     features: u64,
     /// The connection; dropped (vshmd sees the VM leave) before the window is unmapped.
     frontend: Option<Frontend>,
-    kick: EventFd,
     shared: Arc<Shared>,
     window: Arc<Window>,
     stop: EventFd,
@@ -182,8 +195,8 @@ impl VhostUserTransport {
             })?;
         frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
 
-        // Virtio features: VERSION_1 required, READ_ONLY if offered, no event queue (nothing
-        // would consume its events yet), no EVENT_IDX.
+        // Virtio features: VERSION_1 required, READ_ONLY and EVENTQ if offered, no
+        // EVENT_IDX.
         let offered = frontend.get_features().map_err(message("GET_FEATURES"))?;
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         for (bit, feature) in [
@@ -198,7 +211,7 @@ impl VhostUserTransport {
                 });
             }
         }
-        let features = VIRTIO_F_VERSION_1 | (offered & VSHM_F_READ_ONLY);
+        let features = VIRTIO_F_VERSION_1 | (offered & (VSHM_F_READ_ONLY | VSHM_F_EVENTQ));
         frontend
             .set_features(features | protocol_bit)
             .map_err(message("SET_FEATURES"))?;
@@ -294,10 +307,60 @@ impl VhostUserTransport {
             .set_vring_enable(q, true)
             .map_err(message("SET_VRING_ENABLE"))?;
 
+        // Queue 1, every event buffer posted, if the device reports events.
+        let mut queue = Queue::new();
+        let kick_events = if features & VSHM_F_EVENTQ != 0 {
+            queue
+                .start_events(&guest.region())
+                .map_err(|e| VhostUserError::Os {
+                    what: "the event queue",
+                    source: io::Error::other(e.to_string()),
+                })?;
+            let kick = EventFd::new(0).map_err(os("the event queue's kick eventfd"))?;
+            let (desc, avail, used) = ring::event_ring_addresses(&guest);
+            let q = usize::from(vshm_format::virtio::EVENT_QUEUE);
+            frontend
+                .set_vring_num(q, EVENT_QUEUE_SIZE)
+                .map_err(message("SET_VRING_NUM"))?;
+            frontend
+                .set_vring_addr(
+                    q,
+                    &VringConfigData {
+                        queue_max_size: EVENT_QUEUE_SIZE,
+                        queue_size: EVENT_QUEUE_SIZE,
+                        flags: 0,
+                        desc_table_addr: desc,
+                        used_ring_addr: used,
+                        avail_ring_addr: avail,
+                        log_addr: None,
+                    },
+                )
+                .map_err(message("SET_VRING_ADDR"))?;
+            frontend
+                .set_vring_base(q, 0)
+                .map_err(message("SET_VRING_BASE"))?;
+            frontend
+                .set_vring_call(q, &call)
+                .map_err(message("SET_VRING_CALL"))?;
+            frontend
+                .set_vring_kick(q, &kick)
+                .map_err(message("SET_VRING_KICK"))?;
+            frontend
+                .set_vring_enable(q, true)
+                .map_err(message("SET_VRING_ENABLE"))?;
+            // The buffers are there.
+            kick.write(1).map_err(os("the event queue's kick"))?;
+            Some(kick)
+        } else {
+            None
+        };
+
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::new()),
+            queue: Mutex::new(queue),
             changed: Condvar::new(),
             guest,
+            kick,
+            kick_events,
         });
         let stop = EventFd::new(EFD_NONBLOCK).map_err(os("an eventfd"))?;
         let channel = Channel {
@@ -317,7 +380,6 @@ impl VhostUserTransport {
             config,
             features,
             frontend: Some(frontend),
-            kick,
             shared,
             window,
             stop,
@@ -333,6 +395,12 @@ impl VhostUserTransport {
     /// The device's config space.
     pub fn config(&self) -> DeviceConfig {
         self.config
+    }
+
+    /// Whether the device reports events (`VSHM_F_EVENTQ`): [`DeviceTransport::news`]
+    /// answers then.
+    pub fn events_supported(&self) -> bool {
+        self.features & VSHM_F_EVENTQ != 0
     }
 
     /// Whether the device agreed to map sections read-only (`VSHM_F_READ_ONLY`).
@@ -432,7 +500,8 @@ impl DeviceTransport for VhostUserTransport {
         records: &mut [u8],
         timeout: Duration,
     ) -> Result<Option<Response>, TransportError> {
-        let deadline = Instant::now().checked_add(timeout);
+        let started = Instant::now();
+        let deadline = started.checked_add(timeout);
         let room = if req.op == OP_LIST {
             u32::try_from(records.len())
                 .unwrap_or(u32::MAX)
@@ -440,29 +509,59 @@ impl DeviceTransport for VhostUserTransport {
         } else {
             0
         };
+        // A WAIT's own timeout (`size` ms, 0: none; a LOCK's is `max_size`) counts from
+        // now, while it waits for a slot too.
+        let wait_ms = match req.op {
+            OP_WAIT => req.size,
+            op::LOCK => req.max_size,
+            _ => 0,
+        };
+        let own = (wait_ms > 0)
+            .then(|| started.checked_add(Duration::from_millis(wait_ms)))
+            .flatten();
+        let parked = match (deadline, own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let mem = self.shared.guest.region();
         let mut q = self.lock()?;
-        // A slot (and the LIST area), as soon as one is free.
+        // A slot (and the LIST area), as soon as one is free (a WAIT: one of WAITs' share).
         let slot = loop {
             if q.gone {
                 return Err(TransportError::BackendGone);
             }
-            if let Some(slot) = q.take_slot(room > 0) {
+            if let Some(slot) = q.take_slot(room > 0, req.op) {
                 break slot;
             }
-            let (guard, late) = self.wait(q, deadline)?;
+            let (guard, late) = self.wait(q, parked)?;
             q = guard;
             if late {
+                if own.is_some_and(|at| Instant::now() >= at) {
+                    // The WAIT's time is up before it was posted: what the device would
+                    // have answered.
+                    return Ok(Some(wait_timed_out(req)));
+                }
                 return Ok(None);
             }
         };
-        if let Err(e) = q.post(&mem, slot, req, room) {
+        let mut req = *req;
+        if wait_ms > 0 {
+            // What is left of its timeout.
+            let waited = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let left = wait_ms.saturating_sub(waited).max(1);
+            if req.op == op::LOCK {
+                req.max_size = left;
+            } else {
+                req.size = left;
+            }
+        }
+        if let Err(e) = q.post(&mem, slot, &req, room) {
             q.untake(slot);
             return Err(e);
         }
-        if let Err(e) = self.kick.write(1) {
+        if let Err(e) = self.shared.kick.write(1) {
             // Posted but maybe never seen: the slot waits for its answer (or the hang-up).
-            q.abandon(slot);
+            q.abandon(&mem, slot);
             return Err(TransportError::Os(e.raw_os_error().unwrap_or(libc::EIO)));
         }
         loop {
@@ -478,7 +577,9 @@ impl DeviceTransport for VhostUserTransport {
             let (guard, late) = self.wait(q, deadline)?;
             q = guard;
             if late && q.progress(slot) != Progress::Answered {
-                q.abandon(slot);
+                if q.abandon(&mem, slot) {
+                    let _ = self.shared.kick.write(1);
+                }
                 return Ok(None);
             }
         }
@@ -487,6 +588,27 @@ impl DeviceTransport for VhostUserTransport {
     fn sleep(&self, d: Duration) {
         std::thread::sleep(d);
     }
+
+    fn news(&self, slot: ObjectSlot, generation: Generation) -> Option<ObjectNews> {
+        let q = self.lock().ok()?;
+        if !q.has_events() {
+            return None;
+        }
+        let k = q.known(slot.0, generation.0)?;
+        Some(ObjectNews {
+            deleted: k.deleted,
+            change_count: k.change_count,
+        })
+    }
+}
+
+/// The answer to a WAIT whose timeout passed before a slot was free for it: STATUS_TIMEOUT
+/// on the object it named, as the device answers a WAIT whose time is up.
+fn wait_timed_out(req: &Request) -> Response {
+    let mut r = vshm_format::mailbox::status_response(vshm_format::Status::Timeout);
+    r.slot = req.slot;
+    r.generation = req.generation;
+    r
 }
 
 impl Drop for VhostUserTransport {
