@@ -48,6 +48,13 @@ pub trait DeviceTransport {
         1
     }
 
+    /// How long vshmd keeps destroyed memory in quarantine, in ms (the device's config
+    /// space, docs/VHOST-USER.md §4): how long a CREATE refused only because of it is
+    /// retried. `None`: not known (the library waits vshmd's default).
+    fn quarantine_ms(&self) -> Option<u32> {
+        None
+    }
+
     /// Whether the device is gone for good (vshmd hung up): its mappings are gone with it,
     /// so the library fails reads and writes rather than show the zero pages left behind.
     fn gone(&self) -> bool {

@@ -435,10 +435,10 @@ impl<T: Transport> Namespace<T> {
         &self,
         req: &Request,
     ) -> Result<vshm_format::layout::Response, Error> {
-        // A device peer sees no superblock: it waits as long as vshmd's default.
-        let quarantine_ms = match self.superblock.quarantine_ms {
-            0 if self.device().is_some() => DEVICE_QUARANTINE_MS,
-            ms => u64::from(ms),
+        // A device peer sees no superblock: the device's config says (else vshmd's default).
+        let quarantine_ms = match self.device() {
+            Some(dev) => dev.quarantine_ms().map_or(DEVICE_QUARANTINE_MS, u64::from),
+            None => u64::from(self.superblock.quarantine_ms),
         };
         let patience = Duration::from_millis(quarantine_ms) + QUARANTINE_SLACK;
         let mut waited = Duration::ZERO;

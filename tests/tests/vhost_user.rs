@@ -64,6 +64,7 @@ fn a_vm_sees_only_what_it_opened_mapped_where_the_reply_says_and_loses_it_on_clo
         window_size: WINDOW,
         page_size: PAGE,
         region_epoch: 7,
+        quarantine_ms: 2000,
     };
     let mut listener = vhost_user::listen(&path).expect("listen");
     let arb: Arc<dyn vhost_user::Arbitration> = local.clone();
@@ -381,6 +382,7 @@ impl InProcess {
             window_size: WINDOW,
             page_size: PAGE,
             region_epoch: 7,
+            quarantine_ms: 2000,
         };
         let mut listener = vhost_user::listen(&path).expect("listen");
         let arb: Arc<dyn vhost_user::Arbitration> = local.clone();

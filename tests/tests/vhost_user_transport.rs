@@ -100,9 +100,22 @@ fn connecting_reports_the_window_vshmd_was_given() {
         assert_eq!(t.window().size(), 2 << 20);
         assert!(t.read_only_supported());
         assert!(t.events_supported(), "the event queue runs");
+        assert_eq!(t.config().quarantine_ms, 2000, "vshmd's default quarantine");
         let mut b = [1u8; 16];
         t.window().read_bytes(0, &mut b).expect("read");
         assert_eq!(b, [0; 16], "nothing mapped yet: zeroes");
+    });
+}
+
+#[test]
+fn the_config_space_carries_vshmds_quarantine_time_to_the_driver() {
+    watchdog(LIMIT, || {
+        let (_b, vpath) =
+            Backend::start_with_vhost_user(&["--size", "8M", "--quarantine-ms", "4500"]);
+        assert!(wait_for(Duration::from_secs(10), || vpath.exists()));
+        let t = connect(&vpath);
+        assert_eq!(t.config().quarantine_ms, 4500);
+        assert_eq!(vshm::DeviceTransport::quarantine_ms(&t), Some(4500));
     });
 }
 

@@ -1108,6 +1108,7 @@ impl Daemon {
             window_size: window,
             page_size: page,
             region_epoch: self.arbiter.epoch(),
+            quarantine_ms: u32::try_from(self.config.quarantine.as_millis()).unwrap_or(u32::MAX),
         };
         self.vhost = Some(jobs);
         std::thread::Builder::new()

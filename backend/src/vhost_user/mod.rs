@@ -34,7 +34,7 @@ pub const DEFAULT_WINDOW: u64 = 256 << 20;
 pub use vshm_format::virtio::DeviceConfig;
 
 /// The 32 config-space bytes (little-endian, docs/VHOST-USER.md §4).
-pub fn config_bytes(c: &DeviceConfig) -> [u8; 32] {
+pub fn config_bytes(c: &DeviceConfig) -> [u8; vshm_format::virtio::CONFIG_BYTES] {
     c.to_bytes()
 }
 

@@ -208,10 +208,13 @@ pub struct DeviceConfig {
     pub page_size: u64,
     /// `backend_epoch`.
     pub region_epoch: u64,
+    /// How long destroyed memory stays in quarantine (FORMAT.md §11a), in ms: how long a
+    /// CREATE refused only because of it is worth retrying.
+    pub quarantine_ms: u32,
 }
 
 /// Bytes of the configuration space.
-pub const CONFIG_BYTES: usize = 32;
+pub const CONFIG_BYTES: usize = 40;
 
 impl DeviceConfig {
     /// The config-space bytes (little-endian, §4).
@@ -223,6 +226,7 @@ impl DeviceConfig {
         let max_name = u32::try_from(MAX_NAME_BYTES).unwrap_or(u32::MAX);
         b[20..24].copy_from_slice(&max_name.to_le_bytes());
         b[24..32].copy_from_slice(&self.region_epoch.to_le_bytes());
+        b[32..36].copy_from_slice(&self.quarantine_ms.to_le_bytes());
         b
     }
 
@@ -238,10 +242,13 @@ impl DeviceConfig {
         if u32::from_le_bytes(v) != FORMAT_VERSION {
             return None;
         }
+        let mut q = [0u8; 4];
+        q.copy_from_slice(&b[32..36]);
         Some(DeviceConfig {
             window_size: le64(0),
             page_size: le64(8),
             region_epoch: le64(24),
+            quarantine_ms: u32::from_le_bytes(q),
         })
     }
 }
@@ -371,6 +378,7 @@ mod tests {
             window_size: 256 << 20,
             page_size: 4096,
             region_epoch: 7,
+            quarantine_ms: 1500,
         };
         let mut b = c.to_bytes();
         assert_eq!(DeviceConfig::from_bytes(&b), Some(c));

@@ -128,7 +128,9 @@ impl Device {
         let (window, shm_cap) =
             cap_addr(hw, f, shm).ok_or(missing("no shared-memory capability (id 0)"))?;
         if device_cap.length < CONFIG_BYTES as u64 {
-            return Err(missing("device config shorter than 32 bytes"));
+            return Err(missing(
+                "device config shorter than the 40 bytes of virtio_vshm_config",
+            ));
         }
         f.enable(hw);
 

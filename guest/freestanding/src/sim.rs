@@ -12,8 +12,8 @@ use std::vec::Vec;
 use vshm_format::layout::{kind, op, Request, Response, FORMAT_VERSION};
 use vshm_format::shm::{bytes_of, bytes_of_mut, zeroed};
 use vshm_format::virtio::{
-    DeviceConfig, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, RESP_MAP_FLAGS_OFF, VIRTIO_F_VERSION_1,
-    VSHM_F_EVENTQ, VSHM_F_READ_ONLY,
+    DeviceConfig, CONFIG_BYTES, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, RESP_MAP_FLAGS_OFF,
+    VIRTIO_F_VERSION_1, VSHM_F_EVENTQ, VSHM_F_READ_ONLY,
 };
 use vshm_format::Status;
 
@@ -85,7 +85,7 @@ impl Sim {
         put(0x68, &4u32.to_le_bytes());
         put(0x70, &[0x09, 0x80, 16, 4, 0, 0, 0, 0]);
         put(0x78, &0x2000u32.to_le_bytes());
-        put(0x7C, &32u32.to_le_bytes());
+        put(0x7C, &(CONFIG_BYTES as u32).to_le_bytes());
         put(0x80, &[0x09, 0, 24, 8, 4, 0, 0, 0]);
         put(0x88, &(SHM_OFF as u32).to_le_bytes());
         put(0x8C, &(WINDOW as u32).to_le_bytes());
@@ -139,11 +139,12 @@ impl Sim {
             a if a == COMMON + 0x15 => 0,
             a if a == COMMON + 0x18 => u64::from(if self.qsel == 0 { self.qsize } else { 0 }),
             a if a == COMMON + 0x1E => 0,
-            a if (DEVCFG..DEVCFG + 32).contains(&a) => {
+            a if (DEVCFG..DEVCFG + CONFIG_BYTES as u64).contains(&a) => {
                 let mut c = DeviceConfig {
                     window_size: WINDOW,
                     page_size: 4096,
                     region_epoch: 7,
+                    quarantine_ms: 2000,
                 }
                 .to_bytes();
                 c[16..20].copy_from_slice(&self.format_version.to_le_bytes());

@@ -489,6 +489,10 @@ impl DeviceTransport for VhostUserTransport {
         self.backend_gone()
     }
 
+    fn quarantine_ms(&self) -> Option<u32> {
+        Some(self.config().quarantine_ms)
+    }
+
     /// The thread id (a mutex locked over the device is owned by the thread).
     fn thread_token(&self) -> u32 {
         crate::os::current_tid()
