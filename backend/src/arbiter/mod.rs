@@ -59,6 +59,8 @@ mod tests_proxy_lock;
 #[cfg(test)]
 mod tests_quarantine;
 #[cfg(test)]
+mod tests_review;
+#[cfg(test)]
 mod tests_snapshot;
 #[cfg(test)]
 mod tests_sync;
