@@ -170,30 +170,18 @@ impl<T: Transport> Section<'_, T> {
         let token_alive = |token: u32| transport.token_alive(token);
         // Who is attached: the header's peer table, believed only once settled; over the
         // device, vshmd's answer (a VM sees no table).
-        let table;
-        let device;
-        let peers: &dyn Peers = match ns.device() {
-            Some(dev) => {
-                device = DevicePeers {
-                    ns,
-                    dev,
-                    snapshot: RefCell::new(ns.device_peers(dev, false)?),
-                    asked_again: Cell::new(false),
-                };
-                &device
-            }
-            None => {
-                table = SettledPeers {
-                    table: PeerTable {
-                        mem: &mem,
-                        layout: ns.layout(),
-                        token_alive: &token_alive,
-                    },
-                    gone: &ns.gone_since,
-                    provisional: Cell::new(false),
-                };
-                &table
-            }
+        let table = SettledPeers {
+            table: PeerTable {
+                mem: &mem,
+                layout: ns.layout(),
+                token_alive: &token_alive,
+            },
+            gone: &ns.gone_since,
+            provisional: Cell::new(false),
+        };
+        let on_device = match ns.device() {
+            Some(dev) => Some((dev, ns.device_peers(dev, false)?)),
+            None => None,
         };
         let (slot, incarnation) = self.heap_peer()?;
         let me = Me {
@@ -216,6 +204,22 @@ impl<T: Transport> Section<'_, T> {
                     out = Some(Err(e));
                     return true;
                 }
+            };
+            // Over the device a new view for each attempt (the next may come seconds later,
+            // while the lock is busy): an owner that attached since the last answer is
+            // asked about again, never taken for departed on an old one.
+            let device;
+            let peers: &dyn Peers = match on_device {
+                Some((dev, first)) => {
+                    device = DevicePeers {
+                        ns,
+                        dev,
+                        snapshot: RefCell::new(ns.device_peers(dev, false).unwrap_or(first)),
+                        asked_again: Cell::new(false),
+                    };
+                    &device
+                }
+                None => &table,
             };
             let done = match heap.lock(me, peers) {
                 Err(BlockError::Busy { owner }) => {
@@ -303,8 +307,9 @@ impl Peers for SettledPeers<'_> {
 /// The peers as vshmd tells a VM on the vshm device (PEERS, docs/VHOST-USER.md §5.1):
 /// vshmd's own records, believed at once. The snapshot may be up to
 /// [`crate::over_device::PEERS_MAX_AGE`] old, so an owner that looks departed in it is
-/// asked about again (once per operation) before the allocator frees its blocks or
-/// breaks its lock: a peer that attached since must not be taken for a departed one.
+/// asked about again (once per attempt at the lock: a view is made for each) before the
+/// allocator frees its blocks or breaks its lock: a peer that attached since must not be
+/// taken for a departed one.
 struct DevicePeers<'a, T: Transport> {
     ns: &'a Namespace<T>,
     dev: &'a dyn DeviceTransport,
@@ -320,9 +325,12 @@ impl<T: Transport> Peers for DevicePeers<'_, T> {
         self.ns.transport().token_alive(token)
     }
     fn fingerprint(&self) -> u64 {
+        // The same fold as the peer table's (`PeerTable::fingerprint`), so peers on either
+        // transport agree on it and do not walk the owners again for nothing.
         let s = self.snapshot.borrow();
         s.slots[..s.count].iter().fold(0u64, |acc, &inc| {
-            (acc ^ inc.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(7)
+            let v = if inc == 0 { 0 } else { inc.wrapping_add(1) };
+            (acc ^ v.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(7)
         })
     }
     fn attached(&self, slot: PeerSlot, incarnation: u64, mask: u64) -> bool {

@@ -57,9 +57,9 @@ mod tests_proxy;
 #[cfg(test)]
 mod tests_proxy_lock;
 #[cfg(test)]
-mod tests_quarantine;
+mod tests_proxy_lock_attacks;
 #[cfg(test)]
-mod tests_review;
+mod tests_quarantine;
 #[cfg(test)]
 mod tests_snapshot;
 #[cfg(test)]

@@ -194,6 +194,9 @@ impl<M: Backing> Arbiter<M> {
             return Ok(());
         }
         holds.remove(&slot);
+        // Its last handle on a mutex: it can no longer UNLOCK it (nor be handed it), so a
+        // mutex it owns goes to the next locker as abandoned, and its queue entries go.
+        self.proxy_leave_mutex(s, slot, peer_id);
         let Some(lease) = self.lease_off(slot) else {
             return Ok(());
         };

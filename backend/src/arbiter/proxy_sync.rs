@@ -243,6 +243,16 @@ impl<M: Backing> Arbiter<M> {
         if token == 0 {
             return Some((Status::InvalidParameter, 0));
         }
+        // One LOCK per thread at a time: two would share one queue entry (both told granted,
+        // or one stranded when the other's timeout takes the entry out).
+        let pending = self.proxy_watch.get(&s).is_some_and(|w| {
+            w.waits
+                .iter()
+                .any(|x| x.slot == slot && x.lock == Some(token))
+        });
+        if pending {
+            return Some((Status::PossibleDeadlock, 0));
+        }
         match self.lock(s, slot, generation, token) {
             Ok(_) => Some((self.proxy_acquired(slot), 0)),
             Err((Status::Pending, _)) if queue => {
@@ -280,10 +290,36 @@ impl<M: Backing> Arbiter<M> {
         let Ok(s) = self.proxy_slot_of(peer_id) else {
             return Status::InvalidHandle;
         };
+        if !self.proxy_holding(s, slot, generation) {
+            return Status::InvalidHandle;
+        }
         match self.unlock(s, slot, generation, token) {
             Ok(()) => Status::Success,
             Err((status, _)) => status,
         }
+    }
+
+    /// Gives back a grant nobody heard of (LOCK `granted` SUCCESS or ABANDONED for thread
+    /// `token` of proxied peer `peer_id`): an ABANDONED one stays abandoned for the next
+    /// owner (what the mutex protects may still be half-updated).
+    pub fn proxy_give_back(
+        &mut self,
+        peer_id: PeerId,
+        slot: ObjectSlot,
+        generation: Generation,
+        token: u32,
+        granted: Status,
+    ) -> Status {
+        let Ok(s) = self.proxy_slot_of(peer_id) else {
+            return Status::InvalidHandle;
+        };
+        if !self.proxy_owns(s, slot, token) {
+            return Status::MutantNotOwned;
+        }
+        if granted == Status::Abandoned {
+            let _ = sync::mutex_mark_abandoned(&self.mem, &self.layout, slot);
+        }
+        self.proxy_unlock(peer_id, slot, generation, token)
     }
 
     /// PEERS for proxied peer `peer_id`: its own slot and incarnation, and who is attached
@@ -419,6 +455,9 @@ impl<M: Backing> Arbiter<M> {
             }
             if let Some(token) = w.lock {
                 if self.proxy_owns(s, w.slot, token) {
+                    // Handed over (its entry is gone) or named by a scribble: either way
+                    // no entry of it may stay to be handed the mutex again later.
+                    let _ = self.cancel(s, w.slot, w.generation, token);
                     let status = self.proxy_acquired(w.slot);
                     news.done.push((w.id, status, 0));
                 } else {

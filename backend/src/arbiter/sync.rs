@@ -402,6 +402,22 @@ impl<M: Backing> Arbiter<M> {
         }
     }
 
+    /// Proxied peer slot `s` closed its last handle on `slot`: if that is a mutex, its queue
+    /// entries go and, if it owns it, the mutex is released as abandoned.
+    pub(super) fn proxy_leave_mutex(&mut self, s: PeerSlot, slot: ObjectSlot, peer_id: PeerId) {
+        if self.record_at(slot).map(|r| r.kind) != Some(kind::MUTEX) {
+            return;
+        }
+        if let Some(r) = self.objects[slot.raw() as usize].as_mut() {
+            r.queue.retain(|&(p, _)| p != s);
+        }
+        if let Ok(w) = sync::sync_word(&self.mem, &self.layout, slot) {
+            if mutex_word::slot(w) == Some(s) {
+                self.abandon(slot, w, Some(peer_id), "its owner closed its last handle");
+            }
+        }
+    }
+
     /// Sweep: a mutex whose word names no connected peer (forged to name a dead slot,
     /// malformed, or a HANDOFF bit with no owner) is released, as abandoned if it named
     /// an owner.

@@ -273,13 +273,27 @@ impl Arbitration for Bridge {
                 None => {
                     h.arbiter().proxy_cancel_wait(vm, id);
                 }
-                Some((Status::Success | Status::Abandoned, _)) => {
-                    h.arbiter().proxy_unlock(vm, slot, generation, token);
+                Some((granted @ (Status::Success | Status::Abandoned), _)) => {
+                    h.arbiter()
+                        .proxy_give_back(vm, slot, generation, token, granted);
                 }
                 Some(_) => {}
             },
         )
         .unwrap_or(Some((Status::InsufficientResources, 0)))
+    }
+    fn give_back(
+        &self,
+        vm: PeerId,
+        slot: ObjectSlot,
+        generation: Generation,
+        token: u32,
+        granted: Status,
+    ) {
+        let _ = self.call(move |h| {
+            h.arbiter()
+                .proxy_give_back(vm, slot, generation, token, granted)
+        });
     }
     fn cancel_wait(&self, vm: PeerId, id: u64) -> bool {
         // Unanswered: the loop is stuck or gone; the VM's departure drops the WAIT.

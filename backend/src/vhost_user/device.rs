@@ -76,6 +76,8 @@ struct PendingWait {
     slot: u32,
     generation: u64,
     deadline: Option<Instant>,
+    /// A LOCK: the thread's token (a grant nobody will hear of must be given back).
+    lock: Option<u32>,
 }
 
 /// Which peer the VM is in the namespace, kept apart from the device (whose lock a request
@@ -551,6 +553,9 @@ impl VshmDevice {
                 slot: req.slot,
                 generation: req.generation,
                 deadline,
+                lock: (req.op == op::LOCK)
+                    .then(|| u32::try_from(req.size).ok())
+                    .flatten(),
             },
         );
         self.arm_timer();
@@ -561,8 +566,29 @@ impl VshmDevice {
     /// starting over).
     fn drop_waits(&mut self) {
         if let Some(vm) = self.vm.id() {
-            for &id in self.waits.keys() {
-                self.arbitration.cancel_wait(vm, id);
+            // A LOCK a look completed in this same instant was granted: its answer is in
+            // the notices already (the look pushed it before the cancel ran), and nobody
+            // will hear it, so the mutex is given back (still abandoned if it was).
+            let mut granted = BTreeMap::new();
+            for (&id, w) in &self.waits {
+                if !self.arbitration.cancel_wait(vm, id) {
+                    if let Some(token) = w.lock {
+                        granted.insert(id, (w.slot, w.generation, token));
+                    }
+                }
+            }
+            for (id, status, _) in self.notices.take_done() {
+                if let Some(&(slot, generation, token)) = granted.get(&id) {
+                    if matches!(status, Status::Success | Status::Abandoned) {
+                        self.arbitration.give_back(
+                            vm,
+                            ObjectSlot(slot),
+                            Generation(generation),
+                            token,
+                            status,
+                        );
+                    }
+                }
             }
         }
         self.waits.clear();

@@ -209,6 +209,16 @@ pub trait Arbitration: std::fmt::Debug + Send + Sync {
         token: u32,
         queue: bool,
     ) -> Option<(Status, u64)>;
+    /// Gives back a LOCK's grant nobody heard of (`granted`: SUCCESS, or ABANDONED, which
+    /// the next owner is told again).
+    fn give_back(
+        &self,
+        vm: PeerId,
+        slot: ObjectSlot,
+        generation: Generation,
+        token: u32,
+        granted: Status,
+    );
     /// WAIT or LOCK `id` timed out: `true` if it was taken back (a LOCK leaves the queue,
     /// and a mutex handed to it meanwhile is given back), `false` if it completed already.
     fn cancel_wait(&self, vm: PeerId, id: u64) -> bool;
@@ -319,6 +329,16 @@ impl Arbitration for Local {
         queue: bool,
     ) -> Option<(Status, u64)> {
         self.with(|a| a.proxy_lock(vm, id, slot, generation, token, queue))
+    }
+    fn give_back(
+        &self,
+        vm: PeerId,
+        slot: ObjectSlot,
+        generation: Generation,
+        token: u32,
+        granted: Status,
+    ) {
+        self.with(|a| a.proxy_give_back(vm, slot, generation, token, granted));
     }
     fn cancel_wait(&self, vm: PeerId, id: u64) -> bool {
         self.with(|a| a.proxy_cancel_wait(vm, id))

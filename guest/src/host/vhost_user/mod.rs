@@ -534,7 +534,7 @@ impl DeviceTransport for VhostUserTransport {
             if q.gone {
                 return Err(TransportError::BackendGone);
             }
-            if let Some(slot) = q.take_slot(room > 0, req.op) {
+            if let Some(slot) = q.take_slot(room > 0, req.op, req.flags) {
                 break slot;
             }
             let (guard, late) = self.wait(q, parked)?;

@@ -31,7 +31,7 @@ use vshm_format::layout::{kind, object_flags, op, Request, Response};
 use vshm_format::shm::{bytes_of, bytes_of_mut, zeroed, RawRegion, SharedMemory};
 use vshm_format::virtio::{
     HandleFields, VirtioVshmEvent, EVENT_BYTES, EVENT_CHANGED, EVENT_DELETED, EVENT_SIGNALLED,
-    MAX_HANDLES, OP_CLOSE, OP_OPEN, OP_SIGNAL, OP_WAIT,
+    LOCK_TRY, MAX_HANDLES, OP_CLOSE, OP_OPEN, OP_SIGNAL, OP_WAIT,
 };
 use vshm_format::Status;
 
@@ -51,8 +51,8 @@ pub(super) const WAIT_SLOTS: usize = SLOTS - NON_WAIT_RESERVE;
 
 /// Whether a request of `op` may stay pending until something happens (a WAIT, or a LOCK
 /// queued for a mutex): such requests share [`WAIT_SLOTS`].
-pub(super) fn parks(op: u32) -> bool {
-    op == OP_WAIT || op == vshm_format::layout::op::LOCK
+pub(super) fn parks(op: u32, flags: u32) -> bool {
+    op == OP_WAIT || (op == vshm_format::layout::op::LOCK && flags & LOCK_TRY == 0)
 }
 const DESC: u64 = 0x0000;
 const AVAIL: u64 = 0x1000;
@@ -286,6 +286,8 @@ pub(super) enum Progress {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(super) struct Sent {
     pub(super) op: u32,
+    /// It may stay pending ([`parks`]): it counts against [`WAIT_SLOTS`].
+    pub(super) parks: bool,
     pub(super) slot: u32,
     pub(super) generation: u64,
     pub(super) size: u64,
@@ -295,6 +297,7 @@ impl Sent {
     fn of(req: &Request) -> Sent {
         Sent {
             op: req.op,
+            parks: parks(req.op, req.flags),
             slot: req.slot,
             generation: req.generation,
             size: req.size,
@@ -325,6 +328,9 @@ enum Undo {
     Close,
     /// UNLOCK the mutex with the token the LOCK carried.
     Unlock,
+    /// UNLOCK it with another token of this VM: a release on behalf of that thread, which
+    /// keeps it abandoned for the next owner (the grant said ABANDONED, and nobody heard).
+    UnlockAbandoned,
     /// SIGNAL the event again: the WAIT took an auto-reset event's signal nobody got.
     GiveBackSignal,
 }
@@ -337,9 +343,18 @@ const UNDO: [(u32, Status, Undo); 7] = [
     (op::CREATE, Status::Success, Undo::Close),
     (op::CREATE, Status::ObjectNameExists, Undo::Close),
     (op::LOCK, Status::Success, Undo::Unlock),
-    (op::LOCK, Status::Abandoned, Undo::Unlock),
+    (op::LOCK, Status::Abandoned, Undo::UnlockAbandoned),
     (OP_WAIT, Status::Success, Undo::GiveBackSignal),
 ];
+
+/// A thread token other than `token` (non-zero, below 2³²).
+fn other_token(token: u64) -> u64 {
+    if token == u64::from(u32::MAX) || token == 0 {
+        1
+    } else {
+        token + 1
+    }
+}
 
 /// A request of `op` naming (`slot`, `generation`) with `size`.
 fn request_on(op: u32, slot: u32, generation: u64, size: u64) -> Request {
@@ -370,6 +385,12 @@ pub(super) fn undo(sent: &Sent, resp: &Response, known: Option<&Known>) -> Optio
             sent.slot,
             sent.generation,
             sent.size,
+        )),
+        Undo::UnlockAbandoned => Some(request_on(
+            op::UNLOCK,
+            sent.slot,
+            sent.generation,
+            other_token(sent.size),
         )),
         Undo::GiveBackSignal => {
             let auto_event = known.is_some_and(|k| {
@@ -432,24 +453,26 @@ impl Queue {
         self.slots
             .iter()
             .zip(&self.sent)
-            .filter(|(s, r)| **s != Slot::Free && parks(r.op))
+            .filter(|(s, r)| **s != Slot::Free && r.parks)
             .count()
     }
 
     /// A free slot for a request of `op` (with the LIST area too if `list`), taken; `None`
     /// when every slot (or the LIST area) is in use, or `op` is a WAIT and WAITs have
     /// [`WAIT_SLOTS`] already.
-    pub(super) fn take_slot(&mut self, list: bool, op: u32) -> Option<usize> {
+    pub(super) fn take_slot(&mut self, list: bool, op: u32, flags: u32) -> Option<usize> {
         if list && self.list_holder.is_some() {
             return None;
         }
-        if parks(op) && self.waits() >= WAIT_SLOTS {
+        let parks = parks(op, flags);
+        if parks && self.waits() >= WAIT_SLOTS {
             return None;
         }
         let i = self.slots.iter().position(|s| *s == Slot::Free)?;
         self.slots[i] = Slot::Taken;
         self.sent[i] = Sent {
             op,
+            parks,
             ..Sent::default()
         };
         if list {
@@ -835,8 +858,8 @@ mod tests {
         let g = GuestMemory::new().expect("guest memory");
         let mem = g.region();
         let mut q = Queue::new();
-        let a = q.take_slot(false, 0).expect("slot");
-        let b = q.take_slot(false, 0).expect("slot");
+        let a = q.take_slot(false, 0, 0).expect("slot");
+        let b = q.take_slot(false, 0, 0).expect("slot");
         let req: Request = zeroed();
         let sa = q.post(&mem, a, &req, 0).expect("post");
         let sb = q.post(&mem, b, &req, 0).expect("post");
@@ -850,7 +873,7 @@ mod tests {
         assert_eq!(r.resp_seq, sb);
         // a abandoned: its slot stays taken until the device returns it.
         assert!(!q.abandon(&mem, a), "nothing to undo yet");
-        let c = q.take_slot(false, 0).expect("slot");
+        let c = q.take_slot(false, 0, 0).expect("slot");
         assert_ne!(c, a, "an abandoned slot is not reused");
         answer(&mem, head_of(a), 768, sa);
         assert_eq!(
@@ -862,7 +885,11 @@ mod tests {
             },
             "a zeroed request (op 0) granted nothing to undo"
         );
-        assert_eq!(q.take_slot(false, 0), Some(a), "freed by its late answer");
+        assert_eq!(
+            q.take_slot(false, 0, 0),
+            Some(a),
+            "freed by its late answer"
+        );
     }
 
     #[test]
@@ -891,7 +918,7 @@ mod tests {
         let g = GuestMemory::new().expect("guest memory");
         let mem = g.region();
         let mut q = Queue::new();
-        let a = q.take_slot(false, 0).expect("slot");
+        let a = q.take_slot(false, 0, 0).expect("slot");
         let req: Request = zeroed();
         let s = q.post(&mem, a, &req, 0).expect("post");
         // Heads that are no chain's, or no posted chain's.
@@ -904,7 +931,7 @@ mod tests {
         answer(&mem, head_of(a), 100, s);
         q.reap(&mem).expect("reap");
         assert_eq!(q.collect(&mem, a, &mut []), Err(EPROTO));
-        let a = q.take_slot(false, 0).expect("slot");
+        let a = q.take_slot(false, 0, 0).expect("slot");
         let s = q.post(&mem, a, &req, 0).expect("post");
         answer(&mem, head_of(a), 768, s + 7);
         q.reap(&mem).expect("reap");
@@ -914,12 +941,12 @@ mod tests {
     #[test]
     fn one_list_at_a_time_and_every_slot_can_be_taken_once() {
         let mut q = Queue::new();
-        let l = q.take_slot(true, 0).expect("list slot");
-        assert_eq!(q.take_slot(true, 0), None, "the LIST area is taken");
+        let l = q.take_slot(true, 0, 0).expect("list slot");
+        assert_eq!(q.take_slot(true, 0, 0), None, "the LIST area is taken");
         q.untake(l);
-        assert!(q.take_slot(true, 0).is_some());
+        assert!(q.take_slot(true, 0, 0).is_some());
         let mut n = 1;
-        while q.take_slot(false, 0).is_some() {
+        while q.take_slot(false, 0, 0).is_some() {
             n += 1;
         }
         assert_eq!(n, SLOTS);
@@ -953,6 +980,7 @@ mod tests {
     fn sent(op: u32, slot: u32, generation: u64, size: u64) -> Sent {
         Sent {
             op,
+            parks: parks(op, 0),
             slot,
             generation,
             size,
@@ -992,14 +1020,23 @@ mod tests {
             let refused = reply(Status::ObjectNameNotFound, 5, 9, 0x3000, 0, 0);
             assert_eq!(undo_of(sent(op, 0, 0, 0), refused, None), None);
         }
-        // LOCK granted (or granted abandoned): UNLOCK with the LOCK's token.
-        for st in [Status::Success, Status::Abandoned] {
-            let r = reply(st, 4, 2, 0, 0, 0);
-            assert_eq!(
-                undo_of(sent(op::LOCK, 4, 2, 77), r, None),
-                Some((op::UNLOCK, 4, 2, 77))
-            );
-        }
+        // LOCK granted: UNLOCK with the LOCK's token; granted abandoned: with another token
+        // of this VM, which releases it still abandoned for the next owner.
+        let r = reply(Status::Success, 4, 2, 0, 0, 0);
+        assert_eq!(
+            undo_of(sent(op::LOCK, 4, 2, 77), r, None),
+            Some((op::UNLOCK, 4, 2, 77))
+        );
+        let r = reply(Status::Abandoned, 4, 2, 0, 0, 0);
+        assert_eq!(
+            undo_of(sent(op::LOCK, 4, 2, 77), r, None),
+            Some((op::UNLOCK, 4, 2, 78))
+        );
+        let last = u64::from(u32::MAX);
+        assert_eq!(
+            undo_of(sent(op::LOCK, 4, 2, last), r, None),
+            Some((op::UNLOCK, 4, 2, 1))
+        );
         let timed_out = reply(Status::Timeout, 4, 2, 0, 0, 0);
         assert_eq!(undo_of(sent(op::LOCK, 4, 2, 77), timed_out, None), None);
         // A WAIT that took an auto-reset event's signal: SIGNAL it back. Not a manual-reset
@@ -1042,7 +1079,7 @@ mod tests {
         let g = GuestMemory::new().expect("guest memory");
         let mem = g.region();
         let mut q = Queue::new();
-        let a = q.take_slot(false, OP_OPEN).expect("slot");
+        let a = q.take_slot(false, OP_OPEN, 0).expect("slot");
         let mut open: Request = zeroed();
         open.op = OP_OPEN;
         let s = q.post(&mem, a, &open, 0).expect("post");
@@ -1067,7 +1104,7 @@ mod tests {
         );
         assert_ne!(close.req_seq, s);
         assert_ne!(
-            q.take_slot(false, 0),
+            q.take_slot(false, 0, 0),
             Some(a),
             "the CLOSE is in flight in it"
         );
@@ -1082,7 +1119,7 @@ mod tests {
         assert!(reaped.changed && !reaped.posted);
         assert_eq!(q.known(6, 8), None);
         // An answer that came before the caller gave up is undone at once.
-        let b = q.take_slot(false, OP_OPEN).expect("slot");
+        let b = q.take_slot(false, OP_OPEN, 0).expect("slot");
         let s = q.post(&mem, b, &open, 0).expect("post");
         answer_with(
             &mem,
@@ -1132,7 +1169,7 @@ mod tests {
         q.start_events(&mem).expect("start");
         assert_eq!(avail_idx(&mem), EVENT_QUEUE_SIZE, "every buffer posted");
         // A handle on (2, 5), an event whose count was 3 at the open.
-        let a = q.take_slot(false, OP_OPEN).expect("slot");
+        let a = q.take_slot(false, OP_OPEN, 0).expect("slot");
         let mut open: Request = zeroed();
         open.op = OP_OPEN;
         let s = q.post(&mem, a, &open, 0).expect("post");
@@ -1180,7 +1217,7 @@ mod tests {
         assert_eq!(q.known(9, 9), None, "no news kept of what is not held");
         assert_eq!(q.known(2, 6), None);
         // The last handle closed: forgotten.
-        let c = q.take_slot(false, OP_CLOSE).expect("slot");
+        let c = q.take_slot(false, OP_CLOSE, 0).expect("slot");
         let close = request_on(OP_CLOSE, 2, 5, 1 << 63);
         let s = q.post(&mem, c, &close, 0).expect("post");
         answer_with(&mem, head_of(c), s, reply(Status::Success, 0, 0, 0, 0, 0));
@@ -1194,17 +1231,23 @@ mod tests {
         let mut waits = Vec::new();
         // LOCKs may stay pending too: they share the WAITs' part.
         let lock = vshm_format::layout::op::LOCK;
-        while let Some(s) = q.take_slot(false, if waits.len() % 2 == 0 { OP_WAIT } else { lock }) {
+        while let Some(s) = q.take_slot(false, if waits.len() % 2 == 0 { OP_WAIT } else { lock }, 0)
+        {
             waits.push(s);
         }
         assert_eq!(waits.len(), WAIT_SLOTS);
-        assert_eq!(q.take_slot(false, lock), None, "no LOCK past the share");
+        assert_eq!(q.take_slot(false, lock, 0), None, "no LOCK past the share");
+        // A try never stays pending: it is not held to the share.
+        let try_lock = q
+            .take_slot(false, lock, LOCK_TRY)
+            .expect("a LOCK_TRY's slot");
+        q.untake(try_lock);
         for _ in 0..NON_WAIT_RESERVE {
-            assert!(q.take_slot(false, OP_SIGNAL).is_some(), "the reserve");
+            assert!(q.take_slot(false, OP_SIGNAL, 0).is_some(), "the reserve");
         }
-        assert_eq!(q.take_slot(false, OP_SIGNAL), None, "every slot in use");
+        assert_eq!(q.take_slot(false, OP_SIGNAL, 0), None, "every slot in use");
         // A WAIT's slot back: another WAIT may have it.
         q.untake(waits[0]);
-        assert_eq!(q.take_slot(false, OP_WAIT), Some(waits[0]));
+        assert_eq!(q.take_slot(false, OP_WAIT, 0), Some(waits[0]));
     }
 }
