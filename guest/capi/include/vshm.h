@@ -353,7 +353,7 @@ vshm_status vshm_delete(const struct vshm_namespace *ns, const char *name);
 // Lists the namespace's objects (a snapshot as the entries are read; others may change it
 // meanwhile): calls `callback(ctx, info)` for each until it returns false, and stores the
 // number of objects reported in `*count` (if `count` is not NULL). A NULL `callback` only
-// counts. Over the vshm virtio device (a VM sees no object table) the list is empty.
+// counts.
 //
 // Ownership: `info` and its name belong to the library and are valid only during the
 // callback. Thread safety: any thread; the callback runs on the calling thread and may
@@ -418,7 +418,7 @@ vshm_status vshm_section_create(const struct vshm_namespace *ns,
 // Returns `VSHM_STATUS_SUCCESS`; `VSHM_STATUS_INVALID_PARAMETER` (NULL `ns`, `name` or
 // `section`, non-UTF-8 name, unknown `access`); `VSHM_STATUS_OBJECT_NAME_INVALID`;
 // `VSHM_STATUS_OBJECT_NAME_NOT_FOUND`; `VSHM_STATUS_INVALID_HANDLE` (the name belongs to
-// an event or a mutex; or this peer was disconnected); `VSHM_STATUS_DELETE_PENDING`;
+// an event or a mutex; or this peer was disconnected);
 // `VSHM_STATUS_INSUFFICIENT_RESOURCES`; `VSHM_STATUS_INTERNAL_ERROR`.
 //
 // # Safety
@@ -548,7 +548,7 @@ vshm_status vshm_section_wait_change(const struct vshm_section *section,
 // Thread safety: any thread; every peer holding the section may allocate at once.
 //
 // Returns `VSHM_STATUS_SUCCESS`; `VSHM_STATUS_INVALID_PARAMETER` (NULL, size 0, `align`
-// not a power of two); `VSHM_STATUS_NO_MEMORY` (does not fit even at the max size);
+// not a power of two, the section holds other data rather than an allocator); `VSHM_STATUS_NO_MEMORY` (does not fit even at the max size);
 // `VSHM_STATUS_ACCESS_DENIED` (a read-only handle); `VSHM_STATUS_INVALID_HANDLE` (the
 // section's allocator is corrupt, or the handle is dead);
 // `VSHM_STATUS_INSUFFICIENT_RESOURCES` (the allocator stayed locked, or the backend did

@@ -304,7 +304,7 @@ pub unsafe extern "C" fn vshm_delete(
 /// Lists the namespace's objects (a snapshot as the entries are read; others may change it
 /// meanwhile): calls `callback(ctx, info)` for each until it returns false, and stores the
 /// number of objects reported in `*count` (if `count` is not NULL). A NULL `callback` only
-/// counts. Over the vshm virtio device (a VM sees no object table) the list is empty.
+/// counts.
 ///
 /// Ownership: `info` and its name belong to the library and are valid only during the
 /// callback. Thread safety: any thread; the callback runs on the calling thread and may

@@ -148,7 +148,7 @@ pub unsafe extern "C" fn vshm_section_create(
 /// Returns `VSHM_STATUS_SUCCESS`; `VSHM_STATUS_INVALID_PARAMETER` (NULL `ns`, `name` or
 /// `section`, non-UTF-8 name, unknown `access`); `VSHM_STATUS_OBJECT_NAME_INVALID`;
 /// `VSHM_STATUS_OBJECT_NAME_NOT_FOUND`; `VSHM_STATUS_INVALID_HANDLE` (the name belongs to
-/// an event or a mutex; or this peer was disconnected); `VSHM_STATUS_DELETE_PENDING`;
+/// an event or a mutex; or this peer was disconnected);
 /// `VSHM_STATUS_INSUFFICIENT_RESOURCES`; `VSHM_STATUS_INTERNAL_ERROR`.
 ///
 /// # Safety
@@ -393,7 +393,7 @@ pub unsafe extern "C" fn vshm_section_wait_change(
 /// Thread safety: any thread; every peer holding the section may allocate at once.
 ///
 /// Returns `VSHM_STATUS_SUCCESS`; `VSHM_STATUS_INVALID_PARAMETER` (NULL, size 0, `align`
-/// not a power of two); `VSHM_STATUS_NO_MEMORY` (does not fit even at the max size);
+/// not a power of two, the section holds other data rather than an allocator); `VSHM_STATUS_NO_MEMORY` (does not fit even at the max size);
 /// `VSHM_STATUS_ACCESS_DENIED` (a read-only handle); `VSHM_STATUS_INVALID_HANDLE` (the
 /// section's allocator is corrupt, or the handle is dead);
 /// `VSHM_STATUS_INSUFFICIENT_RESOURCES` (the allocator stayed locked, or the backend did
