@@ -57,6 +57,12 @@ const APT_TOOLS: &[Tool] = &[
         package: "binutils",
         why: "the freestanding guest's flat image (objcopy -O binary; tests/src/freestanding.rs)",
     },
+    Tool {
+        program: "pkg-config",
+        probe: &["--version"],
+        package: "pkg-config",
+        why: "the C API's example is compiled with pkg-config's flags (tests/tests/capi.rs)",
+    },
     // (and keep PACKAGES in .ci/run in step)
 ];
 
