@@ -26,7 +26,7 @@ fn root() -> &'static Path {
 }
 
 /// Builds libvshm (`cargo build -p vshm-capi --lib`, a no-op when it is current) into this
-/// test's target directory and returns the directory holding `libvshm.a`. Once per process.
+/// test's target directory and returns the directory holding `libvshm_capi.a`. Once per process.
 fn lib_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -56,7 +56,7 @@ fn lib_dir() -> &'static Path {
             "cargo build -p vshm-capi failed:\n{}",
             stderr(&out)
         );
-        let lib = profile.join("libvshm.a");
+        let lib = profile.join("libvshm_capi.a");
         assert!(lib.exists(), "{} is missing after the build", lib.display());
         profile.to_owned()
     })
@@ -73,7 +73,7 @@ fn install(prefix: &Path) -> PathBuf {
     for d in [&lib, &include, &pc] {
         std::fs::create_dir_all(d).expect("install dir");
     }
-    std::fs::copy(lib_dir().join("libvshm.a"), lib.join("libvshm.a")).expect("install lib");
+    std::fs::copy(lib_dir().join("libvshm_capi.a"), lib.join("libvshm.a")).expect("install lib");
     let capi = root().join("guest/capi");
     std::fs::copy(capi.join("include/vshm.h"), include.join("vshm.h")).expect("install header");
     let template = std::fs::read_to_string(capi.join("vshm.pc.in")).expect("vshm.pc.in");
@@ -183,7 +183,7 @@ fn the_error_paths_return_their_statuses() {
         let dir = TempDir::new("capi-errors");
         let binary = dir.path().join("errors");
         let include = root().join("guest/capi/include");
-        let lib = lib_dir().join("libvshm.a");
+        let lib = lib_dir().join("libvshm_capi.a");
         let mut flags = vec![
             format!("-I{}", include.display()),
             lib.to_string_lossy().into_owned(),
