@@ -1093,3 +1093,43 @@ fn peers_tells_a_vm_its_own_slot_and_who_is_attached_from_vshmds_records() {
         t.disconnect();
     });
 }
+
+#[test]
+fn a_device_reset_closes_every_handle_the_vm_had_and_hands_its_mutexes_on_as_abandoned() {
+    use vhost::vhost_user::VhostUserFrontend as _;
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        t.host_creates("sec", kind::SECTION, false);
+        let m = t.host_creates("m", kind::MUTEX, false);
+        let s = t.vm_opens("sec");
+        let held = t.vm_opens("m");
+        assert_eq!(
+            t.vm().request(&lock_on(&held, 11, 0, 0)).status,
+            Status::Success.code()
+        );
+        let host_token = 3;
+        assert_eq!(
+            t.local
+                .with(|a| a.proxy_lock(HOST, 1, m.slot, m.generation, host_token, true)),
+            None,
+            "the host queues behind the VM"
+        );
+        // The guest's driver resets the device: it knows none of its handles any more.
+        t.vm().frontend.reset_device().expect("RESET_DEVICE");
+        assert!(
+            t.local.with(|a| a.proxy_holds(PeerId(100)).is_empty()),
+            "nothing held for the reset driver"
+        );
+        let unmaps = t.vm().recorder.lock().expect("recorder").unmaps.clone();
+        assert!(
+            unmaps.iter().any(|&(at, _)| at == s.offset),
+            "the section's pages left the window: {unmaps:?}"
+        );
+        assert_eq!(
+            t.local.with(|a| a.proxy_poll(HOST).done),
+            vec![(1, Status::Abandoned, 0)],
+            "the queued host got the mutex, told it was abandoned"
+        );
+        t.disconnect();
+    });
+}

@@ -406,11 +406,32 @@ fn waits_parked_in_every_slot_they_may_take_leave_signal_open_and_close_room_to_
     });
 }
 
-/// Stops (`SIGSTOP`) or resumes (`SIGCONT`) the vshmd this test started.
+/// Stops (`SIGSTOP`) or resumes (`SIGCONT`) the vshmd this test started. A stop returns
+/// only once every thread of it is stopped (the signal is delivered asynchronously: a
+/// thread still running could answer what the test posts next).
 fn signal_vshmd(b: &Backend, sig: libc::c_int) {
     let pid = libc::pid_t::try_from(b.pid()).expect("pid");
     // SAFETY: kill(2) on the vshmd this test started (still our unreaped child).
     assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    if sig == libc::SIGSTOP {
+        let all_stopped = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|tasks| {
+                    tasks.flatten().all(|t| {
+                        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
+                            // The state follows the parenthesised command name.
+                            st.rsplit_once(") ")
+                                .is_some_and(|(_, rest)| rest.starts_with('T'))
+                        })
+                    })
+                })
+                .unwrap_or(false)
+        };
+        assert!(
+            wait_for(Duration::from_secs(10), all_stopped),
+            "vshmd's threads stopped"
+        );
+    }
 }
 
 #[test]

@@ -406,23 +406,52 @@ impl VshmDevice {
             Some(m) if m.slot.raw() == req.slot && m.generation.raw() == req.generation => {}
             _ => return mailbox::status_response(Status::InvalidHandle),
         }
+        mailbox::status_response(match self.close_handle(vm, key) {
+            Ok(()) => Status::Success,
+            Err(s) => s,
+        })
+    }
+
+    /// Closes the handle at window key `key`: its mapping goes, then its hold (a mutex it
+    /// owns goes to the next locker as abandoned).
+    fn close_handle(&mut self, vm: PeerId, key: u64) -> Result<(), Status> {
         let Some(m) = self.handles.remove(&key) else {
-            return mailbox::status_response(Status::InvalidHandle);
+            return Err(Status::InvalidHandle);
         };
         // Unmapped before the hold goes: the memory may be someone else's the moment after.
         if m.mapped > 0 {
             if let Err(e) = self.shmem_unmap(key, m.mapped) {
                 tracing::warn!(vm = vm.raw(), "SHMEM_UNMAP failed: {e}; the VM is cut off");
                 // Never release a hold whose pages the VM may still reach.
-                return mailbox::status_response(Status::InsufficientResources);
+                return Err(Status::InsufficientResources);
             }
         }
         if key < self.config.window_size {
             self.window.release(key);
         }
-        match self.arbitration.close(vm, m.slot, m.generation) {
-            Ok(()) => mailbox::status_response(Status::Success),
-            Err(s) => mailbox::status_response(s),
+        self.arbitration.close(vm, m.slot, m.generation)
+    }
+
+    /// A device reset (RESET_DEVICE: the guest's driver starts over and knows none of its
+    /// handles): every handle is closed, so nothing the reset driver cannot name stays
+    /// held, mapped or locked until the VM disconnects.
+    fn close_all(&mut self) {
+        let Some(vm) = self.vm.id() else {
+            return;
+        };
+        let keys: Vec<u64> = self.handles.keys().copied().collect();
+        let mut kept = 0usize;
+        for key in keys {
+            if self.close_handle(vm, key).is_err() {
+                kept += 1;
+            }
+        }
+        if kept > 0 {
+            tracing::warn!(
+                vm = vm.raw(),
+                kept,
+                "device reset: handles kept until disconnect"
+            );
         }
     }
 
@@ -868,12 +897,14 @@ impl VhostUserBackendMut for VshmDevice {
             | VhostUserProtocolFeatures::SHMEM
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
     fn reset_device(&mut self) {
         // vhost-user-backend forgets the acked features at a reset; so does the device.
         self.acked = 0;
         self.drop_waits();
+        self.close_all();
     }
 
     fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
