@@ -316,6 +316,52 @@ fn when_vshmd_goes_the_vms_window_loses_every_mapping() {
     });
 }
 
+#[test]
+fn a_guests_device_reset_releases_every_handle_it_had_and_unmaps_its_window() {
+    if !vshm_vmm::kvm_or_skip() {
+        return;
+    }
+    watchdog(Duration::from_secs(60), || {
+        let (b, vpath) = Backend::start_with_vhost_user(&["--size", "8M"]);
+        assert!(wait_for(Duration::from_secs(10), || vpath.exists()));
+        let host = b.connect();
+        let (h, _) = host
+            .create(Some("kept"), &vshm::CreateOptions::new(8 << 10))
+            .expect("host creates");
+        let mut vm = Vm::freestanding(&VmConfig {
+            mem_size: 16 << 20,
+            vshm: Some(vpath.clone()),
+            args: Vec::new(),
+            ivshmem: None,
+        })
+        .expect("the VM");
+        let mut d = Driver::start(&mut vm);
+        let mut open = named(OP_OPEN, "kept", 0);
+        open.kind = 0;
+        assert_eq!(d.request(&mut vm, &open).status, Status::Success.code());
+        assert_eq!(vm.vshm_mappings().len(), 1);
+        assert_eq!(host.holders(h.slot()).count(), 2, "the host and the VM");
+        // The guest resets the device (a reboot, a driver reload): status 0.
+        write(&mut vm, VSHM_BAR0 + 0x14, &[0]);
+        assert!(
+            wait_for(Duration::from_secs(5), || vm.vshm_mappings().is_empty()),
+            "the window keeps a mapping the reset driver cannot name"
+        );
+        assert!(
+            wait_for(Duration::from_secs(5), || host.holders(h.slot()).count()
+                == 1),
+            "the VM still holds the section after its device reset"
+        );
+        // The driver starts over (its rings from zero) and works.
+        vm.memory()
+            .write_obj(0u16, GuestAddress(USED + 2))
+            .expect("used idx");
+        let mut d = Driver::start(&mut vm);
+        assert_eq!(d.request(&mut vm, &open).status, Status::Success.code());
+        assert_eq!(vm.vshm_mappings().len(), 1);
+    });
+}
+
 /// `mov rbx, 0x8000_0000; mov rax, [rbx]; mov dx, 0x3f8; mov ecx, 8;
 ///  1: out dx, al; shr rax, 8; dec ecx; jnz 1b; mov dx, 0xf4; mov al, 0; out dx, al; hlt`:
 /// prints the first 8 bytes of the ivshmem BAR 2 (at [`vshm_vmm::IVSHMEM_REGION`]).

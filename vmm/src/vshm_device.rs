@@ -261,6 +261,8 @@ pub struct VshmPci {
     active: bool,
     /// Queues handed to the backend (a reset takes back exactly these).
     started: [bool; QUEUES],
+    /// RESET_DEVICE was negotiated: a device reset is passed on to the backend.
+    resets: bool,
     ram_end: u64,
     kicks: [EventFd; QUEUES],
     calls: [EventFd; QUEUES],
@@ -334,8 +336,12 @@ impl VshmPci {
                 what: format!("{:?}", need - proto),
             });
         }
+        // RESET_DEVICE when offered: a guest's device reset then lets the backend release
+        // every handle the reset driver can no longer name.
+        let optional = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::RESET_DEVICE;
+        let resets = proto.contains(VhostUserProtocolFeatures::RESET_DEVICE);
         frontend
-            .set_protocol_features(need | (proto & VhostUserProtocolFeatures::MQ))
+            .set_protocol_features(need | (proto & optional))
             .map_err(vu("SET_PROTOCOL_FEATURES"))?;
         frontend.set_owner().map_err(vu("SET_OWNER"))?;
 
@@ -485,6 +491,7 @@ impl VshmPci {
             common: Common::default(),
             active: false,
             started: [false; QUEUES],
+            resets,
             ram_end: placement.ram_end,
             kicks,
             calls,
@@ -589,10 +596,18 @@ impl VshmPci {
     }
 
     fn reset(&mut self) {
+        let was_set_up = self.common.status != 0;
         for q in 0..QUEUES {
             if std::mem::take(&mut self.started[q]) {
                 let _ = self.frontend.set_vring_enable(q, false);
                 let _ = self.frontend.get_vring_base(q);
+            }
+        }
+        // The driver starts over and knows none of its handles: the backend closes them
+        // (its SHMEM_UNMAPs arrive on the channel thread, so waiting here cannot deadlock).
+        if self.resets && was_set_up {
+            if let Err(e) = self.frontend.reset_device() {
+                self.last_error = Some(format!("RESET_DEVICE: {e}"));
             }
         }
         self.active = false;
