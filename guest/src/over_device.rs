@@ -213,6 +213,33 @@ impl<T: Transport> Namespace<T> {
         status_of(&resp, slot).map(|_| ())
     }
 
+    /// Posts `build(ms)` (a WAIT or a LOCK whose timeout is `ms`) until it is answered with
+    /// something other than STATUS_TIMEOUT (`Ok(Some(reply))`) or `timeout` has passed
+    /// (`Ok(None)`; `None`: no limit). A device-side timeout must be finite to be told
+    /// apart from "none", so a long or unbounded one is several requests of at most
+    /// [`WAIT_SLICE_MS`], counted down by what each waited; `once` posts one only (a try).
+    fn device_sliced(
+        &self,
+        dev: &dyn DeviceTransport,
+        timeout: Option<Duration>,
+        once: bool,
+        build: impl Fn(u64) -> Request,
+    ) -> Result<Option<Response>, Error> {
+        let mut left_ms = timeout.map(duration_ms);
+        loop {
+            let ms = left_ms.map_or(WAIT_SLICE_MS, |l| l.clamp(1, WAIT_SLICE_MS));
+            let patience = Duration::from_millis(ms) + WAIT_SLACK;
+            let resp = self.device_call(dev, &build(ms), &mut [], patience)?;
+            if Status::from_code(resp.status) != Some(Status::Timeout) {
+                return Ok(Some(resp));
+            }
+            left_ms = left_ms.map(|l| l.saturating_sub(ms));
+            if once || left_ms == Some(0) {
+                return Ok(None);
+            }
+        }
+    }
+
     /// WAIT for an event (taking an auto-reset one's signal) or a section's change after
     /// `seen` (its change count as this handle knows it). `Ok(Some(count))` when it
     /// happened, `Ok(None)` when `timeout` passed first (`None`: no limit).
@@ -224,11 +251,7 @@ impl<T: Transport> Namespace<T> {
         seen: Option<u64>,
         timeout: Option<Duration>,
     ) -> Result<Option<u64>, Error> {
-        // A WAIT's timeout is at most a slice (an unbounded or a long wait is several),
-        // counted down by what each slice waited.
-        let mut left_ms = timeout.map(duration_ms);
-        loop {
-            let ms = left_ms.map_or(WAIT_SLICE_MS, |l| l.clamp(1, WAIT_SLICE_MS));
+        let reply = self.device_sliced(dev, timeout, false, |ms| {
             let mut req = mailbox::wake_request(slot, generation);
             req.op = OP_WAIT;
             req.size = ms;
@@ -236,21 +259,14 @@ impl<T: Transport> Namespace<T> {
                 req.flags = WAIT_SINCE;
                 req.max_size = c;
             }
-            let patience = Duration::from_millis(ms) + WAIT_SLACK;
-            let resp = self.device_call(dev, &req, &mut [], patience)?;
-            match Status::from_code(resp.status) {
-                Some(Status::Success) => return Ok(Some(resp.size)),
-                Some(Status::Timeout) => {
-                    left_ms = left_ms.map(|l| l.saturating_sub(ms));
-                    if left_ms == Some(0) {
-                        return Ok(None);
-                    }
-                }
-                _ => {
-                    status_of(&resp, slot)?;
-                    return Err(Error::BadResponse(resp.status, slot));
-                }
-            }
+            req
+        })?;
+        let Some(resp) = reply else {
+            return Ok(None);
+        };
+        match status_of(&resp, slot)? {
+            Status::Success => Ok(Some(resp.size)),
+            _ => Err(Error::BadResponse(resp.status, slot)),
         }
     }
 
@@ -268,29 +284,20 @@ impl<T: Transport> Namespace<T> {
         timeout: Option<Duration>,
     ) -> Result<Option<Status>, Error> {
         let try_only = timeout.is_some_and(|t| t.is_zero());
-        let mut left_ms = timeout.map(duration_ms);
-        loop {
-            let ms = left_ms.map_or(WAIT_SLICE_MS, |l| l.clamp(1, WAIT_SLICE_MS));
+        let reply = self.device_sliced(dev, timeout, try_only, |ms| {
             let mut req = mailbox::mutex_request(op::LOCK, slot, generation, token);
             req.max_size = ms;
             if try_only {
                 req.flags = LOCK_TRY;
             }
-            let patience = Duration::from_millis(ms) + WAIT_SLACK;
-            let resp = self.device_call(dev, &req, &mut [], patience)?;
-            match Status::from_code(resp.status) {
-                Some(s @ (Status::Success | Status::Abandoned)) => return Ok(Some(s)),
-                Some(Status::Timeout) => {
-                    left_ms = left_ms.map(|l| l.saturating_sub(ms));
-                    if try_only || left_ms == Some(0) {
-                        return Ok(None);
-                    }
-                }
-                _ => {
-                    status_of(&resp, slot)?;
-                    return Err(Error::BadResponse(resp.status, slot));
-                }
-            }
+            req
+        })?;
+        let Some(resp) = reply else {
+            return Ok(None);
+        };
+        match status_of(&resp, slot)? {
+            s @ (Status::Success | Status::Abandoned) => Ok(Some(s)),
+            _ => Err(Error::BadResponse(resp.status, slot)),
         }
     }
 

@@ -9,11 +9,12 @@ use vshm_format::{Generation, ObjectSlot, PeerId, Status};
 use super::tests::arbiter;
 use super::{Arbiter, Backing};
 
-const A: PeerId = PeerId(4);
-const B: PeerId = PeerId(5);
+pub(super) const A: PeerId = PeerId(4);
+pub(super) const B: PeerId = PeerId(5);
 const TOKEN: u32 = 7;
 
-fn mutex<M: Backing>(a: &mut Arbiter<M>) -> (ObjectSlot, Generation) {
+/// A mutex "m" created by proxied peer A and opened by proxied peer B.
+pub(super) fn mutex<M: Backing>(a: &mut Arbiter<M>) -> (ObjectSlot, Generation) {
     // The test arbiter has room for four peers and three connected.
     a.peer_gone(PeerId(3));
     a.proxy_connected(A).expect("proxy A");

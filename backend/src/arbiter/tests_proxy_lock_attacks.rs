@@ -3,34 +3,14 @@
 //! token, a scribbled owner word, a grant nobody heard. Each was found by a review and
 //! failed before its fix.
 
-use vshm_format::layout::{kind, mutex_word};
-use vshm_format::mailbox::Command;
+use vshm_format::layout::mutex_word;
 use vshm_format::sync;
-use vshm_format::{Generation, ObjectSlot, PeerId, Status};
+use vshm_format::{ObjectSlot, PeerId, Status};
 
 use super::tests::arbiter;
 use super::{Arbiter, Backing};
 
-const A: PeerId = PeerId(4);
-const B: PeerId = PeerId(5);
-
-/// A mutex "m" created by proxied peer A and opened by proxied peer B.
-fn mutex<M: Backing>(a: &mut Arbiter<M>) -> (ObjectSlot, Generation) {
-    a.peer_gone(PeerId(3));
-    a.proxy_connected(A).expect("proxy A");
-    a.proxy_connected(B).expect("proxy B");
-    let cmd = Command::Create {
-        name: Some("m"),
-        kind: kind::MUTEX,
-        max_size: 0,
-        initial_size: 0,
-        persistent: true,
-        manual_reset: false,
-    };
-    let m = a.proxy_create(A, cmd).expect("create");
-    a.proxy_open(B, "m").expect("B opens");
-    (m.slot, m.generation)
-}
+use super::tests_proxy_lock::{mutex, A, B};
 
 fn queue_of<M: Backing>(a: &Arbiter<M>, slot: ObjectSlot) -> Vec<(u32, u32)> {
     a.record_at(slot)

@@ -276,36 +276,15 @@ impl VhostUserTransport {
         let kick = EventFd::new(0).map_err(os("the kick eventfd"))?;
         let call = EventFd::new(EFD_NONBLOCK).map_err(os("the call eventfd"))?;
         let (desc, avail, used) = ring::ring_addresses(&guest);
-        let q = usize::from(vshm_format::virtio::REQUEST_QUEUE);
-        frontend
-            .set_vring_num(q, QUEUE_SIZE)
-            .map_err(message("SET_VRING_NUM"))?;
-        frontend
-            .set_vring_addr(
-                q,
-                &VringConfigData {
-                    queue_max_size: QUEUE_SIZE,
-                    queue_size: QUEUE_SIZE,
-                    flags: 0,
-                    desc_table_addr: desc,
-                    used_ring_addr: used,
-                    avail_ring_addr: avail,
-                    log_addr: None,
-                },
-            )
-            .map_err(message("SET_VRING_ADDR"))?;
-        frontend
-            .set_vring_base(q, 0)
-            .map_err(message("SET_VRING_BASE"))?;
-        frontend
-            .set_vring_call(q, &call)
-            .map_err(message("SET_VRING_CALL"))?;
-        frontend
-            .set_vring_kick(q, &kick)
-            .map_err(message("SET_VRING_KICK"))?;
-        frontend
-            .set_vring_enable(q, true)
-            .map_err(message("SET_VRING_ENABLE"))?;
+        start_queue(
+            &mut frontend,
+            usize::from(vshm_format::virtio::REQUEST_QUEUE),
+            QUEUE_SIZE,
+            (desc, avail, used),
+            &call,
+            &kick,
+        )
+        .map_err(|(what, e)| message(what)(e))?;
 
         // Queue 1, every event buffer posted, if the device reports events.
         let mut queue = Queue::new();
@@ -318,36 +297,15 @@ impl VhostUserTransport {
                 })?;
             let kick = EventFd::new(0).map_err(os("the event queue's kick eventfd"))?;
             let (desc, avail, used) = ring::event_ring_addresses(&guest);
-            let q = usize::from(vshm_format::virtio::EVENT_QUEUE);
-            frontend
-                .set_vring_num(q, EVENT_QUEUE_SIZE)
-                .map_err(message("SET_VRING_NUM"))?;
-            frontend
-                .set_vring_addr(
-                    q,
-                    &VringConfigData {
-                        queue_max_size: EVENT_QUEUE_SIZE,
-                        queue_size: EVENT_QUEUE_SIZE,
-                        flags: 0,
-                        desc_table_addr: desc,
-                        used_ring_addr: used,
-                        avail_ring_addr: avail,
-                        log_addr: None,
-                    },
-                )
-                .map_err(message("SET_VRING_ADDR"))?;
-            frontend
-                .set_vring_base(q, 0)
-                .map_err(message("SET_VRING_BASE"))?;
-            frontend
-                .set_vring_call(q, &call)
-                .map_err(message("SET_VRING_CALL"))?;
-            frontend
-                .set_vring_kick(q, &kick)
-                .map_err(message("SET_VRING_KICK"))?;
-            frontend
-                .set_vring_enable(q, true)
-                .map_err(message("SET_VRING_ENABLE"))?;
+            start_queue(
+                &mut frontend,
+                usize::from(vshm_format::virtio::EVENT_QUEUE),
+                EVENT_QUEUE_SIZE,
+                (desc, avail, used),
+                &call,
+                &kick,
+            )
+            .map_err(|(what, e)| message(what)(e))?;
             // The buffers are there.
             kick.write(1).map_err(os("the event queue's kick"))?;
             Some(kick)
@@ -439,6 +397,47 @@ impl VhostUserTransport {
 }
 
 /// GET_CONFIG, checked: this format's version, a usable window.
+/// Sets queue `q` up as a driver does at DRIVER_OK: its size, its rings' addresses (desc,
+/// avail, used), base 0, its call and kick eventfds, enabled. An error names the message
+/// the backend refused.
+fn start_queue(
+    frontend: &mut Frontend,
+    q: usize,
+    size: u16,
+    (desc, avail, used): (u64, u64, u64),
+    call: &EventFd,
+    kick: &EventFd,
+) -> Result<(), (&'static str, vhost::Error)> {
+    let named = |what: &'static str| move |e| (what, e);
+    frontend
+        .set_vring_num(q, size)
+        .map_err(named("SET_VRING_NUM"))?;
+    let addresses = VringConfigData {
+        queue_max_size: size,
+        queue_size: size,
+        flags: 0,
+        desc_table_addr: desc,
+        used_ring_addr: used,
+        avail_ring_addr: avail,
+        log_addr: None,
+    };
+    frontend
+        .set_vring_addr(q, &addresses)
+        .map_err(named("SET_VRING_ADDR"))?;
+    frontend
+        .set_vring_base(q, 0)
+        .map_err(named("SET_VRING_BASE"))?;
+    frontend
+        .set_vring_call(q, call)
+        .map_err(named("SET_VRING_CALL"))?;
+    frontend
+        .set_vring_kick(q, kick)
+        .map_err(named("SET_VRING_KICK"))?;
+    frontend
+        .set_vring_enable(q, true)
+        .map_err(named("SET_VRING_ENABLE"))
+}
+
 fn read_config(path: &Path, frontend: &mut Frontend) -> Result<DeviceConfig, VhostUserError> {
     let bad = |what: String| VhostUserError::BadConfig {
         path: path.to_owned(),
