@@ -63,6 +63,10 @@ fn nonblocking_timer() -> io::Result<TimerFd> {
     }
 }
 
+/// How many LOCKs told TIMEOUT (or dropped) the device remembers, for a grant that may
+/// still come for one (see `VshmDevice::unheard_locks`).
+const UNHEARD_LOCKS: usize = 1024;
+
 /// `handle_event`'s id for the WAIT timer.
 pub const TIMER_EVENT: u16 = 4;
 
@@ -169,6 +173,11 @@ pub struct VshmDevice {
     notices: Arc<Notices>,
     /// WAITs not answered yet, by the id the namespace knows them by.
     waits: BTreeMap<u64, PendingWait>,
+    /// LOCKs the VM was told timed out, or whose chains were dropped: (slot, generation,
+    /// token) by id. A grant that still comes for one (it raced the cancel, or the loop
+    /// answered the cancel late) is given back. The oldest are forgotten past
+    /// [`UNHEARD_LOCKS`].
+    unheard_locks: BTreeMap<u64, (u32, u64, u32)>,
     next_wait: u64,
     /// Rings at the earliest WAIT deadline.
     timer: TimerFd,
@@ -207,6 +216,7 @@ impl VshmDevice {
             acked: 0,
             notices: Notices::new()?,
             waits: BTreeMap::new(),
+            unheard_locks: BTreeMap::new(),
             next_wait: 0,
             timer: nonblocking_timer()?,
         })
@@ -595,33 +605,45 @@ impl VshmDevice {
     /// starting over).
     fn drop_waits(&mut self) {
         if let Some(vm) = self.vm.id() {
-            // A LOCK a look completed in this same instant was granted: its answer is in
-            // the notices already (the look pushed it before the cancel ran), and nobody
-            // will hear it, so the mutex is given back (still abandoned if it was).
-            let mut granted = BTreeMap::new();
-            for (&id, w) in &self.waits {
-                if !self.arbitration.cancel_wait(vm, id) {
-                    if let Some(token) = w.lock {
-                        granted.insert(id, (w.slot, w.generation, token));
-                    }
-                }
+            let ids: Vec<u64> = self.waits.keys().copied().collect();
+            for id in ids {
+                self.arbitration.cancel_wait(vm, id);
+                self.forget_lock(id);
             }
+            // A LOCK a look completed in this same instant was granted: its answer is in
+            // the notices already (the look pushed it before the cancel ran). Nobody will
+            // hear it.
             for (id, status, _) in self.notices.take_done() {
-                if let Some(&(slot, generation, token)) = granted.get(&id) {
-                    if matches!(status, Status::Success | Status::Abandoned) {
-                        self.arbitration.give_back(
-                            vm,
-                            ObjectSlot(slot),
-                            Generation(generation),
-                            token,
-                            status,
-                        );
-                    }
-                }
+                self.give_back_unheard(vm, id, status);
             }
         }
         self.waits.clear();
         self.arm_timer();
+    }
+
+    /// Remembers pending request `id`, if it is a LOCK, as one the VM will not hear the
+    /// grant of.
+    fn forget_lock(&mut self, id: u64) {
+        if let Some(w) = self.waits.get(&id) {
+            if let Some(token) = w.lock {
+                self.unheard_locks.insert(id, (w.slot, w.generation, token));
+                while self.unheard_locks.len() > UNHEARD_LOCKS {
+                    self.unheard_locks.pop_first();
+                }
+            }
+        }
+    }
+
+    /// A completion for `id` that nobody is waiting for: if it granted a LOCK the VM was
+    /// told it did not get, the mutex is given back (still abandoned if it was).
+    fn give_back_unheard(&mut self, vm: PeerId, id: u64, status: Status) {
+        let Some((slot, generation, token)) = self.unheard_locks.remove(&id) else {
+            return;
+        };
+        if matches!(status, Status::Success | Status::Abandoned) {
+            self.arbitration
+                .give_back(vm, ObjectSlot(slot), Generation(generation), token, status);
+        }
     }
 
     /// Sets the timer to the earliest WAIT deadline (or disarms it).
@@ -674,6 +696,9 @@ impl VshmDevice {
                 // Taken back, or already completed (then its answer is in the notices).
                 let cancelled = vm.is_none_or(|vm| self.arbitration.cancel_wait(vm, id));
                 if cancelled {
+                    // Told TIMEOUT: a grant that still comes (the loop answered the cancel
+                    // late) goes back.
+                    self.forget_lock(id);
                     let (slot, generation) = self
                         .waits
                         .get(&id)
@@ -690,6 +715,9 @@ impl VshmDevice {
         for (id, status, seq) in self.notices.take_done() {
             let Some((slot, generation)) = self.waits.get(&id).map(|w| (w.slot, w.generation))
             else {
+                if let Some(vm) = self.vm.id() {
+                    self.give_back_unheard(vm, id, status);
+                }
                 continue;
             };
             self.complete_wait(vring, id, wait_response(status, slot, generation, seq));
