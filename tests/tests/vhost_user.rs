@@ -1133,3 +1133,32 @@ fn a_device_reset_closes_every_handle_the_vm_had_and_hands_its_mutexes_on_as_aba
         t.disconnect();
     });
 }
+
+#[test]
+fn events_waiting_about_an_object_go_with_the_vms_last_handle_on_it() {
+    watchdog(std::time::Duration::from_secs(60), || {
+        let mut t = InProcess::start(0);
+        let ev = t.host_creates("ev", kind::EVENT, false);
+        let kept = t.host_creates("kept", kind::EVENT, false);
+        let e = t.vm_opens("ev");
+        let k = t.vm_opens("kept");
+        // No buffer posted: both signals wait, coalesced, for one.
+        t.local.with(|a| {
+            a.proxy_signal(HOST, ev.slot, ev.generation);
+            a.proxy_signal(HOST, kept.slot, kept.generation);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // The VM closes its handle on "ev": what waits about it is dropped.
+        let close = on(OP_CLOSE, &e, e.offset);
+        assert_eq!(t.vm().request(&close).status, Status::Success.code());
+        t.vm().post_event_buffers(8, 24);
+        let got = t
+            .vm()
+            .events_until(std::time::Duration::from_secs(5), |x| !x.is_empty());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut all: Vec<u32> = got.iter().map(|x| x.slot).collect();
+        all.extend(t.vm().events().iter().map(|x| x.slot));
+        assert_eq!(all, vec![k.slot], "only news of what it still holds");
+        t.disconnect();
+    });
+}

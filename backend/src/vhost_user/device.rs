@@ -439,6 +439,14 @@ impl VshmDevice {
         if key < self.config.window_size {
             self.window.release(key);
         }
+        if !self
+            .handles
+            .values()
+            .any(|h| (h.slot, h.generation) == (m.slot, m.generation))
+        {
+            // Its last handle: what is still to be told about the object is no news to it.
+            self.notices.forget(m.slot.raw(), m.generation.raw());
+        }
         self.arbitration.close(vm, m.slot, m.generation)
     }
 

@@ -128,6 +128,15 @@ impl Notices {
         self.lock().events.len()
     }
 
+    /// Forgets the waiting events about (`slot`, `generation`): the VM closed its last
+    /// handle on it (without this, a VM that posts no event buffers would have vshmd keep
+    /// an event for every object it ever held).
+    pub fn forget(&self, slot: u32, generation: u64) {
+        self.lock()
+            .events
+            .retain(|&(s, g, _), _| (s, g) != (slot, generation));
+    }
+
     /// Forgets the waiting events (a driver that did not negotiate the event queue).
     pub fn drop_events(&self) {
         self.lock().events.clear();
