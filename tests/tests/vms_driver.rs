@@ -192,6 +192,16 @@ fn the_driver_maps_rings_and_wakes_and_sysfs_guests_still_work_beside_it() {
             "CPU over a 2 s wait, sysfs (polling with backoff): {} ticks of 10 ms",
             after - before
         );
+
+        // 4. Readings, not assertions: event round trips guest -> host process -> guest,
+        //    through the driver (interrupts, WB) and through sysfs (polling, UC-).
+        for (vm, name, label) in [(&mut d, "pd", "driver"), (&mut s, "ps", "sysfs")] {
+            let mut echo = b.vshm_holding(&["event", "echo", name, "--count", "500"]);
+            let out = guest_ok(vm, &format!("vshm event ping {name} --count 500"));
+            assert!(out.contains("n=500"), "{label}: {out}");
+            assert!(echo.wait().expect("echo").success(), "the host echoed 500");
+            eprintln!("guest -> host -> guest, {label}: {}", out.trim());
+        }
     });
 }
 
@@ -252,6 +262,25 @@ fn the_driver_unbinds_under_an_open_file_unloads_and_reloads_with_its_mode_and_g
         );
         assert_eq!(guest_ok(&mut u, "vshm read kept --len 4"), "KEPT");
         assert!(guest_ok(&mut u, "grep -c vshm /proc/interrupts").trim() == "2");
+        // A user in that group opens a section through the driver without root; one
+        // outside it is refused.
+        guest_ok(
+            &mut u,
+            "echo 'user:x:1000:100::/tmp:/bin/sh' >> /etc/passwd; \
+             echo 'other:x:1001:1001::/tmp:/bin/sh' >> /etc/passwd; \
+             echo 'users:x:100:' >> /etc/group",
+        );
+        assert_eq!(
+            guest_ok(&mut u, "su user -c 'vshm read kept --len 4'"),
+            "KEPT",
+            "uid 1000 in group 100"
+        );
+        let denied = guest_sh(&mut u, "su other -c 'vshm read kept --len 4'");
+        assert!(
+            !denied.success() && denied.text.contains("ermission denied"),
+            "uid 1001 outside group 100: {}",
+            denied.text
+        );
         // 3. And unloading while bound (nothing open) unbinds first.
         guest_ok(&mut u, "rmmod vshm");
         assert!(guest_ok(&mut u, "grep -c vshm /proc/interrupts || true").trim() == "0");
