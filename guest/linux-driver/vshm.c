@@ -320,7 +320,9 @@ static const struct file_operations vshm_fops = {
 	.unlocked_ioctl = vshm_ioctl,
 	.compat_ioctl = compat_ptr_ioctl,
 	.mmap = vshm_mmap,
-	.llseek = no_llseek,
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 12, 0)
+	.llseek = no_llseek, /* gone in 6.12, where nonseekable_open() alone says it */
+#endif
 };
 
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 2, 0)
