@@ -110,6 +110,9 @@ pub struct VmConfig {
     /// Whether the guest's init loads the vshm kernel driver (when the image has it). Off:
     /// `vshm_nodriver` on the kernel command line, and guest programs use sysfs.
     pub driver: bool,
+    /// Further vshmd sockets, each attached as one more ivshmem-doorbell device (a guest
+    /// with several regions); none by default.
+    pub extra_sockets: Vec<PathBuf>,
 }
 
 impl VmConfig {
@@ -125,6 +128,7 @@ impl VmConfig {
             work_dir: work_dir.to_owned(),
             accel: accelerator(),
             driver: true,
+            extra_sockets: Vec::new(),
         }
     }
 
@@ -172,6 +176,15 @@ impl VmConfig {
             "-device".into(),
             format!("ivshmem-doorbell,chardev=vshm0,vectors={}", self.vectors),
         ]);
+        for (i, socket) in self.extra_sockets.iter().enumerate() {
+            let id = format!("vshm{}", i + 1);
+            a.extend([
+                "-chardev".into(),
+                format!("socket,path={},id={id}", socket.display()),
+                "-device".into(),
+                format!("ivshmem-doorbell,chardev={id},vectors={}", self.vectors),
+            ]);
+        }
         a
     }
 }

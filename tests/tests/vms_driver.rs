@@ -293,3 +293,74 @@ fn the_driver_unbinds_under_an_open_file_unloads_and_reloads_with_its_mode_and_g
         assert!(complaints.trim().is_empty(), "kernel log: {complaints}");
     });
 }
+
+#[test]
+fn a_guest_with_two_devices_gets_two_nodes_and_picks_one_by_pci_address() {
+    if !driver_built() {
+        return;
+    }
+    watchdog(Duration::from_secs(300), || {
+        let _one = vshm_tests::serial();
+        let b0 = Backend::start(&["--size", "16M"]);
+        let b1 = Backend::start(&["--size", "16M"]);
+        let image = vshm_tests::guest_image();
+        let mut cfg = VmConfig::new("m", &image, &b0.socket, b0.dir());
+        cfg.extra_sockets = vec![b1.socket.clone()];
+        let mut m = Vm::start(&cfg)
+            .and_then(|s| s.wait_ready(Duration::from_secs(180)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let nodes = guest_ok(&mut m, "ls /dev | grep '^vshm'");
+        assert_eq!(
+            nodes.split_whitespace().collect::<Vec<_>>(),
+            ["vshm0", "vshm1"],
+            "one node per function"
+        );
+        let ambiguous = guest_sh(&mut m, "vshm list");
+        assert!(
+            !ambiguous.success() && ambiguous.text.contains("several vshm driver devices"),
+            "{}",
+            ambiguous.text
+        );
+        let bdf = |m: &mut Vm, n: u32| {
+            guest_ok(
+                m,
+                &format!("basename $(readlink /sys/class/vshm/vshm{n}/device)"),
+            )
+            .trim()
+            .to_owned()
+        };
+        let (p0, p1) = (bdf(&mut m, 0), bdf(&mut m, 1));
+        assert_ne!(p0, p1);
+        guest_ok(
+            &mut m,
+            &format!("vshm --pci {p0} create on-vshm0 --max 64K --persistent"),
+        );
+        guest_ok(
+            &mut m,
+            &format!("vshm --pci {p1} create on-vshm1 --max 64K --persistent"),
+        );
+        let in_b0 = b0.section("on-vshm0").is_some();
+        assert!(
+            in_b0 != b1.section("on-vshm0").is_some(),
+            "created in exactly one region"
+        );
+        let (first, second) = if in_b0 { (&b0, &b1) } else { (&b1, &b0) };
+        assert!(
+            second.section("on-vshm1").is_some() && first.section("on-vshm1").is_none(),
+            "--pci chose the other device's region"
+        );
+
+        // Unbinding one function leaves the other working; binding it again brings it back.
+        guest_ok(
+            &mut m,
+            &format!("echo {p1} > /sys/bus/pci/drivers/vshm/unbind"),
+        );
+        assert_eq!(guest_ok(&mut m, "ls /dev | grep '^vshm'").trim(), "vshm0");
+        assert!(guest_ok(&mut m, "vshm list").contains("on-vshm0"));
+        guest_ok(
+            &mut m,
+            &format!("echo {p1} > /sys/bus/pci/drivers/vshm/bind"),
+        );
+        assert!(guest_ok(&mut m, &format!("vshm --pci {p1} list")).contains("on-vshm1"));
+    });
+}
