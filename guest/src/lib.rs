@@ -25,6 +25,8 @@ mod namespace;
 mod over_device;
 mod transport;
 
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub mod driver;
 #[cfg(feature = "std")]
 pub mod host;
 #[cfg(feature = "std")]

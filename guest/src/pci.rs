@@ -5,10 +5,11 @@
 //! `resource2_wc`: the namespace runs CAS and ordered loads/stores on shared words, which
 //! write-combining memory does not order (and on hosts that honour the guest PAT, locked
 //! operations on WC memory are not guaranteed). `resource2` is UC-: correct everywhere, slow
-//! on AMD hosts with KVM (guest PAT honoured), WB in effect on Intel/KVM and under TCG. A
-//! kernel driver (planned) maps the BAR cacheable and delivers MSI-X interrupts; without one
-//! a waiting guest polls: it spins briefly, then sleeps with backoff so it does not burn a
-//! vCPU.
+//! on AMD hosts with KVM (guest PAT honoured), WB in effect on Intel/KVM and under TCG. The
+//! vshm kernel driver (guest/linux-driver, [`crate::driver`]) maps the BAR cacheable and
+//! delivers MSI-X interrupts; without it a waiting guest polls: it spins briefly, then
+//! sleeps with backoff so it does not burn a vCPU. While the driver is bound this transport
+//! cannot map the BARs (the driver owns them); [`crate::driver::GuestTransport`] picks.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -310,22 +311,28 @@ impl Transport for PciTransport {
         ready: &mut dyn FnMut() -> bool,
         timeout: Duration,
     ) -> Result<bool, TransportError> {
-        let start = Instant::now();
-        let mut sleep = SLEEP_MIN;
-        loop {
-            if ready() {
-                return Ok(true);
-            }
-            let elapsed = start.elapsed();
-            if elapsed >= timeout {
-                return Ok(false);
-            }
-            if elapsed < SPIN {
-                std::hint::spin_loop();
-                continue;
-            }
-            std::thread::sleep(sleep.min(timeout - elapsed));
-            sleep = (sleep * 2).min(SLEEP_MAX);
+        Ok(poll_until(ready, timeout))
+    }
+}
+
+/// Waits without interrupts: checks `ready` in a spin for [`SPIN`], then sleeps between
+/// checks with exponential backoff up to [`SLEEP_MAX`]. Returns whether it became ready.
+pub(crate) fn poll_until(ready: &mut dyn FnMut() -> bool, timeout: Duration) -> bool {
+    let start = Instant::now();
+    let mut sleep = SLEEP_MIN;
+    loop {
+        if ready() {
+            return true;
         }
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            return false;
+        }
+        if elapsed < SPIN {
+            std::hint::spin_loop();
+            continue;
+        }
+        std::thread::sleep(sleep.min(timeout - elapsed));
+        sleep = (sleep * 2).min(SLEEP_MAX);
     }
 }

@@ -3,8 +3,9 @@
 //! Implementations: [`crate::host::HostTransport`] (a host process connected to vshmd's
 //! ivshmem socket) and `crate::pci::PciTransport` (a Linux guest process over the ivshmem
 //! PCI BARs, polling), and any [`crate::DeviceTransport`] wrapped in [`crate::Device`] (the
-//! vshm virtio device: requests instead of a shared header). Planned: a guest kernel driver
-//! with a cacheable mapping and MSI-X interrupts.
+//! vshm virtio device: requests instead of a shared header). And
+//! `crate::driver::DriverTransport`: a Linux guest process over the vshm kernel driver
+//! (cacheable mapping, MSI-X interrupts as poll() readiness).
 
 use core::time::Duration;
 

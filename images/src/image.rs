@@ -37,6 +37,10 @@ pub struct Image {
     pub kernel: PathBuf,
     /// The initramfs (newc cpio).
     pub initrd: PathBuf,
+    /// The vshm kernel driver (guest/linux-driver) built for the image's kernel, if it could
+    /// be built: it is in the initramfs as /lib/modules/vshm.ko and init loads it (unless the
+    /// kernel command line says `vshm_nodriver`).
+    pub driver: Option<PathBuf>,
 }
 
 /// Where `cargo xtask images` builds the guest: images/out (ignored by git).
@@ -55,9 +59,11 @@ impl Image {
 
     /// The image in `dir` if it was built there.
     pub fn existing(dir: &Path) -> Option<Image> {
+        let driver = dir.join(DRIVER_FILE);
         let img = Image {
             kernel: dir.join("vmlinuz"),
             initrd: dir.join("initramfs.cpio"),
+            driver: driver.exists().then_some(driver),
         };
         (img.kernel.exists() && img.initrd.exists()).then_some(img)
     }
@@ -113,6 +119,91 @@ fn kernel_package() -> Result<String, ImageError> {
         })
 }
 
+/// The built driver in the output directory.
+const DRIVER_FILE: &str = "vshm.ko";
+/// The kernel version (`uname -r`) of the downloaded guest kernel, written beside it.
+const KERNEL_VERSION_FILE: &str = "kernel.version";
+
+/// The guest kernel's version (`6.1.0-57-cloud-amd64`): the one the cached vmlinuz was
+/// downloaded as, never "the latest" (Debian moves it every few weeks).
+pub fn kernel_version(out: &Path) -> Result<String, ImageError> {
+    let file = out.join(KERNEL_VERSION_FILE);
+    if let Ok(v) = std::fs::read_to_string(&file) {
+        return Ok(v.trim().to_owned());
+    }
+    // An image built before the version was recorded: its download is in the cache.
+    let cache = out.join("cache");
+    std::fs::read_dir(&cache)
+        .map_err(io(&cache))?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("linux-image-"))
+                .map(str::to_owned)
+        })
+        .next()
+        .ok_or_else(|| ImageError::Tool {
+            what: "finding the guest kernel's version".into(),
+            detail: format!(
+                "neither {} nor {}/linux-image-*",
+                file.display(),
+                cache.display()
+            ),
+        })
+}
+
+/// The driver's sources (guest/linux-driver).
+fn driver_sources() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("guest")
+        .join("linux-driver")
+}
+
+/// Builds guest/linux-driver into `out/vshm.ko` against the headers of exactly the guest
+/// kernel's version (`linux-headers-<version>`), installing them with apt-get when missing.
+fn build_driver(out: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, ImageError> {
+    let version = kernel_version(out)?;
+    let kdir = PathBuf::from(format!("/usr/src/linux-headers-{version}"));
+    if !kdir.join("Makefile").exists() {
+        let package = format!("linux-headers-{version}");
+        progress(&format!(
+            "installing {package} (apt-get) for the vshm driver"
+        ));
+        run(
+            &format!("apt-get install {package}"),
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends", &package])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    // Build in a copy under out/ (the source tree stays clean); a file is copied only when
+    // it changed, so make rebuilds only then.
+    let build = out.join("driver-build");
+    std::fs::create_dir_all(&build).map_err(io(&build))?;
+    let src = driver_sources();
+    for name in ["vshm.c", "vshm_ioctl.h", "Kbuild", "Makefile"] {
+        let from = src.join(name);
+        let to = build.join(name);
+        let bytes = std::fs::read(&from).map_err(io(&from))?;
+        if std::fs::read(&to).ok().as_deref() != Some(&bytes[..]) {
+            std::fs::write(&to, &bytes).map_err(io(&to))?;
+        }
+    }
+    progress(&format!("building vshm.ko against {}", kdir.display()));
+    run(
+        "make (vshm.ko)",
+        Command::new("make")
+            .arg("-s")
+            .arg(format!("KDIR={}", kdir.display()))
+            .current_dir(&build),
+    )?;
+    let ko = out.join(DRIVER_FILE);
+    std::fs::copy(build.join("vshm.ko"), &ko).map_err(io(&ko))?;
+    Ok(ko)
+}
+
 /// Downloads `package` into `dir` and extracts `member` (a path inside the package, e.g.
 /// `./bin/busybox`) into `dir/root`. Returns the extracted path.
 fn fetch_member(dir: &Path, package: &str, member: &str) -> Result<PathBuf, ImageError> {
@@ -162,7 +253,8 @@ fn fetch_member(dir: &Path, package: &str, member: &str) -> Result<PathBuf, Imag
     Ok(root.join(member.trim_start_matches("./")))
 }
 
-/// The guest's /init: mounts, installs busybox applets, then serves the agent forever.
+/// The guest's /init: mounts, installs busybox applets, loads the vshm driver (unless the
+/// kernel command line says `vshm_nodriver`), then serves the agent forever.
 pub const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -170,6 +262,15 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /tmp /run
 echo "vshm-guest: up, kernel $(uname -r)"
+if grep -qw vshm_nodriver /proc/cmdline; then
+    echo "vshm-guest: vshm driver not loaded (vshm_nodriver on the kernel command line)"
+elif [ ! -e /lib/modules/vshm.ko ]; then
+    echo "vshm-guest: vshm driver not loaded (no /lib/modules/vshm.ko in this image)"
+elif insmod /lib/modules/vshm.ko; then
+    echo "vshm-guest: vshm driver loaded: $(ls /dev | grep '^vshm' | tr '\n' ' ')"
+else
+    echo "vshm-guest: vshm driver FAILED to load"
+fi
 while true; do
     stty -F /dev/ttyS1 raw -echo 2>/dev/null
     sh /agent.sh < /dev/ttyS1 > /dev/ttyS1 2>&1
@@ -220,9 +321,23 @@ pub fn build(out: &Path, vshm: &Path, progress: &mut dyn FnMut(&str)) -> Result<
                 detail: boot.display().to_string(),
             })?;
         std::fs::copy(&vmlinuz, &kernel).map_err(io(&kernel))?;
+        let version = package.trim_start_matches("linux-image-");
+        let file = out.join(KERNEL_VERSION_FILE);
+        std::fs::write(&file, format!("{version}\n")).map_err(io(&file))?;
     } else {
         progress("guest kernel: cached");
     }
+    let driver = match build_driver(out, progress) {
+        Ok(ko) => Some(ko),
+        Err(e) => {
+            let _ = std::fs::remove_file(out.join(DRIVER_FILE));
+            progress(&format!(
+                "WARNING: the vshm kernel driver is not in this image (its tests will be \
+                 skipped): {e}"
+            ));
+            None
+        }
+    };
     let busybox = out.join("busybox");
     if !busybox.exists() {
         progress("downloading busybox-static");
@@ -235,7 +350,7 @@ pub fn build(out: &Path, vshm: &Path, progress: &mut dyn FnMut(&str)) -> Result<
     } else {
         progress("busybox: cached");
     }
-    progress("packing the initramfs (busybox, vshm, init, agent)");
+    progress("packing the initramfs (busybox, vshm, vshm.ko, init, agent)");
     let read = |p: &Path| std::fs::read(p).map_err(io(p));
     let mut a = Archive::new();
     let w = |r: std::io::Result<()>| r.map_err(io(out));
@@ -249,6 +364,11 @@ pub fn build(out: &Path, vshm: &Path, progress: &mut dyn FnMut(&str)) -> Result<
     w(a.file("bin/busybox", 0o755, &read(&busybox)?))?;
     w(a.symlink("bin/sh", "busybox"))?;
     w(a.file("bin/vshm", 0o755, &read(vshm)?))?;
+    if let Some(ko) = &driver {
+        w(a.dir("lib"))?;
+        w(a.dir("lib/modules"))?;
+        w(a.file("lib/modules/vshm.ko", 0o644, &read(ko)?))?;
+    }
     w(a.file("init", 0o755, INIT.as_bytes()))?;
     w(a.file("agent.sh", 0o755, AGENT.as_bytes()))?;
     let bytes = a.finish().map_err(io(out))?;
@@ -256,5 +376,9 @@ pub fn build(out: &Path, vshm: &Path, progress: &mut dyn FnMut(&str)) -> Result<
     let tmp = out.join("initramfs.cpio.tmp");
     std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &initrd).map_err(io(&initrd))?;
-    Ok(Image { kernel, initrd })
+    Ok(Image {
+        kernel,
+        initrd,
+        driver,
+    })
 }

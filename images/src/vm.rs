@@ -107,10 +107,16 @@ pub struct VmConfig {
     pub work_dir: PathBuf,
     /// Accelerator.
     pub accel: Accel,
+    /// Whether the guest's init loads the vshm kernel driver (when the image has it). Off:
+    /// `vshm_nodriver` on the kernel command line, and guest programs use sysfs.
+    pub driver: bool,
+    /// Further vshmd sockets, each attached as one more ivshmem-doorbell device (a guest
+    /// with several regions); none by default.
+    pub extra_sockets: Vec<PathBuf>,
 }
 
 impl VmConfig {
-    /// Defaults: 256 MiB, 2 vCPUs, 2 vectors, the detected accelerator.
+    /// Defaults: 256 MiB, 2 vCPUs, 2 vectors, the detected accelerator, the driver loaded.
     pub fn new(name: &str, image: &Image, vshm_socket: &Path, work_dir: &Path) -> VmConfig {
         VmConfig {
             name: name.to_owned(),
@@ -121,6 +127,8 @@ impl VmConfig {
             cpus: 2,
             work_dir: work_dir.to_owned(),
             accel: accelerator(),
+            driver: true,
+            extra_sockets: Vec::new(),
         }
     }
 
@@ -154,7 +162,11 @@ impl VmConfig {
             "-initrd".into(),
             self.image.initrd.display().to_string(),
             "-append".into(),
-            "console=ttyS0 panic=-1 loglevel=4".into(),
+            if self.driver {
+                "console=ttyS0 panic=-1 loglevel=4".into()
+            } else {
+                "console=ttyS0 panic=-1 loglevel=4 vshm_nodriver".into()
+            },
             "-serial".into(),
             format!("file:{}", console.display()),
             "-serial".into(),
@@ -164,6 +176,15 @@ impl VmConfig {
             "-device".into(),
             format!("ivshmem-doorbell,chardev=vshm0,vectors={}", self.vectors),
         ]);
+        for (i, socket) in self.extra_sockets.iter().enumerate() {
+            let id = format!("vshm{}", i + 1);
+            a.extend([
+                "-chardev".into(),
+                format!("socket,path={},id={id}", socket.display()),
+                "-device".into(),
+                format!("ivshmem-doorbell,chardev={id},vectors={}", self.vectors),
+            ]);
+        }
         a
     }
 }

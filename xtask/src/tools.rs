@@ -63,6 +63,13 @@ const APT_TOOLS: &[Tool] = &[
         package: "pkg-config",
         why: "the C API's example is compiled with pkg-config's flags (tests/tests/capi.rs)",
     },
+    Tool {
+        program: "make",
+        probe: &["--version"],
+        package: "make",
+        why: "the vshm guest driver is built with Kbuild (`cargo xtask images`; its kernel \
+              headers, whose version is the guest kernel's, are installed by that step)",
+    },
     // (and keep PACKAGES in .ci/run in step)
 ];
 

@@ -273,7 +273,9 @@ vshm_status vshm_attach_host(const char *socket_path, struct vshm_namespace **ns
 
 // Attaches, from inside a Linux guest, to the vshm region behind the ivshmem PCI device at
 // `bdf` ("0000:00:04.0"), or, with `bdf` NULL, the one ivshmem device holding a vshm
-// region. Maps the BARs through sysfs (needs root) and waits for rings by polling.
+// region. Uses the vshm kernel driver when it is loaded (`/dev/vshmN`: cacheable mapping,
+// waits sleep until an interrupt; `bdf` picks the node bound to that device); otherwise
+// maps the BARs through sysfs (needs root) and waits for rings by polling.
 //
 // Ownership: `*ns` belongs to the caller; free it with `vshm_detach`.
 // Thread safety: any thread.
@@ -281,8 +283,9 @@ vshm_status vshm_attach_host(const char *socket_path, struct vshm_namespace **ns
 // Returns `VSHM_STATUS_SUCCESS`; `VSHM_STATUS_INVALID_PARAMETER` (NULL `ns`, non-UTF-8
 // `bdf`, `bdf` not an ivshmem device, several devices hold a region and `bdf` is NULL);
 // `VSHM_STATUS_OBJECT_NAME_NOT_FOUND` (no such device, or no ivshmem device at all);
-// `VSHM_STATUS_ACCESS_DENIED` (not root); `VSHM_STATUS_INVALID_HANDLE` (no valid region,
-// or no usable peer id); `VSHM_STATUS_INSUFFICIENT_RESOURCES` (sysfs I/O failed);
+// `VSHM_STATUS_ACCESS_DENIED` (not root, or no access to `/dev/vshmN`);
+// `VSHM_STATUS_INVALID_HANDLE` (no valid region, no usable peer id, or a driver of another
+// ABI version); `VSHM_STATUS_INSUFFICIENT_RESOURCES` (sysfs or device I/O failed);
 // `VSHM_STATUS_NOT_SUPPORTED` (not built for Linux); `VSHM_STATUS_INTERNAL_ERROR`.
 //
 // # Safety

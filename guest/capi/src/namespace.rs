@@ -131,7 +131,9 @@ pub unsafe extern "C" fn vshm_attach_host(
 
 /// Attaches, from inside a Linux guest, to the vshm region behind the ivshmem PCI device at
 /// `bdf` ("0000:00:04.0"), or, with `bdf` NULL, the one ivshmem device holding a vshm
-/// region. Maps the BARs through sysfs (needs root) and waits for rings by polling.
+/// region. Uses the vshm kernel driver when it is loaded (`/dev/vshmN`: cacheable mapping,
+/// waits sleep until an interrupt; `bdf` picks the node bound to that device); otherwise
+/// maps the BARs through sysfs (needs root) and waits for rings by polling.
 ///
 /// Ownership: `*ns` belongs to the caller; free it with `vshm_detach`.
 /// Thread safety: any thread.
@@ -139,8 +141,9 @@ pub unsafe extern "C" fn vshm_attach_host(
 /// Returns `VSHM_STATUS_SUCCESS`; `VSHM_STATUS_INVALID_PARAMETER` (NULL `ns`, non-UTF-8
 /// `bdf`, `bdf` not an ivshmem device, several devices hold a region and `bdf` is NULL);
 /// `VSHM_STATUS_OBJECT_NAME_NOT_FOUND` (no such device, or no ivshmem device at all);
-/// `VSHM_STATUS_ACCESS_DENIED` (not root); `VSHM_STATUS_INVALID_HANDLE` (no valid region,
-/// or no usable peer id); `VSHM_STATUS_INSUFFICIENT_RESOURCES` (sysfs I/O failed);
+/// `VSHM_STATUS_ACCESS_DENIED` (not root, or no access to `/dev/vshmN`);
+/// `VSHM_STATUS_INVALID_HANDLE` (no valid region, no usable peer id, or a driver of another
+/// ABI version); `VSHM_STATUS_INSUFFICIENT_RESOURCES` (sysfs or device I/O failed);
 /// `VSHM_STATUS_NOT_SUPPORTED` (not built for Linux); `VSHM_STATUS_INTERNAL_ERROR`.
 ///
 /// # Safety
@@ -163,19 +166,32 @@ pub unsafe extern "C" fn vshm_attach_pci(
 
 #[cfg(target_os = "linux")]
 fn attach_pci(bdf: Option<&str>, ns: &mut *mut vshm_namespace) -> Result<Status, Fail> {
-    use vshm::pci::{PciError, PciTransport};
-    let t = PciTransport::open(bdf).map_err(|e| {
+    use vshm::driver::{DriverError, GuestError, GuestTransport};
+    use vshm::pci::PciError;
+    let io_status = |source: &std::io::Error| match source.kind() {
+        ErrorKind::NotFound => Status::ObjectNameNotFound,
+        ErrorKind::PermissionDenied => Status::AccessDenied,
+        _ => Status::InsufficientResources,
+    };
+    let t = GuestTransport::open(bdf).map_err(|e| {
         let status = match &e {
-            PciError::NoDevice(_) => Status::ObjectNameNotFound,
-            PciError::NotIvshmem(..) | PciError::Ambiguous(_) => Status::InvalidParameter,
-            PciError::NoRegion(_) | PciError::Region(..) | PciError::BadPosition(..) => {
-                Status::InvalidHandle
+            GuestError::Pci(PciError::NoDevice(_))
+            | GuestError::Driver(DriverError::NoDevice(_) | DriverError::NoSuchPci(_)) => {
+                Status::ObjectNameNotFound
             }
-            PciError::Io { source, .. } => match source.kind() {
-                ErrorKind::NotFound => Status::ObjectNameNotFound,
-                ErrorKind::PermissionDenied => Status::AccessDenied,
-                _ => Status::InsufficientResources,
-            },
+            GuestError::Pci(PciError::NotIvshmem(..) | PciError::Ambiguous(_))
+            | GuestError::Driver(DriverError::Ambiguous(_)) => Status::InvalidParameter,
+            GuestError::Pci(
+                PciError::NoRegion(_) | PciError::Region(..) | PciError::BadPosition(..),
+            )
+            | GuestError::Driver(
+                DriverError::NoRegion(_)
+                | DriverError::Region(..)
+                | DriverError::BadPosition(..)
+                | DriverError::Abi(..),
+            ) => Status::InvalidHandle,
+            GuestError::Pci(PciError::Io { source, .. })
+            | GuestError::Driver(DriverError::Io { source, .. }) => io_status(source),
         };
         Fail::new(status, e.to_string())
     })?;

@@ -8,11 +8,11 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
 use std::time::Duration;
 
+#[cfg(target_os = "linux")]
+use vshm::driver::GuestTransport;
 use vshm::format::shm::RawRegion;
 use vshm::format::{PeerId, RegionOffset};
 use vshm::host::HostTransport;
-#[cfg(target_os = "linux")]
-use vshm::pci::PciTransport;
 use vshm::{DeviceTransport, Transport, TransportError};
 
 use crate::Fail;
@@ -103,7 +103,7 @@ pub struct vshm_transport_ops {
 pub(crate) enum CTransport {
     Host(HostTransport),
     #[cfg(target_os = "linux")]
-    Pci(PciTransport),
+    Pci(GuestTransport),
     Ops(OpsTransport),
 }
 

@@ -311,11 +311,13 @@ fn run(args: Args) -> Result<(), Failure> {
             execute(Namespace::attach(transport)?, args.command)
         }
         None => {
-            let transport = vshm::pci::PciTransport::open(args.pci.as_deref()).map_err(|e| {
-                Failure(format!(
-                    "{e} (host processes pass --socket or set VSHM_SOCKET)"
-                ))
-            })?;
+            // The vshm driver when it is loaded (/dev/vshm*), else sysfs.
+            let transport =
+                vshm::driver::GuestTransport::open(args.pci.as_deref()).map_err(|e| {
+                    Failure(format!(
+                        "{e} (host processes pass --socket or set VSHM_SOCKET)"
+                    ))
+                })?;
             execute(Namespace::attach(transport)?, args.command)
         }
     }
