@@ -4,8 +4,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vshm_format::layout::{Request, Response};
@@ -112,6 +112,21 @@ impl Jobs {
     }
 }
 
+/// Where a call's answer meets its caller. Decided under one lock: an answer is either
+/// taken by the caller or undone by the loop, never lost between the two (a channel left a
+/// window in which a late answer went into a receiver nobody read again).
+enum Handoff<R> {
+    Waiting,
+    Answered(R),
+    /// The caller stopped waiting: the loop undoes what it answers.
+    GaveUp,
+}
+
+struct Rendezvous<R> {
+    state: Mutex<Handoff<R>>,
+    answered: Condvar,
+}
+
 impl Bridge {
     /// Runs `f` on the loop and returns its result; if the caller stopped waiting before the
     /// loop got to it (the loop was busy past the patience), `undo` runs on the loop with
@@ -121,15 +136,43 @@ impl Bridge {
         f: impl FnOnce(&mut dyn Host) -> R + Send + 'static,
         undo: impl FnOnce(&mut dyn Host, R) + Send + 'static,
     ) -> Option<R> {
-        let (tx, rx) = mpsc::sync_channel(1);
+        let meet = Arc::new(Rendezvous {
+            state: Mutex::new(Handoff::Waiting),
+            answered: Condvar::new(),
+        });
+        let theirs = Arc::clone(&meet);
         let job: Job = Box::new(move |host| {
-            if let Err(mpsc::SendError(late)) = tx.send(f(host)) {
-                undo(host, late);
+            let result = f(host);
+            let mut state = theirs.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if matches!(*state, Handoff::GaveUp) {
+                drop(state);
+                undo(host, result);
+            } else {
+                *state = Handoff::Answered(result);
+                theirs.answered.notify_one();
             }
         });
         self.jobs.send(job).ok()?;
         self.bell.write(1).ok()?;
-        rx.recv_timeout(self.patience).ok()
+        let deadline = Instant::now() + self.patience;
+        let mut state = meet.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Handoff::Answered(_) = *state {
+                if let Handoff::Answered(r) = std::mem::replace(&mut *state, Handoff::GaveUp) {
+                    return Some(r);
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                *state = Handoff::GaveUp;
+                return None;
+            }
+            state = meet
+                .answered
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     fn call<R: Send + 'static>(
@@ -377,6 +420,50 @@ mod tests {
         assert_eq!(
             connected, 0,
             "no peer slot kept for a VM that never learnt of it"
+        );
+    }
+
+    #[test]
+    fn every_id_the_loop_hands_out_reaches_its_caller_or_goes_back_however_the_patience_races() {
+        let region = Region::create(1 << 20, false, false).expect("region");
+        let layout = Layout::compute(1 << 20, 4, 8, 1, 4096).expect("layout");
+        let host = Arc::new(std::sync::Mutex::new(Loop {
+            arbiter: Arbiter::new(region, layout, 1, [0; 16]).expect("arbiter"),
+            next: 0,
+            released: Vec::new(),
+        }));
+        // A patience about as long as the loop takes: answers land on both sides of it.
+        let (bridge, jobs) = bridge_with_patience(Duration::from_micros(300)).expect("bridge");
+        let stop = Arc::new(AtomicBool::new(false));
+        let looper = {
+            let (host, stop) = (Arc::clone(&host), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut turn = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    turn += 1;
+                    std::thread::sleep(Duration::from_micros(50 + (turn * 37) % 400));
+                    let mut h = host.lock().expect("host");
+                    jobs.run(&mut *h);
+                }
+                let mut h = host.lock().expect("host");
+                jobs.run(&mut *h);
+            })
+        };
+        let mut told = 0usize;
+        for _ in 0..300 {
+            if let Ok(id) = bridge.connect(crate::vhost_user::Notices::new().expect("notices")) {
+                told += 1;
+                bridge.gone(id);
+            }
+        }
+        stop.store(true, Ordering::SeqCst);
+        looper.join().expect("loop");
+        let h = host.lock().expect("host");
+        assert!(told > 0, "some calls were answered in time");
+        assert_eq!(
+            h.released.len(),
+            usize::from(h.next),
+            "every id handed out went back exactly once ({told} reached their callers)"
         );
     }
 }
