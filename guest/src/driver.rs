@@ -484,57 +484,14 @@ impl GuestTransport {
     }
 }
 
-macro_rules! each {
-    ($self:expr, $t:ident => $e:expr) => {
-        match $self {
-            GuestTransport::Driver($t) => $e,
-            GuestTransport::Pci($t) => $e,
+impl GuestTransport {
+    /// The transport chosen.
+    fn chosen(&self) -> &dyn Transport {
+        match self {
+            GuestTransport::Driver(t) => t,
+            GuestTransport::Pci(t) => t,
         }
-    };
+    }
 }
 
-impl Transport for GuestTransport {
-    fn region(&self) -> RawRegion<'_> {
-        each!(self, t => t.region())
-    }
-    fn peer_id(&self) -> PeerId {
-        each!(self, t => t.peer_id())
-    }
-    fn ring(&self, peer: PeerId, vector: u16) -> Result<(), TransportError> {
-        each!(self, t => t.ring(peer, vector))
-    }
-    fn wait_until(
-        &self,
-        ready: &mut dyn FnMut() -> bool,
-        timeout: Duration,
-    ) -> Result<bool, TransportError> {
-        each!(self, t => t.wait_until(ready, timeout))
-    }
-    fn lock_token(&self) -> u32 {
-        each!(self, t => t.lock_token())
-    }
-    fn token_alive(&self, token: u32) -> bool {
-        each!(self, t => t.token_alive(token))
-    }
-    fn thread_token(&self) -> u32 {
-        each!(self, t => t.thread_token())
-    }
-    fn notify_local(&self) {
-        each!(self, t => t.notify_local())
-    }
-    fn revoke(&self, offset: RegionOffset, len: u64) -> bool {
-        each!(self, t => t.revoke(offset, len))
-    }
-    fn restore(&self, offset: RegionOffset, len: u64) -> Result<(), TransportError> {
-        each!(self, t => t.restore(offset, len))
-    }
-    fn acknowledge(&self, seq: u64) -> bool {
-        each!(self, t => t.acknowledge(seq))
-    }
-    fn set_ring_hook(&self, hook: Option<crate::RingHook>) {
-        each!(self, t => t.set_ring_hook(hook))
-    }
-    fn device(&self) -> Option<&dyn crate::DeviceTransport> {
-        each!(self, t => t.device())
-    }
-}
+crate::forward_transport!(GuestTransport, self => self.chosen());

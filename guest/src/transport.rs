@@ -149,3 +149,67 @@ pub trait Transport {
         None
     }
 }
+
+/// Implements [`Transport`] for `$ty` by forwarding every method to `$inner`, an
+/// expression of `$self` that gives the transport to use (`&dyn Transport`): for a type
+/// that picks one of several transports at run time (the guest's driver or sysfs, the C
+/// API's choices), so the list of methods to forward is written once.
+#[cfg(feature = "std")]
+#[macro_export]
+macro_rules! forward_transport {
+    ($ty:ty, $self:ident => $inner:expr) => {
+        impl $crate::Transport for $ty {
+            fn region(&$self) -> $crate::format::shm::RawRegion<'_> {
+                $inner.region()
+            }
+            fn peer_id(&$self) -> $crate::format::PeerId {
+                $inner.peer_id()
+            }
+            fn ring(
+                &$self,
+                peer: $crate::format::PeerId,
+                vector: u16,
+            ) -> Result<(), $crate::TransportError> {
+                $inner.ring(peer, vector)
+            }
+            fn wait_until(
+                &$self,
+                ready: &mut dyn FnMut() -> bool,
+                timeout: core::time::Duration,
+            ) -> Result<bool, $crate::TransportError> {
+                $inner.wait_until(ready, timeout)
+            }
+            fn lock_token(&$self) -> u32 {
+                $inner.lock_token()
+            }
+            fn token_alive(&$self, token: u32) -> bool {
+                $inner.token_alive(token)
+            }
+            fn thread_token(&$self) -> u32 {
+                $inner.thread_token()
+            }
+            fn notify_local(&$self) {
+                $inner.notify_local()
+            }
+            fn revoke(&$self, offset: $crate::format::RegionOffset, len: u64) -> bool {
+                $inner.revoke(offset, len)
+            }
+            fn restore(
+                &$self,
+                offset: $crate::format::RegionOffset,
+                len: u64,
+            ) -> Result<(), $crate::TransportError> {
+                $inner.restore(offset, len)
+            }
+            fn acknowledge(&$self, seq: u64) -> bool {
+                $inner.acknowledge(seq)
+            }
+            fn set_ring_hook(&$self, hook: Option<$crate::RingHook>) {
+                $inner.set_ring_hook(hook)
+            }
+            fn device(&$self) -> Option<&dyn $crate::DeviceTransport> {
+                $inner.device()
+            }
+        }
+    };
+}

@@ -11,9 +11,9 @@ use std::time::Duration;
 #[cfg(target_os = "linux")]
 use vshm::driver::GuestTransport;
 use vshm::format::shm::RawRegion;
-use vshm::format::{PeerId, RegionOffset};
+use vshm::format::PeerId;
 use vshm::host::HostTransport;
-use vshm::{DeviceTransport, Transport, TransportError};
+use vshm::{Transport, TransportError};
 
 use crate::Fail;
 
@@ -107,62 +107,19 @@ pub(crate) enum CTransport {
     Ops(OpsTransport),
 }
 
-macro_rules! each {
-    ($self:expr, $t:ident => $e:expr) => {
-        match $self {
-            CTransport::Host($t) => $e,
+impl CTransport {
+    /// The transport chosen at attach.
+    fn chosen(&self) -> &dyn Transport {
+        match self {
+            CTransport::Host(t) => t,
             #[cfg(target_os = "linux")]
-            CTransport::Pci($t) => $e,
-            CTransport::Ops($t) => $e,
+            CTransport::Pci(t) => t,
+            CTransport::Ops(t) => t,
         }
-    };
+    }
 }
 
-impl Transport for CTransport {
-    fn region(&self) -> RawRegion<'_> {
-        each!(self, t => t.region())
-    }
-    fn peer_id(&self) -> PeerId {
-        each!(self, t => t.peer_id())
-    }
-    fn ring(&self, peer: PeerId, vector: u16) -> Result<(), TransportError> {
-        each!(self, t => t.ring(peer, vector))
-    }
-    fn wait_until(
-        &self,
-        ready: &mut dyn FnMut() -> bool,
-        timeout: Duration,
-    ) -> Result<bool, TransportError> {
-        each!(self, t => t.wait_until(ready, timeout))
-    }
-    fn lock_token(&self) -> u32 {
-        each!(self, t => t.lock_token())
-    }
-    fn token_alive(&self, token: u32) -> bool {
-        each!(self, t => t.token_alive(token))
-    }
-    fn thread_token(&self) -> u32 {
-        each!(self, t => t.thread_token())
-    }
-    fn notify_local(&self) {
-        each!(self, t => t.notify_local())
-    }
-    fn revoke(&self, offset: RegionOffset, len: u64) -> bool {
-        each!(self, t => t.revoke(offset, len))
-    }
-    fn restore(&self, offset: RegionOffset, len: u64) -> Result<(), TransportError> {
-        each!(self, t => t.restore(offset, len))
-    }
-    fn acknowledge(&self, seq: u64) -> bool {
-        each!(self, t => t.acknowledge(seq))
-    }
-    fn set_ring_hook(&self, hook: Option<vshm::RingHook>) {
-        each!(self, t => t.set_ring_hook(hook))
-    }
-    fn device(&self) -> Option<&dyn DeviceTransport> {
-        each!(self, t => t.device())
-    }
-}
+vshm::forward_transport!(CTransport, self => self.chosen());
 
 /// A [`vshm_transport_ops`] table as a Rust transport; calls `release` when dropped.
 #[derive(Debug)]
