@@ -325,13 +325,12 @@ impl<T: Transport> Peers for DevicePeers<'_, T> {
         self.ns.transport().token_alive(token)
     }
     fn fingerprint(&self) -> u64 {
-        // The same fold as the peer table's (`PeerTable::fingerprint`), so peers on either
-        // transport agree on it and do not walk the owners again for nothing.
         let s = self.snapshot.borrow();
-        s.slots[..s.count].iter().fold(0u64, |acc, &inc| {
-            let v = if inc == 0 { 0 } else { inc.wrapping_add(1) };
-            (acc ^ v.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(7)
-        })
+        vshm_format::blocks::peers_fingerprint(
+            s.slots[..s.count]
+                .iter()
+                .map(|&inc| (inc != 0).then_some(inc)),
+        )
     }
     fn attached(&self, slot: PeerSlot, incarnation: u64, mask: u64) -> bool {
         let looks = |s: &PeersReply| {

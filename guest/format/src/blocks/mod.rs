@@ -258,13 +258,18 @@ impl<M: SharedMemory + ?Sized> Peers for PeerTable<'_, M> {
         (self.token_alive)(token)
     }
     fn fingerprint(&self) -> u64 {
-        (0..self.layout.max_peers).fold(0u64, |acc, s| {
-            let v = self
-                .incarnation(PeerSlot(s))
-                .map_or(0, |i| i.wrapping_add(1));
-            (acc ^ v.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(7)
-        })
+        peers_fingerprint((0..self.layout.max_peers).map(|s| self.incarnation(PeerSlot(s))))
     }
+}
+
+/// [`Peers::fingerprint`] of who is attached in each slot, in slot order (`None`: nobody).
+/// One fold for every view of the peers, so peers reading the table and VMs asking vshmd
+/// agree on it (and do not walk the owners again for nothing).
+pub fn peers_fingerprint(incarnations: impl Iterator<Item = Option<u64>>) -> u64 {
+    incarnations.fold(0u64, |acc, inc| {
+        let v = inc.map_or(0, |i| i.wrapping_add(1));
+        (acc ^ v.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(7)
+    })
 }
 
 /// Why an allocator operation failed.
