@@ -13,6 +13,15 @@
  *   ioctl(fd, VSHM_IOC_KICK)        wakes every waiter of this device in this guest
  *                                   without an interrupt (a local change, e.g. a lock
  *                                   released): counted in `kicks`.
+ *   ioctl(fd, VSHM_IOC_TRACK, &t)   (ABI 2) gives this open file a hold table of
+ *                                   t.max_objects struct vshm_hold entries, mapped with
+ *                                   mmap(fd, offset region_size, length
+ *                                   vshm_holds_len(t.max_objects)): the process records
+ *                                   its handles and mutex ownerships there, and when the
+ *                                   file is released (exit, SIGKILL, OOM kill) the driver
+ *                                   closes what it still holds (docs/FORMAT.md §11b).
+ *                                   Once per open file (EBUSY after); EINVAL names no
+ *                                   field: every offset must lie inside the region.
  *   poll(fd)                        POLLIN when an interrupt (any vector) or a kick
  *                                   arrived since this open file last read;
  *                                   POLLHUP|POLLERR once the device is gone (unbound).
@@ -40,8 +49,8 @@ typedef uint32_t __u32;
 typedef uint64_t __u64;
 #endif
 
-/* The ABI version VSHM_IOC_INFO reports; bumped on an incompatible change. */
-#define VSHM_ABI_VERSION 1
+/* The ABI version VSHM_IOC_INFO reports: 1 had no VSHM_IOC_TRACK; 2 added it. */
+#define VSHM_ABI_VERSION 2
 
 /* The most MSI-X vectors the driver uses per device (counts[] has this many entries). */
 #define VSHM_MAX_VECTORS 16
@@ -65,9 +74,48 @@ struct vshm_events {
 	__u64 counts[VSHM_MAX_VECTORS]; /* interrupts per vector since the device was bound */
 };
 
+/*
+ * Where this peer's state lives in the region (from the superblock and the peer table the
+ * library validated at attach), so the driver can close a dead process's handles with the
+ * same algorithms (docs/FORMAT.md §7, §9). Region offsets; the driver checks that every
+ * word it will touch lies inside the region and is naturally aligned.
+ */
+struct vshm_track {
+	__u32 peer_slot;      /* this peer's slot, 0..61 */
+	__u32 max_objects;    /* object slots, 1..65536: entries in the hold table */
+	__u64 incarnation;    /* the peer table's incarnation of peer_slot at attach */
+	__u64 peer_entry;     /* the peer-table entry of peer_slot */
+	__u64 object_table;   /* object slot 0's entry */
+	__u64 cells;          /* this peer's refcount cell for object slot 0 (u32 per slot) */
+	__u64 mailbox;        /* this peer's mailbox */
+	__u32 object_stride;  /* bytes per object entry */
+	__u32 generation_off; /* the u64 generation in an entry */
+	__u32 lease_off;      /* the u64 lease word in an entry */
+	__u32 sync_off;       /* the u64 sync (mutex owner) word in an entry */
+};
+
+/*
+ * One hold-table entry per object slot, written by the process (atomics: its threads share
+ * it), read by the driver once the file is released. A process that writes nonsense here
+ * hurts only its own VM's counts, which it can already do through the region.
+ */
+struct vshm_hold {
+	__u64 generation; /* the object's generation when the process last took a handle */
+	__u32 count;      /* handles the process holds on the slot: +1 after an open, -1 before a close */
+	__u32 owner;      /* non-zero: the token (thread id) of the process's thread owning the mutex */
+};
+
+/* Bytes to mmap for a hold table of n entries (whole pages). */
+#define vshm_holds_len(n) ((((__u64)(n) * sizeof(struct vshm_hold)) + 4095) & ~(__u64)4095)
+
+/* The lock token the driver uses in cells and the mailbox: above any pid (PID_MAX_LIMIT is
+ * 2^22), so no process ever takes it for a dead one. */
+#define VSHM_KERNEL_TOKEN 0x3FFFFFFFu
+
 #define VSHM_IOC_MAGIC 0xB6
 #define VSHM_IOC_INFO _IOR(VSHM_IOC_MAGIC, 0x00, struct vshm_info)
 #define VSHM_IOC_RING _IOW(VSHM_IOC_MAGIC, 0x01, struct vshm_ring)
 #define VSHM_IOC_KICK _IO(VSHM_IOC_MAGIC, 0x02)
+#define VSHM_IOC_TRACK _IOW(VSHM_IOC_MAGIC, 0x03, struct vshm_track)
 
 #endif /* VSHM_IOCTL_H */

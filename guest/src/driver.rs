@@ -14,19 +14,25 @@ use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use vshm_format::layout::{Layout, Superblock};
-use vshm_format::shm::{read_pod, RawRegion};
-use vshm_format::{PeerId, RegionOffset};
+use vshm_format::shm::{read_pod, RawRegion, SharedMemory};
+use vshm_format::{ObjectSlot, PeerId, RegionOffset};
 
 use crate::host::Mapping;
 use crate::pci::{PciError, PciTransport};
-use crate::{Transport, TransportError};
+use crate::{HoldChange, PeerPlace, Transport, TransportError};
 
-/// `VSHM_ABI_VERSION`: the ABI version `VSHM_IOC_INFO` reports.
-pub const VSHM_ABI_VERSION: u32 = 1;
+/// `VSHM_ABI_VERSION`: the newest ABI version this library speaks (2: `VSHM_IOC_TRACK`).
+pub const VSHM_ABI_VERSION: u32 = 2;
+/// The oldest driver ABI this library still uses (1: no hold table, so a killed process's
+/// handles stay open until the VM detaches).
+pub const VSHM_ABI_OLDEST: u32 = 1;
+/// `VSHM_KERNEL_TOKEN`: the lock token the driver's cleanup uses (above any pid).
+pub const VSHM_KERNEL_TOKEN: u32 = 0x3FFF_FFFF;
 /// `VSHM_MAX_VECTORS`: entries of [`VshmEvents::counts`].
 pub const VSHM_MAX_VECTORS: usize = 16;
 
@@ -68,6 +74,55 @@ pub struct VshmEvents {
     pub counts: [u64; VSHM_MAX_VECTORS],
 }
 
+/// `struct vshm_track` (`VSHM_IOC_TRACK`): where this peer's state lives in the region.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VshmTrack {
+    /// This peer's slot.
+    pub peer_slot: u32,
+    /// Object slots: entries in the hold table.
+    pub max_objects: u32,
+    /// The peer table's incarnation of `peer_slot` at attach.
+    pub incarnation: u64,
+    /// Region offset of the peer-table entry.
+    pub peer_entry: u64,
+    /// Region offset of object slot 0's entry.
+    pub object_table: u64,
+    /// Region offset of this peer's refcount cell for object slot 0.
+    pub cells: u64,
+    /// Region offset of this peer's mailbox.
+    pub mailbox: u64,
+    /// Bytes per object entry.
+    pub object_stride: u32,
+    /// Offset of the generation word in an entry.
+    pub generation_off: u32,
+    /// Offset of the lease word in an entry.
+    pub lease_off: u32,
+    /// Offset of the sync (mutex owner) word in an entry.
+    pub sync_off: u32,
+}
+
+/// `struct vshm_hold`: one hold-table entry per object slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VshmHold {
+    /// The object's generation when the process last took a handle.
+    pub generation: u64,
+    /// Handles the process holds on the slot.
+    pub count: u32,
+    /// Non-zero: the token of the process's thread owning the mutex in the slot.
+    pub owner: u32,
+}
+
+/// `vshm_holds_len(n)`: bytes to map for a hold table of `n` entries (whole pages).
+pub const fn holds_len(n: u32) -> u64 {
+    (n as u64 * std::mem::size_of::<VshmHold>() as u64).next_multiple_of(4096)
+}
+
+const HOLD_GENERATION_OFF: u64 = std::mem::offset_of!(VshmHold, generation) as u64;
+const HOLD_COUNT_OFF: u64 = std::mem::offset_of!(VshmHold, count) as u64;
+const HOLD_OWNER_OFF: u64 = std::mem::offset_of!(VshmHold, owner) as u64;
+
 const IOC_MAGIC: u64 = 0xB6;
 const IOC_WRITE: u64 = 1;
 const IOC_READ: u64 = 2;
@@ -83,6 +138,8 @@ pub const VSHM_IOC_INFO: u64 = ioc(IOC_READ, 0, std::mem::size_of::<VshmInfo>())
 pub const VSHM_IOC_RING: u64 = ioc(IOC_WRITE, 1, std::mem::size_of::<VshmRing>());
 /// `VSHM_IOC_KICK`: `_IO(0xB6, 2)`.
 pub const VSHM_IOC_KICK: u64 = ioc(0, 2, 0);
+/// `VSHM_IOC_TRACK`: `_IOW(0xB6, 3, struct vshm_track)`.
+pub const VSHM_IOC_TRACK: u64 = ioc(IOC_WRITE, 3, std::mem::size_of::<VshmTrack>());
 
 /// How often a waiter re-checks its condition even without an interrupt: a safety net
 /// only (every change a waiter waits for is rung, or kicked by [`Transport::notify_local`]).
@@ -116,7 +173,9 @@ pub enum DriverError {
         source: io::Error,
     },
     /// The driver speaks another ABI.
-    #[error("{0}: driver ABI version {1}, this library speaks {VSHM_ABI_VERSION}")]
+    #[error(
+        "{0}: driver ABI version {1}, this library speaks {VSHM_ABI_OLDEST} to {VSHM_ABI_VERSION}"
+    )]
     Abi(PathBuf, u32),
     /// The region does not validate.
     #[error("{0}: not a vshm region: {1}")]
@@ -199,7 +258,12 @@ pub struct DriverTransport {
     shm: Mapping,
     peer_id: PeerId,
     vectors: u32,
+    abi_version: u32,
+    region_size: u64,
     waiters: Mutex<Vec<File>>,
+    /// This process's hold table (ABI 2), once the namespace attached
+    /// ([`Transport::track_holds`]).
+    holds: OnceLock<Mapping>,
 }
 
 impl DriverTransport {
@@ -265,7 +329,7 @@ impl DriverTransport {
             .open(path)
             .map_err(io_err(path))?;
         let info = info(&file).map_err(io_err(path))?;
-        if info.abi_version != VSHM_ABI_VERSION {
+        if !(VSHM_ABI_OLDEST..=VSHM_ABI_VERSION).contains(&info.abi_version) {
             return Err(DriverError::Abi(path.clone(), info.abi_version));
         }
         let shm = Mapping::new(&file, info.region_size).map_err(io_err(path))?;
@@ -290,8 +354,74 @@ impl DriverTransport {
             shm,
             peer_id,
             vectors: info.vectors,
+            abi_version: info.abi_version,
+            region_size: info.region_size,
             waiters: Mutex::new(Vec::new()),
+            holds: OnceLock::new(),
         })
+    }
+
+    /// Whether the driver keeps this process's hold table, so that what it holds is
+    /// closed if it dies (docs/FORMAT.md §11b): ABI 2 and an attached namespace.
+    pub fn tracks_holds(&self) -> bool {
+        self.holds.get().is_some()
+    }
+
+    /// Asks the driver for a hold table and maps it (`VSHM_IOC_TRACK`, then mmap at offset
+    /// region_size).
+    fn start_tracking(&self, place: &PeerPlace) -> io::Result<()> {
+        if self.abi_version < 2 {
+            return Err(io::Error::from_raw_os_error(libc::ENOTTY));
+        }
+        let mut track = VshmTrack {
+            peer_slot: place.peer_slot.raw(),
+            max_objects: place.max_objects,
+            incarnation: place.incarnation,
+            peer_entry: place.peer_entry.raw(),
+            object_table: place.object_table.raw(),
+            cells: place.cells.raw(),
+            mailbox: place.mailbox.raw(),
+            object_stride: place.object_stride,
+            generation_off: place.generation_off,
+            lease_off: place.lease_off,
+            sync_off: place.sync_off,
+        };
+        ioctl(&self.file, VSHM_IOC_TRACK, &mut track)?;
+        let table = Mapping::new_at(&self.file, self.region_size, holds_len(place.max_objects))?;
+        let _ = self.holds.set(table);
+        Ok(())
+    }
+
+    /// Applies `change` to this process's hold table, if it has one.
+    fn record(&self, change: HoldChange) -> Result<(), vshm_format::shm::Fault> {
+        let Some(table) = self.holds.get() else {
+            return Ok(());
+        };
+        let mem = table.region();
+        let entry =
+            |slot: ObjectSlot| u64::from(slot.raw()) * std::mem::size_of::<VshmHold>() as u64;
+        match change {
+            HoldChange::Taken(slot, generation) => {
+                mem.store_u64(
+                    entry(slot) + HOLD_GENERATION_OFF,
+                    generation.raw(),
+                    Ordering::Relaxed,
+                )?;
+                add_count(&mem, entry(slot) + HOLD_COUNT_OFF, true)
+            }
+            HoldChange::Releasing(slot) => add_count(&mem, entry(slot) + HOLD_COUNT_OFF, false),
+            HoldChange::Owned(slot, generation, token) => {
+                mem.store_u64(
+                    entry(slot) + HOLD_GENERATION_OFF,
+                    generation.raw(),
+                    Ordering::Relaxed,
+                )?;
+                mem.store_u32(entry(slot) + HOLD_OWNER_OFF, token, Ordering::Release)
+            }
+            HoldChange::Disowned(slot) => {
+                mem.store_u32(entry(slot) + HOLD_OWNER_OFF, 0, Ordering::Release)
+            }
+        }
     }
 
     /// The device node.
@@ -325,6 +455,25 @@ impl DriverTransport {
             if w.len() < POOLED_WAITERS {
                 w.push(f);
             }
+        }
+    }
+}
+
+/// Adds one to (or takes one from, never below 0) the count at `off`: this process's
+/// threads share the table.
+fn add_count(mem: &RawRegion<'_>, off: u64, up: bool) -> Result<(), vshm_format::shm::Fault> {
+    let mut v = mem.load_u32(off, Ordering::Relaxed)?;
+    loop {
+        let next = if up {
+            v.saturating_add(1)
+        } else if v == 0 {
+            return Ok(());
+        } else {
+            v - 1
+        };
+        match mem.cas_u32(off, v, next)? {
+            Ok(_) => return Ok(()),
+            Err(now) => v = now,
         }
     }
 }
@@ -364,6 +513,16 @@ impl Transport for DriverTransport {
 
     fn token_alive(&self, token: u32) -> bool {
         crate::os::process_alive(token)
+    }
+
+    fn track_holds(&self, place: &PeerPlace) {
+        // Without it (an ABI 1 driver, or a refusal) this process's handles are closed
+        // when it closes them or when the VM detaches, as over sysfs.
+        let _ = self.start_tracking(place);
+    }
+
+    fn hold_changed(&self, change: HoldChange) {
+        let _ = self.record(change);
     }
 
     fn thread_token(&self) -> u32 {

@@ -174,7 +174,14 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps the first `len` bytes of `file`, shared and writable.
     pub fn new(file: &File, len: u64) -> io::Result<Mapping> {
+        Self::new_at(file, 0, len)
+    }
+
+    /// Maps `len` bytes of `file` from `offset` (page-aligned), shared and writable.
+    pub fn new_at(file: &File, offset: u64, len: u64) -> io::Result<Mapping> {
         let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: a fresh shared mapping of a file we own; the kernel picks the address and
         // we check the result. Nothing else refers to the address range yet.
         let p = unsafe {
@@ -184,7 +191,7 @@ impl Mapping {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
-                0,
+                offset,
             )
         };
         if p == libc::MAP_FAILED {

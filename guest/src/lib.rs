@@ -41,7 +41,7 @@ pub use mutex::{Acquired, Mutex};
 pub use namespace::{CreateOptions, Disposition, Namespace, Section};
 #[cfg(feature = "std")]
 pub use transport::RingHook;
-pub use transport::{HookContext, Transport, TransportError};
+pub use transport::{HoldChange, HookContext, PeerPlace, Transport, TransportError};
 pub use vshm_format as format;
 pub use vshm_format::object::{ObjectInfo, PeerInfo};
 pub use vshm_format::Status;

@@ -18,7 +18,7 @@ use vshm_format::sync::{self, Unlocked};
 use vshm_format::{mailbox, Generation, ObjectSlot, PeerSlot, Status};
 
 use crate::handle::{create_sync, ObjectHandle};
-use crate::{Disposition, Error, Namespace, Transport};
+use crate::{Disposition, Error, HoldChange, Namespace, Transport};
 
 /// While queued, how often a locker looks whether the owner is a dead process of its own
 /// peer (a guest's processes share one peer, so vshmd cannot see that death).
@@ -142,6 +142,13 @@ impl<'ns, T: Transport> Mutex<'ns, T> {
     /// Just became the owner: was the last owner dead?
     fn acquired(&self) -> Result<Acquired, Error> {
         let ns = self.handle.ns;
+        let (_, token) = self.me();
+        // Recorded so that this process's death releases it (docs/FORMAT.md §11b).
+        ns.transport().hold_changed(HoldChange::Owned(
+            self.handle.slot,
+            self.handle.generation,
+            token,
+        ));
         Ok(
             if sync::mutex_take_abandoned(&ns.mem(), ns.layout(), self.handle.slot)? {
                 Acquired::Abandoned
@@ -313,7 +320,7 @@ impl<'ns, T: Transport> Mutex<'ns, T> {
         }
         ns.attached()?;
         let (me, token) = self.me();
-        match sync::mutex_unlock(&ns.mem(), ns.layout(), self.handle.slot, me)? {
+        let result = match sync::mutex_unlock(&ns.mem(), ns.layout(), self.handle.slot, me)? {
             Unlocked::Released(false) => Ok(()),
             Unlocked::Released(true) => self.handle.wake(),
             Unlocked::ViaHost => match self.request(op::UNLOCK, token)? {
@@ -321,7 +328,14 @@ impl<'ns, T: Transport> Mutex<'ns, T> {
                 s => Err(s.into()),
             },
             Unlocked::NotOwner => Err(Status::MutantNotOwned.into()),
+        };
+        // After the unlock: a process that dies before this is still named by the owner
+        // word, which the cleanup checks before it releases anything.
+        if !self.held_by(me).unwrap_or(true) {
+            ns.transport()
+                .hold_changed(HoldChange::Disowned(self.handle.slot));
         }
+        result
     }
 
     /// Whether the calling thread holds the mutex now. Over the device: whether it locked

@@ -4,8 +4,8 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use core::time::Duration;
 
 use vshm_format::layout::{
-    holder_bit, kind, object_state, Layout, Request, Superblock, LEASE_HOLDERS, OBJ_LEASE_OFF,
-    OBJ_SIZE_OFF, VECTOR_CONTROL,
+    const_u32, holder_bit, kind, object_state, Layout, ObjectEntry, Request, Superblock,
+    LEASE_HOLDERS, OBJ_LEASE_OFF, OBJ_SIZE_OFF, VECTOR_CONTROL,
 };
 use vshm_format::lease::{self, LeaseError, Released};
 use vshm_format::mailbox::{self, Refusal};
@@ -17,7 +17,7 @@ use vshm_format::{
 
 use crate::audit::{self, Audit};
 use crate::over_device::Held;
-use crate::{Error, Transport, TransportError};
+use crate::{Error, HoldChange, Transport, TransportError};
 
 /// How long a CREATE over the device waits out quarantine (it sees no superblock to read
 /// the region's time from): vshmd's default.
@@ -166,6 +166,9 @@ impl<T: Transport> Namespace<T> {
             gone_since: crate::blocks::GoneSince::default(),
             peers_cache: crate::over_device::PeersCache::default(),
         };
+        if let Some(place) = ns.place() {
+            ns.transport.track_holds(&place);
+        }
         // Destroys announced before we attached concern holds we never had.
         ns.audit();
         Ok(ns)
@@ -202,6 +205,26 @@ impl<T: Transport> Namespace<T> {
             gone_since: crate::blocks::GoneSince::default(),
             peers_cache: crate::over_device::PeersCache::default(),
         }
+    }
+
+    /// Where this peer's state lives, for [`Transport::track_holds`] (`None` only for a
+    /// layout too small to hold it, which attach has rejected already).
+    fn place(&self) -> Option<crate::PeerPlace> {
+        let (layout, slot) = (&self.layout, self.peer_slot);
+        let object_table = layout.object_entry(ObjectSlot(0))?;
+        Some(crate::PeerPlace {
+            peer_slot: slot,
+            max_objects: layout.max_objects,
+            incarnation: self.incarnation.load(Ordering::Relaxed),
+            peer_entry: RegionOffset(layout.peer_entry(slot)?),
+            object_table: RegionOffset(object_table),
+            cells: RegionOffset(layout.refcount_cell(slot, ObjectSlot(0))?),
+            mailbox: RegionOffset(layout.mailbox(slot)?),
+            object_stride: const_u32(core::mem::size_of::<ObjectEntry>()),
+            generation_off: const_u32(core::mem::offset_of!(ObjectEntry, generation)),
+            lease_off: const_u32(core::mem::offset_of!(ObjectEntry, lease)),
+            sync_off: const_u32(core::mem::offset_of!(ObjectEntry, sync)),
+        })
     }
 
     /// The vshm device this namespace makes its requests to, if it is over one.
@@ -513,7 +536,10 @@ impl<T: Transport> Namespace<T> {
             allow_unlinked,
             &owner,
         ) {
-            Ok(()) => {}
+            // Counted for this process before anything can release it again.
+            Ok(()) => self
+                .transport
+                .hold_changed(HoldChange::Taken(slot, generation)),
             Err(LeaseError::GoneClosed) => {
                 // Our brief hold was the last on whatever now lives in the slot.
                 self.transport.ring(PeerId::HOST, VECTOR_CONTROL)?;
@@ -577,6 +603,8 @@ impl<T: Transport> Namespace<T> {
         if let Some(dev) = self.device() {
             return self.device_close(dev, slot, generation, handle);
         }
+        // This process no longer has the handle, whatever happens below.
+        self.transport.hold_changed(HoldChange::Releasing(slot));
         // A reclaimed peer's holds are gone already; its row may be someone else's now.
         self.attached()?;
         // A revoked hold is no longer counted in our cell (which may count a new object in

@@ -25,6 +25,12 @@ pub(crate) fn retry_scribbled<T, E>(mut attempt: impl FnMut() -> Result<T, E>) -
 
 /// Whether the process or thread `id` still exists (`kill(id, 0)`; dead only on ESRCH).
 pub(crate) fn process_alive(id: u32) -> bool {
+    // Above PID_MAX_LIMIT (2^22) a token is no process: the guest driver's own
+    // (VSHM_KERNEL_TOKEN), which is never to be taken for a dead one.
+    const PID_MAX_LIMIT: u32 = 1 << 22;
+    if id > PID_MAX_LIMIT {
+        return true;
+    }
     let Ok(pid) = libc::pid_t::try_from(id) else {
         return true;
     };

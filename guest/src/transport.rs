@@ -10,7 +10,7 @@
 use core::time::Duration;
 
 use vshm_format::shm::RawRegion;
-use vshm_format::{PeerId, RegionOffset};
+use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
 
 /// What the library's audit of its holds (docs/FORMAT.md §11a) needs from the transport,
 /// whichever thread runs it: the region, fencing a range off this process, and the
@@ -148,6 +148,59 @@ pub trait Transport {
     fn device(&self) -> Option<&dyn crate::DeviceTransport> {
         None
     }
+
+    /// Called once, when a namespace attaches over the header: where this peer's state lives.
+    /// A transport whose kernel closes what a dead process held (the Linux guest driver's
+    /// hold table, docs/FORMAT.md §11b) sets that up here. The default does nothing.
+    fn track_holds(&self, _place: &PeerPlace) {}
+
+    /// What this process now holds changed ([`HoldChange`]): a transport that set up
+    /// [`Transport::track_holds`] records it where its kernel can read it after the process
+    /// dies. No system call: called on every open and close. The default does nothing.
+    fn hold_changed(&self, _change: HoldChange) {}
+}
+
+/// Where a peer's shared state lives in the region (region offsets, from the layout and the
+/// peer table the namespace validated at attach): what [`Transport::track_holds`] gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerPlace {
+    /// This peer's slot.
+    pub peer_slot: PeerSlot,
+    /// Object slots in the table.
+    pub max_objects: u32,
+    /// The peer table's incarnation of `peer_slot` at attach.
+    pub incarnation: u64,
+    /// The peer-table entry of `peer_slot`.
+    pub peer_entry: RegionOffset,
+    /// Object slot 0's entry.
+    pub object_table: RegionOffset,
+    /// This peer's refcount cell for object slot 0 (one u32 per slot follows).
+    pub cells: RegionOffset,
+    /// This peer's mailbox.
+    pub mailbox: RegionOffset,
+    /// Bytes per object entry.
+    pub object_stride: u32,
+    /// Offsets inside an object entry of its generation, lease and sync words.
+    pub generation_off: u32,
+    /// See `generation_off`.
+    pub lease_off: u32,
+    /// See `generation_off`.
+    pub sync_off: u32,
+}
+
+/// A change in what this process holds, for [`Transport::hold_changed`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldChange {
+    /// One more handle on (slot, generation): after the open succeeded.
+    Taken(ObjectSlot, Generation),
+    /// One handle fewer on slot: before the close starts (a process that dies in between
+    /// leaks the handle to its VM's detach rather than closing it twice).
+    Releasing(ObjectSlot),
+    /// The thread `token` of this process now owns the mutex in (slot, generation).
+    Owned(ObjectSlot, Generation, u32),
+    /// This process no longer owns the mutex in slot: after the unlock (a process that dies
+    /// before it is still named in the mutex, and the cleanup then looks at the owner word).
+    Disowned(ObjectSlot),
 }
 
 /// Implements [`Transport`] for `$ty` by forwarding every method to `$inner`, an
@@ -209,6 +262,12 @@ macro_rules! forward_transport {
             }
             fn device(&$self) -> Option<&dyn $crate::DeviceTransport> {
                 $inner.device()
+            }
+            fn track_holds(&$self, place: &$crate::PeerPlace) {
+                $inner.track_holds(place)
+            }
+            fn hold_changed(&$self, change: $crate::HoldChange) {
+                $inner.hold_changed(change)
             }
         }
     };

@@ -153,6 +153,17 @@ pub fn kernel_version(out: &Path) -> Result<String, ImageError> {
         })
 }
 
+/// The files of guest/linux-driver a build needs.
+const DRIVER_SOURCES: [&str; 7] = [
+    "vshm_dev.c",
+    "vshm_reap.c",
+    "vshm_internal.h",
+    "vshm_format.h",
+    "vshm_ioctl.h",
+    "Kbuild",
+    "Makefile",
+];
+
 /// The driver's sources (guest/linux-driver).
 fn driver_sources() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -183,7 +194,7 @@ fn build_driver(out: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, I
     let build = out.join("driver-build");
     std::fs::create_dir_all(&build).map_err(io(&build))?;
     let src = driver_sources();
-    for name in ["vshm.c", "vshm_ioctl.h", "Kbuild", "Makefile"] {
+    for name in DRIVER_SOURCES {
         let from = src.join(name);
         let to = build.join(name);
         let bytes = std::fs::read(&from).map_err(io(&from))?;
@@ -296,9 +307,15 @@ while IFS= read -r line; do
 done
 "#;
 
-/// Builds (or reuses) the image in `out`, with the static `vshm` at `vshm`. `progress`
-/// receives one line per step.
-pub fn build(out: &Path, vshm: &Path, progress: &mut dyn FnMut(&str)) -> Result<Image, ImageError> {
+/// Builds (or reuses) the image in `out`, with the static `vshm` at `vshm` and each of
+/// `programs` (static binaries) as `/bin/<its file name>`. `progress` receives one line
+/// per step.
+pub fn build(
+    out: &Path,
+    vshm: &Path,
+    programs: &[&Path],
+    progress: &mut dyn FnMut(&str),
+) -> Result<Image, ImageError> {
     std::fs::create_dir_all(out).map_err(io(out))?;
     let kernel = out.join("vmlinuz");
     if !kernel.exists() {
@@ -350,7 +367,7 @@ pub fn build(out: &Path, vshm: &Path, progress: &mut dyn FnMut(&str)) -> Result<
     } else {
         progress("busybox: cached");
     }
-    progress("packing the initramfs (busybox, vshm, vshm.ko, init, agent)");
+    progress("packing the initramfs (busybox, vshm, the C example, vshm.ko, init, agent)");
     let read = |p: &Path| std::fs::read(p).map_err(io(p));
     let mut a = Archive::new();
     let w = |r: std::io::Result<()>| r.map_err(io(out));
@@ -364,6 +381,16 @@ pub fn build(out: &Path, vshm: &Path, progress: &mut dyn FnMut(&str)) -> Result<
     w(a.file("bin/busybox", 0o755, &read(&busybox)?))?;
     w(a.symlink("bin/sh", "busybox"))?;
     w(a.file("bin/vshm", 0o755, &read(vshm)?))?;
+    for program in programs {
+        let name = program
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| ImageError::Tool {
+                what: "adding a program to the image".into(),
+                detail: format!("{} has no file name", program.display()),
+            })?;
+        w(a.file(&format!("bin/{name}"), 0o755, &read(program)?))?;
+    }
     if let Some(ko) = &driver {
         w(a.dir("lib"))?;
         w(a.dir("lib/modules"))?;

@@ -450,12 +450,20 @@ impl Vm {
         vshm_args: &str,
         timeout: Duration,
     ) -> Result<Output, VmError> {
+        // If it never says it holds: where it is stuck (a flake seen once, issue 12's note).
+        let stalled = format!(
+            "p=$(cat /tmp/{tag}.pid); echo \"--- vshm (pid $p) stalled: \
+             $(cut -d' ' -f3 /proc/$p/stat 2>/dev/null) in $(cat /proc/$p/wchan 2>/dev/null)\"; \
+             cat /proc/$p/stack 2>/dev/null; for t in /proc/$p/task/*; do \
+             echo \"thread $t: $(cat $t/wchan 2>/dev/null) syscall $(cat $t/syscall 2>/dev/null)\"; \
+             done; dmesg | tail -5"
+        );
         self.run(
             &format!(
                 "vshm {vshm_args} --until-signal > /tmp/{tag}.out 2>&1 & echo $! > /tmp/{tag}.pid; \
                  i=0; while ! grep -q holding /tmp/{tag}.out; do \
-                 i=$((i+1)); if [ $i -gt 600 ]; then cat /tmp/{tag}.out; exit 1; fi; sleep 0.05; done; \
-                 cat /tmp/{tag}.out"
+                 i=$((i+1)); if [ $i -gt 300 ]; then cat /tmp/{tag}.out; {stalled}; exit 1; fi; \
+                 sleep 0.05; done; cat /tmp/{tag}.out"
             ),
             timeout,
         )

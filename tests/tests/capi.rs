@@ -482,3 +482,69 @@ fn a_transport_callback_table_drives_the_library_against_vshmd() {
         drop(seen);
     });
 }
+
+/// guest/capi/examples/guest.c, linked static against libvshm_capi.a by `cargo xtask
+/// images` and installed in the guest image as `vshm-c-example`, runs inside a TCG guest
+/// (over the kernel driver) and meets a peer in another guest (over sysfs): it writes its
+/// text under a mutex, signals `NAME.ready`, and reads back what the other guest wrote once
+/// that one signals `NAME.ack`.
+#[test]
+fn the_guest_example_runs_inside_a_guest_and_meets_a_peer_in_another() {
+    use vshm_images::{Vm, VmConfig};
+    use vshm_tests::{guest_ok, guest_sh};
+
+    watchdog(LIMIT, || {
+        let _one = vshm_tests::serial();
+        let b = Backend::start(&["--size", "16M"]);
+        let image = vshm_tests::guest_image();
+        let boot = |name: &str, driver: bool| {
+            let mut cfg = VmConfig::new(name, &image, &b.socket, b.dir());
+            cfg.driver = driver;
+            Vm::start(&cfg).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let (c, r) = (boot("c", true), boot("r", false));
+        let ready = |s: vshm_images::Starting| {
+            s.wait_ready(Duration::from_secs(180))
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let (mut c, mut r) = (ready(c), ready(r));
+        guest_ok(
+            &mut c,
+            "vshm-c-example capi-guest 'hello from C in a guest' > /tmp/cex.out 2>&1 & \
+             echo $! > /tmp/cex.pid",
+        );
+        // The other guest waits for the example's signal, reads its text, answers.
+        let seen = guest_ok(
+            &mut r,
+            "vshm event wait capi-guest.ready --timeout 60000 >/dev/null && \
+             vshm read capi-guest --len 23",
+        );
+        assert_eq!(seen, "hello from C in a guest");
+        guest_ok(
+            &mut r,
+            "vshm write capi-guest --data 'answer from r' && vshm event signal capi-guest.ack",
+        );
+        let out = guest_sh(
+            &mut c,
+            "p=$(cat /tmp/cex.pid); while kill -0 $p 2>/dev/null; do sleep 0.05; done; \
+             cat /tmp/cex.out",
+        );
+        let text = out.text;
+        for want in [
+            "attached as peer",
+            "created capi-guest",
+            "wrote 23 bytes",
+            "acknowledged; the section now says: answer from r",
+            "done",
+        ] {
+            assert!(text.contains(want), "`{want}` in:\n{text}");
+        }
+        // It closed everything: nothing of it is left in the namespace.
+        assert!(
+            wait_for(Duration::from_secs(10), || b
+                .section("capi-guest")
+                .is_none()),
+            "the example's section went with its last handle"
+        );
+    });
+}

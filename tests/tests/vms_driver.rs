@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use vshm_images::{Vm, VmConfig};
-use vshm_tests::{guest_hold, guest_ok, guest_sh, wait_for, watchdog, Backend};
+use vshm_tests::{guest_hold, guest_ok, guest_release, guest_sh, wait_for, watchdog, Backend};
 
 /// Boots one guest per (name, driver loaded), concurrently.
 fn boot(b: &Backend, specs: &[(&str, bool)]) -> Vec<Vm> {
@@ -362,5 +362,100 @@ fn a_guest_with_two_devices_gets_two_nodes_and_picks_one_by_pci_address() {
             &format!("echo {p1} > /sys/bus/pci/drivers/vshm/bind"),
         );
         assert!(guest_ok(&mut m, &format!("vshm --pci {p1} list")).contains("on-vshm1"));
+    });
+}
+
+/// The peer's handle count on `name` that vshmctl shows for `peer_id`.
+fn refs_of(b: &Backend, name: &str, peer_id: u64) -> u64 {
+    b.status()["sections"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == name))
+        .and_then(|s| s["refs_by_peer"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .find(|pair| pair[0].as_u64() == Some(peer_id))
+        .and_then(|pair| pair[1].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_sigkilled_guest_process_loses_its_handles_and_mutex_while_its_vm_and_other_processes_keep_theirs(
+) {
+    if !driver_built() {
+        return;
+    }
+    watchdog(Duration::from_secs(400), || {
+        let _one = vshm_tests::serial();
+        let b = Backend::start(&["--size", "16M"]);
+        for args in [
+            &["create", "shared", "--max", "64K", "--persistent"][..],
+            &["create", "mine", "--max", "64K", "--persistent"],
+            &["mutex", "create", "m", "--persistent"],
+        ] {
+            let out = b.vshm(args);
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                vshm_tests::stderr(&out)
+            );
+        }
+        let mut vms = boot(&b, &[("k", true), ("o", false)]);
+        let (mut k, mut o) = (vms.remove(0), vms.remove(0));
+        let k_id = vshm_tests::guest_peer_id(&mut k);
+
+        // In guest k: a victim holding two sections, another victim owning the mutex, and a
+        // keeper holding one of the same sections.
+        guest_hold(&mut k, "victim", "hold shared mine");
+        guest_hold(&mut k, "keeper", "hold shared");
+        guest_hold(&mut k, "owner", "mutex lock m");
+        assert_eq!(refs_of(&b, "shared", k_id), 2);
+        assert_eq!(refs_of(&b, "mine", k_id), 1);
+        // Guest o queues for the mutex behind k's owner.
+        background(&mut o, "waiter", "mutex lock m --timeout 60000");
+        guest_ok(&mut o, "sleep 1; cat /tmp/waiter.out");
+
+        // SIGKILL both victims: no chance to close anything themselves.
+        let killed = std::time::Instant::now();
+        guest_ok(
+            &mut k,
+            "kill -9 $(cat /tmp/victim.pid) $(cat /tmp/owner.pid); \
+             while kill -0 $(cat /tmp/victim.pid) 2>/dev/null; do sleep 0.01; done",
+        );
+        let gone = wait_for(Duration::from_secs(10), || {
+            refs_of(&b, "shared", k_id) == 1 && refs_of(&b, "mine", k_id) == 0
+        });
+        let after = killed.elapsed();
+        assert!(
+            gone,
+            "the victim's handles are closed without the VM detaching: shared {}, mine {}",
+            refs_of(&b, "shared", k_id),
+            refs_of(&b, "mine", k_id)
+        );
+        eprintln!("handles of the killed process gone after {after:?} (kill sent through the TCG guest's agent)");
+        // The mutex went to the waiter in the other VM, as abandoned.
+        let waited = finish(&mut o, "waiter");
+        assert!(
+            waited.contains("its last owner died holding it"),
+            "the waiter in guest o gets the mutex abandoned: {waited}"
+        );
+        // k stays attached, and the keeper keeps its handle and still works.
+        assert!(
+            b.status()["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["id"].as_u64() == Some(k_id))),
+            "guest k is still attached"
+        );
+        assert_eq!(refs_of(&b, "shared", k_id), 1);
+        guest_ok(&mut k, "vshm write shared --data STILL");
+        assert_eq!(guest_ok(&mut o, "vshm read shared --len 5"), "STILL");
+        guest_release(&mut k, "keeper");
+        assert!(wait_for(Duration::from_secs(10), || refs_of(
+            &b, "shared", k_id
+        ) == 0));
+        let complaints = guest_ok(
+            &mut k,
+            "dmesg | grep -E 'cut here|BUG:|Oops|refcount_t|vshm: gave up' || true",
+        );
+        assert!(complaints.trim().is_empty(), "kernel log: {complaints}");
     });
 }

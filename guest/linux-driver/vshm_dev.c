@@ -14,7 +14,8 @@
  * state is freed when the last of them is released. The module cannot be unloaded while
  * a file is open (the char device's owner is this module).
  *
- * Caching: see vshm_mmap().
+ * Caching: see vshm_mmap(). Per-process cleanup (the hold table, VSHM_IOC_TRACK): see
+ * vshm_reap.c.
  */
 #include <linux/module.h>
 #include <linux/pci.h>
@@ -34,13 +35,7 @@
 #include <linux/version.h>
 #include <linux/wait.h>
 
-#include "vshm_ioctl.h"
-
-#define VSHM_MAX_DEVICES 64
-
-/* ivshmem BAR0 registers (QEMU docs/specs/ivshmem-spec.rst). */
-#define IVSHMEM_IVPOSITION 8
-#define IVSHMEM_DOORBELL 12
+#include "vshm_internal.h"
 
 static ushort mode = 0600;
 module_param(mode, ushort, 0444);
@@ -50,50 +45,13 @@ static uint group;
 module_param(group, uint, 0444);
 MODULE_PARM_DESC(group, "numeric group id owning /dev/vshmN (default 0)");
 
-struct vshm_dev;
-
-struct vshm_irq {
-	struct vshm_dev *dev;
-	unsigned int vector;
-};
-
-struct vshm_dev {
-	struct kref ref;
-	/* Write: unbind. Read: every operation that touches the hardware or the mapping. */
-	struct rw_semaphore lock;
-	bool dead;
-	struct pci_dev *pdev;
-	void __iomem *regs;
-	/* Kernel WB mapping of BAR2: it also reserves the WB memory type (see vshm_mmap). */
-	void *shm;
-	phys_addr_t shm_phys;
-	resource_size_t shm_len;
-	int minor;
-	struct device *node;
-	unsigned int nvec;
-	struct vshm_irq irqs[VSHM_MAX_VECTORS];
-	atomic64_t total;
-	atomic64_t kicks;
-	atomic64_t counts[VSHM_MAX_VECTORS];
-	wait_queue_head_t wq;
-	struct mutex files_lock;
-	struct list_head files;
-};
-
-struct vshm_file {
-	struct vshm_dev *dev;
-	struct file *filp;
-	struct list_head node;
-	u64 seen;
-};
-
 static DEFINE_MUTEX(vshm_minors_lock);
 static DEFINE_IDR(vshm_minors);
 static dev_t vshm_devt;
 static struct cdev vshm_cdev;
 static struct class *vshm_class;
 
-static void vshm_dev_free(struct kref *ref)
+void vshm_dev_free(struct kref *ref)
 {
 	kfree(container_of(ref, struct vshm_dev, ref));
 }
@@ -144,6 +102,8 @@ static int vshm_release(struct inode *inode, struct file *filp)
 	mutex_lock(&dev->files_lock);
 	list_del(&f->node);
 	mutex_unlock(&dev->files_lock);
+	/* The process is gone (or closed its last reference): what it still held goes. */
+	vshm_reap(f);
 	kfree(f);
 	kref_put(&dev->ref, vshm_dev_free);
 	return 0;
@@ -205,6 +165,7 @@ static long vshm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 	void __user *uarg = (void __user *)arg;
 	struct vshm_info info;
 	struct vshm_ring ring;
+	struct vshm_track track;
 	long ret = 0;
 
 	/* User memory is copied outside dev->lock: a fault on our own mapping takes it too. */
@@ -213,6 +174,11 @@ static long vshm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 			return -EFAULT;
 		if (ring.peer > 0xffff || ring.vector > 0xffff)
 			return -EINVAL;
+	}
+	if (cmd == VSHM_IOC_TRACK) {
+		if (copy_from_user(&track, uarg, sizeof(track)))
+			return -EFAULT;
+		return vshm_track(f, &track);
 	}
 	memset(&info, 0, sizeof(info));
 	down_read(&dev->lock);
@@ -293,10 +259,13 @@ static int vshm_mmap(struct file *filp, struct vm_area_struct *vma)
 
 	if (!(vma->vm_flags & VM_SHARED))
 		return -EINVAL;
+	/* Offset region_size: this file's hold table (vshm_reap.c), not the region. */
+	if (vma->vm_pgoff == npages)
+		return vshm_holds_mmap(f, vma);
 	down_read(&dev->lock);
 	if (dev->dead) {
 		ret = -ENODEV;
-	} else if (vma->vm_pgoff > npages || pages > npages - vma->vm_pgoff) {
+	} else if (vma->vm_pgoff >= npages || pages > npages - vma->vm_pgoff) {
 		ret = -EINVAL;
 	} else {
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
@@ -497,10 +466,11 @@ static void vshm_remove(struct pci_dev *pdev)
 	down_write(&dev->lock);
 	WRITE_ONCE(dev->dead, true);
 	up_write(&dev->lock);
-	/* Every page of the region mapped into a process goes (later accesses: SIGBUS). */
+	/* Every page of the region mapped into a process goes (later accesses: SIGBUS); a
+	 * hold table past it stays (it is the process's own memory, freed at release). */
 	mutex_lock(&dev->files_lock);
 	list_for_each_entry(f, &dev->files, node)
-		unmap_mapping_range(f->filp->f_mapping, 0, 0, 1);
+		unmap_mapping_range(f->filp->f_mapping, 0, dev->shm_len, 1);
 	mutex_unlock(&dev->files_lock);
 	wake_up_interruptible_all(&dev->wq);
 
@@ -550,11 +520,16 @@ static int __init vshm_init(void)
 		ret = PTR_ERR(vshm_class);
 		goto err_cdev;
 	}
-	ret = pci_register_driver(&vshm_driver);
+	ret = vshm_reap_init();
 	if (ret)
 		goto err_class;
+	ret = pci_register_driver(&vshm_driver);
+	if (ret)
+		goto err_reap;
 	return 0;
 
+err_reap:
+	vshm_reap_exit();
 err_class:
 	class_destroy(vshm_class);
 err_cdev:
@@ -567,6 +542,8 @@ err_region:
 static void __exit vshm_exit(void)
 {
 	pci_unregister_driver(&vshm_driver);
+	/* After unbind: pending cleanups find their device dead and only free. */
+	vshm_reap_exit();
 	class_destroy(vshm_class);
 	cdev_del(&vshm_cdev);
 	unregister_chrdev_region(vshm_devt, VSHM_MAX_DEVICES);
