@@ -180,12 +180,20 @@ pub enum RingError {
         /// The buffer's length.
         have: u64,
     },
+    /// This process already has the producer (or the consumer) of this ring: one of each
+    /// per ring is the rule (the library enforces it within a process; between peers it is
+    /// a convention, docs/FORMAT.md §6c).
+    SideTaken {
+        /// The producer's side (else the consumer's).
+        producer: bool,
+    },
 }
 
 impl RingError {
     /// The NTSTATUS closest to this error: a corrupt ring or header is
     /// STATUS_INVALID_HANDLE (as a corrupt block allocator), a bad argument or a section
-    /// that holds something else STATUS_INVALID_PARAMETER.
+    /// that holds something else STATUS_INVALID_PARAMETER, a side already taken
+    /// STATUS_ACCESS_DENIED.
     pub fn status(&self) -> Status {
         match self {
             RingError::Fault(_)
@@ -200,6 +208,7 @@ impl RingError {
             | RingError::InUse { .. }
             | RingError::FrameTooLarge { .. }
             | RingError::BufferTooSmall { .. } => Status::InvalidParameter,
+            RingError::SideTaken { .. } => Status::AccessDenied,
         }
     }
 }
@@ -260,6 +269,11 @@ impl core::fmt::Display for RingError {
             RingError::BufferTooSmall { need, have } => {
                 write!(f, "the next frame has {need} bytes, the buffer {have}")
             }
+            RingError::SideTaken { producer } => write!(
+                f,
+                "this process already has the ring's {}",
+                if producer { "producer" } else { "consumer" }
+            ),
         }
     }
 }
