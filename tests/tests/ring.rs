@@ -18,7 +18,7 @@ fn peer(b: &Backend) -> Namespace<HostTransport> {
 /// Frame `k` of the stream: its length varies so that prefixes and payloads wrap.
 fn frame(k: u32) -> Vec<u8> {
     let len = (k.wrapping_mul(2_654_435_761) >> 20) % 1500;
-    (0..len).map(|i| (i ^ k) as u8).collect()
+    (0..len).map(|i| (i ^ k).to_le_bytes()[0]).collect()
 }
 
 #[test]
@@ -85,7 +85,7 @@ fn a_producer_thread_and_a_consumer_thread_stream_64_mib_through_a_section() {
             let (mut sent, mut sum) = (0usize, 0u64);
             while sent < TOTAL {
                 for (i, b) in chunk.iter_mut().enumerate() {
-                    *b = ((sent + i) % 251) as u8;
+                    *b = ((sent + i) % 251).to_le_bytes()[0];
                 }
                 tx.write_all(&chunk, WAIT).expect("write");
                 sum = chunk
