@@ -3,6 +3,7 @@
 use vshm_format::layout::LayoutError;
 use vshm_format::mailbox::Refusal;
 use vshm_format::object::EntryError;
+use vshm_format::ring::RingError;
 use vshm_format::shm::Fault;
 use vshm_format::{NameError, ObjectSlot, Status};
 
@@ -61,6 +62,9 @@ pub enum Error {
         /// The object's generation.
         generation: vshm_format::Generation,
     },
+    /// A byte ring inside a section refused (a bad argument) or found its shared state
+    /// impossible ([`RingError::Corrupt`], with the values read).
+    Ring(RingError),
 }
 
 impl Error {
@@ -76,6 +80,7 @@ impl Error {
             Error::Detached | Error::Revoked { .. } => Status::InvalidHandle,
             Error::MailboxBusy(_) => Status::InsufficientResources,
             Error::Fault(_) | Error::Entry(_) => Status::InvalidHandle,
+            Error::Ring(e) => e.status(),
         }
     }
 }
@@ -99,6 +104,15 @@ impl From<EntryError> for Error {
             EntryError::Busy => Error::Contended,
             EntryError::Fault(f) => Error::Fault(f),
             _ => Error::Entry(e),
+        }
+    }
+}
+
+impl From<RingError> for Error {
+    fn from(e: RingError) -> Self {
+        match e {
+            RingError::Fault(f) => Error::Fault(f),
+            e => Error::Ring(e),
         }
     }
 }
@@ -153,6 +167,7 @@ impl core::fmt::Display for Error {
                  destroyed behind this process's back",
                 self.status()
             ),
+            Error::Ring(e) => write!(f, "{}: {e}", self.status()),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! A peer (a QEMU guest, or a host process) maps a vshm region through a [`Transport`] and
 //! uses a [`Namespace`] to create, open, grow, delete and close named [`Section`]s, and the
 //! other kinds of object that share the namespace: [`Event`]s and robust [`Mutex`]es.
+//! Inside a section, blocks ([`blocks`]) and lock-free SPSC byte rings ([`Ring`]).
 //! Opening an existing object and closing a handle touch only shared memory (no host round
 //! trip); create, delete and grow are requests to the host backend, which arbitrates them.
 //!
@@ -23,6 +24,7 @@ mod handle;
 mod mutex;
 mod namespace;
 mod over_device;
+pub mod ring;
 mod transport;
 
 #[cfg(all(feature = "std", target_os = "linux"))]
@@ -39,6 +41,7 @@ pub use error::Error;
 pub use event::{Event, EventOptions};
 pub use mutex::{Acquired, Mutex};
 pub use namespace::{CreateOptions, Disposition, Namespace, Section};
+pub use ring::{Consumer, Producer, Ring, RingError};
 #[cfg(feature = "std")]
 pub use transport::RingHook;
 pub use transport::{HoldChange, HookContext, PeerPlace, Transport, TransportError};

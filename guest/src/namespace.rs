@@ -928,7 +928,9 @@ impl<'ns, T: Transport> Section<'ns, T> {
             .is_none_or(|s| s != object_state::LIVE)
     }
 
-    fn check(&self, at: u64, len: usize, write: bool) -> Result<u64, Error> {
+    /// Before an access to the section's memory: writes need a writable handle, this peer
+    /// must still be attached and the hold not revoked.
+    pub(crate) fn check_live(&self, write: bool) -> Result<(), Error> {
         if write && !self.writable {
             return Err(Status::AccessDenied.into());
         }
@@ -940,6 +942,11 @@ impl<'ns, T: Transport> Section<'ns, T> {
                 generation: self.generation,
             });
         }
+        Ok(())
+    }
+
+    fn check(&self, at: u64, len: usize, write: bool) -> Result<u64, Error> {
+        self.check_live(write)?;
         let len = len as u64;
         match at.checked_add(len) {
             Some(end) if end <= self.size() => Ok(self.offset.0 + at),

@@ -4,8 +4,8 @@
 //! dependency on sockets, PCI or an operating system (`no_std`): the byte-exact layout
 //! ([`layout`]), NTSTATUS codes ([`Status`]), name rules ([`name`]), checked volatile access
 //! ([`shm`]), object-table snapshots ([`object`]), the peer table ([`peer`]), the lock-free open/close protocol
-//! ([`lease`]), the request mailboxes ([`mailbox`]), revocation and quarantine ([`revoke`]) the block allocator inside a section
-//! ([`blocks`]) and the numbers of the vshm virtio device ([`virtio`]). docs/FORMAT.md is the prose spec.
+//! ([`lease`]), the request mailboxes ([`mailbox`]), revocation and quarantine ([`revoke`]), the block allocator inside a section
+//! ([`blocks`]), the SPSC byte ring inside a section ([`ring`]) and the numbers of the vshm virtio device ([`virtio`]). docs/FORMAT.md is the prose spec.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![warn(missing_docs)]
 
@@ -18,6 +18,7 @@ pub mod name;
 pub mod object;
 pub mod peer;
 pub mod revoke;
+pub mod ring;
 pub mod shm;
 mod status;
 pub mod sync;
