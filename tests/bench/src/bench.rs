@@ -31,75 +31,84 @@ pub struct Pair {
 /// existing section vs shm_open+mmap+munmap+close.
 #[derive(Clone, Debug)]
 pub struct OpenScaling {
-    /// (objects in the table, the slot of the section opened, ours vs anchor).
-    pub points: Vec<(u32, u32, Pair)>,
-    /// The largest object count asked for.
-    pub wanted: u32,
-    /// The largest that vshmd accepted (`--max-objects`), with the region size it took.
+    /// Per level measured: objects in the table, the slot of the section opened, ours vs
+    /// anchor, the vshmd options' object count and region size, µs per CREATE while filling.
+    pub points: Vec<OpenPoint>,
+    /// Levels not measured, and why.
+    pub skipped: Vec<(u32, String)>,
+}
+
+/// One fill level of [`OpenScaling`].
+#[derive(Clone, Debug)]
+pub struct OpenPoint {
+    /// Objects in the table (the section opened included).
+    pub level: u32,
+    /// The slot of the section opened.
+    pub slot: u32,
+    /// Ours vs the anchor.
+    pub pair: Pair,
+    /// vshmd's `--max-objects`.
     pub max_objects: u32,
-    /// The region size used.
+    /// vshmd's region size.
     pub region: u64,
-    /// The region's header (everything before the heap) in bytes.
+    /// The region's header (everything before the heap), bytes.
     pub header: u64,
-    /// Why fewer than wanted, if so.
-    pub limit_note: Option<String>,
+    /// Mean ns per CREATE while filling the table (None below 2 objects).
+    pub fill_create: Option<f64>,
 }
 
-/// Starts vshmd for `max_objects`, the smallest region (64 MiB … 1 GiB) it accepts; then
-/// fewer objects if even 1 GiB is refused.
-fn vshmd_for_objects(wanted: u32) -> Result<(Vshmd, u32, u64, Option<String>)> {
-    let mut objects = wanted;
-    let mut errors = Vec::new();
-    while objects >= 16 {
-        let mut size: u64 = 64 << 20;
-        while size <= 1 << 30 {
-            let args = [
-                "--size".to_owned(),
-                format!("{}M", size >> 20),
-                "--max-objects".to_owned(),
-                objects.to_string(),
-            ];
-            match Vshmd::start(&args) {
-                Ok(d) => {
-                    let note = (objects < wanted).then(|| {
-                        format!(
-                            "{wanted} objects do not fit a region of at most 1 GiB ({}); {objects} is the largest that did",
-                            errors.last().map_or("", String::as_str)
-                        )
-                    });
-                    return Ok((d, objects, size, note));
-                }
-                Err(e) => errors.push(e),
-            }
-            size *= 2;
+/// Starts vshmd for `objects`, the smallest region (64 MiB … 1 GiB) it accepts.
+fn vshmd_for_objects(objects: u32) -> Result<(Vshmd, u64)> {
+    let mut size: u64 = 64 << 20;
+    let mut last = String::new();
+    while size <= 1 << 30 {
+        let args = [
+            "--size".to_owned(),
+            format!("{}M", size >> 20),
+            "--max-objects".to_owned(),
+            objects.to_string(),
+        ];
+        match Vshmd::start(&args) {
+            Ok(d) => return Ok((d, size)),
+            Err(e) => last = e,
         }
-        objects /= 2;
+        size *= 2;
     }
-    Err(format!("vshmd would not start: {}", errors.join("; ")))
+    Err(format!(
+        "{objects} objects do not fit a region of at most 1 GiB: {last}"
+    ))
 }
 
-/// P1: open+close of an existing section at each fill level (the section opened is
-/// created last, so a scan from slot 0 meets every other object first) vs shm_open +
-/// mmap + munmap + close of an existing POSIX shm object. The table is filled with
-/// persistent events: every kind of object shares the table and the name lookup, and
-/// events need no heap.
-pub fn p1_open(counts: Counts, levels: &[u32]) -> Result<OpenScaling> {
-    let wanted = levels.iter().copied().max().unwrap_or(1);
-    let (d, max_objects, region, limit_note) = vshmd_for_objects(wanted)?;
-    let ns = d.attach()?;
-    let header = ns.layout().heap_offset;
+/// P1: open+close of an existing section at each fill level vs shm_open + mmap + munmap +
+/// close of an existing POSIX shm object. Each level gets its own vshmd sized to it
+/// (`--max-objects` the next power of two), the table filled with persistent events
+/// (every kind of object shares the table and the name lookup; events need no heap), and
+/// the section opened created last, so a scan from slot 0 meets every other object first.
+/// Filling is arbitrated: a level whose fill would not end within what is left of
+/// `fill_budget` (extrapolated from the first CREATEs) is skipped, and says so.
+pub fn p1_open(counts: Counts, levels: &[u32], fill_budget: Duration) -> Result<OpenScaling> {
     let anchor = posix::ShmObject::create("p1").ctx("P1 anchor object")?;
-    let mut filled: u32 = 0;
-    let mut points = Vec::new();
     let persistent = EventOptions {
         persistent: true,
         ..EventOptions::default()
     };
+    let budget_start = Instant::now();
+    let mut points = Vec::new();
+    let mut skipped = Vec::new();
     for &level in levels {
-        if level > max_objects {
-            continue;
-        }
+        let max_objects = level.max(16).next_power_of_two();
+        let (d, region) = match vshmd_for_objects(max_objects) {
+            Ok(x) => x,
+            Err(e) => {
+                skipped.push((level, e));
+                continue;
+            }
+        };
+        let ns = d.attach()?;
+        let header = ns.layout().heap_offset;
         let t = Instant::now();
+        let mut filled: u32 = 0;
+        let mut gave_up = None;
         while filled + 1 < level {
             let name = format!("fill/{filled:06}");
             let (ev, _) = ns
@@ -107,8 +116,30 @@ pub fn p1_open(counts: Counts, levels: &[u32]) -> Result<OpenScaling> {
                 .ctx(format!("P1: fill the table, object {filled}"))?;
             ev.close().ctx("close a fill event")?;
             filled += 1;
+            if filled == 64 || filled % 1024 == 0 {
+                let per = t.elapsed().as_secs_f64() / f64::from(filled);
+                let left = f64::from(level - 1 - filled) * per;
+                let budget = fill_budget.saturating_sub(budget_start.elapsed());
+                if left > budget.as_secs_f64() {
+                    gave_up = Some(format!(
+                        "not reached: filling the table costs {:.2} ms per CREATE at --max-objects {max_objects} \
+                         ({filled} objects in {:.1} s), the other {} would take ~{left:.0} s, beyond the suite's \
+                         fill budget ({} s in all)",
+                        per * 1e3,
+                        t.elapsed().as_secs_f64(),
+                        level - 1 - filled,
+                        fill_budget.as_secs()
+                    ));
+                    break;
+                }
+            }
         }
-        let fill_time = t.elapsed();
+        if let Some(why) = gave_up {
+            eprintln!("    P1 {level:>6} objects: {why}");
+            skipped.push((level, why));
+            continue;
+        }
+        let fill_create = (filled > 0).then(|| t.elapsed().as_secs_f64() * 1e9 / f64::from(filled));
         let (target, _) = ns
             .create(Some("p1/target"), &CreateOptions::new(4096))
             .ctx(format!("P1: create the section to open at {level} objects"))?;
@@ -120,27 +151,24 @@ pub fn p1_open(counts: Counts, levels: &[u32]) -> Result<OpenScaling> {
             || anchor.open_map_close().ctx("shm_open+mmap+munmap+close"),
         )?;
         eprintln!(
-            "    P1 {level:>6} objects (slot {slot}, filled in {:.1}s)",
-            fill_time.as_secs_f64()
+            "    P1 {level:>6} objects (slot {slot}, --max-objects {max_objects}, filled in {:.1}s)",
+            t.elapsed().as_secs_f64()
         );
-        points.push((
+        target.close().ctx("close the P1 section")?;
+        points.push(OpenPoint {
             level,
             slot,
-            Pair {
+            pair: Pair {
                 ours: sum(ours, "P1")?,
                 anchor: sum(theirs, "P1 anchor")?,
             },
-        ));
-        target.close().ctx("close the P1 section")?;
+            max_objects,
+            region,
+            header,
+            fill_create,
+        });
     }
-    Ok(OpenScaling {
-        points,
-        wanted,
-        max_objects,
-        region,
-        header,
-        limit_note,
-    })
+    Ok(OpenScaling { points, skipped })
 }
 
 /// P2: create+close (a CREATE request, then the close that destroys it) of a new 4 KiB
