@@ -39,6 +39,20 @@ fn steps() -> Vec<Step> {
         freestanding_step(),
         // The integration tests spawn the built vshmd/vshm/vshmctl from target/debug.
         cargo_step("build", &["build", "--workspace", "--bins"]),
+        // Every benchmark once, tiny counts, from that debug build (tests/bench); fails only
+        // if a benchmark errors, never on a timing.
+        cargo_step(
+            "bench-smoke",
+            &[
+                "run",
+                "--quiet",
+                "--package",
+                "xtask",
+                "--",
+                "bench",
+                "--smoke",
+            ],
+        ),
         cargo_step(
             "images",
             &["run", "--quiet", "--package", "xtask", "--", "images"],

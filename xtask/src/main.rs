@@ -5,9 +5,12 @@
 //! - `cargo xtask chaos [--long]`: only the `chaos` step of `test`, or its long runs.
 //! - `cargo xtask demo`: starts vshmd and shows two host-process peers sharing a section.
 //! - `cargo xtask dist [--check]`: the Debian package (and, with --check, installing it).
+//! - `cargo xtask bench [--smoke]`: the benchmark suite (tests/bench) into BENCHMARKS.md, or
+//!   its smoke run (a CI step).
 //!
 //! std only, on purpose: this is the first thing built on a fresh machine.
 
+mod bench;
 mod ci;
 mod demo;
 mod demo_vhost;
@@ -25,8 +28,8 @@ usage: cargo xtask <task>
 tasks:
   test    everything CI runs, in order, stopping at the first failure:
           rustfmt check, clippy (-D warnings), the freestanding guest's
-          own fmt/clippy/unit tests, build the binaries, the guest
-          images, cargo test, the Debian package (built, installed, run,
+          own fmt/clippy/unit tests, build the binaries, the benchmarks'
+          smoke run, the guest images, cargo test, the Debian package (built, installed, run,
           removed: dist --check), the chaos and load scenarios (short), the loom
           model, then each fuzz target for 10 s
   chaos   only the chaos step: host peers and QEMU guests killed with SIGKILL
@@ -44,6 +47,12 @@ tasks:
           target/dist/vshm_<version>_<arch>.deb (packaging/).
           --check: then install it with apt-get, run vshmd from it as user
           vshm, attach a peer, and remove it again (root only)
+  bench   the benchmark suite (tests/bench, issue 13): release build, every
+          line against its real anchor (POSIX shm, eventfd, shared atomics,
+          memcpy, iceoryx2), a few minutes; writes BENCHMARKS.md, docs/bench/*.png
+          and README.md's performance table. Never fails on a timing.
+          --smoke: every benchmark once with tiny counts (debug build) into a
+          temp dir; writes nothing (a CI step)
   images  build the static guest vshm and the test guest (Debian cloud kernel,
           busybox, initramfs) into images/out (cached)
 ";
@@ -55,6 +64,8 @@ fn main() -> ExitCode {
         [t, l] if t == "chaos" && l == "--long" => "chaos --long",
         [t, v] if t == "demo" && v == "--vhost-user" => "demo --vhost-user",
         [t] if t == "dist" => "dist",
+        [t] if t == "bench" => "bench",
+        [t, s] if t == "bench" && s == "--smoke" => "bench --smoke",
         [t, c] if t == "dist" && c == "--check" => "dist --check",
         [h] if h == "help" || h == "-h" || h == "--help" => {
             print!("{USAGE}");
@@ -77,6 +88,8 @@ fn main() -> ExitCode {
         "chaos" => ci::chaos(false),
         "chaos --long" => ci::chaos(true),
         "dist" => dist::build().map(|_| ()),
+        "bench" => bench::run(false),
+        "bench --smoke" => bench::run(true),
         "dist --check" => dist::build().and_then(|deb| dist_check::check(&deb)),
         "demo --vhost-user" => demo_vhost::run(),
         _ => demo::run(),

@@ -1,0 +1,582 @@
+//! `vshm-bench`: the benchmark suite of issue 13, run by `cargo xtask bench` (full, writes
+//! BENCHMARKS.md, docs/bench/*.png and the README's table) and `cargo xtask bench --smoke`
+//! (tiny counts into a temp dir, CI). Every line is ours against a real anchor measured in
+//! the same run; nothing asserts a timing.
+//!
+//! ```text
+//! vshm-bench run --out DIR [--smoke] [--commit ID]   # DIR/BENCHMARKS.md, DIR/docs/bench/*.png,
+//!                                                    # DIR/readme-table.md
+//! vshm-bench role NAME ARGS...                       # a peer process the suite spawns
+//! ```
+//!
+//! vshmd is taken from beside this binary (the same target directory).
+
+mod bench;
+mod harness;
+mod ice;
+mod posix;
+mod report;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use harness::{Context, Counts, Result, Vshmd};
+use report::{Goal, Line, Plot, Report, Series, Unit};
+use stats::{summarize, Summary};
+
+const USAGE: &str =
+    "usage: vshm-bench run --out DIR [--smoke] [--commit ID]\n       vshm-bench role NAME ARGS...";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => run_cli(&args[1..]),
+        Some("role") => role(&args[1..]),
+        _ => Err(USAGE.to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vshm-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    args.get(i)
+        .ok_or_else(|| format!("missing {what}"))?
+        .parse()
+        .ctx(format!("{what} {:?}", args.get(i)))
+}
+
+/// The peer processes the suite spawns (this binary again).
+fn role(args: &[String]) -> Result<()> {
+    let name = args.first().ok_or("role: missing name")?;
+    let rest = &args[1..];
+    let s = |i| -> Result<String> { arg(rest, i, "argument") };
+    match name.as_str() {
+        "event-echo" => bench::event_echo(&s(0)?, arg(rest, 1, "rounds")?),
+        "eventfd-echo" => bench::eventfd_echo(
+            arg(rest, 0, "fd")?,
+            arg(rest, 1, "fd")?,
+            arg(rest, 2, "rounds")?,
+        ),
+        "section-echo" => bench::section_echo(&s(0)?, arg(rest, 1, "rounds")?),
+        "raw-echo" => bench::raw_echo(arg(rest, 0, "fd")?, arg(rest, 1, "rounds")?),
+        "ice-event-echo" => ice::event_echo(&s(0)?, arg(rest, 1, "rounds")?),
+        "ice-pubsub-echo" => ice::pubsub_echo(&s(0)?, arg(rest, 1, "rounds")?),
+        "hammer" => bench::hammer(&s(0)?, arg(rest, 1, "millis")?),
+        "idle" => bench::idle(&s(0)?, arg(rest, 1, "count")?),
+        other => Err(format!("unknown role {other}")),
+    }
+    .map_err(|e| format!("role {name}: {e}"))
+}
+
+fn run_cli(args: &[String]) -> Result<()> {
+    let mut out = None;
+    let mut smoke = false;
+    let mut commit = String::from("unknown");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--out" => out = Some(PathBuf::from(it.next().ok_or("--out needs a directory")?)),
+            "--smoke" => smoke = true,
+            "--commit" => commit = it.next().ok_or("--commit needs an id")?.clone(),
+            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+        }
+    }
+    let out = out.ok_or(USAGE)?;
+    run(&out, smoke, &commit)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn machine(commit: &str, smoke: bool) -> Vec<(String, String)> {
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split(':').nth(1))
+        })
+        .map_or("unknown".into(), |s| s.trim().to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let mem = read("/proc/meminfo")
+        .lines()
+        .next()
+        .map_or(String::new(), |l| {
+            l.split_whitespace().skip(1).collect::<Vec<_>>().join(" ")
+        });
+    let virt = if cpuinfo.contains(" hypervisor") {
+        "a virtual machine (cpuinfo: hypervisor)"
+    } else {
+        "bare metal (no hypervisor flag)"
+    };
+    vec![
+        ("date".into(), utc_now()),
+        ("commit".into(), commit.to_owned()),
+        (
+            "machine".into(),
+            format!(
+                "{} ({virt}), {cores} cores, {mem} RAM",
+                std::env::consts::ARCH
+            ),
+        ),
+        (
+            "kernel".into(),
+            read("/proc/sys/kernel/osrelease").trim().to_owned(),
+        ),
+        ("CPU".into(), cpu),
+        (
+            "clock source".into(),
+            read("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+                .trim()
+                .to_owned(),
+        ),
+        (
+            "load average at start".into(),
+            read("/proc/loadavg")
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        (
+            "mode".into(),
+            if smoke {
+                "smoke (tiny counts)".into()
+            } else {
+                "full".into()
+            },
+        ),
+    ]
+}
+
+/// Now as `YYYY-MM-DD HH:MM UTC` (civil-from-days, no date crate).
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Howard Hinnant's days_from_civil inverse.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+fn summary(mut v: Vec<f64>, what: &str) -> Result<Summary> {
+    summarize(&mut v).ok_or_else(|| format!("{what}: no samples"))
+}
+
+/// Where the header's last table (the mailboxes) ends.
+fn header_end(l: &vshm_format::layout::Layout) -> u64 {
+    let mailbox = std::mem::size_of::<vshm_format::layout::Mailbox>() as u64;
+    l.mailbox_table + u64::from(l.max_peers) * mailbox
+}
+
+/// A single figure as a summary (P7's ops/s, P8's fraction).
+fn single(v: f64) -> Summary {
+    Summary {
+        n: 1,
+        min: v,
+        median: v,
+        p99: v,
+    }
+}
+
+fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+fn run(out: &Path, smoke: bool, commit: &str) -> Result<()> {
+    let counts = if smoke {
+        Counts {
+            samples: 20,
+            warmup: 5,
+        }
+    } else {
+        Counts {
+            samples: 2000,
+            warmup: 200,
+        }
+    };
+    let few = Counts {
+        samples: if smoke { 10 } else { 500 },
+        warmup: if smoke { 2 } else { 50 },
+    };
+    let mut lines = Vec::new();
+    let mut sections = Vec::new();
+    let mut plots = Vec::new();
+    let facts = machine(commit, smoke);
+
+    // P1 and the open-latency scaling.
+    let p1_levels: &[u32] = if smoke {
+        &[1, 100]
+    } else {
+        &[1, 100, 1000, 10_000]
+    };
+    let scale_levels: &[u32] = if smoke {
+        &[10, 100]
+    } else {
+        &[10, 100, 1000, 10_000, 65_536]
+    };
+    let mut levels: Vec<u32> = p1_levels.iter().chain(scale_levels).copied().collect();
+    levels.sort_unstable();
+    levels.dedup();
+    step(&format!("P1: open+close at {levels:?} objects"));
+    let fill_budget = Duration::from_secs(if smoke { 30 } else { 150 });
+    let open = bench::p1_open(counts, &levels, fill_budget)?;
+    for &level in p1_levels {
+        let line = |ours, anchor, note| Line {
+            id: format!("P1 @{level}"),
+            what: format!("open+close of an existing section, {level} objects in the table"),
+            unit: Unit::Nanos,
+            ours,
+            anchor,
+            goal: Goal::RatioAtMost(0.1),
+            note,
+        };
+        if let Some(p) = open.points.iter().find(|p| p.level == level) {
+            lines.push(line(
+                Some(p.pair.ours),
+                Some(("shm_open+mmap+munmap+close".into(), p.pair.anchor)),
+                None,
+            ));
+        } else if let Some((_, why)) = open.skipped.iter().find(|(l, _)| *l == level) {
+            lines.push(line(None, None, Some(why.clone())));
+        }
+    }
+    let mut scaling = String::from(
+        "## Open latency vs objects in the table\n\n![open latency vs objects](docs/bench/open-vs-objects.png)\n\n\
+         Each level has its own vshmd with `--max-objects` the next power of two (at least 16); the table is filled \
+         with persistent events (CREATE requests, timed: the fill column) and the section opened is created last, so \
+         the name lookup meets every other object first.\n\n\
+         | objects | --max-objects | region | header | slot opened | ours min / median / p99 | shm_open+mmap+munmap+close median | ratio | CREATE while filling, mean |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for p in &open.points {
+        scaling.push_str(&format!(
+            "| {} | {} | {} MiB | {:.2} % | {} | {} / {} / {} | {} | {:.3}× | {} |\n",
+            p.level,
+            p.max_objects,
+            p.region >> 20,
+            p.header as f64 / p.region as f64 * 100.0,
+            p.slot,
+            report::value(Unit::Nanos, p.pair.ours.min),
+            report::value(Unit::Nanos, p.pair.ours.median),
+            report::value(Unit::Nanos, p.pair.ours.p99),
+            report::value(Unit::Nanos, p.pair.anchor.median),
+            p.pair.ours.median / p.pair.anchor.median,
+            p.fill_create
+                .map_or("—".into(), |v| report::value(Unit::Nanos, v)),
+        ));
+    }
+    for (level, why) in &open.skipped {
+        scaling.push_str(&format!("\n**{level} objects**: {why}.\n"));
+    }
+    sections.push(scaling);
+    plots.push(Plot {
+        file: "open-vs-objects.png".into(),
+        title: "P1: open+close of an existing section vs objects in the table".into(),
+        x_label: "objects in the table (log)".into(),
+        x_log: true,
+        series: vec![
+            Series {
+                name: "vshm open+close, median".into(),
+                points: open
+                    .points
+                    .iter()
+                    .map(|p| (f64::from(p.level), p.pair.ours.median))
+                    .collect(),
+            },
+            Series {
+                name: "vshm open+close, p99".into(),
+                points: open
+                    .points
+                    .iter()
+                    .map(|p| (f64::from(p.level), p.pair.ours.p99))
+                    .collect(),
+            },
+            Series {
+                name: "shm_open+mmap+munmap+close, median".into(),
+                points: open
+                    .points
+                    .iter()
+                    .map(|p| (f64::from(p.level), p.pair.anchor.median))
+                    .collect(),
+            },
+        ],
+    });
+
+    // The default configuration: P8, P2, P3, P4.
+    step("P8: header of the default configuration");
+    let d = Vshmd::start(&[])?;
+    let socket = d.socket.to_string_lossy().into_owned();
+    let ns = d.attach()?;
+    let layout = *ns.layout();
+    let header = layout.heap_offset as f64 / layout.region_size as f64;
+    step("P2: create+close");
+    let p2 = bench::p2_create(counts, &ns)?;
+    step("P3: event round trip (vshm, eventfd, iceoryx2)");
+    let p3_ours = summary(bench::p3_events(counts, &ns, &socket)?, "P3")?;
+    let p3_efd = summary(bench::p3_eventfd(counts)?, "P3 eventfd")?;
+    let p3_ice = summary(ice::event_ping_pong(counts)?, "P3 iceoryx2")?;
+    step("P4: polling ping-pong (vshm section, raw shared atomics, iceoryx2)");
+    let p4_ours = summary(bench::p4_section(counts, &ns, &socket)?, "P4")?;
+    let p4_raw = summary(bench::p4_raw(counts)?, "P4 raw")?;
+    let p4_ice = summary(ice::pubsub_ping_pong(counts)?, "P4 iceoryx2")?;
+    drop(ns);
+    drop(d);
+    lines.push(Line {
+        id: "P2".into(),
+        what: "create+close of a new 4 KiB section (arbitrated)".into(),
+        unit: Unit::Nanos,
+        ours: Some(p2.ours),
+        anchor: Some((
+            "shm_open(O_CREAT)+ftruncate+mmap+munmap+close+shm_unlink".into(),
+            p2.anchor,
+        )),
+        goal: Goal::RatioAtMost(1.0),
+        note: None,
+    });
+    for (anchor, a, goal) in [
+        ("eventfd ping-pong", p3_efd, 1.15),
+        ("iceoryx2 event ping-pong", p3_ice, 1.0),
+    ] {
+        lines.push(Line {
+            id: "P3".into(),
+            what: "event round trip between two peers (signal + wait, each way)".into(),
+            unit: Unit::Nanos,
+            ours: Some(p3_ours),
+            anchor: Some((anchor.into(), a)),
+            goal: Goal::RatioAtMost(goal),
+            note: None,
+        });
+    }
+    for (anchor, a, goal) in [
+        ("shared-atomic ping-pong (memfd)", p4_raw, 1.2),
+        ("iceoryx2 publish-subscribe ping-pong", p4_ice, 1.0),
+    ] {
+        lines.push(Line {
+            id: "P4".into(),
+            what: "polling ping-pong through a section".into(),
+            unit: Unit::Nanos,
+            ours: Some(p4_ours),
+            anchor: Some((anchor.into(), a)),
+            goal: Goal::RatioAtMost(goal),
+            note: None,
+        });
+    }
+
+    // P5.
+    step("P5: memcpy bandwidth (the ring: not yet)");
+    let bytes = if smoke { 1 << 20 } else { 64 << 20 };
+    let mem_counts = Counts {
+        samples: if smoke { 5 } else { 100 },
+        warmup: 2,
+    };
+    let memcpy = summary(bench::p5_memcpy(mem_counts, bytes)?, "P5 memcpy")?;
+    let ring = bench::p5_ring(mem_counts, bytes)
+        .transpose()?
+        .map(|v| summary(v, "P5 ring"))
+        .transpose()?;
+    lines.push(Line {
+        id: "P5".into(),
+        what: format!("SPSC ring streaming throughput ({} MiB)", bytes >> 20),
+        unit: Unit::NanosPerByte,
+        note: ring.is_none().then(|| "the SPSC ring (guest/src/ring.rs) is not in this tree yet: its slot is `bench::p5_ring` (TODO); the memcpy anchor is measured".into()),
+        ours: ring,
+        anchor: Some(("single-thread memcpy".into(), memcpy)),
+        goal: Goal::ThroughputAtLeast(0.8),
+    });
+    lines.push(Line {
+        id: "P6".into(),
+        what: "two QEMU guests".into(),
+        unit: Unit::Nanos,
+        ours: None,
+        anchor: None,
+        goal: Goal::RatioAtMost(1.0),
+        note: Some("not in this suite yet".into()),
+    });
+
+    // P7 and the latency-vs-peers scaling, on a region with 62 peer slots.
+    let d = Vshmd::start(&["--max-peers".into(), "62".into()])?;
+    let socket = d.socket.to_string_lossy().into_owned();
+    let hammer_peers: &[usize] = if smoke {
+        &[2, 62]
+    } else {
+        &[1, 2, 4, 8, 16, 32, 62]
+    };
+    let millis = if smoke { 20 } else { 1000 };
+    let mut p7 = Vec::new();
+    for &n in hammer_peers {
+        step(&format!("P7: {n} peers hammering vshmd for {millis} ms"));
+        let (rate, lat) = bench::p7_hammer(&socket, n, millis)?;
+        p7.push((n, rate, summary(lat, "P7")?));
+    }
+    let pair_peers: &[usize] = if smoke {
+        &[2, 62]
+    } else {
+        &[2, 4, 8, 16, 32, 62]
+    };
+    let mut p3_scale = Vec::new();
+    for &n in pair_peers {
+        step(&format!("P3 with {n} peers attached"));
+        p3_scale.push((
+            n,
+            summary(bench::p3_with_peers(few, &d, n)?, "P3 vs peers")?,
+        ));
+    }
+    let p7_layout = {
+        let ns = d.attach()?;
+        *ns.layout()
+    };
+    drop(d);
+    if let Some((n, rate, lat)) = p7.iter().find(|(n, _, _)| *n == 62) {
+        lines.push(Line {
+            id: "P7".into(),
+            what: format!("arbitrated requests (no-op grow) from {n} peers in {n} processes, all at once, ops/s"),
+            unit: Unit::OpsPerSec,
+            ours: Some(single(*rate)),
+            anchor: None,
+            goal: Goal::AtLeast(100_000.0),
+            note: None,
+        });
+        lines.push(Line {
+            id: "P7".into(),
+            what: format!("latency of those requests ({} samples)", lat.n),
+            unit: Unit::Nanos,
+            ours: Some(*lat),
+            anchor: None,
+            goal: Goal::P99Below(50_000.0),
+            note: None,
+        });
+    }
+    lines.push(Line {
+        id: "P8".into(),
+        what: format!(
+            "header of the default configuration ({} MiB, {} peers, {} objects) as a fraction of the region",
+            layout.region_size >> 20, layout.max_peers, layout.max_objects
+        ),
+        unit: Unit::Fraction,
+        ours: Some(single(header)),
+        anchor: None,
+        goal: Goal::AtMost(0.01),
+        note: Some(format!(
+            "{} KiB before the heap (superblock + peer table {} KiB, object table {} KiB, refcount rows {} KiB, \
+             mailboxes {} KiB, alignment to the heap {} KiB); with 62 peers it is {:.2} % of {} MiB{}",
+            layout.heap_offset >> 10,
+            layout.object_table >> 10,
+            (layout.refcount_table - layout.object_table) >> 10,
+            (layout.mailbox_table - layout.refcount_table) >> 10,
+            (header_end(&layout) - layout.mailbox_table) >> 10,
+            (layout.heap_offset - header_end(&layout)) >> 10,
+            p7_layout.heap_offset as f64 / p7_layout.region_size as f64 * 100.0,
+            p7_layout.region_size >> 20,
+            open.points.last().map_or(String::new(), |p| format!(
+                "; at --max-objects {} {:.2} % of {} MiB",
+                p.max_objects,
+                p.header as f64 / p.region as f64 * 100.0,
+                p.region >> 20
+            )),
+        )),
+    });
+    let mut peers_md = String::from(
+        "## Latency vs peers\n\n![latency vs peers](docs/bench/latency-vs-peers.png)\n\n\
+         P7: every peer a process of its own sending no-op requests (grow to the current size) as fast as it can, \
+         all at once, against one vshmd thread. P3: the event round trip of two peers with the rest of the peers attached and idle.\n\n\
+         | peers | P7 ops/s | P7 p50 | P7 p99 |\n|---|---|---|---|\n",
+    );
+    for (n, rate, lat) in &p7 {
+        peers_md.push_str(&format!(
+            "| {n} | {rate:.0} | {} | {} |\n",
+            report::value(Unit::Nanos, lat.median),
+            report::value(Unit::Nanos, lat.p99)
+        ));
+    }
+    peers_md.push_str("\n| peers attached | P3 event round trip min / median / p99 |\n|---|---|\n");
+    for (n, s) in &p3_scale {
+        peers_md.push_str(&format!(
+            "| {n} | {} / {} / {} |\n",
+            report::value(Unit::Nanos, s.min),
+            report::value(Unit::Nanos, s.median),
+            report::value(Unit::Nanos, s.p99)
+        ));
+    }
+    sections.push(peers_md);
+    plots.push(Plot {
+        file: "latency-vs-peers.png".into(),
+        title: "P3 event round trip and P7 request latency vs peers".into(),
+        x_label: "peers".into(),
+        x_log: false,
+        series: vec![
+            Series {
+                name: "P3 event round trip, median".into(),
+                points: p3_scale
+                    .iter()
+                    .map(|(n, s)| (*n as f64, s.median))
+                    .collect(),
+            },
+            Series {
+                name: "P3 event round trip, p99".into(),
+                points: p3_scale.iter().map(|(n, s)| (*n as f64, s.p99)).collect(),
+            },
+            Series {
+                name: "P7 request, p50 (all peers hammering)".into(),
+                points: p7.iter().map(|(n, _, s)| (*n as f64, s.median)).collect(),
+            },
+            Series {
+                name: "P7 request, p99 (all peers hammering)".into(),
+                points: p7.iter().map(|(n, _, s)| (*n as f64, s.p99)).collect(),
+            },
+        ],
+    });
+
+    let mut facts = facts;
+    facts.push((
+        "load average at end".into(),
+        read("/proc/loadavg")
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    ));
+    let r = Report {
+        machine: report::Machine { facts },
+        lines,
+        sections,
+        plots,
+        smoke,
+    };
+    let pngs = out.join("docs/bench");
+    std::fs::create_dir_all(&pngs).ctx(format!("create {}", pngs.display()))?;
+    for p in &r.plots {
+        report::draw(&pngs, p)?;
+    }
+    let md = out.join("BENCHMARKS.md");
+    std::fs::write(&md, report::markdown(&r)).ctx(format!("write {}", md.display()))?;
+    let table = out.join("readme-table.md");
+    std::fs::write(&table, report::readme_table(&r)).ctx(format!("write {}", table.display()))?;
+    eprintln!("==> wrote {}", md.display());
+    Ok(())
+}
