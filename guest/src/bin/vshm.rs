@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use vshm::format::layout::object_state;
 use vshm::format::units::parse_size;
 use vshm::host::HostTransport;
-use vshm::{CreateOptions, Disposition, Error, Namespace, ObjectInfo, Transport};
+use vshm::{CreateOptions, Disposition, Error, Namespace, ObjectInfo, Section, Transport};
 
 /// `--version`: the crate's version and the shared-format version this program speaks.
 static VERSION: std::sync::LazyLock<String> =
@@ -127,13 +127,17 @@ enum Command {
         until_signal: bool,
     },
     /// Measure this peer's costs on section NAME: a request round trip to vshmd (a grow to
-    /// the current size) and an open+close of an existing section (no host involved).
+    /// the current size), an open+close of an existing section (no host involved), and
+    /// copy bandwidth into and out of the section against a copy in local memory.
     Rtt {
         /// An existing section.
         name: String,
         /// Samples of each.
         #[arg(long, default_value_t = 200)]
         count: u32,
+        /// MiB to copy each way (in chunks of the section's size, at most 1 MiB); 0 skips.
+        #[arg(long, default_value_t = 16, value_name = "MIB")]
+        copy_mib: u64,
     },
     /// The peers attached to the region (this one is marked).
     Peers {
@@ -230,6 +234,58 @@ fn kind_name(kind: u32) -> &'static str {
         vshm::format::layout::kind::MUTEX => "mutex",
         _ => "unknown",
     }
+}
+
+/// `vshm rtt`'s copy readings: `mib` MiB written into the section and read back out of it
+/// in chunks (the library's checked, volatile word copies), and the same through a plain
+/// copy between two local buffers, each as MB/s (10^6 bytes per second).
+fn copy_bandwidth<T: Transport>(
+    section: &Section<'_, T>,
+    name: &str,
+    mib: u64,
+) -> Result<(), Failure> {
+    let chunk = usize::try_from(section.size().min(1 << 20)).unwrap_or(1 << 20);
+    if chunk == 0 {
+        return Err(Failure(format!("{name:?} is empty: nothing to copy into")));
+    }
+    let total = mib.saturating_mul(1 << 20);
+    let rounds = total.div_ceil(chunk as u64).max(1);
+    let src: Vec<u8> = (0..chunk)
+        .map(|i| u8::try_from(i % 251).unwrap_or(0))
+        .collect();
+    let mut dst = vec![0u8; chunk];
+    let rate = |f: &mut dyn FnMut() -> Result<(), Failure>| -> Result<f64, Failure> {
+        let t = std::time::Instant::now();
+        for _ in 0..rounds {
+            if interrupted() {
+                return Err(Failure("interrupted".into()));
+            }
+            f()?;
+        }
+        Ok((rounds * chunk as u64) as f64 / t.elapsed().as_secs_f64() / 1e6)
+    };
+    let into = rate(&mut || section.write_at(0, &src).map_err(ctx("write", name)))?;
+    let out_of = rate(&mut || section.read_at(0, &mut dst).map_err(ctx("read", name)))?;
+    if dst != src {
+        return Err(Failure(format!(
+            "{name:?} did not read back what was written"
+        )));
+    }
+    let mut local = vec![0u8; chunk];
+    let plain = rate(&mut || {
+        local.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&mut local);
+        Ok(())
+    })?;
+    say!(
+        "copy into section      {:.0} MB/s ({} x {} bytes)",
+        into,
+        rounds,
+        chunk
+    );
+    say!("copy out of section    {out_of:.0} MB/s");
+    say!("copy in local memory   {plain:.0} MB/s");
+    Ok(())
 }
 
 fn holders<T: Transport>(ns: &Namespace<T>, info: &ObjectInfo) -> Vec<u16> {
@@ -501,7 +557,11 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
                 say!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             }
         }
-        Command::Rtt { name, count } => {
+        Command::Rtt {
+            name,
+            count,
+            copy_mib,
+        } => {
             let section = ns.open(&name).map_err(ctx("open", &name))?;
             let size = section.size();
             let mut rtt = Vec::new();
@@ -528,6 +588,9 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
                     at(99),
                     at(100)
                 );
+            }
+            if copy_mib > 0 {
+                copy_bandwidth(&section, &name, copy_mib)?;
             }
             section.close()?;
         }
