@@ -96,8 +96,11 @@ fn a_qemu_guest_stays_attached_and_working_while_host_peers_cycle_through_the_id
         );
         // QEMU is alive and the guest still rings vshmd and is rung back: request round
         // trips through the doorbell and the guest's own vectors.
-        let out = guest_ok(&mut vm, "vshm rtt ping --count 5");
-        assert!(out.contains("request round trip"), "{out}");
+        let out = guest_ok(&mut vm, "vshm rtt ping --count 5 --copy-mib 1");
+        assert!(
+            out.contains("request round trip") && out.contains("copy out of section"),
+            "{out}"
+        );
         guest_ok(
             &mut vm,
             "vshm create pong --max 4K --persistent && vshm delete pong",
