@@ -115,29 +115,38 @@ pub fn pubsub_ping_pong(counts: Counts) -> Result<Vec<f64>> {
     let samples = measure(counts, 1, || {
         seq += 1;
         ice(publisher.send_copy(seq), "send ping")?;
-        let mut got = None;
-        let mut err = None;
-        spin_until(PATIENCE, || match subscriber.receive() {
-            Ok(Some(s)) => {
-                got = Some(*s);
-                true
-            }
-            Ok(None) => false,
-            Err(e) => {
-                err = Some(format!("iceoryx2: receive pong: {e:?}"));
-                true
-            }
-        })?;
-        if let Some(e) = err {
-            return Err(e);
-        }
-        match got {
-            Some(v) if v == seq => Ok(()),
-            other => Err(format!("iceoryx2: pong {other:?}, expected {seq}")),
+        match receive_spinning(&subscriber, "pong")? {
+            v if v == seq => Ok(()),
+            other => Err(format!("iceoryx2: pong {other}, expected {seq}")),
         }
     })?;
     child.finish()?;
     Ok(samples)
+}
+
+/// Spins (up to the harness's patience) until `subscriber` receives a sample; `what` names
+/// it in errors.
+fn receive_spinning(
+    subscriber: &iceoryx2::port::subscriber::Subscriber<ipc::Service, u64, ()>,
+    what: &str,
+) -> Result<u64> {
+    let mut got = None;
+    let mut err = None;
+    spin_until(PATIENCE, || match subscriber.receive() {
+        Ok(Some(s)) => {
+            got = Some(*s);
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            err = Some(format!("iceoryx2: receive {what}: {e:?}"));
+            true
+        }
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    got.ok_or_else(|| format!("iceoryx2: no {what}"))
 }
 
 /// The child half of [`pubsub_ping_pong`].
@@ -160,23 +169,7 @@ pub fn pubsub_echo(prefix: &str, rounds: usize) -> Result<()> {
     println!("ready");
     std::io::Write::flush(&mut std::io::stdout()).map_err(|e| e.to_string())?;
     for _ in 0..rounds {
-        let mut got = None;
-        let mut err = None;
-        spin_until(PATIENCE, || match subscriber.receive() {
-            Ok(Some(s)) => {
-                got = Some(*s);
-                true
-            }
-            Ok(None) => false,
-            Err(e) => {
-                err = Some(format!("iceoryx2: receive ping: {e:?}"));
-                true
-            }
-        })?;
-        if let Some(e) = err {
-            return Err(e);
-        }
-        let v = got.ok_or("iceoryx2: no ping")?;
+        let v = receive_spinning(&subscriber, "ping")?;
         ice(publisher.send_copy(v), "send pong")?;
     }
     wait_eof()
