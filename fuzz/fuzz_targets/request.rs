@@ -132,10 +132,12 @@ fn check_accepted(req: &Request, l: &vshm_format::layout::Layout, cmd: &Command<
             slot,
             generation,
             token,
+            presumed_dead,
         } => {
             assert_eq!(req.op, op::UNLOCK);
             target(slot, generation);
             token_ok(token);
+            assert_eq!(presumed_dead.map_or(0, u64::from), req.max_size);
         }
         Command::Cancel {
             slot,

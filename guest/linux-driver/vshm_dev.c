@@ -192,6 +192,7 @@ static long vshm_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 		info.peer_id = ioread32(dev->regs + IVSHMEM_IVPOSITION);
 		info.region_size = dev->shm_len;
 		info.vectors = dev->nvec;
+		info.flags = VSHM_INFO_TRACK;
 		break;
 	case VSHM_IOC_RING:
 		iowrite32((ring.peer << 16) | ring.vector, dev->regs + IVSHMEM_DOORBELL);

@@ -38,6 +38,8 @@
 #define VSHM_MB_SLOT_OFF 24
 #define VSHM_MB_GENERATION_OFF 32
 #define VSHM_MB_SIZE_OFF 48
+/* UNLOCK on behalf of a dead owner: the owner token the poster saw (§6a). */
+#define VSHM_MB_MAX_SIZE_OFF 40
 /* A post writes request bytes 12 up to here (the peer's audit words follow). */
 #define VSHM_MB_BODY_END 1168
 #define VSHM_MB_RESP_SEQ_OFF 1280

@@ -13,7 +13,7 @@
  *   ioctl(fd, VSHM_IOC_KICK)        wakes every waiter of this device in this guest
  *                                   without an interrupt (a local change, e.g. a lock
  *                                   released): counted in `kicks`.
- *   ioctl(fd, VSHM_IOC_TRACK, &t)   (ABI 2) gives this open file a hold table of
+ *   ioctl(fd, VSHM_IOC_TRACK, &t)   (flags VSHM_INFO_TRACK) gives this open file a hold table of
  *                                   t.max_objects struct vshm_hold entries, mapped with
  *                                   mmap(fd, offset region_size, length
  *                                   vshm_holds_len(t.max_objects)): the process records
@@ -49,8 +49,12 @@ typedef uint32_t __u32;
 typedef uint64_t __u64;
 #endif
 
-/* The ABI version VSHM_IOC_INFO reports: 1 had no VSHM_IOC_TRACK; 2 added it. */
-#define VSHM_ABI_VERSION 2
+/* The ABI version VSHM_IOC_INFO reports; bumped on an incompatible change. Additions
+ * are announced in vshm_info.flags instead, so older programs keep working. */
+#define VSHM_ABI_VERSION 1
+
+/* vshm_info.flags: VSHM_IOC_TRACK and the hold table are there. */
+#define VSHM_INFO_TRACK 0x1u
 
 /* The most MSI-X vectors the driver uses per device (counts[] has this many entries). */
 #define VSHM_MAX_VECTORS 16
@@ -60,7 +64,7 @@ struct vshm_info {
 	__u32 peer_id;     /* IVPosition, read from BAR0 at the call */
 	__u64 region_size; /* BAR2 length in bytes */
 	__u32 vectors;     /* MSI-X vectors with a handler (<= VSHM_MAX_VECTORS) */
-	__u32 flags;       /* reserved, 0 */
+	__u32 flags;       /* VSHM_INFO_* bits: what this driver offers beyond ABI 1 */
 };
 
 struct vshm_ring {

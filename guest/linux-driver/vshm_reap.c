@@ -29,6 +29,7 @@
 #include <linux/overflow.h>
 #include <linux/pci.h>
 #include <linux/sched.h>
+#include <linux/sched/signal.h>
 #include <linux/sched/task.h>
 #include <linux/slab.h>
 #include <linux/vmalloc.h>
@@ -58,11 +59,11 @@ struct vshm_holds {
 };
 
 struct vshm_reaper {
-	struct delayed_work work;
+	struct work_struct work;
 	struct vshm_dev *dev;
 	struct vshm_holds *h;
 	unsigned long deadline;
-	u32 next_slot;
+	u32 peer_id; /* IVPosition, read once (an MMIO read is a VM exit) */
 	bool mailbox_checked;
 	bool released;
 };
@@ -171,33 +172,33 @@ static inline u64 *vshm_u64(struct vshm_dev *dev, u64 off)
 	return (u64 *)((u8 *)dev->shm + off);
 }
 
-static bool vshm_process_gone(struct pid *pid)
+/*
+ * Whether the process that took lock token `token` (a pid as that process saw it) is gone,
+ * for a lock found tagged with it. Only our own process's token is ever judged. Gone: no
+ * process has that number in its pid namespace any more, or the number still names our
+ * process and none of its threads is alive. A number reused by another process is that
+ * process's: alive.
+ */
+static bool vshm_token_gone(const struct vshm_holds *h, u32 token)
 {
 	struct task_struct *task;
+	struct pid *pid;
 	bool gone;
 
+	if (!token || (token & VSHM_REF_COUNT) != (h->token & VSHM_REF_COUNT))
+		return false;
 	rcu_read_lock();
-	task = pid_task(pid, PIDTYPE_TGID);
-	gone = !task || (task->flags & PF_EXITING);
+	pid = find_pid_ns(h->token, ns_of_pid(h->pid));
+	if (!pid) {
+		gone = true;
+	} else if (pid != h->pid) {
+		gone = false;
+	} else {
+		task = pid_task(pid, PIDTYPE_TGID);
+		gone = !task || !atomic_read(&task->signal->live);
+	}
 	rcu_read_unlock();
 	return gone;
-}
-
-/* Atomically clears `bit` in *p; returns the previous value through *prev. Bounded. */
-static bool vshm_clear_bit64(u64 *p, u64 bit, u64 *prev)
-{
-	u64 old = READ_ONCE(*p), cur;
-	unsigned int tries;
-
-	for (tries = 0; tries < VSHM_CAS_TRIES; tries++) {
-		cur = cmpxchg64(p, old, old & ~bit);
-		if (cur == old) {
-			*prev = old;
-			return true;
-		}
-		old = cur;
-	}
-	return false;
 }
 
 /* FORMAT.md §7 close_if_unheld: CLOSED into a word with no holders and no KEEP. */
@@ -221,11 +222,11 @@ static bool vshm_close_if_unheld(u64 *lease, u64 w)
  * this closed it (vshmd must be rung). */
 static bool vshm_drop_holder_bit(u64 *lease, u64 bit)
 {
-	u64 prev;
-
-	if (!vshm_clear_bit64(lease, bit, &prev))
-		return false; /* a word rewritten without pause: vshmd's sweep sees the cell at 0 */
-	return vshm_close_if_unheld(lease, prev & ~bit);
+	/* One locked AND: it cannot be starved by a peer rewriting the word, unlike a CAS
+	 * loop. What the word says after it is what close_if_unheld looks at, as after the
+	 * library's fetch_and. */
+	atomic64_andnot(bit, (atomic64_t *)lease);
+	return vshm_close_if_unheld(lease, READ_ONCE(*lease));
 }
 
 enum vshm_closed { VSHM_HELD, VSHM_LAST_HOLD, VSHM_NOT_HELD, VSHM_BUSY };
@@ -244,8 +245,7 @@ static enum vshm_closed vshm_close_one(struct vshm_reaper *r, u32 *cell, u64 *le
 	for (spins = 0; spins < VSHM_REAP_SPINS; spins++) {
 		v = smp_load_acquire(cell);
 		if (v & VSHM_REF_LOCK) {
-			if ((v & VSHM_REF_COUNT) == (r->h->token & VSHM_REF_COUNT) &&
-			    vshm_process_gone(r->h->pid) && cmpxchg(cell, v, locked) == v) {
+			if (vshm_token_gone(r->h, v & VSHM_REF_COUNT) && cmpxchg(cell, v, locked) == v) {
 				/* The dead process was moving the peer between 0 and 1 handles. */
 				if (vshm_drop_holder_bit(lease, bit))
 					r->released = true;
@@ -277,12 +277,13 @@ static void vshm_ring_host(struct vshm_dev *dev)
 }
 
 /*
- * Posts UNLOCK (slot, generation) with the kernel's token and waits for the answer
- * (FORMAT.md §9 peer side). The token differs from the owner's, so vshmd releases the
- * mutex as abandoned (§6a: released on behalf of a dead owner). -EBUSY: the mailbox is in
- * use by a live user of the peer; retry later.
+ * Posts UNLOCK (slot, generation) with the kernel's token, naming the dead owner, and
+ * waits for the answer (FORMAT.md §9 peer side). The token differs from the owner's, so
+ * vshmd releases the mutex as abandoned (§6a: released on behalf of a dead owner) if its
+ * word still names that owner. -EBUSY: the mailbox is in use by a live user of the peer;
+ * retry later.
  */
-static int vshm_post_unlock(struct vshm_reaper *r, u32 slot, u64 generation)
+static int vshm_post_unlock(struct vshm_reaper *r, u32 slot, u64 generation, u32 owner)
 {
 	struct vshm_dev *dev = r->dev;
 	u64 mb = r->h->t.mailbox;
@@ -307,6 +308,8 @@ static int vshm_post_unlock(struct vshm_reaper *r, u32 slot, u64 generation)
 	WRITE_ONCE(*vshm_u32(dev, mb + VSHM_MB_SLOT_OFF), slot);
 	WRITE_ONCE(*vshm_u64(dev, mb + VSHM_MB_GENERATION_OFF), generation);
 	WRITE_ONCE(*vshm_u64(dev, mb + VSHM_MB_SIZE_OFF), VSHM_KERNEL_TOKEN);
+	/* The owner we saw: if the mutex moved on meanwhile, vshmd does nothing. */
+	WRITE_ONCE(*vshm_u64(dev, mb + VSHM_MB_MAX_SIZE_OFF), owner);
 	smp_store_release(req_seq, seq);
 	vshm_ring_host(dev);
 	until = jiffies + msecs_to_jiffies(VSHM_REAP_ANSWER_MS);
@@ -327,7 +330,7 @@ static bool vshm_still_attached(struct vshm_reaper *r)
 {
 	struct vshm_dev *dev = r->dev;
 	const struct vshm_track *t = &r->h->t;
-	u32 id = ioread32(dev->regs + IVSHMEM_IVPOSITION);
+	u32 id = r->peer_id;
 
 	return smp_load_acquire(vshm_u32(dev, t->peer_entry + VSHM_PEER_STATE_OFF)) ==
 		       VSHM_PEER_CONNECTED &&
@@ -342,81 +345,109 @@ static void vshm_free_mailbox_lock(struct vshm_reaper *r)
 	u32 *lock = vshm_u32(r->dev, r->h->t.mailbox + VSHM_MB_LOCK_OFF);
 	u32 v = READ_ONCE(*lock);
 
-	if (v && v == r->h->token && vshm_process_gone(r->h->pid))
+	if (vshm_token_gone(r->h, v))
 		cmpxchg(lock, v, 0);
 }
 
+/* Whether the cleanup has run out of time (checked inside every loop). */
+static bool vshm_reap_late(const struct vshm_reaper *r)
+{
+	return time_after(jiffies, r->deadline);
+}
+
 /*
- * Works through the table from r->next_slot. Returns false if a word was busy: the caller
- * retries later from where this stopped (the table entry keeps what is left to close).
+ * One slot: the cell lock the dead process may have left, its mutex, its handles. Returns
+ * false if a word was busy (a live user of the peer holds it): the entry keeps what is
+ * left, and the next pass comes back to it.
  */
-static bool vshm_reap_slots(struct vshm_reaper *r)
+static bool vshm_reap_slot(struct vshm_reaper *r, u32 slot)
 {
 	struct vshm_dev *dev = r->dev;
 	const struct vshm_track *t = &r->h->t;
+	struct vshm_hold *e = &r->h->table[slot];
 	u64 bit = 1ULL << t->peer_slot;
+	u64 entry = t->object_table + (u64)slot * t->object_stride;
+	u32 *cell = vshm_u32(dev, t->cells + (u64)slot * 4);
+	u64 *lease = vshm_u64(dev, entry + t->lease_off);
+	u32 v = READ_ONCE(*cell);
+	u64 gen, sync;
+
+	/* A cell lock the dead process held while opening or closing (its table does not
+	 * count that handle: +1 comes after the open, -1 before the close). */
+	if ((v & VSHM_REF_LOCK) && vshm_token_gone(r->h, v & VSHM_REF_COUNT) &&
+	    cmpxchg(cell, v, VSHM_REF_LOCK | VSHM_KERNEL_TOKEN) == v) {
+		if (vshm_drop_holder_bit(lease, bit))
+			r->released = true;
+		smp_store_release(cell, 0);
+	}
+	if (!e->count && !e->owner)
+		return true;
+	/* The object is no longer the one the process held (its hold was revoked, §11a, and
+	 * the slot reused): nothing of ours is counted there. */
+	gen = READ_ONCE(*vshm_u64(dev, entry + t->generation_off));
+	if (gen != e->generation) {
+		e->count = 0;
+		e->owner = 0;
+		return true;
+	}
+	if (e->owner) {
+		sync = READ_ONCE(*vshm_u64(dev, entry + t->sync_off));
+		if ((sync & VSHM_MUTEX_OWNER) !=
+		    ((u64)(t->peer_slot + 1) | ((u64)e->owner << 8))) {
+			e->owner = 0; /* released already, or never taken */
+		} else if (vshm_post_unlock(r, slot, gen, e->owner)) {
+			return false; /* mailbox busy, or no answer yet: look again next pass */
+		} else {
+			e->owner = 0;
+		}
+		/* Waiting for vshmd may have taken long: is the row still ours? */
+		if (!vshm_still_attached(r))
+			return true;
+	}
+	/* Never more closes than the cell counts: a table scribbled by its own process must
+	 * not keep the driver busy for 2^32 closes. */
+	v = READ_ONCE(*cell);
+	if (!(v & VSHM_REF_LOCK) && e->count > (v & VSHM_REF_COUNT))
+		e->count = v & VSHM_REF_COUNT;
+	while (e->count) {
+		if (vshm_reap_late(r))
+			return false;
+		switch (vshm_close_one(r, cell, lease, bit)) {
+		case VSHM_BUSY:
+			return false;
+		case VSHM_NOT_HELD:
+			e->count = 0;
+			break;
+		case VSHM_LAST_HOLD:
+		case VSHM_HELD:
+			e->count--;
+			r->released = true;
+			break;
+		}
+		cond_resched();
+	}
+	return true;
+}
+
+/* One pass over the table. Returns whether everything is done. */
+static bool vshm_reap_pass(struct vshm_reaper *r)
+{
+	bool done = true;
 	u32 slot;
 
-	for (slot = r->next_slot; slot < t->max_objects; slot++) {
-		struct vshm_hold *e = &r->h->table[slot];
-		u64 entry = t->object_table + (u64)slot * t->object_stride;
-		u32 *cell = vshm_u32(dev, t->cells + (u64)slot * 4);
-		u64 *lease = vshm_u64(dev, entry + t->lease_off);
-		u32 v = READ_ONCE(*cell);
-		u64 gen, sync;
-
-		r->next_slot = slot;
-		/* A cell lock the dead process held while opening or closing (its table does
-		 * not count that handle: +1 comes after the open, -1 before the close). */
-		if ((v & VSHM_REF_LOCK) && (v & VSHM_REF_COUNT) == (r->h->token & VSHM_REF_COUNT) &&
-		    vshm_process_gone(r->h->pid) &&
-		    cmpxchg(cell, v, VSHM_REF_LOCK | VSHM_KERNEL_TOKEN) == v) {
-			if (vshm_drop_holder_bit(lease, bit))
-				r->released = true;
-			smp_store_release(cell, 0);
-		}
-		if (!e->count && !e->owner)
-			continue;
-		/* The object is no longer the one the process held (its hold was revoked, §11a,
-		 * and the slot reused): nothing of ours is counted there. */
-		gen = READ_ONCE(*vshm_u64(dev, entry + t->generation_off));
-		if (gen != e->generation) {
-			e->count = 0;
-			e->owner = 0;
-			continue;
-		}
-		if (e->owner) {
-			sync = READ_ONCE(*vshm_u64(dev, entry + t->sync_off));
-			if ((sync & VSHM_MUTEX_OWNER) ==
-			    ((u64)(t->peer_slot + 1) | ((u64)e->owner << 8))) {
-				int ret = vshm_post_unlock(r, slot, gen);
-
-				if (ret == -EBUSY)
-					return false;
-				if (ret)
-					dev_warn(&dev->pdev->dev,
-						 "vshm: no answer to UNLOCK of mutex slot %u for a dead process\n",
-						 slot);
-			}
-			e->owner = 0;
-		}
-		while (e->count) {
-			switch (vshm_close_one(r, cell, lease, bit)) {
-			case VSHM_BUSY:
-				return false;
-			case VSHM_NOT_HELD:
-				e->count = 0;
-				continue;
-			case VSHM_LAST_HOLD:
-			case VSHM_HELD:
-				e->count--;
-				r->released = true;
-				break;
-			}
-		}
+	for (slot = 0; slot < r->h->t.max_objects; slot++) {
+		if (vshm_reap_late(r))
+			return false;
+		/* The row stops being ours if the peer is reclaimed meanwhile. */
+		if (!vshm_still_attached(r))
+			return true;
+		/* A busy slot is skipped and come back to; the others go on. */
+		if (!vshm_reap_slot(r, slot))
+			done = false;
+		if (!(slot & 255))
+			cond_resched();
 	}
-	r->next_slot = t->max_objects;
-	return true;
+	return done;
 }
 
 static void vshm_reaper_done(struct vshm_reaper *r)
@@ -426,35 +457,49 @@ static void vshm_reaper_done(struct vshm_reaper *r)
 	kfree(r);
 }
 
+/*
+ * The cleanup of one released file: passes over its table until everything is closed, the
+ * device is gone, the row is no longer ours, or the deadline passed; between passes it
+ * sleeps with dev->lock released, so an unbind is never held up for long. One work item
+ * loops instead of re-queueing itself, so that destroy_workqueue() (module unload) waits
+ * for it: no timer can fire into an unloaded module.
+ */
 static void vshm_reap_work(struct work_struct *work)
 {
-	struct vshm_reaper *r = container_of(to_delayed_work(work), struct vshm_reaper, work);
+	struct vshm_reaper *r = container_of(work, struct vshm_reaper, work);
 	struct vshm_dev *dev = r->dev;
-	bool done = true;
+	bool done = false;
 
 	down_read(&dev->lock);
-	if (!dev->dead && vshm_still_attached(r)) {
-		if (!r->mailbox_checked) {
-			vshm_free_mailbox_lock(r);
-			r->mailbox_checked = true;
-		}
-		done = vshm_reap_slots(r);
-		/* vshmd folds the row's counts and reaps closed objects at once. */
-		if (r->released)
-			vshm_ring_host(dev);
-		r->released = false;
-		if (!done && time_after(jiffies, r->deadline)) {
-			dev_warn(&dev->pdev->dev,
-				 "vshm: gave up closing a dead process's handles at object slot %u (busy for %d ms); they go when the VM detaches\n",
-				 r->next_slot, VSHM_REAP_DEADLINE_MS);
-			done = true;
-		}
-	}
+	if (!dev->dead)
+		r->peer_id = ioread32(dev->regs + IVSHMEM_IVPOSITION);
 	up_read(&dev->lock);
-	if (done)
-		vshm_reaper_done(r);
-	else
-		queue_delayed_work(vshm_wq, &r->work, msecs_to_jiffies(VSHM_REAP_RETRY_MS));
+	while (!done) {
+		down_read(&dev->lock);
+		if (dev->dead || !vshm_still_attached(r)) {
+			done = true;
+		} else {
+			if (!r->mailbox_checked) {
+				vshm_free_mailbox_lock(r);
+				r->mailbox_checked = true;
+			}
+			done = vshm_reap_pass(r);
+			/* vshmd folds the row's counts and reaps closed objects at once. */
+			if (r->released)
+				vshm_ring_host(dev);
+			r->released = false;
+			if (!done && vshm_reap_late(r)) {
+				dev_warn(&dev->pdev->dev,
+					 "vshm: gave up closing a dead process's handles (busy for %d ms); they go when the VM detaches\n",
+					 VSHM_REAP_DEADLINE_MS);
+				done = true;
+			}
+		}
+		up_read(&dev->lock);
+		if (!done)
+			msleep(VSHM_REAP_RETRY_MS);
+	}
+	vshm_reaper_done(r);
 }
 
 void vshm_reap(struct vshm_file *f)
@@ -477,8 +522,8 @@ void vshm_reap(struct vshm_file *f)
 	r->dev = f->dev;
 	r->h = h;
 	r->deadline = jiffies + msecs_to_jiffies(VSHM_REAP_DEADLINE_MS);
-	INIT_DELAYED_WORK(&r->work, vshm_reap_work);
-	queue_delayed_work(vshm_wq, &r->work, 0);
+	INIT_WORK(&r->work, vshm_reap_work);
+	queue_work(vshm_wq, &r->work);
 }
 
 int vshm_reap_init(void)

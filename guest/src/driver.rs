@@ -26,11 +26,11 @@ use crate::host::Mapping;
 use crate::pci::{PciError, PciTransport};
 use crate::{HoldChange, PeerPlace, Transport, TransportError};
 
-/// `VSHM_ABI_VERSION`: the newest ABI version this library speaks (2: `VSHM_IOC_TRACK`).
-pub const VSHM_ABI_VERSION: u32 = 2;
-/// The oldest driver ABI this library still uses (1: no hold table, so a killed process's
-/// handles stay open until the VM detaches).
-pub const VSHM_ABI_OLDEST: u32 = 1;
+/// `VSHM_ABI_VERSION`: the ABI version `VSHM_IOC_INFO` reports.
+pub const VSHM_ABI_VERSION: u32 = 1;
+/// `VSHM_INFO_TRACK`: [`VshmInfo::flags`] bit saying the driver offers `VSHM_IOC_TRACK`
+/// (without it, a killed process's handles stay open until the VM detaches).
+pub const VSHM_INFO_TRACK: u32 = 0x1;
 /// `VSHM_KERNEL_TOKEN`: the lock token the driver's cleanup uses (above any pid).
 pub const VSHM_KERNEL_TOKEN: u32 = 0x3FFF_FFFF;
 /// `VSHM_MAX_VECTORS`: entries of [`VshmEvents::counts`].
@@ -48,7 +48,7 @@ pub struct VshmInfo {
     pub region_size: u64,
     /// MSI-X vectors with a handler.
     pub vectors: u32,
-    /// Reserved, 0.
+    /// `VSHM_INFO_*` bits: what the driver offers beyond ABI 1.
     pub flags: u32,
 }
 
@@ -173,9 +173,7 @@ pub enum DriverError {
         source: io::Error,
     },
     /// The driver speaks another ABI.
-    #[error(
-        "{0}: driver ABI version {1}, this library speaks {VSHM_ABI_OLDEST} to {VSHM_ABI_VERSION}"
-    )]
+    #[error("{0}: driver ABI version {1}, this library speaks {VSHM_ABI_VERSION}")]
     Abi(PathBuf, u32),
     /// The region does not validate.
     #[error("{0}: not a vshm region: {1}")]
@@ -258,10 +256,11 @@ pub struct DriverTransport {
     shm: Mapping,
     peer_id: PeerId,
     vectors: u32,
-    abi_version: u32,
+    /// `VshmInfo::flags`.
+    features: u32,
     region_size: u64,
     waiters: Mutex<Vec<File>>,
-    /// This process's hold table (ABI 2), once the namespace attached
+    /// This process's hold table (`VSHM_INFO_TRACK`), once the namespace attached
     /// ([`Transport::track_holds`]).
     holds: OnceLock<Mapping>,
 }
@@ -329,7 +328,7 @@ impl DriverTransport {
             .open(path)
             .map_err(io_err(path))?;
         let info = info(&file).map_err(io_err(path))?;
-        if !(VSHM_ABI_OLDEST..=VSHM_ABI_VERSION).contains(&info.abi_version) {
+        if info.abi_version != VSHM_ABI_VERSION {
             return Err(DriverError::Abi(path.clone(), info.abi_version));
         }
         let shm = Mapping::new(&file, info.region_size).map_err(io_err(path))?;
@@ -354,7 +353,7 @@ impl DriverTransport {
             shm,
             peer_id,
             vectors: info.vectors,
-            abi_version: info.abi_version,
+            features: info.flags,
             region_size: info.region_size,
             waiters: Mutex::new(Vec::new()),
             holds: OnceLock::new(),
@@ -362,7 +361,7 @@ impl DriverTransport {
     }
 
     /// Whether the driver keeps this process's hold table, so that what it holds is
-    /// closed if it dies (docs/FORMAT.md §11b): ABI 2 and an attached namespace.
+    /// closed if it dies (docs/FORMAT.md §11b): `VSHM_INFO_TRACK` and an attached namespace.
     pub fn tracks_holds(&self) -> bool {
         self.holds.get().is_some()
     }
@@ -370,7 +369,7 @@ impl DriverTransport {
     /// Asks the driver for a hold table and maps it (`VSHM_IOC_TRACK`, then mmap at offset
     /// region_size).
     fn start_tracking(&self, place: &PeerPlace) -> io::Result<()> {
-        if self.abi_version < 2 {
+        if self.features & VSHM_INFO_TRACK == 0 {
             return Err(io::Error::from_raw_os_error(libc::ENOTTY));
         }
         let mut track = VshmTrack {
@@ -402,25 +401,35 @@ impl DriverTransport {
             |slot: ObjectSlot| u64::from(slot.raw()) * std::mem::size_of::<VshmHold>() as u64;
         match change {
             HoldChange::Taken(slot, generation) => {
-                mem.store_u64(
-                    entry(slot) + HOLD_GENERATION_OFF,
-                    generation.raw(),
-                    Ordering::Relaxed,
-                )?;
-                add_count(&mem, entry(slot) + HOLD_COUNT_OFF, true)
+                let at = entry(slot);
+                // Another object than the one counted (that hold was revoked, §11a, and the
+                // slot reused): the old count counts nothing of ours any more. Two threads
+                // racing here may count one handle too few: a leak to the VM's detach,
+                // never a close too many.
+                let counted = mem.load_u64(at + HOLD_GENERATION_OFF, Ordering::Relaxed)?;
+                if counted != generation.raw() {
+                    mem.store_u64(
+                        at + HOLD_GENERATION_OFF,
+                        generation.raw(),
+                        Ordering::Relaxed,
+                    )?;
+                    return mem.store_u32(at + HOLD_COUNT_OFF, 1, Ordering::Release);
+                }
+                add_count(&mem, at + HOLD_COUNT_OFF, true)
             }
             HoldChange::Releasing(slot) => add_count(&mem, entry(slot) + HOLD_COUNT_OFF, false),
             HoldChange::Owned(slot, generation, token) => {
+                let at = entry(slot);
                 mem.store_u64(
-                    entry(slot) + HOLD_GENERATION_OFF,
+                    at + HOLD_GENERATION_OFF,
                     generation.raw(),
                     Ordering::Relaxed,
                 )?;
-                mem.store_u32(entry(slot) + HOLD_OWNER_OFF, token, Ordering::Release)
+                mem.store_u32(at + HOLD_OWNER_OFF, token, Ordering::Release)
             }
-            HoldChange::Disowned(slot) => {
-                mem.store_u32(entry(slot) + HOLD_OWNER_OFF, 0, Ordering::Release)
-            }
+            HoldChange::Disowned(slot, token) => mem
+                .cas_u32(entry(slot) + HOLD_OWNER_OFF, token, 0)
+                .map(|_| ()),
         }
     }
 
@@ -516,7 +525,7 @@ impl Transport for DriverTransport {
     }
 
     fn track_holds(&self, place: &PeerPlace) {
-        // Without it (an ABI 1 driver, or a refusal) this process's handles are closed
+        // Without it (an older driver, or a refusal) this process's handles are closed
         // when it closes them or when the VM detaches, as over sysfs.
         let _ = self.start_tracking(place);
     }

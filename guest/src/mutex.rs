@@ -303,7 +303,12 @@ impl<'ns, T: Transport> Mutex<'ns, T> {
             && owner_token != token
             && !ns.transport().token_alive(owner_token)
         {
-            match self.request(op::UNLOCK, token)? {
+            // Naming the owner we saw: if the mutex moved on meanwhile (another releaser
+            // was first, and it went to someone else, or to us), the host does nothing.
+            let h = &self.handle;
+            let req = mailbox::unlock_on_behalf_request(h.slot, h.generation, token, owner_token);
+            let resp = ns.call(&req)?;
+            match Status::from_code(resp.status).ok_or(Error::BadResponse(resp.status, h.slot))? {
                 Status::Success | Status::MutantNotOwned => {}
                 s => return Err(s.into()),
             }
@@ -333,7 +338,7 @@ impl<'ns, T: Transport> Mutex<'ns, T> {
         // word, which the cleanup checks before it releases anything.
         if !self.held_by(me).unwrap_or(true) {
             ns.transport()
-                .hold_changed(HoldChange::Disowned(self.handle.slot));
+                .hold_changed(HoldChange::Disowned(self.handle.slot, token));
         }
         result
     }

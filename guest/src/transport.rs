@@ -198,9 +198,11 @@ pub enum HoldChange {
     Releasing(ObjectSlot),
     /// The thread `token` of this process now owns the mutex in (slot, generation).
     Owned(ObjectSlot, Generation, u32),
-    /// This process no longer owns the mutex in slot: after the unlock (a process that dies
-    /// before it is still named in the mutex, and the cleanup then looks at the owner word).
-    Disowned(ObjectSlot),
+    /// The thread `token` of this process no longer owns the mutex in slot: after the
+    /// unlock (a process that dies before it is still named in the mutex, and the cleanup
+    /// then looks at the owner word). Clears the record only if it still names `token`:
+    /// another thread of the process may own the mutex by now.
+    Disowned(ObjectSlot, u32),
 }
 
 /// Implements [`Transport`] for `$ty` by forwarding every method to `$inner`, an

@@ -10,8 +10,8 @@ use std::process::Command;
 
 use vshm::driver::{
     holds_len, VshmEvents, VshmHold, VshmInfo, VshmRing, VshmTrack, VSHM_ABI_VERSION,
-    VSHM_IOC_INFO, VSHM_IOC_KICK, VSHM_IOC_RING, VSHM_IOC_TRACK, VSHM_KERNEL_TOKEN,
-    VSHM_MAX_VECTORS,
+    VSHM_INFO_TRACK, VSHM_IOC_INFO, VSHM_IOC_KICK, VSHM_IOC_RING, VSHM_IOC_TRACK,
+    VSHM_KERNEL_TOKEN, VSHM_MAX_VECTORS,
 };
 use vshm::format::layout::{
     mutex_word, op, peer_state, refcell, Mailbox, Request, LEASE_CLOSED, LEASE_KEEP,
@@ -30,6 +30,7 @@ fn checks() -> Vec<(&'static str, u64)> {
     vec![
         ("VSHM_ABI_VERSION", u64::from(VSHM_ABI_VERSION)),
         ("VSHM_MAX_VECTORS", n(VSHM_MAX_VECTORS)),
+        ("VSHM_INFO_TRACK", u64::from(VSHM_INFO_TRACK)),
         ("sizeof(struct vshm_info)", n(size_of::<VshmInfo>())),
         ("sizeof(struct vshm_ring)", n(size_of::<VshmRing>())),
         ("sizeof(struct vshm_events)", n(size_of::<VshmEvents>())),
@@ -96,6 +97,7 @@ fn checks() -> Vec<(&'static str, u64)> {
         ("VSHM_MB_SLOT_OFF", n(offset_of!(Request, slot))),
         ("VSHM_MB_GENERATION_OFF", n(offset_of!(Request, generation))),
         ("VSHM_MB_SIZE_OFF", n(offset_of!(Request, size))),
+        ("VSHM_MB_MAX_SIZE_OFF", n(offset_of!(Request, max_size))),
         ("VSHM_MB_BODY_END", MB_AUDITED_SEQ_OFF),
         ("VSHM_MB_RESP_SEQ_OFF", MB_RESP_SEQ_OFF),
         ("VSHM_MB_STATUS_OFF", MB_RESPONSE_OFF + 8),

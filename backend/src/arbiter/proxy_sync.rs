@@ -293,7 +293,7 @@ impl<M: Backing> Arbiter<M> {
         if !self.proxy_holding(s, slot, generation) {
             return Status::InvalidHandle;
         }
-        match self.unlock(s, slot, generation, token) {
+        match self.unlock(s, slot, generation, token, None) {
             Ok(()) => Status::Success,
             Err((status, _)) => status,
         }
@@ -378,7 +378,7 @@ impl<M: Backing> Arbiter<M> {
             let (slot, generation) = (taken.slot, taken.generation);
             let _ = self.cancel(s, slot, generation, token);
             if self.proxy_owns(s, slot, token) {
-                let _ = self.unlock(s, slot, generation, token);
+                let _ = self.unlock(s, slot, generation, token, None);
             }
         }
         true

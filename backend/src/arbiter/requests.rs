@@ -213,7 +213,10 @@ impl<M: Backing> Arbiter<M> {
                 slot,
                 generation,
                 token,
-            } => self.unlock(peer, slot, generation, token).map(|()| slot),
+                presumed_dead,
+            } => self
+                .unlock(peer, slot, generation, token, presumed_dead)
+                .map(|()| slot),
             Command::Cancel {
                 slot,
                 generation,

@@ -208,16 +208,23 @@ impl<M: Backing> Arbiter<M> {
 
     /// UNLOCK: the owner (by slot; a token that differs is a process of the same peer
     /// releasing on behalf of a dead one: abandoned) hands the mutex to the next waiter.
+    /// `presumed_dead`: the owner such a request saw; if the word names another owner now
+    /// (the mutex moved on since), nothing is done — else a stale request would abandon a
+    /// live owner, or count as the new owner's own unlock.
     pub(super) fn unlock(
         &mut self,
         peer: PeerSlot,
         slot: ObjectSlot,
         generation: Generation,
         token: u32,
+        presumed_dead: Option<u32>,
     ) -> Answer<()> {
         self.mutex(slot, generation)?;
         let w = self.mutex_word(slot)?;
         if mutex_word::slot(w) != Some(peer) {
+            return Err((Status::MutantNotOwned, Some(slot)));
+        }
+        if presumed_dead.is_some_and(|dead| dead != mutex_word::token(w)) {
             return Err((Status::MutantNotOwned, Some(slot)));
         }
         if mutex_word::token(w) != token {

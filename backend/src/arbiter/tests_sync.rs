@@ -347,6 +347,55 @@ fn an_unlock_on_behalf_of_a_dead_process_of_the_same_peer_marks_it_abandoned() {
     assert_eq!(a.record_at(s).map(|r| r.abandoned), Some(1));
 }
 
+/// UNLOCK on behalf of a dead owner, naming the owner the poster saw.
+fn unlock_on_behalf(
+    a: &mut Arbiter<Region>,
+    id: u16,
+    m: &Response,
+    token: u32,
+    dead: u32,
+) -> Status {
+    let req = mailbox::unlock_on_behalf_request(
+        ObjectSlot(m.slot),
+        Generation(m.generation),
+        token,
+        dead,
+    );
+    status(&request(a, id, &req)).expect("a status")
+}
+
+#[test]
+fn a_stale_unlock_on_behalf_of_a_dead_owner_leaves_the_mutex_with_its_new_live_owner() {
+    let mut a = arbiter();
+    let m = held_mutex(&mut a, "m");
+    // Thread 100 of peer 1 owns it; threads 7 and 8 (also of peer 1) are queued.
+    assert_eq!(mutex_op(&mut a, 1, op::LOCK, &m, 100), Status::Success);
+    assert_eq!(mutex_op(&mut a, 1, op::LOCK, &m, 7), Status::Pending);
+    assert_eq!(mutex_op(&mut a, 1, op::LOCK, &m, 8), Status::Pending);
+    // 100 dies; the guest driver releases it on its behalf: abandoned, handed to 7.
+    assert_eq!(
+        unlock_on_behalf(&mut a, 1, &m, 0x3FFF_FFFF, 100),
+        Status::Success
+    );
+    assert_eq!(word(&a, &m) & mutex_word::OWNER, owner(1, 7));
+    // Thread 8 saw 100 dead too and posts its own release on 100's behalf, late: the
+    // mutex moved on, so nothing happens to 7 ...
+    assert_eq!(
+        unlock_on_behalf(&mut a, 1, &m, 8, 100),
+        Status::MutantNotOwned
+    );
+    assert_eq!(word(&a, &m) & mutex_word::OWNER, owner(1, 7));
+    // ... and had it been handed to 8 itself, its stale request would not count as 8's
+    // own unlock either.
+    assert_eq!(mutex_op(&mut a, 1, op::UNLOCK, &m, 7), Status::Success);
+    assert_eq!(word(&a, &m) & mutex_word::OWNER, owner(1, 8));
+    assert_eq!(
+        unlock_on_behalf(&mut a, 1, &m, 8, 100),
+        Status::MutantNotOwned
+    );
+    assert_eq!(word(&a, &m) & mutex_word::OWNER, owner(1, 8));
+}
+
 #[test]
 fn a_cancelled_waiter_is_skipped() {
     let mut a = arbiter();

@@ -66,7 +66,8 @@ pub enum Command<'a> {
         /// The caller's non-zero token (its thread id).
         token: u32,
     },
-    /// Release a mutex with queued waiters (the host hands it over).
+    /// Release a mutex with queued waiters (the host hands it over), or, on behalf of a
+    /// dead owner of the same peer, as abandoned.
     Unlock {
         /// Slot.
         slot: ObjectSlot,
@@ -74,6 +75,10 @@ pub enum Command<'a> {
         generation: Generation,
         /// The caller's token.
         token: u32,
+        /// On behalf of a dead owner: the owner token the caller saw in the owner word
+        /// (`max_size`); the host acts only if the word still names it. `None` (0): the
+        /// caller's own unlock.
+        presumed_dead: Option<u32>,
     },
     /// Leave a mutex's queue.
     Cancel {
@@ -185,6 +190,11 @@ pub fn decode<'a>(req: &'a Request, layout: &Layout) -> Result<Command<'a>, Stat
                     slot,
                     generation,
                     token,
+                    presumed_dead: match u32::try_from(req.max_size) {
+                        Ok(0) => None,
+                        Ok(t) => Some(t),
+                        Err(_) => return Err(Status::InvalidParameter),
+                    },
                 },
                 _ => Command::Cancel {
                     slot,
@@ -261,6 +271,20 @@ pub fn mutex_request(op: u32, slot: ObjectSlot, generation: Generation, token: u
     r.slot = slot.0;
     r.generation = generation.0;
     r.size = u64::from(token);
+    r
+}
+
+/// Builds an UNLOCK of the mutex in (`slot`, `generation`) on behalf of its owner
+/// `dead_owner`, a thread of this peer known dead: the host releases it as abandoned if the
+/// owner word still names that token (docs/FORMAT.md §6a).
+pub fn unlock_on_behalf_request(
+    slot: ObjectSlot,
+    generation: Generation,
+    token: u32,
+    dead_owner: u32,
+) -> Request {
+    let mut r = mutex_request(op::UNLOCK, slot, generation, token);
+    r.max_size = u64::from(dead_owner);
     r
 }
 
