@@ -446,7 +446,9 @@ impl InProcess {
 /// A request on (slot, generation) of `held`.
 fn on(op: u32, held: &vshm_format::layout::Response, size: u64) -> vshm_format::layout::Request {
     let mut r = named(op, "x", 0);
+    // Fields an op does not use are 0 (an UNLOCK's `max_size` names a dead owner).
     r.name_len = 0;
+    r.max_size = 0;
     r.slot = held.slot;
     r.generation = held.generation;
     r.size = size;

@@ -884,15 +884,26 @@ impl Daemon {
         }
         self.arbiter.count_doorbell();
         let answered = self.arbiter.answer_pending(id);
-        self.arbiter.heal_soon();
-        self.arbiter.sweep();
+        let only_a_request =
+            answered.is_some() && vector == usize::from(VECTOR_CONTROL) && value == 1;
         if let Some(a) = answered {
-            // Durable before the peer can act on it (no-op without --fd-store).
+            // The peer is waiting for this: answer before the housekeeping below, which
+            // does not change the answer. Durable before the peer can act on it (no-op
+            // without --fd-store).
             self.journal();
             self.journaled = true;
             if self.arbiter.deliver(&a) {
                 self.server.notify(id, usize::from(VECTOR_CONTROL));
             }
+        }
+        self.arbiter.heal_soon();
+        // A ring on vector 0 is a request or a last close (vector 1: an acknowledgement),
+        // and the eventfd adds rings up: a single ring that carried the request just
+        // answered closed nothing, so the sweep (a look at every live object's lease word)
+        // is skipped for it. The timer sweeps anyway.
+        if !only_a_request && self.arbiter.sweep() > 0 {
+            // What it destroyed is journaled at the end of this dispatch.
+            self.journaled = false;
         }
     }
 }
