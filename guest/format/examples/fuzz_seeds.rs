@@ -60,6 +60,12 @@ fn superblocks(dir: &Path) -> Result<()> {
         let mut bad = sb;
         bad.heap_size -= 4096;
         write(dir, &format!("short-heap-{i}"), bytes_of(&bad))?;
+        let mut bad = sb;
+        bad.index_offset += 64;
+        write(dir, &format!("moved-name-index-{i}"), bytes_of(&bad))?;
+        let mut bad = sb;
+        bad.index_slots /= 2;
+        write(dir, &format!("half-name-index-{i}"), bytes_of(&bad))?;
     }
     Ok(())
 }
