@@ -238,17 +238,18 @@ impl HostIndex {
         let seq = mem.load_u64(layout.index_seq(), Ordering::Acquire)?;
         let mut reserved = [0u8; INDEX_RESERVED_LEN];
         mem.read_bytes(layout.index_seq() + 8, &mut reserved)?;
-        let mut first = None;
-        for (pos, &w) in (0..layout.index_slots).zip(&self.words) {
-            let off = layout.index_entry(pos).ok_or(Fault::OutOfBounds {
-                offset: u64::from(pos),
-                len: 0,
-            })?;
-            if mem.load_u64(off, Ordering::Relaxed)? != w {
-                first = Some(pos);
-                break;
-            }
-        }
+        // One volatile copy of all entries, compared with the mirror (a torn copy of an
+        // entry being scribbled only differs, and then the index is rewritten anyway).
+        let start = layout.index_entry(0).ok_or(Fault::OutOfBounds {
+            offset: layout.index_table,
+            len: 0,
+        })?;
+        let mut copy = std::vec![0u8; self.words.len() * 8];
+        mem.read_bytes(start, &mut copy)?;
+        let first = (0u32..)
+            .zip(copy.chunks_exact(8).zip(&self.words))
+            .find(|(_, (b, &w))| **b != w.to_le_bytes())
+            .map(|(pos, _)| pos);
         let header_ok = seq == self.seq && reserved.iter().all(|&b| b == 0);
         if header_ok && first.is_none() {
             return Ok(None);
