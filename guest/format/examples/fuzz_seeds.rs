@@ -29,6 +29,7 @@ fn main() -> Result<()> {
     entries(&out.join("entry"))?;
     requests(&out.join("request"))?;
     blocks(&out.join("blocks"))?;
+    lookup(&out.join("lookup"))?;
     arbiter(&out.join("arbiter"))?;
     Ok(())
 }
@@ -46,6 +47,37 @@ fn layouts() -> [Layout; 3] {
         l(64 << 20, 32, 1024, 2, 4096),
         l(1 << 30, 62, 65_536, 64, 2 << 20),
     ]
+}
+
+/// The `lookup` target's input: the sequence word, then the 16 entries of the small
+/// layout's index, for its fixed objects "a" (slot 0), "b" (slot 3) and "c" (slot 7).
+fn lookup(dir: &Path) -> Result<()> {
+    let l = layouts()[0];
+    let mut clean = vec![0u64; l.index_slots as usize];
+    for (name, slot) in [("a", 0), ("b", 3), ("c", 7)] {
+        let h = name_hash(name.as_bytes());
+        let pos = vshm_format::index::free_position(&clean, h).ok_or("index full")?;
+        clean[pos as usize] = vshm_format::index::entry(h, ObjectSlot(slot));
+    }
+    let bytes = |seq: u64, words: &[u64]| -> Vec<u8> {
+        let mut b = seq.to_le_bytes().to_vec();
+        for w in words {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        b
+    };
+    write(dir, "clean", &bytes(0, &clean))?;
+    write(dir, "odd-seq", &bytes(7, &clean))?;
+    write(dir, "all-empty", &bytes(2, &vec![0; clean.len()]))?;
+    write(
+        dir,
+        "no-empty",
+        &bytes(2, &vec![0x1234_5678_0000_0009; clean.len()]),
+    )?;
+    let mut swapped = clean.clone();
+    swapped.reverse();
+    write(dir, "misplaced", &bytes(4, &swapped))?;
+    Ok(())
 }
 
 fn superblocks(dir: &Path) -> Result<()> {
