@@ -234,10 +234,10 @@ pub fn read_object<M: SharedMemory + ?Sized>(
 /// Finds the LIVE, not yet closed object called `name` (any kind), through the name index
 /// (FORMAT.md §5a): O(1) whatever the table holds. Invalid entries are skipped: a scribbled
 /// entry (or index) can hide a name but cannot make a reader misbehave. If nothing matched
-/// but a candidate was skipped because the host kept it busy, or the index kept changing,
-/// the answer is `Err(EntryError::Busy)` (look again) rather than "not found". An index
-/// that cannot answer ([`index::Probe::Inconclusive`]) is bypassed with
-/// [`scan_by_name`].
+/// but a candidate was skipped because the host kept it busy, the answer is
+/// `Err(EntryError::Busy)` (look again) rather than "not found". An index that cannot
+/// answer ([`index::Probe::Inconclusive`]: its sequence word kept moving or stayed odd, or
+/// it has no EMPTY entry) is bypassed with [`scan_by_name`].
 pub fn find_by_name<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
