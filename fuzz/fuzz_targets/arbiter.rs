@@ -8,15 +8,18 @@
 //! arbiter's layout; every peer entry validates and the peer table shows exactly the
 //! connected peers in their slots; every object entry validates and agrees with the
 //! arbiter's private record (FREE exactly where it has none, else the
-//! record's generation and kind).
+//! record's generation and kind), and every LIVE, open name is found by name (the healed
+//! name index).
 //!
 //! Input: a sequence of steps, each an opcode byte and its operands (see `step`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use std::sync::atomic::Ordering;
 use vshm_backend::arbiter::Arbiter;
 use vshm_backend::region::Region;
-use vshm_format::layout::{kind, op, Layout, Request, Superblock};
+
+use vshm_format::layout::{kind, op, Layout, Request, Superblock, LEASE_CLOSED, OBJ_LEASE_OFF};
 use vshm_format::lease;
 use vshm_format::mailbox;
 use vshm_format::object;
@@ -256,6 +259,21 @@ impl World {
                     assert_eq!(info.kind, r.kind, "slot {}", slot.0);
                     assert_eq!(info.offset, r.offset, "slot {}", slot.0);
                     assert_eq!(info.max_size, r.max_size, "slot {}", slot.0);
+                    // A LIVE, open name is found by name: the healed name index has it.
+                    let lease = layout
+                        .object_entry(slot)
+                        .and_then(|b| mem.load_u64(b + OBJ_LEASE_OFF, Ordering::SeqCst).ok())
+                        .unwrap_or(LEASE_CLOSED);
+                    if let (Some(n), false) = (&r.name, r.unlinked) {
+                        if lease & LEASE_CLOSED == 0 {
+                            let found = object::find_by_name(mem, &layout, n);
+                            assert_eq!(
+                                found.map(|o| o.map(|i| i.slot)),
+                                Ok(Some(slot)),
+                                "{n:?} by name after heal + sweep"
+                            );
+                        }
+                    }
                 }
                 (read, record) => panic!(
                     "object slot {} after heal + sweep: entry {read:?}, record {record:?}",

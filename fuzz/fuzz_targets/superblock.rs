@@ -98,6 +98,17 @@ fn check(sb: &Superblock, l: &Layout, mapped: u64) {
     assert!(last + mb <= l.heap_offset);
     assert_eq!(l.mailbox(PeerSlot(l.max_peers)), None);
 
+    // Name index (FORMAT.md §5a): after the mailboxes, 64-aligned, a power of two of at
+    // least twice max_objects entries, the last one before the heap.
+    assert!(last + mb <= l.index_table);
+    assert_eq!(l.index_table % 64, 0);
+    assert!(l.index_slots.is_power_of_two());
+    assert!(u64::from(l.index_slots) >= 2 * u64::from(l.max_objects));
+    assert_eq!(l.index_seq(), l.index_table);
+    let end = l.index_entry(l.index_slots - 1).expect("last index entry") + 8;
+    assert!(end <= l.heap_offset);
+    assert_eq!(l.index_entry(l.index_slots), None);
+
     // Heap: aligned, at least one page, ends at the region's end.
     assert_eq!(l.heap_offset % l.alignment, 0);
     assert!(l.heap_size >= l.alignment);

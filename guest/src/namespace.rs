@@ -189,6 +189,8 @@ impl<T: Transport> Namespace<T> {
             refcount_table: 0,
             refcount_row_size: 0,
             mailbox_table: 0,
+            index_table: 0,
+            index_slots: 0,
             heap_offset: 0,
             heap_size: 0,
         };

@@ -104,7 +104,14 @@ fn freestanding_step() -> Step {
 /// Seconds each fuzz target runs in the `fuzz` step (FUZZ_SECONDS overrides).
 const FUZZ_SECONDS: &str = "10";
 /// The cargo-fuzz targets (fuzz/Cargo.toml), run in this order.
-const FUZZ_TARGETS: &[&str] = &["superblock", "entry", "request", "blocks", "arbiter"];
+const FUZZ_TARGETS: &[&str] = &[
+    "superblock",
+    "entry",
+    "request",
+    "blocks",
+    "lookup",
+    "arbiter",
+];
 
 /// Every fuzz target for a short fixed time, from its committed seeds, with the nightly
 /// toolchain and debug assertions (overflow checks). One shell command so the step shows

@@ -40,6 +40,10 @@ pub struct SuperblockSummary {
     pub refcount_table_offset: u64,
     /// Mailboxes offset.
     pub mailbox_table_offset: u64,
+    /// Name index offset (format version 3).
+    pub index_offset: u64,
+    /// Name index entries.
+    pub index_slots: u32,
     /// Heap offset.
     pub heap_offset: u64,
     /// Heap size.
@@ -73,6 +77,8 @@ pub fn summarize(sb: &Superblock) -> SuperblockSummary {
         object_table_offset: sb.object_table_offset,
         refcount_table_offset: sb.refcount_table_offset,
         mailbox_table_offset: sb.mailbox_table_offset,
+        index_offset: sb.index_offset,
+        index_slots: sb.index_slots,
         heap_offset: sb.heap_offset,
         heap_size: sb.heap_size,
         namespace_seq: sb.namespace_seq,

@@ -1,5 +1,6 @@
 //! Healing: vshmd owns what it publishes. `heal` compares the host-written parts of the
-//! header — the superblock, the peer table and every object entry (FREE slots included) —
+//! header — the superblock, the peer table, every object entry (FREE slots included) and
+//! the name index —
 //! with what the private records say they must be, rewrites what differs, and counts and
 //! reports each repair. Any party can write any byte of the region (ivshmem has no memory
 //! protection), so a peer scribbling once over the header must not break the namespace for
@@ -11,7 +12,8 @@
 //! rows and mailboxes — and the heap.
 //!
 //! Cost: one volatile copy of each structure (256 + 64 × `max_peers` + 1280 ×
-//! `max_objects` bytes: 1.3 MiB for 1024 objects) and a byte compare; a rewrite only where
+//! `max_objects` bytes: 1.3 MiB for 1024 objects; and the name index, 8 bytes per entry,
+//! compared with the host's mirror word by word) and a byte compare; a rewrite only where
 //! something differs, so a clean region is never written.
 
 use std::mem::offset_of;
@@ -40,11 +42,13 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// then every 20 ms); the 200 ms timer heals regardless.
 const DOORBELL_HEAL_GAP: Duration = Duration::from_millis(20);
 
-/// Superblock, peer table, object table: the structures reports are rate-limited by.
-const STRUCTURES: usize = 3;
+/// Superblock, peer table, object table, name index: the structures reports are
+/// rate-limited by.
+const STRUCTURES: usize = 4;
 const SUPERBLOCK: usize = 0;
 const PEER_TABLE: usize = 1;
 const OBJECT_TABLE: usize = 2;
+const NAME_INDEX: usize = 3;
 
 const SB_SIZE: usize = size_of::<Superblock>();
 const SB_VERSION: usize = const_usize(SB_VERSION_OFF);
@@ -66,6 +70,8 @@ pub struct HealReport {
     pub peer_slots: Vec<PeerSlot>,
     /// Object entries rewritten (a FREE slot gets the canonical FREE image).
     pub object_slots: Vec<ObjectSlot>,
+    /// The name index differed from the host's mirror and was rewritten (FORMAT.md §5a).
+    pub index: bool,
 }
 
 impl HealReport {
@@ -75,6 +81,7 @@ impl HealReport {
             + u64::from(self.namespace_seq)
             + self.peer_slots.len() as u64
             + self.object_slots.len() as u64
+            + u64::from(self.index)
     }
 
     /// Nothing differed.
@@ -143,6 +150,7 @@ impl<M: Backing> Arbiter<M> {
         self.heal_superblock(&mut report, &mut found[SUPERBLOCK]);
         self.heal_peers(&mut report, &mut found[PEER_TABLE]);
         self.heal_objects(&mut report, &mut found[OBJECT_TABLE]);
+        self.heal_index(&mut report, &mut found[NAME_INDEX]);
         // Every value published so far, ours included (each rewrite above bumped it).
         if let Ok(now) = self.mem.load_u64(SB_NAMESPACE_SEQ_OFF, Ordering::Acquire) {
             self.heal.namespace_seq = self.heal.namespace_seq.max(now);
@@ -325,6 +333,21 @@ impl<M: Backing> Arbiter<M> {
                 )
             });
         }
+    }
+
+    /// The name index: its sequence word, reserved bytes and every entry must be what the
+    /// mirror says; anything else is rewritten from the mirror under the sequence word
+    /// (FORMAT.md §5a), which moves past both the host's value and whatever is there.
+    fn heal_index(&mut self, report: &mut HealReport, found: &mut Found) {
+        let Ok(Some(first)) = self.index.heal(&self.mem, &self.layout) else {
+            return;
+        };
+        report.index = true;
+        let at = match first.and_then(|p| self.layout.index_entry(p).map(|o| (p, o))) {
+            Some((p, off)) => format!("name index entry {p} {}", range(off, 8)),
+            None => format!("name index header {}", range(self.layout.index_table, 64)),
+        };
+        found.add(|| at);
     }
 
     /// Emits one `repaired` event for structure `which` if it found something and none was

@@ -311,6 +311,9 @@ pub struct Arbiter<M: Backing> {
     objects: Vec<Option<Record>>,
     free_slots: BTreeSet<ObjectSlot>,
     names: HashMap<String, ObjectSlot>,
+    /// The host's mirror of the name index it publishes (FORMAT.md §5a): every LIVE
+    /// named record has its entry there.
+    index: vshm_format::index::HostIndex,
     heap: crate::heap::Heap,
     peers: Vec<PeerRecord>,
     next_generation: Generation,
@@ -377,6 +380,8 @@ impl<M: Backing> Arbiter<M> {
             objects: vec![None; max_objects],
             free_slots: (0..layout.max_objects).map(ObjectSlot).collect(),
             names: HashMap::new(),
+            // The zeroed header is an empty index (all EMPTY, sequence 0).
+            index: vshm_format::index::HostIndex::new(&layout),
             peers: vec![PeerRecord::default(); layout.max_peers as usize],
             next_generation: Generation(1),
             counters: Counters::default(),
@@ -432,6 +437,48 @@ impl<M: Backing> Arbiter<M> {
             .zip(self.objects.iter())
             .filter(|(_, r)| r.is_some())
             .map(|(i, _)| i)
+    }
+
+    /// Adds `name` in `slot` to the published name index (before its entry is published
+    /// LIVE, FORMAT.md §5a).
+    fn index_insert(&mut self, name: &str, slot: ObjectSlot) -> Result<(), Fault> {
+        let hash = vshm_format::name_hash(name.as_bytes());
+        self.index.insert(&self.mem, &self.layout, hash, slot)
+    }
+
+    /// Removes `name` in `slot` from the published name index (after its entry stopped
+    /// being LIVE, FORMAT.md §5a).
+    fn index_remove(&mut self, name: &str, slot: ObjectSlot) {
+        let hash = vshm_format::name_hash(name.as_bytes());
+        let _ = self.index.remove(&self.mem, &self.layout, hash, slot);
+    }
+
+    /// The (hash, slot) pairs the name index must hold: every LIVE named record.
+    fn indexed_names(&self) -> Vec<(u32, ObjectSlot)> {
+        self.object_slots()
+            .zip(self.objects.iter())
+            .filter_map(|(slot, r)| {
+                let r = r.as_ref().filter(|r| !r.unlinked)?;
+                let name = r.name.as_deref()?;
+                Some((vshm_format::name_hash(name.as_bytes()), slot))
+            })
+            .collect()
+    }
+
+    /// The published name index if it indexes exactly the records (after a takeover or a
+    /// crash), else a fresh one the next heal publishes. Returns whether it adopted.
+    fn adopt_index(&mut self) -> bool {
+        let live = self.indexed_names();
+        match vshm_format::index::HostIndex::adopt(&self.mem, &self.layout, &live) {
+            Some(ix) => {
+                self.index = ix;
+                true
+            }
+            None => {
+                self.index = vshm_format::index::HostIndex::build(&self.layout, live);
+                false
+            }
+        }
     }
 
     fn lease_off(&self, slot: ObjectSlot) -> Option<u64> {

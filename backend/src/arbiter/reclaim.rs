@@ -178,6 +178,10 @@ impl<M: Backing> Arbiter<M> {
                 .mem
                 .store_u64(base + OBJ_LEASE_OFF, LEASE_CLOSED, Ordering::SeqCst);
         }
+        // Published FREE: a name still LIVE until now leaves the index.
+        if let (Some(n), false) = (&rec.name, rec.unlinked) {
+            self.index_remove(n, slot);
+        }
         if let Ok(n) = sync::signal_seq(&self.mem, &self.layout, slot) {
             if rec.kind == kind::EVENT {
                 self.counters.retired_signals = self.counters.retired_signals.wrapping_add(n);

@@ -247,6 +247,9 @@ impl<M: Backing> Arbiter<M> {
         });
         self.free_slots.remove(&slot);
         if let (Some(n), false) = (name, unlinked) {
+            // Its CREATE indexed it before publishing; the mirror learns it now (and if
+            // the region's index differs, the next heal rewrites it).
+            let _ = self.index_insert(&n, slot);
             self.names.insert(n, slot);
         }
         self.next_generation = Generation(g + 1);

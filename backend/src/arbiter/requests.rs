@@ -357,16 +357,26 @@ impl<M: Backing> Arbiter<M> {
             entry.flags |= object_flags::MANUAL_RESET;
         }
         // The slot may have held an event or a mutex: its sync words start from zero,
-        // stored before the entry is published (like the lease word).
-        let published = self
-            .lease_off(slot)
-            .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })
+        // stored before the entry is published (like the lease word). The name goes into
+        // the index before the entry is LIVE, so every LIVE name is indexed (FORMAT §5a).
+        let indexed = match name {
+            Some(n) => self.index_insert(n, slot),
+            None => Ok(()),
+        };
+        let published = indexed
+            .and_then(|()| {
+                self.lease_off(slot)
+                    .ok_or(Fault::OutOfBounds { offset: 0, len: 0 })
+            })
             .and_then(|l| {
                 sync::reset_words(&self.mem, &self.layout, slot)?;
                 self.mem.store_u64(l, lease, Ordering::SeqCst)
             })
             .and_then(|()| object::publish(&self.mem, &self.layout, slot, &entry));
         if published.is_err() {
+            if let Some(n) = name {
+                self.index_remove(n, slot);
+            }
             if reserved > 0 {
                 self.heap.release(offset, reserved);
             }
@@ -473,6 +483,10 @@ impl<M: Backing> Arbiter<M> {
             self.names.remove(n);
         }
         let _ = self.publish_record(slot);
+        // Published UNLINKED: now the name may leave the index.
+        if let Some(n) = &name {
+            self.index_remove(n, slot);
+        }
         if let Some(lease) = self.lease_off(slot) {
             if let Ok(prev) = self.mem.fetch_and_u64(lease, !LEASE_KEEP) {
                 let _ = close_if_unheld(&self.mem, lease, prev & !LEASE_KEEP);

@@ -230,6 +230,8 @@ pub struct HeaderCheck {
     pub objects_differ: u32,
     /// Peer entries that do not show their record.
     pub peers_differ: u32,
+    /// The published name index does not index exactly the records (1) or does (0).
+    pub index_differs: u32,
 }
 
 impl<M: Backing> Arbiter<M> {
@@ -524,6 +526,7 @@ impl<M: Backing> Arbiter<M> {
             objects,
             free_slots,
             names,
+            index: vshm_format::index::HostIndex::new(&layout),
             peers,
             next_generation: Generation(snap.next_generation),
             counters: snap.counters,
@@ -542,7 +545,10 @@ impl<M: Backing> Arbiter<M> {
             proxy_watch: std::collections::BTreeMap::new(),
             proxy_due: true,
         };
-        let check = arbiter.check_header();
+        let mut arbiter = arbiter;
+        let adopted = arbiter.adopt_index();
+        let mut check = arbiter.check_header();
+        check.index_differs = u32::from(!adopted);
         Ok((arbiter, check))
     }
 

@@ -171,10 +171,13 @@ fn a_forged_live_entry_in_a_free_slot_is_erased_to_the_free_image() {
     a.mem()
         .store_u64(base + OBJ_SIGNAL_SEQ_OFF, 3, Ordering::SeqCst)
         .expect("sync word");
-    assert!(object::find_by_name(a.mem(), &l, "forged")
+    // The name index does not know it (only the host writes the index), but a scan does.
+    assert_eq!(object::find_by_name(a.mem(), &l, "forged"), Ok(None));
+    assert!(object::scan_by_name(a.mem(), &l, "forged")
         .expect("scan")
         .is_some());
     assert_eq!(a.heal().object_slots, vec![forged]);
+    assert_eq!(object::scan_by_name(a.mem(), &l, "forged"), Ok(None));
     assert_eq!(object::find_by_name(a.mem(), &l, "forged"), Ok(None));
     assert!(
         acquire(a.mem(), &l, PeerSlot(2), forged, Generation(99), false).is_err(),
@@ -252,4 +255,82 @@ fn a_scribbler_in_a_loop_is_counted_every_time_but_reported_once_a_second() {
     }
     assert_eq!(a.counters().heals, 5);
     assert_eq!(repaired_details(&mut a).len(), 1);
+}
+
+#[test]
+fn a_scribbled_name_index_is_rewritten_from_the_records_and_lookups_work_again() {
+    let mut a = arbiter();
+    let names: Vec<String> = (0..6).map(|i| format!("ix{i}")).collect();
+    for n in &names {
+        create(&mut a, PeerId(1), n, true);
+    }
+    let l = *a.layout();
+    assert!(a.heal().is_clean());
+    // A peer overwrites the whole index: EMPTY everywhere, and an odd sequence word.
+    for pos in 0..l.index_slots {
+        vshm_format::index::store_entry(a.mem(), &l, pos, 0).expect("scribble");
+    }
+    a.mem()
+        .store_u64(l.index_seq(), 41, Ordering::SeqCst)
+        .expect("scribble seq");
+    // Lookups are not misled: an odd sequence word sends them to the scan.
+    for n in &names {
+        assert!(object::find_by_name(a.mem(), &l, n)
+            .expect("lookup")
+            .is_some());
+    }
+    // With an even one, the index says "not found": a scribble can hide names...
+    a.mem()
+        .store_u64(l.index_seq(), 42, Ordering::SeqCst)
+        .expect("scribble seq");
+    assert_eq!(object::find_by_name(a.mem(), &l, &names[0]), Ok(None));
+    // ...until the next heal puts the index back, past the scribbled sequence value.
+    let r = a.heal();
+    assert!(r.index && r.object_slots.is_empty(), "{r:?}");
+    assert!(object::namespace_seq(a.mem()).is_ok());
+    let seq = a
+        .mem()
+        .load_u64(l.index_seq(), Ordering::SeqCst)
+        .expect("seq");
+    assert!(seq > 42 && seq % 2 == 0, "{seq}");
+    for n in &names {
+        assert!(
+            object::find_by_name(a.mem(), &l, n)
+                .expect("lookup")
+                .is_some(),
+            "{n}"
+        );
+    }
+    assert!(a.heal().is_clean(), "clean once healed");
+    assert!(a.counters().heals >= 1);
+}
+
+#[test]
+fn deleted_and_destroyed_names_leave_the_index_and_new_ones_enter_it() {
+    let mut a = arbiter();
+    let l = *a.layout();
+    let keep = create(&mut a, PeerId(1), "keep", true);
+    let gone = create(&mut a, PeerId(1), "gone", true);
+    assert!(object::find_by_name(a.mem(), &l, "gone")
+        .expect("lookup")
+        .is_some());
+    assert_eq!(
+        a.delete_by_name("gone"),
+        Ok(()),
+        "deleted by the host's own authority"
+    );
+    assert_eq!(object::find_by_name(a.mem(), &l, "gone"), Ok(None));
+    let again = create(&mut a, PeerId(1), "gone", true);
+    let found = object::find_by_name(a.mem(), &l, "gone")
+        .expect("lookup")
+        .expect("found");
+    assert_eq!(
+        (found.slot.raw(), found.generation.raw()),
+        (again.slot, again.generation)
+    );
+    assert_ne!(again.generation, gone.generation);
+    assert!(object::find_by_name(a.mem(), &l, "keep")
+        .expect("lookup")
+        .is_some_and(|i| i.slot.raw() == keep.slot));
+    assert!(a.heal().is_clean(), "the published index is the mirror");
 }

@@ -518,12 +518,13 @@ impl Daemon {
         let taken = TakenOver {
             from_pid: state.pid,
             peers: server.clients().count(),
-            differ: check.objects_differ + check.peers_differ,
+            differ: check.objects_differ + check.peers_differ + check.index_differs,
         };
         if taken.differ > 0 {
             tracing::warn!(
                 objects = check.objects_differ,
                 peers = check.peers_differ,
+                index = check.index_differs,
                 "header entries differ from the handed-over records; heal rewrites them"
             );
         }

@@ -29,6 +29,7 @@ fn main() -> Result<()> {
     entries(&out.join("entry"))?;
     requests(&out.join("request"))?;
     blocks(&out.join("blocks"))?;
+    lookup(&out.join("lookup"))?;
     arbiter(&out.join("arbiter"))?;
     Ok(())
 }
@@ -48,6 +49,37 @@ fn layouts() -> [Layout; 3] {
     ]
 }
 
+/// The `lookup` target's input: the sequence word, then the 16 entries of the small
+/// layout's index, for its fixed objects "a" (slot 0), "b" (slot 3) and "c" (slot 7).
+fn lookup(dir: &Path) -> Result<()> {
+    let l = layouts()[0];
+    let mut clean = vec![0u64; l.index_slots as usize];
+    for (name, slot) in [("a", 0), ("b", 3), ("c", 7)] {
+        let h = name_hash(name.as_bytes());
+        let pos = vshm_format::index::free_position(&clean, h).ok_or("index full")?;
+        clean[pos as usize] = vshm_format::index::entry(h, ObjectSlot(slot));
+    }
+    let bytes = |seq: u64, words: &[u64]| -> Vec<u8> {
+        let mut b = seq.to_le_bytes().to_vec();
+        for w in words {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        b
+    };
+    write(dir, "clean", &bytes(0, &clean))?;
+    write(dir, "odd-seq", &bytes(7, &clean))?;
+    write(dir, "all-empty", &bytes(2, &vec![0; clean.len()]))?;
+    write(
+        dir,
+        "no-empty",
+        &bytes(2, &vec![0x1234_5678_0000_0009; clean.len()]),
+    )?;
+    let mut swapped = clean.clone();
+    swapped.reverse();
+    write(dir, "misplaced", &bytes(4, &swapped))?;
+    Ok(())
+}
+
 fn superblocks(dir: &Path) -> Result<()> {
     for (i, l) in layouts().iter().enumerate() {
         let mut sb = l.superblock(7, [1; 16]);
@@ -60,6 +92,12 @@ fn superblocks(dir: &Path) -> Result<()> {
         let mut bad = sb;
         bad.heap_size -= 4096;
         write(dir, &format!("short-heap-{i}"), bytes_of(&bad))?;
+        let mut bad = sb;
+        bad.index_offset += 64;
+        write(dir, &format!("moved-name-index-{i}"), bytes_of(&bad))?;
+        let mut bad = sb;
+        bad.index_slots /= 2;
+        write(dir, &format!("half-name-index-{i}"), bytes_of(&bad))?;
     }
     Ok(())
 }

@@ -20,7 +20,7 @@ pub use placement::{Layout, LayoutError};
 /// `b"VSHMAREA"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"VSHMAREA");
 /// The format version this crate reads and writes. Written last by the backend.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Longest name, in Unicode scalar values (Rtk: 260 characters).
 pub const MAX_NAME_CHARS: usize = 260;
@@ -117,8 +117,14 @@ pub struct Superblock {
     pub quarantine_ms: u32,
     /// Reserved, 0.
     pub reserved0: u32,
+    /// Offset of the name index ([`crate::index`]; version 3).
+    pub index_offset: u64,
+    /// Entries in the name index: [`crate::index::index_slots`] of `max_objects`.
+    pub index_slots: u32,
+    /// Stride of a name-index entry ([`crate::index::INDEX_ENTRY_SIZE`], 8).
+    pub index_entry_size: u32,
     /// Reserved, 0.
-    pub reserved: [u8; 96],
+    pub reserved: [u8; 80],
 }
 
 /// Offset of [`Superblock::version`].
@@ -140,6 +146,10 @@ const _: () = assert!(offset_of!(Superblock, peer_entry_size) == 120);
 const _: () = assert!(offset_of!(Superblock, namespace_seq) == 136);
 const _: () = assert!(offset_of!(Superblock, revoke_seq) == 144);
 const _: () = assert!(offset_of!(Superblock, quarantine_ms) == 152);
+const _: () = assert!(offset_of!(Superblock, index_offset) == 160);
+const _: () = assert!(offset_of!(Superblock, index_slots) == 168);
+const _: () = assert!(offset_of!(Superblock, index_entry_size) == 172);
+const _: () = assert!(offset_of!(Superblock, reserved) == 176);
 
 /// Peer table entry states.
 pub mod peer_state {

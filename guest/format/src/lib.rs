@@ -3,7 +3,7 @@
 //! Everything two parties must agree on to share a vshm region lives here, with no
 //! dependency on sockets, PCI or an operating system (`no_std`): the byte-exact layout
 //! ([`layout`]), NTSTATUS codes ([`Status`]), name rules ([`name`]), checked volatile access
-//! ([`shm`]), object-table snapshots ([`object`]), the peer table ([`peer`]), the lock-free open/close protocol
+//! ([`shm`]), object-table snapshots ([`object`]), the name index ([`index`]), the peer table ([`peer`]), the lock-free open/close protocol
 //! ([`lease`]), the request mailboxes ([`mailbox`]), revocation and quarantine ([`revoke`]), the block allocator inside a section
 //! ([`blocks`]), the SPSC byte ring inside a section ([`ring`]) and the numbers of the vshm virtio device ([`virtio`]). docs/FORMAT.md is the prose spec.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
@@ -11,6 +11,7 @@
 
 pub mod blocks;
 pub mod ids;
+pub mod index;
 pub mod layout;
 pub mod lease;
 pub mod mailbox;

@@ -6,6 +6,7 @@
 use core::sync::atomic::{fence, Ordering};
 
 use crate::ids::{Generation, ObjectSlot, PeerId, RegionOffset};
+use crate::index;
 use crate::layout::{
     const_usize, kind, object_flags, object_state, Layout, ObjectEntry, LEASE_CLOSED,
     MAX_NAME_BYTES, OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_NAME_OFF, OBJ_SEQ_OFF,
@@ -230,58 +231,89 @@ pub fn read_object<M: SharedMemory + ?Sized>(
     validate(layout, slot, &e)
 }
 
-/// Finds the LIVE, not yet closed object called `name` (any kind). Invalid entries are
-/// skipped: a scribbled entry can hide itself but cannot make a reader misbehave. If nothing
-/// matched but an entry was skipped because the host kept it busy, the answer is
-/// `Err(EntryError::Busy)` (look again) rather than "not found".
+/// Finds the LIVE, not yet closed object called `name` (any kind), through the name index
+/// (FORMAT.md §5a): O(1) whatever the table holds. Invalid entries are skipped: a scribbled
+/// entry (or index) can hide a name but cannot make a reader misbehave. If nothing matched
+/// but a candidate was skipped because the host kept it busy, the answer is
+/// `Err(EntryError::Busy)` (look again) rather than "not found". An index that cannot
+/// answer ([`index::Probe::Inconclusive`]: its sequence word kept moving or stayed odd, or
+/// it has no EMPTY entry) is bypassed with [`scan_by_name`].
 pub fn find_by_name<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
     name: &str,
 ) -> Result<Option<ObjectInfo>, EntryError> {
-    let want = name.as_bytes();
-    let hash = name_hash(want);
+    let hash = name_hash(name.as_bytes());
+    match index::probe(mem, layout, hash, |slot| {
+        candidate(mem, layout, slot, name, hash)
+    })? {
+        index::Probe::Found(info) => Ok(Some(info)),
+        index::Probe::NotFound => Ok(None),
+        index::Probe::Busy => Err(EntryError::Busy),
+        index::Probe::Inconclusive => scan_by_name(mem, layout, name),
+    }
+}
+
+/// Whether object slot `slot` holds the LIVE, not yet closed object called `name` (whose
+/// hash is `hash`): the check both the index probe and the scan apply to a slot.
+fn candidate<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: ObjectSlot,
+    name: &str,
+    hash: u32,
+) -> Result<index::Candidate<ObjectInfo>, EntryError> {
+    use index::Candidate::{Busy, Match, Other};
+    let Some(base) = layout.object_entry(slot) else {
+        return Ok(Other);
+    };
+    // Cheap pre-filter with one atomic load; the snapshot below decides.
+    if mem.load_u32(base + OBJ_STATE_OFF, Ordering::Relaxed)? != object_state::LIVE {
+        return Ok(Other);
+    }
+    let head = match snapshot(mem, layout, slot, false) {
+        Ok(h) => h,
+        Err(EntryError::Busy) => return Ok(Busy),
+        Err(EntryError::Fault(f)) => return Err(EntryError::Fault(f)),
+        Err(_) => return Ok(Other),
+    };
+    if head.state != object_state::LIVE
+        || head.name_hash != hash
+        || head.name_len as usize != name.len()
+    {
+        return Ok(Other);
+    }
+    // Closed by its last holder but not yet reaped by the host: already dead.
+    if mem.load_u64(base + OBJ_LEASE_OFF, Ordering::SeqCst)? & LEASE_CLOSED != 0 {
+        return Ok(Other);
+    }
+    let full = match snapshot(mem, layout, slot, true) {
+        Ok(f) => f,
+        Err(EntryError::Busy) => return Ok(Busy),
+        Err(_) => return Ok(Other),
+    };
+    match validate(layout, slot, &full) {
+        Ok(Some(info)) if info.state == object_state::LIVE && info.name() == Some(name) => {
+            Ok(Match(info))
+        }
+        _ => Ok(Other),
+    }
+}
+
+/// Finds `name` by scanning every slot of the object table in order (the version 2 lookup,
+/// now the fallback when the index cannot answer). Same answers as [`find_by_name`].
+pub fn scan_by_name<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    name: &str,
+) -> Result<Option<ObjectInfo>, EntryError> {
+    let hash = name_hash(name.as_bytes());
     let mut busy = false;
     for slot in (0..layout.max_objects).map(ObjectSlot) {
-        let Some(base) = layout.object_entry(slot) else {
-            break;
-        };
-        // Cheap pre-filter with one atomic load; the snapshot below decides.
-        if mem.load_u32(base + OBJ_STATE_OFF, Ordering::Relaxed)? != object_state::LIVE {
-            continue;
-        }
-        let head = match snapshot(mem, layout, slot, false) {
-            Ok(h) => h,
-            Err(EntryError::Busy) => {
-                busy = true;
-                continue;
-            }
-            Err(EntryError::Fault(f)) => return Err(EntryError::Fault(f)),
-            Err(_) => continue,
-        };
-        if head.state != object_state::LIVE
-            || head.name_hash != hash
-            || head.name_len as usize != want.len()
-        {
-            continue;
-        }
-        // Closed by its last holder but not yet reaped by the host: already dead.
-        if mem.load_u64(base + OBJ_LEASE_OFF, Ordering::SeqCst)? & LEASE_CLOSED != 0 {
-            continue;
-        }
-        let full = match snapshot(mem, layout, slot, true) {
-            Ok(f) => f,
-            Err(EntryError::Busy) => {
-                busy = true;
-                continue;
-            }
-            Err(_) => continue,
-        };
-        match validate(layout, slot, &full) {
-            Ok(Some(info)) if info.state == object_state::LIVE && info.name() == Some(name) => {
-                return Ok(Some(info))
-            }
-            _ => continue,
+        match candidate(mem, layout, slot, name, hash)? {
+            index::Candidate::Match(info) => return Ok(Some(info)),
+            index::Candidate::Busy => busy = true,
+            index::Candidate::Other => {}
         }
     }
     if busy {
@@ -435,6 +467,9 @@ mod tests {
     fn a_published_entry_reads_back_and_is_found_by_name() {
         let mut buf = vec![0u64; (1 << 20) / 8];
         let (mem, layout) = region(&mut buf);
+        let mut ix = crate::index::HostIndex::new(&layout);
+        ix.insert(&mem, &layout, name_hash(b"name"), ObjectSlot(2))
+            .expect("index");
         publish(&mem, &layout, ObjectSlot(2), &good(&layout)).expect("publish");
         let info = read_object(&mem, &layout, ObjectSlot(2))
             .expect("valid")
@@ -600,6 +635,9 @@ mod tests {
     fn a_reader_gives_up_on_an_entry_held_odd_forever() {
         let mut buf = vec![0u64; (1 << 20) / 8];
         let (mem, layout) = region(&mut buf);
+        let mut ix = crate::index::HostIndex::new(&layout);
+        ix.insert(&mem, &layout, name_hash(b"name"), ObjectSlot(1))
+            .expect("index");
         publish(&mem, &layout, ObjectSlot(1), &good(&layout)).expect("publish");
         let base = layout.object_entry(ObjectSlot(1)).expect("slot");
         mem.store_u64(base + OBJ_SEQ_OFF, 7, Ordering::SeqCst)
@@ -613,7 +651,16 @@ mod tests {
             Err(EntryError::Busy),
             "skipped, not hung, and reported as busy rather than not found"
         );
-        assert_eq!(find_by_name(&mem, &layout, "other"), Err(EntryError::Busy));
+        assert_eq!(
+            find_by_name(&mem, &layout, "other"),
+            Ok(None),
+            "through the index, a busy entry of another name is not a candidate"
+        );
+        assert_eq!(
+            scan_by_name(&mem, &layout, "other"),
+            Err(EntryError::Busy),
+            "the scan meets it and cannot tell"
+        );
         // The host's next publication recovers from any odd value.
         publish(&mem, &layout, ObjectSlot(1), &good(&layout)).expect("publish");
         assert!(read_object(&mem, &layout, ObjectSlot(1))

@@ -7,6 +7,8 @@
 //! vshm-bench run --out DIR [--smoke] [--commit ID]   # DIR/BENCHMARKS.md, DIR/docs/bench/*.png,
 //!                                                    # DIR/readme-table.md
 //! vshm-bench role NAME ARGS...                       # a peer process the suite spawns
+//! vshm-bench p1 [LEVEL...]                           # P1 alone, printed (default levels
+//!                                                    # 1 100 1000 10000); writes nothing
 //! ```
 //!
 //! vshmd is taken from beside this binary (the same target directory).
@@ -26,14 +28,15 @@ use harness::{Context, Counts, Result, Vshmd};
 use report::{Goal, Line, Plot, Report, Series, Unit};
 use stats::{summarize, Summary};
 
-const USAGE: &str =
-    "usage: vshm-bench run --out DIR [--smoke] [--commit ID]\n       vshm-bench role NAME ARGS...";
+const USAGE: &str = "usage: vshm-bench run --out DIR [--smoke] [--commit ID]\n       \
+     vshm-bench role NAME ARGS...\n       vshm-bench p1 [LEVEL...]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run_cli(&args[1..]),
         Some("role") => role(&args[1..]),
+        Some("p1") => p1_cli(&args[1..]),
         _ => Err(USAGE.to_owned()),
     };
     match result {
@@ -93,6 +96,43 @@ fn run_cli(args: &[String]) -> Result<()> {
     }
     let out = out.ok_or(USAGE)?;
     run(&out, smoke, &commit)
+}
+
+/// P1 alone (open+close of an existing section at each fill level, full sample counts),
+/// printed as one line per level: to compare a change to the lookup without the whole
+/// suite (and without touching BENCHMARKS.md).
+fn p1_cli(args: &[String]) -> Result<()> {
+    let mut levels = Vec::new();
+    for a in args {
+        levels.push(
+            a.parse::<u32>()
+                .map_err(|e| format!("level {a:?}: {e}\n{USAGE}"))?,
+        );
+    }
+    if levels.is_empty() {
+        levels = vec![1, 100, 1000, 10_000];
+    }
+    let counts = Counts {
+        samples: 2000,
+        warmup: 200,
+    };
+    let open = bench::p1_open(counts, &levels, Duration::from_secs(600))?;
+    println!("objects  slot  ours min / median / p99  anchor median");
+    for p in &open.points {
+        println!(
+            "{:>7} {:>5}  {} / {} / {}  {}",
+            p.level,
+            p.slot,
+            report::value(Unit::Nanos, p.pair.ours.min),
+            report::value(Unit::Nanos, p.pair.ours.median),
+            report::value(Unit::Nanos, p.pair.ours.p99),
+            report::value(Unit::Nanos, p.pair.anchor.median),
+        );
+    }
+    for (level, why) in &open.skipped {
+        println!("{level:>7} skipped: {why}");
+    }
+    Ok(())
 }
 
 fn read(path: &str) -> String {

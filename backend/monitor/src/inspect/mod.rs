@@ -33,6 +33,7 @@ use vshm_control::superblock::SuperblockSummary;
 use vshm_format::layout::{Request, Superblock};
 
 mod check;
+mod index;
 mod map;
 mod print;
 #[cfg(test)]
@@ -216,6 +217,23 @@ pub struct SyncRow {
     pub abandoned: bool,
 }
 
+/// What the name index holds (FORMAT.md §5a).
+#[derive(Clone, Debug, Serialize)]
+pub struct IndexUsage {
+    /// Its offset.
+    pub offset: u64,
+    /// Entries.
+    pub slots: u32,
+    /// Its sequence word.
+    pub seq: u64,
+    /// Entries pointing to an object slot.
+    pub entries: u32,
+    /// Tombstones.
+    pub tombstones: u32,
+    /// The longest probe a lookup of an indexed name makes (entries read).
+    pub longest_probe: u32,
+}
+
 /// Heap use by the valid objects.
 #[derive(Clone, Debug, Serialize)]
 pub struct HeapUsage {
@@ -248,6 +266,8 @@ pub struct Report {
     pub objects: Vec<ObjectRow>,
     /// Heap use (when the superblock is valid).
     pub heap: Option<HeapUsage>,
+    /// The name index (when the superblock is valid).
+    pub index: Option<IndexUsage>,
     /// Findings, errors first, at most 1000.
     pub findings: Vec<Finding>,
     /// Error findings (all of them, listed or not).
@@ -271,6 +291,7 @@ impl Report {
             peers: Vec::new(),
             objects: Vec::new(),
             heap: None,
+            index: None,
             findings: Vec::new(),
             errors: 0,
             warnings: 0,

@@ -74,6 +74,13 @@ pub fn print_human(report: &Report, out: &mut impl Write) -> io::Result<()> {
             human_bytes(h.free)
         )?;
     }
+    if let Some(ix) = &report.index {
+        writeln!(
+            out,
+            "name index  {} entries at {:#x}: {} name(s), {} tombstone(s), longest probe {}, seq {}",
+            ix.slots, ix.offset, ix.entries, ix.tombstones, ix.longest_probe, ix.seq
+        )?;
+    }
     if report.superblock.as_ref().is_some_and(|s| s.valid) {
         writeln!(out, "\nPEERS ({} connected)", report.peers.len())?;
         if !report.peers.is_empty() {

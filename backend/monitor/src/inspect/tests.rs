@@ -44,6 +44,8 @@ struct Region {
     _buf: Vec<u64>,
     mem: RawRegion<'static>,
     layout: Layout,
+    /// The name index as vshmd keeps it (entries published LIVE with a name are in it).
+    index: std::cell::RefCell<vshm_format::index::HostIndex>,
 }
 
 impl Region {
@@ -66,6 +68,7 @@ impl Region {
             _buf: buf,
             mem,
             layout,
+            index: std::cell::RefCell::new(vshm_format::index::HostIndex::new(&layout)),
         }
     }
 
@@ -114,8 +117,22 @@ impl Region {
         }
     }
 
+    /// Publishes an entry the way vshmd does, name index included: a LIVE name enters the
+    /// index before the entry is published, a name that stops being LIVE leaves it after.
     fn publish(&self, slot: u32, e: &ObjectEntry) {
+        let at = self.layout.object_entry(ObjectSlot(slot)).expect("slot");
+        let old: ObjectEntry = vshm_format::shm::read_pod(&self.mem, at).expect("old entry");
+        let mut ix = self.index.borrow_mut();
+        let live = |e: &ObjectEntry| e.state == object_state::LIVE && e.name_len > 0;
+        if live(e) {
+            ix.insert(&self.mem, &self.layout, e.name_hash, ObjectSlot(slot))
+                .expect("index");
+        }
         publish(&self.mem, &self.layout, ObjectSlot(slot), e).expect("publish");
+        if live(&old) && !(live(e) && e.name_hash == old.name_hash) {
+            ix.remove(&self.mem, &self.layout, old.name_hash, ObjectSlot(slot))
+                .expect("index");
+        }
     }
 
     fn lease(&self, slot: u32, w: u64) {
@@ -887,4 +904,46 @@ fn events_and_mutexes_show_their_sync_words_and_a_mutex_held_by_a_gone_peer_is_f
     assert!(text.contains("EVENTS AND MUTEXES (2)"), "{text}");
     assert!(text.contains("held by peer slot 3 (token 4242)"), "{text}");
     assert!(text.contains("signalled"), "{text}");
+}
+
+#[test]
+fn a_name_index_that_hides_a_live_name_or_names_no_slot_is_reported() {
+    let dir = Dir::new("index");
+    let r = healthy();
+    let report = inspect_region_file(&r, &dir);
+    let ix = report.index.as_ref().expect("index decoded");
+    assert_eq!((ix.slots, ix.entries, ix.tombstones), (32, 2, 0));
+    assert!(ix.longest_probe >= 1);
+    // Scribble: the entry of "frames" becomes EMPTY, another becomes a slot out of range.
+    let words = r.index.borrow().words().to_vec();
+    let frames = words
+        .iter()
+        .position(|&w| w != 0 && w & 0xFFFF_FFFF == 1)
+        .expect("frames (slot 0) is indexed");
+    let empty = words.iter().position(|&w| w == 0).expect("an empty entry");
+    let at = |p: usize| {
+        r.layout
+            .index_entry(u32::try_from(p).expect("pos"))
+            .expect("entry")
+    };
+    r.mem
+        .store_u64(at(frames), 0, Ordering::SeqCst)
+        .expect("scribble");
+    r.mem
+        .store_u64(at(empty), 0x1234_0000_0000_0099, Ordering::SeqCst)
+        .expect("scribble");
+    let report = inspect_region_file(&r, &dir);
+    assert!(!report.ok);
+    assert_has(
+        &report,
+        Severity::Error,
+        "object slot 0",
+        "LIVE object \"frames\" is not reachable in the name index",
+    );
+    assert_has(
+        &report,
+        Severity::Error,
+        &format!("name index entry {empty}"),
+        "names no object slot",
+    );
 }

@@ -106,6 +106,7 @@ pub fn inspect_region<M: SharedMemory + ?Sized>(mem: &M) -> Report {
     walk_mailboxes(mem, &layout, &mut rows, &mut r);
     r.peers = rows;
     r.heap = Some(heap_usage(&layout, &objs));
+    r.index = super::index::check_index(mem, &layout, &objs, &mut r);
     r.objects = objs.into_iter().map(|o| o.row).collect();
     r.finish()
 }
@@ -124,7 +125,7 @@ fn check_superblock_extras(sb: &Superblock, r: &mut Report) {
         );
     }
     if sb.reserved.iter().any(|&b| b != 0) {
-        r.warning("superblock", "reserved bytes 144..256 are not all zero");
+        r.warning("superblock", "reserved bytes 176..256 are not all zero");
     }
 }
 

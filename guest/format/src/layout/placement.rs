@@ -28,6 +28,8 @@ pub enum LayoutError {
     BadMaxPeers(u32),
     /// max_objects outside 1..=65536.
     BadMaxObjects(u32),
+    /// The name index's entry count is not the one `max_objects` gives (value found).
+    BadIndexSlots(u32),
     /// Alignment not a power of two ≥ 4096.
     BadAlignment(u64),
     /// vectors outside 1..=64.
@@ -60,6 +62,9 @@ impl core::fmt::Display for LayoutError {
             }
             LayoutError::BadMaxObjects(n) => {
                 write!(f, "max objects {n} outside 1..={MAX_OBJECTS_LIMIT}")
+            }
+            LayoutError::BadIndexSlots(n) => {
+                write!(f, "name index of {n} entries does not match max objects")
             }
             LayoutError::BadAlignment(a) => write!(f, "alignment {a} is not a power of two ≥ 4096"),
             LayoutError::BadVectors(v) => write!(f, "vectors {v} outside 1..=64"),
@@ -99,6 +104,10 @@ pub struct Layout {
     pub refcount_row_size: u32,
     /// Mailboxes offset.
     pub mailbox_table: u64,
+    /// Name index offset (its sequence word, then its entries).
+    pub index_table: u64,
+    /// Name index entries (a power of two, at least twice `max_objects`).
+    pub index_slots: u32,
     /// Heap offset.
     pub heap_offset: u64,
     /// Heap size.
@@ -153,8 +162,14 @@ impl Layout {
             .checked_add(u64::from(max_peers) * row)
             .and_then(|v| round_up(v, 64))
             .ok_or(too_big)?;
-        let header_end = mailbox_table
+        let index_table = mailbox_table
             .checked_add(u64::from(max_peers) * size_of::<Mailbox>() as u64)
+            .and_then(|v| round_up(v, 64))
+            .ok_or(too_big)?;
+        let index_slots = crate::index::index_slots(max_objects);
+        let header_end = index_table
+            .checked_add(crate::index::INDEX_HEADER_SIZE)
+            .and_then(|v| v.checked_add(u64::from(index_slots) * crate::index::INDEX_ENTRY_SIZE))
             .ok_or(too_big)?;
         let heap_offset = round_up(header_end, alignment).ok_or(too_big)?;
         let needed = heap_offset.checked_add(alignment).ok_or(too_big)?;
@@ -172,6 +187,8 @@ impl Layout {
             refcount_table,
             refcount_row_size,
             mailbox_table,
+            index_table,
+            index_slots,
             heap_offset,
             heap_size: region_size - heap_offset,
         })
@@ -202,6 +219,9 @@ impl Layout {
         if sb.mailbox_size as usize != size_of::<Mailbox>() {
             return Err(LayoutError::BadStride("mailbox table", sb.mailbox_size));
         }
+        if u64::from(sb.index_entry_size) != crate::index::INDEX_ENTRY_SIZE {
+            return Err(LayoutError::BadStride("name index", sb.index_entry_size));
+        }
         let l = Layout::compute(
             sb.region_size,
             sb.max_peers,
@@ -209,11 +229,12 @@ impl Layout {
             sb.vectors,
             sb.alignment,
         )?;
-        let checks: [(&'static str, u64, u64); 5] = [
+        let checks: [(&'static str, u64, u64); 6] = [
             ("peer table", sb.peer_table_offset, l.peer_table),
             ("object table", sb.object_table_offset, l.object_table),
             ("refcount table", sb.refcount_table_offset, l.refcount_table),
             ("mailbox table", sb.mailbox_table_offset, l.mailbox_table),
+            ("name index", sb.index_offset, l.index_table),
             ("heap", sb.heap_offset, l.heap_offset),
         ];
         for (what, got, want) in checks {
@@ -226,6 +247,9 @@ impl Layout {
                 "refcount rows",
                 sb.refcount_row_size,
             ));
+        }
+        if sb.index_slots != l.index_slots {
+            return Err(LayoutError::BadIndexSlots(sb.index_slots));
         }
         if sb.heap_size != l.heap_size {
             return Err(LayoutError::BadTable("heap size", sb.heap_size));
@@ -261,7 +285,10 @@ impl Layout {
             revoke_seq: 0,
             quarantine_ms: 0,
             reserved0: 0,
-            reserved: [0; 96],
+            index_offset: self.index_table,
+            index_slots: self.index_slots,
+            index_entry_size: const_u32(super::const_usize(crate::index::INDEX_ENTRY_SIZE)),
+            reserved: [0; 80],
         }
     }
 
@@ -296,6 +323,20 @@ impl Layout {
             .then(|| self.mailbox_table + u64::from(peer) * size_of::<Mailbox>() as u64)
     }
 
+    /// Offset of the name index's sequence word (its first 8 bytes).
+    pub fn index_seq(&self) -> u64 {
+        self.index_table
+    }
+
+    /// Offset of name-index entry `pos`, or `None` if out of range.
+    pub fn index_entry(&self, pos: u32) -> Option<u64> {
+        (pos < self.index_slots).then(|| {
+            self.index_table
+                + crate::index::INDEX_HEADER_SIZE
+                + u64::from(pos) * crate::index::INDEX_ENTRY_SIZE
+        })
+    }
+
     /// Whether `[offset, offset+len)` lies inside the heap, with checked arithmetic.
     pub fn heap_contains(&self, offset: u64, len: u64) -> bool {
         match offset.checked_add(len) {
@@ -324,7 +365,10 @@ mod tests {
         assert!(l.mailbox_table >= l.refcount_table + 32 * 4096);
         assert_eq!(l.mailbox_table % 64, 0);
         assert_eq!(l.heap_offset % 4096, 0);
-        assert!(l.heap_offset >= l.mailbox_table + 32 * 2048);
+        assert!(l.index_table >= l.mailbox_table + 32 * 2048);
+        assert_eq!(l.index_table % 64, 0);
+        assert_eq!(l.index_slots, 2048);
+        assert!(l.heap_offset >= l.index_table + 64 + 2048 * 8);
         assert_eq!(l.heap_offset + l.heap_size, 64 << 20);
     }
 
@@ -396,11 +440,85 @@ mod tests {
             Err(LayoutError::BadStride("object table", 64))
         );
         let mut sb = good;
+        sb.index_offset += 64;
+        assert_eq!(
+            Layout::from_superblock(&sb, size),
+            Err(LayoutError::BadTable("name index", l.index_table + 64))
+        );
+        let mut sb = good;
+        sb.index_slots /= 2;
+        assert_eq!(
+            Layout::from_superblock(&sb, size),
+            Err(LayoutError::BadIndexSlots(1024))
+        );
+        let mut sb = good;
+        sb.index_entry_size = 4;
+        assert_eq!(
+            Layout::from_superblock(&sb, size),
+            Err(LayoutError::BadStride("name index", 4))
+        );
+        let mut sb = good;
         sb.alignment = 4095;
         assert_eq!(
             Layout::from_superblock(&sb, size),
             Err(LayoutError::BadAlignment(4095))
         );
+    }
+
+    #[test]
+    fn the_worked_examples_of_format_md_section_2_hold() {
+        // (region, peers, objects) → (object, refcount, row, mailbox, index, index slots,
+        // heap offset, heap size): the table in docs/FORMAT.md §2.
+        type Params = (u64, u32, u32);
+        type Placed = (u64, u64, u32, u64, u64, u32, u64, u64);
+        let rows: [(Params, Placed); 4] = [
+            (
+                (64 << 20, 16, 1024),
+                (
+                    0x500, 0x14_0500, 4096, 0x15_0500, 0x15_8500, 2048, 0x15_d000, 65_679_360,
+                ),
+            ),
+            (
+                (64 << 20, 32, 1024),
+                (
+                    0x900, 0x14_0900, 4096, 0x16_0900, 0x17_0900, 2048, 0x17_5000, 65_581_056,
+                ),
+            ),
+            (
+                (1 << 20, 4, 16),
+                (0x200, 0x5200, 64, 0x5300, 0x7300, 32, 0x8000, 1_015_808),
+            ),
+            (
+                (1 << 30, 32, 65_536),
+                (
+                    0x900,
+                    0x500_0900,
+                    262_144,
+                    0x580_0900,
+                    0x581_0900,
+                    131_072,
+                    0x591_1000,
+                    980_348_928,
+                ),
+            ),
+        ];
+        for ((size, peers, objects), want) in rows {
+            let l = Layout::compute(size, peers, objects, 1, 4096).expect("layout");
+            assert_eq!(
+                (
+                    l.object_table,
+                    l.refcount_table,
+                    l.refcount_row_size,
+                    l.mailbox_table,
+                    l.index_table,
+                    l.index_slots,
+                    l.heap_offset,
+                    l.heap_size
+                ),
+                want,
+                "{size} bytes, {peers} peers, {objects} objects"
+            );
+        }
     }
 
     #[test]
@@ -424,6 +542,8 @@ mod tests {
         assert_eq!(l.peer_entry(PeerSlot(32)), None);
         assert_eq!(l.refcount_cell(PeerSlot(0), ObjectSlot(1024)), None);
         assert_eq!(l.mailbox(PeerSlot(32)), None);
+        assert_eq!(l.index_entry(2047), Some(l.index_table + 64 + 2047 * 8));
+        assert_eq!(l.index_entry(2048), None);
         assert!(!l.heap_contains(u64::MAX, 2));
         assert!(!l.heap_contains(0, 1));
         assert!(l.heap_contains(l.heap_offset, l.heap_size));
