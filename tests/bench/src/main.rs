@@ -6,6 +6,7 @@
 //! ```text
 //! vshm-bench run --out DIR [--smoke] [--commit ID]   # DIR/BENCHMARKS.md, DIR/docs/bench/*.png,
 //!                                                    # DIR/readme-table.md
+//! vshm-bench one P5|P6 [--smoke]                    # one line alone, printed
 //! vshm-bench role NAME ARGS...                       # a peer process the suite spawns
 //! ```
 //!
@@ -26,14 +27,15 @@ use harness::{Context, Counts, Result, Vshmd};
 use report::{Goal, Line, Plot, Report, Series, Unit};
 use stats::{summarize, Summary};
 
-const USAGE: &str =
-    "usage: vshm-bench run --out DIR [--smoke] [--commit ID]\n       vshm-bench role NAME ARGS...";
+const USAGE: &str = "usage: vshm-bench run --out DIR [--smoke] [--commit ID]\n       \
+                     vshm-bench one P5|P6 [--smoke]\n       vshm-bench role NAME ARGS...";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => run_cli(&args[1..]),
         Some("role") => role(&args[1..]),
+        Some("one") => one(&args[1..]),
         _ => Err(USAGE.to_owned()),
     };
     match result {
@@ -68,6 +70,12 @@ fn role(args: &[String]) -> Result<()> {
             arg(rest, 2, "rounds")?,
         ),
         "section-echo" => bench::section_echo(&s(0)?, arg(rest, 1, "rounds")?),
+        "ring-consume" => bench::ring_consume(
+            &s(0)?,
+            arg(rest, 1, "bytes")?,
+            arg(rest, 2, "buffer")?,
+            arg(rest, 3, "rounds")?,
+        ),
         "raw-echo" => bench::raw_echo(arg(rest, 0, "fd")?, arg(rest, 1, "rounds")?),
         "ice-event-echo" => ice::event_echo(&s(0)?, arg(rest, 1, "rounds")?),
         "ice-pubsub-echo" => ice::pubsub_echo(&s(0)?, arg(rest, 1, "rounds")?),
@@ -388,36 +396,8 @@ fn run(out: &Path, smoke: bool, commit: &str) -> Result<()> {
         });
     }
 
-    // P5.
-    step("P5: memcpy bandwidth (the ring: not yet)");
-    let bytes = if smoke { 1 << 20 } else { 64 << 20 };
-    let mem_counts = Counts {
-        samples: if smoke { 5 } else { 100 },
-        warmup: 2,
-    };
-    let memcpy = summary(bench::p5_memcpy(mem_counts, bytes)?, "P5 memcpy")?;
-    let ring = bench::p5_ring(mem_counts, bytes)
-        .transpose()?
-        .map(|v| summary(v, "P5 ring"))
-        .transpose()?;
-    lines.push(Line {
-        id: "P5".into(),
-        what: format!("SPSC ring streaming throughput ({} MiB)", bytes >> 20),
-        unit: Unit::NanosPerByte,
-        note: ring.is_none().then(|| "the SPSC ring (guest/src/ring.rs) is not in this tree yet: its slot is `bench::p5_ring` (TODO); the memcpy anchor is measured".into()),
-        ours: ring,
-        anchor: Some(("single-thread memcpy".into(), memcpy)),
-        goal: Goal::ThroughputAtLeast(0.8),
-    });
-    lines.push(Line {
-        id: "P6".into(),
-        what: "two QEMU guests".into(),
-        unit: Unit::Nanos,
-        ours: None,
-        anchor: None,
-        goal: Goal::RatioAtMost(1.0),
-        note: Some("not in this suite yet".into()),
-    });
+    lines.extend(p5_lines(smoke)?);
+    lines.extend(p6_lines(smoke)?);
 
     // P7 and the latency-vs-peers scaling, on a region with 62 peer slots.
     let d = Vshmd::start(&["--max-peers".into(), "62".into()])?;
@@ -578,5 +558,85 @@ fn run(out: &Path, smoke: bool, commit: &str) -> Result<()> {
     let table = out.join("readme-table.md");
     std::fs::write(&table, report::readme_table(&r)).ctx(format!("write {}", table.display()))?;
     eprintln!("==> wrote {}", md.display());
+    Ok(())
+}
+
+/// P5: the SPSC ring between two peer processes through a real vshmd, against memcpy.
+fn p5_lines(smoke: bool) -> Result<Vec<Line>> {
+    let mut lines = Vec::new();
+    step("P5: SPSC ring streaming between two processes, and memcpy");
+    let bytes = if smoke { 1 << 20 } else { 64 << 20 };
+    let mem_counts = Counts {
+        samples: if smoke { 5 } else { 100 },
+        warmup: 2,
+    };
+    let memcpy = summary(bench::p5_memcpy(mem_counts, bytes)?, "P5 memcpy")?;
+    let stream = if smoke { 4 << 20 } else { 256 << 20 };
+    let ring_counts = Counts {
+        samples: if smoke { 3 } else { 20 },
+        warmup: if smoke { 1 } else { 2 },
+    };
+    let d = Vshmd::start(&[])?;
+    let ns = d.attach()?;
+    let ring = summary(
+        bench::p5_ring(ring_counts, stream, &ns, &d.socket.to_string_lossy())?,
+        "P5 ring",
+    )?;
+    drop(ns);
+    drop(d);
+    lines.push(Line {
+        id: "P5".into(),
+        what: format!(
+            "SPSC ring streaming throughput, producer and consumer processes, {} MiB a sample \
+             through a {} KiB ring",
+            stream >> 20,
+            bench::P5_CAPACITY >> 10
+        ),
+        unit: Unit::NanosPerByte,
+        note: Some(format!(
+            "two peers of one vshmd in two processes (the suite and its role `ring-consume`), \
+             the library's blocking `write_all`/`read_blocking` in 64 KiB calls from a {} MiB \
+             source to a {} MiB destination (as the anchor's {} MiB memcpy, beyond the caches \
+             in the full run); timed until the consumer has taken the last byte, every byte \
+             checked after the last round",
+            stream.min(64 << 20) >> 20,
+            stream.min(64 << 20) >> 20,
+            bytes >> 20
+        )),
+        ours: Some(ring),
+        anchor: Some(("single-thread memcpy".into(), memcpy)),
+        goal: Goal::ThroughputAtLeast(0.8),
+    });
+    Ok(lines)
+}
+
+/// P6: two QEMU guests.
+fn p6_lines(_smoke: bool) -> Result<Vec<Line>> {
+    Ok(vec![Line {
+        id: "P6".into(),
+        what: "two QEMU guests".into(),
+        unit: Unit::Nanos,
+        ours: None,
+        anchor: None,
+        goal: Goal::RatioAtMost(1.0),
+        note: Some("not in this suite yet".into()),
+    }])
+}
+
+/// `vshm-bench one P5|P6 [--smoke]`: one line's measurement alone, its rows printed (for
+/// working on it; writes nothing).
+fn one(args: &[String]) -> Result<()> {
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let lines = match args.first().map(String::as_str) {
+        Some("P5") => p5_lines(smoke)?,
+        Some("P6") => p6_lines(smoke)?,
+        other => return Err(format!("one: which line? {other:?} (P5 or P6)")),
+    };
+    print!("{}", report::table(&lines));
+    for l in &lines {
+        if let Some(n) = &l.note {
+            println!("* {} {}: {n}", l.id, l.what);
+        }
+    }
     Ok(())
 }

@@ -253,6 +253,19 @@ const FINDINGS: &[(&str, &str)] = &[
          2-core machine being shared with builds during the run (load average in the head)",
     ),
     (
+        "P5",
+        "not the copies: one thread's volatile word copies into and out of a 1 MiB ring run at \
+         7.7–8.4 GB/s (≥ its memcpy), and one thread doing both (write 64 KiB, read it back) at \
+         2.4–2.8 GB/s. Two things, measured on 2026-12-02 (2 shared cores, load average 3.6–5.5 \
+         from other builds): (1) waking: a side that finds nothing to do for 128 looks registers as \
+         a waiter, and the other side's next write or read then makes a synchronous WAKE request to \
+         vshmd (the P3 path, tens of µs) — 15.5 k WAKE requests and 12.5 k waits for 90 k chunks \
+         of 64 KiB in one run; (2) the two sides need two cores at once: 77 k context switches per \
+         run, and spinning longer before sleeping made it worse (16 384 looks: 0.16×, the spinner \
+         takes the core its peer needs), as did a pure-spin two-thread ring of vshm-format with no \
+         waking at all (0.1–1.3 GB/s). Not measured on an idle machine with more cores",
+    ),
+    (
         "P7",
         "one vshmd thread serves every request, and each doorbell also runs the per-doorbell table \
          walks found for P2; 62 peer processes on 2 shared cores add run-queue delay to every \
@@ -281,7 +294,7 @@ pub struct Report {
 }
 
 /// The full table (BENCHMARKS.md).
-fn table(lines: &[Line]) -> String {
+pub fn table(lines: &[Line]) -> String {
     let mut s = String::from(
         "| line | what | ours min / median / p99 | anchor | anchor min / median / p99 | ratio (medians) | goal | met? |\n\
          |---|---|---|---|---|---|---|---|\n",
