@@ -193,6 +193,30 @@ enum Command {
         #[arg(value_parser = size_arg)]
         offset: u64,
     },
+    /// Benchmark helper (tests/bench P6, hidden): send bytes over TCP to a `vshm net-recv`
+    /// in 1 MiB writes and report the time until the receiver had them all. Needs no vshm
+    /// device.
+    #[command(hide = true)]
+    NetSend {
+        /// The receiver, IP:PORT.
+        addr: String,
+        /// Send this file's bytes (read into memory first).
+        #[arg(long, conflicts_with = "mib", required_unless_present = "mib")]
+        file: Option<PathBuf>,
+        /// Send this many MiB of a pattern.
+        #[arg(long)]
+        mib: Option<u64>,
+    },
+    /// Benchmark helper (tests/bench P6, hidden): take one TCP connection on PORT, read it to
+    /// its end in 1 MiB reads and report bytes and time. Needs no vshm device.
+    #[command(hide = true)]
+    NetRecv {
+        /// The port to listen on (every address).
+        port: u16,
+        /// Write what arrives into this file (else it is dropped).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -212,6 +236,9 @@ macro_rules! say {
 // cargo would take it for another binary: it lives in src/bin/vshm/ instead.
 #[path = "vshm/sync.rs"]
 mod sync;
+
+#[path = "vshm/net.rs"]
+mod net;
 
 /// A failure: message and exit code.
 struct Failure(String);
@@ -361,6 +388,12 @@ fn run(args: Args) -> Result<(), Failure> {
     // a guest, where all processes share one peer. `hold` waits for them on a signalfd;
     // long loops poll `interrupted()`.
     block_release_signals();
+    // The network benchmark helpers need no region.
+    match &args.command {
+        Command::NetSend { addr, file, mib } => return net::send(addr, file.as_ref(), *mib),
+        Command::NetRecv { port, out } => return net::recv(*port, out.as_ref()),
+        _ => {}
+    }
     match &args.socket {
         Some(socket) => {
             let transport = HostTransport::connect(socket).map_err(|e| Failure(e.to_string()))?;
@@ -657,6 +690,9 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
                 wait_for_release(false)?;
             }
             section.close()?;
+        }
+        Command::NetSend { .. } | Command::NetRecv { .. } => {
+            return Err(Failure("net-send and net-recv need no region".into()));
         }
         Command::Free { name, offset } => {
             let section = ns.open(&name).map_err(ctx("open", &name))?;

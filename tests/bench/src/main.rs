@@ -13,6 +13,7 @@
 //! vshmd is taken from beside this binary (the same target directory).
 
 mod bench;
+mod guests;
 mod harness;
 mod ice;
 mod posix;
@@ -610,17 +611,136 @@ fn p5_lines(smoke: bool) -> Result<Vec<Line>> {
     Ok(lines)
 }
 
-/// P6: two QEMU guests.
-fn p6_lines(_smoke: bool) -> Result<Vec<Line>> {
-    Ok(vec![Line {
+/// P6: two QEMU guests (tests/bench/src/guests.rs), or a line saying why not.
+fn p6_lines(smoke: bool) -> Result<Vec<Line>> {
+    step("P6: two QEMU guests (section vs TCP over virtio-net, request vs ping)");
+    let outcome = if smoke {
+        guests::p6(1, 1, 10, 1)?
+    } else {
+        guests::p6(16, 5, 200, 64)?
+    };
+    let g = match outcome {
+        guests::Outcome::Ran(g) => g,
+        guests::Outcome::NotRun(why) => {
+            eprintln!("    P6 {why}");
+            return Ok(vec![Line {
+                id: "P6".into(),
+                what: "two QEMU guests".into(),
+                unit: Unit::Nanos,
+                ours: None,
+                anchor: None,
+                goal: Goal::RatioAtMost(1.0),
+                note: Some(why),
+            }]);
+        }
+    };
+    let accel = g.accel;
+    let mib = g.mib;
+    let ns_per_byte = |mb_s: f64| single(1e3 / mb_s);
+    let cli = summary(g.cli.clone(), "P6 CLI")?;
+    let tcp = summary(g.tcp.clone(), "P6 TCP")?;
+    let agent = summary(g.agent.clone(), "P6 agent")?;
+    let tool = summary(g.tcp_tool.clone(), "P6 TCP tool")?;
+    let in_process = (mib << 20) as f64 * (1e3 / g.copy_in + 1e3 / g.copy_out);
+    let (n, min, median, p99) = g.rtt;
+    let mut lines = vec![Line {
         id: "P6".into(),
-        what: "two QEMU guests".into(),
+        what: format!(
+            "{mib} MiB guest → guest through a section, CLI (`vshm write --file` in one, \
+             `vshm read` in the other), end to end ({accel})"
+        ),
         unit: Unit::Nanos,
-        ours: None,
-        anchor: None,
+        ours: Some(cli),
+        anchor: Some((
+            "TCP over virtio-net between the same guests (`vshm net-send --file` → \
+             `vshm net-recv`, 1 MiB buffers), end to end"
+                .into(),
+            tcp,
+        )),
         goal: Goal::RatioAtMost(1.0),
-        note: Some("not in this suite yet".into()),
-    }])
+        note: Some(format!(
+            "{accel} guests (2 vCPUs, 256 MiB each) on one vshmd, linked by QEMU `-netdev dgram` \
+             (unix sockets) and virtio-net; {} transfers of each kind of {mib} MiB from \
+             /dev/urandom (checksums compared), each timed by the harness around the guests' \
+             agent commands: the section's two (write in A, read to a tmpfs file in B), TCP's \
+             one (the sender returns once the receiver, which writes to a tmpfs file, closed). \
+             An agent command alone costs {} (median of `true`). The TCP sender's own time, \
+             connect to close: {} median ({:.1} MB/s)",
+            g.cli.len(),
+            report::value(Unit::Nanos, agent.median),
+            report::value(Unit::Nanos, tool.median),
+            (mib << 20) as f64 / tool.median * 1e3
+        )),
+    }];
+    for (what, rate) in [("into", g.copy_in), ("out of", g.copy_out)] {
+        lines.push(Line {
+            id: "P6".into(),
+            what: format!(
+                "in a guest: copy {what} a section in process (the library, `vshm rtt --copy-mib \
+                 {}`, chunks of 1 MiB) ({accel})",
+                g.copy_mib
+            ),
+            unit: Unit::NanosPerByte,
+            ours: Some(ns_per_byte(rate)),
+            anchor: Some((
+                "the guest's memcpy between two local buffers".into(),
+                ns_per_byte(g.copy_local),
+            )),
+            goal: Goal::ThroughputAtLeast(0.8),
+            note: None,
+        });
+    }
+    lines.push(Line {
+        id: "P6".into(),
+        what: format!("{mib} MiB guest → guest through a section, CLI, end to end ({accel})"),
+        unit: Unit::Nanos,
+        ours: Some(cli),
+        anchor: Some((
+            format!(
+                "the same {mib} MiB in process: copied into the section in one guest and out in \
+                 the other at the rates above"
+            ),
+            single(in_process),
+        )),
+        goal: Goal::RatioAtMost(2.0),
+        note: Some(format!(
+            "what the CLI's time is made of besides the copies, medians through the agent: an \
+             agent command alone {}, `vshm --version` (the process, no device) {}, a `vshm` \
+             command that moves no data (`vshm open`: start, attach, open, close) {}, `cat` of the {mib} MiB file to another tmpfs file {}; the \
+             CLI path is two agent commands, two `vshm` starts, the file read into memory in A \
+             and written to a file in B",
+            report::value(Unit::Nanos, agent.median),
+            report::value(Unit::Nanos, summary(g.exec_floor.clone(), "P6 exec")?.median),
+            report::value(
+                Unit::Nanos,
+                summary(g.cli_floor.clone(), "P6 CLI floor")?.median
+            ),
+            report::value(
+                Unit::Nanos,
+                summary(g.file_copy.clone(), "P6 file copy")?.median
+            ),
+        )),
+    });
+    lines.push(Line {
+        id: "P6".into(),
+        what: format!(
+            "guest → host request round trip (a GROW to the same size, `vshm rtt`) ({accel})"
+        ),
+        unit: Unit::Nanos,
+        ours: Some(Summary {
+            n,
+            min,
+            median,
+            p99,
+        }),
+        anchor: Some((
+            "ping between the two guests over virtio-net (busybox, 0.2 s apart)".into(),
+            summary(g.ping.clone(), "P6 ping")?,
+        )),
+        goal: Goal::RatioAtMost(1.0),
+        note: None,
+    });
+    Ok(lines)
 }
 
 /// `vshm-bench one P5|P6 [--smoke]`: one line's measurement alone, its rows printed (for
