@@ -217,6 +217,30 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Benchmark helper (tests/bench P6, hidden): create an SPSC ring at offset 0 of section
+    /// NAME, take MIB MiB from it in 64 KiB reads and report the time.
+    #[command(hide = true)]
+    RingRecv {
+        /// Section name (its first bytes zero).
+        name: String,
+        /// MiB to take.
+        #[arg(long)]
+        mib: u64,
+        /// The ring's capacity (a power of two; the section holds it and 384 bytes more).
+        #[arg(long, default_value = "1M", value_parser = size_arg)]
+        capacity: u64,
+    },
+    /// Benchmark helper (tests/bench P6, hidden): attach to the ring `vshm ring-recv` created
+    /// in section NAME, send MIB MiB in 64 KiB writes and report the time until the receiver
+    /// took the last byte.
+    #[command(hide = true)]
+    RingSend {
+        /// Section name.
+        name: String,
+        /// MiB to send.
+        #[arg(long)]
+        mib: u64,
+    },
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -239,6 +263,9 @@ mod sync;
 
 #[path = "vshm/net.rs"]
 mod net;
+
+#[path = "vshm/ring.rs"]
+mod ring;
 
 /// A failure: message and exit code.
 struct Failure(String);
@@ -694,6 +721,12 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
         Command::NetSend { .. } | Command::NetRecv { .. } => {
             return Err(Failure("net-send and net-recv need no region".into()));
         }
+        Command::RingRecv {
+            name,
+            mib,
+            capacity,
+        } => ring::recv(&ns, &name, mib, capacity)?,
+        Command::RingSend { name, mib } => ring::send(&ns, &name, mib)?,
         Command::Free { name, offset } => {
             let section = ns.open(&name).map_err(ctx("open", &name))?;
             section.free_at(offset).map_err(ctx("free in", &name))?;

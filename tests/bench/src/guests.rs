@@ -37,6 +37,11 @@ pub struct Guests {
     /// The guest copying the transfer's file to another tmpfs file (`cat`), through the
     /// agent, per sample.
     pub file_copy: Vec<f64>,
+    /// The SPSC ring A → B (`vshm ring-send` / `ring-recv`): MB/s as the sender timed it
+    /// (first write until the receiver took the last byte), per transfer.
+    pub ring: Vec<f64>,
+    /// MiB per ring transfer.
+    pub ring_mib: u64,
     /// `vshm rtt`'s request round trip: (samples, min, median, p99) in ns.
     pub rtt: (usize, f64, f64, f64),
     /// Ping round trips A → B.
@@ -272,6 +277,39 @@ pub fn p6(mib: u64, reps: usize, count: u32, copy_mib: u64) -> Result<Outcome> {
             ));
         }
     }
+    // The SPSC ring between the guests: a fresh section each time (the ring is created in
+    // zeroed memory), the receiver in B creating the ring, the sender in A timing.
+    let mut ring = Vec::new();
+    let ring_mib = mib;
+    for i in 0..reps {
+        let name = format!("p6/ring{i}");
+        let (s, _) = ns
+            .create(
+                Some(&name),
+                &CreateOptions::new(crate::bench::P5_CAPACITY + vshm::format::ring::HEADER_SIZE),
+            )
+            .ctx(format!("create {name}"))?;
+        ok(
+            &mut b,
+            &format!(
+                "vshm ring-recv {name} --mib {ring_mib} --capacity {} > /tmp/p6-ring.log 2>&1 & \
+                 echo $! > /tmp/p6-ring.pid; i=0; while ! grep -q ready /tmp/p6-ring.log; do \
+                 i=$((i+1)); if [ $i -gt 400 ]; then cat /tmp/p6-ring.log; exit 1; fi; sleep 0.05; done",
+                crate::bench::P5_CAPACITY
+            ),
+        )?;
+        let sent = ok(&mut a, &format!("vshm ring-send {name} --mib {ring_mib}"))?;
+        let got = ok(
+            &mut b,
+            "p=$(cat /tmp/p6-ring.pid); while kill -0 $p 2>/dev/null; do sleep 0.05; done; \
+             cat /tmp/p6-ring.log",
+        )?;
+        if !got.contains("last MiB checked") {
+            return Err(format!("P6 ring: the receiver said {got:?}"));
+        }
+        ring.push(after(&sent, "(").ok_or(format!("P6 ring: no rate in {sent:?}"))?);
+        s.close().ctx(format!("close {name}"))?;
+    }
     bulk.close().ctx("close p6/bulk")?;
     rtt_section.close().ctx("close p6/rtt")?;
     drop(ns);
@@ -286,6 +324,8 @@ pub fn p6(mib: u64, reps: usize, count: u32, copy_mib: u64) -> Result<Outcome> {
         agent,
         cli_floor,
         exec_floor,
+        ring,
+        ring_mib,
         file_copy,
         rtt,
         ping,

@@ -690,6 +690,30 @@ fn p6_lines(smoke: bool) -> Result<Vec<Line>> {
             note: None,
         });
     }
+    let ring: Vec<f64> = g.ring.iter().map(|mb_s| 1e3 / mb_s).collect();
+    lines.push(Line {
+        id: "P6".into(),
+        what: format!(
+            "guest → guest through the SPSC ring of a section, in process (`vshm ring-send` → \
+             `vshm ring-recv`, {} KiB ring, {} MiB) ({accel})",
+            bench::P5_CAPACITY >> 10,
+            g.ring_mib
+        ),
+        unit: Unit::NanosPerByte,
+        ours: Some(summary(ring, "P6 ring")?),
+        anchor: Some((
+            "the guest's memcpy between two local buffers".into(),
+            ns_per_byte(g.copy_local),
+        )),
+        goal: Goal::ThroughputAtLeast(0.8),
+        note: Some(
+            "the sender's time from its first 64 KiB write until the receiver (the other guest, \
+             which created the ring) has taken the last byte; the receiver checks the last MiB. \
+             Over the guest transport a waiting side sleeps on the section's notifications, each \
+             a WAKE request from the other guest and an interrupt"
+                .into(),
+        ),
+    });
     lines.push(Line {
         id: "P6".into(),
         what: format!("{mib} MiB guest → guest through a section, CLI, end to end ({accel})"),
