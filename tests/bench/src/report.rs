@@ -266,6 +266,21 @@ const FINDINGS: &[(&str, &str)] = &[
          waking at all (0.1–1.3 GB/s). Not measured on an idle machine with more cores",
     ),
     (
+        "P6",
+        "measured in TCG guests (no KVM here) on 2 shared cores, load average ~5, 2026-12-02. \
+         *Copies* in a guest (single readings, noisy: 0.56–0.86× into, 0.57–0.69× out of a \
+         section in two runs): the library copies with volatile 8-byte words, which on the host \
+         run at memcpy speed (P5's finding), so the gap is what TCG makes of them; not profiled \
+         inside a guest. *The ring between two guests* (0.19×): as P5, a side that waits \
+         registers and the other side then sends a WAKE request — here a guest → host request \
+         (the round-trip line: ~0.1–0.2 ms median under TCG) and an interrupt into the other \
+         guest; not profiled in the guests. *The CLI path* (11.5×): the copies are 73 ms of \
+         ~850 ms; the rest is two agent commands (~32 ms each), two starts of the 3 MB static \
+         `vshm` (~170 ms each through the agent; `vshm --version` costs the same, so it is the \
+         process start under TCG, not the attach), the 16 MiB file read in A and written in B \
+         (`cat` of it: ~150 ms) — see the line's note for this run's figures",
+    ),
+    (
         "P7",
         "one vshmd thread serves every request, and each doorbell also runs the per-doorbell table \
          walks found for P2; 62 peer processes on 2 shared cores add run-queue delay to every \
