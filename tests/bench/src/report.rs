@@ -263,7 +263,9 @@ const FINDINGS: &[(&str, &str)] = &[
          of 64 KiB in one run; (2) the two sides need two cores at once: 77 k context switches per \
          run, and spinning longer before sleeping made it worse (16 384 looks: 0.16×, the spinner \
          takes the core its peer needs), as did a pure-spin two-thread ring of vshm-format with no \
-         waking at all (0.1–1.3 GB/s). Not measured on an idle machine with more cores",
+         waking at all (0.1–1.3 GB/s). The ring's size is not it: 1, 4 and 16 MiB rings with \
+         64 KiB–1 MiB calls read 0.18–0.76× across 12 runs, no size consistently ahead (the \
+         suite keeps 1 MiB and 64 KiB). Not measured on an idle machine with more cores",
     ),
     (
         "P6",
