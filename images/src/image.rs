@@ -275,7 +275,7 @@ fn fetch_members(dir: &Path, package: &str, members: &[&str]) -> Result<(), Imag
 /// The guest kernel's virtio-net driver and what it needs, in load order: Debian's cloud
 /// kernel builds them as modules (`CONFIG_VIRTIO_PCI=m`, `CONFIG_VIRTIO_NET=m`), and its
 /// initramfs-less boot here loads none of them by itself.
-pub const NET_MODULES: [&str; 8] = [
+const NET_MODULES: [&str; 8] = [
     "kernel/drivers/virtio/virtio_ring.ko",
     "kernel/drivers/virtio/virtio.ko",
     "kernel/drivers/virtio/virtio_pci_modern_dev.ko",

@@ -12,7 +12,8 @@ use crate::stats::Summary;
 /// What a line's figures are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unit {
-    /// Latency samples in ns, shown in µs.
+    /// Latency samples in ns, shown in µs (in ms from 100 ms, in s from 10 s: P6's
+    /// transfers).
     Nanos,
     /// Samples in ns per byte, shown as GB/s (min = the fastest sample).
     NanosPerByte,
@@ -99,8 +100,12 @@ pub fn value(unit: Unit, v: f64) -> String {
                 format!("{us:.2} µs")
             } else if us < 100.0 {
                 format!("{us:.1} µs")
-            } else {
+            } else if us < 100_000.0 {
                 format!("{us:.0} µs")
+            } else if us < 10_000_000.0 {
+                format!("{:.1} ms", us / 1e3)
+            } else {
+                format!("{:.2} s", us / 1e6)
             }
         }
         Unit::NanosPerByte => format!("{:.2} GB/s", 1.0 / v),
