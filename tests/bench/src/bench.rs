@@ -360,7 +360,7 @@ pub fn p5_memcpy(counts: Counts, bytes: usize) -> Result<Vec<f64>> {
 /// with the chunks either side copies through).
 pub const P5_CAPACITY: u64 = 1 << 20;
 /// P5: bytes per `write_all` / `read_blocking` call on each side.
-const P5_CHUNK: usize = 64 << 10;
+pub const P5_CHUNK: usize = 64 << 10;
 /// P5: the producer's source and the consumer's destination, beyond the caches as the
 /// memcpy anchor's (the stream cycles through them).
 const P5_BUFFER: usize = 64 << 20;

@@ -42,6 +42,8 @@ pub struct Guests {
     pub ring: Vec<f64>,
     /// MiB per ring transfer.
     pub ring_mib: u64,
+    /// WAKE requests vshmd answered during the ring transfers.
+    pub ring_wakes: u64,
     /// `vshm rtt`'s request round trip: (samples, min, median, p99) in ns.
     pub rtt: (usize, f64, f64, f64),
     /// Ping round trips A → B.
@@ -281,6 +283,7 @@ pub fn p6(mib: u64, reps: usize, count: u32, copy_mib: u64) -> Result<Outcome> {
     // zeroed memory), the receiver in B creating the ring, the sender in A timing.
     let mut ring = Vec::new();
     let ring_mib = mib;
+    let wakes = d.wake_requests()?;
     for i in 0..reps {
         let name = format!("p6/ring{i}");
         let (s, _) = ns
@@ -310,6 +313,7 @@ pub fn p6(mib: u64, reps: usize, count: u32, copy_mib: u64) -> Result<Outcome> {
         ring.push(after(&sent, "(").ok_or(format!("P6 ring: no rate in {sent:?}"))?);
         s.close().ctx(format!("close {name}"))?;
     }
+    let ring_wakes = d.wake_requests()?.saturating_sub(wakes);
     bulk.close().ctx("close p6/bulk")?;
     rtt_section.close().ctx("close p6/rtt")?;
     drop(ns);
@@ -326,6 +330,7 @@ pub fn p6(mib: u64, reps: usize, count: u32, copy_mib: u64) -> Result<Outcome> {
         exec_floor,
         ring,
         ring_mib,
+        ring_wakes,
         file_copy,
         rtt,
         ping,

@@ -579,12 +579,15 @@ fn p5_lines(smoke: bool) -> Result<Vec<Line>> {
     };
     let d = Vshmd::start(&[])?;
     let ns = d.attach()?;
+    let wakes = d.wake_requests()?;
     let ring = summary(
         bench::p5_ring(ring_counts, stream, &ns, &d.socket.to_string_lossy())?,
         "P5 ring",
     )?;
+    let wakes = d.wake_requests()?.saturating_sub(wakes);
     drop(ns);
     drop(d);
+    let chunks = (ring_counts.warmup + ring_counts.samples) * stream / bench::P5_CHUNK;
     lines.push(Line {
         id: "P5".into(),
         what: format!(
@@ -599,7 +602,8 @@ fn p5_lines(smoke: bool) -> Result<Vec<Line>> {
              the library's blocking `write_all`/`read_blocking` in 64 KiB calls from a {} MiB \
              source to a {} MiB destination (as the anchor's {} MiB memcpy, beyond the caches \
              in the full run); timed until the consumer has taken the last byte, every byte \
-             checked after the last round",
+             checked after the last round. vshmd answered {wakes} WAKE requests for the \
+             {chunks} chunks of 64 KiB each side moved (warm-up included)",
             stream.min(64 << 20) >> 20,
             stream.min(64 << 20) >> 20,
             bytes >> 20
@@ -706,13 +710,15 @@ fn p6_lines(smoke: bool) -> Result<Vec<Line>> {
             ns_per_byte(g.copy_local),
         )),
         goal: Goal::ThroughputAtLeast(0.8),
-        note: Some(
+        note: Some(format!(
             "the sender's time from its first 64 KiB write until the receiver (the other guest, \
              which created the ring) has taken the last byte; the receiver checks the last MiB. \
              Over the guest transport a waiting side sleeps on the section's notifications, each \
-             a WAKE request from the other guest and an interrupt"
-                .into(),
-        ),
+             a WAKE request from the other guest and an interrupt: vshmd answered {} WAKE \
+             requests for the {} chunks of 64 KiB each side moved",
+            g.ring_wakes,
+            g.ring.len() as u64 * (g.ring_mib << 20) / bench::P5_CHUNK as u64
+        )),
     });
     lines.push(Line {
         id: "P6".into(),
