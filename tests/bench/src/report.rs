@@ -264,8 +264,8 @@ const FINDINGS: &[(&str, &str)] = &[
          2.4–2.8 GB/s. Two things, measured on 2026-12-02 (2 shared cores, load average 3.6–5.5 \
          from other builds): (1) waking: a side that finds nothing to do for 128 looks registers as \
          a waiter, and the other side's next write or read then makes a synchronous WAKE request to \
-         vshmd (the P3 path, tens of µs) — 15.5 k WAKE requests and 12.5 k waits for 90 k chunks \
-         of 64 KiB in one run; (2) the two sides need two cores at once: 77 k context switches per \
+         vshmd (the P3 path, tens of µs) — 15.5–19.8 k WAKE requests (vshmd's metrics; the \
+         line's note has this run's count) and 12.5 k waits for 90 k chunks of 64 KiB a run; (2) the two sides need two cores at once: 77 k context switches per \
          run, and spinning longer before sleeping made it worse (16 384 looks: 0.16×, the spinner \
          takes the core its peer needs), as did a pure-spin two-thread ring of vshm-format with no \
          waking at all (0.1–1.3 GB/s). The ring's size is not it: 1, 4 and 16 MiB rings with \
@@ -275,17 +275,18 @@ const FINDINGS: &[(&str, &str)] = &[
     (
         "P6",
         "measured in TCG guests (no KVM here) on 2 shared cores, load average ~5, 2026-12-02. \
-         *Copies* in a guest (single readings, noisy: 0.56–0.86× into, 0.57–0.69× out of a \
-         section in two runs): the library copies with volatile 8-byte words, which on the host \
+         *Copies* in a guest (single readings, noisy: 0.55–0.86× into, 0.57–0.69× out of a \
+         section in three runs): the library copies with volatile 8-byte words, which on the host \
          run at memcpy speed (P5's finding), so the gap is what TCG makes of them; not profiled \
-         inside a guest. *The ring between two guests* (0.19×): as P5, a side that waits \
+         inside a guest. *The ring between two guests* (0.18–0.19×): as P5, a side that waits \
          registers and the other side then sends a WAKE request — here a guest → host request \
-         (the round-trip line: ~0.1–0.2 ms median under TCG) and an interrupt into the other \
-         guest; not profiled in the guests. *The CLI path* (11.5×): the copies are 73 ms of \
-         ~850 ms; the rest is two agent commands (~32 ms each), two starts of the 3 MB static \
-         `vshm` (~170 ms each through the agent; `vshm --version` costs the same, so it is the \
+         (the round-trip line: 0.1–0.24 ms median under TCG) and an interrupt into the other \
+         guest: 308 WAKE requests for 1 280 chunks of 64 KiB (one in four) in one run, ~60 per \
+         16 MiB transfer of ~100 ms; not profiled further in the guests. *The CLI path* \
+         (11.5–16×): the copies are 65–73 ms of 830–1 040 ms; the rest is two agent commands (~32 ms each), two starts of the 3 MB static \
+         `vshm` (155–200 ms each through the agent; `vshm --version` costs the same, so it is the \
          process start under TCG, not the attach), the 16 MiB file read in A and written in B \
-         (`cat` of it: ~150 ms) — see the line's note for this run's figures",
+         (`cat` of it: 150–240 ms) — see the line's note for this run's figures",
     ),
     (
         "P7",
