@@ -112,7 +112,8 @@ fn line<'a>(text: &'a str, prefix: &str) -> Result<&'a str> {
 }
 
 /// P6 with `mib` MiB per bulk transfer, `reps` transfers of each kind, `count` samples of
-/// the round trips and `copy_mib` MiB for `vshm rtt`'s copies.
+/// the request round trip (and at most 50 pings) and `copy_mib` MiB for `vshm rtt`'s
+/// copies.
 pub fn p6(mib: u64, reps: usize, count: u32, copy_mib: u64) -> Result<Outcome> {
     let dir = vshm_images::out_dir();
     let Some(image) = Image::existing(&dir) else {
@@ -172,7 +173,11 @@ pub fn p6(mib: u64, reps: usize, count: u32, copy_mib: u64) -> Result<Outcome> {
 
     // Round trips: ping (after one for ARP), then vshm rtt with its copies.
     ok(&mut a, &format!("ping -c 1 -W 5 {peer_ip}"))?;
-    let pings = ok(&mut a, &format!("ping -c {count} -i 0.2 {peer_ip}"))?;
+    // At most 50 pings (0.2 s apart: 10 s).
+    let pings = ok(
+        &mut a,
+        &format!("ping -c {} -i 0.2 {peer_ip}", count.min(50)),
+    )?;
     let ping: Vec<f64> = pings
         .lines()
         .filter_map(|l| after(l, "time="))
