@@ -265,7 +265,11 @@ const FINDINGS: &[(&str, &str)] = &[
          from other builds): (1) waking: a side that finds nothing to do for 128 looks registers as \
          a waiter, and the other side's next write or read then makes a synchronous WAKE request to \
          vshmd (the P3 path, tens of µs) — 15.5–19.8 k WAKE requests (vshmd's metrics; the \
-         line's note has this run's count) and 12.5 k waits for 90 k chunks of 64 KiB a run; (2) the two sides need two cores at once: 77 k context switches per \
+         line's note has this run's count) and 12.5 k waits for 90 k chunks of 64 KiB a run, and \
+         `perf record` (cpu-clock) of a run put vshmd at 12 % of the samples (serving them: \
+         `Arbiter::sweep` and the table walks found for P2 run on every doorbell) and the peers' \
+         `vshm-bells` threads at 9 %, against 44 % in the ring's copies (`write_bytes` 25 %, \
+         `read_bytes` 19 %) — a fifth of the CPU goes to waking on a machine with two cores; (2) the two sides need two cores at once: 77 k context switches per \
          run, and spinning longer before sleeping made it worse (16 384 looks: 0.16×, the spinner \
          takes the core its peer needs), as did a pure-spin two-thread ring of vshm-format with no \
          waking at all (0.1–1.3 GB/s). The ring's size is not it: 1, 4 and 16 MiB rings with \
