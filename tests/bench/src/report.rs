@@ -269,8 +269,8 @@ const FINDINGS: &[(&str, &str)] = &[
          `perf record` (cpu-clock) of a run put vshmd at 12 % of the samples (serving them: \
          `Arbiter::sweep` and the table walks found for P2 run on every doorbell) and the peers' \
          `vshm-bells` threads at 9 %, against 44 % in the ring's copies (`write_bytes` 25 %, \
-         `read_bytes` 19 %) — a fifth of the CPU goes to waking on a machine with two cores; (2) the two sides need two cores at once: 77 k context switches per \
-         run, and spinning longer before sleeping made it worse (16 384 looks: 0.16×, the spinner \
+         `read_bytes` 19 %) — a fifth of the CPU goes to waking on a machine with two cores; \
+         (2) the two sides need two cores at once: 77 k context switches per run, and spinning longer before sleeping made it worse (16 384 looks: 0.16×, the spinner \
          takes the core its peer needs), as did a pure-spin two-thread ring of vshm-format with no \
          waking at all (0.1–1.3 GB/s). The ring's size is not it: 1, 4 and 16 MiB rings with \
          64 KiB–1 MiB calls read 0.18–0.76× across 12 runs, no size consistently ahead (the \
