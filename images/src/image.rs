@@ -218,6 +218,13 @@ fn build_driver(out: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, I
 /// Downloads `package` into `dir` and extracts `member` (a path inside the package, e.g.
 /// `./bin/busybox`) into `dir/root`. Returns the extracted path.
 fn fetch_member(dir: &Path, package: &str, member: &str) -> Result<PathBuf, ImageError> {
+    fetch_members(dir, package, &[member])?;
+    Ok(dir.join("root").join(member.trim_start_matches("./")))
+}
+
+/// Downloads `package` into `dir` (once) and extracts `members` (paths inside the package)
+/// into `dir/root`, in one pass over the package.
+fn fetch_members(dir: &Path, package: &str, members: &[&str]) -> Result<(), ImageError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let debs = |dir: &Path| -> Vec<PathBuf> {
         std::fs::read_dir(dir)
@@ -251,21 +258,69 @@ fn fetch_member(dir: &Path, package: &str, member: &str) -> Result<PathBuf, Imag
         })?;
     let root = dir.join("root");
     std::fs::create_dir_all(&root).map_err(io(&root))?;
+    let quoted: Vec<String> = members.iter().map(|m| format!("'{m}'")).collect();
     let script = format!(
-        "dpkg-deb --fsys-tarfile '{}' | tar -x -C '{}' '{}'",
+        "dpkg-deb --fsys-tarfile '{}' | tar -x -C '{}' {}",
         deb.display(),
         root.display(),
-        member
+        quoted.join(" ")
     );
     run(
-        &format!("extracting {member} from {}", deb.display()),
+        &format!("extracting {} from {}", members.join(", "), deb.display()),
         Command::new("sh").args(["-c", &script]),
     )?;
-    Ok(root.join(member.trim_start_matches("./")))
+    Ok(())
+}
+
+/// The guest kernel's virtio-net driver and what it needs, in load order: Debian's cloud
+/// kernel builds them as modules (`CONFIG_VIRTIO_PCI=m`, `CONFIG_VIRTIO_NET=m`), and its
+/// initramfs-less boot here loads none of them by itself.
+const NET_MODULES: [&str; 8] = [
+    "kernel/drivers/virtio/virtio_ring.ko",
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+    "kernel/drivers/virtio/virtio_pci.ko",
+    "kernel/net/core/failover.ko",
+    "kernel/drivers/net/net_failover.ko",
+    "kernel/drivers/net/virtio_net.ko",
+];
+
+/// Where the virtio-net modules are kept in the output directory (and in the image, under
+/// /lib/modules/net/).
+const NET_DIR: &str = "net-modules";
+
+/// Extracts [`NET_MODULES`] of the guest kernel `version` from its package (cached in
+/// `out/cache/linux-image-<version>`) into `out/net-modules/`, once. Returns their paths in
+/// load order.
+fn net_modules(out: &Path, version: &str) -> Result<Vec<PathBuf>, ImageError> {
+    let dir = out.join(NET_DIR);
+    let paths: Vec<PathBuf> = NET_MODULES
+        .iter()
+        .map(|m| dir.join(m.rsplit('/').next().unwrap_or(m)))
+        .collect();
+    if paths.iter().all(|p| p.exists()) {
+        return Ok(paths);
+    }
+    let package = format!("linux-image-{version}");
+    let cache = out.join("cache").join(&package);
+    let members: Vec<String> = NET_MODULES
+        .iter()
+        .map(|m| format!("./lib/modules/{version}/{m}"))
+        .collect();
+    let refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    fetch_members(&cache, &package, &refs)?;
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    for (member, to) in members.iter().zip(&paths) {
+        let from = cache.join("root").join(member.trim_start_matches("./"));
+        std::fs::copy(&from, to).map_err(io(&from))?;
+    }
+    Ok(paths)
 }
 
 /// The guest's /init: mounts, installs busybox applets, loads the vshm driver (unless the
-/// kernel command line says `vshm_nodriver`), then serves the agent forever.
+/// kernel command line says `vshm_nodriver`), brings up eth0 if the kernel command line
+/// says `vshm_net=ADDR/PREFIX`, then serves the agent forever.
 pub const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -281,6 +336,24 @@ elif insmod /lib/modules/vshm.ko; then
     echo "vshm-guest: vshm driver loaded: $(ls /dev | grep '^vshm' | tr '\n' ' ')"
 else
     echo "vshm-guest: vshm driver FAILED to load"
+fi
+# Networking only when asked (`vshm_net=ADDR/PREFIX` on the kernel command line: a guest
+# with a virtio-net device, e.g. the benchmark's TCP anchor): the virtio-net modules, then
+# eth0 up with that address. The outcome is in /run/vshm-net.
+net=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^vshm_net=//p')
+if [ -n "$net" ]; then
+    ok=1
+    for m in $(cat /lib/modules/net/order 2>/dev/null); do
+        insmod /lib/modules/net/$m || ok=0
+    done
+    i=0
+    while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+    if [ $ok = 1 ] && ip link set lo up && ip link set eth0 up && ip addr add "$net" dev eth0; then
+        echo "up eth0 $net" > /run/vshm-net
+    else
+        echo "failed: modules $(cat /lib/modules/net/order 2>/dev/null | tr '\n' ' '), $(ls /sys/class/net | tr '\n' ' ')" > /run/vshm-net
+    fi
+    echo "vshm-guest: network: $(cat /run/vshm-net)"
 fi
 while true; do
     stty -F /dev/ttyS1 raw -echo 2>/dev/null
@@ -367,12 +440,26 @@ pub fn build(
     } else {
         progress("busybox: cached");
     }
-    progress("packing the initramfs (busybox, vshm, the C example, vshm.ko, init, agent)");
+    progress(
+        "packing the initramfs (busybox, vshm, the C example, vshm.ko, virtio-net, init, agent)",
+    );
     let read = |p: &Path| std::fs::read(p).map_err(io(p));
     let mut a = Archive::new();
     let w = |r: std::io::Result<()>| r.map_err(io(out));
     for d in [
-        "bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "root", "usr", "usr/bin", "usr/sbin",
+        "bin",
+        "sbin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "etc",
+        "root",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "lib",
+        "lib/modules",
     ] {
         w(a.dir(d))?;
     }
@@ -392,9 +479,25 @@ pub fn build(
         w(a.file(&format!("bin/{name}"), 0o755, &read(program)?))?;
     }
     if let Some(ko) = &driver {
-        w(a.dir("lib"))?;
-        w(a.dir("lib/modules"))?;
         w(a.file("lib/modules/vshm.ko", 0o644, &read(ko)?))?;
+    }
+    // The virtio-net modules (init loads them only for `vshm_net=`); an image without them
+    // still boots, and says so in /run/vshm-net when asked for a network.
+    match kernel_version(out).and_then(|v| net_modules(out, &v)) {
+        Ok(modules) => {
+            w(a.dir("lib/modules/net"))?;
+            let mut order = String::new();
+            for m in &modules {
+                let name = m.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                w(a.file(&format!("lib/modules/net/{name}"), 0o644, &read(m)?))?;
+                order.push_str(name);
+                order.push('\n');
+            }
+            w(a.file("lib/modules/net/order", 0o644, order.as_bytes()))?;
+        }
+        Err(e) => progress(&format!(
+            "WARNING: no virtio-net modules in this image (guests cannot have a network): {e}"
+        )),
     }
     w(a.file("init", 0o755, INIT.as_bytes()))?;
     w(a.file("agent.sh", 0o755, AGENT.as_bytes()))?;

@@ -9,4 +9,4 @@ pub mod image;
 pub mod vm;
 
 pub use image::{build, out_dir, Image, ImageError};
-pub use vm::{accelerator, Accel, Output, Starting, Vm, VmConfig, VmError};
+pub use vm::{accelerator, Accel, GuestNet, Output, Starting, Vm, VmConfig, VmError};

@@ -113,6 +113,52 @@ pub struct VmConfig {
     /// Further vshmd sockets, each attached as one more ivshmem-doorbell device (a guest
     /// with several regions); none by default.
     pub extra_sockets: Vec<PathBuf>,
+    /// A virtio-net device on a link to exactly one other guest ([`GuestNet::pair`]); none
+    /// by default (guests have no network).
+    pub net: Option<GuestNet>,
+}
+
+/// One end of a point-to-point Ethernet link between two guests: QEMU's `-netdev dgram`
+/// over two unix datagram sockets (each QEMU binds its own and sends to the other's), a
+/// `virtio-net-pci` device on it, and the address the guest's init gives eth0
+/// (`vshm_net=ADDR/PREFIX` on the kernel command line; it loads the image's virtio-net
+/// modules for it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNet {
+    /// This guest's socket (QEMU binds it; removed first if it exists).
+    pub local: PathBuf,
+    /// The other guest's socket.
+    pub remote: PathBuf,
+    /// eth0's address with its prefix, e.g. `10.9.0.1/24`.
+    pub address: String,
+    /// eth0's MAC address (the two ends must differ).
+    pub mac: String,
+}
+
+impl GuestNet {
+    /// The two ends of a link whose sockets are in `dir`: `10.9.0.1/24` and `10.9.0.2/24`.
+    pub fn pair(dir: &Path) -> (GuestNet, GuestNet) {
+        let (a, b) = (dir.join("net-a.sock"), dir.join("net-b.sock"));
+        (
+            GuestNet {
+                local: a.clone(),
+                remote: b.clone(),
+                address: "10.9.0.1/24".into(),
+                mac: "52:54:00:76:73:01".into(),
+            },
+            GuestNet {
+                local: b,
+                remote: a,
+                address: "10.9.0.2/24".into(),
+                mac: "52:54:00:76:73:02".into(),
+            },
+        )
+    }
+
+    /// The address without its prefix (`10.9.0.1`).
+    pub fn ip(&self) -> &str {
+        self.address.split('/').next().unwrap_or(&self.address)
+    }
 }
 
 impl VmConfig {
@@ -129,6 +175,7 @@ impl VmConfig {
             accel: accelerator(),
             driver: true,
             extra_sockets: Vec::new(),
+            net: None,
         }
     }
 
@@ -162,11 +209,7 @@ impl VmConfig {
             "-initrd".into(),
             self.image.initrd.display().to_string(),
             "-append".into(),
-            if self.driver {
-                "console=ttyS0 panic=-1 loglevel=4".into()
-            } else {
-                "console=ttyS0 panic=-1 loglevel=4 vshm_nodriver".into()
-            },
+            self.kernel_command_line(),
             "-serial".into(),
             format!("file:{}", console.display()),
             "-serial".into(),
@@ -185,7 +228,32 @@ impl VmConfig {
                 format!("ivshmem-doorbell,chardev={id},vectors={}", self.vectors),
             ]);
         }
+        if let Some(net) = &self.net {
+            a.extend([
+                "-netdev".into(),
+                format!(
+                    "dgram,id=net0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                    net.local.display(),
+                    net.remote.display()
+                ),
+                "-device".into(),
+                format!("virtio-net-pci,netdev=net0,mac={}", net.mac),
+            ]);
+        }
         a
+    }
+
+    /// The guest kernel's command line: the console, `vshm_nodriver` without the driver,
+    /// `vshm_net=ADDR` with a network.
+    pub fn kernel_command_line(&self) -> String {
+        let mut line = String::from("console=ttyS0 panic=-1 loglevel=4");
+        if !self.driver {
+            line.push_str(" vshm_nodriver");
+        }
+        if let Some(net) = &self.net {
+            line.push_str(&format!(" vshm_net={}", net.address));
+        }
+        line
     }
 }
 
@@ -338,6 +406,10 @@ impl Vm {
         let qemu = "qemu-system-x86_64";
         let agent = cfg.work_dir.join(format!("{}.agent.sock", cfg.name));
         let _ = std::fs::remove_file(&agent);
+        if let Some(net) = &cfg.net {
+            // QEMU binds its end of the link and fails if the file is there.
+            let _ = std::fs::remove_file(&net.local);
+        }
         let mut cmd = Command::new(qemu);
         let stderr_log = cfg.work_dir.join(format!("{}.qemu.log", cfg.name));
         let stderr = std::fs::File::create(&stderr_log).map_err(|source| VmError::Spawn {
@@ -506,5 +578,60 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        let image = Image {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            driver: None,
+        };
+        VmConfig::new("a", &image, Path::new("/s"), Path::new("/w"))
+    }
+
+    #[test]
+    fn a_guest_has_no_network_unless_asked() {
+        let args = config().qemu_args();
+        assert!(!args
+            .iter()
+            .any(|a| a.contains("netdev") || a.contains("virtio-net")));
+        assert!(!config().kernel_command_line().contains("vshm_net"));
+    }
+
+    #[test]
+    fn the_two_ends_of_a_link_point_at_each_other_with_their_own_address_and_mac() {
+        let (a, b) = GuestNet::pair(Path::new("/w"));
+        assert_eq!(
+            (a.local.clone(), a.remote.clone()),
+            (b.remote.clone(), b.local.clone())
+        );
+        assert_ne!(a.address, b.address);
+        assert_ne!(a.mac, b.mac);
+        assert_eq!(a.ip(), "10.9.0.1");
+        let mut cfg = config();
+        cfg.net = Some(a.clone());
+        let args = cfg.qemu_args();
+        let netdev = args
+            .iter()
+            .position(|x| x == "-netdev")
+            .map(|i| args[i + 1].clone())
+            .expect("-netdev");
+        assert!(netdev.starts_with("dgram,id=net0,"), "{netdev}");
+        assert!(netdev.contains("local.path=/w/net-a.sock"), "{netdev}");
+        assert!(netdev.contains("remote.path=/w/net-b.sock"), "{netdev}");
+        assert!(args
+            .iter()
+            .any(|x| x == &format!("virtio-net-pci,netdev=net0,mac={}", a.mac)));
+        let append = args
+            .iter()
+            .position(|x| x == "-append")
+            .map(|i| args[i + 1].clone())
+            .expect("-append");
+        assert!(append.ends_with(" vshm_net=10.9.0.1/24"), "{append}");
     }
 }

@@ -39,8 +39,12 @@ fn steps() -> Vec<Step> {
         freestanding_step(),
         // The integration tests spawn the built vshmd/vshm/vshmctl from target/debug.
         cargo_step("build", &["build", "--workspace", "--bins"]),
-        // Every benchmark once, tiny counts, from that debug build (tests/bench); fails only
-        // if a benchmark errors, never on a timing.
+        cargo_step(
+            "images",
+            &["run", "--quiet", "--package", "xtask", "--", "images"],
+        ),
+        // Every benchmark once, tiny counts, from that debug build (tests/bench), P6 in two
+        // guests of the image just built; fails only if a benchmark errors, never on a timing.
         cargo_step(
             "bench-smoke",
             &[
@@ -52,10 +56,6 @@ fn steps() -> Vec<Step> {
                 "bench",
                 "--smoke",
             ],
-        ),
-        cargo_step(
-            "images",
-            &["run", "--quiet", "--package", "xtask", "--", "images"],
         ),
         cargo_step("test", &["test", "--workspace"]),
         // The Debian package: built (release), installed, run as user vshm, removed.

@@ -193,6 +193,54 @@ enum Command {
         #[arg(value_parser = size_arg)]
         offset: u64,
     },
+    /// Benchmark helper (tests/bench P6, hidden): send bytes over TCP to a `vshm net-recv`
+    /// in 1 MiB writes and report the time until the receiver had them all. Needs no vshm
+    /// device.
+    #[command(hide = true)]
+    NetSend {
+        /// The receiver, IP:PORT.
+        addr: String,
+        /// Send this file's bytes (read into memory first).
+        #[arg(long, conflicts_with = "mib", required_unless_present = "mib")]
+        file: Option<PathBuf>,
+        /// Send this many MiB of a pattern.
+        #[arg(long)]
+        mib: Option<u64>,
+    },
+    /// Benchmark helper (tests/bench P6, hidden): take one TCP connection on PORT, read it to
+    /// its end in 1 MiB reads and report bytes and time. Needs no vshm device.
+    #[command(hide = true)]
+    NetRecv {
+        /// The port to listen on (every address).
+        port: u16,
+        /// Write what arrives into this file (else it is dropped).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Benchmark helper (tests/bench P6, hidden): create an SPSC ring at offset 0 of section
+    /// NAME, take MIB MiB from it in 64 KiB reads and report the time.
+    #[command(hide = true)]
+    RingRecv {
+        /// Section name (its first bytes zero).
+        name: String,
+        /// MiB to take.
+        #[arg(long)]
+        mib: u64,
+        /// The ring's capacity (a power of two; the section holds it and 384 bytes more).
+        #[arg(long, default_value = "1M", value_parser = size_arg)]
+        capacity: u64,
+    },
+    /// Benchmark helper (tests/bench P6, hidden): attach to the ring `vshm ring-recv` created
+    /// in section NAME, send MIB MiB in 64 KiB writes and report the time until the receiver
+    /// took the last byte.
+    #[command(hide = true)]
+    RingSend {
+        /// Section name.
+        name: String,
+        /// MiB to send.
+        #[arg(long)]
+        mib: u64,
+    },
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -212,6 +260,12 @@ macro_rules! say {
 // cargo would take it for another binary: it lives in src/bin/vshm/ instead.
 #[path = "vshm/sync.rs"]
 mod sync;
+
+#[path = "vshm/net.rs"]
+mod net;
+
+#[path = "vshm/ring.rs"]
+mod ring;
 
 /// A failure: message and exit code.
 struct Failure(String);
@@ -361,6 +415,12 @@ fn run(args: Args) -> Result<(), Failure> {
     // a guest, where all processes share one peer. `hold` waits for them on a signalfd;
     // long loops poll `interrupted()`.
     block_release_signals();
+    // The network benchmark helpers need no region.
+    match &args.command {
+        Command::NetSend { addr, file, mib } => return net::send(addr, file.as_ref(), *mib),
+        Command::NetRecv { port, out } => return net::recv(*port, out.as_ref()),
+        _ => {}
+    }
     match &args.socket {
         Some(socket) => {
             let transport = HostTransport::connect(socket).map_err(|e| Failure(e.to_string()))?;
@@ -658,6 +718,15 @@ fn execute<T: Transport>(ns: Namespace<T>, command: Command) -> Result<(), Failu
             }
             section.close()?;
         }
+        Command::NetSend { .. } | Command::NetRecv { .. } => {
+            return Err(Failure("net-send and net-recv need no region".into()));
+        }
+        Command::RingRecv {
+            name,
+            mib,
+            capacity,
+        } => ring::recv(&ns, &name, mib, capacity)?,
+        Command::RingSend { name, mib } => ring::send(&ns, &name, mib)?,
         Command::Free { name, offset } => {
             let section = ns.open(&name).map_err(ctx("open", &name))?;
             section.free_at(offset).map_err(ctx("free in", &name))?;

@@ -356,14 +356,130 @@ pub fn p5_memcpy(counts: Counts, bytes: usize) -> Result<Vec<f64>> {
     Ok(per_copy.into_iter().map(|ns| ns / bytes as f64).collect())
 }
 
-/// P5, ours: SPSC ring streaming throughput, ns per byte.
-///
-/// TODO(issue 13, P5): the ring is being written in guest/src/ring.rs. Once it lands,
-/// stream `bytes` through a ring in a section from this peer to a consumer peer in another
-/// process (a role, as P4 does), in ring-sized messages, and return ns per byte as
-/// [`p5_memcpy`] does; report.rs then prints the ratio against memcpy (goal ≥ 0.8×).
-pub fn p5_ring(_counts: Counts, _bytes: usize) -> Option<Result<Vec<f64>>> {
-    None
+/// P5's ring: its capacity (1 MiB: room for 16 chunks in flight, and within a core's L2
+/// with the chunks either side copies through).
+pub const P5_CAPACITY: u64 = 1 << 20;
+/// P5: bytes per `write_all` / `read_blocking` call on each side.
+pub const P5_CHUNK: usize = 64 << 10;
+/// P5: the producer's source and the consumer's destination, beyond the caches as the
+/// memcpy anchor's (the stream cycles through them).
+const P5_BUFFER: usize = 64 << 20;
+
+/// P5's stream bytes: a pattern whose period (251) is prime to every power of two, so a
+/// byte out of place shows.
+fn p5_pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| u8::try_from(i % 251).unwrap_or(0))
+        .collect()
+}
+
+/// P5, ours: SPSC ring streaming throughput between two peers in two processes, through a
+/// real vshmd: this process creates the section `p5/ring` with a ring of [`P5_CAPACITY`]
+/// at offset 0 and produces; the role `ring-consume` (another process, its own peer)
+/// attaches and consumes. Each sample streams `bytes` from a [`P5_BUFFER`]-byte source to
+/// the consumer's [`P5_BUFFER`]-byte destination in [`P5_CHUNK`] calls of the library's
+/// blocking `write_all` / `read_blocking`, timed from the first write until the consumer
+/// has taken the last byte (the producer sees `tail` reach `head`). The consumer checks
+/// every byte of its destination after the last round. ns per byte, as [`p5_memcpy`].
+pub fn p5_ring(
+    counts: Counts,
+    bytes: usize,
+    ns: &Namespace<HostTransport>,
+    socket: &str,
+) -> Result<Vec<f64>> {
+    let buffer = bytes.min(P5_BUFFER);
+    if buffer == 0 || bytes % buffer != 0 {
+        return Err(format!("P5: {bytes} bytes is not a multiple of {buffer}"));
+    }
+    let (s, _) = ns
+        .create(
+            Some("p5/ring"),
+            &CreateOptions::new(P5_CAPACITY + vshm::format::ring::HEADER_SIZE),
+        )
+        .ctx("create p5/ring")?;
+    let ring = vshm::Ring::create_in(&s, 0, P5_CAPACITY).ctx("create the P5 ring")?;
+    let src = p5_pattern(buffer);
+    let rounds = counts.warmup + counts.samples;
+    let child = Role::spawn(
+        "ring-consume",
+        &[
+            socket.to_owned(),
+            bytes.to_string(),
+            buffer.to_string(),
+            rounds.to_string(),
+        ],
+    )?;
+    let mut producer = ring.producer().ctx("the P5 ring's producer")?;
+    let samples = measure(counts, 1, || {
+        let mut sent = 0;
+        while sent < bytes {
+            let at = sent % buffer;
+            let n = P5_CHUNK.min(buffer - at).min(bytes - sent);
+            producer
+                .write_all(&src[at..at + n], Some(PATIENCE))
+                .ctx("P5 write")?;
+            sent += n;
+        }
+        let started = Instant::now();
+        while producer.free().ctx("P5 free")? < P5_CAPACITY {
+            if started.elapsed() > PATIENCE {
+                return Err("P5: the consumer stopped taking".into());
+            }
+            std::hint::spin_loop();
+        }
+        Ok(())
+    })?;
+    role_verdict(child, "ring-consume")?;
+    drop(producer);
+    s.close().ctx("close p5/ring")?;
+    Ok(samples.into_iter().map(|ns| ns / bytes as f64).collect())
+}
+
+/// Reads a role's verdict line (`ok` or `error: ...`) and lets it finish.
+fn role_verdict(mut role: Role, what: &str) -> Result<()> {
+    let line = role.line()?;
+    role.finish()?;
+    match line.strip_prefix("error: ") {
+        None if line == "ok" => Ok(()),
+        Some(e) => Err(format!("{what}: {e}")),
+        None => Err(format!("{what} said {line:?}")),
+    }
+}
+
+/// The consumer half of [`p5_ring`]: takes `rounds` × `bytes` into a `buffer`-byte
+/// destination, then checks it against the pattern and says `ok` (or `error: ...`).
+pub fn ring_consume(socket: &str, bytes: usize, buffer: usize, rounds: usize) -> Result<()> {
+    let ns = attach(socket.as_ref())?;
+    let s = ns.open("p5/ring").ctx("open p5/ring")?;
+    let ring = vshm::Ring::attach(&s, 0).ctx("attach the P5 ring")?;
+    let mut consumer = ring.consumer().ctx("the P5 ring's consumer")?;
+    let mut dst = vec![0u8; buffer];
+    crate::harness::say_ready()?;
+    for _ in 0..rounds {
+        let mut got = 0;
+        while got < bytes {
+            let at = got % buffer;
+            let n = P5_CHUNK.min(buffer - at).min(bytes - got);
+            got += consumer
+                .read_blocking(&mut dst[at..at + n], Some(PATIENCE))
+                .ctx("P5 read")?;
+        }
+    }
+    let verdict = if dst == p5_pattern(buffer) {
+        "ok".to_owned()
+    } else {
+        let at = dst
+            .iter()
+            .zip(p5_pattern(buffer))
+            .position(|(a, b)| *a != b)
+            .unwrap_or(0);
+        format!("error: byte {at} of the last round is not what was sent")
+    };
+    println!("{verdict}");
+    std::io::Write::flush(&mut std::io::stdout()).ctx("stdout")?;
+    crate::harness::wait_eof()?;
+    drop(consumer);
+    s.close().ctx("close p5/ring")
 }
 
 /// P7 at one peer count: each peer, in its own process, sends no-op arbitrated requests

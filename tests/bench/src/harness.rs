@@ -186,6 +186,20 @@ impl Vshmd {
     pub fn attach(&self) -> Result<Namespace<HostTransport>> {
         attach(&self.socket)
     }
+
+    /// WAKE requests this vshmd has answered so far (`vshm_requests_total{op="wake"}` of
+    /// its metrics, over its control socket `SOCKET.ctl`).
+    pub fn wake_requests(&self) -> Result<u64> {
+        let control = PathBuf::from(format!("{}.ctl", self.socket.display()));
+        let metrics = vshm_control::request(&control, &vshm_control::ControlRequest::Metrics)
+            .ctx(format!("vshmd metrics from {}", control.display()))?;
+        let text = metrics.as_str().ok_or("vshmd metrics: not text")?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("vshm_requests_total{op=\"wake\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum())
+    }
 }
 
 impl Drop for Vshmd {

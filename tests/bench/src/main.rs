@@ -6,6 +6,7 @@
 //! ```text
 //! vshm-bench run --out DIR [--smoke] [--commit ID]   # DIR/BENCHMARKS.md, DIR/docs/bench/*.png,
 //!                                                    # DIR/readme-table.md
+//! vshm-bench one P5|P6 [--smoke]                    # one line alone, printed
 //! vshm-bench role NAME ARGS...                       # a peer process the suite spawns
 //! vshm-bench p1 [LEVEL...]                           # P1 alone, printed (default levels
 //!                                                    # 1 100 1000 10000); writes nothing
@@ -14,6 +15,7 @@
 //! vshmd is taken from beside this binary (the same target directory).
 
 mod bench;
+mod guests;
 mod harness;
 mod ice;
 mod posix;
@@ -29,7 +31,8 @@ use report::{Goal, Line, Plot, Report, Series, Unit};
 use stats::{summarize, Summary};
 
 const USAGE: &str = "usage: vshm-bench run --out DIR [--smoke] [--commit ID]\n       \
-     vshm-bench role NAME ARGS...\n       vshm-bench p1 [LEVEL...]";
+                     vshm-bench one P5|P6 [--smoke]\n       vshm-bench role NAME ARGS...\n       \
+                     vshm-bench p1 [LEVEL...]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         Some("run") => run_cli(&args[1..]),
         Some("role") => role(&args[1..]),
         Some("p1") => p1_cli(&args[1..]),
+        Some("one") => one(&args[1..]),
         _ => Err(USAGE.to_owned()),
     };
     match result {
@@ -71,6 +75,12 @@ fn role(args: &[String]) -> Result<()> {
             arg(rest, 2, "rounds")?,
         ),
         "section-echo" => bench::section_echo(&s(0)?, arg(rest, 1, "rounds")?),
+        "ring-consume" => bench::ring_consume(
+            &s(0)?,
+            arg(rest, 1, "bytes")?,
+            arg(rest, 2, "buffer")?,
+            arg(rest, 3, "rounds")?,
+        ),
         "raw-echo" => bench::raw_echo(arg(rest, 0, "fd")?, arg(rest, 1, "rounds")?),
         "ice-event-echo" => ice::event_echo(&s(0)?, arg(rest, 1, "rounds")?),
         "ice-pubsub-echo" => ice::pubsub_echo(&s(0)?, arg(rest, 1, "rounds")?),
@@ -428,36 +438,8 @@ fn run(out: &Path, smoke: bool, commit: &str) -> Result<()> {
         });
     }
 
-    // P5.
-    step("P5: memcpy bandwidth (the ring: not yet)");
-    let bytes = if smoke { 1 << 20 } else { 64 << 20 };
-    let mem_counts = Counts {
-        samples: if smoke { 5 } else { 100 },
-        warmup: 2,
-    };
-    let memcpy = summary(bench::p5_memcpy(mem_counts, bytes)?, "P5 memcpy")?;
-    let ring = bench::p5_ring(mem_counts, bytes)
-        .transpose()?
-        .map(|v| summary(v, "P5 ring"))
-        .transpose()?;
-    lines.push(Line {
-        id: "P5".into(),
-        what: format!("SPSC ring streaming throughput ({} MiB)", bytes >> 20),
-        unit: Unit::NanosPerByte,
-        note: ring.is_none().then(|| "the SPSC ring (guest/src/ring.rs) is not in this tree yet: its slot is `bench::p5_ring` (TODO); the memcpy anchor is measured".into()),
-        ours: ring,
-        anchor: Some(("single-thread memcpy".into(), memcpy)),
-        goal: Goal::ThroughputAtLeast(0.8),
-    });
-    lines.push(Line {
-        id: "P6".into(),
-        what: "two QEMU guests".into(),
-        unit: Unit::Nanos,
-        ours: None,
-        anchor: None,
-        goal: Goal::RatioAtMost(1.0),
-        note: Some("not in this suite yet".into()),
-    });
+    lines.extend(p5_lines(smoke)?);
+    lines.extend(p6_lines(smoke)?);
 
     // P7 and the latency-vs-peers scaling, on a region with 62 peer slots.
     let d = Vshmd::start(&["--max-peers".into(), "62".into()])?;
@@ -618,5 +600,234 @@ fn run(out: &Path, smoke: bool, commit: &str) -> Result<()> {
     let table = out.join("readme-table.md");
     std::fs::write(&table, report::readme_table(&r)).ctx(format!("write {}", table.display()))?;
     eprintln!("==> wrote {}", md.display());
+    Ok(())
+}
+
+/// P5: the SPSC ring between two peer processes through a real vshmd, against memcpy.
+fn p5_lines(smoke: bool) -> Result<Vec<Line>> {
+    let mut lines = Vec::new();
+    step("P5: SPSC ring streaming between two processes, and memcpy");
+    let bytes = if smoke { 1 << 20 } else { 64 << 20 };
+    let mem_counts = Counts {
+        samples: if smoke { 5 } else { 100 },
+        warmup: 2,
+    };
+    let memcpy = summary(bench::p5_memcpy(mem_counts, bytes)?, "P5 memcpy")?;
+    let stream = if smoke { 4 << 20 } else { 256 << 20 };
+    let ring_counts = Counts {
+        samples: if smoke { 3 } else { 20 },
+        warmup: if smoke { 1 } else { 2 },
+    };
+    let d = Vshmd::start(&[])?;
+    let ns = d.attach()?;
+    let wakes = d.wake_requests()?;
+    let ring = summary(
+        bench::p5_ring(ring_counts, stream, &ns, &d.socket.to_string_lossy())?,
+        "P5 ring",
+    )?;
+    let wakes = d.wake_requests()?.saturating_sub(wakes);
+    drop(ns);
+    drop(d);
+    let chunks = (ring_counts.warmup + ring_counts.samples) * stream / bench::P5_CHUNK;
+    lines.push(Line {
+        id: "P5".into(),
+        what: format!(
+            "SPSC ring streaming throughput, producer and consumer processes, {} MiB a sample \
+             through a {} KiB ring",
+            stream >> 20,
+            bench::P5_CAPACITY >> 10
+        ),
+        unit: Unit::NanosPerByte,
+        note: Some(format!(
+            "two peers of one vshmd in two processes (the suite and its role `ring-consume`), \
+             the library's blocking `write_all`/`read_blocking` in 64 KiB calls from a {} MiB \
+             source to a {} MiB destination (as the anchor's {} MiB memcpy, beyond the caches \
+             in the full run); timed until the consumer has taken the last byte, every byte \
+             checked after the last round. vshmd answered {wakes} WAKE requests for the \
+             {chunks} chunks of 64 KiB each side moved (warm-up included)",
+            stream.min(64 << 20) >> 20,
+            stream.min(64 << 20) >> 20,
+            bytes >> 20
+        )),
+        ours: Some(ring),
+        anchor: Some(("single-thread memcpy".into(), memcpy)),
+        goal: Goal::ThroughputAtLeast(0.8),
+    });
+    Ok(lines)
+}
+
+/// P6: two QEMU guests (tests/bench/src/guests.rs), or a line saying why not.
+fn p6_lines(smoke: bool) -> Result<Vec<Line>> {
+    step("P6: two QEMU guests (section vs TCP over virtio-net, request vs ping)");
+    let outcome = if smoke {
+        guests::p6(1, 1, 10, 1)?
+    } else {
+        guests::p6(16, 5, 200, 64)?
+    };
+    let g = match outcome {
+        guests::Outcome::Ran(g) => g,
+        guests::Outcome::NotRun(why) => {
+            eprintln!("    P6 {why}");
+            return Ok(vec![Line {
+                id: "P6".into(),
+                what: "two QEMU guests".into(),
+                unit: Unit::Nanos,
+                ours: None,
+                anchor: None,
+                goal: Goal::RatioAtMost(1.0),
+                note: Some(why),
+            }]);
+        }
+    };
+    let accel = g.accel;
+    let mib = g.mib;
+    let ns_per_byte = |mb_s: f64| single(1e3 / mb_s);
+    let cli = summary(g.cli.clone(), "P6 CLI")?;
+    let tcp = summary(g.tcp.clone(), "P6 TCP")?;
+    let agent = summary(g.agent.clone(), "P6 agent")?;
+    let tool = summary(g.tcp_tool.clone(), "P6 TCP tool")?;
+    let in_process = (mib << 20) as f64 * (1e3 / g.copy_in + 1e3 / g.copy_out);
+    let (n, min, median, p99) = g.rtt;
+    let mut lines = vec![Line {
+        id: "P6".into(),
+        what: format!(
+            "{mib} MiB guest → guest through a section, CLI (`vshm write --file` in one, \
+             `vshm read` in the other), end to end ({accel})"
+        ),
+        unit: Unit::Nanos,
+        ours: Some(cli),
+        anchor: Some((
+            "TCP over virtio-net between the same guests (`vshm net-send --file` → \
+             `vshm net-recv`, 1 MiB buffers), end to end"
+                .into(),
+            tcp,
+        )),
+        goal: Goal::RatioAtMost(1.0),
+        note: Some(format!(
+            "{accel} guests (2 vCPUs, 256 MiB each) on one vshmd, linked by QEMU `-netdev dgram` \
+             (unix sockets) and virtio-net; {} transfers of each kind of {mib} MiB from \
+             /dev/urandom (checksums compared), each timed by the harness around the guests' \
+             agent commands: the section's two (write in A, read to a tmpfs file in B), TCP's \
+             one (the sender returns once the receiver, which writes to a tmpfs file, closed). \
+             An agent command alone costs {} (median of `true`). The TCP sender's own time, \
+             connect to close: {} median ({:.1} MB/s)",
+            g.cli.len(),
+            report::value(Unit::Nanos, agent.median),
+            report::value(Unit::Nanos, tool.median),
+            (mib << 20) as f64 / tool.median * 1e3
+        )),
+    }];
+    for (what, rate) in [("into", g.copy_in), ("out of", g.copy_out)] {
+        lines.push(Line {
+            id: "P6".into(),
+            what: format!(
+                "in a guest: copy {what} a section in process (the library, `vshm rtt --copy-mib \
+                 {}`, chunks of 1 MiB) ({accel})",
+                g.copy_mib
+            ),
+            unit: Unit::NanosPerByte,
+            ours: Some(ns_per_byte(rate)),
+            anchor: Some((
+                "the guest's memcpy between two local buffers".into(),
+                ns_per_byte(g.copy_local),
+            )),
+            goal: Goal::ThroughputAtLeast(0.8),
+            note: None,
+        });
+    }
+    let ring: Vec<f64> = g.ring.iter().map(|mb_s| 1e3 / mb_s).collect();
+    lines.push(Line {
+        id: "P6".into(),
+        what: format!(
+            "guest → guest through the SPSC ring of a section, in process (`vshm ring-send` → \
+             `vshm ring-recv`, {} KiB ring, {} MiB) ({accel})",
+            bench::P5_CAPACITY >> 10,
+            g.ring_mib
+        ),
+        unit: Unit::NanosPerByte,
+        ours: Some(summary(ring, "P6 ring")?),
+        anchor: Some((
+            "the guest's memcpy between two local buffers".into(),
+            ns_per_byte(g.copy_local),
+        )),
+        goal: Goal::ThroughputAtLeast(0.8),
+        note: Some(format!(
+            "the sender's time from its first 64 KiB write until the receiver (the other guest, \
+             which created the ring) has taken the last byte; the receiver checks the last MiB. \
+             Over the guest transport a waiting side sleeps on the section's notifications, each \
+             a WAKE request from the other guest and an interrupt: vshmd answered {} WAKE \
+             requests for the {} chunks of 64 KiB each side moved",
+            g.ring_wakes,
+            g.ring.len() as u64 * (g.ring_mib << 20) / bench::P5_CHUNK as u64
+        )),
+    });
+    lines.push(Line {
+        id: "P6".into(),
+        what: format!("{mib} MiB guest → guest through a section, CLI, end to end ({accel})"),
+        unit: Unit::Nanos,
+        ours: Some(cli),
+        anchor: Some((
+            format!(
+                "the same {mib} MiB in process: copied into the section in one guest and out in \
+                 the other at the rates above"
+            ),
+            single(in_process),
+        )),
+        goal: Goal::RatioAtMost(2.0),
+        note: Some(format!(
+            "what the CLI's time is made of besides the copies, medians through the agent: an \
+             agent command alone {}, `vshm --version` (the process, no device) {}, a `vshm` \
+             command that moves no data (`vshm open`: start, attach, open, close) {}, `cat` of the {mib} MiB file to another tmpfs file {}; the \
+             CLI path is two agent commands, two `vshm` starts, the file read into memory in A \
+             and written to a file in B",
+            report::value(Unit::Nanos, agent.median),
+            report::value(Unit::Nanos, summary(g.exec_floor.clone(), "P6 exec")?.median),
+            report::value(
+                Unit::Nanos,
+                summary(g.cli_floor.clone(), "P6 CLI floor")?.median
+            ),
+            report::value(
+                Unit::Nanos,
+                summary(g.file_copy.clone(), "P6 file copy")?.median
+            ),
+        )),
+    });
+    lines.push(Line {
+        id: "P6".into(),
+        what: format!(
+            "guest → host request round trip (a GROW to the same size, `vshm rtt`) ({accel})"
+        ),
+        unit: Unit::Nanos,
+        ours: Some(Summary {
+            n,
+            min,
+            median,
+            p99,
+        }),
+        anchor: Some((
+            "ping between the two guests over virtio-net (busybox, 0.2 s apart)".into(),
+            summary(g.ping.clone(), "P6 ping")?,
+        )),
+        goal: Goal::RatioAtMost(1.0),
+        note: None,
+    });
+    Ok(lines)
+}
+
+/// `vshm-bench one P5|P6 [--smoke]`: one line's measurement alone, its rows printed (for
+/// working on it; writes nothing).
+fn one(args: &[String]) -> Result<()> {
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let lines = match args.first().map(String::as_str) {
+        Some("P5") => p5_lines(smoke)?,
+        Some("P6") => p6_lines(smoke)?,
+        other => return Err(format!("one: which line? {other:?} (P5 or P6)")),
+    };
+    print!("{}", report::table(&lines));
+    for l in &lines {
+        if let Some(n) = &l.note {
+            println!("* {} {}: {n}", l.id, l.what);
+        }
+    }
     Ok(())
 }

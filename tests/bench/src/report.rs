@@ -12,7 +12,8 @@ use crate::stats::Summary;
 /// What a line's figures are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unit {
-    /// Latency samples in ns, shown in µs.
+    /// Latency samples in ns, shown in µs (in ms from 100 ms, in s from 10 s: P6's
+    /// transfers).
     Nanos,
     /// Samples in ns per byte, shown as GB/s (min = the fastest sample).
     NanosPerByte,
@@ -99,8 +100,12 @@ pub fn value(unit: Unit, v: f64) -> String {
                 format!("{us:.2} µs")
             } else if us < 100.0 {
                 format!("{us:.1} µs")
-            } else {
+            } else if us < 100_000.0 {
                 format!("{us:.0} µs")
+            } else if us < 10_000_000.0 {
+                format!("{:.1} ms", us / 1e3)
+            } else {
+                format!("{:.2} s", us / 1e6)
             }
         }
         Unit::NanosPerByte => format!("{:.2} GB/s", 1.0 / v),
@@ -253,6 +258,41 @@ const FINDINGS: &[(&str, &str)] = &[
          2-core machine being shared with builds during the run (load average in the head)",
     ),
     (
+        "P5",
+        "not the copies: one thread's volatile word copies into and out of a 1 MiB ring run at \
+         7.7–8.4 GB/s (≥ its memcpy), and one thread doing both (write 64 KiB, read it back) at \
+         2.4–2.8 GB/s. Two things, measured on 2026-12-02 (2 shared cores, load average 3.6–5.5 \
+         from other builds): (1) waking: a side that finds nothing to do for 128 looks registers as \
+         a waiter, and the other side's next write or read then makes a synchronous WAKE request to \
+         vshmd (the P3 path, tens of µs) — 15.5–19.8 k WAKE requests (vshmd's metrics; the \
+         line's note has this run's count) and 12.5 k waits for 90 k chunks of 64 KiB a run, and \
+         `perf record` (cpu-clock) of a run put vshmd at 12 % of the samples (serving them: \
+         `Arbiter::sweep` and the table walks found for P2 run on every doorbell) and the peers' \
+         `vshm-bells` threads at 9 %, against 44 % in the ring's copies (`write_bytes` 25 %, \
+         `read_bytes` 19 %) — a fifth of the CPU goes to waking on a machine with two cores; \
+         (2) the two sides need two cores at once: 77 k context switches per run, and spinning longer before sleeping made it worse (16 384 looks: 0.16×, the spinner \
+         takes the core its peer needs), as did a pure-spin two-thread ring of vshm-format with no \
+         waking at all (0.1–1.3 GB/s). The ring's size is not it: 1, 4 and 16 MiB rings with \
+         64 KiB–1 MiB calls read 0.18–0.76× across 12 runs, no size consistently ahead (the \
+         suite keeps 1 MiB and 64 KiB). Not measured on an idle machine with more cores",
+    ),
+    (
+        "P6",
+        "measured in TCG guests (no KVM here) on 2 shared cores, load average ~5, 2026-12-02. \
+         *Copies* in a guest (single readings, noisy: 0.55–0.86× into, 0.57–0.69× out of a \
+         section in three runs): the library copies with volatile 8-byte words, which on the host \
+         run at memcpy speed (P5's finding), so the gap is what TCG makes of them; not profiled \
+         inside a guest. *The ring between two guests* (0.18–0.19×): as P5, a side that waits \
+         registers and the other side then sends a WAKE request — here a guest → host request \
+         (the round-trip line: 0.1–0.24 ms median under TCG) and an interrupt into the other \
+         guest: 308 WAKE requests for 1 280 chunks of 64 KiB (one in four) in one run, ~60 per \
+         16 MiB transfer of ~100 ms; not profiled further in the guests. *The CLI path* \
+         (11.5–16×): the copies are 65–73 ms of 830–1 040 ms; the rest is two agent commands (~32 ms each), two starts of the 3 MB static \
+         `vshm` (155–200 ms each through the agent; `vshm --version` costs the same, so it is the \
+         process start under TCG, not the attach), the 16 MiB file read in A and written in B \
+         (`cat` of it: 150–240 ms) — see the line's note for this run's figures",
+    ),
+    (
         "P7",
         "one vshmd thread serves every request, and each doorbell also runs the per-doorbell table \
          walks found for P2; 62 peer processes on 2 shared cores add run-queue delay to every \
@@ -281,7 +321,7 @@ pub struct Report {
 }
 
 /// The full table (BENCHMARKS.md).
-fn table(lines: &[Line]) -> String {
+pub fn table(lines: &[Line]) -> String {
     let mut s = String::from(
         "| line | what | ours min / median / p99 | anchor | anchor min / median / p99 | ratio (medians) | goal | met? |\n\
          |---|---|---|---|---|---|---|---|\n",
