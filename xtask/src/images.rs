@@ -15,17 +15,25 @@ pub fn out_dir() -> PathBuf {
 /// build's flags are untouched.
 pub fn build_guest_vshm() -> Result<PathBuf> {
     step("building the static guest vshm (crt-static, release)");
+    let (mut cmd, artifacts) = guest_build(&["-p", "vshm", "--bin", "vshm"]);
+    run_checked(&mut cmd)?;
+    Ok(artifacts.join("vshm"))
+}
+
+/// `cargo build --release ARGS` for the guest: static (crt-static), in its own target dir
+/// so the host build's flags are untouched; and the directory the artifacts land in.
+fn guest_build(args: &[&str]) -> (std::process::Command, PathBuf) {
     let target_dir = workspace_root().join("target").join("guest");
     let mut cmd = cargo();
-    cmd.args(["build", "--release", "-p", "vshm", "--bin", "vshm"])
+    cmd.args(["build", "--release"])
+        .args(args)
         .args(["--target", "x86_64-unknown-linux-gnu"])
         .env("CARGO_TARGET_DIR", &target_dir)
         .env(
             "RUSTFLAGS",
             "-C target-feature=+crt-static -C debuginfo=0 -C strip=symbols",
         );
-    run_checked(&mut cmd)?;
-    Ok(target_dir.join("x86_64-unknown-linux-gnu/release/vshm"))
+    (cmd, target_dir.join("x86_64-unknown-linux-gnu/release"))
 }
 
 /// Builds the C API as a static library for the guest (same flags and target dir as the
@@ -34,17 +42,9 @@ pub fn build_guest_vshm() -> Result<PathBuf> {
 pub fn build_guest_c_example() -> Result<PathBuf> {
     step("building the guest C example (libvshm_capi.a, cc -static)");
     let root = workspace_root();
-    let target_dir = root.join("target").join("guest");
-    let mut cmd = cargo();
-    cmd.args(["build", "--release", "-p", "vshm-capi", "--lib"])
-        .args(["--target", "x86_64-unknown-linux-gnu"])
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .env(
-            "RUSTFLAGS",
-            "-C target-feature=+crt-static -C debuginfo=0 -C strip=symbols",
-        );
+    let (mut cmd, artifacts) = guest_build(&["-p", "vshm-capi", "--lib"]);
     run_checked(&mut cmd)?;
-    let lib = target_dir.join("x86_64-unknown-linux-gnu/release/libvshm_capi.a");
+    let lib = artifacts.join("libvshm_capi.a");
     let program = out_dir().join("vshm-c-example");
     std::fs::create_dir_all(out_dir()).map_err(|e| format!("{}: {e}", out_dir().display()))?;
     let mut cc = std::process::Command::new("cc");

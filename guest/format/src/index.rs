@@ -210,43 +210,35 @@ where
     Ok(Probe::Inconclusive)
 }
 
+/// The positions of `hash`'s probe path in a private copy of `words` (a power-of-two
+/// length), each once, with the word there; empty for any other length.
+fn probe_path(words: &[u64], hash: u32) -> impl Iterator<Item = (u32, u64)> + '_ {
+    let slots = u32::try_from(words.len())
+        .ok()
+        .filter(|n| n.is_power_of_two())
+        .unwrap_or(0);
+    let start = if slots == 0 { 0 } else { home(hash, slots) };
+    (0..slots).filter_map(move |i| {
+        let pos = (start + i) & (slots - 1);
+        words.get(pos as usize).map(|&w| (pos, w))
+    })
+}
+
 /// The host's first free position (EMPTY or TOMBSTONE) on the probe path of `hash` in
 /// `words` (a power-of-two length); `None` if every entry is taken.
 pub fn free_position(words: &[u64], hash: u32) -> Option<u32> {
-    let slots = u32::try_from(words.len()).ok()?;
-    if !slots.is_power_of_two() {
-        return None;
-    }
-    let mut pos = home(hash, slots);
-    for _ in 0..slots {
-        let w = *words.get(pos as usize)?;
-        if w == INDEX_EMPTY || w == INDEX_TOMBSTONE {
-            return Some(pos);
-        }
-        pos = next(pos, slots);
-    }
-    None
+    probe_path(words, hash)
+        .find(|&(_, w)| w == INDEX_EMPTY || w == INDEX_TOMBSTONE)
+        .map(|(pos, _)| pos)
 }
 
 /// Where `word` (an entry for `hash`) sits in `words`: probes from its home to the first
 /// EMPTY entry. `None` if it is not reachable there.
 pub fn position_of(words: &[u64], hash: u32, word: u64) -> Option<u32> {
-    let slots = u32::try_from(words.len()).ok()?;
-    if !slots.is_power_of_two() {
-        return None;
-    }
-    let mut pos = home(hash, slots);
-    for _ in 0..slots {
-        let w = *words.get(pos as usize)?;
-        if w == word {
-            return Some(pos);
-        }
-        if w == INDEX_EMPTY {
-            return None;
-        }
-        pos = next(pos, slots);
-    }
-    None
+    probe_path(words, hash)
+        .take_while(|&(_, w)| w == word || w != INDEX_EMPTY)
+        .find(|&(_, w)| w == word)
+        .map(|(pos, _)| pos)
 }
 
 /// Host: stores one entry (release; no sequence change: inserts and removals never move
