@@ -1,6 +1,6 @@
 //! What events, mutexes and section notifications share: a handle on an object (a hold
 //! closed on drop), waiting for a condition on an object's sync words with the wake-up rule
-//! of docs/FORMAT.md §6a, and asking the host to WAKE the waiters after a change.
+//! of docs/FORMAT.md §6a, and waking the waiters after a change.
 
 use core::time::Duration;
 
@@ -13,6 +13,11 @@ use crate::{Error, Namespace, Transport};
 /// How long one wait lasts before the caller's loop looks again (an infinite wait is a
 /// loop of these).
 const FOREVER_SLICE: Duration = Duration::from_secs(3600);
+
+/// Looks a waiter takes at its condition before it asks to be rung and sleeps (a few µs: each
+/// is a few shared-memory loads and a spin hint): a peer that answers within them is seen
+/// without a ring, a sleep and a wake-up, which cost more (BENCHMARKS.md P3).
+const SPIN_LOOKS: u32 = 512;
 
 /// A hold on one object (slot, generation), released when dropped.
 #[derive(Debug)]
@@ -68,7 +73,7 @@ impl<'ns, T: Transport> ObjectHandle<'ns, T> {
         self.open
     }
 
-    /// Asks the host to ring the waiters of this object (after a change that found some).
+    /// Wakes the waiters of this object (after a change that found some).
     pub(crate) fn wake(&self) -> Result<(), Error> {
         self.ns.wake_object(self.slot, self.generation)
     }
@@ -81,11 +86,32 @@ impl<'ns, T: Transport> ObjectHandle<'ns, T> {
         timeout: Option<Duration>,
         cond: &mut dyn FnMut() -> Result<bool, Error>,
     ) -> Result<bool, Error> {
-        wait_on(self.ns, self.slot, timeout, cond)
+        spin_then_wait_on(self.ns, self.slot, timeout, cond)
     }
 }
 
-/// [`ObjectHandle::wait_for`] for any object slot this peer holds.
+/// [`ObjectHandle::wait_for`] for any object slot this peer holds: looks at `cond` for a
+/// moment first ([`SPIN_LOOKS`], unless `timeout` is zero), then waits with the wake-up rule.
+pub(crate) fn spin_then_wait_on<T: Transport>(
+    ns: &Namespace<T>,
+    slot: ObjectSlot,
+    timeout: Option<Duration>,
+    cond: &mut dyn FnMut() -> Result<bool, Error>,
+) -> Result<bool, Error> {
+    if timeout != Some(Duration::ZERO) {
+        ns.attached()?;
+        for _ in 0..SPIN_LOOKS {
+            if cond()? {
+                return Ok(true);
+            }
+            core::hint::spin_loop();
+        }
+    }
+    wait_on(ns, slot, timeout, cond)
+}
+
+/// Waits for `cond` on object `slot` with the wake-up rule (FORMAT.md §6a): asks to be rung
+/// before every look, sleeps between rings.
 pub(crate) fn wait_on<T: Transport>(
     ns: &Namespace<T>,
     slot: ObjectSlot,

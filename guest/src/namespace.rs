@@ -5,7 +5,7 @@ use core::time::Duration;
 
 use vshm_format::layout::{
     const_u32, holder_bit, kind, object_state, Layout, ObjectEntry, Request, Superblock,
-    LEASE_HOLDERS, OBJ_LEASE_OFF, OBJ_SIZE_OFF, VECTOR_CONTROL,
+    LEASE_HOLDERS, OBJ_LEASE_OFF, OBJ_SIZE_OFF, VECTOR_CONTROL, VECTOR_WAKE,
 };
 use vshm_format::lease::{self, LeaseError, Released};
 use vshm_format::mailbox::{self, Refusal};
@@ -674,19 +674,62 @@ impl<T: Transport> Namespace<T> {
         self.delete_object(info.slot, info.generation)
     }
 
-    /// Asks the host to ring the peers waiting on (slot, generation) (after a change that
-    /// found waiters, docs/FORMAT.md §6a).
+    /// Wakes the peers waiting on (slot, generation) after a change that found waiters
+    /// (docs/FORMAT.md §6a): rings the waiting holders' doorbells directly where the peer
+    /// table says they have one, and asks the host (WAKE) to ring the others.
     pub(crate) fn wake_object(
         &self,
         slot: ObjectSlot,
         generation: Generation,
     ) -> Result<(), Error> {
+        if self.ring_waiters(slot)? == 0 {
+            return Ok(());
+        }
         let resp = self.call(&mailbox::wake_request(slot, generation))?;
         match Status::from_code(resp.status) {
             Some(Status::Success) => Ok(()),
             Some(s) => Err(s.into()),
             None => Err(Error::BadResponse(resp.status, slot)),
         }
+    }
+
+    /// Takes `slot`'s waiters word and rings, on the wake vector, each waiter that is a
+    /// connected holder with a doorbell (the host's rule for WAKE, §6a). Bits of peers that
+    /// are not connected holders are dropped, as the host drops them (a real waiter sets its
+    /// bit again before it sleeps again). The bits of waiters it could not ring (a peer the
+    /// host stands in for, a doorbell this transport does not know yet) are put back; they
+    /// are returned, non-zero meaning a WAKE request must follow.
+    fn ring_waiters(&self, slot: ObjectSlot) -> Result<u64, Error> {
+        let (mem, layout) = (&self.mem(), &self.layout);
+        let bits = sync::take_waiters(mem, layout, slot)?;
+        if bits == 0 {
+            return Ok(0);
+        }
+        let holders = layout
+            .object_entry(slot)
+            .map_or(Ok(0), |b| mem.load_u64(b + OBJ_LEASE_OFF, Ordering::SeqCst))?
+            & LEASE_HOLDERS;
+        let vector = if layout.vectors > 1 {
+            VECTOR_WAKE
+        } else {
+            VECTOR_CONTROL
+        };
+        let mut unrung = 0;
+        for peer in (0..layout.max_peers).map(PeerSlot) {
+            let bit = holder_bit(peer);
+            if bits & holders & bit == 0 {
+                continue;
+            }
+            match object::read_peer(mem, layout, peer) {
+                Some(p) if p.doorbell && self.transport.ring(p.peer_id, vector).is_ok() => {}
+                Some(_) => unrung |= bit,
+                None => {}
+            }
+        }
+        if unrung != 0 {
+            sync::restore_waiters(mem, layout, slot, unrung)?;
+        }
+        Ok(unrung)
     }
 
     fn delete_object(&self, slot: ObjectSlot, generation: Generation) -> Result<(), Error> {
@@ -866,7 +909,7 @@ impl<'ns, T: Transport> Section<'ns, T> {
         }
         let slot = self.slot;
         let mut now = seen;
-        let changed = crate::handle::wait_on(ns, slot, timeout, &mut || {
+        let changed = crate::handle::spin_then_wait_on(ns, slot, timeout, &mut || {
             now = sync::signal_seq(&ns.mem(), &ns.layout, slot)?;
             Ok(now != seen)
         })?;

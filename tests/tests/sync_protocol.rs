@@ -1,6 +1,7 @@
 //! Events and mutexes over a real vshmd socket, driven by raw peers (the ivshmem handshake
 //! by hand, requests posted into their mailboxes, their eventfds read directly): WAKE rings
-//! a waiting holder on vector 1 and nobody else; a mutex handoff rings the new owner.
+//! a waiting holder on vector 1 and nobody else, and so does a signaller ringing a waiter
+//! itself; a mutex handoff rings the new owner.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -145,6 +146,50 @@ fn wake_rings_the_waiting_holders_wake_vector_and_not_a_holder_that_does_not_wai
         assert!(!readable(&signaller.own[1], 0), "nor is the signaller");
         assert_eq!(sync::waiters(&region, &signaller.layout, s), Ok(0));
         assert_eq!(b.section("ev").expect("row")["wakes"].as_u64(), Some(1));
+    });
+}
+
+#[test]
+fn a_signal_rings_a_waiting_ivshmem_peer_itself_and_vshmd_serves_no_wake() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "2M", "--vectors", "2"]);
+        let waiter = RawPeer::connect(&b, 2);
+        let bystander = RawPeer::connect(&b, 2);
+        // Connected last, the library's transport has both raw peers' eventfds.
+        let signaller = b.connect();
+        let (ev, _) = signaller
+            .create_event(Some("ev"), &vshm::EventOptions::default())
+            .expect("event");
+        let req = mailbox::create_sync_request(Some("ev"), kind::EVENT, false, false);
+        for p in [&waiter, &bystander] {
+            let r = p.request(&req);
+            assert_eq!(status(&r), Some(Status::ObjectNameExists), "opened");
+            p.hold(&r);
+            let me = vshm_format::object::read_peer(&p.map.region(), &p.layout, p.slot)
+                .expect("own entry");
+            assert!(me.doorbell, "an ivshmem client is published with DOORBELL");
+        }
+        let s = ObjectSlot(ev.slot().0);
+        sync::register_waiter(&waiter.map.region(), &waiter.layout, s, waiter.slot).expect("wait");
+        ev.signal().expect("signal");
+        assert!(
+            readable(&waiter.own[1], 5000),
+            "the waiter is rung on vector 1"
+        );
+        assert!(!readable(&waiter.own[0], 0), "not on the control vector");
+        assert!(
+            !readable(&bystander.own[1], 300),
+            "a holder that does not wait is not rung"
+        );
+        assert_eq!(
+            sync::waiters(&waiter.map.region(), &waiter.layout, s),
+            Ok(0)
+        );
+        assert_eq!(
+            b.section("ev").expect("row")["wakes"].as_u64(),
+            Some(0),
+            "the signaller rang the waiter itself: no WAKE request"
+        );
     });
 }
 

@@ -797,6 +797,19 @@ fn an_ivshmem_peers_signal_completes_a_vms_wait_and_reaches_its_event_queue_thro
         vm.post_event_buffers(4, 24);
         let w = vm.post(&on(OP_WAIT, &e, 0));
         assert!(vm.answer(w).is_none(), "nothing signalled yet");
+        // The VM has no doorbell another peer could ring: the signal below must go through
+        // a WAKE request (FORMAT.md §6a, direct rings).
+        let doorbells: Vec<bool> = host.peers().map(|p| p.doorbell).collect();
+        assert_eq!(
+            doorbells.len(),
+            2,
+            "the host peer and the VM: {doorbells:?}"
+        );
+        assert_eq!(
+            doorbells.iter().filter(|&&d| d).count(),
+            1,
+            "only the ivshmem peer has a doorbell: {doorbells:?}"
+        );
         let started = std::time::Instant::now();
         ev.signal().expect("signal");
         let done = vm

@@ -21,9 +21,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vshm_format::layout::{
-    const_usize, peer_state, ObjectEntry, PeerEntry, Superblock, FORMAT_VERSION, LEASE_CLOSED,
-    MAX_NAME_BYTES, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_NAME_OFF, PEER_ID_OFF, PEER_INCARNATION_OFF,
-    PEER_STATE_OFF, SB_NAMESPACE_SEQ_OFF, SB_VERSION_OFF,
+    const_usize, peer_flags, peer_state, ObjectEntry, PeerEntry, Superblock, FORMAT_VERSION,
+    LEASE_CLOSED, MAX_NAME_BYTES, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_NAME_OFF, PEER_FLAGS_OFF,
+    PEER_ID_OFF, PEER_INCARNATION_OFF, PEER_STATE_OFF, SB_NAMESPACE_SEQ_OFF, SB_VERSION_OFF,
 };
 use vshm_format::object;
 use vshm_format::shm::{bytes_of, read_pod, zeroed};
@@ -244,6 +244,9 @@ impl<M: Backing> Arbiter<M> {
             };
             want.peer_id = u32::from(rec.id.raw());
             want.incarnation = rec.incarnation;
+            if rec.connected && !self.proxies.contains_key(&slot) {
+                want.flags = peer_flags::DOORBELL;
+            }
             if bytes_of(&cur) == bytes_of(&want) {
                 continue;
             }
@@ -259,7 +262,10 @@ impl<M: Backing> Arbiter<M> {
                 want.incarnation,
                 Ordering::SeqCst,
             );
-            let rest = PEER_INCARNATION_OFF + 8;
+            let _ = self
+                .mem
+                .store_u32(base + PEER_FLAGS_OFF, want.flags, Ordering::SeqCst);
+            let rest = PEER_FLAGS_OFF + 4;
             let _ = self
                 .mem
                 .zero(base + rest, size_of::<PeerEntry>() as u64 - rest);

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use vshm_format::layout::holder_bit;
-use vshm_format::layout::{peer_state, PeerEntry, PEER_STATE_OFF};
+use vshm_format::layout::{peer_flags, peer_state, PeerEntry, PEER_STATE_OFF};
 use vshm_format::object::bump_namespace_seq;
 use vshm_format::shm::{bytes_of, zeroed, Fault};
 use vshm_format::{ObjectSlot, PeerId, PeerSlot};
@@ -63,9 +63,21 @@ impl<M: Backing> Arbiter<M> {
             .fold(0, |m, (i, _)| m | holder_bit(i))
     }
 
-    /// A peer id was handed out: give it a free slot, clear that slot's refcount row and
-    /// mailbox, publish the peer entry. Must run before the peer learns its id.
+    /// A peer id was handed out to a client of the ivshmem socket: give it a free slot,
+    /// clear that slot's refcount row and mailbox, publish the peer entry (with
+    /// `peer_flags::DOORBELL`: every other client has its eventfds). Must run before the
+    /// peer learns its id.
     pub fn peer_connected(&mut self, peer_id: PeerId) -> Result<PeerSlot, ConnectError> {
+        self.publish_peer(peer_id, true)
+    }
+
+    /// [`Arbiter::peer_connected`]; `doorbell`: other peers can ring it directly (false for
+    /// a peer vshmd stands in for).
+    pub(super) fn publish_peer(
+        &mut self,
+        peer_id: PeerId,
+        doorbell: bool,
+    ) -> Result<PeerSlot, ConnectError> {
         if peer_id == PeerId::HOST || self.slot_of(peer_id).is_some() {
             return Err(ConnectError::BadId(peer_id));
         }
@@ -85,6 +97,7 @@ impl<M: Backing> Arbiter<M> {
         let mut e = zeroed::<PeerEntry>();
         e.peer_id = u32::from(peer_id.raw());
         e.incarnation = incarnation;
+        e.flags = if doorbell { peer_flags::DOORBELL } else { 0 };
         let base = self
             .layout
             .peer_entry(s)

@@ -47,7 +47,7 @@ impl<M: Backing> Arbiter<M> {
     /// A peer vshmd stands in for connected (see the module): a slot and a published entry,
     /// as [`Arbiter::peer_connected`], and an empty set of holds.
     pub fn proxy_connected(&mut self, peer_id: PeerId) -> Result<PeerSlot, ConnectError> {
-        let s = self.peer_connected(peer_id)?;
+        let s = self.publish_peer(peer_id, false)?;
         self.proxies.insert(s, Holds::new());
         Ok(s)
     }

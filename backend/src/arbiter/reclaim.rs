@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 use vshm_format::layout::holder_bit;
 use vshm_format::layout::kind;
 use vshm_format::layout::{
-    peer_state, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP, OBJ_LEASE_OFF, PEER_STATE_OFF,
+    peer_state, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP, OBJ_LEASE_OFF, PEER_FLAGS_OFF,
+    PEER_STATE_OFF,
 };
 use vshm_format::lease::close_if_unheld;
 use vshm_format::object::{self, bump_namespace_seq};
@@ -81,6 +82,10 @@ impl<M: Backing> Arbiter<M> {
             let _ =
                 self.mem
                     .store_u32(base + PEER_STATE_OFF, peer_state::ABSENT, Ordering::Release);
+            // Nobody is to ring this slot's last id any more (FORMAT.md §4).
+            let _ = self
+                .mem
+                .store_u32(base + PEER_FLAGS_OFF, 0, Ordering::SeqCst);
         }
         // Its place in mutex queues goes, and what it owned is released as abandoned,
         // before the objects it held can die with it.

@@ -231,6 +231,11 @@ fn a_scribbled_peer_table_is_rewritten_from_the_peer_records() {
         PeerId(3),
         1
     ));
+    assert_eq!(
+        object::read_peer(a.mem(), &l, PeerSlot(0)).map(|p| p.doorbell),
+        Some(true),
+        "the DOORBELL flag is back: signallers ring the peer directly again"
+    );
     assert_eq!(object::read_peer(a.mem(), &l, PeerSlot(1)), None, "absent");
     assert_eq!(
         object::read_peer(a.mem(), &l, PeerSlot(3)),

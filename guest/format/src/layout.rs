@@ -159,6 +159,14 @@ pub mod peer_state {
     pub const CONNECTED: u32 = 1;
 }
 
+/// Peer table entry flags.
+pub mod peer_flags {
+    /// The peer has ivshmem doorbells the other peers can ring directly (a client of the
+    /// ivshmem socket, whose eventfds the host handed to every other client). Clear for a
+    /// peer the host stands in for (vhost-user), which only the host can wake.
+    pub const DOORBELL: u32 = 1;
+}
+
 /// One peer table entry, host-written. The index is the peer's *slot* (its refcount row,
 /// mailbox and holder bit); the ivshmem peer id is in the entry. Ids are never reused while
 /// a QEMU may remember the old one (the server counts up), so slot ≠ id in general.
@@ -171,12 +179,17 @@ pub struct PeerEntry {
     pub peer_id: u32,
     /// Counts connections in this slot; changes every time the id is handed out again.
     pub incarnation: u64,
+    /// [`peer_flags`].
+    pub flags: u32,
     /// Reserved, 0.
-    pub reserved: [u8; 48],
+    pub reserved: [u8; 44],
 }
 const _: () = assert!(size_of::<PeerEntry>() == 64);
+const _: () = assert!(offset_of!(PeerEntry, flags) == 16);
 /// Offset of [`PeerEntry::state`].
 pub const PEER_STATE_OFF: u64 = offset_of!(PeerEntry, state) as u64;
+/// Offset of [`PeerEntry::flags`].
+pub const PEER_FLAGS_OFF: u64 = offset_of!(PeerEntry, flags) as u64;
 /// Offset of [`PeerEntry::peer_id`].
 pub const PEER_ID_OFF: u64 = offset_of!(PeerEntry, peer_id) as u64;
 /// Offset of [`PeerEntry::incarnation`].

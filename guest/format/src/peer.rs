@@ -5,7 +5,7 @@ use core::sync::atomic::Ordering;
 
 use crate::ids::{PeerId, PeerSlot};
 use crate::layout::{
-    peer_state, Layout, PeerEntry, PEER_ID_OFF, PEER_INCARNATION_OFF, PEER_STATE_OFF,
+    peer_flags, peer_state, Layout, PeerEntry, PEER_ID_OFF, PEER_INCARNATION_OFF, PEER_STATE_OFF,
 };
 use crate::shm::{Fault, SharedMemory};
 
@@ -55,6 +55,8 @@ pub struct PeerInfo {
     pub peer_id: PeerId,
     /// Connections so far in this slot.
     pub incarnation: u64,
+    /// Other peers may ring its doorbell directly ([`peer_flags::DOORBELL`]).
+    pub doorbell: bool,
 }
 
 /// Validates a copy of peer entry `slot`: `Ok(None)` if ABSENT, the peer if CONNECTED with
@@ -67,6 +69,7 @@ pub fn validate_peer(slot: PeerSlot, e: &PeerEntry) -> Result<Option<PeerInfo>, 
                 slot,
                 peer_id: PeerId(id),
                 incarnation: e.incarnation,
+                doorbell: e.flags & peer_flags::DOORBELL != 0,
             })),
             _ => Err(PeerError::BadPeerId { peer_id: e.peer_id }),
         },
@@ -163,8 +166,14 @@ mod tests {
             Ok(Some(PeerInfo {
                 slot: PeerSlot(3),
                 peer_id: PeerId(9),
-                incarnation: 2
+                incarnation: 2,
+                doorbell: false,
             }))
+        );
+        e.flags = peer_flags::DOORBELL;
+        assert_eq!(
+            validate_peer(PeerSlot(3), &e).map(|p| p.map(|p| p.doorbell)),
+            Ok(Some(true))
         );
         e.peer_id = 0;
         assert_eq!(

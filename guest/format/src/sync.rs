@@ -1,8 +1,9 @@
 //! Events, mutexes and section notifications: the protocol on an object's sync words
 //! (`signal_seq`, `waiters`, `sync`, `abandoned` in the entry's lease line, docs/FORMAT.md
 //! "Sync words"). Every function is a few atomics on shared memory; none blocks. Sleeping is
-//! the caller's business (its transport's wait), and waking other peers is the host's: a
-//! change that finds waiters is followed by a WAKE request.
+//! the caller's business (its transport's wait), and so is waking: a change that finds
+//! waiters rings the waiting holders' doorbells directly, or sends the host a WAKE request
+//! for those it cannot ring.
 //!
 //! The wake-up rule, which no function here can enforce alone: a waiter sets its bit in
 //! `waiters` (SeqCst) *before* it re-checks its condition, and a changer changes the state
@@ -87,8 +88,8 @@ pub fn register_waiter<M: SharedMemory + ?Sized>(
     Ok(())
 }
 
-/// Host: takes the waiters word (swaps it to 0) to ring those of its bits that belong to
-/// connected holders. Bits it does not ring are dropped: a real waiter sets its bit again
+/// Host on WAKE, or a changer that rings the waiters itself: takes the waiters word (swaps
+/// it to 0) to ring those of its bits that belong to connected holders. Bits it does not ring are dropped: a real waiter sets its bit again
 /// before it sleeps again.
 pub fn take_waiters<M: SharedMemory + ?Sized>(
     mem: &M,
@@ -97,6 +98,18 @@ pub fn take_waiters<M: SharedMemory + ?Sized>(
 ) -> Result<u64, Fault> {
     // One fetch-and, not a CAS loop: a peer rewriting the word cannot keep the host here.
     mem.fetch_and_u64(word(layout, slot, OBJ_WAITERS_OFF)?, 0)
+}
+
+/// A changer that took the waiters word to ring them itself (FORMAT.md §6a, "Direct
+/// rings") puts back the bits it could not ring, for the host to ring on WAKE.
+pub fn restore_waiters<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: ObjectSlot,
+    bits: u64,
+) -> Result<(), Fault> {
+    mem.fetch_or_u64(word(layout, slot, OBJ_WAITERS_OFF)?, bits)?;
+    Ok(())
 }
 
 /// CAS attempts [`increment`] makes before it gives up.

@@ -6,7 +6,7 @@
 //! ```text
 //! vshm-bench run --out DIR [--smoke] [--commit ID]   # DIR/BENCHMARKS.md, DIR/docs/bench/*.png,
 //!                                                    # DIR/readme-table.md
-//! vshm-bench one P5|P6 [--smoke]                    # one line alone, printed
+//! vshm-bench one P3|P4|P5|P6 [--smoke]                    # one line alone, printed
 //! vshm-bench role NAME ARGS...                       # a peer process the suite spawns
 //! vshm-bench p1 [LEVEL...]                           # P1 alone, printed (default levels
 //!                                                    # 1 100 1000 10000); writes nothing
@@ -26,12 +26,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use vshm::host::HostTransport;
+use vshm::Namespace;
+
 use harness::{Context, Counts, Result, Vshmd};
 use report::{Goal, Line, Plot, Report, Series, Unit};
 use stats::{summarize, Summary};
 
 const USAGE: &str = "usage: vshm-bench run --out DIR [--smoke] [--commit ID]\n       \
-                     vshm-bench one P5|P6 [--smoke]\n       vshm-bench role NAME ARGS...\n       \
+                     vshm-bench one P3|P4|P5|P6 [--smoke]\n       vshm-bench role NAME ARGS...\n       \
                      vshm-bench p1 [LEVEL...]";
 
 fn main() -> ExitCode {
@@ -387,14 +390,8 @@ fn run(out: &Path, smoke: bool, commit: &str) -> Result<()> {
     let header = layout.heap_offset as f64 / layout.region_size as f64;
     step("P2: create+close");
     let p2 = bench::p2_create(counts, &ns)?;
-    step("P3: event round trip (vshm, eventfd, iceoryx2)");
-    let p3_ours = summary(bench::p3_events(counts, &ns, &socket)?, "P3")?;
-    let p3_efd = summary(bench::p3_eventfd(counts)?, "P3 eventfd")?;
-    let p3_ice = summary(ice::event_ping_pong(counts)?, "P3 iceoryx2")?;
-    step("P4: polling ping-pong (vshm section, raw shared atomics, iceoryx2)");
-    let p4_ours = summary(bench::p4_section(counts, &ns, &socket)?, "P4")?;
-    let p4_raw = summary(bench::p4_raw(counts)?, "P4 raw")?;
-    let p4_ice = summary(ice::pubsub_ping_pong(counts)?, "P4 iceoryx2")?;
+    let p3 = p3_lines(counts, &ns, &socket)?;
+    let p4 = p4_lines(counts, &ns, &socket)?;
     drop(ns);
     drop(d);
     lines.push(Line {
@@ -409,34 +406,8 @@ fn run(out: &Path, smoke: bool, commit: &str) -> Result<()> {
         goal: Goal::RatioAtMost(1.0),
         note: None,
     });
-    for (anchor, a, goal) in [
-        ("eventfd ping-pong", p3_efd, 1.15),
-        ("iceoryx2 event ping-pong", p3_ice, 1.0),
-    ] {
-        lines.push(Line {
-            id: "P3".into(),
-            what: "event round trip between two peers (signal + wait, each way)".into(),
-            unit: Unit::Nanos,
-            ours: Some(p3_ours),
-            anchor: Some((anchor.into(), a)),
-            goal: Goal::RatioAtMost(goal),
-            note: None,
-        });
-    }
-    for (anchor, a, goal) in [
-        ("shared-atomic ping-pong (memfd)", p4_raw, 1.2),
-        ("iceoryx2 publish-subscribe ping-pong", p4_ice, 1.0),
-    ] {
-        lines.push(Line {
-            id: "P4".into(),
-            what: "polling ping-pong through a section".into(),
-            unit: Unit::Nanos,
-            ours: Some(p4_ours),
-            anchor: Some((anchor.into(), a)),
-            goal: Goal::RatioAtMost(goal),
-            note: None,
-        });
-    }
+    lines.extend(p3);
+    lines.extend(p4);
 
     lines.extend(p5_lines(smoke)?);
     lines.extend(p6_lines(smoke)?);
@@ -814,14 +785,76 @@ fn p6_lines(smoke: bool) -> Result<Vec<Line>> {
     Ok(lines)
 }
 
-/// `vshm-bench one P5|P6 [--smoke]`: one line's measurement alone, its rows printed (for
+/// `vshm-bench one P3|P4|P5|P6 [--smoke]`: one line's measurement alone, its rows printed (for
 /// working on it; writes nothing).
+/// P3: the event round trip through `ns` (a peer of vshmd at `socket`) against eventfd
+/// and iceoryx2's event ping-pong.
+fn p3_lines(counts: Counts, ns: &Namespace<HostTransport>, socket: &str) -> Result<Vec<Line>> {
+    step("P3: event round trip (vshm, eventfd, iceoryx2)");
+    let ours = summary(bench::p3_events(counts, ns, socket)?, "P3")?;
+    let efd = summary(bench::p3_eventfd(counts)?, "P3 eventfd")?;
+    let ice = summary(ice::event_ping_pong(counts)?, "P3 iceoryx2")?;
+    Ok([
+        ("eventfd ping-pong", efd, 1.15),
+        ("iceoryx2 event ping-pong", ice, 1.0),
+    ]
+    .into_iter()
+    .map(|(anchor, a, goal)| Line {
+        id: "P3".into(),
+        what: "event round trip between two peers (signal + wait, each way)".into(),
+        unit: Unit::Nanos,
+        ours: Some(ours),
+        anchor: Some((anchor.into(), a)),
+        goal: Goal::RatioAtMost(goal),
+        note: None,
+    })
+    .collect())
+}
+
+/// P4: the polling ping-pong through a section against shared atomics and iceoryx2's
+/// publish-subscribe ping-pong.
+fn p4_lines(counts: Counts, ns: &Namespace<HostTransport>, socket: &str) -> Result<Vec<Line>> {
+    step("P4: polling ping-pong (vshm section, raw shared atomics, iceoryx2)");
+    let ours = summary(bench::p4_section(counts, ns, socket)?, "P4")?;
+    let raw = summary(bench::p4_raw(counts)?, "P4 raw")?;
+    let ice = summary(ice::pubsub_ping_pong(counts)?, "P4 iceoryx2")?;
+    Ok([
+        ("shared-atomic ping-pong (memfd)", raw, 1.2),
+        ("iceoryx2 publish-subscribe ping-pong", ice, 1.0),
+    ]
+    .into_iter()
+    .map(|(anchor, a, goal)| Line {
+        id: "P4".into(),
+        what: "polling ping-pong through a section".into(),
+        unit: Unit::Nanos,
+        ours: Some(ours),
+        anchor: Some((anchor.into(), a)),
+        goal: Goal::RatioAtMost(goal),
+        note: None,
+    })
+    .collect())
+}
+
 fn one(args: &[String]) -> Result<()> {
     let smoke = args.iter().any(|a| a == "--smoke");
     let lines = match args.first().map(String::as_str) {
         Some("P5") => p5_lines(smoke)?,
         Some("P6") => p6_lines(smoke)?,
-        other => return Err(format!("one: which line? {other:?} (P5 or P6)")),
+        Some(id @ ("P3" | "P4")) => {
+            let counts = Counts {
+                samples: if smoke { 20 } else { 2000 },
+                warmup: if smoke { 5 } else { 200 },
+            };
+            let d = Vshmd::start(&[])?;
+            let socket = d.socket.to_string_lossy().into_owned();
+            let ns = d.attach()?;
+            if id == "P3" {
+                p3_lines(counts, &ns, &socket)?
+            } else {
+                p4_lines(counts, &ns, &socket)?
+            }
+        }
+        other => return Err(format!("one: which line? {other:?} (P3, P4, P5 or P6)")),
     };
     print!("{}", report::table(&lines));
     for l in &lines {
