@@ -6,7 +6,7 @@
 //! ```text
 //! vshm-bench run --out DIR [--smoke] [--commit ID]   # DIR/BENCHMARKS.md, DIR/docs/bench/*.png,
 //!                                                    # DIR/readme-table.md
-//! vshm-bench one P3|P4|P5|P6 [--smoke]                    # one line alone, printed
+//! vshm-bench one P2|P3|P4|P5|P6 [--smoke]                    # one line alone, printed
 //! vshm-bench role NAME ARGS...                       # a peer process the suite spawns
 //! vshm-bench p1 [LEVEL...]                           # P1 alone, printed (default levels
 //!                                                    # 1 100 1000 10000); writes nothing
@@ -34,7 +34,7 @@ use report::{Goal, Line, Plot, Report, Series, Unit};
 use stats::{summarize, Summary};
 
 const USAGE: &str = "usage: vshm-bench run --out DIR [--smoke] [--commit ID]\n       \
-                     vshm-bench one P3|P4|P5|P6 [--smoke]\n       vshm-bench role NAME ARGS...\n       \
+                     vshm-bench one P2|P3|P4|P5|P6 [--smoke]\n       vshm-bench role NAME ARGS...\n       \
                      vshm-bench p1 [LEVEL...]";
 
 fn main() -> ExitCode {
@@ -388,24 +388,12 @@ fn run(out: &Path, smoke: bool, commit: &str) -> Result<()> {
     let ns = d.attach()?;
     let layout = *ns.layout();
     let header = layout.heap_offset as f64 / layout.region_size as f64;
-    step("P2: create+close");
-    let p2 = bench::p2_create(counts, &ns)?;
+    let p2 = p2_line(counts, &ns)?;
     let p3 = p3_lines(counts, &ns, &socket)?;
     let p4 = p4_lines(counts, &ns, &socket)?;
     drop(ns);
     drop(d);
-    lines.push(Line {
-        id: "P2".into(),
-        what: "create+close of a new 4 KiB section (arbitrated)".into(),
-        unit: Unit::Nanos,
-        ours: Some(p2.ours),
-        anchor: Some((
-            "shm_open(O_CREAT)+ftruncate+mmap+munmap+close+shm_unlink".into(),
-            p2.anchor,
-        )),
-        goal: Goal::RatioAtMost(1.0),
-        note: None,
-    });
+    lines.push(p2);
     lines.extend(p3);
     lines.extend(p4);
 
@@ -785,8 +773,26 @@ fn p6_lines(smoke: bool) -> Result<Vec<Line>> {
     Ok(lines)
 }
 
-/// `vshm-bench one P3|P4|P5|P6 [--smoke]`: one line's measurement alone, its rows printed (for
+/// `vshm-bench one P2|P3|P4|P5|P6 [--smoke]`: one line's measurement alone, its rows printed (for
 /// working on it; writes nothing).
+/// P2: create+close of a new section through `ns` against the POSIX create-map-unlink.
+fn p2_line(counts: Counts, ns: &Namespace<HostTransport>) -> Result<Line> {
+    step("P2: create+close");
+    let p2 = bench::p2_create(counts, ns)?;
+    Ok(Line {
+        id: "P2".into(),
+        what: "create+close of a new 4 KiB section (arbitrated)".into(),
+        unit: Unit::Nanos,
+        ours: Some(p2.ours),
+        anchor: Some((
+            "shm_open(O_CREAT)+ftruncate+mmap+munmap+close+shm_unlink".into(),
+            p2.anchor,
+        )),
+        goal: Goal::RatioAtMost(1.0),
+        note: None,
+    })
+}
+
 /// P3: the event round trip through `ns` (a peer of vshmd at `socket`) against eventfd
 /// and iceoryx2's event ping-pong.
 fn p3_lines(counts: Counts, ns: &Namespace<HostTransport>, socket: &str) -> Result<Vec<Line>> {
@@ -840,7 +846,7 @@ fn one(args: &[String]) -> Result<()> {
     let lines = match args.first().map(String::as_str) {
         Some("P5") => p5_lines(smoke)?,
         Some("P6") => p6_lines(smoke)?,
-        Some(id @ ("P3" | "P4")) => {
+        Some(id @ ("P2" | "P3" | "P4")) => {
             let counts = Counts {
                 samples: if smoke { 20 } else { 2000 },
                 warmup: if smoke { 5 } else { 200 },
@@ -848,13 +854,13 @@ fn one(args: &[String]) -> Result<()> {
             let d = Vshmd::start(&[])?;
             let socket = d.socket.to_string_lossy().into_owned();
             let ns = d.attach()?;
-            if id == "P3" {
-                p3_lines(counts, &ns, &socket)?
-            } else {
-                p4_lines(counts, &ns, &socket)?
+            match id {
+                "P2" => vec![p2_line(counts, &ns)?],
+                "P3" => p3_lines(counts, &ns, &socket)?,
+                _ => p4_lines(counts, &ns, &socket)?,
             }
         }
-        other => return Err(format!("one: which line? {other:?} (P3, P4, P5 or P6)")),
+        other => return Err(format!("one: which line? {other:?} (P2, P3, P4, P5 or P6)")),
     };
     print!("{}", report::table(&lines));
     for l in &lines {
