@@ -349,6 +349,12 @@ impl Shared {
 /// that never comes (a peer may scribble the `waiters` word that asks for it).
 const RECHECK: Duration = Duration::from_millis(50);
 
+/// How long a wait looks at its condition before it sleeps on the ring count: a few µs,
+/// about what an eventfd round trip between two processes costs here (BENCHMARKS.md P2,
+/// P3), so an answer that comes within it costs no sleep and no hop through the bells
+/// thread; short enough not to take a core a peer needs for long.
+const SPIN: Duration = Duration::from_micros(5);
+
 /// A lock poisoned by a panicking thread: report it as an I/O error.
 const POISONED: TransportError = TransportError::Os(libc::EIO);
 
@@ -682,6 +688,13 @@ impl Transport for HostTransport {
         timeout: Duration,
     ) -> Result<bool, TransportError> {
         let start = Instant::now();
+        let spin = SPIN.min(timeout);
+        while start.elapsed() < spin {
+            if ready() {
+                return Ok(true);
+            }
+            std::hint::spin_loop();
+        }
         loop {
             // Read the ring count before the condition: a ring after the check moves it, so
             // the wait below cannot miss it.

@@ -544,7 +544,7 @@ impl<T: Transport> Namespace<T> {
                 .hold_changed(HoldChange::Taken(slot, generation)),
             Err(LeaseError::GoneClosed) => {
                 // Our brief hold was the last on whatever now lives in the slot.
-                self.transport.ring(PeerId::HOST, VECTOR_CONTROL)?;
+                self.ring_closed(slot)?;
                 return Err(Error::Status(Status::ObjectNameNotFound));
             }
             Err(e) => return Err(Error::Status(e.status())),
@@ -634,12 +634,18 @@ impl<T: Transport> Namespace<T> {
         }
         match result {
             Ok(Released::Held) => Ok(()),
-            Ok(Released::LastHold) => {
-                self.transport.ring(PeerId::HOST, VECTOR_CONTROL)?;
-                Ok(())
-            }
+            Ok(Released::LastHold) => self.ring_closed(slot),
             Err(e) => Err(Error::Status(e.status())),
         }
+    }
+
+    /// Tells the host that this peer's close left `slot` unheld: the slot in the mailbox's
+    /// close hint (so the host need not look at every object, §9), then a ring.
+    fn ring_closed(&self, slot: ObjectSlot) -> Result<(), Error> {
+        // A hint that cannot be written costs the host a sweep of the table, nothing more.
+        let _ = mailbox::hint_closed(&self.mem(), &self.layout, self.peer_slot, slot);
+        self.transport.ring(PeerId::HOST, VECTOR_CONTROL)?;
+        Ok(())
     }
 
     fn section(&self, held: &Held) -> Section<'_, T> {

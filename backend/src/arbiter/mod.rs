@@ -299,6 +299,13 @@ pub struct Counters {
     pub revoked_handles: u64,
     /// Creator holds the host dropped because the creator never took them.
     pub unclaimed_expired: u64,
+    /// Whole-table sweeps (the timer's, and after doorbells no close hint explained).
+    #[serde(default)]
+    pub table_sweeps: u64,
+    /// Closed objects destroyed from a peer's close hint without a sweep of the table
+    /// (FORMAT.md §9).
+    #[serde(default)]
+    pub hinted_closes: u64,
 }
 
 /// The arbiter.

@@ -13,6 +13,7 @@ use vshm_format::layout::{
     PEER_STATE_OFF,
 };
 use vshm_format::lease::close_if_unheld;
+use vshm_format::mailbox::{self, ClosedHint};
 use vshm_format::object::{self, bump_namespace_seq};
 use vshm_format::shm::zeroed;
 use vshm_format::sync;
@@ -232,7 +233,8 @@ impl<M: Backing> Arbiter<M> {
                 .object(slot, rec.name.as_deref())
                 .size(rec.reserved),
         );
-        tracing::info!(
+        // Debug, as "created" (requests.rs): the event stream has every one.
+        tracing::debug!(
             slot = slot.raw(),
             generation = rec.generation.raw(),
             name = rec.name.as_deref().unwrap_or("<unnamed>"),
@@ -264,51 +266,90 @@ impl<M: Backing> Arbiter<M> {
     }
 
     /// Destroys every closed object and drops holder bits of peers that are not connected.
-    /// Runs after each doorbell and on a timer. Returns how many objects it destroyed.
+    /// Runs on a timer, and after a doorbell that may have come from closes no hint named
+    /// ([`Arbiter::sweep_after_ring`]). Returns how many objects it destroyed.
     pub fn sweep(&mut self) -> usize {
+        self.counters.table_sweeps += 1;
         self.sweep_mutexes();
         let connected = self.connected_mask();
         let mut destroyed = 0;
         for slot in self.object_slots() {
-            let Some(keep) = self.objects[slot.raw() as usize]
-                .as_ref()
-                .map(|r| r.persistent && !r.unlinked)
-            else {
-                continue;
-            };
-            let Some(lease) = self.lease_off(slot) else {
-                continue;
-            };
-            let Ok(w) = self.mem.load_u64(lease, Ordering::SeqCst) else {
-                continue;
-            };
-            // Only a peer's scribbling can produce these three; put the word right.
-            let stray = w & LEASE_HOLDERS & !connected;
-            if stray != 0 {
-                self.counters.repairs += 1;
-                self.note_repair(slot, "holder bits of absent peers cleared");
-                let _ = self.mem.fetch_and_u64(lease, !stray);
-            }
-            if w & LEASE_CLOSED == 0 && keep != (w & LEASE_KEEP != 0) {
-                self.note_repair(slot, "KEEP bit disagreed with the object's persistence");
-                self.counters.repairs += 1;
-                let _ = if keep {
-                    self.mem.fetch_or_u64(lease, LEASE_KEEP)
-                } else {
-                    self.mem.fetch_and_u64(lease, !LEASE_KEEP)
-                };
-            }
-            // A word left with no holders and no KEEP is dead even if its last holder could
-            // not close it (it gave up on a word that kept changing, or died mid-close).
-            if let Ok(now) = self.mem.load_u64(lease, Ordering::SeqCst) {
-                let _ = close_if_unheld(&self.mem, lease, now);
-            }
-            if self.reap(slot, Release::ToHeap) {
+            if self.sweep_slot(slot, connected) {
                 destroyed += 1;
             }
         }
         self.expire_unclaimed();
         self.release_quarantine();
         destroyed
+    }
+
+    /// After a doorbell from `peer` whose eventfd counted `rings` (`answered`: one of them
+    /// carried the request just answered): destroys what its closes left unheld. A ring
+    /// that carried one close names it in the peer's close hint (FORMAT.md §9): that slot
+    /// alone is looked at when it explains every ring counted; anything else (no hint,
+    /// several closes, a hint of a slot that was not closed: a scribble, or a close whose
+    /// ring comes next) sweeps the whole table. Returns how many objects it destroyed.
+    pub fn sweep_after_ring(&mut self, peer: PeerId, rings: u64, answered: bool) -> usize {
+        let hint = self
+            .slot_of(peer)
+            .and_then(|s| mailbox::take_closed_hint(&self.mem, &self.layout, s).ok())
+            .unwrap_or(ClosedHint::Many);
+        let explained = rings == 1 + u64::from(answered);
+        match hint {
+            ClosedHint::None if answered && rings == 1 => 0,
+            ClosedHint::One(slot) => {
+                let connected = self.connected_mask();
+                if self.sweep_slot(slot, connected) && explained {
+                    self.counters.hinted_closes += 1;
+                    self.expire_unclaimed();
+                    self.release_quarantine();
+                    1
+                } else {
+                    self.sweep()
+                }
+            }
+            _ => self.sweep(),
+        }
+    }
+
+    /// One object of the sweep: puts its lease word right and destroys it if it is closed.
+    /// Whether it was destroyed.
+    fn sweep_slot(&mut self, slot: ObjectSlot, connected: u64) -> bool {
+        let Some(keep) = self
+            .objects
+            .get(slot.raw() as usize)
+            .and_then(Option::as_ref)
+            .map(|r| r.persistent && !r.unlinked)
+        else {
+            return false;
+        };
+        let Some(lease) = self.lease_off(slot) else {
+            return false;
+        };
+        let Ok(w) = self.mem.load_u64(lease, Ordering::SeqCst) else {
+            return false;
+        };
+        // Only a peer's scribbling can produce these three; put the word right.
+        let stray = w & LEASE_HOLDERS & !connected;
+        if stray != 0 {
+            self.counters.repairs += 1;
+            self.note_repair(slot, "holder bits of absent peers cleared");
+            let _ = self.mem.fetch_and_u64(lease, !stray);
+        }
+        if w & LEASE_CLOSED == 0 && keep != (w & LEASE_KEEP != 0) {
+            self.note_repair(slot, "KEEP bit disagreed with the object's persistence");
+            self.counters.repairs += 1;
+            let _ = if keep {
+                self.mem.fetch_or_u64(lease, LEASE_KEEP)
+            } else {
+                self.mem.fetch_and_u64(lease, !LEASE_KEEP)
+            };
+        }
+        // A word left with no holders and no KEEP is dead even if its last holder could
+        // not close it (it gave up on a word that kept changing, or died mid-close).
+        if let Ok(now) = self.mem.load_u64(lease, Ordering::SeqCst) {
+            let _ = close_if_unheld(&self.mem, lease, now);
+        }
+        self.reap(slot, Release::ToHeap)
     }
 }

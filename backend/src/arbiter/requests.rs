@@ -416,7 +416,10 @@ impl<M: Backing> Arbiter<M> {
             created = created.detail(super::status::kind_name(kind));
         }
         self.emit(created);
-        tracing::info!(
+        // Debug, not info: one line per object made a create-and-destroy loop spend more of
+        // vshmd's time formatting logs than serving (BENCHMARKS.md P2); the event stream
+        // (`vshmctl events`) has every creation.
+        tracing::debug!(
             slot = slot.raw(),
             generation = generation.raw(),
             name = name.unwrap_or("<unnamed>"),

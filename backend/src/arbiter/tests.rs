@@ -272,3 +272,69 @@ fn a_fenced_peers_slot_and_the_memory_of_what_died_with_it_are_held_back_until_u
     assert_eq!(a.status().region.free, heap);
     assert_eq!(a.peer_connected(PeerId(5)), Ok(PeerSlot(0)));
 }
+
+/// Peer 1 creates `name`, holds it and closes its last handle: the object is unheld.
+fn create_and_close(a: &mut Arbiter<Region>, name: &str) -> ObjectSlot {
+    let r = create(a, PeerId(1), name, false);
+    let l = *a.layout();
+    let s = ObjectSlot(r.slot);
+    acquire(a.mem(), &l, PeerSlot(0), s, Generation(r.generation), false).expect("hold");
+    assert_eq!(release(a.mem(), &l, PeerSlot(0), s), Ok(Released::LastHold));
+    s
+}
+
+fn live(a: &Arbiter<Region>) -> usize {
+    a.status().sections.len()
+}
+
+#[test]
+fn a_close_hint_that_explains_the_ring_destroys_that_object_without_a_sweep_of_the_table() {
+    let mut a = arbiter();
+    let _kept = create(&mut a, PeerId(2), "kept", true);
+    let closed = create_and_close(&mut a, "closed");
+    mailbox::hint_closed(a.mem(), a.layout(), PeerSlot(0), closed).expect("hint");
+    let sweeps = a.counters().table_sweeps;
+    assert_eq!(a.sweep_after_ring(PeerId(1), 1, false), 1, "destroyed");
+    assert_eq!(a.counters().table_sweeps, sweeps, "no sweep of the table");
+    assert_eq!(a.counters().hinted_closes, 1);
+    assert_eq!(live(&a), 1, "only the persistent one is left");
+    // The ring of an answered request plus the close's: explained too.
+    let closed = create_and_close(&mut a, "closed-2");
+    mailbox::hint_closed(a.mem(), a.layout(), PeerSlot(0), closed).expect("hint");
+    assert_eq!(a.sweep_after_ring(PeerId(1), 2, true), 1);
+    assert_eq!(a.counters().table_sweeps, sweeps);
+    // A lone ring that carried the request just answered: nothing to look at.
+    assert_eq!(a.sweep_after_ring(PeerId(1), 1, true), 0);
+    assert_eq!(a.counters().table_sweeps, sweeps);
+}
+
+#[test]
+fn a_close_hint_that_cannot_explain_every_ring_or_names_a_live_object_sweeps_the_table() {
+    let mut a = arbiter();
+    let kept = create(&mut a, PeerId(2), "kept", true);
+    // Two closes, one hint (the second close's hint turned it into MANY).
+    let first = create_and_close(&mut a, "a");
+    mailbox::hint_closed(a.mem(), a.layout(), PeerSlot(0), first).expect("hint");
+    let second = create_and_close(&mut a, "b");
+    mailbox::hint_closed(a.mem(), a.layout(), PeerSlot(0), second).expect("hint");
+    let sweeps = a.counters().table_sweeps;
+    a.sweep_after_ring(PeerId(1), 2, false);
+    assert_eq!(a.counters().table_sweeps, sweeps + 1);
+    assert_eq!(live(&a), 1, "both destroyed");
+    // A hint naming a held object (a scribble, or a peer lying): the object stays and the
+    // close this ring really carried is found by the sweep.
+    create_and_close(&mut a, "c");
+    mailbox::hint_closed(a.mem(), a.layout(), PeerSlot(0), ObjectSlot(kept.slot))
+        .expect("forged hint");
+    assert_eq!(a.sweep_after_ring(PeerId(1), 1, false), 1);
+    assert_eq!(a.counters().table_sweeps, sweeps + 2);
+    assert_eq!(live(&a), 1, "the persistent object is untouched");
+    // One hint explaining one of two rings: the other ring may be a close without a hint
+    // (an older library), so the table is swept as well.
+    let hinted = create_and_close(&mut a, "d");
+    create_and_close(&mut a, "e");
+    mailbox::hint_closed(a.mem(), a.layout(), PeerSlot(0), hinted).expect("hint");
+    a.sweep_after_ring(PeerId(1), 2, false);
+    assert_eq!(a.counters().table_sweeps, sweeps + 3);
+    assert_eq!(live(&a), 1, "both destroyed");
+}

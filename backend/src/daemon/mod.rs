@@ -884,8 +884,6 @@ impl Daemon {
         }
         self.arbiter.count_doorbell();
         let answered = self.arbiter.answer_pending(id);
-        let only_a_request =
-            answered.is_some() && vector == usize::from(VECTOR_CONTROL) && value == 1;
         if let Some(a) = answered {
             // The peer is waiting for this: answer before the housekeeping below, which
             // does not change the answer. Durable before the peer can act on it (no-op
@@ -897,11 +895,16 @@ impl Daemon {
             }
         }
         self.arbiter.heal_soon();
-        // A ring on vector 0 is a request or a last close (vector 1: an acknowledgement),
-        // and the eventfd adds rings up: a single ring that carried the request just
-        // answered closed nothing, so the sweep (a look at every live object's lease word)
-        // is skipped for it. The timer sweeps anyway.
-        if !only_a_request && self.arbiter.sweep() > 0 {
+        // A ring on vector 0 is a request or a close that left an object unheld (vector 1:
+        // an acknowledgement), and the eventfd adds rings up. Rings the answered request
+        // and the peer's close hint explain need no sweep of the whole table (a look at
+        // every live object's lease word); the timer sweeps anyway.
+        let rings = if vector == usize::from(VECTOR_CONTROL) {
+            value
+        } else {
+            u64::MAX
+        };
+        if self.arbiter.sweep_after_ring(id, rings, answered.is_some()) > 0 {
             // What it destroyed is journaled at the end of this dispatch.
             self.journaled = false;
         }

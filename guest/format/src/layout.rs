@@ -461,10 +461,18 @@ pub struct Request {
     /// Not part of a request: handles this peer found revoked (their object destroyed
     /// while it held them) so far, a running count the host reports (§11a).
     pub revoked_handles: u64,
+    /// Not part of a request: which object the peer's last close that left it unheld was
+    /// ([`CLOSED_HINT_MANY`] for several), so the host looks at that one alone (§9).
+    pub closed_hint: u64,
     /// Reserved, 0.
-    pub reserved2: [u8; 96],
+    pub reserved2: [u8; 88],
 }
 const _: () = assert!(size_of::<Request>() == 1280);
+const _: () = assert!(offset_of!(Request, closed_hint) == 1184);
+/// Offset of the peer's close hint (`Request::closed_hint`) in its mailbox.
+pub const MB_CLOSED_HINT_OFF: u64 = offset_of!(Request, closed_hint) as u64;
+/// `closed_hint`: more than one close since the host last took the hint.
+pub const CLOSED_HINT_MANY: u64 = u64::MAX;
 const _: () = assert!(offset_of!(Request, audited_seq) == 1168);
 /// Offset of the peer's audit word (`Request::audited_seq`) in its mailbox.
 pub const MB_AUDITED_SEQ_OFF: u64 = offset_of!(Request, audited_seq) as u64;

@@ -9,8 +9,9 @@ use core::sync::atomic::Ordering;
 
 use crate::ids::{Generation, ObjectSlot, PeerSlot};
 use crate::layout::{
-    connect_refusal, kind, object_flags, op, refusal, Layout, Request, Response, MAX_NAME_BYTES,
-    MB_LOCK_OFF, MB_REQ_SEQ_OFF, MB_RESPONSE_OFF, MB_RESP_SEQ_OFF,
+    connect_refusal, kind, object_flags, op, refusal, Layout, Request, Response, CLOSED_HINT_MANY,
+    MAX_NAME_BYTES, MB_CLOSED_HINT_OFF, MB_LOCK_OFF, MB_REQ_SEQ_OFF, MB_RESPONSE_OFF,
+    MB_RESP_SEQ_OFF,
 };
 use crate::name::validate_name_bytes;
 use crate::shm::{bytes_of, read_pod, zeroed, Fault, SharedMemory};
@@ -361,6 +362,51 @@ pub fn unlock<M: SharedMemory + ?Sized>(
 ) -> Result<(), Fault> {
     let base = mailbox_base(layout, peer_slot)?;
     mem.store_u32(base + MB_LOCK_OFF, 0, Ordering::Release)
+}
+
+/// What a peer's close hint named when the host took it (FORMAT.md §9, `closed_hint`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClosedHint {
+    /// Nothing: no close since the last take (or a peer that does not hint).
+    None,
+    /// One object slot.
+    One(ObjectSlot),
+    /// Several closes, or a value that names no slot: look at every object.
+    Many,
+}
+
+/// Peer, after a close that left an object unheld and before it rings the host: names the
+/// slot in its mailbox's `closed_hint`. A hint the host has not taken yet turns it into
+/// [`CLOSED_HINT_MANY`]. Needs no mailbox lock (a CAS, then a store).
+pub fn hint_closed<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: PeerSlot,
+    closed: ObjectSlot,
+) -> Result<(), Fault> {
+    let off = mailbox_base(layout, peer_slot)? + MB_CLOSED_HINT_OFF;
+    if mem.cas_u64(off, 0, u64::from(closed.0) + 1)?.is_err() {
+        mem.store_u64(off, CLOSED_HINT_MANY, Ordering::Release)?;
+    }
+    Ok(())
+}
+
+/// Host, after a doorbell from the peer in `peer_slot`: takes its close hint (swaps it to
+/// 0) and validates it: a slot outside the table is [`ClosedHint::Many`].
+pub fn take_closed_hint<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    peer_slot: PeerSlot,
+) -> Result<ClosedHint, Fault> {
+    let off = mailbox_base(layout, peer_slot)? + MB_CLOSED_HINT_OFF;
+    let v = mem.fetch_and_u64(off, 0)?;
+    Ok(match v {
+        0 => ClosedHint::None,
+        v => match u32::try_from(v - 1) {
+            Ok(s) if s < layout.max_objects => ClosedHint::One(ObjectSlot(s)),
+            _ => ClosedHint::Many,
+        },
+    })
 }
 
 /// Peer (holding the lock): writes `req` and posts it; returns the sequence to wait for.
@@ -795,6 +841,46 @@ mod tests {
             .to_string(),
             "the heap range of 512 B could not be prepared (OS error 5)"
         );
+    }
+
+    #[test]
+    fn a_close_hint_names_one_slot_turns_into_many_when_not_taken_and_is_gone_once_taken() {
+        const SIZE: usize = 1 << 20;
+        let mut buf = vec![0u64; SIZE / 8];
+        let base = core::ptr::NonNull::new(buf.as_mut_ptr().cast::<u8>()).expect("non-null");
+        // SAFETY: buf outlives mem (both locals of this test); 8-aligned, SIZE bytes.
+        let mem = unsafe { crate::shm::RawRegion::new(base, SIZE as u64) };
+        let layout = Layout::compute(SIZE as u64, 4, 8, 1, 4096).expect("layout");
+        let me = PeerSlot(1);
+        assert_eq!(take_closed_hint(&mem, &layout, me), Ok(ClosedHint::None));
+        hint_closed(&mem, &layout, me, ObjectSlot(7)).expect("hint");
+        assert_eq!(
+            take_closed_hint(&mem, &layout, me),
+            Ok(ClosedHint::One(ObjectSlot(7)))
+        );
+        assert_eq!(take_closed_hint(&mem, &layout, me), Ok(ClosedHint::None));
+        hint_closed(&mem, &layout, me, ObjectSlot(7)).expect("hint");
+        hint_closed(&mem, &layout, me, ObjectSlot(6)).expect("second hint");
+        assert_eq!(take_closed_hint(&mem, &layout, me), Ok(ClosedHint::Many));
+        // A peer's scribble naming no slot of the table.
+        let off = mailbox_base(&layout, me).expect("mailbox") + MB_CLOSED_HINT_OFF;
+        mem.store_u64(off, u64::from(layout.max_objects) + 1, Ordering::SeqCst)
+            .expect("scribble");
+        assert_eq!(take_closed_hint(&mem, &layout, me), Ok(ClosedHint::Many));
+        // The hint word is not part of a request: posting one leaves it alone.
+        hint_closed(&mem, &layout, me, ObjectSlot(3)).expect("hint");
+        post(
+            &mem,
+            &layout,
+            me,
+            &wake_request(ObjectSlot(1), Generation(1)),
+        )
+        .expect("post");
+        assert_eq!(
+            take_closed_hint(&mem, &layout, me),
+            Ok(ClosedHint::One(ObjectSlot(3)))
+        );
+        drop(buf);
     }
 
     #[test]
