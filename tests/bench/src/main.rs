@@ -6,7 +6,7 @@
 //! ```text
 //! vshm-bench run --out DIR [--smoke] [--commit ID]   # DIR/BENCHMARKS.md, DIR/docs/bench/*.png,
 //!                                                    # DIR/readme-table.md
-//! vshm-bench one P2|P3|P4|P5|P6 [--smoke]                    # one line alone, printed
+//! vshm-bench one P2|P3|P4|P5|P6|P7 [--smoke]                    # one line alone, printed
 //! vshm-bench role NAME ARGS...                       # a peer process the suite spawns
 //! vshm-bench p1 [LEVEL...]                           # P1 alone, printed (default levels
 //!                                                    # 1 100 1000 10000); writes nothing
@@ -34,7 +34,7 @@ use report::{Goal, Line, Plot, Report, Series, Unit};
 use stats::{summarize, Summary};
 
 const USAGE: &str = "usage: vshm-bench run --out DIR [--smoke] [--commit ID]\n       \
-                     vshm-bench one P2|P3|P4|P5|P6 [--smoke]\n       vshm-bench role NAME ARGS...\n       \
+                     vshm-bench one P2|P3|P4|P5|P6|P7 [--smoke]\n       vshm-bench role NAME ARGS...\n       \
                      vshm-bench p1 [LEVEL...]";
 
 fn main() -> ExitCode {
@@ -773,7 +773,7 @@ fn p6_lines(smoke: bool) -> Result<Vec<Line>> {
     Ok(lines)
 }
 
-/// `vshm-bench one P2|P3|P4|P5|P6 [--smoke]`: one line's measurement alone, its rows printed (for
+/// `vshm-bench one P2|P3|P4|P5|P6|P7 [--smoke]`: one line's measurement alone, its rows printed (for
 /// working on it; writes nothing).
 /// P2: create+close of a new section through `ns` against the POSIX create-map-unlink.
 fn p2_line(counts: Counts, ns: &Namespace<HostTransport>) -> Result<Line> {
@@ -860,7 +860,28 @@ fn one(args: &[String]) -> Result<()> {
                 _ => p4_lines(counts, &ns, &socket)?,
             }
         }
-        other => return Err(format!("one: which line? {other:?} (P2, P3, P4, P5 or P6)")),
+        Some("P7") => {
+            let d = Vshmd::start(&["--max-peers".into(), "62".into()])?;
+            let socket = d.socket.to_string_lossy().into_owned();
+            let millis = if smoke { 20 } else { 1000 };
+            for n in [2, 62] {
+                step(&format!("P7: {n} peers hammering vshmd for {millis} ms"));
+                let (rate, lat) = bench::p7_hammer(&socket, n, millis)?;
+                let lat = summary(lat, "P7")?;
+                println!(
+                    "P7 {n} peers: {rate:.0} ops/s, latency {} / {} / {}",
+                    report::value(Unit::Nanos, lat.min),
+                    report::value(Unit::Nanos, lat.median),
+                    report::value(Unit::Nanos, lat.p99)
+                );
+            }
+            return Ok(());
+        }
+        other => {
+            return Err(format!(
+                "one: which line? {other:?} (P2, P3, P4, P5, P6 or P7)"
+            ))
+        }
     };
     print!("{}", report::table(&lines));
     for l in &lines {
