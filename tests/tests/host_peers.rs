@@ -205,6 +205,34 @@ fn non_persistent_section_lives_until_its_last_handle_closes() {
 }
 
 #[test]
+fn a_last_close_names_its_section_so_vshmd_destroys_it_without_sweeping_the_table() {
+    watchdog(LIMIT, || {
+        let b = Backend::start(&["--size", "16M"]);
+        let ns = b.connect();
+        let counter = |name: &str| b.status()["counters"][name].as_u64().expect("counter");
+        let before = counter("hinted_closes");
+        for i in 0..5 {
+            let name = format!("brief-{i}");
+            let (s, _) = ns
+                .create(Some(&name), &vshm::CreateOptions::new(4096))
+                .expect("create");
+            s.close().expect("close");
+            assert!(
+                wait_for(Duration::from_secs(5), || b.section(&name).is_none()),
+                "{name} destroyed at its last close"
+            );
+        }
+        // Each close rang alone, its hint naming the section: vshmd looked at that slot.
+        // (The 200 ms timer's sweep may find one first; then that close is swept instead.)
+        let hinted = counter("hinted_closes") - before;
+        assert!(
+            hinted >= 3,
+            "{hinted} of 5 closes were destroyed from their hint"
+        );
+    });
+}
+
+#[test]
 fn deleting_an_open_section_frees_its_name_now_and_its_memory_at_the_last_close() {
     watchdog(LIMIT, || {
         let b = Backend::start(&["--size", "4M"]);

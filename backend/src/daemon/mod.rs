@@ -895,16 +895,14 @@ impl Daemon {
             }
         }
         self.arbiter.heal_soon();
-        // A ring on vector 0 is a request or a close that left an object unheld (vector 1:
-        // an acknowledgement), and the eventfd adds rings up. Rings the answered request
-        // and the peer's close hint explain need no sweep of the whole table (a look at
-        // every live object's lease word); the timer sweeps anyway.
-        let rings = if vector == usize::from(VECTOR_CONTROL) {
-            value
-        } else {
-            u64::MAX
-        };
-        if self.arbiter.sweep_after_ring(id, rings, answered.is_some()) > 0 {
+        // A ring on vector 0 is a request or a close that left an object unheld, and the
+        // eventfd adds rings up. Rings the answered request and the peer's close hint
+        // explain need no sweep of the whole table (a look at every live object's lease
+        // word); the timer sweeps anyway. Vector 1 carries acknowledgements (handled above),
+        // never a close.
+        if vector == usize::from(VECTOR_CONTROL)
+            && self.arbiter.sweep_after_ring(id, value, answered.is_some()) > 0
+        {
             // What it destroyed is journaled at the end of this dispatch.
             self.journaled = false;
         }
