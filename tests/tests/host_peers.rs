@@ -227,7 +227,8 @@ fn a_last_close_names_its_section_so_vshmd_destroys_it_without_sweeping_the_tabl
         let hinted = counter("hinted_closes") - before;
         assert!(
             hinted >= 3,
-            "{hinted} of 5 closes were destroyed from their hint"
+            "{hinted} of 5 closes were destroyed from their hint; {}",
+            b.status()["counters"]
         );
     });
 }

@@ -185,6 +185,9 @@ struct PeerRecord {
     /// crash the journal delivers a response the crashed process made durable but may not
     /// have written (`recover.rs`).
     reply: Option<(u64, Reply)>,
+    /// Rings of its doorbell the host expects without a sweep: requests answered and
+    /// closes taken from its close hint before their rings were counted (FORMAT.md §9).
+    rings_due: u64,
 }
 
 /// A response as the journal keeps it (the mailbox response's fields that carry anything).

@@ -122,6 +122,7 @@ impl<M: Backing> Arbiter<M> {
         rec.denials = 0;
         rec.denial_log = None;
         rec.reply = None;
+        rec.rings_due = 0;
         bump_namespace_seq(&self.mem)?;
         Ok(s)
     }

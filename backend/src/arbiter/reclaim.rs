@@ -22,6 +22,10 @@ use vshm_format::{ObjectSlot, PeerId, PeerSlot};
 use super::{Arbiter, Backing};
 use crate::telemetry::Event;
 
+/// The most rings of one peer's doorbell the host expects ahead of their count (requests
+/// and hinted closes served before their rings were read): a handful in practice.
+const MAX_RINGS_DUE: u64 = 64;
+
 /// What a peer's departure released.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Reclaim {
@@ -283,32 +287,53 @@ impl<M: Backing> Arbiter<M> {
         destroyed
     }
 
-    /// After a doorbell from `peer` whose eventfd counted `rings` (`answered`: one of them
-    /// carried the request just answered): destroys what its closes left unheld. A ring
-    /// that carried one close names it in the peer's close hint (FORMAT.md §9): that slot
-    /// alone is looked at when it explains every ring counted; anything else (no hint,
-    /// several closes, a hint of a slot that was not closed: a scribble, or a close whose
-    /// ring comes next) sweeps the whole table. Returns how many objects it destroyed.
+    /// After a doorbell from `peer` whose eventfd counted `rings` (`answered`: a request
+    /// was answered for it): destroys what its closes left unheld. A close names its object
+    /// in the peer's close hint before it rings (FORMAT.md §9): the host takes the hint and
+    /// destroys that object alone when every ring counted is accounted for — one per
+    /// request answered and per hinted close, whose rings may be counted by this doorbell
+    /// or the next (a close that hinted while this doorbell was being served rings after
+    /// the count was read). Anything else (a ring no hint or request explains: a close by a
+    /// peer that does not hint; several closes; a hint of a slot that was not closed: a
+    /// scribble) sweeps the whole table. Returns how many objects it destroyed.
     pub fn sweep_after_ring(&mut self, peer: PeerId, rings: u64, answered: bool) -> usize {
-        let hint = self
-            .slot_of(peer)
-            .and_then(|s| mailbox::take_closed_hint(&self.mem, &self.layout, s).ok())
-            .unwrap_or(ClosedHint::Many);
-        let explained = rings == 1 + u64::from(answered);
-        match hint {
-            ClosedHint::None if answered && rings == 1 => 0,
+        let Some(s) = self.slot_of(peer) else {
+            return self.sweep();
+        };
+        let hint =
+            mailbox::take_closed_hint(&self.mem, &self.layout, s).unwrap_or(ClosedHint::Many);
+        let mut destroyed = 0;
+        let hinted = match hint {
+            ClosedHint::None => Some(0),
             ClosedHint::One(slot) => {
                 let connected = self.connected_mask();
-                if self.sweep_slot(slot, connected) && explained {
+                self.sweep_slot(slot, connected).then(|| {
+                    destroyed = 1;
                     self.counters.hinted_closes += 1;
+                    1
+                })
+            }
+            ClosedHint::Many => None,
+        };
+        let Some(rec) = self.peers.get_mut(s.raw() as usize) else {
+            return destroyed + self.sweep();
+        };
+        let expected = hinted.map(|h| rec.rings_due + u64::from(answered) + h);
+        match expected {
+            Some(e) if rings <= e => {
+                // Bounded: a peer that hints without ringing only delays its own next
+                // unhinted close to the timer's sweep.
+                rec.rings_due = (e - rings).min(MAX_RINGS_DUE);
+                if destroyed > 0 {
                     self.expire_unclaimed();
                     self.release_quarantine();
-                    1
-                } else {
-                    self.sweep()
                 }
+                destroyed
             }
-            _ => self.sweep(),
+            _ => {
+                rec.rings_due = 0;
+                destroyed + self.sweep()
+            }
         }
     }
 

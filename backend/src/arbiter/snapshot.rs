@@ -453,6 +453,7 @@ impl<M: Backing> Arbiter<M> {
                     grant,
                     denials: p.denials,
                     denial_log: None,
+                    rings_due: 0,
                 }
             })
             .collect();

@@ -306,6 +306,25 @@ fn a_close_hint_that_explains_the_ring_destroys_that_object_without_a_sweep_of_t
     // A lone ring that carried the request just answered: nothing to look at.
     assert_eq!(a.sweep_after_ring(PeerId(1), 1, true), 0);
     assert_eq!(a.counters().table_sweeps, sweeps);
+    // A fast peer: its close hinted while the host was serving the doorbell of its
+    // request, so that doorbell counted one ring and the close's ring comes next.
+    let closed = create_and_close(&mut a, "closed-3");
+    mailbox::hint_closed(a.mem(), a.layout(), PeerSlot(0), closed).expect("hint");
+    assert_eq!(a.sweep_after_ring(PeerId(1), 1, true), 1);
+    assert_eq!(
+        a.sweep_after_ring(PeerId(1), 1, false),
+        0,
+        "the close's own ring"
+    );
+    assert_eq!(
+        a.counters().table_sweeps,
+        sweeps,
+        "still no sweep of the table"
+    );
+    assert_eq!(a.counters().hinted_closes, 3);
+    // But a ring nothing accounts for is a close that did not hint: swept.
+    assert_eq!(a.sweep_after_ring(PeerId(1), 1, false), 0);
+    assert_eq!(a.counters().table_sweeps, sweeps + 1);
 }
 
 #[test]
