@@ -14,14 +14,17 @@ pub fn out_dir() -> PathBuf {
 /// Builds `vshm` as a static binary for the guest, in its own target dir so the host
 /// build's flags are untouched.
 pub fn build_guest_vshm() -> Result<PathBuf> {
-    step("building the static guest vshm (crt-static, release)");
+    step("building the static guest vshm (crt-static, not PIE, release)");
     let (mut cmd, artifacts) = guest_build(&["-p", "vshm", "--bin", "vshm"]);
     run_checked(&mut cmd)?;
     Ok(artifacts.join("vshm"))
 }
 
-/// `cargo build --release ARGS` for the guest: static (crt-static), in its own target dir
-/// so the host build's flags are untouched; and the directory the artifacts land in.
+/// `cargo build --release ARGS` for the guest: static (crt-static) and not
+/// position-independent (relocation-model=static: loaded at the same address every time,
+/// so a TCG guest reuses its translations from one start to the next instead of translating
+/// a static-PIE binary that ASLR moved again — BENCHMARKS.md P6), in its own target dir so
+/// the host build's flags are untouched; and the directory the artifacts land in.
 fn guest_build(args: &[&str]) -> (std::process::Command, PathBuf) {
     let target_dir = workspace_root().join("target").join("guest");
     let mut cmd = cargo();
@@ -31,7 +34,8 @@ fn guest_build(args: &[&str]) -> (std::process::Command, PathBuf) {
         .env("CARGO_TARGET_DIR", &target_dir)
         .env(
             "RUSTFLAGS",
-            "-C target-feature=+crt-static -C debuginfo=0 -C strip=symbols",
+            "-C target-feature=+crt-static -C relocation-model=static -C debuginfo=0 \
+             -C strip=symbols",
         );
     (cmd, target_dir.join("x86_64-unknown-linux-gnu/release"))
 }
