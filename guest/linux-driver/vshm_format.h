@@ -44,6 +44,9 @@
 #define VSHM_MB_BODY_END 1168
 #define VSHM_MB_RESP_SEQ_OFF 1280
 #define VSHM_MB_STATUS_OFF 1288
+/* The close hint (not part of a request) and its "several closes: sweep" value. */
+#define VSHM_MB_CLOSED_HINT_OFF 1184
+#define VSHM_CLOSED_HINT_MANY 0xFFFFFFFFFFFFFFFFULL
 #define VSHM_OP_UNLOCK 6
 
 /* Doorbell vector 0: the host's control vector (requests, last closes). */

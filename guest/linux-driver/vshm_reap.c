@@ -484,9 +484,17 @@ static void vshm_reap_work(struct work_struct *work)
 				r->mailbox_checked = true;
 			}
 			done = vshm_reap_pass(r);
-			/* vshmd folds the row's counts and reaps closed objects at once. */
-			if (r->released)
+			/*
+			 * vshmd folds the row's counts and reaps closed objects at once: the
+			 * close hint says "several, look at every object" (FORMAT.md §9), so
+			 * this ring is never taken for one a hint already accounted for.
+			 */
+			if (r->released) {
+				WRITE_ONCE(*vshm_u64(dev, r->h->t.mailbox + VSHM_MB_CLOSED_HINT_OFF),
+					   VSHM_CLOSED_HINT_MANY);
+				smp_wmb();
 				vshm_ring_host(dev);
+			}
 			r->released = false;
 			if (!done && vshm_reap_late(r)) {
 				dev_warn(&dev->pdev->dev,

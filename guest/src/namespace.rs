@@ -4,8 +4,9 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use core::time::Duration;
 
 use vshm_format::layout::{
-    const_u32, holder_bit, kind, object_state, Layout, ObjectEntry, Request, Superblock,
-    LEASE_HOLDERS, OBJ_LEASE_OFF, OBJ_SIZE_OFF, VECTOR_CONTROL, VECTOR_WAKE,
+    const_u32, holder_bit, kind, object_state, peer_state, Layout, ObjectEntry, Request,
+    Superblock, LEASE_HOLDERS, OBJ_LEASE_OFF, OBJ_SIZE_OFF, PEER_STATE_OFF, VECTOR_CONTROL,
+    VECTOR_WAKE,
 };
 use vshm_format::lease::{self, LeaseError, Released};
 use vshm_format::mailbox::{self, Refusal};
@@ -700,11 +701,12 @@ impl<T: Transport> Namespace<T> {
     }
 
     /// Takes `slot`'s waiters word and rings, on the wake vector, each waiter that is a
-    /// connected holder with a doorbell (the host's rule for WAKE, §6a). Bits of peers that
-    /// are not connected holders are dropped, as the host drops them (a real waiter sets its
-    /// bit again before it sleeps again). The bits of waiters it could not ring (a peer the
-    /// host stands in for, a doorbell this transport does not know yet) are put back; they
-    /// are returned, non-zero meaning a WAKE request must follow.
+    /// connected holder with a doorbell (the host's rule for WAKE, §6a). Bits of
+    /// non-holders and of ABSENT slots are dropped, as the host drops them (a real waiter
+    /// sets its bit again before it sleeps again). The bits of waiters it could not ring (a
+    /// peer the host stands in for, a doorbell this transport does not know yet, an entry
+    /// that does not validate) are put back; they are returned, non-zero meaning a WAKE
+    /// request must follow.
     fn ring_waiters(&self, slot: ObjectSlot) -> Result<u64, Error> {
         let (mem, layout) = (&self.mem(), &self.layout);
         let bits = sync::take_waiters(mem, layout, slot)?;
@@ -726,10 +728,20 @@ impl<T: Transport> Namespace<T> {
             if bits & holders & bit == 0 {
                 continue;
             }
-            match object::read_peer(mem, layout, peer) {
-                Some(p) if p.doorbell && self.transport.ring(p.peer_id, vector).is_ok() => {}
-                Some(_) => unrung |= bit,
-                None => {}
+            // Acquire first: the host writes the entry before it stores CONNECTED (§4).
+            let state = layout
+                .peer_entry(peer)
+                .map(|b| mem.load_u32(b + PEER_STATE_OFF, Ordering::Acquire));
+            if state == Some(Ok(peer_state::ABSENT)) {
+                continue;
+            }
+            match vshm_format::peer::read_peer_entry(mem, layout, peer) {
+                Ok(Some(p)) if p.doorbell && self.transport.ring(p.peer_id, vector).is_ok() => {}
+                // ABSENT: the host would drop it too.
+                Ok(None) => {}
+                // No doorbell, a ring refused, or an entry that does not validate (a
+                // scribble the host heals): the host decides from its own records.
+                _ => unrung |= bit,
             }
         }
         if unrung != 0 {

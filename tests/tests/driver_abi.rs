@@ -14,9 +14,10 @@ use vshm::driver::{
     VSHM_KERNEL_TOKEN, VSHM_MAX_VECTORS,
 };
 use vshm::format::layout::{
-    mutex_word, op, peer_state, refcell, Mailbox, Request, LEASE_CLOSED, LEASE_KEEP,
-    MB_AUDITED_SEQ_OFF, MB_LOCK_OFF, MB_REQ_SEQ_OFF, MB_RESPONSE_OFF, MB_RESP_SEQ_OFF, PEER_ID_OFF,
-    PEER_INCARNATION_OFF, PEER_STATE_OFF, VECTOR_CONTROL,
+    mutex_word, op, peer_state, refcell, Mailbox, Request, CLOSED_HINT_MANY, LEASE_CLOSED,
+    LEASE_KEEP, MB_AUDITED_SEQ_OFF, MB_CLOSED_HINT_OFF, MB_LOCK_OFF, MB_REQ_SEQ_OFF,
+    MB_RESPONSE_OFF, MB_RESP_SEQ_OFF, PEER_ID_OFF, PEER_INCARNATION_OFF, PEER_STATE_OFF,
+    VECTOR_CONTROL,
 };
 use vshm::format::lease::CAS_TRIES;
 use vshm_tests::TempDir;
@@ -101,6 +102,8 @@ fn checks() -> Vec<(&'static str, u64)> {
         ("VSHM_MB_BODY_END", MB_AUDITED_SEQ_OFF),
         ("VSHM_MB_RESP_SEQ_OFF", MB_RESP_SEQ_OFF),
         ("VSHM_MB_STATUS_OFF", MB_RESPONSE_OFF + 8),
+        ("VSHM_MB_CLOSED_HINT_OFF", MB_CLOSED_HINT_OFF),
+        ("VSHM_CLOSED_HINT_MANY", CLOSED_HINT_MANY),
         ("VSHM_OP_UNLOCK", u64::from(op::UNLOCK)),
         ("VSHM_VECTOR_CONTROL", u64::from(VECTOR_CONTROL)),
     ]
