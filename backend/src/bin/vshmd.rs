@@ -45,6 +45,11 @@ struct Args {
     /// stays within a sixteenth of the region].
     #[arg(long)]
     max_objects: Option<u32>,
+    /// Size of the name area that holds every object's name (K/M suffix allowed): a multiple
+    /// of 8, each name taking its length rounded up to 8 bytes; a CREATE whose name does not
+    /// fit is refused [default: 64 bytes per object].
+    #[arg(long, value_parser = size_arg, value_name = "BYTES")]
+    name_bytes: Option<u64>,
     /// Interrupt vectors per peer (the QEMU `vectors=` value) [default: 2].
     #[arg(long)]
     vectors: Option<u32>,
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
         control: args.control,
         max_peers: args.max_peers,
         max_objects: args.max_objects,
+        name_bytes: args.name_bytes,
         vectors: args.vectors,
         hugepages: args.hugepages,
         lock: args.lock,
