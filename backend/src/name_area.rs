@@ -181,9 +181,9 @@ mod tests {
             })
         );
         assert_eq!(
-            a.adopt(u32::MAX & !7, 8),
+            a.adopt(0xFFFF_FFF8, 8),
             Err(NameAreaError::OutOfBounds {
-                off: u32::MAX & !7,
+                off: 0xFFFF_FFF8,
                 len: 8,
                 size: 64
             })

@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use vshm_format::layout::{
-    holder_bit, Layout, ObjectEntry, Superblock, OBJ_LEASE_OFF,
-};
+use vshm_format::layout::{holder_bit, Layout, ObjectEntry, Superblock, OBJ_LEASE_OFF};
 use vshm_format::shm::{bytes_of_mut, zeroed};
 use vshm_monitor::inspect::{inspect, Report, Severity};
 use vshm_tests::{bin, command, release, stderr, stdout, watchdog, Backend, TempDir};

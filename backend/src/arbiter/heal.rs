@@ -345,11 +345,9 @@ impl<M: Backing> Arbiter<M> {
                 report.names.push(slot);
             }
             found.add(|| match name_at {
-                Some((at, n)) if !name_ok && head_ok => format!(
-                    "name of object slot {} {}",
-                    slot.raw(),
-                    range(at, n.len())
-                ),
+                Some((at, n)) if !name_ok && head_ok => {
+                    format!("name of object slot {} {}", slot.raw(), range(at, n.len()))
+                }
                 _ => format!(
                     "object slot {} {}{}",
                     slot.raw(),

@@ -220,7 +220,7 @@ impl<M: Backing> Arbiter<M> {
                         "its memory [{:#x}, +{:#x}) is not free",
                         info.offset.raw(),
                         info.max_size
-                    ))
+                    ));
                 }
             }
         } else {

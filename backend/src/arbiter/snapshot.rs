@@ -411,12 +411,12 @@ impl<M: Backing> Arbiter<M> {
                 }
             }
             if let Some(name) = &r.name {
-                name_area
-                    .adopt(r.name_off, name.len())
-                    .map_err(|error| SnapshotError::NameArea {
+                name_area.adopt(r.name_off, name.len()).map_err(|error| {
+                    SnapshotError::NameArea {
                         slot: r.slot,
                         error,
-                    })?;
+                    }
+                })?;
             }
             *cell = Some(Record {
                 generation: Generation(r.generation),

@@ -274,8 +274,7 @@ fn a_fenced_peers_slot_and_the_memory_of_what_died_with_it_are_held_back_until_u
 }
 
 #[test]
-fn a_create_whose_name_does_not_fit_the_name_area_is_refused_cleanly_and_fits_once_room_is_freed()
-{
+fn a_create_whose_name_does_not_fit_the_name_area_is_refused_cleanly_and_fits_once_room_is_freed() {
     let mut a = arbiter();
     // 8 objects: a name area of 8 × 64 = 512 bytes. A 300-byte name takes 304 of them.
     assert_eq!(a.layout().name_area_size, 512);
@@ -311,7 +310,10 @@ fn a_create_whose_name_does_not_fit_the_name_area_is_refused_cleanly_and_fits_on
         vshm_format::object::find_by_name(a.mem(), a.layout(), &other),
         Ok(None)
     );
-    assert!(a.heal().is_clean(), "the refusal left the header as published");
+    assert!(
+        a.heal().is_clean(),
+        "the refusal left the header as published"
+    );
     // Unnamed objects need no name room.
     let unnamed = mailbox::create_request(None, kind::EVENT, 0, 0, false);
     assert_eq!(
@@ -320,8 +322,13 @@ fn a_create_whose_name_does_not_fit_the_name_area_is_refused_cleanly_and_fits_on
     );
     // Deleted but still held (UNLINKED): the name keeps its room.
     let del = mailbox::delete_request(ObjectSlot(first.slot), Generation(first.generation));
-    assert_eq!(request(&mut a, PeerId(1), &del).status, Status::Success.code());
-    assert!(a.record_at(ObjectSlot(first.slot)).is_some_and(|r| r.unlinked));
+    assert_eq!(
+        request(&mut a, PeerId(1), &del).status,
+        Status::Success.code()
+    );
+    assert!(a
+        .record_at(ObjectSlot(first.slot))
+        .is_some_and(|r| r.unlinked));
     assert_eq!(
         create(&mut a, PeerId(2), &other, false).status,
         Status::InsufficientResources.code()

@@ -258,11 +258,10 @@ fn forged_entries_beyond_the_journal_are_not_adopted_whatever_their_creator_fiel
             creators[i],
         );
         let mut entry = entry;
-        entry.name_off = u32::try_from(a.layout().name_area_size - 16 * (i as u64 + 1))
-            .expect("small");
+        entry.name_off =
+            u32::try_from(a.layout().name_area_size - 16 * (i as u64 + 1)).expect("small");
         let name = format!("db/forged-{i}");
-        publish_named(a.mem(), a.layout(), ObjectSlot(s), &entry, name.as_bytes())
-            .expect("forge");
+        publish_named(a.mem(), a.layout(), ObjectSlot(s), &entry, name.as_bytes()).expect("forge");
     }
     let layout = *a.layout();
     let (mut b, _) = Arbiter::from_snapshot(same_region(&a), layout, journal, &|_| {
@@ -332,7 +331,11 @@ fn an_entry_published_before_the_crash_is_not_adopted_if_its_name_overlaps_a_rec
     let mut b = rebuilt(&a, journal);
     assert_eq!(b.adopt_ahead().adopted, 0);
     assert!(b.record_at(slot).is_none());
-    assert_eq!(b.name_area.free_bytes(), 512 - 8, "only kept's room is taken");
+    assert_eq!(
+        b.name_area.free_bytes(),
+        512 - 8,
+        "only kept's room is taken"
+    );
 }
 
 #[test]
@@ -385,7 +388,7 @@ fn a_snapshot_whose_names_overlap_or_leave_the_name_area_is_refused() {
     let first_off = overlap["objects"][0]["name_off"].clone();
     overlap["objects"][1]["name_off"] = first_off;
     let overlap: ArbiterSnapshot = serde_json::from_value(overlap).expect("parse");
-    let e = rebuild(&a, overlap).err().expect("refused");
+    let e = rebuild(&a, overlap).expect_err("refused");
     assert!(
         matches!(
             e,
@@ -399,7 +402,7 @@ fn a_snapshot_whose_names_overlap_or_leave_the_name_area_is_refused() {
     let mut outside = snap;
     outside["objects"][1]["name_off"] = serde_json::json!(512);
     let outside: ArbiterSnapshot = serde_json::from_value(outside).expect("parse");
-    let e = rebuild(&a, outside).err().expect("refused");
+    let e = rebuild(&a, outside).expect_err("refused");
     assert!(
         matches!(
             e,

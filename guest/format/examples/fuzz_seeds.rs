@@ -149,7 +149,11 @@ fn entries(dir: &Path) -> Result<()> {
     );
     write(dir, "section", &entry_input(&section, 0, b"seg"))?;
     write(dir, "event", &entry_input(&event, 0, b""))?;
-    write(dir, "mutex-backslash", &entry_input(&mutex, 0, b"Global\\m"))?;
+    write(
+        dir,
+        "mutex-backslash",
+        &entry_input(&mutex, 0, b"Global\\m"),
+    )?;
     let mutex = entry(kind::MUTEX, object_flags::PERSISTENT, Some("mü"), 0, 0, 0);
     write(dir, "mutex", &entry_input(&mutex, 0, "mü".as_bytes()))?;
     let mut bad = section;
@@ -159,11 +163,15 @@ fn entries(dir: &Path) -> Result<()> {
     bad.offset = (1 << 20) - 4096;
     write(dir, "beyond-heap", &entry_input(&bad, 0, b"seg"))?;
     let mut bad = section;
-    bad.name_off = u32::MAX & !7;
+    bad.name_off = 0xFFFF_FFF8;
     write(dir, "name-outside-area", &entry_input(&bad, 0, b"seg"))?;
     let mut bad = section;
     bad.name_off = 8;
-    write(dir, "name-elsewhere", &entry_input(&bad, 0, b"seg\0\0\0\0\0seg"))?;
+    write(
+        dir,
+        "name-elsewhere",
+        &entry_input(&bad, 0, b"seg\0\0\0\0\0seg"),
+    )?;
     let mut busy = section;
     busy.seq = 3;
     write(dir, "seq-odd", &entry_input(&busy, 0, b"seg"))?;

@@ -19,8 +19,7 @@ pub use crate::peer::{find_peer_slot, peer_still_attached, read_peer, PeerInfo};
 
 mod error;
 pub use error::{
-    check_heap_range, check_name_ref, check_object_range, EntryError, NameRefProblem,
-    RangeProblem,
+    check_heap_range, check_name_ref, check_object_range, EntryError, NameRefProblem, RangeProblem,
 };
 
 /// How many times a reader retries a snapshot the host keeps changing under it.
@@ -240,12 +239,10 @@ pub fn validate(
             name_len,
         });
     }
-    check_name_ref(layout, e.name_off, e.name_len).map_err(|problem| {
-        EntryError::BadNameRef {
-            name_off: e.name_off,
-            name_len,
-            problem,
-        }
+    check_name_ref(layout, e.name_off, e.name_len).map_err(|problem| EntryError::BadNameRef {
+        name_off: e.name_off,
+        name_len,
+        problem,
     })?;
     let bad_name = |error| EntryError::BadName { name_len, error };
     let Some(bytes) = snap.name.get(..usize::from(e.name_len)) else {
@@ -800,7 +797,7 @@ mod tests {
             check(e),
             bad(e, NameRefProblem::OutsideArea { area_size: 256 })
         );
-        e.name_off = u32::MAX & !7;
+        e.name_off = 0xFFFF_FFF8;
         assert_eq!(
             check(e),
             bad(e, NameRefProblem::OutsideArea { area_size: 256 }),
@@ -830,11 +827,20 @@ mod tests {
         // the same bytes past it): the snapshot copies nothing and the validator refuses it.
         let base = layout.object_entry(ObjectSlot(1)).expect("slot");
         let at = layout.name_area_size + 8;
-        mem.write_bytes(layout.name_area + at, b"name").expect("heap");
-        mem.store_u32(base + 60, u32::try_from(at).expect("small"), Ordering::SeqCst)
-            .expect("scribble");
+        mem.write_bytes(layout.name_area + at, b"name")
+            .expect("heap");
+        mem.store_u32(
+            base + 60,
+            u32::try_from(at).expect("small"),
+            Ordering::SeqCst,
+        )
+        .expect("scribble");
         let snap = snapshot(&mem, &layout, ObjectSlot(1), true).expect("snapshot");
-        assert_eq!(snap.name[..4], [0; 4], "nothing copied from outside the area");
+        assert_eq!(
+            snap.name[..4],
+            [0; 4],
+            "nothing copied from outside the area"
+        );
         assert!(matches!(
             validate(&layout, ObjectSlot(1), &snap),
             Err(EntryError::BadNameRef {
