@@ -594,6 +594,8 @@ impl<M: Backing> Arbiter<M> {
                         && e.offset == r.offset
                         && e.kind == r.kind
                         && e.size == r.size
+                        && e.name_off == r.name_off
+                        && e.name() == r.name.as_deref()
                 }
                 _ => false,
             };

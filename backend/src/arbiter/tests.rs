@@ -289,6 +289,12 @@ fn a_create_whose_name_does_not_fit_the_name_area_is_refused_cleanly_and_fits_on
         vshm_format::object::namespace_seq(a.mem()).expect("seq"),
     );
     assert_eq!(names_free, 512 - 304);
+    let region = a.status().region;
+    assert_eq!(
+        (region.name_area_size, region.name_area_free),
+        (512, 512 - 304),
+        "the status shows how full the name area is"
+    );
     let refused = create(&mut a, PeerId(2), &other, false);
     assert_eq!(refused.status, Status::InsufficientResources.code());
     assert_eq!(

@@ -1,4 +1,5 @@
-//! Object table entries: seqlock snapshots for readers, seqlock publication for the host,
+//! Object table entries: seqlock snapshots for readers (the entry's head and, through its
+//! checked reference, its name's bytes in the name area), seqlock publication for the host,
 //! validation of everything a snapshot claims ([`EntryError`] says which field is wrong
 //! and carries its value), and lookup by name. Peer-table reads live in [`crate::peer`] and
 //! are re-exported here under their old paths.
