@@ -34,14 +34,16 @@ fuzz_target!(|data: &[u8]| {
 fn check(sb: &Superblock, l: &Layout, mapped: u64) {
     assert_eq!(sb.version, FORMAT_VERSION);
     assert_eq!(l.region_size, mapped);
-    // The layout is the one the host would compute from these parameters, and its
+    // The layout is the one the host would compute from these parameters (the name area's
+    // size is one: FORMAT.md §2), and its
     // superblock is the one accepted (all but the free fields).
-    let again = Layout::compute(
+    let again = Layout::compute_with_names(
         l.region_size,
         l.max_peers,
         l.max_objects,
         l.vectors,
         l.alignment,
+        l.name_area_size,
     );
     assert_eq!(again, Ok(*l));
     let mut want = l.superblock(sb.backend_epoch, sb.region_id);
