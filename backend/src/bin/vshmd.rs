@@ -41,8 +41,8 @@ struct Args {
     /// Most peers (VMs and host processes) attached at once, 1..=62 [default: 16].
     #[arg(long)]
     max_peers: Option<u32>,
-    /// Size of the object table [default: 1024, fewer for regions under 32M so the header
-    /// stays within a sixteenth of the region].
+    /// Size of the object table [default: 1024, fewer for regions under 8M so the header
+    /// stays within about a sixteenth of the region].
     #[arg(long)]
     max_objects: Option<u32>,
     /// Size of the name area that holds every object's name (K/M suffix allowed): a multiple

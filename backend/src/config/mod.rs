@@ -221,10 +221,18 @@ impl Source<'_> {
     }
 }
 
-/// 1024 objects for regions of 32 MiB and more; for smaller ones, as many as fit in a
-/// sixteenth of the region (at least 16).
+/// The header's bytes per object with the default 16 peers (FORMAT.md §2): its entry (128),
+/// its default share of the name area (64), two name-index entries (16) and a refcount cell
+/// in each peer's row (4 × 16).
+const HEADER_BYTES_PER_OBJECT: u64 = std::mem::size_of::<vshm_format::layout::ObjectEntry>() as u64
+    + vshm_format::layout::DEFAULT_NAME_BYTES_PER_OBJECT
+    + 2 * vshm_format::index::INDEX_ENTRY_SIZE
+    + 4 * DEFAULT_MAX_PEERS as u64;
+
+/// 1024 objects for regions of 8 MiB and more; for smaller ones, as many as keep their part
+/// of the header within a sixteenth of the region (at least 16).
 pub fn default_max_objects(size: u64) -> u32 {
-    let fit = size / 16 / std::mem::size_of::<vshm_format::layout::ObjectEntry>() as u64;
+    let fit = size / 16 / HEADER_BYTES_PER_OBJECT;
     u32::try_from(fit.clamp(16, 1024)).unwrap_or(1024)
 }
 

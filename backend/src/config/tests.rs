@@ -529,3 +529,27 @@ fn sixty_five_thousand_objects_are_configurable_and_fit_a_64m_region() {
     assert_eq!((l.max_objects, l.name_area_size), (65_536, 65_536 * 64));
     assert!(l.heap_size >= 32 << 20, "{l:?}");
 }
+
+#[test]
+fn small_regions_get_fewer_objects_so_their_header_stays_small() {
+    assert_eq!(default_max_objects(64 << 20), 1024);
+    assert_eq!(default_max_objects(8 << 20), 1024);
+    assert_eq!(default_max_objects(4 << 20), 963);
+    assert_eq!(default_max_objects(1 << 20), 240);
+    for size in [1u64 << 20, 2 << 20, 4 << 20, 8 << 20] {
+        let l = vshm_format::layout::Layout::compute(
+            size,
+            DEFAULT_MAX_PEERS,
+            default_max_objects(size),
+            DEFAULT_VECTORS,
+            4096,
+        )
+        .expect("fits");
+        // The per-object part within a sixteenth; the mailboxes (2 KiB a peer) on top.
+        assert!(
+            l.heap_offset <= size / 16 + u64::from(DEFAULT_MAX_PEERS) * 2048 + 8192,
+            "{size}: header {:#x}",
+            l.heap_offset
+        );
+    }
+}
