@@ -11,6 +11,7 @@ pub mod handoff;
 pub mod heap;
 pub mod logging;
 pub mod metrics;
+pub mod name_area;
 pub mod notify;
 pub mod policy;
 pub mod region;

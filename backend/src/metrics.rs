@@ -59,6 +59,12 @@ pub fn render(status: &StatusReport, requests: &RequestStats) -> String {
     );
     gauge(
         &mut out,
+        "vshm_name_area_free_bytes",
+        "Name area bytes no object's name holds.",
+        r.name_area_free,
+    );
+    gauge(
+        &mut out,
         "vshm_resident_bytes",
         "Host memory the region holds.",
         r.resident,

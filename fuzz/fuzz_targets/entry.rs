@@ -1,11 +1,14 @@
-//! Any bytes as an object entry: `object::validate` never panics; an entry it accepts has a
-//! defined state and kind, a range that is inside the heap (a section: aligned, non-empty,
-//! size within max size) or empty (an event or mutex), known flags, and a valid name whose
-//! hash matches. The same entry placed in a region and read with the seqlock snapshot
-//! (`object::read_object`) gets the same verdict. The first 64 bytes are also checked as a
-//! peer-table entry (`peer::validate_peer`).
+//! Any bytes as an object entry and its layout's name area: `object::validate` never
+//! panics; an entry it accepts has a defined state and kind, a range that is inside the
+//! heap (a section: aligned, non-empty, size within max size) or empty (an event or mutex),
+//! known flags, a name reference inside the name area (aligned, at most 1040 bytes) and a
+//! valid name there whose hash matches. The same entry placed in a region and read with the
+//! seqlock snapshot (`object::read_object`, which reads the name from the area) gets the
+//! same verdict. The first 64 bytes are also checked as a peer-table entry
+//! (`peer::validate_peer`).
 //!
-//! Input: 1280 entry bytes; an optional 1281st byte picks the layout and the slot.
+//! Input: 128 entry bytes; an optional 129th byte picks the layout and the slot; the rest
+//! (if any) is the start of the name area.
 #![no_main]
 
 use std::mem::size_of;
@@ -15,18 +18,34 @@ use libfuzzer_sys::fuzz_target;
 use vshm_format::layout::{
     kind, object_flags, object_state, peer_state, ObjectEntry, PeerEntry, OBJ_SEQ_OFF,
 };
-use vshm_format::object::{self, EntryError, ObjectInfo};
+use vshm_format::object::{self, EntryError, ObjectInfo, Snapshot};
 use vshm_format::peer::validate_peer;
 use vshm_format::shm::{bytes_of, SharedMemory};
 use vshm_format::{name_hash, validate_name, ObjectSlot, PeerSlot};
 use vshm_fuzz::{layout, pod_from, Buf};
 
 fuzz_target!(|data: &[u8]| {
-    let selector = data.get(size_of::<ObjectEntry>()).copied().unwrap_or(0);
+    let entry_len = size_of::<ObjectEntry>();
+    let selector = data.get(entry_len).copied().unwrap_or(0);
     let l = layout(selector);
     let e: ObjectEntry = pod_from(data);
+    let area = data.get(entry_len + 1..).unwrap_or(&[]);
+    let area = &area[..area
+        .len()
+        .min(usize::try_from(l.name_area_size).expect("small"))];
     let slot = ObjectSlot(u32::from(selector) % l.max_objects.min(8));
-    let verdict = object::validate(&l, slot, &e);
+    // What a reader copies: the name's bytes if the reference is inside the area.
+    let name: Vec<u8> = match object::check_name_ref(&l, e.name_off, e.name_len) {
+        Ok(Some(_)) => {
+            let from = e.name_off as usize;
+            (from..from + usize::from(e.name_len))
+                .map(|i| area.get(i).copied().unwrap_or(0))
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let snap = Snapshot::of(e, &name);
+    let verdict = object::validate(&l, slot, &snap);
     match &verdict {
         Ok(None) => assert_eq!(e.state, object_state::FREE),
         Ok(Some(info)) => check_accepted(&l, slot, &e, info),
@@ -35,12 +54,14 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    // The same bytes through the region and the seqlock reader.
-    let end = l.object_entry(slot).expect("slot in range") + size_of::<ObjectEntry>() as u64;
+    // The same bytes through the region and the seqlock reader. The region ends after the
+    // name area or the entry, whichever is later (the name area sits after the tables).
+    let base = l.object_entry(slot).expect("slot in range");
+    let end = (base + entry_len as u64).max(l.name_area + l.name_area_size);
     let mut buf = Buf::new(usize::try_from(end).expect("small"));
     let mem = buf.region();
-    let base = l.object_entry(slot).expect("slot in range");
     mem.write_bytes(base, bytes_of(&e)).expect("in bounds");
+    mem.write_bytes(l.name_area, area).expect("in bounds");
     if e.seq & 1 == 1 {
         // A writer in progress: the reader gives up after its retries (10 000 spins, so
         // only checked for one selector in 16, to keep the target fast) ...
@@ -123,13 +144,17 @@ fn check_accepted(
     match info.name() {
         Some(name) => {
             assert!(info.flags & object_flags::NAMED != 0);
-            assert_eq!(name.len(), e.name_len as usize);
+            assert_eq!(name.len(), usize::from(e.name_len));
+            assert_eq!(
+                object::check_name_ref(l, e.name_off, e.name_len).map(|r| r.is_some()),
+                Ok(true)
+            );
             assert_eq!(validate_name(name), Ok(()));
             assert_eq!(name_hash(name.as_bytes()), e.name_hash);
         }
         None => {
             assert!(info.flags & object_flags::NAMED == 0);
-            assert_eq!(e.name_len, 0);
+            assert_eq!((e.name_len, e.name_off), (0, 0));
         }
     }
 }

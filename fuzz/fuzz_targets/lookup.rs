@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use libfuzzer_sys::fuzz_target;
 use vshm_format::index::{store_entry, HostIndex};
 use vshm_format::layout::{kind, object_state};
-use vshm_format::object::{find_by_name, make_entry, publish, EntryError};
+use vshm_format::object::{find_by_name, make_entry, publish_named, EntryError};
 use vshm_format::shm::SharedMemory;
 use vshm_format::{name_hash, Generation, ObjectSlot, PeerId, RegionOffset};
 use vshm_fuzz::{layout, prefix, Buf};
@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
         let slot = ObjectSlot(slot);
         ix.insert(&mem, &l, name_hash(name.as_bytes()), slot)
             .expect("insert");
-        let e = make_entry(
+        let mut e = make_entry(
             Generation(i),
             object_state::LIVE,
             kind::EVENT,
@@ -40,7 +40,9 @@ fuzz_target!(|data: &[u8]| {
             Some(name),
             PeerId(1),
         );
-        publish(&mem, &l, slot, &e).expect("publish");
+        // Each name in its own granule of the name area (FORMAT.md §5b).
+        e.name_off = slot.0 * 8;
+        publish_named(&mem, &l, slot, &e, name.as_bytes()).expect("publish");
     }
     // The scribble.
     let seq = u64::from_le_bytes(prefix(data));

@@ -34,14 +34,16 @@ fuzz_target!(|data: &[u8]| {
 fn check(sb: &Superblock, l: &Layout, mapped: u64) {
     assert_eq!(sb.version, FORMAT_VERSION);
     assert_eq!(l.region_size, mapped);
-    // The layout is the one the host would compute from these parameters, and its
+    // The layout is the one the host would compute from these parameters (the name area's
+    // size is one: FORMAT.md §2), and its
     // superblock is the one accepted (all but the free fields).
-    let again = Layout::compute(
+    let again = Layout::compute_with_names(
         l.region_size,
         l.max_peers,
         l.max_objects,
         l.vectors,
         l.alignment,
+        l.name_area_size,
     );
     assert_eq!(again, Ok(*l));
     let mut want = l.superblock(sb.backend_epoch, sb.region_id);
@@ -108,6 +110,20 @@ fn check(sb: &Superblock, l: &Layout, mapped: u64) {
     let end = l.index_entry(l.index_slots - 1).expect("last index entry") + 8;
     assert!(end <= l.heap_offset);
     assert_eq!(l.index_entry(l.index_slots), None);
+
+    // Name area (FORMAT.md §5b): after the index, 64-aligned, a multiple of 8 bytes, ends
+    // before the heap; a reference to its last byte is inside, one past it is not.
+    assert!(end <= l.name_area);
+    assert_eq!(l.name_area % 64, 0);
+    assert_eq!(l.name_area_size % 8, 0);
+    assert!(l.name_area + l.name_area_size <= l.heap_offset);
+    if let Ok(last) = u32::try_from(l.name_area_size.saturating_sub(8)) {
+        if l.name_area_size >= 8 {
+            assert_eq!(l.name_bytes(last, 8), Some(l.name_area + u64::from(last)));
+            assert_eq!(l.name_bytes(last, 9), None);
+        }
+    }
+    assert_eq!(l.name_bytes(u32::MAX, u64::MAX), None);
 
     // Heap: aligned, at least one page, ends at the region's end.
     assert_eq!(l.heap_offset % l.alignment, 0);

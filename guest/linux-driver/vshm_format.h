@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 OR MIT */
 /*
- * vshm_format.h - the few constants of the vshm region format (docs/FORMAT.md, version 3)
+ * vshm_format.h - the few constants of the vshm region format (docs/FORMAT.md, version 4)
  * the driver's per-process cleanup needs beyond what struct vshm_track carries: the
  * refcount cell and lease word encodings (§5, §7), the peer-table entry (§4) and the
  * mailbox request/response words (§9). Mirrored from the vshm-format crate;

@@ -192,6 +192,8 @@ impl<T: Transport> Namespace<T> {
             mailbox_table: 0,
             index_table: 0,
             index_slots: 0,
+            name_area: 0,
+            name_area_size: 0,
             heap_offset: 0,
             heap_size: 0,
         };

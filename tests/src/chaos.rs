@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vshm::host::HostTransport;
 use vshm::{CreateOptions, EventOptions, Namespace, Transport};
-use vshm_format::layout::{object_state, OBJ_LEASE_OFF, OBJ_NAME_OFF};
+use vshm_format::layout::{object_state, ObjectEntry, OBJ_LEASE_OFF, OBJ_RESERVED_OFF};
 use vshm_format::shm::SharedMemory;
 use vshm_format::{ObjectSlot, PeerId, PeerSlot};
 
@@ -526,19 +526,34 @@ impl Scribbler {
             .expect("scribble inside the region");
     }
 
-    /// Host-written bytes of object entry `slot`: head, or reserved + name + reserved.
+    /// Host-written bytes of object entry `slot`: its head, its reserved bytes, or its
+    /// name's bytes in the name area (FORMAT.md §5b; the head's reference, if sane).
     fn scribble_entry(&mut self, slot: ObjectSlot) {
-        let base = self
-            .ns
-            .layout()
-            .object_entry(slot)
-            .expect("slot in the table");
-        if self.rng.below(2) == 0 {
-            self.scribble_in(base, OBJ_LEASE_OFF, 64);
-        } else {
-            // Bytes 104..1280: reserved1, the name, reserved2 (the sync words end at 104).
-            let from = OBJ_NAME_OFF - 24;
-            self.scribble_in(base + from, 1280 - from, 64);
+        let l = *self.ns.layout();
+        let base = l.object_entry(slot).expect("slot in the table");
+        match self.rng.below(3) {
+            0 => self.scribble_in(base, OBJ_LEASE_OFF, 64),
+            1 => {
+                // Bytes 104..128: the reserved bytes after the sync words.
+                let size = std::mem::size_of::<ObjectEntry>() as u64;
+                self.scribble_in(base + OBJ_RESERVED_OFF, size - OBJ_RESERVED_OFF, 64);
+            }
+            _ => {
+                let mem = self.ns.transport().region();
+                let name = vshm_format::object::snapshot(&mem, &l, slot, false)
+                    .ok()
+                    .and_then(|e| {
+                        let at = vshm_format::object::check_name_ref(&l, e.name_off, e.name_len);
+                        Some((at.ok()??, u64::from(e.name_len)))
+                    });
+                match name {
+                    Some((at, len)) => self.scribble_in(at, len, 64),
+                    None if l.name_area_size > 0 => {
+                        self.scribble_in(l.name_area, l.name_area_size, 64);
+                    }
+                    None => self.scribble_in(base, OBJ_LEASE_OFF, 64),
+                }
+            }
         }
     }
 

@@ -106,10 +106,14 @@ fn scribbled_object_entries_are_republished_and_both_names_work_again() {
         let a_base = l.object_entry(alpha.slot()).expect("entry");
         let b_base = l.object_entry(beta.slot()).expect("entry");
         evil.random(a_base, 64);
-        evil.map
-            .region()
-            .write_bytes(b_base + 128 + 1, b"XXXX")
-            .expect("name");
+        // beta's name, in the name area (FORMAT.md §5b) where its entry says it is.
+        let region = evil.map.region();
+        let head = object::snapshot(&region, &l, beta.slot(), false).expect("beta's entry");
+        let b_name = object::check_name_ref(&l, head.name_off, head.name_len)
+            .expect("a sane reference")
+            .expect("named");
+        region.write_bytes(b_name + 1, b"XXXX").expect("name");
+        assert_ne!(b_base, b_name);
         let other = b.connect();
         assert!(
             wait_for(HEALED, || other.open("alpha").is_ok()
@@ -132,7 +136,7 @@ fn scribbled_object_entries_are_republished_and_both_names_work_again() {
             r.iter().any(|d| d.starts_with(&format!(
                 "object slot {} [{a_base:#x}, {:#x})",
                 alpha.slot().raw(),
-                a_base + 1280
+                a_base + 128
             ))),
             "{r:?}"
         );
@@ -191,11 +195,14 @@ fn a_forged_live_entry_in_a_free_slot_is_erased_and_holds_nothing() {
             Some("forged"),
             PeerId(1),
         );
-        // Written as a hostile peer would: the name, a lease word that looks held (by the
-        // owner's slot), then the head.
+        // Written as a hostile peer would: the name (in the name area's last granule,
+        // which no name of this test uses), a lease word that looks held (by the owner's
+        // slot), then the head.
+        let mut entry = entry;
+        entry.name_off = u32::try_from(l.name_area_size - 8).expect("small area");
         let region = evil.map.region();
         region
-            .write_bytes(base + 128, &bytes_of(&entry)[128..1168])
+            .write_bytes(l.name_area + u64::from(entry.name_off), b"forged")
             .expect("name");
         region
             .store_u64(
@@ -240,7 +247,7 @@ fn a_forged_live_entry_in_a_free_slot_is_erased_and_holds_nothing() {
             r.iter().any(|d| d.starts_with(&format!(
                 "object slot {} [{base:#x}, {:#x}) (FREE image)",
                 forged.raw(),
-                base + 1280
+                base + 128
             ))),
             "{r:?}"
         );

@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use vshm_format::layout::{
-    holder_bit, Layout, ObjectEntry, Superblock, OBJ_LEASE_OFF, OBJ_NAME_OFF,
-};
+use vshm_format::layout::{holder_bit, Layout, ObjectEntry, Superblock, OBJ_LEASE_OFF};
 use vshm_format::shm::{bytes_of_mut, zeroed};
 use vshm_monitor::inspect::{inspect, Report, Severity};
 use vshm_tests::{bin, command, release, stderr, stdout, watchdog, Backend, TempDir};
@@ -215,7 +213,7 @@ fn corrupted_copies_of_a_live_region_report_each_corruption_at_its_slot() {
             layout.region_size,
         );
         // beta's name gets a backslash.
-        let name_at = usize::try_from(entry(beta) + OBJ_NAME_OFF).expect("offset");
+        let name_at = usize::try_from(name_of(&bytes, &layout, beta)).expect("offset");
         bytes[name_at] = b'\\';
         // gamma's lease word claims a holder in a slot nobody is connected to.
         let lease_at = entry(gamma) + OBJ_LEASE_OFF;
@@ -324,10 +322,7 @@ fn vshmctl_inspect_exits_0_on_a_healthy_region_1_on_a_corrupted_copy_and_2_on_a_
         let mut bytes = std::fs::read(&memfd).expect("copy the memfd");
         let layout = layout_of(&bytes);
         let slot = slot_of(&b.status(), "beta");
-        let at = layout
-            .object_entry(vshm_format::ObjectSlot(slot))
-            .expect("slot")
-            + OBJ_NAME_OFF;
+        let at = name_of(&bytes, &layout, slot);
         bytes[usize::try_from(at).expect("offset")] = b'\\';
         let corrupt = dir.path().join("corrupt.region");
         std::fs::write(&corrupt, &bytes).expect("write copy");
@@ -357,4 +352,16 @@ fn vshmctl_inspect_exits_0_on_a_healthy_region_1_on_a_corrupted_copy_and_2_on_a_
             release(h);
         }
     });
+}
+
+/// Region offset of the name of the object in `slot` of a region copy: the name area plus
+/// the entry's `name_off` (FORMAT.md §5b).
+fn name_of(bytes: &[u8], layout: &Layout, slot: u32) -> u64 {
+    let at = layout
+        .object_entry(vshm_format::ObjectSlot(slot))
+        .expect("slot")
+        + std::mem::offset_of!(ObjectEntry, name_off) as u64;
+    let at = usize::try_from(at).expect("offset");
+    let off = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    layout.name_area + u64::from(off)
 }

@@ -40,10 +40,14 @@ pub struct SuperblockSummary {
     pub refcount_table_offset: u64,
     /// Mailboxes offset.
     pub mailbox_table_offset: u64,
-    /// Name index offset (format version 3).
+    /// Name index offset (format version 3 and later).
     pub index_offset: u64,
     /// Name index entries.
     pub index_slots: u32,
+    /// Name area offset (format version 4).
+    pub name_area_offset: u64,
+    /// Name area size in bytes.
+    pub name_area_size: u64,
     /// Heap offset.
     pub heap_offset: u64,
     /// Heap size.
@@ -79,6 +83,8 @@ pub fn summarize(sb: &Superblock) -> SuperblockSummary {
         mailbox_table_offset: sb.mailbox_table_offset,
         index_offset: sb.index_offset,
         index_slots: sb.index_slots,
+        name_area_offset: sb.name_area_offset,
+        name_area_size: sb.name_area_size,
         heap_offset: sb.heap_offset,
         heap_size: sb.heap_size,
         namespace_seq: sb.namespace_seq,

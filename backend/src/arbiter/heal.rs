@@ -1,6 +1,6 @@
 //! Healing: vshmd owns what it publishes. `heal` compares the host-written parts of the
-//! header — the superblock, the peer table, every object entry (FREE slots included) and
-//! the name index —
+//! header — the superblock, the peer table, every object entry (FREE slots included), the
+//! names in the name area and the name index —
 //! with what the private records say they must be, rewrites what differs, and counts and
 //! reports each repair. Any party can write any byte of the region (ivshmem has no memory
 //! protection), so a peer scribbling once over the header must not break the namespace for
@@ -11,19 +11,20 @@
 //! repairs those against the refcount rows), sync words of live objects (§6a), refcount
 //! rows and mailboxes — and the heap.
 //!
-//! Cost: one volatile copy of each structure (256 + 64 × `max_peers` + 1280 ×
-//! `max_objects` bytes: 1.3 MiB for 1024 objects; and the name index, 8 bytes per entry,
-//! compared with the host's mirror word by word) and a byte compare; a rewrite only where
-//! something differs, so a clean region is never written.
+//! Cost: one volatile copy of each structure (256 + 64 × `max_peers` + 128 ×
+//! `max_objects` bytes: 128 KiB for 1024 objects; the name of every named object, read
+//! from the name area; and the name index, 8 bytes per entry, compared with the host's
+//! mirror word by word) and a byte compare; a rewrite only where something differs, so a
+//! clean region is never written. The name area's free room is not compared: no entry
+//! points there, and the host writes a name's bytes before an entry points to them.
 
-use std::mem::offset_of;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vshm_format::layout::{
     const_usize, peer_flags, peer_state, ObjectEntry, PeerEntry, Superblock, FORMAT_VERSION,
-    LEASE_CLOSED, MAX_NAME_BYTES, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_NAME_OFF, PEER_FLAGS_OFF,
-    PEER_ID_OFF, PEER_INCARNATION_OFF, PEER_STATE_OFF, SB_NAMESPACE_SEQ_OFF, SB_VERSION_OFF,
+    LEASE_CLOSED, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_RESERVED_OFF, PEER_FLAGS_OFF, PEER_ID_OFF,
+    PEER_INCARNATION_OFF, PEER_STATE_OFF, SB_NAMESPACE_SEQ_OFF, SB_VERSION_OFF,
 };
 use vshm_format::object;
 use vshm_format::shm::{bytes_of, read_pod, zeroed};
@@ -54,10 +55,9 @@ const SB_SIZE: usize = size_of::<Superblock>();
 const SB_VERSION: usize = const_usize(SB_VERSION_OFF);
 const SB_NS_SEQ: usize = const_usize(SB_NAMESPACE_SEQ_OFF);
 const ENTRY_SIZE: usize = size_of::<ObjectEntry>();
-const NAME_START: usize = const_usize(OBJ_NAME_OFF);
-const NAME_END: usize = NAME_START + MAX_NAME_BYTES;
-/// The lease word and the four sync words (peer-written) end here.
-const SYNC_END: usize = offset_of!(ObjectEntry, reserved1);
+/// The lease word and the four sync words (peer-written) end here; the reserved bytes
+/// follow to the end of the entry.
+const SYNC_END: usize = const_usize(OBJ_RESERVED_OFF);
 
 /// What one `heal` put right.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -70,6 +70,8 @@ pub struct HealReport {
     pub peer_slots: Vec<PeerSlot>,
     /// Object entries rewritten (a FREE slot gets the canonical FREE image).
     pub object_slots: Vec<ObjectSlot>,
+    /// Of those, the ones whose name in the name area differed (rewritten with the entry).
+    pub names: Vec<ObjectSlot>,
     /// The name index differed from the host's mirror and was rewritten (FORMAT.md §5a).
     pub index: bool,
 }
@@ -283,12 +285,14 @@ impl<M: Backing> Arbiter<M> {
         }
     }
 
-    /// Each object entry. With a record: bytes 0..64 and the name field must be what the
-    /// record publishes (rewritten through the seqlock, `object::publish`), the reserved
-    /// bytes zero; the lease and sync words are the peers' and left alone. Without one
-    /// (FREE): the canonical FREE image, all zero but an even `seq` and a CLOSED lease —
-    /// so a forged LIVE entry in a free slot is erased, state first.
+    /// Each object entry. With a record: bytes 0..64 must be what the record publishes and
+    /// the name area must hold its name at `name_off` (both rewritten through the seqlock,
+    /// `object::publish_named`), the reserved bytes zero; the lease and sync words are the
+    /// peers' and left alone. Without one (FREE): the canonical FREE image, all zero but an
+    /// even `seq` and a CLOSED lease — so a forged LIVE entry in a free slot is erased,
+    /// state first.
     fn heal_objects(&mut self, report: &mut HealReport, found: &mut Found) {
+        let mut name_buf = Vec::new();
         for slot in self.object_slots() {
             let Some(base) = self.layout.object_entry(slot) else {
                 continue;
@@ -301,19 +305,35 @@ impl<M: Backing> Arbiter<M> {
             let live = want.is_some();
             let want = want.unwrap_or_else(zeroed::<ObjectEntry>);
             let want_b = bytes_of(&want);
-            let head_ok = cur.seq & 1 == 0
-                && cur_b[8..OBJ_HEAD_LEN] == want_b[8..OBJ_HEAD_LEN]
-                && cur_b[NAME_START..NAME_END] == want_b[NAME_START..NAME_END];
-            let reserved_ok =
-                all_zero(&cur_b[SYNC_END..NAME_START]) && all_zero(&cur_b[NAME_END..]);
+            let head_ok = cur.seq & 1 == 0 && cur_b[8..OBJ_HEAD_LEN] == want_b[8..OBJ_HEAD_LEN];
+            // The record's name where its entry says it is (the host's private copy is the
+            // truth; `record_entry` put the record's `name_off` in `want`).
+            let name = self
+                .record_at(slot)
+                .and_then(|r| r.name.clone())
+                .map(String::into_bytes);
+            let name_at = name.as_ref().and_then(|n| {
+                self.layout
+                    .name_bytes(want.name_off, n.len() as u64)
+                    .map(|at| (at, n))
+            });
+            let name_ok = name_at.is_none_or(|(at, n)| {
+                name_buf.clear();
+                name_buf.resize(n.len(), 0);
+                self.mem.read_bytes(at, &mut name_buf).is_ok() && name_buf == *n
+            });
+            let reserved_ok = all_zero(&cur_b[SYNC_END..]);
             // Only a FREE slot's lease and sync words are the host's.
             let free_words_ok =
                 live || (cur.lease == LEASE_CLOSED && all_zero(&cur_b[OBJ_HEAD_LEN + 8..SYNC_END]));
-            if head_ok && reserved_ok && free_words_ok {
+            if head_ok && name_ok && reserved_ok && free_words_ok {
                 continue;
             }
-            if !head_ok {
-                let _ = object::publish(&self.mem, &self.layout, slot, &want);
+            if !head_ok || !name_ok {
+                let _ = match &name {
+                    Some(n) => object::publish_named(&self.mem, &self.layout, slot, &want, n),
+                    None => object::publish(&self.mem, &self.layout, slot, &want),
+                };
             }
             if !free_words_ok {
                 let _ = self
@@ -324,19 +344,22 @@ impl<M: Backing> Arbiter<M> {
             if !reserved_ok {
                 let _ = self
                     .mem
-                    .zero(base + SYNC_END as u64, (NAME_START - SYNC_END) as u64);
-                let _ = self
-                    .mem
-                    .zero(base + NAME_END as u64, (ENTRY_SIZE - NAME_END) as u64);
+                    .zero(base + SYNC_END as u64, (ENTRY_SIZE - SYNC_END) as u64);
             }
             report.object_slots.push(slot);
-            found.add(|| {
-                format!(
+            if !name_ok {
+                report.names.push(slot);
+            }
+            found.add(|| match name_at {
+                Some((at, n)) if !name_ok && head_ok => {
+                    format!("name of object slot {} {}", slot.raw(), range(at, n.len()))
+                }
+                _ => format!(
                     "object slot {} {}{}",
                     slot.raw(),
                     range(base, ENTRY_SIZE),
                     if live { "" } else { " (FREE image)" }
-                )
+                ),
             });
         }
     }

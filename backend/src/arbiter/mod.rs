@@ -103,6 +103,9 @@ pub struct Record {
     pub kind: u32,
     /// Name, if named.
     pub name: Option<String>,
+    /// Where the name's bytes are in the name area (FORMAT.md §5b; 0 if unnamed). Its room
+    /// is taken from `Arbiter::name_area` while the record exists, UNLINKED included.
+    pub name_off: u32,
     /// Region offset.
     pub offset: RegionOffset,
     /// Current size.
@@ -325,6 +328,8 @@ pub struct Arbiter<M: Backing> {
     /// named record has its entry there.
     index: vshm_format::index::HostIndex,
     heap: crate::heap::Heap,
+    /// The name area's space map: the room of every record's name.
+    name_area: crate::name_area::NameArea,
     peers: Vec<PeerRecord>,
     next_generation: Generation,
     counters: Counters,
@@ -383,6 +388,7 @@ impl<M: Backing> Arbiter<M> {
                 layout.heap_size,
                 layout.alignment,
             ),
+            name_area: crate::name_area::NameArea::new(layout.name_area_size),
             mem,
             layout,
             epoch,

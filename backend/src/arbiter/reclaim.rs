@@ -188,9 +188,13 @@ impl<M: Backing> Arbiter<M> {
                 .mem
                 .store_u64(base + OBJ_LEASE_OFF, LEASE_CLOSED, Ordering::SeqCst);
         }
-        // Published FREE: a name still LIVE until now leaves the index.
+        // Published FREE: a name still LIVE until now leaves the index, and the name's
+        // room in the name area (kept while UNLINKED) is free again.
         if let (Some(n), false) = (&rec.name, rec.unlinked) {
             self.index_remove(n, slot);
+        }
+        if let Some(n) = &rec.name {
+            self.name_area.release(rec.name_off, n.len());
         }
         if let Ok(n) = sync::signal_seq(&self.mem, &self.layout, slot) {
             if rec.kind == kind::EVENT {

@@ -202,15 +202,25 @@ impl<M: Backing> Arbiter<M> {
         };
         self.may_create(creator_slot, name.as_deref(), wanted)
             .map_err(|d| format!("its creator's policy refuses it: {d}"))?;
+        // Its name's room in the name area, where its entry says it is (the validator
+        // checked it lies in the area; it must also overlap no record's name).
+        if let Some(n) = &name {
+            self.name_area
+                .adopt(info.name_off, n.len())
+                .map_err(|e| format!("its name: {e}"))?;
+        }
         let reserved = if info.kind == kind::SECTION {
             match self.heap.round(info.max_size) {
                 Some(r) if self.take_unowned(info.offset, r) => r,
                 _ => {
+                    if let Some(n) = &name {
+                        self.name_area.release(info.name_off, n.len());
+                    }
                     return Err(format!(
                         "its memory [{:#x}, +{:#x}) is not free",
                         info.offset.raw(),
                         info.max_size
-                    ))
+                    ));
                 }
             }
         } else {
@@ -226,6 +236,7 @@ impl<M: Backing> Arbiter<M> {
             generation: info.generation,
             kind: info.kind,
             name: name.clone(),
+            name_off: info.name_off,
             offset: info.offset,
             size: info.size,
             max_size: info.max_size,

@@ -356,6 +356,24 @@ impl<M: Backing> Arbiter<M> {
         if manual_reset {
             entry.flags |= object_flags::MANUAL_RESET;
         }
+        // The name's room in the name area (FORMAT.md §5b), taken last so a refusal has
+        // only the heap range to give back; written with the entry, under its seqlock.
+        let name_off = match name {
+            Some(n) => match self.name_area.allocate(n.len()) {
+                Some(off) => off,
+                None => {
+                    if reserved > 0 {
+                        self.heap.release(offset, reserved);
+                    }
+                    return Err(Denied::Limit(Refusal::NameAreaFull {
+                        wanted: crate::name_area::NameArea::rounded(n.len()),
+                        largest: self.name_area.largest_free(),
+                    }));
+                }
+            },
+            None => 0,
+        };
+        entry.name_off = name_off;
         // The slot may have held an event or a mutex: its sync words start from zero,
         // stored before the entry is published (like the lease word). The name goes into
         // the index before the entry is LIVE, so every LIVE name is indexed (FORMAT §5a).
@@ -372,10 +390,16 @@ impl<M: Backing> Arbiter<M> {
                 sync::reset_words(&self.mem, &self.layout, slot)?;
                 self.mem.store_u64(l, lease, Ordering::SeqCst)
             })
-            .and_then(|()| object::publish(&self.mem, &self.layout, slot, &entry));
+            .and_then(|()| match name {
+                Some(n) => {
+                    object::publish_named(&self.mem, &self.layout, slot, &entry, n.as_bytes())
+                }
+                None => object::publish(&self.mem, &self.layout, slot, &entry),
+            });
         if published.is_err() {
             if let Some(n) = name {
                 self.index_remove(n, slot);
+                self.name_area.release(name_off, n.len());
             }
             if reserved > 0 {
                 self.heap.release(offset, reserved);
@@ -390,6 +414,7 @@ impl<M: Backing> Arbiter<M> {
             generation,
             kind,
             name: name.map(str::to_owned),
+            name_off,
             offset,
             size: initial_size,
             max_size,
@@ -464,6 +489,7 @@ impl<M: Backing> Arbiter<M> {
         if r.manual_reset {
             entry.flags |= object_flags::MANUAL_RESET;
         }
+        entry.name_off = r.name_off;
         Some(entry)
     }
 

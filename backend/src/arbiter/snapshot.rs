@@ -38,6 +38,8 @@ pub struct LayoutParams {
     pub vectors: u32,
     /// Heap granularity.
     pub alignment: u64,
+    /// Name area bytes (FORMAT.md §5b).
+    pub name_area_size: u64,
 }
 
 impl LayoutParams {
@@ -48,6 +50,7 @@ impl LayoutParams {
             max_objects: l.max_objects,
             vectors: l.vectors,
             alignment: l.alignment,
+            name_area_size: l.name_area_size,
         }
     }
 }
@@ -59,6 +62,9 @@ pub struct RecordSnapshot {
     generation: u64,
     kind: u32,
     name: Option<String>,
+    /// Where the name is in the name area (FORMAT.md §5b).
+    #[serde(default)]
+    name_off: u32,
     offset: u64,
     size: u64,
     max_size: u64,
@@ -191,6 +197,14 @@ pub enum SnapshotError {
     /// Two live objects with one name.
     #[error("name {0:?} belongs to two live objects")]
     DuplicateName(String),
+    /// A record's name cannot have the room its `name_off` says in the name area.
+    #[error("object slot {slot}'s name: {error}")]
+    NameArea {
+        /// Slot.
+        slot: u32,
+        /// What is wrong with its name's range.
+        error: crate::name_area::NameAreaError,
+    },
     /// A record's generation is not below the next one.
     #[error("object slot {slot} has generation {generation}, not below the next ({next})")]
     Generation {
@@ -245,6 +259,7 @@ impl<M: Backing> Arbiter<M> {
                 generation: r.generation.0,
                 kind: r.kind,
                 name: r.name.clone(),
+                name_off: r.name_off,
                 offset: r.offset.raw(),
                 size: r.size,
                 max_size: r.max_size,
@@ -362,6 +377,9 @@ impl<M: Backing> Arbiter<M> {
         check_heap(&layout, &snap)?;
         let mut objects: Vec<Option<Record>> = vec![None; max_objects];
         let mut names = HashMap::new();
+        // The name area's space map, rebuilt from the records' names (LIVE and UNLINKED):
+        // each must lie in the area and overlap no other.
+        let mut name_area = crate::name_area::NameArea::new(layout.name_area_size);
         for r in snap.objects {
             let bad = || SnapshotError::BadIndex {
                 what: "object slot",
@@ -392,10 +410,19 @@ impl<M: Backing> Arbiter<M> {
                     return Err(SnapshotError::DuplicateName(name.clone()));
                 }
             }
+            if let Some(name) = &r.name {
+                name_area.adopt(r.name_off, name.len()).map_err(|error| {
+                    SnapshotError::NameArea {
+                        slot: r.slot,
+                        error,
+                    }
+                })?;
+            }
             *cell = Some(Record {
                 generation: Generation(r.generation),
                 kind: r.kind,
                 name: r.name,
+                name_off: r.name_off,
                 offset: RegionOffset(r.offset),
                 size: r.size,
                 max_size: r.max_size,
@@ -520,6 +547,7 @@ impl<M: Backing> Arbiter<M> {
                 layout.alignment,
                 snap.free.iter().map(|&(o, l)| (RegionOffset(o), l)),
             ),
+            name_area,
             mem,
             layout,
             epoch: snap.epoch,
@@ -567,6 +595,8 @@ impl<M: Backing> Arbiter<M> {
                         && e.offset == r.offset
                         && e.kind == r.kind
                         && e.size == r.size
+                        && e.name_off == r.name_off
+                        && e.name() == r.name.as_deref()
                 }
                 _ => false,
             };

@@ -173,6 +173,11 @@ pub struct RegionStatus {
     pub fragmentation: f64,
     /// Bytes of host memory the region holds now.
     pub resident: u64,
+    /// Bytes of the name area (FORMAT.md §5b).
+    pub name_area_size: u64,
+    /// Of those, bytes no name holds (a CREATE whose rounded name is longer than the
+    /// largest free run is refused).
+    pub name_area_free: u64,
     /// Max peers.
     pub max_peers: u32,
     /// Max objects.
@@ -316,6 +321,8 @@ impl<M: Backing> Arbiter<M> {
                 free_extents: self.heap.free_extents(),
                 fragmentation,
                 resident: self.mem.resident(),
+                name_area_size: self.name_area.size(),
+                name_area_free: self.name_area.free_bytes(),
                 max_peers: self.layout.max_peers,
                 max_objects: self.layout.max_objects,
                 epoch: self.epoch,

@@ -357,3 +357,83 @@ fn a_close_hint_that_cannot_explain_every_ring_or_names_a_live_object_sweeps_the
     assert_eq!(a.counters().table_sweeps, sweeps + 3);
     assert_eq!(live(&a), 1, "both destroyed");
 }
+
+#[test]
+fn a_create_whose_name_does_not_fit_the_name_area_is_refused_cleanly_and_fits_once_room_is_freed() {
+    let mut a = arbiter();
+    // 8 objects: a name area of 8 × 64 = 512 bytes. A 300-byte name takes 304 of them.
+    assert_eq!(a.layout().name_area_size, 512);
+    let big = "é".repeat(150);
+    let first = create(&mut a, PeerId(1), &big, false);
+    assert_eq!(first.status, Status::Success.code());
+    let other = format!("{big}!");
+    let (free_slots, heap_free, names_free, seq) = (
+        a.free_slots.len(),
+        a.heap.free_bytes(),
+        a.name_area.free_bytes(),
+        vshm_format::object::namespace_seq(a.mem()).expect("seq"),
+    );
+    assert_eq!(names_free, 512 - 304);
+    let region = a.status().region;
+    assert_eq!(
+        (region.name_area_size, region.name_area_free),
+        (512, 512 - 304),
+        "the status shows how full the name area is"
+    );
+    let refused = create(&mut a, PeerId(2), &other, false);
+    assert_eq!(refused.status, Status::InsufficientResources.code());
+    assert_eq!(
+        mailbox::Refusal::from_response(&refused),
+        Some(mailbox::Refusal::NameAreaFull {
+            wanted: 304,
+            largest: 208
+        })
+    );
+    // No partial state: no slot, no heap, no name room, nothing published or indexed.
+    assert_eq!(a.free_slots.len(), free_slots);
+    assert_eq!(a.heap.free_bytes(), heap_free);
+    assert_eq!(a.name_area.free_bytes(), names_free);
+    assert_eq!(
+        vshm_format::object::namespace_seq(a.mem()).expect("seq"),
+        seq
+    );
+    assert_eq!(
+        vshm_format::object::find_by_name(a.mem(), a.layout(), &other),
+        Ok(None)
+    );
+    assert!(
+        a.heal().is_clean(),
+        "the refusal left the header as published"
+    );
+    // Unnamed objects need no name room.
+    let unnamed = mailbox::create_request(None, kind::EVENT, 0, 0, false);
+    assert_eq!(
+        request(&mut a, PeerId(2), &unnamed).status,
+        Status::Success.code()
+    );
+    // Deleted but still held (UNLINKED): the name keeps its room.
+    let del = mailbox::delete_request(ObjectSlot(first.slot), Generation(first.generation));
+    assert_eq!(
+        request(&mut a, PeerId(1), &del).status,
+        Status::Success.code()
+    );
+    assert!(a
+        .record_at(ObjectSlot(first.slot))
+        .is_some_and(|r| r.unlinked));
+    assert_eq!(
+        create(&mut a, PeerId(2), &other, false).status,
+        Status::InsufficientResources.code()
+    );
+    // Destroyed (its only holder left): the room is free and the name fits.
+    a.peer_gone(PeerId(1));
+    a.sweep();
+    assert!(a.record_at(ObjectSlot(first.slot)).is_none());
+    assert_eq!(a.name_area.free_bytes(), 512);
+    let second = create(&mut a, PeerId(2), &other, false);
+    assert_eq!(second.status, Status::Success.code());
+    let found = vshm_format::object::find_by_name(a.mem(), a.layout(), &other)
+        .expect("lookup")
+        .expect("found");
+    assert_eq!(found.slot, ObjectSlot(second.slot));
+    assert!(a.heal().is_clean());
+}

@@ -114,16 +114,16 @@ fn a_scribbled_live_entry_is_republished_and_its_lease_left_alone() {
     let base = l.object_entry(ObjectSlot(r.slot)).expect("slot");
     let lease = a.mem().load_u64(base + OBJ_LEASE_OFF, Ordering::SeqCst);
     a.mem().write_bytes(base, &[0xA5; 64]).expect("head");
-    let other_base = l.object_entry(ObjectSlot(other.slot)).expect("slot");
-    a.mem()
-        .write_bytes(other_base + 128, b"oops")
-        .expect("name");
+    let other_name = name_at(&a, ObjectSlot(other.slot));
+    a.mem().write_bytes(other_name, b"oops").expect("name");
     assert_eq!(object::find_by_name(a.mem(), &l, "victim"), Ok(None));
+    assert_eq!(object::find_by_name(a.mem(), &l, "other"), Ok(None));
     let rep = a.heal();
     assert_eq!(
         rep.object_slots,
         vec![ObjectSlot(r.slot), ObjectSlot(other.slot)]
     );
+    assert_eq!(rep.names, vec![ObjectSlot(other.slot)]);
     for (name, slot) in [("victim", r.slot), ("other", other.slot)] {
         let found = object::find_by_name(a.mem(), &l, name)
             .expect("scan")
@@ -140,7 +140,7 @@ fn a_scribbled_live_entry_is_republished_and_its_lease_left_alone() {
         d[0].starts_with(&format!(
             "object slot {} [{base:#x}, {:#x}) rewritten (+1 more)",
             r.slot,
-            base + 1280
+            base + 128
         )),
         "{d:?}"
     );
@@ -163,7 +163,9 @@ fn a_forged_live_entry_in_a_free_slot_is_erased_to_the_free_image() {
         Some("forged"),
         PeerId(2),
     );
-    object::publish(a.mem(), &l, forged, &entry).expect("forge");
+    let mut entry = entry;
+    entry.name_off = u32::try_from(l.name_area_size - 8).expect("small");
+    object::publish_named(a.mem(), &l, forged, &entry, b"forged").expect("forge");
     let base = l.object_entry(forged).expect("slot");
     a.mem()
         .store_u64(base + OBJ_LEASE_OFF, 0, Ordering::SeqCst)
@@ -183,7 +185,7 @@ fn a_forged_live_entry_in_a_free_slot_is_erased_to_the_free_image() {
         acquire(a.mem(), &l, PeerSlot(2), forged, Generation(99), false).is_err(),
         "nobody can take a hold through it"
     );
-    let mut raw = [0u8; 1280];
+    let mut raw = [0u8; 128];
     a.mem().read_bytes(base, &mut raw).expect("read");
     assert_eq!(u64::from_le_bytes(raw[0..8].try_into().expect("8")) & 1, 0);
     assert_eq!(
@@ -192,6 +194,75 @@ fn a_forged_live_entry_in_a_free_slot_is_erased_to_the_free_image() {
     );
     assert!(raw[8..64].iter().chain(&raw[72..]).all(|&b| b == 0));
     assert!(a.heal().is_clean());
+}
+
+/// Region offset of the name of the object in `slot`, from the entry the host published.
+fn name_at(a: &Arbiter<Region>, slot: ObjectSlot) -> u64 {
+    let e = object::snapshot(a.mem(), a.layout(), slot, false).expect("entry");
+    object::check_name_ref(a.layout(), e.name_off, e.name_len)
+        .expect("sane reference")
+        .expect("named")
+}
+
+#[test]
+fn a_name_scribbled_in_the_name_area_is_restored_from_the_host_records() {
+    let mut a = arbiter();
+    let r = create(&mut a, PeerId(1), "frames-of-cam0", false);
+    let kept = create(&mut a, PeerId(2), "kept", false);
+    let l = *a.layout();
+    let at = name_at(&a, ObjectSlot(r.slot));
+    a.mem().write_bytes(at + 7, b"X").expect("scribble");
+    assert_eq!(
+        object::find_by_name(a.mem(), &l, "frames-of-cam0"),
+        Ok(None),
+        "a scribbled name hides the object until the heal"
+    );
+    let seq = object::namespace_seq(a.mem()).expect("seq");
+    let rep = a.heal();
+    assert_eq!(rep.names, vec![ObjectSlot(r.slot)]);
+    assert_eq!(rep.object_slots, vec![ObjectSlot(r.slot)]);
+    assert!(
+        object::namespace_seq(a.mem()).expect("seq") > seq,
+        "rewritten through the entry's seqlock"
+    );
+    let found = object::find_by_name(a.mem(), &l, "frames-of-cam0")
+        .expect("lookup")
+        .expect("found again");
+    assert_eq!(found.slot, ObjectSlot(r.slot));
+    assert_eq!(
+        object::find_by_name(a.mem(), &l, "kept")
+            .expect("lookup")
+            .map(|i| i.slot),
+        Some(ObjectSlot(kept.slot))
+    );
+    let d = repaired_details(&mut a);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(
+        d[0].starts_with(&format!(
+            "name of object slot {} [{at:#x}, {:#x}) rewritten",
+            r.slot,
+            at + 14
+        )),
+        "{d:?}"
+    );
+    assert!(a.heal().is_clean());
+}
+
+#[test]
+fn a_scribbled_name_reference_is_republished_pointing_at_the_hosts_name() {
+    let mut a = arbiter();
+    let r = create(&mut a, PeerId(1), "victim", false);
+    let l = *a.layout();
+    let base = l.object_entry(ObjectSlot(r.slot)).expect("slot");
+    // name_off (bytes 60..64) pointed far outside the area.
+    a.mem()
+        .store_u32(base + 60, 0xFFFF_FFF8, Ordering::SeqCst)
+        .expect("scribble");
+    assert_eq!(object::find_by_name(a.mem(), &l, "victim"), Ok(None));
+    assert_eq!(a.heal().object_slots, vec![ObjectSlot(r.slot)]);
+    assert!(object::find_by_name(a.mem(), &l, "victim")
+        .expect("lookup")
+        .is_some());
 }
 
 #[test]

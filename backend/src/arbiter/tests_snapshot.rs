@@ -126,8 +126,14 @@ fn an_entry_a_pending_create_published_before_the_crash_is_adopted_and_the_creat
     // Executed (the entry is published) but neither journaled nor delivered.
     a.answer_pending(PeerId(2)).expect("executed");
     let mut b = rebuilt(&a, journal);
+    assert_eq!(b.name_area.free_bytes(), 512, "the journal had no names");
     assert_eq!(b.adopt_ahead().adopted, 1);
-    b.heal();
+    assert_eq!(
+        b.name_area.free_bytes(),
+        512 - 8,
+        "the adopted entry's name keeps its room in the name area"
+    );
+    assert!(b.heal().is_clean(), "adopted as published");
     assert!(b.service(PeerId(2)), "the pending create is served again");
     let slot = vshm_format::PeerSlot(1);
     let mb = b.layout().mailbox(slot).expect("mailbox");
@@ -147,6 +153,14 @@ fn an_entry_a_pending_create_published_before_the_crash_is_adopted_and_the_creat
     assert!(
         fresh.offset >= resp.offset + resp.max_size || fresh.offset + fresh.max_size <= resp.offset
     );
+    for name in ["early", "fresh"] {
+        assert!(
+            vshm_format::object::find_by_name(b.mem(), b.layout(), name)
+                .expect("lookup")
+                .is_some(),
+            "{name}: the new name did not overwrite the adopted one"
+        );
+    }
 }
 
 #[test]
@@ -178,8 +192,22 @@ fn a_header_entry_the_journal_lacks_is_not_adopted_over_memory_a_record_owns() {
         Some("forged"),
         PeerId(2),
     );
-    vshm_format::object::publish(a.mem(), a.layout(), vshm_format::ObjectSlot(3), &forged)
-        .expect("forge");
+    let mut forged = forged;
+    forged.name_off = u32::try_from(a.layout().name_area_size - 8).expect("small");
+    vshm_format::object::publish_named(
+        a.mem(),
+        a.layout(),
+        vshm_format::ObjectSlot(3),
+        &forged,
+        b"forged",
+    )
+    .expect("forge");
+    assert!(
+        vshm_format::object::read_object(a.mem(), a.layout(), vshm_format::ObjectSlot(3))
+            .expect("a valid entry")
+            .is_some(),
+        "only its memory is wrong"
+    );
     let layout = *a.layout();
     let (mut b, _) = Arbiter::from_snapshot(same_region(&a), layout, journal, &|_| {
         Grant::unrestricted("main")
@@ -200,7 +228,7 @@ fn a_header_entry_the_journal_lacks_is_not_adopted_over_memory_a_record_owns() {
 fn forged_entries_beyond_the_journal_are_not_adopted_whatever_their_creator_field_says() {
     use std::sync::Arc;
     use vshm_format::layout::{kind, object_state};
-    use vshm_format::object::{make_entry, publish};
+    use vshm_format::object::{make_entry, publish_named};
     use vshm_format::{Generation, ObjectSlot, RegionOffset};
     let mut a = arbiter();
     let kept = create(&mut a, PeerId(2), "kept", true);
@@ -229,7 +257,11 @@ fn forged_entries_beyond_the_journal_are_not_adopted_whatever_their_creator_fiel
             Some(&format!("db/forged-{i}")),
             creators[i],
         );
-        publish(a.mem(), a.layout(), ObjectSlot(s), &entry).expect("forge");
+        let mut entry = entry;
+        entry.name_off =
+            u32::try_from(a.layout().name_area_size - 16 * (i as u64 + 1)).expect("small");
+        let name = format!("db/forged-{i}");
+        publish_named(a.mem(), a.layout(), ObjectSlot(s), &entry, name.as_bytes()).expect("forge");
     }
     let layout = *a.layout();
     let (mut b, _) = Arbiter::from_snapshot(same_region(&a), layout, journal, &|_| {
@@ -271,4 +303,114 @@ fn forged_entries_beyond_the_journal_are_not_adopted_whatever_their_creator_fiel
             "a create peer 1's policy denies (name outside web/*) was adopted: {adopted:?}"
         );
     }
+}
+
+#[test]
+fn an_entry_published_before_the_crash_is_not_adopted_if_its_name_overlaps_a_records_name() {
+    let mut a = arbiter();
+    let kept = create(&mut a, PeerId(1), "kept", true);
+    let journal = a.snapshot();
+    let req = vshm_format::mailbox::create_request(Some("early"), 1, 8192, 4096, false);
+    post(&a, PeerId(2), &req);
+    a.answer_pending(PeerId(2)).expect("executed");
+    // A scribbler moves the new entry's name onto "kept"'s room (and writes it there).
+    let slot = vshm_format::ObjectSlot(
+        (0..8)
+            .find(|&s| s != kept.slot && a.record_at(vshm_format::ObjectSlot(s)).is_some())
+            .expect("the early object"),
+    );
+    let kept_off = a
+        .record_at(vshm_format::ObjectSlot(kept.slot))
+        .expect("kept")
+        .name_off;
+    let mut e = vshm_format::object::snapshot(a.mem(), a.layout(), slot, false)
+        .expect("entry")
+        .entry;
+    e.name_off = kept_off;
+    vshm_format::object::publish_named(a.mem(), a.layout(), slot, &e, b"early").expect("move");
+    let mut b = rebuilt(&a, journal);
+    assert_eq!(b.adopt_ahead().adopted, 0);
+    assert!(b.record_at(slot).is_none());
+    assert_eq!(
+        b.name_area.free_bytes(),
+        512 - 8,
+        "only kept's room is taken"
+    );
+}
+
+#[test]
+fn a_rebuilt_arbiter_adopts_the_name_area_with_its_holes() {
+    let mut a = arbiter();
+    for n in ["one", "two-two-two-two-two", "three"] {
+        assert_eq!(
+            create(&mut a, PeerId(1), n, true).status,
+            Status::Success.code()
+        );
+    }
+    // Free the middle name's room: a deleted object is destroyed once nobody holds it.
+    let two = vshm_format::object::find_by_name(a.mem(), a.layout(), "two-two-two-two-two")
+        .expect("lookup")
+        .expect("found");
+    let del = vshm_format::mailbox::delete_request(two.slot, two.generation);
+    assert_eq!(
+        request(&mut a, PeerId(1), &del).status,
+        Status::Success.code()
+    );
+    a.peer_gone(PeerId(1));
+    a.sweep();
+    let free = a.name_area.free_bytes();
+    assert_eq!(free, 512 - 8 - 8);
+    let json = serde_json::to_vec(&a.snapshot()).expect("serialise");
+    let mut b = rebuild(&a, serde_json::from_slice(&json).expect("parse")).expect("rebuild");
+    assert_eq!(b.name_area.free_bytes(), free);
+    assert_eq!(b.name_area.largest_free(), a.name_area.largest_free());
+    // A new name goes into free room only: every name is still found.
+    let four = create(&mut b, PeerId(2), "four-four-four", false);
+    assert_eq!(four.status, Status::Success.code());
+    for n in ["one", "three", "four-four-four"] {
+        assert!(
+            vshm_format::object::find_by_name(b.mem(), b.layout(), n)
+                .expect("lookup")
+                .is_some(),
+            "{n}"
+        );
+    }
+    assert!(b.heal().is_clean());
+}
+
+#[test]
+fn a_snapshot_whose_names_overlap_or_leave_the_name_area_is_refused() {
+    let mut a = arbiter();
+    create(&mut a, PeerId(1), "first", true);
+    create(&mut a, PeerId(1), "second", true);
+    let snap = serde_json::to_value(a.snapshot()).expect("json");
+    let mut overlap = snap.clone();
+    let first_off = overlap["objects"][0]["name_off"].clone();
+    overlap["objects"][1]["name_off"] = first_off;
+    let overlap: ArbiterSnapshot = serde_json::from_value(overlap).expect("parse");
+    let e = rebuild(&a, overlap).expect_err("refused");
+    assert!(
+        matches!(
+            e,
+            SnapshotError::NameArea {
+                error: crate::name_area::NameAreaError::Overlaps { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let mut outside = snap;
+    outside["objects"][1]["name_off"] = serde_json::json!(512);
+    let outside: ArbiterSnapshot = serde_json::from_value(outside).expect("parse");
+    let e = rebuild(&a, outside).expect_err("refused");
+    assert!(
+        matches!(
+            e,
+            SnapshotError::NameArea {
+                error: crate::name_area::NameAreaError::OutOfBounds { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
 }

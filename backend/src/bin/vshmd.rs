@@ -41,10 +41,15 @@ struct Args {
     /// Most peers (VMs and host processes) attached at once, 1..=62 [default: 16].
     #[arg(long)]
     max_peers: Option<u32>,
-    /// Size of the object table [default: 1024, fewer for regions under 32M so the header
-    /// stays within a sixteenth of the region].
+    /// Size of the object table [default: 1024, fewer for regions under 8M so the header
+    /// stays within about a sixteenth of the region].
     #[arg(long)]
     max_objects: Option<u32>,
+    /// Size of the name area that holds every object's name (K/M suffix allowed): a multiple
+    /// of 8, each name taking its length rounded up to 8 bytes; a CREATE whose name does not
+    /// fit is refused [default: 64 bytes per object].
+    #[arg(long, value_parser = size_arg, value_name = "BYTES")]
+    name_bytes: Option<u64>,
     /// Interrupt vectors per peer (the QEMU `vectors=` value) [default: 2].
     #[arg(long)]
     vectors: Option<u32>,
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
         control: args.control,
         max_peers: args.max_peers,
         max_objects: args.max_objects,
+        name_bytes: args.name_bytes,
         vectors: args.vectors,
         hugepages: args.hugepages,
         lock: args.lock,

@@ -63,6 +63,7 @@ pub(super) struct RegionFile {
     pub control_mode: Option<Spanned<Mode>>,
     pub max_peers: Option<Spanned<u32>>,
     pub max_objects: Option<Spanned<u32>>,
+    pub name_bytes: Option<Spanned<Size>>,
     pub vectors: Option<Spanned<u32>>,
     pub hugepages: Option<bool>,
     pub lock: Option<bool>,

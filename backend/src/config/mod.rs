@@ -58,6 +58,8 @@ pub struct Options {
     pub max_peers: Option<u32>,
     /// `--max-objects`.
     pub max_objects: Option<u32>,
+    /// `--name-bytes`.
+    pub name_bytes: Option<u64>,
     /// `--vectors`.
     pub vectors: Option<u32>,
     /// `--hugepages`.
@@ -81,6 +83,7 @@ impl Options {
             (self.control.is_some(), "--control"),
             (self.max_peers.is_some(), "--max-peers"),
             (self.max_objects.is_some(), "--max-objects"),
+            (self.name_bytes.is_some(), "--name-bytes"),
             (self.vectors.is_some(), "--vectors"),
             (self.hugepages, "--hugepages"),
             (self.lock, "--lock"),
@@ -218,10 +221,18 @@ impl Source<'_> {
     }
 }
 
-/// 1024 objects for regions of 32 MiB and more; for smaller ones, as many as fit in a
-/// sixteenth of the region (at least 16).
+/// The header's bytes per object with the default 16 peers (FORMAT.md §2): its entry (128),
+/// its default share of the name area (64), two name-index entries (16) and a refcount cell
+/// in each peer's row (4 × 16).
+const HEADER_BYTES_PER_OBJECT: u64 = std::mem::size_of::<vshm_format::layout::ObjectEntry>() as u64
+    + vshm_format::layout::DEFAULT_NAME_BYTES_PER_OBJECT
+    + 2 * vshm_format::index::INDEX_ENTRY_SIZE
+    + 4 * DEFAULT_MAX_PEERS as u64;
+
+/// 1024 objects for regions of 8 MiB and more; for smaller ones, as many as keep their part
+/// of the header within a sixteenth of the region (at least 16).
 pub fn default_max_objects(size: u64) -> u32 {
-    let fit = size / 16 / std::mem::size_of::<vshm_format::layout::ObjectEntry>() as u64;
+    let fit = size / 16 / HEADER_BYTES_PER_OBJECT;
     u32::try_from(fit.clamp(16, 1024)).unwrap_or(1024)
 }
 
@@ -442,6 +453,17 @@ fn combine(
         max_objects,
         default_max_objects(size)
     );
+    // The name area (FORMAT.md §5b): unset means the format's default for max_objects.
+    let names_key = format!("{prefix}.name_bytes");
+    let (name_bytes, names_origin) = match (
+        opts.name_bytes,
+        region.and_then(|r| r.name_bytes.as_ref()),
+        src,
+    ) {
+        (Some(v), _, _) => (Some(v), Origin::Flag("--name-bytes")),
+        (None, Some(s), Some(src)) => (Some(s.get_ref().0), src.origin(s, &names_key)),
+        _ => (None, Origin::Default(names_key)),
+    };
     let (vectors, vectors_origin) = pick!(opts.vectors, "--vectors", vectors, DEFAULT_VECTORS);
     let (quarantine_ms, quarantine_origin) = pick!(
         opts.quarantine_ms,
@@ -537,6 +559,7 @@ fn combine(
         size,
         max_peers,
         max_objects,
+        name_bytes,
         vectors,
         hugepages,
         lock,
@@ -556,6 +579,7 @@ fn combine(
             ("--size", &size_origin),
             ("--max-peers", &peers_origin),
             ("--max-objects", &objects_origin),
+            ("--name-bytes", &names_origin),
             ("--vectors", &vectors_origin),
         ];
         for (flag, origin) in origins {

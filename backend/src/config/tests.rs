@@ -466,3 +466,90 @@ fn the_examples_commented_second_region_parses_once_uncommented() {
         "the first region keeps its sockets"
     );
 }
+
+#[test]
+fn the_name_area_defaults_to_64_bytes_per_object_and_is_set_by_option_or_key() {
+    let opts = Options {
+        socket: Some("/tmp/s".into()),
+        ..Options::default()
+    };
+    let c = one(resolve(&opts).expect("valid"));
+    assert_eq!(c.name_bytes, None);
+    assert_eq!(c.name_area_size(), 1024 * 64);
+    assert_eq!(c.layout(4096).expect("layout").name_area_size, 1024 * 64);
+    let opts = Options {
+        socket: Some("/tmp/s".into()),
+        name_bytes: Some(1 << 20),
+        ..Options::default()
+    };
+    let c = one(resolve(&opts).expect("valid"));
+    assert_eq!(c.layout(4096).expect("layout").name_area_size, 1 << 20);
+    let text = "[region]\nsocket = \"/tmp/s\"\nname_bytes = \"256K\"\n";
+    let c = one(resolve_text(&Options::default(), Path::new("t.toml"), text).expect("valid"));
+    assert_eq!(c.name_bytes, Some(256 << 10));
+}
+
+#[test]
+fn a_name_area_size_that_is_not_a_multiple_of_8_or_too_large_is_refused_naming_the_value() {
+    let opts = Options {
+        socket: Some("/tmp/s".into()),
+        name_bytes: Some(1001),
+        ..Options::default()
+    };
+    let e = resolve(&opts).expect_err("refused").to_string();
+    assert!(
+        e.starts_with("--name-bytes 1001: must be a multiple of 8"),
+        "{e}"
+    );
+    let e = err("[region]\nsocket = \"/tmp/s\"\nname_bytes = 68157448\n");
+    assert!(
+        e.contains("t.toml:3") && e.contains("region.name_bytes") && e.contains("68157448"),
+        "{e}"
+    );
+    // Large enough to leave no heap: the size is at fault, and the message says so.
+    let opts = Options {
+        socket: Some("/tmp/s".into()),
+        size: Some(1 << 20),
+        name_bytes: Some(1 << 20),
+        ..Options::default()
+    };
+    let e = resolve(&opts).expect_err("refused").to_string();
+    assert!(e.contains("--name-bytes") && e.contains("needs"), "{e}");
+}
+
+#[test]
+fn sixty_five_thousand_objects_are_configurable_and_fit_a_64m_region() {
+    let opts = Options {
+        socket: Some("/tmp/s".into()),
+        max_objects: Some(65_536),
+        ..Options::default()
+    };
+    let c = one(resolve(&opts).expect("valid"));
+    let l = c.layout(4096).expect("layout");
+    assert_eq!((l.max_objects, l.name_area_size), (65_536, 65_536 * 64));
+    assert!(l.heap_size >= 32 << 20, "{l:?}");
+}
+
+#[test]
+fn small_regions_get_fewer_objects_so_their_header_stays_small() {
+    assert_eq!(default_max_objects(64 << 20), 1024);
+    assert_eq!(default_max_objects(8 << 20), 1024);
+    assert_eq!(default_max_objects(4 << 20), 963);
+    assert_eq!(default_max_objects(1 << 20), 240);
+    for size in [1u64 << 20, 2 << 20, 4 << 20, 8 << 20] {
+        let l = vshm_format::layout::Layout::compute(
+            size,
+            DEFAULT_MAX_PEERS,
+            default_max_objects(size),
+            DEFAULT_VECTORS,
+            4096,
+        )
+        .expect("fits");
+        // The per-object part within a sixteenth; the mailboxes (2 KiB a peer) on top.
+        assert!(
+            l.heap_offset <= size / 16 + u64::from(DEFAULT_MAX_PEERS) * 2048 + 8192,
+            "{size}: header {:#x}",
+            l.heap_offset
+        );
+    }
+}

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant, SystemTime};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
-use vshm_format::layout::{Layout, LayoutError, VECTOR_CONTROL};
+use vshm_format::layout::{
+    Layout, LayoutError, MAX_NAME_AREA, MAX_NAME_BYTES, NAME_GRANULE, VECTOR_CONTROL,
+};
 use vshm_format::shm::Fault;
 use vshm_format::{PeerId, PeerSlot};
 
@@ -46,6 +48,9 @@ pub struct Config {
     pub max_peers: u32,
     /// Object table slots.
     pub max_objects: u32,
+    /// Name area bytes (FORMAT.md §5b); `None`: the format's default for `max_objects`
+    /// (64 bytes per object).
+    pub name_bytes: Option<u64>,
     /// Interrupt vectors per peer.
     pub vectors: u32,
     /// Back the region with huge pages.
@@ -96,6 +101,7 @@ impl Config {
             size: crate::config::DEFAULT_SIZE,
             max_peers: crate::config::DEFAULT_MAX_PEERS,
             max_objects: crate::config::default_max_objects(crate::config::DEFAULT_SIZE),
+            name_bytes: None,
             vectors: crate::config::DEFAULT_VECTORS,
             hugepages: false,
             lock: false,
@@ -151,12 +157,13 @@ pub enum Ended {
 impl Config {
     /// The layout this config produces, or a message naming the bad option.
     pub fn layout(&self, alignment: u64) -> Result<Layout, DaemonError> {
-        Layout::compute(
+        Layout::compute_with_names(
             self.size,
             self.max_peers,
             self.max_objects,
             self.vectors,
             alignment,
+            self.name_area_size(),
         )
         .map_err(|e| {
             DaemonError::Config(match e {
@@ -173,13 +180,23 @@ impl Config {
                     format!("--max-objects {n}: must be between 1 and 65536")
                 }
                 LayoutError::BadVectors(v) => format!("--vectors {v}: must be between 1 and 64"),
+                LayoutError::BadNameArea(n) => format!(
+                    "--name-bytes {n}: must be a multiple of {NAME_GRANULE} and at most \
+                     {MAX_NAME_AREA} (65536 names of {MAX_NAME_BYTES} bytes)"
+                ),
                 LayoutError::TooSmall(need, have) => format!(
-                    "--size {have}: the header for these --max-peers/--max-objects needs \
-                         {need} bytes; use a larger size or fewer objects"
+                    "--size {have}: the header for these --max-peers/--max-objects/--name-bytes \
+                     needs {need} bytes; use a larger size or fewer objects"
                 ),
                 other => other.to_string(),
             })
         })
+    }
+
+    /// The name area's size: `name_bytes`, or the format's default for `max_objects`.
+    pub fn name_area_size(&self) -> u64 {
+        self.name_bytes
+            .unwrap_or_else(|| vshm_format::layout::default_name_area(self.max_objects))
     }
 
     /// The QEMU arguments that attach a VM.

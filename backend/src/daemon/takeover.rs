@@ -62,6 +62,8 @@ struct Shape {
     size: u64,
     max_peers: u32,
     max_objects: u32,
+    #[serde(default)]
+    name_bytes: u64,
     vectors: u32,
     hugepages: bool,
     listen: Vec<(String, PathBuf)>,
@@ -77,6 +79,7 @@ impl Shape {
             size: c.size,
             max_peers: c.max_peers,
             max_objects: c.max_objects,
+            name_bytes: c.name_area_size(),
             vectors: c.vectors,
             hugepages: c.hugepages,
             listen: c
@@ -90,7 +93,7 @@ impl Shape {
 
     /// The first setting that differs, named as an operator would.
     fn compare(&self, here: &Shape) -> Result<(), TakeoverError> {
-        let checks: [(&'static str, bool, String, String); 10] = [
+        let checks: [(&'static str, bool, String, String); 11] = [
             (
                 "region name",
                 self.name == here.name,
@@ -126,6 +129,12 @@ impl Shape {
                 self.max_objects == here.max_objects,
                 self.max_objects.to_string(),
                 here.max_objects.to_string(),
+            ),
+            (
+                "--name-bytes",
+                self.name_bytes == here.name_bytes,
+                self.name_bytes.to_string(),
+                here.name_bytes.to_string(),
             ),
             (
                 "--vectors",

@@ -15,7 +15,6 @@ use vshm_format::layout::{
     kind, object_flags, object_state, op, Layout, ObjectEntry, FORMAT_VERSION,
 };
 use vshm_format::mailbox;
-use vshm_format::name::name_field;
 use vshm_format::shm::{bytes_of, zeroed, RawRegion, SharedMemory};
 use vshm_format::{name_hash, Generation, ObjectSlot, PeerSlot, RegionOffset};
 
@@ -121,11 +120,19 @@ fn entry(
     e.max_size = max;
     e.creator = 1;
     if let Some(n) = name {
-        (e.name, e.name_len) = name_field(n);
+        e.name_len = u16::try_from(n.len()).expect("short");
         e.name_hash = name_hash(n.as_bytes());
         e.flags |= object_flags::NAMED;
     }
     e
+}
+
+/// An `entry` target input: the entry, the selector byte, then the name area's bytes.
+fn entry_input(e: &ObjectEntry, selector: u8, area: &[u8]) -> Vec<u8> {
+    let mut v = bytes_of(e).to_vec();
+    v.push(selector);
+    v.extend_from_slice(area);
+    v
 }
 
 fn entries(dir: &Path) -> Result<()> {
@@ -140,22 +147,34 @@ fn entries(dir: &Path) -> Result<()> {
         0,
         0,
     );
-    write(dir, "section", bytes_of(&section))?;
-    write(dir, "event", bytes_of(&event))?;
-    let mut m = bytes_of(&mutex).to_vec();
-    m.push(0);
-    write(dir, "mutex-backslash", &m)?;
+    write(dir, "section", &entry_input(&section, 0, b"seg"))?;
+    write(dir, "event", &entry_input(&event, 0, b""))?;
+    write(
+        dir,
+        "mutex-backslash",
+        &entry_input(&mutex, 0, b"Global\\m"),
+    )?;
     let mutex = entry(kind::MUTEX, object_flags::PERSISTENT, Some("mü"), 0, 0, 0);
-    write(dir, "mutex", bytes_of(&mutex))?;
+    write(dir, "mutex", &entry_input(&mutex, 0, "mü".as_bytes()))?;
     let mut bad = section;
     bad.name_hash ^= 1;
-    write(dir, "bad-hash", bytes_of(&bad))?;
+    write(dir, "bad-hash", &entry_input(&bad, 0, b"seg"))?;
     let mut bad = section;
     bad.offset = (1 << 20) - 4096;
-    write(dir, "beyond-heap", bytes_of(&bad))?;
+    write(dir, "beyond-heap", &entry_input(&bad, 0, b"seg"))?;
+    let mut bad = section;
+    bad.name_off = 0xFFFF_FFF8;
+    write(dir, "name-outside-area", &entry_input(&bad, 0, b"seg"))?;
+    let mut bad = section;
+    bad.name_off = 8;
+    write(
+        dir,
+        "name-elsewhere",
+        &entry_input(&bad, 0, b"seg\0\0\0\0\0seg"),
+    )?;
     let mut busy = section;
     busy.seq = 3;
-    write(dir, "seq-odd", bytes_of(&busy))?;
+    write(dir, "seq-odd", &entry_input(&busy, 0, b"seg"))?;
     write(dir, "free", bytes_of(&zeroed::<ObjectEntry>()))?;
     Ok(())
 }

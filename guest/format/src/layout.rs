@@ -15,17 +15,28 @@ use core::mem::{offset_of, size_of};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 mod placement;
-pub use placement::{Layout, LayoutError};
+pub use placement::{default_name_area, Layout, LayoutError};
 
 /// `b"VSHMAREA"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"VSHMAREA");
 /// The format version this crate reads and writes. Written last by the backend.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Longest name, in Unicode scalar values (Rtk: 260 characters).
 pub const MAX_NAME_CHARS: usize = 260;
 /// Name storage in bytes: 260 characters of at most 4 UTF-8 bytes each.
 pub const MAX_NAME_BYTES: usize = MAX_NAME_CHARS * 4;
+/// Name-area granule: every name starts at a multiple of this many bytes of the area and
+/// takes its length rounded up to it (version 4).
+pub const NAME_GRANULE: u64 = 8;
+/// Default name-area bytes per object slot (the area is `max_objects` × this unless
+/// configured): room for names averaging up to 64 bytes.
+pub const DEFAULT_NAME_BYTES_PER_OBJECT: u64 = 64;
+/// Largest name area: every object slot holding a name of [`MAX_NAME_BYTES`] bytes. Fits a
+/// u32, so an entry's `name_off` can address all of it.
+pub const MAX_NAME_AREA: u64 = MAX_OBJECTS_LIMIT as u64 * MAX_NAME_BYTES as u64;
+const _: () = assert!(MAX_NAME_AREA <= u32::MAX as u64);
+const _: () = assert!(MAX_NAME_AREA % NAME_GRANULE == 0);
 
 /// The backend's own ivshmem peer id. Clients ring it at `(HOST_PEER_ID << 16) | vector`.
 pub const HOST_PEER_ID: u16 = 0;
@@ -123,8 +134,14 @@ pub struct Superblock {
     pub index_slots: u32,
     /// Stride of a name-index entry ([`crate::index::INDEX_ENTRY_SIZE`], 8).
     pub index_entry_size: u32,
+    /// Offset of the name area (version 4): the bytes of every object's name, referenced
+    /// by the entries' `name_off`.
+    pub name_area_offset: u64,
+    /// Size of the name area in bytes (a multiple of [`NAME_GRANULE`], at most
+    /// [`MAX_NAME_AREA`]; may be 0: then no object can have a name).
+    pub name_area_size: u64,
     /// Reserved, 0.
-    pub reserved: [u8; 80],
+    pub reserved: [u8; 64],
 }
 
 /// Offset of [`Superblock::version`].
@@ -149,7 +166,9 @@ const _: () = assert!(offset_of!(Superblock, quarantine_ms) == 152);
 const _: () = assert!(offset_of!(Superblock, index_offset) == 160);
 const _: () = assert!(offset_of!(Superblock, index_slots) == 168);
 const _: () = assert!(offset_of!(Superblock, index_entry_size) == 172);
-const _: () = assert!(offset_of!(Superblock, reserved) == 176);
+const _: () = assert!(offset_of!(Superblock, name_area_offset) == 176);
+const _: () = assert!(offset_of!(Superblock, name_area_size) == 184);
+const _: () = assert!(offset_of!(Superblock, reserved) == 192);
 
 /// Peer table entry states.
 pub mod peer_state {
@@ -281,11 +300,13 @@ pub mod lease {
 }
 pub use lease::{holder_bit, LEASE_CLOSED, LEASE_HOLDERS, LEASE_KEEP};
 
-/// One object table entry.
+/// One object table entry (128 bytes, two cache lines; version 4).
 ///
 /// The first cache line is host-written and guarded by `seq` (a seqlock: odd while the
-/// host writes). The second line holds only the peer-written lease word, so lease traffic
-/// does not bounce the line readers snapshot.
+/// host writes). The second line holds only the peer-written lease and sync words, so lease
+/// traffic does not bounce the line readers snapshot. The name is not in the entry: it is
+/// `name_len` bytes at `name_off` in the name area (host-written, read under this entry's
+/// seqlock, docs/FORMAT.md §5b).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct ObjectEntry {
@@ -305,12 +326,15 @@ pub struct ObjectEntry {
     pub max_size: u64,
     /// [`object_flags`].
     pub flags: u32,
-    /// Name length in bytes (0 for unnamed).
-    pub name_len: u32,
+    /// Name length in bytes (0 for unnamed; at most [`MAX_NAME_BYTES`]).
+    pub name_len: u16,
+    /// Peer id that created the object (0 = the host).
+    pub creator: u16,
     /// [`crate::name_hash`] of the name bytes.
     pub name_hash: u32,
-    /// Peer id that created the object (0 = the host).
-    pub creator: u32,
+    /// Offset of the name's bytes from the start of the name area (a multiple of
+    /// [`NAME_GRANULE`]; 0 for unnamed).
+    pub name_off: u32,
     /// The lease word ([`lease`]), peer-written with atomics.
     pub lease: u64,
     /// Sync word: bumped (fetch-add) by every signal, notify and unlock. Peer-written.
@@ -324,24 +348,24 @@ pub struct ObjectEntry {
     /// and is told STATUS_ABANDONED).
     pub abandoned: u64,
     /// Reserved, 0.
-    pub reserved1: [u8; 24],
-    /// UTF-8 name, `name_len` bytes used, the rest zero.
-    pub name: [u8; MAX_NAME_BYTES],
-    /// Reserved, 0.
-    pub reserved2: [u8; 112],
+    pub reserved: [u8; 24],
 }
-const _: () = assert!(size_of::<ObjectEntry>() == 1280);
+const _: () = assert!(size_of::<ObjectEntry>() == 128);
 const _: () = assert!(offset_of!(ObjectEntry, generation) == 8);
 const _: () = assert!(offset_of!(ObjectEntry, state) == 16);
 const _: () = assert!(offset_of!(ObjectEntry, offset) == 24);
 const _: () = assert!(offset_of!(ObjectEntry, flags) == 48);
-const _: () = assert!(offset_of!(ObjectEntry, creator) == 60);
+const _: () = assert!(offset_of!(ObjectEntry, name_len) == 52);
+const _: () = assert!(offset_of!(ObjectEntry, creator) == 54);
+const _: () = assert!(offset_of!(ObjectEntry, name_hash) == 56);
+const _: () = assert!(offset_of!(ObjectEntry, name_off) == 60);
 const _: () = assert!(offset_of!(ObjectEntry, lease) == 64);
 const _: () = assert!(offset_of!(ObjectEntry, signal_seq) == 72);
 const _: () = assert!(offset_of!(ObjectEntry, waiters) == 80);
 const _: () = assert!(offset_of!(ObjectEntry, sync) == 88);
 const _: () = assert!(offset_of!(ObjectEntry, abandoned) == 96);
-const _: () = assert!(offset_of!(ObjectEntry, name) == 128);
+const _: () = assert!(offset_of!(ObjectEntry, reserved) == 104);
+const _: () = assert!(MAX_NAME_BYTES <= u16::MAX as usize);
 /// Offset of [`ObjectEntry::seq`].
 pub const OBJ_SEQ_OFF: u64 = offset_of!(ObjectEntry, seq) as u64;
 /// Offset of [`ObjectEntry::generation`].
@@ -360,8 +384,8 @@ pub const OBJ_WAITERS_OFF: u64 = offset_of!(ObjectEntry, waiters) as u64;
 pub const OBJ_SYNC_OFF: u64 = offset_of!(ObjectEntry, sync) as u64;
 /// Offset of [`ObjectEntry::abandoned`].
 pub const OBJ_ABANDONED_OFF: u64 = offset_of!(ObjectEntry, abandoned) as u64;
-/// Offset of [`ObjectEntry::name`].
-pub const OBJ_NAME_OFF: u64 = offset_of!(ObjectEntry, name) as u64;
+/// Offset of [`ObjectEntry::reserved`] (the lease and sync words end here).
+pub const OBJ_RESERVED_OFF: u64 = offset_of!(ObjectEntry, reserved) as u64;
 /// Bytes of the host-written part a seqlock snapshot copies (everything before the lease).
 pub const OBJ_HEAD_LEN: usize = offset_of!(ObjectEntry, lease);
 
@@ -546,6 +570,9 @@ pub mod refusal {
     /// acknowledge or `Superblock::quarantine_ms` passes; `limit` = bytes in quarantine.
     /// Retrying later succeeds.
     pub const IN_QUARANTINE: u32 = 6;
+    /// No free run of the name area (§5b) holds the name (version 4); `limit` = the largest
+    /// free run, `wanted` = the name's length rounded up to the granule.
+    pub const NAME_AREA_FULL: u32 = 7;
 }
 
 /// Why vshmd refused an ivshmem client (FORMAT.md §15): sent instead of the protocol

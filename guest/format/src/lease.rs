@@ -467,7 +467,7 @@ mod tests {
     use super::*;
     use crate::ids::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
     use crate::layout::{object_state, ObjectEntry, OBJ_GENERATION_OFF, OBJ_STATE_OFF};
-    use crate::object::{make_entry, publish};
+    use crate::object::{make_entry, publish_named};
     use crate::shm::{RawRegion, SharedMemory};
     use core::ptr::NonNull;
 
@@ -513,7 +513,7 @@ mod tests {
                 .store_u64(lease, holder_bit(creator_slot) | keep, Ordering::SeqCst)
                 .expect("lease");
             let off = self.layout.heap_offset;
-            let e: ObjectEntry = make_entry(
+            let mut e: ObjectEntry = make_entry(
                 generation,
                 object_state::LIVE,
                 1,
@@ -524,7 +524,8 @@ mod tests {
                 Some("x"),
                 PeerId(1),
             );
-            publish(&self.mem, &self.layout, slot, &e).expect("publish");
+            e.name_off = slot.0 * 8;
+            publish_named(&self.mem, &self.layout, slot, &e, b"x").expect("publish");
         }
         fn lease(&self, slot: ObjectSlot) -> u64 {
             let lease = self.layout.object_entry(slot).expect("slot") + OBJ_LEASE_OFF;

@@ -546,6 +546,13 @@ pub enum Refusal {
         /// Bytes in quarantine now.
         quarantined: u64,
     },
+    /// The name area has no free run long enough for the name (version 4).
+    NameAreaFull {
+        /// Bytes needed (the name's length rounded up to the granule).
+        wanted: u64,
+        /// The largest free run of the name area now.
+        largest: u64,
+    },
     /// A reason code this reader does not know.
     Other(u32),
 }
@@ -579,6 +586,10 @@ impl Refusal {
                 wanted: r.wanted,
                 quarantined: r.limit,
             },
+            refusal::NAME_AREA_FULL => Refusal::NameAreaFull {
+                wanted: r.wanted,
+                largest: r.limit,
+            },
             other => Refusal::Other(other),
         })
     }
@@ -603,6 +614,9 @@ impl Refusal {
                 wanted,
                 quarantined,
             } => (refusal::IN_QUARANTINE, 0, quarantined, wanted),
+            Refusal::NameAreaFull { wanted, largest } => {
+                (refusal::NAME_AREA_FULL, 0, largest, wanted)
+            }
             Refusal::Other(code) => (code, 0, 0, 0),
         };
         r.reason = reason;
@@ -672,6 +686,12 @@ impl core::fmt::Display for Refusal {
                  its destruction; retry shortly",
                 Bytes(wanted),
                 Bytes(quarantined)
+            ),
+            Refusal::NameAreaFull { wanted, largest } => write!(
+                f,
+                "the name area has no free run of {} for the name (largest {})",
+                Bytes(wanted),
+                Bytes(largest)
             ),
             Refusal::Other(code) => write!(f, "refusal reason {code}"),
         }
@@ -794,6 +814,10 @@ mod tests {
                 os_error: 12,
             },
             Refusal::PublishFailed,
+            Refusal::NameAreaFull {
+                wanted: 16,
+                largest: 8,
+            },
             Refusal::Other(99),
         ] {
             assert_eq!(Refusal::from_response(&refused(r)), Some(r));

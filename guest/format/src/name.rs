@@ -1,5 +1,5 @@
 //! Object names: validation (Rtk rules) with [`NameError`] saying which rule is broken,
-//! the fixed-size name field, and the hash stored beside each name.
+//! the fixed-size name field of a request, and the hash stored beside each name.
 
 use crate::layout::{MAX_NAME_BYTES, MAX_NAME_CHARS};
 use crate::Status;
@@ -105,8 +105,9 @@ pub fn validate_name_bytes(bytes: &[u8]) -> Result<&str, NameError> {
     Ok(name)
 }
 
-/// The fixed-size name field of an entry or request: the bytes (zero-padded) and their length.
-/// `name` must already be validated (≤ 1040 bytes); longer input is truncated.
+/// The fixed-size name field of a request: the bytes (zero-padded) and their length. (An
+/// object entry refers to its name in the name area instead, FORMAT.md §5b.) `name` must
+/// already be validated (≤ 1040 bytes); longer input is truncated.
 pub fn name_field(name: &str) -> ([u8; MAX_NAME_BYTES], u32) {
     let b = name.as_bytes();
     let len = b.len().min(MAX_NAME_BYTES);

@@ -1,4 +1,5 @@
-//! Object table entries: seqlock snapshots for readers, seqlock publication for the host,
+//! Object table entries: seqlock snapshots for readers (the entry's head and, through its
+//! checked reference, its name's bytes in the name area), seqlock publication for the host,
 //! validation of everything a snapshot claims ([`EntryError`] says which field is wrong
 //! and carries its value), and lookup by name. Peer-table reads live in [`crate::peer`] and
 //! are re-exported here under their old paths.
@@ -9,8 +10,8 @@ use crate::ids::{Generation, ObjectSlot, PeerId, RegionOffset};
 use crate::index;
 use crate::layout::{
     const_usize, kind, object_flags, object_state, Layout, ObjectEntry, LEASE_CLOSED,
-    MAX_NAME_BYTES, OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_NAME_OFF, OBJ_SEQ_OFF,
-    OBJ_SIZE_OFF, OBJ_STATE_OFF, SB_NAMESPACE_SEQ_OFF,
+    MAX_NAME_BYTES, OBJ_GENERATION_OFF, OBJ_HEAD_LEN, OBJ_LEASE_OFF, OBJ_SEQ_OFF, OBJ_SIZE_OFF,
+    OBJ_STATE_OFF, SB_NAMESPACE_SEQ_OFF,
 };
 use crate::name::{name_hash, validate_name_bytes, NameError};
 use crate::shm::{bytes_of, bytes_of_mut, zeroed, Fault, SharedMemory};
@@ -18,7 +19,9 @@ use crate::shm::{bytes_of, bytes_of_mut, zeroed, Fault, SharedMemory};
 pub use crate::peer::{find_peer_slot, peer_still_attached, read_peer, PeerInfo};
 
 mod error;
-pub use error::{check_heap_range, check_object_range, EntryError, RangeProblem};
+pub use error::{
+    check_heap_range, check_name_ref, check_object_range, EntryError, NameRefProblem, RangeProblem,
+};
 
 /// How many times a reader retries a snapshot the host keeps changing under it.
 const SNAPSHOT_TRIES: u32 = 10_000;
@@ -44,6 +47,9 @@ pub struct ObjectInfo {
     pub flags: u32,
     /// Creator's peer id.
     pub creator: u32,
+    /// Where the name's bytes are in the name area (0 for unnamed, or an object described
+    /// by something other than its entry).
+    pub name_off: u32,
     name_len: u32,
     name: [u8; MAX_NAME_BYTES],
 }
@@ -73,6 +79,7 @@ impl ObjectInfo {
             max_size,
             flags: flags & !object_flags::NAMED,
             creator: 0,
+            name_off: 0,
             name_len: 0,
             name: [0; MAX_NAME_BYTES],
         };
@@ -104,20 +111,60 @@ pub fn namespace_seq<M: SharedMemory + ?Sized>(mem: &M) -> Result<u64, Fault> {
     mem.load_u64(SB_NAMESPACE_SEQ_OFF, Ordering::Acquire)
 }
 
-/// Takes a consistent copy of entry `slot` (seqlock read). The copy is not yet validated.
+/// A seqlocked copy of one object entry and of its name's bytes in the name area (version
+/// 4: the name is not in the entry). Dereferences to the entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The entry's host-written head (the lease line is not copied: zero here).
+    pub entry: ObjectEntry,
+    /// The name bytes (`entry.name_len` of them, the rest zero). All zero if the snapshot
+    /// was taken without the name or the reference was out of bounds (then
+    /// [`validate`] refuses it).
+    pub name: [u8; MAX_NAME_BYTES],
+}
+
+impl core::ops::Deref for Snapshot {
+    type Target = ObjectEntry;
+    fn deref(&self) -> &ObjectEntry {
+        &self.entry
+    }
+}
+
+impl Snapshot {
+    /// A snapshot of `entry` with `name` (truncated to [`MAX_NAME_BYTES`]) as its name
+    /// bytes: what a reader would have copied (tests, fuzzers, the monitor's raw view).
+    pub fn of(entry: ObjectEntry, name: &[u8]) -> Snapshot {
+        let mut s = Snapshot {
+            entry,
+            name: [0; MAX_NAME_BYTES],
+        };
+        let n = name.len().min(MAX_NAME_BYTES);
+        s.name[..n].copy_from_slice(&name[..n]);
+        s
+    }
+}
+
+/// Takes a consistent copy of entry `slot` (seqlock read) and, `with_name`, of its name's
+/// bytes: the name reference is read once with the head, checked against the name area
+/// ([`check_name_ref`]) and, if it is inside, those bytes are copied before the sequence is
+/// read again; so the bytes belong to the head they came with. The copy is not yet
+/// validated.
 pub fn snapshot<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
     slot: ObjectSlot,
     with_name: bool,
-) -> Result<ObjectEntry, EntryError> {
+) -> Result<Snapshot, EntryError> {
     let base = layout
         .object_entry(slot)
         .ok_or(EntryError::Fault(Fault::OutOfBounds {
             offset: u64::from(slot.0),
             len: 0,
         }))?;
-    let mut entry = zeroed::<ObjectEntry>();
+    let mut snap = Snapshot {
+        entry: zeroed::<ObjectEntry>(),
+        name: [0; MAX_NAME_BYTES],
+    };
     for _ in 0..SNAPSHOT_TRIES {
         let s1 = mem.load_u64(base + OBJ_SEQ_OFF, Ordering::Acquire)?;
         if s1 & 1 == 1 {
@@ -125,32 +172,38 @@ pub fn snapshot<M: SharedMemory + ?Sized>(
             continue;
         }
         {
-            let bytes = bytes_of_mut(&mut entry);
+            let bytes = bytes_of_mut(&mut snap.entry);
             mem.read_bytes(base, &mut bytes[..OBJ_HEAD_LEN])?;
         }
+        snap.name = [0; MAX_NAME_BYTES];
         if with_name {
-            let len = (entry.name_len as usize).min(MAX_NAME_BYTES);
-            let name_off = const_usize(OBJ_NAME_OFF);
-            let bytes = bytes_of_mut(&mut entry);
-            mem.read_bytes(base + OBJ_NAME_OFF, &mut bytes[name_off..name_off + len])?;
+            let (off, len) = (snap.entry.name_off, snap.entry.name_len);
+            if let (Ok(Some(at)), Some(dst)) = (
+                check_name_ref(layout, off, len),
+                snap.name.get_mut(..usize::from(len)),
+            ) {
+                mem.read_bytes(at, dst)?;
+            }
         }
         fence(Ordering::Acquire);
         let s2 = mem.load_u64(base + OBJ_SEQ_OFF, Ordering::Relaxed)?;
         if s1 == s2 {
-            entry.seq = s1;
-            return Ok(entry);
+            snap.entry.seq = s1;
+            return Ok(snap);
         }
     }
     Err(EntryError::Busy)
 }
 
 /// Validates a snapshot (taken with its name). `Ok(None)` for a free slot. The checks run
-/// in a fixed order (state, kind, range, flags, name) and the first failure is returned.
+/// in a fixed order (state, kind, range, flags, name reference, name) and the first
+/// failure is returned.
 pub fn validate(
     layout: &Layout,
     slot: ObjectSlot,
-    e: &ObjectEntry,
+    snap: &Snapshot,
 ) -> Result<Option<ObjectInfo>, EntryError> {
+    let e = &snap.entry;
     match e.state {
         object_state::FREE => return Ok(None),
         object_state::LIVE | object_state::UNLINKED => {}
@@ -179,20 +232,23 @@ pub fn validate(
             unknown,
         });
     }
+    let name_len = u32::from(e.name_len);
     let named = e.flags & object_flags::NAMED != 0;
-    if named != (e.name_len != 0) {
+    if named != (name_len != 0) {
         return Err(EntryError::NamedMismatch {
             flags: e.flags,
-            name_len: e.name_len,
+            name_len,
         });
     }
-    let bad_name = |error| EntryError::BadName {
-        name_len: e.name_len,
-        error,
-    };
-    let Some(bytes) = e.name.get(..e.name_len as usize) else {
+    check_name_ref(layout, e.name_off, e.name_len).map_err(|problem| EntryError::BadNameRef {
+        name_off: e.name_off,
+        name_len,
+        problem,
+    })?;
+    let bad_name = |error| EntryError::BadName { name_len, error };
+    let Some(bytes) = snap.name.get(..usize::from(e.name_len)) else {
         return Err(bad_name(NameError::TooLong {
-            bytes: e.name_len as usize,
+            bytes: usize::from(e.name_len),
         }));
     };
     if named {
@@ -200,7 +256,7 @@ pub fn validate(
         let computed = name_hash(bytes);
         if computed != e.name_hash {
             return Err(EntryError::BadNameHash {
-                name_len: e.name_len,
+                name_len,
                 stored: e.name_hash,
                 computed,
             });
@@ -215,9 +271,10 @@ pub fn validate(
         size: e.size,
         max_size: e.max_size,
         flags: e.flags,
-        creator: e.creator,
-        name_len: e.name_len,
-        name: e.name,
+        creator: u32::from(e.creator),
+        name_off: e.name_off,
+        name_len,
+        name: snap.name,
     }))
 }
 
@@ -279,7 +336,7 @@ fn candidate<M: SharedMemory + ?Sized>(
     };
     if head.state != object_state::LIVE
         || head.name_hash != hash
-        || head.name_len as usize != name.len()
+        || usize::from(head.name_len) != name.len()
     {
         return Ok(Other);
     }
@@ -323,18 +380,61 @@ pub fn scan_by_name<M: SharedMemory + ?Sized>(
     }
 }
 
-/// The host's write of a whole entry (except the lease word): seqlock odd, fields,
-/// seqlock even, then the namespace sequence is bumped.
+/// The host's write of a whole entry (except the lease line): seqlock odd, fields,
+/// seqlock even, then the namespace sequence is bumped. Writes no name bytes: for an
+/// unnamed entry, a FREE image, or a named entry whose name is already in the area and
+/// unchanged ([`publish_named`] writes it).
 pub fn publish<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
     slot: ObjectSlot,
     entry: &ObjectEntry,
 ) -> Result<(), Fault> {
+    publish_inner(mem, layout, slot, entry, None)
+}
+
+/// [`publish`], also (re)writing `name` at the entry's `name_off` in the name area while
+/// the seqlock is odd, so a reader never pairs the entry with half-written name bytes.
+/// Fails, writing nothing, if the entry's name reference does not hold `name`
+/// (`name_len` differs or the range is outside the area).
+pub fn publish_named<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: ObjectSlot,
+    entry: &ObjectEntry,
+    name: &[u8],
+) -> Result<(), Fault> {
+    publish_inner(mem, layout, slot, entry, Some(name))
+}
+
+fn publish_inner<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: ObjectSlot,
+    entry: &ObjectEntry,
+    name: Option<&[u8]>,
+) -> Result<(), Fault> {
     let base = layout.object_entry(slot).ok_or(Fault::OutOfBounds {
         offset: u64::from(slot.0),
         len: 0,
     })?;
+    let name_at = match name {
+        None => None,
+        Some(n) => {
+            let bad = Fault::OutOfBounds {
+                offset: u64::from(entry.name_off),
+                len: n.len() as u64,
+            };
+            if n.len() != usize::from(entry.name_len) {
+                return Err(bad);
+            }
+            match check_name_ref(layout, entry.name_off, entry.name_len) {
+                Ok(Some(at)) => Some((at, n)),
+                Ok(None) => None,
+                Err(_) => return Err(bad),
+            }
+        }
+    };
     let seq = mem.load_u64(base + OBJ_SEQ_OFF, Ordering::Relaxed)?;
     // Next odd value (seq+1 if seq is even; seq+2 if a peer scribbled an odd value).
     let odd = seq.wrapping_add(1) | 1;
@@ -343,7 +443,7 @@ pub fn publish<M: SharedMemory + ?Sized>(
     let bytes = bytes_of(entry);
     // Generation and state are also read outside the seqlock (the lease protocol's
     // re-check), so they are written with single atomic stores, never byte copies; the rest
-    // of the head (kind onwards) and the name are copied. The lease line is not touched.
+    // of the head (kind onwards) is copied. The lease line is not touched.
     mem.store_u64(
         base + OBJ_GENERATION_OFF,
         entry.generation,
@@ -356,11 +456,9 @@ pub fn publish<M: SharedMemory + ?Sized>(
     mem.write_bytes(base + kind_off as u64, &bytes[kind_off..size_off])?;
     mem.store_u64(base + OBJ_SIZE_OFF, entry.size, Ordering::Release)?;
     mem.write_bytes(base + OBJ_SIZE_OFF + 8, &bytes[size_off + 8..OBJ_HEAD_LEN])?;
-    let name_off = const_usize(OBJ_NAME_OFF);
-    mem.write_bytes(
-        base + OBJ_NAME_OFF,
-        &bytes[name_off..name_off + MAX_NAME_BYTES],
-    )?;
+    if let Some((at, n)) = name_at {
+        mem.write_bytes(at, n)?;
+    }
     mem.store_u64(base + OBJ_SEQ_OFF, odd.wrapping_add(1), Ordering::Release)?;
     bump_namespace_seq(mem)
 }
@@ -398,7 +496,9 @@ pub fn state<M: SharedMemory + ?Sized>(
     mem.load_u32(base + OBJ_STATE_OFF, Ordering::SeqCst)
 }
 
-/// Builds an entry for the host to publish. `name` must already be validated.
+/// Builds an entry for the host to publish. `name` must already be validated; its
+/// reference is left at offset 0: the host sets `name_off` to where it allocated the name
+/// in the area, then publishes with [`publish_named`].
 #[allow(clippy::too_many_arguments)]
 pub fn make_entry(
     generation: Generation,
@@ -418,15 +518,17 @@ pub fn make_entry(
     e.offset = offset.0;
     e.size = size;
     e.max_size = max_size;
-    e.creator = u32::from(creator.0);
+    e.creator = creator.0;
     e.flags = if persistent {
         object_flags::PERSISTENT
     } else {
         0
     };
     if let Some(n) = name {
-        (e.name, e.name_len) = crate::name::name_field(n);
-        e.name_hash = name_hash(&e.name[..e.name_len as usize]);
+        let b = n.as_bytes();
+        let len = b.len().min(MAX_NAME_BYTES);
+        e.name_len = u16::try_from(len).unwrap_or(0);
+        e.name_hash = name_hash(&b[..len]);
         e.flags |= object_flags::NAMED;
     }
     e
@@ -470,7 +572,9 @@ mod tests {
         let mut ix = crate::index::HostIndex::new(&layout);
         ix.insert(&mem, &layout, name_hash(b"name"), ObjectSlot(2))
             .expect("index");
-        publish(&mem, &layout, ObjectSlot(2), &good(&layout)).expect("publish");
+        let mut e = good(&layout);
+        e.name_off = 128;
+        publish_named(&mem, &layout, ObjectSlot(2), &e, b"name").expect("publish");
         let info = read_object(&mem, &layout, ObjectSlot(2))
             .expect("valid")
             .expect("live");
@@ -493,7 +597,7 @@ mod tests {
         let mut buf = vec![0u64; (1 << 20) / 8];
         let (_mem, layout) = region(&mut buf);
         let g = good(&layout);
-        let check = |e: ObjectEntry| validate(&layout, ObjectSlot(0), &e);
+        let check = |e: ObjectEntry| validate(&layout, ObjectSlot(0), &Snapshot::of(e, b"name"));
         assert!(check(g).is_ok());
         let mut e = g;
         e.state = 9;
@@ -552,16 +656,16 @@ mod tests {
         e.name_len = 5000;
         assert_eq!(
             check(e),
-            Err(EntryError::BadName {
+            Err(EntryError::BadNameRef {
+                name_off: 0,
                 name_len: 5000,
-                error: NameError::TooLong { bytes: 5000 }
+                problem: NameRefProblem::TooLong
             })
         );
         let mut e = g;
-        e.name[1] = b'\\';
-        e.name_hash = name_hash(&e.name[..4]);
+        e.name_hash = name_hash(b"n\\me");
         assert_eq!(
-            check(e),
+            validate(&layout, ObjectSlot(0), &Snapshot::of(e, b"n\\me")),
             Err(EntryError::BadName {
                 name_len: 4,
                 error: NameError::Backslash { at: 1 }
@@ -638,7 +742,9 @@ mod tests {
         let mut ix = crate::index::HostIndex::new(&layout);
         ix.insert(&mem, &layout, name_hash(b"name"), ObjectSlot(1))
             .expect("index");
-        publish(&mem, &layout, ObjectSlot(1), &good(&layout)).expect("publish");
+        let mut e = good(&layout);
+        e.name_off = 64;
+        publish_named(&mem, &layout, ObjectSlot(1), &e, b"name").expect("publish");
         let base = layout.object_entry(ObjectSlot(1)).expect("slot");
         mem.store_u64(base + OBJ_SEQ_OFF, 7, Ordering::SeqCst)
             .expect("odd seq");
@@ -662,9 +768,100 @@ mod tests {
             "the scan meets it and cannot tell"
         );
         // The host's next publication recovers from any odd value.
-        publish(&mem, &layout, ObjectSlot(1), &good(&layout)).expect("publish");
+        publish(&mem, &layout, ObjectSlot(1), &e).expect("publish");
         assert!(read_object(&mem, &layout, ObjectSlot(1))
             .expect("valid")
             .is_some());
+    }
+
+    #[test]
+    fn a_name_reference_outside_the_area_misaligned_or_too_long_is_refused() {
+        let mut buf = vec![0u64; (1 << 20) / 8];
+        let (_mem, layout) = region(&mut buf);
+        assert_eq!(layout.name_area_size, 4 * 64);
+        let mut e = good(&layout);
+        let check = |e: ObjectEntry| validate(&layout, ObjectSlot(0), &Snapshot::of(e, b"name"));
+        let bad = |e: ObjectEntry, problem| {
+            Err(EntryError::BadNameRef {
+                name_off: e.name_off,
+                name_len: u32::from(e.name_len),
+                problem,
+            })
+        };
+        // The last granule of the area holds a 4-byte name; one granule further does not.
+        e.name_off = 250;
+        assert_eq!(check(e), bad(e, NameRefProblem::Misaligned));
+        e.name_off = 248;
+        assert!(check(e).is_ok(), "ends exactly at the area's end");
+        e.name_off = 256;
+        assert_eq!(
+            check(e),
+            bad(e, NameRefProblem::OutsideArea { area_size: 256 })
+        );
+        e.name_off = 0xFFFF_FFF8;
+        assert_eq!(
+            check(e),
+            bad(e, NameRefProblem::OutsideArea { area_size: 256 }),
+            "no overflow: checked arithmetic"
+        );
+        e.name_off = 0;
+        e.name_len = 1041;
+        assert_eq!(check(e), bad(e, NameRefProblem::TooLong));
+        let mut e = zeroed::<ObjectEntry>();
+        e.state = object_state::LIVE;
+        e.kind = kind::EVENT;
+        e.name_off = 8;
+        assert_eq!(
+            validate(&layout, ObjectSlot(0), &Snapshot::of(e, b"")),
+            bad(e, NameRefProblem::UnnamedWithOffset)
+        );
+    }
+
+    #[test]
+    fn a_snapshot_never_reads_outside_the_name_area_whatever_the_reference_says() {
+        let mut buf = vec![0u64; (1 << 20) / 8];
+        let (mem, layout) = region(&mut buf);
+        let mut e = good(&layout);
+        e.name_off = 64;
+        publish_named(&mem, &layout, ObjectSlot(1), &e, b"name").expect("publish");
+        // A scribbler points the reference past the area (past its end, where it wrote
+        // the same bytes past it): the snapshot copies nothing and the validator refuses it.
+        let base = layout.object_entry(ObjectSlot(1)).expect("slot");
+        let at = layout.name_area_size + 8;
+        mem.write_bytes(layout.name_area + at, b"name")
+            .expect("heap");
+        mem.store_u32(
+            base + 60,
+            u32::try_from(at).expect("small"),
+            Ordering::SeqCst,
+        )
+        .expect("scribble");
+        let snap = snapshot(&mem, &layout, ObjectSlot(1), true).expect("snapshot");
+        assert_eq!(
+            snap.name[..4],
+            [0; 4],
+            "nothing copied from outside the area"
+        );
+        assert!(matches!(
+            validate(&layout, ObjectSlot(1), &snap),
+            Err(EntryError::BadNameRef {
+                problem: NameRefProblem::OutsideArea { .. },
+                ..
+            })
+        ));
+        assert_eq!(find_by_name(&mem, &layout, "name"), Ok(None));
+    }
+
+    #[test]
+    fn publish_named_refuses_a_name_that_does_not_fit_its_reference_and_writes_nothing() {
+        let mut buf = vec![0u64; (1 << 20) / 8];
+        let (mem, layout) = region(&mut buf);
+        let mut e = good(&layout);
+        e.name_off = 256; // the area is 256 bytes
+        assert!(publish_named(&mem, &layout, ObjectSlot(1), &e, b"name").is_err());
+        e.name_off = 0;
+        assert!(publish_named(&mem, &layout, ObjectSlot(1), &e, b"other").is_err());
+        assert_eq!(namespace_seq(&mem), Ok(0), "nothing published");
+        assert_eq!(state(&mem, &layout, ObjectSlot(1)), Ok(object_state::FREE));
     }
 }

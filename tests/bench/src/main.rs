@@ -241,12 +241,6 @@ fn summary(mut v: Vec<f64>, what: &str) -> Result<Summary> {
     summarize(&mut v).ok_or_else(|| format!("{what}: no samples"))
 }
 
-/// Where the header's last table (the mailboxes) ends.
-fn header_end(l: &vshm_format::layout::Layout) -> u64 {
-    let mailbox = std::mem::size_of::<vshm_format::layout::Mailbox>() as u64;
-    l.mailbox_table + u64::from(l.max_peers) * mailbox
-}
-
 /// A single figure as a summary (P7's ops/s, P8's fraction).
 fn single(v: f64) -> Summary {
     Summary {
@@ -465,13 +459,16 @@ fn run(out: &Path, smoke: bool, commit: &str) -> Result<()> {
         goal: Goal::AtMost(0.01),
         note: Some(format!(
             "{} KiB before the heap (superblock + peer table {} KiB, object table {} KiB, refcount rows {} KiB, \
-             mailboxes {} KiB, alignment to the heap {} KiB); with 62 peers it is {:.2} % of {} MiB{}",
+             mailboxes {} KiB, name index {} KiB, name area {} KiB, alignment to the heap {} KiB); with 62 peers \
+             it is {:.2} % of {} MiB{}",
             layout.heap_offset >> 10,
             layout.object_table >> 10,
             (layout.refcount_table - layout.object_table) >> 10,
             (layout.mailbox_table - layout.refcount_table) >> 10,
-            (header_end(&layout) - layout.mailbox_table) >> 10,
-            (layout.heap_offset - header_end(&layout)) >> 10,
+            (layout.index_table - layout.mailbox_table) >> 10,
+            (layout.name_area - layout.index_table) >> 10,
+            layout.name_area_size >> 10,
+            (layout.heap_offset - layout.name_area - layout.name_area_size) >> 10,
             p7_layout.heap_offset as f64 / p7_layout.region_size as f64 * 100.0,
             p7_layout.region_size >> 20,
             open.points.last().map_or(String::new(), |p| format!(

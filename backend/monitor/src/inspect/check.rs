@@ -30,6 +30,7 @@ pub(super) fn check_free(e: &ObjectEntry, lease: u64, slot: u32, r: &mut Report)
         || e.flags != 0
         || e.name_len != 0
         || e.name_hash != 0
+        || e.name_off != 0
         || e.creator != 0;
     if leftovers {
         r.warning(

@@ -9,7 +9,7 @@ use vshm_format::layout::{
     FORMAT_VERSION, LEASE_CLOSED, LEASE_KEEP, MB_REQ_SEQ_OFF, MB_RESP_SEQ_OFF, OBJ_LEASE_OFF,
     OBJ_SEQ_OFF,
 };
-use vshm_format::object::{make_entry, publish};
+use vshm_format::object::{make_entry, publish, publish_named};
 use vshm_format::shm::{bytes_of, zeroed, Fault, RawRegion, SharedMemory};
 use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset};
 
@@ -110,7 +110,7 @@ impl Region {
             name,
             PeerId(1),
         );
-        self.publish(slot, &e);
+        self.publish(slot, &e, name);
         self.lease(slot, lease);
         for &(peer, n) in counts {
             self.cell(peer, slot, n);
@@ -119,7 +119,13 @@ impl Region {
 
     /// Publishes an entry the way vshmd does, name index included: a LIVE name enters the
     /// index before the entry is published, a name that stops being LIVE leaves it after.
-    fn publish(&self, slot: u32, e: &ObjectEntry) {
+    /// The name (if any) goes at `slot × 64` in the name area (64 bytes per slot).
+    fn publish(&self, slot: u32, e: &ObjectEntry, name: Option<&str>) {
+        let mut e = *e;
+        if name.is_some() {
+            e.name_off = slot * 64;
+        }
+        let e = &e;
         let at = self.layout.object_entry(ObjectSlot(slot)).expect("slot");
         let old: ObjectEntry = vshm_format::shm::read_pod(&self.mem, at).expect("old entry");
         let mut ix = self.index.borrow_mut();
@@ -128,7 +134,11 @@ impl Region {
             ix.insert(&self.mem, &self.layout, e.name_hash, ObjectSlot(slot))
                 .expect("index");
         }
-        publish(&self.mem, &self.layout, ObjectSlot(slot), e).expect("publish");
+        match name {
+            Some(n) => publish_named(&self.mem, &self.layout, ObjectSlot(slot), e, n.as_bytes()),
+            None => publish(&self.mem, &self.layout, ObjectSlot(slot), e),
+        }
+        .expect("publish");
         if live(&old) && !(live(e) && e.name_hash == old.name_hash) {
             ix.remove(&self.mem, &self.layout, old.name_hash, ObjectSlot(slot))
                 .expect("index");
@@ -377,7 +387,7 @@ fn each_table_inconsistency_is_an_error_naming_its_slot() {
         Some("far"),
         PeerId(1),
     );
-    r.publish(4, &e);
+    r.publish(4, &e, Some("far"));
     r.lease(4, holder_bit(PeerSlot(0)));
     // A backslash in a name (hash updated, so only the rule is broken).
     e = make_entry(
@@ -391,7 +401,7 @@ fn each_table_inconsistency_is_an_error_naming_its_slot() {
         Some("a\\b"),
         PeerId(1),
     );
-    r.publish(5, &e);
+    r.publish(5, &e, Some("a\\b"));
     // Holder bits of absent peer slot 3.
     r.object(
         6,
@@ -774,7 +784,7 @@ fn invalid_entries_are_described_from_the_values_the_format_errors_carry() {
         Some("far"),
         PeerId(1),
     );
-    r.publish(4, &far);
+    r.publish(4, &far, Some("far"));
     let slash = make_entry(
         Generation(4),
         object_state::LIVE,
@@ -786,7 +796,7 @@ fn invalid_entries_are_described_from_the_values_the_format_errors_carry() {
         Some("a\\b"),
         PeerId(1),
     );
-    r.publish(5, &slash);
+    r.publish(5, &slash, Some("a\\b"));
     let mut hash = make_entry(
         Generation(5),
         object_state::LIVE,
@@ -799,7 +809,20 @@ fn invalid_entries_are_described_from_the_values_the_format_errors_carry() {
         PeerId(1),
     );
     hash.name_hash = 7;
-    r.publish(6, &hash);
+    r.publish(6, &hash, Some("h"));
+    let mut outside = make_entry(
+        Generation(6),
+        object_state::LIVE,
+        kind::SECTION,
+        RegionOffset(r.heap(5)),
+        0,
+        4096,
+        false,
+        Some("o"),
+        PeerId(1),
+    );
+    outside.name_off = 4096; // the name area is 16 × 64 = 1024 bytes
+    publish(&r.mem, &r.layout, ObjectSlot(7), &outside).expect("publish");
     let report = inspect_region_file(&r, &dir);
     let what = |at: &str| -> Vec<&str> {
         report
@@ -830,6 +853,10 @@ fn invalid_entries_are_described_from_the_values_the_format_errors_carry() {
         .as_str()]
     );
     assert_eq!(
+        what("object slot 7"),
+        ["invalid entry: name [0x1000, +1) is outside the name area of 1024 bytes [BadName(1)]"]
+    );
+    assert_eq!(
         what("peer slot 1"),
         ["connected with peer id 70000, outside 1..=65535; treated as absent"]
     );
@@ -855,7 +882,7 @@ fn events_and_mutexes_show_their_sync_words_and_a_mutex_held_by_a_gone_peer_is_f
         );
         e.max_size = 0;
         e.flags |= flags;
-        r.publish(slot, &e);
+        r.publish(slot, &e, Some(name));
         r.lease(slot, LEASE_KEEP);
     };
     sync_object(5, 4, "tick", kind::EVENT, object_flags::MANUAL_RESET);

@@ -16,7 +16,7 @@ use vshm_format::layout::{
 use vshm_format::layout::{
     mutex_word, OBJ_ABANDONED_OFF, OBJ_SIGNAL_SEQ_OFF, OBJ_SYNC_OFF, OBJ_WAITERS_OFF,
 };
-use vshm_format::object::{self, EntryError, ObjectInfo};
+use vshm_format::object::{self, EntryError, ObjectInfo, Snapshot};
 use vshm_format::peer::{self, PeerError};
 use vshm_format::shm::{read_pod, Fault, SharedMemory};
 use vshm_format::NameError;
@@ -226,7 +226,7 @@ fn read_slot<M: SharedMemory + ?Sized>(
     layout: &Layout,
     slot: u32,
     r: &mut Report,
-) -> Option<(ObjectEntry, u64)> {
+) -> Option<(Snapshot, u64)> {
     let at = format!("object slot {slot}");
     let Some(base) = layout.object_entry(ObjectSlot(slot)) else {
         r.error(at, "outside the object table");
@@ -258,7 +258,7 @@ fn read_slot<M: SharedMemory + ?Sized>(
         std::thread::yield_now();
     }
     if !settled {
-        let copy = match read_pod::<ObjectEntry, M>(mem, base) {
+        let copy = match unsynchronised_copy(mem, layout, base) {
             Ok(e) => match object::validate(layout, ObjectSlot(slot), &e) {
                 Ok(None) => "FREE".to_string(),
                 Ok(Some(info)) => format!(
@@ -294,6 +294,23 @@ fn read_slot<M: SharedMemory + ?Sized>(
             None
         }
     }
+}
+
+/// The entry at `base` and its name's bytes (if its reference lies in the name area),
+/// copied without the seqlock (for describing an entry whose counter stays odd).
+fn unsynchronised_copy<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    base: u64,
+) -> Result<Snapshot, Fault> {
+    let e = read_pod::<ObjectEntry, M>(mem, base)?;
+    let mut snap = Snapshot::of(e, &[]);
+    if let Ok(Some(at)) = object::check_name_ref(layout, e.name_off, e.name_len) {
+        if let Some(dst) = snap.name.get_mut(..usize::from(e.name_len)) {
+            mem.read_bytes(at, dst)?;
+        }
+    }
+    Ok(snap)
 }
 
 fn state_name(state: u32) -> &'static str {
@@ -382,10 +399,10 @@ fn read_sync<M: SharedMemory + ?Sized>(mem: &M, layout: &Layout, info: &ObjectIn
 /// Explains an [`EntryError`] in the words inspect has always used. The error carries the
 /// values; only the name messages need the name itself (the error is small and `Copy`, so it
 /// does not carry 1040 bytes), which comes from the copy it was found in.
-fn why_invalid(e: &ObjectEntry, err: EntryError) -> String {
+fn why_invalid(e: &Snapshot, err: EntryError) -> String {
     let name = || {
         e.name
-            .get(..e.name_len as usize)
+            .get(..usize::from(e.name_len))
             .and_then(|b| std::str::from_utf8(b).ok())
             .unwrap_or_default()
     };
@@ -428,9 +445,9 @@ fn entry_tag(err: EntryError) -> String {
         EntryError::UnknownFlags { flags, .. } | EntryError::NamedMismatch { flags, .. } => {
             format!("BadFlags({flags})")
         }
-        EntryError::BadName { name_len, .. } | EntryError::BadNameHash { name_len, .. } => {
-            format!("BadName({name_len})")
-        }
+        EntryError::BadName { name_len, .. }
+        | EntryError::BadNameHash { name_len, .. }
+        | EntryError::BadNameRef { name_len, .. } => format!("BadName({name_len})"),
         EntryError::Busy => "Busy".to_string(),
         EntryError::Fault(f) => format!("Fault({f:?})"),
     }

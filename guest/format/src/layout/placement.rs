@@ -7,8 +7,9 @@ use core::mem::size_of;
 use crate::ids::{ObjectSlot, PeerSlot};
 
 use super::{
-    const_u32, Mailbox, ObjectEntry, PeerEntry, Superblock, FORMAT_VERSION, HOST_PEER_ID, MAGIC,
-    MAX_OBJECTS_LIMIT, MAX_PEERS_LIMIT, MIN_ALIGNMENT, MIN_REGION_SIZE,
+    const_u32, Mailbox, ObjectEntry, PeerEntry, Superblock, DEFAULT_NAME_BYTES_PER_OBJECT,
+    FORMAT_VERSION, HOST_PEER_ID, MAGIC, MAX_NAME_AREA, MAX_OBJECTS_LIMIT, MAX_PEERS_LIMIT,
+    MIN_ALIGNMENT, MIN_REGION_SIZE, NAME_GRANULE,
 };
 
 /// Why a region or its superblock cannot be used.
@@ -30,6 +31,8 @@ pub enum LayoutError {
     BadMaxObjects(u32),
     /// The name index's entry count is not the one `max_objects` gives (value found).
     BadIndexSlots(u32),
+    /// The name area's size is not a multiple of 8 or over [`MAX_NAME_AREA`] (value).
+    BadNameArea(u64),
     /// Alignment not a power of two ≥ 4096.
     BadAlignment(u64),
     /// vectors outside 1..=64.
@@ -66,6 +69,10 @@ impl core::fmt::Display for LayoutError {
             LayoutError::BadIndexSlots(n) => {
                 write!(f, "name index of {n} entries does not match max objects")
             }
+            LayoutError::BadNameArea(n) => write!(
+                f,
+                "name area of {n} bytes is not a multiple of {NAME_GRANULE} at most {MAX_NAME_AREA}"
+            ),
             LayoutError::BadAlignment(a) => write!(f, "alignment {a} is not a power of two ≥ 4096"),
             LayoutError::BadVectors(v) => write!(f, "vectors {v} outside 1..=64"),
             LayoutError::BadStride(t, v) => write!(f, "{t} stride {v} does not match format"),
@@ -108,6 +115,10 @@ pub struct Layout {
     pub index_table: u64,
     /// Name index entries (a power of two, at least twice `max_objects`).
     pub index_slots: u32,
+    /// Name area offset (version 4; 64-byte aligned).
+    pub name_area: u64,
+    /// Name area size in bytes (a multiple of [`NAME_GRANULE`]).
+    pub name_area_size: u64,
     /// Heap offset.
     pub heap_offset: u64,
     /// Heap size.
@@ -121,14 +132,48 @@ const fn round_up(v: u64, align: u64) -> Option<u64> {
     }
 }
 
+/// The name area a table of `max_objects` objects gets unless configured otherwise:
+/// [`DEFAULT_NAME_BYTES_PER_OBJECT`] bytes per object (objects above the limit count as the
+/// limit).
+pub const fn default_name_area(max_objects: u32) -> u64 {
+    let n = if max_objects > MAX_OBJECTS_LIMIT {
+        MAX_OBJECTS_LIMIT
+    } else {
+        max_objects
+    };
+    n as u64 * DEFAULT_NAME_BYTES_PER_OBJECT
+}
+
 impl Layout {
-    /// Computes the layout the host publishes. Fails with the parameter at fault.
+    /// Computes the layout the host publishes, with the default name area
+    /// ([`default_name_area`]). Fails with the parameter at fault.
     pub fn compute(
         region_size: u64,
         max_peers: u32,
         max_objects: u32,
         vectors: u32,
         alignment: u64,
+    ) -> Result<Layout, LayoutError> {
+        Layout::compute_with_names(
+            region_size,
+            max_peers,
+            max_objects,
+            vectors,
+            alignment,
+            default_name_area(max_objects),
+        )
+    }
+
+    /// Computes the layout the host publishes with a name area of `name_area_size` bytes
+    /// (a multiple of [`NAME_GRANULE`], at most [`MAX_NAME_AREA`]). Fails with the
+    /// parameter at fault.
+    pub fn compute_with_names(
+        region_size: u64,
+        max_peers: u32,
+        max_objects: u32,
+        vectors: u32,
+        alignment: u64,
+        name_area_size: u64,
     ) -> Result<Layout, LayoutError> {
         if !region_size.is_power_of_two() || region_size < MIN_REGION_SIZE {
             return Err(LayoutError::BadRegionSize(region_size));
@@ -144,6 +189,9 @@ impl Layout {
         }
         if !alignment.is_power_of_two() || alignment < MIN_ALIGNMENT {
             return Err(LayoutError::BadAlignment(alignment));
+        }
+        if name_area_size % NAME_GRANULE != 0 || name_area_size > MAX_NAME_AREA {
+            return Err(LayoutError::BadNameArea(name_area_size));
         }
         // With the limits above nothing here can overflow a u64; the arithmetic is
         // checked anyway so a future limit change cannot silently wrap.
@@ -167,10 +215,12 @@ impl Layout {
             .and_then(|v| round_up(v, 64))
             .ok_or(too_big)?;
         let index_slots = crate::index::index_slots(max_objects);
-        let header_end = index_table
+        let name_area = index_table
             .checked_add(crate::index::INDEX_HEADER_SIZE)
             .and_then(|v| v.checked_add(u64::from(index_slots) * crate::index::INDEX_ENTRY_SIZE))
+            .and_then(|v| round_up(v, 64))
             .ok_or(too_big)?;
+        let header_end = name_area.checked_add(name_area_size).ok_or(too_big)?;
         let heap_offset = round_up(header_end, alignment).ok_or(too_big)?;
         let needed = heap_offset.checked_add(alignment).ok_or(too_big)?;
         if needed > region_size {
@@ -189,6 +239,8 @@ impl Layout {
             mailbox_table,
             index_table,
             index_slots,
+            name_area,
+            name_area_size,
             heap_offset,
             heap_size: region_size - heap_offset,
         })
@@ -222,19 +274,21 @@ impl Layout {
         if u64::from(sb.index_entry_size) != crate::index::INDEX_ENTRY_SIZE {
             return Err(LayoutError::BadStride("name index", sb.index_entry_size));
         }
-        let l = Layout::compute(
+        let l = Layout::compute_with_names(
             sb.region_size,
             sb.max_peers,
             sb.max_objects,
             sb.vectors,
             sb.alignment,
+            sb.name_area_size,
         )?;
-        let checks: [(&'static str, u64, u64); 6] = [
+        let checks: [(&'static str, u64, u64); 7] = [
             ("peer table", sb.peer_table_offset, l.peer_table),
             ("object table", sb.object_table_offset, l.object_table),
             ("refcount table", sb.refcount_table_offset, l.refcount_table),
             ("mailbox table", sb.mailbox_table_offset, l.mailbox_table),
             ("name index", sb.index_offset, l.index_table),
+            ("name area", sb.name_area_offset, l.name_area),
             ("heap", sb.heap_offset, l.heap_offset),
         ];
         for (what, got, want) in checks {
@@ -288,7 +342,9 @@ impl Layout {
             index_offset: self.index_table,
             index_slots: self.index_slots,
             index_entry_size: const_u32(super::const_usize(crate::index::INDEX_ENTRY_SIZE)),
-            reserved: [0; 80],
+            name_area_offset: self.name_area,
+            name_area_size: self.name_area_size,
+            reserved: [0; 64],
         }
     }
 
@@ -337,6 +393,13 @@ impl Layout {
         })
     }
 
+    /// Region offset of the name bytes `[name_off, name_off + len)` of the name area, or
+    /// `None` if that range is not inside the area (checked arithmetic).
+    pub fn name_bytes(&self, name_off: u32, len: u64) -> Option<u64> {
+        let end = u64::from(name_off).checked_add(len)?;
+        (end <= self.name_area_size).then(|| self.name_area + u64::from(name_off))
+    }
+
     /// Whether `[offset, offset+len)` lies inside the heap, with checked arithmetic.
     pub fn heap_contains(&self, offset: u64, len: u64) -> bool {
         match offset.checked_add(len) {
@@ -361,14 +424,17 @@ mod tests {
         assert_eq!(l.peer_table, 256);
         assert!(l.object_table >= l.peer_table + 32 * 64);
         assert_eq!(l.object_table % 64, 0);
-        assert!(l.refcount_table >= l.object_table + 1024 * 1280);
+        assert!(l.refcount_table >= l.object_table + 1024 * 128);
         assert!(l.mailbox_table >= l.refcount_table + 32 * 4096);
         assert_eq!(l.mailbox_table % 64, 0);
         assert_eq!(l.heap_offset % 4096, 0);
         assert!(l.index_table >= l.mailbox_table + 32 * 2048);
         assert_eq!(l.index_table % 64, 0);
         assert_eq!(l.index_slots, 2048);
-        assert!(l.heap_offset >= l.index_table + 64 + 2048 * 8);
+        assert!(l.name_area >= l.index_table + 64 + 2048 * 8);
+        assert_eq!(l.name_area % 64, 0);
+        assert_eq!(l.name_area_size, 1024 * 64);
+        assert!(l.heap_offset >= l.name_area + l.name_area_size);
         assert_eq!(l.heap_offset + l.heap_size, 64 << 20);
     }
 
@@ -468,37 +534,58 @@ mod tests {
     #[test]
     fn the_worked_examples_of_format_md_section_2_hold() {
         // (region, peers, objects) → (object, refcount, row, mailbox, index, index slots,
-        // heap offset, heap size): the table in docs/FORMAT.md §2.
+        // name area, name area size, heap offset, heap size): the table in docs/FORMAT.md §2.
         type Params = (u64, u32, u32);
-        type Placed = (u64, u64, u32, u64, u64, u32, u64, u64);
-        let rows: [(Params, Placed); 4] = [
+        type Placed = (u64, u64, u32, u64, u64, u32, u64, u64, u64, u64);
+        let rows: [(Params, Placed); 5] = [
             (
                 (64 << 20, 16, 1024),
                 (
-                    0x500, 0x14_0500, 4096, 0x15_0500, 0x15_8500, 2048, 0x15_d000, 65_679_360,
+                    0x500, 0x2_0500, 4096, 0x3_0500, 0x3_8500, 2048, 0x3_c540, 65_536, 0x4_d000,
+                    66_793_472,
                 ),
             ),
             (
                 (64 << 20, 32, 1024),
                 (
-                    0x900, 0x14_0900, 4096, 0x16_0900, 0x17_0900, 2048, 0x17_5000, 65_581_056,
+                    0x900, 0x2_0900, 4096, 0x4_0900, 0x5_0900, 2048, 0x5_4940, 65_536, 0x6_5000,
+                    66_695_168,
                 ),
             ),
             (
                 (1 << 20, 4, 16),
-                (0x200, 0x5200, 64, 0x5300, 0x7300, 32, 0x8000, 1_015_808),
+                (
+                    0x200, 0xa00, 64, 0xb00, 0x2b00, 32, 0x2c40, 1024, 0x4000, 1_032_192,
+                ),
             ),
             (
                 (1 << 30, 32, 65_536),
                 (
                     0x900,
-                    0x500_0900,
+                    0x80_0900,
                     262_144,
-                    0x580_0900,
-                    0x581_0900,
+                    0x100_0900,
+                    0x101_0900,
                     131_072,
-                    0x591_1000,
-                    980_348_928,
+                    0x111_0940,
+                    4_194_304,
+                    0x151_1000,
+                    1_051_652_096,
+                ),
+            ),
+            (
+                (1 << 30, 16, 65_536),
+                (
+                    0x500,
+                    0x80_0500,
+                    262_144,
+                    0xc0_0500,
+                    0xc0_8500,
+                    131_072,
+                    0xd0_8540,
+                    4_194_304,
+                    0x110_9000,
+                    1_055_879_168,
                 ),
             ),
         ];
@@ -512,6 +599,8 @@ mod tests {
                     l.mailbox_table,
                     l.index_table,
                     l.index_slots,
+                    l.name_area,
+                    l.name_area_size,
                     l.heap_offset,
                     l.heap_size
                 ),
@@ -519,6 +608,44 @@ mod tests {
                 "{size} bytes, {peers} peers, {objects} objects"
             );
         }
+    }
+
+    #[test]
+    fn the_default_header_is_under_one_percent_of_the_default_region() {
+        let l = Layout::compute(64 << 20, 16, 1024, 1, 4096).expect("layout");
+        assert!(l.heap_offset * 100 <= l.region_size, "{:#x}", l.heap_offset);
+    }
+
+    #[test]
+    fn a_configured_name_area_is_placed_and_a_bad_size_is_refused_with_its_value() {
+        let l = Layout::compute_with_names(64 << 20, 16, 1024, 1, 4096, 1 << 20).expect("ok");
+        assert_eq!(l.name_area_size, 1 << 20);
+        assert!(l.heap_offset >= l.name_area + (1 << 20));
+        let none = Layout::compute_with_names(64 << 20, 16, 1024, 1, 4096, 0).expect("ok");
+        assert_eq!(none.name_area_size, 0);
+        assert_eq!(
+            Layout::compute_with_names(64 << 20, 16, 1024, 1, 4096, 12),
+            Err(LayoutError::BadNameArea(12))
+        );
+        assert_eq!(
+            Layout::compute_with_names(64 << 20, 16, 1024, 1, 4096, MAX_NAME_AREA + 8),
+            Err(LayoutError::BadNameArea(MAX_NAME_AREA + 8))
+        );
+        let mut sb = l.superblock(1, [0; 16]);
+        sb.version = FORMAT_VERSION;
+        assert_eq!(Layout::from_superblock(&sb, 64 << 20), Ok(l));
+        sb.name_area_offset += 64;
+        assert_eq!(
+            Layout::from_superblock(&sb, 64 << 20),
+            Err(LayoutError::BadTable("name area", l.name_area + 64))
+        );
+        let mut sb = l.superblock(1, [0; 16]);
+        sb.version = FORMAT_VERSION;
+        sb.name_area_size = 7;
+        assert_eq!(
+            Layout::from_superblock(&sb, 64 << 20),
+            Err(LayoutError::BadNameArea(7))
+        );
     }
 
     #[test]

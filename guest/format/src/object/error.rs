@@ -1,7 +1,7 @@
 //! Why an object entry cannot be believed ([`EntryError`], with the values found) and the
 //! heap-range rule ([`check_heap_range`]) the entry validator applies.
 
-use crate::layout::{object_flags, Layout};
+use crate::layout::{object_flags, Layout, MAX_NAME_BYTES, NAME_GRANULE};
 use crate::name::NameError;
 use crate::shm::Fault;
 
@@ -49,7 +49,17 @@ pub enum EntryError {
         /// The name length found.
         name_len: u32,
     },
-    /// The name breaks the name rules (including a length over the 1040-byte field).
+    /// The name reference (`name_off`, `name_len`) does not name bytes inside the name area
+    /// (version 4): checked before the bytes are read.
+    BadNameRef {
+        /// The offset found (from the start of the name area).
+        name_off: u32,
+        /// The name length found.
+        name_len: u32,
+        /// Which rule it breaks.
+        problem: NameRefProblem,
+    },
+    /// The name breaks the name rules.
     BadName {
         /// The name length found.
         name_len: u32,
@@ -65,6 +75,51 @@ pub enum EntryError {
         /// [`crate::name_hash`] of the name bytes.
         computed: u32,
     },
+}
+
+/// Which rule a name reference breaks (checked in this order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameRefProblem {
+    /// `name_len` is over [`MAX_NAME_BYTES`].
+    TooLong,
+    /// An unnamed entry (`name_len` 0) with a non-zero `name_off`.
+    UnnamedWithOffset,
+    /// `name_off` is not a multiple of [`NAME_GRANULE`].
+    Misaligned,
+    /// `name_off + name_len` is beyond the name area.
+    OutsideArea {
+        /// The name area's size.
+        area_size: u64,
+    },
+}
+
+/// Checks a name reference against the name area: the region offset of its bytes
+/// (`None` for unnamed), or the first rule it breaks. Checked arithmetic throughout.
+pub fn check_name_ref(
+    layout: &Layout,
+    name_off: u32,
+    name_len: u16,
+) -> Result<Option<u64>, NameRefProblem> {
+    let len = usize::from(name_len);
+    if len > MAX_NAME_BYTES {
+        return Err(NameRefProblem::TooLong);
+    }
+    if len == 0 {
+        return if name_off == 0 {
+            Ok(None)
+        } else {
+            Err(NameRefProblem::UnnamedWithOffset)
+        };
+    }
+    if u64::from(name_off) % NAME_GRANULE != 0 {
+        return Err(NameRefProblem::Misaligned);
+    }
+    layout
+        .name_bytes(name_off, u64::from(name_len))
+        .map(Some)
+        .ok_or(NameRefProblem::OutsideArea {
+            area_size: layout.name_area_size,
+        })
 }
 
 /// Which rule an object's memory range breaks (checked in this order).
@@ -152,6 +207,26 @@ impl core::fmt::Display for EntryError {
                     "clear"
                 }
             ),
+            EntryError::BadNameRef {
+                name_off,
+                name_len,
+                problem,
+            } => match problem {
+                NameRefProblem::TooLong => {
+                    write!(f, "name_len {name_len} exceeds {MAX_NAME_BYTES} bytes")
+                }
+                NameRefProblem::UnnamedWithOffset => {
+                    write!(f, "name_len is 0 but name_off is {name_off:#x}")
+                }
+                NameRefProblem::Misaligned => write!(
+                    f,
+                    "name_off {name_off:#x} is not a multiple of {NAME_GRANULE}"
+                ),
+                NameRefProblem::OutsideArea { area_size } => write!(
+                    f,
+                    "name [{name_off:#x}, +{name_len}) is outside the name area of {area_size} bytes"
+                ),
+            },
             EntryError::BadName { name_len, error } => {
                 write!(f, "object name of {name_len} bytes is invalid: {error}")
             }
