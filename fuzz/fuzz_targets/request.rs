@@ -39,11 +39,12 @@ fuzz_target!(|data: &[u8]| {
     let mut want = req;
     want.req_seq = seq;
     want.lock = 0;
-    // The peer's audit words after the name are not part of a request: posting leaves them
-    // as they were (zero in this fresh buffer).
+    // The peer's audit words and close hint after the name are not part of a request:
+    // posting leaves them as they were (zero in this fresh buffer).
     want.audited_seq = 0;
     want.revoked_handles = 0;
-    want.reserved2 = [0; 96];
+    want.closed_hint = 0;
+    want.reserved2 = [0; 88];
     assert_eq!(got, want);
     assert_eq!(mailbox::take_request(&mem, &l, peer, seq), Ok(None));
 });
