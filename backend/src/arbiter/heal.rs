@@ -42,6 +42,8 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// The doorbell path heals at most this often (a burst of doorbells heals at its start and
 /// then every 20 ms); the 200 ms timer heals regardless.
 const DOORBELL_HEAL_GAP: Duration = Duration::from_millis(20);
+/// Object entries a doorbell's heal looks at (round robin through the table).
+const DOORBELL_HEAL_OBJECTS: u32 = 1024;
 
 /// Superblock, peer table, object table, name index: the structures reports are
 /// rate-limited by.
@@ -99,6 +101,9 @@ pub(super) struct HealState {
     namespace_seq: u64,
     /// When the last heal ran.
     last_run: Option<Instant>,
+    /// The object slot the next doorbell heal starts at (it looks at a slice of the table,
+    /// round robin).
+    cursor: u32,
     /// Per structure: when a repair was last reported.
     reported: [Option<Instant>; STRUCTURES],
     /// Per structure: repairs since that report that were only counted.
@@ -147,12 +152,30 @@ impl<M: Backing> Arbiter<M> {
     /// `repaired` events naming the region range (rate-limited per structure). Runs on the
     /// timer and after doorbells.
     pub fn heal(&mut self) -> HealReport {
+        self.heal_part(None)
+    }
+
+    /// [`Arbiter::heal`], of every object entry and the name index (`objects` = `None`), or
+    /// of the superblock, the peer table and the next `objects` object entries (round
+    /// robin) alone: the doorbell path, whose cost must not grow with the table.
+    fn heal_part(&mut self, objects: Option<u32>) -> HealReport {
         let mut report = HealReport::default();
         let mut found: [Found; STRUCTURES] = Default::default();
         self.heal_superblock(&mut report, &mut found[SUPERBLOCK]);
         self.heal_peers(&mut report, &mut found[PEER_TABLE]);
-        self.heal_objects(&mut report, &mut found[OBJECT_TABLE]);
-        self.heal_index(&mut report, &mut found[NAME_INDEX]);
+        let max = self.layout.max_objects;
+        let slots: Vec<ObjectSlot> = match objects {
+            Some(n) if n < max => {
+                let start = self.heal.cursor % max;
+                self.heal.cursor = (start + n) % max;
+                (0..n).map(|i| ObjectSlot((start + i) % max)).collect()
+            }
+            _ => self.object_slots().collect(),
+        };
+        self.heal_objects(&slots, &mut report, &mut found[OBJECT_TABLE]);
+        if objects.is_none() {
+            self.heal_index(&mut report, &mut found[NAME_INDEX]);
+        }
         // Every value published so far, ours included (each rewrite above bumped it).
         if let Ok(now) = self.mem.load_u64(SB_NAMESPACE_SEQ_OFF, Ordering::Acquire) {
             self.heal.namespace_seq = self.heal.namespace_seq.max(now);
@@ -166,14 +189,17 @@ impl<M: Backing> Arbiter<M> {
         report
     }
 
-    /// `heal`, unless it ran less than 20 ms ago (the doorbell path: a peer ringing in a
-    /// loop must not make vshmd copy the whole header for every ring).
+    /// After a doorbell: the superblock, the peer table and the next
+    /// [`DOORBELL_HEAL_OBJECTS`] object entries, unless a heal ran less than 20 ms ago (a
+    /// peer ringing in a loop must not make vshmd copy the header for every ring, and the
+    /// cost of one must not grow with `--max-objects`: BENCHMARKS.md P2). The timer's
+    /// [`Arbiter::heal`] looks at everything.
     pub fn heal_soon(&mut self) -> Option<HealReport> {
         let due = self
             .heal
             .last_run
             .is_none_or(|t| t.elapsed() >= DOORBELL_HEAL_GAP);
-        due.then(|| self.heal())
+        due.then(|| self.heal_part(Some(DOORBELL_HEAL_OBJECTS)))
     }
 
     /// The superblock: all 256 bytes but `namespace_seq` must be what `Arbiter::new`
@@ -291,9 +317,9 @@ impl<M: Backing> Arbiter<M> {
     /// peers' and left alone. Without one (FREE): the canonical FREE image, all zero but an
     /// even `seq` and a CLOSED lease — so a forged LIVE entry in a free slot is erased,
     /// state first.
-    fn heal_objects(&mut self, report: &mut HealReport, found: &mut Found) {
+    fn heal_objects(&mut self, slots: &[ObjectSlot], report: &mut HealReport, found: &mut Found) {
         let mut name_buf = Vec::new();
-        for slot in self.object_slots() {
+        for &slot in slots {
             let Some(base) = self.layout.object_entry(slot) else {
                 continue;
             };
@@ -310,9 +336,9 @@ impl<M: Backing> Arbiter<M> {
             // truth; `record_entry` put the record's `name_off` in `want`).
             let name = self
                 .record_at(slot)
-                .and_then(|r| r.name.clone())
-                .map(String::into_bytes);
-            let name_at = name.as_ref().and_then(|n| {
+                .and_then(|r| r.name.as_deref())
+                .map(str::as_bytes);
+            let name_at = name.and_then(|n| {
                 self.layout
                     .name_bytes(want.name_off, n.len() as u64)
                     .map(|at| (at, n))

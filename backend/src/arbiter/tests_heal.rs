@@ -410,3 +410,38 @@ fn deleted_and_destroyed_names_leave_the_index_and_new_ones_enter_it() {
         .is_some_and(|i| i.slot.raw() == keep.slot));
     assert!(a.heal().is_clean(), "the published index is the mirror");
 }
+
+#[test]
+fn a_doorbell_heal_looks_at_a_slice_of_the_object_table_round_robin_and_the_timer_at_all_of_it() {
+    let region = Region::create(16 << 20, false, false).expect("memfd");
+    let layout = Layout::compute(16 << 20, 4, 4096, 1, 4096).expect("layout");
+    let mut a = Arbiter::new(region, layout, 1, [0; 16]).expect("arbiter");
+    // A forged LIVE entry in a free slot far into the table (slot 3000 of 4096).
+    let far = ObjectSlot(3000);
+    let base = layout.object_entry(far).expect("slot");
+    a.mem()
+        .store_u32(
+            base + vshm_format::layout::OBJ_STATE_OFF,
+            object_state::LIVE,
+            Ordering::SeqCst,
+        )
+        .expect("scribble");
+    // The first doorbell heal looks at slots 0..1024: not there yet.
+    let r = a.heal_soon().expect("due: no heal ran yet");
+    assert!(r.object_slots.is_empty(), "{r:?}");
+    assert!(a.heal_soon().is_none(), "at most one every 20 ms");
+    // Each later one at the next 1024 slots: the third finds it.
+    std::thread::sleep(std::time::Duration::from_millis(25));
+    assert!(a.heal_soon().expect("due").object_slots.is_empty());
+    std::thread::sleep(std::time::Duration::from_millis(25));
+    assert_eq!(a.heal_soon().expect("due").object_slots, vec![far]);
+    // The timer's heal looks at every slot.
+    a.mem()
+        .store_u32(
+            base + vshm_format::layout::OBJ_STATE_OFF,
+            object_state::LIVE,
+            Ordering::SeqCst,
+        )
+        .expect("scribble again");
+    assert_eq!(a.heal().object_slots, vec![far]);
+}
