@@ -238,26 +238,41 @@ pub fn draw(dir: &Path, plot: &Plot) -> Result<()> {
 const FINDINGS: &[(&str, &str)] = &[
     (
         "P1",
-        "no longer the lookup: since the name index (format 3, FORMAT.md §5a) open+close is flat \
-         at 1.1–1.8 µs from 1 to 10 000 objects (it grew ~47 ns per object before: 471 µs at \
-         10 000). Not profiled since; what an open+close still does: an index probe and a seqlocked \
-         copy of the entry, two CASes on the lease word and the refcount cell each way, the \
-         quarantine audit's record under a mutex (guest/src/audit.rs), and the revocation check. \
-         The anchor here is also slowed less than ours by the load on this 2-core machine",
+        "not the lookup: since the name index (format 3, FORMAT.md §5a) open+close is flat from 1 to \
+         10 000 objects (it grew ~47 ns per object before: 471 µs at 10 000). What an open+close \
+         still does, ~0.6 µs on a quiet run of this machine: an index probe and a seqlocked copy of \
+         the 128-byte entry and its name, two CASes on the lease word and the refcount cell each \
+         way, the quarantine audit's record of the hold (a map under a mutex, guest/src/audit.rs: \
+         the largest of our symbols in a `perf record` of `vshm-bench p1`), and the revocation \
+         check. The anchor moves more with the machine than ours: 1.7 µs on a quiet run, 10 µs \
+         while builds shared the cores",
     ),
     (
         "P2",
-        "a CREATE costs vshmd work proportional to `--max-objects` on every doorbell: perf of vshmd \
-         filling a 65 536-object table (14.6 ms per CREATE) showed memmove 42 %, `Arbiter::heal` 16 %, \
-         memset 11 %, `Arbiter::sweep` 10 %, `may_create` 5 % — whole-table copies and walks, not the \
-         request itself (the fill column of the scaling table grows with the table)",
+        "the round trip, not the table any more: a create is a CREATE request (post, ring, vshmd \
+         wakes, allocates the range and the name, publishes entry and index, answers, rings back) \
+         and the close a ring with the slot in the close hint (FORMAT.md §9), so two process hops \
+         where the anchor makes two syscalls on tmpfs; one hop alone costs about an eventfd \
+         ping-pong (P3's anchor). Removed on the way (2026-12-02): a whole-table sweep per close \
+         (now the hinted slot), the whole header compared per doorbell (now 1 024 entries, round \
+         robin), two info log lines per object (created/destroyed are debug now: 18.6 → 14.5 µs \
+         median in one pair of runs)",
     ),
     (
         "P3",
-        "not profiled yet; each direction is a signal, a WAKE request through vshmd's mailbox and \
-         doorbell, vshmd's ring to the waiter's eventfd and the waiter's `vshm-bells` thread waking it \
-         by condition variable: three process/thread hops where eventfd has one. The p99 is also this \
-         2-core machine being shared with builds during the run (load average in the head)",
+        "when both sides have a core a round trip never sleeps: a waiter looks at its event 512 \
+         times before it asks to be rung, and a signal that finds it asleep rings its doorbell \
+         directly (FORMAT.md §6a, direct rings: no request to vshmd). When a side has to sleep (a \
+         run queue shared with builds on these 2 cores), each direction is an eventfd write, the \
+         waiter's `vshm-bells` thread and a condition variable: two wake-ups where the anchor has \
+         one. The p99 is this machine's load (load average in the head)",
+    ),
+    (
+        "P4",
+        "nothing of ours runs between the two sides: the words are plain shared memory in the \
+         section, so the ping-pong equals the anchor when both processes have a core (1.02× on a \
+         quiet run, 2026-12-02). With another load on these 2 cores both spinners share one and \
+         each round trip waits for the scheduler (254 µs median in a run beside a CI build)",
     ),
     (
         "P5",
@@ -296,9 +311,12 @@ const FINDINGS: &[(&str, &str)] = &[
     ),
     (
         "P7",
-        "one vshmd thread serves every request, and each doorbell also runs the per-doorbell table \
-         walks found for P2; 62 peer processes on 2 shared cores add run-queue delay to every \
-         round trip (P7 p50 grows with the peer count in the table below). Not profiled at 62 peers yet",
+        "vshmd's own work is small: in a `perf record` (cpu-clock) of `vshm-bench one P7` at 62 \
+         peers vshmd spent 18 % of its samples switching in and out of epoll and under 1 % in the \
+         request code (2026-12-02). Every request is a context switch into vshmd and one back into \
+         its peer, and 62 processes and vshmd share 2 cores: throughput is the scheduler's (72 k \
+         ops/s with 2 peers, 59 k with 62 in that run), and the p99 is the run queue. 100 k ops/s \
+         needs vshmd on a core of its own; busy-polling the mailboxes would buy it with that core",
     ),
     (
         "P8",
