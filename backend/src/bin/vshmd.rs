@@ -71,6 +71,12 @@ struct Args {
     /// turns the quarantine off [default: 2000].
     #[arg(long, value_name = "MS")]
     quarantine_ms: Option<u32>,
+    /// How long (µs) the event loop keeps looking for the next event after a peer rang,
+    /// before it sleeps: a burst of requests then finds vshmd running instead of waking a
+    /// sleeping CPU (BENCHMARKS.md P2); at most 1000, 0 sleeps at once. It costs at most
+    /// this much CPU per doorbell [default: 50].
+    #[arg(long, value_name = "US")]
+    linger_us: Option<u32>,
     /// Take the region(s) over from the vshmd running with the same settings, keeping every
     /// VM attached (docs/OPERATIONS.md): it hands over its memory, sockets and peers, and
     /// exits. If the takeover fails, the running vshmd serves on and this one exits 1.
@@ -127,6 +133,7 @@ fn main() -> ExitCode {
         control_mode: args.control_mode,
         metrics: args.metrics,
         quarantine_ms: args.quarantine_ms,
+        linger_us: args.linger_us,
     };
     // Everything is checked before anything is created.
     let configs = match config::resolve(&options) {

@@ -69,6 +69,7 @@ pub(super) struct RegionFile {
     pub lock: Option<bool>,
     pub metrics: Option<Spanned<String>>,
     pub quarantine_ms: Option<Spanned<u32>>,
+    pub linger_us: Option<Spanned<u32>>,
     pub socket_mode: Option<Spanned<Mode>>,
     pub socket_group: Option<Spanned<Owner>>,
     pub policy: Option<Spanned<String>>,

@@ -40,6 +40,11 @@ pub const DEFAULT_QUARANTINE_MS: u32 = 2000;
 pub const MAX_QUARANTINE_MS: u32 = 600_000;
 /// See [`DEFAULT_SIZE`].
 pub const DEFAULT_CONTROL_MODE: u32 = 0o600;
+/// `--linger-us` when not given: how long the event loop keeps looking for the next event
+/// after a peer rang before it sleeps (BENCHMARKS.md P2).
+pub const DEFAULT_LINGER_US: u32 = 50;
+/// The longest linger accepted (1 ms): longer only burns a core.
+pub const MAX_LINGER_US: u32 = 1000;
 /// See [`DEFAULT_SIZE`].
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 
@@ -72,6 +77,8 @@ pub struct Options {
     pub metrics: Option<SocketAddr>,
     /// `--quarantine-ms`.
     pub quarantine_ms: Option<u32>,
+    /// `--linger-us`.
+    pub linger_us: Option<u32>,
 }
 
 impl Options {
@@ -90,6 +97,7 @@ impl Options {
             (self.control_mode.is_some(), "--control-mode"),
             (self.metrics.is_some(), "--metrics"),
             (self.quarantine_ms.is_some(), "--quarantine-ms"),
+            (self.linger_us.is_some(), "--linger-us"),
         ]
         .into_iter()
         .find_map(|(given, option)| given.then_some(option))
@@ -484,6 +492,19 @@ fn combine(
             other => ConfigError::Option(other.describe(&format!("{quarantine_ms}: {problem}"))),
         });
     }
+    let (linger_us, linger_origin) =
+        pick!(opts.linger_us, "--linger-us", linger_us, DEFAULT_LINGER_US);
+    if linger_us > MAX_LINGER_US {
+        let problem = format!("{linger_us} µs is more than the limit of {MAX_LINGER_US} µs");
+        return Err(match linger_origin {
+            Origin::Key { key, at } => ConfigError::Invalid {
+                where_: at,
+                key,
+                problem,
+            },
+            other => ConfigError::Option(other.describe(&format!("{linger_us}: {problem}"))),
+        });
+    }
     let (control_mode, _) = pick!(
         opts.control_mode.map(file::Mode),
         "--control-mode",
@@ -571,6 +592,7 @@ fn combine(
         policy: rules,
         config_file: src.map(|s| s.path.to_owned()),
         quarantine: std::time::Duration::from_millis(u64::from(quarantine_ms)),
+        linger: std::time::Duration::from_micros(u64::from(linger_us)),
     };
     // The layout's own checks (power-of-two size, peer and object counts), named after
     // the key they came from when that was the file.

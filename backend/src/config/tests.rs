@@ -75,6 +75,7 @@ fn without_a_file_the_options_and_defaults_are_what_vshmd_always_used() {
     );
     assert_eq!((c.control_mode, c.socket_mode), (0o600, 0o660));
     assert_eq!(c.quarantine, std::time::Duration::from_secs(2));
+    assert_eq!(c.linger, std::time::Duration::from_micros(50));
     assert!(c.listen.is_empty());
     assert_eq!(
         c.policy.resolve(&who("main", 1, "x")).policy.name,
@@ -133,6 +134,10 @@ fn bad_values_are_refused_with_their_key_and_line() {
         (
             "[region]\nsocket = \"/s\"\nquarantine_ms = 600001\n",
             "t.toml:3: region.quarantine_ms",
+        ),
+        (
+            "[region]\nsocket = \"/s\"\nlinger_us = 1001\n",
+            "t.toml:3: region.linger_us: 1001 µs is more than the limit of 1000 µs",
         ),
         (
             "[region]\nsocket = \"/s\"\npolicy = \"nope\"\n",
@@ -552,4 +557,27 @@ fn small_regions_get_fewer_objects_so_their_header_stays_small() {
             l.heap_offset
         );
     }
+}
+
+#[test]
+fn the_linger_is_set_by_option_or_key_zero_turns_it_off_and_too_long_is_refused_naming_it() {
+    let c = one(parse("[region]\nsocket = \"/tmp/s\"\nlinger_us = 0\n").expect("valid"));
+    assert!(c.linger.is_zero());
+    let opts = Options {
+        socket: Some("/tmp/s".into()),
+        linger_us: Some(200),
+        ..Options::default()
+    };
+    let c = one(resolve(&opts).expect("valid"));
+    assert_eq!(c.linger, std::time::Duration::from_micros(200));
+    let opts = Options {
+        socket: Some("/tmp/s".into()),
+        linger_us: Some(5000),
+        ..Options::default()
+    };
+    let e = resolve(&opts).expect_err("too long").to_string();
+    assert!(
+        e.contains("--linger-us") && e.contains("5000: 5000 µs is more than the limit of 1000 µs"),
+        "{e}"
+    );
 }

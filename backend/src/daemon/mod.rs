@@ -73,6 +73,8 @@ pub struct Config {
     pub config_file: Option<PathBuf>,
     /// Longest time destroyed memory waits in quarantine (FORMAT.md §11a).
     pub quarantine: Duration,
+    /// How long the event loop keeps looking for events after a doorbell before it sleeps.
+    pub linger: Duration,
 }
 
 /// A further listening socket: peers connecting through it are told apart by its name.
@@ -115,6 +117,7 @@ impl Config {
             quarantine: std::time::Duration::from_millis(u64::from(
                 crate::config::DEFAULT_QUARANTINE_MS,
             )),
+            linger: std::time::Duration::from_micros(u64::from(crate::config::DEFAULT_LINGER_US)),
         }
     }
 }
@@ -277,6 +280,8 @@ pub struct Daemon {
     keep_files: bool,
     /// The region was handed to another process: this one must not touch it again.
     handed_off: bool,
+    /// A peer rang since the event loop last looked (it lingers after that: `LINGER`).
+    rang: bool,
     /// systemd's fd store and the journal, when vshmd runs with `--fd-store`
     /// (`crate::fdstore`): written after every event.
     fdstore: Option<crate::fdstore::FdStore>,
@@ -484,6 +489,7 @@ impl Daemon {
             stop: false,
             keep_files: false,
             handed_off: false,
+            rang: false,
             fdstore: None,
             asked_to_stop: false,
             journaled: false,
@@ -511,11 +517,21 @@ impl Daemon {
     pub fn run(self) -> Result<Ended, DaemonError> {
         let mut manager: EventManager<Box<Daemon>> =
             EventManager::new().map_err(|e| DaemonError::Events(format!("{e:?}")))?;
+        let linger = self.config.linger;
         let id = manager.add_subscriber(Box::new(self));
+        let mut linger_until: Option<Instant> = None;
         loop {
-            manager
-                .run()
-                .map_err(|e| DaemonError::Events(format!("{e:?}")))?;
+            // Right after a doorbell, look again without sleeping for a moment (`linger`: a
+            // peer's next request, the close after a create or the next of a burst, then
+            // finds vshmd running rather than waking a sleeping CPU — in a VM a descheduled
+            // vCPU, tens of µs here; BENCHMARKS.md P2).
+            let lingering = linger_until.is_some_and(|t| Instant::now() < t);
+            if lingering {
+                manager.run_with_timeout(0)
+            } else {
+                manager.run()
+            }
+            .map_err(|e| DaemonError::Events(format!("{e:?}")))?;
             let daemon = manager
                 .subscriber_mut(id)
                 .map_err(|e| DaemonError::Events(format!("{e:?}")))?;
@@ -525,6 +541,13 @@ impl Daemon {
             if daemon.stop {
                 tracing::info!("stopping");
                 return Ok(Ended::Stopped);
+            }
+            if std::mem::take(&mut daemon.rang) && !linger.is_zero() {
+                linger_until = Some(Instant::now() + linger);
+            } else if lingering {
+                std::hint::spin_loop();
+            } else {
+                linger_until = None;
             }
         }
     }
@@ -888,6 +911,7 @@ impl Daemon {
     }
 
     fn doorbell(&mut self, id: PeerId, vector: usize) {
+        self.rang = true;
         let value = self
             .server
             .client(id)

@@ -557,6 +557,7 @@ impl Daemon {
             stop: false,
             keep_files: true,
             handed_off: false,
+            rang: false,
             fdstore: None,
             asked_to_stop: false,
             journaled: false,
