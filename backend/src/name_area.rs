@@ -46,6 +46,12 @@ pub enum NameAreaError {
         /// The length found.
         len: usize,
     },
+    /// An object without a name claims a place in the area (readers refuse such an entry).
+    #[error("an unnamed object with name offset {off:#x}")]
+    UnnamedWithOffset {
+        /// The offset found.
+        off: u32,
+    },
 }
 
 /// The free granules of the name area.

@@ -339,23 +339,6 @@ impl<M: Backing> Arbiter<M> {
                 }));
             }
         }
-        let generation = self.next_generation;
-        self.next_generation.0 += 1;
-        let lease = holder_bit(peer) | if persistent { LEASE_KEEP } else { 0 };
-        let mut entry = object::make_entry(
-            generation,
-            object_state::LIVE,
-            kind,
-            offset,
-            initial_size,
-            max_size,
-            persistent,
-            name,
-            peer_id,
-        );
-        if manual_reset {
-            entry.flags |= object_flags::MANUAL_RESET;
-        }
         // The name's room in the name area (FORMAT.md §5b), taken last so a refusal has
         // only the heap range to give back; written with the entry, under its seqlock.
         let name_off = match name {
@@ -373,6 +356,23 @@ impl<M: Backing> Arbiter<M> {
             },
             None => 0,
         };
+        let generation = self.next_generation;
+        self.next_generation.0 += 1;
+        let lease = holder_bit(peer) | if persistent { LEASE_KEEP } else { 0 };
+        let mut entry = object::make_entry(
+            generation,
+            object_state::LIVE,
+            kind,
+            offset,
+            initial_size,
+            max_size,
+            persistent,
+            name,
+            peer_id,
+        );
+        if manual_reset {
+            entry.flags |= object_flags::MANUAL_RESET;
+        }
         entry.name_off = name_off;
         // The slot may have held an event or a mutex: its sync words start from zero,
         // stored before the entry is published (like the lease word). The name goes into

@@ -63,7 +63,6 @@ pub struct RecordSnapshot {
     kind: u32,
     name: Option<String>,
     /// Where the name is in the name area (FORMAT.md §5b).
-    #[serde(default)]
     name_off: u32,
     offset: u64,
     size: u64,
@@ -410,14 +409,19 @@ impl<M: Backing> Arbiter<M> {
                     return Err(SnapshotError::DuplicateName(name.clone()));
                 }
             }
-            if let Some(name) = &r.name {
-                name_area.adopt(r.name_off, name.len()).map_err(|error| {
-                    SnapshotError::NameArea {
-                        slot: r.slot,
-                        error,
-                    }
-                })?;
+            match &r.name {
+                Some(name) => name_area.adopt(r.name_off, name.len()),
+                // Published as is, every reader would refuse the entry and heal would
+                // republish it forever.
+                None if r.name_off != 0 => {
+                    Err(crate::name_area::NameAreaError::UnnamedWithOffset { off: r.name_off })
+                }
+                None => Ok(()),
             }
+            .map_err(|error| SnapshotError::NameArea {
+                slot: r.slot,
+                error,
+            })?;
             *cell = Some(Record {
                 generation: Generation(r.generation),
                 kind: r.kind,

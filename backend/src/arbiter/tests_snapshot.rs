@@ -379,7 +379,7 @@ fn a_rebuilt_arbiter_adopts_the_name_area_with_its_holes() {
 }
 
 #[test]
-fn a_snapshot_whose_names_overlap_or_leave_the_name_area_is_refused() {
+fn a_snapshot_whose_names_overlap_leave_the_name_area_or_belong_to_no_name_is_refused() {
     let mut a = arbiter();
     create(&mut a, PeerId(1), "first", true);
     create(&mut a, PeerId(1), "second", true);
@@ -394,6 +394,20 @@ fn a_snapshot_whose_names_overlap_or_leave_the_name_area_is_refused() {
             e,
             SnapshotError::NameArea {
                 error: crate::name_area::NameAreaError::Overlaps { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let mut unnamed = snap.clone();
+    unnamed["objects"][1]["name"] = serde_json::Value::Null;
+    let unnamed: ArbiterSnapshot = serde_json::from_value(unnamed).expect("parse");
+    let e = rebuild(&a, unnamed).expect_err("refused");
+    assert!(
+        matches!(
+            e,
+            SnapshotError::NameArea {
+                error: crate::name_area::NameAreaError::UnnamedWithOffset { .. },
                 ..
             }
         ),
