@@ -710,9 +710,9 @@ fn p6_lines(smoke: bool) -> Result<Vec<Line>> {
         note: Some(format!(
             "the sender's time from its first 64 KiB write until the receiver (the other guest, \
              which created the ring) has taken the last byte; the receiver checks the last MiB. \
-             Over the guest transport a waiting side sleeps on the section's notifications, each \
-             a WAKE request from the other guest and an interrupt: vshmd answered {} WAKE \
-             requests for the {} chunks of 64 KiB each side moved",
+             Over the guest transport a waiting side sleeps on the section's notifications: the \
+             other guest rings its doorbell directly (FORMAT.md §6a), an interrupt in it; vshmd \
+             answered {} WAKE requests for the {} chunks of 64 KiB each side moved",
             g.ring_wakes,
             g.ring.len() as u64 * (g.ring_mib << 20) / bench::P5_CHUNK as u64
         )),

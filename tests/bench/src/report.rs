@@ -250,13 +250,15 @@ const FINDINGS: &[(&str, &str)] = &[
     (
         "P2",
         "the round trip, not the table any more: a create is a CREATE request (post, ring, vshmd \
-         wakes, allocates the range and the name, publishes entry and index, answers, rings back) \
-         and the close a ring with the slot in the close hint (FORMAT.md §9), so two process hops \
-         where the anchor makes two syscalls on tmpfs; one hop alone costs about an eventfd \
-         ping-pong (P3's anchor). Removed on the way (2026-12-02): a whole-table sweep per close \
-         (now the hinted slot), the whole header compared per doorbell (now 1 024 entries, round \
-         robin), two info log lines per object (created/destroyed are debug now: 18.6 → 14.5 µs \
-         median in one pair of runs)",
+         allocates the range and the name, publishes entry and index, answers, rings back) and the \
+         close a ring with the slot in the close hint (FORMAT.md §9), so two trips through vshmd \
+         where the anchor makes a few syscalls on tmpfs. Removed on the way (2026-12-02): a \
+         whole-table sweep per close (now the hinted slot), the whole header compared per doorbell \
+         (now 1 024 entries, round robin), two info log lines per object (created/destroyed are \
+         debug now), and above all the wake-up of vshmd's sleeping vCPU for every request: \
+         vshmd now keeps looking for the next event for `--linger-us` (50 µs) after a ring, which \
+         took the median from 43–60 µs to 5.9 µs on this machine (a quiet VM's idle vCPU costs \
+         tens of µs to wake; the anchor has no second process to wake)",
     ),
     (
         "P3",
@@ -277,46 +279,39 @@ const FINDINGS: &[(&str, &str)] = &[
     (
         "P5",
         "not the copies: one thread's volatile word copies into and out of a 1 MiB ring run at \
-         7.7–8.4 GB/s (≥ its memcpy), and one thread doing both (write 64 KiB, read it back) at \
-         2.4–2.8 GB/s. Two things, measured on 2026-12-02 (2 shared cores, load average 3.6–5.5 \
-         from other builds): (1) waking: a side that finds nothing to do for 128 looks registers as \
-         a waiter, and the other side's next write or read then makes a synchronous WAKE request to \
-         vshmd (the P3 path, tens of µs) — 15.5–19.8 k WAKE requests (vshmd's metrics; the \
-         line's note has this run's count) and 12.5 k waits for 90 k chunks of 64 KiB a run, and \
-         `perf record` (cpu-clock) of a run put vshmd at 12 % of the samples (serving them: \
-         `Arbiter::sweep` and the table walks found for P2 run on every doorbell) and the peers' \
-         `vshm-bells` threads at 9 %, against 44 % in the ring's copies (`write_bytes` 25 %, \
-         `read_bytes` 19 %) — a fifth of the CPU goes to waking on a machine with two cores; \
-         (2) the two sides need two cores at once: 77 k context switches per run, and spinning longer before sleeping made it worse (16 384 looks: 0.16×, the spinner \
-         takes the core its peer needs), as did a pure-spin two-thread ring of vshm-format with no \
-         waking at all (0.1–1.3 GB/s). The ring's size is not it: 1, 4 and 16 MiB rings with \
-         64 KiB–1 MiB calls read 0.18–0.76× across 12 runs, no size consistently ahead (the \
-         suite keeps 1 MiB and 64 KiB). Not measured on an idle machine with more cores",
+         7.7–8.4 GB/s (≥ its memcpy). Not the waking any more either: a side that sleeps is rung \
+         by the other side's doorbell directly (FORMAT.md §6a, direct rings: this run's note \
+         counts the WAKE requests vshmd still answered), where before every wake-up was a \
+         synchronous WAKE request (15.5–19.8 k a run, vshmd at 12 % of the samples): 0.39–0.64× \
+         in three quiet runs since, against 0.2–0.41× before. What remains is that the two sides need two cores at \
+         once, and this VM has two for both processes, vshmd and the rest: spinning longer \
+         before sleeping made it worse (16 384 looks: 0.16×, the spinner takes the core its peer \
+         needs), as did a pure-spin two-thread ring of vshm-format with no waking at all \
+         (0.1–1.3 GB/s), and the ring's size is not it (1, 4 and 16 MiB rings with 64 KiB–1 MiB \
+         calls, no size consistently ahead). Not measured on a machine with more cores",
     ),
     (
         "P6",
-        "measured in TCG guests (no KVM here) on 2 shared cores, load average ~5, 2026-12-02. \
-         *Copies* in a guest (single readings, noisy: 0.55–0.86× into, 0.57–0.69× out of a \
-         section in three runs): the library copies with volatile 8-byte words, which on the host \
-         run at memcpy speed (P5's finding), so the gap is what TCG makes of them; not profiled \
-         inside a guest. *The ring between two guests* (0.18–0.19×): as P5, a side that waits \
-         registers and the other side then sends a WAKE request — here a guest → host request \
-         (the round-trip line: 0.1–0.24 ms median under TCG) and an interrupt into the other \
-         guest: 308 WAKE requests for 1 280 chunks of 64 KiB (one in four) in one run, ~60 per \
-         16 MiB transfer of ~100 ms; not profiled further in the guests. *The CLI path* \
-         (11.5–16×): the copies are 65–73 ms of 830–1 040 ms; the rest is two agent commands (~32 ms each), two starts of the 3 MB static \
-         `vshm` (155–200 ms each through the agent; `vshm --version` costs the same, so it is the \
-         process start under TCG, not the attach), the 16 MiB file read in A and written in B \
-         (`cat` of it: 150–240 ms) — see the line's note for this run's figures",
+        "measured in TCG guests (no KVM here) on this 2-core VM, 2026-12-02. *The ring between \
+         two guests*: direct doorbells took it from 0.18× to 0.3–0.5× (a sleeping side is rung \
+         through the ivshmem doorbell, an MMIO write in the other guest, instead of a guest → host \
+         request and an interrupt); what remains is P5's two-cores problem four times over (two \
+         guests of 2 vCPUs each, TCG threads, on 2 host cores). *The CLI path* (9× the in-process \
+         copies, from 11.8×; end to end 0.18 s, from 1.25 s, against 1.1 s for TCP): the guest \
+         `vshm` is now built non-PIE, so a start costs ~19 ms instead of 155–340 ms (TCG reuses \
+         its translations when the binary sits at the same address); the rest is two agent \
+         commands (~11 ms each), two starts, and the 16 MiB file read from tmpfs in A and written \
+         to tmpfs in B (`cat` of it: ~54 ms) — file work the in-process copies do not do; see \
+         the line's note for this run's figures",
     ),
     (
         "P7",
-        "vshmd's own work is small: in a `perf record` (cpu-clock) of `vshm-bench one P7` at 62 \
-         peers vshmd spent 18 % of its samples switching in and out of epoll and under 1 % in the \
-         request code (2026-12-02). Every request is a context switch into vshmd and one back into \
-         its peer, and 62 processes and vshmd share 2 cores: throughput is the scheduler's (72 k \
-         ops/s with 2 peers, 59 k with 62 in that run), and the p99 is the run queue. 100 k ops/s \
-         needs vshmd on a core of its own; busy-polling the mailboxes would buy it with that core",
+        "the throughput goal is met since vshmd lingers after a ring (`--linger-us`, see P2: \
+         59 k → 119 k ops/s at 62 peers); the latency goal is met up to a few peers (p99 ~60 µs at \
+         1–2 peers in the table below) but not at 62: vshmd's own work per request is small (under \
+         1 % of its samples in a `perf record` of `vshm-bench one P7`, 2026-12-02), and 62 peer \
+         processes and vshmd share 2 cores, so the p99 is the run queue: a peer waits for a core \
+         before it can post and again before it sees its answer",
     ),
     (
         "P8",
