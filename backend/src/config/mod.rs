@@ -378,6 +378,18 @@ fn region_name_problem(name: &str) -> Option<String> {
     None
 }
 
+/// A value over its limit, named where it came from: the file's key and line, or the option.
+fn over_limit(origin: Origin, value: u32, problem: String) -> ConfigError {
+    match origin {
+        Origin::Key { key, at } => ConfigError::Invalid {
+            where_: at,
+            key,
+            problem,
+        },
+        other => ConfigError::Option(other.describe(&format!("{value}: {problem}"))),
+    }
+}
+
 fn combine(
     opts: &Options,
     src: Option<&Source<'_>>,
@@ -480,30 +492,22 @@ fn combine(
         DEFAULT_QUARANTINE_MS
     );
     if quarantine_ms > MAX_QUARANTINE_MS {
-        let problem = format!(
-            "{quarantine_ms} ms is more than the limit of {MAX_QUARANTINE_MS} ms (10 minutes)"
-        );
-        return Err(match quarantine_origin {
-            Origin::Key { key, at } => ConfigError::Invalid {
-                where_: at,
-                key,
-                problem,
-            },
-            other => ConfigError::Option(other.describe(&format!("{quarantine_ms}: {problem}"))),
-        });
+        return Err(over_limit(
+            quarantine_origin,
+            quarantine_ms,
+            format!(
+                "{quarantine_ms} ms is more than the limit of {MAX_QUARANTINE_MS} ms (10 minutes)"
+            ),
+        ));
     }
     let (linger_us, linger_origin) =
         pick!(opts.linger_us, "--linger-us", linger_us, DEFAULT_LINGER_US);
     if linger_us > MAX_LINGER_US {
-        let problem = format!("{linger_us} µs is more than the limit of {MAX_LINGER_US} µs");
-        return Err(match linger_origin {
-            Origin::Key { key, at } => ConfigError::Invalid {
-                where_: at,
-                key,
-                problem,
-            },
-            other => ConfigError::Option(other.describe(&format!("{linger_us}: {problem}"))),
-        });
+        return Err(over_limit(
+            linger_origin,
+            linger_us,
+            format!("{linger_us} µs is more than the limit of {MAX_LINGER_US} µs"),
+        ));
     }
     let (control_mode, _) = pick!(
         opts.control_mode.map(file::Mode),

@@ -797,21 +797,15 @@ fn p3_lines(counts: Counts, ns: &Namespace<HostTransport>, socket: &str) -> Resu
     let ours = summary(bench::p3_events(counts, ns, socket)?, "P3")?;
     let efd = summary(bench::p3_eventfd(counts)?, "P3 eventfd")?;
     let ice = summary(ice::event_ping_pong(counts)?, "P3 iceoryx2")?;
-    Ok([
-        ("eventfd ping-pong", efd, 1.15),
-        ("iceoryx2 event ping-pong", ice, 1.0),
-    ]
-    .into_iter()
-    .map(|(anchor, a, goal)| Line {
-        id: "P3".into(),
-        what: "event round trip between two peers (signal + wait, each way)".into(),
-        unit: Unit::Nanos,
-        ours: Some(ours),
-        anchor: Some((anchor.into(), a)),
-        goal: Goal::RatioAtMost(goal),
-        note: None,
-    })
-    .collect())
+    Ok(ratio_lines(
+        "P3",
+        "event round trip between two peers (signal + wait, each way)",
+        ours,
+        [
+            ("eventfd ping-pong", efd, 1.15),
+            ("iceoryx2 event ping-pong", ice, 1.0),
+        ],
+    ))
 }
 
 /// P4: the polling ping-pong through a section against shared atomics and iceoryx2's
@@ -821,21 +815,36 @@ fn p4_lines(counts: Counts, ns: &Namespace<HostTransport>, socket: &str) -> Resu
     let ours = summary(bench::p4_section(counts, ns, socket)?, "P4")?;
     let raw = summary(bench::p4_raw(counts)?, "P4 raw")?;
     let ice = summary(ice::pubsub_ping_pong(counts)?, "P4 iceoryx2")?;
-    Ok([
-        ("shared-atomic ping-pong (memfd)", raw, 1.2),
-        ("iceoryx2 publish-subscribe ping-pong", ice, 1.0),
-    ]
-    .into_iter()
-    .map(|(anchor, a, goal)| Line {
-        id: "P4".into(),
-        what: "polling ping-pong through a section".into(),
-        unit: Unit::Nanos,
-        ours: Some(ours),
-        anchor: Some((anchor.into(), a)),
-        goal: Goal::RatioAtMost(goal),
-        note: None,
-    })
-    .collect())
+    Ok(ratio_lines(
+        "P4",
+        "polling ping-pong through a section",
+        ours,
+        [
+            ("shared-atomic ping-pong (memfd)", raw, 1.2),
+            ("iceoryx2 publish-subscribe ping-pong", ice, 1.0),
+        ],
+    ))
+}
+
+/// One latency line per anchor: ours against each, with the ratio its goal allows.
+fn ratio_lines<const N: usize>(
+    id: &str,
+    what: &str,
+    ours: Summary,
+    anchors: [(&str, Summary, f64); N],
+) -> Vec<Line> {
+    anchors
+        .into_iter()
+        .map(|(anchor, a, goal)| Line {
+            id: id.into(),
+            what: what.into(),
+            unit: Unit::Nanos,
+            ours: Some(ours),
+            anchor: Some((anchor.into(), a)),
+            goal: Goal::RatioAtMost(goal),
+            note: None,
+        })
+        .collect()
 }
 
 fn one(args: &[String]) -> Result<()> {
