@@ -790,6 +790,14 @@ fn p2_line(counts: Counts, ns: &Namespace<HostTransport>) -> Result<Line> {
     })
 }
 
+/// What P3 compares (the anchors sleep at every wait, ours looks first).
+const P3_NOTE: &str = "ours: a waiter looks at the event 512 times, then its transport spins up to 5 µs, \
+                       before it sleeps (FORMAT.md §6a), so while both processes have a core a round trip \
+                       never sleeps; the eventfd and iceoryx2 anchors sleep in the kernel at every wait, \
+                       and waking a sleeping vCPU of this VM costs tens of µs: their medians moved between \
+                       2 and 62 µs from run to run on 2026-12-02 while ours stayed at 0.38–0.42 µs (our p99 \
+                       is the rounds that did sleep)";
+
 /// P3: the event round trip through `ns` (a peer of vshmd at `socket`) against eventfd
 /// and iceoryx2's event ping-pong.
 fn p3_lines(counts: Counts, ns: &Namespace<HostTransport>, socket: &str) -> Result<Vec<Line>> {
@@ -797,7 +805,7 @@ fn p3_lines(counts: Counts, ns: &Namespace<HostTransport>, socket: &str) -> Resu
     let ours = summary(bench::p3_events(counts, ns, socket)?, "P3")?;
     let efd = summary(bench::p3_eventfd(counts)?, "P3 eventfd")?;
     let ice = summary(ice::event_ping_pong(counts)?, "P3 iceoryx2")?;
-    Ok(ratio_lines(
+    let mut lines = ratio_lines(
         "P3",
         "event round trip between two peers (signal + wait, each way)",
         ours,
@@ -805,7 +813,11 @@ fn p3_lines(counts: Counts, ns: &Namespace<HostTransport>, socket: &str) -> Resu
             ("eventfd ping-pong", efd, 1.15),
             ("iceoryx2 event ping-pong", ice, 1.0),
         ],
-    ))
+    );
+    for l in &mut lines {
+        l.note = Some(P3_NOTE.into());
+    }
+    Ok(lines)
 }
 
 /// P4: the polling ping-pong through a section against shared atomics and iceoryx2's
