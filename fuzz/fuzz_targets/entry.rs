@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let area = data.get(entry_len + 1..).unwrap_or(&[]);
     let area = &area[..area
         .len()
-        .min(usize::try_from(l.name_area_size).expect("small"))];
+        .min(usize::try_from(l.name_span()).expect("small"))];
     let slot = ObjectSlot(u32::from(selector) % l.max_objects.min(8));
     // What a reader copies: the name's bytes if the reference is inside the area.
     let name: Vec<u8> = match object::check_name_ref(&l, e.name_off, e.name_len) {
@@ -57,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
     // The same bytes through the region and the seqlock reader. The region ends after the
     // name area or the entry, whichever is later (the name area sits after the tables).
     let base = l.object_entry(slot).expect("slot in range");
-    let end = (base + entry_len as u64).max(l.name_area + l.name_area_size);
+    let end = (base + entry_len as u64).max(l.name_area + l.name_span());
     let mut buf = Buf::new(usize::try_from(end).expect("small"));
     let mem = buf.region();
     mem.write_bytes(base, bytes_of(&e)).expect("in bounds");

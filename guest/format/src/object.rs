@@ -425,7 +425,12 @@ fn publish_inner<M: SharedMemory + ?Sized>(
                 offset: u64::from(entry.name_off),
                 len: n.len() as u64,
             };
-            if n.len() != usize::from(entry.name_len) {
+            // The host places names inside `name_area_size` only (readers accept the
+            // padding after it too: `Layout::name_span`).
+            let inside = u64::from(entry.name_off)
+                .checked_add(n.len() as u64)
+                .is_some_and(|end| end <= layout.name_area_size);
+            if n.len() != usize::from(entry.name_len) || !inside {
                 return Err(bad);
             }
             match check_name_ref(layout, entry.name_off, entry.name_len) {
@@ -779,6 +784,10 @@ mod tests {
         let mut buf = vec![0u64; (1 << 20) / 8];
         let (_mem, layout) = region(&mut buf);
         assert_eq!(layout.name_area_size, 4 * 64);
+        // A reader accepts the area and the padding after it, up to the heap.
+        let span = layout.name_span();
+        assert!(span >= layout.name_area_size && span % 8 == 0, "{span}");
+        let span32 = u32::try_from(span).expect("small");
         let mut e = good(&layout);
         let check = |e: ObjectEntry| validate(&layout, ObjectSlot(0), &Snapshot::of(e, b"name"));
         let bad = |e: ObjectEntry, problem| {
@@ -788,21 +797,31 @@ mod tests {
                 problem,
             })
         };
-        // The last granule of the area holds a 4-byte name; one granule further does not.
+        // The last granule before the heap holds a 4-byte name; one granule further does not.
         e.name_off = 250;
         assert_eq!(check(e), bad(e, NameRefProblem::Misaligned));
-        e.name_off = 248;
-        assert!(check(e).is_ok(), "ends exactly at the area's end");
-        e.name_off = 256;
+        e.name_off = span32 - 8;
+        assert!(check(e).is_ok(), "ends exactly where the heap begins");
+        e.name_off = span32;
         assert_eq!(
             check(e),
-            bad(e, NameRefProblem::OutsideArea { area_size: 256 })
+            bad(e, NameRefProblem::OutsideArea { area_size: span })
         );
         e.name_off = 0xFFFF_FFF8;
         assert_eq!(
             check(e),
-            bad(e, NameRefProblem::OutsideArea { area_size: 256 }),
+            bad(e, NameRefProblem::OutsideArea { area_size: span }),
             "no overflow: checked arithmetic"
+        );
+        // A reader that took a superblock whose `name_area_size` a peer had scribbled
+        // smaller (the heap does not move: the padding absorbs it) still accepts every name
+        // the host placed.
+        let mut shrunk = layout;
+        shrunk.name_area_size = 0;
+        e.name_off = 248;
+        assert!(
+            validate(&shrunk, ObjectSlot(0), &Snapshot::of(e, b"name")).is_ok(),
+            "a name in the area is found whatever name_area_size says"
         );
         e.name_off = 0;
         e.name_len = 1041;
@@ -827,7 +846,7 @@ mod tests {
         // A scribbler points the reference past the area (past its end, where it wrote
         // the same bytes past it): the snapshot copies nothing and the validator refuses it.
         let base = layout.object_entry(ObjectSlot(1)).expect("slot");
-        let at = layout.name_area_size + 8;
+        let at = layout.name_span() + 8;
         mem.write_bytes(layout.name_area + at, b"name")
             .expect("heap");
         mem.store_u32(

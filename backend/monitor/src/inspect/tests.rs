@@ -821,7 +821,9 @@ fn invalid_entries_are_described_from_the_values_the_format_errors_carry() {
         Some("o"),
         PeerId(1),
     );
-    outside.name_off = 4096; // the name area is 16 × 64 = 1024 bytes
+    // Past the name area (16 × 64 = 1024 bytes) and the padding after it: at the heap.
+    let span = r.layout.name_span();
+    outside.name_off = u32::try_from(span).expect("small");
     publish(&r.mem, &r.layout, ObjectSlot(7), &outside).expect("publish");
     let report = inspect_region_file(&r, &dir);
     let what = |at: &str| -> Vec<&str> {
@@ -854,7 +856,11 @@ fn invalid_entries_are_described_from_the_values_the_format_errors_carry() {
     );
     assert_eq!(
         what("object slot 7"),
-        ["invalid entry: name [0x1000, +1) is outside the name area of 1024 bytes [BadName(1)]"]
+        [format!(
+            "invalid entry: name [{span:#x}, +1) is outside the name area of {span} bytes \
+             [BadName(1)]"
+        )
+        .as_str()]
     );
     assert_eq!(
         what("peer slot 1"),

@@ -393,11 +393,20 @@ impl Layout {
         })
     }
 
-    /// Region offset of the name bytes `[name_off, name_off + len)` of the name area, or
-    /// `None` if that range is not inside the area (checked arithmetic).
+    /// The bytes a reader accepts a name reference in: the name area and the alignment
+    /// padding after it, up to the heap. Wider than `name_area_size` on purpose: a peer may
+    /// scribble `name_area_size` smaller without moving the heap (the padding absorbs it),
+    /// and a reader that took the superblock then must still find every name (the host only
+    /// ever places names inside `name_area_size`).
+    pub fn name_span(&self) -> u64 {
+        self.heap_offset.saturating_sub(self.name_area)
+    }
+
+    /// Region offset of the name bytes `[name_off, name_off + len)`, or `None` if that
+    /// range is not inside [`Layout::name_span`] (checked arithmetic).
     pub fn name_bytes(&self, name_off: u32, len: u64) -> Option<u64> {
         let end = u64::from(name_off).checked_add(len)?;
-        (end <= self.name_area_size).then(|| self.name_area + u64::from(name_off))
+        (end <= self.name_span()).then(|| self.name_area + u64::from(name_off))
     }
 
     /// Whether `[offset, offset+len)` lies inside the heap, with checked arithmetic.

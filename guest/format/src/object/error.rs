@@ -118,7 +118,7 @@ pub fn check_name_ref(
         .name_bytes(name_off, u64::from(name_len))
         .map(Some)
         .ok_or(NameRefProblem::OutsideArea {
-            area_size: layout.name_area_size,
+            area_size: layout.name_span(),
         })
 }
 
