@@ -131,13 +131,54 @@ pub(super) fn check_lease(o: &Obj, connected: u64, r: &mut Report) {
 
 /// Two valid objects whose `[offset, offset + max_size)` ranges overlap.
 pub(super) fn check_overlaps(objs: &[Obj], r: &mut Report) {
-    let mut ranges: Vec<(u64, u64, u32)> = objs
+    let ranges = objs
         .iter()
         .map(|o| {
             let end = o.row.offset.saturating_add(o.row.max_size);
             (o.row.offset, end, o.row.slot)
         })
         .collect();
+    report_overlaps(
+        ranges,
+        r,
+        ("heap", "more overlapping objects; stopped listing them"),
+        |(start, end), slot2, (start2, end2)| {
+            format!(
+                "range [{start:#x}, {end:#x}) overlaps object slot {slot2} \
+                 [{start2:#x}, {end2:#x})"
+            )
+        },
+    );
+}
+
+/// No two entries' names share a granule of the name area (FORMAT.md §5b): the host gives
+/// each name its own granules, so an overlap is a scribbled reference or a host bug.
+pub(super) fn check_name_overlaps(objs: &[Obj], r: &mut Report) {
+    let ranges = objs
+        .iter()
+        .filter_map(|o| o.name_range.map(|(start, end)| (start, end, o.row.slot)))
+        .collect();
+    report_overlaps(
+        ranges,
+        r,
+        ("name area", "more overlapping names; stopped listing them"),
+        |(start, end), slot2, (start2, end2)| {
+            format!(
+                "name [{start:#x}, {end:#x}) overlaps object slot {slot2}'s name \
+                 [{start2:#x}, {end2:#x})"
+            )
+        },
+    );
+}
+
+/// Reports each pair of `[start, end)` ranges (of the object slot given) that overlap, as
+/// an error at the first one's slot, up to [`MAX_OVERLAPS`] (then one error at `limit`).
+fn report_overlaps(
+    mut ranges: Vec<(u64, u64, u32)>,
+    r: &mut Report,
+    limit: (&str, &str),
+    describe: impl Fn((u64, u64), u32, (u64, u64)) -> String,
+) {
     ranges.sort_unstable();
     let mut reported = 0;
     for (i, &(start, end, slot)) in ranges.iter().enumerate() {
@@ -146,16 +187,13 @@ pub(super) fn check_overlaps(objs: &[Obj], r: &mut Report) {
                 break;
             }
             if reported == MAX_OVERLAPS {
-                r.error("heap", "more overlapping objects; stopped listing them");
+                r.error(limit.0, limit.1);
                 return;
             }
             reported += 1;
             r.error(
                 format!("object slot {slot}"),
-                format!(
-                    "range [{start:#x}, {end:#x}) overlaps object slot {slot2} \
-                     [{start2:#x}, {end2:#x})"
-                ),
+                describe((start, end), slot2, (start2, end2)),
             );
         }
     }

@@ -980,3 +980,38 @@ fn a_name_index_that_hides_a_live_name_or_names_no_slot_is_reported() {
         "names no object slot",
     );
 }
+
+#[test]
+fn two_entries_whose_names_share_granules_of_the_name_area_are_an_error() {
+    let dir = Dir::new("name-overlap");
+    let r = healthy();
+    // "frames" is LIVE in slot 0 with its name at 0; an UNLINKED entry claims the same
+    // bytes (a scribbled reference: the host gives each name its own granules).
+    let mut twin = make_entry(
+        Generation(9),
+        object_state::UNLINKED,
+        kind::SECTION,
+        RegionOffset(r.heap(5)),
+        0,
+        4096,
+        false,
+        Some("frames"),
+        PeerId(1),
+    );
+    twin.name_off = 0;
+    publish_named(&r.mem, &r.layout, ObjectSlot(5), &twin, b"frames").expect("publish");
+    let report = inspect_region_file(&r, &dir);
+    assert_has(
+        &report,
+        Severity::Error,
+        "object slot 0",
+        "name [0x0, 0x8) overlaps object slot 5's name [0x0, 0x8)",
+    );
+    // A healthy region has none.
+    let clean = inspect_region_file(&healthy(), &dir);
+    assert!(
+        !has(&clean, Severity::Error, "object slot 0", "overlaps"),
+        "{:?}",
+        clean.findings
+    );
+}

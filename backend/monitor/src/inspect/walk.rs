@@ -23,8 +23,8 @@ use vshm_format::NameError;
 use vshm_format::{ObjectSlot, PeerSlot};
 
 use super::check::{
-    check_blocks, check_free, check_identities, check_lease, check_mutex_owner, check_overlaps,
-    heap_usage,
+    check_blocks, check_free, check_identities, check_lease, check_mutex_owner,
+    check_name_overlaps, check_overlaps, heap_usage,
 };
 use super::{ObjectRow, PeerRow, Report, SyncRow, MB_OP_OFF, SEQ_WAIT_TRIES};
 
@@ -46,6 +46,8 @@ pub(super) struct Obj {
     pub(super) lease: u64,
     /// The raw mutex owner word (0 for other kinds).
     pub(super) owner_word: u64,
+    /// The granules its name takes in the name area, `[start, end)` (unnamed: none).
+    pub(super) name_range: Option<(u64, u64)>,
 }
 
 /// Decodes and checks a region held in any [`SharedMemory`] (the mapped file, or a buffer).
@@ -88,6 +90,7 @@ pub fn inspect_region<M: SharedMemory + ?Sized>(mem: &M) -> Report {
     }
     let handles = walk_refcounts(mem, &layout, &peers, &slots, &mut objs, &mut r);
     check_overlaps(&objs, &mut r);
+    check_name_overlaps(&objs, &mut r);
     check_identities(&objs, &mut r);
     for o in &mut objs {
         o.row.holders = (0..layout.max_peers)
@@ -360,6 +363,10 @@ fn object_row(info: &ObjectInfo, lease: u64) -> Obj {
         state: info.state,
         lease,
         owner_word: 0,
+        name_range: info.name().map(|n| {
+            let start = u64::from(info.name_off);
+            (start, start + (n.len() as u64).next_multiple_of(8))
+        }),
     }
 }
 
