@@ -108,6 +108,20 @@ fn readable(fd: &File, ms: i32) -> bool {
     unsafe { libc::poll(&mut p, 1, ms) == 1 }
 }
 
+/// The waiter's wake vector (1) rang, its control vector did not, and a holder that does not
+/// wait was not rung.
+fn only_the_waiter_is_rung(waiter: &RawPeer, bystander: &RawPeer) {
+    assert!(
+        readable(&waiter.own[1], 5000),
+        "the waiter is rung on vector 1"
+    );
+    assert!(!readable(&waiter.own[0], 0), "not on the control vector");
+    assert!(
+        !readable(&bystander.own[1], 300),
+        "a holder that does not wait is not rung"
+    );
+}
+
 fn status(r: &Response) -> Option<Status> {
     Status::from_code(r.status)
 }
@@ -134,15 +148,7 @@ fn wake_rings_the_waiting_holders_wake_vector_and_not_a_holder_that_does_not_wai
         );
         let w = signaller.request(&mailbox::wake_request(s, Generation(ev.generation)));
         assert_eq!(status(&w), Some(Status::Success));
-        assert!(
-            readable(&waiter.own[1], 5000),
-            "the waiter is rung on vector 1"
-        );
-        assert!(!readable(&waiter.own[0], 0), "not on the control vector");
-        assert!(
-            !readable(&bystander.own[1], 300),
-            "a holder that does not wait is not rung"
-        );
+        only_the_waiter_is_rung(&waiter, &bystander);
         assert!(!readable(&signaller.own[1], 0), "nor is the signaller");
         assert_eq!(sync::waiters(&region, &signaller.layout, s), Ok(0));
         assert_eq!(b.section("ev").expect("row")["wakes"].as_u64(), Some(1));
@@ -172,15 +178,7 @@ fn a_signal_rings_a_waiting_ivshmem_peer_itself_and_vshmd_serves_no_wake() {
         let s = ObjectSlot(ev.slot().0);
         sync::register_waiter(&waiter.map.region(), &waiter.layout, s, waiter.slot).expect("wait");
         ev.signal().expect("signal");
-        assert!(
-            readable(&waiter.own[1], 5000),
-            "the waiter is rung on vector 1"
-        );
-        assert!(!readable(&waiter.own[0], 0), "not on the control vector");
-        assert!(
-            !readable(&bystander.own[1], 300),
-            "a holder that does not wait is not rung"
-        );
+        only_the_waiter_is_rung(&waiter, &bystander);
         assert_eq!(
             sync::waiters(&waiter.map.region(), &waiter.layout, s),
             Ok(0)
