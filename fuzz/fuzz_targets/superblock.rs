@@ -112,13 +112,18 @@ fn check(sb: &Superblock, l: &Layout, mapped: u64) {
     assert_eq!(l.index_entry(l.index_slots), None);
 
     // Name area (FORMAT.md §5b): after the index, 64-aligned, a multiple of 8 bytes, ends
-    // before the heap; a reference to its last byte is inside, one past it is not.
+    // before the heap; a reader accepts references up to the heap (the area and the
+    // padding after it, `name_span`): one to the last byte before the heap is inside, one
+    // past it is not.
     assert!(end <= l.name_area);
     assert_eq!(l.name_area % 64, 0);
     assert_eq!(l.name_area_size % 8, 0);
     assert!(l.name_area + l.name_area_size <= l.heap_offset);
-    if let Ok(last) = u32::try_from(l.name_area_size.saturating_sub(8)) {
-        if l.name_area_size >= 8 {
+    let span = l.name_span();
+    assert_eq!(l.name_area + span, l.heap_offset);
+    assert!(span >= l.name_area_size);
+    if let Ok(last) = u32::try_from(span.saturating_sub(8)) {
+        if span >= 8 {
             assert_eq!(l.name_bytes(last, 8), Some(l.name_area + u64::from(last)));
             assert_eq!(l.name_bytes(last, 9), None);
         }
