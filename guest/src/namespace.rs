@@ -4,9 +4,8 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use core::time::Duration;
 
 use vshm_format::layout::{
-    const_u32, holder_bit, kind, object_state, peer_state, Layout, ObjectEntry, Request,
-    Superblock, LEASE_HOLDERS, OBJ_LEASE_OFF, OBJ_SIZE_OFF, PEER_STATE_OFF, VECTOR_CONTROL,
-    VECTOR_WAKE,
+    const_u32, holder_bit, kind, object_state, Layout, ObjectEntry, Request, Superblock,
+    LEASE_HOLDERS, OBJ_LEASE_OFF, OBJ_SIZE_OFF, VECTOR_CONTROL,
 };
 use vshm_format::lease::{self, LeaseError, Released};
 use vshm_format::mailbox::{self, Refusal};
@@ -719,25 +718,14 @@ impl<T: Transport> Namespace<T> {
             .object_entry(slot)
             .map_or(Ok(0), |b| mem.load_u64(b + OBJ_LEASE_OFF, Ordering::SeqCst))?
             & LEASE_HOLDERS;
-        let vector = if layout.vectors > 1 {
-            VECTOR_WAKE
-        } else {
-            VECTOR_CONTROL
-        };
+        let vector = layout.wake_vector();
         let mut unrung = 0;
         for peer in (0..layout.max_peers).map(PeerSlot) {
             let bit = holder_bit(peer);
             if bits & holders & bit == 0 {
                 continue;
             }
-            // Acquire first: the host writes the entry before it stores CONNECTED (§4).
-            let state = layout
-                .peer_entry(peer)
-                .map(|b| mem.load_u32(b + PEER_STATE_OFF, Ordering::Acquire));
-            if state == Some(Ok(peer_state::ABSENT)) {
-                continue;
-            }
-            match vshm_format::peer::read_peer_entry(mem, layout, peer) {
+            match vshm_format::peer::read_peer_checked(mem, layout, peer) {
                 Ok(Some(p)) if p.doorbell && self.transport.ring(p.peer_id, vector).is_ok() => {}
                 // ABSENT: the host would drop it too.
                 Ok(None) => {}

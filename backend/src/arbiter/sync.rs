@@ -9,9 +9,7 @@
 
 use std::sync::atomic::Ordering;
 
-use vshm_format::layout::{
-    holder_bit, kind, mutex_word, LEASE_HOLDERS, VECTOR_CONTROL, VECTOR_WAKE,
-};
+use vshm_format::layout::{holder_bit, kind, mutex_word, LEASE_HOLDERS};
 use vshm_format::sync;
 use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, Status};
 
@@ -39,16 +37,6 @@ impl<M: Backing> Arbiter<M> {
         self.rings.drain(..)
     }
 
-    /// The vector wake-ups go out on: [`VECTOR_WAKE`], or the control vector if the region
-    /// has only one.
-    pub fn wake_vector(&self) -> u16 {
-        if self.layout.vectors > 1 {
-            VECTOR_WAKE
-        } else {
-            VECTOR_CONTROL
-        }
-    }
-
     /// Queues a wake-up for the peer connected in `peer` (none if nobody is).
     fn ring(&mut self, peer: PeerSlot) {
         // A peer vshmd stands in for has no doorbell: it hears through its transport, which
@@ -65,7 +53,7 @@ impl<M: Backing> Arbiter<M> {
         else {
             return;
         };
-        let vector = self.wake_vector();
+        let vector = self.layout.wake_vector();
         self.rings.push((id, vector));
         self.counters.rings += 1;
     }

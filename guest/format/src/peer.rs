@@ -92,6 +92,26 @@ pub fn read_peer_entry<M: SharedMemory + ?Sized>(
     validate_peer(slot, &e)
 }
 
+/// Reads peer slot `slot`: `Ok(None)` if ABSENT, the peer if CONNECTED, else why the entry
+/// does not validate ([`validate_peer`]). For a reader that must tell an absent peer from a
+/// scribbled entry (a changer waking waiters drops the first, leaves the second to the host).
+pub fn read_peer_checked<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: PeerSlot,
+) -> Result<Option<PeerInfo>, PeerError> {
+    let base = layout.peer_entry(slot).ok_or(Fault::OutOfBounds {
+        offset: u64::from(slot.0),
+        len: 0,
+    })?;
+    // One acquire load first: a cheap filter, and it orders the copy below after the host's
+    // release of CONNECTED (written last on connect).
+    if mem.load_u32(base + PEER_STATE_OFF, Ordering::Acquire)? == peer_state::ABSENT {
+        return Ok(None);
+    }
+    read_peer_entry(mem, layout, slot)
+}
+
 /// Reads peer slot `slot`; `None` if absent or if the entry does not validate
 /// ([`validate_peer`]: state not a known value, or a peer id outside 1..=65535).
 pub fn read_peer<M: SharedMemory + ?Sized>(
@@ -99,17 +119,7 @@ pub fn read_peer<M: SharedMemory + ?Sized>(
     layout: &Layout,
     slot: PeerSlot,
 ) -> Option<PeerInfo> {
-    let base = layout.peer_entry(slot)?;
-    // One acquire load first: a cheap filter, and it orders the copy below after the host's
-    // release of CONNECTED (written last on connect).
-    if mem
-        .load_u32(base + PEER_STATE_OFF, Ordering::Acquire)
-        .ok()?
-        != peer_state::CONNECTED
-    {
-        return None;
-    }
-    read_peer_entry(mem, layout, slot).ok().flatten()
+    read_peer_checked(mem, layout, slot).ok().flatten()
 }
 
 /// Whether peer slot `slot` is still held by `peer_id` in incarnation `incarnation`: three

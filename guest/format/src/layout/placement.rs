@@ -393,6 +393,16 @@ impl Layout {
         })
     }
 
+    /// The vector wake-ups go out on (FORMAT.md §6a, §14): [`crate::layout::VECTOR_WAKE`],
+    /// or the control vector if the region has only one.
+    pub fn wake_vector(&self) -> u16 {
+        if self.vectors > 1 {
+            crate::layout::VECTOR_WAKE
+        } else {
+            crate::layout::VECTOR_CONTROL
+        }
+    }
+
     /// The bytes a reader accepts a name reference in: the name area and the alignment
     /// padding after it, up to the heap. Wider than `name_area_size` on purpose: a peer may
     /// scribble `name_area_size` smaller without moving the heap (the padding absorbs it),
