@@ -233,6 +233,30 @@ pub fn fuzz() -> Result<()> {
     Ok(())
 }
 
+/// What `df` says is free where the build writes: a linker that dies of SIGBUS, or a
+/// step that fails for no reason of its own, is often a disk that filled (one CI run
+/// lost its test step that way), so every step's line says how much room is left.
+fn disk_free() -> String {
+    let dir = target_dir();
+    let probe = if dir.exists() {
+        dir
+    } else {
+        crate::util::workspace_root()
+    };
+    let output = Command::new("df").args(["-Ph"]).arg(&probe).output();
+    let avail = output.ok().and_then(|o| {
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        // POSIX `df -P`: a header line, then "fs size used avail capacity mount".
+        text.lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+    });
+    match avail {
+        Some(a) => format!("{a} free on the build's disk"),
+        None => "free disk space unknown (df failed)".to_owned(),
+    }
+}
+
 pub fn run() -> Result<()> {
     let started = Instant::now();
     ensure_tools()?;
@@ -243,12 +267,18 @@ pub fn run() -> Result<()> {
         let what = describe(&step.command);
         println!("\n==> [{n}/{total}] {}: {what}", step.name);
         let t = Instant::now();
-        run_checked(&mut step.command)
-            .map_err(|e| format!("step {n}/{total} `{}` failed: {e}", step.name))?;
+        run_checked(&mut step.command).map_err(|e| {
+            format!(
+                "step {n}/{total} `{}` failed: {e} ({})",
+                step.name,
+                disk_free()
+            )
+        })?;
         println!(
-            "==> [{n}/{total}] {} ok ({:.1}s)",
+            "==> [{n}/{total}] {} ok ({:.1}s, {})",
             step.name,
-            t.elapsed().as_secs_f64()
+            t.elapsed().as_secs_f64(),
+            disk_free()
         );
     }
     println!(
