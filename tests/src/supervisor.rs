@@ -40,6 +40,8 @@ struct Held {
 pub struct Supervised {
     child: Child,
     held: Arc<Mutex<Held>>,
+    /// The notify socket (`$NOTIFY_SOCKET`), non-blocking.
+    listener: Arc<UnixDatagram>,
     notify: PathBuf,
     args: Vec<std::ffi::OsString>,
     /// Its ivshmem socket.
@@ -52,12 +54,15 @@ pub struct Supervised {
 /// fcntl(2) F_DUPFD_QUERY (Linux 6.10): whether two fds share one open file description.
 const F_DUPFD_QUERY: libc::c_int = 1027;
 
-fn receive(socket: UnixDatagram, held: Arc<Mutex<Held>>) {
+/// Reads every datagram waiting on the notify socket (non-blocking) into `h`. Only ever
+/// called with the lock held, so no message is ever between the socket and the store: a
+/// restart that drains first sees everything the dead service sent, as systemd does — it
+/// reads the notify socket at a higher priority than SIGCHLD (manager.c), so an FDSTORE
+/// sent just before a crash is stored before the restart. (A thread that had received a
+/// datagram but not yet stored it let a restart miss a connection vshmd had stored before
+/// its handshake: the client, attached, was cut off by the new vshmd.)
+fn drain(socket: &UnixDatagram, h: &mut Held) {
     loop {
-        if held.lock().is_ok_and(|h| h.paused) {
-            std::thread::sleep(Duration::from_millis(5));
-            continue;
-        }
         let mut buf = [0u8; 4096];
         let mut fds = [-1; 16];
         let mut iov = [libc::iovec {
@@ -67,13 +72,22 @@ fn receive(socket: UnixDatagram, held: Arc<Mutex<Held>>) {
         // SAFETY: the iovec points at `buf`, live and of its stated length; `fds` has room
         // for 16 fds and recv_with_fds writes only there.
         let Ok((n, got)) = (unsafe { socket.recv_with_fds(&mut iov, &mut fds) }) else {
+            // EAGAIN: nothing more waits.
             return;
         };
         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
         let received: Vec<OwnedFd> = fds[..got]
             .iter()
-            // SAFETY: the kernel just installed these fds for this process.
-            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .map(|&fd| {
+                // Close-on-exec, as systemd receives them (MSG_CMSG_CLOEXEC; recv_with_fds
+                // passes no flags): otherwise every vshmd or QEMU another test of this
+                // process starts would hold copies of this one's connections.
+                // SAFETY: fcntl with integer arguments on an fd the kernel just installed.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+                // SAFETY: the kernel just installed this fd for this process; nothing else
+                // owns it.
+                unsafe { OwnedFd::from_raw_fd(fd) }
+            })
             .collect();
         let lines: Vec<&str> = text.lines().collect();
         let name = lines
@@ -81,7 +95,6 @@ fn receive(socket: UnixDatagram, held: Arc<Mutex<Held>>) {
             .find_map(|l| l.strip_prefix("FDNAME="))
             .unwrap_or("stored")
             .to_owned();
-        let Ok(mut h) = held.lock() else { return };
         if lines.contains(&"FDSTORE=1") {
             for fd in received {
                 // As systemd does (service_add_fd_store: same_fd, F_DUPFD_QUERY): an fd
@@ -106,6 +119,24 @@ fn receive(socket: UnixDatagram, held: Arc<Mutex<Held>>) {
     }
 }
 
+/// The service manager's reader: drains the socket whenever it is readable, unless paused.
+/// Ends once the [`Supervised`] that started it is gone (it holds the other reference).
+fn receive(socket: Arc<UnixDatagram>, held: Arc<Mutex<Held>>) {
+    while Arc::strong_count(&held) > 1 {
+        let mut p = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd for an fd the Arc keeps open; 5 ms timeout.
+        unsafe { libc::poll(&mut p, 1, 5) };
+        let Ok(mut h) = held.lock() else { return };
+        if !h.paused {
+            drain(&socket, &mut h);
+        }
+    }
+}
+
 impl Supervised {
     /// Starts `vshmd --fd-store --socket <dir>/vshm.sock extra…` and waits for READY=1.
     pub fn start(extra: &[&str]) -> Supervised {
@@ -127,9 +158,13 @@ impl Supervised {
         let socket = dir.path().join("vshm.sock");
         let notify = dir.path().join("notify");
         let listener = UnixDatagram::bind(&notify).expect("bind the notify socket");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking notify socket");
+        let listener = Arc::new(listener);
         let held = Arc::new(Mutex::new(Held::default()));
-        let h = Arc::clone(&held);
-        std::thread::spawn(move || receive(listener, h));
+        let (l, h) = (Arc::clone(&listener), Arc::clone(&held));
+        std::thread::spawn(move || receive(l, h));
         let mut args: Vec<std::ffi::OsString> = match &config {
             None => vec![
                 "--fd-store".into(),
@@ -144,6 +179,7 @@ impl Supervised {
         let mut s = Supervised {
             child,
             held,
+            listener,
             notify,
             args,
             socket,
@@ -246,10 +282,11 @@ impl Supervised {
     /// As [`Supervised::restart`], but says why vshmd did not come up instead of panicking
     /// (its exit status and the notifications seen).
     pub fn try_restart(&mut self) -> Result<(), String> {
-        // systemd keeps its store across the restart (so do we: our copies) and drops what
-        // hung up.
+        // systemd reads what the dead service sent before it handles the death, keeps its
+        // store across the restart (so do we: our copies) and drops what hung up.
         let passed: Vec<(String, OwnedFd)> = {
             let mut h = self.held.lock().expect("held");
+            drain(&self.listener, &mut h);
             let store = std::mem::take(&mut h.store);
             let mut keep = Vec::new();
             for (name, fd) in store {
