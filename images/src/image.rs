@@ -355,10 +355,41 @@ if [ -n "$net" ]; then
     fi
     echo "vshm-guest: network: $(cat /run/vshm-net)"
 fi
+# The diagnostic port (third serial port) answers beside the agent, which runs one command
+# at a time and cannot say where a stuck one waits.
+( while true; do
+    stty -F /dev/ttyS2 raw -echo 2>/dev/null
+    sh /diag.sh < /dev/ttyS2 > /dev/ttyS2 2>&1
+    sleep 1
+done ) &
 while true; do
     stty -F /dev/ttyS1 raw -echo 2>/dev/null
     sh /agent.sh < /dev/ttyS1 > /dev/ttyS1 2>&1
     sleep 1
+done
+"#;
+
+/// The diagnostic port's script: for any input line, where every user process (and every
+/// kernel thread in uninterruptible sleep) is — state, wait channel, each thread's syscall,
+/// kernel stack — and the kernel log's tail, then `@@DIAG-END`. The host asks when a
+/// command times out (`Vm::run`), to tell a stuck command from a stuck guest.
+pub const DIAG: &str = r#"while IFS= read -r line; do
+    echo "--- guest uptime $(cut -d' ' -f1 /proc/uptime) s, load $(cat /proc/loadavg)"
+    for d in /proc/[0-9]*; do
+        p=${d#/proc/}
+        cmd=$(tr '\0' ' ' < $d/cmdline 2>/dev/null)
+        st=$(sed 's/.*) //' $d/stat 2>/dev/null | cut -d' ' -f1)
+        [ -z "$cmd" ] && [ "$st" != D ] && continue
+        echo "pid $p [$st] in $(cat $d/wchan 2>/dev/null): $cmd"
+        for t in $d/task/*; do
+            [ "${t##*/}" = "$p" ] && continue
+            echo "  thread ${t##*/} [$(sed 's/.*) //' $t/stat | cut -d' ' -f1)] in $(cat $t/wchan 2>/dev/null), syscall $(cut -d' ' -f1 $t/syscall 2>/dev/null)"
+        done
+        sed 's/^/    /' $d/stack 2>/dev/null
+    done
+    echo "--- dmesg"
+    dmesg | tail -20
+    echo "@@DIAG-END"
 done
 "#;
 
@@ -501,6 +532,7 @@ pub fn build(
     }
     w(a.file("init", 0o755, INIT.as_bytes()))?;
     w(a.file("agent.sh", 0o755, AGENT.as_bytes()))?;
+    w(a.file("diag.sh", 0o755, DIAG.as_bytes()))?;
     let bytes = a.finish().map_err(io(out))?;
     let initrd = out.join("initramfs.cpio");
     let tmp = out.join("initramfs.cpio.tmp");

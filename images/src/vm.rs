@@ -179,6 +179,11 @@ impl VmConfig {
         }
     }
 
+    /// The diagnostic port's socket (the guest's third serial port).
+    fn diag_socket(&self) -> PathBuf {
+        self.work_dir.join(format!("{}.diag.sock", self.name))
+    }
+
     /// The QEMU command line.
     pub fn qemu_args(&self) -> Vec<String> {
         let console = self.work_dir.join(format!("{}.console.log", self.name));
@@ -214,6 +219,9 @@ impl VmConfig {
             format!("file:{}", console.display()),
             "-serial".into(),
             format!("unix:{},server=on,wait=off", agent.display()),
+            // ttyS2: the diagnostic port (image.rs DIAG), asked when a command times out.
+            "-serial".into(),
+            format!("unix:{},server=on,wait=off", self.diag_socket().display()),
             "-chardev".into(),
             format!("socket,path={},id=vshm0", self.vshm_socket.display()),
             "-device".into(),
@@ -507,10 +515,44 @@ impl Vm {
                     name: self.name.clone(),
                     secs: timeout.as_secs(),
                     what: format!("`{command}`"),
-                    console: tail(&self.console),
+                    console: format!(
+                        "{}\n--- where the guest's processes are (diagnostic port):\n{}",
+                        tail(&self.console),
+                        self.diagnose()
+                    ),
                 });
             }
         }
+    }
+
+    /// Asks the guest's diagnostic port (image.rs `DIAG`) where every process is. It answers
+    /// while the agent is busy with a command that does not return; silence means the guest
+    /// as a whole is stuck (or its kernel is). Waits at most 10 s.
+    pub fn diagnose(&self) -> String {
+        let path = self
+            .console
+            .to_string_lossy()
+            .replace(".console.log", ".diag.sock");
+        let Ok(mut stream) = UnixStream::connect(&path) else {
+            return format!("(cannot connect to {path})");
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+        if stream.write_all(b"dump\n").is_err() {
+            return "(the diagnostic port took no input)".into();
+        }
+        let mut reader = BufReader::new(stream);
+        let mut text = String::new();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) => break,
+                Ok(_) if line.contains("@@DIAG-END") => return text,
+                // A timeout may leave part of a line read: keep it.
+                Ok(_) | Err(_) => text.push_str(&line),
+            }
+        }
+        format!("{text}(no complete answer within 10 s: the guest itself may be stuck)")
     }
 
     /// Starts `vshm ARGS --until-signal` in the background (e.g. `hold NAME` or

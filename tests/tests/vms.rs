@@ -298,3 +298,33 @@ fn a_guest_attached_before_vshmd_is_killed_reads_its_data_and_creates_through_th
             .is_err()));
     });
 }
+
+/// A command that never returns holds the guest's agent (it runs one command at a time), so
+/// a timeout alone cannot tell a stuck command from a stuck guest — the "60 s agent
+/// timeout" flakes left nothing to read. The timeout's report now carries what the guest's
+/// diagnostic port says: every process, its state and wait channel.
+#[test]
+fn a_command_that_never_returns_times_out_with_where_the_guests_processes_wait() {
+    watchdog(Duration::from_secs(300), || {
+        let _one = vshm_tests::serial();
+        let b = Backend::start(&["--size", "4M"]);
+        let mut vms = vshm_tests::boot_guests(&b, &["stuck"]);
+        let g = vms.first_mut().expect("a guest");
+        let e = g
+            .run("sleep 1000", Duration::from_secs(2))
+            .expect_err("`sleep 1000` cannot finish in 2 s");
+        let report = e.to_string();
+        assert!(
+            matches!(e, vshm_images::VmError::Timeout { .. }),
+            "not a timeout: {report}"
+        );
+        assert!(
+            report.contains("] in ") && report.contains("sleep 1000"),
+            "the timeout does not say where the stuck command waits:\n{report}"
+        );
+        assert!(
+            report.contains("--- dmesg"),
+            "the diagnostic port's answer is cut short:\n{report}"
+        );
+    });
+}
