@@ -35,11 +35,14 @@ const RACE_RETRIES: u32 = 64;
 const ENTRY_BUSY_RETRIES: u32 = 1 << 16;
 
 /// Test only: the pause an open takes inside its cell lock when `VSHM_TEST_PAUSE_IN_CELL_LOCK`
-/// is set (see `os::pause_forever`), so a test can kill a process there.
+/// is set (see `os::pause_forever`), so a test can kill a process there. The environment is
+/// read once per process: reading it takes libc's environment lock and scans every
+/// variable, which was 6 % of an open.
 #[cfg(feature = "std")]
 fn pause_in_cell_lock() -> Option<&'static dyn Fn()> {
-    std::env::var_os("VSHM_TEST_PAUSE_IN_CELL_LOCK")
-        .map(|_| &crate::os::pause_forever as &dyn Fn())
+    static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    SET.get_or_init(|| std::env::var_os("VSHM_TEST_PAUSE_IN_CELL_LOCK").is_some())
+        .then_some(&crate::os::pause_forever as &dyn Fn())
 }
 
 #[cfg(not(feature = "std"))]
@@ -506,7 +509,8 @@ impl<T: Transport> Namespace<T> {
         if info.kind != kind {
             return Err(Status::InvalidHandle.into());
         }
-        match self.hold(info.slot, info.generation, false) {
+        // Attached a moment ago (above): the hold need not look again.
+        match self.hold_attached(info.slot, info.generation, false) {
             Ok(held) => Ok(held),
             // Destroyed between lookup and hold: the caller decides whether to look again.
             Err(Error::Status(Status::ObjectNameNotFound)) => Err(Error::Contended),
@@ -514,7 +518,8 @@ impl<T: Transport> Namespace<T> {
         }
     }
 
-    /// Takes a hold on (slot, generation) and returns the validated entry.
+    /// Takes a hold on (slot, generation) and returns the validated entry (without its
+    /// name: `object::read_held_object`).
     pub(crate) fn hold(
         &self,
         slot: ObjectSlot,
@@ -522,6 +527,16 @@ impl<T: Transport> Namespace<T> {
         allow_unlinked: bool,
     ) -> Result<ObjectInfo, Error> {
         self.attached()?;
+        self.hold_attached(slot, generation, allow_unlinked)
+    }
+
+    /// [`Namespace::hold`] for a caller that has just seen this peer attached.
+    fn hold_attached(
+        &self,
+        slot: ObjectSlot,
+        generation: Generation,
+        allow_unlinked: bool,
+    ) -> Result<ObjectInfo, Error> {
         let (mem, layout) = (&self.mem(), &self.layout);
         // The cell lock is tagged with this process, so another process of a guest can take
         // it over if this one dies holding it (FORMAT.md §7).
@@ -551,12 +566,13 @@ impl<T: Transport> Namespace<T> {
             }
             Err(e) => return Err(Error::Status(e.status())),
         }
-        // Our holder bit is set: the entry cannot change identity now. Validate it — after
+        // Our holder bit is set: the entry cannot change identity now. Validate it (all but
+        // the name: the generation proves it is the object asked for) — after
         // the host has finished republishing it if it is doing so this instant (a grow, a
         // delete, a heal keep the seqlock odd for a moment: not a reason to fail the open).
         let mut busy = 0u32;
         let info = loop {
-            match object::read_object(&self.mem(), &self.layout, slot) {
+            match object::read_held_object(&self.mem(), &self.layout, slot) {
                 Ok(Some(info)) if info.generation == generation => break info,
                 Err(EntryError::Busy) if busy < ENTRY_BUSY_RETRIES => {
                     busy += 1;

@@ -89,9 +89,13 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     if let Some(at) = name.find('\0') {
         return Err(NameError::Nul { at });
     }
-    let chars = name.chars().count();
-    if chars > MAX_NAME_CHARS {
-        return Err(NameError::TooManyChars { chars });
+    // A name of at most MAX_NAME_CHARS bytes has at most as many characters: count them
+    // only for longer (multi-byte) names.
+    if name.len() > MAX_NAME_CHARS {
+        let chars = name.chars().count();
+        if chars > MAX_NAME_CHARS {
+            return Err(NameError::TooManyChars { chars });
+        }
     }
     Ok(())
 }

@@ -92,9 +92,10 @@ impl ObjectInfo {
         info
     }
 
-    /// The name, `None` for an unnamed object.
+    /// The name, `None` for an unnamed object or one read without its name
+    /// ([`read_held_object`]).
     pub fn name(&self) -> Option<&str> {
-        if self.flags & object_flags::NAMED == 0 {
+        if self.flags & object_flags::NAMED == 0 || self.name_len == 0 {
             return None;
         }
         // Validated when the snapshot was taken.
@@ -165,7 +166,7 @@ pub fn snapshot<M: SharedMemory + ?Sized>(
         entry: zeroed::<ObjectEntry>(),
         name: [0; MAX_NAME_BYTES],
     };
-    for _ in 0..SNAPSHOT_TRIES {
+    for tries in 0..SNAPSHOT_TRIES {
         let s1 = mem.load_u64(base + OBJ_SEQ_OFF, Ordering::Acquire)?;
         if s1 & 1 == 1 {
             core::hint::spin_loop();
@@ -175,8 +176,11 @@ pub fn snapshot<M: SharedMemory + ?Sized>(
             let bytes = bytes_of_mut(&mut snap.entry);
             mem.read_bytes(base, &mut bytes[..OBJ_HEAD_LEN])?;
         }
-        snap.name = [0; MAX_NAME_BYTES];
         if with_name {
+            // A try the seqlock threw away may have left a longer name behind.
+            if tries > 0 {
+                snap.name = [0; MAX_NAME_BYTES];
+            }
             let (off, len) = (snap.entry.name_off, snap.entry.name_len);
             if let (Ok(Some(at)), Some(dst)) = (
                 check_name_ref(layout, off, len),
@@ -202,6 +206,17 @@ pub fn validate(
     layout: &Layout,
     slot: ObjectSlot,
     snap: &Snapshot,
+) -> Result<Option<ObjectInfo>, EntryError> {
+    validate_entry(layout, slot, snap, true)
+}
+
+/// [`validate`], with the name's bytes checked (`with_name`, a snapshot taken with its
+/// name) or not looked at (the head alone: the returned info has no name).
+fn validate_entry(
+    layout: &Layout,
+    slot: ObjectSlot,
+    snap: &Snapshot,
+    with_name: bool,
 ) -> Result<Option<ObjectInfo>, EntryError> {
     let e = &snap.entry;
     match e.state {
@@ -251,6 +266,12 @@ pub fn validate(
             bytes: usize::from(e.name_len),
         }));
     };
+    if !with_name {
+        return Ok(Some(ObjectInfo {
+            name_len: 0,
+            ..info_of(slot, snap)
+        }));
+    }
     if named {
         validate_name_bytes(bytes).map_err(bad_name)?;
         let computed = name_hash(bytes);
@@ -262,7 +283,13 @@ pub fn validate(
             });
         }
     }
-    Ok(Some(ObjectInfo {
+    Ok(Some(info_of(slot, snap)))
+}
+
+/// The info a validated snapshot describes.
+fn info_of(slot: ObjectSlot, snap: &Snapshot) -> ObjectInfo {
+    let e = &snap.entry;
+    ObjectInfo {
         slot,
         generation: Generation(e.generation),
         state: e.state,
@@ -273,9 +300,9 @@ pub fn validate(
         flags: e.flags,
         creator: u32::from(e.creator),
         name_off: e.name_off,
-        name_len,
+        name_len: u32::from(e.name_len),
         name: snap.name,
-    }))
+    }
 }
 
 /// Snapshot + validate in one step.
@@ -286,6 +313,19 @@ pub fn read_object<M: SharedMemory + ?Sized>(
 ) -> Result<Option<ObjectInfo>, EntryError> {
     let e = snapshot(mem, layout, slot, true)?;
     validate(layout, slot, &e)
+}
+
+/// The entry of an object the caller holds, validated like [`read_object`] but for its
+/// name, which is not read (the info's [`ObjectInfo::name`] is `None`): the caller's
+/// holder bit pins the entry's identity and the generation it compares proves it is the
+/// object it looked up, so the name area need not be read again on every open.
+pub fn read_held_object<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: ObjectSlot,
+) -> Result<Option<ObjectInfo>, EntryError> {
+    let e = snapshot(mem, layout, slot, false)?;
+    validate_entry(layout, slot, &e, false)
 }
 
 /// Finds the LIVE, not yet closed object called `name` (any kind), through the name index
@@ -302,13 +342,24 @@ pub fn find_by_name<M: SharedMemory + ?Sized>(
 ) -> Result<Option<ObjectInfo>, EntryError> {
     let hash = name_hash(name.as_bytes());
     match index::probe(mem, layout, hash, |slot| {
-        candidate(mem, layout, slot, name, hash)
+        candidate(mem, layout, slot, name, hash, Prefilter::IndexedHash)
     })? {
         index::Probe::Found(info) => Ok(Some(info)),
         index::Probe::NotFound => Ok(None),
         index::Probe::Busy => Err(EntryError::Busy),
         index::Probe::Inconclusive => scan_by_name(mem, layout, name),
     }
+}
+
+/// How [`candidate`] rules out a slot before it reads the name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prefilter {
+    /// The slot came from an index entry carrying the name's hash: most such slots are
+    /// the one, so the name is read at once.
+    IndexedHash,
+    /// A scan meets every slot: the entry's head (hash, length) is compared first, so a
+    /// name is read only for a slot that may be it.
+    EntryHead,
 }
 
 /// Whether object slot `slot` holds the LIVE, not yet closed object called `name` (whose
@@ -319,6 +370,7 @@ fn candidate<M: SharedMemory + ?Sized>(
     slot: ObjectSlot,
     name: &str,
     hash: u32,
+    prefilter: Prefilter,
 ) -> Result<index::Candidate<ObjectInfo>, EntryError> {
     use index::Candidate::{Busy, Match, Other};
     let Some(base) = layout.object_entry(slot) else {
@@ -328,17 +380,19 @@ fn candidate<M: SharedMemory + ?Sized>(
     if mem.load_u32(base + OBJ_STATE_OFF, Ordering::Relaxed)? != object_state::LIVE {
         return Ok(Other);
     }
-    let head = match snapshot(mem, layout, slot, false) {
-        Ok(h) => h,
-        Err(EntryError::Busy) => return Ok(Busy),
-        Err(EntryError::Fault(f)) => return Err(EntryError::Fault(f)),
-        Err(_) => return Ok(Other),
-    };
-    if head.state != object_state::LIVE
-        || head.name_hash != hash
-        || usize::from(head.name_len) != name.len()
-    {
-        return Ok(Other);
+    if prefilter == Prefilter::EntryHead {
+        let head = match snapshot(mem, layout, slot, false) {
+            Ok(h) => h,
+            Err(EntryError::Busy) => return Ok(Busy),
+            Err(EntryError::Fault(f)) => return Err(EntryError::Fault(f)),
+            Err(_) => return Ok(Other),
+        };
+        if head.state != object_state::LIVE
+            || head.name_hash != hash
+            || usize::from(head.name_len) != name.len()
+        {
+            return Ok(Other);
+        }
     }
     // Closed by its last holder but not yet reaped by the host: already dead.
     if mem.load_u64(base + OBJ_LEASE_OFF, Ordering::SeqCst)? & LEASE_CLOSED != 0 {
@@ -367,7 +421,7 @@ pub fn scan_by_name<M: SharedMemory + ?Sized>(
     let hash = name_hash(name.as_bytes());
     let mut busy = false;
     for slot in (0..layout.max_objects).map(ObjectSlot) {
-        match candidate(mem, layout, slot, name, hash)? {
+        match candidate(mem, layout, slot, name, hash, Prefilter::EntryHead)? {
             index::Candidate::Match(info) => return Ok(Some(info)),
             index::Candidate::Busy => busy = true,
             index::Candidate::Other => {}
@@ -595,6 +649,58 @@ mod tests {
         );
         assert_eq!(find_by_name(&mem, &layout, "Name").expect("scan"), None);
         assert_eq!(namespace_seq(&mem), Ok(1));
+    }
+
+    /// An open reads the name once, when it looks the object up; the re-read after its
+    /// hold compares the generation instead. That re-read still validates the head, and
+    /// says it has no name rather than an empty or stale one.
+    #[test]
+    fn a_holders_read_validates_the_head_but_not_the_name_and_reports_no_name() {
+        let mut buf = vec![0u64; (1 << 20) / 8];
+        let (mem, layout) = region(&mut buf);
+        let mut e = good(&layout);
+        e.name_off = 128;
+        publish_named(&mem, &layout, ObjectSlot(1), &e, b"name").expect("publish");
+        let full = read_object(&mem, &layout, ObjectSlot(1))
+            .expect("valid")
+            .expect("live");
+        let held = read_held_object(&mem, &layout, ObjectSlot(1))
+            .expect("valid")
+            .expect("live");
+        assert_eq!(held.name(), None, "a holder's read has no name");
+        assert_eq!(
+            (
+                held.generation,
+                held.kind,
+                held.offset,
+                held.size,
+                held.flags
+            ),
+            (
+                full.generation,
+                full.kind,
+                full.offset,
+                full.size,
+                full.flags
+            )
+        );
+        // A scribbled name byte: the lookup refuses the entry (its hash no longer
+        // matches), the holder's read, which does not use the name, does not.
+        let at = layout.name_area + 128;
+        let word = mem.load_u64(at, Ordering::Relaxed).expect("in bounds");
+        mem.store_u64(at, word ^ 0xFF, Ordering::Relaxed)
+            .expect("in bounds");
+        assert!(read_object(&mem, &layout, ObjectSlot(1)).is_err());
+        assert_eq!(find_by_name(&mem, &layout, "name").expect("look"), None);
+        assert!(read_held_object(&mem, &layout, ObjectSlot(1)).is_ok());
+        // A scribbled head is refused by both.
+        let base = layout.object_entry(ObjectSlot(1)).expect("slot");
+        mem.store_u32(base + OBJ_STATE_OFF, 9, Ordering::Relaxed)
+            .expect("in bounds");
+        assert_eq!(
+            read_held_object(&mem, &layout, ObjectSlot(1)),
+            Err(EntryError::BadState { state: 9 })
+        );
     }
 
     #[test]
