@@ -6,6 +6,7 @@
 pub mod cpio;
 pub mod freestanding;
 pub mod image;
+pub mod lines;
 pub mod vm;
 
 pub use image::{build, out_dir, Image, ImageError};

@@ -1,13 +1,14 @@
 //! Starts a test guest under QEMU attached to vshmd, and drives it through its command agent
 //! on the second serial port.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::lines::{Line, Lines};
 use crate::Image;
 
 /// Why a VM operation failed.
@@ -340,7 +341,7 @@ impl Starting {
         let mut vm = Vm {
             name,
             child,
-            agent: BufReader::new(stream),
+            agent: Lines::new(stream),
             console: self.console.clone(),
             next_id: 1,
         };
@@ -378,7 +379,7 @@ impl Drop for Starting {
 pub struct Vm {
     name: String,
     child: Child,
-    agent: BufReader<UnixStream>,
+    agent: Lines<UnixStream>,
     console: PathBuf,
     next_id: u64,
 }
@@ -448,31 +449,16 @@ impl Vm {
         })
     }
 
-    /// One line from the agent, or `None` if none arrived within the socket timeout.
+    /// One whole line from the agent, or `None` if none arrived within the socket timeout.
     fn read_line(&mut self) -> Result<Option<String>, VmError> {
-        let mut line = String::new();
-        match self.agent.read_line(&mut line) {
-            Ok(0) => Err(VmError::Exited {
+        match self.agent.next_line() {
+            Ok(Line::Whole(line)) => Ok(Some(line)),
+            Ok(Line::Nothing) => Ok(None),
+            Ok(Line::Closed) => Err(VmError::Exited {
                 name: self.name.clone(),
                 status: "agent closed".into(),
                 console: tail(&self.console),
             }),
-            Ok(_) => Ok(Some(line.trim_end_matches(['\n', '\r']).to_owned())),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                // Keep what was read so far for the next call.
-                if !line.is_empty() {
-                    let mut rest = String::new();
-                    let _ = self.agent.read_line(&mut rest);
-                    line.push_str(&rest);
-                    return Ok(Some(line.trim_end_matches(['\n', '\r']).to_owned()));
-                }
-                Ok(None)
-            }
             Err(source) => Err(VmError::Agent {
                 name: self.name.clone(),
                 source,
@@ -516,8 +502,13 @@ impl Vm {
                     secs: timeout.as_secs(),
                     what: format!("`{command}`"),
                     console: format!(
-                        "{}\n--- where the guest's processes are (diagnostic port):\n{}",
+                        "{}\n--- what the agent said since the command ({} lines, then {:?} \
+                         without a newline):\n{}\n--- where the guest's processes are \
+                         (diagnostic port):\n{}",
                         tail(&self.console),
+                        text.len(),
+                        self.agent.partial(),
+                        text.join("\n"),
                         self.diagnose()
                     ),
                 });
@@ -540,16 +531,18 @@ impl Vm {
         if stream.write_all(b"dump\n").is_err() {
             return "(the diagnostic port took no input)".into();
         }
-        let mut reader = BufReader::new(stream);
+        let mut reader = Lines::new(stream);
         let mut text = String::new();
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
-            let mut line = String::new();
-            match reader.read_line(&mut line) {
-                Ok(0) => break,
-                Ok(_) if line.contains("@@DIAG-END") => return text,
-                // A timeout may leave part of a line read: keep it.
-                Ok(_) | Err(_) => text.push_str(&line),
+            match reader.next_line() {
+                Ok(Line::Whole(line)) if line.contains("@@DIAG-END") => return text,
+                Ok(Line::Whole(line)) => {
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+                Ok(Line::Nothing) => {}
+                Ok(Line::Closed) | Err(_) => break,
             }
         }
         format!("{text}(no complete answer within 10 s: the guest itself may be stuck)")
