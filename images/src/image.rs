@@ -92,30 +92,28 @@ fn run(what: &str, cmd: &mut Command) -> Result<String, ImageError> {
 
 /// The concrete kernel package `linux-image-cloud-amd64` currently depends on.
 fn kernel_package() -> Result<String, ImageError> {
-    let query = || {
-        run(
-            "apt-cache depends linux-image-cloud-amd64",
-            Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]),
-        )
-    };
-    let text = match query() {
-        Ok(t) if t.contains("Depends:") => t,
-        // A fresh machine may have no package lists yet.
-        _ => {
-            run(
-                "apt-get update",
-                Command::new("apt-get").args(["update", "-q"]),
-            )?;
-            query()?
-        }
-    };
+    // Fresh package lists first (this runs once, when no kernel is cached): a kernel picked
+    // from stale lists may be one whose headers the archive no longer has (seen: a machine's
+    // lists named 6.1.0-48, whose headers debian-security answered 404, so the image had
+    // no driver). Without root the update fails and the lists there are used.
+    let updated = run(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-q"]),
+    );
+    let text = run(
+        "apt-cache depends linux-image-cloud-amd64",
+        Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]),
+    )?;
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .find(|p| p.starts_with("linux-image-"))
         .map(str::to_owned)
         .ok_or_else(|| ImageError::Tool {
             what: "finding the cloud kernel package".into(),
-            detail: text.clone(),
+            detail: match updated {
+                Ok(_) => text.clone(),
+                Err(e) => format!("{text}\n(the package lists could not be updated: {e})"),
+            },
         })
 }
 

@@ -59,6 +59,12 @@ fn splice(readme: &str, table: &str) -> Result<String> {
 pub fn run(smoke: bool) -> Result<()> {
     let started = Instant::now();
     let root = workspace_root();
+    // P6 needs QEMU (and the image its tools): on a fresh machine the full run installs
+    // them as `cargo xtask images` would (before, it said "P6 not run: starting
+    // qemu-system-x86_64: No such file"). The smoke run is a CI step after the tools step.
+    if !smoke {
+        crate::tools::ensure_tools()?;
+    }
     // The smoke run uses the debug build CI's build step made already; the full run wants
     // release figures.
     let profile = if smoke { "debug" } else { "release" };
