@@ -240,12 +240,18 @@ const FINDINGS: &[(&str, &str)] = &[
         "P1",
         "not the lookup: since the name index (format 3, FORMAT.md §5a) open+close is flat from 1 to \
          10 000 objects (it grew ~47 ns per object before: 471 µs at 10 000). What an open+close \
-         still does, ~0.6 µs on a quiet run of this machine: an index probe and a seqlocked copy of \
-         the 128-byte entry and its name, two CASes on the lease word and the refcount cell each \
-         way, the quarantine audit's record of the hold (a map under a mutex, guest/src/audit.rs: \
-         the largest of our symbols in a `perf record` of `vshm-bench p1`), and the revocation \
-         check. The anchor moves more with the machine than ours: 1.7 µs on a quiet run, 10 µs \
-         while builds shared the cores",
+         still does: an index probe and one seqlocked copy of the 128-byte entry and its name, \
+         validated; two CASes on the lease word and the refcount cell each way; a second copy of \
+         the entry's head after the hold (validated, its generation compared); the quarantine \
+         audit's record of the hold (a map under a mutex, guest/src/audit.rs) and the revocation \
+         check. Removed on 2026-12-02 (callgrind, `vshm-bench p1 1`: 7 880 → 5 480 instructions \
+         per open; wall clock 1.96 → 1.41–1.50 µs median in an A/B on one machine): the second \
+         read and validation of the name after the hold, a redundant head snapshot for a slot the \
+         index's hash already picked, an environment lookup per open (a test hook), a character \
+         count for short names, a second look at the peer entry. What remains is mostly copies \
+         of the 1 KiB name buffer that `ObjectInfo` carries by value (~15 % of the instructions) \
+         and the atomics. The anchor moves more with the machine than ours: 1.7 µs on a quiet \
+         run of one machine, 3.8–5.4 µs on another, 10 µs while builds shared the cores",
     ),
     (
         "P2",
@@ -297,8 +303,9 @@ const FINDINGS: &[(&str, &str)] = &[
          through the ivshmem doorbell, an MMIO write in the other guest, instead of a guest → host \
          request and an interrupt); what remains is P5's two-cores problem four times over (two \
          guests of 2 vCPUs each, TCG threads, on 2 host cores). *The CLI path* (9× the in-process \
-         copies, from 11.8×; end to end 0.18 s, from 1.25 s, against 1.1 s for TCP): the guest \
-         `vshm` is now built non-PIE, so a start costs ~19 ms instead of 155–340 ms (TCG reuses \
+         copies, from 11.8×; end to end 0.18 s, from 1.25 s, against 1.1 s for TCP, on \
+         2026-12-02; 0.23–0.62 s on 2026-12-03, when the guests copied at half the speed): the \
+         guest `vshm` is now built non-PIE, so a start costs ~19 ms instead of 155–340 ms (TCG reuses \
          its translations when the binary sits at the same address); the rest is two agent \
          commands (~11 ms each), two starts, and the 16 MiB file read from tmpfs in A and written \
          to tmpfs in B (`cat` of it: ~54 ms) — file work the in-process copies do not do; see \
@@ -306,12 +313,14 @@ const FINDINGS: &[(&str, &str)] = &[
     ),
     (
         "P7",
-        "the throughput goal is met since vshmd lingers after a ring (`--linger-us`, see P2: \
-         59 k → 119 k ops/s at 62 peers); the latency goal is met up to a few peers (p99 ~60 µs at \
-         1–2 peers in the table below) but not at 62: vshmd's own work per request is small (under \
-         1 % of its samples in a `perf record` of `vshm-bench one P7`, 2026-12-02), and 62 peer \
-         processes and vshmd share 2 cores, so the p99 is the run queue: a peer waits for a core \
-         before it can post and again before it sees its answer",
+        "vshmd lingers after a ring (`--linger-us`, see P2), which took 62 peers from 59 k to \
+         119 k ops/s on 2026-12-02; on 2026-12-03 the same code made 60–99 k in four runs on this \
+         VM (whose host CPU changed between runs: AMD EPYC in one, Intel Xeon in the next), 45 k \
+         while another build ran. The latency goal is met up to a few peers (p99 ~50–100 µs at \
+         1–2 peers in the table below) but not at 62: vshmd's own work per request is small (under 1 % of its samples in \
+         a `perf record` of `vshm-bench one P7`, 2026-12-02), and 62 peer processes and vshmd \
+         share 2 cores, so both figures are the run queue: a peer waits for a core before it can \
+         post and again before it sees its answer",
     ),
     (
         "P8",
