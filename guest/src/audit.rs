@@ -16,7 +16,7 @@
 
 use core::time::Duration;
 
-use vshm_format::object::ObjectInfo;
+use vshm_format::object::ObjectHead;
 use vshm_format::{Generation, ObjectSlot, RegionOffset};
 
 pub use crate::transport::HookContext;
@@ -48,7 +48,7 @@ pub const RECHECK_EVERY: Duration = Duration::from_millis(200);
 
 /// The heap range a section's hold covers (its reservation: `max_size` rounded up to the
 /// region's alignment); nothing for events and mutexes.
-fn range(info: &ObjectInfo, alignment: u64) -> (RegionOffset, u64) {
+fn range(info: &ObjectHead, alignment: u64) -> (RegionOffset, u64) {
     let len = info
         .max_size
         .checked_next_multiple_of(alignment.max(1))
@@ -71,7 +71,7 @@ mod imp {
     use vshm_format::PeerSlot;
 
     use super::{
-        range, HookContext, ObjectInfo, CONFIRM_AFTER, LOOK_EVERY, LOOK_GAP, RECHECK_EVERY,
+        range, HookContext, ObjectHead, CONFIRM_AFTER, LOOK_EVERY, LOOK_GAP, RECHECK_EVERY,
     };
     use super::{Generation, ObjectSlot, RegionOffset};
 
@@ -160,7 +160,7 @@ mod imp {
         /// caller must map again before using the memory (this process fenced them off after
         /// an earlier revocation and the host has now handed them out anew); the parts
         /// outside stay fenced.
-        pub(crate) fn held(&self, info: &ObjectInfo) -> Vec<(RegionOffset, u64)> {
+        pub(crate) fn held(&self, info: &ObjectHead) -> Vec<(RegionOffset, u64)> {
             let (offset, len) = range(info, self.layout.alignment);
             let Ok(mut rec) = self.record.lock() else {
                 return Vec::new();
@@ -348,7 +348,7 @@ impl Audit {
     ) -> Audit {
         Audit
     }
-    pub(crate) fn held(&self, info: &ObjectInfo) -> [(RegionOffset, u64); 0] {
+    pub(crate) fn held(&self, info: &ObjectHead) -> [(RegionOffset, u64); 0] {
         let _ = range(info, 1);
         []
     }

@@ -46,5 +46,5 @@ pub use ring::{Consumer, Producer, Ring, RingError};
 pub use transport::RingHook;
 pub use transport::{HoldChange, HookContext, PeerPlace, Transport, TransportError};
 pub use vshm_format as format;
-pub use vshm_format::object::{ObjectInfo, PeerInfo};
+pub use vshm_format::object::{ObjectHead, ObjectInfo, PeerInfo};
 pub use vshm_format::Status;

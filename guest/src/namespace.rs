@@ -9,7 +9,7 @@ use vshm_format::layout::{
 };
 use vshm_format::lease::{self, LeaseError, Released};
 use vshm_format::mailbox::{self, Refusal};
-use vshm_format::object::{self, EntryError, ObjectInfo, PeerInfo};
+use vshm_format::object::{self, EntryError, ObjectHead, ObjectInfo, PeerInfo};
 use vshm_format::shm::{read_pod, RawRegion, SharedMemory};
 use vshm_format::{
     revoke, sync, validate_name, Generation, ObjectSlot, PeerId, PeerSlot, RegionOffset, Status,
@@ -502,9 +502,9 @@ impl<T: Transport> Namespace<T> {
         Err(Error::Contended)
     }
 
-    fn open_existing(&self, name: &str, kind: u32) -> Result<ObjectInfo, Error> {
+    fn open_existing(&self, name: &str, kind: u32) -> Result<ObjectHead, Error> {
         self.attached()?;
-        let info = object::find_by_name(&self.mem(), &self.layout, name)?
+        let info = object::find_head_by_name(&self.mem(), &self.layout, name)?
             .ok_or(Error::Status(Status::ObjectNameNotFound))?;
         if info.kind != kind {
             return Err(Status::InvalidHandle.into());
@@ -525,7 +525,7 @@ impl<T: Transport> Namespace<T> {
         slot: ObjectSlot,
         generation: Generation,
         allow_unlinked: bool,
-    ) -> Result<ObjectInfo, Error> {
+    ) -> Result<ObjectHead, Error> {
         self.attached()?;
         self.hold_attached(slot, generation, allow_unlinked)
     }
@@ -536,7 +536,7 @@ impl<T: Transport> Namespace<T> {
         slot: ObjectSlot,
         generation: Generation,
         allow_unlinked: bool,
-    ) -> Result<ObjectInfo, Error> {
+    ) -> Result<ObjectHead, Error> {
         let (mem, layout) = (&self.mem(), &self.layout);
         // The cell lock is tagged with this process, so another process of a guest can take
         // it over if this one dies holding it (FORMAT.md §7).

@@ -6,7 +6,7 @@ use core::time::Duration;
 
 use vshm_format::layout::{kind, op, Request, Response};
 use vshm_format::mailbox::{self, Refusal};
-use vshm_format::object::ObjectInfo;
+use vshm_format::object::{ObjectHead, ObjectInfo};
 use vshm_format::shm::SharedMemory;
 use vshm_format::virtio::{
     HandleFields, PeersReply, LOCK_TRY, MAP_WRITABLE, OPEN_READ_ONLY, OP_CLOSE, OP_OPEN, OP_PEERS,
@@ -57,7 +57,7 @@ pub(crate) struct Held {
 
 impl Held {
     /// A hold taken in a header's lease word, described by the entry.
-    pub(crate) fn from_entry(info: &ObjectInfo) -> Held {
+    pub(crate) fn from_entry(info: &ObjectHead) -> Held {
         Held {
             slot: info.slot,
             generation: info.generation,

@@ -26,9 +26,10 @@ pub use error::{
 /// How many times a reader retries a snapshot the host keeps changing under it.
 const SNAPSHOT_TRIES: u32 = 10_000;
 
-/// A validated copy of one object entry.
+/// What a validated entry says of its object, but for its name: small and `Copy`, all the
+/// open path needs (its caller has the name). [`ObjectInfo`] is this and the name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ObjectInfo {
+pub struct ObjectHead {
     /// Table slot.
     pub slot: ObjectSlot,
     /// Generation of the object in this slot.
@@ -50,8 +51,23 @@ pub struct ObjectInfo {
     /// Where the name's bytes are in the name area (0 for unnamed, or an object described
     /// by something other than its entry).
     pub name_off: u32,
+}
+
+/// A validated copy of one object entry with its name. Dereferences to its
+/// [`ObjectHead`]; the name is [`ObjectInfo::name`]. It carries a name buffer of
+/// [`MAX_NAME_BYTES`], so hot paths pass the head instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    head: ObjectHead,
     name_len: u32,
     name: [u8; MAX_NAME_BYTES],
+}
+
+impl core::ops::Deref for ObjectInfo {
+    type Target = ObjectHead;
+    fn deref(&self) -> &ObjectHead {
+        &self.head
+    }
 }
 
 impl ObjectInfo {
@@ -70,16 +86,18 @@ impl ObjectInfo {
         name: Option<&str>,
     ) -> ObjectInfo {
         let mut info = ObjectInfo {
-            slot,
-            generation,
-            state: object_state::LIVE,
-            kind,
-            offset,
-            size,
-            max_size,
-            flags: flags & !object_flags::NAMED,
-            creator: 0,
-            name_off: 0,
+            head: ObjectHead {
+                slot,
+                generation,
+                state: object_state::LIVE,
+                kind,
+                offset,
+                size,
+                max_size,
+                flags: flags & !object_flags::NAMED,
+                creator: 0,
+                name_off: 0,
+            },
             name_len: 0,
             name: [0; MAX_NAME_BYTES],
         };
@@ -87,13 +105,32 @@ impl ObjectInfo {
         if let Some((n, len)) = valid.and_then(|n| Some((n, u32::try_from(n.len()).ok()?))) {
             info.name[..n.len()].copy_from_slice(n.as_bytes());
             info.name_len = len;
-            info.flags |= object_flags::NAMED;
+            info.head.flags |= object_flags::NAMED;
         }
         info
     }
 
-    /// The name, `None` for an unnamed object or one read without its name
-    /// ([`read_held_object`]).
+    /// A head and the name it was validated with (`name` must be that object's name:
+    /// the lookup compared it).
+    fn with_name(head: ObjectHead, name: &[u8]) -> ObjectInfo {
+        let mut info = ObjectInfo {
+            head,
+            name_len: 0,
+            name: [0; MAX_NAME_BYTES],
+        };
+        if let (Some(dst), Ok(len)) = (info.name.get_mut(..name.len()), u32::try_from(name.len())) {
+            dst.copy_from_slice(name);
+            info.name_len = len;
+        }
+        info
+    }
+
+    /// The head: everything but the name.
+    pub fn head(&self) -> ObjectHead {
+        self.head
+    }
+
+    /// The name, `None` for an unnamed object.
     pub fn name(&self) -> Option<&str> {
         if self.flags & object_flags::NAMED == 0 || self.name_len == 0 {
             return None;
@@ -101,6 +138,9 @@ impl ObjectInfo {
         // Validated when the snapshot was taken.
         core::str::from_utf8(&self.name[..self.name_len as usize]).ok()
     }
+}
+
+impl ObjectHead {
     /// Persistent (lives until deleted).
     pub fn persistent(&self) -> bool {
         self.flags & object_flags::PERSISTENT != 0
@@ -145,6 +185,40 @@ impl Snapshot {
     }
 }
 
+/// Where entry `slot` is, or the fault a reader reports for a slot outside the table.
+fn entry_base(layout: &Layout, slot: ObjectSlot) -> Result<u64, EntryError> {
+    layout
+        .object_entry(slot)
+        .ok_or(EntryError::Fault(Fault::OutOfBounds {
+            offset: u64::from(slot.0),
+            len: 0,
+        }))
+}
+
+/// The seqlock read of the entry at `base`: `copy(retry)` copies what the caller wants
+/// (`retry`: an earlier copy was thrown away) between two even, equal reads of the
+/// sequence word, which is returned. [`EntryError::Busy`] after [`SNAPSHOT_TRIES`].
+fn seqlocked<M: SharedMemory + ?Sized>(
+    mem: &M,
+    base: u64,
+    mut copy: impl FnMut(bool) -> Result<(), Fault>,
+) -> Result<u64, EntryError> {
+    for tries in 0..SNAPSHOT_TRIES {
+        let s1 = mem.load_u64(base + OBJ_SEQ_OFF, Ordering::Acquire)?;
+        if s1 & 1 == 1 {
+            core::hint::spin_loop();
+            continue;
+        }
+        copy(tries > 0)?;
+        fence(Ordering::Acquire);
+        let s2 = mem.load_u64(base + OBJ_SEQ_OFF, Ordering::Relaxed)?;
+        if s1 == s2 {
+            return Ok(s1);
+        }
+    }
+    Err(EntryError::Busy)
+}
+
 /// Takes a consistent copy of entry `slot` (seqlock read) and, `with_name`, of its name's
 /// bytes: the name reference is read once with the head, checked against the name area
 /// ([`check_name_ref`]) and, if it is inside, those bytes are copied before the sequence is
@@ -156,29 +230,16 @@ pub fn snapshot<M: SharedMemory + ?Sized>(
     slot: ObjectSlot,
     with_name: bool,
 ) -> Result<Snapshot, EntryError> {
-    let base = layout
-        .object_entry(slot)
-        .ok_or(EntryError::Fault(Fault::OutOfBounds {
-            offset: u64::from(slot.0),
-            len: 0,
-        }))?;
+    let base = entry_base(layout, slot)?;
     let mut snap = Snapshot {
         entry: zeroed::<ObjectEntry>(),
         name: [0; MAX_NAME_BYTES],
     };
-    for tries in 0..SNAPSHOT_TRIES {
-        let s1 = mem.load_u64(base + OBJ_SEQ_OFF, Ordering::Acquire)?;
-        if s1 & 1 == 1 {
-            core::hint::spin_loop();
-            continue;
-        }
-        {
-            let bytes = bytes_of_mut(&mut snap.entry);
-            mem.read_bytes(base, &mut bytes[..OBJ_HEAD_LEN])?;
-        }
+    let seq = seqlocked(mem, base, |retry| {
+        mem.read_bytes(base, &mut bytes_of_mut(&mut snap.entry)[..OBJ_HEAD_LEN])?;
         if with_name {
             // A try the seqlock threw away may have left a longer name behind.
-            if tries > 0 {
+            if retry {
                 snap.name = [0; MAX_NAME_BYTES];
             }
             let (off, len) = (snap.entry.name_off, snap.entry.name_len);
@@ -189,14 +250,25 @@ pub fn snapshot<M: SharedMemory + ?Sized>(
                 mem.read_bytes(at, dst)?;
             }
         }
-        fence(Ordering::Acquire);
-        let s2 = mem.load_u64(base + OBJ_SEQ_OFF, Ordering::Relaxed)?;
-        if s1 == s2 {
-            snap.entry.seq = s1;
-            return Ok(snap);
-        }
-    }
-    Err(EntryError::Busy)
+        Ok(())
+    })?;
+    snap.entry.seq = seq;
+    Ok(snap)
+}
+
+/// [`snapshot`] of the entry's head alone (no name buffer to clear or carry).
+fn snapshot_head<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    slot: ObjectSlot,
+) -> Result<ObjectEntry, EntryError> {
+    let base = entry_base(layout, slot)?;
+    let mut entry = zeroed::<ObjectEntry>();
+    let seq = seqlocked(mem, base, |_| {
+        mem.read_bytes(base, &mut bytes_of_mut(&mut entry)[..OBJ_HEAD_LEN])
+    })?;
+    entry.seq = seq;
+    Ok(entry)
 }
 
 /// Validates a snapshot (taken with its name). `Ok(None)` for a free slot. The checks run
@@ -207,18 +279,20 @@ pub fn validate(
     slot: ObjectSlot,
     snap: &Snapshot,
 ) -> Result<Option<ObjectInfo>, EntryError> {
-    validate_entry(layout, slot, snap, true)
+    let len = usize::from(snap.entry.name_len);
+    let head = validate_entry(layout, slot, &snap.entry, Some(&snap.name))?;
+    // validate_entry checked that the name's length fits the buffer.
+    Ok(head.map(|h| ObjectInfo::with_name(h, snap.name.get(..len).unwrap_or_default())))
 }
 
-/// [`validate`], with the name's bytes checked (`with_name`, a snapshot taken with its
-/// name) or not looked at (the head alone: the returned info has no name).
+/// [`validate`] of an entry's head, and of its name's bytes if `name` is the buffer its
+/// snapshot copied them into (`None`: the head alone, the name not looked at).
 fn validate_entry(
     layout: &Layout,
     slot: ObjectSlot,
-    snap: &Snapshot,
-    with_name: bool,
-) -> Result<Option<ObjectInfo>, EntryError> {
-    let e = &snap.entry;
+    e: &ObjectEntry,
+    name: Option<&[u8; MAX_NAME_BYTES]>,
+) -> Result<Option<ObjectHead>, EntryError> {
     match e.state {
         object_state::FREE => return Ok(None),
         object_state::LIVE | object_state::UNLINKED => {}
@@ -261,18 +335,13 @@ fn validate_entry(
         problem,
     })?;
     let bad_name = |error| EntryError::BadName { name_len, error };
-    let Some(bytes) = snap.name.get(..usize::from(e.name_len)) else {
+    if usize::from(e.name_len) > MAX_NAME_BYTES {
         return Err(bad_name(NameError::TooLong {
             bytes: usize::from(e.name_len),
         }));
-    };
-    if !with_name {
-        return Ok(Some(ObjectInfo {
-            name_len: 0,
-            ..info_of(slot, snap)
-        }));
     }
-    if named {
+    if let (true, Some(buffer)) = (named, name) {
+        let bytes = buffer.get(..usize::from(e.name_len)).unwrap_or_default();
         validate_name_bytes(bytes).map_err(bad_name)?;
         let computed = name_hash(bytes);
         if computed != e.name_hash {
@@ -283,13 +352,12 @@ fn validate_entry(
             });
         }
     }
-    Ok(Some(info_of(slot, snap)))
+    Ok(Some(head_of(slot, e)))
 }
 
-/// The info a validated snapshot describes.
-fn info_of(slot: ObjectSlot, snap: &Snapshot) -> ObjectInfo {
-    let e = &snap.entry;
-    ObjectInfo {
+/// The head a validated entry describes.
+fn head_of(slot: ObjectSlot, e: &ObjectEntry) -> ObjectHead {
+    ObjectHead {
         slot,
         generation: Generation(e.generation),
         state: e.state,
@@ -300,8 +368,6 @@ fn info_of(slot: ObjectSlot, snap: &Snapshot) -> ObjectInfo {
         flags: e.flags,
         creator: u32::from(e.creator),
         name_off: e.name_off,
-        name_len: u32::from(e.name_len),
-        name: snap.name,
     }
 }
 
@@ -316,16 +382,16 @@ pub fn read_object<M: SharedMemory + ?Sized>(
 }
 
 /// The entry of an object the caller holds, validated like [`read_object`] but for its
-/// name, which is not read (the info's [`ObjectInfo::name`] is `None`): the caller's
-/// holder bit pins the entry's identity and the generation it compares proves it is the
-/// object it looked up, so the name area need not be read again on every open.
+/// name, which is not read: the caller's holder bit pins the entry's identity and the
+/// generation it compares proves it is the object it looked up, so the name area need not
+/// be read again on every open.
 pub fn read_held_object<M: SharedMemory + ?Sized>(
     mem: &M,
     layout: &Layout,
     slot: ObjectSlot,
-) -> Result<Option<ObjectInfo>, EntryError> {
-    let e = snapshot(mem, layout, slot, false)?;
-    validate_entry(layout, slot, &e, false)
+) -> Result<Option<ObjectHead>, EntryError> {
+    let e = snapshot_head(mem, layout, slot)?;
+    validate_entry(layout, slot, &e, None)
 }
 
 /// Finds the LIVE, not yet closed object called `name` (any kind), through the name index
@@ -340,14 +406,25 @@ pub fn find_by_name<M: SharedMemory + ?Sized>(
     layout: &Layout,
     name: &str,
 ) -> Result<Option<ObjectInfo>, EntryError> {
+    let head = find_head_by_name(mem, layout, name)?;
+    Ok(head.map(|h| ObjectInfo::with_name(h, name.as_bytes())))
+}
+
+/// [`find_by_name`] without the name in the answer (the caller has it): what an open
+/// needs, without the name buffer an [`ObjectInfo`] carries.
+pub fn find_head_by_name<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    name: &str,
+) -> Result<Option<ObjectHead>, EntryError> {
     let hash = name_hash(name.as_bytes());
     match index::probe(mem, layout, hash, |slot| {
         candidate(mem, layout, slot, name, hash, Prefilter::IndexedHash)
     })? {
-        index::Probe::Found(info) => Ok(Some(info)),
+        index::Probe::Found(head) => Ok(Some(head)),
         index::Probe::NotFound => Ok(None),
         index::Probe::Busy => Err(EntryError::Busy),
-        index::Probe::Inconclusive => scan_by_name(mem, layout, name),
+        index::Probe::Inconclusive => scan_head_by_name(mem, layout, name),
     }
 }
 
@@ -371,7 +448,7 @@ fn candidate<M: SharedMemory + ?Sized>(
     name: &str,
     hash: u32,
     prefilter: Prefilter,
-) -> Result<index::Candidate<ObjectInfo>, EntryError> {
+) -> Result<index::Candidate<ObjectHead>, EntryError> {
     use index::Candidate::{Busy, Match, Other};
     let Some(base) = layout.object_entry(slot) else {
         return Ok(Other);
@@ -381,7 +458,7 @@ fn candidate<M: SharedMemory + ?Sized>(
         return Ok(Other);
     }
     if prefilter == Prefilter::EntryHead {
-        let head = match snapshot(mem, layout, slot, false) {
+        let head = match snapshot_head(mem, layout, slot) {
             Ok(h) => h,
             Err(EntryError::Busy) => return Ok(Busy),
             Err(EntryError::Fault(f)) => return Err(EntryError::Fault(f)),
@@ -403,10 +480,10 @@ fn candidate<M: SharedMemory + ?Sized>(
         Err(EntryError::Busy) => return Ok(Busy),
         Err(_) => return Ok(Other),
     };
-    match validate(layout, slot, &full) {
-        Ok(Some(info)) if info.state == object_state::LIVE && info.name() == Some(name) => {
-            Ok(Match(info))
-        }
+    let is_it = full.entry.flags & object_flags::NAMED != 0
+        && full.name.get(..usize::from(full.entry.name_len)) == Some(name.as_bytes());
+    match validate_entry(layout, slot, &full.entry, Some(&full.name)) {
+        Ok(Some(head)) if head.state == object_state::LIVE && is_it => Ok(Match(head)),
         _ => Ok(Other),
     }
 }
@@ -418,11 +495,21 @@ pub fn scan_by_name<M: SharedMemory + ?Sized>(
     layout: &Layout,
     name: &str,
 ) -> Result<Option<ObjectInfo>, EntryError> {
+    let head = scan_head_by_name(mem, layout, name)?;
+    Ok(head.map(|h| ObjectInfo::with_name(h, name.as_bytes())))
+}
+
+/// [`scan_by_name`] answering with the head.
+fn scan_head_by_name<M: SharedMemory + ?Sized>(
+    mem: &M,
+    layout: &Layout,
+    name: &str,
+) -> Result<Option<ObjectHead>, EntryError> {
     let hash = name_hash(name.as_bytes());
     let mut busy = false;
     for slot in (0..layout.max_objects).map(ObjectSlot) {
         match candidate(mem, layout, slot, name, hash, Prefilter::EntryHead)? {
-            index::Candidate::Match(info) => return Ok(Some(info)),
+            index::Candidate::Match(head) => return Ok(Some(head)),
             index::Candidate::Busy => busy = true,
             index::Candidate::Other => {}
         }
@@ -652,10 +739,10 @@ mod tests {
     }
 
     /// An open reads the name once, when it looks the object up; the re-read after its
-    /// hold compares the generation instead. That re-read still validates the head, and
-    /// says it has no name rather than an empty or stale one.
+    /// hold compares the generation instead. That re-read still validates the head (an
+    /// `ObjectHead`: it has no name to be empty or stale).
     #[test]
-    fn a_holders_read_validates_the_head_but_not_the_name_and_reports_no_name() {
+    fn a_holders_read_validates_the_head_but_not_the_name() {
         let mut buf = vec![0u64; (1 << 20) / 8];
         let (mem, layout) = region(&mut buf);
         let mut e = good(&layout);
@@ -667,23 +754,7 @@ mod tests {
         let held = read_held_object(&mem, &layout, ObjectSlot(1))
             .expect("valid")
             .expect("live");
-        assert_eq!(held.name(), None, "a holder's read has no name");
-        assert_eq!(
-            (
-                held.generation,
-                held.kind,
-                held.offset,
-                held.size,
-                held.flags
-            ),
-            (
-                full.generation,
-                full.kind,
-                full.offset,
-                full.size,
-                full.flags
-            )
-        );
+        assert_eq!(held, full.head(), "the same head as the lookup's");
         // A scribbled name byte: the lookup refuses the entry (its hash no longer
         // matches), the holder's read, which does not use the name, does not.
         let at = layout.name_area + 128;
