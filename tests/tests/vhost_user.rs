@@ -957,6 +957,60 @@ fn a_stopped_request_queue_drops_its_pending_waits_and_a_later_signal_stays_with
     });
 }
 
+/// A WAIT a look completes in the same instant its queue stops (a guest reset): either the
+/// VM heard the answer, and the auto-reset event's signal was its, or the event still has
+/// the signal for the next waiter. Never neither (the signal lost), never both.
+#[test]
+fn a_signal_taken_by_a_wait_whose_queue_stops_that_instant_is_heard_or_stays_with_the_event() {
+    use vhost::VhostBackend as _;
+    watchdog(std::time::Duration::from_secs(240), || {
+        let (mut heard, mut kept) = (0, 0);
+        // The race is won by the stop in about 1 round in 30 here (2 of 60, twice).
+        for round in 0..150 {
+            let mut t = InProcess::start(0);
+            let ev = t.host_creates("ev", kind::EVENT, false);
+            let e = t.vm_opens("ev");
+            let w = t.vm().post(&on(OP_WAIT, &e, 0));
+            assert!(
+                t.vm()
+                    .answer_within(w, std::time::Duration::from_millis(20))
+                    .is_none(),
+                "the WAIT is pending"
+            );
+            // The signal completes the WAIT; the stop races the device's answer.
+            t.local.with(|a| {
+                assert_eq!(
+                    a.proxy_signal(HOST, ev.slot, ev.generation),
+                    Status::Success
+                )
+            });
+            t.vm()
+                .frontend
+                .get_vring_base(0)
+                .expect("stop the request queue");
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            let vm_heard = t.vm().answer(w).is_some();
+            let taken = t
+                .local
+                .with(|a| a.proxy_wait(HOST, 1 << 40, ev.slot, ev.generation, None))
+                .map(|(s, _)| s)
+                == Some(Status::Success);
+            assert!(
+                vm_heard != taken,
+                "round {round}: the VM heard the WAIT's answer: {vm_heard}, the next waiter \
+                 took the signal: {taken} (exactly one must be true; {heard} rounds heard, \
+                 {kept} kept the signal so far)"
+            );
+            if vm_heard {
+                heard += 1;
+            } else {
+                kept += 1;
+            }
+            t.disconnect();
+        }
+    });
+}
+
 #[test]
 fn an_open_names_the_objects_kind_flags_and_change_count_and_refuses_another_kind_than_asked() {
     watchdog(std::time::Duration::from_secs(60), || {

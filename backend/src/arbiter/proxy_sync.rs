@@ -322,6 +322,25 @@ impl<M: Backing> Arbiter<M> {
         self.proxy_unlock(peer_id, slot, generation, token)
     }
 
+    /// Gives back the signal a WAIT of proxied peer `peer_id` took from an auto-reset event
+    /// when nobody will hear that WAIT's answer (its queue stopped, or its transport gave
+    /// up, in the same instant): the event is set again, as if that WAIT had not come. A
+    /// manual-reset event's WAIT took nothing; a section's WAIT takes nothing.
+    pub fn proxy_give_back_signal(
+        &mut self,
+        peer_id: PeerId,
+        slot: ObjectSlot,
+        generation: Generation,
+    ) -> Status {
+        let took = self.record_at(slot).is_some_and(|r| {
+            r.kind == kind::EVENT && !r.manual_reset && r.generation == generation
+        });
+        if !took {
+            return Status::Success;
+        }
+        self.proxy_signal(peer_id, slot, generation)
+    }
+
     /// PEERS for proxied peer `peer_id`: its own slot and incarnation, and who is attached
     /// in every slot, from vshmd's records (what the block allocator inside a section
     /// needs to tell a departed owner; a header's peer table could be scribbled).

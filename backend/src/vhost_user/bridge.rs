@@ -285,12 +285,7 @@ impl Arbitration for Bridge {
                     h.arbiter().proxy_cancel_wait(vm, id);
                 }
                 Some((Status::Success, _)) => {
-                    if h.arbiter()
-                        .record_at(slot)
-                        .is_some_and(|r| r.kind == vshm_format::layout::kind::EVENT)
-                    {
-                        h.arbiter().proxy_signal(vm, slot, generation);
-                    }
+                    h.arbiter().proxy_give_back_signal(vm, slot, generation);
                 }
                 Some(_) => {}
             },
@@ -336,6 +331,11 @@ impl Arbitration for Bridge {
         let _ = self.call(move |h| {
             h.arbiter()
                 .proxy_give_back(vm, slot, generation, token, granted)
+        });
+    }
+    fn give_back_signal(&self, vm: PeerId, slot: ObjectSlot, generation: Generation) {
+        let _ = self.call(move |h| {
+            h.arbiter().proxy_give_back_signal(vm, slot, generation);
         });
     }
     fn cancel_wait(&self, vm: PeerId, id: u64) -> bool {

@@ -618,10 +618,16 @@ impl VshmDevice {
                 self.arbitration.cancel_wait(vm, id);
                 self.forget_lock(id);
             }
-            // A LOCK a look completed in this same instant was granted: its answer is in
-            // the notices already (the look pushed it before the cancel ran). Nobody will
-            // hear it.
+            // A WAIT or LOCK a look completed in this same instant has its answer in the
+            // notices already (the look pushed it before the cancel ran), and nobody will
+            // hear it: a LOCK's grant is given back, and so is the signal a WAIT took from
+            // an auto-reset event.
             for (id, status, _) in self.notices.take_done() {
+                let wait = self.waits.get(&id).filter(|w| w.lock.is_none());
+                if let (Status::Success, Some(w)) = (status, wait) {
+                    let (slot, generation) = (ObjectSlot(w.slot), Generation(w.generation));
+                    self.arbitration.give_back_signal(vm, slot, generation);
+                }
                 self.give_back_unheard(vm, id, status);
             }
         }
