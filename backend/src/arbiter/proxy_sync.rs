@@ -131,6 +131,11 @@ impl<M: Backing> Arbiter<M> {
         if !self.proxy_holding(s, slot, generation) {
             return Status::InvalidHandle;
         }
+        self.set_and_wake(slot)
+    }
+
+    /// Sets the event in `slot` (or notifies the section) and wakes its waiting holders.
+    fn set_and_wake(&mut self, slot: ObjectSlot) -> Status {
         let set = match self.record_at(slot).map(|r| r.kind) {
             Some(kind::EVENT) => sync::event_set(&self.mem, &self.layout, slot),
             Some(kind::SECTION) => sync::notify(&self.mem, &self.layout, slot),
@@ -325,20 +330,17 @@ impl<M: Backing> Arbiter<M> {
     /// Gives back the signal a WAIT of proxied peer `peer_id` took from an auto-reset event
     /// when nobody will hear that WAIT's answer (its queue stopped, or its transport gave
     /// up, in the same instant): the event is set again, as if that WAIT had not come. A
-    /// manual-reset event's WAIT took nothing; a section's WAIT takes nothing.
-    pub fn proxy_give_back_signal(
-        &mut self,
-        peer_id: PeerId,
-        slot: ObjectSlot,
-        generation: Generation,
-    ) -> Status {
+    /// manual-reset event's WAIT took nothing; a section's WAIT takes nothing. vshmd undoes
+    /// its own take, so the peer need not hold the event any more (it may have closed its
+    /// handle since): the object's identity is checked, not the peer's hold.
+    pub fn proxy_give_back_signal(&mut self, slot: ObjectSlot, generation: Generation) -> Status {
         let took = self.record_at(slot).is_some_and(|r| {
             r.kind == kind::EVENT && !r.manual_reset && r.generation == generation
         });
         if !took {
             return Status::Success;
         }
-        self.proxy_signal(peer_id, slot, generation)
+        self.set_and_wake(slot)
     }
 
     /// PEERS for proxied peer `peer_id`: its own slot and incarnation, and who is attached

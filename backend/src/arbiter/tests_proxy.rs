@@ -10,6 +10,7 @@ use vshm_format::shm::SharedMemory;
 use vshm_format::{Generation, ObjectSlot, PeerId, PeerSlot, Status};
 
 use super::tests::{arbiter, create};
+use super::tests_proxy_lock::{A, B};
 
 const PROXY: PeerId = PeerId(4);
 
@@ -197,4 +198,66 @@ fn what_dies_with_a_departed_proxied_peer_stays_out_of_the_heap_for_the_quaranti
     std::thread::sleep(std::time::Duration::from_millis(120));
     a.release_quarantine();
     assert_eq!(a.quarantined(), (0, 0), "its time is up");
+}
+
+/// An event "name" created by proxied peer A (after making room for A and B).
+fn proxied_event<M: super::Backing>(
+    a: &mut super::Arbiter<M>,
+    name: &str,
+    manual_reset: bool,
+) -> (ObjectSlot, Generation) {
+    let cmd = Command::Create {
+        name: Some(name),
+        kind: kind::EVENT,
+        max_size: 0,
+        initial_size: 0,
+        persistent: true,
+        manual_reset,
+    };
+    let e = a.proxy_create(A, cmd).expect("create");
+    (e.slot, e.generation)
+}
+
+/// A WAIT whose answer nobody will hear gives back the signal it took from an auto-reset
+/// event, even after its waiter closed its handle (vshmd undoes its own take); a
+/// manual-reset event's WAIT took nothing, and a stale generation names another object.
+#[test]
+fn a_signal_given_back_returns_to_an_auto_reset_event_even_after_its_waiter_closed() {
+    let mut a = arbiter();
+    a.peer_gone(PeerId(3));
+    a.proxy_connected(A).expect("proxy A");
+    a.proxy_connected(B).expect("proxy B");
+    let (auto, g) = proxied_event(&mut a, "auto", false);
+    a.proxy_open(B, "auto").expect("B opens");
+    assert_eq!(a.proxy_signal(A, auto, g), Status::Success);
+    assert_eq!(
+        a.proxy_wait(B, 1, auto, g, None).map(|(s, _)| s),
+        Some(Status::Success),
+        "B's WAIT takes the signal"
+    );
+    assert_eq!(a.proxy_close(B, auto, g), Ok(()));
+    assert_eq!(
+        a.proxy_give_back_signal(auto, Generation(g.raw() + 1)),
+        Status::Success
+    );
+    assert_eq!(
+        a.proxy_wait(A, 2, auto, g, None),
+        None,
+        "a stale generation gave nothing back"
+    );
+    assert!(a.proxy_cancel_wait(A, 2));
+    assert_eq!(a.proxy_give_back_signal(auto, g), Status::Success);
+    assert_eq!(
+        a.proxy_wait(A, 3, auto, g, None).map(|(s, _)| s),
+        Some(Status::Success),
+        "the signal is back for the next waiter"
+    );
+
+    let (manual, m) = proxied_event(&mut a, "manual", true);
+    assert_eq!(a.proxy_give_back_signal(manual, m), Status::Success);
+    assert_eq!(
+        a.proxy_wait(A, 4, manual, m, None),
+        None,
+        "a manual-reset event is not set again: its WAIT took nothing"
+    );
 }

@@ -285,7 +285,7 @@ impl Arbitration for Bridge {
                     h.arbiter().proxy_cancel_wait(vm, id);
                 }
                 Some((Status::Success, _)) => {
-                    h.arbiter().proxy_give_back_signal(vm, slot, generation);
+                    h.arbiter().proxy_give_back_signal(slot, generation);
                 }
                 Some(_) => {}
             },
@@ -333,9 +333,9 @@ impl Arbitration for Bridge {
                 .proxy_give_back(vm, slot, generation, token, granted)
         });
     }
-    fn give_back_signal(&self, vm: PeerId, slot: ObjectSlot, generation: Generation) {
+    fn give_back_signal(&self, slot: ObjectSlot, generation: Generation) {
         let _ = self.call(move |h| {
-            h.arbiter().proxy_give_back_signal(vm, slot, generation);
+            h.arbiter().proxy_give_back_signal(slot, generation);
         });
     }
     fn cancel_wait(&self, vm: PeerId, id: u64) -> bool {

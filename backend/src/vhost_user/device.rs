@@ -626,7 +626,7 @@ impl VshmDevice {
                 let wait = self.waits.get(&id).filter(|w| w.lock.is_none());
                 if let (Status::Success, Some(w)) = (status, wait) {
                     let (slot, generation) = (ObjectSlot(w.slot), Generation(w.generation));
-                    self.arbitration.give_back_signal(vm, slot, generation);
+                    self.arbitration.give_back_signal(slot, generation);
                 }
                 self.give_back_unheard(vm, id, status);
             }

@@ -230,7 +230,7 @@ pub trait Arbitration: std::fmt::Debug + Send + Sync {
     );
     /// Gives back the signal an answered WAIT took from an auto-reset event when nobody
     /// heard the answer (nothing for other objects).
-    fn give_back_signal(&self, vm: PeerId, slot: ObjectSlot, generation: Generation);
+    fn give_back_signal(&self, slot: ObjectSlot, generation: Generation);
     /// WAIT or LOCK `id` timed out: `true` if it was taken back (a LOCK leaves the queue,
     /// and a mutex handed to it meanwhile is given back), `false` if it completed already.
     fn cancel_wait(&self, vm: PeerId, id: u64) -> bool;
@@ -352,8 +352,8 @@ impl Arbitration for Local {
     ) {
         self.with(|a| a.proxy_give_back(vm, slot, generation, token, granted));
     }
-    fn give_back_signal(&self, vm: PeerId, slot: ObjectSlot, generation: Generation) {
-        self.with(|a| a.proxy_give_back_signal(vm, slot, generation));
+    fn give_back_signal(&self, slot: ObjectSlot, generation: Generation) {
+        self.with(|a| a.proxy_give_back_signal(slot, generation));
     }
     fn cancel_wait(&self, vm: PeerId, id: u64) -> bool {
         self.with(|a| a.proxy_cancel_wait(vm, id))
