@@ -21,7 +21,7 @@ use vshm_format::virtio::{
     WAIT_SINCE,
 };
 use vshm_format::{PeerId, Status};
-use vshm_tests::vhost_frontend::{map_flags, named, open_of, Vmm};
+use vshm_tests::vhost_frontend::{map_flags, named, open_of, Posted, Vmm};
 use vshm_tests::{wait_for, watchdog, Backend, TempDir};
 
 const WINDOW: u64 = 1 << 20;
@@ -432,6 +432,19 @@ impl InProcess {
         let r = self.vm().request(&open_of(0, name));
         assert_eq!(r.status, Status::Success.code(), "open {name}");
         r
+    }
+
+    /// The host creates auto-reset event "ev", the VM opens it and posts a WAIT on it,
+    /// still unanswered after `settle`. Returns the event and the WAIT.
+    fn vm_waits_on_a_new_event(&mut self, settle: std::time::Duration) -> (ProxyHold, Posted) {
+        let ev = self.host_creates("ev", kind::EVENT, false);
+        let e = self.vm_opens("ev");
+        let w = self.vm().post(&on(OP_WAIT, &e, 0));
+        assert!(
+            self.vm().answer_within(w, settle).is_none(),
+            "the WAIT is pending"
+        );
+        (ev, w)
     }
 
     /// The VM disconnects; its serving thread ends.
@@ -924,15 +937,7 @@ fn a_stopped_request_queue_drops_its_pending_waits_and_a_later_signal_stays_with
     use vhost::VhostBackend as _;
     watchdog(std::time::Duration::from_secs(60), || {
         let mut t = InProcess::start(0);
-        let ev = t.host_creates("ev", kind::EVENT, false);
-        let e = t.vm_opens("ev");
-        let w = t.vm().post(&on(OP_WAIT, &e, 0));
-        assert!(
-            t.vm()
-                .answer_within(w, std::time::Duration::from_millis(200))
-                .is_none(),
-            "the WAIT is pending"
-        );
+        let (ev, w) = t.vm_waits_on_a_new_event(std::time::Duration::from_millis(200));
         // The guest resets or reboots: the frontend stops the ring (GET_VRING_BASE).
         t.vm()
             .frontend
@@ -968,15 +973,7 @@ fn a_signal_taken_by_a_wait_whose_queue_stops_that_instant_is_heard_or_stays_wit
         // The race is won by the stop in about 1 round in 30 here (2 of 60, twice).
         for round in 0..150 {
             let mut t = InProcess::start(0);
-            let ev = t.host_creates("ev", kind::EVENT, false);
-            let e = t.vm_opens("ev");
-            let w = t.vm().post(&on(OP_WAIT, &e, 0));
-            assert!(
-                t.vm()
-                    .answer_within(w, std::time::Duration::from_millis(20))
-                    .is_none(),
-                "the WAIT is pending"
-            );
+            let (ev, w) = t.vm_waits_on_a_new_event(std::time::Duration::from_millis(20));
             // The signal completes the WAIT; the stop races the device's answer.
             t.local.with(|a| {
                 assert_eq!(
