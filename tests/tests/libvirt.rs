@@ -360,7 +360,7 @@ fn domain_xml(vm: &Path, shmem: &str) -> String {
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 panic=-1 loglevel=4</cmdline>
+    <cmdline>console=ttyS0 panic=-1 loglevel=4 cryptomgr.notests=1</cmdline>
   </os>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
