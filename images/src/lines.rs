@@ -43,25 +43,23 @@ impl<S: Read> Lines<S> {
 
     /// The next whole line, or [`Line::Nothing`] when the stream's timeout passed first.
     pub fn next_line(&mut self) -> std::io::Result<Line> {
-        loop {
-            // read_until appends what it consumed to `partial` even when it then fails.
-            match self.stream.read_until(b'\n', &mut self.partial) {
-                Ok(0) => return Ok(Line::Closed),
-                Ok(_) if self.partial.last() == Some(&b'\n') => {
-                    let line = String::from_utf8_lossy(&self.partial)
-                        .trim_end_matches(['\n', '\r'])
-                        .to_owned();
-                    self.partial.clear();
-                    return Ok(Line::Whole(line));
-                }
-                // End of stream after a piece without its newline.
-                Ok(_) => return Ok(Line::Closed),
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return Ok(Line::Nothing)
-                }
-                Err(e) => return Err(e),
+        // read_until retries an interrupted read itself, and appends what it consumed to
+        // `partial` even when it then fails.
+        match self.stream.read_until(b'\n', &mut self.partial) {
+            Ok(0) => Ok(Line::Closed),
+            Ok(_) if self.partial.last() == Some(&b'\n') => {
+                let line = String::from_utf8_lossy(&self.partial)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned();
+                self.partial.clear();
+                Ok(Line::Whole(line))
             }
+            // End of stream after a piece without its newline.
+            Ok(_) => Ok(Line::Closed),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                Ok(Line::Nothing)
+            }
+            Err(e) => Err(e),
         }
     }
 
